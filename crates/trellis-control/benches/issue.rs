@@ -1,0 +1,2 @@
+//! Benchmark: SVID issuance (P-256 key generation + signing).
+fn main() {}

@@ -1,0 +1,16 @@
+//! The Trellis control plane: a certificate authority for one SPIFFE trust domain.
+//!
+//! It attests workloads ([`attest`]), issues short-lived X.509-SVIDs ([`ca`]), pushes them with
+//! the trust bundle over Envoy's SDS v3 ([`sds`]), rotates them, and writes an audit line for
+//! every issuance and every rejected attestation ([`audit`]).
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod attest;
+pub mod audit;
+pub mod ca;
+pub mod config;
+pub mod metrics;
+pub mod registry;
+pub mod sds;
+pub mod server;

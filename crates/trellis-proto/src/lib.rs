@@ -1,0 +1,70 @@
+//! Generated code for the protocols Trellis speaks. No logic lives here.
+//!
+//! Package and message names mirror Envoy's v3 API, so a stock Envoy is a client.
+#![allow(missing_docs, clippy::all, clippy::pedantic)]
+
+/// `google.rpc`: the gRPC error model.
+pub mod google {
+    /// `google.rpc`.
+    pub mod rpc {
+        tonic::include_proto!("google.rpc");
+    }
+}
+
+/// `envoy.*`: the subset of Envoy's data-plane API that SDS needs.
+pub mod envoy {
+    /// `envoy.config`.
+    pub mod config {
+        /// `envoy.config.core`.
+        pub mod core {
+            /// `envoy.config.core.v3`.
+            pub mod v3 {
+                tonic::include_proto!("envoy.config.core.v3");
+            }
+        }
+    }
+    /// `envoy.service`.
+    pub mod service {
+        /// `envoy.service.discovery`.
+        pub mod discovery {
+            /// `envoy.service.discovery.v3`.
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.discovery.v3");
+            }
+        }
+        /// `envoy.service.secret`.
+        pub mod secret {
+            /// `envoy.service.secret.v3`.
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.secret.v3");
+            }
+        }
+    }
+    /// `envoy.extensions`.
+    pub mod extensions {
+        /// `envoy.extensions.transport_sockets`.
+        pub mod transport_sockets {
+            /// `envoy.extensions.transport_sockets.tls`.
+            pub mod tls {
+                /// `envoy.extensions.transport_sockets.tls.v3`.
+                pub mod v3 {
+                    tonic::include_proto!("envoy.extensions.transport_sockets.tls.v3");
+                }
+            }
+        }
+    }
+}
+
+pub use envoy::config::core::v3::{data_source, DataSource, Node};
+pub use envoy::extensions::transport_sockets::tls::v3::{
+    secret, CertificateValidationContext, Secret, TlsCertificate,
+};
+pub use envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+pub use envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+pub use envoy::service::secret::v3::secret_discovery_service_server::{
+    SecretDiscoveryService, SecretDiscoveryServiceServer,
+};
+
+/// The SDS type URL of a `Secret`, as Envoy sends it in `DiscoveryRequest.type_url`.
+pub const SECRET_TYPE_URL: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
