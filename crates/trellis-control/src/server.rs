@@ -1,1 +1,452 @@
-//! server (in progress).
+//! Wires the control plane together: state directory, CA, attestors, SDS over TLS, admin.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+use trellis_identity::tls::{server_config, SpiffeClientVerifier, SvidResolver, TlsPolicy};
+use trellis_identity::{SpiffeId, TrustBundle};
+use trellis_proto::SecretDiscoveryServiceServer;
+
+use crate::admin::{self, AdminState};
+use crate::attest::k8s::JwksError;
+use crate::attest::{Attestor, JoinAttestor, K8sAttestor, JOIN_REDEMPTION_WINDOW};
+use crate::audit::{AuditEvent, AuditLog};
+use crate::ca::{Ca, CaError};
+use crate::config::ControlSettings;
+use crate::metrics::ControlMetrics;
+use crate::recorder::IssuanceRecorder;
+use crate::registry::{Registry, RegistryError};
+use crate::sds::{IssuePolicy, SdsCore, SdsPeer, SdsService};
+
+/// Path of the control plane's own SPIFFE ID: `spiffe://<td>/trellis/control`.
+pub const CONTROL_ID_PATH: &str = "/trellis/control";
+/// Largest SDS request Trellis decodes; SDS requests are small.
+const MAX_REQUEST_BYTES: usize = 256 * 1024;
+/// A TLS handshake that takes longer is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the control plane could not start. Each names the file or address involved.
+#[derive(Debug, Error)]
+pub enum StartError {
+    /// The state directory.
+    #[error("{path}: {problem}")]
+    StateDir {
+        /// The directory or file.
+        path: PathBuf,
+        /// What failed.
+        problem: String,
+    },
+    /// CA material.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// The state database.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The JWKS file.
+    #[error(transparent)]
+    Jwks(#[from] JwksError),
+    /// A listener could not bind.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// `sds` or `admin`.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// TLS setup.
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+}
+
+/// A running control plane.
+pub struct ControlPlane {
+    /// Where SDS listens.
+    pub sds_addr: SocketAddr,
+    /// Where the admin endpoint listens.
+    pub admin_addr: SocketAddr,
+    /// The trust bundle file, for sidecars and operators.
+    pub bundle_path: PathBuf,
+    /// The registry (shared with `trellis token create` in tests).
+    pub registry: Arc<Registry>,
+    /// Metrics.
+    pub metrics: Arc<ControlMetrics>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    _bundle_tx: watch::Sender<Arc<TrustBundle>>,
+}
+
+fn state_dir_error(path: &Path, problem: impl std::fmt::Display) -> StartError {
+    StartError::StateDir {
+        path: path.to_owned(),
+        problem: problem.to_string(),
+    }
+}
+
+/// Creates the state directory 0700, or tightens an existing one.
+pub fn prepare_state_dir(dir: &Path) -> Result<(), StartError> {
+    if !dir.exists() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| state_dir_error(dir, format!("cannot create state directory: {e}")))?;
+    }
+    let meta = std::fs::metadata(dir).map_err(|e| state_dir_error(dir, e))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        tracing::warn!(path = %dir.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777), "state directory was accessible to others; setting 0700");
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| state_dir_error(dir, format!("cannot set mode 0700: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Writes the bundle atomically (temp file + rename) so readers never see half a file.
+pub fn write_bundle(path: &Path, bundle: &TrustBundle) -> Result<(), StartError> {
+    let tmp = path.with_extension("pem.tmp");
+    std::fs::write(&tmp, bundle.to_pem())
+        .map_err(|e| state_dir_error(&tmp, format!("cannot write bundle: {e}")))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+        .map_err(|e| state_dir_error(&tmp, e))?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| state_dir_error(path, format!("cannot write bundle: {e}")))
+}
+
+fn unix_seconds(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl ControlPlane {
+    /// Opens state, loads or creates the CA, binds both listeners and starts serving.
+    pub async fn start(settings: ControlSettings) -> Result<Self, StartError> {
+        let td = settings.trust_domain.clone();
+        // Read every input file before touching the state directory.
+        let k8s = match &settings.k8s {
+            Some(k) => Some(K8sAttestor::from_jwks_file(
+                &k.jwks,
+                &k.issuer,
+                &k.audience,
+                &td,
+            )?),
+            None => None,
+        };
+        prepare_state_dir(&settings.state_dir)?;
+        let registry = Arc::new(Registry::open(&settings.state_dir.join("trellis.db"))?);
+        let ca = match &settings.ca {
+            Some(files) => Ca::from_files(&td, &files.cert, &files.key, files.bundle.as_deref())?,
+            None => Ca::load_or_create(&registry, &td)?,
+        };
+        let ca = Arc::new(ca);
+        let bundle = Arc::new(ca.bundle().clone());
+        let bundle_path = settings.state_dir.join("bundle.pem");
+        write_bundle(&bundle_path, &bundle)?;
+
+        let audit_path = settings.state_dir.join("audit.log");
+        let audit =
+            Arc::new(AuditLog::open(&audit_path).map_err(|e| {
+                state_dir_error(&audit_path, format!("cannot open audit log: {e}"))
+            })?);
+        let attestor = Arc::new(Attestor::new(
+            td.clone(),
+            k8s,
+            JoinAttestor::new(Arc::clone(&registry), JOIN_REDEMPTION_WINDOW),
+        ));
+
+        let metrics = Arc::new(ControlMetrics::new());
+        metrics.ca_expiry.set(unix_seconds(ca.not_after()));
+        metrics
+            .bundle_expiry
+            .set(unix_seconds(bundle.earliest_expiry()));
+
+        // The control plane's own identity, for its SDS listener.
+        let control_id = SpiffeId::from_parts(&td, CONTROL_ID_PATH)
+            .map_err(|e| StartError::Tls(e.to_string()))?;
+        let resolver = SvidResolver::empty();
+        install_own_svid(&ca, &control_id, settings.svid_ttl, &resolver, &audit)?;
+
+        let shared_bundle = Arc::new(ArcSwap::from(Arc::clone(&bundle)));
+        let verifier = SpiffeClientVerifier::new(Arc::clone(&shared_bundle), true);
+        let tls = server_config(Arc::clone(&resolver), verifier, TlsPolicy::Tls13, &[b"h2"])
+            .map_err(|e| StartError::Tls(e.to_string()))?;
+        let acceptor = TlsAcceptor::from(Arc::new(tls));
+
+        let sds_listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    what: "sds",
+                    addr: settings.listen,
+                    source,
+                })?;
+        let admin_listener =
+            TcpListener::bind(settings.admin)
+                .await
+                .map_err(|source| StartError::Bind {
+                    what: "admin",
+                    addr: settings.admin,
+                    source,
+                })?;
+        let sds_addr = sds_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                what: "sds",
+                addr: settings.listen,
+                source,
+            })?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                what: "admin",
+                addr: settings.admin,
+                source,
+            })?;
+
+        let (bundle_tx, bundle_rx) = watch::channel(Arc::clone(&bundle));
+        let policy = IssuePolicy {
+            svid_ttl: settings.svid_ttl,
+            rotate_every: settings.rotate_every,
+        };
+        let (recorder, _recorder_thread) =
+            IssuanceRecorder::spawn(Arc::clone(&registry)).map_err(|e| {
+                state_dir_error(
+                    &settings.state_dir,
+                    format!("cannot start the issuance recorder: {e}"),
+                )
+            })?;
+        let core = Arc::new(SdsCore {
+            ca: Arc::clone(&ca),
+            bundle: bundle_rx,
+            attestor,
+            recorder,
+            audit: Arc::clone(&audit),
+            metrics: Arc::clone(&metrics),
+            policy,
+        });
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+
+        // TLS handshakes run in their own tasks so a slow client never stalls the accept loop.
+        let (conn_tx, conn_rx) = mpsc::channel::<Result<SdsConn, io::Error>>(128);
+        tasks.push(tokio::spawn(accept_loop(
+            sds_listener,
+            acceptor,
+            conn_tx,
+            shutdown_rx.clone(),
+        )));
+
+        let service = SecretDiscoveryServiceServer::new(SdsService::new(core))
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let mut grpc_shutdown = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let result = tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+                .add_service(service)
+                .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
+                    let _ = grpc_shutdown.wait_for(|stop| *stop).await;
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "SDS server stopped");
+            }
+        }));
+
+        // Rotate the control plane's own serving SVID like any other.
+        let own = (
+            Arc::clone(&ca),
+            control_id,
+            Arc::clone(&resolver),
+            Arc::clone(&audit),
+        );
+        let mut rotate_shutdown = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let (ca, id, resolver, audit) = own;
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(policy.next_rotation()) => {}
+                    _ = rotate_shutdown.changed() => return,
+                }
+                if let Err(e) = install_own_svid(&ca, &id, policy.svid_ttl, &resolver, &audit) {
+                    tracing::error!(error = %e, "cannot rotate the control plane's own SVID; keeping the current one");
+                }
+            }
+        }));
+
+        let admin_state = Arc::new(AdminState {
+            metrics: Arc::clone(&metrics),
+            ready: Default::default(),
+        });
+        admin_state
+            .ready
+            .store(resolver.is_ready(), Ordering::Release);
+        tasks.push(tokio::spawn(admin::serve(
+            admin_listener,
+            admin_state,
+            shutdown_rx,
+        )));
+
+        tracing::info!(trust_domain = %td, sds = %sds_addr, admin = %admin_addr, bundle = %bundle_path.display(), "control plane serving");
+        Ok(Self {
+            sds_addr,
+            admin_addr,
+            bundle_path,
+            registry,
+            metrics,
+            shutdown,
+            tasks,
+            _bundle_tx: bundle_tx,
+        })
+    }
+
+    /// Stops accepting, closes streams, and waits for the tasks to end.
+    pub async fn shutdown(self) {
+        let ControlPlane {
+            shutdown,
+            tasks,
+            _bundle_tx,
+            ..
+        } = self;
+        let _ = shutdown.send(true);
+        // Closing the bundle channel ends every SDS stream cleanly; clients reconnect elsewhere.
+        drop(_bundle_tx);
+        for task in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+    }
+}
+
+fn install_own_svid(
+    ca: &Ca,
+    id: &SpiffeId,
+    ttl: Duration,
+    resolver: &SvidResolver,
+    audit: &AuditLog,
+) -> Result<(), StartError> {
+    let svid = ca.issue(id, ttl, SystemTime::now())?;
+    resolver
+        .install(&svid)
+        .map_err(|e| StartError::Tls(e.to_string()))?;
+    let event = AuditEvent::Issued {
+        spiffe_id: id.to_string(),
+        serial_hex: svid.serial_hex().to_owned(),
+        not_after: svid.not_after(),
+        attestor: "self",
+        peer: None,
+    };
+    if let Err(e) = audit.record(&event, SystemTime::now()) {
+        tracing::error!(error = %e, "cannot write audit log");
+    }
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    tx: mpsc::Sender<Result<SdsConn, io::Error>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, addr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "SDS accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => {
+                    let svid =
+                        trellis_identity::tls::peer_spiffe_id(tls.get_ref().1.peer_certificates());
+                    let _ = tx
+                        .send(Ok(SdsConn {
+                            inner: tls,
+                            peer: SdsPeer { addr, svid },
+                        }))
+                        .await;
+                }
+                Ok(Err(e)) => tracing::debug!(peer = %addr, error = %e, "SDS TLS handshake failed"),
+                Err(_) => tracing::debug!(peer = %addr, "SDS TLS handshake timed out"),
+            }
+        });
+    }
+}
+
+/// A verified TLS connection plus who is on the other end; tonic puts [`SdsPeer`] into each
+/// request's extensions.
+pub struct SdsConn {
+    inner: TlsStream<TcpStream>,
+    peer: SdsPeer,
+}
+
+impl Connected for SdsConn {
+    type ConnectInfo = SdsPeer;
+    fn connect_info(&self) -> SdsPeer {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for SdsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SdsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}

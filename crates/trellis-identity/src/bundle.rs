@@ -2,7 +2,7 @@
 
 use std::time::SystemTime;
 
-use rustls_pki_types::CertificateDer;
+use rustls_pki_types::{CertificateDer, TrustAnchor};
 
 use crate::{SvidError, TrustDomain};
 
@@ -11,6 +11,9 @@ use crate::{SvidError, TrustDomain};
 pub struct TrustBundle {
     trust_domain: TrustDomain,
     roots: Vec<CertificateDer<'static>>,
+    /// webpki's view of `roots`, built once here instead of on every handshake.
+    anchors: Vec<TrustAnchor<'static>>,
+    earliest_expiry: SystemTime,
 }
 
 impl TrustBundle {
@@ -19,7 +22,39 @@ impl TrustBundle {
         trust_domain: TrustDomain,
         roots: Vec<CertificateDer<'static>>,
     ) -> Result<Self, SvidError> {
-        todo!("{trust_domain} {}", roots.len())
+        if roots.is_empty() {
+            return Err(SvidError::BadBundle(format!(
+                "no CA certificates for trust domain `{trust_domain}`"
+            )));
+        }
+        let mut anchors = Vec::with_capacity(roots.len());
+        let mut earliest_expiry = None::<SystemTime>;
+        for (i, root) in roots.iter().enumerate() {
+            let facts = crate::cert_facts(root)
+                .map_err(|e| SvidError::BadBundle(format!("certificate #{i}: {e}")))?;
+            // X509-SVID 4.1: "Signing certificates MUST set the `cA` field to `true`".
+            if !facts.is_ca {
+                return Err(SvidError::BadBundle(format!(
+                    "certificate #{i} (`{}`) is not a CA (basicConstraints cA is not true)",
+                    facts.subject
+                )));
+            }
+            let anchor = webpki::anchor_from_trusted_cert(root).map_err(|e| {
+                SvidError::BadBundle(format!("certificate #{i} (`{}`): {e}", facts.subject))
+            })?;
+            anchors.push(anchor.to_owned());
+            earliest_expiry = Some(match earliest_expiry {
+                Some(t) => t.min(facts.not_after),
+                None => facts.not_after,
+            });
+        }
+        let earliest_expiry = earliest_expiry.unwrap_or(SystemTime::UNIX_EPOCH);
+        Ok(TrustBundle {
+            trust_domain,
+            roots,
+            anchors,
+            earliest_expiry,
+        })
     }
 
     /// Parses PEM, then as [`TrustBundle::new`].
@@ -45,6 +80,78 @@ impl TrustBundle {
 
     /// The earliest notAfter among the CAs.
     pub fn earliest_expiry(&self) -> SystemTime {
-        todo!()
+        self.earliest_expiry
+    }
+
+    /// The roots as webpki trust anchors.
+    pub(crate) fn anchors(&self) -> &[TrustAnchor<'static>] {
+        &self.anchors
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use super::*;
+    use crate::testca::{LeafSpec, TestCa};
+
+    fn td() -> TrustDomain {
+        TrustDomain::parse("example.org").unwrap()
+    }
+
+    #[test]
+    fn accepts_roots_and_round_trips_pem() {
+        let a = TestCa::root("example.org");
+        let b = TestCa::root("example.org");
+        let bundle = TrustBundle::new(td(), vec![a.cert().clone(), b.cert().clone()]).unwrap();
+        assert_eq!(bundle.roots().len(), 2);
+        assert_eq!(bundle.trust_domain(), &td());
+        let again = TrustBundle::from_pem(td(), bundle.to_pem().as_bytes()).unwrap();
+        assert_eq!(again.roots(), bundle.roots());
+    }
+
+    #[test]
+    fn rejects_empty_bundle() {
+        let err = TrustBundle::new(td(), Vec::new()).unwrap_err();
+        assert!(matches!(err, SvidError::BadBundle(_)), "{err:?}");
+        assert!(err.to_string().contains("no CA certificates"), "{err}");
+    }
+
+    #[test]
+    fn rejects_bundle_with_leaf_cert() {
+        let ca = TestCa::root("example.org");
+        let (leaf, _) = ca.issue(&LeafSpec::new("spiffe://example.org/web"));
+        let err = TrustBundle::new(td(), vec![ca.cert().clone(), leaf[0].clone()]).unwrap_err();
+        assert!(matches!(err, SvidError::BadBundle(_)), "{err:?}");
+        assert!(err.to_string().contains("certificate #1"), "{err}");
+        assert!(err.to_string().contains("not a CA"), "{err}");
+    }
+
+    #[test]
+    fn rejects_bundle_with_garbage_cert() {
+        let err = TrustBundle::new(td(), vec![CertificateDer::from(vec![1, 2, 3])]).unwrap_err();
+        assert!(err.to_string().contains("certificate #0"), "{err}");
+    }
+
+    #[test]
+    fn rejects_garbage_pem_bundle() {
+        let err = TrustBundle::from_pem(td(), b"not a bundle").unwrap_err();
+        assert!(matches!(err, SvidError::BadBundle(_)), "{err:?}");
+    }
+
+    #[test]
+    fn earliest_expiry_is_the_soonest_not_after() {
+        let root = TestCa::root("example.org");
+        // A second CA that expires in two hours, well before the root's 30 days.
+        let mut spec = LeafSpec::new("spiffe://example.org");
+        spec.is_ca = true;
+        spec.key_cert_sign = true;
+        spec.not_after = SystemTime::now() + Duration::from_secs(7200);
+        let (short_lived, _) = root.issue(&spec);
+        let bundle =
+            TrustBundle::new(td(), vec![root.cert().clone(), short_lived[0].clone()]).unwrap();
+        let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_secs();
+        assert_eq!(secs(bundle.earliest_expiry()), secs(spec.not_after));
     }
 }

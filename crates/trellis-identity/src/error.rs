@@ -55,6 +55,19 @@ pub enum SvidError {
     /// X509-SVID spec: leaf SVIDs MUST NOT be CAs.
     #[error("leaf certificate has the CA flag set")]
     LeafIsCa,
+    /// X509-SVID spec: leaf SVIDs MUST NOT set keyCertSign or cRLSign.
+    #[error(
+        "leaf certificate's key usage allows signing certificates or CRLs (keyCertSign/cRLSign)"
+    )]
+    LeafCanSign,
+    /// The leaf has an extendedKeyUsage extension without the usage the handshake needs.
+    #[error(
+        "leaf certificate's extended key usage lacks {required} (X509-SVID: when present it must include serverAuth and clientAuth)"
+    )]
+    MissingKeyUsage {
+        /// `serverAuth`, `clientAuth`, or both (for [`crate::Usage::Either`]).
+        required: &'static str,
+    },
     /// Outside its validity window.
     #[error(
         "certificate expired or not yet valid (valid {not_before} .. {not_after} unix seconds)"
@@ -98,7 +111,11 @@ impl SvidError {
         match self {
             SvidError::EmptyChain => "no_cert",
             SvidError::Malformed(_) => "malformed",
-            SvidError::UriSanCount(_) | SvidError::BadId(_) | SvidError::LeafIsCa => "not_svid",
+            SvidError::UriSanCount(_)
+            | SvidError::BadId(_)
+            | SvidError::LeafIsCa
+            | SvidError::LeafCanSign
+            | SvidError::MissingKeyUsage { .. } => "not_svid",
             SvidError::NotValidNow { .. } => "expired",
             SvidError::UnknownIssuer { .. } => "unknown_ca",
             SvidError::WrongIdentity { .. } => "wrong_identity",

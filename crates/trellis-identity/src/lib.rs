@@ -4,6 +4,8 @@
 //! Everything that crosses a trust boundary (a PEM file, an SDS message, a peer's
 //! certificate chain) is validated here once and turned into a typed value.
 #![warn(missing_docs)]
+// Unit tests may unwrap: a panic is how they report failure.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod bundle;
 mod cert;
@@ -11,6 +13,8 @@ mod error;
 mod pem;
 mod spiffe_id;
 mod svid;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testca;
 pub mod tls;
 mod verify;
 

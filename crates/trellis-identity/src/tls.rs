@@ -5,12 +5,21 @@
 //! as far as HTTP.
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::sign::CertifiedKey;
+use rustls::{
+    AlertDescription, CertificateError, CipherSuite, DigitallySignedStruct, DistinguishedName,
+    PeerIncompatible, SignatureScheme, SupportedCipherSuite, SupportedProtocolVersion,
+};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-use crate::{SpiffeId, Svid, SvidError, TrustBundle};
+use crate::verify::verify_leaf;
+use crate::{SpiffeId, Svid, SvidError, TrustBundle, Usage};
 
 /// The bundle shared between the updater and every handshake.
 pub type SharedBundle = Arc<ArcSwap<TrustBundle>>;
@@ -79,49 +88,367 @@ impl SpiffeClientVerifier {
     }
 }
 
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // One snapshot of the bundle for the whole check, even if it is swapped meanwhile.
+        let bundle = self.bundle.load();
+        let presented = verify_leaf(
+            end_entity,
+            intermediates,
+            &bundle,
+            system_time(now),
+            Usage::Server,
+        )
+        .map_err(to_rustls)?;
+        if let PeerMatch::Exact(expected) = &self.expected {
+            if *expected != presented {
+                return Err(to_rustls(SvidError::WrongIdentity {
+                    expected: expected.to_string(),
+                    presented: presented.to_string(),
+                }));
+            }
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        !self.optional
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // No hints: a client has one SVID and should always send it.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let bundle = self.bundle.load();
+        verify_leaf(
+            end_entity,
+            intermediates,
+            &bundle,
+            system_time(now),
+            Usage::Client,
+        )
+        .map_err(to_rustls)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn system_time(now: UnixTime) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(now.as_secs())
+}
+
+/// Wraps `err` so it survives the trip through rustls: [`svid_error_of`] gets it back.
+/// rustls answers the peer with a `certificate_unknown` alert.
+fn to_rustls(err: SvidError) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(err))))
+}
+
+/// The [`SvidError`] a Trellis verifier rejected the peer with, if that is what `err` is.
+pub fn svid_error_of(err: &rustls::Error) -> Option<&SvidError> {
+    match err {
+        rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(inner))) => {
+            inner.downcast_ref::<SvidError>()
+        }
+        _ => None,
+    }
+}
+
+/// Why a handshake failed, as a stable metric label: `no_cert`, `unknown_ca`, `expired`,
+/// `wrong_identity`, `protocol_version`, `not_svid`, `bad_key` or `other`.
+///
+/// Works on both sides: on the side that rejected, from the [`SvidError`] inside `err`; on the
+/// rejected side, from the alert the peer sent (`certificate_required`, `unknown_ca`,
+/// `certificate_expired`, `protocol_version`; Trellis' own verifiers send
+/// `certificate_unknown`, which reads as `other`).
+pub fn handshake_failure_reason(err: &rustls::Error) -> &'static str {
+    if let Some(svid_err) = svid_error_of(err) {
+        return match svid_err {
+            SvidError::EmptyChain => "no_cert",
+            SvidError::Malformed(_)
+            | SvidError::UriSanCount(_)
+            | SvidError::BadId(_)
+            | SvidError::LeafIsCa
+            | SvidError::LeafCanSign
+            | SvidError::MissingKeyUsage { .. } => "not_svid",
+            SvidError::NotValidNow { .. } => "expired",
+            SvidError::UnknownIssuer { .. } => "unknown_ca",
+            SvidError::WrongIdentity { .. } => "wrong_identity",
+            SvidError::KeyMismatch | SvidError::BadKey(_) => "bad_key",
+            SvidError::BadBundle(_) => "other",
+        };
+    }
+    match err {
+        rustls::Error::NoCertificatesPresented => "no_cert",
+        // rustls' own verifiers, should another crate use them.
+        rustls::Error::InvalidCertificate(cert_err) => match cert_err {
+            CertificateError::Expired
+            | CertificateError::ExpiredContext { .. }
+            | CertificateError::NotValidYet
+            | CertificateError::NotValidYetContext { .. } => "expired",
+            CertificateError::UnknownIssuer => "unknown_ca",
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                "wrong_identity"
+            }
+            CertificateError::BadEncoding => "not_svid",
+            _ => "other",
+        },
+        rustls::Error::PeerIncompatible(
+            PeerIncompatible::Tls12NotOffered
+            | PeerIncompatible::Tls12NotOfferedOrEnabled
+            | PeerIncompatible::SupportedVersionsExtensionRequired
+            | PeerIncompatible::ServerDoesNotSupportTls12Or13
+            | PeerIncompatible::ServerTlsVersionIsDisabledByOurConfig,
+        ) => "protocol_version",
+        rustls::Error::AlertReceived(alert) => match alert {
+            AlertDescription::CertificateRequired => "no_cert",
+            AlertDescription::UnknownCA => "unknown_ca",
+            AlertDescription::CertificateExpired => "expired",
+            AlertDescription::ProtocolVersion => "protocol_version",
+            _ => "other",
+        },
+        _ => "other",
+    }
+}
+
+/// What is installed: the rustls key and, for the admin endpoint, the SVID's serial.
+#[derive(Debug)]
+struct Installed {
+    key: Arc<CertifiedKey>,
+    serial_hex: String,
+}
+
 /// Serves the current SVID for both client and server handshakes; swapped atomically.
 #[derive(Debug)]
 pub struct SvidResolver {
-    current: ArcSwap<Option<Arc<CertifiedKey>>>,
+    current: ArcSwapOption<Installed>,
 }
 
 impl SvidResolver {
     /// A resolver with no SVID yet (handshakes fail until [`SvidResolver::install`]).
     pub fn empty() -> Arc<Self> {
-        todo!()
+        Arc::new(Self {
+            current: ArcSwapOption::empty(),
+        })
     }
 
     /// Builds the rustls signing key from `svid` and swaps it in. New handshakes use it;
     /// established connections keep theirs.
     pub fn install(&self, svid: &Svid) -> Result<(), SvidError> {
-        todo!("{svid:?}")
+        let signing_key = provider()
+            .key_provider
+            .load_private_key(svid.key().clone_key())
+            .map_err(|e| SvidError::BadKey(e.to_string()))?;
+        let key = Arc::new(CertifiedKey::new(svid.chain().to_vec(), signing_key));
+        self.current.store(Some(Arc::new(Installed {
+            key,
+            serial_hex: svid.serial_hex().to_owned(),
+        })));
+        Ok(())
     }
 
     /// True once an SVID is installed.
     pub fn is_ready(&self) -> bool {
         self.current.load().is_some()
     }
+
+    /// The serial (lowercase hex) of the SVID new handshakes present, if any.
+    pub fn current_serial(&self) -> Option<String> {
+        self.current
+            .load()
+            .as_ref()
+            .map(|installed| installed.serial_hex.clone())
+    }
+
+    fn current_key(&self) -> Option<Arc<CertifiedKey>> {
+        self.current
+            .load()
+            .as_ref()
+            .map(|installed| installed.key.clone())
+    }
+}
+
+impl rustls::server::ResolvesServerCert for SvidResolver {
+    fn resolve(&self, _client_hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current_key()
+    }
+}
+
+impl rustls::client::ResolvesClientCert for SvidResolver {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.current_key()
+    }
+
+    fn has_certs(&self) -> bool {
+        self.is_ready()
+    }
 }
 
 /// A server config presenting `resolver`'s SVID and verifying clients with `verifier`.
-/// ALPN `h2` then `http/1.1`; no 0-RTT.
+/// ALPN protocols in preference order (Trellis sidecars: `h2`, then `http/1.1`); no 0-RTT,
+/// no session resumption.
 pub fn server_config(
     resolver: Arc<SvidResolver>,
     verifier: Arc<SpiffeClientVerifier>,
     policy: TlsPolicy,
     alpn: &[&[u8]],
 ) -> Result<rustls::ServerConfig, rustls::Error> {
-    todo!("{resolver:?} {verifier:?} {policy:?} {}", alpn.len())
+    let mut config = rustls::ServerConfig::builder_with_provider(policy_provider(policy))
+        .with_protocol_versions(policy.versions())?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // 0-RTT data can be replayed and arrives before the client is authenticated.
+    config.max_early_data_size = 0;
+    // A resumed session skips the verifier, so a client whose CA left the bundle (or whose SVID
+    // expired) could come back in. Every connection gets a full handshake instead; sidecars
+    // pool their connections, so there are few.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(config)
 }
 
 /// A client config presenting `resolver`'s SVID (if any) and verifying with `verifier`.
+/// No 0-RTT, no session resumption (every connection is checked against the current bundle).
 pub fn client_config(
     resolver: Option<Arc<SvidResolver>>,
     verifier: Arc<SpiffeServerVerifier>,
     policy: TlsPolicy,
     alpn: &[&[u8]],
 ) -> Result<rustls::ClientConfig, rustls::Error> {
-    todo!("{resolver:?} {verifier:?} {policy:?} {}", alpn.len())
+    let builder = rustls::ClientConfig::builder_with_provider(policy_provider(policy))
+        .with_protocol_versions(policy.versions())?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match resolver {
+        Some(resolver) => builder.with_client_cert_resolver(resolver),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config.enable_early_data = false;
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
+}
+
+impl TlsPolicy {
+    fn versions(self) -> &'static [&'static SupportedProtocolVersion] {
+        static TLS13: [&SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
+        static TLS12_PLUS: [&SupportedProtocolVersion; 2] =
+            [&rustls::version::TLS13, &rustls::version::TLS12];
+        match self {
+            TlsPolicy::Tls13 => &TLS13,
+            TlsPolicy::Tls12Plus => &TLS12_PLUS,
+        }
+    }
+}
+
+/// TLS 1.2 suites allowed by [`TlsPolicy::Tls12Plus`]: forward-secret AEADs for ECDSA keys only.
+const TLS12_SUITES: [CipherSuite; 3] = [
+    CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+    CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+    CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+];
+
+/// [`provider`] with its cipher suites cut down to what `policy` allows.
+fn policy_provider(policy: TlsPolicy) -> Arc<CryptoProvider> {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites.retain(|suite| match suite {
+        SupportedCipherSuite::Tls13(_) => true,
+        SupportedCipherSuite::Tls12(_) => {
+            policy == TlsPolicy::Tls12Plus && TLS12_SUITES.contains(&suite.suite())
+        }
+    });
+    Arc::new(provider)
 }
 
 /// The SPIFFE ID of a verified peer, read from the leaf rustls kept for the connection.
@@ -130,4 +457,190 @@ pub fn peer_spiffe_id(
 ) -> Option<SpiffeId> {
     let leaf = peer_certs?.first()?;
     crate::cert_facts(leaf).ok()?.leaf_spiffe_id().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testca::TestCa;
+
+    #[test]
+    fn svid_errors_survive_the_trip_through_rustls() {
+        let err = to_rustls(SvidError::WrongIdentity {
+            expected: "spiffe://example.org/a".to_owned(),
+            presented: "spiffe://example.org/b".to_owned(),
+        });
+        assert!(matches!(
+            svid_error_of(&err),
+            Some(SvidError::WrongIdentity { .. })
+        ));
+        assert_eq!(handshake_failure_reason(&err), "wrong_identity");
+        assert!(err.to_string().contains("spiffe://example.org/b"), "{err}");
+    }
+
+    #[test]
+    fn reasons_for_every_svid_error() {
+        let cases = [
+            (SvidError::EmptyChain, "no_cert"),
+            (SvidError::Malformed("x".into()), "not_svid"),
+            (SvidError::UriSanCount(2), "not_svid"),
+            (SvidError::LeafIsCa, "not_svid"),
+            (SvidError::LeafCanSign, "not_svid"),
+            (
+                SvidError::MissingKeyUsage {
+                    required: "clientAuth",
+                },
+                "not_svid",
+            ),
+            (
+                SvidError::NotValidNow {
+                    not_before: 0,
+                    not_after: 1,
+                },
+                "expired",
+            ),
+            (
+                SvidError::UnknownIssuer {
+                    trust_domain: "example.org".into(),
+                    detail: "UnknownIssuer".into(),
+                },
+                "unknown_ca",
+            ),
+            (SvidError::KeyMismatch, "bad_key"),
+            (SvidError::BadKey("x".into()), "bad_key"),
+            (SvidError::BadBundle("x".into()), "other"),
+        ];
+        for (err, reason) in cases {
+            assert_eq!(handshake_failure_reason(&to_rustls(err)), reason);
+        }
+    }
+
+    #[test]
+    fn reasons_for_plain_rustls_errors() {
+        use rustls::Error;
+        let cases = [
+            (Error::NoCertificatesPresented, "no_cert"),
+            (
+                Error::AlertReceived(AlertDescription::CertificateRequired),
+                "no_cert",
+            ),
+            (
+                Error::AlertReceived(AlertDescription::UnknownCA),
+                "unknown_ca",
+            ),
+            (
+                Error::AlertReceived(AlertDescription::CertificateExpired),
+                "expired",
+            ),
+            (
+                Error::AlertReceived(AlertDescription::ProtocolVersion),
+                "protocol_version",
+            ),
+            (
+                Error::AlertReceived(AlertDescription::CertificateUnknown),
+                "other",
+            ),
+            (
+                Error::PeerIncompatible(PeerIncompatible::SupportedVersionsExtensionRequired),
+                "protocol_version",
+            ),
+            (
+                Error::InvalidCertificate(CertificateError::Expired),
+                "expired",
+            ),
+            (
+                Error::InvalidCertificate(CertificateError::UnknownIssuer),
+                "unknown_ca",
+            ),
+            (
+                Error::InvalidCertificate(CertificateError::BadEncoding),
+                "not_svid",
+            ),
+            (Error::DecryptError, "other"),
+        ];
+        for (err, reason) in cases {
+            assert_eq!(handshake_failure_reason(&err), reason, "{err:?}");
+            assert!(svid_error_of(&err).is_none());
+        }
+    }
+
+    #[test]
+    fn resolver_swaps_svids() {
+        let ca = TestCa::root("example.org");
+        let resolver = SvidResolver::empty();
+        assert!(!resolver.is_ready());
+        assert_eq!(resolver.current_serial(), None);
+        assert!(!rustls::client::ResolvesClientCert::has_certs(&*resolver));
+
+        let first = ca.svid("/web");
+        resolver.install(&first).unwrap();
+        assert!(resolver.is_ready());
+        assert_eq!(
+            resolver.current_serial().as_deref(),
+            Some(first.serial_hex())
+        );
+        let key = rustls::client::ResolvesClientCert::resolve(&*resolver, &[], &[]).unwrap();
+        assert_eq!(key.cert, first.chain());
+
+        let second = ca.svid("/web");
+        resolver.install(&second).unwrap();
+        assert_eq!(
+            resolver.current_serial().as_deref(),
+            Some(second.serial_hex())
+        );
+        let key = rustls::client::ResolvesClientCert::resolve(&*resolver, &[], &[]).unwrap();
+        assert_eq!(key.cert, second.chain());
+    }
+
+    #[test]
+    fn tls12_plus_allows_only_ecdsa_aead_suites() {
+        let provider = policy_provider(TlsPolicy::Tls12Plus);
+        let tls12: Vec<_> = provider
+            .cipher_suites
+            .iter()
+            .filter(|s| matches!(s, SupportedCipherSuite::Tls12(_)))
+            .map(|s| s.suite())
+            .collect();
+        assert_eq!(tls12.len(), 3);
+        assert!(tls12.iter().all(|s| TLS12_SUITES.contains(s)));
+        assert!(provider
+            .cipher_suites
+            .iter()
+            .any(|s| matches!(s, SupportedCipherSuite::Tls13(_))));
+
+        let tls13_only = policy_provider(TlsPolicy::Tls13);
+        assert!(tls13_only
+            .cipher_suites
+            .iter()
+            .all(|s| matches!(s, SupportedCipherSuite::Tls13(_))));
+    }
+
+    #[test]
+    fn configs_disable_early_data_and_resumption() {
+        let ca = TestCa::root("example.org");
+        let bundle = ca.shared_bundle();
+        let server = server_config(
+            SvidResolver::empty(),
+            SpiffeClientVerifier::new(bundle.clone(), false),
+            TlsPolicy::Tls13,
+            &[b"h2", b"http/1.1"],
+        )
+        .unwrap();
+        assert_eq!(server.max_early_data_size, 0);
+        assert_eq!(server.send_tls13_tickets, 0);
+        assert_eq!(
+            server.alpn_protocols,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+
+        let client = client_config(
+            None,
+            SpiffeServerVerifier::new(bundle, PeerMatch::AnyInTrustDomain),
+            TlsPolicy::Tls12Plus,
+            &[b"h2"],
+        )
+        .unwrap();
+        assert!(!client.enable_early_data);
+        assert_eq!(client.alpn_protocols, vec![b"h2".to_vec()]);
+    }
 }

@@ -1,1 +1,68 @@
-fn main() {}
+//! `trellis`: the one binary. Parses flags, sets up logging, and calls into the libraries.
+
+mod cmd_ca;
+mod cmd_control;
+mod cmd_token;
+mod demo;
+mod logging;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Trellis: SPIFFE identities and mTLS for every workload.
+#[derive(Parser)]
+#[command(name = "trellis", version, about, propagate_version = true)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "TRELLIS_LOG_FORMAT"
+    )]
+    log_format: logging::LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+// Parsed once at start: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane: CA, attestation, SDS server.
+    Control(cmd_control::ControlArgs),
+    /// Certificate authority tools.
+    #[command(subcommand)]
+    Ca(cmd_ca::CaCommand),
+    /// Join tokens.
+    #[command(subcommand)]
+    Token(cmd_token::TokenCommand),
+    /// Start a local control plane and a workload on loopback and show an SVID being issued and rotated.
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Only long-running commands log; one-shot CLI commands keep stderr for their errors.
+    match cli.command {
+        Command::Control(_) => logging::init(cli.log_format, "info"),
+        // The demo prints its own story; logs only for warnings unless RUST_LOG says otherwise.
+        Command::Demo(_) => logging::init(cli.log_format, "warn"),
+        _ => {}
+    }
+    let result = match cli.command {
+        Command::Control(args) => cmd_control::run(args),
+        Command::Ca(cmd) => cmd_ca::run(cmd),
+        Command::Token(cmd) => cmd_token::run(cmd),
+        Command::Demo(args) => demo::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -31,11 +31,24 @@ impl JoinAttestor {
         peer: IpAddr,
         now: SystemTime,
     ) -> Result<SpiffeId, AttestError> {
-        todo!(
-            "{} {peer} {now:?} {:?} {}",
-            token.len(),
-            self.window,
-            self.registry.issuance_count().is_ok()
-        )
+        match self
+            .registry
+            .redeem_join_token(token, peer, now, self.window)
+        {
+            Ok(Ok(id)) => Ok(id),
+            Ok(Err(refused)) => Err(AttestError::Join(refused)),
+            // The database failed: not the caller's fault, and the token may still be good.
+            Err(e) => Err(AttestError::Internal(e.to_string())),
+        }
+    }
+
+    /// The registry tokens are redeemed against (token creation uses the same one).
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// How long after the first redemption the same peer IP may reuse a token.
+    pub fn window(&self) -> Duration {
+        self.window
     }
 }

@@ -6,14 +6,13 @@
 pub mod join;
 pub mod k8s;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
 use thiserror::Error;
 use trellis_identity::{SpiffeId, TrustDomain};
 
-pub use join::JoinAttestor;
+pub use join::{JoinAttestor, JOIN_TOKEN_PREFIX};
 pub use k8s::K8sAttestor;
 
 /// Which attestor admitted a caller; a metric label and an audit field.
@@ -111,8 +110,10 @@ impl AttestError {
     /// Which attestor the failure belongs to, if one was chosen.
     pub fn attestor(&self) -> Option<AttestorKind> {
         match self {
+            // BadIdentity can follow any attestor; the error alone does not say which.
             AttestError::MissingCredential
             | AttestError::Malformed(_)
+            | AttestError::BadIdentity(_)
             | AttestError::Internal(_) => None,
             AttestError::Join(_) => Some(AttestorKind::JoinToken),
             _ => Some(AttestorKind::K8s),
@@ -167,11 +168,39 @@ impl Attestor {
         peer: Option<SocketAddr>,
         now: SystemTime,
     ) -> Result<Attested, AttestError> {
-        todo!(
-            "{cred:?} {peer:?} {now:?} {} {}",
-            self.trust_domain,
-            self.k8s.is_some()
-        )
+        let (spiffe_id, attestor) = match cred {
+            Credential::Authorization(value) => {
+                let token = bearer_token(value)?;
+                if token.starts_with(JOIN_TOKEN_PREFIX) {
+                    // Without a peer address (in-process callers) every redemption shares
+                    // one pseudo-address, so the window still applies.
+                    let ip = peer
+                        .map(|p| p.ip())
+                        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+                    (self.join.attest(token, ip, now)?, AttestorKind::JoinToken)
+                } else {
+                    let k8s = self.k8s.as_ref().ok_or(AttestError::K8sDisabled)?;
+                    (k8s.attest(token, now)?, AttestorKind::K8s)
+                }
+            }
+            // The TLS layer verified the chain against the current bundle; the SVID's own ID
+            // is the identity (re-attestation after a join token).
+            Credential::PeerSvid(id) => (id.clone(), AttestorKind::Svid),
+            Credential::None => return Err(AttestError::MissingCredential),
+        };
+        // Whatever the attestor, the control plane only issues in its own trust domain. A join
+        // token's ID was checked by the CLI when created, but the trust domain may have been
+        // changed since.
+        if !spiffe_id.is_member_of(&self.trust_domain) {
+            return Err(AttestError::BadIdentity(format!(
+                "`{spiffe_id}` is not in trust domain `{}`",
+                self.trust_domain
+            )));
+        }
+        Ok(Attested {
+            spiffe_id,
+            attestor,
+        })
     }
 
     /// Access to the join attestor (token creation shares its registry).
@@ -184,9 +213,302 @@ impl Attestor {
 /// token may reuse it (from the same IP only).
 pub const JOIN_REDEMPTION_WINDOW: Duration = Duration::from_secs(30);
 
-#[allow(dead_code)]
-fn _assert_send_sync() {
-    fn is<T: Send + Sync>() {}
-    is::<Attestor>();
-    let _ = Arc::new(());
+/// Largest `authorization` value accepted, checked before any parsing.
+pub const MAX_CREDENTIAL_LEN: usize = k8s::MAX_TOKEN_LEN;
+
+/// The token of an `authorization: Bearer <token>` value. RFC 9110 11.1: the auth-scheme is
+/// "case-insensitive"; RFC 6750 2.1 puts one or more spaces between scheme and token.
+fn bearer_token(value: &str) -> Result<&str, AttestError> {
+    if value.len() > MAX_CREDENTIAL_LEN {
+        return Err(AttestError::Malformed(
+            "credential is larger than 16 KiB".into(),
+        ));
+    }
+    let expected = || AttestError::Malformed("expected `Bearer <token>`".into());
+    let (scheme, rest) = value.trim().split_once(' ').ok_or_else(expected)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(expected());
+    }
+    let token = rest.trim_start_matches(' ');
+    // token68 (RFC 7235 2.1) has no whitespace; a second word is not a token.
+    if token.is_empty() || token.contains(char::is_whitespace) {
+        return Err(expected());
+    }
+    Ok(token)
+}
+
+// The SDS server shares one Attestor across tasks.
+const _: () = {
+    const fn is_send_sync<T: Send + Sync>() {}
+    is_send_sync::<Attestor>();
+};
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::k8s::tests as jwt;
+    use super::*;
+    use crate::registry::{JoinError, Registry};
+    use std::sync::Arc;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        registry: Arc<Registry>,
+        attestor: Attestor,
+    }
+
+    fn fixture(with_k8s: bool) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Arc::new(Registry::open(&dir.path().join("trellis.db")).unwrap());
+        let k8s = with_k8s.then(jwt::attestor);
+        let attestor = Attestor::new(
+            jwt::td(),
+            k8s,
+            JoinAttestor::new(registry.clone(), JOIN_REDEMPTION_WINDOW),
+        );
+        Fixture {
+            _dir: dir,
+            registry,
+            attestor,
+        }
+    }
+
+    fn host_id() -> SpiffeId {
+        SpiffeId::parse("spiffe://td.example/host/db-1").unwrap()
+    }
+
+    fn peer(ip: &str) -> Option<SocketAddr> {
+        Some(format!("{ip}:40000").parse().unwrap())
+    }
+
+    fn token(f: &Fixture, id: &SpiffeId) -> String {
+        f.registry
+            .create_join_token(id, Duration::from_secs(3600), jwt::now())
+            .unwrap()
+            .to_string()
+    }
+
+    #[test]
+    fn join_token_bearer_attests_with_any_scheme_case() {
+        let f = fixture(false);
+        let tok = token(&f, &host_id());
+        for scheme in ["Bearer", "bearer", "BEARER"] {
+            let got = f.attestor.attest(
+                Credential::Authorization(&format!("{scheme} {tok}")),
+                peer("10.0.0.1"),
+                jwt::now(),
+            );
+            assert_eq!(
+                got,
+                Ok(Attested {
+                    spiffe_id: host_id(),
+                    attestor: AttestorKind::JoinToken
+                }),
+                "{scheme}"
+            );
+        }
+    }
+
+    #[test]
+    fn join_token_refused_from_other_ip() {
+        let f = fixture(false);
+        let auth = format!("Bearer {}", token(&f, &host_id()));
+        let cred = Credential::Authorization(&auth);
+        f.attestor
+            .attest(cred, peer("10.0.0.1"), jwt::now())
+            .unwrap();
+        let err = f
+            .attestor
+            .attest(cred, peer("10.0.0.2"), jwt::now())
+            .unwrap_err();
+        assert_eq!(err, AttestError::Join(JoinError::AlreadyRedeemed));
+        assert_eq!(err.reason(), "join_token_redeemed");
+        assert_eq!(err.attestor(), Some(AttestorKind::JoinToken));
+    }
+
+    #[test]
+    fn join_token_without_peer_address_shares_the_window() {
+        let f = fixture(false);
+        let auth = format!("Bearer {}", token(&f, &host_id()));
+        for _ in 0..2 {
+            f.attestor
+                .attest(Credential::Authorization(&auth), None, jwt::now())
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn unknown_join_token() {
+        let f = fixture(false);
+        let err = f
+            .attestor
+            .attest(
+                Credential::Authorization("Bearer trellis-join.AAAA"),
+                peer("10.0.0.1"),
+                jwt::now(),
+            )
+            .unwrap_err();
+        assert_eq!(err, AttestError::Join(JoinError::Unknown));
+        // The message never echoes the credential.
+        assert!(!err.to_string().contains("AAAA"));
+    }
+
+    #[test]
+    fn join_token_for_other_trust_domain_is_refused() {
+        let f = fixture(false);
+        let other = SpiffeId::parse("spiffe://other.example/host/db-1").unwrap();
+        let auth = format!("Bearer {}", token(&f, &other));
+        let err = f
+            .attestor
+            .attest(
+                Credential::Authorization(&auth),
+                peer("10.0.0.1"),
+                jwt::now(),
+            )
+            .unwrap_err();
+        assert!(matches!(err, AttestError::BadIdentity(_)), "{err}");
+    }
+
+    #[test]
+    fn registry_failure_is_internal_not_the_callers_fault() {
+        let f = fixture(false);
+        let auth = format!("Bearer {}", token(&f, &host_id()));
+        let db = rusqlite::Connection::open(f.registry.path()).unwrap();
+        db.execute_batch("DROP TABLE join_tokens").unwrap();
+        let err = f
+            .attestor
+            .attest(
+                Credential::Authorization(&auth),
+                peer("10.0.0.1"),
+                jwt::now(),
+            )
+            .unwrap_err();
+        assert!(matches!(err, AttestError::Internal(_)), "{err}");
+    }
+
+    #[test]
+    fn k8s_token_bearer_attests() {
+        let f = fixture(true);
+        let auth = format!("Bearer {}", jwt::rs256(&jwt::claims("prod", "web")));
+        let got = f
+            .attestor
+            .attest(
+                Credential::Authorization(&auth),
+                peer("10.0.0.1"),
+                jwt::now(),
+            )
+            .unwrap();
+        assert_eq!(got.attestor, AttestorKind::K8s);
+        assert_eq!(got.spiffe_id.as_str(), "spiffe://td.example/ns/prod/sa/web");
+    }
+
+    #[test]
+    fn same_token_opens_several_streams() {
+        let f = fixture(true);
+        let auth = format!("Bearer {}", jwt::rs256(&jwt::claims("prod", "web")));
+        for port in [1, 2, 3] {
+            let p = Some(SocketAddr::from(([10, 0, 0, 1], port)));
+            assert!(f
+                .attestor
+                .attest(Credential::Authorization(&auth), p, jwt::now())
+                .is_ok());
+        }
+    }
+
+    #[test]
+    fn jwt_without_jwks_is_k8s_disabled() {
+        let f = fixture(false);
+        let auth = format!("Bearer {}", jwt::rs256(&jwt::claims("prod", "web")));
+        let err = f
+            .attestor
+            .attest(Credential::Authorization(&auth), None, jwt::now())
+            .unwrap_err();
+        assert_eq!(err, AttestError::K8sDisabled);
+    }
+
+    #[test]
+    fn rejects_non_bearer_authorization() {
+        let f = fixture(true);
+        for value in [
+            "",
+            "Bearer",
+            "Bearer ",
+            "Basic dXNlcjpwYXNz",
+            "Bearertrellis-join.x",
+            "Bearer a b",
+            "trellis-join.x",
+        ] {
+            let err = f
+                .attestor
+                .attest(Credential::Authorization(value), None, jwt::now())
+                .unwrap_err();
+            assert_eq!(
+                err,
+                AttestError::Malformed("expected `Bearer <token>`".into()),
+                "{value:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_oversized_credential() {
+        let f = fixture(true);
+        let value = format!("Bearer {}", "x".repeat(MAX_CREDENTIAL_LEN));
+        let err = f
+            .attestor
+            .attest(Credential::Authorization(&value), None, jwt::now())
+            .unwrap_err();
+        assert!(matches!(err, AttestError::Malformed(m) if m.contains("16 KiB")));
+    }
+
+    #[test]
+    fn missing_credential() {
+        let f = fixture(true);
+        assert_eq!(
+            f.attestor.attest(Credential::None, None, jwt::now()),
+            Err(AttestError::MissingCredential)
+        );
+    }
+
+    #[test]
+    fn peer_svid_in_trust_domain_reattests() {
+        let f = fixture(false);
+        let got = f
+            .attestor
+            .attest(
+                Credential::PeerSvid(&host_id()),
+                peer("10.0.0.9"),
+                jwt::now(),
+            )
+            .unwrap();
+        assert_eq!(
+            got,
+            Attested {
+                spiffe_id: host_id(),
+                attestor: AttestorKind::Svid
+            }
+        );
+    }
+
+    #[test]
+    fn peer_svid_from_other_trust_domain_is_refused() {
+        let f = fixture(false);
+        let other = SpiffeId::parse("spiffe://other.example/host/db-1").unwrap();
+        let err = f
+            .attestor
+            .attest(Credential::PeerSvid(&other), None, jwt::now())
+            .unwrap_err();
+        assert!(matches!(err, AttestError::BadIdentity(_)), "{err}");
+    }
+
+    #[test]
+    fn attestor_is_shareable() {
+        let f = fixture(false);
+        let shared = Arc::new(f.attestor);
+        let t = std::thread::spawn({
+            let a = shared.clone();
+            move || a.attest(Credential::None, None, jwt::now()).is_err()
+        });
+        assert!(t.join().unwrap());
+    }
 }

@@ -1,1 +1,379 @@
-//! Envoy SDS v3 server (in progress).
+//! Envoy SDS v3 server: attests each stream, issues SVIDs, pushes rotations and bundle changes.
+//!
+//! One stream serves one attested caller. The stream's protocol state lives in
+//! [`stream::StreamState`] (pure, unit-tested); this module drives it with the request stream,
+//! a rotation timer and the bundle watch.
+
+pub mod resources;
+pub mod stream;
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::Stream;
+use rand::Rng;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+use trellis_identity::{SpiffeId, Svid, TrustBundle};
+use trellis_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use trellis_proto::{DiscoveryRequest, DiscoveryResponse, SecretDiscoveryService, SECRET_TYPE_URL};
+
+use crate::attest::{AttestError, Attested, Attestor, AttestorKind, Credential};
+use crate::audit::{AuditEvent, AuditLog};
+use crate::ca::Ca;
+use crate::metrics::{AttestorLabel, ControlMetrics};
+use crate::recorder::IssuanceRecorder;
+use crate::registry::IssuanceRecord;
+use resources::{bundle_secret, svid_secret, to_any, ResourceKind};
+use stream::{Decision, StreamState};
+
+/// Who is on the other end of an SDS connection, filled in by the TLS accept loop and read
+/// from the request extensions.
+#[derive(Clone, Debug)]
+pub struct SdsPeer {
+    /// Remote address.
+    pub addr: SocketAddr,
+    /// The client SVID's SPIFFE ID, when the client presented one that verified.
+    pub svid: Option<SpiffeId>,
+}
+
+/// Issuance settings.
+#[derive(Clone, Copy, Debug)]
+pub struct IssuePolicy {
+    /// SVID lifetime.
+    pub svid_ttl: Duration,
+    /// How often each stream gets a fresh SVID (jittered down by up to 10%).
+    pub rotate_every: Duration,
+}
+
+impl IssuePolicy {
+    /// When the next SVID is due: `rotate_every` minus up to 10% jitter, and never later than
+    /// half the SVID's lifetime, so a client always holds a cert with time left.
+    pub fn next_rotation(&self) -> Duration {
+        let base = self.rotate_every.min(self.svid_ttl / 2);
+        let jitter = rand::rng().random_range(0.0..0.1);
+        base.mul_f64(1.0 - jitter).max(Duration::from_millis(100))
+    }
+}
+
+/// Everything the SDS service needs, shared by every stream.
+pub struct SdsCore {
+    /// The signing CA.
+    pub ca: Arc<Ca>,
+    /// The current trust bundle; a change is pushed to every stream that subscribed to it.
+    pub bundle: watch::Receiver<Arc<TrustBundle>>,
+    /// Attestors.
+    pub attestor: Arc<Attestor>,
+    /// Issuance records, written in batches by a background thread.
+    pub recorder: IssuanceRecorder,
+    /// The audit log.
+    pub audit: Arc<AuditLog>,
+    /// Metrics.
+    pub metrics: Arc<ControlMetrics>,
+    /// TTL and rotation.
+    pub policy: IssuePolicy,
+}
+
+impl SdsCore {
+    fn audit(&self, event: AuditEvent) {
+        if let Err(e) = self.audit.record(&event, SystemTime::now()) {
+            self.metrics.audit_write_errors.inc();
+            tracing::error!(error = %e, "cannot write audit log");
+        }
+    }
+
+    /// Attests the caller of `request` from its `authorization` metadata or client SVID.
+    pub async fn attest<T>(
+        self: &Arc<Self>,
+        request: &Request<T>,
+    ) -> Result<(Attested, Option<SocketAddr>), Status> {
+        let peer = request.extensions().get::<SdsPeer>().cloned();
+        let addr = peer.as_ref().map(|p| p.addr);
+        let auth = match request.metadata().get("authorization") {
+            Some(v) => Some(
+                v.to_str()
+                    .map_err(|_| Status::unauthenticated("authorization metadata is not ASCII"))?
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        let svid = peer.and_then(|p| p.svid);
+        let core = Arc::clone(self);
+        // Join-token redemption commits to SQLite (fsync): keep it off the async workers.
+        let result = tokio::task::spawn_blocking(move || {
+            let cred = match (&auth, &svid) {
+                (Some(a), _) => Credential::Authorization(a),
+                (None, Some(id)) => Credential::PeerSvid(id),
+                (None, None) => Credential::None,
+            };
+            core.attestor.attest(cred, addr, SystemTime::now())
+        })
+        .await
+        .map_err(|e| Status::internal(format!("attestation task failed: {e}")))?;
+        match result {
+            Ok(attested) => Ok((attested, addr)),
+            Err(err) => {
+                self.metrics.attestation_failed(err.reason());
+                tracing::warn!(peer = ?addr, reason = err.reason(), error = %err, "attestation refused");
+                self.audit(AuditEvent::Rejected {
+                    reason: err.reason(),
+                    detail: err.to_string(),
+                    attestor: err.attestor().map(AttestorKind::as_str),
+                    peer: addr,
+                });
+                Err(attest_status(&err))
+            }
+        }
+    }
+
+    /// Issues an SVID for `who`, records it and writes the audit line.
+    pub async fn issue(
+        self: &Arc<Self>,
+        who: &Attested,
+        peer: Option<SocketAddr>,
+    ) -> Result<Arc<Svid>, Status> {
+        let core = Arc::clone(self);
+        let id = who.spiffe_id.clone();
+        let attestor = who.attestor.as_str();
+        let svid = tokio::task::spawn_blocking(move || {
+            let now = SystemTime::now();
+            let svid = core.ca.issue(&id, core.policy.svid_ttl, now)?;
+            let record = IssuanceRecord {
+                spiffe_id: id,
+                serial_hex: svid.serial_hex().to_owned(),
+                not_after: svid.not_after(),
+                attestor,
+                peer,
+                issued_at: now,
+            };
+            core.recorder.record(record);
+            Ok::<_, crate::ca::CaError>(svid)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("issuance task failed: {e}")))?
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot issue SVID");
+            Status::internal("cannot issue SVID; see control plane logs")
+        })?;
+        self.metrics
+            .svids_issued
+            .get_or_create(&AttestorLabel { attestor })
+            .inc();
+        tracing::info!(spiffe_id = %svid.spiffe_id(), serial = svid.serial_hex(), attestor, peer = ?peer, "issued SVID");
+        self.audit(AuditEvent::Issued {
+            spiffe_id: svid.spiffe_id().to_string(),
+            serial_hex: svid.serial_hex().to_owned(),
+            not_after: svid.not_after(),
+            attestor,
+            peer,
+        });
+        Ok(Arc::new(svid))
+    }
+}
+
+fn attest_status(err: &AttestError) -> Status {
+    match err {
+        AttestError::Internal(_) => Status::internal(err.to_string()),
+        _ => Status::unauthenticated(err.to_string()),
+    }
+}
+
+/// The tonic service.
+pub struct SdsService {
+    core: Arc<SdsCore>,
+}
+
+impl SdsService {
+    /// Wraps the shared core.
+    pub fn new(core: Arc<SdsCore>) -> Self {
+        Self { core }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Keeps `trellis_sds_streams` right however a stream ends.
+struct StreamGauge(Arc<ControlMetrics>);
+
+impl StreamGauge {
+    fn open(metrics: &Arc<ControlMetrics>) -> Self {
+        metrics.sds_streams.inc();
+        Self(Arc::clone(metrics))
+    }
+}
+
+impl Drop for StreamGauge {
+    fn drop(&mut self) {
+        self.0.sds_streams.dec();
+    }
+}
+
+#[tonic::async_trait]
+impl SecretDiscoveryService for SdsService {
+    type DeltaSecretsStream = BoxStream<DeltaDiscoveryResponse>;
+    type StreamSecretsStream = BoxStream<DiscoveryResponse>;
+
+    async fn delta_secrets(
+        &self,
+        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
+        Err(Status::unimplemented(
+            "Trellis serves State-of-the-World SDS: use StreamSecrets or FetchSecrets",
+        ))
+    }
+
+    async fn stream_secrets(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
+        let (attested, peer) = self.core.attest(&request).await?;
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let core = Arc::clone(&self.core);
+        tokio::spawn(async move {
+            let _gauge = StreamGauge::open(&core.metrics);
+            let id = attested.spiffe_id.clone();
+            tracing::debug!(spiffe_id = %id, peer = ?peer, "SDS stream opened");
+            let reason = drive_stream(core, attested, peer, inbound, tx).await;
+            tracing::debug!(spiffe_id = %id, peer = ?peer, reason, "SDS stream closed");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn fetch_secrets(
+        &self,
+        request: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        let (attested, peer) = self.core.attest(&request).await?;
+        let req = request.into_inner();
+        let mut state = StreamState::new(attested.spiffe_id.clone());
+        if let Err(e) = state.on_request(&req) {
+            self.core.metrics.request_error(e.reason());
+            return Err(e.to_status());
+        }
+        let svid = if state.wants(ResourceKind::Svid) {
+            Some(self.core.issue(&attested, peer).await?)
+        } else {
+            None
+        };
+        let bundle = self.core.bundle.borrow().clone();
+        let envelope = state.next_envelope();
+        self.core.metrics.pushed("fetch");
+        Ok(Response::new(build_response(
+            &state,
+            envelope,
+            svid.as_deref(),
+            &bundle,
+        )))
+    }
+}
+
+fn build_response(
+    state: &StreamState,
+    envelope: stream::Envelope,
+    svid: Option<&Svid>,
+    bundle: &TrustBundle,
+) -> DiscoveryResponse {
+    let resources = state
+        .names()
+        .iter()
+        .filter_map(|(name, kind)| match kind {
+            ResourceKind::Svid => svid.map(|s| to_any(&svid_secret(name, s))),
+            ResourceKind::Bundle => Some(to_any(&bundle_secret(name, bundle))),
+        })
+        .collect();
+    DiscoveryResponse {
+        version_info: envelope.version,
+        resources,
+        canary: false,
+        type_url: SECRET_TYPE_URL.to_owned(),
+        nonce: envelope.nonce,
+    }
+}
+
+/// Runs one stream until the client goes away or a request is refused. Returns why it ended.
+async fn drive_stream(
+    core: Arc<SdsCore>,
+    attested: Attested,
+    peer: Option<SocketAddr>,
+    mut inbound: Streaming<DiscoveryRequest>,
+    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+) -> &'static str {
+    let mut state = StreamState::new(attested.spiffe_id.clone());
+    let mut bundle_rx = core.bundle.clone();
+    let mut svid: Option<Arc<Svid>> = None;
+    let rotation = tokio::time::sleep(Duration::MAX / 4);
+    tokio::pin!(rotation);
+
+    loop {
+        let push_reason = tokio::select! {
+            msg = inbound.next() => {
+                let req = match msg {
+                    None => return "client closed",
+                    Some(Err(status)) => {
+                        tracing::debug!(%status, "SDS stream error from client");
+                        return "client error";
+                    }
+                    Some(Ok(req)) => req,
+                };
+                match state.on_request(&req) {
+                    Err(e) => {
+                        core.metrics.request_error(e.reason());
+                        tracing::warn!(caller = %state.caller(), peer = ?peer, reason = e.reason(), "SDS request refused");
+                        let _ = tx.send(Err(e.to_status())).await;
+                        return "request refused";
+                    }
+                    Ok(Decision::Respond) => "request",
+                    Ok(Decision::Quiet) | Ok(Decision::Stale) => continue,
+                    Ok(Decision::Nack { detail, respond }) => {
+                        core.metrics.sds_nacks.inc();
+                        tracing::warn!(caller = %state.caller(), peer = ?peer, detail, "SDS client rejected an update (NACK)");
+                        if !respond {
+                            continue;
+                        }
+                        "request"
+                    }
+                }
+            }
+            () = &mut rotation, if svid.is_some() && state.wants(ResourceKind::Svid) => {
+                svid = None;
+                "rotation"
+            }
+            changed = bundle_rx.changed() => {
+                if changed.is_err() {
+                    return "shutting down";
+                }
+                if !state.wants(ResourceKind::Bundle) {
+                    continue;
+                }
+                "bundle"
+            }
+        };
+
+        if state.wants(ResourceKind::Svid) && svid.is_none() {
+            match core.issue(&attested, peer).await {
+                Ok(s) => {
+                    svid = Some(s);
+                    rotation
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + core.policy.next_rotation());
+                }
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
+                    return "issuance failed";
+                }
+            }
+        }
+        let bundle = bundle_rx.borrow_and_update().clone();
+        let envelope = state.next_envelope();
+        let response = build_response(&state, envelope, svid.as_deref(), &bundle);
+        if tx.send(Ok(response)).await.is_err() {
+            return "client gone";
+        }
+        core.metrics.pushed(push_reason);
+    }
+}

@@ -1,0 +1,161 @@
+//! SDS resource names and the `Secret` messages Trellis serves.
+//!
+//! Names: `default` (the caller's SVID), `ROOTCA` (the trust bundle), and as aliases the
+//! caller's own SPIFFE ID (= `default`) and the trust domain ID `spiffe://<td>` (= `ROOTCA`).
+//! The response echoes the name the client asked for: Envoy matches secrets by name.
+
+use prost::Message;
+use tonic::Status;
+use trellis_identity::{certs_to_pem, key_to_pem, SpiffeId, Svid, TrustBundle};
+use trellis_proto::{
+    data_source, secret, CertificateValidationContext, DataSource, Secret, TlsCertificate,
+    SECRET_TYPE_URL,
+};
+
+/// The SVID resource name.
+pub const DEFAULT: &str = "default";
+/// The trust bundle resource name.
+pub const ROOTCA: &str = "ROOTCA";
+
+/// What a resource name refers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResourceKind {
+    /// The caller's X.509-SVID and key.
+    Svid,
+    /// The trust bundle.
+    Bundle,
+}
+
+/// Why a name cannot be served; becomes a gRPC status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NameError {
+    /// Another workload's identity.
+    NotYours {
+        /// Requested.
+        name: String,
+        /// The caller.
+        caller: String,
+    },
+    /// No such secret.
+    Unknown(String),
+}
+
+impl NameError {
+    /// Stable metric reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            NameError::NotYours { .. } => "not_yours",
+            NameError::Unknown(_) => "unknown_resource",
+        }
+    }
+
+    /// The gRPC status a client gets.
+    pub fn to_status(&self) -> Status {
+        match self {
+            NameError::NotYours { name, caller } => Status::permission_denied(format!(
+                "secret `{name}` is another workload's identity; caller `{caller}` may only ask for `default`, `{caller}`, or `ROOTCA`"
+            )),
+            NameError::Unknown(name) => Status::not_found(format!(
+                "unknown secret `{name}`: Trellis serves `default` (your SVID), `ROOTCA` (the trust bundle), your SPIFFE ID and the trust domain ID"
+            )),
+        }
+    }
+}
+
+/// Resolves one requested name for `caller`.
+pub fn resolve(name: &str, caller: &SpiffeId) -> Result<ResourceKind, NameError> {
+    if name == DEFAULT || name == caller.as_str() {
+        return Ok(ResourceKind::Svid);
+    }
+    if name == ROOTCA {
+        return Ok(ResourceKind::Bundle);
+    }
+    if let Ok(id) = SpiffeId::parse(name) {
+        if id.path().is_empty() && id.trust_domain_name() == caller.trust_domain_name() {
+            return Ok(ResourceKind::Bundle);
+        }
+        if id.trust_domain_name() == caller.trust_domain_name() {
+            return Err(NameError::NotYours {
+                name: name.to_owned(),
+                caller: caller.to_string(),
+            });
+        }
+    }
+    Err(NameError::Unknown(name.to_owned()))
+}
+
+fn inline(bytes: Vec<u8>) -> Option<DataSource> {
+    Some(DataSource {
+        specifier: Some(data_source::Specifier::InlineBytes(bytes)),
+    })
+}
+
+/// `Secret{name, tls_certificate{chain PEM, key PEM}}`.
+pub fn svid_secret(name: &str, svid: &Svid) -> Secret {
+    let key_pem = key_to_pem(svid.key());
+    Secret {
+        name: name.to_owned(),
+        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+            certificate_chain: inline(certs_to_pem(svid.chain()).into_bytes()),
+            private_key: inline(key_pem.as_bytes().to_vec()),
+        })),
+    }
+}
+
+/// `Secret{name, validation_context{trusted_ca = bundle PEM}}`.
+pub fn bundle_secret(name: &str, bundle: &TrustBundle) -> Secret {
+    Secret {
+        name: name.to_owned(),
+        r#type: Some(secret::Type::ValidationContext(
+            CertificateValidationContext {
+                trusted_ca: inline(bundle.to_pem().into_bytes()),
+            },
+        )),
+    }
+}
+
+/// Wraps a `Secret` in `Any`.
+pub fn to_any(secret: &Secret) -> prost_types::Any {
+    prost_types::Any {
+        type_url: SECRET_TYPE_URL.to_owned(),
+        value: secret.encode_to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller() -> SpiffeId {
+        SpiffeId::parse("spiffe://example.org/ns/prod/sa/web").unwrap()
+    }
+
+    #[test]
+    fn aliases_resolve() {
+        assert_eq!(resolve("default", &caller()), Ok(ResourceKind::Svid));
+        assert_eq!(
+            resolve("spiffe://example.org/ns/prod/sa/web", &caller()),
+            Ok(ResourceKind::Svid)
+        );
+        assert_eq!(resolve("ROOTCA", &caller()), Ok(ResourceKind::Bundle));
+        assert_eq!(
+            resolve("spiffe://example.org", &caller()),
+            Ok(ResourceKind::Bundle)
+        );
+    }
+
+    #[test]
+    fn another_workloads_id_is_denied() {
+        let err = resolve("spiffe://example.org/ns/prod/sa/db", &caller()).unwrap_err();
+        assert_eq!(err.reason(), "not_yours");
+        assert_eq!(err.to_status().code(), tonic::Code::PermissionDenied);
+    }
+
+    #[test]
+    fn unknown_name_is_not_found() {
+        for name in ["rootca", "", "spiffe://other.org", "spiffe://other.org/x"] {
+            let err = resolve(name, &caller()).unwrap_err();
+            assert_eq!(err.to_status().code(), tonic::Code::NotFound, "{name}");
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! `trellis control`: flags and env over the YAML file, then run until SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use trellis_control::config::{ControlFile, ControlSettings};
+use trellis_control::server::ControlPlane;
+
+/// `trellis control` flags; each overrides the same field of `--config`.
+#[derive(Args, Debug)]
+pub struct ControlArgs {
+    /// YAML config file (fields: trust_domain, listen, admin, state_dir, svid_ttl, rotate_every,
+    /// ca_cert, ca_key, ca_bundle, k8s_jwks, k8s_issuer, k8s_audience).
+    #[arg(long, env = "TRELLIS_CONFIG")]
+    config: Option<PathBuf>,
+    /// Trust domain, e.g. example.org.
+    #[arg(long, env = "TRELLIS_TRUST_DOMAIN")]
+    trust_domain: Option<String>,
+    /// SDS (gRPC over TLS) listen address [default: 0.0.0.0:8443].
+    #[arg(long, env = "TRELLIS_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Admin HTTP listen address [default: 127.0.0.1:9090].
+    #[arg(long, env = "TRELLIS_ADMIN")]
+    admin: Option<SocketAddr>,
+    /// State directory: database, CA, audit log, bundle.pem [default: /var/lib/trellis].
+    #[arg(long, env = "TRELLIS_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// SVID lifetime [default: 24h].
+    #[arg(long, env = "TRELLIS_SVID_TTL", value_parser = humantime::parse_duration)]
+    svid_ttl: Option<Duration>,
+    /// How often each workload gets a fresh SVID, minus up to 10% jitter [default: 1h].
+    #[arg(long, env = "TRELLIS_ROTATE_EVERY", value_parser = humantime::parse_duration)]
+    rotate_every: Option<Duration>,
+    /// Intermediate CA certificate to sign with (from `trellis ca init`).
+    #[arg(long, env = "TRELLIS_CA_CERT", requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// Intermediate CA private key.
+    #[arg(long, env = "TRELLIS_CA_KEY", requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// Trust bundle (root CAs) for the intermediate [default: the self-signed root in --ca-cert].
+    #[arg(long, env = "TRELLIS_CA_BUNDLE")]
+    ca_bundle: Option<PathBuf>,
+    /// JWKS file with the Kubernetes service-account issuer's public keys.
+    #[arg(long, env = "TRELLIS_K8S_JWKS")]
+    k8s_jwks: Option<PathBuf>,
+    /// Expected `iss` of Kubernetes tokens.
+    #[arg(long, env = "TRELLIS_K8S_ISSUER")]
+    k8s_issuer: Option<String>,
+    /// Expected `aud` of Kubernetes tokens [default: trellis].
+    #[arg(long, env = "TRELLIS_K8S_AUDIENCE")]
+    k8s_audience: Option<String>,
+}
+
+impl ControlArgs {
+    /// The file (if any) with flags applied over it.
+    pub fn merged(self) -> anyhow::Result<ControlFile> {
+        let mut f = match &self.config {
+            Some(path) => ControlFile::load(path)?,
+            None => ControlFile::default(),
+        };
+        macro_rules! over {
+            ($($field:ident),*) => { $( if self.$field.is_some() { f.$field = self.$field; } )* };
+        }
+        over!(
+            trust_domain,
+            listen,
+            admin,
+            state_dir,
+            svid_ttl,
+            rotate_every,
+            ca_cert,
+            ca_key,
+            ca_bundle,
+            k8s_jwks,
+            k8s_issuer,
+            k8s_audience
+        );
+        Ok(f)
+    }
+}
+
+/// Runs the control plane until a signal.
+pub fn run(args: ControlArgs) -> anyhow::Result<()> {
+    let settings = ControlSettings::from_file(args.merged()?)?;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let cp = ControlPlane::start(settings).await?;
+        // Tests and scripts read this line to learn the bound ports (port 0 is allowed).
+        println!(
+            "trellis control listening sds={} admin={}",
+            cp.sds_addr, cp.admin_addr
+        );
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        cp.shutdown().await;
+        Ok(())
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}

@@ -1,0 +1,235 @@
+//! `trellis control` as a process: start, restart, tokens, bundle, admin endpoints.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{anyhow, bail, Context as _};
+use tempfile::TempDir;
+use tokio::net::TcpStream;
+use trellis_identity::{SpiffeId, TrustBundle, TrustDomain};
+
+use crate::{
+    connect_sds, http_get, run_with_timeout, trellis_bin, Child, HttpResponse, SdsClient,
+    COMMAND_TIMEOUT, STARTUP_TIMEOUT,
+};
+
+/// Kubernetes service-account token attestation settings.
+#[derive(Debug, Clone)]
+pub struct K8sOpts {
+    /// The issuer's JWKS file.
+    pub jwks: PathBuf,
+    /// Expected `iss`.
+    pub issuer: String,
+    /// Expected `aud`.
+    pub audience: String,
+}
+
+/// Flags for `trellis control`. `None` leaves the binary's default.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneOpts {
+    /// `--trust-domain` (default `example.org`).
+    pub trust_domain: String,
+    /// `--svid-ttl`, e.g. `1h`.
+    pub svid_ttl: Option<String>,
+    /// `--rotate-every`, e.g. `2s`.
+    pub rotate_every: Option<String>,
+    /// `--k8s-jwks/--k8s-issuer/--k8s-audience`.
+    pub k8s: Option<K8sOpts>,
+    /// Anything else, appended as is.
+    pub extra_args: Vec<String>,
+}
+
+impl Default for ControlPlaneOpts {
+    fn default() -> Self {
+        ControlPlaneOpts {
+            trust_domain: "example.org".to_string(),
+            svid_ttl: None,
+            rotate_every: None,
+            k8s: None,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// A running `trellis control` on loopback, ports chosen by the kernel.
+pub struct ControlPlane {
+    /// The process (declared first: killed before the directory is removed).
+    pub child: Child,
+    /// SDS (gRPC over TLS) address.
+    pub sds_addr: SocketAddr,
+    /// Admin HTTP address.
+    pub admin_addr: SocketAddr,
+    /// `--state-dir` (inside `dir`).
+    pub state_dir: PathBuf,
+    /// `<state-dir>/bundle.pem`.
+    pub bundle_pem_path: PathBuf,
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    /// The test's temporary directory: logs, state, anything the test writes.
+    pub dir: TempDir,
+    /// The options it was started with (for [`ControlPlane::restart`]).
+    pub opts: ControlPlaneOpts,
+}
+
+impl ControlPlane {
+    /// Starts a control plane in a fresh temporary directory.
+    pub fn start(opts: ControlPlaneOpts) -> anyhow::Result<Self> {
+        Self::start_in(tempfile::tempdir()?, opts)
+    }
+
+    /// Starts a control plane with its state in `<dir>/state`, and waits for its
+    /// `trellis control listening sds=… admin=…` line.
+    pub fn start_in(dir: TempDir, opts: ControlPlaneOpts) -> anyhow::Result<Self> {
+        let trust_domain = TrustDomain::parse(&opts.trust_domain)
+            .map_err(|e| anyhow!("trust domain {}: {e}", opts.trust_domain))?;
+        // Created by the control plane itself, with the permissions it wants.
+        let state_dir = dir.path().join("state");
+        let mut cmd = Command::new(trellis_bin());
+        cmd.arg("control")
+            .args(["--trust-domain", &opts.trust_domain])
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .arg("--state-dir")
+            .arg(&state_dir);
+        if let Some(ttl) = &opts.svid_ttl {
+            cmd.args(["--svid-ttl", ttl]);
+        }
+        if let Some(every) = &opts.rotate_every {
+            cmd.args(["--rotate-every", every]);
+        }
+        if let Some(k8s) = &opts.k8s {
+            cmd.arg("--k8s-jwks").arg(&k8s.jwks).args([
+                "--k8s-issuer",
+                &k8s.issuer,
+                "--k8s-audience",
+                &k8s.audience,
+            ]);
+        }
+        cmd.args(&opts.extra_args);
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        );
+        let mut child = Child::spawn("trellis-control", cmd, dir.path())?;
+        let line = child.stdout_line(STARTUP_TIMEOUT)?;
+        let (sds_addr, admin_addr) = parse_listening_line(&line).with_context(|| {
+            format!("unexpected first stdout line from trellis control: {line:?}")
+        })?;
+        let bundle_pem_path = state_dir.join("bundle.pem");
+        if !bundle_pem_path.is_file() {
+            bail!(
+                "{} does not exist after the listening line",
+                bundle_pem_path.display()
+            );
+        }
+        Ok(ControlPlane {
+            child,
+            sds_addr,
+            admin_addr,
+            state_dir,
+            bundle_pem_path,
+            trust_domain,
+            dir,
+            opts,
+        })
+    }
+
+    /// Kills the process (SIGKILL, like a crash) and starts a new one on the same state
+    /// directory with the same options. Ports change.
+    pub fn restart(self) -> anyhow::Result<Self> {
+        let ControlPlane {
+            child, dir, opts, ..
+        } = self;
+        drop(child);
+        Self::start_in(dir, opts)
+    }
+
+    /// `spiffe://<td>/trellis/control`, the identity the SDS endpoint presents.
+    pub fn control_id(&self) -> SpiffeId {
+        self.id("/trellis/control")
+    }
+
+    /// `spiffe://<td><path>`.
+    pub fn id(&self, path: &str) -> SpiffeId {
+        SpiffeId::from_parts(&self.trust_domain, path).expect("valid SPIFFE ID path")
+    }
+
+    /// The trust bundle from `bundle.pem`.
+    pub fn bundle(&self) -> anyhow::Result<TrustBundle> {
+        let pem = std::fs::read(&self.bundle_pem_path)
+            .with_context(|| format!("read {}", self.bundle_pem_path.display()))?;
+        TrustBundle::from_pem(self.trust_domain.clone(), &pem)
+            .map_err(|e| anyhow!("{}: {e}", self.bundle_pem_path.display()))
+    }
+
+    /// `trellis token create` for `spiffe_id`; returns the token.
+    pub fn create_token(&self, spiffe_id: &str, ttl: &str) -> anyhow::Result<String> {
+        let mut cmd = Command::new(trellis_bin());
+        cmd.args(["token", "create", "--state-dir"])
+            .arg(&self.state_dir)
+            .args(["--spiffe-id", spiffe_id, "--ttl", ttl]);
+        let out = run_with_timeout(cmd, COMMAND_TIMEOUT)?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!(
+                "trellis token create failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let lines: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+        match lines.as_slice() {
+            [token] => Ok(token.trim().to_string()),
+            _ => bail!(
+                "trellis token create printed {} lines, want 1: {stdout:?}",
+                lines.len()
+            ),
+        }
+    }
+
+    /// An SDS client that verifies the control plane's SVID (`control_id`) against bundle.pem.
+    pub async fn sds_client(&self) -> anyhow::Result<SdsClient> {
+        connect_sds(self.sds_addr, self.bundle()?, self.control_id()).await
+    }
+
+    /// `GET path` on the admin port.
+    pub async fn admin_get(&self, path: &str) -> anyhow::Result<HttpResponse> {
+        let tcp = TcpStream::connect(self.admin_addr).await?;
+        http_get(tcp, &self.admin_addr.to_string(), path).await
+    }
+}
+
+/// Parses `trellis control listening sds=127.0.0.1:41233 admin=127.0.0.1:41234`.
+pub fn parse_listening_line(line: &str) -> anyhow::Result<(SocketAddr, SocketAddr)> {
+    let rest = line
+        .trim()
+        .strip_prefix("trellis control listening ")
+        .context("missing prefix `trellis control listening `")?;
+    let mut sds = None;
+    let mut admin = None;
+    for field in rest.split_whitespace() {
+        if let Some(v) = field.strip_prefix("sds=") {
+            sds = Some(v.parse().with_context(|| format!("sds={v}"))?);
+        } else if let Some(v) = field.strip_prefix("admin=") {
+            admin = Some(v.parse().with_context(|| format!("admin={v}"))?);
+        }
+    }
+    Ok((sds.context("no sds=")?, admin.context("no admin=")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_listening_line() {
+        let (sds, admin) = parse_listening_line(
+            "trellis control listening sds=127.0.0.1:41233 admin=127.0.0.1:41234\n",
+        )
+        .expect("valid line");
+        assert_eq!(sds, "127.0.0.1:41233".parse().expect("addr"));
+        assert_eq!(admin, "127.0.0.1:41234".parse().expect("addr"));
+        assert!(parse_listening_line("listening on 127.0.0.1:1").is_err());
+        assert!(parse_listening_line("trellis control listening sds=127.0.0.1:1").is_err());
+    }
+}
