@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     let fds = protox::compile(files, [&root])?;
     tonic_prost_build::configure()
+        .codec_path("crate::codec::SdsCodec")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

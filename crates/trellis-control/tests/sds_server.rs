@@ -361,3 +361,120 @@ async fn wrong_type_url_is_invalid_argument() {
     let err = s.next(Duration::from_secs(5)).await.err().unwrap();
     assert_eq!(err.code(), Code::InvalidArgument);
 }
+
+fn csr_request(names: &[&str], version: &str, nonce: &str, csr_pem: &str) -> DiscoveryRequest {
+    let mut r = req(names, version, nonce);
+    let mut fields = std::collections::BTreeMap::new();
+    fields.insert(
+        "trellis.io/csr".to_owned(),
+        prost_types::Value {
+            kind: Some(prost_types::value::Kind::StringValue(csr_pem.to_owned())),
+        },
+    );
+    r.node = Some(trellis_proto::Node {
+        id: "csr-test".into(),
+        metadata: Some(prost_types::Struct { fields }),
+        ..Default::default()
+    });
+    r
+}
+
+fn make_csr(uri: Option<&str>) -> (rcgen::KeyPair, String) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    if let Some(uri) = uri {
+        params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
+    }
+    let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+    (key, csr)
+}
+
+fn chain_only(r: &DiscoveryResponse) -> Vec<u8> {
+    for s in secrets(r) {
+        if let Some(secret::Type::TlsCertificate(tc)) = s.r#type {
+            assert!(
+                tc.private_key.is_none(),
+                "CSR mode: the key must not travel"
+            );
+            return bytes(tc.certificate_chain);
+        }
+    }
+    panic!("no tls_certificate in response")
+}
+
+#[tokio::test]
+async fn csr_mode_signs_the_callers_key_and_sends_no_key() {
+    let f = start(Duration::from_secs(60)).await;
+    let mut client = f.client(None).await;
+    let token = f.token(WEB);
+    let (key, csr) = make_csr(Some(WEB));
+    let mut s = open(
+        &mut client,
+        Some(&token),
+        csr_request(&["default", "ROOTCA"], "", "", &csr),
+    )
+    .await
+    .unwrap();
+    let first = s.expect().await;
+    let chain = chain_only(&first);
+    let key_pem = key.serialize_pem();
+    let svid = Svid::from_pem(&chain, key_pem.as_bytes()).expect("certificate is for our key");
+    assert_eq!(svid.spiffe_id().as_str(), WEB);
+    verify_svid_chain(svid.chain(), &f.bundle, SystemTime::now(), Usage::Either).unwrap();
+
+    // The client rotates its key: a fresh CSR on the same stream gets a certificate for it.
+    let (key2, csr2) = make_csr(None);
+    s.tx.send(csr_request(
+        &["default", "ROOTCA"],
+        &first.version_info,
+        &first.nonce,
+        &csr2,
+    ))
+    .await
+    .unwrap();
+    let second = s.expect().await;
+    let svid2 = Svid::from_pem(&chain_only(&second), key2.serialize_pem().as_bytes())
+        .expect("new certificate is for the new key");
+    assert_ne!(svid.serial_hex(), svid2.serial_hex());
+    // Repeating the same CSR in an ACK is quiet.
+    s.tx.send(csr_request(
+        &["default", "ROOTCA"],
+        &second.version_info,
+        &second.nonce,
+        &csr2,
+    ))
+    .await
+    .unwrap();
+    assert!(s.next(Duration::from_millis(500)).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn csr_for_another_identity_is_invalid_argument() {
+    let f = start(Duration::from_secs(60)).await;
+    let mut client = f.client(None).await;
+    let token = f.token(WEB);
+    let (_key, csr) = make_csr(Some("spiffe://example.org/app/db"));
+    let mut s = open(
+        &mut client,
+        Some(&token),
+        csr_request(&["default"], "", "", &csr),
+    )
+    .await
+    .unwrap();
+    let err = s.next(Duration::from_secs(5)).await.err().unwrap();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let mut s = open(
+        &mut client,
+        Some(&token),
+        csr_request(
+            &["default"],
+            "",
+            "",
+            "-----BEGIN CERTIFICATE REQUEST-----\ngarbage\n",
+        ),
+    )
+    .await
+    .unwrap();
+    let err = s.next(Duration::from_secs(5)).await.err().unwrap();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+}

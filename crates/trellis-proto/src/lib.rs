@@ -68,3 +68,49 @@ pub use envoy::service::secret::v3::secret_discovery_service_server::{
 /// The SDS type URL of a `Secret`, as Envoy sends it in `DiscoveryRequest.type_url`.
 pub const SECRET_TYPE_URL: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+/// The gRPC codec for SDS: prost encoding with small per-stream buffers.
+///
+/// tonic's default buffers are 8 KiB for each direction of every stream; SDS messages are a
+/// few KiB and a control plane holds one stream per workload, so 10,000 idle streams would
+/// carry ~160 MiB of mostly empty buffers. Buffers still grow for larger messages.
+pub mod codec {
+    use std::marker::PhantomData;
+
+    use tonic::codec::{BufferSettings, Codec};
+    use tonic_prost::{ProstDecoder, ProstEncoder};
+
+    /// Initial buffer: fits a typical SDS response (SVID chain, key, bundle).
+    const BUFFER: usize = 4 * 1024;
+    /// Flush threshold for large messages.
+    const YIELD: usize = 32 * 1024;
+
+    /// Prost codec with [`BUFFER`]-sized buffers.
+    #[derive(Debug, Clone)]
+    pub struct SdsCodec<T, U>(PhantomData<(T, U)>);
+
+    impl<T, U> Default for SdsCodec<T, U> {
+        fn default() -> Self {
+            Self(PhantomData)
+        }
+    }
+
+    impl<T, U> Codec for SdsCodec<T, U>
+    where
+        T: prost::Message + Send + 'static,
+        U: prost::Message + Default + Send + 'static,
+    {
+        type Encode = T;
+        type Decode = U;
+        type Encoder = ProstEncoder<T>;
+        type Decoder = ProstDecoder<U>;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            ProstEncoder::new(BufferSettings::new(BUFFER, YIELD))
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            ProstDecoder::new(BufferSettings::new(BUFFER, YIELD))
+        }
+    }
+}

@@ -85,7 +85,13 @@ impl ControlArgs {
 /// Runs the control plane until a signal.
 pub fn run(args: ControlArgs) -> anyhow::Result<()> {
     let settings = ControlSettings::from_file(args.merged()?)?;
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    // Issuance and attestation run on the blocking pool; a small pool keeps a burst of
+    // thousands of streams from spawning hundreds of threads (and their malloc arenas).
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(16)
+        .build()
+        .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let cp = ControlPlane::start(settings).await?;
         // Tests and scripts read this line to learn the bound ports (port 0 is allowed).

@@ -18,17 +18,17 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
-use trellis_identity::{SpiffeId, Svid, TrustBundle};
+use trellis_identity::{SpiffeId, TrustBundle};
 use trellis_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use trellis_proto::{DiscoveryRequest, DiscoveryResponse, SecretDiscoveryService, SECRET_TYPE_URL};
 
 use crate::attest::{AttestError, Attested, Attestor, AttestorKind, Credential};
 use crate::audit::{AuditEvent, AuditLog};
-use crate::ca::Ca;
+use crate::ca::{Ca, CaError};
 use crate::metrics::{AttestorLabel, ControlMetrics};
 use crate::recorder::IssuanceRecorder;
 use crate::registry::IssuanceRecord;
-use resources::{bundle_secret, svid_secret, to_any, ResourceKind};
+use resources::{bundle_secret, svid_secret, to_any, Issued, ResourceKind};
 use stream::{Decision, StreamState};
 
 /// Who is on the other end of an SDS connection, filled in by the TLS accept loop and read
@@ -130,48 +130,94 @@ impl SdsCore {
         }
     }
 
-    /// Issues an SVID for `who`, records it and writes the audit line.
+    /// Issues an SVID for `who` (for the public key in `csr` when given), records it and
+    /// writes the audit line.
     pub async fn issue(
         self: &Arc<Self>,
         who: &Attested,
         peer: Option<SocketAddr>,
-    ) -> Result<Arc<Svid>, Status> {
+        csr: Option<Arc<str>>,
+    ) -> Result<Arc<Issued>, Status> {
         let core = Arc::clone(self);
         let id = who.spiffe_id.clone();
         let attestor = who.attestor.as_str();
-        let svid = tokio::task::spawn_blocking(move || {
+        let issued = tokio::task::spawn_blocking(move || {
             let now = SystemTime::now();
-            let svid = core.ca.issue(&id, core.policy.svid_ttl, now)?;
-            let record = IssuanceRecord {
+            let ttl = core.policy.svid_ttl;
+            let issued = match csr {
+                None => Issued::WithKey(core.ca.issue(&id, ttl, now)?),
+                Some(csr) => {
+                    let chain = core.ca.sign_csr(&csr, &id, ttl, now)?;
+                    let facts = chain
+                        .first()
+                        .map(trellis_identity::cert_facts)
+                        .transpose()
+                        .map_err(|e| CaError::Sign(e.to_string()))?
+                        .ok_or_else(|| CaError::Sign("empty chain".into()))?;
+                    Issued::ChainOnly {
+                        chain,
+                        serial_hex: facts.serial_hex,
+                        not_after: facts.not_after,
+                    }
+                }
+            };
+            core.recorder.record(IssuanceRecord {
                 spiffe_id: id,
-                serial_hex: svid.serial_hex().to_owned(),
-                not_after: svid.not_after(),
+                serial_hex: issued.serial_hex().to_owned(),
+                not_after: issued.not_after(),
                 attestor,
                 peer,
                 issued_at: now,
-            };
-            core.recorder.record(record);
-            Ok::<_, crate::ca::CaError>(svid)
+            });
+            Ok::<_, CaError>(issued)
         })
         .await
         .map_err(|e| Status::internal(format!("issuance task failed: {e}")))?
-        .map_err(|e| {
-            tracing::error!(error = %e, "cannot issue SVID");
-            Status::internal("cannot issue SVID; see control plane logs")
+        .map_err(|e| match e {
+            CaError::BadCsr(why) => {
+                self.metrics.request_error("bad_csr");
+                Status::invalid_argument(format!(
+                    "CSR in node.metadata[\"{CSR_METADATA_KEY}\"] refused: {why}"
+                ))
+            }
+            e => {
+                tracing::error!(error = %e, "cannot issue SVID");
+                Status::internal("cannot issue SVID; see control plane logs")
+            }
         })?;
+        let spiffe_id = &who.spiffe_id;
         self.metrics
             .svids_issued
             .get_or_create(&AttestorLabel { attestor })
             .inc();
-        tracing::info!(spiffe_id = %svid.spiffe_id(), serial = svid.serial_hex(), attestor, peer = ?peer, "issued SVID");
+        let csr_mode = matches!(issued, Issued::ChainOnly { .. });
+        tracing::info!(%spiffe_id, serial = issued.serial_hex(), attestor, csr_mode, peer = ?peer, "issued SVID");
         self.audit(AuditEvent::Issued {
-            spiffe_id: svid.spiffe_id().to_string(),
-            serial_hex: svid.serial_hex().to_owned(),
-            not_after: svid.not_after(),
+            spiffe_id: spiffe_id.to_string(),
+            serial_hex: issued.serial_hex().to_owned(),
+            not_after: issued.not_after(),
             attestor,
             peer,
         });
-        Ok(Arc::new(svid))
+        Ok(Arc::new(issued))
+    }
+}
+
+/// `node.metadata` key under which a client sends a PEM CSR (keys never leave the workload).
+pub const CSR_METADATA_KEY: &str = "trellis.io/csr";
+
+/// The CSR a request carries, if any.
+fn request_csr(req: &DiscoveryRequest) -> Option<&str> {
+    let field = req
+        .node
+        .as_ref()?
+        .metadata
+        .as_ref()?
+        .fields
+        .get(CSR_METADATA_KEY)?;
+    match field.kind.as_ref()? {
+        prost_types::value::Kind::StringValue(s) => Some(s.as_str()),
+        _ => None,
     }
 }
 
@@ -256,7 +302,8 @@ impl SecretDiscoveryService for SdsService {
             return Err(e.to_status());
         }
         let svid = if state.wants(ResourceKind::Svid) {
-            Some(self.core.issue(&attested, peer).await?)
+            let csr = request_csr(&req).map(Arc::from);
+            Some(self.core.issue(&attested, peer, csr).await?)
         } else {
             None
         };
@@ -275,7 +322,7 @@ impl SecretDiscoveryService for SdsService {
 fn build_response(
     state: &StreamState,
     envelope: stream::Envelope,
-    svid: Option<&Svid>,
+    svid: Option<&Issued>,
     bundle: &TrustBundle,
 ) -> DiscoveryResponse {
     let resources = state
@@ -305,7 +352,8 @@ async fn drive_stream(
 ) -> &'static str {
     let mut state = StreamState::new(attested.spiffe_id.clone());
     let mut bundle_rx = core.bundle.clone();
-    let mut svid: Option<Arc<Svid>> = None;
+    let mut svid: Option<Arc<Issued>> = None;
+    let mut csr: Option<Arc<str>> = None;
     let rotation = tokio::time::sleep(Duration::MAX / 4);
     tokio::pin!(rotation);
 
@@ -320,23 +368,37 @@ async fn drive_stream(
                     }
                     Some(Ok(req)) => req,
                 };
-                match state.on_request(&req) {
+                // A new CSR (the client rotating its key) is honoured whatever the nonce: the
+                // client repeats its CSR on every request until it holds a certificate for it.
+                let new_csr = match request_csr(&req) {
+                    Some(c) if csr.as_deref() != Some(c) => Some(Arc::<str>::from(c)),
+                    _ => None,
+                };
+                let mut reason = match state.on_request(&req) {
                     Err(e) => {
                         core.metrics.request_error(e.reason());
                         tracing::warn!(caller = %state.caller(), peer = ?peer, reason = e.reason(), "SDS request refused");
                         let _ = tx.send(Err(e.to_status())).await;
                         return "request refused";
                     }
-                    Ok(Decision::Respond) => "request",
-                    Ok(Decision::Quiet) | Ok(Decision::Stale) => continue,
+                    Ok(Decision::Respond) => Some("request"),
+                    Ok(Decision::Quiet) | Ok(Decision::Stale) => None,
                     Ok(Decision::Nack { detail, respond }) => {
                         core.metrics.sds_nacks.inc();
                         tracing::warn!(caller = %state.caller(), peer = ?peer, detail, "SDS client rejected an update (NACK)");
-                        if !respond {
-                            continue;
-                        }
-                        "request"
+                        respond.then_some("request")
                     }
+                };
+                if let Some(c) = new_csr {
+                    csr = Some(c);
+                    if state.wants(ResourceKind::Svid) {
+                        svid = None;
+                        reason = reason.or(Some("csr"));
+                    }
+                }
+                match reason {
+                    Some(r) => r,
+                    None => continue,
                 }
             }
             () = &mut rotation, if svid.is_some() && state.wants(ResourceKind::Svid) => {
@@ -355,7 +417,7 @@ async fn drive_stream(
         };
 
         if state.wants(ResourceKind::Svid) && svid.is_none() {
-            match core.issue(&attested, peer).await {
+            match core.issue(&attested, peer, csr.clone()).await {
                 Ok(s) => {
                     svid = Some(s);
                     rotation

@@ -6,7 +6,7 @@
 
 use prost::Message;
 use tonic::Status;
-use trellis_identity::{certs_to_pem, key_to_pem, SpiffeId, Svid, TrustBundle};
+use trellis_identity::{certs_to_pem, key_to_pem, CertificateDer, SpiffeId, Svid, TrustBundle};
 use trellis_proto::{
     data_source, secret, CertificateValidationContext, DataSource, Secret, TlsCertificate,
     SECRET_TYPE_URL,
@@ -90,14 +90,52 @@ fn inline(bytes: Vec<u8>) -> Option<DataSource> {
     })
 }
 
-/// `Secret{name, tls_certificate{chain PEM, key PEM}}`.
-pub fn svid_secret(name: &str, svid: &Svid) -> Secret {
-    let key_pem = key_to_pem(svid.key());
+/// What the control plane issued on a stream: a whole SVID with a key it made (stock Envoy),
+/// or a certificate chain for the caller's own key (CSR mode: the key never travels).
+#[derive(Debug)]
+pub enum Issued {
+    /// Chain and key.
+    WithKey(Svid),
+    /// Chain only, for the public key of the caller's CSR.
+    ChainOnly {
+        /// Leaf first.
+        chain: Vec<CertificateDer<'static>>,
+        /// Leaf serial, hex.
+        serial_hex: String,
+        /// Leaf notAfter.
+        not_after: std::time::SystemTime,
+    },
+}
+
+impl Issued {
+    /// The leaf serial.
+    pub fn serial_hex(&self) -> &str {
+        match self {
+            Issued::WithKey(s) => s.serial_hex(),
+            Issued::ChainOnly { serial_hex, .. } => serial_hex,
+        }
+    }
+
+    /// The leaf notAfter.
+    pub fn not_after(&self) -> std::time::SystemTime {
+        match self {
+            Issued::WithKey(s) => s.not_after(),
+            Issued::ChainOnly { not_after, .. } => *not_after,
+        }
+    }
+}
+
+/// `Secret{name, tls_certificate{chain PEM[, key PEM]}}`; no key in CSR mode.
+pub fn svid_secret(name: &str, issued: &Issued) -> Secret {
+    let (chain, key) = match issued {
+        Issued::WithKey(svid) => (certs_to_pem(svid.chain()), Some(key_to_pem(svid.key()))),
+        Issued::ChainOnly { chain, .. } => (certs_to_pem(chain), None),
+    };
     Secret {
         name: name.to_owned(),
         r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
-            certificate_chain: inline(certs_to_pem(svid.chain()).into_bytes()),
-            private_key: inline(key_pem.as_bytes().to_vec()),
+            certificate_chain: inline(chain.into_bytes()),
+            private_key: key.and_then(|k| inline(k.as_bytes().to_vec())),
         })),
     }
 }
