@@ -1,24 +1,26 @@
-//! `trellis demo`: a control plane with its embedded defaults on loopback, and a workload that
-//! redeems a join token over SDS, verifies what it gets, watches it rotate, and then
-//! re-attests with its SVID alone. (The sidecar pair joins the demo with the data plane.)
+//! `trellis demo`: a local mesh on loopback with the embedded defaults. A control plane
+//! (self-signed CA, SQLite in a temp dir), two demo apps and their sidecars, which attest with
+//! join tokens and get their SVIDs over SDS; then requests cross the mesh and each side says
+//! what it saw.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, ensure, Context};
+use bytes::Bytes;
 use clap::Args;
-use prost::Message;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::MetadataValue;
-use tonic::Streaming;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
 use trellis_control::config::{ControlFile, ControlSettings};
-use trellis_control::server::{ControlPlane, CONTROL_ID_PATH};
-use trellis_identity::tls::SvidResolver;
-use trellis_identity::{verify_svid_chain, SpiffeId, Svid, TrustBundle, TrustDomain, Usage};
-use trellis_proto::{
-    secret, DiscoveryRequest, DiscoveryResponse, Secret, SecretDiscoveryServiceClient,
-    SECRET_TYPE_URL,
-};
+use trellis_control::server::ControlPlane;
+use trellis_identity::tls::{client_config, PeerMatch, SpiffeServerVerifier, TlsPolicy};
+use trellis_identity::SpiffeId;
+use trellis_sidecar::config::{SdsFile, SidecarFile, UpstreamFile};
+use trellis_sidecar::{Sidecar, SidecarSettings};
 
 /// `trellis demo` flags.
 #[derive(Args, Debug)]
@@ -27,7 +29,7 @@ pub struct DemoArgs {
     #[arg(long)]
     once: bool,
     /// How often the demo rotates SVIDs.
-    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     rotate_every: Duration,
 }
 
@@ -37,129 +39,162 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     runtime.block_on(demo(args))
 }
 
-struct Received {
-    svid: Svid,
-    bundle: TrustBundle,
-    response: DiscoveryResponse,
-}
+const A: &str = "spiffe://example.org/ns/demo/sa/service-a";
+const B: &str = "spiffe://example.org/ns/demo/sa/service-b";
 
-fn decode(resp: &DiscoveryResponse, td: &TrustDomain) -> anyhow::Result<Received> {
-    let mut chain_key = None;
-    let mut bundle = None;
-    for any in &resp.resources {
-        ensure!(
-            any.type_url == SECRET_TYPE_URL,
-            "unexpected resource type {}",
-            any.type_url
-        );
-        let s = Secret::decode(any.value.as_slice()).context("undecodable Secret")?;
-        match s.r#type {
-            Some(secret::Type::TlsCertificate(tc)) => {
-                chain_key = Some((inline(tc.certificate_chain)?, inline(tc.private_key)?))
-            }
-            Some(secret::Type::ValidationContext(vc)) => bundle = Some(inline(vc.trusted_ca)?),
-            _ => bail!("secret `{}` has an unexpected type", s.name),
+/// A demo app: answers every request with what it saw, including the caller the sidecar
+/// vouched for in `x-forwarded-client-cert`.
+async fn demo_app(name: &'static str) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<Incoming>| async move {
+                        let xfcc = req
+                            .headers()
+                            .get("x-forwarded-client-cert")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("-")
+                            .to_owned();
+                        let body = format!(
+                            "{name} got {} {} xfcc={xfcc}\n",
+                            req.method(),
+                            req.uri().path()
+                        );
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::from(body),
+                        )))
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
         }
+    });
+    Ok(addr)
+}
+
+fn sidecar_file(
+    cp: &ControlPlane,
+    token: &str,
+    id: &str,
+    app: SocketAddr,
+    upstreams: Vec<UpstreamFile>,
+) -> anyhow::Result<SidecarFile> {
+    let mut f = SidecarFile {
+        trust_domain: Some("example.org".into()),
+        admin: Some("127.0.0.1:0".parse()?),
+        ..Default::default()
+    };
+    f.identity.sds = Some(SdsFile {
+        control_plane: Some(cp.sds_addr.to_string()),
+        control_bundle: Some(cp.bundle_path.clone()),
+        join_token: Some(token.to_owned()),
+        spiffe_id: Some(id.to_owned()),
+        ..Default::default()
+    });
+    f.inbound.listen = Some("127.0.0.1:0".parse()?);
+    f.inbound.app = Some(app);
+    f.outbound.listen = Some("127.0.0.1:0".parse()?);
+    f.outbound.upstreams = upstreams;
+    Ok(f)
+}
+
+fn upstream(name: &str, address: SocketAddr, identity: &str) -> UpstreamFile {
+    UpstreamFile {
+        name: name.into(),
+        listen: None,
+        hosts: vec![name.into()],
+        address: address.to_string(),
+        identity: identity.into(),
+        protocol: Default::default(),
     }
-    let (chain, key) = chain_key.context("response has no `default` secret")?;
-    let bundle = TrustBundle::from_pem(
-        td.clone(),
-        &bundle.context("response has no `ROOTCA` secret")?,
+}
+
+/// One request from "app A" to its sidecar's outbound port, HTTP/1.1 with `Host`, or h2c with
+/// `:authority` naming the upstream.
+async fn call(
+    outbound: SocketAddr,
+    host: &str,
+    path: &str,
+    h2: bool,
+) -> anyhow::Result<(u16, String)> {
+    let resp = if h2 {
+        let tcp = tokio::net::TcpStream::connect(outbound).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        let req =
+            http::Request::get(format!("http://{host}{path}")).body(Full::new(Bytes::new()))?;
+        sender.send_request(req).await?
+    } else {
+        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let req = http::Request::get(format!("http://{outbound}{path}"))
+            .header(http::header::HOST, host)
+            .body(Full::new(Bytes::new()))?;
+        client.request(req).await?
+    };
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).trim_end().to_owned()))
+}
+
+/// What sidecar A's outbound side sees of B: a handshake with A's own SVID, verifying B's ID.
+async fn probe(a: &Sidecar, b_inbound: SocketAddr, expect: &SpiffeId) -> anyhow::Result<String> {
+    let verifier = SpiffeServerVerifier::new(a.store.bundle(), PeerMatch::Exact(expect.clone()));
+    let config = client_config(
+        Some(a.store.resolver()),
+        verifier,
+        TlsPolicy::Tls13,
+        &[b"h2"],
     )?;
-    let svid = Svid::from_pem(&chain, &key)?;
-    Ok(Received {
-        svid,
-        bundle,
-        response: resp.clone(),
-    })
-}
-
-fn inline(ds: Option<trellis_proto::DataSource>) -> anyhow::Result<Vec<u8>> {
-    match ds.and_then(|d| d.specifier) {
-        Some(trellis_proto::data_source::Specifier::InlineBytes(b)) => Ok(b),
-        Some(trellis_proto::data_source::Specifier::InlineString(s)) => Ok(s.into_bytes()),
-        _ => bail!("secret data is not inline"),
-    }
-}
-
-fn request(version: &str, nonce: &str) -> DiscoveryRequest {
-    DiscoveryRequest {
-        version_info: version.to_owned(),
-        node: Some(trellis_proto::Node {
-            id: "demo-web".into(),
-            cluster: "demo".into(),
-            ..Default::default()
-        }),
-        resource_names: vec!["default".into(), "ROOTCA".into()],
-        type_url: SECRET_TYPE_URL.into(),
-        response_nonce: nonce.to_owned(),
-        error_detail: None,
-    }
-}
-
-fn show(label: &str, r: &Received) {
-    let left = r
-        .svid
-        .not_after()
+    let tcp = tokio::net::TcpStream::connect(b_inbound).await?;
+    let name = rustls::pki_types::ServerName::try_from("service-b")?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await?;
+    let (_, conn) = tls.get_ref();
+    let leaf = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .context("no peer certificate")?;
+    let facts = trellis_identity::cert_facts(leaf)?;
+    let left = facts
+        .not_after
         .duration_since(SystemTime::now())
         .unwrap_or_default();
-    println!(
-        "  {label:<10} {}  serial {}  expires in {}  (version {})",
-        r.svid.spiffe_id(),
-        r.svid.serial_hex(),
-        humantime::format_duration(Duration::from_secs(left.as_secs())),
-        r.response.version_info
-    );
-}
-
-async fn open_stream(
-    client: &mut SecretDiscoveryServiceClient<tonic::transport::Channel>,
-    token: Option<&str>,
-) -> anyhow::Result<(mpsc::Sender<DiscoveryRequest>, Streaming<DiscoveryResponse>)> {
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(request("", "")).await?;
-    let mut req = tonic::Request::new(ReceiverStream::new(rx));
-    if let Some(token) = token {
-        req.metadata_mut().insert(
-            "authorization",
-            MetadataValue::try_from(format!("Bearer {token}"))?,
-        );
-    }
-    let stream = client.stream_secrets(req).await?.into_inner();
-    Ok((tx, stream))
-}
-
-async fn next(
-    stream: &mut Streaming<DiscoveryResponse>,
-    td: &TrustDomain,
-    within: Duration,
-) -> anyhow::Result<Received> {
-    let resp = tokio::time::timeout(within, stream.message())
-        .await
-        .context("no SDS response in time")??
-        .context("control plane closed the stream")?;
-    decode(&resp, td)
+    Ok(format!(
+        "{:?}, {:?}, peer {} (serial {}, expires in {})",
+        conn.protocol_version().context("no version")?,
+        conn.negotiated_cipher_suite()
+            .map(|s| s.suite())
+            .context("no suite")?,
+        facts.leaf_spiffe_id()?,
+        facts.serial_hex,
+        humantime::format_duration(Duration::from_secs(left.as_secs()))
+    ))
 }
 
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
-    let td = TrustDomain::parse("example.org")?;
     let state = tempfile::Builder::new()
         .prefix("trellis-demo-")
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .tempdir()
         .context("cannot create a temp dir")?;
     let file = ControlFile {
-        trust_domain: Some(td.to_string()),
+        trust_domain: Some("example.org".into()),
         listen: Some("127.0.0.1:0".parse()?),
         admin: Some("127.0.0.1:0".parse()?),
         state_dir: Some(state.path().to_owned()),
-        svid_ttl: Some(Duration::from_secs(600)),
+        svid_ttl: Some(Duration::from_secs(3600)),
         rotate_every: Some(args.rotate_every),
         ..Default::default()
     };
     let cp = ControlPlane::start(ControlSettings::from_file(file)?).await?;
     println!(
-        "control plane   sds=https://{}  admin=http://{}",
+        "control plane   sds={}  admin=http://{}",
         cp.sds_addr, cp.admin_addr
     );
     println!(
@@ -167,112 +202,127 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         state.path().display()
     );
 
-    let web = SpiffeId::parse("spiffe://example.org/demo/web")?;
-    let token = cp
+    let (a_id, b_id) = (SpiffeId::parse(A)?, SpiffeId::parse(B)?);
+    let ttl = Duration::from_secs(600);
+    let token_a = cp
         .registry
-        .create_join_token(&web, Duration::from_secs(300), SystemTime::now())?;
-    println!("join token      created for {web}");
+        .create_join_token(&a_id, ttl, SystemTime::now())?;
+    let token_b = cp
+        .registry
+        .create_join_token(&b_id, ttl, SystemTime::now())?;
+    let app_a = demo_app("service-a").await?;
+    let app_b = demo_app("service-b").await?;
 
-    let bundle_pem = std::fs::read(&cp.bundle_path)?;
-    let bootstrap_bundle = TrustBundle::from_pem(td.clone(), &bundle_pem)?;
-    let control_id = SpiffeId::from_parts(&td, CONTROL_ID_PATH)?;
-    let channel = trellis_control::client::connect(
-        cp.sds_addr,
-        bootstrap_bundle.clone(),
-        control_id.clone(),
-        None,
-    )
+    let b = Sidecar::start(SidecarSettings::from_file(sidecar_file(
+        &cp,
+        &token_b,
+        B,
+        app_b,
+        vec![],
+    )?)?)
     .await?;
-    let mut client = SecretDiscoveryServiceClient::new(channel);
-    let (tx, mut stream) = open_stream(&mut client, Some(token.as_str())).await?;
+    let upstreams = vec![
+        upstream("service-b", b.inbound_addr, B),
+        // Points at service-b's sidecar but expects another identity: the handshake must fail.
+        upstream(
+            "impostor",
+            b.inbound_addr,
+            "spiffe://example.org/ns/demo/sa/service-c",
+        ),
+    ];
+    let a = Sidecar::start(SidecarSettings::from_file(sidecar_file(
+        &cp, &token_a, A, app_a, upstreams,
+    )?)?)
+    .await?;
+    for (name, s) in [("service-a", &a), ("service-b", &b)] {
+        ensure!(
+            s.wait_ready(Duration::from_secs(15)).await,
+            "{name}'s sidecar got no SVID"
+        );
+        let svid = s.store.current().context("no SVID")?;
+        println!(
+            "sidecar {name}  inbound=https://{}  admin=http://{}  {} serial {} (SVID over SDS, key made in the sidecar)",
+            s.inbound_addr,
+            s.admin_addr,
+            svid.spiffe_id(),
+            svid.serial_hex()
+        );
+    }
+    let a_out = a.outbound_addr().context("no shared outbound listener")?;
+    println!("app service-a -> http://{a_out} (Host: service-b) -> mTLS -> service-b's sidecar -> app service-b");
 
-    println!("SDS stream      attested with the join token:");
-    let first = next(&mut stream, &td, Duration::from_secs(10)).await?;
-    let id = verify_svid_chain(
-        first.svid.chain(),
-        &first.bundle,
-        SystemTime::now(),
-        Usage::Either,
-    )?;
-    ensure!(id == web, "SVID carries {id}, expected {web}");
-    show("issued", &first);
-    tx.send(request(&first.response.version_info, &first.response.nonce))
-        .await?;
-
-    let second = next(&mut stream, &td, args.rotate_every * 3).await?;
-    ensure!(
-        second.svid.serial_hex() != first.svid.serial_hex(),
-        "rotation pushed the same serial"
+    println!(
+        "service-a's sidecar sees: {}",
+        probe(&a, b.inbound_addr, &b_id).await?
     );
-    verify_svid_chain(
-        second.svid.chain(),
-        &second.bundle,
-        SystemTime::now(),
-        Usage::Either,
-    )?;
-    show("rotated", &second);
-    tx.send(request(
-        &second.response.version_info,
-        &second.response.nonce,
-    ))
-    .await?;
-
-    // Reconnect without the token: the SVID itself re-attests over mTLS.
-    let resolver = SvidResolver::empty();
-    resolver.install(&second.svid)?;
-    let channel = trellis_control::client::connect(
-        cp.sds_addr,
-        second.bundle.clone(),
-        control_id,
-        Some(resolver),
-    )
-    .await?;
-    let mut client2 = SecretDiscoveryServiceClient::new(channel);
-    let (_tx2, mut stream2) = open_stream(&mut client2, None).await?;
-    let third = next(&mut stream2, &td, Duration::from_secs(10)).await?;
+    let (status, body) = call(a_out, "service-b", "/hello", false).await?;
     ensure!(
-        third.svid.spiffe_id() == &web,
-        "re-attested as {}",
-        third.svid.spiffe_id()
+        status == 200,
+        "HTTP/1.1 through the mesh answered {status}: {body}"
     );
-    println!("re-attested     with the SVID over mTLS, no token:");
-    show("issued", &third);
-
-    let metrics = cp.metrics.encode();
-    let issued: Vec<&str> = metrics
-        .lines()
-        .filter(|l| l.starts_with("trellis_svids_issued_total"))
-        .collect();
-    println!("metrics         {}", issued.join("  "));
+    ensure!(
+        body.contains(&format!("URI={A}")),
+        "service-b did not see service-a's identity: {body}"
+    );
+    println!("  HTTP/1.1  {status}  {body}");
+    let (status, body) = call(a_out, "service-b", "/over-h2c", true).await?;
+    ensure!(
+        status == 200,
+        "h2c through the mesh answered {status}: {body}"
+    );
+    println!("  h2c       {status}  {body}");
+    for i in 0..98 {
+        let (status, body) = call(a_out, "service-b", &format!("/n/{i}"), false).await?;
+        ensure!(status == 200, "request {i} answered {status}: {body}");
+    }
+    let conns = a.metrics.upstream_connections.get();
+    println!("  100 requests rode {conns} mTLS connection(s) to service-b's sidecar");
+    let (status, body) = call(a_out, "impostor", "/", false).await?;
+    ensure!(
+        status == 502,
+        "a peer with the wrong identity answered {status}: {body}"
+    );
+    println!("  wrong identity expected: {status}  {body}");
     println!("checks passed");
 
     if args.once {
+        a.shutdown().await;
+        b.shutdown().await;
         cp.shutdown().await;
         return Ok(());
     }
     println!();
+    println!("try:  curl -s -H 'Host: service-b' http://{a_out}/anything");
+    println!("      curl -s --http2-prior-knowledge -H 'Host: service-b' http://{a_out}/h2");
     println!(
-        "try:  curl -s http://{}/metrics | grep trellis_",
-        cp.admin_addr
+        "      curl -s http://{}/certs     # service-a's SVID and bundle",
+        a.admin_addr
+    );
+    println!(
+        "      curl -s http://{}/metrics | grep trellis_",
+        a.admin_addr
     );
     println!("      cat {}/audit.log", state.path().display());
     println!(
-        "rotations follow every {}; Ctrl-C to stop",
+        "SVIDs rotate every {}; Ctrl-C to stop",
         humantime::format_duration(args.rotate_every)
     );
-    let mut last = second;
+    let mut generation = a.store.subscribe();
     loop {
         tokio::select! {
             () = crate::cmd_control::shutdown_signal() => break,
-            r = next(&mut stream, &td, args.rotate_every * 3) => {
-                let r = r?;
-                show("rotated", &r);
-                tx.send(request(&r.response.version_info, &r.response.nonce)).await?;
-                last = r;
+            changed = generation.changed() => {
+                if changed.is_err() {
+                    bail!("service-a's sidecar stopped");
+                }
+                if let Some(svid) = a.store.current() {
+                    println!("  service-a rotated: serial {}", svid.serial_hex());
+                }
             }
         }
     }
-    drop(last);
+    a.shutdown().await;
+    b.shutdown().await;
     cp.shutdown().await;
     Ok(())
 }

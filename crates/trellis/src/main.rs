@@ -2,6 +2,7 @@
 
 mod cmd_ca;
 mod cmd_control;
+mod cmd_sidecar;
 mod cmd_token;
 mod demo;
 mod logging;
@@ -33,6 +34,8 @@ struct Cli {
 enum Command {
     /// Run the control plane: CA, attestation, SDS server.
     Control(cmd_control::ControlArgs),
+    /// Run a sidecar: mTLS between workloads, plain HTTP to the app.
+    Sidecar(cmd_sidecar::SidecarArgs),
     /// Certificate authority tools.
     #[command(subcommand)]
     Ca(cmd_ca::CaCommand),
@@ -47,13 +50,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Only long-running commands log; one-shot CLI commands keep stderr for their errors.
     match cli.command {
-        Command::Control(_) => logging::init(cli.log_format, "info"),
+        Command::Control(_) | Command::Sidecar(_) => logging::init(cli.log_format, "info"),
         // The demo prints its own story; logs only for warnings unless RUST_LOG says otherwise.
         Command::Demo(_) => logging::init(cli.log_format, "warn"),
         _ => {}
     }
     let result = match cli.command {
         Command::Control(args) => cmd_control::run(args),
+        Command::Sidecar(args) => cmd_sidecar::run(args),
         Command::Ca(cmd) => cmd_ca::run(cmd),
         Command::Token(cmd) => cmd_token::run(cmd),
         Command::Demo(args) => demo::run(args),

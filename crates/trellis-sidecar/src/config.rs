@@ -1,0 +1,578 @@
+//! `trellis sidecar` settings: the YAML file shape, defaults, and validation.
+//!
+//! ```yaml
+//! trust_domain: example.org
+//! identity:
+//!   sds:
+//!     control_plane: 127.0.0.1:8443
+//!     control_bundle: /etc/trellis/bundle.pem   # verifies the control plane
+//!     token_file: /var/run/secrets/tokens/trellis   # or join_token: trellis-join.…
+//!     spiffe_id: spiffe://example.org/ns/prod/sa/web  # optional: refuse any other
+//!   # or files: { cert: svid.pem, key: svid-key.pem, bundle: bundle.pem }
+//! inbound:
+//!   listen: 0.0.0.0:15443
+//!   app: 127.0.0.1:8080
+//!   tcp: [{ listen: 0.0.0.0:15432, app: 127.0.0.1:5432 }]
+//! outbound:
+//!   listen: 127.0.0.1:15001        # Host-routed
+//!   upstreams:
+//!     - name: billing
+//!       hosts: [billing, billing.prod]
+//!       address: 10.0.0.7:15443
+//!       identity: spiffe://example.org/ns/prod/sa/billing
+//!     - name: db
+//!       listen: 127.0.0.1:5432       # a dedicated port
+//!       protocol: tcp
+//!       address: 10.0.0.8:15432
+//!       identity: spiffe://example.org/ns/prod/sa/db
+//! admin: 127.0.0.1:15000
+//! tls_policy: tls13                   # or tls12+
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+use trellis_identity::tls::TlsPolicy;
+use trellis_identity::{SpiffeId, TrustDomain};
+
+/// A config file or a setting is wrong. Messages name the file and line where there is one.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// Unreadable file.
+    #[error("{path}: cannot read config: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// YAML syntax, unknown field, wrong type.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// serde_yaml_ng's message, with line and column.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid setting `{field}`: {problem}")]
+    Invalid {
+        /// The setting, as a YAML path.
+        field: String,
+        /// What is wrong and what to do.
+        problem: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// `identity.sds` in the file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SdsFile {
+    /// Control plane SDS address, `host:port`.
+    pub control_plane: Option<String>,
+    /// Bundle that verifies the control plane (`<state-dir>/bundle.pem`).
+    pub control_bundle: Option<PathBuf>,
+    /// Kubernetes projected service-account token file (re-read on every connect).
+    pub token_file: Option<PathBuf>,
+    /// Join token.
+    pub join_token: Option<String>,
+    /// The SPIFFE ID this sidecar must receive; anything else is NACKed.
+    pub spiffe_id: Option<String>,
+    /// Generate the key here and send a CSR (default true). False: accept a key from the
+    /// control plane, as a stock Envoy does.
+    pub csr: Option<bool>,
+}
+
+/// `identity.files` in the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesFile {
+    /// SVID chain PEM (leaf first).
+    pub cert: PathBuf,
+    /// SVID private key PEM.
+    pub key: PathBuf,
+    /// Trust bundle PEM.
+    pub bundle: PathBuf,
+}
+
+/// `identity` in the file: exactly one of `sds` or `files`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityFile {
+    /// From the control plane.
+    pub sds: Option<SdsFile>,
+    /// From PEM files.
+    pub files: Option<FilesFile>,
+}
+
+/// A raw TCP forward.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TcpForward {
+    /// Where the sidecar listens (mTLS for inbound).
+    pub listen: SocketAddr,
+    /// Where the bytes go.
+    pub app: SocketAddr,
+}
+
+/// `inbound` in the file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundFile {
+    /// mTLS listener for HTTP.
+    pub listen: Option<SocketAddr>,
+    /// The local app.
+    pub app: Option<SocketAddr>,
+    /// Raw TCP ports (mTLS outside, plain TCP to the app).
+    #[serde(default)]
+    pub tcp: Vec<TcpForward>,
+}
+
+/// Upstream protocol.
+#[derive(Debug, Default, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1 or h2c from the app, HTTP/2 over mTLS to the peer.
+    #[default]
+    Http,
+    /// Raw bytes over mTLS (needs a dedicated `listen`).
+    Tcp,
+}
+
+/// One upstream in the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamFile {
+    /// Name, for logs and metrics.
+    pub name: String,
+    /// Dedicated local port.
+    pub listen: Option<SocketAddr>,
+    /// Host names routed on the shared outbound port.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Peer sidecar `host:port`.
+    pub address: String,
+    /// SPIFFE ID the peer must present.
+    pub identity: String,
+    /// `http` (default) or `tcp`.
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// `outbound` in the file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundFile {
+    /// Shared, Host-routed listener.
+    pub listen: Option<SocketAddr>,
+    /// Upstreams.
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamFile>,
+}
+
+/// The whole YAML file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarFile {
+    /// Trust domain.
+    pub trust_domain: Option<String>,
+    /// Where the SVID comes from.
+    #[serde(default)]
+    pub identity: IdentityFile,
+    /// Peer → app.
+    #[serde(default)]
+    pub inbound: InboundFile,
+    /// App → peer.
+    #[serde(default)]
+    pub outbound: OutboundFile,
+    /// Admin HTTP listener.
+    pub admin: Option<SocketAddr>,
+    /// `tls13` (default) or `tls12+`.
+    pub tls_policy: Option<String>,
+    /// How long SIGTERM waits for in-flight requests.
+    #[serde(default, with = "humantime_serde")]
+    pub drain_timeout: Option<Duration>,
+    /// Connect timeout toward peers and the app.
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    /// Whole-request timeout (until response headers).
+    #[serde(default, with = "humantime_serde")]
+    pub request_timeout: Option<Duration>,
+    /// `/ready` turns false this long before the SVID expires.
+    #[serde(default, with = "humantime_serde")]
+    pub expiry_margin: Option<Duration>,
+}
+
+impl SidecarFile {
+    /// Reads and parses a config file; unknown fields are errors.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses YAML text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// How the sidecar attests to the control plane.
+#[derive(Clone)]
+pub enum Credential {
+    /// A Kubernetes token file, re-read on every connect (kubelet rotates it).
+    TokenFile(PathBuf),
+    /// A join token (used until the first SVID; then the SVID re-attests).
+    JoinToken(zeroize::Zeroizing<String>),
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credential::TokenFile(p) => write!(f, "TokenFile({})", p.display()),
+            Credential::JoinToken(_) => f.write_str("JoinToken(<redacted>)"),
+        }
+    }
+}
+
+/// SVIDs from the control plane.
+#[derive(Debug, Clone)]
+pub struct SdsSettings {
+    /// `host:port` of the control plane.
+    pub control_plane: String,
+    /// Verifies the control plane (and is the initial trust bundle).
+    pub control_bundle: PathBuf,
+    /// How to attest.
+    pub credential: Credential,
+    /// Refuse any other identity.
+    pub expected_id: Option<SpiffeId>,
+    /// Send a CSR (key made here) instead of accepting a key.
+    pub csr: bool,
+}
+
+/// Where the SVID comes from.
+#[derive(Debug, Clone)]
+pub enum IdentitySource {
+    /// The control plane.
+    Sds(SdsSettings),
+    /// PEM files, watched.
+    Files(FilesFile),
+}
+
+/// A validated upstream.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// Name.
+    pub name: String,
+    /// Dedicated listener, if any.
+    pub listen: Option<SocketAddr>,
+    /// Host names (lowercase, no port) on the shared listener.
+    pub hosts: Vec<String>,
+    /// Peer `host:port`.
+    pub address: String,
+    /// Required peer identity.
+    pub identity: SpiffeId,
+    /// HTTP or TCP.
+    pub protocol: Protocol,
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct SidecarSettings {
+    /// Trust domain.
+    pub trust_domain: TrustDomain,
+    /// Identity source.
+    pub identity: IdentitySource,
+    /// mTLS HTTP listener.
+    pub inbound_listen: SocketAddr,
+    /// The local app.
+    pub app: SocketAddr,
+    /// Raw TCP inbound forwards.
+    pub inbound_tcp: Vec<TcpForward>,
+    /// Shared outbound listener.
+    pub outbound_listen: SocketAddr,
+    /// Upstreams.
+    pub upstreams: Vec<Upstream>,
+    /// Admin listener.
+    pub admin: SocketAddr,
+    /// TLS versions.
+    pub tls_policy: TlsPolicy,
+    /// SIGTERM drain bound.
+    pub drain_timeout: Duration,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Request timeout (until response headers).
+    pub request_timeout: Duration,
+    /// `/ready` false this long before expiry.
+    pub expiry_margin: Duration,
+}
+
+/// Defaults.
+pub mod defaults {
+    use std::time::Duration;
+    /// `inbound.listen`.
+    pub const INBOUND: &str = "0.0.0.0:15443";
+    /// `inbound.app`.
+    pub const APP: &str = "127.0.0.1:8080";
+    /// `outbound.listen`.
+    pub const OUTBOUND: &str = "127.0.0.1:15001";
+    /// `admin`.
+    pub const ADMIN: &str = "127.0.0.1:15000";
+    /// `drain_timeout`.
+    pub const DRAIN: Duration = Duration::from_secs(15);
+    /// `connect_timeout`.
+    pub const CONNECT: Duration = Duration::from_secs(5);
+    /// `request_timeout`.
+    pub const REQUEST: Duration = Duration::from_secs(30);
+    /// `expiry_margin`.
+    pub const EXPIRY_MARGIN: Duration = Duration::from_secs(300);
+}
+
+fn addr(field: &str, v: Option<SocketAddr>, default: &str) -> Result<SocketAddr, ConfigError> {
+    match v {
+        Some(a) => Ok(a),
+        None => default.parse().map_err(|e| invalid(field, format!("{e}"))),
+    }
+}
+
+impl SidecarSettings {
+    /// Validates a merged file.
+    pub fn from_file(f: SidecarFile) -> Result<Self, ConfigError> {
+        let td = f.trust_domain.ok_or_else(|| {
+            invalid(
+                "trust_domain",
+                "missing: pass --trust-domain example.org or set trust_domain",
+            )
+        })?;
+        let trust_domain =
+            TrustDomain::parse(&td).map_err(|e| invalid("trust_domain", e.to_string()))?;
+        let identity = match (f.identity.sds, f.identity.files) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "identity",
+                    "set either identity.sds or identity.files, not both",
+                ))
+            }
+            (None, Some(files)) => IdentitySource::Files(files),
+            (Some(s), None) => {
+                let credential = match (s.token_file, s.join_token) {
+                    (Some(p), None) => Credential::TokenFile(p),
+                    (None, Some(t)) => Credential::JoinToken(zeroize::Zeroizing::new(t)),
+                    _ => {
+                        return Err(invalid(
+                            "identity.sds",
+                            "set exactly one of token_file (Kubernetes) or join_token (`trellis token create`)",
+                        ))
+                    }
+                };
+                let expected_id = match s.spiffe_id {
+                    Some(id) => {
+                        let id = SpiffeId::parse(&id)
+                            .map_err(|e| invalid("identity.sds.spiffe_id", e.to_string()))?;
+                        if !id.is_member_of(&trust_domain) {
+                            return Err(invalid(
+                                "identity.sds.spiffe_id",
+                                format!("`{id}` is not in trust domain `{trust_domain}`"),
+                            ));
+                        }
+                        Some(id)
+                    }
+                    None => None,
+                };
+                IdentitySource::Sds(SdsSettings {
+                    control_plane: s.control_plane.ok_or_else(|| {
+                        invalid(
+                            "identity.sds.control_plane",
+                            "missing: the control plane's SDS host:port",
+                        )
+                    })?,
+                    control_bundle: s.control_bundle.ok_or_else(|| {
+                        invalid(
+                            "identity.sds.control_bundle",
+                            "missing: the control plane's bundle.pem (from its state dir)",
+                        )
+                    })?,
+                    credential,
+                    expected_id,
+                    csr: s.csr.unwrap_or(true),
+                })
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "identity",
+                    "missing: set identity.sds (control plane) or identity.files (PEM files)",
+                ))
+            }
+        };
+        let mut upstreams = Vec::with_capacity(f.outbound.upstreams.len());
+        let mut seen_hosts = std::collections::HashSet::new();
+        for (i, u) in f.outbound.upstreams.into_iter().enumerate() {
+            let field = format!("outbound.upstreams[{i}] ({})", u.name);
+            let identity = SpiffeId::parse(&u.identity)
+                .map_err(|e| invalid(format!("{field}.identity"), e.to_string()))?;
+            if !identity.is_member_of(&trust_domain) {
+                return Err(invalid(
+                    format!("{field}.identity"),
+                    format!("`{identity}` is not in trust domain `{trust_domain}`"),
+                ));
+            }
+            if u.listen.is_none() && u.hosts.is_empty() {
+                return Err(invalid(
+                    field,
+                    "give it a dedicated `listen` port or `hosts` routed on outbound.listen",
+                ));
+            }
+            if u.protocol == Protocol::Tcp && u.listen.is_none() {
+                return Err(invalid(
+                    field,
+                    "protocol tcp needs a dedicated `listen` port (TCP has no Host header)",
+                ));
+            }
+            if !u.address.contains(':') {
+                return Err(invalid(
+                    format!("{field}.address"),
+                    format!("`{}` must be host:port", u.address),
+                ));
+            }
+            let hosts: Vec<String> = u.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+            for h in &hosts {
+                if !seen_hosts.insert(h.clone()) {
+                    return Err(invalid(
+                        format!("{field}.hosts"),
+                        format!("host `{h}` is routed to two upstreams"),
+                    ));
+                }
+            }
+            upstreams.push(Upstream {
+                name: u.name,
+                listen: u.listen,
+                hosts,
+                address: u.address,
+                identity,
+                protocol: u.protocol,
+            });
+        }
+        let tls_policy = match f.tls_policy.as_deref() {
+            None | Some("tls13") => TlsPolicy::Tls13,
+            Some("tls12+") => TlsPolicy::Tls12Plus,
+            Some(other) => {
+                return Err(invalid(
+                    "tls_policy",
+                    format!("`{other}`: use tls13 (default) or tls12+"),
+                ))
+            }
+        };
+        Ok(Self {
+            trust_domain,
+            identity,
+            inbound_listen: addr("inbound.listen", f.inbound.listen, defaults::INBOUND)?,
+            app: addr("inbound.app", f.inbound.app, defaults::APP)?,
+            inbound_tcp: f.inbound.tcp,
+            outbound_listen: addr("outbound.listen", f.outbound.listen, defaults::OUTBOUND)?,
+            upstreams,
+            admin: addr("admin", f.admin, defaults::ADMIN)?,
+            tls_policy,
+            drain_timeout: f.drain_timeout.unwrap_or(defaults::DRAIN),
+            connect_timeout: f.connect_timeout.unwrap_or(defaults::CONNECT),
+            request_timeout: f.request_timeout.unwrap_or(defaults::REQUEST),
+            expiry_margin: f.expiry_margin.unwrap_or(defaults::EXPIRY_MARGIN),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+trust_domain: example.org
+identity:
+  files: { cert: a.pem, key: k.pem, bundle: b.pem }
+outbound:
+  upstreams:
+    - name: b
+      hosts: [Service-B]
+      address: 127.0.0.1:15443
+      identity: spiffe://example.org/b
+"#;
+
+    #[test]
+    fn good_file_validates() {
+        let s = SidecarSettings::from_file(SidecarFile::parse(GOOD, Path::new("s.yaml")).unwrap())
+            .unwrap();
+        assert_eq!(s.upstreams[0].hosts, ["service-b"]);
+        assert_eq!(s.inbound_listen.port(), 15443);
+        assert_eq!(s.tls_policy, TlsPolicy::Tls13);
+    }
+
+    #[test]
+    fn unknown_field_is_located() {
+        let err = SidecarFile::parse(
+            "trust_domain: x\ninbound:\n  lisen: 1.2.3.4:5\n",
+            Path::new("s.yaml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("s.yaml: ") && err.contains("lisen") && err.contains("line 3"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn tcp_upstream_needs_listen() {
+        let text = GOOD.replace("address:", "protocol: tcp\n      address:");
+        let err =
+            SidecarSettings::from_file(SidecarFile::parse(&text, Path::new("s.yaml")).unwrap())
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("dedicated `listen`"), "{err}");
+    }
+
+    #[test]
+    fn identity_in_other_trust_domain_is_refused() {
+        let text = GOOD.replace("spiffe://example.org/b", "spiffe://other.org/b");
+        let err =
+            SidecarSettings::from_file(SidecarFile::parse(&text, Path::new("s.yaml")).unwrap())
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("not in trust domain"), "{err}");
+    }
+
+    #[test]
+    fn sds_needs_exactly_one_credential() {
+        let text = "trust_domain: example.org\nidentity:\n  sds: { control_plane: 'x:1', control_bundle: b.pem }\n";
+        let err =
+            SidecarSettings::from_file(SidecarFile::parse(text, Path::new("s.yaml")).unwrap())
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("token_file") && err.contains("join_token"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn join_token_is_redacted_in_debug() {
+        let c = Credential::JoinToken(zeroize::Zeroizing::new("trellis-join.secret".into()));
+        assert!(!format!("{c:?}").contains("secret"));
+    }
+}

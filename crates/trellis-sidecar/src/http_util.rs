@@ -1,0 +1,453 @@
+//! Pieces both proxies share: the response body type, error responses, hop-by-hop header
+//! removal, per-status request counters, and connection-serving helpers.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::drain::Drain;
+use crate::metrics::{Direction, RequestLabel, SidecarMetrics};
+use crate::pool::PooledBody;
+
+/// Every response either proxy sends: a streamed peer (HTTP/2) body, a streamed pooled
+/// HTTP/1.1 body, or a short text message the sidecar wrote itself. An enum, not a boxed
+/// trait object, so a response costs no allocation for its body.
+#[derive(Debug)]
+pub enum ProxyBody {
+    /// Streamed from an HTTP/2 (or other non-pooled) connection.
+    Stream(Incoming),
+    /// Streamed from a pooled HTTP/1.1 connection; the connection goes back to the pool at the
+    /// end of the body.
+    Pooled(PooledBody),
+    /// Written by the sidecar (errors, 404s). Yields once.
+    Text(Option<Bytes>),
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Stream(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Pooled(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Text(t) => Poll::Ready(t.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Stream(b) => b.is_end_stream(),
+            ProxyBody::Pooled(b) => b.is_end_stream(),
+            ProxyBody::Text(t) => t.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Stream(b) => b.size_hint(),
+            ProxyBody::Pooled(b) => b.size_hint(),
+            ProxyBody::Text(t) => SizeHint::with_exact(t.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}
+
+/// A `text/plain` response whose body is `message` on one line.
+pub fn text_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    let mut line = String::with_capacity(message.len() + 1);
+    line.extend(
+        message
+            .chars()
+            .map(|c| if c == '\n' || c == '\r' { ' ' } else { c }),
+    );
+    line.push('\n');
+    let mut response = Response::new(ProxyBody::Text(Some(Bytes::from(line))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// `x-forwarded-client-cert`.
+pub static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// RFC 9110 7.6.1: a proxy "MUST remove any header fields nominated by the Connection header
+/// field", and the connection-specific fields (Connection, Proxy-Connection, Keep-Alive, TE,
+/// Transfer-Encoding, Upgrade; RFC 9113 8.2.2 lists the same for HTTP/2), plus Trailer and
+/// the proxy credentials pair. `TE: trailers` is the one TE value HTTP/2 allows, and gRPC needs
+/// it, so it stays.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::TRAILER
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || name == PROXY_CONNECTION
+        || name == KEEP_ALIVE
+}
+
+/// Removes hop-by-hop headers in place. Costs one pass over the names when there are none.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    // Names listed in Connection, other than the usual `keep-alive`/`close` (rare, so the
+    // allocation is only paid when a client actually nominates headers).
+    let mut nominated: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        let Ok(value) = value.to_str() else { continue };
+        for token in value.split(',').map(str::trim) {
+            if token.is_empty()
+                || token.eq_ignore_ascii_case("keep-alive")
+                || token.eq_ignore_ascii_case("close")
+            {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                nominated.push(name);
+            }
+        }
+    }
+    for name in nominated {
+        headers.remove(name);
+    }
+    let te_trailers = headers.get_all(header::TE).iter().count() == 1
+        && headers
+            .get(header::TE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in [
+        &header::CONNECTION,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &header::TRAILER,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+        &PROXY_CONNECTION,
+        &KEEP_ALIVE,
+    ] {
+        headers.remove(name);
+    }
+    if !te_trailers {
+        headers.remove(header::TE);
+    }
+}
+
+/// The host part of a `Host` header or authority: port removed, IPv6 brackets kept.
+pub fn host_without_port(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return match authority.find(']') {
+            Some(end) => &authority[..=end],
+            None => authority,
+        };
+    }
+    match authority.rfind(':') {
+        Some(colon) if authority[colon + 1..].bytes().all(|b| b.is_ascii_digit()) => {
+            &authority[..colon]
+        }
+        _ => authority,
+    }
+}
+
+/// `trellis_requests_total{direction,code}` counters, looked up in the family once per status
+/// code and then incremented with one atomic add (no lock, no hashing per request).
+pub(crate) struct StatusCounters {
+    direction: Direction,
+    metrics: Arc<SidecarMetrics>,
+    cells: Box<[OnceLock<Counter>]>,
+}
+
+impl StatusCounters {
+    pub(crate) fn new(direction: Direction, metrics: Arc<SidecarMetrics>) -> Self {
+        Self {
+            direction,
+            metrics,
+            cells: (100..600).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    pub(crate) fn inc(&self, status: StatusCode) {
+        let code = status.as_u16();
+        match self.cells.get(usize::from(code).wrapping_sub(100)) {
+            Some(cell) => {
+                cell.get_or_init(|| {
+                    self.metrics
+                        .requests
+                        .get_or_create(&RequestLabel {
+                            direction: self.direction.as_str(),
+                            code,
+                        })
+                        .clone()
+                })
+                .inc();
+            }
+            None => self.metrics.request(self.direction, code),
+        }
+    }
+}
+
+/// The `rustls::Error` inside an I/O error from tokio-rustls, if there is one.
+pub fn tls_error(err: &io::Error) -> Option<&rustls::Error> {
+    err.get_ref()?.downcast_ref::<rustls::Error>()
+}
+
+/// Connects with a timeout and turns Nagle off (requests are small and latency-bound).
+pub async fn connect_tcp(addr: TcpTarget<'_>, timeout: Duration) -> io::Result<TcpStream> {
+    let connect = async {
+        match addr {
+            TcpTarget::Addr(a) => TcpStream::connect(a).await,
+            TcpTarget::Name(n) => TcpStream::connect(n).await,
+        }
+    };
+    let stream = tokio::time::timeout(timeout, connect).await.map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {}", humantime::format_duration(timeout)),
+        )
+    })??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Where to connect: a resolved address, or `host:port` to resolve per connection.
+#[derive(Debug, Clone, Copy)]
+pub enum TcpTarget<'a> {
+    /// Already an address.
+    Addr(SocketAddr),
+    /// Resolved through the system resolver at each connect.
+    Name(&'a str),
+}
+
+/// A connection hyper serves that can be asked to wind down.
+pub(crate) trait GracefulConnection: Future {
+    fn begin_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> GracefulConnection for hyper::server::conn::http1::Connection<I, S>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn begin_shutdown(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, E, B> GracefulConnection for hyper::server::conn::http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn begin_shutdown(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, E, B> GracefulConnection for hyper_util::server::conn::auto::Connection<'_, I, S, E>
+where
+    S: hyper::service::Service<http::Request<Incoming>, Response = Response<B>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Future: 'static,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn begin_shutdown(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Serves `conn` to its end; once `drain` signals, asks it to finish in-flight requests and
+/// close. Holds `drain` until the connection is gone.
+pub(crate) async fn serve_until_drained<C, E>(conn: C, drain: Drain) -> Result<(), E>
+where
+    C: GracefulConnection<Output = Result<(), E>>,
+{
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        biased;
+        res = conn.as_mut() => res,
+        () = drain.signaled() => {
+            conn.as_mut().begin_shutdown();
+            conn.await
+        }
+    }
+}
+
+/// An I/O stream with bytes already read from it put back in front.
+#[derive(Debug)]
+pub struct Prefixed<T> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: T,
+}
+
+impl<T> Prefixed<T> {
+    /// `prefix` is returned by reads before anything from `inner`.
+    pub fn new(prefix: Vec<u8>, inner: T) -> Self {
+        Self {
+            prefix,
+            pos: 0,
+            inner,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos < this.prefix.len() {
+            let rest = &this.prefix[this.pos..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.pos += n;
+            if this.pos == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(v.as_bytes()).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_nominated_headers() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, X-Secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic x"),
+            ("te", "gzip"),
+            ("x-kept", "1"),
+            ("content-length", "3"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-kept", "content-length"]);
+    }
+
+    #[test]
+    fn keeps_te_trailers() {
+        let mut h = headers(&[("te", "trailers"), ("connection", "close")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.get("te").unwrap(), "trailers");
+        assert!(h.get("connection").is_none());
+    }
+
+    #[test]
+    fn garbage_connection_tokens_do_not_panic() {
+        let mut h = headers(&[("connection", " , ,, bad header name!, caf\u{e9}")]);
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn host_port_is_stripped() {
+        assert_eq!(host_without_port("billing:15001"), "billing");
+        assert_eq!(host_without_port("billing"), "billing");
+        assert_eq!(host_without_port("[::1]:80"), "[::1]");
+        assert_eq!(host_without_port("[::1"), "[::1");
+        assert_eq!(host_without_port("a:b"), "a:b");
+        assert_eq!(host_without_port(""), "");
+        assert_eq!(host_without_port(":"), "");
+    }
+
+    #[test]
+    fn text_response_is_one_line() {
+        let r = text_response(StatusCode::BAD_GATEWAY, "a\nb\r\nc");
+        let ProxyBody::Text(Some(b)) = r.body() else {
+            panic!()
+        };
+        assert_eq!(&b[..], b"a b  c\n");
+    }
+
+    #[tokio::test]
+    async fn prefixed_reads_prefix_first() {
+        use tokio::io::AsyncReadExt;
+        let mut io = Prefixed::new(b"abc".to_vec(), &b"def"[..]);
+        let mut out = String::new();
+        io.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "abcdef");
+    }
+}

@@ -1,0 +1,458 @@
+//! Inbound: peer sidecar → mTLS → this sidecar → plain HTTP/1.1 → the local app.
+//!
+//! Per connection: the TLS handshake verifies the caller's chain against the current bundle
+//! (client certificate required), a resumed session is re-verified, and the caller's SPIFFE ID
+//! and the `x-forwarded-client-cert` value are computed once. Per request: [`authorize`]
+//! decides, hop-by-hop headers and any caller-supplied XFCC are removed, ours is added, and the
+//! request streams to the app over a pooled keep-alive connection.
+//!
+//! Also the raw TCP forwards (`inbound.tcp`): mTLS outside, plain TCP to the app.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::ProtocolVersion;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use trellis_identity::tls::{handshake_failure_reason, peer_spiffe_id, SharedBundle};
+use trellis_identity::{leaf_sha256_hex, SpiffeId};
+
+use crate::config::SidecarSettings;
+use crate::drain::Drain;
+use crate::http_util::{
+    self, serve_until_drained, strip_hop_by_hop, text_response, ProxyBody, StatusCounters, XFCC,
+};
+use crate::metrics::{Direction, SidecarMetrics};
+use crate::mtls::{self, SessionTicketer};
+use crate::pool::{self, AppPool, ForwardError};
+use crate::svid_store::SvidStore;
+use crate::tcp;
+
+/// What is known about an authenticated caller, fixed for the connection's life.
+#[derive(Debug)]
+pub struct ConnInfo {
+    /// The caller's SPIFFE ID, from its verified leaf (the same on a resumed session).
+    pub peer_id: SpiffeId,
+    /// The caller's address.
+    pub peer_addr: SocketAddr,
+    /// `x-forwarded-client-cert` as sent to the app:
+    /// `By=<our id>;Hash=<sha256 hex of the caller's leaf DER>;URI=<caller id>`.
+    pub xfcc: HeaderValue,
+    /// Negotiated TLS version.
+    pub tls_version: Option<ProtocolVersion>,
+    /// True when the connection resumed an earlier session (and was re-verified).
+    pub resumed: bool,
+    /// True when the peer speaks HTTP/2 (ALPN `h2`).
+    pub http2: bool,
+}
+
+/// **Policy hook.** Decides each request before it reaches the app: `None` lets it through,
+/// `Some(response)` answers instead (the policy engine's 403 naming the deciding rule).
+///
+/// The next issue plugs `PolicyEngine::decide(caller, method, normalized path)` in here: one
+/// `ArcSwap::load` of the compiled policy per request, no lock. Until then everything is
+/// allowed.
+fn authorize(conn: &ConnInfo, request: &Parts) -> Option<Response<ProxyBody>> {
+    let _ = (conn, request);
+    None
+}
+
+/// Handshakes may take at most this long (a client that stalls holds a task, not a thread).
+fn handshake_timeout(settings: &SidecarSettings) -> Duration {
+    settings.connect_timeout.max(Duration::from_secs(1))
+}
+
+struct Inbound {
+    store: Arc<SvidStore>,
+    bundle: SharedBundle,
+    metrics: Arc<SidecarMetrics>,
+    counters: StatusCounters,
+    app: AppPool,
+    request_timeout: Duration,
+    handshake_timeout: Duration,
+    connect_timeout: Duration,
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+}
+
+/// The inbound mTLS listener (HTTP) and the raw TCP forwards.
+pub struct InboundProxy {
+    http: TcpListener,
+    acceptor: TlsAcceptor,
+    tcp: Vec<tcp::InboundForward>,
+    shared: Arc<Inbound>,
+}
+
+impl InboundProxy {
+    /// Binds `settings.inbound_listen` and every `settings.inbound_tcp` listener and builds the
+    /// TLS configs (once: they read the current SVID and bundle on each handshake).
+    pub async fn bind(
+        settings: &SidecarSettings,
+        store: Arc<SvidStore>,
+        metrics: Arc<SidecarMetrics>,
+    ) -> std::io::Result<Self> {
+        let ticketer = SessionTicketer::new()?;
+        let http_config = mtls::server_config(
+            &store,
+            settings.tls_policy,
+            mtls::ALPN_HTTP,
+            ticketer.clone(),
+        )?;
+        let tcp_config =
+            mtls::server_config(&store, settings.tls_policy, mtls::ALPN_NONE, ticketer)?;
+        let http = bind(settings.inbound_listen).await?;
+        let mut forwards = Vec::with_capacity(settings.inbound_tcp.len());
+        for forward in &settings.inbound_tcp {
+            forwards.push(tcp::InboundForward {
+                listener: bind(forward.listen).await?,
+                app: forward.app,
+                acceptor: TlsAcceptor::from(tcp_config.clone()),
+            });
+        }
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new()).keep_alive(true);
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .initial_stream_window_size(pool::H2_STREAM_WINDOW)
+            .initial_connection_window_size(pool::H2_CONNECTION_WINDOW)
+            .max_send_buf_size(pool::H2_MAX_SEND_BUF)
+            .max_concurrent_streams(pool::H2_MAX_CONCURRENT_STREAMS);
+        Ok(Self {
+            http,
+            acceptor: TlsAcceptor::from(http_config),
+            tcp: forwards,
+            shared: Arc::new(Inbound {
+                bundle: store.bundle(),
+                store,
+                counters: StatusCounters::new(Direction::Inbound, metrics.clone()),
+                metrics,
+                app: AppPool::new(settings.app, settings.connect_timeout),
+                request_timeout: settings.request_timeout,
+                handshake_timeout: handshake_timeout(settings),
+                connect_timeout: settings.connect_timeout,
+                h1,
+                h2,
+            }),
+        })
+    }
+
+    /// The HTTP listener's address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.http
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// The raw TCP forwards' listener addresses, in `settings.inbound_tcp` order.
+    pub fn tcp_addrs(&self) -> Vec<SocketAddr> {
+        self.tcp
+            .iter()
+            .filter_map(|f| f.listener.local_addr().ok())
+            .collect()
+    }
+
+    /// Accepts until `drain` signals. Each connection holds a clone of `drain`: HTTP
+    /// connections finish their in-flight requests and close, TCP forwards run to their end.
+    pub async fn run(self, drain: Drain) {
+        let InboundProxy {
+            http,
+            acceptor,
+            tcp,
+            shared,
+        } = self;
+        let mut forwards = tokio::task::JoinSet::new();
+        for forward in tcp {
+            let (shared, drain) = (shared.clone(), drain.clone());
+            forwards.spawn(async move {
+                let ctx = tcp::InboundTcpContext {
+                    bundle: shared.bundle.clone(),
+                    metrics: shared.metrics.clone(),
+                    handshake_timeout: shared.handshake_timeout,
+                    connect_timeout: shared.connect_timeout,
+                };
+                tcp::run_inbound_forward(forward, Arc::new(ctx), drain).await;
+            });
+        }
+        accept_loop(&http, &drain, |tcp, peer_addr| {
+            let (shared, acceptor, drain) = (shared.clone(), acceptor.clone(), drain.clone());
+            tokio::spawn(async move { shared.connection(acceptor, tcp, peer_addr, drain).await });
+        })
+        .await;
+        drop(http);
+        while forwards.join_next().await.is_some() {}
+    }
+}
+
+async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}
+
+/// Accepts until `drain` signals; `on_conn` gets each connection. Accept errors (out of file
+/// descriptors, …) are logged and retried after a short pause instead of spinning.
+pub(crate) async fn accept_loop(
+    listener: &TcpListener,
+    drain: &Drain,
+    mut on_conn: impl FnMut(TcpStream, SocketAddr),
+) {
+    let draining = drain.signaled();
+    let mut draining = std::pin::pin!(draining);
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut draining => return,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, addr)) => {
+                    let _ = tcp.set_nodelay(true);
+                    on_conn(tcp, addr);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::select! {
+                        () = &mut draining => return,
+                        () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// TLS handshake, then the resumed-session check. Counts the outcome. `None`: refused.
+pub(crate) async fn accept_tls(
+    acceptor: &TlsAcceptor,
+    tcp: TcpStream,
+    peer_addr: SocketAddr,
+    bundle: &SharedBundle,
+    metrics: &SidecarMetrics,
+    timeout: Duration,
+) -> Option<(TlsStream<TcpStream>, SpiffeId, bool)> {
+    let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            let reason = http_util::tls_error(&e).map_or("io", handshake_failure_reason);
+            metrics.handshake(Direction::Inbound, false, reason);
+            tracing::debug!(%peer_addr, reason, error = %e, "inbound handshake refused");
+            return None;
+        }
+        Err(_) => {
+            metrics.handshake(Direction::Inbound, false, "timeout");
+            tracing::debug!(%peer_addr, "inbound handshake timed out");
+            return None;
+        }
+    };
+    let conn = stream.get_ref().1;
+    let resumed = mtls::is_resumed(conn.handshake_kind());
+    let peer_id = if resumed {
+        // The verifier did not run: check the stored chain against today's bundle and clock.
+        match mtls::recheck_resumed_client(conn.peer_certificates(), bundle, SystemTime::now()) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                metrics.handshake(Direction::Inbound, false, e.reason());
+                tracing::info!(%peer_addr, error = %e, "resumed session refused");
+                return None;
+            }
+        }
+    } else {
+        peer_spiffe_id(conn.peer_certificates())
+    };
+    let Some(peer_id) = peer_id else {
+        // The verifier accepted the chain, so this cannot happen; refuse rather than guess.
+        metrics.handshake(Direction::Inbound, false, "not_svid");
+        return None;
+    };
+    metrics.handshake(Direction::Inbound, true, "none");
+    Some((stream, peer_id, resumed))
+}
+
+impl Inbound {
+    async fn connection(
+        self: Arc<Self>,
+        acceptor: TlsAcceptor,
+        tcp: TcpStream,
+        peer_addr: SocketAddr,
+        drain: Drain,
+    ) {
+        let Some((stream, peer_id, resumed)) = accept_tls(
+            &acceptor,
+            tcp,
+            peer_addr,
+            &self.bundle,
+            &self.metrics,
+            self.handshake_timeout,
+        )
+        .await
+        else {
+            return;
+        };
+        let _open = self.metrics.connection(Direction::Inbound);
+        let conn = stream.get_ref().1;
+        let http2 = conn.alpn_protocol() == Some(mtls::ALPN_H2);
+        let tls_version = conn.protocol_version();
+        let Some(leaf) = conn.peer_certificates().and_then(|c| c.first()) else {
+            return;
+        };
+        let own = self
+            .store
+            .spiffe_id()
+            .map(|id| id.to_string())
+            .unwrap_or_default();
+        let xfcc = format!("By={own};Hash={};URI={peer_id}", leaf_sha256_hex(leaf));
+        let Ok(xfcc) = HeaderValue::from_maybe_shared(Bytes::from(xfcc)) else {
+            tracing::warn!(%peer_addr, %peer_id, "caller identity does not fit in a header; closing");
+            return;
+        };
+        let info = Arc::new(ConnInfo {
+            peer_id,
+            peer_addr,
+            xfcc,
+            tls_version,
+            resumed,
+            http2,
+        });
+        tracing::debug!(%peer_addr, peer_id = %info.peer_id, resumed, http2, "inbound connection");
+        let service = {
+            let shared = self.clone();
+            hyper::service::service_fn(move |req| handle(shared.clone(), info.clone(), req))
+        };
+        let io = TokioIo::new(stream);
+        let served = if http2 {
+            serve_until_drained(self.h2.serve_connection(io, service), drain).await
+        } else {
+            serve_until_drained(self.h1.serve_connection(io, service), drain).await
+        };
+        if let Err(e) = served {
+            tracing::debug!(%peer_addr, error = %e, "inbound connection ended with an error");
+        }
+    }
+}
+
+async fn handle(
+    shared: Arc<Inbound>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let (mut parts, body) = req.into_parts();
+    let version = parts.version;
+    let mut response = match authorize(&conn, &parts) {
+        Some(denied) => denied,
+        None => {
+            to_app_request(&mut parts, &conn.xfcc);
+            let sent = tokio::time::timeout(
+                shared.request_timeout,
+                shared.app.send(Request::from_parts(parts, body)),
+            )
+            .await;
+            match sent {
+                Ok(Ok(response)) => {
+                    let (mut head, body) = response.into_parts();
+                    strip_hop_by_hop(&mut head.headers);
+                    Response::from_parts(head, ProxyBody::Pooled(body))
+                }
+                Ok(Err(e)) => error_response(&e),
+                Err(_) => error_response(&ForwardError::Timeout {
+                    target: shared.app_target(),
+                    timeout: shared.request_timeout,
+                }),
+            }
+        }
+    };
+    *response.version_mut() = version;
+    shared.counters.inc(response.status());
+    Ok(response)
+}
+
+impl Inbound {
+    fn app_target(&self) -> Arc<str> {
+        self.app.target().clone()
+    }
+}
+
+fn error_response(e: &ForwardError) -> Response<ProxyBody> {
+    tracing::debug!(error = %e, "inbound request failed");
+    text_response(e.status(), &e.to_string())
+}
+
+/// Rewrites a peer's request for the app: HTTP/1.1, origin-form URI with `Host`, no hop-by-hop
+/// headers, and exactly one XFCC header: ours. A caller's own XFCC never reaches the app.
+fn to_app_request(parts: &mut Parts, xfcc: &HeaderValue) {
+    parts.version = Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.insert(&XFCC, xfcc.clone());
+    if parts.uri.authority().is_some() {
+        // HTTP/2 (or absolute-form): the authority becomes Host, the URI origin-form.
+        let uri = std::mem::take(&mut parts.uri).into_parts();
+        if let Some(authority) = &uri.authority {
+            if !parts.headers.contains_key(header::HOST) {
+                if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+                    parts.headers.insert(header::HOST, host);
+                }
+            }
+        }
+        parts.uri = match uri.path_and_query {
+            Some(pq) => Uri::from(pq),
+            None => Uri::from_static("/"),
+        };
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn parts(req: Request<()>) -> Parts {
+        req.into_parts().0
+    }
+
+    #[test]
+    fn h2_request_becomes_origin_form_with_host() {
+        let mut p = parts(
+            Request::builder()
+                .version(Version::HTTP_2)
+                .uri("http://service-b:8080/a/b?c=d")
+                .header("x-forwarded-client-cert", "By=evil")
+                .header("x-forwarded-client-cert", "URI=evil")
+                .header("te", "trailers")
+                .body(())
+                .unwrap(),
+        );
+        to_app_request(&mut p, &HeaderValue::from_static("By=x;Hash=y;URI=z"));
+        assert_eq!(p.uri.to_string(), "/a/b?c=d");
+        assert_eq!(p.version, Version::HTTP_11);
+        assert_eq!(p.headers.get("host").unwrap(), "service-b:8080");
+        let xfcc: Vec<_> = p
+            .headers
+            .get_all("x-forwarded-client-cert")
+            .iter()
+            .collect();
+        assert_eq!(xfcc, ["By=x;Hash=y;URI=z"]);
+    }
+
+    #[test]
+    fn h1_request_keeps_its_host() {
+        let mut p = parts(
+            Request::builder()
+                .uri("/x")
+                .header("host", "b")
+                .header("connection", "close")
+                .body(())
+                .unwrap(),
+        );
+        to_app_request(&mut p, &HeaderValue::from_static("v"));
+        assert_eq!(p.uri, "/x");
+        assert_eq!(p.headers.get("host").unwrap(), "b");
+        assert!(p.headers.get("connection").is_none());
+    }
+}

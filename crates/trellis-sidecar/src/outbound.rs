@@ -1,0 +1,387 @@
+//! Outbound: the local app → plain HTTP on 127.0.0.1 → this sidecar → HTTP/2 over mTLS → the
+//! upstream's sidecar.
+//!
+//! The app speaks HTTP/1.1 or h2c (prior knowledge) to the shared listener (routed by `Host`,
+//! port stripped, case-insensitive) or to an upstream's dedicated `listen` port. Each HTTP
+//! upstream has one [`PeerPool`]: one pooled HTTP/2 connection, every request multiplexed on it.
+//! `protocol: tcp` upstreams are spliced byte for byte ([`crate::tcp`]).
+//!
+//! What the app sees when it goes wrong, each with a one-line `text/plain` body saying why:
+//! `404` unknown host, `503` upstream unreachable, `502` handshake or identity failure (naming
+//! the expected and presented SPIFFE IDs), `504` no response headers within `request_timeout`.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+use crate::config::{Protocol, SidecarSettings};
+use crate::drain::Drain;
+use crate::http_util::{
+    host_without_port, serve_until_drained, strip_hop_by_hop, text_response, ProxyBody,
+    StatusCounters,
+};
+use crate::inbound::accept_loop;
+use crate::metrics::{Direction, SidecarMetrics};
+use crate::mtls;
+use crate::pool::{self, ForwardError, PeerPool, PeerTarget, TlsClient};
+use crate::svid_store::SvidStore;
+use crate::tcp::{self, OutboundTcp};
+
+/// Name of the shared, Host-routed listener in [`OutboundProxy::local_addrs`].
+pub const SHARED_LISTENER: &str = "shared";
+
+struct HttpUpstream {
+    pool: PeerPool,
+    /// The configured host names as authorities, so the common `Host: billing` costs no parse.
+    authorities: Vec<Authority>,
+    /// Used when the request carries no usable host at all.
+    fallback_authority: Authority,
+}
+
+impl HttpUpstream {
+    /// The `:authority` to send: the app's own (absolute-form or h2c), else its `Host`.
+    fn authority(&self, uri_authority: Option<Authority>, host: Option<&HeaderValue>) -> Authority {
+        if let Some(a) = uri_authority {
+            return a;
+        }
+        let Some(host) = host else {
+            return self.fallback_authority.clone();
+        };
+        let bytes = host.as_bytes();
+        if let Some(known) = self
+            .authorities
+            .iter()
+            .find(|a| a.as_str().as_bytes() == bytes)
+        {
+            return known.clone();
+        }
+        Authority::try_from(bytes).unwrap_or_else(|_| self.fallback_authority.clone())
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Route {
+    ByHost,
+    Fixed(usize),
+}
+
+struct Outbound {
+    upstreams: Vec<HttpUpstream>,
+    routes: HashMap<Box<str>, usize>,
+    /// `a, b, c` for 404 bodies.
+    known_hosts: String,
+    counters: StatusCounters,
+    request_timeout: Duration,
+    server: auto::Builder<TokioExecutor>,
+}
+
+/// The outbound listeners: shared (Host-routed) and per-upstream dedicated ones.
+pub struct OutboundProxy {
+    shared_listener: TcpListener,
+    dedicated: Vec<(String, TcpListener, usize)>,
+    tcp: Vec<(String, OutboundTcp)>,
+    shared: Arc<Outbound>,
+}
+
+impl OutboundProxy {
+    /// Binds `settings.outbound_listen` and every upstream's dedicated `listen`, and builds one
+    /// TLS client config per upstream (the expected identity is part of its verifier).
+    pub async fn bind(
+        settings: &SidecarSettings,
+        store: Arc<SvidStore>,
+        metrics: Arc<SidecarMetrics>,
+    ) -> std::io::Result<Self> {
+        let mut upstreams = Vec::new();
+        let mut routes = HashMap::new();
+        let mut dedicated = Vec::new();
+        let mut tcp = Vec::new();
+        for u in &settings.upstreams {
+            let peer = PeerTarget::new(
+                &u.name,
+                &u.address,
+                u.identity.clone(),
+                store.bundle(),
+                metrics.clone(),
+                settings.connect_timeout,
+            )?;
+            match u.protocol {
+                Protocol::Http => {
+                    let (config, sessions) = mtls::client_config(
+                        &store,
+                        &u.identity,
+                        settings.tls_policy,
+                        mtls::ALPN_HTTP,
+                    )?;
+                    let (config1, sessions1) = mtls::client_config(
+                        &store,
+                        &u.identity,
+                        settings.tls_policy,
+                        &[mtls::ALPN_HTTP11],
+                    )?;
+                    let index = upstreams.len();
+                    let authorities: Vec<Authority> = u
+                        .hosts
+                        .iter()
+                        .filter_map(|h| Authority::try_from(h.as_str()).ok())
+                        .collect();
+                    let fallback_authority = authorities
+                        .first()
+                        .cloned()
+                        .or_else(|| Authority::try_from(u.name.as_str()).ok())
+                        .unwrap_or_else(|| Authority::from_static("localhost"));
+                    upstreams.push(HttpUpstream {
+                        pool: PeerPool::new(
+                            peer,
+                            TlsClient::new(config, sessions),
+                            TlsClient::new(config1, sessions1),
+                        ),
+                        authorities,
+                        fallback_authority,
+                    });
+                    for host in &u.hosts {
+                        routes.insert(host.to_ascii_lowercase().into_boxed_str(), index);
+                    }
+                    if let Some(listen) = u.listen {
+                        dedicated.push((u.name.clone(), bind(listen, &u.name).await?, index));
+                    }
+                }
+                Protocol::Tcp => {
+                    let (config, sessions) = mtls::client_config(
+                        &store,
+                        &u.identity,
+                        settings.tls_policy,
+                        mtls::ALPN_NONE,
+                    )?;
+                    let listen = u.listen.ok_or_else(|| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::InvalidInput,
+                            format!(
+                                "upstream `{}`: protocol tcp needs a dedicated `listen` port",
+                                u.name
+                            ),
+                        )
+                    })?;
+                    tcp.push((
+                        u.name.clone(),
+                        OutboundTcp {
+                            listener: bind(listen, &u.name).await?,
+                            peer: Arc::new(peer),
+                            tls: TlsClient::new(config, sessions),
+                        },
+                    ));
+                }
+            }
+        }
+        let mut hosts: Vec<&str> = routes.keys().map(|h| &**h).collect();
+        hosts.sort_unstable();
+        let known_hosts = if hosts.is_empty() {
+            "(none)".to_owned()
+        } else {
+            hosts.join(", ")
+        };
+        let shared_listener = bind(settings.outbound_listen, SHARED_LISTENER).await?;
+        let mut server = auto::Builder::new(TokioExecutor::new());
+        server.http1().timer(TokioTimer::new()).keep_alive(true);
+        server
+            .http2()
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(pool::H2_STREAM_WINDOW)
+            .initial_connection_window_size(pool::H2_CONNECTION_WINDOW)
+            .max_send_buf_size(pool::H2_MAX_SEND_BUF)
+            .max_concurrent_streams(pool::H2_MAX_CONCURRENT_STREAMS);
+        Ok(Self {
+            shared_listener,
+            dedicated,
+            tcp,
+            shared: Arc::new(Outbound {
+                upstreams,
+                routes,
+                known_hosts,
+                counters: StatusCounters::new(Direction::Outbound, metrics),
+                request_timeout: settings.request_timeout,
+                server,
+            }),
+        })
+    }
+
+    /// `("shared", addr)` first, then `(upstream name, addr)` for each dedicated listener
+    /// (HTTP ones, then TCP ones).
+    pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
+        let mut addrs = Vec::with_capacity(1 + self.dedicated.len() + self.tcp.len());
+        if let Ok(a) = self.shared_listener.local_addr() {
+            addrs.push((SHARED_LISTENER.to_owned(), a));
+        }
+        for (name, listener, _) in &self.dedicated {
+            if let Ok(a) = listener.local_addr() {
+                addrs.push((name.clone(), a));
+            }
+        }
+        for (name, upstream) in &self.tcp {
+            if let Ok(a) = upstream.listener.local_addr() {
+                addrs.push((name.clone(), a));
+            }
+        }
+        addrs
+    }
+
+    /// Accepts on every listener until `drain` signals. App connections hold a clone of `drain`
+    /// and finish their in-flight requests; pooled upstream connections close once unused.
+    pub async fn run(self, drain: Drain) {
+        let OutboundProxy {
+            shared_listener,
+            dedicated,
+            tcp,
+            shared,
+        } = self;
+        let mut tasks = tokio::task::JoinSet::new();
+        for (_, listener, index) in dedicated {
+            tasks.spawn(serve_http(
+                listener,
+                shared.clone(),
+                Route::Fixed(index),
+                drain.clone(),
+            ));
+        }
+        for (_, upstream) in tcp {
+            tasks.spawn(tcp::run_outbound_tcp(upstream, drain.clone()));
+        }
+        serve_http(shared_listener, shared, Route::ByHost, drain).await;
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("outbound listener `{what}`: cannot listen on {addr}: {e}"),
+        )
+    })
+}
+
+async fn serve_http(listener: TcpListener, shared: Arc<Outbound>, route: Route, drain: Drain) {
+    accept_loop(&listener, &drain, |tcp, app_addr| {
+        let (shared, drain) = (shared.clone(), drain.clone());
+        tokio::spawn(async move {
+            let service = {
+                let shared = shared.clone();
+                hyper::service::service_fn(move |req| handle(shared.clone(), route, req))
+            };
+            let conn = shared.server.serve_connection(TokioIo::new(tcp), service);
+            if let Err(e) = serve_until_drained(conn, drain).await {
+                tracing::debug!(%app_addr, error = %e, "app connection ended with an error");
+            }
+        });
+    })
+    .await;
+}
+
+async fn handle(
+    shared: Arc<Outbound>,
+    route: Route,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let version = req.version();
+    let mut response = shared.forward(route, req).await;
+    *response.version_mut() = version;
+    shared.counters.inc(response.status());
+    Ok(response)
+}
+
+impl Outbound {
+    fn lookup(&self, host: &str) -> Option<usize> {
+        if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.routes.get(host.to_ascii_lowercase().as_str()).copied()
+        } else {
+            self.routes.get(host).copied()
+        }
+    }
+
+    fn not_found(&self, host: Option<&str>) -> Response<ProxyBody> {
+        let message = match host {
+            Some(host) => format!(
+                "no upstream for host `{host}`; known hosts: {}",
+                self.known_hosts
+            ),
+            None => format!(
+                "request has no Host header; known hosts: {}",
+                self.known_hosts
+            ),
+        };
+        text_response(StatusCode::NOT_FOUND, &message)
+    }
+
+    async fn forward(&self, route: Route, req: Request<Incoming>) -> Response<ProxyBody> {
+        let (mut parts, body) = req.into_parts();
+        let index = match route {
+            Route::Fixed(index) => index,
+            Route::ByHost => {
+                // Absolute-form (or h2c :authority) wins over Host (RFC 9112 3.2.2).
+                let host = match parts.uri.authority() {
+                    Some(a) => Some(a.as_str()),
+                    None => parts
+                        .headers
+                        .get(header::HOST)
+                        .and_then(|h| h.to_str().ok()),
+                };
+                let Some(host) = host.map(host_without_port) else {
+                    return self.not_found(None);
+                };
+                match self.lookup(host) {
+                    Some(index) => index,
+                    None => return self.not_found(Some(host)),
+                }
+            }
+        };
+        let Some(upstream) = self.upstreams.get(index) else {
+            return self.not_found(None);
+        };
+        let uri = std::mem::take(&mut parts.uri).into_parts();
+        let authority = upstream.authority(uri.authority, parts.headers.get(header::HOST));
+        let mut target = http::uri::Parts::default();
+        target.scheme = Some(Scheme::HTTP);
+        target.authority = Some(authority);
+        target.path_and_query = Some(
+            uri.path_and_query
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        );
+        parts.uri = match Uri::from_parts(target) {
+            Ok(uri) => uri,
+            Err(e) => {
+                return text_response(
+                    StatusCode::BAD_REQUEST,
+                    &format!("cannot forward this request target: {e}"),
+                )
+            }
+        };
+        strip_hop_by_hop(&mut parts.headers);
+        let req = Request::from_parts(parts, body);
+        match tokio::time::timeout(self.request_timeout, upstream.pool.send(req)).await {
+            Ok(Ok(mut response)) => {
+                strip_hop_by_hop(response.headers_mut());
+                response
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "outbound request failed");
+                text_response(e.status(), &e.to_string())
+            }
+            Err(_) => {
+                let e = ForwardError::Timeout {
+                    target: upstream.pool.target().clone(),
+                    timeout: self.request_timeout,
+                };
+                text_response(e.status(), &e.to_string())
+            }
+        }
+    }
+}

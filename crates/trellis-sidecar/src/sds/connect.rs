@@ -1,0 +1,76 @@
+//! A gRPC channel to the control plane over TLS 1.3, verifying that the server is
+//! `spiffe://<td>/trellis/control` under the sidecar's *current* trust bundle (which starts as
+//! the bootstrap bundle and follows `ROOTCA` updates), and presenting the current SVID when
+//! there is one (re-attestation without a token).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tonic::transport::{Channel, Endpoint};
+use trellis_identity::tls::{
+    client_config, PeerMatch, SharedBundle, SpiffeServerVerifier, SvidResolver, TlsPolicy,
+};
+use trellis_identity::SpiffeId;
+
+/// Path of the control plane's SPIFFE ID.
+pub const CONTROL_ID_PATH: &str = "/trellis/control";
+
+/// TCP connect + TLS handshake + HTTP/2 setup must finish within this.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens a channel to `address` (`host:port`).
+pub async fn connect(
+    address: &str,
+    bundle: SharedBundle,
+    server_id: SpiffeId,
+    svid: Option<Arc<SvidResolver>>,
+) -> Result<Channel, String> {
+    let verifier = SpiffeServerVerifier::new(bundle, PeerMatch::Exact(server_id));
+    let tls = client_config(svid, verifier, TlsPolicy::Tls13, &[b"h2"])
+        .map_err(|e| format!("TLS setup: {e}"))?;
+    let connector = TlsConnector::from(Arc::new(tls));
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| format!("`{address}` is not a valid host:port: {e}"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        // Notice a control plane that vanished without closing the connection.
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+    let address = address.to_owned();
+    let connect = endpoint.connect_with_connector(tower::service_fn(move |_uri| {
+        let connector = connector.clone();
+        let address = address.clone();
+        async move {
+            let tcp = TcpStream::connect(address.as_str()).await?;
+            let _ = tcp.set_nodelay(true);
+            // The name is not checked: the verifier checks the SPIFFE ID, not a DNS name.
+            let name = rustls::pki_types::ServerName::try_from("trellis-control")
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            let tls = connector.connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(tls))
+        }
+    }));
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        Ok(Ok(channel)) => Ok(channel),
+        Ok(Err(e)) => Err(error_chain(&e)),
+        Err(_) => Err(format!("timed out after {CONNECT_TIMEOUT:?}")),
+    }
+}
+
+/// `e` and its sources, joined: tonic's own message ("transport error") says little.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}

@@ -1,0 +1,476 @@
+//! One SDS response, taken apart and checked at the edge: the `default` secret must be a
+//! `TlsCertificate`, `ROOTCA` a `ValidationContext`, both inline. What comes out is typed
+//! (certificates, key, [`TrustBundle`]); what does not is a [`Rejection`] that becomes the
+//! NACK's `error_detail`, the metric label and the log line.
+
+use prost::Message;
+use trellis_identity::{
+    certs_from_pem, key_from_pem, CertificateDer, PemError, PrivateKeyDer, SvidError, TrustBundle,
+    TrustDomain,
+};
+use trellis_proto::{data_source, secret, DataSource, DiscoveryResponse, Secret, SECRET_TYPE_URL};
+
+use crate::svid_store::UpdateError;
+
+/// The SVID resource name.
+pub const DEFAULT: &str = "default";
+/// The trust bundle resource name.
+pub const ROOTCA: &str = "ROOTCA";
+
+/// Why an update was refused: `reason` labels `trellis_sds_updates_total{result}`; `message`
+/// goes into the NACK's `error_detail.message` and the log. Never carries key material.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// Stable label.
+    pub reason: &'static str,
+    /// What was wrong, naming the secret and field.
+    pub message: String,
+}
+
+impl Rejection {
+    pub(crate) fn new(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+
+    /// An SVID check failed on the `default` secret.
+    pub(crate) fn svid(e: &SvidError) -> Self {
+        Self::new(e.reason(), format!("secret `{DEFAULT}`: {e}"))
+    }
+
+    /// The store refused the update.
+    pub(crate) fn update(e: &UpdateError) -> Self {
+        let secret = match e {
+            UpdateError::WrongTrustDomain { .. } => ROOTCA,
+            _ => DEFAULT,
+        };
+        Self::new(e.reason(), format!("secret `{secret}`: {e}"))
+    }
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Where the SVID's private key comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySource {
+    /// We made it and sent a CSR: a key in the response is refused (keys must not travel).
+    Ours,
+    /// The control plane made it (stock-Envoy mode): the response must carry it.
+    Response,
+}
+
+/// A response's content, parsed but not yet validated as an SVID.
+pub struct Decoded {
+    /// `default`'s certificate chain, leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// `default`'s private key ([`KeySource::Response`] only).
+    pub key: Option<PrivateKeyDer<'static>>,
+    /// `ROOTCA`.
+    pub bundle: TrustBundle,
+}
+
+/// Takes a response apart. State of the World: every response carries every subscribed
+/// resource, so both `default` and `ROOTCA` must be present.
+pub fn decode(
+    resp: &DiscoveryResponse,
+    td: &TrustDomain,
+    keys: KeySource,
+) -> Result<Decoded, Rejection> {
+    if !resp.type_url.is_empty() && resp.type_url != SECRET_TYPE_URL {
+        return Err(Rejection::new(
+            "wrong_type",
+            format!(
+                "response type_url is `{}`, expected `{SECRET_TYPE_URL}`",
+                resp.type_url
+            ),
+        ));
+    }
+    let mut default = None;
+    let mut rootca = None;
+    for (i, any) in resp.resources.iter().enumerate() {
+        if any.type_url != SECRET_TYPE_URL {
+            return Err(Rejection::new(
+                "wrong_type",
+                format!(
+                    "resource #{i} has type_url `{}`, expected `{SECRET_TYPE_URL}`",
+                    any.type_url
+                ),
+            ));
+        }
+        let s = Secret::decode(any.value.as_slice()).map_err(|e| {
+            Rejection::new("malformed", format!("resource #{i} is not a Secret: {e}"))
+        })?;
+        let slot = match s.name.as_str() {
+            DEFAULT => &mut default,
+            ROOTCA => &mut rootca,
+            // Not asked for; a SotW server only sends subscribed names, so ignore extras.
+            _ => continue,
+        };
+        if slot.is_some() {
+            return Err(Rejection::new(
+                "malformed",
+                format!("secret `{}` appears twice in one response", s.name),
+            ));
+        }
+        *slot = Some(s);
+    }
+    let missing = |name: &str| {
+        Rejection::new(
+            "missing_secret",
+            format!("response is missing secret `{name}`"),
+        )
+    };
+    let default = default.ok_or_else(|| missing(DEFAULT))?;
+    let rootca = rootca.ok_or_else(|| missing(ROOTCA))?;
+
+    let tls = match default.r#type {
+        Some(secret::Type::TlsCertificate(t)) => t,
+        other => return Err(wrong_kind(DEFAULT, "tls_certificate", other.as_ref())),
+    };
+    let chain_pem =
+        inline(DEFAULT, "certificate_chain", tls.certificate_chain)?.ok_or_else(|| {
+            Rejection::new(
+                "malformed",
+                format!("secret `{DEFAULT}` has no certificate_chain"),
+            )
+        })?;
+    let chain = certs_from_pem(&chain_pem).map_err(|e| {
+        Rejection::new(
+            "malformed",
+            format!("secret `{DEFAULT}`: certificate_chain: {e}"),
+        )
+    })?;
+    let key_pem = inline(DEFAULT, "private_key", tls.private_key)?.filter(|k| !k.is_empty());
+    let key = match (keys, key_pem) {
+        (KeySource::Ours, None) => None,
+        (KeySource::Ours, Some(_)) => {
+            return Err(Rejection::new(
+                "key_in_response",
+                format!("secret `{DEFAULT}` carries a private_key, but this sidecar sent a CSR: keys must not leave the workload, so the response is refused"),
+            ))
+        }
+        (KeySource::Response, None) => {
+            return Err(Rejection::new(
+                "no_key",
+                format!("secret `{DEFAULT}` has no private_key (this sidecar runs with csr: false and needs the control plane's key)"),
+            ))
+        }
+        (KeySource::Response, Some(pem)) => Some(key_from_pem(&pem).map_err(|e| {
+            // Never echo the key's text: name the problem only.
+            let what = match e {
+                PemError::Missing { .. } => "no PRIVATE KEY block found",
+                PemError::Malformed(_) => "malformed PEM",
+            };
+            Rejection::new("bad_key", format!("secret `{DEFAULT}`: private_key: {what}"))
+        })?),
+    };
+
+    let vc = match rootca.r#type {
+        Some(secret::Type::ValidationContext(v)) => v,
+        other => return Err(wrong_kind(ROOTCA, "validation_context", other.as_ref())),
+    };
+    let bundle_pem = inline(ROOTCA, "trusted_ca", vc.trusted_ca)?.unwrap_or_default();
+    let bundle = TrustBundle::from_pem(td.clone(), &bundle_pem)
+        .map_err(|e| Rejection::new("bad_bundle", format!("secret `{ROOTCA}`: trusted_ca: {e}")))?;
+    Ok(Decoded { chain, key, bundle })
+}
+
+fn wrong_kind(name: &str, want: &str, got: Option<&secret::Type>) -> Rejection {
+    let got = match got {
+        Some(secret::Type::TlsCertificate(_)) => "tls_certificate",
+        Some(secret::Type::ValidationContext(_)) => "validation_context",
+        Some(secret::Type::GenericSecret(_)) => "generic_secret",
+        None => "nothing",
+    };
+    Rejection::new(
+        "wrong_type",
+        format!("secret `{name}` must be a {want}, got {got}"),
+    )
+}
+
+/// The bytes of an inline `DataSource`. A file name or environment variable is refused: the
+/// control plane must not make the sidecar read local files.
+fn inline(secret: &str, field: &str, ds: Option<DataSource>) -> Result<Option<Vec<u8>>, Rejection> {
+    match ds.and_then(|d| d.specifier) {
+        None => Ok(None),
+        Some(data_source::Specifier::InlineBytes(b)) => Ok(Some(b)),
+        Some(data_source::Specifier::InlineString(s)) => Ok(Some(s.into_bytes())),
+        Some(data_source::Specifier::Filename(_)) | Some(data_source::Specifier::EnvironmentVariable(_)) => Err(Rejection::new(
+            "not_inline",
+            format!("secret `{secret}`: {field} must be inline_bytes or inline_string (a file name or environment variable is not accepted)"),
+        )),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use trellis_identity::testca::TestCa;
+    use trellis_identity::{certs_to_pem, key_to_pem, Svid};
+    use trellis_proto::{CertificateValidationContext, TlsCertificate};
+
+    pub(crate) fn bytes(b: impl Into<Vec<u8>>) -> Option<DataSource> {
+        Some(DataSource {
+            specifier: Some(data_source::Specifier::InlineBytes(b.into())),
+        })
+    }
+
+    pub(crate) fn any(s: &Secret) -> prost_types::Any {
+        prost_types::Any {
+            type_url: SECRET_TYPE_URL.into(),
+            value: s.encode_to_vec(),
+        }
+    }
+
+    pub(crate) fn tls_secret(chain: Option<DataSource>, key: Option<DataSource>) -> Secret {
+        Secret {
+            name: DEFAULT.into(),
+            r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+                certificate_chain: chain,
+                private_key: key,
+            })),
+        }
+    }
+
+    pub(crate) fn bundle_secret(pem: Option<DataSource>) -> Secret {
+        Secret {
+            name: ROOTCA.into(),
+            r#type: Some(secret::Type::ValidationContext(
+                CertificateValidationContext { trusted_ca: pem },
+            )),
+        }
+    }
+
+    pub(crate) fn response(secrets: &[Secret]) -> DiscoveryResponse {
+        DiscoveryResponse {
+            version_info: "v1".into(),
+            resources: secrets.iter().map(any).collect(),
+            canary: false,
+            type_url: SECRET_TYPE_URL.into(),
+            nonce: "n1".into(),
+        }
+    }
+
+    fn good(ca: &TestCa, svid: &Svid) -> (Secret, Secret) {
+        (
+            tls_secret(
+                bytes(certs_to_pem(svid.chain())),
+                bytes(key_to_pem(svid.key()).as_bytes()),
+            ),
+            bundle_secret(bytes(ca.bundle().to_pem())),
+        )
+    }
+
+    fn td() -> TrustDomain {
+        TrustDomain::parse("example.org").unwrap()
+    }
+
+    #[test]
+    fn decodes_inline_bytes_and_strings() {
+        let ca = TestCa::root("example.org");
+        let svid = ca.svid("/web");
+        let (d, b) = good(&ca, &svid);
+        let out = decode(&response(&[d, b]), &td(), KeySource::Response).unwrap();
+        assert_eq!(out.chain, svid.chain());
+        assert_eq!(out.key.unwrap().secret_der(), svid.key().secret_der());
+        let strings = tls_secret(
+            Some(DataSource {
+                specifier: Some(data_source::Specifier::InlineString(certs_to_pem(
+                    svid.chain(),
+                ))),
+            }),
+            None,
+        );
+        let out = decode(
+            &response(&[bundle_secret(bytes(ca.bundle().to_pem())), strings]),
+            &td(),
+            KeySource::Ours,
+        )
+        .unwrap();
+        assert!(out.key.is_none());
+        assert_eq!(out.bundle.roots(), ca.bundle().roots());
+    }
+
+    #[test]
+    fn rejects_response_missing_rootca() {
+        let ca = TestCa::root("example.org");
+        let (d, _) = good(&ca, &ca.svid("/web"));
+        let err = decode(&response(&[d]), &td(), KeySource::Response)
+            .err()
+            .unwrap();
+        assert_eq!(err.reason, "missing_secret");
+        assert!(err.message.contains("`ROOTCA`"), "{err}");
+    }
+
+    #[test]
+    fn rejects_response_missing_default() {
+        let ca = TestCa::root("example.org");
+        let (_, b) = good(&ca, &ca.svid("/web"));
+        let err = decode(&response(&[b]), &td(), KeySource::Response)
+            .err()
+            .unwrap();
+        assert_eq!(err.reason, "missing_secret");
+        assert!(err.message.contains("`default`"), "{err}");
+    }
+
+    #[test]
+    fn rejects_key_in_response_in_csr_mode() {
+        let ca = TestCa::root("example.org");
+        let (d, b) = good(&ca, &ca.svid("/web"));
+        let err = decode(&response(&[d, b]), &td(), KeySource::Ours)
+            .err()
+            .unwrap();
+        assert_eq!(err.reason, "key_in_response");
+        assert!(
+            err.message.contains("keys must not leave the workload"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rejects_missing_key_without_csr() {
+        let ca = TestCa::root("example.org");
+        let svid = ca.svid("/web");
+        let d = tls_secret(bytes(certs_to_pem(svid.chain())), None);
+        let err = decode(
+            &response(&[d, bundle_secret(bytes(ca.bundle().to_pem()))]),
+            &td(),
+            KeySource::Response,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(err.reason, "no_key");
+    }
+
+    #[test]
+    fn rejects_garbage_pem_chain() {
+        let ca = TestCa::root("example.org");
+        let d = tls_secret(bytes("garbage"), None);
+        let err = decode(
+            &response(&[d, bundle_secret(bytes(ca.bundle().to_pem()))]),
+            &td(),
+            KeySource::Ours,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(err.reason, "malformed");
+        assert!(err.message.contains("certificate_chain"), "{err}");
+    }
+
+    #[test]
+    fn garbage_key_is_refused_without_echoing_it() {
+        let ca = TestCa::root("example.org");
+        let svid = ca.svid("/web");
+        let d = tls_secret(
+            bytes(certs_to_pem(svid.chain())),
+            bytes("-----BEGIN PRIVATE KEY-----\nSECRETSTUFF!!\n-----END PRIVATE KEY-----\n"),
+        );
+        let err = decode(
+            &response(&[d, bundle_secret(bytes(ca.bundle().to_pem()))]),
+            &td(),
+            KeySource::Response,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(err.reason, "bad_key");
+        assert!(!err.message.contains("SECRETSTUFF"), "{err}");
+    }
+
+    #[test]
+    fn rejects_empty_bundle() {
+        let ca = TestCa::root("example.org");
+        let (d, _) = good(&ca, &ca.svid("/web"));
+        let err = decode(
+            &response(&[d, bundle_secret(bytes(""))]),
+            &td(),
+            KeySource::Response,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(err.reason, "bad_bundle");
+        assert!(
+            err.message.starts_with("secret `ROOTCA`: trusted_ca:"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rejects_swapped_secret_types() {
+        let ca = TestCa::root("example.org");
+        let mut b = bundle_secret(bytes(ca.bundle().to_pem()));
+        b.name = DEFAULT.into();
+        let mut b2 = b.clone();
+        b2.name = ROOTCA.into();
+        let err = decode(&response(&[b, b2]), &td(), KeySource::Ours)
+            .err()
+            .unwrap();
+        assert_eq!(err.reason, "wrong_type");
+        assert!(
+            err.message
+                .contains("must be a tls_certificate, got validation_context"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rejects_file_name_data_source() {
+        let ca = TestCa::root("example.org");
+        let d = tls_secret(
+            Some(DataSource {
+                specifier: Some(data_source::Specifier::Filename("/etc/shadow".into())),
+            }),
+            None,
+        );
+        let err = decode(
+            &response(&[d, bundle_secret(bytes(ca.bundle().to_pem()))]),
+            &td(),
+            KeySource::Ours,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(err.reason, "not_inline");
+    }
+
+    #[test]
+    fn rejects_wrong_type_url() {
+        let ca = TestCa::root("example.org");
+        let (d, b) = good(&ca, &ca.svid("/web"));
+        let mut r = response(&[d, b]);
+        r.resources[0].type_url = "type.googleapis.com/envoy.config.cluster.v3.Cluster".into();
+        assert_eq!(
+            decode(&r, &td(), KeySource::Response).err().unwrap().reason,
+            "wrong_type"
+        );
+    }
+
+    #[test]
+    fn rejects_undecodable_secret() {
+        let ca = TestCa::root("example.org");
+        let (_, b) = good(&ca, &ca.svid("/web"));
+        let mut r = response(&[b]);
+        r.resources.push(prost_types::Any {
+            type_url: SECRET_TYPE_URL.into(),
+            value: vec![0xff, 0xff, 0xff],
+        });
+        assert_eq!(
+            decode(&r, &td(), KeySource::Response).err().unwrap().reason,
+            "malformed"
+        );
+    }
+
+    #[test]
+    fn rejects_duplicate_secret() {
+        let ca = TestCa::root("example.org");
+        let (d, b) = good(&ca, &ca.svid("/web"));
+        let err = decode(&response(&[d.clone(), d, b]), &td(), KeySource::Response)
+            .err()
+            .unwrap();
+        assert!(err.message.contains("appears twice"), "{err}");
+    }
+}

@@ -1,0 +1,209 @@
+//! Wires a sidecar together: identity source → [`SvidStore`] → inbound and outbound proxies,
+//! plus the admin endpoint; drains on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use trellis_identity::TrustBundle;
+
+use crate::admin::{self, AdminState};
+use crate::config::{IdentitySource, SidecarSettings};
+use crate::drain::{self, DrainSignal};
+use crate::identity_files;
+use crate::inbound::InboundProxy;
+use crate::metrics::SidecarMetrics;
+use crate::outbound::OutboundProxy;
+use crate::sds::SdsClient;
+use crate::svid_store::SvidStore;
+
+/// Why the sidecar could not start; names the file or address.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A bootstrap file (bundle, token, PEM).
+    #[error("{path}: {problem}")]
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// Identity files refused.
+    #[error(transparent)]
+    Files(#[from] identity_files::FilesError),
+    /// SDS bootstrap refused.
+    #[error(transparent)]
+    Sds(#[from] crate::sds::SdsClientError),
+    /// A listener could not bind.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// `inbound`, `outbound`, `admin`.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// A running sidecar.
+pub struct Sidecar {
+    /// The mTLS inbound listener.
+    pub inbound_addr: SocketAddr,
+    /// Outbound listeners: `("shared", addr)` and one per dedicated upstream port.
+    pub outbound_addrs: Vec<(String, SocketAddr)>,
+    /// The admin listener.
+    pub admin_addr: SocketAddr,
+    /// The identity.
+    pub store: Arc<SvidStore>,
+    /// Metrics.
+    pub metrics: Arc<SidecarMetrics>,
+    drain_timeout: Duration,
+    drain_signal: DrainSignal,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+fn read_bundle(
+    path: &std::path::Path,
+    settings: &SidecarSettings,
+) -> Result<TrustBundle, StartError> {
+    let pem = std::fs::read(path).map_err(|e| StartError::File {
+        path: path.to_owned(),
+        problem: format!("cannot read: {e}"),
+    })?;
+    TrustBundle::from_pem(settings.trust_domain.clone(), &pem).map_err(|e| StartError::File {
+        path: path.to_owned(),
+        problem: e.to_string(),
+    })
+}
+
+impl Sidecar {
+    /// Loads the identity source, binds every listener, and starts serving. With files, the
+    /// SVID is installed before this returns; with SDS, `/ready` turns true on the first SVID.
+    pub async fn start(settings: SidecarSettings) -> Result<Self, StartError> {
+        let metrics = Arc::new(SidecarMetrics::new());
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let store = match &settings.identity {
+            IdentitySource::Files(files) => {
+                let store = SvidStore::new(
+                    read_bundle(&files.bundle, &settings)?,
+                    None,
+                    Arc::clone(&metrics),
+                );
+                identity_files::load(files, &store)?;
+                tasks.push(tokio::spawn(identity_files::watch(
+                    files.clone(),
+                    Arc::clone(&store),
+                    Arc::clone(&metrics),
+                    shutdown_rx.clone(),
+                )));
+                store
+            }
+            IdentitySource::Sds(sds) => {
+                let bundle = read_bundle(&sds.control_bundle, &settings)?;
+                let store = SvidStore::new(bundle, sds.expected_id.clone(), Arc::clone(&metrics));
+                let client = SdsClient::new(sds.clone(), Arc::clone(&store), Arc::clone(&metrics))?;
+                tasks.push(tokio::spawn(client.run(shutdown_rx.clone())));
+                store
+            }
+        };
+
+        let inbound = InboundProxy::bind(&settings, Arc::clone(&store), Arc::clone(&metrics))
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "inbound",
+                addr: settings.inbound_listen,
+                source,
+            })?;
+        let outbound = OutboundProxy::bind(&settings, Arc::clone(&store), Arc::clone(&metrics))
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "outbound",
+                addr: settings.outbound_listen,
+                source,
+            })?;
+        let admin_listener =
+            TcpListener::bind(settings.admin)
+                .await
+                .map_err(|source| StartError::Bind {
+                    what: "admin",
+                    addr: settings.admin,
+                    source,
+                })?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                what: "admin",
+                addr: settings.admin,
+                source,
+            })?;
+        let inbound_addr = inbound.local_addr();
+        let outbound_addrs = outbound.local_addrs();
+
+        let (drain_signal, drain) = drain::channel();
+        tasks.push(tokio::spawn(inbound.run(drain.clone())));
+        tasks.push(tokio::spawn(outbound.run(drain)));
+        let admin_state = Arc::new(AdminState {
+            store: Arc::clone(&store),
+            metrics: Arc::clone(&metrics),
+            expiry_margin: settings.expiry_margin,
+        });
+        tasks.push(tokio::spawn(admin::serve(
+            admin_listener,
+            admin_state,
+            shutdown_rx,
+        )));
+        tracing::info!(inbound = %inbound_addr, outbound = ?outbound_addrs, admin = %admin_addr, "sidecar serving");
+        Ok(Self {
+            inbound_addr,
+            outbound_addrs,
+            admin_addr,
+            store,
+            metrics,
+            drain_timeout: settings.drain_timeout,
+            drain_signal,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// The shared outbound listener.
+    pub fn outbound_addr(&self) -> Option<SocketAddr> {
+        self.outbound_addrs
+            .iter()
+            .find(|(n, _)| n == "shared")
+            .map(|(_, a)| *a)
+    }
+
+    /// Waits until an SVID is installed, up to `timeout`.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let mut generation = self.store.subscribe();
+        let ready = async {
+            loop {
+                if self.store.is_ready(SystemTime::now(), Duration::ZERO) {
+                    return;
+                }
+                if generation.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, ready).await.is_ok() && self.store.current().is_some()
+    }
+
+    /// Stops accepting, lets in-flight requests finish (bounded by the drain timeout), stops
+    /// the identity source and the admin endpoint. Returns whether everything drained in time.
+    pub async fn shutdown(self) -> bool {
+        let drained = self.drain_signal.drain(self.drain_timeout).await;
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            task.abort();
+        }
+        drained
+    }
+}

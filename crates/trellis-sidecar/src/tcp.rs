@@ -1,0 +1,128 @@
+//! Plain TCP mode, for protocols that are not HTTP. Identity checks still apply:
+//!
+//! - outbound (`protocol: tcp` upstream on its dedicated `listen`): app → plain TCP → sidecar →
+//!   mTLS (peer verified against the bundle and the upstream's `identity`) → peer;
+//! - inbound (`inbound.tcp`): peer → mTLS (client certificate required) → sidecar → plain TCP →
+//!   app.
+//!
+//! Bytes are copied both ways with [`tokio::io::copy_bidirectional_with_sizes`]; an EOF on one
+//! side is passed on as a half-close (TLS `close_notify` + TCP FIN) so request/response
+//! protocols that shut down their write side still work. On drain, forwards keep copying until
+//! they end on their own or the drain timeout passes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use trellis_identity::tls::SharedBundle;
+
+use crate::drain::Drain;
+use crate::http_util::{connect_tcp, TcpTarget};
+use crate::inbound::{accept_loop, accept_tls};
+use crate::metrics::{Direction, SidecarMetrics};
+use crate::pool::{PeerTarget, TlsClient};
+
+/// Copy buffer per direction: one TLS record's worth of plaintext.
+pub const COPY_BUFFER: usize = 16 * 1024;
+
+/// Copies until both directions have ended; returns (a→b, b→a) bytes.
+pub async fn splice<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUFFER, COPY_BUFFER).await
+}
+
+/// One inbound raw TCP forward, bound.
+pub(crate) struct InboundForward {
+    pub(crate) listener: TcpListener,
+    pub(crate) app: SocketAddr,
+    pub(crate) acceptor: TlsAcceptor,
+}
+
+/// What every inbound forward connection needs.
+pub(crate) struct InboundTcpContext {
+    pub(crate) bundle: SharedBundle,
+    pub(crate) metrics: Arc<SidecarMetrics>,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+}
+
+/// Accepts mTLS on the forward's listener until `drain`; each connection is spliced to the app.
+pub(crate) async fn run_inbound_forward(
+    forward: InboundForward,
+    ctx: Arc<InboundTcpContext>,
+    drain: Drain,
+) {
+    let InboundForward {
+        listener,
+        app,
+        acceptor,
+    } = forward;
+    accept_loop(&listener, &drain, |tcp, peer_addr| {
+        let (ctx, acceptor, drain) = (ctx.clone(), acceptor.clone(), drain.clone());
+        tokio::spawn(async move {
+            let _drain = drain;
+            let Some((mut tls, peer_id, _)) =
+                accept_tls(&acceptor, tcp, peer_addr, &ctx.bundle, &ctx.metrics, ctx.handshake_timeout).await
+            else {
+                return;
+            };
+            let _open = ctx.metrics.connection(Direction::Inbound);
+            let mut to_app = match connect_tcp(TcpTarget::Addr(app), ctx.connect_timeout).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(%peer_addr, %peer_id, %app, error = %e, "TCP forward: app unreachable");
+                    return;
+                }
+            };
+            match splice(&mut tls, &mut to_app).await {
+                Ok((up, down)) => tracing::debug!(%peer_addr, %peer_id, %app, up, down, "TCP forward done"),
+                Err(e) => tracing::debug!(%peer_addr, %peer_id, %app, error = %e, "TCP forward ended"),
+            }
+        });
+    })
+    .await;
+}
+
+/// An outbound TCP upstream, bound on its dedicated port.
+pub(crate) struct OutboundTcp {
+    pub(crate) listener: TcpListener,
+    pub(crate) peer: Arc<PeerTarget>,
+    pub(crate) tls: TlsClient,
+}
+
+/// Accepts plain TCP from the app until `drain`; each connection gets its own mTLS connection
+/// to the peer (checked like HTTP upstreams) and is spliced to it. A peer that cannot be
+/// reached or fails the identity check closes the app's connection (TCP has no error page);
+/// the reason is logged and counted in `tls_handshakes_total`.
+pub(crate) async fn run_outbound_tcp(upstream: OutboundTcp, drain: Drain) {
+    let OutboundTcp {
+        listener,
+        peer,
+        tls,
+    } = upstream;
+    accept_loop(&listener, &drain, |mut app, app_addr| {
+        let (peer, tls, drain) = (peer.clone(), tls.clone(), drain.clone());
+        tokio::spawn(async move {
+            let _drain = drain;
+            let mut to_peer = match peer.connect_stream(&tls).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(%app_addr, error = %e, "TCP upstream: cannot connect");
+                    return;
+                }
+            };
+            let _open = peer.metrics().connection(Direction::Outbound);
+            match splice(&mut app, &mut to_peer).await {
+                Ok((up, down)) => tracing::debug!(%app_addr, target = %peer.target(), up, down, "TCP upstream done"),
+                Err(e) => tracing::debug!(%app_addr, target = %peer.target(), error = %e, "TCP upstream ended"),
+            }
+        });
+    })
+    .await;
+}

@@ -1,0 +1,245 @@
+//! `trellis sidecar`: flags and env over the YAML file, then serve until SIGTERM and drain.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use trellis_sidecar::config::{FilesFile, Protocol, SidecarFile, UpstreamFile};
+use trellis_sidecar::{Sidecar, SidecarSettings};
+
+/// `trellis sidecar` flags; each overrides the same field of `--config`.
+#[derive(Args, Debug)]
+pub struct SidecarArgs {
+    /// YAML config file (see examples/sidecar-a.yaml).
+    #[arg(long, env = "TRELLIS_CONFIG")]
+    config: Option<PathBuf>,
+    /// Trust domain, e.g. example.org.
+    #[arg(long, env = "TRELLIS_TRUST_DOMAIN")]
+    trust_domain: Option<String>,
+    /// Control plane SDS address (host:port): identity from SDS.
+    #[arg(long, env = "TRELLIS_CONTROL_PLANE")]
+    control_plane: Option<String>,
+    /// The control plane's bundle.pem (verifies it; the initial trust bundle).
+    #[arg(long, env = "TRELLIS_CONTROL_BUNDLE")]
+    control_bundle: Option<PathBuf>,
+    /// Kubernetes service-account token file, re-read on every connect.
+    #[arg(long, env = "TRELLIS_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Join token from `trellis token create` (prefer the env var: flags show in `ps`).
+    #[arg(long, env = "TRELLIS_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// The SPIFFE ID this sidecar must receive; any other is refused.
+    #[arg(long, env = "TRELLIS_SPIFFE_ID")]
+    spiffe_id: Option<String>,
+    /// Accept a private key from the control plane instead of sending a CSR.
+    #[arg(long, env = "TRELLIS_NO_CSR")]
+    no_csr: bool,
+    /// SVID chain PEM: identity from files (with --key and --bundle).
+    #[arg(long, env = "TRELLIS_CERT", requires_all = ["key", "bundle"])]
+    cert: Option<PathBuf>,
+    /// SVID private key PEM.
+    #[arg(long, env = "TRELLIS_KEY", requires_all = ["cert", "bundle"])]
+    key: Option<PathBuf>,
+    /// Trust bundle PEM.
+    #[arg(long, env = "TRELLIS_BUNDLE", requires_all = ["cert", "key"])]
+    bundle: Option<PathBuf>,
+    /// Inbound mTLS listener [default: 0.0.0.0:15443].
+    #[arg(long, env = "TRELLIS_INBOUND")]
+    inbound: Option<SocketAddr>,
+    /// The local app [default: 127.0.0.1:8080].
+    #[arg(long, env = "TRELLIS_APP")]
+    app: Option<SocketAddr>,
+    /// Shared, Host-routed outbound listener [default: 127.0.0.1:15001].
+    #[arg(long, env = "TRELLIS_OUTBOUND")]
+    outbound: Option<SocketAddr>,
+    /// An upstream, repeatable: `name=b,address=10.0.0.2:15443,identity=spiffe://td/b[,hosts=b;b.prod][,listen=127.0.0.1:9000][,protocol=tcp]`.
+    #[arg(long = "upstream", env = "TRELLIS_UPSTREAMS", value_delimiter = ' ')]
+    upstreams: Vec<String>,
+    /// Admin listener [default: 127.0.0.1:15000].
+    #[arg(long, env = "TRELLIS_ADMIN")]
+    admin: Option<SocketAddr>,
+    /// `tls13` (default) or `tls12+`.
+    #[arg(long, env = "TRELLIS_TLS_POLICY")]
+    tls_policy: Option<String>,
+    /// SIGTERM waits this long for in-flight requests [default: 15s].
+    #[arg(long, env = "TRELLIS_DRAIN_TIMEOUT", value_parser = humantime::parse_duration)]
+    drain_timeout: Option<Duration>,
+    /// Connect timeout [default: 5s].
+    #[arg(long, env = "TRELLIS_CONNECT_TIMEOUT", value_parser = humantime::parse_duration)]
+    connect_timeout: Option<Duration>,
+    /// Time to response headers [default: 30s].
+    #[arg(long, env = "TRELLIS_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
+    request_timeout: Option<Duration>,
+    /// `/ready` turns false this long before the SVID expires [default: 5m].
+    #[arg(long, env = "TRELLIS_EXPIRY_MARGIN", value_parser = humantime::parse_duration)]
+    expiry_margin: Option<Duration>,
+}
+
+/// Parses `name=b,address=…,identity=…[,hosts=a;b][,listen=…][,protocol=tcp]`.
+pub fn parse_upstream(spec: &str) -> anyhow::Result<UpstreamFile> {
+    let mut u = UpstreamFile {
+        name: String::new(),
+        listen: None,
+        hosts: Vec::new(),
+        address: String::new(),
+        identity: String::new(),
+        protocol: Protocol::Http,
+    };
+    for part in spec.split(',').filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .with_context(|| format!("--upstream `{spec}`: `{part}` is not key=value"))?;
+        match k {
+            "name" => u.name = v.to_owned(),
+            "address" => u.address = v.to_owned(),
+            "identity" => u.identity = v.to_owned(),
+            "hosts" => u.hosts = v.split(';').filter(|h| !h.is_empty()).map(str::to_owned).collect(),
+            "listen" => u.listen = Some(v.parse().with_context(|| format!("--upstream `{spec}`: listen `{v}`"))?),
+            "protocol" => {
+                u.protocol = match v {
+                    "http" => Protocol::Http,
+                    "tcp" => Protocol::Tcp,
+                    _ => bail!("--upstream `{spec}`: protocol `{v}`: use http or tcp"),
+                }
+            }
+            _ => bail!("--upstream `{spec}`: unknown key `{k}` (name, address, identity, hosts, listen, protocol)"),
+        }
+    }
+    for (field, value) in [
+        ("name", &u.name),
+        ("address", &u.address),
+        ("identity", &u.identity),
+    ] {
+        if value.is_empty() {
+            bail!("--upstream `{spec}`: `{field}=` is required");
+        }
+    }
+    Ok(u)
+}
+
+impl SidecarArgs {
+    /// The file (if any) with flags applied over it.
+    pub fn merged(self) -> anyhow::Result<SidecarFile> {
+        let mut f = match &self.config {
+            Some(path) => SidecarFile::load(path)?,
+            None => SidecarFile::default(),
+        };
+        if self.trust_domain.is_some() {
+            f.trust_domain = self.trust_domain;
+        }
+        if let (Some(cert), Some(key), Some(bundle)) = (self.cert, self.key, self.bundle) {
+            f.identity.sds = None;
+            f.identity.files = Some(FilesFile { cert, key, bundle });
+        }
+        let sds_flags = self.control_plane.is_some()
+            || self.control_bundle.is_some()
+            || self.token_file.is_some()
+            || self.join_token.is_some()
+            || self.spiffe_id.is_some()
+            || self.no_csr;
+        if sds_flags {
+            let mut s = f.identity.sds.take().unwrap_or_default();
+            if self.control_plane.is_some() {
+                s.control_plane = self.control_plane;
+            }
+            if self.control_bundle.is_some() {
+                s.control_bundle = self.control_bundle;
+            }
+            if self.token_file.is_some() {
+                s.token_file = self.token_file;
+                s.join_token = None;
+            }
+            if self.join_token.is_some() {
+                s.join_token = self.join_token;
+                s.token_file = None;
+            }
+            if self.spiffe_id.is_some() {
+                s.spiffe_id = self.spiffe_id;
+            }
+            if self.no_csr {
+                s.csr = Some(false);
+            }
+            f.identity.files = None;
+            f.identity.sds = Some(s);
+        }
+        if self.inbound.is_some() {
+            f.inbound.listen = self.inbound;
+        }
+        if self.app.is_some() {
+            f.inbound.app = self.app;
+        }
+        if self.outbound.is_some() {
+            f.outbound.listen = self.outbound;
+        }
+        for spec in &self.upstreams {
+            f.outbound.upstreams.push(parse_upstream(spec)?);
+        }
+        if self.admin.is_some() {
+            f.admin = self.admin;
+        }
+        if self.tls_policy.is_some() {
+            f.tls_policy = self.tls_policy;
+        }
+        macro_rules! over {
+            ($($field:ident),*) => { $( if self.$field.is_some() { f.$field = self.$field; } )* };
+        }
+        over!(
+            drain_timeout,
+            connect_timeout,
+            request_timeout,
+            expiry_margin
+        );
+        Ok(f)
+    }
+}
+
+/// Runs the sidecar until SIGTERM/SIGINT, then drains.
+pub fn run(args: SidecarArgs) -> anyhow::Result<()> {
+    let settings = SidecarSettings::from_file(args.merged()?)?;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let sidecar = Sidecar::start(settings).await?;
+        let outbound: Vec<String> = sidecar
+            .outbound_addrs
+            .iter()
+            .map(|(n, a)| format!("{n}={a}"))
+            .collect();
+        // Tests and scripts read this line to learn the bound ports (port 0 is allowed).
+        println!(
+            "trellis sidecar listening inbound={} outbound={} admin={}",
+            sidecar.inbound_addr,
+            outbound.join(","),
+            sidecar.admin_addr
+        );
+        crate::cmd_control::shutdown_signal().await;
+        tracing::info!("draining");
+        if !sidecar.shutdown().await {
+            tracing::warn!("drain timeout reached with requests still in flight");
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_flag_parses() {
+        let u = parse_upstream(
+            "name=b,address=127.0.0.1:15443,identity=spiffe://example.org/b,hosts=b;b.prod",
+        )
+        .unwrap();
+        assert_eq!(u.hosts, ["b", "b.prod"]);
+        assert!(parse_upstream("name=b")
+            .unwrap_err()
+            .to_string()
+            .contains("address="));
+        assert!(parse_upstream("name=b,adress=x")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown key `adress`"));
+    }
+}
