@@ -35,6 +35,13 @@ mod process;
 mod sds;
 mod wait;
 
+pub mod app_client;
+pub mod echo;
+pub mod k8s;
+pub mod mesh;
+pub mod openssl;
+pub mod sidecar;
+
 pub use control::{parse_listening_line, ControlPlane, ControlPlaneOpts, K8sOpts};
 pub use envoy::{render_template, Envoy};
 pub use http::{http_get, HttpResponse};

@@ -21,48 +21,240 @@ use crate::drain::Drain;
 use crate::metrics::{Direction, RequestLabel, SidecarMetrics};
 use crate::pool::PooledBody;
 
-/// Every response either proxy sends: a streamed peer (HTTP/2) body, a streamed pooled
-/// HTTP/1.1 body, or a short text message the sidecar wrote itself. An enum, not a boxed
-/// trait object, so a response costs no allocation for its body.
+/// Errors a body can end with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Every response either proxy sends: streamed from a peer over HTTP/2, streamed from a pooled
+/// HTTP/1.1 connection, streamed from another hyper connection, or a short text message the
+/// sidecar wrote itself. An enum, not a boxed trait object, so a response costs no allocation
+/// for its body.
 #[derive(Debug)]
 pub enum ProxyBody {
-    /// Streamed from an HTTP/2 (or other non-pooled) connection.
-    Stream(Incoming),
+    /// Streamed from an HTTP/2 stream (the pooled connection to a peer sidecar).
+    H2(H2Body),
     /// Streamed from a pooled HTTP/1.1 connection; the connection goes back to the pool at the
     /// end of the body.
     Pooled(PooledBody),
+    /// Streamed from a hyper connection.
+    Stream(Incoming),
     /// Written by the sidecar (errors, 404s). Yields once.
     Text(Option<Bytes>),
 }
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            ProxyBody::Stream(b) => Pin::new(b).poll_frame(cx),
-            ProxyBody::Pooled(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ProxyBody::Pooled(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ProxyBody::Stream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             ProxyBody::Text(t) => Poll::Ready(t.take().map(|b| Ok(Frame::data(b)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ProxyBody::Stream(b) => b.is_end_stream(),
+            ProxyBody::H2(b) => b.is_end_stream(),
             ProxyBody::Pooled(b) => b.is_end_stream(),
+            ProxyBody::Stream(b) => b.is_end_stream(),
             ProxyBody::Text(t) => t.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ProxyBody::Stream(b) => b.size_hint(),
+            ProxyBody::H2(b) => b.size_hint(),
             ProxyBody::Pooled(b) => b.size_hint(),
+            ProxyBody::Stream(b) => b.size_hint(),
             ProxyBody::Text(t) => SizeHint::with_exact(t.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}
+
+/// A request body on its way to a pooled HTTP/1.1 connection: from a hyper connection (an
+/// HTTP/1.1 peer, or the app) or from an HTTP/2 stream.
+#[derive(Debug)]
+pub enum ReqBody {
+    /// From a hyper connection.
+    Hyper(Incoming),
+    /// From an HTTP/2 stream.
+    H2(H2Body),
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ReqBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ReqBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Hyper(b) => b.is_end_stream(),
+            ReqBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Hyper(b) => b.size_hint(),
+            ReqBody::H2(b) => b.size_hint(),
+        }
+    }
+}
+
+/// The body of an HTTP/2 stream (request on the inbound side, response on the outbound side).
+/// Flow-control capacity is handed back as soon as a chunk is taken, so the peer may send the
+/// next window while this one is written onward.
+#[derive(Debug)]
+pub struct H2Body {
+    recv: h2::RecvStream,
+    /// From `content-length`, counted down: lets hyper send a length instead of chunking.
+    remaining: Option<u64>,
+    data_done: bool,
+}
+
+impl H2Body {
+    /// Wraps `recv`; `headers` are the message's (for `content-length`).
+    pub fn new(recv: h2::RecvStream, headers: &HeaderMap) -> Self {
+        let remaining = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        Self {
+            recv,
+            remaining,
+            data_done: false,
+        }
+    }
+}
+
+impl Body for H2Body {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = self.get_mut();
+        if !this.data_done {
+            match this.recv.poll_data(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(data))) => {
+                    // Only fails once the stream is gone, which the next poll reports.
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    if let Some(rest) = this.remaining.as_mut() {
+                        *rest = rest.saturating_sub(data.len() as u64);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => this.data_done = true,
+            }
+        }
+        match this.recv.poll_trailers(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(Some(trailers))) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Poll::Ready(Ok(None)) => Poll::Ready(None),
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.remaining {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+/// Streams `body` into an HTTP/2 stream, respecting flow control, ending the stream with the
+/// last data frame (no separate empty frame) or with trailers. Stops when the peer resets the
+/// stream; resets it when `body` fails.
+pub(crate) async fn pipe_to_h2<B>(body: B, send: &mut h2::SendStream<Bytes>) -> Result<(), BoxError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let mut body = std::pin::pin!(body);
+    loop {
+        let frame = std::future::poll_fn(|cx| {
+            if let Poll::Ready(reset) = send.poll_reset(cx) {
+                let why = match reset {
+                    Ok(reason) => format!("peer reset the stream ({reason})"),
+                    Err(e) => e.to_string(),
+                };
+                return Poll::Ready(Err(BoxError::from(why)));
+            }
+            body.as_mut().poll_frame(cx).map(Ok)
+        })
+        .await?;
+        let frame = match frame {
+            None => {
+                send.send_data(Bytes::new(), true)?;
+                return Ok(());
+            }
+            Some(Ok(frame)) => frame,
+            Some(Err(e)) => {
+                send.send_reset(h2::Reason::INTERNAL_ERROR);
+                return Err(e.into());
+            }
+        };
+        match frame.into_data() {
+            Ok(mut data) => {
+                let last = body.is_end_stream();
+                if data.is_empty() && !last {
+                    continue;
+                }
+                loop {
+                    if data.is_empty() {
+                        // Only reached for an empty last frame.
+                        send.send_data(data, true)?;
+                        break;
+                    }
+                    send.reserve_capacity(data.len());
+                    let capacity = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+                        Some(Ok(n)) => n,
+                        Some(Err(e)) => return Err(e.into()),
+                        None => return Err("the stream closed while sending".into()),
+                    };
+                    if capacity == 0 {
+                        continue;
+                    }
+                    let chunk = data.split_to(capacity.min(data.len()));
+                    let end = last && data.is_empty();
+                    send.send_data(chunk, end)?;
+                    if data.is_empty() {
+                        break;
+                    }
+                }
+                if last {
+                    return Ok(());
+                }
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    send.send_trailers(trailers)?;
+                    return Ok(());
+                }
+            }
         }
     }
 }
@@ -250,20 +442,6 @@ where
     I: hyper::rt::Read + hyper::rt::Write + Unpin,
     B: Body + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    fn begin_shutdown(self: Pin<&mut Self>) {
-        self.graceful_shutdown();
-    }
-}
-
-impl<I, S, E, B> GracefulConnection for hyper::server::conn::http2::Connection<I, S, E>
-where
-    S: hyper::service::HttpService<Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin,
-    B: Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
 {
     fn begin_shutdown(self: Pin<&mut Self>) {
         self.graceful_shutdown();

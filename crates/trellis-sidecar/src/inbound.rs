@@ -14,12 +14,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
 use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Request, Response, Uri, Version};
-use hyper::body::Incoming;
-use hyper::server::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::body::{Body, Incoming};
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::ProtocolVersion;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
@@ -30,7 +31,8 @@ use trellis_identity::{leaf_sha256_hex, SpiffeId};
 use crate::config::SidecarSettings;
 use crate::drain::Drain;
 use crate::http_util::{
-    self, serve_until_drained, strip_hop_by_hop, text_response, ProxyBody, StatusCounters, XFCC,
+    self, serve_until_drained, strip_hop_by_hop, text_response, BoxError, H2Body, ProxyBody,
+    ReqBody, StatusCounters, XFCC,
 };
 use crate::metrics::{Direction, SidecarMetrics};
 use crate::mtls::{self, SessionTicketer};
@@ -82,7 +84,7 @@ struct Inbound {
     handshake_timeout: Duration,
     connect_timeout: Duration,
     h1: http1::Builder,
-    h2: http2::Builder<TokioExecutor>,
+    h2: h2::server::Builder,
 }
 
 /// The inbound mTLS listener (HTTP) and the raw TCP forwards.
@@ -121,12 +123,12 @@ impl InboundProxy {
         }
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new()).keep_alive(true);
-        let mut h2 = http2::Builder::new(TokioExecutor::new());
-        h2.timer(TokioTimer::new())
-            .initial_stream_window_size(pool::H2_STREAM_WINDOW)
+        let mut h2 = h2::server::Builder::new();
+        h2.initial_window_size(pool::H2_STREAM_WINDOW)
             .initial_connection_window_size(pool::H2_CONNECTION_WINDOW)
-            .max_send_buf_size(pool::H2_MAX_SEND_BUF)
-            .max_concurrent_streams(pool::H2_MAX_CONCURRENT_STREAMS);
+            .max_send_buffer_size(pool::H2_MAX_SEND_BUF)
+            .max_concurrent_streams(pool::H2_MAX_CONCURRENT_STREAMS)
+            .max_header_list_size(pool::H2_MAX_HEADER_LIST);
         Ok(Self {
             http,
             acceptor: TlsAcceptor::from(http_config),
@@ -322,60 +324,134 @@ impl Inbound {
             http2,
         });
         tracing::debug!(%peer_addr, peer_id = %info.peer_id, resumed, http2, "inbound connection");
-        let service = {
-            let shared = self.clone();
-            hyper::service::service_fn(move |req| handle(shared.clone(), info.clone(), req))
-        };
-        let io = TokioIo::new(stream);
         let served = if http2 {
-            serve_until_drained(self.h2.serve_connection(io, service), drain).await
+            self.serve_h2(stream, info, drain)
+                .await
+                .map_err(BoxError::from)
         } else {
-            serve_until_drained(self.h1.serve_connection(io, service), drain).await
+            let service = {
+                let shared = self.clone();
+                hyper::service::service_fn(move |req| {
+                    handle_http1(shared.clone(), info.clone(), req)
+                })
+            };
+            let conn = self.h1.serve_connection(TokioIo::new(stream), service);
+            serve_until_drained(conn, drain)
+                .await
+                .map_err(BoxError::from)
         };
         if let Err(e) = served {
             tracing::debug!(%peer_addr, error = %e, "inbound connection ended with an error");
         }
     }
+
+    /// HTTP/2: every stream's handler runs inside this connection's task (no task per stream).
+    /// On drain: GOAWAY, the streams already open finish, then the connection closes.
+    async fn serve_h2(
+        self: &Arc<Self>,
+        stream: TlsStream<TcpStream>,
+        info: Arc<ConnInfo>,
+        drain: Drain,
+    ) -> Result<(), h2::Error> {
+        let mut conn = self.h2.handshake::<_, Bytes>(stream).await?;
+        let mut streams = FuturesUnordered::new();
+        let draining = drain.signaled();
+        let mut draining = std::pin::pin!(draining);
+        let mut shutting_down = false;
+        let result = loop {
+            tokio::select! {
+                biased;
+                () = &mut draining, if !shutting_down => {
+                    conn.graceful_shutdown();
+                    shutting_down = true;
+                }
+                Some(()) = streams.next(), if !streams.is_empty() => {}
+                accepted = conn.accept() => match accepted {
+                    Some(Ok((request, respond))) => {
+                        streams.push(serve_h2_stream(self.clone(), info.clone(), request, respond));
+                    }
+                    Some(Err(e)) => break Err(e),
+                    None => break Ok(()),
+                },
+            }
+        };
+        // The connection is gone; what is left finds out at its next step.
+        while streams.next().await.is_some() {}
+        result
+    }
+
+    /// What the app (or the policy hook) answers to one request.
+    async fn respond(
+        &self,
+        conn: &ConnInfo,
+        mut parts: Parts,
+        body: ReqBody,
+    ) -> Response<ProxyBody> {
+        let response = match authorize(conn, &parts) {
+            Some(denied) => denied,
+            None => {
+                to_app_request(&mut parts, &conn.xfcc);
+                let sent = tokio::time::timeout(
+                    self.request_timeout,
+                    self.app.send(Request::from_parts(parts, body)),
+                )
+                .await;
+                match sent {
+                    Ok(Ok(response)) => {
+                        let (mut head, body) = response.into_parts();
+                        strip_hop_by_hop(&mut head.headers);
+                        Response::from_parts(head, ProxyBody::Pooled(body))
+                    }
+                    Ok(Err(e)) => error_response(&e),
+                    Err(_) => error_response(&ForwardError::Timeout {
+                        target: self.app.target().clone(),
+                        timeout: self.request_timeout,
+                    }),
+                }
+            }
+        };
+        self.counters.inc(response.status());
+        response
+    }
 }
 
-async fn handle(
+async fn handle_http1(
     shared: Arc<Inbound>,
     conn: Arc<ConnInfo>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    let (mut parts, body) = req.into_parts();
+    let (parts, body) = req.into_parts();
     let version = parts.version;
-    let mut response = match authorize(&conn, &parts) {
-        Some(denied) => denied,
-        None => {
-            to_app_request(&mut parts, &conn.xfcc);
-            let sent = tokio::time::timeout(
-                shared.request_timeout,
-                shared.app.send(Request::from_parts(parts, body)),
-            )
-            .await;
-            match sent {
-                Ok(Ok(response)) => {
-                    let (mut head, body) = response.into_parts();
-                    strip_hop_by_hop(&mut head.headers);
-                    Response::from_parts(head, ProxyBody::Pooled(body))
-                }
-                Ok(Err(e)) => error_response(&e),
-                Err(_) => error_response(&ForwardError::Timeout {
-                    target: shared.app_target(),
-                    timeout: shared.request_timeout,
-                }),
-            }
-        }
-    };
+    let mut response = shared.respond(&conn, parts, ReqBody::Hyper(body)).await;
     *response.version_mut() = version;
-    shared.counters.inc(response.status());
     Ok(response)
 }
 
-impl Inbound {
-    fn app_target(&self) -> Arc<str> {
-        self.app.target().clone()
+/// One HTTP/2 stream: the app's answer goes back on it, body streamed with flow control. If the
+/// caller resets the stream first (it gave up), the app request is dropped (its connection is
+/// closed rather than reused).
+async fn serve_h2_stream(
+    shared: Arc<Inbound>,
+    conn: Arc<ConnInfo>,
+    request: Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+) {
+    let (parts, recv) = request.into_parts();
+    let body = ReqBody::H2(H2Body::new(recv, &parts.headers));
+    let response = tokio::select! {
+        response = shared.respond(&conn, parts, body) => response,
+        _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => return,
+    };
+    let (head, body) = response.into_parts();
+    let end_of_stream = body.is_end_stream();
+    match respond.send_response(Response::from_parts(head, ()), end_of_stream) {
+        Ok(mut send) if !end_of_stream => {
+            if let Err(e) = http_util::pipe_to_h2(body, &mut send).await {
+                tracing::debug!(peer = %conn.peer_id, error = %e, "response body ended early");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::debug!(peer = %conn.peer_id, error = %e, "cannot send response"),
     }
 }
 

@@ -69,6 +69,32 @@ impl HttpUpstream {
     }
 }
 
+/// Host → upstream index. A short list is scanned (cheaper than hashing the host with SipHash
+/// on every request); a long one is hashed.
+enum Routes {
+    Few(Vec<(Box<str>, usize)>),
+    Many(HashMap<Box<str>, usize>),
+}
+
+impl Routes {
+    const SCAN_UP_TO: usize = 16;
+
+    fn new(routes: HashMap<Box<str>, usize>) -> Self {
+        if routes.len() <= Self::SCAN_UP_TO {
+            Routes::Few(routes.into_iter().collect())
+        } else {
+            Routes::Many(routes)
+        }
+    }
+
+    fn get(&self, host: &str) -> Option<usize> {
+        match self {
+            Routes::Few(list) => list.iter().find(|(h, _)| &**h == host).map(|(_, i)| *i),
+            Routes::Many(map) => map.get(host).copied(),
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 enum Route {
     ByHost,
@@ -77,7 +103,7 @@ enum Route {
 
 struct Outbound {
     upstreams: Vec<HttpUpstream>,
-    routes: HashMap<Box<str>, usize>,
+    routes: Routes,
     /// `a, b, c` for 404 bodies.
     known_hosts: String,
     counters: StatusCounters,
@@ -205,7 +231,7 @@ impl OutboundProxy {
             tcp,
             shared: Arc::new(Outbound {
                 upstreams,
-                routes,
+                routes: Routes::new(routes),
                 known_hosts,
                 counters: StatusCounters::new(Direction::Outbound, metrics),
                 request_timeout: settings.request_timeout,
@@ -300,10 +326,11 @@ async fn handle(
 
 impl Outbound {
     fn lookup(&self, host: &str) -> Option<usize> {
+        // Host names are case-insensitive (RFC 9110 4.2.3); the table holds lowercase ones.
         if host.bytes().any(|b| b.is_ascii_uppercase()) {
-            self.routes.get(host.to_ascii_lowercase().as_str()).copied()
+            self.routes.get(&host.to_ascii_lowercase())
         } else {
-            self.routes.get(host).copied()
+            self.routes.get(host)
         }
     }
 

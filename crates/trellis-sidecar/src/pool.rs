@@ -23,8 +23,8 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use rustls::client::ClientSessionMemoryCache;
 use rustls::pki_types::ServerName;
 use tokio::io::AsyncReadExt;
@@ -34,7 +34,7 @@ use tokio_rustls::TlsConnector;
 use trellis_identity::tls::{handshake_failure_reason, svid_error_of, SharedBundle};
 use trellis_identity::{SpiffeId, SvidError};
 
-use crate::http_util::{connect_tcp, tls_error, Prefixed, ProxyBody, TcpTarget};
+use crate::http_util::{connect_tcp, tls_error, H2Body, Prefixed, ProxyBody, ReqBody, TcpTarget};
 use crate::metrics::{Direction, SidecarMetrics};
 use crate::mtls;
 
@@ -46,6 +46,8 @@ pub const H2_STREAM_WINDOW: u32 = 1 << 20;
 pub const H2_CONNECTION_WINDOW: u32 = 4 << 20;
 /// Most bytes hyper buffers per stream on the sending side.
 pub const H2_MAX_SEND_BUF: usize = 400 << 10;
+/// Largest header block accepted on HTTP/2 (as hyper's default).
+pub const H2_MAX_HEADER_LIST: u32 = 16 << 10;
 /// Concurrent streams the inbound HTTP/2 server allows per connection. One connection carries
 /// all of a peer's traffic, so this is well above hyper's default of 200.
 pub const H2_MAX_CONCURRENT_STREAMS: u32 = 1024;
@@ -138,7 +140,7 @@ fn failed(target: &Arc<str>, e: impl std::fmt::Display) -> ForwardError {
 // HTTP/1.1 idle list and the body that returns a connection to it.
 
 struct IdleConn {
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<ReqBody>,
     since: Instant,
 }
 
@@ -162,7 +164,7 @@ impl Http1Idle {
     }
 
     /// The newest idle connection that is still open and fresh enough to reuse.
-    fn checkout(&self) -> Option<http1::SendRequest<Incoming>> {
+    fn checkout(&self) -> Option<http1::SendRequest<ReqBody>> {
         let now = Instant::now();
         let mut list = self.lock();
         while let Some(idle) = list.pop_back() {
@@ -179,7 +181,7 @@ impl Http1Idle {
         None
     }
 
-    fn checkin(&self, sender: http1::SendRequest<Incoming>) {
+    fn checkin(&self, sender: http1::SendRequest<ReqBody>) {
         if sender.is_closed() {
             return;
         }
@@ -204,7 +206,7 @@ impl Http1Idle {
 /// the connection goes back to the idle list; if it is dropped early the connection closes.
 pub struct PooledBody {
     inner: Incoming,
-    release: Option<(http1::SendRequest<Incoming>, Arc<Http1Idle>)>,
+    release: Option<(http1::SendRequest<ReqBody>, Arc<Http1Idle>)>,
 }
 
 impl std::fmt::Debug for PooledBody {
@@ -216,7 +218,7 @@ impl std::fmt::Debug for PooledBody {
 }
 
 impl PooledBody {
-    fn new(inner: Incoming, sender: http1::SendRequest<Incoming>, idle: Arc<Http1Idle>) -> Self {
+    fn new(inner: Incoming, sender: http1::SendRequest<ReqBody>, idle: Arc<Http1Idle>) -> Self {
         let mut body = Self {
             inner,
             release: Some((sender, idle)),
@@ -266,10 +268,10 @@ impl Body for PooledBody {
 /// Sends `req` on `sender`, wrapping the response body so the connection returns to `idle`.
 /// On failure, hands back the request if hyper never wrote it (safe to try elsewhere).
 async fn send_pooled(
-    mut sender: http1::SendRequest<Incoming>,
-    req: Request<Incoming>,
+    mut sender: http1::SendRequest<ReqBody>,
+    req: Request<ReqBody>,
     idle: &Arc<Http1Idle>,
-) -> Result<Response<PooledBody>, (hyper::Error, Option<Request<Incoming>>)> {
+) -> Result<Response<PooledBody>, (hyper::Error, Option<Request<ReqBody>>)> {
     if let Err(e) = sender.ready().await {
         return Err((e, Some(req)));
     }
@@ -287,7 +289,7 @@ fn http1_builder() -> http1::Builder {
 }
 
 fn spawn_http1<T>(
-    conn: http1::Connection<T, Incoming>,
+    conn: http1::Connection<T, ReqBody>,
     target: Arc<str>,
     guard: Option<crate::metrics::ConnectionGuard>,
 ) where
@@ -327,9 +329,23 @@ impl AppPool {
 
     /// Sends `req` (origin-form URI, `Host` set) on an idle connection or a new one. A request
     /// an idle connection hands back unsent (the app closed it meanwhile) is tried on the next.
-    pub async fn send(
+    pub async fn send(&self, req: Request<ReqBody>) -> Result<Response<PooledBody>, ForwardError> {
+        // The hot path (an idle connection) stays small; connecting is boxed so its much larger
+        // state is not part of (and copied with) every request's future.
+        let req = match self.idle.checkout() {
+            Some(sender) => match send_pooled(sender, req, &self.idle).await {
+                Ok(response) => return Ok(response),
+                Err((_, Some(unsent))) => unsent,
+                Err((e, None)) => return Err(failed(&self.target, e)),
+            },
+            None => req,
+        };
+        Box::pin(self.send_slow(req)).await
+    }
+
+    async fn send_slow(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ReqBody>,
     ) -> Result<Response<PooledBody>, ForwardError> {
         loop {
             let (sender, reused) = match self.idle.checkout() {
@@ -344,7 +360,7 @@ impl AppPool {
         }
     }
 
-    async fn connect(&self) -> Result<http1::SendRequest<Incoming>, ForwardError> {
+    async fn connect(&self) -> Result<http1::SendRequest<ReqBody>, ForwardError> {
         let tcp = connect_tcp(TcpTarget::Addr(self.addr), self.connect_timeout)
             .await
             .map_err(|e| ForwardError::Unreachable {
@@ -637,8 +653,16 @@ impl PeerTarget {
     }
 }
 
+/// The pooled HTTP/2 connection: a handle to open streams on, and whether it has ended.
 struct H2Conn {
-    sender: http2::SendRequest<Incoming>,
+    sender: h2::client::SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
+}
+
+impl H2Conn {
+    fn is_live(&self) -> bool {
+        !self.closed.load(Ordering::Acquire)
+    }
 }
 
 /// The outbound pool for one HTTP upstream.
@@ -654,27 +678,25 @@ pub struct PeerPool {
     attempts: AtomicU64,
     http1_mode: AtomicBool,
     http1_idle: Arc<Http1Idle>,
-    h2_builder: http2::Builder<TokioExecutor>,
+    h2_builder: h2::client::Builder,
     h1_builder: http1::Builder,
 }
 
 enum Shared {
-    H2(http2::SendRequest<Incoming>),
+    H2(Arc<H2Conn>),
     Http1,
 }
 
 impl PeerPool {
     /// A pool for `peer`. `tls` offers ALPN `h2, http/1.1`; `tls_http1` offers `http/1.1`.
     pub fn new(peer: PeerTarget, tls: TlsClient, tls_http1: TlsClient) -> Self {
-        let mut h2_builder = http2::Builder::new(TokioExecutor::new());
+        let mut h2_builder = h2::client::Builder::new();
         h2_builder
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .enable_push(false)
+            .initial_window_size(H2_STREAM_WINDOW)
             .initial_connection_window_size(H2_CONNECTION_WINDOW)
-            .max_send_buf_size(H2_MAX_SEND_BUF)
-            .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true);
+            .max_send_buffer_size(H2_MAX_SEND_BUF)
+            .max_header_list_size(H2_MAX_HEADER_LIST);
         Self {
             peer,
             tls,
@@ -696,25 +718,40 @@ impl PeerPool {
 
     /// Forwards `req` (absolute-form URI: scheme, authority = the app's `Host`, path). Returns
     /// the peer's response with its body streaming.
-    pub async fn send(
+    pub async fn send(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, ForwardError> {
+        // The hot path: the pooled HTTP/2 connection is up. Everything else (connecting, the
+        // HTTP/1.1 fallback) is boxed, so its much larger state is not part of (and copied
+        // with) every request's future.
+        let req = match self.live_h2() {
+            Some(conn) => match send_h2(&conn, req).await {
+                Ok(response) => return Ok(response),
+                Err((_, Some(unsent))) => unsent,
+                Err((e, None)) => return Err(failed(self.target(), e)),
+            },
+            None => req,
+        };
+        Box::pin(self.send_slow(req)).await
+    }
+
+    async fn send_slow(
         &self,
         mut req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, ForwardError> {
-        // Each round follows a request hyper handed back unsent because the connection closed
-        // under it (GOAWAY from a draining peer, a dead socket): safe to send on a fresh one.
+        // Each round follows a request that was never sent because the connection had closed
+        // (GOAWAY from a draining peer, a dead socket): safe to send on a fresh one.
         for _ in 0..3 {
             if self.http1_mode.load(Ordering::Relaxed) {
                 return self.send_http1(req).await;
             }
-            let sender = match self.live_h2() {
-                Some(sender) => sender,
+            let conn = match self.live_h2() {
+                Some(conn) => conn,
                 None => match self.connect_shared().await? {
-                    Shared::H2(sender) => sender,
+                    Shared::H2(conn) => conn,
                     Shared::Http1 => continue,
                 },
             };
-            match send_h2(sender, req).await {
-                Ok(response) => return Ok(response.map(ProxyBody::Stream)),
+            match send_h2(&conn, req).await {
+                Ok(response) => return Ok(response),
                 Err((_, Some(unsent))) => req = unsent,
                 Err((e, None)) => return Err(failed(self.target(), e)),
             }
@@ -725,10 +762,13 @@ impl PeerPool {
         ))
     }
 
-    fn live_h2(&self) -> Option<http2::SendRequest<Incoming>> {
+    fn live_h2(&self) -> Option<Arc<H2Conn>> {
+        if self.http1_mode.load(Ordering::Relaxed) {
+            return None;
+        }
         let current = self.h2.load();
         let conn = current.as_ref()?;
-        (!conn.sender.is_closed()).then(|| conn.sender.clone())
+        conn.is_live().then(|| conn.clone())
     }
 
     /// Single-flight: one attempt at a time; those who waited on a failed attempt get its error
@@ -736,8 +776,8 @@ impl PeerPool {
     async fn connect_shared(&self) -> Result<Shared, ForwardError> {
         let seen = self.attempts.load(Ordering::Acquire);
         let mut last_failure = self.connecting.lock().await;
-        if let Some(sender) = self.live_h2() {
-            return Ok(Shared::H2(sender));
+        if let Some(conn) = self.live_h2() {
+            return Ok(Shared::H2(conn));
         }
         if self.http1_mode.load(Ordering::Relaxed) {
             return Ok(Shared::Http1);
@@ -751,11 +791,10 @@ impl PeerPool {
         let result = self.open(&self.tls).await;
         *last_failure = result.as_ref().err().cloned();
         match result? {
-            Opened::H2(sender) => {
-                self.h2.store(Some(Arc::new(H2Conn {
-                    sender: sender.clone(),
-                })));
-                Ok(Shared::H2(sender))
+            Opened::H2(conn) => {
+                let conn = Arc::new(conn);
+                self.h2.store(Some(conn.clone()));
+                Ok(Shared::H2(conn))
             }
             Opened::Http1(sender) => {
                 tracing::info!(target = %self.target(), "peer does not offer h2; using pooled HTTP/1.1");
@@ -772,18 +811,17 @@ impl PeerPool {
             PeerIo::H2(io) => {
                 let (sender, conn) = self
                     .h2_builder
-                    .handshake(TokioIo::new(io))
+                    .handshake::<_, Bytes>(io)
                     .await
                     .map_err(|e| failed(target, e))?;
-                let guard = self.peer.metrics.connection(Direction::Outbound);
-                let target = target.clone();
-                tokio::spawn(async move {
-                    let _guard = guard;
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%target, error = %e, "upstream HTTP/2 connection ended");
-                    }
-                });
-                Ok(Opened::H2(sender))
+                let closed = Arc::new(AtomicBool::new(false));
+                tokio::spawn(drive_h2_client(
+                    conn,
+                    closed.clone(),
+                    self.peer.metrics.connection(Direction::Outbound),
+                    target.clone(),
+                ));
+                Ok(Opened::H2(H2Conn { sender, closed }))
             }
             PeerIo::Http1(io) => {
                 let (sender, conn) = self
@@ -803,8 +841,9 @@ impl PeerPool {
 
     async fn send_http1(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, ForwardError> {
+        let mut req = req.map(ReqBody::Hyper);
         to_origin_form(&mut req);
         loop {
             let (sender, reused) = match self.http1_idle.checkout() {
@@ -830,25 +869,101 @@ impl PeerPool {
 }
 
 enum Opened {
-    H2(http2::SendRequest<Incoming>),
-    Http1(http1::SendRequest<Incoming>),
+    H2(H2Conn),
+    Http1(http1::SendRequest<ReqBody>),
 }
 
+/// Runs the pooled connection until it ends, PINGing it every [`H2_KEEPALIVE_INTERVAL`] and
+/// closing it when a PING goes unanswered for [`H2_KEEPALIVE_TIMEOUT`]; then marks it closed so
+/// the next request opens a new one.
+async fn drive_h2_client<T>(
+    mut conn: h2::client::Connection<T, Bytes>,
+    closed: Arc<AtomicBool>,
+    _open: crate::metrics::ConnectionGuard,
+    target: Arc<str>,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let ping_pong = conn.ping_pong();
+    let keepalive = async move {
+        let Some(mut ping_pong) = ping_pong else {
+            return std::future::pending::<&'static str>().await;
+        };
+        loop {
+            tokio::time::sleep(H2_KEEPALIVE_INTERVAL).await;
+            match tokio::time::timeout(H2_KEEPALIVE_TIMEOUT, ping_pong.ping(h2::Ping::opaque()))
+                .await
+            {
+                Ok(Ok(_pong)) => {}
+                Ok(Err(_)) => return "the connection failed",
+                Err(_) => return "the peer stopped answering PINGs",
+            }
+        }
+    };
+    tokio::select! {
+        ended = &mut conn => {
+            if let Err(e) = ended {
+                tracing::debug!(%target, error = %e, "upstream HTTP/2 connection ended");
+            }
+        }
+        why = keepalive => tracing::info!(%target, why, "closing upstream HTTP/2 connection"),
+    }
+    closed.store(true, Ordering::Release);
+}
+
+/// Opens a stream for `req` on `conn`, streams the request body, and waits for the response
+/// head. A request is handed back unsent only when the connection could not take it at all.
 async fn send_h2(
-    mut sender: http2::SendRequest<Incoming>,
-    mut req: Request<Incoming>,
-) -> Result<Response<Incoming>, (hyper::Error, Option<Request<Incoming>>)> {
+    conn: &H2Conn,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, (h2::Error, Option<Request<Incoming>>)> {
+    let mut sender = conn.sender.clone();
+    // Waits for a free stream slot (the peer's SETTINGS_MAX_CONCURRENT_STREAMS); fails only
+    // when the connection is gone.
+    if let Err(e) = std::future::poll_fn(|cx| sender.poll_ready(cx)).await {
+        conn.closed.store(true, Ordering::Release);
+        return Err((e, Some(req)));
+    }
+    let (mut head, body) = req.into_parts();
     // RFC 9113 8.3.1: clients use :authority (from the URI) rather than Host.
-    req.headers_mut().remove(header::HOST);
-    *req.version_mut() = Version::HTTP_2;
-    sender.try_send_request(req).await.map_err(|mut e| {
-        let unsent = e.take_message();
-        (e.into_error(), unsent)
-    })
+    head.headers.remove(header::HOST);
+    head.version = Version::HTTP_2;
+    let end_of_stream = body.is_end_stream();
+    let (response, mut send) =
+        match sender.send_request(Request::from_parts(head, ()), end_of_stream) {
+            Ok(started) => started,
+            Err(e) => {
+                if e.is_io() || e.is_go_away() {
+                    conn.closed.store(true, Ordering::Release);
+                }
+                return Err((e, None));
+            }
+        };
+    if !end_of_stream {
+        // The body streams on its own task: the response may come before the upload ends.
+        tokio::spawn(async move {
+            if let Err(e) = crate::http_util::pipe_to_h2(body, &mut send).await {
+                tracing::debug!(error = %e, "request body to upstream ended early");
+            }
+        });
+    }
+    match response.await {
+        Ok(response) => {
+            let (head, recv) = response.into_parts();
+            let body = H2Body::new(recv, &head.headers);
+            Ok(Response::from_parts(head, ProxyBody::H2(body)))
+        }
+        Err(e) => {
+            if e.is_io() || e.is_go_away() {
+                conn.closed.store(true, Ordering::Release);
+            }
+            Err((e, None))
+        }
+    }
 }
 
 /// HTTP/1.1 wants origin-form and a `Host` header (RFC 9112 3.2).
-fn to_origin_form(req: &mut Request<Incoming>) {
+fn to_origin_form(req: &mut Request<ReqBody>) {
     *req.version_mut() = Version::HTTP_11;
     let uri = std::mem::take(req.uri_mut());
     let mut parts = uri.into_parts();
@@ -957,7 +1072,7 @@ mod tests {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let p = p.clone();
                 async move {
-                    let r = p.send(req).await.unwrap();
+                    let r = p.send(req.map(ReqBody::Hyper)).await.unwrap();
                     Ok::<_, std::convert::Infallible>(r.map(ProxyBody::Pooled))
                 }
             });

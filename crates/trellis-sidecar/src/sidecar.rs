@@ -69,15 +69,16 @@ pub struct Sidecar {
 
 fn read_bundle(
     path: &std::path::Path,
+    setting: &str,
     settings: &SidecarSettings,
 ) -> Result<TrustBundle, StartError> {
     let pem = std::fs::read(path).map_err(|e| StartError::File {
         path: path.to_owned(),
-        problem: format!("cannot read: {e}"),
+        problem: format!("cannot read {setting}: {e}"),
     })?;
     TrustBundle::from_pem(settings.trust_domain.clone(), &pem).map_err(|e| StartError::File {
         path: path.to_owned(),
-        problem: e.to_string(),
+        problem: format!("{setting}: {e}"),
     })
 }
 
@@ -91,7 +92,11 @@ impl Sidecar {
         let store = match &settings.identity {
             IdentitySource::Files(files) => {
                 let store = SvidStore::new(
-                    read_bundle(&files.bundle, &settings)?,
+                    read_bundle(
+                        &files.bundle,
+                        "the trust bundle (identity.files.bundle, --bundle)",
+                        &settings,
+                    )?,
                     None,
                     Arc::clone(&metrics),
                 );
@@ -105,7 +110,11 @@ impl Sidecar {
                 store
             }
             IdentitySource::Sds(sds) => {
-                let bundle = read_bundle(&sds.control_bundle, &settings)?;
+                let bundle = read_bundle(
+                    &sds.control_bundle,
+                    "the control plane bundle (identity.sds.control_bundle, --control-bundle)",
+                    &settings,
+                )?;
                 let store = SvidStore::new(bundle, sds.expected_id.clone(), Arc::clone(&metrics));
                 let client = SdsClient::new(sds.clone(), Arc::clone(&store), Arc::clone(&metrics))?;
                 tasks.push(tokio::spawn(client.run(shutdown_rx.clone())));

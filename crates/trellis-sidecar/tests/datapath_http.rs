@@ -104,6 +104,26 @@ async fn ten_megabyte_body_streams_through() {
 }
 
 #[tokio::test]
+async fn ten_megabyte_body_streams_through_from_an_h2c_app() {
+    const TEN_MB: usize = 10 * 1024 * 1024;
+    let p = pair(PairOptions::default()).await;
+    let mut app = Client::h2c(p.outbound_addr()).await;
+    let echo = app
+        .send(
+            "POST",
+            "service-b",
+            "/upload",
+            &[],
+            Bytes::from(vec![9u8; TEN_MB]),
+        )
+        .await
+        .echo();
+    assert_eq!(echo.bytes, TEN_MB as u64);
+    let reply = app.get("service-b", &format!("/download?{TEN_MB}")).await;
+    assert_eq!(reply.body.len(), TEN_MB);
+}
+
+#[tokio::test]
 async fn thousand_sequential_requests_ride_one_upstream_connection() {
     let p = pair(PairOptions::default()).await;
     let mut app = Client::http1(p.outbound_addr()).await;

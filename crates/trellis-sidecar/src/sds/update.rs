@@ -209,26 +209,26 @@ fn inline(secret: &str, field: &str, ds: Option<DataSource>) -> Result<Option<Ve
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use trellis_identity::testca::TestCa;
     use trellis_identity::{certs_to_pem, key_to_pem, Svid};
     use trellis_proto::{CertificateValidationContext, TlsCertificate};
 
-    pub(crate) fn bytes(b: impl Into<Vec<u8>>) -> Option<DataSource> {
+    fn bytes(b: impl Into<Vec<u8>>) -> Option<DataSource> {
         Some(DataSource {
             specifier: Some(data_source::Specifier::InlineBytes(b.into())),
         })
     }
 
-    pub(crate) fn any(s: &Secret) -> prost_types::Any {
+    fn any(s: &Secret) -> prost_types::Any {
         prost_types::Any {
             type_url: SECRET_TYPE_URL.into(),
             value: s.encode_to_vec(),
         }
     }
 
-    pub(crate) fn tls_secret(chain: Option<DataSource>, key: Option<DataSource>) -> Secret {
+    fn tls_secret(chain: Option<DataSource>, key: Option<DataSource>) -> Secret {
         Secret {
             name: DEFAULT.into(),
             r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
@@ -238,7 +238,7 @@ pub(crate) mod tests {
         }
     }
 
-    pub(crate) fn bundle_secret(pem: Option<DataSource>) -> Secret {
+    fn bundle_secret(pem: Option<DataSource>) -> Secret {
         Secret {
             name: ROOTCA.into(),
             r#type: Some(secret::Type::ValidationContext(
@@ -247,7 +247,7 @@ pub(crate) mod tests {
         }
     }
 
-    pub(crate) fn response(secrets: &[Secret]) -> DiscoveryResponse {
+    fn response(secrets: &[Secret]) -> DiscoveryResponse {
         DiscoveryResponse {
             version_info: "v1".into(),
             resources: secrets.iter().map(any).collect(),

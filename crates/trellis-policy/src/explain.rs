@@ -1,0 +1,350 @@
+//! `trellis policy explain`: the decision for one request, the rule that made it, every
+//! rule that matched, and the near misses (rules that failed on one side only: the
+//! caller, or the request) with the field that failed.
+
+use std::fmt;
+
+use crate::decision::{Action, Decision, Mode, DEFAULT_RULE};
+use crate::error::PathError;
+use crate::path::normalize_path;
+use crate::policy::{CompiledPolicy, HttpScope, Rule, ToEntry};
+
+/// How many near misses `Display` lists before summarizing the rest.
+const NEAR_MISSES_SHOWN: usize = 20;
+/// How many items of a list (`from`, `paths`) a reason quotes.
+const LIST_ITEMS_SHOWN: usize = 6;
+
+/// Why a request or connection got its decision. `Display` prints it for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Explanation<'a> {
+    /// The caller's SPIFFE ID as given.
+    pub caller: String,
+    /// What was asked.
+    pub request: ExplainedRequest,
+    /// The decision ([`CompiledPolicy::decide`]'s), or `None` when the path was refused
+    /// by normalization before authorization.
+    pub decision: Option<Decision<'a>>,
+    /// Every rule that matched, enforced or audit, in evaluation order.
+    pub matched: Vec<RuleMatch<'a>>,
+    /// Rules that matched the caller but not the request, or the request but not the
+    /// caller, in evaluation order.
+    pub near_misses: Vec<NearMiss<'a>>,
+    /// The policy's mode.
+    pub mode: Mode,
+    /// The policy's `defaultAction`.
+    pub default_action: Action,
+}
+
+/// The request an [`Explanation`] is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExplainedRequest {
+    /// An HTTP request.
+    Http {
+        /// The method as given.
+        method: String,
+        /// The path as given.
+        path: String,
+        /// The path after [`normalize_path`], or why it was refused.
+        normalized: Result<String, PathError>,
+    },
+    /// A plain TCP connection.
+    Tcp {
+        /// The inbound listen port.
+        port: u16,
+    },
+}
+
+/// A rule that matched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleMatch<'a> {
+    /// Its name.
+    pub rule: &'a str,
+    /// Its action.
+    pub action: Action,
+    /// Whether it is in audit mode (reported, not enforced).
+    pub audit: bool,
+    /// `source:line:column` of its name.
+    pub location: String,
+}
+
+/// A rule that failed on one side only, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NearMiss<'a> {
+    /// Its name.
+    pub rule: &'a str,
+    /// Its action.
+    pub action: Action,
+    /// Whether it is in audit mode.
+    pub audit: bool,
+    /// `source:line:column` of its name.
+    pub location: String,
+    /// What failed, e.g. ``to[0]: method POST not in [GET]``.
+    pub reasons: Vec<String>,
+}
+
+enum Request<'r> {
+    Http {
+        method: &'r str,
+        view: &'r str,
+        path: &'r str,
+    },
+    Tcp {
+        port: u16,
+    },
+}
+
+impl CompiledPolicy {
+    /// Explains the decision for an HTTP request. `path` is the raw path (it is normalized
+    /// here, and the explanation shows the normal form or why it was refused).
+    pub fn explain(&self, caller: &str, method: &str, path: &str) -> Explanation<'_> {
+        let (normalized, decision, matched, near_misses) = match normalize_path(path) {
+            Err(e) => (Err(e), None, Vec::new(), Vec::new()),
+            Ok(n) => {
+                let decision = self.decide(caller, method, &n);
+                let req = Request::Http {
+                    method,
+                    view: n.match_view(),
+                    path: n.as_str(),
+                };
+                let (matched, near) = self.walk(caller, &req);
+                (Ok(n.into_string()), Some(decision), matched, near)
+            }
+        };
+        Explanation {
+            caller: caller.to_owned(),
+            request: ExplainedRequest::Http {
+                method: method.to_owned(),
+                path: path.to_owned(),
+                normalized,
+            },
+            decision,
+            matched,
+            near_misses,
+            mode: self.mode,
+            default_action: self.default_action,
+        }
+    }
+
+    /// Explains the decision for a plain TCP connection to `port`.
+    pub fn explain_l4(&self, caller: &str, port: u16) -> Explanation<'_> {
+        let (matched, near_misses) = self.walk(caller, &Request::Tcp { port });
+        Explanation {
+            caller: caller.to_owned(),
+            request: ExplainedRequest::Tcp { port },
+            decision: Some(self.decide_l4(caller, port)),
+            matched,
+            near_misses,
+            mode: self.mode,
+            default_action: self.default_action,
+        }
+    }
+
+    fn walk(&self, caller: &str, req: &Request<'_>) -> (Vec<RuleMatch<'_>>, Vec<NearMiss<'_>>) {
+        let mut matched = Vec::new();
+        let mut near = Vec::new();
+        for rule in &self.rules {
+            let from_ok = rule.caller_matches(caller);
+            let request_failures = request_failures(rule, req);
+            let location = self.place(rule.loc);
+            match (from_ok, request_failures.is_empty()) {
+                (true, true) => matched.push(RuleMatch {
+                    rule: &rule.name,
+                    action: rule.action,
+                    audit: rule.audit,
+                    location,
+                }),
+                (false, true) => near.push(NearMiss {
+                    rule: &rule.name,
+                    action: rule.action,
+                    audit: rule.audit,
+                    location,
+                    reasons: vec![format!(
+                        "caller is not in `from` {}",
+                        list(rule.from.iter())
+                    )],
+                }),
+                (true, false) => near.push(NearMiss {
+                    rule: &rule.name,
+                    action: rule.action,
+                    audit: rule.audit,
+                    location,
+                    reasons: request_failures,
+                }),
+                (false, false) => {}
+            }
+        }
+        (matched, near)
+    }
+}
+
+/// Why the request side of `rule` fails (empty: it matches).
+fn request_failures(rule: &Rule, req: &Request<'_>) -> Vec<String> {
+    match *req {
+        Request::Http { method, view, path } => match rule.http_scope() {
+            HttpScope::None => {
+                vec!["applies only to plain TCP connections (it has `ports`)".to_owned()]
+            }
+            HttpScope::All => Vec::new(),
+            HttpScope::Entries([]) => vec!["`to` is empty: matches no request".to_owned()],
+            HttpScope::Entries(entries) => {
+                let failures: Vec<String> = entries
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(k, e)| entry_failure(k, e, method, view, path))
+                    .collect();
+                if failures.len() < entries.len() {
+                    Vec::new()
+                } else {
+                    failures
+                }
+            }
+        },
+        Request::Tcp { port } => match rule.l4_scope() {
+            None => vec!["applies only to HTTP requests (it has `to`)".to_owned()],
+            Some(None) => Vec::new(),
+            Some(Some([])) => vec!["`ports` is empty: matches no connection".to_owned()],
+            Some(Some(ports)) if !ports.contains(&port) => {
+                vec![format!("port {port} not in `ports` {}", list(ports.iter()))]
+            }
+            Some(Some(_)) => Vec::new(),
+        },
+    }
+}
+
+fn entry_failure(k: usize, e: &ToEntry, method: &str, view: &str, path: &str) -> Option<String> {
+    let mut parts = Vec::new();
+    if !e.method_ok(method) {
+        parts.push(match &e.method_names {
+            Some(ms) if ms.is_empty() => "`methods` is empty".to_owned(),
+            Some(ms) => format!("method {method} not in {}", list(ms.iter())),
+            None => String::new(),
+        });
+    }
+    if !e.path_ok(view) {
+        parts.push(match &e.paths {
+            Some(ps) if ps.is_empty() => "`paths` is empty".to_owned(),
+            Some(ps) => format!(
+                "path {path} matches none of {}",
+                list(ps.iter().map(|p| &p.text))
+            ),
+            None => String::new(),
+        });
+    }
+    (!parts.is_empty()).then(|| format!("to[{k}]: {}", parts.join(" and ")))
+}
+
+fn list<T: fmt::Display>(items: impl ExactSizeIterator<Item = T>) -> String {
+    let n = items.len();
+    let mut shown: Vec<String> = items
+        .take(LIST_ITEMS_SHOWN)
+        .map(|i| i.to_string())
+        .collect();
+    if n > LIST_ITEMS_SHOWN {
+        shown.push(format!("… {} more", n - LIST_ITEMS_SHOWN));
+    }
+    format!("[{}]", shown.join(", "))
+}
+
+fn tag(action: Action, audit: bool) -> String {
+    if audit {
+        format!("{action} (audit)")
+    } else {
+        action.to_string()
+    }
+}
+
+impl fmt::Display for Explanation<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "caller:   {}", self.caller)?;
+        match &self.request {
+            ExplainedRequest::Http {
+                method,
+                path,
+                normalized,
+            } => {
+                write!(f, "request:  {method} {path}")?;
+                match normalized {
+                    Ok(n) if n != path => writeln!(f, " (normalized: {n})")?,
+                    Ok(_) => writeln!(f)?,
+                    Err(e) => {
+                        writeln!(f)?;
+                        writeln!(
+                            f,
+                            "decision: refused before authorization ({}): {e}",
+                            e.reason()
+                        )?;
+                        return Ok(());
+                    }
+                }
+            }
+            ExplainedRequest::Tcp { port } => {
+                writeln!(f, "request:  TCP connection to port {port}")?
+            }
+        }
+        if let Some(d) = &self.decision {
+            let by_rule = |action: Action, rule: &str| -> String {
+                if rule != DEFAULT_RULE {
+                    let at = self
+                        .matched
+                        .iter()
+                        .find(|m| m.rule == rule)
+                        .map(|m| format!(" ({})", m.location))
+                        .unwrap_or_default();
+                    format!("{action} by rule `{rule}`{at}")
+                } else {
+                    format!("{action} by default (no rule matched)")
+                }
+            };
+            if self.mode == Mode::Audit && d.rule == DEFAULT_RULE {
+                writeln!(
+                    f,
+                    "decision: allow (the policy is in audit mode: nothing is enforced)"
+                )?;
+            } else {
+                writeln!(f, "decision: {}", by_rule(d.action, d.rule))?;
+            }
+            if let Some(a) = &d.audit {
+                writeln!(
+                    f,
+                    "audit:    would {} if audit-mode rules were enforced (not enforced)",
+                    by_rule(a.action, a.rule)
+                )?;
+            }
+        }
+        if self.matched.is_empty() {
+            writeln!(f, "matched:  none (defaultAction: {})", self.default_action)?;
+        } else {
+            writeln!(f, "matched:")?;
+            for m in &self.matched {
+                writeln!(
+                    f,
+                    "  {:<13} {}  ({})",
+                    tag(m.action, m.audit),
+                    m.rule,
+                    m.location
+                )?;
+            }
+        }
+        if !self.near_misses.is_empty() {
+            writeln!(f, "near misses:")?;
+            for n in self.near_misses.iter().take(NEAR_MISSES_SHOWN) {
+                writeln!(
+                    f,
+                    "  {:<13} {}  ({}): {}",
+                    tag(n.action, n.audit),
+                    n.rule,
+                    n.location,
+                    n.reasons.join("; ")
+                )?;
+            }
+            if self.near_misses.len() > NEAR_MISSES_SHOWN {
+                writeln!(
+                    f,
+                    "  … and {} more",
+                    self.near_misses.len() - NEAR_MISSES_SHOWN
+                )?;
+            }
+        }
+        Ok(())
+    }
+}

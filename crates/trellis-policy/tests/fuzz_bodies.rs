@@ -1,0 +1,128 @@
+//! The cargo-fuzz targets' bodies (`trellis_policy::fuzz`, called by `fuzz/fuzz_targets/`)
+//! run here on stable over a few thousand random inputs each, so CI exercises the same
+//! properties: no panic on any input; normalization is a fixed point; a compiled policy
+//! lints, explains, and decides exactly as the reference evaluation.
+#![allow(clippy::unwrap_used)]
+
+use proptest::prelude::*;
+use trellis_policy::fuzz;
+
+/// Lines that a policy file might (or should not) contain, to build texts from.
+const FRAGMENTS: &[&str] = &[
+    "apiVersion: trellis.io/v1",
+    "kind: Policy",
+    "defaultAction: allow",
+    "defaultAction: deny",
+    "mode: audit",
+    "rules:",
+    "rules: []",
+    "  - name: r",
+    "  - name: r2",
+    "  - name: default",
+    "    action: allow",
+    "    action: deny",
+    "    mode: audit",
+    "    from: [\"*\"]",
+    "    from: []",
+    "    from: [spiffe://example.org/ns/prod/**]",
+    "    from: [spiffe://example.org/ns/*/x]",
+    "    from:",
+    "      - spiffe://example.org/ns/prod/sa/service-a",
+    "    to:",
+    "    to: []",
+    "      - methods: [GET]",
+    "      - paths: [/admin/**, /a/*/b]",
+    "        paths: [/a//b]",
+    "        methods: []",
+    "    ports: [5432]",
+    "    ports: [0]",
+    "  metods: [GET]",
+    "x: &a [*a]",
+    "y: *a",
+    "<<: {a: 1}",
+    "---",
+    "\t- broken",
+    ": :",
+    "- [",
+    "\"unterminated",
+];
+
+fn policy_like() -> impl Strategy<Value = Vec<u8>> {
+    prop::collection::vec(
+        prop_oneof![
+            8 => prop::sample::select(FRAGMENTS).prop_map(|s| format!("{s}\n")),
+            1 => "[ -~\n]{0,12}",
+            1 => Just("\0".to_owned()),
+        ],
+        0..24,
+    )
+    .prop_map(|parts| parts.concat().into_bytes())
+}
+
+fn path_like() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        "/[a-zA-Z0-9./%~_:;@!*\\\\?# é-]{0,40}".prop_map(String::into_bytes),
+        prop::collection::vec(
+            prop::sample::select(vec![
+                "/", "//", ".", "..", "%2e", "%2E", "%2f", "%5c", "%00", "%41", "%c3%a9", "%",
+                "%4", "a", "admin", "é", "\\", "?", " ", "%25", "{",
+            ]),
+            0..16
+        )
+        .prop_map(|p| p.concat().into_bytes()),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(3000))]
+
+    #[test]
+    fn normalize_path_body_holds_for_random_bytes(data in prop::collection::vec(any::<u8>(), 0..64)) {
+        fuzz::normalize(&data);
+    }
+
+    #[test]
+    fn normalize_path_body_holds_for_path_like_strings(data in path_like()) {
+        fuzz::normalize(&data);
+    }
+
+    #[test]
+    fn policy_parse_body_holds_for_random_bytes(data in prop::collection::vec(any::<u8>(), 0..256)) {
+        fuzz::policy_parse(&data);
+    }
+
+    #[test]
+    fn policy_parse_body_holds_for_policy_like_texts(data in policy_like()) {
+        fuzz::policy_parse(&data);
+    }
+}
+
+/// Inputs the fuzzers found or that stress known corners, kept as regressions.
+#[test]
+fn policy_parse_regressions() {
+    for input in [
+        &b""[..],
+        b"\0",
+        b"apiVersion: trellis.io/v1\nkind: Policy\nrules:\n  - name: a\n    action: allow\n    from: [\"*\"]\n",
+        b"apiVersion: trellis.io/v1\nkind: Policy\nrules:\n  - {name: a, action: deny, from: [\"*\"], to: [{paths: [/]}]}\n",
+        b"&a [*a]",
+        b"apiVersion: &v trellis.io/v1\nkind: Policy\nrules:\n  - name: *v\n",
+    ] {
+        fuzz::policy_parse(input);
+    }
+}
+
+#[test]
+fn normalize_path_regressions() {
+    for input in [
+        "/",
+        "//",
+        "/..",
+        "/%2e%2e",
+        "/a/b/../..",
+        "/\u{0}",
+        "/é/%C3%A9",
+    ] {
+        fuzz::normalize(input.as_bytes());
+    }
+}

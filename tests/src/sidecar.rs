@@ -1,0 +1,346 @@
+//! `trellis sidecar` as a process: start against a control plane, admin endpoints, metrics,
+//! memory, SIGTERM.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, ExitStatus};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _};
+use tokio::net::TcpStream;
+
+use crate::{
+    eventually, http_get, trellis_bin, Child, ControlPlane, HttpResponse, STARTUP_TIMEOUT,
+};
+
+/// What to start a sidecar with. Identity comes from `trellis control` with a fresh join
+/// token for `spiffe_id`.
+#[derive(Debug, Clone)]
+pub struct SidecarOpts {
+    /// Process name in logs (`sidecar-a`).
+    pub name: String,
+    /// The SPIFFE ID it is issued (and must receive: `--spiffe-id`).
+    pub spiffe_id: String,
+    /// `--app`.
+    pub app: SocketAddr,
+    /// `--upstream` values.
+    pub upstreams: Vec<String>,
+    /// Anything else, appended as is.
+    pub extra_args: Vec<String>,
+    /// The join token to use instead of a fresh one for `spiffe_id`.
+    pub join_token: Option<String>,
+}
+
+impl SidecarOpts {
+    /// A sidecar for `spiffe_id` in front of `app`, no upstreams.
+    pub fn new(name: &str, spiffe_id: &str, app: SocketAddr) -> Self {
+        SidecarOpts {
+            name: name.to_string(),
+            spiffe_id: spiffe_id.to_string(),
+            app,
+            upstreams: Vec::new(),
+            extra_args: Vec::new(),
+            join_token: None,
+        }
+    }
+
+    /// Adds `--upstream name=<name>,hosts=<name>,address=<address>,identity=<identity>`.
+    pub fn upstream(mut self, name: &str, address: SocketAddr, identity: &str) -> Self {
+        self.upstreams.push(format!(
+            "name={name},hosts={name},address={address},identity={identity}"
+        ));
+        self
+    }
+
+    /// Appends raw arguments.
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.extra_args.extend(args.iter().map(|s| s.to_string()));
+        self
+    }
+}
+
+/// The addresses in `trellis sidecar listening inbound=… outbound=shared=…[,NAME=…] admin=…`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SidecarAddrs {
+    /// The mTLS inbound listener.
+    pub inbound: SocketAddr,
+    /// Outbound listeners by name; `shared` is the Host-routed one.
+    pub outbound: BTreeMap<String, SocketAddr>,
+    /// The admin listener.
+    pub admin: SocketAddr,
+}
+
+/// Parses the sidecar's listening line.
+pub fn parse_sidecar_line(line: &str) -> anyhow::Result<SidecarAddrs> {
+    let rest = line
+        .trim()
+        .strip_prefix("trellis sidecar listening ")
+        .context("missing prefix `trellis sidecar listening `")?;
+    let (mut inbound, mut admin) = (None, None);
+    let mut outbound = BTreeMap::new();
+    for field in rest.split_whitespace() {
+        if let Some(v) = field.strip_prefix("inbound=") {
+            inbound = Some(v.parse().with_context(|| format!("inbound={v}"))?);
+        } else if let Some(v) = field.strip_prefix("admin=") {
+            admin = Some(v.parse().with_context(|| format!("admin={v}"))?);
+        } else if let Some(v) = field.strip_prefix("outbound=") {
+            for pair in v.split(',') {
+                let (name, addr) = pair
+                    .split_once('=')
+                    .with_context(|| format!("outbound entry {pair:?}"))?;
+                let addr = addr
+                    .parse()
+                    .with_context(|| format!("outbound {name}={addr}"))?;
+                outbound.insert(name.to_string(), addr);
+            }
+        }
+    }
+    Ok(SidecarAddrs {
+        inbound: inbound.context("no inbound=")?,
+        outbound,
+        admin: admin.context("no admin=")?,
+    })
+}
+
+/// A running `trellis sidecar`.
+pub struct Sidecar {
+    /// The process.
+    pub child: Child,
+    /// Its listeners.
+    pub addrs: SidecarAddrs,
+    /// The SPIFFE ID it was issued.
+    pub spiffe_id: String,
+}
+
+impl Sidecar {
+    /// Creates a join token for `opts.spiffe_id`, starts the sidecar against `cp` (logs in the
+    /// control plane's directory) and waits for its listening line and `/ready`.
+    pub async fn start(cp: &ControlPlane, opts: SidecarOpts) -> anyhow::Result<Self> {
+        let name = opts.name.clone();
+        let sidecar = Self::start_unready(cp, opts)?;
+        sidecar
+            .wait_ready()
+            .await
+            .with_context(|| format!("{name} did not turn ready"))?;
+        Ok(sidecar)
+    }
+
+    /// Like [`Sidecar::start`], but returns after the listening line, without waiting for an
+    /// SVID.
+    pub fn start_unready(cp: &ControlPlane, opts: SidecarOpts) -> anyhow::Result<Self> {
+        let token = match &opts.join_token {
+            Some(t) => t.clone(),
+            None => cp.create_token(&opts.spiffe_id, "1h")?,
+        };
+        let mut cmd = Command::new(trellis_bin());
+        cmd.arg("sidecar")
+            .args(["--trust-domain", cp.trust_domain.as_str()])
+            .args(["--control-plane", &cp.sds_addr.to_string()])
+            .arg("--control-bundle")
+            .arg(&cp.bundle_pem_path)
+            .args(["--spiffe-id", &opts.spiffe_id])
+            .args(["--inbound", "127.0.0.1:0", "--outbound", "127.0.0.1:0"])
+            .args(["--admin", "127.0.0.1:0", "--app", &opts.app.to_string()])
+            .env("TRELLIS_JOIN_TOKEN", token);
+        for u in &opts.upstreams {
+            cmd.args(["--upstream", u]);
+        }
+        cmd.args(&opts.extra_args);
+        Self::launch(&opts.name, &opts.spiffe_id, cmd, cp.dir.path())
+    }
+
+    /// Spawns `cmd` (a full `trellis sidecar …` command), waits for its listening line and
+    /// `/ready`.
+    pub async fn spawn(
+        name: &str,
+        spiffe_id: &str,
+        cmd: Command,
+        log_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let sidecar = Self::launch(name, spiffe_id, cmd, log_dir)?;
+        sidecar.wait_ready().await?;
+        Ok(sidecar)
+    }
+
+    /// Spawns `cmd` and waits for its listening line only (not for an SVID).
+    pub fn launch(
+        name: &str,
+        spiffe_id: &str,
+        mut cmd: Command,
+        log_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        );
+        let mut child = Child::spawn(name, cmd, log_dir)?;
+        let line = child.stdout_line(STARTUP_TIMEOUT)?;
+        let addrs = parse_sidecar_line(&line)
+            .with_context(|| format!("{name}: unexpected first stdout line: {line:?}"))?;
+        Ok(Sidecar {
+            child,
+            addrs,
+            spiffe_id: spiffe_id.to_string(),
+        })
+    }
+
+    /// Waits until `/ready` answers 200.
+    pub async fn wait_ready(&self) -> anyhow::Result<()> {
+        eventually(STARTUP_TIMEOUT, "sidecar /ready", || async {
+            let r = self.admin_get("/ready").await?;
+            if r.status != 200 {
+                bail!("/ready: {} {}", r.status, r.text());
+            }
+            Ok(())
+        })
+        .await
+        .with_context(|| format!("stderr:\n{}", self.child.stderr_tail(40)))
+    }
+
+    /// The shared (Host-routed) outbound listener.
+    pub fn outbound(&self) -> SocketAddr {
+        self.addrs.outbound["shared"]
+    }
+
+    /// `GET path` on the admin port.
+    pub async fn admin_get(&self, path: &str) -> anyhow::Result<HttpResponse> {
+        let tcp = TcpStream::connect(self.addrs.admin).await?;
+        http_get(tcp, &self.addrs.admin.to_string(), path).await
+    }
+
+    /// `/metrics`, parsed.
+    pub async fn metrics(&self) -> anyhow::Result<Metrics> {
+        let r = self.admin_get("/metrics").await?;
+        if r.status != 200 {
+            bail!("/metrics: {}", r.status);
+        }
+        Ok(Metrics(r.text()))
+    }
+
+    /// Resident memory (VmRSS) in KiB.
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        rss_kib(self.child.id())
+    }
+
+    /// Sends SIGTERM.
+    pub fn sigterm(&self) -> anyhow::Result<()> {
+        let out = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .output()
+            .context("run kill")?;
+        if !out.status.success() {
+            bail!("kill -TERM: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// Waits (without blocking the runtime) up to `timeout` for the process to exit.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_exit() {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// VmRSS of process `pid`, KiB, from `/proc/<pid>/status`.
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("read /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// A Prometheus text exposition.
+#[derive(Debug, Clone)]
+pub struct Metrics(pub String);
+
+impl Metrics {
+    /// The sum of every sample of `name` whose labels include all of `labels` (0 when none:
+    /// a labelled counter appears only once it moved).
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.0
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(parse_sample)
+            .filter(|(n, ls, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| ls.get(*k).is_some_and(|x| x == v))
+            })
+            .map(|(_, _, v)| v)
+            .sum()
+    }
+
+    /// Every sample line of `name`, for error messages.
+    pub fn lines_of(&self, name: &str) -> String {
+        self.0
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+fn parse_sample(line: &str) -> Option<(String, BTreeMap<String, String>, f64)> {
+    let line = line.trim();
+    let (head, value) = line.rsplit_once(' ')?;
+    let value: f64 = value.parse().ok()?;
+    let (name, labels) = match head.split_once('{') {
+        None => (head.to_string(), BTreeMap::new()),
+        Some((name, rest)) => {
+            let inner = rest.strip_suffix('}')?;
+            let mut labels = BTreeMap::new();
+            // Label values in these tests never contain `,` or `"`.
+            for pair in inner.split(',').filter(|p| !p.is_empty()) {
+                let (k, v) = pair.split_once('=')?;
+                labels.insert(k.trim().to_string(), v.trim().trim_matches('"').to_string());
+            }
+            (name.to_string(), labels)
+        }
+    };
+    Some((name, labels, value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_listening_line() {
+        let a = parse_sidecar_line(
+            "trellis sidecar listening inbound=127.0.0.1:1 outbound=shared=127.0.0.1:2,b=127.0.0.1:3 admin=127.0.0.1:4",
+        )
+        .expect("valid line");
+        assert_eq!(a.inbound.port(), 1);
+        assert_eq!(a.outbound["shared"].port(), 2);
+        assert_eq!(a.outbound["b"].port(), 3);
+        assert_eq!(a.admin.port(), 4);
+        assert!(parse_sidecar_line("trellis sidecar listening inbound=127.0.0.1:1").is_err());
+    }
+
+    #[test]
+    fn sums_matching_samples() {
+        let m = Metrics(
+            "# TYPE x counter\nx{direction=\"inbound\",result=\"error\",reason=\"no_cert\"} 2\n\
+             x{direction=\"inbound\",result=\"ok\",reason=\"\"} 5\ny 7\n"
+                .to_string(),
+        );
+        assert_eq!(m.sum("x", &[("direction", "inbound")]), 7.0);
+        assert_eq!(m.sum("x", &[("reason", "no_cert")]), 2.0);
+        assert_eq!(m.sum("y", &[]), 7.0);
+        assert_eq!(m.sum("z", &[]), 0.0);
+    }
+}
