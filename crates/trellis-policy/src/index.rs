@@ -9,10 +9,12 @@
 //! - `any`: rules with `*`.
 //!
 //! Each bucket holds a segment trie of its rules' path patterns (literal children in a
-//! hash map, one `*` child, and the targets that end at each node with or without `**`).
-//! Walking it costs one hash lookup per path segment (two where a `*` branch exists), so
-//! a decision is independent of how many rules name *other* callers or paths. All keys
-//! are borrowed slices of the caller and the path: nothing is allocated.
+//! short list or, past a few, a hash map; one `*` child; and the targets that end at each
+//! node with or without `**`). Walking it costs one lookup per path segment (two where a
+//! `*` branch exists), so a decision is independent of how many rules name *other*
+//! callers or paths. Ancestors of the caller are only looked up at lengths that some
+//! `/**` key has. All keys are borrowed slices of the caller and the path: nothing is
+//! allocated.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -108,9 +110,56 @@ pub(crate) struct L4Target {
     pub ports: Option<Box<[u16]>>,
 }
 
+/// Above this many literal children a node switches from a list to a hash map.
+const FEW_CHILDREN: usize = 8;
+
+/// A node's literal children: scanning a few short strings beats hashing the segment.
+#[derive(Debug)]
+enum Children {
+    Few(Vec<(Box<str>, PathNode)>),
+    Many(FxHashMap<Box<str>, PathNode>),
+}
+
+impl Default for Children {
+    fn default() -> Self {
+        Children::Few(Vec::new())
+    }
+}
+
+impl Children {
+    #[inline]
+    fn get(&self, seg: &str) -> Option<&PathNode> {
+        match self {
+            Children::Few(list) => list.iter().find(|(k, _)| **k == *seg).map(|(_, n)| n),
+            Children::Many(map) => map.get(seg),
+        }
+    }
+
+    fn get_or_insert(&mut self, seg: &str) -> &mut PathNode {
+        if let Children::Few(list) = self {
+            if list.len() >= FEW_CHILDREN && !list.iter().any(|(k, _)| **k == *seg) {
+                *self = Children::Many(std::mem::take(list).into_iter().collect());
+            }
+        }
+        match self {
+            Children::Few(list) => {
+                let i = match list.iter().position(|(k, _)| **k == *seg) {
+                    Some(i) => i,
+                    None => {
+                        list.push((seg.into(), PathNode::default()));
+                        list.len() - 1
+                    }
+                };
+                &mut list[i].1
+            }
+            Children::Many(map) => map.entry(seg.into()).or_default(),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct PathNode {
-    children: FxHashMap<Box<str>, PathNode>,
+    children: Children,
     star: Option<Box<PathNode>>,
     /// Patterns that end here (no `**`): match when the path ends here.
     exact: Vec<Target>,
@@ -123,7 +172,7 @@ impl PathNode {
         let mut node = self;
         for seg in &pattern.segs {
             node = match seg {
-                Seg::Lit(l) => node.children.entry(l.clone()).or_default(),
+                Seg::Lit(l) => node.children.get_or_insert(l),
                 Seg::Star => node.star.get_or_insert_with(Default::default),
             };
         }
@@ -228,7 +277,14 @@ pub(crate) struct Index {
     exact: FxHashMap<Box<str>, Bucket>,
     one_more: FxHashMap<Box<str>, Bucket>,
     any_more: FxHashMap<Box<str>, Bucket>,
+    /// Bit `n` set: some `any_more` key is `n` bytes long.
+    any_more_lens: Vec<u64>,
     any: Bucket,
+}
+
+fn has_len(bits: &[u64], len: usize) -> bool {
+    bits.get(len / 64)
+        .is_some_and(|w| w & (1 << (len % 64)) != 0)
 }
 
 const SCHEME: &str = "spiffe://";
@@ -272,6 +328,13 @@ impl Index {
                 }
             }
         }
+        for key in index.any_more.keys() {
+            let len = key.len();
+            if index.any_more_lens.len() <= len / 64 {
+                index.any_more_lens.resize(len / 64 + 1, 0);
+            }
+            index.any_more_lens[len / 64] |= 1 << (len % 64);
+        }
         index
     }
 
@@ -295,7 +358,7 @@ impl Index {
             }
             if !self.any_more.is_empty() {
                 for p in SCHEME.len()..len.saturating_sub(1) {
-                    if bytes[p] == b'/' {
+                    if bytes[p] == b'/' && has_len(&self.any_more_lens, p) {
                         if let Some(b) = self.any_more.get(&caller[..p]) {
                             f(b);
                         }

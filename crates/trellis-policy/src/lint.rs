@@ -71,6 +71,17 @@ impl WarningKind {
 impl CompiledPolicy {
     /// All warnings, in rule order.
     pub fn lint(&self) -> Vec<Warning> {
+        self.lint_with(false)
+    }
+
+    /// `lint`, but checking every pair of rules instead of the index's candidates: the
+    /// tests check that both agree.
+    #[cfg(test)]
+    pub(crate) fn lint_exhaustive(&self) -> Vec<Warning> {
+        self.lint_with(true)
+    }
+
+    fn lint_with(&self, exhaustive: bool) -> Vec<Warning> {
         let scopes: Vec<Scope<'_>> = self.rules.iter().map(Scope::of).collect();
         let mut out = Vec::new();
         for (j, rule) in self.rules.iter().enumerate() {
@@ -132,7 +143,7 @@ impl CompiledPolicy {
             if scopes.get(j).is_none_or(|s| s.dead) {
                 continue;
             }
-            if let Some((kind, message)) = self.shadowing(j, &scopes) {
+            if let Some((kind, message)) = self.shadowing(j, &scopes, exhaustive) {
                 warn(rule.loc, kind, message);
             }
         }
@@ -140,10 +151,19 @@ impl CompiledPolicy {
     }
 
     /// The first rule that certainly keeps rule `j` from ever deciding.
-    fn shadowing(&self, j: usize, scopes: &[Scope<'_>]) -> Option<(WarningKind, String)> {
+    fn shadowing(
+        &self,
+        j: usize,
+        scopes: &[Scope<'_>],
+        exhaustive: bool,
+    ) -> Option<(WarningKind, String)> {
         let rule = self.rules.get(j)?;
         let mut candidates = Vec::new();
-        self.candidates_covering(rule, &mut candidates)?;
+        if exhaustive {
+            candidates.extend((0..self.rules.len()).filter_map(|i| u32::try_from(i).ok()));
+        } else {
+            self.candidates_covering(rule, &mut candidates)?;
+        }
         candidates.sort_unstable();
         candidates.dedup();
         let name = &rule.name;

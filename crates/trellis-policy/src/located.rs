@@ -105,6 +105,14 @@ pub(crate) fn yaml_error(source: &str, err: &serde_yaml_ng::Error) -> PolicyErro
         }
         None => (1, 1),
     };
+    // The two mistakes YAML makes easy, spelled out.
+    if message.contains("while scanning an alias") {
+        message.push_str(
+            "; a value that starts with `*` is a YAML alias: quote it, as in `from: [\"*\"]`",
+        );
+    } else if message.contains("invalid type: string") && message.ends_with("expected a sequence") {
+        message.push_str("; write a list, as in `[GET]` or `- GET` on the next line");
+    }
     PolicyError::new(source, line, column, message)
 }
 

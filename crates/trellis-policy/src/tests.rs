@@ -322,6 +322,52 @@ rules:
     assert!(allowed(&p, A, "GET", "/x"));
 }
 
+#[test]
+fn many_sibling_paths_are_all_found() {
+    // Past a few children a trie node switches from a list to a hash map.
+    let mut body = String::from("rules:\n");
+    for i in 0..40 {
+        body.push_str(&format!(
+            "  - name: r{i}\n    action: allow\n    from: [\"*\"]\n    to: [{{paths: [/s{i}, /t/s{i}/*]}}]\n"
+        ));
+    }
+    let p = policy(&body);
+    for i in 0..40 {
+        assert_eq!(
+            decide(&p, A, "GET", &format!("/s{i}")).rule,
+            format!("r{i}")
+        );
+        assert_eq!(
+            decide(&p, A, "GET", &format!("/t/s{i}/x")).rule,
+            format!("r{i}")
+        );
+    }
+    assert_eq!(decide(&p, A, "GET", "/s40").rule, DEFAULT_RULE);
+}
+
+#[test]
+fn many_principal_ancestors_are_all_found() {
+    let mut body = String::from("rules:\n");
+    for i in 0..30 {
+        body.push_str(&format!(
+            "  - name: r{i}\n    action: allow\n    from: [spiffe://example.org/{}**]\n    to: [{{paths: [/p{i}]}}]\n",
+            "a/".repeat(i)
+        ));
+    }
+    let p = policy(&body);
+    let deep = format!("spiffe://example.org/{}x", "a/".repeat(29));
+    for i in 0..30 {
+        assert_eq!(
+            decide(&p, &deep, "GET", &format!("/p{i}")).rule,
+            format!("r{i}")
+        );
+    }
+    assert_eq!(
+        decide(&p, "spiffe://example.org/x", "GET", "/p1").rule,
+        DEFAULT_RULE
+    );
+}
+
 // ---------------------------------------------------------------- L4
 
 const L4: &str = "\
@@ -712,6 +758,20 @@ fn from_as_a_single_string_is_rejected() {
     let e = error("rules:\n  - name: x\n    action: allow\n    from: \"*\"\n");
     assert_eq!(e.line, 6);
     assert!(e.message.contains("expected a sequence"), "{e}");
+}
+
+#[test]
+fn unquoted_star_gets_a_hint_to_quote_it() {
+    let e = error("rules:\n  - name: x\n    action: allow\n    from: [*]\n");
+    assert_eq!(e.line, 6);
+    assert!(e.message.contains("quote it, as in `from: [\"*\"]`"), "{e}");
+}
+
+#[test]
+fn scalar_where_a_list_belongs_gets_a_hint() {
+    let e = error("rules:\n  - name: x\n    action: allow\n    from: [\"*\"]\n    to:\n      - paths: /admin/**\n");
+    assert_eq!((e.line, e.column), (8, 16));
+    assert!(e.message.contains("write a list"), "{e}");
 }
 
 #[test]
@@ -1285,7 +1345,7 @@ mod properties {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(400))]
+        #![proptest_config(ProptestConfig::with_cases(1000))]
 
         /// The index (principal buckets, path tries) decides exactly as a plain walk over
         /// every rule applying the written semantics.
@@ -1321,6 +1381,13 @@ mod properties {
                 prop_assert!(!p.decide(caller, method, &n).is_allowed());
                 prop_assert!(!p.decide_l4(caller, port).is_allowed());
             }
+        }
+
+        /// The index-driven lint finds exactly what checking every pair of rules finds.
+        #[test]
+        fn lint_candidates_from_the_index_miss_nothing(text in policy_text()) {
+            let p = compile(&[("p.yaml", text.as_str())]).unwrap();
+            prop_assert_eq!(p.lint(), p.lint_exhaustive());
         }
 
         /// A rule the lints call shadowed, redundant or never-matching never decides:

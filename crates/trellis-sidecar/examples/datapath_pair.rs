@@ -69,6 +69,15 @@ fn thread_cpu_ms(tid: u32) -> u64 {
     f.iter().sum::<u64>() * 10 // USER_HZ = 100
 }
 
+fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
 fn current_tid() -> u32 {
     std::fs::read_link("/proc/thread-self")
         .ok()
@@ -125,6 +134,7 @@ fn main() {
         }
     });
     let backend = addr_rx.recv().unwrap();
+    println!("rss_kb with_backend={}", rss_kb());
 
     let store = |path: &str| {
         let metrics = Arc::new(SidecarMetrics::new());
@@ -147,6 +157,7 @@ fn main() {
         inbound.run(drain).await;
     });
     let inbound_addr = rx.recv().unwrap();
+    println!("rss_kb with_inbound={}", rss_kb());
 
     let (tx, rx) = mpsc::channel();
     let a_metrics_main = a_metrics.clone();
@@ -167,6 +178,7 @@ fn main() {
         outbound.run(drain).await;
     });
     let outbound_addrs = rx.recv().unwrap();
+    println!("rss_kb with_outbound={}", rss_kb());
     println!("backend {backend}");
     println!("inbound {inbound_addr}");
     println!("outbound {}", outbound_addrs[0].1);
