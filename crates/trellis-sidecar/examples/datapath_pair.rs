@@ -53,6 +53,7 @@ fn settings(app: std::net::SocketAddr, upstreams: Vec<Upstream>) -> SidecarSetti
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(30),
         expiry_margin: Duration::from_secs(60),
+        policy: None,
     }
 }
 

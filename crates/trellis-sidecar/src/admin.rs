@@ -1,5 +1,6 @@
 //! Sidecar admin HTTP, bound to loopback by default: `/healthz`, `/ready`, `/metrics`,
-//! `/certs` (identity facts as JSON; never a key).
+//! `/certs` (identity facts as JSON; never a key), `/policy` (the authorization policy in
+//! force: sources, hash, load time, rule count, and the last reload error).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::metrics::{SidecarMetrics, CONTENT_TYPE};
+use crate::policy::PolicyEngine;
 use crate::svid_store::SvidStore;
 
 /// What the admin endpoint reports on.
@@ -24,6 +26,8 @@ pub struct AdminState {
     pub metrics: Arc<SidecarMetrics>,
     /// `/ready` turns false this long before the SVID expires.
     pub expiry_margin: Duration,
+    /// The authorization policy.
+    pub policy: Arc<PolicyEngine>,
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -102,10 +106,15 @@ pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<B
             "application/json",
             certs_json(&state.store).to_string(),
         ),
+        "/policy" => reply(
+            StatusCode::OK,
+            "application/json",
+            state.policy.status_json().to_string(),
+        ),
         _ => reply(
             StatusCode::NOT_FOUND,
             PLAIN,
-            "not found: try /healthz, /ready, /metrics, /certs\n",
+            "not found: try /healthz, /ready, /metrics, /certs, /policy\n",
         ),
     }
 }
@@ -154,6 +163,7 @@ mod tests {
         let store = SvidStore::new(ca.bundle(), None, Arc::clone(&metrics));
         let state = AdminState {
             store: Arc::clone(&store),
+            policy: PolicyEngine::allow_all(Arc::clone(&metrics)),
             metrics,
             expiry_margin: Duration::from_secs(60),
         };
@@ -172,5 +182,7 @@ mod tests {
         assert_eq!(certs["svid"]["spiffe_id"], "spiffe://example.org/web");
         assert_eq!(certs["bundle"].as_array().unwrap().len(), 1);
         assert!(!certs.to_string().contains("PRIVATE"));
+        let policy = route(&state, &Method::GET, "/policy");
+        assert_eq!(policy.status(), StatusCode::OK);
     }
 }

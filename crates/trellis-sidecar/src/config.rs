@@ -199,6 +199,10 @@ pub struct SidecarFile {
     pub admin: Option<SocketAddr>,
     /// `tls13` (default) or `tls12+`.
     pub tls_policy: Option<String>,
+    /// Authorization policy: a YAML file, or a directory whose `*.yaml`/`*.yml` files are
+    /// merged in name order; watched and hot-reloaded. Absent: every authenticated peer of
+    /// the trust domain may call anything.
+    pub policy: Option<PathBuf>,
     /// How long SIGTERM waits for in-flight requests.
     #[serde(default, with = "humantime_serde")]
     pub drain_timeout: Option<Duration>,
@@ -323,6 +327,9 @@ pub struct SidecarSettings {
     pub request_timeout: Duration,
     /// `/ready` false this long before expiry.
     pub expiry_margin: Duration,
+    /// Authorization policy file or directory (`None`: every authenticated peer of the
+    /// trust domain is allowed, see [`crate::policy`]).
+    pub policy: Option<PathBuf>,
 }
 
 /// Defaults.
@@ -494,6 +501,7 @@ impl SidecarSettings {
             connect_timeout: f.connect_timeout.unwrap_or(defaults::CONNECT),
             request_timeout: f.request_timeout.unwrap_or(defaults::REQUEST),
             expiry_margin: f.expiry_margin.unwrap_or(defaults::EXPIRY_MARGIN),
+            policy: f.policy,
         })
     }
 }
@@ -513,6 +521,17 @@ outbound:
       address: 127.0.0.1:15443
       identity: spiffe://example.org/b
 "#;
+
+    #[test]
+    fn policy_is_optional_and_passed_through() {
+        let s = SidecarSettings::from_file(SidecarFile::parse(GOOD, Path::new("s.yaml")).unwrap())
+            .unwrap();
+        assert_eq!(s.policy, None);
+        let with = format!("{GOOD}policy: /etc/trellis/policy\n");
+        let s = SidecarSettings::from_file(SidecarFile::parse(&with, Path::new("s.yaml")).unwrap())
+            .unwrap();
+        assert_eq!(s.policy, Some(PathBuf::from("/etc/trellis/policy")));
+    }
 
     #[test]
     fn good_file_validates() {

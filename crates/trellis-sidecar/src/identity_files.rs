@@ -187,7 +187,7 @@ async fn reload(files: &FilesFile, store: &SvidStore, metrics: &SidecarMetrics) 
 }
 
 /// The directory to watch for `file`.
-fn parent_dir(file: &Path) -> PathBuf {
+pub(crate) fn parent_dir(file: &Path) -> PathBuf {
     match file.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
@@ -196,7 +196,7 @@ fn parent_dir(file: &Path) -> PathBuf {
 
 /// Whether an event can mean new content. Opening and reading (ours included: inotify
 /// reports our own reads) cannot; closing a file that was open for writing can.
-fn may_change_content(kind: &EventKind) -> bool {
+pub(crate) fn may_change_content(kind: &EventKind) -> bool {
     match kind {
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
         EventKind::Access(_) => false,

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use http::header::{self, HeaderValue};
 use http::request::Parts;
-use http::{Request, Response, Uri, Version};
+use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -29,13 +29,14 @@ use trellis_identity::tls::{handshake_failure_reason, peer_spiffe_id, SharedBund
 use trellis_identity::{leaf_sha256_hex, SpiffeId};
 
 use crate::config::SidecarSettings;
-use crate::drain::Drain;
+use crate::drain::{self, Drain};
 use crate::http_util::{
     self, serve_until_drained, strip_hop_by_hop, text_response, BoxError, H2Body, ProxyBody,
     ReqBody, StatusCounters, XFCC,
 };
-use crate::metrics::{Direction, SidecarMetrics};
+use crate::metrics::{Direction, ReasonLabel, SidecarMetrics};
 use crate::mtls::{self, SessionTicketer};
+use crate::policy::PolicyEngine;
 use crate::pool::{self, AppPool, ForwardError};
 use crate::svid_store::SvidStore;
 use crate::tcp;
@@ -59,14 +60,76 @@ pub struct ConnInfo {
 }
 
 /// **Policy hook.** Decides each request before it reaches the app: `None` lets it through,
-/// `Some(response)` answers instead (the policy engine's 403 naming the deciding rule).
+/// `Some(response)` answers instead.
 ///
-/// The next issue plugs `PolicyEngine::decide(caller, method, normalized path)` in here: one
-/// `ArcSwap::load` of the compiled policy per request, no lock. Until then everything is
-/// allowed.
-fn authorize(conn: &ConnInfo, request: &Parts) -> Option<Response<ProxyBody>> {
-    let _ = (conn, request);
+/// Without a policy everything is allowed and nothing is rewritten. With one, the path is
+/// normalized first (a path that cannot be is answered `400` naming the reason), then
+/// `PolicyEngine` decides (one `ArcSwap::load`, no lock): a denial is `403` with
+/// `{"error":"forbidden","rule":…,"caller":…}`; an allowed request goes on with its path
+/// replaced by the normalized one (query kept), so the app sees the path that was authorized.
+fn authorize(
+    policy: &PolicyEngine,
+    metrics: &SidecarMetrics,
+    conn: &ConnInfo,
+    request: &mut Parts,
+) -> Option<Response<ProxyBody>> {
+    policy.path()?;
+    let caller = conn.peer_id.as_str();
+    let normalized = match trellis_policy::normalize_path(request.uri.path()) {
+        Ok(path) => path,
+        Err(e) => {
+            metrics
+                .authz_bad_paths
+                .get_or_create(&ReasonLabel { reason: e.reason() })
+                .inc();
+            tracing::info!(%caller, method = %request.method, path = request.uri.path(), reason = e.reason(), "request path refused");
+            return Some(text_response(
+                StatusCode::BAD_REQUEST,
+                &format!("bad request path: {e}"),
+            ));
+        }
+    };
+    if let Some(rule) = policy.authorize_http(caller, request.method.as_str(), &normalized) {
+        return Some(forbidden(&rule, caller));
+    }
+    if !normalized.is_borrowed() {
+        let path = normalized.into_string();
+        match with_path(&request.uri, &path) {
+            Some(uri) => request.uri = uri,
+            None => {
+                return Some(text_response(
+                    StatusCode::BAD_REQUEST,
+                    "bad request path: cannot rewrite it in normal form",
+                ))
+            }
+        }
+    }
     None
+}
+
+/// `403` with the deciding rule and the caller, as JSON.
+fn forbidden(rule: &str, caller: &str) -> Response<ProxyBody> {
+    let mut body =
+        serde_json::json!({ "error": "forbidden", "rule": rule, "caller": caller }).to_string();
+    body.push('\n');
+    let mut response = Response::new(ProxyBody::Text(Some(Bytes::from(body))));
+    *response.status_mut() = StatusCode::FORBIDDEN;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// `uri` with its path replaced by `path` (scheme, authority and query kept).
+fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
+    let pq = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(pq.parse().ok()?);
+    Uri::from_parts(parts).ok()
 }
 
 /// Handshakes may take at most this long (a client that stalls holds a task, not a thread).
@@ -78,6 +141,7 @@ struct Inbound {
     store: Arc<SvidStore>,
     bundle: SharedBundle,
     metrics: Arc<SidecarMetrics>,
+    policy: Arc<PolicyEngine>,
     counters: StatusCounters,
     app: AppPool,
     request_timeout: Duration,
@@ -97,11 +161,24 @@ pub struct InboundProxy {
 
 impl InboundProxy {
     /// Binds `settings.inbound_listen` and every `settings.inbound_tcp` listener and builds the
-    /// TLS configs (once: they read the current SVID and bundle on each handshake).
+    /// TLS configs (once: they read the current SVID and bundle on each handshake). No policy:
+    /// every authenticated peer is allowed (`settings.policy` is not read here; see
+    /// [`Self::bind_with_policy`]).
     pub async fn bind(
         settings: &SidecarSettings,
         store: Arc<SvidStore>,
         metrics: Arc<SidecarMetrics>,
+    ) -> std::io::Result<Self> {
+        let policy = PolicyEngine::allow_all(Arc::clone(&metrics));
+        Self::bind_with_policy(settings, store, metrics, policy).await
+    }
+
+    /// [`Self::bind`], deciding every request and TCP connection with `policy`.
+    pub async fn bind_with_policy(
+        settings: &SidecarSettings,
+        store: Arc<SvidStore>,
+        metrics: Arc<SidecarMetrics>,
+        policy: Arc<PolicyEngine>,
     ) -> std::io::Result<Self> {
         let ticketer = SessionTicketer::new()?;
         let http_config = mtls::server_config(
@@ -138,6 +215,7 @@ impl InboundProxy {
                 store,
                 counters: StatusCounters::new(Direction::Inbound, metrics.clone()),
                 metrics,
+                policy,
                 app: AppPool::new(settings.app, settings.connect_timeout),
                 request_timeout: settings.request_timeout,
                 handshake_timeout: handshake_timeout(settings),
@@ -179,6 +257,7 @@ impl InboundProxy {
                 let ctx = tcp::InboundTcpContext {
                     bundle: shared.bundle.clone(),
                     metrics: shared.metrics.clone(),
+                    policy: shared.policy.clone(),
                     handshake_timeout: shared.handshake_timeout,
                     connect_timeout: shared.connect_timeout,
                 };
@@ -324,22 +403,47 @@ impl Inbound {
             http2,
         });
         tracing::debug!(%peer_addr, peer_id = %info.peer_id, resumed, http2, "inbound connection");
-        let served = if http2 {
-            self.serve_h2(stream, info, drain)
-                .await
-                .map_err(BoxError::from)
-        } else {
-            let service = {
-                let shared = self.clone();
-                hyper::service::service_fn(move |req| {
-                    handle_http1(shared.clone(), info.clone(), req)
-                })
-            };
-            let conn = self.h1.serve_connection(TokioIo::new(stream), service);
-            serve_until_drained(conn, drain)
-                .await
-                .map_err(BoxError::from)
+        // This connection winds down gracefully (in-flight requests finish) on the sidecar's
+        // drain, or after a policy reload that leaves its caller nothing allowed.
+        let (local_signal, local_drain) = drain::channel();
+        let policy = Arc::clone(&self.policy);
+        let caller = info.peer_id.clone();
+        let stop = async {
+            tokio::select! {
+                () = drain.signaled() => {}
+                () = policy.revoked(caller.as_str()) => {
+                    tracing::info!(%peer_addr, %caller, "policy no longer allows this caller anything; closing its connection");
+                }
+            }
         };
+        let serve = async {
+            if http2 {
+                self.serve_h2(stream, info, local_drain)
+                    .await
+                    .map_err(BoxError::from)
+            } else {
+                let service = {
+                    let shared = self.clone();
+                    hyper::service::service_fn(move |req| {
+                        handle_http1(shared.clone(), info.clone(), req)
+                    })
+                };
+                let conn = self.h1.serve_connection(TokioIo::new(stream), service);
+                serve_until_drained(conn, local_drain)
+                    .await
+                    .map_err(BoxError::from)
+            }
+        };
+        let mut serve = std::pin::pin!(serve);
+        let served = tokio::select! {
+            served = serve.as_mut() => served,
+            () = stop => {
+                // Sends the signal at once; the returned wait is not needed.
+                drop(local_signal.drain(Duration::ZERO));
+                serve.await
+            }
+        };
+        drop(drain);
         if let Err(e) = served {
             tracing::debug!(%peer_addr, error = %e, "inbound connection ended with an error");
         }
@@ -387,7 +491,7 @@ impl Inbound {
         mut parts: Parts,
         body: ReqBody,
     ) -> Response<ProxyBody> {
-        let response = match authorize(conn, &parts) {
+        let response = match authorize(&self.policy, &self.metrics, conn, &mut parts) {
             Some(denied) => denied,
             None => {
                 to_app_request(&mut parts, &conn.xfcc);
@@ -514,6 +618,25 @@ mod tests {
             .iter()
             .collect();
         assert_eq!(xfcc, ["By=x;Hash=y;URI=z"]);
+    }
+
+    #[test]
+    fn with_path_keeps_scheme_authority_and_query() {
+        let uri: Uri = "http://service-b:8080/a/./b?c=d/../e".parse().unwrap();
+        assert_eq!(
+            with_path(&uri, "/a/b").unwrap().to_string(),
+            "http://service-b:8080/a/b?c=d/../e"
+        );
+        let uri: Uri = "//a//b".parse().unwrap();
+        assert_eq!(uri.path(), "//a//b");
+        assert_eq!(with_path(&uri, "/a/b").unwrap().to_string(), "/a/b");
+    }
+
+    #[test]
+    fn forbidden_is_json_naming_rule_and_caller() {
+        let r = forbidden("no-export", "spiffe://example.org/a");
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert_eq!(r.headers()["content-type"], "application/json");
     }
 
     #[test]

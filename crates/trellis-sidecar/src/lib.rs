@@ -15,6 +15,7 @@ pub mod inbound;
 pub mod metrics;
 pub mod mtls;
 pub mod outbound;
+pub mod policy;
 pub mod pool;
 pub mod sds;
 pub mod sidecar;

@@ -61,6 +61,22 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+/// `{decision,rule}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabel {
+    /// `allow`, `deny` or `audit_deny` (an audit-mode rule would have denied).
+    pub decision: &'static str,
+    /// The deciding rule's name, or `default`. Bounded by the loaded policy's rules.
+    pub rule: String,
+}
+
+/// `{reason}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// A stable snake_case reason.
+    pub reason: &'static str,
+}
+
 /// Every sidecar metric.
 pub struct SidecarMetrics {
     registry: Registry,
@@ -84,6 +100,20 @@ pub struct SidecarMetrics {
     pub connections_open: Family<DirectionLabel, Gauge>,
     /// `trellis_upstream_connections_total`: mTLS connections the outbound pool opened.
     pub upstream_connections: Counter,
+    /// `trellis_authz_decisions_total{decision,rule}`. The policy engine looks a rule's
+    /// counter up in the family (which takes a lock) on its first use after a policy load
+    /// and keeps the handle, so the request path is a hash map lookup and an atomic add.
+    /// Series of rules that no longer exist stay exported with their last counts.
+    pub authz_decisions: Family<AuthzLabel, Counter>,
+    /// `trellis_authz_bad_paths_total{reason}`: requests refused with 400 because their
+    /// path could not be normalized.
+    pub authz_bad_paths: Family<ReasonLabel, Counter>,
+    /// `trellis_policy_reload_errors_total`.
+    pub policy_reload_errors: Counter,
+    /// `trellis_policy_loaded_timestamp_seconds` (0: no policy loaded).
+    pub policy_loaded: Gauge,
+    /// `trellis_policy_rules`.
+    pub policy_rules: Gauge,
 }
 
 impl SidecarMetrics {
@@ -100,6 +130,11 @@ impl SidecarMetrics {
         let requests = Family::<RequestLabel, Counter>::default();
         let connections_open = Family::<DirectionLabel, Gauge>::default();
         let upstream_connections = Counter::default();
+        let authz_decisions = Family::<AuthzLabel, Counter>::default();
+        let authz_bad_paths = Family::<ReasonLabel, Counter>::default();
+        let policy_reload_errors = Counter::default();
+        let policy_loaded = Gauge::default();
+        let policy_rules = Gauge::default();
         registry.register(
             "sds_connected",
             "1 while the SDS stream to the control plane is up",
@@ -150,6 +185,31 @@ impl SidecarMetrics {
             "mTLS connections opened by the outbound pool",
             upstream_connections.clone(),
         );
+        registry.register(
+            "authz_decisions",
+            "Authorization decisions, by decision (allow, deny, audit_deny) and deciding rule",
+            authz_decisions.clone(),
+        );
+        registry.register(
+            "authz_bad_paths",
+            "Requests refused with 400 because their path cannot be normalized, by reason",
+            authz_bad_paths.clone(),
+        );
+        registry.register(
+            "policy_reload_errors",
+            "Policy reloads refused (the last good policy stays in force)",
+            policy_reload_errors.clone(),
+        );
+        registry.register(
+            "policy_loaded_timestamp_seconds",
+            "When the policy in force was loaded, unix seconds (0: none)",
+            policy_loaded.clone(),
+        );
+        registry.register(
+            "policy_rules",
+            "Rules in the policy in force",
+            policy_rules.clone(),
+        );
         Self {
             registry,
             sds_connected,
@@ -162,6 +222,11 @@ impl SidecarMetrics {
             requests,
             connections_open,
             upstream_connections,
+            authz_decisions,
+            authz_bad_paths,
+            policy_reload_errors,
+            policy_loaded,
+            policy_rules,
         }
     }
 
@@ -254,6 +319,9 @@ mod tests {
             "trellis_bundle_expiry_timestamp_seconds 0",
             "trellis_upstream_connections_total 0",
             "trellis_sds_last_update_timestamp_seconds 0",
+            "trellis_policy_reload_errors_total 0",
+            "trellis_policy_loaded_timestamp_seconds 0",
+            "trellis_policy_rules 0",
         ] {
             assert!(text.contains(line), "missing `{line}` in\n{text}");
         }

@@ -17,6 +17,7 @@ use crate::identity_files;
 use crate::inbound::InboundProxy;
 use crate::metrics::SidecarMetrics;
 use crate::outbound::OutboundProxy;
+use crate::policy::{PolicyEngine, PolicyWatcher};
 use crate::sds::SdsClient;
 use crate::svid_store::SvidStore;
 
@@ -34,6 +35,9 @@ pub enum StartError {
     /// Identity files refused.
     #[error(transparent)]
     Files(#[from] identity_files::FilesError),
+    /// The authorization policy cannot be loaded (`file:line:column: message`).
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyLoadError),
     /// SDS bootstrap refused.
     #[error(transparent)]
     Sds(#[from] crate::sds::SdsClientError),
@@ -61,6 +65,8 @@ pub struct Sidecar {
     pub store: Arc<SvidStore>,
     /// Metrics.
     pub metrics: Arc<SidecarMetrics>,
+    /// The authorization policy in force.
+    pub policy: Arc<PolicyEngine>,
     drain_timeout: Duration,
     drain_signal: DrainSignal,
     shutdown: watch::Sender<bool>,
@@ -87,6 +93,11 @@ impl Sidecar {
     /// SVID is installed before this returns; with SDS, `/ready` turns true on the first SVID.
     pub async fn start(settings: SidecarSettings) -> Result<Self, StartError> {
         let metrics = Arc::new(SidecarMetrics::new());
+        // A policy that does not load refuses the start (no silent allow-all).
+        let policy = match &settings.policy {
+            Some(path) => PolicyEngine::load(path, Arc::clone(&metrics))?,
+            None => PolicyEngine::allow_all(Arc::clone(&metrics)),
+        };
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let store = match &settings.identity {
@@ -122,13 +133,18 @@ impl Sidecar {
             }
         };
 
-        let inbound = InboundProxy::bind(&settings, Arc::clone(&store), Arc::clone(&metrics))
-            .await
-            .map_err(|source| StartError::Bind {
-                what: "inbound",
-                addr: settings.inbound_listen,
-                source,
-            })?;
+        let inbound = InboundProxy::bind_with_policy(
+            &settings,
+            Arc::clone(&store),
+            Arc::clone(&metrics),
+            Arc::clone(&policy),
+        )
+        .await
+        .map_err(|source| StartError::Bind {
+            what: "inbound",
+            addr: settings.inbound_listen,
+            source,
+        })?;
         let outbound = OutboundProxy::bind(&settings, Arc::clone(&store), Arc::clone(&metrics))
             .await
             .map_err(|source| StartError::Bind {
@@ -161,7 +177,13 @@ impl Sidecar {
             store: Arc::clone(&store),
             metrics: Arc::clone(&metrics),
             expiry_margin: settings.expiry_margin,
+            policy: Arc::clone(&policy),
         });
+        if settings.policy.is_some() {
+            tasks.push(tokio::spawn(
+                PolicyWatcher::new(Arc::clone(&policy)).run(shutdown_rx.clone()),
+            ));
+        }
         tasks.push(tokio::spawn(admin::serve(
             admin_listener,
             admin_state,
@@ -174,6 +196,7 @@ impl Sidecar {
             admin_addr,
             store,
             metrics,
+            policy,
             drain_timeout: settings.drain_timeout,
             drain_signal,
             shutdown,

@@ -2,7 +2,9 @@
 //!
 //! - outbound (`protocol: tcp` upstream on its dedicated `listen`): app → plain TCP → sidecar →
 //!   mTLS (peer verified against the bundle and the upstream's `identity`) → peer;
-//! - inbound (`inbound.tcp`): peer → mTLS (client certificate required) → sidecar → plain TCP →
+//! - inbound (`inbound.tcp`): peer → mTLS (client certificate required) → policy
+//!   (`decide_l4(caller, listen port)`; a denial closes the connection right after the
+//!   handshake, and a reload that denies an open forward closes it) → sidecar → plain TCP →
 //!   app.
 //!
 //! Bytes are copied both ways with [`tokio::io::copy_bidirectional_with_sizes`]; an EOF on one
@@ -14,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use trellis_identity::tls::SharedBundle;
@@ -23,6 +25,7 @@ use crate::drain::Drain;
 use crate::http_util::{connect_tcp, TcpTarget};
 use crate::inbound::{accept_loop, accept_tls};
 use crate::metrics::{Direction, SidecarMetrics};
+use crate::policy::PolicyEngine;
 use crate::pool::{PeerTarget, TlsClient};
 
 /// Copy buffer per direction: one TLS record's worth of plaintext.
@@ -48,6 +51,7 @@ pub(crate) struct InboundForward {
 pub(crate) struct InboundTcpContext {
     pub(crate) bundle: SharedBundle,
     pub(crate) metrics: Arc<SidecarMetrics>,
+    pub(crate) policy: Arc<PolicyEngine>,
     pub(crate) handshake_timeout: Duration,
     pub(crate) connect_timeout: Duration,
 }
@@ -63,6 +67,8 @@ pub(crate) async fn run_inbound_forward(
         app,
         acceptor,
     } = forward;
+    // Policy L4 rules name the port this forward listens on.
+    let port = listener.local_addr().map_or(0, |a| a.port());
     accept_loop(&listener, &drain, |tcp, peer_addr| {
         let (ctx, acceptor, drain) = (ctx.clone(), acceptor.clone(), drain.clone());
         tokio::spawn(async move {
@@ -72,6 +78,10 @@ pub(crate) async fn run_inbound_forward(
             else {
                 return;
             };
+            if !ctx.policy.authorize_l4(peer_id.as_str(), port) {
+                let _ = tls.shutdown().await;
+                return;
+            }
             let _open = ctx.metrics.connection(Direction::Inbound);
             let mut to_app = match connect_tcp(TcpTarget::Addr(app), ctx.connect_timeout).await {
                 Ok(s) => s,
@@ -80,9 +90,14 @@ pub(crate) async fn run_inbound_forward(
                     return;
                 }
             };
-            match splice(&mut tls, &mut to_app).await {
-                Ok((up, down)) => tracing::debug!(%peer_addr, %peer_id, %app, up, down, "TCP forward done"),
-                Err(e) => tracing::debug!(%peer_addr, %peer_id, %app, error = %e, "TCP forward ended"),
+            tokio::select! {
+                spliced = splice(&mut tls, &mut to_app) => match spliced {
+                    Ok((up, down)) => tracing::debug!(%peer_addr, %peer_id, %app, up, down, "TCP forward done"),
+                    Err(e) => tracing::debug!(%peer_addr, %peer_id, %app, error = %e, "TCP forward ended"),
+                },
+                () = ctx.policy.l4_revoked(peer_id.as_str(), port) => {
+                    tracing::info!(%peer_addr, %peer_id, port, "policy no longer allows this TCP connection; closing it");
+                }
             }
         });
     })

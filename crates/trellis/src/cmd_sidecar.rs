@@ -76,6 +76,10 @@ pub struct SidecarArgs {
     /// way to proxy for one app; raise it for a busy app on a large node.
     #[arg(long, env = "TRELLIS_WORKER_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     worker_threads: u16,
+    /// Authorization policy: a YAML file, or a directory of them merged in name order;
+    /// hot-reloaded. Without one, every authenticated peer of the trust domain is allowed.
+    #[arg(long, env = "TRELLIS_POLICY")]
+    policy: Option<PathBuf>,
     /// `/ready` turns false this long before the SVID expires [default: 5m].
     #[arg(long, env = "TRELLIS_EXPIRY_MARGIN", value_parser = humantime::parse_duration)]
     expiry_margin: Option<Duration>,
@@ -185,6 +189,9 @@ impl SidecarArgs {
         }
         if self.tls_policy.is_some() {
             f.tls_policy = self.tls_policy;
+        }
+        if self.policy.is_some() {
+            f.policy = self.policy;
         }
         macro_rules! over {
             ($($field:ident),*) => { $( if self.$field.is_some() { f.$field = self.$field; } )* };

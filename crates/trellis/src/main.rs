@@ -2,6 +2,7 @@
 
 mod cmd_ca;
 mod cmd_control;
+mod cmd_policy;
 mod cmd_sidecar;
 mod cmd_token;
 mod demo;
@@ -42,6 +43,9 @@ enum Command {
     /// Join tokens.
     #[command(subcommand)]
     Token(cmd_token::TokenCommand),
+    /// Authorization policy tools: check a policy, explain a decision.
+    #[command(subcommand)]
+    Policy(cmd_policy::PolicyCommand),
     /// Start a local control plane and a workload on loopback and show an SVID being issued and rotated.
     Demo(demo::DemoArgs),
 }
@@ -60,6 +64,7 @@ fn main() -> ExitCode {
         Command::Sidecar(args) => cmd_sidecar::run(args),
         Command::Ca(cmd) => cmd_ca::run(cmd),
         Command::Token(cmd) => cmd_token::run(cmd),
+        Command::Policy(cmd) => cmd_policy::run(cmd),
         Command::Demo(args) => demo::run(args),
     };
     match result {

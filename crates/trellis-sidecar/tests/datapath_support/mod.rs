@@ -95,6 +95,7 @@ pub fn settings(app: SocketAddr, upstreams: Vec<Upstream>) -> SidecarSettings {
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(30),
         expiry_margin: Duration::from_secs(60),
+        policy: None,
     }
 }
 

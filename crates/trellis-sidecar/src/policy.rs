@@ -1,0 +1,614 @@
+//! Authorization: the [`PolicyEngine`] decides every inbound request (and raw TCP
+//! connection) against the compiled policy in force; the [`PolicyWatcher`] reloads it when
+//! the file or directory changes.
+//!
+//! **No policy configured** (`policy` unset): every authenticated peer of the trust domain
+//! may call anything, as before policies existed. Nothing is counted in
+//! `trellis_authz_decisions_total` then.
+//!
+//! **A policy configured**: a file, or a directory whose `*.yaml`/`*.yml` files (dotfiles
+//! and Kubernetes' `..data` internals skipped, symlinks followed) are merged in name order.
+//! It must load at start, or the sidecar refuses to start. Afterwards every update is
+//! read → compiled → swapped; one that fails keeps the last good policy in force, logs
+//! `file:line:column: message`, counts `trellis_policy_reload_errors_total` and shows on
+//! `/policy` (DESIGN.md, "Policy change": "A file that fails keeps the last good policy in
+//! force, logs the error with file and line, and counts it.").
+//!
+//! The request path reads the policy with one `ArcSwap::load` and takes no lock
+//! (STYLE.md: "Shared state is a value you swap, not a lock you hold").
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwapOption;
+use notify::{RecursiveMode, Watcher};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use tokio::sync::{mpsc, watch};
+use trellis_policy::{Action, CompiledPolicy, Decision, NormalizedPath, PolicyError};
+
+use crate::identity_files::{may_change_content, parent_dir};
+use crate::metrics::{AuthzLabel, SidecarMetrics};
+
+/// Quiet time after the last file event before the policy is read.
+pub const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// A policy that could not be loaded. `Display` starts with the file (and, for a policy
+/// error, `line:column`).
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyLoadError {
+    /// A file or the directory could not be read.
+    #[error("{}: cannot read the policy: {source}", path.display())]
+    Read {
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A directory without policy files (a half-written ConfigMap must not load as
+    /// "deny everything").
+    #[error("{}: no policy files (*.yaml, *.yml) in this directory", dir.display())]
+    NoFiles {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// The policy text was refused: `file:line:column: message`.
+    #[error(transparent)]
+    Invalid(#[from] PolicyError),
+}
+
+fn read_error(path: &Path) -> impl FnOnce(std::io::Error) -> PolicyLoadError + '_ {
+    move |source| PolicyLoadError::Read {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Reads the policy sources at `path`: the file itself, or the directory's `*.yaml` and
+/// `*.yml` files in name order (names starting with `.` skipped, symlinks followed), each
+/// named by its path.
+pub fn read_sources(path: &Path) -> Result<Vec<(String, String)>, PolicyLoadError> {
+    let meta = std::fs::metadata(path).map_err(read_error(path))?;
+    if !meta.is_dir() {
+        let text = std::fs::read_to_string(path).map_err(read_error(path))?;
+        return Ok(vec![(path.display().to_string(), text)]);
+    }
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(path).map_err(read_error(path))? {
+        let entry = entry.map_err(read_error(path))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with('.') || !(name.ends_with(".yaml") || name.ends_with(".yml")) {
+            continue;
+        }
+        let full = entry.path();
+        // Follows symlinks (Kubernetes: `policy.yaml -> ..data/policy.yaml`). A link that
+        // dangles mid-swap is skipped; the swap's own events trigger another read.
+        if std::fs::metadata(&full).is_ok_and(|m| m.is_file()) {
+            files.push((name.to_owned(), full));
+        }
+    }
+    if files.is_empty() {
+        return Err(PolicyLoadError::NoFiles {
+            dir: path.to_owned(),
+        });
+    }
+    files.sort();
+    files
+        .into_iter()
+        .map(|(_, full)| {
+            let text = std::fs::read_to_string(&full).map_err(read_error(&full))?;
+            Ok((full.display().to_string(), text))
+        })
+        .collect()
+}
+
+/// Reads and compiles the policy at `path` (what `trellis policy check DIR` and the
+/// sidecar do).
+pub fn compile_path(path: &Path) -> Result<CompiledPolicy, PolicyLoadError> {
+    let sources = read_sources(path)?;
+    Ok(trellis_policy::compile(&sources)?)
+}
+
+/// Counter handles for one rule name, created on first use (so a policy of 10,000 rules
+/// does not export 30,000 zero series) and then kept: the family lookup, which takes a
+/// lock, happens once per rule, decision and policy load, never again per request.
+#[derive(Default)]
+struct RuleCounters {
+    allow: OnceLock<Counter>,
+    deny: OnceLock<Counter>,
+    audit_deny: OnceLock<Counter>,
+}
+
+/// A compiled policy in force, with where and when it came from.
+pub struct LoadedPolicy {
+    /// The matcher.
+    pub compiled: CompiledPolicy,
+    /// When it was installed.
+    pub loaded_at: SystemTime,
+    /// The files it was compiled from, in order.
+    pub sources: Vec<String>,
+    decisions: Family<AuthzLabel, Counter>,
+    counters: HashMap<String, RuleCounters>,
+}
+
+impl LoadedPolicy {
+    fn new(compiled: CompiledPolicy, metrics: &SidecarMetrics) -> Self {
+        let counters = compiled
+            .rule_names()
+            .chain(std::iter::once(trellis_policy::DEFAULT_RULE))
+            .map(|rule| (rule.to_owned(), RuleCounters::default()))
+            .collect();
+        Self {
+            sources: compiled.source_names().map(str::to_owned).collect(),
+            compiled,
+            loaded_at: SystemTime::now(),
+            decisions: metrics.authz_decisions.clone(),
+            counters,
+        }
+    }
+
+    fn inc(&self, decision: &'static str, rule: &str) {
+        let Some(c) = self.counters.get(rule) else {
+            return;
+        };
+        let cell = match decision {
+            "allow" => &c.allow,
+            "deny" => &c.deny,
+            _ => &c.audit_deny,
+        };
+        cell.get_or_init(|| {
+            self.decisions
+                .get_or_create(&AuthzLabel {
+                    decision,
+                    rule: rule.to_owned(),
+                })
+                .clone()
+        })
+        .inc();
+    }
+
+    /// Counts a decision: the enforced one always; an audit `deny` as well.
+    fn count(&self, d: &Decision<'_>) {
+        self.inc(d.action.as_str(), d.rule);
+        if let Some(audit) = d.audit.filter(|a| a.action == Action::Deny) {
+            self.inc("audit_deny", audit.rule);
+        }
+    }
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The policy in force and how to reload it. Shared by the inbound proxy, the watcher and
+/// the admin endpoint.
+pub struct PolicyEngine {
+    current: ArcSwapOption<LoadedPolicy>,
+    path: Option<PathBuf>,
+    /// The last reload error and when; admin only, never read on the request path.
+    last_error: Mutex<Option<(String, SystemTime)>>,
+    /// Bumped on every successful reload; open connections re-check their caller.
+    generation: watch::Sender<u64>,
+    metrics: Arc<SidecarMetrics>,
+}
+
+impl PolicyEngine {
+    /// No policy: every authenticated peer of the trust domain is allowed.
+    pub fn allow_all(metrics: Arc<SidecarMetrics>) -> Arc<Self> {
+        Arc::new(Self {
+            current: ArcSwapOption::empty(),
+            path: None,
+            last_error: Mutex::new(None),
+            generation: watch::channel(0).0,
+            metrics,
+        })
+    }
+
+    /// Loads the policy at `path` (a file or a directory); an error refuses the start.
+    pub fn load(path: &Path, metrics: Arc<SidecarMetrics>) -> Result<Arc<Self>, PolicyLoadError> {
+        let compiled = compile_path(path)?;
+        let engine = Arc::new(Self {
+            current: ArcSwapOption::empty(),
+            path: Some(path.to_owned()),
+            last_error: Mutex::new(None),
+            generation: watch::channel(0).0,
+            metrics,
+        });
+        engine.install(compiled);
+        Ok(engine)
+    }
+
+    /// The file or directory the policy comes from (`None`: no policy, allow all).
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The policy in force, if any.
+    pub fn current(&self) -> Option<Arc<LoadedPolicy>> {
+        self.current.load_full()
+    }
+
+    /// The last reload error (`file:line:column: message`) and when it happened; cleared
+    /// by the next successful load.
+    pub fn last_error(&self) -> Option<(String, SystemTime)> {
+        self.last_error.lock().map(|e| e.clone()).unwrap_or(None)
+    }
+
+    /// Installs a compiled policy: swap, metrics, and a new generation for open connections.
+    pub fn install(&self, compiled: CompiledPolicy) {
+        let loaded = LoadedPolicy::new(compiled, &self.metrics);
+        self.metrics
+            .policy_loaded
+            .set(i64::try_from(unix(loaded.loaded_at)).unwrap_or(i64::MAX));
+        self.metrics
+            .policy_rules
+            .set(i64::try_from(loaded.compiled.rule_count()).unwrap_or(i64::MAX));
+        self.current.store(Some(Arc::new(loaded)));
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = None;
+        }
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Re-reads the policy. `Ok(true)`: a new policy is in force; `Ok(false)`: same content
+    /// (or no policy configured); `Err`: refused, logged, counted and recorded, the last
+    /// good policy stays in force.
+    pub fn reload(&self) -> Result<bool, PolicyLoadError> {
+        let Some(path) = &self.path else {
+            return Ok(false);
+        };
+        match compile_path(path) {
+            Ok(compiled) => {
+                let same = self
+                    .current
+                    .load()
+                    .as_ref()
+                    .is_some_and(|cur| cur.compiled.hash() == compiled.hash());
+                if same {
+                    if let Ok(mut e) = self.last_error.lock() {
+                        *e = None;
+                    }
+                    return Ok(false);
+                }
+                let (hash, rules) = (compiled.hash().to_owned(), compiled.rule_count());
+                self.install(compiled);
+                tracing::info!(policy = %path.display(), %hash, rules, "policy reloaded");
+                Ok(true)
+            }
+            Err(e) => {
+                // Recorded before it is counted: whoever sees the count sees the error.
+                if let Ok(mut last) = self.last_error.lock() {
+                    *last = Some((e.to_string(), SystemTime::now()));
+                }
+                self.metrics.policy_reload_errors.inc();
+                tracing::warn!(policy = %path.display(), error = %e, "policy refused; keeping the last good policy");
+                Err(e)
+            }
+        }
+    }
+
+    /// Decides an HTTP request. `None`: allowed. `Some(rule)`: denied by `rule`. Counts the
+    /// decision, logs a denial (info) and an audit-mode "would deny" / "would allow".
+    pub fn authorize_http(
+        &self,
+        caller: &str,
+        method: &str,
+        path: &NormalizedPath<'_>,
+    ) -> Option<String> {
+        let guard = self.current.load();
+        let loaded = guard.as_ref()?;
+        let d = loaded.compiled.decide(caller, method, path);
+        loaded.count(&d);
+        if let Some(audit) = d.audit {
+            tracing::info!(%caller, %method, %path, rule = audit.rule, enforced = d.rule, "audit: would {}", audit.action);
+        }
+        match d.action {
+            Action::Allow => None,
+            Action::Deny => {
+                tracing::info!(%caller, %method, %path, rule = d.rule, "request denied by policy");
+                Some(d.rule.to_owned())
+            }
+        }
+    }
+
+    /// Decides a raw TCP connection to the inbound listen `port`: `true` to let it through.
+    /// Counted and logged like HTTP.
+    pub fn authorize_l4(&self, caller: &str, port: u16) -> bool {
+        let guard = self.current.load();
+        let Some(loaded) = guard.as_ref() else {
+            return true;
+        };
+        let d = loaded.compiled.decide_l4(caller, port);
+        loaded.count(&d);
+        if let Some(audit) = d.audit {
+            tracing::info!(%caller, port, rule = audit.rule, enforced = d.rule, "audit: would {} TCP connection", audit.action);
+        }
+        if d.action == Action::Deny {
+            tracing::info!(%caller, port, rule = d.rule, "TCP connection denied by policy");
+        }
+        d.is_allowed()
+    }
+
+    /// True when the policy in force allows `caller` nothing at all.
+    pub fn denies_everything_from(&self, caller: &str) -> bool {
+        self.current
+            .load()
+            .as_ref()
+            .is_some_and(|p| p.compiled.denies_everything_from(caller))
+    }
+
+    /// Resolves after a reload that leaves `caller` nothing allowed (never, if none does):
+    /// the caller's open HTTP connections then close gracefully.
+    pub async fn revoked(&self, caller: &str) {
+        let mut generation = self.generation.subscribe();
+        loop {
+            if generation.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if self.denies_everything_from(caller) {
+                return;
+            }
+        }
+    }
+
+    /// Resolves after a reload that denies `caller`'s TCP connections to `port`.
+    pub async fn l4_revoked(&self, caller: &str, port: u16) {
+        let mut generation = self.generation.subscribe();
+        loop {
+            if generation.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            let denied = self
+                .current
+                .load()
+                .as_ref()
+                .is_some_and(|p| !p.compiled.decide_l4(caller, port).is_allowed());
+            if denied {
+                return;
+            }
+        }
+    }
+
+    /// `/policy`: what is loaded and the last reload error.
+    pub fn status_json(&self) -> serde_json::Value {
+        let current = self.current();
+        let last_error = self.last_error();
+        serde_json::json!({
+            "loaded": current.is_some(),
+            "path": self.path.as_ref().map(|p| p.display().to_string()),
+            "sources": current.as_ref().map_or_else(Vec::new, |p| p.sources.clone()),
+            "hash": current.as_ref().map(|p| p.compiled.hash().to_owned()),
+            "loaded_at": current.as_ref().map(|p| unix(p.loaded_at)),
+            "rules": current.as_ref().map_or(0, |p| p.compiled.rule_count()),
+            "last_error": last_error.as_ref().map(|(e, _)| e.clone()),
+            "last_error_at": last_error.as_ref().map(|(_, t)| unix(*t)),
+        })
+    }
+}
+
+/// Watches the policy's directory (the file's parent, or the directory itself) and reloads
+/// on change: in-place writes, rename-over and Kubernetes' `..data` symlink swap all show up
+/// as events in that directory (the same approach as
+/// [`identity_files::watch`](crate::identity_files::watch)).
+pub struct PolicyWatcher {
+    engine: Arc<PolicyEngine>,
+}
+
+impl PolicyWatcher {
+    /// A watcher for `engine`'s policy path.
+    pub fn new(engine: Arc<PolicyEngine>) -> Self {
+        Self { engine }
+    }
+
+    /// Runs until `shutdown` turns true. Does nothing without a policy path.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let Some(path) = self.engine.path().map(Path::to_owned) else {
+            return;
+        };
+        let dir = if path.is_dir() {
+            path.clone()
+        } else {
+            parent_dir(&path)
+        };
+        let (tx, mut rx) = mpsc::channel::<()>(1);
+        let mut watcher = match notify::recommended_watcher(
+            move |event: notify::Result<notify::Event>| match event {
+                Ok(event) if may_change_content(&event.kind) => {
+                    let _ = tx.try_send(());
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "policy watch error"),
+            },
+        ) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch the policy; changes will not be picked up");
+                return;
+            }
+        };
+        if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+            tracing::error!(dir = %dir.display(), error = %e, "cannot watch the policy directory; changes will not be picked up");
+            return;
+        }
+        tracing::info!(dir = %dir.display(), "watching the policy");
+        let stopped = async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        };
+        let mut stopped = std::pin::pin!(stopped);
+        // A change between the first load and the watch being set up would otherwise go
+        // unseen.
+        let _ = self.reload().await;
+        loop {
+            tokio::select! {
+                event = rx.recv() => if event.is_none() { return },
+                () = &mut stopped => return,
+            }
+            loop {
+                tokio::select! {
+                    event = rx.recv() => if event.is_none() { return },
+                    () = tokio::time::sleep(DEBOUNCE) => break,
+                    () = &mut stopped => return,
+                }
+            }
+            let _ = self.reload().await;
+        }
+    }
+
+    async fn reload(&self) -> Result<bool, PolicyLoadError> {
+        let engine = Arc::clone(&self.engine);
+        match tokio::task::spawn_blocking(move || engine.reload()).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "policy reload task failed");
+                Ok(false)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const POLICY: &str = "apiVersion: trellis.io/v1
+kind: Policy
+defaultAction: deny
+rules:
+  - name: lb-health
+    action: allow
+    from: [spiffe://example.org/ns/prod/sa/service-a]
+    to:
+      - methods: [GET]
+        paths: [/load-balancer/health]
+";
+    const A: &str = "spiffe://example.org/ns/prod/sa/service-a";
+
+    fn path(p: &str) -> NormalizedPath<'_> {
+        trellis_policy::normalize_path(p).unwrap()
+    }
+
+    #[test]
+    fn no_policy_allows_everything_and_counts_nothing() {
+        let m = Arc::new(SidecarMetrics::new());
+        let e = PolicyEngine::allow_all(m.clone());
+        assert_eq!(e.authorize_http(A, "DELETE", &path("/admin")), None);
+        assert!(e.authorize_l4(A, 5432));
+        assert!(!e.denies_everything_from("spiffe://example.org/x"));
+        assert!(!m.encode().contains("trellis_authz_decisions_total{"));
+        assert_eq!(e.status_json()["loaded"], false);
+    }
+
+    #[test]
+    fn decides_counts_and_reloads_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("policy.yaml");
+        std::fs::write(&file, POLICY).unwrap();
+        let m = Arc::new(SidecarMetrics::new());
+        let e = PolicyEngine::load(&file, m.clone()).unwrap();
+        assert_eq!(
+            e.authorize_http(A, "GET", &path("/load-balancer/health")),
+            None
+        );
+        assert_eq!(
+            e.authorize_http(A, "GET", &path("/admin")).as_deref(),
+            Some("default")
+        );
+        let text = m.encode();
+        assert!(
+            text.contains("trellis_authz_decisions_total{decision=\"allow\",rule=\"lb-health\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("trellis_authz_decisions_total{decision=\"deny\",rule=\"default\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("trellis_policy_rules 1"), "{text}");
+        // Only series that were used are exported.
+        assert!(!text.contains("decision=\"audit_deny\""), "{text}");
+        assert!(e.denies_everything_from("spiffe://example.org/other"));
+        assert!(!e.denies_everything_from(A));
+
+        // Same content: nothing to do. Broken content: refused, recorded, counted.
+        assert!(!e.reload().unwrap());
+        std::fs::write(
+            &file,
+            "apiVersion: trellis.io/v1\nkind: Policy\nrules:\n  - name: x\n    acton: allow\n",
+        )
+        .unwrap();
+        let err = e.reload().unwrap_err().to_string();
+        assert!(err.starts_with(&format!("{}:5:", file.display())), "{err}");
+        assert_eq!(
+            e.authorize_http(A, "GET", &path("/load-balancer/health")),
+            None
+        );
+        let status = e.status_json();
+        assert_eq!(status["last_error"], err.as_str());
+        assert_eq!(status["rules"], 1);
+        assert!(m.encode().contains("trellis_policy_reload_errors_total 1"));
+
+        std::fs::write(&file, POLICY.replace("GET]", "POST]")).unwrap();
+        assert!(e.reload().unwrap());
+        assert!(e.status_json()["last_error"].is_null());
+        assert_eq!(
+            e.authorize_http(A, "GET", &path("/load-balancer/health"))
+                .as_deref(),
+            Some("default")
+        );
+    }
+
+    #[test]
+    fn audit_denials_are_logged_and_counted_but_not_enforced() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("policy.yaml");
+        let audit = format!(
+            "{POLICY}  - name: new-deny
+    action: deny
+    mode: audit
+    from: [\"*\"]
+"
+        );
+        std::fs::write(&file, audit).unwrap();
+        let m = Arc::new(SidecarMetrics::new());
+        let e = PolicyEngine::load(&file, m.clone()).unwrap();
+        assert_eq!(
+            e.authorize_http(A, "GET", &path("/load-balancer/health")),
+            None
+        );
+        let text = m.encode();
+        for line in [
+            "trellis_authz_decisions_total{decision=\"allow\",rule=\"lb-health\"} 1",
+            "trellis_authz_decisions_total{decision=\"audit_deny\",rule=\"new-deny\"} 1",
+        ] {
+            assert!(text.contains(line), "missing `{line}` in\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_directory_merges_yaml_files_in_name_order_and_skips_dotfiles() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("b.yml"),
+            POLICY.replace("lb-health", "second"),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("a.yaml"), POLICY).unwrap();
+        std::fs::write(dir.path().join(".hidden.yaml"), "not: a policy").unwrap();
+        std::fs::write(dir.path().join("README.md"), "# not a policy").unwrap();
+        let sources = read_sources(dir.path()).unwrap();
+        let names: Vec<_> = sources.iter().map(|(n, _)| n.clone()).collect();
+        assert_eq!(
+            names,
+            [
+                dir.path().join("a.yaml").display().to_string(),
+                dir.path().join("b.yml").display().to_string()
+            ]
+        );
+        let empty = tempfile::tempdir().unwrap();
+        let err = compile_path(empty.path()).unwrap_err();
+        assert!(matches!(err, PolicyLoadError::NoFiles { .. }), "{err}");
+    }
+}
