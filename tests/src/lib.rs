@@ -40,6 +40,7 @@ pub mod echo;
 pub mod k8s;
 pub mod mesh;
 pub mod openssl;
+pub mod policy_mesh;
 pub mod sidecar;
 
 pub use control::{parse_listening_line, ControlPlane, ControlPlaneOpts, K8sOpts};
