@@ -1,0 +1,466 @@
+#!/usr/bin/env python3
+"""Turns the raw `key=value` numbers written by tests/bench/run.sh into the Markdown report.
+
+    python3 tests/bench/report.py RAW.txt OUT.md
+
+Prints the report to stdout and writes it to OUT.md. Standard library only.
+"""
+import sys
+
+PATHS = [("direct", "direct"), ("trellis", "Trellis pair"), ("envoy", "Envoy pair"), ("nginx", "nginx pair")]
+PROXIES = ["trellis", "envoy", "nginx"]
+
+
+def load_raw(path):
+    """Reads the raw file; `round=N` lines start a new round. Returns (meta, [round dicts])."""
+    meta, rounds = {}, []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if "=" not in line:
+                continue
+            k, v = line.split("=", 1)
+            if k == "round":
+                rounds.append({})
+            elif k.startswith("meta.") or not rounds:
+                meta[k] = v
+            else:
+                rounds[-1][k] = v
+    return meta, rounds
+
+
+def fnum(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def merge(meta, rounds):
+    """One dict: per path and load point, the round with the highest req/s (background load on a
+    shared machine only ever lowers throughput); handshakes likewise; idle RSS from the first
+    good round, loaded RSS the highest seen."""
+    d = dict(meta)
+    d["meta.rounds"] = str(len(rounds))
+    scens = sorted({k.split(".", 1)[0] for r in rounds for k in r})
+    for scen in scens:
+        good = [r for r in rounds if r.get(f"{scen}.status") == "ok"]
+        if not good:
+            last = [r for r in rounds if f"{scen}.status" in r]
+            for r in last[-1:]:
+                d.update({k: v for k, v in r.items() if k.startswith(scen + ".")})
+            continue
+        first = good[0]
+        # Path-level facts (status, checks, threads, idle RSS) from the first good round.
+        for k, v in first.items():
+            if k.startswith(scen + ".") and k.count(".") == 1 or k.startswith(scen + ".check."):
+                d[k] = v
+        loads = sorted({k.split(".")[1] for r in good for k in r if k.startswith(scen + ".") and k.count(".") >= 2}
+                       - {"check", "hs", "profile"})
+        for load in loads:
+            best = max(good, key=lambda r: fnum(r.get(f"{scen}.{load}.rps")) or -1)
+            d.update({k: v for k, v in best.items() if k.startswith(f"{scen}.{load}.")})
+            d[f"{scen}.{load}.round"] = str(rounds.index(best) + 1)
+        best = max(good, key=lambda r: (fnum(r.get(f"{scen}.hs.count")) or 0) / (fnum(r.get(f"{scen}.hs.wall_s")) or 1))
+        d.update({k: v for k, v in best.items() if k.startswith(f"{scen}.hs.")})
+        for side in ("a", "b"):
+            vals = [fnum(r.get(f"{scen}.loaded_rss_{side}_kib")) for r in good]
+            vals = [v for v in vals if v is not None]
+            if vals:
+                d[f"{scen}.loaded_rss_{side}_kib"] = str(int(max(vals)))
+        for r in good:
+            d.update({k: v for k, v in r.items() if k.startswith(f"{scen}.profile")})
+        # Other rounds' path-level keys that the first good round lacks (e.g. threads_after).
+        for r in good[1:]:
+            for k, v in r.items():
+                if k.startswith(scen + ".") and k.count(".") == 1:
+                    d.setdefault(k, v)
+    return d
+
+
+class Report:
+    def __init__(self, raw):
+        self.r = raw
+        self.clk = float(raw.get("meta.clk_tck", "100"))
+        self.lat_loads = [f"wrk{c}" for c in raw.get("meta.latency_conns", "").split()]
+        self.tput_loads = [f"wrk{c}" for c in raw.get("meta.conns", "16 64").split()]
+        self.loads = self.lat_loads + self.tput_loads + ["h2"]
+
+    # --- raw access -----------------------------------------------------------------------
+    def num(self, key):
+        v = self.r.get(key)
+        if v is None or v == "":
+            return None
+        try:
+            return float(v)
+        except ValueError:
+            return None
+
+    def status(self, scen):
+        return self.r.get(f"{scen}.status", "not run")
+
+    def ok(self, scen):
+        return self.status(scen) == "ok"
+
+    def measured(self, scen, load):
+        return self.ok(scen) and self.num(f"{scen}.{load}.rps") is not None
+
+    # --- derived --------------------------------------------------------------------------
+    def rps(self, scen, load):
+        return self.num(f"{scen}.{load}.rps") if self.measured(scen, load) else None
+
+    def lat(self, scen, load, q):
+        return self.num(f"{scen}.{load}.{q}_us") if self.measured(scen, load) else None
+
+    def added_p99(self, scen, load):
+        p, d = self.lat(scen, load, "p99"), self.lat("direct", load, "p99")
+        return None if p is None or d is None else p - d
+
+    def cpu_us(self, scen, load, side):
+        if scen == "direct" or not self.measured(scen, load):
+            return None
+        t, n = self.num(f"{scen}.{load}.cpu_{side}_ticks"), self.num(f"{scen}.{load}.requests")
+        if t is None or not n:
+            return None
+        return t / self.clk / n * 1e6
+
+    def cpu_pair(self, scen, load):
+        a, b = self.cpu_us(scen, load, "a"), self.cpu_us(scen, load, "b")
+        return None if a is None or b is None else a + b
+
+    def foreign(self, scen, load):
+        """CPU used by processes outside the benchmark during the run, in % of one core."""
+        k = f"{scen}.{load}."
+        busy, wall = self.num(k + "sys_busy_ticks"), self.num(k + "wall_s")
+        if busy is None or not wall:
+            return None
+        ours = sum(self.num(k + x) or 0 for x in ("cpu_a_ticks", "cpu_b_ticks", "cpu_backend_ticks", "cpu_loadgen_ticks"))
+        return max(0.0, (busy - ours) / self.clk / wall * 100)
+
+    def rss(self, scen, which):
+        v = self.num(f"{scen}.{which}_kib")
+        return None if v is None or v == 0 or not self.ok(scen) else v / 1024
+
+    def hs(self, scen):
+        if not self.ok(scen):
+            return None
+        n, w = self.num(f"{scen}.hs.count"), self.num(f"{scen}.hs.wall_s")
+        return None if not n or not w else n / w
+
+    def hs_cpu_ms(self, scen):
+        if not self.ok(scen):
+            return None
+        n, t = self.num(f"{scen}.hs.count"), self.num(f"{scen}.hs.cpu_b_ticks")
+        return None if not n or t is None else t / self.clk / n * 1e3
+
+    # --- formatting -----------------------------------------------------------------------
+    @staticmethod
+    def f(v, fmt):
+        return "n/a" if v is None else format(v, fmt)
+
+    @staticmethod
+    def x(v):
+        return "n/a" if v is None else f"{v:.2f}×"
+
+    def ratio(self, v, t):
+        """this ÷ Trellis, for the (×…) next to absolute numbers."""
+        if v is None or t is None or t <= 0 or v < 0 or not self.ok("trellis"):
+            return ""
+        return f" ({v / t:.2f}×)"
+
+    def load_name(self, load):
+        if load == "h2":
+            return f"h2load {self.r.get('meta.h2', '')}".strip()
+        return f"wrk {load[3:]} conn"
+
+    def cell_missing(self, scen):
+        st = self.status(scen)
+        return "SKIP" if st == "skip" else "FAIL" if st == "fail" else "not run"
+
+    # --- sections -------------------------------------------------------------------------
+    def header(self):
+        r = self.r
+        out = [
+            "# Trellis benchmark results",
+            "",
+            f"{r.get('meta.date', '')} · {r.get('meta.cpu', '')} · {r.get('meta.kernel', '')}",
+            "",
+            f"- {self.rounds_note()}",
+            f"- Load: wrk ({r.get('meta.wrk', '')}, `-t {r.get('meta.wrk_threads', '')}`, HTTP/1.1 keep-alive) and "
+            f"{r.get('meta.h2load', 'h2load')} (h2c, `{r.get('meta.h2', '')}`); {r.get('meta.duration', '')} s per point "
+            f"after a {r.get('meta.warmup', '')} s warm-up; one path at a time; the backend is one nginx worker "
+            "answering a fixed `200 ok`.",
+            f"- Certificates: {r.get('meta.ca', '')}; ECDSA P-256; TLS 1.3 only on every mTLS hop.",
+            f"- Trellis: {r.get('meta.trellis', '')}; " + self.trellis_threads(),
+            f"- Envoy: {r.get('meta.envoy', '')}; `--concurrency 1`. "
+            f"{r.get('envoy.threads', '')}",
+            f"- nginx: {r.get('meta.nginx', '')}; `worker_processes 1`. {r.get('nginx.threads', '')}",
+            f"- {r.get('meta.openssl', '')}; handshakes: `openssl s_time -new -tls1_3` for {r.get('meta.stime', '')} s "
+            "against each B (inbound) listener.",
+            "",
+        ]
+        return out
+
+    def rounds_note(self):
+        n = int(self.num("meta.rounds") or 0)
+        if n <= 1:
+            return "One round: every path measured once."
+        return (f"{n} rounds (every path measured once per round, one path at a time, alternating order); each "
+                "load point shows the round with the highest req/s, since background load only lowers it.")
+
+    def trellis_threads(self):
+        r = self.r
+        if not self.ok("trellis"):
+            reason = r.get("trellis.reason")
+            return self.cell_missing("trellis") + (f": {reason}" if reason else "")
+        return (f"threads after start: {r.get('trellis.threads', '?')}; after the load runs: "
+                f"{r.get('trellis.threads_after', '?')}. (`trellis` is the main thread, which carries all traffic when "
+                "the sidecar honours TRELLIS_WORKER_THREADS=1 with a current-thread runtime; `tokio-rt-worker` threads "
+                "are multi-thread runtime workers or blocking-pool threads, which exit when idle.)")
+
+    def main_table(self):
+        out = [
+            "## Throughput, latency, CPU",
+            "",
+            "Absolute numbers; `(×N)` is this path's value ÷ the Trellis pair's. *Added p99* is the path's p99 minus the "
+            "direct p99 at the same load. CPU is user+system time of each proxy process (all threads; nginx: master + "
+            "worker) during the run ÷ requests served. *Other load* is CPU used by processes outside the benchmark "
+            "during the run (noise), in % of one core.",
+            "",
+            "| path | load | req/s | p50 ms | p99 ms | added p99 ms | CPU µs/req A | CPU µs/req B | errors | other load |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        ]
+        for load in self.loads:
+            for scen, name in PATHS:
+                lname = self.load_name(load)
+                if not self.ok(scen):
+                    out.append(f"| {name} | {lname} | {self.cell_missing(scen)} | | | | | | | |")
+                    continue
+                if not self.measured(scen, load):
+                    why = self.r.get(f"{scen}.{load}.na") or "not measured"
+                    out.append(f"| {name} | {lname} | n/a ({why}) | | | | | | | |")
+                    continue
+                rps = self.rps(scen, load)
+                p50, p99 = self.lat(scen, load, "p50"), self.lat(scen, load, "p99")
+                add = self.added_p99(scen, load) if scen != "direct" else None
+                ca, cb = self.cpu_us(scen, load, "a"), self.cpu_us(scen, load, "b")
+                tr = lambda fn: fn("trellis")  # noqa: E731
+                errors = int(self.num(f"{scen}.{load}.errors") or 0)
+                fo = self.foreign(scen, load)
+                out.append(
+                    "| {} | {} | {:,.0f}{} | {} | {}{} | {}{} | {}{} | {}{} | {} | {} |".format(
+                        name, lname, rps, self.ratio(rps, tr(lambda s: self.rps(s, load))),
+                        self.f(p50 and p50 / 1000, ".3f"),
+                        self.f(p99 and p99 / 1000, ".3f"), self.ratio(p99, tr(lambda s: self.lat(s, load, "p99"))),
+                        "—" if scen == "direct" else self.f(add and add / 1000, ".3f"),
+                        self.ratio(add, tr(lambda s: self.added_p99(s, load))) if scen != "direct" else "",
+                        "—" if scen == "direct" else self.f(ca, ".1f"),
+                        self.ratio(ca, tr(lambda s: self.cpu_us(s, load, "a"))) if scen != "direct" else "",
+                        "—" if scen == "direct" else self.f(cb, ".1f"),
+                        self.ratio(cb, tr(lambda s: self.cpu_us(s, load, "b"))) if scen != "direct" else "",
+                        errors, self.f(fo, ".0f") + "%" if fo is not None else "n/a",
+                    )
+                )
+        out.append("")
+        return out
+
+    def mem_table(self):
+        out = [
+            "## Memory and mTLS handshakes",
+            "",
+            "VmRSS of each proxy (nginx: master + worker). *Idle*: after start and a few check requests, before load; "
+            "*loaded*: the highest value sampled (every 0.25 s) during all load runs. Handshakes: full TLS 1.3 mTLS "
+            "handshakes per second by one `openssl s_time -new` client against B (the client's own work limits this "
+            "number; B's CPU per handshake is the server-side cost). `(×N)` is ÷ the Trellis pair.",
+            "",
+            "| path | idle RSS A MiB | idle RSS B MiB | loaded RSS A MiB | loaded RSS B MiB | handshakes/s | B CPU ms/handshake | B without client cert | B with A's SVID |",
+            "|---|--:|--:|--:|--:|--:|--:|---|---|",
+        ]
+        for scen, name in PATHS[1:]:
+            if not self.ok(scen):
+                out.append(f"| {name} | {self.cell_missing(scen)} | | | | | | | |")
+                continue
+            cells = []
+            for which in ("idle_rss_a", "idle_rss_b", "loaded_rss_a", "loaded_rss_b"):
+                v = self.rss(scen, which)
+                cells.append(self.f(v, ".1f") + self.ratio(v, self.rss("trellis", which)))
+            h, hc = self.hs(scen), self.hs_cpu_ms(scen)
+            hs_err = self.r.get(f"{scen}.hs.error")
+            cells.append(self.f(h, ",.0f") + self.ratio(h, self.hs("trellis")) + (f" ⚠ {hs_err}" if hs_err else ""))
+            cells.append(self.f(hc, ".2f") + self.ratio(hc, self.hs_cpu_ms("trellis")))
+            cells.append(self.r.get(f"{scen}.check.no_client_cert", "?"))
+            cells.append(self.r.get(f"{scen}.check.client_cert_a", "?"))
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("")
+        return out
+
+    def ratio_table(self):
+        """Trellis's standing against each pair, per load: the README's table."""
+        out = [
+            "## Ratios (the README table)",
+            "",
+            "Trellis pair vs the others at the same load. Throughput: Trellis ÷ other (higher is better for Trellis). "
+            "Added p99, CPU per request (A+B) and RSS: other ÷ Trellis (higher is better for Trellis).",
+            "",
+            "| load | vs | throughput | added p99 | CPU/request (A+B) |",
+            "|---|---|--:|--:|--:|",
+        ]
+        if not self.ok("trellis"):
+            out += [f"| all | — | {self.cell_missing('trellis')}: {self.r.get('trellis.reason', '')} | | |", ""]
+            return out
+
+        def div(a, b):
+            return None if a is None or b is None or b <= 0 else a / b
+
+        for load in self.loads:
+            for scen, name in (("envoy", "Envoy"), ("nginx", "nginx")):
+                if not self.measured(scen, load) or not self.measured("trellis", load):
+                    out.append(f"| {self.load_name(load)} | {name} | n/a | n/a | n/a |")
+                    continue
+                t = div(self.rps("trellis", load), self.rps(scen, load))
+                a = div(self.added_p99(scen, load), self.added_p99("trellis", load))
+                c = div(self.cpu_pair(scen, load), self.cpu_pair("trellis", load))
+                out.append(f"| {self.load_name(load)} | {name} | {self.x(t)} | {self.x(a)} | {self.x(c)} |")
+        rs = []
+        for scen, name in (("envoy", "Envoy"), ("nginx", "nginx")):
+            parts = []
+            for which in ("idle_rss_a", "idle_rss_b", "loaded_rss_a", "loaded_rss_b"):
+                v = div(self.rss(scen, which), self.rss("trellis", which))
+                parts.append(self.x(v))
+            hs = div(self.hs("trellis"), self.hs(scen))
+            rs.append(f"| {name} | {' | '.join(parts)} | {self.x(hs)} |")
+        out += ["", "| vs | idle RSS A | idle RSS B | loaded RSS A | loaded RSS B | handshakes/s (Trellis ÷ other) |",
+                "|---|--:|--:|--:|--:|--:|"] + rs + [""]
+        return out
+
+    def targets(self):
+        wrk = self.lat_loads + self.tput_loads
+        out = ["## Trellis vs targets", "", "| target | " + " | ".join(self.load_name(l) for l in wrk)
+               + " | verdict |", "|---|" + "--:|" * len(wrk) + "---|"]
+        if not self.ok("trellis"):
+            out += [f"| all | " + " | ".join("—" for _ in wrk) + f" | not measured ({self.cell_missing('trellis')}: {self.r.get('trellis.reason', '')}) |", ""]
+            return out
+
+        limit = self.num("meta.noise_limit") or 25
+
+        def noisy(scens, loads):
+            return [f"{dict(PATHS)[s]} {self.load_name(l)}" for s in scens for l in loads
+                    if (self.foreign(s, l) or 0) > limit]
+
+        def row(name, cells, oks, scens=("trellis",), loads=()):
+            verdict = "n/a" if any(o is None for o in oks) else ("PASS" if all(oks) else "MISS")
+            bad = noisy(scens, loads)
+            if bad and verdict != "n/a":
+                verdict += " ⚠ noisy: " + ", ".join(bad)
+            out.append(f"| {name} | " + " | ".join(cells) + f" | {verdict} |")
+
+        for scen, label, want in (("nginx", "nginx", 1.5), ("envoy", "Envoy", 3.0)):
+            cells, oks = [], []
+            for l in wrk:
+                if l not in self.tput_loads:
+                    cells.append("— (latency point)"); continue
+                t, o = self.rps("trellis", l), self.rps(scen, l)
+                if t is None or o is None or o == 0:
+                    cells.append("n/a"); oks.append(None); continue
+                x = t / o
+                ok = x >= want
+                cells.append(f"{x:.2f}×" + ("" if ok else f" (short by {(1 - x / want) * 100:.0f}%)"))
+                oks.append(ok)
+            row(f"throughput ≥ {want:g}× {label}", cells, oks, ("trellis", scen), self.tput_loads)
+        for scen, label in (("nginx", "nginx"), ("envoy", "Envoy")):
+            cells, oks = [], []
+            for l in wrk:
+                t, o = self.added_p99("trellis", l), self.added_p99(scen, l)
+                if t is None or o is None:
+                    cells.append("n/a"); oks.append(None); continue
+                ok = t < o
+                cells.append(f"{t / 1000:.3f} vs {o / 1000:.3f} ms" + ("" if ok else f" (over by {(t - o) / 1000:.3f} ms)"))
+                oks.append(ok)
+            # The same direct p99 is subtracted from both sides, so only these two paths' noise matters.
+            row(f"added p99 below {label}'s", cells, oks, ("trellis", scen), wrk)
+        cells, oks = [], []
+        for l in wrk:
+            if l not in self.tput_loads:
+                a, b = self.cpu_us("trellis", l, "a"), self.cpu_us("trellis", l, "b")
+                cells.append("—" if a is None or b is None else f"(A {a:.1f}, B {b:.1f} µs, not judged)"); continue
+            a, b = self.cpu_us("trellis", l, "a"), self.cpu_us("trellis", l, "b")
+            if a is None or b is None:
+                cells.append("n/a"); oks.append(None); continue
+            ok = a <= 15 and b <= 15
+            worst = max(a, b)
+            cells.append(f"A {a:.1f}, B {b:.1f} µs" + ("" if ok else f" ({worst / 15:.2f}× the limit)"))
+            oks.append(ok)
+        row("CPU ≤ 15 µs/request per sidecar", cells, oks, ("trellis",), self.tput_loads)
+        a, b = self.rss("trellis", "idle_rss_a"), self.rss("trellis", "idle_rss_b")
+        if a is None or b is None:
+            row("idle RSS ≤ 10 MiB per sidecar", ["n/a"] + [""] * (len(wrk) - 1), [None])
+        else:
+            ok = a <= 10 and b <= 10
+            row("idle RSS ≤ 10 MiB per sidecar",
+                [f"A {a:.1f}, B {b:.1f} MiB" + ("" if ok else f" ({max(a, b) / 10:.2f}× the limit)")] + ["(same)"] * (len(wrk) - 1),
+                [ok])
+        out += ["", "Targets are judged on the wrk runs (HTTP/1.1 keep-alive from the app): throughput and CPU at the "
+                "saturating connection counts, added p99 at every wrk point (the 1-connection point is the unsaturated "
+                "latency); h2load rows above are for information. One run on a shared 2-core machine: check *other load* "
+                "before reading small differences.", ""]
+        return out
+
+    def notes(self):
+        out = []
+        for scen, name in PATHS:
+            st = self.status(scen)
+            if st not in ("ok", "not run"):
+                out.append(f"- {name}: {st.upper()} — {self.r.get(f'{scen}.reason', '')}")
+            for load in self.loads:
+                rc = self.r.get(f"{scen}.{load}.rc")
+                errs = self.num(f"{scen}.{load}.errors")
+                if rc not in (None, "0"):
+                    out.append(f"- {name} {self.load_name(load)}: load generator exited with {rc}")
+                if errs:
+                    out.append(f"- {name} {self.load_name(load)}: {int(errs)} failed requests (non-2xx or socket errors)")
+                att = int(self.num(f"{scen}.{load}.attempts") or 1)
+                if att > 1:
+                    out.append(f"- {name} {self.load_name(load)}: measured {att} times because other processes were "
+                               "busy; the quietest attempt is shown")
+                fo = self.foreign(scen, load)
+                if fo is not None and fo > 25:
+                    out.append(f"- {name} {self.load_name(load)}: other processes used {fo:.0f}% of a core during the run; treat it as noisy")
+        return (["## Notes", ""] + out + [""]) if out else []
+
+    def profile(self):
+        r = self.r
+        if "trellis.profile" in r:
+            return ["## Profile (Trellis)", "", r["trellis.profile"], ""]
+        if not any(k.startswith("trellis.profile.") for k in r):
+            return []
+        out = ["## Where the Trellis sidecars spend CPU (perf, wrk 16 conn, separate run)", "",
+               "Sampled with `perf record -F 999 -g -p PID` for 5 s during a separate 8 s wrk run; self time by "
+               "binary/library and the hottest symbols. Not a measurement run.", ""]
+        for side in ("a", "b"):
+            dso = r.get(f"trellis.profile.dso_{side}", "")
+            per = r.get(f"trellis.profile.per_request_{side}")
+            out.append(f"**Sidecar {side.upper()}** — by binary: " + ", ".join(x.replace(" ", " ") for x in dso.split(";") if x)
+                       + (f"; {per} (`perf stat`, same window)" if per else ""))
+            out.append("")
+            top = [x.split("~", 1) for x in r.get(f"trellis.profile.top_{side}", "").split("|") if "~" in x]
+            if top:
+                out += ["| self | symbol |", "|--:|---|"] + [f"| {pct} | `{sym.strip()}` |" for pct, sym in top]
+            out.append("")
+        return out
+
+    def render(self):
+        return "\n".join(self.header() + self.main_table() + self.mem_table() + self.ratio_table() + self.targets()
+                         + self.profile() + self.notes())
+
+
+def main():
+    if len(sys.argv) != 3:
+        sys.exit("usage: report.py RAW.txt OUT.md")
+    text = Report(merge(*load_raw(sys.argv[1]))).render()
+    with open(sys.argv[2], "w", encoding="utf-8") as f:
+        f.write(text)
+    sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    main()
