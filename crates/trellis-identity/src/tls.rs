@@ -376,7 +376,8 @@ impl rustls::client::ResolvesClientCert for SvidResolver {
 
 /// A server config presenting `resolver`'s SVID and verifying clients with `verifier`.
 /// ALPN protocols in preference order (Trellis sidecars: `h2`, then `http/1.1`); no 0-RTT,
-/// no session resumption.
+/// and no session resumption by default: a caller that turns tickets on (the sidecar's
+/// `mtls` module does) must re-verify every resumed session itself.
 pub fn server_config(
     resolver: Arc<SvidResolver>,
     verifier: Arc<SpiffeClientVerifier>,
@@ -399,7 +400,8 @@ pub fn server_config(
 }
 
 /// A client config presenting `resolver`'s SVID (if any) and verifying with `verifier`.
-/// No 0-RTT, no session resumption (every connection is checked against the current bundle).
+/// No 0-RTT, and no session resumption by default (every connection is checked against the
+/// current bundle); a caller that enables resumption must re-verify resumed sessions.
 pub fn client_config(
     resolver: Option<Arc<SvidResolver>>,
     verifier: Arc<SpiffeServerVerifier>,
