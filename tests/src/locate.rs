@@ -94,9 +94,30 @@ pub fn tool_or_skip(test: &str, program: &str) -> Option<PathBuf> {
     None
 }
 
-/// A port that was free a moment ago on 127.0.0.1 (bind port 0, read it, release it). For
-/// programs that cannot report the port they bound, like Envoy's listeners.
+/// A port that was free a moment ago on 127.0.0.1, for programs that cannot report the port
+/// they bound, like Envoy's listeners.
+///
+/// It is picked *below* the kernel's ephemeral range (`ip_local_port_range`), where neither
+/// the outgoing connections nor the port-0 listeners of tests running in parallel can take it
+/// between now and the program's bind; only two `free_port` callers could collide, and the
+/// pick is random over thousands of ports and checked by binding it.
 pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (start, end) = (10_000u16, low.max(12_000));
+    let state = std::collections::hash_map::RandomState::new();
+    for attempt in 0u64..200 {
+        let mut h = state.build_hasher();
+        h.write_u64(attempt);
+        h.write_u32(std::process::id());
+        let port = start + (h.finish() % u64::from(end - start)) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
