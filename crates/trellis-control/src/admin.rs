@@ -1,4 +1,4 @@
-//! The admin HTTP endpoint: `/healthz`, `/ready`, `/metrics`.
+//! The admin HTTP endpoint: `/healthz`, `/ready`, `/metrics`, `/ca`.
 //!
 //! Plain HTTP/1.1 bound to loopback by default; it never serves a key or a token.
 
@@ -14,10 +14,15 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use arc_swap::ArcSwap;
+
+use crate::authority::CaStatus;
 use crate::metrics::{ControlMetrics, CONTENT_TYPE};
 
 /// What the admin endpoint reports on.
 pub struct AdminState {
+    /// The CAs of the trust domain and their rotation phase (`/ca`).
+    pub ca: Arc<ArcSwap<Vec<CaStatus>>>,
     /// Prometheus metrics.
     pub metrics: Arc<ControlMetrics>,
     /// True once the SDS listener serves with a CA and the control plane's own SVID.
@@ -49,10 +54,16 @@ pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<B
         "/ready" if state.ready.load(Ordering::Acquire) => text(StatusCode::OK, PLAIN, "ready\n"),
         "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "not ready\n"),
         "/metrics" => text(StatusCode::OK, CONTENT_TYPE, state.metrics.encode()),
+        "/ca" => {
+            match serde_json::to_vec_pretty(&serde_json::json!({ "cas": **state.ca.load() })) {
+                Ok(body) => text(StatusCode::OK, "application/json", body),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, PLAIN, format!("{e}\n")),
+            }
+        }
         _ => text(
             StatusCode::NOT_FOUND,
             PLAIN,
-            "not found: try /healthz, /ready, /metrics\n",
+            "not found: try /healthz, /ready, /metrics, /ca\n",
         ),
     }
 }
@@ -95,6 +106,7 @@ mod tests {
     #[test]
     fn ready_follows_state() {
         let state = AdminState {
+            ca: Arc::new(ArcSwap::from_pointee(Vec::new())),
             metrics: Arc::new(ControlMetrics::new()),
             ready: AtomicBool::new(false),
         };
@@ -119,5 +131,6 @@ mod tests {
             route(&state, &Method::POST, "/metrics").status(),
             StatusCode::METHOD_NOT_ALLOWED
         );
+        assert_eq!(route(&state, &Method::GET, "/ca").status(), StatusCode::OK);
     }
 }

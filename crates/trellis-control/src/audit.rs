@@ -26,6 +26,15 @@ pub enum AuditEvent {
         /// Caller address.
         peer: Option<SocketAddr>,
     },
+    /// A CA changed phase in a rotation (`prepared`, `active`, `retiring`, `retired`).
+    CaPhase {
+        /// 0 for the base CA, else the rotation id.
+        rotation: i64,
+        /// Signing certificate subject and serial.
+        ca: String,
+        /// The new phase.
+        phase: &'static str,
+    },
     /// An attestation was refused.
     Rejected {
         /// Stable reason label.
@@ -94,6 +103,17 @@ impl AuditEvent {
                 "not_after": rfc3339(*not_after),
                 "attestor": attestor,
                 "peer": peer.map(|p| p.to_string()),
+            }),
+            AuditEvent::CaPhase {
+                rotation,
+                ca,
+                phase,
+            } => json!({
+                "time": rfc3339(now),
+                "event": "ca_phase",
+                "rotation": rotation,
+                "ca": ca,
+                "phase": phase,
             }),
             AuditEvent::Rejected {
                 reason,

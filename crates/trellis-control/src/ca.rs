@@ -130,6 +130,8 @@ pub struct Ca {
     chain_tail: Vec<CertificateDer<'static>>,
     /// Earliest notAfter of the signing certificate and the rest of `chain_tail`.
     not_after: SystemTime,
+    /// The signing certificate's subject and serial, for logs and status.
+    label: String,
 }
 
 impl Ca {
@@ -138,30 +140,43 @@ impl Ca {
     pub fn load_or_create(registry: &Registry, td: &TrustDomain) -> Result<Self, CaError> {
         let material = match registry.load_ca()? {
             Some(m) => m,
-            None => {
-                let (params, key) = ca_params(
-                    td,
-                    &format!("Trellis CA {td}"),
-                    SystemTime::now(),
-                    ROOT_TTL,
-                    BasicConstraints::Unconstrained,
-                )?;
-                let cert = params.self_signed(&key).map_err(sign_err)?;
-                let root_pem = cert.pem();
-                let fresh = CaMaterial {
-                    chain_pem: root_pem.clone(),
-                    bundle_pem: root_pem,
-                    key_pem: Zeroizing::new(key.serialize_pem()),
-                };
-                let mut key = key;
-                key.zeroize();
-                // If another process stored one meanwhile, use that: one CA per state dir.
-                registry.store_ca_if_absent(fresh)?
-            }
+            // If another process stored one meanwhile, use that: one CA per state dir.
+            None => registry.store_ca_if_absent(Self::new_root(td, SystemTime::now())?)?,
         };
-        let db = registry.path();
+        Self::from_material(td, &material, registry.path())
+    }
+
+    /// A fresh self-signed root for `td` (P-256, 10 years), as storable material. Its common
+    /// name carries the creation time, so operators can tell the roots of a rotation apart.
+    pub fn new_root(td: &TrustDomain, now: SystemTime) -> Result<CaMaterial, CaError> {
+        let (params, key) = ca_params(
+            td,
+            &format!("Trellis CA {td} {}", humantime::format_rfc3339_seconds(now)),
+            now,
+            ROOT_TTL,
+            BasicConstraints::Unconstrained,
+        )?;
+        let cert = params.self_signed(&key).map_err(sign_err)?;
+        let root_pem = cert.pem();
+        let material = CaMaterial {
+            chain_pem: root_pem.clone(),
+            bundle_pem: root_pem,
+            key_pem: Zeroizing::new(key.serialize_pem()),
+        };
+        let mut key = key;
+        key.zeroize();
+        Ok(material)
+    }
+
+    /// Builds a CA from stored material (`source` names where it came from in errors), with
+    /// the same checks as [`Ca::from_files`] and a probe issuance.
+    pub fn from_material(
+        td: &TrustDomain,
+        material: &CaMaterial,
+        source: &Path,
+    ) -> Result<Self, CaError> {
         let invalid = |problem: String| CaError::Invalid {
-            path: db.to_path_buf(),
+            path: source.to_path_buf(),
             problem: format!("stored CA: {problem}"),
         };
         let chain = trellis_identity::certs_from_pem(material.chain_pem.as_bytes())
@@ -169,9 +184,49 @@ impl Ca {
         let bundle = TrustBundle::from_pem(td.clone(), material.bundle_pem.as_bytes())
             .map_err(|e| invalid(e.to_string()))?;
         let key = KeyPair::from_pem(&material.key_pem).map_err(|e| invalid(e.to_string()))?;
-        let ca = Self::assemble(td, db, db, chain, bundle, CaKey(key), SystemTime::now())?;
-        ca.self_check(db)?;
+        let ca = Self::assemble(
+            td,
+            source,
+            source,
+            chain,
+            bundle,
+            CaKey(key),
+            SystemTime::now(),
+        )?;
+        ca.self_check(source)?;
         Ok(ca)
+    }
+
+    /// Reads an operator-supplied CA (as [`Ca::from_files`] checks it) into storable material,
+    /// for `trellis ca rotate --ca-cert … --ca-key …`.
+    pub fn material_from_files(
+        td: &TrustDomain,
+        cert: &Path,
+        key: &Path,
+        bundle: Option<&Path>,
+    ) -> Result<CaMaterial, CaError> {
+        Self::from_files(td, cert, key, bundle)?;
+        let read = |path: &Path| {
+            std::fs::read_to_string(path).map_err(|source| CaError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let chain_pem = read(cert)?;
+        let bundle_pem = match bundle {
+            Some(b) => read(b)?,
+            None => {
+                // from_files accepted the last certificate of `cert` as the root.
+                let certs = read_certs(cert)?;
+                let last = certs.last().ok_or_else(|| no_pem(cert))?;
+                trellis_identity::certs_to_pem(std::slice::from_ref(last))
+            }
+        };
+        Ok(CaMaterial {
+            chain_pem,
+            bundle_pem,
+            key_pem: Zeroizing::new(read(key)?),
+        })
     }
 
     /// Signs with an operator-supplied intermediate. `cert` holds the intermediate (and
@@ -368,6 +423,11 @@ impl Ca {
             }
         }
 
+        let label = format!(
+            "{} (serial {})",
+            signing.subject(),
+            signing.raw_serial_as_string().replace(':', "")
+        );
         let issuer = Issuer::from_ca_cert_der(signing_der, key)
             .map_err(|e| invalid(format!("cannot use as issuer: {e}")))?;
         Ok(Self {
@@ -376,6 +436,7 @@ impl Ca {
             issuer,
             chain_tail,
             not_after: from_unix(not_after),
+            label,
         })
     }
 
@@ -397,6 +458,26 @@ impl Ca {
 
     /// `trellis ca init`: an offline root and an intermediate under `out` (keys 0600, dir 0700).
     pub fn init_offline(td: &TrustDomain, out: &Path) -> Result<OfflineCaFiles, CaError> {
+        Self::init_with_root(td, out, None)
+    }
+
+    /// `trellis ca init --root-cert … --root-key …`: a new intermediate signed by an existing
+    /// offline root (to rotate the intermediate without changing the trust bundle). The root
+    /// is copied to `out` as `root.pem` and `bundle.pem`; its key is not copied.
+    pub fn init_intermediate(
+        td: &TrustDomain,
+        out: &Path,
+        root_cert: &Path,
+        root_key: &Path,
+    ) -> Result<OfflineCaFiles, CaError> {
+        Self::init_with_root(td, out, Some((root_cert, root_key)))
+    }
+
+    fn init_with_root(
+        td: &TrustDomain,
+        out: &Path,
+        existing_root: Option<(&Path, &Path)>,
+    ) -> Result<OfflineCaFiles, CaError> {
         let files = OfflineCaFiles {
             root_cert: out.join("root.pem"),
             root_key: out.join("root-key.pem"),
@@ -422,6 +503,88 @@ impl Ca {
                 });
             }
         }
+
+        let now = SystemTime::now();
+        let stamp = humantime::format_rfc3339_seconds(now);
+        // The root: made here, or read (and checked) from the operator's files.
+        let (root_pem, root_issuer, root_not_after, new_root_key) = match existing_root {
+            None => {
+                let (root_params, root_key) = ca_params(
+                    td,
+                    &format!("Trellis Root CA {td} {stamp}"),
+                    now,
+                    ROOT_TTL,
+                    BasicConstraints::Unconstrained,
+                )?;
+                let root_cert = root_params.self_signed(&root_key).map_err(sign_err)?;
+                let not_after = root_params.not_after;
+                let key_pem = Zeroizing::new(root_key.serialize_pem());
+                let issuer =
+                    Issuer::from_ca_cert_der(root_cert.der(), CaKey(root_key)).map_err(sign_err)?;
+                (root_cert.pem(), issuer, not_after, Some(key_pem))
+            }
+            Some((cert_path, key_path)) => {
+                let certs = read_certs(cert_path)?;
+                let [root_der] = certs.as_slice() else {
+                    return Err(CaError::Invalid {
+                        path: cert_path.to_path_buf(),
+                        problem: format!(
+                            "expected exactly one certificate (the root), found {}",
+                            certs.len()
+                        ),
+                    });
+                };
+                let root = parse_cert(root_der, cert_path)?;
+                if !is_ca(&root) || !is_self_signed(root_der) {
+                    return Err(CaError::Invalid {
+                        path: cert_path.to_path_buf(),
+                        problem: "is not a self-signed CA certificate: pass root.pem from \
+                                  `trellis ca init`"
+                            .into(),
+                    });
+                }
+                let key_pem =
+                    Zeroizing::new(std::fs::read(key_path).map_err(|source| CaError::Read {
+                        path: key_path.to_path_buf(),
+                        source,
+                    })?);
+                let key = parse_key(&key_pem, key_path)?;
+                if root.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+                    return Err(CaError::Invalid {
+                        path: key_path.to_path_buf(),
+                        problem: format!(
+                            "private key does not match certificate {}",
+                            cert_path.display()
+                        ),
+                    });
+                }
+                let not_after =
+                    OffsetDateTime::from(from_unix(root.validity().not_after.timestamp()));
+                let issuer = Issuer::from_ca_cert_der(root_der, CaKey(key)).map_err(|e| {
+                    CaError::Invalid {
+                        path: cert_path.to_path_buf(),
+                        problem: format!("cannot use as issuer: {e}"),
+                    }
+                })?;
+                let pem = trellis_identity::certs_to_pem(std::slice::from_ref(root_der));
+                (pem, issuer, not_after, None)
+            }
+        };
+        // pathLen 0: the intermediate signs leaves only.
+        let (mut int_params, int_key) = ca_params(
+            td,
+            &format!("Trellis Intermediate CA {td} {stamp}"),
+            now,
+            INTERMEDIATE_TTL,
+            BasicConstraints::Constrained(0),
+        )?;
+        int_params.use_authority_key_identifier_extension = true;
+        int_params.not_after = int_params.not_after.min(root_not_after);
+        let int_cert = int_params
+            .signed_by(&int_key, &root_issuer)
+            .map_err(sign_err)?;
+        drop(root_issuer);
+
         DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -430,40 +593,15 @@ impl Ca {
                 path: out.to_path_buf(),
                 source,
             })?;
-
-        let now = SystemTime::now();
-        let (root_params, root_key) = ca_params(
-            td,
-            &format!("Trellis Root CA {td}"),
-            now,
-            ROOT_TTL,
-            BasicConstraints::Unconstrained,
-        )?;
-        let root_cert = root_params.self_signed(&root_key).map_err(sign_err)?;
-        // pathLen 0: the intermediate signs leaves only.
-        let (mut int_params, int_key) = ca_params(
-            td,
-            &format!("Trellis Intermediate CA {td}"),
-            now,
-            INTERMEDIATE_TTL,
-            BasicConstraints::Constrained(0),
-        )?;
-        int_params.use_authority_key_identifier_extension = true;
-        int_params.not_after = int_params.not_after.min(root_params.not_after);
-        let root_issuer = Issuer::from_params(&root_params, &root_key);
-        let int_cert = int_params
-            .signed_by(&int_key, &root_issuer)
-            .map_err(sign_err)?;
-
-        let root_key_pem = Zeroizing::new(root_key.serialize_pem());
         let int_key_pem = Zeroizing::new(int_key.serialize_pem());
-        write_new(&files.root_key, root_key_pem.as_bytes(), 0o600)?;
+        if let Some(root_key_pem) = &new_root_key {
+            write_new(&files.root_key, root_key_pem.as_bytes(), 0o600)?;
+        }
         write_new(&files.intermediate_key, int_key_pem.as_bytes(), 0o600)?;
-        write_new(&files.root_cert, root_cert.pem().as_bytes(), 0o644)?;
+        write_new(&files.root_cert, root_pem.as_bytes(), 0o644)?;
         write_new(&files.intermediate_cert, int_cert.pem().as_bytes(), 0o644)?;
-        write_new(&files.bundle, root_cert.pem().as_bytes(), 0o644)?;
-        let (mut rk, mut ik) = (root_key, int_key);
-        rk.zeroize();
+        write_new(&files.bundle, root_pem.as_bytes(), 0o644)?;
+        let mut ik = int_key;
         ik.zeroize();
         Ok(files)
     }
@@ -481,6 +619,11 @@ impl Ca {
     /// The signing certificate's notAfter (or an earlier one of its parents below the root).
     pub fn not_after(&self) -> SystemTime {
         self.not_after
+    }
+
+    /// The signing certificate's subject and serial (`CN=…, O=Trellis (serial 4f…)`).
+    pub fn label(&self) -> &str {
+        &self.label
     }
 
     /// Issues an SVID for `id` with a fresh P-256 key made here, valid from one minute before

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod attest;
 pub mod audit;
+pub mod authority;
 pub mod ca;
 pub mod client;
 pub mod config;

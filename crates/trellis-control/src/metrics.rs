@@ -43,6 +43,17 @@ pub struct ControlMetrics {
     pub bundle_expiry: Gauge,
     /// `trellis_audit_write_errors_total`.
     pub audit_write_errors: Counter,
+    /// `trellis_bundle_cas`: CA certificates in the trust bundle (2 during a rotation).
+    pub bundle_cas: Gauge,
+    /// `trellis_ca_transitions_total{phase}`: CAs entering a rotation phase.
+    pub ca_transitions: Family<PhaseLabel, Counter>,
+}
+
+/// `{phase}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    /// `prepared`, `active`, `retiring`, `retired`.
+    pub phase: &'static str,
 }
 
 impl ControlMetrics {
@@ -59,6 +70,8 @@ impl ControlMetrics {
             ca_expiry: Gauge::default(),
             bundle_expiry: Gauge::default(),
             audit_write_errors: Counter::default(),
+            bundle_cas: Gauge::default(),
+            ca_transitions: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -106,7 +119,24 @@ impl ControlMetrics {
             "Audit log lines that could not be written",
             m.audit_write_errors.clone(),
         );
+        registry.register(
+            "bundle_cas",
+            "CA certificates in the trust bundle (more than one while a CA rotates)",
+            m.bundle_cas.clone(),
+        );
+        registry.register(
+            "ca_transitions",
+            "CAs that entered a rotation phase (prepared, active, retiring, retired)",
+            m.ca_transitions.clone(),
+        );
         ControlMetrics { registry, ..m }
+    }
+
+    /// Counts a CA entering `phase`.
+    pub fn ca_transition(&self, phase: &'static str) {
+        self.ca_transitions
+            .get_or_create(&PhaseLabel { phase })
+            .inc();
     }
 
     /// Prometheus text format (0.0.4), as `promtool check metrics` reads it.

@@ -1,5 +1,6 @@
 //! Durable state in an embedded SQLite database (`<state-dir>/trellis.db`, mode 0600):
-//! join tokens (stored as SHA-256 hashes, never in clear), CA material, issuance records.
+//! join tokens (stored as SHA-256 hashes, never in clear), CA material and scheduled CA
+//! rotations, issuance records.
 //!
 //! Two processes write this file: the running control plane and `trellis token create`.
 //! WAL mode lets readers proceed while one writes, and a 5 s busy timeout makes a writer
@@ -23,7 +24,7 @@ use zeroize::Zeroizing;
 use crate::attest::join::JOIN_TOKEN_PREFIX;
 
 /// The schema this build reads and writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// How long a writer waits for the other process's write lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -63,6 +64,15 @@ pub enum RegistryError {
         /// Highest version this build understands.
         supported: i64,
     },
+    /// `trellis ca rotate` while an earlier rotation has not activated yet.
+    #[error(
+        "a CA rotation is already scheduled to activate at {}; wait until it activates, then rotate again",
+        humantime::format_rfc3339_seconds(*activate_at)
+    )]
+    RotationPending {
+        /// When the pending rotation activates.
+        activate_at: SystemTime,
+    },
     /// A stored value is not what this build wrote (hand-edited or corrupt database).
     #[error("state database holds an invalid value: {0}")]
     Corrupt(String),
@@ -93,6 +103,18 @@ pub struct CaMaterial {
     pub bundle_pem: String,
     /// The signing key, PEM; zeroized on drop.
     pub key_pem: Zeroizing<String>,
+}
+
+/// A CA scheduled by `trellis ca rotate`.
+pub struct CaRotation {
+    /// Row id: later rotations have larger ids.
+    pub id: i64,
+    /// The CA.
+    pub material: CaMaterial,
+    /// When it joined the bundle.
+    pub prepared_at: SystemTime,
+    /// When it starts signing.
+    pub activate_at: SystemTime,
 }
 
 /// One issued SVID, as recorded.
@@ -187,46 +209,61 @@ impl Registry {
         let version: i64 = tx
             .pragma_query_value(None, "user_version", |row| row.get(0))
             .map_err(open_err)?;
-        match version {
-            0 => {
-                tx.execute_batch(
-                    "CREATE TABLE join_tokens (
-                         hash            TEXT PRIMARY KEY NOT NULL,
-                         spiffe_id       TEXT NOT NULL,
-                         created_at      INTEGER NOT NULL,
-                         expires_at      INTEGER NOT NULL,
-                         redeemed_at     INTEGER,
-                         redeemed_by_ip  TEXT
-                     ) WITHOUT ROWID;
-                     CREATE TABLE ca (
-                         id          INTEGER PRIMARY KEY CHECK (id = 1),
-                         chain_pem   TEXT NOT NULL,
-                         bundle_pem  TEXT NOT NULL,
-                         key_pem     TEXT NOT NULL
-                     );
-                     CREATE TABLE issuances (
-                         id          INTEGER PRIMARY KEY AUTOINCREMENT,
-                         spiffe_id   TEXT NOT NULL,
-                         serial      TEXT NOT NULL,
-                         not_after   INTEGER NOT NULL,
-                         attestor    TEXT NOT NULL,
-                         peer        TEXT,
-                         issued_at   INTEGER NOT NULL
-                     );
-                     CREATE INDEX issuances_not_after ON issuances (not_after);",
-                )
+        if version > SCHEMA_VERSION {
+            return Err(RegistryError::Schema {
+                path: shown.to_string(),
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        // Each step takes the schema from version N to N+1; a fresh file runs them all.
+        if version < 1 {
+            tx.execute_batch(
+                "CREATE TABLE join_tokens (
+                     hash            TEXT PRIMARY KEY NOT NULL,
+                     spiffe_id       TEXT NOT NULL,
+                     created_at      INTEGER NOT NULL,
+                     expires_at      INTEGER NOT NULL,
+                     redeemed_at     INTEGER,
+                     redeemed_by_ip  TEXT
+                 ) WITHOUT ROWID;
+                 CREATE TABLE ca (
+                     id          INTEGER PRIMARY KEY CHECK (id = 1),
+                     chain_pem   TEXT NOT NULL,
+                     bundle_pem  TEXT NOT NULL,
+                     key_pem     TEXT NOT NULL
+                 );
+                 CREATE TABLE issuances (
+                     id          INTEGER PRIMARY KEY AUTOINCREMENT,
+                     spiffe_id   TEXT NOT NULL,
+                     serial      TEXT NOT NULL,
+                     not_after   INTEGER NOT NULL,
+                     attestor    TEXT NOT NULL,
+                     peer        TEXT,
+                     issued_at   INTEGER NOT NULL
+                 );
+                 CREATE INDEX issuances_not_after ON issuances (not_after);",
+            )
+            .map_err(open_err)?;
+        }
+        if version < 2 {
+            // Scheduled CA rotations (`trellis ca rotate`): each CA joins the bundle at
+            // `prepared_at_ms` and signs from `activate_at_ms` (unix milliseconds).
+            tx.execute_batch(
+                "CREATE TABLE ca_rotations (
+                     id              INTEGER PRIMARY KEY AUTOINCREMENT,
+                     chain_pem       TEXT NOT NULL,
+                     bundle_pem      TEXT NOT NULL,
+                     key_pem         TEXT NOT NULL,
+                     prepared_at_ms  INTEGER NOT NULL,
+                     activate_at_ms  INTEGER NOT NULL
+                 );",
+            )
+            .map_err(open_err)?;
+        }
+        if version != SCHEMA_VERSION {
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(open_err)?;
-                tx.pragma_update(None, "user_version", SCHEMA_VERSION)
-                    .map_err(open_err)?;
-            }
-            SCHEMA_VERSION => {}
-            found => {
-                return Err(RegistryError::Schema {
-                    path: shown.to_string(),
-                    found,
-                    supported: SCHEMA_VERSION,
-                })
-            }
         }
         tx.commit().map_err(open_err)?;
         Ok(())
@@ -392,6 +429,70 @@ impl Registry {
         Ok(material)
     }
 
+    /// Schedules a CA rotation: `material` joins the bundle at `prepared_at` and signs from
+    /// `activate_at`. Refused while another rotation is still waiting to activate (at `now`),
+    /// so rotations never overtake each other. Returns the rotation's id.
+    pub fn add_ca_rotation(
+        &self,
+        material: &CaMaterial,
+        prepared_at: SystemTime,
+        activate_at: SystemTime,
+        now: SystemTime,
+    ) -> Result<i64, RegistryError> {
+        let mut conn = Self::lock(&self.conn);
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let pending: Option<i64> = tx
+            .query_row(
+                "SELECT activate_at_ms FROM ca_rotations WHERE activate_at_ms > ?1
+                 ORDER BY activate_at_ms DESC LIMIT 1",
+                params![unix_ms(now)],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(at) = pending {
+            return Err(RegistryError::RotationPending {
+                activate_at: UNIX_EPOCH + Duration::from_millis(u64::try_from(at).unwrap_or(0)),
+            });
+        }
+        tx.execute(
+            "INSERT INTO ca_rotations (chain_pem, bundle_pem, key_pem, prepared_at_ms, activate_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                material.chain_pem,
+                material.bundle_pem,
+                material.key_pem.as_str(),
+                unix_ms(prepared_at),
+                unix_ms(activate_at)
+            ],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.commit()?;
+        Ok(id)
+    }
+
+    /// Scheduled CA rotations with an id above `after`, oldest first.
+    pub fn ca_rotations_after(&self, after: i64) -> Result<Vec<CaRotation>, RegistryError> {
+        let conn = Self::lock(&self.conn);
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, chain_pem, bundle_pem, key_pem, prepared_at_ms, activate_at_ms
+             FROM ca_rotations WHERE id > ?1 ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![after], |r| {
+            let ms = |v: i64| UNIX_EPOCH + Duration::from_millis(u64::try_from(v).unwrap_or(0));
+            Ok(CaRotation {
+                id: r.get(0)?,
+                material: CaMaterial {
+                    chain_pem: r.get(1)?,
+                    bundle_pem: r.get(2)?,
+                    key_pem: Zeroizing::new(r.get(3)?),
+                },
+                prepared_at: ms(r.get(4)?),
+                activate_at: ms(r.get(5)?),
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
     /// Appends an issuance record.
     pub fn record_issuance(&self, rec: &IssuanceRecord) -> Result<(), RegistryError> {
         self.record_issuances(std::slice::from_ref(rec))
@@ -447,6 +548,12 @@ fn token_hash(token: &str) -> String {
 }
 
 /// Unix seconds; times before 1970 (a broken clock) count as 0.
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
 fn unix(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
@@ -726,5 +833,50 @@ mod tests {
         let rb = b.redeem_join_token(&tok, ip(2), t(1), WINDOW).unwrap();
         assert_eq!(ra, Ok(id()));
         assert_eq!(rb, Err(JoinError::AlreadyRedeemed));
+    }
+
+    #[test]
+    fn ca_rotations_are_stored_in_order_and_never_overtake() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(&dir.path().join("trellis.db")).unwrap();
+        let m = |s: &str| CaMaterial {
+            chain_pem: s.into(),
+            bundle_pem: s.into(),
+            key_pem: Zeroizing::new(s.into()),
+        };
+        let first = reg.add_ca_rotation(&m("a"), t(0), t(60), t(0)).unwrap();
+        // Pending until t(60): a second one is refused, naming when the first activates.
+        let err = reg
+            .add_ca_rotation(&m("b"), t(10), t(70), t(10))
+            .unwrap_err();
+        assert!(
+            matches!(err, RegistryError::RotationPending { .. }),
+            "{err}"
+        );
+        let second = reg.add_ca_rotation(&m("b"), t(61), t(120), t(61)).unwrap();
+        assert!(second > first);
+        let all = reg.ca_rotations_after(0).unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].material.chain_pem, "a");
+        assert_eq!(all[0].activate_at, t(60));
+        assert_eq!(reg.ca_rotations_after(first).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_version_1_database_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trellis.db");
+        {
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE ca (id INTEGER PRIMARY KEY, chain_pem TEXT, bundle_pem TEXT, key_pem TEXT);
+                 INSERT INTO ca VALUES (1, 'c', 'b', 'k');
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
+        let reg = Registry::open(&path).unwrap();
+        assert_eq!(reg.load_ca().unwrap().unwrap().chain_pem, "c");
+        assert!(reg.ca_rotations_after(0).unwrap().is_empty());
     }
 }

@@ -28,6 +28,7 @@ use crate::admin::{self, AdminState};
 use crate::attest::k8s::JwksError;
 use crate::attest::{Attestor, JoinAttestor, K8sAttestor, JOIN_REDEMPTION_WINDOW};
 use crate::audit::{AuditEvent, AuditLog};
+use crate::authority::{CaOutputs, CaRotator, CaSchedule};
 use crate::ca::{Ca, CaError};
 use crate::config::ControlSettings;
 use crate::metrics::ControlMetrics;
@@ -41,6 +42,9 @@ pub const CONTROL_ID_PATH: &str = "/trellis/control";
 const MAX_REQUEST_BYTES: usize = 256 * 1024;
 /// A TLS handshake that takes longer is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the CA schedule is re-read and applied: a rotation stored by `trellis ca rotate`
+/// reaches every SDS stream within this.
+const CA_POLL: Duration = Duration::from_secs(1);
 
 /// Why the control plane could not start. Each names the file or address involved.
 #[derive(Debug, Error)]
@@ -91,7 +95,6 @@ pub struct ControlPlane {
     pub metrics: Arc<ControlMetrics>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
-    _bundle_tx: watch::Sender<Arc<TrustBundle>>,
 }
 
 fn state_dir_error(path: &Path, problem: impl std::fmt::Display) -> StartError {
@@ -153,14 +156,12 @@ impl ControlPlane {
         };
         prepare_state_dir(&settings.state_dir)?;
         let registry = Arc::new(Registry::open(&settings.state_dir.join("trellis.db"))?);
-        let ca = match &settings.ca {
+        let base = match &settings.ca {
             Some(files) => Ca::from_files(&td, &files.cert, &files.key, files.bundle.as_deref())?,
             None => Ca::load_or_create(&registry, &td)?,
         };
-        let ca = Arc::new(ca);
-        let bundle = Arc::new(ca.bundle().clone());
+        let base = Arc::new(base);
         let bundle_path = settings.state_dir.join("bundle.pem");
-        write_bundle(&bundle_path, &bundle)?;
 
         let audit_path = settings.state_dir.join("audit.log");
         let audit =
@@ -172,20 +173,54 @@ impl ControlPlane {
             k8s,
             JoinAttestor::new(Arc::clone(&registry), JOIN_REDEMPTION_WINDOW),
         ));
-
         let metrics = Arc::new(ControlMetrics::new());
-        metrics.ca_expiry.set(unix_seconds(ca.not_after()));
+
+        // The signer and bundle follow the CA schedule (base CA + `trellis ca rotate`s);
+        // the first refresh applies any rotation stored before this start.
+        let base_bundle = Arc::new(base.bundle().clone());
+        let signer = Arc::new(ArcSwap::from(Arc::clone(&base)));
+        let (bundle_tx, bundle_rx) = watch::channel(Arc::clone(&base_bundle));
+        let shared_bundle = Arc::new(ArcSwap::from(Arc::clone(&base_bundle)));
+        let ca_status = Arc::new(ArcSwap::from_pointee(Vec::new()));
+        let mut rotator = CaRotator::new(
+            td.clone(),
+            CaSchedule::new(Arc::clone(&base), settings.svid_ttl),
+            Arc::clone(&registry),
+            CaOutputs {
+                signer: Arc::clone(&signer),
+                bundle_tx,
+                listener_bundle: Arc::clone(&shared_bundle),
+                bundle_path: bundle_path.clone(),
+                status: Arc::clone(&ca_status),
+            },
+            Arc::clone(&metrics),
+            Arc::clone(&audit),
+        );
+        rotator.refresh(SystemTime::now());
+        let bundle = bundle_rx.borrow().clone();
+        write_bundle(&bundle_path, &bundle)?;
+        metrics
+            .ca_expiry
+            .set(unix_seconds(signer.load().not_after()));
         metrics
             .bundle_expiry
             .set(unix_seconds(bundle.earliest_expiry()));
+        metrics
+            .bundle_cas
+            .set(i64::try_from(bundle.roots().len()).unwrap_or(i64::MAX));
 
         // The control plane's own identity, for its SDS listener.
         let control_id = SpiffeId::from_parts(&td, CONTROL_ID_PATH)
             .map_err(|e| StartError::Tls(e.to_string()))?;
         let resolver = SvidResolver::empty();
-        install_own_svid(&ca, &control_id, settings.svid_ttl, &resolver, &audit)?;
+        install_own_svid(
+            &signer.load(),
+            &control_id,
+            settings.svid_ttl,
+            &resolver,
+            &audit,
+        )?;
 
-        let shared_bundle = Arc::new(ArcSwap::from(Arc::clone(&bundle)));
         let verifier = SpiffeClientVerifier::new(Arc::clone(&shared_bundle), true);
         let tls = server_config(Arc::clone(&resolver), verifier, TlsPolicy::Tls13, &[b"h2"])
             .map_err(|e| StartError::Tls(e.to_string()))?;
@@ -222,7 +257,6 @@ impl ControlPlane {
                 source,
             })?;
 
-        let (bundle_tx, bundle_rx) = watch::channel(Arc::clone(&bundle));
         let policy = IssuePolicy {
             svid_ttl: settings.svid_ttl,
             rotate_every: settings.rotate_every,
@@ -235,7 +269,7 @@ impl ControlPlane {
                 )
             })?;
         let core = Arc::new(SdsCore {
-            ca: Arc::clone(&ca),
+            ca: Arc::clone(&signer),
             bundle: bundle_rx,
             attestor,
             recorder,
@@ -274,7 +308,7 @@ impl ControlPlane {
 
         // Rotate the control plane's own serving SVID like any other.
         let own = (
-            Arc::clone(&ca),
+            Arc::clone(&signer),
             control_id,
             Arc::clone(&resolver),
             Arc::clone(&audit),
@@ -287,13 +321,16 @@ impl ControlPlane {
                     () = tokio::time::sleep(policy.next_rotation()) => {}
                     _ = rotate_shutdown.changed() => return,
                 }
-                if let Err(e) = install_own_svid(&ca, &id, policy.svid_ttl, &resolver, &audit) {
+                if let Err(e) = install_own_svid(&ca.load(), &id, policy.svid_ttl, &resolver, &audit) {
                     tracing::error!(error = %e, "cannot rotate the control plane's own SVID; keeping the current one");
                 }
             }
         }));
 
+        tasks.push(tokio::spawn(rotator.run(CA_POLL, shutdown_rx.clone())));
+
         let admin_state = Arc::new(AdminState {
+            ca: ca_status,
             metrics: Arc::clone(&metrics),
             ready: Default::default(),
         });
@@ -315,21 +352,17 @@ impl ControlPlane {
             metrics,
             shutdown,
             tasks,
-            _bundle_tx: bundle_tx,
         })
     }
 
     /// Stops accepting, closes streams, and waits for the tasks to end.
     pub async fn shutdown(self) {
         let ControlPlane {
-            shutdown,
-            tasks,
-            _bundle_tx,
-            ..
+            shutdown, tasks, ..
         } = self;
+        // The CA rotator ends and drops the bundle channel, which ends every SDS stream
+        // cleanly; clients reconnect elsewhere.
         let _ = shutdown.send(true);
-        // Closing the bundle channel ends every SDS stream cleanly; clients reconnect elsewhere.
-        drop(_bundle_tx);
         for task in tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }

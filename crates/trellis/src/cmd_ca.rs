@@ -1,36 +1,80 @@
-//! `trellis ca`: offline CA material.
+//! `trellis ca`: offline CA material and CA rotation.
 
 use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
 
+use anyhow::{bail, Context as _};
 use clap::Subcommand;
 use trellis_control::ca::Ca;
+use trellis_control::registry::Registry;
 use trellis_identity::TrustDomain;
 
 /// `trellis ca …`.
 #[derive(Subcommand, Debug)]
 pub enum CaCommand {
-    /// Create an offline root CA and an intermediate for the control plane.
+    /// Create an offline root CA and an intermediate for the control plane (or, with
+    /// --root-cert/--root-key, a new intermediate under an existing root).
     Init {
         /// Trust domain, e.g. example.org.
-        #[arg(long)]
+        #[arg(long, env = "TRELLIS_TRUST_DOMAIN")]
         trust_domain: String,
         /// Output directory (created 0700; existing files are not overwritten).
         #[arg(long)]
         out: PathBuf,
+        /// Existing root certificate to sign the new intermediate with (root.pem).
+        #[arg(long, requires = "root_key")]
+        root_cert: Option<PathBuf>,
+        /// Its private key (root-key.pem).
+        #[arg(long, requires = "root_cert")]
+        root_key: Option<PathBuf>,
+    },
+    /// Schedule a CA rotation on a control plane's state: the new CA joins the trust bundle
+    /// at once (the running control plane pushes it to every workload within a second), signs
+    /// from --activate-after on, and the old CA leaves the bundle once every SVID it signed
+    /// has expired. Without --ca-cert, the new CA is a fresh self-signed root.
+    Rotate {
+        /// The control plane's state directory.
+        #[arg(long, env = "TRELLIS_STATE_DIR")]
+        state_dir: PathBuf,
+        /// Trust domain, e.g. example.org.
+        #[arg(long, env = "TRELLIS_TRUST_DOMAIN")]
+        trust_domain: String,
+        /// How long every workload gets to receive the new bundle before the new CA signs.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        activate_after: Duration,
+        /// New intermediate certificate (from `trellis ca init`).
+        #[arg(long, requires = "ca_key")]
+        ca_cert: Option<PathBuf>,
+        /// Its private key.
+        #[arg(long, requires = "ca_cert")]
+        ca_key: Option<PathBuf>,
+        /// Its root(s) [default: the self-signed last certificate of --ca-cert].
+        #[arg(long, requires = "ca_cert")]
+        ca_bundle: Option<PathBuf>,
     },
 }
 
 /// Runs a `ca` subcommand.
 pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
     match cmd {
-        CaCommand::Init { trust_domain, out } => {
+        CaCommand::Init {
+            trust_domain,
+            out,
+            root_cert,
+            root_key,
+        } => {
             let td = TrustDomain::parse(&trust_domain)?;
-            let files = Ca::init_offline(&td, &out)?;
+            let files = match (&root_cert, &root_key) {
+                (Some(cert), Some(key)) => Ca::init_intermediate(&td, &out, cert, key)?,
+                _ => Ca::init_offline(&td, &out)?,
+            };
             println!("root CA:          {}", files.root_cert.display());
-            println!(
-                "root key:         {}  (keep offline; the control plane never needs it)",
-                files.root_key.display()
-            );
+            if root_cert.is_none() {
+                println!(
+                    "root key:         {}  (keep offline; the control plane never needs it)",
+                    files.root_key.display()
+                );
+            }
             println!("intermediate:     {}", files.intermediate_cert.display());
             println!("intermediate key: {}", files.intermediate_key.display());
             println!("trust bundle:     {}", files.bundle.display());
@@ -40,6 +84,60 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
                 files.intermediate_cert.display(),
                 files.intermediate_key.display(),
                 files.bundle.display()
+            );
+            println!(
+                "or rotate a running one: trellis ca rotate --state-dir <dir> --trust-domain {td} --ca-cert {} --ca-key {} --ca-bundle {}",
+                files.intermediate_cert.display(),
+                files.intermediate_key.display(),
+                files.bundle.display()
+            );
+            Ok(())
+        }
+        CaCommand::Rotate {
+            state_dir,
+            trust_domain,
+            activate_after,
+            ca_cert,
+            ca_key,
+            ca_bundle,
+        } => {
+            let td = TrustDomain::parse(&trust_domain)?;
+            if activate_after < Duration::from_secs(1) {
+                bail!("--activate-after must be at least 1s: workloads need time to receive the new trust bundle before the new CA signs");
+            }
+            let db = state_dir.join("trellis.db");
+            if !db.exists() {
+                bail!(
+                    "{}: no control-plane state here; pass the --state-dir that `trellis control` uses",
+                    state_dir.display()
+                );
+            }
+            let now = SystemTime::now();
+            let material = match (&ca_cert, &ca_key) {
+                (Some(cert), Some(key)) => {
+                    Ca::material_from_files(&td, cert, key, ca_bundle.as_deref())?
+                }
+                _ => Ca::new_root(&td, now)?,
+            };
+            // The same checks the control plane applies when it loads the rotation.
+            let ca = Ca::from_material(&td, &material, &db)?;
+            let registry = Registry::open(&db)?;
+            let activate_at = now + activate_after;
+            let id = registry
+                .add_ca_rotation(&material, now, activate_at, now)
+                .with_context(|| format!("cannot schedule the rotation in {}", db.display()))?;
+            println!("scheduled CA rotation {id}: {}", ca.label());
+            println!(
+                "  joins the trust bundle: now (pushed to every connected workload within seconds)"
+            );
+            println!(
+                "  signs new SVIDs from:   {}",
+                humantime::format_rfc3339_seconds(activate_at)
+            );
+            println!("  the old CA leaves the bundle one SVID lifetime (+60s) after that");
+            println!(
+                "  watch: the control plane's admin /ca endpoint, and {}",
+                state_dir.join("bundle.pem").display()
             );
             Ok(())
         }

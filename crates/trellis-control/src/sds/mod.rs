@@ -24,6 +24,8 @@ use trellis_proto::{DiscoveryRequest, DiscoveryResponse, SecretDiscoveryService,
 
 use crate::attest::{AttestError, Attested, Attestor, AttestorKind, Credential};
 use crate::audit::{AuditEvent, AuditLog};
+use arc_swap::ArcSwap;
+
 use crate::ca::{Ca, CaError};
 use crate::metrics::{AttestorLabel, ControlMetrics};
 use crate::recorder::IssuanceRecorder;
@@ -62,8 +64,8 @@ impl IssuePolicy {
 
 /// Everything the SDS service needs, shared by every stream.
 pub struct SdsCore {
-    /// The signing CA.
-    pub ca: Arc<Ca>,
+    /// The signing CA; swapped by the CA rotator when a rotation activates.
+    pub ca: Arc<ArcSwap<Ca>>,
     /// The current trust bundle; a change is pushed to every stream that subscribed to it.
     pub bundle: watch::Receiver<Arc<TrustBundle>>,
     /// Attestors.
@@ -145,9 +147,9 @@ impl SdsCore {
             let now = SystemTime::now();
             let ttl = core.policy.svid_ttl;
             let issued = match csr {
-                None => Issued::WithKey(core.ca.issue(&id, ttl, now)?),
+                None => Issued::WithKey(core.ca.load().issue(&id, ttl, now)?),
                 Some(csr) => {
-                    let chain = core.ca.sign_csr(&csr, &id, ttl, now)?;
+                    let chain = core.ca.load().sign_csr(&csr, &id, ttl, now)?;
                     let facts = chain
                         .first()
                         .map(trellis_identity::cert_facts)
