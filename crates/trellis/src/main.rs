@@ -2,6 +2,7 @@
 
 mod cmd_ca;
 mod cmd_control;
+mod cmd_inspect;
 mod cmd_policy;
 mod cmd_sidecar;
 mod cmd_token;
@@ -46,6 +47,9 @@ enum Command {
     /// Authorization policy tools: check a policy, explain a decision.
     #[command(subcommand)]
     Policy(cmd_policy::PolicyCommand),
+    /// Handshake with a TLS endpoint and report its identity, chain, and why it fails
+    /// (exit 0 verified, 1 failed, 2 bad usage).
+    Inspect(cmd_inspect::InspectArgs),
     /// Start a local control plane and a workload on loopback and show an SVID being issued and rotated.
     Demo(demo::DemoArgs),
 }
@@ -65,6 +69,8 @@ fn main() -> ExitCode {
         Command::Ca(cmd) => cmd_ca::run(cmd),
         Command::Token(cmd) => cmd_token::run(cmd),
         Command::Policy(cmd) => cmd_policy::run(cmd),
+        // Its own exit codes: 1 is a failed inspection, 2 bad usage.
+        Command::Inspect(args) => return cmd_inspect::run(args),
         Command::Demo(args) => demo::run(args),
     };
     match result {
