@@ -26,6 +26,8 @@ pub struct CertFacts {
     pub can_sign_certs: bool,
     /// Subject DN, RFC 4514-ish, for display.
     pub subject: String,
+    /// Issuer DN, same form: tells which CA of a rotation signed it.
+    pub issuer: String,
 }
 
 impl CertFacts {
@@ -116,6 +118,7 @@ pub(crate) fn parse(der: &[u8]) -> Result<(CertFacts, &[u8]), SvidError> {
         is_ca,
         can_sign_certs,
         subject: cert.subject().to_string(),
+        issuer: cert.issuer().to_string(),
     };
     Ok((facts, cert.tbs_certificate.subject_pki.raw))
 }

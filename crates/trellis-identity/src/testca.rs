@@ -215,3 +215,45 @@ impl LeafSpec {
         }
     }
 }
+
+/// Presents one SVID whatever its validity, as a broken or hostile peer would (Trellis's own
+/// [`crate::tls::SvidResolver`] never presents an expired SVID).
+#[derive(Debug)]
+pub struct AlwaysPresents(Arc<rustls::sign::CertifiedKey>);
+
+impl AlwaysPresents {
+    /// A resolver for `svid`.
+    pub fn new(svid: &Svid) -> Arc<Self> {
+        let key = crate::tls::provider()
+            .key_provider
+            .load_private_key(svid.key().clone_key())
+            .expect("test SVID key loads");
+        Arc::new(Self(Arc::new(rustls::sign::CertifiedKey::new(
+            svid.chain().to_vec(),
+            key,
+        ))))
+    }
+}
+
+impl rustls::client::ResolvesClientCert for AlwaysPresents {
+    fn resolve(
+        &self,
+        _hints: &[&[u8]],
+        _schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(Arc::clone(&self.0))
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl rustls::server::ResolvesServerCert for AlwaysPresents {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(Arc::clone(&self.0))
+    }
+}

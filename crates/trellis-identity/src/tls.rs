@@ -297,14 +297,29 @@ pub fn handshake_failure_reason(err: &rustls::Error) -> &'static str {
     }
 }
 
-/// What is installed: the rustls key and, for the admin endpoint, the SVID's serial.
+/// What is installed: the rustls key, its expiry, and, for the admin endpoint, the SVID's
+/// serial.
 #[derive(Debug)]
 struct Installed {
     key: Arc<CertifiedKey>,
+    not_after: SystemTime,
     serial_hex: String,
 }
 
+impl Installed {
+    /// RFC 5280 4.1.2.5: "the validity period for a certificate is the period of time from
+    /// notBefore through notAfter, inclusive". Past notAfter no peer may accept it, so it is
+    /// not offered.
+    fn valid_at(&self, now: SystemTime) -> bool {
+        now <= self.not_after
+    }
+}
+
 /// Serves the current SVID for both client and server handshakes; swapped atomically.
+///
+/// Once the installed SVID's notAfter has passed it presents nothing: a server handshake
+/// fails and a client handshake goes out without a certificate, rather than offering a
+/// certificate every peer must refuse. Installing a fresh SVID brings it back.
 #[derive(Debug)]
 pub struct SvidResolver {
     current: ArcSwapOption<Installed>,
@@ -328,17 +343,21 @@ impl SvidResolver {
         let key = Arc::new(CertifiedKey::new(svid.chain().to_vec(), signing_key));
         self.current.store(Some(Arc::new(Installed {
             key,
+            not_after: svid.not_after(),
             serial_hex: svid.serial_hex().to_owned(),
         })));
         Ok(())
     }
 
-    /// True once an SVID is installed.
+    /// True while an SVID is installed and has not expired.
     pub fn is_ready(&self) -> bool {
-        self.current.load().is_some()
+        self.current
+            .load()
+            .as_ref()
+            .is_some_and(|installed| installed.valid_at(SystemTime::now()))
     }
 
-    /// The serial (lowercase hex) of the SVID new handshakes present, if any.
+    /// The serial (lowercase hex) of the installed SVID, if any, expired or not.
     pub fn current_serial(&self) -> Option<String> {
         self.current
             .load()
@@ -346,17 +365,20 @@ impl SvidResolver {
             .map(|installed| installed.serial_hex.clone())
     }
 
-    fn current_key(&self) -> Option<Arc<CertifiedKey>> {
+    /// The key new handshakes present at `now`: none before the first SVID, none once it
+    /// expired. One clock read per handshake.
+    fn key_at(&self, now: SystemTime) -> Option<Arc<CertifiedKey>> {
         self.current
             .load()
             .as_ref()
+            .filter(|installed| installed.valid_at(now))
             .map(|installed| installed.key.clone())
     }
 }
 
 impl rustls::server::ResolvesServerCert for SvidResolver {
     fn resolve(&self, _client_hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.current_key()
+        self.key_at(SystemTime::now())
     }
 }
 
@@ -366,7 +388,7 @@ impl rustls::client::ResolvesClientCert for SvidResolver {
         _root_hint_subjects: &[&[u8]],
         _sigschemes: &[SignatureScheme],
     ) -> Option<Arc<CertifiedKey>> {
-        self.current_key()
+        self.key_at(SystemTime::now())
     }
 
     fn has_certs(&self) -> bool {
@@ -592,6 +614,49 @@ mod tests {
         );
         let key = rustls::client::ResolvesClientCert::resolve(&*resolver, &[], &[]).unwrap();
         assert_eq!(key.cert, second.chain());
+    }
+
+    #[test]
+    fn resolver_presents_nothing_once_the_svid_expired() {
+        let ca = TestCa::root("example.org");
+        let mut spec = crate::testca::LeafSpec::new("spiffe://example.org/web");
+        spec.not_before = SystemTime::now() - Duration::from_secs(7200);
+        spec.not_after = SystemTime::now() - Duration::from_secs(60);
+        let (chain, key) = ca.issue(&spec);
+        let expired = Svid::new(chain, key).unwrap();
+        let resolver = SvidResolver::empty();
+        resolver.install(&expired).unwrap();
+        assert!(!resolver.is_ready());
+        assert!(!rustls::client::ResolvesClientCert::has_certs(&*resolver));
+        assert!(rustls::client::ResolvesClientCert::resolve(&*resolver, &[], &[]).is_none());
+        // Still reported, so the admin endpoint can say what expired.
+        assert_eq!(
+            resolver.current_serial().as_deref(),
+            Some(expired.serial_hex())
+        );
+
+        // A fresh SVID brings it back.
+        let fresh = ca.svid("/web");
+        resolver.install(&fresh).unwrap();
+        assert!(resolver.is_ready());
+        assert!(rustls::client::ResolvesClientCert::resolve(&*resolver, &[], &[]).is_some());
+    }
+
+    #[test]
+    fn resolver_stops_exactly_after_not_after() {
+        let ca = TestCa::root("example.org");
+        let svid = ca.svid("/web");
+        let resolver = SvidResolver::empty();
+        resolver.install(&svid).unwrap();
+        let not_after = svid.not_after();
+        assert!(resolver
+            .key_at(not_after - Duration::from_secs(1))
+            .is_some());
+        // notAfter itself is still inside the validity period (RFC 5280: inclusive).
+        assert!(resolver.key_at(not_after).is_some());
+        assert!(resolver
+            .key_at(not_after + Duration::from_secs(1))
+            .is_none());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection};
-use trellis_identity::testca::{LeafSpec, TestCa};
+use trellis_identity::testca::{AlwaysPresents, LeafSpec, TestCa};
 use trellis_identity::tls::{
     client_config, handshake_failure_reason, peer_spiffe_id, server_config, svid_error_of,
     PeerMatch, SharedBundle, SpiffeClientVerifier, SpiffeServerVerifier, SvidResolver, TlsPolicy,
@@ -290,8 +290,18 @@ fn rejects_expired_client_cert() {
     spec.not_after = SystemTime::now() - Duration::from_secs(60);
     let (chain, key) = mesh.ca.issue(&spec);
     let expired = Svid::new(chain, key).unwrap();
+    // Trellis's resolver never presents an expired SVID; a hostile client does.
+    let hostile = ClientConfig::builder_with_provider(trellis_identity::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(SpiffeServerVerifier::new(
+            mesh.bundle.clone(),
+            PeerMatch::AnyInTrustDomain,
+        ))
+        .with_client_cert_resolver(AlwaysPresents::new(&expired));
     let out = handshake(
-        mesh.client(Some(&expired), PeerMatch::AnyInTrustDomain),
+        Arc::new(hostile),
         mesh.server(&mesh.ca.svid("/api"), false, TlsPolicy::Tls13),
     );
     let err = out.server_err.expect("server must refuse the client");

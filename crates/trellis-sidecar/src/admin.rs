@@ -59,6 +59,7 @@ pub fn certs_json(store: &SvidStore) -> serde_json::Value {
             "not_before": unix(s.not_before()),
             "not_after": unix(s.not_after()),
             "chain_length": s.chain().len(),
+            "issuer": s.chain().first().and_then(|c| trellis_identity::cert_facts(c).ok()).map(|f| f.issuer),
         })
     });
     let bundle = store.bundle().load_full();
@@ -84,14 +85,22 @@ pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<B
     match path {
         "/healthz" => reply(StatusCode::OK, PLAIN, "ok\n"),
         "/ready" => {
-            if state.store.is_ready(SystemTime::now(), state.expiry_margin) {
+            let now = SystemTime::now();
+            if state.store.is_ready(now, state.expiry_margin) {
                 reply(StatusCode::OK, PLAIN, "ready\n")
-            } else if state.store.current().is_some() {
-                reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    PLAIN,
-                    "not ready: SVID expires within the expiry margin\n",
-                )
+            } else if let Some(svid) = state.store.current() {
+                let at = humantime::format_rfc3339_seconds(svid.not_after());
+                let body = match svid.not_after().duration_since(now) {
+                    Ok(left) => format!(
+                        "not ready: SVID expires at {at} (in {}s), within the expiry margin ({}s), and no replacement has arrived\n",
+                        left.as_secs(),
+                        state.expiry_margin.as_secs()
+                    ),
+                    Err(_) => format!(
+                        "not ready: SVID expired at {at}; no certificate is presented until the control plane issues a new one\n"
+                    ),
+                };
+                reply(StatusCode::SERVICE_UNAVAILABLE, PLAIN, body)
             } else {
                 reply(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -184,5 +193,32 @@ mod tests {
         assert!(!certs.to_string().contains("PRIVATE"));
         let policy = route(&state, &Method::GET, "/policy");
         assert_eq!(policy.status(), StatusCode::OK);
+    }
+
+    #[test]
+    fn ready_says_when_the_svid_expired() {
+        let ca = TestCa::root("example.org");
+        let metrics = Arc::new(SidecarMetrics::new());
+        let store = SvidStore::new(ca.bundle(), None, Arc::clone(&metrics));
+        let now = SystemTime::now();
+        let mut spec = trellis_identity::testca::LeafSpec::new("spiffe://example.org/web");
+        spec.not_before = now - Duration::from_secs(120);
+        spec.not_after = now - Duration::from_secs(10);
+        let (chain, key) = ca.issue(&spec);
+        let expired = trellis_identity::Svid::new(chain, key).unwrap();
+        // Installed while it was still valid; the control plane never replaced it.
+        store
+            .install(expired, ca.bundle(), now - Duration::from_secs(60))
+            .unwrap();
+        let state = AdminState {
+            store,
+            policy: PolicyEngine::allow_all(Arc::clone(&metrics)),
+            metrics,
+            expiry_margin: Duration::from_secs(5),
+        };
+        let ready = route(&state, &Method::GET, "/ready");
+        assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = format!("{:?}", ready.body());
+        assert!(body.contains("SVID expired at"), "{body}");
     }
 }

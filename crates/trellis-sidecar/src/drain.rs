@@ -5,8 +5,12 @@
 //! tells them all to wind down, then waits until every clone is dropped or the timeout passes:
 //!
 //! - listeners stop accepting (their socket closes, new connections are refused);
-//! - HTTP connections get hyper's `graceful_shutdown()`: in-flight requests finish, then the
-//!   connection closes (HTTP/2 peers get a GOAWAY);
+//! - then, and only then, HTTP connections wind down: HTTP/2 peers get a GOAWAY, HTTP/1.1
+//!   clients `Connection: close` on their next response (an idle one is closed after a short
+//!   grace, see `http_util::HTTP1_DRAIN_GRACE`); in-flight requests finish. The proxies hold
+//!   their connections on a nested channel that they drain ([`DrainSignal::drain_all`]) once
+//!   their listeners are closed, so a client told to go away that reconnects at once is
+//!   refused rather than accepted into the backlog of a listener about to close (and reset);
 //! - raw TCP forwards keep copying until they end on their own or the timeout passes.
 
 use std::convert::Infallible;
@@ -78,6 +82,19 @@ impl DrainSignal {
             tokio::time::timeout(timeout, released.recv()).await.is_ok()
         }
     }
+
+    /// Starts draining and resolves once every [`Drain`] clone has been dropped, however long
+    /// that takes: for a drain nested inside another, whose own timeout bounds the wait.
+    pub async fn drain_all(self) {
+        let DrainSignal {
+            signal,
+            mut released,
+        } = self;
+        signal.send_replace(true);
+        // The sender stays alive while waiting, as in `drain`.
+        let _signal = signal;
+        let _ = released.recv().await;
+    }
 }
 
 #[cfg(test)]
@@ -108,6 +125,21 @@ mod tests {
         assert!(lingering.is_draining());
         // A late look still sees the drain even though the signal is gone.
         lingering.signaled().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_all_waits_for_the_last_holder_however_long() {
+        let (signal, drain) = channel();
+        let holder = drain.clone();
+        drop(drain);
+        let task = tokio::spawn(async move {
+            holder.signaled().await;
+            // Longer than any drain timeout: `drain_all` has none of its own.
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            drop(holder);
+        });
+        signal.drain_all().await;
+        task.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

@@ -5,13 +5,14 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Response, StatusCode};
+use http::{Response, StatusCode, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -463,21 +464,60 @@ where
     }
 }
 
-/// Serves `conn` to its end; once `drain` signals, asks it to finish in-flight requests and
-/// close. Holds `drain` until the connection is gone.
-pub(crate) async fn serve_until_drained<C, E>(conn: C, drain: Drain) -> Result<(), E>
+/// How long a draining HTTP/1.1 connection that is idle is kept open for one more request
+/// (answered with `Connection: close`) before it is closed. Closing an idle keep-alive
+/// connection races with a request the client may be writing into it at that moment, which
+/// then fails without an answer; a client that is told `Connection: close` on a response
+/// instead opens a new connection for its next request and never sends it into a closing one.
+pub const HTTP1_DRAIN_GRACE: Duration = Duration::from_secs(1);
+
+/// A served connection's drain state, shared with the service that answers its requests.
+#[derive(Debug, Default)]
+pub(crate) struct ConnDrain {
+    draining: AtomicBool,
+    http2: AtomicBool,
+}
+
+impl ConnDrain {
+    /// Called with every response: records the protocol and, once draining, marks an
+    /// HTTP/1.x response `Connection: close` (hyper then closes the connection after it).
+    pub(crate) fn on_response(&self, version: Version, headers: &mut HeaderMap) {
+        if version == Version::HTTP_2 {
+            self.http2.store(true, Ordering::Relaxed);
+        } else if self.draining.load(Ordering::Relaxed) {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
+}
+
+/// Serves `conn` to its end. Once `drain` signals: HTTP/2 gets GOAWAY at once (hyper's graceful
+/// shutdown; in-flight streams finish); HTTP/1.1 answers its next response with
+/// `Connection: close` and is closed if it stays idle for [`HTTP1_DRAIN_GRACE`] (an in-flight
+/// request still finishes). Holds `drain` until the connection is gone.
+pub(crate) async fn serve_until_drained<C, E>(
+    conn: C,
+    drain: Drain,
+    state: &ConnDrain,
+) -> Result<(), E>
 where
     C: GracefulConnection<Output = Result<(), E>>,
 {
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
         biased;
-        res = conn.as_mut() => res,
-        () = drain.signaled() => {
-            conn.as_mut().begin_shutdown();
-            conn.await
+        res = conn.as_mut() => return res,
+        () = drain.signaled() => {}
+    }
+    state.draining.store(true, Ordering::Relaxed);
+    if !state.http2.load(Ordering::Relaxed) {
+        tokio::select! {
+            biased;
+            res = conn.as_mut() => return res,
+            () = tokio::time::sleep(HTTP1_DRAIN_GRACE) => {}
         }
     }
+    conn.as_mut().begin_shutdown();
+    conn.await
 }
 
 /// An I/O stream with bytes already read from it put back in front.

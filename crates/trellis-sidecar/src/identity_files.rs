@@ -137,6 +137,13 @@ fn install(
                 e.reason(),
                 format!("{e} (bundle: {})", files.bundle.display()),
             ),
+            // Expired and not-yet-valid files need different fixes: same split as for SDS.
+            UpdateError::Svid(inner) => {
+                match crate::sds::update::validity_window(inner, SystemTime::now()) {
+                    Some((reason, why)) => invalid(&files.cert, reason, format!("{e}: {why}")),
+                    None => invalid(&files.cert, e.reason(), e.to_string()),
+                }
+            }
             _ => invalid(&files.cert, e.reason(), e.to_string()),
         })
 }
@@ -399,6 +406,22 @@ mod tests {
         let err = load(&d.files, &store(&ca)).unwrap_err();
         assert_eq!(err.reason(), "expired");
         assert_eq!(err.path(), d.files.cert);
+        assert!(err.to_string().contains("it expired 1h"), "{err}");
+    }
+
+    #[test]
+    fn cert_from_the_future_is_not_yet_valid() {
+        let ca = TestCa::root("example.org");
+        let d = dir();
+        let mut spec = LeafSpec::new("spiffe://example.org/web");
+        spec.not_before = SystemTime::now() + Duration::from_secs(3600);
+        spec.not_after = SystemTime::now() + Duration::from_secs(7200);
+        let (chain, key) = ca.issue(&spec);
+        write(&d, &Svid::new(chain, key).unwrap(), &ca.bundle());
+        let err = load(&d.files, &store(&ca)).unwrap_err();
+        assert_eq!(err.reason(), "not_yet_valid");
+        assert_eq!(err.path(), d.files.cert);
+        assert!(err.to_string().contains("clock"), "{err}");
     }
 
     #[test]

@@ -31,8 +31,8 @@ use trellis_identity::{leaf_sha256_hex, SpiffeId};
 use crate::config::SidecarSettings;
 use crate::drain::{self, Drain};
 use crate::http_util::{
-    self, serve_until_drained, strip_hop_by_hop, text_response, BoxError, H2Body, ProxyBody,
-    ReqBody, StatusCounters, XFCC,
+    self, serve_until_drained, strip_hop_by_hop, text_response, BoxError, ConnDrain, H2Body,
+    ProxyBody, ReqBody, StatusCounters, XFCC,
 };
 use crate::metrics::{Direction, ReasonLabel, SidecarMetrics};
 use crate::mtls::{self, SessionTicketer};
@@ -241,8 +241,11 @@ impl InboundProxy {
             .collect()
     }
 
-    /// Accepts until `drain` signals. Each connection holds a clone of `drain`: HTTP
-    /// connections finish their in-flight requests and close, TCP forwards run to their end.
+    /// Accepts until `drain` signals. HTTP connections are told to wind down (GOAWAY,
+    /// `Connection: close`) only once the listener is closed, so a peer that reconnects is
+    /// refused at once instead of landing in the backlog of a listener about to close (which
+    /// resets it); they finish their in-flight requests and close. TCP forwards run to their
+    /// end. `drain` is held until every connection is done.
     pub async fn run(self, drain: Drain) {
         let InboundProxy {
             http,
@@ -255,6 +258,7 @@ impl InboundProxy {
             let (shared, drain) = (shared.clone(), drain.clone());
             forwards.spawn(async move {
                 let ctx = tcp::InboundTcpContext {
+                    store: shared.store.clone(),
                     bundle: shared.bundle.clone(),
                     metrics: shared.metrics.clone(),
                     policy: shared.policy.clone(),
@@ -264,12 +268,20 @@ impl InboundProxy {
                 tcp::run_inbound_forward(forward, Arc::new(ctx), drain).await;
             });
         }
+        let (connections_signal, connections) = drain::channel();
         accept_loop(&http, &drain, |tcp, peer_addr| {
-            let (shared, acceptor, drain) = (shared.clone(), acceptor.clone(), drain.clone());
-            tokio::spawn(async move { shared.connection(acceptor, tcp, peer_addr, drain).await });
+            let (shared, acceptor, conn_drain) =
+                (shared.clone(), acceptor.clone(), connections.clone());
+            tokio::spawn(async move {
+                shared
+                    .connection(acceptor, tcp, peer_addr, conn_drain)
+                    .await
+            });
         })
         .await;
         drop(http);
+        drop(connections);
+        connections_signal.drain_all().await;
         while forwards.join_next().await.is_some() {}
     }
 }
@@ -365,6 +377,9 @@ impl Inbound {
         peer_addr: SocketAddr,
         drain: Drain,
     ) {
+        // Right after a start the first SVID is a moment away: the caller waits in its
+        // handshake rather than being refused for want of a certificate.
+        mtls::wait_for_svid(&self.store, self.handshake_timeout).await;
         let Some((stream, peer_id, resumed)) = accept_tls(
             &acceptor,
             tcp,
@@ -422,14 +437,15 @@ impl Inbound {
                     .await
                     .map_err(BoxError::from)
             } else {
+                let state = Arc::new(ConnDrain::default());
                 let service = {
-                    let shared = self.clone();
+                    let (shared, state) = (self.clone(), state.clone());
                     hyper::service::service_fn(move |req| {
-                        handle_http1(shared.clone(), info.clone(), req)
+                        handle_http1(shared.clone(), info.clone(), state.clone(), req)
                     })
                 };
                 let conn = self.h1.serve_connection(TokioIo::new(stream), service);
-                serve_until_drained(conn, local_drain)
+                serve_until_drained(conn, local_drain, &state)
                     .await
                     .map_err(BoxError::from)
             }
@@ -522,12 +538,14 @@ impl Inbound {
 async fn handle_http1(
     shared: Arc<Inbound>,
     conn: Arc<ConnInfo>,
+    state: Arc<ConnDrain>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let (parts, body) = req.into_parts();
     let version = parts.version;
     let mut response = shared.respond(&conn, parts, ReqBody::Hyper(body)).await;
     *response.version_mut() = version;
+    state.on_response(version, response.headers_mut());
     Ok(response)
 }
 

@@ -57,7 +57,7 @@ pub struct RequestLabel {
 /// `{result}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
-    /// `ok`, or a reason such as `chain`, `wrong_identity`, `key_mismatch`, `malformed`.
+    /// `ok`, or a reason such as `unknown_ca`, `wrong_identity`, `bad_key`, `malformed`.
     pub result: &'static str,
 }
 

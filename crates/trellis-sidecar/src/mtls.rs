@@ -92,6 +92,25 @@ pub fn client_config(
     Ok((Arc::new(config), sessions))
 }
 
+/// Waits up to `timeout` until `store` holds an SVID; true if it does. A sidecar that has just
+/// started has no certificate until the control plane answers (a few milliseconds, normally):
+/// a connection that arrives in that moment waits for it instead of failing its handshake.
+pub async fn wait_for_svid(store: &SvidStore, timeout: Duration) -> bool {
+    if store.current().is_some() {
+        return true;
+    }
+    let mut installed = store.subscribe();
+    let wait = async {
+        while store.current().is_none() {
+            if installed.changed().await.is_err() {
+                // The store is gone; nothing will ever be installed.
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::time::timeout(timeout, wait).await.is_ok()
+}
+
 /// Drops every remembered session for `server`, so the next connection does a full handshake.
 pub fn forget_sessions(sessions: &ClientSessionMemoryCache, server: &ServerName<'static>) {
     while sessions.take_tls13_ticket(server).is_some() {}

@@ -25,9 +25,9 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use crate::config::{Protocol, SidecarSettings};
-use crate::drain::Drain;
+use crate::drain::{self, Drain};
 use crate::http_util::{
-    host_without_port, serve_until_drained, strip_hop_by_hop, text_response, ProxyBody,
+    host_without_port, serve_until_drained, strip_hop_by_hop, text_response, ConnDrain, ProxyBody,
     StatusCounters,
 };
 use crate::inbound::accept_loop;
@@ -139,7 +139,8 @@ impl OutboundProxy {
                 store.bundle(),
                 metrics.clone(),
                 settings.connect_timeout,
-            )?;
+            )?
+            .wait_for_svid(Arc::clone(&store));
             match u.protocol {
                 Protocol::Http => {
                     let (config, sessions) = mtls::client_config(
@@ -260,8 +261,11 @@ impl OutboundProxy {
         addrs
     }
 
-    /// Accepts on every listener until `drain` signals. App connections hold a clone of `drain`
-    /// and finish their in-flight requests; pooled upstream connections close once unused.
+    /// Accepts on every listener until `drain` signals. App connections are told to wind down
+    /// (`Connection: close` on their in-flight response, GOAWAY for h2c) only once every
+    /// listener is closed, so an app that reconnects is refused at once rather than reset from
+    /// the backlog of a closing listener; they finish their in-flight requests. `drain` is held
+    /// until every connection is done.
     pub async fn run(self, drain: Drain) {
         let OutboundProxy {
             shared_listener,
@@ -269,20 +273,32 @@ impl OutboundProxy {
             tcp,
             shared,
         } = self;
-        let mut tasks = tokio::task::JoinSet::new();
+        let (connections_signal, connections) = drain::channel();
+        let mut listeners = tokio::task::JoinSet::new();
         for (_, listener, index) in dedicated {
-            tasks.spawn(serve_http(
+            listeners.spawn(serve_http(
                 listener,
                 shared.clone(),
                 Route::Fixed(index),
                 drain.clone(),
+                connections.clone(),
             ));
         }
+        let mut forwards = tokio::task::JoinSet::new();
         for (_, upstream) in tcp {
-            tasks.spawn(tcp::run_outbound_tcp(upstream, drain.clone()));
+            forwards.spawn(tcp::run_outbound_tcp(upstream, drain.clone()));
         }
-        serve_http(shared_listener, shared, Route::ByHost, drain).await;
-        while tasks.join_next().await.is_some() {}
+        serve_http(
+            shared_listener,
+            shared,
+            Route::ByHost,
+            drain.clone(),
+            connections,
+        )
+        .await;
+        while listeners.join_next().await.is_some() {}
+        connections_signal.drain_all().await;
+        while forwards.join_next().await.is_some() {}
     }
 }
 
@@ -295,16 +311,27 @@ async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
     })
 }
 
-async fn serve_http(listener: TcpListener, shared: Arc<Outbound>, route: Route, drain: Drain) {
-    accept_loop(&listener, &drain, |tcp, app_addr| {
-        let (shared, drain) = (shared.clone(), drain.clone());
+/// Accepts on `listener` until `listen` signals (the listener closes when this returns); each
+/// app connection holds `connections` and winds down when it signals.
+async fn serve_http(
+    listener: TcpListener,
+    shared: Arc<Outbound>,
+    route: Route,
+    listen: Drain,
+    connections: Drain,
+) {
+    accept_loop(&listener, &listen, |tcp, app_addr| {
+        let (shared, drain) = (shared.clone(), connections.clone());
         tokio::spawn(async move {
+            let state = Arc::new(ConnDrain::default());
             let service = {
-                let shared = shared.clone();
-                hyper::service::service_fn(move |req| handle(shared.clone(), route, req))
+                let (shared, state) = (shared.clone(), state.clone());
+                hyper::service::service_fn(move |req| {
+                    handle(shared.clone(), state.clone(), route, req)
+                })
             };
             let conn = shared.server.serve_connection(TokioIo::new(tcp), service);
-            if let Err(e) = serve_until_drained(conn, drain).await {
+            if let Err(e) = serve_until_drained(conn, drain, &state).await {
                 tracing::debug!(%app_addr, error = %e, "app connection ended with an error");
             }
         });
@@ -314,12 +341,14 @@ async fn serve_http(listener: TcpListener, shared: Arc<Outbound>, route: Route, 
 
 async fn handle(
     shared: Arc<Outbound>,
+    conn: Arc<ConnDrain>,
     route: Route,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let version = req.version();
     let mut response = shared.forward(route, req).await;
     *response.version_mut() = version;
+    conn.on_response(version, response.headers_mut());
     shared.counters.inc(response.status());
     Ok(response)
 }

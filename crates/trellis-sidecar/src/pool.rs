@@ -37,6 +37,7 @@ use trellis_identity::{SpiffeId, SvidError};
 use crate::http_util::{connect_tcp, tls_error, H2Body, Prefixed, ProxyBody, ReqBody, TcpTarget};
 use crate::metrics::{Direction, SidecarMetrics};
 use crate::mtls;
+use crate::svid_store::SvidStore;
 
 /// HTTP/2 stream receive window (both directions between sidecars). Large enough that a
 /// loopback or LAN hop streams at full speed; it bounds memory per stream, not per connection.
@@ -106,6 +107,15 @@ pub enum ForwardError {
         /// hyper's error.
         detail: String,
     },
+    /// This sidecar has no SVID yet (it has just started and the control plane has not
+    /// answered), so it cannot authenticate to the peer.
+    #[error("cannot connect to {target}: this sidecar has no SVID yet (waited {}); is the control plane reachable?", humantime::format_duration(*.waited))]
+    NoSvid {
+        /// Which upstream.
+        target: Arc<str>,
+        /// How long the request waited for one.
+        waited: Duration,
+    },
     /// No response headers within the request timeout.
     #[error("{target} sent no response headers within {}", humantime::format_duration(*.timeout))]
     Timeout {
@@ -117,10 +127,12 @@ pub enum ForwardError {
 }
 
 impl ForwardError {
-    /// 503 unreachable, 502 handshake/identity/HTTP failure, 504 timeout.
+    /// 503 unreachable or no SVID yet, 502 handshake/identity/HTTP failure, 504 timeout.
     pub fn status(&self) -> StatusCode {
         match self {
-            ForwardError::Unreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ForwardError::Unreachable { .. } | ForwardError::NoSvid { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ForwardError::Handshake { .. }
             | ForwardError::WrongIdentity { .. }
             | ForwardError::Failed { .. } => StatusCode::BAD_GATEWAY,
@@ -417,6 +429,8 @@ pub struct PeerTarget {
     bundle: SharedBundle,
     metrics: Arc<SidecarMetrics>,
     connect_timeout: Duration,
+    /// Our identity: a connection waits (up to `connect_timeout`) until it holds an SVID.
+    svid: Option<Arc<SvidStore>>,
 }
 
 /// A new HTTP connection to a peer, by negotiated protocol.
@@ -461,7 +475,16 @@ impl PeerTarget {
             bundle,
             metrics,
             connect_timeout,
+            svid: None,
         })
+    }
+
+    /// Makes every connection wait, up to the connect timeout, until `store` holds an SVID:
+    /// right after a start, before the control plane has answered, a handshake without a
+    /// client certificate would only be refused by the peer (a `502` for the app).
+    pub fn wait_for_svid(mut self, store: Arc<SvidStore>) -> Self {
+        self.svid = Some(store);
+        self
     }
 
     /// `upstream `name` (address)`, as error bodies name it.
@@ -530,6 +553,14 @@ impl PeerTarget {
         &self,
         tls: &TlsClient,
     ) -> Result<(TlsStream<TcpStream>, bool), ForwardError> {
+        if let Some(store) = &self.svid {
+            if !mtls::wait_for_svid(store, self.connect_timeout).await {
+                return Err(ForwardError::NoSvid {
+                    target: self.target.clone(),
+                    waited: self.connect_timeout,
+                });
+            }
+        }
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -725,7 +756,10 @@ impl PeerPool {
         let req = match self.live_h2() {
             Some(conn) => match send_h2(&conn, req).await {
                 Ok(response) => return Ok(response),
-                Err((_, Some(unsent))) => unsent,
+                Err((e, Some(unsent))) => {
+                    tracing::debug!(target = %self.target(), error = %e, "request not processed by the peer; sending it on a new connection");
+                    unsent
+                }
                 Err((e, None)) => return Err(failed(self.target(), e)),
             },
             None => req,
@@ -752,7 +786,10 @@ impl PeerPool {
             };
             match send_h2(&conn, req).await {
                 Ok(response) => return Ok(response),
-                Err((_, Some(unsent))) => req = unsent,
+                Err((e, Some(unsent))) => {
+                    tracing::debug!(target = %self.target(), error = %e, "request not processed by the peer; sending it on a new connection");
+                    req = unsent;
+                }
                 Err((e, None)) => return Err(failed(self.target(), e)),
             }
         }
@@ -911,15 +948,56 @@ async fn drive_h2_client<T>(
     closed.store(true, Ordering::Release);
 }
 
+/// What it takes to send a request again: its head without the body. Kept while the peer may
+/// still refuse the stream unprocessed.
+struct Resend {
+    method: http::Method,
+    uri: Uri,
+    headers: http::HeaderMap,
+}
+
+impl Resend {
+    fn of(head: &http::request::Parts) -> Self {
+        Self {
+            method: head.method.clone(),
+            uri: head.uri.clone(),
+            headers: head.headers.clone(),
+        }
+    }
+
+    fn with_body<B>(self, body: B) -> Request<B> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.headers_mut() = self.headers;
+        req
+    }
+}
+
+/// RFC 9113 6.8: streams above a GOAWAY's last-stream-id "were not and will not be processed"
+/// and "can safely be retried"; 8.7: so can a stream reset with REFUSED_STREAM. h2 reports the
+/// first as a remote GOAWAY error on the stream (streams at or below the id carry on), the
+/// second as a remote reset.
+fn refused_unprocessed(e: &h2::Error) -> bool {
+    e.is_remote() && (e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM))
+}
+
 /// Opens a stream for `req` on `conn`, streams the request body, and waits for the response
-/// head. A request is handed back unsent only when the connection could not take it at all.
-async fn send_h2(
+/// head. The request is handed back (to be sent on a new connection) when the connection could
+/// not take it, or when the peer refused the stream unprocessed (a draining peer's GOAWAY)
+/// before its body had been touched.
+async fn send_h2<B>(
     conn: &H2Conn,
-    req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, (h2::Error, Option<Request<Incoming>>)> {
+    req: Request<B>,
+) -> Result<Response<ProxyBody>, (h2::Error, Option<Request<B>>)>
+where
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<crate::http_util::BoxError> + Send,
+{
     let mut sender = conn.sender.clone();
-    // Waits for a free stream slot (the peer's SETTINGS_MAX_CONCURRENT_STREAMS); fails only
-    // when the connection is gone.
+    // Waits for a free stream slot (the peer's SETTINGS_MAX_CONCURRENT_STREAMS). Fails once the
+    // connection is gone or the peer sent GOAWAY (h2 opens no stream after one): either way the
+    // request was not sent.
     if let Err(e) = std::future::poll_fn(|cx| sender.poll_ready(cx)).await {
         conn.closed.store(true, Ordering::Release);
         return Err((e, Some(req)));
@@ -928,25 +1006,30 @@ async fn send_h2(
     // RFC 9113 8.3.1: clients use :authority (from the URI) rather than Host.
     head.headers.remove(header::HOST);
     head.version = Version::HTTP_2;
+    let resend = Resend::of(&head);
     let end_of_stream = body.is_end_stream();
-    let (response, mut send) =
-        match sender.send_request(Request::from_parts(head, ()), end_of_stream) {
-            Ok(started) => started,
-            Err(e) => {
-                if e.is_io() || e.is_go_away() {
-                    conn.closed.store(true, Ordering::Release);
-                }
-                return Err((e, None));
-            }
-        };
-    if !end_of_stream {
-        // The body streams on its own task: the response may come before the upload ends.
-        tokio::spawn(async move {
-            if let Err(e) = crate::http_util::pipe_to_h2(body, &mut send).await {
-                tracing::debug!(error = %e, "request body to upstream ended early");
-            }
-        });
-    }
+    let (response, send) = match sender.send_request(Request::from_parts(head, ()), end_of_stream) {
+        Ok(started) => started,
+        // h2 refused to open the stream, so nothing went out; if the connection is what failed
+        // (it ended, or GOAWAY came in since `poll_ready`), a new one may take the request.
+        Err(e) if e.is_io() || e.is_go_away() => {
+            conn.closed.store(true, Ordering::Release);
+            return Err((e, Some(resend.with_body(body))));
+        }
+        // Something about this request (h2 checks headers): no connection would take it.
+        Err(e) => return Err((e, None)),
+    };
+    // An empty body stays here for a resend; any other streams on its own task (the response
+    // may come before the upload ends) and comes back only if the peer refused the stream
+    // before a byte of it was taken.
+    let (mut kept, handed_back) = if end_of_stream {
+        drop(send);
+        (Some(body), None)
+    } else {
+        let (give_back, handed_back) = tokio::sync::oneshot::channel();
+        tokio::spawn(pipe_request(body, send, give_back));
+        (None, Some(handed_back))
+    };
     match response.await {
         Ok(response) => {
             let (head, recv) = response.into_parts();
@@ -957,8 +1040,88 @@ async fn send_h2(
             if e.is_io() || e.is_go_away() {
                 conn.closed.store(true, Ordering::Release);
             }
+            if refused_unprocessed(&e) {
+                let body = match handed_back {
+                    Some(rx) => rx.await.ok(),
+                    None => kept.take(),
+                };
+                if let Some(body) = body {
+                    return Err((e, Some(resend.with_body(body))));
+                }
+            }
             Err((e, None))
         }
+    }
+}
+
+/// Streams a request body into its HTTP/2 stream. If the peer refuses or resets the stream
+/// before the first frame of the body has been taken, the untouched body goes back through
+/// `give_back` so the request can be sent again elsewhere.
+async fn pipe_request<B>(
+    mut body: B,
+    mut send: h2::SendStream<Bytes>,
+    give_back: tokio::sync::oneshot::Sender<B>,
+) where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<crate::http_util::BoxError>,
+{
+    let first = std::future::poll_fn(|cx| {
+        if send.poll_reset(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        Pin::new(&mut body).poll_frame(cx).map(Some)
+    })
+    .await;
+    let Some(first) = first else {
+        let _ = give_back.send(body);
+        return;
+    };
+    // From here on the body is being consumed: a refusal can no longer be retried.
+    drop(give_back);
+    let piped = match first {
+        None => send
+            .send_data(Bytes::new(), true)
+            .map_err(crate::http_util::BoxError::from),
+        Some(Err(e)) => {
+            send.send_reset(h2::Reason::INTERNAL_ERROR);
+            Err(e.into())
+        }
+        Some(Ok(frame)) => {
+            let body = Prepended {
+                first: Some(frame),
+                rest: body,
+            };
+            crate::http_util::pipe_to_h2(body, &mut send).await
+        }
+    };
+    if let Err(e) = piped {
+        tracing::debug!(error = %e, "request body to upstream ended early");
+    }
+}
+
+/// A body whose first frame was already taken, put back in front of the rest.
+struct Prepended<B> {
+    first: Option<Frame<Bytes>>,
+    rest: B,
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Prepended<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        if let Some(frame) = this.first.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        Pin::new(&mut this.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.rest.is_end_stream()
     }
 }
 
@@ -1004,6 +1167,12 @@ mod tests {
                 .contains("peer presented spiffe://example.org/x, expected spiffe://example.org/y"),
             "{e}"
         );
+        let e = ForwardError::NoSvid {
+            target: t.clone(),
+            waited: Duration::from_secs(5),
+        };
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(e.to_string().contains("no SVID yet (waited 5s)"), "{e}");
         let e = ForwardError::Timeout {
             target: t,
             timeout: Duration::from_millis(1500),
@@ -1105,5 +1274,123 @@ mod tests {
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         assert_eq!(pool.idle_len(), 1);
+    }
+
+    /// A raw HTTP/2 server: waits until it has seen `streams` request HEADERS frames, then
+    /// sends GOAWAY with last-stream-id 1 and answers stream 1 alone (`:status 200`). Every
+    /// other stream is above the last-stream-id: refused, unprocessed.
+    async fn goaway_server(streams: usize) -> SocketAddr {
+        use tokio::io::AsyncWriteExt;
+        fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+            let len = payload.len() as u32;
+            let mut f = len.to_be_bytes()[1..].to_vec();
+            f.extend([kind, flags]);
+            f.extend(stream.to_be_bytes());
+            f.extend(payload);
+            f
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            tcp.write_all(&frame(0x4, 0, 0, &[])).await.unwrap(); // SETTINGS
+            let mut preface = [0u8; 24];
+            tcp.read_exact(&mut preface).await.unwrap();
+            let mut seen = 0;
+            while seen < streams {
+                let mut head = [0u8; 9];
+                tcp.read_exact(&mut head).await.unwrap();
+                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let mut payload = vec![0u8; len];
+                tcp.read_exact(&mut payload).await.unwrap();
+                if head[3] == 0x1 {
+                    seen += 1;
+                }
+            }
+            let mut goaway = 1u32.to_be_bytes().to_vec();
+            goaway.extend(0u32.to_be_bytes()); // NO_ERROR
+            tcp.write_all(&frame(0x4, 0x1, 0, &[])).await.unwrap(); // SETTINGS ack
+            tcp.write_all(&frame(0x7, 0, 0, &goaway)).await.unwrap();
+            // HEADERS, END_STREAM | END_HEADERS, HPACK static index 8 = `:status 200`.
+            tcp.write_all(&frame(0x1, 0x5, 1, &[0x88])).await.unwrap();
+            let mut rest = Vec::new();
+            let _ = tcp.read_to_end(&mut rest).await;
+        });
+        addr
+    }
+
+    async fn h2_conn(addr: SocketAddr) -> Arc<H2Conn> {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (sender, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Arc::new(H2Conn {
+            sender,
+            closed: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// A request body that never yields: an upload the app has not started sending.
+    struct NotYet;
+
+    impl Body for NotYet {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Pending
+        }
+    }
+
+    fn get<B>(path: &str, body: B) -> Request<B> {
+        Request::builder()
+            .uri(format!("http://b{path}"))
+            .header("x-keep", "me")
+            .body(body)
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn stream_above_goaway_last_id_is_handed_back_for_a_new_connection() {
+        let conn = h2_conn(goaway_server(2).await).await;
+        let empty = || http_body_util::Empty::<Bytes>::new();
+        // `join!` polls in order: the first request opens stream 1, the second stream 3.
+        let (first, second) = futures::join!(
+            send_h2(&conn, get("/one", empty())),
+            send_h2(&conn, get("/two", empty()))
+        );
+        assert_eq!(first.unwrap().status(), StatusCode::OK);
+        let Err((e, Some(again))) = second else {
+            panic!("stream 3 was refused unprocessed; the request must come back");
+        };
+        assert!(refused_unprocessed(&e), "{e:?}");
+        assert_eq!(again.uri(), "http://b/two");
+        assert_eq!(again.headers()["x-keep"], "me");
+        assert!(
+            !conn.is_live(),
+            "a connection that sent GOAWAY takes no more requests"
+        );
+    }
+
+    #[tokio::test]
+    async fn refused_request_gets_its_untouched_body_back() {
+        let conn = h2_conn(goaway_server(2).await).await;
+        let (first, second) = futures::join!(
+            send_h2(&conn, get("/one", http_body_util::Empty::<Bytes>::new())),
+            send_h2(&conn, get("/upload", NotYet))
+        );
+        assert_eq!(first.unwrap().status(), StatusCode::OK);
+        match second {
+            Err((e, Some(again))) => {
+                assert!(refused_unprocessed(&e), "{e:?}");
+                assert_eq!(again.uri(), "http://b/upload");
+            }
+            Err((e, None)) => panic!("body not handed back: {e}"),
+            Ok(r) => panic!("stream 3 answered {}", r.status()),
+        }
     }
 }

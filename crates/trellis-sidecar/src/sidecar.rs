@@ -133,6 +133,13 @@ impl Sidecar {
             }
         };
 
+        // Whatever the identity source, an SVID about to expire (or expired) is said out loud.
+        tasks.push(tokio::spawn(crate::svid_store::watch_expiry(
+            Arc::clone(&store),
+            settings.expiry_margin,
+            shutdown_rx.clone(),
+        )));
+
         let inbound = InboundProxy::bind_with_policy(
             &settings,
             Arc::clone(&store),

@@ -3,9 +3,13 @@
 //! Writers (SDS client, file watcher) build and validate a whole new value, then store it.
 //! Readers (every handshake) `load()` once. Established connections keep the certificate
 //! they were made with; new handshakes get the new one. Nothing restarts.
+//!
+//! [`watch_expiry`] keeps an eye on the clock: when the control plane stays away long enough
+//! for the SVID to enter the expiry margin, and then to expire, it says so once per change
+//! (WARN, then ERROR), and once more when a fresh SVID arrives.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::watch;
@@ -179,6 +183,229 @@ impl SvidStore {
     }
 }
 
+/// Where the current SVID stands against the clock and the expiry margin. The boundaries are
+/// the ones [`SvidStore::is_ready`] (ready iff notAfter > now + margin) and the rustls
+/// resolver (presented iff now <= notAfter) use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SvidHealth {
+    /// No SVID installed yet.
+    Missing,
+    /// More than the margin left.
+    Fresh,
+    /// Inside the margin: `/ready` says not ready, the SVID is still presented.
+    ExpiringSoon,
+    /// Past notAfter: presented to nobody.
+    Expired,
+}
+
+impl SvidHealth {
+    /// The health of an SVID expiring at `not_after` (`None`: no SVID) at `now`.
+    pub fn at(not_after: Option<SystemTime>, now: SystemTime, margin: Duration) -> Self {
+        match not_after {
+            None => SvidHealth::Missing,
+            Some(t) if now > t => SvidHealth::Expired,
+            Some(t) if t <= now + margin => SvidHealth::ExpiringSoon,
+            Some(_) => SvidHealth::Fresh,
+        }
+    }
+}
+
+/// A change worth telling the operator about, from [`ExpiryWatch::observe`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExpiryEvent {
+    /// The SVID entered the expiry margin and no replacement has arrived.
+    Expiring {
+        /// The SVID's serial.
+        serial: String,
+        /// Its notAfter.
+        not_after: SystemTime,
+        /// Time left.
+        left: Duration,
+    },
+    /// A newly installed SVID is already inside the margin: its lifetime is shorter than the
+    /// margin (a configuration mistake: `/ready` will never say ready).
+    ShortLived {
+        /// The SVID's serial.
+        serial: String,
+        /// Its notAfter.
+        not_after: SystemTime,
+        /// Time left.
+        left: Duration,
+    },
+    /// The SVID expired without a replacement.
+    Expired {
+        /// The SVID's serial.
+        serial: String,
+        /// Its notAfter.
+        not_after: SystemTime,
+    },
+    /// A fresh SVID replaced one that was expiring or expired.
+    Recovered {
+        /// The new SVID's serial.
+        serial: String,
+        /// Its notAfter.
+        not_after: SystemTime,
+    },
+}
+
+/// Remembers the last [`SvidHealth`] so each change is reported once, not once per check.
+#[derive(Debug)]
+pub struct ExpiryWatch {
+    margin: Duration,
+    last: SvidHealth,
+    last_serial: Option<String>,
+    not_after: Option<SystemTime>,
+}
+
+/// Slack added to a computed wake-up, so the boundary has passed when the check runs.
+const WAKE_SLACK: Duration = Duration::from_millis(20);
+/// Longest sleep between checks: a wall clock that jumps (NTP, suspend) is noticed by then.
+const MAX_CHECK_INTERVAL: Duration = Duration::from_secs(30);
+
+impl ExpiryWatch {
+    /// Nothing installed yet.
+    pub fn new(margin: Duration) -> Self {
+        Self {
+            margin,
+            last: SvidHealth::Missing,
+            last_serial: None,
+            not_after: None,
+        }
+    }
+
+    /// Looks at the current SVID (`(serial, notAfter)`) at `now`; returns an event when its
+    /// health changed in a way the operator must hear about.
+    pub fn observe(
+        &mut self,
+        current: Option<(&str, SystemTime)>,
+        now: SystemTime,
+    ) -> Option<ExpiryEvent> {
+        let not_after = current.map(|(_, t)| t);
+        let health = SvidHealth::at(not_after, now, self.margin);
+        let replaced = current.map(|(s, _)| s) != self.last_serial.as_deref();
+        let previous = std::mem::replace(&mut self.last, health);
+        self.last_serial = current.map(|(s, _)| s.to_owned());
+        self.not_after = not_after;
+        let (serial, not_after) = current?;
+        let serial = serial.to_owned();
+        let left = not_after.duration_since(now).unwrap_or(Duration::ZERO);
+        match (previous, health) {
+            (p, h) if p == h => None,
+            (_, SvidHealth::ExpiringSoon) if replaced => Some(ExpiryEvent::ShortLived {
+                serial,
+                not_after,
+                left,
+            }),
+            (_, SvidHealth::ExpiringSoon) => Some(ExpiryEvent::Expiring {
+                serial,
+                not_after,
+                left,
+            }),
+            (_, SvidHealth::Expired) => Some(ExpiryEvent::Expired { serial, not_after }),
+            (SvidHealth::ExpiringSoon | SvidHealth::Expired, SvidHealth::Fresh) => {
+                Some(ExpiryEvent::Recovered { serial, not_after })
+            }
+            _ => None,
+        }
+    }
+
+    /// How long after `now` the health of the last observed SVID changes by the clock alone
+    /// (capped, so a jumping wall clock is caught up with); `None` when only an install can
+    /// change it.
+    pub fn next_check(&self, now: SystemTime) -> Option<Duration> {
+        let not_after = self.not_after?;
+        let at = match self.last {
+            SvidHealth::Fresh => not_after.checked_sub(self.margin)?,
+            SvidHealth::ExpiringSoon => not_after,
+            SvidHealth::Missing | SvidHealth::Expired => return None,
+        };
+        let wait = at.duration_since(now).unwrap_or(Duration::ZERO) + WAKE_SLACK;
+        Some(wait.min(MAX_CHECK_INTERVAL))
+    }
+}
+
+fn rfc3339(t: SystemTime) -> humantime::Rfc3339Timestamp {
+    humantime::format_rfc3339_seconds(t)
+}
+
+fn whole_seconds(d: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(Duration::from_secs(d.as_secs()))
+}
+
+impl ExpiryEvent {
+    /// Logs the event: WARN when the SVID is about to expire, ERROR once it has, INFO on
+    /// recovery.
+    pub fn log(&self, margin: Duration) {
+        let margin = whole_seconds(margin);
+        match self {
+            ExpiryEvent::Expiring {
+                serial,
+                not_after,
+                left,
+            } => tracing::warn!(
+                serial,
+                %margin,
+                "SVID expires at {} (in {}) and the control plane has not sent a replacement; /ready reports not ready until one arrives",
+                rfc3339(*not_after),
+                whole_seconds(*left),
+            ),
+            ExpiryEvent::ShortLived {
+                serial,
+                not_after,
+                left,
+            } => tracing::warn!(
+                serial,
+                %margin,
+                "the installed SVID expires at {} (in {}), inside expiry_margin: /ready reports not ready; make the SVID lifetime (svid_ttl) longer than expiry_margin",
+                rfc3339(*not_after),
+                whole_seconds(*left),
+            ),
+            ExpiryEvent::Expired { serial, not_after } => tracing::error!(
+                serial,
+                "SVID expired at {}; presenting no certificate until the control plane issues a new one",
+                rfc3339(*not_after),
+            ),
+            ExpiryEvent::Recovered { serial, not_after } => tracing::info!(
+                serial,
+                "a fresh SVID (expires at {}) replaced the expiring one; ready again",
+                rfc3339(*not_after),
+            ),
+        }
+    }
+}
+
+/// Runs until `shutdown` flips: checks the SVID at every install and at each boundary
+/// (notAfter - margin, notAfter) and logs each change of [`SvidHealth`] once.
+pub async fn watch_expiry(
+    store: Arc<SvidStore>,
+    margin: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut installs = store.subscribe();
+    let mut tracker = ExpiryWatch::new(margin);
+    loop {
+        let now = SystemTime::now();
+        let current = store.current();
+        if let Some(event) = tracker.observe(
+            current.as_deref().map(|s| (s.serial_hex(), s.not_after())),
+            now,
+        ) {
+            event.log(margin);
+        }
+        let wake = tracker.next_check(now);
+        tokio::select! {
+            changed = installs.changed() => if changed.is_err() { return },
+            () = async {
+                match wake {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,5 +467,112 @@ mod tests {
         s.install(ca.svid("/web"), ca.bundle(), SystemTime::now())
             .unwrap();
         assert!(!s.is_ready(SystemTime::now(), Duration::from_secs(10 * 365 * 86400)));
+    }
+
+    const MARGIN: Duration = Duration::from_secs(5);
+
+    fn t(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_000_000 + secs)
+    }
+
+    #[test]
+    fn health_boundaries_match_ready_and_the_resolver() {
+        let na = Some(t(100));
+        assert_eq!(SvidHealth::at(None, t(0), MARGIN), SvidHealth::Missing);
+        assert_eq!(SvidHealth::at(na, t(94), MARGIN), SvidHealth::Fresh);
+        // is_ready: notAfter > now + margin.
+        assert_eq!(SvidHealth::at(na, t(95), MARGIN), SvidHealth::ExpiringSoon);
+        // The resolver presents through notAfter inclusive.
+        assert_eq!(SvidHealth::at(na, t(100), MARGIN), SvidHealth::ExpiringSoon);
+        assert_eq!(
+            SvidHealth::at(na, t(100) + Duration::from_millis(1), MARGIN),
+            SvidHealth::Expired
+        );
+    }
+
+    #[test]
+    fn each_change_is_reported_once() {
+        let mut w = ExpiryWatch::new(MARGIN);
+        assert_eq!(w.observe(None, t(0)), None);
+        assert_eq!(w.next_check(t(0)), None);
+        // First SVID: fresh, nothing to say.
+        assert_eq!(w.observe(Some(("aa", t(20))), t(0)), None);
+        assert_eq!(
+            w.next_check(t(0)),
+            Some(Duration::from_secs(15) + WAKE_SLACK)
+        );
+        assert_eq!(w.observe(Some(("aa", t(20))), t(10)), None);
+        // Enters the margin with no replacement: one WARN, however often it is checked.
+        assert_eq!(
+            w.observe(Some(("aa", t(20))), t(16)),
+            Some(ExpiryEvent::Expiring {
+                serial: "aa".into(),
+                not_after: t(20),
+                left: Duration::from_secs(4),
+            })
+        );
+        assert_eq!(w.observe(Some(("aa", t(20))), t(17)), None);
+        assert_eq!(
+            w.next_check(t(17)),
+            Some(Duration::from_secs(3) + WAKE_SLACK)
+        );
+        // Expires: one ERROR.
+        assert_eq!(
+            w.observe(Some(("aa", t(20))), t(21)),
+            Some(ExpiryEvent::Expired {
+                serial: "aa".into(),
+                not_after: t(20),
+            })
+        );
+        assert_eq!(w.observe(Some(("aa", t(20))), t(40)), None);
+        assert_eq!(w.next_check(t(40)), None);
+        // The control plane is back: one INFO.
+        assert_eq!(
+            w.observe(Some(("bb", t(80))), t(41)),
+            Some(ExpiryEvent::Recovered {
+                serial: "bb".into(),
+                not_after: t(80),
+            })
+        );
+        // Rotations while fresh say nothing.
+        assert_eq!(w.observe(Some(("cc", t(90))), t(50)), None);
+    }
+
+    #[test]
+    fn an_svid_shorter_than_the_margin_is_called_out() {
+        let mut w = ExpiryWatch::new(Duration::from_secs(300));
+        assert_eq!(
+            w.observe(Some(("aa", t(60))), t(0)),
+            Some(ExpiryEvent::ShortLived {
+                serial: "aa".into(),
+                not_after: t(60),
+                left: Duration::from_secs(60),
+            })
+        );
+        // Every rotation is just as short: said once.
+        assert_eq!(w.observe(Some(("bb", t(90))), t(30)), None);
+    }
+
+    #[test]
+    fn checks_are_capped_so_clock_jumps_are_noticed() {
+        let mut w = ExpiryWatch::new(MARGIN);
+        w.observe(Some(("aa", t(3600))), t(0));
+        assert_eq!(w.next_check(t(0)), Some(MAX_CHECK_INTERVAL));
+    }
+
+    #[tokio::test]
+    async fn watchdog_follows_installs_and_stops_on_shutdown() {
+        let ca = TestCa::root("example.org");
+        let s = store(&ca, None);
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(watch_expiry(Arc::clone(&s), MARGIN, stop_rx));
+        s.install(ca.svid("/web"), ca.bundle(), SystemTime::now())
+            .unwrap();
+        tokio::task::yield_now().await;
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("watchdog stops on shutdown")
+            .unwrap();
     }
 }

@@ -27,6 +27,7 @@ use crate::inbound::{accept_loop, accept_tls};
 use crate::metrics::{Direction, SidecarMetrics};
 use crate::policy::PolicyEngine;
 use crate::pool::{PeerTarget, TlsClient};
+use crate::svid_store::SvidStore;
 
 /// Copy buffer per direction: one TLS record's worth of plaintext.
 pub const COPY_BUFFER: usize = 16 * 1024;
@@ -49,6 +50,7 @@ pub(crate) struct InboundForward {
 
 /// What every inbound forward connection needs.
 pub(crate) struct InboundTcpContext {
+    pub(crate) store: Arc<SvidStore>,
     pub(crate) bundle: SharedBundle,
     pub(crate) metrics: Arc<SidecarMetrics>,
     pub(crate) policy: Arc<PolicyEngine>,
@@ -73,6 +75,8 @@ pub(crate) async fn run_inbound_forward(
         let (ctx, acceptor, drain) = (ctx.clone(), acceptor.clone(), drain.clone());
         tokio::spawn(async move {
             let _drain = drain;
+            // Right after a start the first SVID is a moment away (see `inbound`).
+            crate::mtls::wait_for_svid(&ctx.store, ctx.handshake_timeout).await;
             let Some((mut tls, peer_id, _)) =
                 accept_tls(&acceptor, tcp, peer_addr, &ctx.bundle, &ctx.metrics, ctx.handshake_timeout).await
             else {

@@ -3,6 +3,8 @@
 //! (certificates, key, [`TrustBundle`]); what does not is a [`Rejection`] that becomes the
 //! NACK's `error_detail`, the metric label and the log line.
 
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
 use prost::Message;
 use trellis_identity::{
     certs_from_pem, key_from_pem, CertificateDer, PemError, PrivateKeyDer, SvidError, TrustBundle,
@@ -37,16 +39,68 @@ impl Rejection {
 
     /// An SVID check failed on the `default` secret.
     pub(crate) fn svid(e: &SvidError) -> Self {
-        Self::new(e.reason(), format!("secret `{DEFAULT}`: {e}"))
+        Self::svid_at(e, SystemTime::now())
+    }
+
+    fn svid_at(e: &SvidError, now: SystemTime) -> Self {
+        match validity_window(e, now) {
+            Some((reason, why)) => Self::new(reason, format!("secret `{DEFAULT}`: {e}: {why}")),
+            None => Self::new(e.reason(), format!("secret `{DEFAULT}`: {e}")),
+        }
     }
 
     /// The store refused the update.
     pub(crate) fn update(e: &UpdateError) -> Self {
-        let secret = match e {
-            UpdateError::WrongTrustDomain { .. } => ROOTCA,
-            _ => DEFAULT,
-        };
-        Self::new(e.reason(), format!("secret `{secret}`: {e}"))
+        Self::update_at(e, SystemTime::now())
+    }
+
+    fn update_at(e: &UpdateError, now: SystemTime) -> Self {
+        match e {
+            UpdateError::Svid(inner) => Self::svid_at(inner, now),
+            UpdateError::WrongTrustDomain { .. } => {
+                Self::new(e.reason(), format!("secret `{ROOTCA}`: {e}"))
+            }
+            UpdateError::WrongIdentity { .. } => {
+                Self::new(e.reason(), format!("secret `{DEFAULT}`: {e}"))
+            }
+        }
+    }
+}
+
+/// An SVID outside its validity window is either expired (a stale certificate) or not valid
+/// yet (almost always clock skew between its issuer and this host): different fixes, so a different label (`expired`, `not_yet_valid`) and a clause for
+/// the message saying by how much. `None` for any other error.
+pub(crate) fn validity_window(e: &SvidError, now: SystemTime) -> Option<(&'static str, String)> {
+    let SvidError::NotValidNow {
+        not_before,
+        not_after,
+    } = e
+    else {
+        return None;
+    };
+    let now = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    let human = |secs: i64| {
+        humantime::format_duration(Duration::from_secs(secs.unsigned_abs())).to_string()
+    };
+    if now > *not_after {
+        Some((
+            "expired",
+            format!("it expired {} ago", human(now - not_after)),
+        ))
+    } else if now < *not_before {
+        Some((
+            "not_yet_valid",
+            format!(
+                "it is not valid for another {}; is the control plane's clock ahead of this host's?",
+                human(not_before - now)
+            ),
+        ))
+    } else {
+        // Inside the window now: the clock moved between the check and this message.
+        None
     }
 }
 
@@ -462,6 +516,93 @@ mod tests {
             decode(&r, &td(), KeySource::Response).err().unwrap().reason,
             "malformed"
         );
+    }
+
+    fn not_valid_now(not_before: i64, not_after: i64) -> SvidError {
+        SvidError::NotValidNow {
+            not_before,
+            not_after,
+        }
+    }
+
+    fn at(unix: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(unix)
+    }
+
+    #[test]
+    fn expired_svid_is_labelled_expired_and_says_how_long_ago() {
+        let r = Rejection::svid_at(&not_valid_now(1_000, 5_000), at(5_090));
+        assert_eq!(r.reason, "expired");
+        assert!(
+            r.message
+                .starts_with("secret `default`: certificate expired or not yet valid"),
+            "{r}"
+        );
+        assert!(r.message.ends_with("it expired 1m 30s ago"), "{r}");
+    }
+
+    #[test]
+    fn future_svid_is_not_yet_valid_and_points_at_the_clock() {
+        let r = Rejection::svid_at(&not_valid_now(10_000, 20_000), at(6_400));
+        assert_eq!(r.reason, "not_yet_valid");
+        assert!(r.message.contains("not valid for another 1h"), "{r}");
+        assert!(r.message.contains("clock"), "{r}");
+    }
+
+    #[test]
+    fn store_refusals_name_the_secret_and_keep_their_label() {
+        let now = at(10_000);
+        let expired = UpdateError::Svid(not_valid_now(1_000, 5_000));
+        assert_eq!(Rejection::update_at(&expired, now).reason, "expired");
+        let early = UpdateError::Svid(not_valid_now(20_000, 30_000));
+        assert_eq!(Rejection::update_at(&early, now).reason, "not_yet_valid");
+        let other = UpdateError::Svid(SvidError::KeyMismatch);
+        let r = Rejection::update_at(&other, now);
+        assert_eq!(
+            (r.reason, r.message.as_str()),
+            (
+                "bad_key",
+                "secret `default`: private key does not match the certificate's public key"
+            )
+        );
+        let td = UpdateError::WrongTrustDomain {
+            expected: td(),
+            got: TrustDomain::parse("evil.org").unwrap(),
+        };
+        let r = Rejection::update_at(&td, now);
+        assert_eq!(r.reason, "wrong_trust_domain");
+        assert!(r.message.starts_with("secret `ROOTCA`: "), "{r}");
+        let id = UpdateError::WrongIdentity {
+            expected: trellis_identity::SpiffeId::parse("spiffe://example.org/web").unwrap(),
+            got: trellis_identity::SpiffeId::parse("spiffe://example.org/db").unwrap(),
+        };
+        let r = Rejection::update_at(&id, now);
+        assert_eq!(r.reason, "wrong_identity");
+        assert!(r.message.starts_with("secret `default`: "), "{r}");
+    }
+
+    #[test]
+    fn not_yet_valid_svid_from_the_store_is_labelled_so() {
+        use crate::metrics::SidecarMetrics;
+        use crate::svid_store::SvidStore;
+        use trellis_identity::testca::LeafSpec;
+        let ca = TestCa::root("example.org");
+        let store = SvidStore::new(
+            ca.bundle(),
+            None,
+            std::sync::Arc::new(SidecarMetrics::new()),
+        );
+        let mut spec = LeafSpec::new("spiffe://example.org/web");
+        spec.not_before = SystemTime::now() + Duration::from_secs(3600);
+        spec.not_after = SystemTime::now() + Duration::from_secs(7200);
+        let (chain, key) = ca.issue(&spec);
+        let svid = Svid::new(chain, key).unwrap();
+        let err = store
+            .install(svid, ca.bundle(), SystemTime::now())
+            .unwrap_err();
+        let r = Rejection::update(&err);
+        assert_eq!(r.reason, "not_yet_valid", "{r}");
+        assert!(store.current().is_none());
     }
 
     #[test]
