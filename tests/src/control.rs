@@ -81,6 +81,16 @@ impl ControlPlane {
     /// Starts a control plane with its state in `<dir>/state`, and waits for its
     /// `trellis control listening sds=… admin=…` line.
     pub fn start_in(dir: TempDir, opts: ControlPlaneOpts) -> anyhow::Result<Self> {
+        Self::start_on(dir, opts, "127.0.0.1:0", "127.0.0.1:0")
+    }
+
+    /// Like [`ControlPlane::start_in`], on the given `--listen` and `--admin` addresses.
+    fn start_on(
+        dir: TempDir,
+        opts: ControlPlaneOpts,
+        listen: &str,
+        admin: &str,
+    ) -> anyhow::Result<Self> {
         let trust_domain = TrustDomain::parse(&opts.trust_domain)
             .map_err(|e| anyhow!("trust domain {}: {e}", opts.trust_domain))?;
         // Created by the control plane itself, with the permissions it wants.
@@ -88,7 +98,7 @@ impl ControlPlane {
         let mut cmd = Command::new(trellis_bin());
         cmd.arg("control")
             .args(["--trust-domain", &opts.trust_domain])
-            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(["--listen", listen, "--admin", admin])
             .arg("--state-dir")
             .arg(&state_dir);
         if let Some(ttl) = &opts.svid_ttl {
@@ -144,6 +154,41 @@ impl ControlPlane {
         Self::start_in(dir, opts)
     }
 
+    /// Kills the process (SIGKILL, like a crash) and starts a new one on the same state
+    /// directory, options and ports, so sidecars configured with the old address reconnect.
+    pub fn restart_same_ports(self) -> anyhow::Result<Self> {
+        let ControlPlane {
+            child,
+            dir,
+            opts,
+            sds_addr,
+            admin_addr,
+            ..
+        } = self;
+        drop(child);
+        Self::start_on(dir, opts, &sds_addr.to_string(), &admin_addr.to_string())
+    }
+
+    /// Kills the process (SIGKILL) and leaves it down; [`ControlPlane::start_again`] brings it
+    /// back on the same ports.
+    pub fn kill(self) -> StoppedControlPlane {
+        let ControlPlane {
+            child,
+            dir,
+            opts,
+            sds_addr,
+            admin_addr,
+            ..
+        } = self;
+        drop(child);
+        StoppedControlPlane {
+            dir,
+            opts,
+            sds_addr,
+            admin_addr,
+        }
+    }
+
     /// `spiffe://<td>/trellis/control`, the identity the SDS endpoint presents.
     pub fn control_id(&self) -> SpiffeId {
         self.id("/trellis/control")
@@ -196,6 +241,31 @@ impl ControlPlane {
     pub async fn admin_get(&self, path: &str) -> anyhow::Result<HttpResponse> {
         let tcp = TcpStream::connect(self.admin_addr).await?;
         http_get(tcp, &self.admin_addr.to_string(), path).await
+    }
+}
+
+/// A control plane killed by [`ControlPlane::kill`]: its state directory and ports, kept
+/// for [`StoppedControlPlane::start_again`].
+pub struct StoppedControlPlane {
+    /// The test's temporary directory (state and logs).
+    pub dir: TempDir,
+    /// The options it ran with.
+    pub opts: ControlPlaneOpts,
+    /// Its SDS address.
+    pub sds_addr: SocketAddr,
+    /// Its admin address.
+    pub admin_addr: SocketAddr,
+}
+
+impl StoppedControlPlane {
+    /// Starts `trellis control` again on the same state directory, options and ports.
+    pub fn start_again(self) -> anyhow::Result<ControlPlane> {
+        ControlPlane::start_on(
+            self.dir,
+            self.opts,
+            &self.sds_addr.to_string(),
+            &self.admin_addr.to_string(),
+        )
     }
 }
 

@@ -79,6 +79,8 @@ struct State {
     upload_progress: AtomicU64,
     slow_started: AtomicU64,
     gate: Notify,
+    /// Open connections' tasks, for [`EchoApp::stop`].
+    conns: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 /// A running echo app; stops when dropped.
@@ -103,6 +105,38 @@ impl EchoApp {
     /// HTTP/1.1 and h2c.
     pub async fn start(name: &str) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::serve(name, listener)
+    }
+
+    /// Like [`EchoApp::start`], on `addr` (an app coming back on the port it had). Retries the
+    /// bind for a few seconds: the previous app's listener may still be closing.
+    pub async fn start_on(name: &str, addr: SocketAddr) -> anyhow::Result<Self> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match TcpListener::bind(addr).await {
+                Ok(l) => break l,
+                Err(_) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(anyhow::Error::new(e).context(format!("bind {addr}"))),
+            }
+        };
+        Self::serve(name, listener)
+    }
+
+    /// Stops the app like a crash: the listener and every open connection close (dropping an
+    /// `EchoApp` only closes the listener). Returns once the listener is closed.
+    pub async fn stop(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+        let conns =
+            std::mem::take(&mut *self.state.conns.lock().unwrap_or_else(|e| e.into_inner()));
+        for c in conns {
+            c.abort();
+        }
+    }
+
+    fn serve(name: &str, listener: TcpListener) -> anyhow::Result<Self> {
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
             name: name.to_string(),
@@ -115,13 +149,16 @@ impl EchoApp {
                     continue;
                 };
                 let _ = tcp.set_nodelay(true);
-                let st = st.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
+                let st2 = st.clone();
+                let conn = tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| handle(st2.clone(), req));
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(tcp), svc)
                         .await;
                 });
+                let mut conns = st.conns.lock().unwrap_or_else(|e| e.into_inner());
+                conns.retain(|c| !c.is_finished());
+                conns.push(conn.abort_handle());
             }
         });
         Ok(EchoApp { addr, state, task })

@@ -38,12 +38,16 @@ mod wait;
 pub mod app_client;
 pub mod echo;
 pub mod k8s;
+pub mod load;
 pub mod mesh;
 pub mod openssl;
 pub mod policy_mesh;
+pub mod sds_server;
 pub mod sidecar;
 
-pub use control::{parse_listening_line, ControlPlane, ControlPlaneOpts, K8sOpts};
+pub use control::{
+    parse_listening_line, ControlPlane, ControlPlaneOpts, K8sOpts, StoppedControlPlane,
+};
 pub use envoy::{render_template, Envoy};
 pub use http::{http_get, HttpResponse};
 pub use locate::{

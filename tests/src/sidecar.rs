@@ -30,6 +30,10 @@ pub struct SidecarOpts {
     pub extra_args: Vec<String>,
     /// The join token to use instead of a fresh one for `spiffe_id`.
     pub join_token: Option<String>,
+    /// `--inbound` (default `127.0.0.1:0`).
+    pub inbound: Option<SocketAddr>,
+    /// `--outbound`, the shared listener (default `127.0.0.1:0`).
+    pub outbound: Option<SocketAddr>,
 }
 
 impl SidecarOpts {
@@ -42,7 +46,17 @@ impl SidecarOpts {
             upstreams: Vec::new(),
             extra_args: Vec::new(),
             join_token: None,
+            inbound: None,
+            outbound: None,
         }
+    }
+
+    /// Listens on these inbound and shared outbound addresses instead of kernel-chosen ports
+    /// (a restart on the ports peers and apps already use).
+    pub fn on_ports(mut self, inbound: SocketAddr, outbound: SocketAddr) -> Self {
+        self.inbound = Some(inbound);
+        self.outbound = Some(outbound);
+        self
     }
 
     /// Adds `--upstream name=<name>,hosts=<name>,address=<address>,identity=<identity>`.
@@ -111,6 +125,8 @@ pub struct Sidecar {
     pub addrs: SidecarAddrs,
     /// The SPIFFE ID it was issued.
     pub spiffe_id: String,
+    /// What it was started with ([`Sidecar::start`]); `None` for a raw command.
+    pub opts: Option<SidecarOpts>,
 }
 
 impl Sidecar {
@@ -133,6 +149,9 @@ impl Sidecar {
             Some(t) => t.clone(),
             None => cp.create_token(&opts.spiffe_id, "1h")?,
         };
+        let any = "127.0.0.1:0".to_string();
+        let inbound = opts.inbound.map_or_else(|| any.clone(), |a| a.to_string());
+        let outbound = opts.outbound.map_or_else(|| any.clone(), |a| a.to_string());
         let mut cmd = Command::new(trellis_bin());
         cmd.arg("sidecar")
             .args(["--trust-domain", cp.trust_domain.as_str()])
@@ -140,14 +159,46 @@ impl Sidecar {
             .arg("--control-bundle")
             .arg(&cp.bundle_pem_path)
             .args(["--spiffe-id", &opts.spiffe_id])
-            .args(["--inbound", "127.0.0.1:0", "--outbound", "127.0.0.1:0"])
+            .args(["--inbound", &inbound, "--outbound", &outbound])
             .args(["--admin", "127.0.0.1:0", "--app", &opts.app.to_string()])
             .env("TRELLIS_JOIN_TOKEN", token);
         for u in &opts.upstreams {
             cmd.args(["--upstream", u]);
         }
         cmd.args(&opts.extra_args);
-        Self::launch(&opts.name, &opts.spiffe_id, cmd, cp.dir.path())
+        let mut sidecar = Self::launch(&opts.name, &opts.spiffe_id, cmd, cp.dir.path())?;
+        sidecar.opts = Some(opts);
+        Ok(sidecar)
+    }
+
+    /// The options to start this sidecar again on the same inbound and shared outbound ports
+    /// (with a fresh join token: the old one is spent). `None` if it was started from a raw
+    /// command.
+    pub fn same_ports_opts(&self) -> Option<SidecarOpts> {
+        let mut opts = self.opts.clone()?;
+        opts.join_token = None;
+        Some(opts.on_ports(self.addrs.inbound, self.outbound()))
+    }
+
+    /// SIGTERM, then waits up to `timeout` for the process to exit (it drains first).
+    pub async fn stop(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        self.sigterm()?;
+        self.wait_exit(timeout)
+            .await
+            .ok_or_else(|| anyhow!("did not exit within {timeout:?} of SIGTERM"))
+    }
+
+    /// Stops this sidecar (SIGTERM, drain, exit 0) and starts a new one against `cp` on the same
+    /// inbound and shared outbound ports, with a fresh join token; waits for `/ready`.
+    pub async fn restart(mut self, cp: &ControlPlane, timeout: Duration) -> anyhow::Result<Self> {
+        let opts = self
+            .same_ports_opts()
+            .context("restart needs a sidecar started from SidecarOpts")?;
+        let status = self.stop(timeout).await?;
+        if !status.success() {
+            bail!("{} exited {status} after SIGTERM, want 0", opts.name);
+        }
+        Self::start(cp, opts).await
     }
 
     /// Spawns `cmd` (a full `trellis sidecar …` command), waits for its listening line and
@@ -182,6 +233,7 @@ impl Sidecar {
             child,
             addrs,
             spiffe_id: spiffe_id.to_string(),
+            opts: None,
         })
     }
 
@@ -223,6 +275,11 @@ impl Sidecar {
         rss_kib(self.child.id())
     }
 
+    /// Open file descriptors (entries of `/proc/<pid>/fd`).
+    pub fn open_fds(&self) -> anyhow::Result<usize> {
+        open_fds(self.child.id())
+    }
+
     /// Sends SIGTERM.
     pub fn sigterm(&self) -> anyhow::Result<()> {
         let out = Command::new("kill")
@@ -260,6 +317,14 @@ pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| anyhow!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// Open file descriptors of process `pid`: the entries of `/proc/<pid>/fd`.
+pub fn open_fds(pid: u32) -> anyhow::Result<usize> {
+    let dir = format!("/proc/{pid}/fd");
+    Ok(std::fs::read_dir(&dir)
+        .with_context(|| format!("read {dir}"))?
+        .count())
 }
 
 /// A Prometheus text exposition.
