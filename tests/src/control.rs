@@ -60,6 +60,8 @@ pub struct ControlPlane {
     pub sds_addr: SocketAddr,
     /// Admin HTTP address.
     pub admin_addr: SocketAddr,
+    /// The sidecar injection webhook's address, when started with `--webhook-listen`.
+    pub webhook_addr: Option<SocketAddr>,
     /// `--state-dir` (inside `dir`).
     pub state_dir: PathBuf,
     /// `<state-dir>/bundle.pem`.
@@ -122,7 +124,11 @@ impl ControlPlane {
         );
         let mut child = Child::spawn("trellis-control", cmd, dir.path())?;
         let line = child.stdout_line(STARTUP_TIMEOUT)?;
-        let (sds_addr, admin_addr) = parse_listening_line(&line).with_context(|| {
+        let ListeningAddrs {
+            sds: sds_addr,
+            admin: admin_addr,
+            webhook: webhook_addr,
+        } = parse_listening_addrs(&line).with_context(|| {
             format!("unexpected first stdout line from trellis control: {line:?}")
         })?;
         let bundle_pem_path = state_dir.join("bundle.pem");
@@ -136,6 +142,7 @@ impl ControlPlane {
             child,
             sds_addr,
             admin_addr,
+            webhook_addr,
             state_dir,
             bundle_pem_path,
             trust_domain,
@@ -271,20 +278,44 @@ impl StoppedControlPlane {
 
 /// Parses `trellis control listening sds=127.0.0.1:41233 admin=127.0.0.1:41234`.
 pub fn parse_listening_line(line: &str) -> anyhow::Result<(SocketAddr, SocketAddr)> {
+    let addrs = parse_listening_addrs(line)?;
+    Ok((addrs.sds, addrs.admin))
+}
+
+/// Every address on the control plane's listening line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListeningAddrs {
+    /// `sds=`.
+    pub sds: SocketAddr,
+    /// `admin=`.
+    pub admin: SocketAddr,
+    /// `webhook=`, present with `--webhook-listen`.
+    pub webhook: Option<SocketAddr>,
+}
+
+/// Parses `trellis control listening sds=… admin=…[ webhook=…]`.
+pub fn parse_listening_addrs(line: &str) -> anyhow::Result<ListeningAddrs> {
     let rest = line
         .trim()
         .strip_prefix("trellis control listening ")
         .context("missing prefix `trellis control listening `")?;
     let mut sds = None;
     let mut admin = None;
+    let mut webhook = None;
     for field in rest.split_whitespace() {
         if let Some(v) = field.strip_prefix("sds=") {
             sds = Some(v.parse().with_context(|| format!("sds={v}"))?);
         } else if let Some(v) = field.strip_prefix("admin=") {
             admin = Some(v.parse().with_context(|| format!("admin={v}"))?);
+        } else if let Some(v) = field.strip_prefix("webhook=") {
+            webhook = Some(v.parse().with_context(|| format!("webhook={v}"))?);
         }
     }
-    Ok((sds.context("no sds=")?, admin.context("no admin=")?))
+    Ok(ListeningAddrs {
+        sds: sds.context("no sds=")?,
+        admin: admin.context("no admin=")?,
+        webhook,
+    })
 }
 
 #[cfg(test)]
@@ -301,5 +332,20 @@ mod tests {
         assert_eq!(admin, "127.0.0.1:41234".parse().expect("addr"));
         assert!(parse_listening_line("listening on 127.0.0.1:1").is_err());
         assert!(parse_listening_line("trellis control listening sds=127.0.0.1:1").is_err());
+    }
+
+    #[test]
+    fn parses_the_optional_webhook_field() {
+        let line = "trellis control listening sds=127.0.0.1:1 admin=127.0.0.1:2";
+        assert_eq!(parse_listening_addrs(line).expect("valid").webhook, None);
+        let with = format!("{line} webhook=127.0.0.1:3");
+        let addrs = parse_listening_addrs(&with).expect("valid");
+        assert_eq!(addrs.webhook, Some("127.0.0.1:3".parse().expect("addr")));
+        assert_eq!(addrs.admin, "127.0.0.1:2".parse().expect("addr"));
+        assert_eq!(
+            parse_listening_line(&with).expect("valid").0,
+            "127.0.0.1:1".parse().expect("addr")
+        );
+        assert!(parse_listening_addrs(&format!("{line} webhook=nope")).is_err());
     }
 }

@@ -42,6 +42,7 @@ pub mod load;
 pub mod mesh;
 pub mod openssl;
 pub mod policy_mesh;
+pub mod postgres;
 pub mod sds_server;
 pub mod sidecar;
 

@@ -48,13 +48,17 @@ impl PolicyMesh {
         let app_a = EchoApp::start("app-a").await?;
         let app_b = EchoApp::start("app-b").await?;
         let mut b_opts = SidecarOpts::new("sidecar-b", SERVICE_B, app_b.addr);
-        b_opts.extra_args = vec!["--policy".into(), policy.display().to_string()];
+        // Access logs on: B's records each decision with its rule, A's what it relayed.
+        b_opts.extra_args = vec![
+            "--policy".into(),
+            policy.display().to_string(),
+            "--access-log".into(),
+            "true".into(),
+        ];
         let b = Sidecar::start(&cp, b_opts).await?;
-        let a_opts = SidecarOpts::new("sidecar-a", SERVICE_A, app_a.addr).upstream(
-            B_HOST,
-            b.addrs.inbound,
-            SERVICE_B,
-        );
+        let a_opts = SidecarOpts::new("sidecar-a", SERVICE_A, app_a.addr)
+            .upstream(B_HOST, b.addrs.inbound, SERVICE_B)
+            .args(&["--access-log", "true"]);
         let a = Sidecar::start(&cp, a_opts).await?;
         let (c, app_c) = match third_caller {
             Some(id) => {

@@ -225,6 +225,9 @@ impl Sidecar {
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
         );
+        // Load tests send thousands of requests: an access-log line each would bury the log
+        // tail shown on failure. Tests that look at the access log pass `--access-log true`.
+        cmd.env("TRELLIS_ACCESS_LOG", "false");
         let mut child = Child::spawn(name, cmd, log_dir)?;
         let line = child.stdout_line(STARTUP_TIMEOUT)?;
         let addrs = parse_sidecar_line(&line)

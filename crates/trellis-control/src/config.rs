@@ -11,6 +11,9 @@ use serde::Deserialize;
 use thiserror::Error;
 use trellis_identity::TrustDomain;
 
+use crate::attest::jwks_url::{self, JwksUrl};
+use crate::registry::{Database, DatabaseUrl};
+
 /// A config file or a setting is wrong. Messages name the file and line where there is one.
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -70,6 +73,27 @@ pub struct ControlFile {
     pub k8s_issuer: Option<String>,
     /// Expected `aud` of Kubernetes tokens.
     pub k8s_audience: Option<String>,
+    /// The issuer's JWKS URL on the API server (instead of `k8s_jwks`), e.g.
+    /// `https://kubernetes.default.svc/openid/v1/jwks`.
+    pub k8s_jwks_url: Option<String>,
+    /// CA file that verifies `k8s_jwks_url`'s server.
+    pub k8s_ca: Option<PathBuf>,
+    /// Bearer token file sent to `k8s_jwks_url`, read again on every fetch.
+    pub k8s_token: Option<PathBuf>,
+    /// How often `k8s_jwks_url` is fetched again, e.g. `5m`.
+    #[serde(default, with = "humantime_serde")]
+    pub k8s_jwks_refresh: Option<Duration>,
+    /// Where the sidecar injection webhook (HTTPS) listens; absent: no webhook.
+    pub webhook_listen: Option<SocketAddr>,
+    /// DNS names of the webhook's serving certificate.
+    pub webhook_dns_names: Option<Vec<String>>,
+    /// The image injected sidecars run.
+    pub sidecar_image: Option<String>,
+    /// The control plane address (`host:port`) injected sidecars connect to.
+    pub sidecar_control_plane: Option<String>,
+    /// Where tokens, issuances and CA rotations live: `postgres://USER:PASSWORD@HOST/DB`
+    /// (shared by replicas) or `sqlite://PATH`; absent: `<state_dir>/trellis.db`.
+    pub database: Option<DatabaseUrl>,
 }
 
 impl ControlFile {
@@ -94,11 +118,29 @@ impl ControlFile {
     }
 }
 
+/// Where the Kubernetes service-account issuer's keys come from.
+#[derive(Debug, Clone)]
+pub enum K8sKeySource {
+    /// A JWKS file, read once at start (`k8s_jwks`).
+    File(PathBuf),
+    /// The API server's JWKS endpoint, fetched at start and every `refresh` (`k8s_jwks_url`).
+    Url {
+        /// The endpoint.
+        url: JwksUrl,
+        /// CA file verifying its server.
+        ca: PathBuf,
+        /// Bearer token file.
+        token: PathBuf,
+        /// Refresh interval.
+        refresh: Duration,
+    },
+}
+
 /// Kubernetes attestation settings.
 #[derive(Debug, Clone)]
 pub struct K8sSettings {
-    /// JWKS file.
-    pub jwks: PathBuf,
+    /// Where the issuer's keys come from.
+    pub jwks: K8sKeySource,
     /// Expected issuer.
     pub issuer: String,
     /// Expected audience.
@@ -114,6 +156,19 @@ pub struct CaFiles {
     pub key: PathBuf,
     /// Roots, if not the last certificate of `cert`.
     pub bundle: Option<PathBuf>,
+}
+
+/// The sidecar injection webhook (`--webhook-listen` and friends).
+#[derive(Debug, Clone)]
+pub struct WebhookSettings {
+    /// HTTPS listener for `POST /inject`.
+    pub listen: SocketAddr,
+    /// DNS SANs of its serving certificate (lowercase, validated).
+    pub dns_names: Vec<String>,
+    /// Image of the injected `trellis-sidecar` container.
+    pub sidecar_image: String,
+    /// `TRELLIS_CONTROL_PLANE` of injected sidecars (`host:port`).
+    pub sidecar_control_plane: String,
 }
 
 /// Validated settings the control plane runs with.
@@ -135,6 +190,10 @@ pub struct ControlSettings {
     pub ca: Option<CaFiles>,
     /// Kubernetes attestation, or `None` to refuse JWTs.
     pub k8s: Option<K8sSettings>,
+    /// The sidecar injection webhook, or `None` when `webhook_listen` is not set.
+    pub webhook: Option<WebhookSettings>,
+    /// The registry: SQLite in the state directory unless `database` names another.
+    pub database: Database,
 }
 
 /// Defaults.
@@ -152,11 +211,184 @@ pub mod defaults {
     pub const ROTATE_EVERY: Duration = Duration::from_secs(3600);
     /// `--k8s-audience`.
     pub const K8S_AUDIENCE: &str = "trellis";
+    /// `--webhook-dns-name`: the `trellis-control` Service in `trellis-system`, the name the
+    /// API server uses for a `service` webhook reference.
+    pub const WEBHOOK_DNS_NAME: &str = "trellis-control.trellis-system.svc";
+    /// `--sidecar-image`.
+    pub const SIDECAR_IMAGE: &str = "ghcr.io/trellis-mesh/trellis:0.1.0";
+    /// `--sidecar-control-plane`.
+    pub const SIDECAR_CONTROL_PLANE: &str = "trellis-control.trellis-system.svc:8443";
+}
+
+/// Validates the webhook settings of `f`; `None` unless `webhook_listen` is set (the other
+/// webhook fields alone are ignored, so one environment can serve replicas with and without
+/// the webhook).
+fn webhook_settings(f: &ControlFile) -> Result<Option<WebhookSettings>, ConfigError> {
+    let Some(listen) = f.webhook_listen else {
+        return Ok(None);
+    };
+    let raw = f
+        .webhook_dns_names
+        .clone()
+        .unwrap_or_else(|| vec![defaults::WEBHOOK_DNS_NAME.to_owned()]);
+    let mut dns_names: Vec<String> = Vec::new();
+    for name in raw.iter().map(|n| n.trim().to_ascii_lowercase()) {
+        if name.is_empty() {
+            continue;
+        }
+        // The API server verifies the certificate by DNS name (RFC 6125); an IP address or
+        // a wildcard cannot name a Service.
+        if name.contains('*') || rustls::pki_types::DnsName::try_from(name.as_str()).is_err() {
+            return Err(ConfigError::Invalid {
+                field: "webhook_dns_names",
+                problem: format!(
+                    "`{name}` is not a DNS name: use the webhook Service's name, e.g. {}",
+                    defaults::WEBHOOK_DNS_NAME
+                ),
+            });
+        }
+        if !dns_names.contains(&name) {
+            dns_names.push(name);
+        }
+    }
+    if dns_names.is_empty() {
+        return Err(ConfigError::Invalid {
+            field: "webhook_dns_names",
+            problem: format!(
+                "empty: give at least one, e.g. {}",
+                defaults::WEBHOOK_DNS_NAME
+            ),
+        });
+    }
+    let sidecar_image = f
+        .sidecar_image
+        .clone()
+        .unwrap_or_else(|| defaults::SIDECAR_IMAGE.to_owned());
+    if sidecar_image.is_empty() || sidecar_image.chars().any(char::is_whitespace) {
+        return Err(ConfigError::Invalid {
+            field: "sidecar_image",
+            problem: format!(
+                "`{sidecar_image}` is not an image reference, e.g. {}",
+                defaults::SIDECAR_IMAGE
+            ),
+        });
+    }
+    let sidecar_control_plane = f
+        .sidecar_control_plane
+        .clone()
+        .unwrap_or_else(|| defaults::SIDECAR_CONTROL_PLANE.to_owned());
+    let host_port_ok = match sidecar_control_plane.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty()
+                && !host.chars().any(char::is_whitespace)
+                && port.parse::<u16>().is_ok_and(|p| p != 0)
+        }
+        None => false,
+    };
+    if !host_port_ok {
+        return Err(ConfigError::Invalid {
+            field: "sidecar_control_plane",
+            problem: format!(
+                "`{sidecar_control_plane}` must be host:port, e.g. {}",
+                defaults::SIDECAR_CONTROL_PLANE
+            ),
+        });
+    }
+    Ok(Some(WebhookSettings {
+        listen,
+        dns_names,
+        sidecar_image,
+        sidecar_control_plane,
+    }))
+}
+
+/// Validates the Kubernetes attestation fields: `k8s_jwks` or `k8s_jwks_url` (not both), the
+/// issuer with either, and the URL-only fields only with the URL.
+fn k8s_settings(
+    jwks: Option<PathBuf>,
+    jwks_url: Option<String>,
+    ca: Option<PathBuf>,
+    token: Option<PathBuf>,
+    refresh: Option<Duration>,
+    issuer: Option<String>,
+    audience: Option<String>,
+) -> Result<Option<K8sSettings>, ConfigError> {
+    let invalid = |field: &'static str, problem: String| ConfigError::Invalid { field, problem };
+    let source = match (jwks, jwks_url) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "k8s_jwks_url",
+                "set k8s_jwks (a file) or k8s_jwks_url (the API server), not both".into(),
+            ))
+        }
+        (Some(file), None) => {
+            for (field, set) in [
+                ("k8s_ca", ca.is_some()),
+                ("k8s_token", token.is_some()),
+                ("k8s_jwks_refresh", refresh.is_some()),
+            ] {
+                if set {
+                    return Err(invalid(
+                        field,
+                        "only used with k8s_jwks_url; a k8s_jwks file is read once at start".into(),
+                    ));
+                }
+            }
+            K8sKeySource::File(file)
+        }
+        (None, Some(url)) => {
+            let url = JwksUrl::parse(&url).map_err(|e| invalid("k8s_jwks_url", e.to_string()))?;
+            let refresh = refresh.unwrap_or(jwks_url::DEFAULT_REFRESH);
+            if refresh < jwks_url::MIN_REFRESH {
+                return Err(invalid(
+                    "k8s_jwks_refresh",
+                    format!("{refresh:?} is too short: use at least 1s"),
+                ));
+            }
+            K8sKeySource::Url {
+                url,
+                ca: ca.unwrap_or_else(|| PathBuf::from(jwks_url::DEFAULT_CA)),
+                token: token.unwrap_or_else(|| PathBuf::from(jwks_url::DEFAULT_TOKEN)),
+                refresh,
+            }
+        }
+        (None, None) => {
+            for (field, set) in [
+                ("k8s_issuer", issuer.is_some()),
+                ("k8s_ca", ca.is_some()),
+                ("k8s_token", token.is_some()),
+                ("k8s_jwks_refresh", refresh.is_some()),
+            ] {
+                if set {
+                    return Err(invalid(
+                        field,
+                        "set k8s_jwks or k8s_jwks_url too (the issuer's public keys)".into(),
+                    ));
+                }
+            }
+            return Ok(None);
+        }
+    };
+    let issuer = issuer.ok_or_else(|| {
+        invalid(
+            "k8s_issuer",
+            "required with k8s_jwks or k8s_jwks_url: the cluster's service-account issuer, e.g. \
+             https://kubernetes.default.svc.cluster.local (`kubectl get --raw \
+             /.well-known/openid-configuration` shows it)"
+                .into(),
+        )
+    })?;
+    Ok(Some(K8sSettings {
+        jwks: source,
+        issuer,
+        audience: audience.unwrap_or_else(|| defaults::K8S_AUDIENCE.to_owned()),
+    }))
 }
 
 impl ControlSettings {
     /// Builds settings from a merged file (flags already applied over it).
     pub fn from_file(f: ControlFile) -> Result<Self, ConfigError> {
+        let webhook = webhook_settings(&f)?;
         let td = f.trust_domain.ok_or(ConfigError::Invalid {
             field: "trust_domain",
             problem:
@@ -221,19 +453,25 @@ impl ControlSettings {
                 })
             }
         };
-        let k8s = match f.k8s_jwks {
-            Some(jwks) => Some(K8sSettings {
-                jwks,
-                issuer: f.k8s_issuer.ok_or(ConfigError::Invalid {
-                    field: "k8s_issuer",
-                    problem: "required with k8s_jwks: the cluster's service-account issuer, e.g. https://kubernetes.default.svc.cluster.local".into(),
-                })?,
-                audience: f.k8s_audience.unwrap_or_else(|| defaults::K8S_AUDIENCE.to_owned()),
-            }),
-            None if f.k8s_issuer.is_some() => {
-                return Err(ConfigError::Invalid { field: "k8s_issuer", problem: "set k8s_jwks too (the issuer's public keys)".into() })
-            }
-            None => None,
+        let k8s = k8s_settings(
+            f.k8s_jwks,
+            f.k8s_jwks_url,
+            f.k8s_ca,
+            f.k8s_token,
+            f.k8s_jwks_refresh,
+            f.k8s_issuer,
+            f.k8s_audience,
+        )?;
+        let database = match &f.database {
+            None => Database::in_state_dir(
+                f.state_dir
+                    .as_deref()
+                    .unwrap_or(Path::new(defaults::STATE_DIR)),
+            ),
+            Some(url) => Database::parse(url.expose()).map_err(|e| ConfigError::Invalid {
+                field: "database",
+                problem: format!("{e} (from --database, TRELLIS_DATABASE or `database:`)"),
+            })?,
         };
         Ok(Self {
             trust_domain,
@@ -246,6 +484,8 @@ impl ControlSettings {
             rotate_every,
             ca,
             k8s,
+            webhook,
+            database,
         })
     }
 }
@@ -295,6 +535,201 @@ mod tests {
         assert!(err.contains("--trust-domain"), "{err}");
     }
 
+    fn with_webhook(edit: impl FnOnce(&mut ControlFile)) -> Result<ControlSettings, ConfigError> {
+        let mut f = ControlFile {
+            trust_domain: Some("example.org".into()),
+            webhook_listen: Some("127.0.0.1:0".parse().unwrap()),
+            ..Default::default()
+        };
+        edit(&mut f);
+        ControlSettings::from_file(f)
+    }
+
+    #[test]
+    fn webhook_is_off_unless_listen_is_set() {
+        let s = ControlSettings::from_file(ControlFile {
+            trust_domain: Some("example.org".into()),
+            sidecar_image: Some("registry.example/trellis:1".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(s.webhook.is_none());
+    }
+
+    #[test]
+    fn webhook_defaults_and_names() {
+        let w = with_webhook(|_| {}).unwrap().webhook.unwrap();
+        assert_eq!(w.dns_names, [defaults::WEBHOOK_DNS_NAME]);
+        assert_eq!(w.sidecar_image, defaults::SIDECAR_IMAGE);
+        assert_eq!(w.sidecar_control_plane, defaults::SIDECAR_CONTROL_PLANE);
+        let w = with_webhook(|f| {
+            f.webhook_dns_names = Some(vec![
+                "Trellis-Control.trellis-system.svc".into(),
+                "trellis-control.trellis-system.svc".into(),
+                "localhost".into(),
+            ])
+        })
+        .unwrap()
+        .webhook
+        .unwrap();
+        assert_eq!(
+            w.dns_names,
+            ["trellis-control.trellis-system.svc", "localhost"]
+        );
+    }
+
+    #[test]
+    fn webhook_bad_settings_are_named() {
+        for (edit, field) in [
+            (
+                Box::new(|f: &mut ControlFile| f.webhook_dns_names = Some(vec!["*.svc".into()]))
+                    as Box<dyn FnOnce(&mut ControlFile)>,
+                "webhook_dns_names",
+            ),
+            (
+                Box::new(|f: &mut ControlFile| f.webhook_dns_names = Some(vec!["a b".into()])),
+                "webhook_dns_names",
+            ),
+            (
+                Box::new(|f: &mut ControlFile| f.webhook_dns_names = Some(vec![String::new()])),
+                "webhook_dns_names",
+            ),
+            (
+                Box::new(|f: &mut ControlFile| f.sidecar_image = Some("a b".into())),
+                "sidecar_image",
+            ),
+            (
+                Box::new(|f: &mut ControlFile| f.sidecar_control_plane = Some("no-port".into())),
+                "sidecar_control_plane",
+            ),
+            (
+                Box::new(|f: &mut ControlFile| f.sidecar_control_plane = Some("h:0".into())),
+                "sidecar_control_plane",
+            ),
+        ] {
+            let err = with_webhook(edit).unwrap_err().to_string();
+            assert!(err.contains(field), "{err}");
+        }
+    }
+
+    #[test]
+    fn webhook_fields_parse_from_yaml() {
+        let f = ControlFile::parse(
+            "trust_domain: example.org\nwebhook_listen: 0.0.0.0:8444\nwebhook_dns_names: [a.svc, b.svc]\nsidecar_image: img:1\nsidecar_control_plane: cp:8443\n",
+            Path::new("c.yaml"),
+        )
+        .unwrap();
+        let w = ControlSettings::from_file(f).unwrap().webhook.unwrap();
+        assert_eq!(w.listen.port(), 8444);
+        assert_eq!(w.dns_names, ["a.svc", "b.svc"]);
+        assert_eq!(w.sidecar_image, "img:1");
+        assert_eq!(w.sidecar_control_plane, "cp:8443");
+    }
+
+    fn with_k8s(edit: impl FnOnce(&mut ControlFile)) -> Result<ControlSettings, ConfigError> {
+        let mut f = ControlFile {
+            trust_domain: Some("example.org".into()),
+            k8s_issuer: Some("https://kubernetes.default.svc.cluster.local".into()),
+            ..Default::default()
+        };
+        edit(&mut f);
+        ControlSettings::from_file(f)
+    }
+
+    #[test]
+    fn k8s_jwks_url_defaults_to_the_pod_files() {
+        let s = with_k8s(|f| {
+            f.k8s_jwks_url = Some("https://kubernetes.default.svc/openid/v1/jwks".into())
+        })
+        .unwrap();
+        let k8s = s.k8s.unwrap();
+        assert_eq!(k8s.audience, defaults::K8S_AUDIENCE);
+        let K8sKeySource::Url {
+            url,
+            ca,
+            token,
+            refresh,
+        } = k8s.jwks
+        else {
+            panic!("expected a URL source");
+        };
+        assert_eq!(
+            url.as_str(),
+            "https://kubernetes.default.svc/openid/v1/jwks"
+        );
+        assert_eq!(ca, Path::new(jwks_url::DEFAULT_CA));
+        assert_eq!(token, Path::new(jwks_url::DEFAULT_TOKEN));
+        assert_eq!(refresh, jwks_url::DEFAULT_REFRESH);
+    }
+
+    #[test]
+    fn k8s_jwks_url_settings_are_checked() {
+        let url = || Some("https://kubernetes.default.svc/openid/v1/jwks".to_string());
+        type Edit = Box<dyn FnOnce(&mut ControlFile)>;
+        let cases: Vec<(Edit, &str, &str)> = vec![
+            (
+                Box::new(move |f| {
+                    f.k8s_jwks_url = url();
+                    f.k8s_jwks = Some("jwks.json".into());
+                }),
+                "k8s_jwks_url",
+                "not both",
+            ),
+            (
+                Box::new(|f| f.k8s_jwks_url = Some("http://10.0.0.1/openid/v1/jwks".into())),
+                "k8s_jwks_url",
+                "https://",
+            ),
+            (
+                Box::new(move |f| {
+                    f.k8s_jwks_url = url();
+                    f.k8s_jwks_refresh = Some(Duration::from_millis(10));
+                }),
+                "k8s_jwks_refresh",
+                "at least 1s",
+            ),
+            (
+                Box::new(move |f| {
+                    f.k8s_jwks_url = url();
+                    f.k8s_issuer = None;
+                }),
+                "k8s_issuer",
+                "openid-configuration",
+            ),
+            (
+                Box::new(|f| {
+                    f.k8s_jwks = Some("jwks.json".into());
+                    f.k8s_ca = Some("ca.crt".into());
+                }),
+                "k8s_ca",
+                "only used with k8s_jwks_url",
+            ),
+            (
+                Box::new(|_| {}),
+                "k8s_issuer",
+                "set k8s_jwks or k8s_jwks_url too",
+            ),
+        ];
+        for (edit, field, words) in cases {
+            let err = with_k8s(edit).unwrap_err().to_string();
+            assert!(err.contains(&format!("`{field}`")), "{err}");
+            assert!(err.contains(words), "{err}");
+        }
+    }
+
+    #[test]
+    fn k8s_file_and_url_fields_parse_from_yaml() {
+        let f = ControlFile::parse(
+            "k8s_jwks_url: https://kubernetes.default.svc/openid/v1/jwks\n\
+             k8s_ca: /ca.crt\nk8s_token: /token\nk8s_jwks_refresh: 30s\n",
+            Path::new("c.yaml"),
+        )
+        .unwrap();
+        assert_eq!(f.k8s_jwks_refresh, Some(Duration::from_secs(30)));
+        assert_eq!(f.k8s_ca.as_deref(), Some(Path::new("/ca.crt")));
+        assert_eq!(f.k8s_token.as_deref(), Some(Path::new("/token")));
+    }
+
     #[test]
     fn defaults_apply() {
         let s = ControlSettings::from_file(ControlFile {
@@ -305,5 +740,44 @@ mod tests {
         assert_eq!(s.svid_ttl, defaults::SVID_TTL);
         assert_eq!(s.rotate_every, defaults::ROTATE_EVERY);
         assert!(s.ca.is_none() && s.k8s.is_none());
+    }
+
+    #[test]
+    fn database_defaults_to_sqlite_in_the_state_dir() {
+        let s = ControlSettings::from_file(ControlFile {
+            trust_domain: Some("example.org".into()),
+            state_dir: Some("/srv/trellis".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            s.database,
+            Database::Sqlite(PathBuf::from("/srv/trellis/trellis.db"))
+        );
+        let f = ControlFile::parse(
+            "trust_domain: example.org\ndatabase: postgres://trellis:hunter2@db:5432/trellis\n",
+            Path::new("c.yaml"),
+        )
+        .unwrap();
+        assert!(!format!("{f:?}").contains("hunter2"));
+        let s = ControlSettings::from_file(f).unwrap();
+        assert!(s.database.is_shared());
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn bad_database_url_names_the_flag_not_the_password() {
+        let err = ControlSettings::from_file(ControlFile {
+            trust_domain: Some("example.org".into()),
+            database: Some("mysql://root:hunter2@db/trellis".parse().unwrap()),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("--database") && err.contains("TRELLIS_DATABASE"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
     }
 }

@@ -17,3 +17,4 @@ pub mod recorder;
 pub mod registry;
 pub mod sds;
 pub mod server;
+pub mod webhook;

@@ -22,6 +22,20 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// `spiffe_id` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SpiffeIdLabel {
+    /// The SPIFFE ID, e.g. `spiffe://example.org/trellis/control`.
+    pub spiffe_id: String,
+}
+
+/// `result` label of `trellis_webhook_reviews_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `injected`, `skipped`, `opted_out`, `error`.
+    pub result: &'static str,
+}
+
 /// Every metric the control plane records.
 pub struct ControlMetrics {
     registry: Registry,
@@ -47,6 +61,18 @@ pub struct ControlMetrics {
     pub bundle_cas: Gauge,
     /// `trellis_ca_transitions_total{phase}`: CAs entering a rotation phase.
     pub ca_transitions: Family<PhaseLabel, Counter>,
+    /// `trellis_jwks_refresh_failures_total{reason}`: refreshes of the Kubernetes issuer keys
+    /// from `--k8s-jwks-url` that failed (the keys in force were kept).
+    pub jwks_refresh_failures: Family<ReasonLabel, Counter>,
+    /// `trellis_svid_expiry_timestamp_seconds{spiffe_id}`: notAfter of the control plane's
+    /// own serving SVID (the same name sidecars use for theirs, so one alert covers both).
+    pub svid_expiry: Family<SpiffeIdLabel, Gauge>,
+    /// `trellis_webhook_reviews_total{result}`: admission reviews answered by the sidecar
+    /// injection webhook (`injected`, `skipped`, `opted_out`, `error`).
+    pub webhook_reviews: Family<ResultLabel, Counter>,
+    /// `trellis_webhook_cert_expiry_timestamp_seconds`: notAfter of the webhook's serving
+    /// certificate (0 while the webhook is off).
+    pub webhook_cert_expiry: Gauge,
 }
 
 /// `{phase}`.
@@ -72,6 +98,10 @@ impl ControlMetrics {
             audit_write_errors: Counter::default(),
             bundle_cas: Gauge::default(),
             ca_transitions: Family::default(),
+            jwks_refresh_failures: Family::default(),
+            svid_expiry: Family::default(),
+            webhook_reviews: Family::default(),
+            webhook_cert_expiry: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -129,7 +159,43 @@ impl ControlMetrics {
             "CAs that entered a rotation phase (prepared, active, retiring, retired)",
             m.ca_transitions.clone(),
         );
+        registry.register(
+            "svid_expiry_timestamp_seconds",
+            "Expiry of the control plane's own serving SVID, unix seconds",
+            m.svid_expiry.clone(),
+        );
+        registry.register(
+            "webhook_reviews",
+            "Admission reviews answered by the sidecar injection webhook, by result",
+            m.webhook_reviews.clone(),
+        );
+        registry.register(
+            "webhook_cert_expiry_timestamp_seconds",
+            "Expiry of the admission webhook's serving certificate, unix seconds",
+            m.webhook_cert_expiry.clone(),
+        );
+        registry.register(
+            "jwks_refresh_failures",
+            "Failed refreshes of the Kubernetes issuer keys from --k8s-jwks-url, by reason (the keys in force were kept)",
+            m.jwks_refresh_failures.clone(),
+        );
         ControlMetrics { registry, ..m }
+    }
+
+    /// Records the notAfter (unix seconds) of the control plane's own serving SVID.
+    pub fn serving_svid_expiry(&self, spiffe_id: &str, not_after_unix: i64) {
+        self.svid_expiry
+            .get_or_create(&SpiffeIdLabel {
+                spiffe_id: spiffe_id.to_owned(),
+            })
+            .set(not_after_unix);
+    }
+
+    /// Counts an admission review answered by the webhook with `result`.
+    pub fn webhook_review(&self, result: &'static str) {
+        self.webhook_reviews
+            .get_or_create(&ResultLabel { result })
+            .inc();
     }
 
     /// Counts a CA entering `phase`.
@@ -159,6 +225,13 @@ impl ControlMetrics {
         self.sds_pushes.get_or_create(&ReasonLabel { reason }).inc();
     }
 
+    /// Counts a failed refresh of the Kubernetes issuer keys.
+    pub fn jwks_refresh_failed(&self, reason: &'static str) {
+        self.jwks_refresh_failures
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
     /// Counts a refused request.
     pub fn request_error(&self, reason: &'static str) {
         self.sds_request_errors
@@ -180,28 +253,101 @@ pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CON
 mod tests {
     use super::*;
 
+    /// Every metric family the control plane exports, with its type and labels. Dashboards and
+    /// alert rules are written against these: a rename is a breaking change, so it must
+    /// show up here.
+    const PINNED: &[(&str, &str, &[&str])] = &[
+        ("trellis_svids_issued_total", "counter", &["attestor"]),
+        ("trellis_attestation_failures_total", "counter", &["reason"]),
+        ("trellis_sds_streams", "gauge", &[]),
+        ("trellis_sds_pushes_total", "counter", &["reason"]),
+        ("trellis_sds_nacks_total", "counter", &[]),
+        ("trellis_sds_request_errors_total", "counter", &["reason"]),
+        ("trellis_ca_expiry_timestamp_seconds", "gauge", &[]),
+        ("trellis_bundle_expiry_timestamp_seconds", "gauge", &[]),
+        ("trellis_audit_write_errors_total", "counter", &[]),
+        ("trellis_bundle_cas", "gauge", &[]),
+        ("trellis_ca_transitions_total", "counter", &["phase"]),
+        (
+            "trellis_jwks_refresh_failures_total",
+            "counter",
+            &["reason"],
+        ),
+        (
+            "trellis_svid_expiry_timestamp_seconds",
+            "gauge",
+            &["spiffe_id"],
+        ),
+        ("trellis_webhook_reviews_total", "counter", &["result"]),
+        (
+            "trellis_webhook_cert_expiry_timestamp_seconds",
+            "gauge",
+            &[],
+        ),
+    ];
+
     #[test]
-    fn names_are_pinned() {
+    fn names_and_labels_are_pinned() {
         let m = ControlMetrics::new();
+        // One sample in every labelled family, so its labels show.
         m.svids_issued
             .get_or_create(&AttestorLabel { attestor: "k8s" })
             .inc();
         m.attestation_failed("expired");
         m.pushed("rotation");
         m.request_error("unknown_resource");
+        m.ca_transition("active");
+        m.webhook_review("injected");
+        m.serving_svid_expiry("spiffe://example.org/trellis/control", 1_900_000_000);
+        m.jwks_refresh_failed("connect");
         let text = m.encode();
-        for name in [
+
+        // Every family declared with the pinned type, and no family that is not pinned.
+        let declared: Vec<(&str, &str)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_once(' '))
+            .collect();
+        for (name, kind, _) in PINNED {
+            assert!(
+                declared.contains(&(*name, *kind)),
+                "`{name}` is not declared as a {kind}:\n{text}"
+            );
+        }
+        for (family, _) in &declared {
+            assert!(
+                PINNED.iter().any(|(name, _, _)| name == family),
+                "`{family}` is exported but not pinned here"
+            );
+        }
+        // Every sample carries exactly the pinned labels.
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let (name, labels) = match line.split_once('{') {
+                Some((name, rest)) => (name, rest.split_once('}').map_or("", |(l, _)| l)),
+                None => (line.split_whitespace().next().unwrap_or_default(), ""),
+            };
+            let got: Vec<&str> = labels
+                .split(',')
+                .filter(|l| !l.is_empty())
+                .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+                .collect();
+            let (_, _, want) = PINNED
+                .iter()
+                .find(|(pinned, _, _)| *pinned == name)
+                .unwrap_or_else(|| panic!("sample `{name}` is not pinned:\n{text}"));
+            assert_eq!(got, *want, "labels of `{name}`");
+        }
+        for sample in [
             "trellis_svids_issued_total{attestor=\"k8s\"} 1",
             "trellis_attestation_failures_total{reason=\"expired\"} 1",
             "trellis_sds_streams 0",
-            "trellis_sds_pushes_total{reason=\"rotation\"} 1",
-            "trellis_sds_nacks_total 0",
-            "trellis_sds_request_errors_total{reason=\"unknown_resource\"} 1",
-            "trellis_ca_expiry_timestamp_seconds 0",
-            "trellis_bundle_expiry_timestamp_seconds 0",
-            "trellis_audit_write_errors_total 0",
+            "trellis_webhook_reviews_total{result=\"injected\"} 1",
+            "trellis_svid_expiry_timestamp_seconds{spiffe_id=\"spiffe://example.org/trellis/control\"} 1900000000",
         ] {
-            assert!(text.contains(name), "missing `{name}` in:\n{text}");
+            assert!(text.contains(sample), "missing `{sample}` in:\n{text}");
         }
     }
 }

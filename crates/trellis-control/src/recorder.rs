@@ -1,5 +1,6 @@
-//! Issuance records go to SQLite from one background thread, batched: a rotation wave of
-//! thousands of SVIDs costs a handful of transactions (and fsyncs), not one per SVID.
+//! Issuance records go to the registry (SQLite, or the PostgreSQL that replicas share) from
+//! one background thread, batched: a rotation wave of thousands of SVIDs costs a handful of
+//! transactions (fsyncs, or round trips), not one per SVID.
 
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -24,13 +24,14 @@ use trellis_identity::tls::{server_config, SpiffeClientVerifier, SvidResolver, T
 use trellis_identity::{SpiffeId, TrustBundle};
 use trellis_proto::SecretDiscoveryServiceServer;
 
-use crate::admin::{self, AdminState};
-use crate::attest::k8s::JwksError;
+use crate::admin::{self, AdminState, ServingSvid};
+use crate::attest::jwks_url::{self, JwksFetchError, JwksSource};
+use crate::attest::k8s::{JwksError, JwksKeys};
 use crate::attest::{Attestor, JoinAttestor, K8sAttestor, JOIN_REDEMPTION_WINDOW};
 use crate::audit::{AuditEvent, AuditLog};
 use crate::authority::{CaOutputs, CaRotator, CaSchedule};
 use crate::ca::{Ca, CaError};
-use crate::config::ControlSettings;
+use crate::config::{ControlSettings, K8sKeySource};
 use crate::metrics::ControlMetrics;
 use crate::recorder::IssuanceRecorder;
 use crate::registry::{Registry, RegistryError};
@@ -66,6 +67,9 @@ pub enum StartError {
     /// The JWKS file.
     #[error(transparent)]
     Jwks(#[from] JwksError),
+    /// The JWKS URL (`--k8s-jwks-url`) could not be fetched at start.
+    #[error("cannot fetch the Kubernetes issuer keys: {0}")]
+    JwksFetch(#[from] JwksFetchError),
     /// A listener could not bind.
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
@@ -93,7 +97,11 @@ pub struct ControlPlane {
     pub registry: Arc<Registry>,
     /// Metrics.
     pub metrics: Arc<ControlMetrics>,
+    /// Where the sidecar injection webhook listens (`--webhook-listen`), if it is on.
+    pub webhook_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
+    /// Turns true when `POST /shutdown` on the admin endpoint was accepted.
+    admin_shutdown: watch::Receiver<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -145,17 +153,35 @@ impl ControlPlane {
     pub async fn start(settings: ControlSettings) -> Result<Self, StartError> {
         let td = settings.trust_domain.clone();
         // Read every input file before touching the state directory.
+        // With --k8s-jwks-url the keys are fetched now (no start without them) and refreshed
+        // by a task started below.
+        let mut jwks_refresh = None;
         let k8s = match &settings.k8s {
-            Some(k) => Some(K8sAttestor::from_jwks_file(
-                &k.jwks,
-                &k.issuer,
-                &k.audience,
-                &td,
-            )?),
+            Some(k) => {
+                let keys = match &k.jwks {
+                    K8sKeySource::File(path) => JwksKeys::from_file(path)?,
+                    K8sKeySource::Url {
+                        url,
+                        ca,
+                        token,
+                        refresh,
+                    } => {
+                        let source = JwksSource::new(url.clone(), ca.clone(), token.clone());
+                        let keys = source.fetch().await?;
+                        tracing::info!(url = %url, kids = ?keys.key_ids(), refresh = %humantime::format_duration(*refresh), "fetched the Kubernetes issuer keys");
+                        jwks_refresh = Some((source, *refresh));
+                        keys
+                    }
+                };
+                Some(K8sAttestor::new(keys, &k.issuer, &k.audience, &td))
+            }
             None => None,
         };
+        let jwks_store = k8s.as_ref().map(K8sAttestor::key_store);
         prepare_state_dir(&settings.state_dir)?;
-        let registry = Arc::new(Registry::open(&settings.state_dir.join("trellis.db"))?);
+        // SQLite in the state directory, or a PostgreSQL shared with other replicas.
+        let registry = Arc::new(Registry::connect(&settings.database)?);
+        tracing::info!(database = %settings.database, shared = registry.is_shared(), "registry open");
         let base = match &settings.ca {
             Some(files) => Ca::from_files(&td, &files.cert, &files.key, files.bundle.as_deref())?,
             None => Ca::load_or_create(&registry, &td)?,
@@ -198,6 +224,8 @@ impl ControlPlane {
         );
         rotator.refresh(SystemTime::now());
         let bundle = bundle_rx.borrow().clone();
+        // The injection webhook puts the bundle in force at admission into each sidecar.
+        let webhook_bundle = bundle_rx.clone();
         write_bundle(&bundle_path, &bundle)?;
         metrics
             .ca_expiry
@@ -213,13 +241,15 @@ impl ControlPlane {
         let control_id = SpiffeId::from_parts(&td, CONTROL_ID_PATH)
             .map_err(|e| StartError::Tls(e.to_string()))?;
         let resolver = SvidResolver::empty();
-        install_own_svid(
-            &signer.load(),
-            &control_id,
-            settings.svid_ttl,
-            &resolver,
-            &audit,
-        )?;
+        let serving = Arc::new(ArcSwapOption::empty());
+        let own = OwnSvid {
+            id: control_id.clone(),
+            resolver: Arc::clone(&resolver),
+            serving: Arc::clone(&serving),
+            audit: Arc::clone(&audit),
+            metrics: Arc::clone(&metrics),
+        };
+        own.install(&signer.load(), settings.svid_ttl)?;
 
         let verifier = SpiffeClientVerifier::new(Arc::clone(&shared_bundle), true);
         let tls = server_config(Arc::clone(&resolver), verifier, TlsPolicy::Tls13, &[b"h2"])
@@ -280,6 +310,25 @@ impl ControlPlane {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
 
+        // The sidecar injection webhook, serving a certificate from the same CA.
+        let webhook = match &settings.webhook {
+            Some(w) => Some(
+                crate::webhook::start(
+                    w,
+                    &td,
+                    &signer.load(),
+                    settings.svid_ttl,
+                    webhook_bundle,
+                    Arc::clone(&metrics),
+                    shutdown_rx.clone(),
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        let webhook_addr = webhook.as_ref().map(|w| w.addr);
+        let webhook_cert = webhook.as_ref().map(|w| Arc::clone(&w.cert));
+
         // TLS handshakes run in their own tasks so a slow client never stalls the accept loop.
         let (conn_tx, conn_rx) = mpsc::channel::<Result<SdsConn, io::Error>>(128);
         tasks.push(tokio::spawn(accept_loop(
@@ -307,40 +356,57 @@ impl ControlPlane {
         }));
 
         // Rotate the control plane's own serving SVID like any other.
-        let own = (
-            Arc::clone(&signer),
-            control_id,
-            Arc::clone(&resolver),
-            Arc::clone(&audit),
-        );
+        let ca = Arc::clone(&signer);
         let mut rotate_shutdown = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
-            let (ca, id, resolver, audit) = own;
             loop {
                 tokio::select! {
                     () = tokio::time::sleep(policy.next_rotation()) => {}
                     _ = rotate_shutdown.changed() => return,
                 }
-                if let Err(e) = install_own_svid(&ca.load(), &id, policy.svid_ttl, &resolver, &audit) {
+                if let Err(e) = own.install(&ca.load(), policy.svid_ttl) {
                     tracing::error!(error = %e, "cannot rotate the control plane's own SVID; keeping the current one");
+                }
+                // The webhook's serving certificate rotates with it, from the same CA.
+                if let Some(cert) = &webhook_cert {
+                    if let Err(e) = cert.install(&ca.load(), policy.svid_ttl) {
+                        tracing::error!(error = %e, "cannot rotate the webhook's serving certificate; keeping the current one");
+                    }
                 }
             }
         }));
 
         tasks.push(tokio::spawn(rotator.run(CA_POLL, shutdown_rx.clone())));
+        if let Some(w) = webhook {
+            tasks.push(w.task);
+        }
+
+        if let (Some((source, every)), Some(store)) = (jwks_refresh, jwks_store) {
+            tasks.push(tokio::spawn(jwks_url::refresh_loop(
+                source,
+                store,
+                every,
+                Arc::clone(&metrics),
+                shutdown_rx.clone(),
+            )));
+        }
 
         let admin_state = Arc::new(AdminState {
             ca: ca_status,
             metrics: Arc::clone(&metrics),
             ready: Default::default(),
+            serving,
+            bundle: Arc::clone(&shared_bundle),
         });
         admin_state
             .ready
             .store(resolver.is_ready(), Ordering::Release);
+        let (admin_shutdown_tx, admin_shutdown) = watch::channel(false);
         tasks.push(tokio::spawn(admin::serve(
             admin_listener,
             admin_state,
             shutdown_rx,
+            admin_shutdown_tx,
         )));
 
         tracing::info!(trust_domain = %td, sds = %sds_addr, admin = %admin_addr, bundle = %bundle_path.display(), "control plane serving");
@@ -350,9 +416,21 @@ impl ControlPlane {
             bundle_path,
             registry,
             metrics,
+            webhook_addr,
             shutdown,
+            admin_shutdown,
             tasks,
         })
+    }
+
+    /// Resolves once `POST /shutdown` on the admin endpoint was accepted (and answered `202`).
+    /// The embedder then calls [`ControlPlane::shutdown`], exactly as on SIGTERM.
+    pub async fn shutdown_requested(&self) {
+        let mut requested = self.admin_shutdown.clone();
+        if requested.wait_for(|asked| *asked).await.is_err() {
+            // The admin endpoint is gone, so nobody can ask any more.
+            std::future::pending::<()>().await;
+        }
     }
 
     /// Stops accepting, closes streams, and waits for the tasks to end.
@@ -369,28 +447,38 @@ impl ControlPlane {
     }
 }
 
-fn install_own_svid(
-    ca: &Ca,
-    id: &SpiffeId,
-    ttl: Duration,
-    resolver: &SvidResolver,
-    audit: &AuditLog,
-) -> Result<(), StartError> {
-    let svid = ca.issue(id, ttl, SystemTime::now())?;
-    resolver
-        .install(&svid)
-        .map_err(|e| StartError::Tls(e.to_string()))?;
-    let event = AuditEvent::Issued {
-        spiffe_id: id.to_string(),
-        serial_hex: svid.serial_hex().to_owned(),
-        not_after: svid.not_after(),
-        attestor: "self",
-        peer: None,
-    };
-    if let Err(e) = audit.record(&event, SystemTime::now()) {
-        tracing::error!(error = %e, "cannot write audit log");
+/// The control plane's own serving SVID and everything that shows it: the SDS listener's
+/// resolver, `/certs`, the expiry gauge and the audit log.
+struct OwnSvid {
+    id: SpiffeId,
+    resolver: Arc<SvidResolver>,
+    serving: Arc<ArcSwapOption<ServingSvid>>,
+    audit: Arc<AuditLog>,
+    metrics: Arc<ControlMetrics>,
+}
+
+impl OwnSvid {
+    /// Issues a fresh serving SVID from `ca` and installs it.
+    fn install(&self, ca: &Ca, ttl: Duration) -> Result<(), StartError> {
+        let svid = ca.issue(&self.id, ttl, SystemTime::now())?;
+        self.resolver
+            .install(&svid)
+            .map_err(|e| StartError::Tls(e.to_string()))?;
+        self.serving.store(Some(Arc::new(ServingSvid::of(&svid))));
+        self.metrics
+            .serving_svid_expiry(self.id.as_str(), unix_seconds(svid.not_after()));
+        let event = AuditEvent::Issued {
+            spiffe_id: self.id.to_string(),
+            serial_hex: svid.serial_hex().to_owned(),
+            not_after: svid.not_after(),
+            attestor: "self",
+            peer: None,
+        };
+        if let Err(e) = self.audit.record(&event, SystemTime::now()) {
+            tracing::error!(error = %e, "cannot write audit log");
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 async fn accept_loop(

@@ -238,12 +238,17 @@ fn rejects_world_readable_ca_key() {
 }
 
 #[test]
-fn rejects_group_readable_ca_key() {
+fn rejects_world_readable_or_group_writable_ca_key() {
+    // A root-owned key may be group-readable (a Kubernetes Secret under fsGroup); nothing
+    // else may read it, and nobody else may write it.
     let dir = tempfile::tempdir().unwrap();
     let f = init(dir.path());
-    std::fs::set_permissions(&f.intermediate_key, std::fs::Permissions::from_mode(0o640)).unwrap();
-    let msg = err_naming(from_files(&f), &f.intermediate_key);
-    assert!(msg.contains("mode 0640"), "{msg}");
+    for mode in [0o644, 0o660, 0o604] {
+        std::fs::set_permissions(&f.intermediate_key, std::fs::Permissions::from_mode(mode))
+            .unwrap();
+        let msg = err_naming(from_files(&f), &f.intermediate_key);
+        assert!(msg.contains(&format!("mode {mode:04o}")), "{msg}");
+    }
 }
 
 #[test]

@@ -28,7 +28,7 @@ use rustls::{
     AlertDescription, DigitallySignedStruct, PeerIncompatible, ProtocolVersion, SignatureScheme,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::TcpStream;
@@ -172,6 +172,35 @@ impl ClientIdentity {
         })
     }
 
+    /// An already-loaded signing key and chain, e.g. the one a running sidecar presents: no key
+    /// bytes are copied or re-parsed, so a borrowed identity never leaves its process.
+    pub fn from_certified_key(key: Arc<CertifiedKey>) -> Result<Self, InspectError> {
+        let leaf = key
+            .cert
+            .first()
+            .ok_or_else(|| InspectError::BadClientCert("no certificate".to_owned()))?;
+        let facts =
+            crate::cert_facts(leaf).map_err(|e| InspectError::BadClientCert(e.to_string()))?;
+        let name = facts
+            .uri_sans
+            .first()
+            .cloned()
+            .unwrap_or_else(|| facts.subject.clone());
+        Ok(ClientIdentity { key, name })
+    }
+
+    /// A validated SVID (whose key [`Svid::new`](crate::Svid::new) already matched to its leaf).
+    pub fn from_svid(svid: &crate::Svid) -> Result<Self, InspectError> {
+        let signing_key = crate::tls::provider()
+            .key_provider
+            .load_private_key(svid.key().clone_key())
+            .map_err(|e| InspectError::BadClientCert(format!("unusable private key: {e}")))?;
+        Ok(ClientIdentity {
+            key: Arc::new(CertifiedKey::new(svid.chain().to_vec(), signing_key)),
+            name: svid.spiffe_id().to_string(),
+        })
+    }
+
     /// The leaf's SPIFFE ID (its first URI SAN) or, without one, its subject.
     pub fn name(&self) -> &str {
         &self.name
@@ -179,7 +208,7 @@ impl ClientIdentity {
 }
 
 /// Where the trust domain the peer is checked against came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TrustDomainSource {
     /// Given explicitly (`--trust-domain`).
@@ -190,6 +219,9 @@ pub enum TrustDomainSource {
     ExpectedId,
     /// The peer's own SPIFFE ID: nothing else named one, so membership proves little.
     Peer,
+    /// The trust domain of the running sidecar whose identity the inspection borrowed
+    /// (`trellis inspect --admin`), when its bundle's CAs name none.
+    Sidecar,
 }
 
 /// What to check and present. Built with [`InspectOptions::new`] and the setters.
@@ -233,6 +265,15 @@ impl InspectOptions {
     /// The trust domain the peer must belong to, overriding the bundle's.
     pub fn trust_domain(mut self, td: TrustDomain) -> Self {
         self.trust_domain = Some((td, TrustDomainSource::Flag));
+        self
+    }
+
+    /// The trust domain of the sidecar running this inspection, used only when neither
+    /// [`InspectOptions::trust_domain`] nor the bundle named one.
+    pub fn sidecar_trust_domain(mut self, td: TrustDomain) -> Self {
+        if self.trust_domain.is_none() {
+            self.trust_domain = Some((td, TrustDomainSource::Sidecar));
+        }
         self
     }
 
@@ -321,7 +362,7 @@ fn bundle_trust_domain(
 }
 
 /// Who ended the handshake.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Side {
     /// We did: the server's certificate or parameters were not acceptable.
@@ -340,7 +381,7 @@ impl fmt::Display for Side {
 }
 
 /// Why an inspection failed: a stable snake_case label for scripts and alerts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Reason {
@@ -376,7 +417,9 @@ pub enum Reason {
     BadCertificate,
     /// The peer closed the connection without a TLS alert.
     ConnectionClosed,
-    /// Anything else; `detail` says what.
+    /// Anything else; `detail` says what. A reason this build does not know (a report from a
+    /// newer sidecar) reads as this one.
+    #[serde(other)]
     Other,
 }
 
@@ -450,7 +493,7 @@ impl fmt::Display for Reason {
 }
 
 /// One certificate of the peer's chain.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CertInfo {
     /// Subject DN.
     pub subject: String,
@@ -496,7 +539,7 @@ impl CertInfo {
 }
 
 /// What we learnt about our own certificate's fate.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ClientCertReport {
     /// The certificate we would present (its SPIFFE ID or subject); `None`: we have none.
     pub presented: Option<String>,
@@ -508,7 +551,7 @@ pub struct ClientCertReport {
 }
 
 /// Everything one inspection learnt. `ok` is the verdict; the rest explains it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InspectReport {
     /// `HOST:PORT` as given.
     pub target: String,
@@ -1265,6 +1308,18 @@ mod tests {
 
     const HOUR: Duration = Duration::from_secs(3600);
     const SERVER: &str = "spiffe://example.org/server";
+
+    #[test]
+    fn client_identity_from_a_loaded_svid() {
+        let ca = TestCa::root("example.org");
+        let svid = ca.svid("/web");
+        let identity = ClientIdentity::from_svid(&svid).unwrap();
+        assert_eq!(identity.name(), "spiffe://example.org/web");
+        let borrowed = ClientIdentity::from_certified_key(identity.key.clone()).unwrap();
+        assert_eq!(borrowed.name(), "spiffe://example.org/web");
+        assert!(Arc::ptr_eq(&borrowed.key, &identity.key));
+        assert!(!format!("{borrowed:?}").contains("PRIVATE"));
+    }
 
     #[test]
     fn parses_targets() {

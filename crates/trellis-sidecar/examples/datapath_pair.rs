@@ -54,6 +54,7 @@ fn settings(app: std::net::SocketAddr, upstreams: Vec<Upstream>) -> SidecarSetti
         request_timeout: Duration::from_secs(30),
         expiry_margin: Duration::from_secs(60),
         policy: None,
+        access_log: false,
     }
 }
 

@@ -6,6 +6,7 @@
 //!   sds:
 //!     control_plane: 127.0.0.1:8443
 //!     control_bundle: /etc/trellis/bundle.pem   # verifies the control plane
+//!     # or control_bundle_pem: "-----BEGIN CERTIFICATE-----…" (the PEM itself)
 //!     token_file: /var/run/secrets/tokens/trellis   # or join_token: trellis-join.…
 //!     spiffe_id: spiffe://example.org/ns/prod/sa/web  # optional: refuse any other
 //!   # or files: { cert: svid.pem, key: svid-key.pem, bundle: bundle.pem }
@@ -27,6 +28,7 @@
 //!       identity: spiffe://example.org/ns/prod/sa/db
 //! admin: 127.0.0.1:15000
 //! tls_policy: tls13                   # or tls12+
+//! access_log: true                   # one line per request, target trellis::access
 //! ```
 
 use std::net::SocketAddr;
@@ -82,6 +84,9 @@ pub struct SdsFile {
     pub control_plane: Option<String>,
     /// Bundle that verifies the control plane (`<state-dir>/bundle.pem`).
     pub control_bundle: Option<PathBuf>,
+    /// The same bundle as PEM text, instead of a path (what the injection webhook sets, as
+    /// `TRELLIS_CONTROL_BUNDLE_PEM`: a pod cannot mount a ConfigMap of another namespace).
+    pub control_bundle_pem: Option<String>,
     /// Kubernetes projected service-account token file (re-read on every connect).
     pub token_file: Option<PathBuf>,
     /// Join token.
@@ -215,6 +220,8 @@ pub struct SidecarFile {
     /// `/ready` turns false this long before the SVID expires.
     #[serde(default, with = "humantime_serde")]
     pub expiry_margin: Option<Duration>,
+    /// One log line per proxied request (default true).
+    pub access_log: Option<bool>,
 }
 
 impl SidecarFile {
@@ -257,13 +264,38 @@ impl std::fmt::Debug for Credential {
     }
 }
 
+/// Where the bundle that verifies the control plane comes from.
+#[derive(Clone, PartialEq, Eq)]
+pub enum ControlBundle {
+    /// A PEM file (`control_bundle`, `--control-bundle`), read at start.
+    File(PathBuf),
+    /// PEM text (`control_bundle_pem`, `--control-bundle-pem`, `TRELLIS_CONTROL_BUNDLE_PEM`).
+    Pem(String),
+}
+
+impl From<PathBuf> for ControlBundle {
+    fn from(path: PathBuf) -> Self {
+        ControlBundle::File(path)
+    }
+}
+
+impl std::fmt::Debug for ControlBundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ControlBundle::File(p) => write!(f, "File({})", p.display()),
+            // Public certificates, but long: a size is enough in a log line.
+            ControlBundle::Pem(pem) => write!(f, "Pem({} bytes)", pem.len()),
+        }
+    }
+}
+
 /// SVIDs from the control plane.
 #[derive(Debug, Clone)]
 pub struct SdsSettings {
     /// `host:port` of the control plane.
     pub control_plane: String,
     /// Verifies the control plane (and is the initial trust bundle).
-    pub control_bundle: PathBuf,
+    pub control_bundle: ControlBundle,
     /// How to attest.
     pub credential: Credential,
     /// Refuse any other identity.
@@ -330,6 +362,8 @@ pub struct SidecarSettings {
     /// Authorization policy file or directory (`None`: every authenticated peer of the
     /// trust domain is allowed, see [`crate::policy`]).
     pub policy: Option<PathBuf>,
+    /// Log one line per proxied request (`tracing` target `trellis::access`, INFO).
+    pub access_log: bool,
 }
 
 /// Defaults.
@@ -351,6 +385,8 @@ pub mod defaults {
     pub const REQUEST: Duration = Duration::from_secs(30);
     /// `expiry_margin`.
     pub const EXPIRY_MARGIN: Duration = Duration::from_secs(300);
+    /// `access_log`.
+    pub const ACCESS_LOG: bool = true;
 }
 
 fn addr(field: &str, v: Option<SocketAddr>, default: &str) -> Result<SocketAddr, ConfigError> {
@@ -411,12 +447,24 @@ impl SidecarSettings {
                             "missing: the control plane's SDS host:port",
                         )
                     })?,
-                    control_bundle: s.control_bundle.ok_or_else(|| {
-                        invalid(
-                            "identity.sds.control_bundle",
-                            "missing: the control plane's bundle.pem (from its state dir)",
-                        )
-                    })?,
+                    control_bundle: match (s.control_bundle, s.control_bundle_pem) {
+                        (Some(path), None) => ControlBundle::File(path),
+                        (None, Some(pem)) => ControlBundle::Pem(pem),
+                        (None, None) => {
+                            return Err(invalid(
+                                "identity.sds.control_bundle",
+                                "missing: the control plane's bundle.pem (from its state dir), \
+                                 or its PEM text in control_bundle_pem (TRELLIS_CONTROL_BUNDLE_PEM)",
+                            ))
+                        }
+                        (Some(_), Some(_)) => {
+                            return Err(invalid(
+                                "identity.sds.control_bundle",
+                                "set exactly one of control_bundle (a path) or \
+                                 control_bundle_pem (the PEM text), not both",
+                            ))
+                        }
+                    },
                     credential,
                     expected_id,
                     csr: s.csr.unwrap_or(true),
@@ -502,6 +550,7 @@ impl SidecarSettings {
             request_timeout: f.request_timeout.unwrap_or(defaults::REQUEST),
             expiry_margin: f.expiry_margin.unwrap_or(defaults::EXPIRY_MARGIN),
             policy: f.policy,
+            access_log: f.access_log.unwrap_or(defaults::ACCESS_LOG),
         })
     }
 }
@@ -531,6 +580,22 @@ outbound:
         let s = SidecarSettings::from_file(SidecarFile::parse(&with, Path::new("s.yaml")).unwrap())
             .unwrap();
         assert_eq!(s.policy, Some(PathBuf::from("/etc/trellis/policy")));
+    }
+
+    #[test]
+    fn access_log_defaults_to_on_and_can_be_switched_off() {
+        let s = SidecarSettings::from_file(SidecarFile::parse(GOOD, Path::new("s.yaml")).unwrap())
+            .unwrap();
+        assert!(s.access_log);
+        let off = format!("{GOOD}access_log: false\n");
+        let s = SidecarSettings::from_file(SidecarFile::parse(&off, Path::new("s.yaml")).unwrap())
+            .unwrap();
+        assert!(!s.access_log);
+        let bad = format!("{GOOD}access_log: sometimes\n");
+        let err = SidecarFile::parse(&bad, Path::new("s.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("access_log") && err.contains("line"), "{err}");
     }
 
     #[test]
@@ -585,6 +650,53 @@ outbound:
                 .to_string();
         assert!(
             err.contains("token_file") && err.contains("join_token"),
+            "{err}"
+        );
+    }
+
+    const SDS: &str = "trust_domain: example.org\nidentity:\n  sds:\n    control_plane: 'cp:8443'\n    join_token: t\n";
+
+    #[test]
+    fn control_bundle_is_a_path_or_pem_text() {
+        let path = format!("{SDS}    control_bundle: /b.pem\n");
+        let s = SidecarSettings::from_file(SidecarFile::parse(&path, Path::new("s.yaml")).unwrap())
+            .unwrap();
+        let IdentitySource::Sds(sds) = s.identity else {
+            panic!("sds")
+        };
+        assert_eq!(sds.control_bundle, ControlBundle::File("/b.pem".into()));
+
+        let pem = format!("{SDS}    control_bundle_pem: \"-----BEGIN CERTIFICATE-----\\nMIIB\\n-----END CERTIFICATE-----\\n\"\n");
+        let s = SidecarSettings::from_file(SidecarFile::parse(&pem, Path::new("s.yaml")).unwrap())
+            .unwrap();
+        let IdentitySource::Sds(sds) = s.identity else {
+            panic!("sds")
+        };
+        assert_eq!(
+            sds.control_bundle,
+            ControlBundle::Pem(
+                "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into()
+            )
+        );
+        assert_eq!(format!("{:?}", sds.control_bundle), "Pem(59 bytes)");
+    }
+
+    #[test]
+    fn control_bundle_needs_exactly_one_source() {
+        let err = SidecarSettings::from_file(SidecarFile::parse(SDS, Path::new("s.yaml")).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("control_bundle") && err.contains("TRELLIS_CONTROL_BUNDLE_PEM"),
+            "{err}"
+        );
+        let both = format!("{SDS}    control_bundle: /b.pem\n    control_bundle_pem: x\n");
+        let err =
+            SidecarSettings::from_file(SidecarFile::parse(&both, Path::new("s.yaml")).unwrap())
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("exactly one") && err.contains("not both"),
             "{err}"
         );
     }

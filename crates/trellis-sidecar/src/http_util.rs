@@ -1,25 +1,23 @@
 //! Pieces both proxies share: the response body type, error responses, hop-by-hop header
-//! removal, per-status request counters, and connection-serving helpers.
+//! removal, the access log line, and connection-serving helpers.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Response, StatusCode, Version};
+use http::{Method, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::drain::Drain;
-use crate::metrics::{Direction, RequestLabel, SidecarMetrics};
+use crate::metrics::Direction;
 use crate::pool::PooledBody;
 
 /// Errors a body can end with.
@@ -362,40 +360,47 @@ pub fn host_without_port(authority: &str) -> &str {
     }
 }
 
-/// `trellis_requests_total{direction,code}` counters, looked up in the family once per status
-/// code and then incremented with one atomic add (no lock, no hashing per request).
-pub(crate) struct StatusCounters {
-    direction: Direction,
-    metrics: Arc<SidecarMetrics>,
-    cells: Box<[OnceLock<Counter>]>,
+/// `tracing` target of the access log (`RUST_LOG=trellis::access=off` silences it too).
+pub const ACCESS_LOG_TARGET: &str = "trellis::access";
+
+/// One access-log line: what was asked, of whom, by whom, and how it ended.
+///
+/// Deliberately narrow: the path without its query string (queries carry tokens often
+/// enough), the method and the status; never a header value, a body, a key or a token.
+pub(crate) struct AccessEntry<'a> {
+    /// Inbound: the peer's SPIFFE ID; outbound: ours (`None` before the first SVID).
+    pub(crate) caller: Option<&'a str>,
+    pub(crate) direction: Direction,
+    pub(crate) method: &'a Method,
+    /// As forwarded (inbound with a policy: the normalized path the policy decided on).
+    pub(crate) path: &'a str,
+    pub(crate) status: StatusCode,
+    /// Request head received to response head ready.
+    pub(crate) took: Duration,
+    /// Outbound: the upstream's name (`None`: no upstream matched); inbound: the app address.
+    pub(crate) upstream: Option<&'a str>,
+    /// The deciding rule of a policy denial.
+    pub(crate) rule: Option<&'a str>,
 }
 
-impl StatusCounters {
-    pub(crate) fn new(direction: Direction, metrics: Arc<SidecarMetrics>) -> Self {
-        Self {
-            direction,
-            metrics,
-            cells: (100..600).map(|_| OnceLock::new()).collect(),
-        }
-    }
-
-    pub(crate) fn inc(&self, status: StatusCode) {
-        let code = status.as_u16();
-        match self.cells.get(usize::from(code).wrapping_sub(100)) {
-            Some(cell) => {
-                cell.get_or_init(|| {
-                    self.metrics
-                        .requests
-                        .get_or_create(&RequestLabel {
-                            direction: self.direction.as_str(),
-                            code,
-                        })
-                        .clone()
-                })
-                .inc();
-            }
-            None => self.metrics.request(self.direction, code),
-        }
+impl AccessEntry<'_> {
+    /// Emits the line: a `tracing` event at INFO, target [`ACCESS_LOG_TARGET`], structured
+    /// fields (so `--log-format json` renders them as JSON).
+    pub(crate) fn emit(&self) {
+        // Milliseconds with microsecond resolution: `0.417`, not `0.41700000000000004`.
+        let duration_ms = self.took.as_micros() as f64 / 1000.0;
+        tracing::info!(
+            target: ACCESS_LOG_TARGET,
+            caller = self.caller,
+            direction = self.direction.as_str(),
+            method = self.method.as_str(),
+            path = self.path,
+            status = self.status.as_u16(),
+            duration_ms,
+            upstream = self.upstream,
+            rule = self.rule,
+            "request"
+        );
     }
 }
 

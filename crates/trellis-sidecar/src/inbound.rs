@@ -11,12 +11,13 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use http::header::{self, HeaderValue};
 use http::request::Parts;
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::http1;
@@ -31,10 +32,10 @@ use trellis_identity::{leaf_sha256_hex, SpiffeId};
 use crate::config::SidecarSettings;
 use crate::drain::{self, Drain};
 use crate::http_util::{
-    self, serve_until_drained, strip_hop_by_hop, text_response, BoxError, ConnDrain, H2Body,
-    ProxyBody, ReqBody, StatusCounters, XFCC,
+    self, serve_until_drained, strip_hop_by_hop, text_response, AccessEntry, BoxError, ConnDrain,
+    H2Body, ProxyBody, ReqBody, XFCC,
 };
-use crate::metrics::{Direction, ReasonLabel, SidecarMetrics};
+use crate::metrics::{Direction, SidecarMetrics};
 use crate::mtls::{self, SessionTicketer};
 use crate::policy::PolicyEngine;
 use crate::pool::{self, AppPool, ForwardError};
@@ -59,8 +60,15 @@ pub struct ConnInfo {
     pub http2: bool,
 }
 
+/// A request the policy hook answered itself.
+struct Refusal {
+    response: Response<ProxyBody>,
+    /// The deciding rule of a denial (`None`: the path could not be normalized).
+    rule: Option<String>,
+}
+
 /// **Policy hook.** Decides each request before it reaches the app: `None` lets it through,
-/// `Some(response)` answers instead.
+/// `Some(refusal)` answers instead.
 ///
 /// Without a policy everything is allowed and nothing is rewritten. With one, the path is
 /// normalized first (a path that cannot be is answered `400` naming the reason), then
@@ -72,35 +80,38 @@ fn authorize(
     metrics: &SidecarMetrics,
     conn: &ConnInfo,
     request: &mut Parts,
-) -> Option<Response<ProxyBody>> {
+) -> Option<Refusal> {
     policy.path()?;
     let caller = conn.peer_id.as_str();
     let normalized = match trellis_policy::normalize_path(request.uri.path()) {
         Ok(path) => path,
         Err(e) => {
-            metrics
-                .authz_bad_paths
-                .get_or_create(&ReasonLabel { reason: e.reason() })
-                .inc();
+            metrics.bad_path(e.reason());
             tracing::info!(%caller, method = %request.method, path = request.uri.path(), reason = e.reason(), "request path refused");
-            return Some(text_response(
-                StatusCode::BAD_REQUEST,
-                &format!("bad request path: {e}"),
-            ));
+            return Some(Refusal {
+                response: text_response(StatusCode::BAD_REQUEST, &format!("bad request path: {e}")),
+                rule: None,
+            });
         }
     };
     if let Some(rule) = policy.authorize_http(caller, request.method.as_str(), &normalized) {
-        return Some(forbidden(&rule, caller));
+        return Some(Refusal {
+            response: forbidden(&rule, caller),
+            rule: Some(rule),
+        });
     }
     if !normalized.is_borrowed() {
         let path = normalized.into_string();
         match with_path(&request.uri, &path) {
             Some(uri) => request.uri = uri,
             None => {
-                return Some(text_response(
-                    StatusCode::BAD_REQUEST,
-                    "bad request path: cannot rewrite it in normal form",
-                ))
+                return Some(Refusal {
+                    response: text_response(
+                        StatusCode::BAD_REQUEST,
+                        "bad request path: cannot rewrite it in normal form",
+                    ),
+                    rule: None,
+                })
             }
         }
     }
@@ -142,8 +153,10 @@ struct Inbound {
     bundle: SharedBundle,
     metrics: Arc<SidecarMetrics>,
     policy: Arc<PolicyEngine>,
-    counters: StatusCounters,
     app: AppPool,
+    /// The app's address, as access-log lines name it.
+    app_label: Box<str>,
+    access_log: bool,
     request_timeout: Duration,
     handshake_timeout: Duration,
     connect_timeout: Duration,
@@ -213,10 +226,11 @@ impl InboundProxy {
             shared: Arc::new(Inbound {
                 bundle: store.bundle(),
                 store,
-                counters: StatusCounters::new(Direction::Inbound, metrics.clone()),
                 metrics,
                 policy,
                 app: AppPool::new(settings.app, settings.connect_timeout),
+                app_label: settings.app.to_string().into_boxed_str(),
+                access_log: settings.access_log,
                 request_timeout: settings.request_timeout,
                 handshake_timeout: handshake_timeout(settings),
                 connect_timeout: settings.connect_timeout,
@@ -331,6 +345,7 @@ pub(crate) async fn accept_tls(
     metrics: &SidecarMetrics,
     timeout: Duration,
 ) -> Option<(TlsStream<TcpStream>, SpiffeId, bool)> {
+    let started = Instant::now();
     let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
@@ -366,6 +381,7 @@ pub(crate) async fn accept_tls(
         return None;
     };
     metrics.handshake(Direction::Inbound, true, "none");
+    metrics.handshake_duration(Direction::Inbound, started.elapsed());
     Some((stream, peer_id, resumed))
 }
 
@@ -500,15 +516,23 @@ impl Inbound {
         result
     }
 
-    /// What the app (or the policy hook) answers to one request.
+    /// What the app (or the policy hook) answers to one request. Counted, timed (head received
+    /// to response head ready) and, with the access log on, logged.
     async fn respond(
         &self,
         conn: &ConnInfo,
         mut parts: Parts,
         body: ReqBody,
     ) -> Response<ProxyBody> {
-        let response = match authorize(&self.policy, &self.metrics, conn, &mut parts) {
-            Some(denied) => denied,
+        let started = Instant::now();
+        let refusal = authorize(&self.policy, &self.metrics, conn, &mut parts);
+        // After `authorize`: the path as forwarded (normalized when a policy is in force).
+        // The one cost of the access log when it is off is this branch.
+        let logged = self
+            .access_log
+            .then(|| (parts.method.clone(), parts.uri.path_and_query().cloned()));
+        let (response, rule) = match refusal {
+            Some(Refusal { response, rule }) => (response, rule),
             None => {
                 to_app_request(&mut parts, &conn.xfcc);
                 let sent = tokio::time::timeout(
@@ -516,7 +540,7 @@ impl Inbound {
                     self.app.send(Request::from_parts(parts, body)),
                 )
                 .await;
-                match sent {
+                let response = match sent {
                     Ok(Ok(response)) => {
                         let (mut head, body) = response.into_parts();
                         strip_hop_by_hop(&mut head.headers);
@@ -527,10 +551,26 @@ impl Inbound {
                         target: self.app.target().clone(),
                         timeout: self.request_timeout,
                     }),
-                }
+                };
+                (response, None)
             }
         };
-        self.counters.inc(response.status());
+        let took = started.elapsed();
+        self.metrics
+            .request(Direction::Inbound, response.status().as_u16(), took);
+        if let Some((method, path)) = logged {
+            AccessEntry {
+                caller: Some(conn.peer_id.as_str()),
+                direction: Direction::Inbound,
+                method: &method,
+                path: path.as_ref().map_or("/", PathAndQuery::path),
+                status: response.status(),
+                took,
+                upstream: Some(&self.app_label),
+                rule: rule.as_deref(),
+            }
+            .emit();
+        }
         response
     }
 }

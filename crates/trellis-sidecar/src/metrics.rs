@@ -1,11 +1,32 @@
-//! Sidecar metrics, Prometheus text on the admin port. Recording is atomics only: the request
-//! path never takes a lock here (label families are looked up with fixed, pre-registered
-//! label values where the set is small).
+//! Sidecar metrics, Prometheus text on the admin port.
+//!
+//! **Why the data-path metrics are plain atomics.** prometheus-client's `Family::get_or_create`
+//! takes a `parking_lot::RwLock` on every call and its `Histogram::observe` takes a write lock:
+//! on a multi-threaded runtime every request would serialize on them, and a scrape (which
+//! holds the read side while it encodes) would stall the request path. So everything recorded
+//! per request, per connection or per handshake lives in fixed arrays of `AtomicU64`, indexed
+//! by values known at compile time (direction, status code, a fixed set of reasons), and is
+//! turned into Prometheus text only at scrape time by a custom [`Collector`]. Recording is one
+//! `fetch_add` (two for a histogram: its bucket and its sum), `Relaxed`: counters need no
+//! ordering with anything else, and a scrape that sees one series a moment ahead of another is
+//! harmless. The collector emits only series that ever moved (plus `connections_open`, a fixed
+//! pair of gauges), so the exposition stays as small as before.
+//!
+//! Metrics written off the request path (SDS, policy loads, SVID installs) keep
+//! prometheus-client's own types; `trellis_authz_decisions_total` keeps its family because the
+//! policy engine caches each rule's counter handle per policy load (see `crate::policy`).
 
-use prometheus_client::encoding::EncodeLabelSet;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 /// Traffic direction: `inbound` (peer → app) or `outbound` (app → peer).
@@ -18,11 +39,22 @@ pub enum Direction {
 }
 
 impl Direction {
+    /// Both, in index order.
+    pub const ALL: [Direction; 2] = [Direction::Inbound, Direction::Outbound];
+
     /// Label value.
     pub fn as_str(self) -> &'static str {
         match self {
             Direction::Inbound => "inbound",
             Direction::Outbound => "outbound",
+        }
+    }
+
+    /// Position in the fixed arrays.
+    fn index(self) -> usize {
+        match self {
+            Direction::Inbound => 0,
+            Direction::Outbound => 1,
         }
     }
 }
@@ -77,9 +109,374 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// `{spiffe_id}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SpiffeIdLabel {
+    /// The SVID's SPIFFE ID.
+    pub spiffe_id: String,
+}
+
+/// Every `reason` a handshake counter can carry: `none` for a success, then the failure
+/// reasons of `trellis_identity::tls::handshake_failure_reason` and `SvidError::reason`, and
+/// the proxies' own (`io`, `timeout`, `resumption_refused`, `closed`). Anything else is
+/// counted as `other`, so the label set stays bounded whatever a future reason is called.
+pub const HANDSHAKE_REASONS: [&str; 15] = [
+    "none",
+    "no_cert",
+    "unknown_ca",
+    "expired",
+    "wrong_identity",
+    "protocol_version",
+    "not_svid",
+    "bad_key",
+    "malformed",
+    "bad_bundle",
+    "io",
+    "timeout",
+    "resumption_refused",
+    "closed",
+    "other",
+];
+
+/// Every `reason` of `trellis_authz_bad_paths_total` (`trellis_policy::PathError::reason`),
+/// and `other` for anything new.
+pub const BAD_PATH_REASONS: [&str; 8] = [
+    "not_absolute",
+    "query_or_fragment",
+    "encoded_slash",
+    "backslash",
+    "control_character",
+    "bad_escape",
+    "above_root",
+    "other",
+];
+
+/// Upper bounds of the latency histograms' buckets, in nanoseconds: 100 µs to 30 s, roughly
+/// 1-2.5-5 per decade (a sidecar hop on loopback is ~100 µs; a handshake a few ms; 30 s is
+/// the default request timeout). Slower observations land in `+Inf`.
+pub const LATENCY_BUCKETS_NANOS: [u64; 17] = [
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+    10_000_000_000,
+    30_000_000_000,
+];
+
+/// Status codes `http::StatusCode` can hold: 100..=999.
+const FIRST_CODE: u16 = 100;
+const CODES: usize = 900;
+const RESULTS: usize = 2;
+
+/// A latency histogram recorded with atomics only: one counter per bucket of
+/// [`LATENCY_BUCKETS_NANOS`] plus `+Inf`, and the sum in integer nanoseconds (so adding needs
+/// no compare-and-swap loop on an `f64`). The count is the sum of the buckets, read at scrape
+/// time, so `_count` always equals the `+Inf` bucket in one scrape.
+pub struct AtomicHistogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS_NANOS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+/// What one read of an [`AtomicHistogram`] saw.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramSnapshot {
+    /// `(upper bound in seconds, observations in this bucket alone)`, finite bounds only.
+    pub buckets: Vec<(f64, u64)>,
+    /// Every observation, `+Inf` included.
+    pub count: u64,
+    /// Sum of the observations, seconds.
+    pub sum_seconds: f64,
+}
+
+impl Default for AtomicHistogram {
+    fn default() -> Self {
+        Self {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_nanos: AtomicU64::new(0),
+        }
+    }
+}
+
+impl std::fmt::Debug for AtomicHistogram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AtomicHistogram")
+            .field("count", &self.count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AtomicHistogram {
+    /// The bucket `d` falls in: the first whose bound is `>= d` (Prometheus `le`), or `+Inf`.
+    pub fn bucket_of(d: Duration) -> usize {
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        LATENCY_BUCKETS_NANOS.partition_point(|&bound| bound < nanos)
+    }
+
+    /// Records one observation: two relaxed atomic adds.
+    pub fn observe(&self, d: Duration) {
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        if let Some(bucket) = self.buckets.get(Self::bucket_of(d)) {
+            bucket.fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Reads every bucket once.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let mut count = 0;
+        let mut buckets = Vec::with_capacity(LATENCY_BUCKETS_NANOS.len());
+        for (i, cell) in self.buckets.iter().enumerate() {
+            let n = cell.load(Ordering::Relaxed);
+            count += n;
+            if let Some(&bound) = LATENCY_BUCKETS_NANOS.get(i) {
+                buckets.push((bound as f64 / 1e9, n));
+            }
+        }
+        HistogramSnapshot {
+            buckets,
+            count,
+            sum_seconds: self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+        }
+    }
+}
+
+/// The SVID whose expiry is exported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SvidExpiry {
+    /// Its SPIFFE ID (the `spiffe_id` label).
+    pub spiffe_id: String,
+    /// notAfter, unix seconds.
+    pub not_after: i64,
+}
+
+fn zeroed(n: usize) -> Box<[AtomicU64]> {
+    (0..n).map(|_| AtomicU64::new(0)).collect()
+}
+
+/// The lock-free part: everything recorded per request, connection or handshake.
+struct DataPath {
+    /// `[direction][result][reason]`, flattened.
+    handshakes: Box<[AtomicU64]>,
+    handshake_seconds: [AtomicHistogram; 2],
+    /// `[direction][code - 100]`, flattened.
+    requests: Box<[AtomicU64]>,
+    request_seconds: [AtomicHistogram; 2],
+    connections_open: [AtomicI64; 2],
+    bad_paths: [AtomicU64; BAD_PATH_REASONS.len()],
+    /// Written on SVID install (rare); read at scrape time.
+    svid_expiry: ArcSwapOption<SvidExpiry>,
+}
+
+impl DataPath {
+    fn new() -> Self {
+        Self {
+            handshakes: zeroed(Direction::ALL.len() * RESULTS * HANDSHAKE_REASONS.len()),
+            handshake_seconds: Default::default(),
+            requests: zeroed(Direction::ALL.len() * CODES),
+            request_seconds: Default::default(),
+            connections_open: Default::default(),
+            bad_paths: Default::default(),
+            svid_expiry: ArcSwapOption::empty(),
+        }
+    }
+
+    fn handshake_index(direction: Direction, ok: bool, reason: usize) -> usize {
+        (direction.index() * RESULTS + usize::from(!ok)) * HANDSHAKE_REASONS.len() + reason
+    }
+
+    fn request_index(direction: Direction, code: u16) -> Option<usize> {
+        let offset = usize::from(code.checked_sub(FIRST_CODE)?);
+        (offset < CODES).then_some(direction.index() * CODES + offset)
+    }
+}
+
+impl std::fmt::Debug for DataPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataPath").finish_non_exhaustive()
+    }
+}
+
+fn position(table: &[&str], value: &str) -> usize {
+    table
+        .iter()
+        .position(|r| *r == value)
+        .unwrap_or(table.len() - 1)
+}
+
+/// Emits the [`DataPath`] series at scrape time.
+#[derive(Debug)]
+struct DataPathCollector(Arc<DataPath>);
+
+impl Collector for DataPathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let d = &self.0;
+        let load = |cell: &AtomicU64| cell.load(Ordering::Relaxed);
+
+        if let Some(svid) = d.svid_expiry.load_full() {
+            let mut m = encoder.encode_descriptor(
+                "svid_expiry_timestamp_seconds",
+                "Expiry of the current SVID, unix seconds, labelled with its SPIFFE ID.",
+                None,
+                MetricType::Gauge,
+            )?;
+            let label = SpiffeIdLabel {
+                spiffe_id: svid.spiffe_id.clone(),
+            };
+            m.encode_family(&label)?.encode_gauge(&svid.not_after)?;
+        }
+
+        if d.handshakes.iter().any(|c| load(c) > 0) {
+            let mut m = encoder.encode_descriptor(
+                "tls_handshakes",
+                "mTLS handshakes, by direction, result and reason.",
+                None,
+                MetricType::Counter,
+            )?;
+            for direction in Direction::ALL {
+                for ok in [true, false] {
+                    for (reason_index, reason) in HANDSHAKE_REASONS.iter().enumerate() {
+                        let i = DataPath::handshake_index(direction, ok, reason_index);
+                        let n = d.handshakes.get(i).map_or(0, load);
+                        if n == 0 {
+                            continue;
+                        }
+                        let label = HandshakeLabel {
+                            direction: direction.as_str(),
+                            result: if ok { "ok" } else { "error" },
+                            reason,
+                        };
+                        m.encode_family(&label)?
+                            .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+                    }
+                }
+            }
+        }
+
+        encode_histograms(
+            &mut encoder,
+            "tls_handshake_duration_seconds",
+            "Time to complete an mTLS handshake (successful ones), by direction.",
+            &d.handshake_seconds,
+        )?;
+
+        if d.requests.iter().any(|c| load(c) > 0) {
+            let mut m = encoder.encode_descriptor(
+                "requests",
+                "HTTP requests proxied, by direction and status code.",
+                None,
+                MetricType::Counter,
+            )?;
+            for direction in Direction::ALL {
+                for code in FIRST_CODE..FIRST_CODE + CODES as u16 {
+                    let n = DataPath::request_index(direction, code)
+                        .and_then(|i| d.requests.get(i))
+                        .map_or(0, load);
+                    if n == 0 {
+                        continue;
+                    }
+                    let label = RequestLabel {
+                        direction: direction.as_str(),
+                        code,
+                    };
+                    m.encode_family(&label)?
+                        .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+                }
+            }
+        }
+
+        encode_histograms(
+            &mut encoder,
+            "request_duration_seconds",
+            "Time from a request's head received to its response head sent, by direction.",
+            &d.request_seconds,
+        )?;
+
+        {
+            let mut m = encoder.encode_descriptor(
+                "connections_open",
+                "Open mTLS connections, by direction.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for direction in Direction::ALL {
+                let n = d.connections_open[direction.index()].load(Ordering::Relaxed);
+                let label = DirectionLabel {
+                    direction: direction.as_str(),
+                };
+                m.encode_family(&label)?.encode_gauge(&n)?;
+            }
+        }
+
+        if d.bad_paths.iter().any(|c| load(c) > 0) {
+            let mut m = encoder.encode_descriptor(
+                "authz_bad_paths",
+                "Requests refused with 400 because their path cannot be normalized, by reason.",
+                None,
+                MetricType::Counter,
+            )?;
+            for (cell, reason) in d.bad_paths.iter().zip(BAD_PATH_REASONS) {
+                let n = load(cell);
+                if n > 0 {
+                    m.encode_family(&ReasonLabel { reason })?
+                        .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One histogram family, a series per direction that has observations (nothing at all if
+/// neither has).
+fn encode_histograms(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    by_direction: &[AtomicHistogram; 2],
+) -> Result<(), std::fmt::Error> {
+    let snapshots: Vec<(Direction, HistogramSnapshot)> = Direction::ALL
+        .into_iter()
+        .map(|d| (d, by_direction[d.index()].snapshot()))
+        .filter(|(_, s)| s.count > 0)
+        .collect();
+    if snapshots.is_empty() {
+        return Ok(());
+    }
+    let mut m = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    for (direction, s) in snapshots {
+        let label = DirectionLabel {
+            direction: direction.as_str(),
+        };
+        m.encode_family(&label)?.encode_histogram::<NoLabelSet>(
+            s.sum_seconds,
+            s.count,
+            &s.buckets,
+            None,
+        )?;
+    }
+    Ok(())
+}
+
 /// Every sidecar metric.
 pub struct SidecarMetrics {
     registry: Registry,
+    data: Arc<DataPath>,
     /// `trellis_sds_connected` (0/1).
     pub sds_connected: Gauge,
     /// `trellis_sds_updates_total{result}`.
@@ -88,16 +485,8 @@ pub struct SidecarMetrics {
     pub sds_last_update: Gauge,
     /// `trellis_svid_rotations_total`: SVIDs installed after the first.
     pub svid_rotations: Counter,
-    /// `trellis_svid_expiry_timestamp_seconds`.
-    pub svid_expiry: Gauge,
     /// `trellis_bundle_expiry_timestamp_seconds`.
     pub bundle_expiry: Gauge,
-    /// `trellis_tls_handshakes_total{direction,result,reason}`.
-    pub tls_handshakes: Family<HandshakeLabel, Counter>,
-    /// `trellis_requests_total{direction,code}`.
-    pub requests: Family<RequestLabel, Counter>,
-    /// `trellis_connections_open{direction}` (mTLS connections).
-    pub connections_open: Family<DirectionLabel, Gauge>,
     /// `trellis_upstream_connections_total`: mTLS connections the outbound pool opened.
     pub upstream_connections: Counter,
     /// `trellis_authz_decisions_total{decision,rule}`. The policy engine looks a rule's
@@ -105,9 +494,6 @@ pub struct SidecarMetrics {
     /// and keeps the handle, so the request path is a hash map lookup and an atomic add.
     /// Series of rules that no longer exist stay exported with their last counts.
     pub authz_decisions: Family<AuthzLabel, Counter>,
-    /// `trellis_authz_bad_paths_total{reason}`: requests refused with 400 because their
-    /// path could not be normalized.
-    pub authz_bad_paths: Family<ReasonLabel, Counter>,
     /// `trellis_policy_reload_errors_total`.
     pub policy_reload_errors: Counter,
     /// `trellis_policy_loaded_timestamp_seconds` (0: no policy loaded).
@@ -116,22 +502,24 @@ pub struct SidecarMetrics {
     pub policy_rules: Gauge,
 }
 
+impl std::fmt::Debug for SidecarMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SidecarMetrics").finish_non_exhaustive()
+    }
+}
+
 impl SidecarMetrics {
     /// Creates and registers every metric under `trellis_`.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("trellis");
+        let data = Arc::new(DataPath::new());
         let sds_connected = Gauge::default();
         let sds_updates = Family::<ResultLabel, Counter>::default();
         let sds_last_update = Gauge::default();
         let svid_rotations = Counter::default();
-        let svid_expiry = Gauge::default();
         let bundle_expiry = Gauge::default();
-        let tls_handshakes = Family::<HandshakeLabel, Counter>::default();
-        let requests = Family::<RequestLabel, Counter>::default();
-        let connections_open = Family::<DirectionLabel, Gauge>::default();
         let upstream_connections = Counter::default();
         let authz_decisions = Family::<AuthzLabel, Counter>::default();
-        let authz_bad_paths = Family::<ReasonLabel, Counter>::default();
         let policy_reload_errors = Counter::default();
         let policy_loaded = Gauge::default();
         let policy_rules = Gauge::default();
@@ -156,29 +544,9 @@ impl SidecarMetrics {
             svid_rotations.clone(),
         );
         registry.register(
-            "svid_expiry_timestamp_seconds",
-            "Expiry of the current SVID, unix seconds",
-            svid_expiry.clone(),
-        );
-        registry.register(
             "bundle_expiry_timestamp_seconds",
             "Earliest expiry among trust bundle CAs, unix seconds",
             bundle_expiry.clone(),
-        );
-        registry.register(
-            "tls_handshakes",
-            "mTLS handshakes, by direction, result and reason",
-            tls_handshakes.clone(),
-        );
-        registry.register(
-            "requests",
-            "HTTP requests proxied, by direction and status code",
-            requests.clone(),
-        );
-        registry.register(
-            "connections_open",
-            "Open mTLS connections, by direction",
-            connections_open.clone(),
         );
         registry.register(
             "upstream_connections",
@@ -189,11 +557,6 @@ impl SidecarMetrics {
             "authz_decisions",
             "Authorization decisions, by decision (allow, deny, audit_deny) and deciding rule",
             authz_decisions.clone(),
-        );
-        registry.register(
-            "authz_bad_paths",
-            "Requests refused with 400 because their path cannot be normalized, by reason",
-            authz_bad_paths.clone(),
         );
         registry.register(
             "policy_reload_errors",
@@ -210,20 +573,17 @@ impl SidecarMetrics {
             "Rules in the policy in force",
             policy_rules.clone(),
         );
+        registry.register_collector(Box::new(DataPathCollector(Arc::clone(&data))));
         Self {
             registry,
+            data,
             sds_connected,
             sds_updates,
             sds_last_update,
             svid_rotations,
-            svid_expiry,
             bundle_expiry,
-            tls_handshakes,
-            requests,
-            connections_open,
             upstream_connections,
             authz_decisions,
-            authz_bad_paths,
             policy_reload_errors,
             policy_loaded,
             policy_rules,
@@ -237,37 +597,69 @@ impl SidecarMetrics {
         out
     }
 
-    /// Counts a handshake; `reason` is `none` on success.
+    /// Counts a handshake; `reason` is `none` on success, one of [`HANDSHAKE_REASONS`] on
+    /// failure (anything else counts as `other`). A short scan of a 15-entry table: a
+    /// handshake costs thousands of times more.
     pub fn handshake(&self, direction: Direction, ok: bool, reason: &'static str) {
-        self.tls_handshakes
-            .get_or_create(&HandshakeLabel {
-                direction: direction.as_str(),
-                result: if ok { "ok" } else { "error" },
-                reason: if ok { "none" } else { reason },
-            })
-            .inc();
+        let reason = if ok {
+            0
+        } else {
+            position(&HANDSHAKE_REASONS, reason)
+        };
+        if let Some(c) = self
+            .data
+            .handshakes
+            .get(DataPath::handshake_index(direction, ok, reason))
+        {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
-    /// Counts a proxied request by its final status.
-    pub fn request(&self, direction: Direction, code: u16) {
-        self.requests
-            .get_or_create(&RequestLabel {
-                direction: direction.as_str(),
-                code,
-            })
-            .inc();
+    /// Records how long a successful handshake took.
+    pub fn handshake_duration(&self, direction: Direction, took: Duration) {
+        self.data.handshake_seconds[direction.index()].observe(took);
+    }
+
+    /// Counts a proxied request by its final status and records its duration (request head
+    /// received to response head sent).
+    pub fn request(&self, direction: Direction, code: u16, took: Duration) {
+        if let Some(c) =
+            DataPath::request_index(direction, code).and_then(|i| self.data.requests.get(i))
+        {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        self.data.request_seconds[direction.index()].observe(took);
+    }
+
+    /// Counts a request refused because its path cannot be normalized.
+    pub fn bad_path(&self, reason: &str) {
+        let i = position(&BAD_PATH_REASONS, reason);
+        if let Some(c) = self.data.bad_paths.get(i) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Tracks an open mTLS connection until the guard drops.
     pub fn connection(&self, direction: Direction) -> ConnectionGuard {
-        let gauge = self
-            .connections_open
-            .get_or_create(&DirectionLabel {
-                direction: direction.as_str(),
-            })
-            .clone();
-        gauge.inc();
-        ConnectionGuard(gauge)
+        self.data.connections_open[direction.index()].fetch_add(1, Ordering::Relaxed);
+        ConnectionGuard {
+            data: Arc::clone(&self.data),
+            direction,
+        }
+    }
+
+    /// Sets `trellis_svid_expiry_timestamp_seconds{spiffe_id}`. One series: a new SPIFFE ID
+    /// replaces the old one's.
+    pub fn set_svid_expiry(&self, spiffe_id: &str, not_after: i64) {
+        self.data.svid_expiry.store(Some(Arc::new(SvidExpiry {
+            spiffe_id: spiffe_id.to_owned(),
+            not_after,
+        })));
+    }
+
+    /// The exported SVID expiry, if an SVID was ever installed.
+    pub fn svid_expiry(&self) -> Option<SvidExpiry> {
+        self.data.svid_expiry.load_full().map(|e| (*e).clone())
     }
 
     /// Counts an SDS update by result.
@@ -285,11 +677,22 @@ impl Default for SidecarMetrics {
 }
 
 /// Decrements `trellis_connections_open` on drop.
-pub struct ConnectionGuard(Gauge);
+pub struct ConnectionGuard {
+    data: Arc<DataPath>,
+    direction: Direction,
+}
+
+impl std::fmt::Debug for ConnectionGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionGuard")
+            .field("direction", &self.direction)
+            .finish()
+    }
+}
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.0.dec();
+        self.data.connections_open[self.direction.index()].fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -297,25 +700,57 @@ impl Drop for ConnectionGuard {
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
 
     #[test]
     fn names_are_pinned() {
         let m = SidecarMetrics::new();
         m.handshake(Direction::Inbound, false, "no_cert");
-        m.request(Direction::Outbound, 502);
+        m.handshake(Direction::Outbound, true, "none");
+        m.handshake_duration(Direction::Outbound, ms(3));
+        m.request(Direction::Outbound, 502, ms(1));
+        m.request(Direction::Inbound, 200, ms(2));
         m.sds_update("ok");
+        m.bad_path("encoded_slash");
+        m.set_svid_expiry("spiffe://example.org/a", 1_700_000_000);
+        m.authz_decisions
+            .get_or_create(&AuthzLabel {
+                decision: "deny",
+                rule: "no-export".into(),
+            })
+            .inc();
         let _g = m.connection(Direction::Inbound);
         let text = m.encode();
         for line in [
             "trellis_tls_handshakes_total{direction=\"inbound\",result=\"error\",reason=\"no_cert\"} 1",
+            "trellis_tls_handshakes_total{direction=\"outbound\",result=\"ok\",reason=\"none\"} 1",
+            "# TYPE trellis_tls_handshake_duration_seconds histogram",
+            "trellis_tls_handshake_duration_seconds_bucket{direction=\"outbound\",le=\"0.0025\"} 0",
+            "trellis_tls_handshake_duration_seconds_bucket{direction=\"outbound\",le=\"0.005\"} 1",
+            "trellis_tls_handshake_duration_seconds_bucket{direction=\"outbound\",le=\"+Inf\"} 1",
+            "trellis_tls_handshake_duration_seconds_sum{direction=\"outbound\"} 0.003",
+            "trellis_tls_handshake_duration_seconds_count{direction=\"outbound\"} 1",
             "trellis_requests_total{direction=\"outbound\",code=\"502\"} 1",
+            "trellis_requests_total{direction=\"inbound\",code=\"200\"} 1",
+            "# TYPE trellis_request_duration_seconds histogram",
+            "trellis_request_duration_seconds_bucket{direction=\"inbound\",le=\"0.0001\"} 0",
+            "trellis_request_duration_seconds_bucket{direction=\"inbound\",le=\"30\"} 1",
+            "trellis_request_duration_seconds_count{direction=\"inbound\"} 1",
+            "trellis_request_duration_seconds_count{direction=\"outbound\"} 1",
             "trellis_sds_updates_total{result=\"ok\"} 1",
             "trellis_connections_open{direction=\"inbound\"} 1",
+            "trellis_connections_open{direction=\"outbound\"} 0",
+            "trellis_authz_decisions_total{decision=\"deny\",rule=\"no-export\"} 1",
+            "trellis_authz_bad_paths_total{reason=\"encoded_slash\"} 1",
+            "trellis_svid_expiry_timestamp_seconds{spiffe_id=\"spiffe://example.org/a\"} 1700000000",
             "trellis_sds_connected 0",
             "trellis_svid_rotations_total 0",
-            "trellis_svid_expiry_timestamp_seconds 0",
             "trellis_bundle_expiry_timestamp_seconds 0",
             "trellis_upstream_connections_total 0",
             "trellis_sds_last_update_timestamp_seconds 0",
@@ -325,5 +760,161 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing `{line}` in\n{text}");
         }
+        // Each family is described once, with the type Prometheus expects for its suffixes.
+        for (family, kind) in [
+            ("trellis_tls_handshakes_total", "counter"),
+            ("trellis_requests_total", "counter"),
+            ("trellis_tls_handshake_duration_seconds", "histogram"),
+            ("trellis_request_duration_seconds", "histogram"),
+            ("trellis_connections_open", "gauge"),
+            ("trellis_svid_expiry_timestamp_seconds", "gauge"),
+            ("trellis_authz_bad_paths_total", "counter"),
+        ] {
+            let decl = format!("# TYPE {family} {kind}\n");
+            assert_eq!(text.matches(&decl).count(), 1, "`{decl}` in\n{text}");
+        }
+    }
+
+    #[test]
+    fn untouched_series_are_not_exported() {
+        let text = SidecarMetrics::new().encode();
+        for absent in [
+            "trellis_tls_handshakes_total",
+            "trellis_requests_total",
+            "trellis_tls_handshake_duration_seconds",
+            "trellis_request_duration_seconds",
+            "trellis_svid_expiry_timestamp_seconds",
+            "trellis_authz_bad_paths_total",
+        ] {
+            assert!(!text.contains(absent), "`{absent}` in\n{text}");
+        }
+        // The open-connection gauges are a fixed pair, exported from the start.
+        assert!(text.contains("trellis_connections_open{direction=\"outbound\"} 0"));
+    }
+
+    #[test]
+    fn svid_expiry_keeps_one_series() {
+        let m = SidecarMetrics::new();
+        m.set_svid_expiry("spiffe://example.org/old", 10);
+        m.set_svid_expiry("spiffe://example.org/new", 20);
+        let text = m.encode();
+        assert!(!text.contains("/old"), "{text}");
+        assert!(text.contains(
+            "trellis_svid_expiry_timestamp_seconds{spiffe_id=\"spiffe://example.org/new\"} 20"
+        ));
+        assert_eq!(
+            m.svid_expiry(),
+            Some(SvidExpiry {
+                spiffe_id: "spiffe://example.org/new".into(),
+                not_after: 20
+            })
+        );
+    }
+
+    #[test]
+    fn histogram_buckets_follow_le_semantics() {
+        // On a bound: that bucket (le is "less than or equal").
+        assert_eq!(AtomicHistogram::bucket_of(Duration::from_micros(100)), 0);
+        assert_eq!(AtomicHistogram::bucket_of(Duration::ZERO), 0);
+        assert_eq!(AtomicHistogram::bucket_of(Duration::from_nanos(100_001)), 1);
+        assert_eq!(AtomicHistogram::bucket_of(ms(1)), 3);
+        assert_eq!(AtomicHistogram::bucket_of(Duration::from_secs(30)), 16);
+        // Past the last bound: +Inf.
+        assert_eq!(AtomicHistogram::bucket_of(Duration::from_secs(31)), 17);
+        assert_eq!(AtomicHistogram::bucket_of(Duration::MAX), 17);
+
+        let h = AtomicHistogram::default();
+        for d in [
+            Duration::from_micros(50),
+            Duration::from_micros(100),
+            ms(2),
+            ms(2),
+            Duration::from_secs(40),
+        ] {
+            h.observe(d);
+        }
+        let s = h.snapshot();
+        assert_eq!(s.count, 5);
+        assert_eq!(s.buckets.len(), LATENCY_BUCKETS_NANOS.len());
+        assert_eq!(s.buckets[0], (0.0001, 2));
+        assert_eq!(s.buckets[4], (0.0025, 2));
+        assert_eq!(s.buckets.iter().map(|b| b.1).sum::<u64>(), 4, "one in +Inf");
+        assert!((s.sum_seconds - 40.00415).abs() < 1e-9, "{}", s.sum_seconds);
+        assert_eq!(s.buckets.last().unwrap().0, 30.0);
+    }
+
+    #[test]
+    fn histogram_exposition_is_cumulative() {
+        let m = SidecarMetrics::new();
+        for d in [
+            Duration::from_micros(50),
+            ms(2),
+            ms(2),
+            Duration::from_secs(40),
+        ] {
+            m.request(Direction::Inbound, 200, d);
+        }
+        let text = m.encode();
+        for line in [
+            "trellis_request_duration_seconds_bucket{direction=\"inbound\",le=\"0.0001\"} 1",
+            "trellis_request_duration_seconds_bucket{direction=\"inbound\",le=\"0.001\"} 1",
+            "trellis_request_duration_seconds_bucket{direction=\"inbound\",le=\"0.0025\"} 3",
+            "trellis_request_duration_seconds_bucket{direction=\"inbound\",le=\"30\"} 3",
+            "trellis_request_duration_seconds_bucket{direction=\"inbound\",le=\"+Inf\"} 4",
+            "trellis_request_duration_seconds_count{direction=\"inbound\"} 4",
+            "trellis_requests_total{direction=\"inbound\",code=\"200\"} 4",
+        ] {
+            assert!(text.contains(line), "missing `{line}` in\n{text}");
+        }
+        assert!(!text.contains("direction=\"outbound\",le="), "{text}");
+    }
+
+    #[test]
+    fn unknown_reasons_and_codes_stay_bounded() {
+        let m = SidecarMetrics::new();
+        m.handshake(Direction::Inbound, false, "brand_new_reason");
+        m.bad_path("brand_new_reason");
+        m.request(Direction::Inbound, 999, ms(1));
+        m.request(Direction::Inbound, 42, ms(1)); // not a status: timed, not counted
+        let text = m.encode();
+        assert!(text.contains(
+            "trellis_tls_handshakes_total{direction=\"inbound\",result=\"error\",reason=\"other\"} 1"
+        ));
+        assert!(text.contains("trellis_authz_bad_paths_total{reason=\"other\"} 1"));
+        assert!(text.contains("trellis_requests_total{direction=\"inbound\",code=\"999\"} 1"));
+        assert!(!text.contains("code=\"42\""));
+        assert!(!text.contains("brand_new_reason"));
+    }
+
+    #[test]
+    fn path_error_reasons_are_all_known() {
+        use trellis_policy::PathError;
+        for e in [
+            PathError::NotAbsolute,
+            PathError::QueryOrFragment,
+            PathError::EncodedSlash,
+            PathError::Backslash,
+            PathError::ControlCharacter,
+            PathError::BadEscape,
+            PathError::AboveRoot,
+        ] {
+            let known = &BAD_PATH_REASONS[..BAD_PATH_REASONS.len() - 1];
+            assert!(known.contains(&e.reason()), "{e:?}: {}", e.reason());
+        }
+    }
+
+    #[test]
+    fn connection_guard_counts_down() {
+        let m = SidecarMetrics::new();
+        let a = m.connection(Direction::Outbound);
+        let b = m.connection(Direction::Outbound);
+        drop(a);
+        assert!(m
+            .encode()
+            .contains("trellis_connections_open{direction=\"outbound\"} 1"));
+        drop(b);
+        assert!(m
+            .encode()
+            .contains("trellis_connections_open{direction=\"outbound\"} 0"));
     }
 }

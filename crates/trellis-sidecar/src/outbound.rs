@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, Scheme};
@@ -27,8 +27,8 @@ use tokio::net::TcpListener;
 use crate::config::{Protocol, SidecarSettings};
 use crate::drain::{self, Drain};
 use crate::http_util::{
-    host_without_port, serve_until_drained, strip_hop_by_hop, text_response, ConnDrain, ProxyBody,
-    StatusCounters,
+    host_without_port, serve_until_drained, strip_hop_by_hop, text_response, AccessEntry,
+    ConnDrain, ProxyBody,
 };
 use crate::inbound::accept_loop;
 use crate::metrics::{Direction, SidecarMetrics};
@@ -41,6 +41,8 @@ use crate::tcp::{self, OutboundTcp};
 pub const SHARED_LISTENER: &str = "shared";
 
 struct HttpUpstream {
+    /// The configured name, as access-log lines name it.
+    name: Box<str>,
     pool: PeerPool,
     /// The configured host names as authorities, so the common `Host: billing` costs no parse.
     authorities: Vec<Authority>,
@@ -106,7 +108,10 @@ struct Outbound {
     routes: Routes,
     /// `a, b, c` for 404 bodies.
     known_hosts: String,
-    counters: StatusCounters,
+    metrics: Arc<SidecarMetrics>,
+    /// Our identity: the caller in access-log lines.
+    store: Arc<SvidStore>,
+    access_log: bool,
     request_timeout: Duration,
     server: auto::Builder<TokioExecutor>,
 }
@@ -167,6 +172,7 @@ impl OutboundProxy {
                         .or_else(|| Authority::try_from(u.name.as_str()).ok())
                         .unwrap_or_else(|| Authority::from_static("localhost"));
                     upstreams.push(HttpUpstream {
+                        name: u.name.clone().into_boxed_str(),
                         pool: PeerPool::new(
                             peer,
                             TlsClient::new(config, sessions),
@@ -234,7 +240,9 @@ impl OutboundProxy {
                 upstreams,
                 routes: Routes::new(routes),
                 known_hosts,
-                counters: StatusCounters::new(Direction::Outbound, metrics),
+                metrics,
+                store,
+                access_log: settings.access_log,
                 request_timeout: settings.request_timeout,
                 server,
             }),
@@ -339,17 +347,43 @@ async fn serve_http(
     .await;
 }
 
+/// One app request: forwarded, counted, timed (head received to response head ready) and,
+/// with the access log on, logged.
 async fn handle(
     shared: Arc<Outbound>,
     conn: Arc<ConnDrain>,
     route: Route,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    let started = Instant::now();
     let version = req.version();
-    let mut response = shared.forward(route, req).await;
+    // The one cost of the access log when it is off is this branch.
+    let logged = shared
+        .access_log
+        .then(|| (req.method().clone(), req.uri().path_and_query().cloned()));
+    let (mut response, upstream) = shared.forward(route, req).await;
     *response.version_mut() = version;
     conn.on_response(version, response.headers_mut());
-    shared.counters.inc(response.status());
+    let took = started.elapsed();
+    shared
+        .metrics
+        .request(Direction::Outbound, response.status().as_u16(), took);
+    if let Some((method, path)) = logged {
+        let svid = shared.store.current();
+        AccessEntry {
+            caller: svid.as_deref().map(|s| s.spiffe_id().as_str()),
+            direction: Direction::Outbound,
+            method: &method,
+            path: path.as_ref().map_or("/", http::uri::PathAndQuery::path),
+            status: response.status(),
+            took,
+            upstream: upstream
+                .and_then(|i| shared.upstreams.get(i))
+                .map(|u| &*u.name),
+            rule: None,
+        }
+        .emit();
+    }
     Ok(response)
 }
 
@@ -377,8 +411,13 @@ impl Outbound {
         text_response(StatusCode::NOT_FOUND, &message)
     }
 
-    async fn forward(&self, route: Route, req: Request<Incoming>) -> Response<ProxyBody> {
-        let (mut parts, body) = req.into_parts();
+    /// The peer's answer, or the sidecar's own; and which upstream was chosen, if any.
+    async fn forward(
+        &self,
+        route: Route,
+        req: Request<Incoming>,
+    ) -> (Response<ProxyBody>, Option<usize>) {
+        let (parts, body) = req.into_parts();
         let index = match route {
             Route::Fixed(index) => index,
             Route::ByHost => {
@@ -391,17 +430,26 @@ impl Outbound {
                         .and_then(|h| h.to_str().ok()),
                 };
                 let Some(host) = host.map(host_without_port) else {
-                    return self.not_found(None);
+                    return (self.not_found(None), None);
                 };
                 match self.lookup(host) {
                     Some(index) => index,
-                    None => return self.not_found(Some(host)),
+                    None => return (self.not_found(Some(host)), None),
                 }
             }
         };
         let Some(upstream) = self.upstreams.get(index) else {
-            return self.not_found(None);
+            return (self.not_found(None), None);
         };
+        (self.forward_to(upstream, parts, body).await, Some(index))
+    }
+
+    async fn forward_to(
+        &self,
+        upstream: &HttpUpstream,
+        mut parts: http::request::Parts,
+        body: Incoming,
+    ) -> Response<ProxyBody> {
         let uri = std::mem::take(&mut parts.uri).into_parts();
         let authority = upstream.authority(uri.authority, parts.headers.get(header::HOST));
         let mut target = http::uri::Parts::default();

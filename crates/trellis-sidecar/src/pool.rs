@@ -548,11 +548,12 @@ impl PeerTarget {
 
     /// TCP + mTLS. The verifier checks the chain and the expected identity inside the handshake;
     /// a resumed session skipped it, so its stored chain is checked again here, and if that
-    /// fails the sessions are forgotten and a full handshake is made instead.
+    /// fails the sessions are forgotten and a full handshake is made instead. Returns the
+    /// stream, whether it resumed, and how long the (last) TLS handshake took.
     async fn handshake(
         &self,
         tls: &TlsClient,
-    ) -> Result<(TlsStream<TcpStream>, bool), ForwardError> {
+    ) -> Result<(TlsStream<TcpStream>, bool, Duration), ForwardError> {
         if let Some(store) = &self.svid {
             if !mtls::wait_for_svid(store, self.connect_timeout).await {
                 return Err(ForwardError::NoSvid {
@@ -565,6 +566,7 @@ impl PeerTarget {
         loop {
             attempts += 1;
             let tcp = self.tcp().await?;
+            let started = Instant::now();
             let stream = match tokio::time::timeout(
                 self.connect_timeout,
                 tls.connector.connect(self.server_name.clone(), tcp),
@@ -608,12 +610,14 @@ impl PeerTarget {
                     });
                 }
             }
-            return Ok((stream, resumed));
+            return Ok((stream, resumed, started.elapsed()));
         }
     }
 
-    fn connected(&self) {
+    fn connected(&self, handshake_took: Duration) {
         self.metrics.handshake(Direction::Outbound, true, "none");
+        self.metrics
+            .handshake_duration(Direction::Outbound, handshake_took);
         self.metrics.upstream_connections.inc();
     }
 
@@ -622,8 +626,8 @@ impl PeerTarget {
         &self,
         tls: &TlsClient,
     ) -> Result<TlsStream<TcpStream>, ForwardError> {
-        let (stream, _) = self.handshake(tls).await?;
-        self.connected();
+        let (stream, _, took) = self.handshake(tls).await?;
+        self.connected(took);
         Ok(stream)
     }
 
@@ -635,9 +639,9 @@ impl PeerTarget {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let (mut stream, resumed) = self.handshake(tls).await?;
+            let (mut stream, resumed, took) = self.handshake(tls).await?;
             if stream.get_ref().1.alpn_protocol() != Some(mtls::ALPN_H2) {
-                self.connected();
+                self.connected(took);
                 return Ok(PeerIo::Http1(stream));
             }
             let mut first = vec![0u8; 1024];
@@ -656,7 +660,7 @@ impl PeerTarget {
                 Ok(Err(e)) => Some(Some(e)),
             };
             let Some(err) = refused else {
-                self.connected();
+                self.connected(took);
                 return Ok(PeerIo::H2(Prefixed::new(first, stream)));
             };
             if resumed && attempts < 2 {

@@ -70,6 +70,8 @@ pub struct Sidecar {
     drain_timeout: Duration,
     drain_signal: DrainSignal,
     shutdown: watch::Sender<bool>,
+    /// Turns true when `POST /shutdown` on the admin endpoint was accepted.
+    admin_shutdown: watch::Receiver<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -121,11 +123,8 @@ impl Sidecar {
                 store
             }
             IdentitySource::Sds(sds) => {
-                let bundle = read_bundle(
-                    &sds.control_bundle,
-                    "the control plane bundle (identity.sds.control_bundle, --control-bundle)",
-                    &settings,
-                )?;
+                let bundle =
+                    crate::sds::read_control_bundle(&sds.control_bundle, &settings.trust_domain)?;
                 let store = SvidStore::new(bundle, sds.expected_id.clone(), Arc::clone(&metrics));
                 let client = SdsClient::new(sds.clone(), Arc::clone(&store), Arc::clone(&metrics))?;
                 tasks.push(tokio::spawn(client.run(shutdown_rx.clone())));
@@ -191,10 +190,12 @@ impl Sidecar {
                 PolicyWatcher::new(Arc::clone(&policy)).run(shutdown_rx.clone()),
             ));
         }
+        let (admin_shutdown_tx, admin_shutdown) = watch::channel(false);
         tasks.push(tokio::spawn(admin::serve(
             admin_listener,
             admin_state,
             shutdown_rx,
+            admin_shutdown_tx,
         )));
         tracing::info!(inbound = %inbound_addr, outbound = ?outbound_addrs, admin = %admin_addr, "sidecar serving");
         Ok(Self {
@@ -207,8 +208,19 @@ impl Sidecar {
             drain_timeout: settings.drain_timeout,
             drain_signal,
             shutdown,
+            admin_shutdown,
             tasks,
         })
+    }
+
+    /// Resolves once `POST /shutdown` on the admin endpoint was accepted (and answered `202`).
+    /// The embedder then calls [`Sidecar::shutdown`], exactly as on SIGTERM.
+    pub async fn shutdown_requested(&self) {
+        let mut requested = self.admin_shutdown.clone();
+        if requested.wait_for(|asked| *asked).await.is_err() {
+            // The admin endpoint is gone, so nobody can ask any more.
+            std::future::pending::<()>().await;
+        }
     }
 
     /// The shared outbound listener.

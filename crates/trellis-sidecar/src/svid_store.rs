@@ -106,7 +106,8 @@ impl SvidStore {
             .set(unix(bundle.earliest_expiry()));
         self.bundle.store(Arc::new(bundle));
         self.resolver.install(&svid)?;
-        self.metrics.svid_expiry.set(unix(svid.not_after()));
+        self.metrics
+            .set_svid_expiry(svid.spiffe_id().as_str(), unix(svid.not_after()));
         self.metrics.sds_last_update.set(unix(now));
         if !first {
             self.metrics.svid_rotations.inc();

@@ -109,7 +109,7 @@ impl Sidecar {
         let store = SvidStore::new(c.bundle.clone(), expected_id.clone(), Arc::clone(&metrics));
         let settings = SdsSettings {
             control_plane: c.cp.sds_addr.to_string(),
-            control_bundle: c.cp.bundle_path.clone(),
+            control_bundle: c.cp.bundle_path.clone().into(),
             credential: Credential::JoinToken(c.token(WEB)),
             expected_id,
             csr,
@@ -328,7 +328,7 @@ async fn unreachable_control_plane_keeps_retrying_and_is_not_ready() {
     );
     let settings = SdsSettings {
         control_plane: addr.to_string(),
-        control_bundle: bundle_path,
+        control_bundle: bundle_path.into(),
         credential: Credential::JoinToken(zeroize::Zeroizing::new("trellis-join.unused".into())),
         expected_id: None,
         csr: true,

@@ -304,7 +304,7 @@ fn client(
     let store = SvidStore::new(bundle.clone(), expected_id.clone(), Arc::clone(&metrics));
     let settings = SdsSettings {
         control_plane: fake.addr.to_string(),
-        control_bundle: fake.bundle_path.clone(),
+        control_bundle: fake.bundle_path.clone().into(),
         credential,
         expected_id,
         csr,
@@ -832,7 +832,7 @@ async fn control_plane_with_wrong_identity_is_refused() {
 fn settings(bundle: std::path::PathBuf, credential: Credential, address: &str) -> SdsSettings {
     SdsSettings {
         control_plane: address.into(),
-        control_bundle: bundle,
+        control_bundle: bundle.into(),
         credential,
         expected_id: None,
         csr: true,

@@ -6,8 +6,10 @@ use std::time::{Duration, SystemTime};
 use anyhow::{bail, Context as _};
 use clap::Subcommand;
 use trellis_control::ca::Ca;
-use trellis_control::registry::Registry;
+use trellis_control::registry::DatabaseUrl;
 use trellis_identity::TrustDomain;
+
+use crate::cmd_token::open_registry;
 
 /// `trellis ca …`.
 #[derive(Subcommand, Debug)]
@@ -33,9 +35,18 @@ pub enum CaCommand {
     /// from --activate-after on, and the old CA leaves the bundle once every SVID it signed
     /// has expired. Without --ca-cert, the new CA is a fresh self-signed root.
     Rotate {
-        /// The control plane's state directory.
-        #[arg(long, env = "TRELLIS_STATE_DIR")]
-        state_dir: PathBuf,
+        /// The control plane's state directory (its SQLite database).
+        #[arg(long, env = "TRELLIS_STATE_DIR", required_unless_present = "database")]
+        state_dir: Option<PathBuf>,
+        /// The control plane's database instead: the PostgreSQL URL its replicas share
+        /// (every replica picks the rotation up within a second), or sqlite://PATH.
+        #[arg(
+            long,
+            env = "TRELLIS_DATABASE",
+            value_name = "URL",
+            hide_env_values = true
+        )]
+        database: Option<DatabaseUrl>,
         /// Trust domain, e.g. example.org.
         #[arg(long, env = "TRELLIS_TRUST_DOMAIN")]
         trust_domain: String,
@@ -95,6 +106,7 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
         }
         CaCommand::Rotate {
             state_dir,
+            database,
             trust_domain,
             activate_after,
             ca_cert,
@@ -105,13 +117,8 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
             if activate_after < Duration::from_secs(1) {
                 bail!("--activate-after must be at least 1s: workloads need time to receive the new trust bundle before the new CA signs");
             }
-            let db = state_dir.join("trellis.db");
-            if !db.exists() {
-                bail!(
-                    "{}: no control-plane state here; pass the --state-dir that `trellis control` uses",
-                    state_dir.display()
-                );
-            }
+            let registry = open_registry(state_dir.as_ref(), database.as_ref())?;
+            let db = registry.path().to_path_buf();
             let now = SystemTime::now();
             let material = match (&ca_cert, &ca_key) {
                 (Some(cert), Some(key)) => {
@@ -121,7 +128,6 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
             };
             // The same checks the control plane applies when it loads the rotation.
             let ca = Ca::from_material(&td, &material, &db)?;
-            let registry = Registry::open(&db)?;
             let activate_at = now + activate_after;
             let id = registry
                 .add_ca_rotation(&material, now, activate_at, now)
@@ -135,10 +141,15 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
                 humantime::format_rfc3339_seconds(activate_at)
             );
             println!("  the old CA leaves the bundle one SVID lifetime (+60s) after that");
-            println!(
-                "  watch: the control plane's admin /ca endpoint, and {}",
-                state_dir.join("bundle.pem").display()
-            );
+            match (&state_dir, registry.is_shared()) {
+                (Some(dir), false) => println!(
+                    "  watch: the control plane's admin /ca endpoint, and {}",
+                    dir.join("bundle.pem").display()
+                ),
+                _ => println!(
+                    "  watch: each replica's admin /ca endpoint, and bundle.pem in its state directory"
+                ),
+            }
             Ok(())
         }
     }

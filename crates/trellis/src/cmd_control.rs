@@ -1,4 +1,5 @@
-//! `trellis control`: flags and env over the YAML file, then run until SIGINT/SIGTERM.
+//! `trellis control`: flags and env over the YAML file, then run until SIGINT/SIGTERM or an
+//! admin `POST /shutdown`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,13 +8,16 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use trellis_control::config::{ControlFile, ControlSettings};
+use trellis_control::registry::DatabaseUrl;
 use trellis_control::server::ControlPlane;
 
 /// `trellis control` flags; each overrides the same field of `--config`.
 #[derive(Args, Debug)]
 pub struct ControlArgs {
     /// YAML config file (fields: trust_domain, listen, admin, state_dir, svid_ttl, rotate_every,
-    /// ca_cert, ca_key, ca_bundle, k8s_jwks, k8s_issuer, k8s_audience).
+    /// ca_cert, ca_key, ca_bundle, k8s_jwks, k8s_issuer, k8s_audience, k8s_jwks_url, k8s_ca,
+    /// k8s_token, k8s_jwks_refresh, webhook_listen, webhook_dns_names, sidecar_image,
+    /// sidecar_control_plane, database).
     #[arg(long, env = "TRELLIS_CONFIG")]
     config: Option<PathBuf>,
     /// Trust domain, e.g. example.org.
@@ -52,6 +56,52 @@ pub struct ControlArgs {
     /// Expected `aud` of Kubernetes tokens [default: trellis].
     #[arg(long, env = "TRELLIS_K8S_AUDIENCE")]
     k8s_audience: Option<String>,
+    /// Serve the sidecar injection webhook (HTTPS, POST /inject) on this address, e.g.
+    /// 0.0.0.0:8444 [default: off].
+    #[arg(long, env = "TRELLIS_WEBHOOK_LISTEN")]
+    webhook_listen: Option<SocketAddr>,
+    /// DNS name of the webhook's serving certificate (issued by the control plane's CA);
+    /// repeatable or comma-separated [default: trellis-control.trellis-system.svc].
+    #[arg(
+        long = "webhook-dns-name",
+        env = "TRELLIS_WEBHOOK_DNS_NAME",
+        value_delimiter = ','
+    )]
+    webhook_dns_names: Vec<String>,
+    /// Image of the sidecar container the webhook injects
+    /// [default: ghcr.io/trellis-mesh/trellis:0.1.0].
+    #[arg(long, env = "TRELLIS_SIDECAR_IMAGE")]
+    sidecar_image: Option<String>,
+    /// Control plane address (host:port) injected sidecars connect to
+    /// [default: trellis-control.trellis-system.svc:8443].
+    #[arg(long, env = "TRELLIS_SIDECAR_CONTROL_PLANE")]
+    sidecar_control_plane: Option<String>,
+    /// Fetch the issuer's JWKS from this URL instead of a file, at start and every
+    /// --k8s-jwks-refresh, e.g. https://kubernetes.default.svc/openid/v1/jwks.
+    #[arg(long, env = "TRELLIS_K8S_JWKS_URL", conflicts_with = "k8s_jwks")]
+    k8s_jwks_url: Option<String>,
+    /// CA file that verifies --k8s-jwks-url's server
+    /// [default: /var/run/secrets/kubernetes.io/serviceaccount/ca.crt].
+    #[arg(long, env = "TRELLIS_K8S_CA")]
+    k8s_ca: Option<PathBuf>,
+    /// Bearer token file sent to --k8s-jwks-url, read again on each fetch
+    /// [default: /var/run/secrets/kubernetes.io/serviceaccount/token].
+    #[arg(long, env = "TRELLIS_K8S_TOKEN")]
+    k8s_token: Option<PathBuf>,
+    /// How often --k8s-jwks-url is fetched again; a failed fetch keeps the keys [default: 5m].
+    #[arg(long, env = "TRELLIS_K8S_JWKS_REFRESH", value_parser = humantime::parse_duration)]
+    k8s_jwks_refresh: Option<Duration>,
+    /// Where join tokens, issuance records and CA rotations live: postgres://USER:PASSWORD@HOST:5432/DB
+    /// shared by replicas (add ?sslmode=verify-full&sslrootcert=CA.pem off loopback), or
+    /// sqlite://PATH [default: SQLite in --state-dir].
+    // hide_env_values: `--help` must not print the password from TRELLIS_DATABASE.
+    #[arg(
+        long,
+        env = "TRELLIS_DATABASE",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    database: Option<DatabaseUrl>,
 }
 
 impl ControlArgs {
@@ -76,13 +126,22 @@ impl ControlArgs {
             ca_bundle,
             k8s_jwks,
             k8s_issuer,
-            k8s_audience
+            k8s_audience,
+            k8s_jwks_url,
+            k8s_ca,
+            k8s_token,
+            k8s_jwks_refresh
         );
+        over!(webhook_listen, sidecar_image, sidecar_control_plane);
+        over!(database);
+        if !self.webhook_dns_names.is_empty() {
+            f.webhook_dns_names = Some(self.webhook_dns_names);
+        }
         Ok(f)
     }
 }
 
-/// Runs the control plane until a signal.
+/// Runs the control plane until a signal or an admin `POST /shutdown`.
 pub fn run(args: ControlArgs) -> anyhow::Result<()> {
     let settings = ControlSettings::from_file(args.merged()?)?;
     // Issuance and attestation run on the blocking pool; a small pool keeps a burst of
@@ -95,12 +154,20 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let cp = ControlPlane::start(settings).await?;
         // Tests and scripts read this line to learn the bound ports (port 0 is allowed).
+        let webhook = cp
+            .webhook_addr
+            .map(|a| format!(" webhook={a}"))
+            .unwrap_or_default();
         println!(
-            "trellis control listening sds={} admin={}",
+            "trellis control listening sds={} admin={}{webhook}",
             cp.sds_addr, cp.admin_addr
         );
-        shutdown_signal().await;
-        tracing::info!("shutting down");
+        tokio::select! {
+            () = shutdown_signal() => tracing::info!("signal received; shutting down"),
+            () = cp.shutdown_requested() => {
+                tracing::info!("shutdown requested on the admin endpoint; shutting down");
+            }
+        }
         cp.shutdown().await;
         Ok(())
     })

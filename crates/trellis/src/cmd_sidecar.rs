@@ -24,6 +24,15 @@ pub struct SidecarArgs {
     /// The control plane's bundle.pem (verifies it; the initial trust bundle).
     #[arg(long, env = "TRELLIS_CONTROL_BUNDLE")]
     control_bundle: Option<PathBuf>,
+    /// The same bundle as PEM text instead of a path (set by the injection webhook, which
+    /// cannot mount a ConfigMap of another namespace into the pod).
+    #[arg(
+        long,
+        env = "TRELLIS_CONTROL_BUNDLE_PEM",
+        conflicts_with = "control_bundle",
+        hide_env_values = true
+    )]
+    control_bundle_pem: Option<String>,
     /// Kubernetes service-account token file, re-read on every connect.
     #[arg(long, env = "TRELLIS_TOKEN_FILE")]
     token_file: Option<PathBuf>,
@@ -83,6 +92,9 @@ pub struct SidecarArgs {
     /// `/ready` turns false this long before the SVID expires [default: 5m].
     #[arg(long, env = "TRELLIS_EXPIRY_MARGIN", value_parser = humantime::parse_duration)]
     expiry_margin: Option<Duration>,
+    /// One log line per proxied request (target `trellis::access`) [default: true].
+    #[arg(long, env = "TRELLIS_ACCESS_LOG", value_name = "true|false", action = clap::ArgAction::Set)]
+    access_log: Option<bool>,
 }
 
 /// Parses `name=b,address=…,identity=…[,hosts=a;b][,listen=…][,protocol=tcp]`.
@@ -143,6 +155,7 @@ impl SidecarArgs {
         }
         let sds_flags = self.control_plane.is_some()
             || self.control_bundle.is_some()
+            || self.control_bundle_pem.is_some()
             || self.token_file.is_some()
             || self.join_token.is_some()
             || self.spiffe_id.is_some()
@@ -152,8 +165,14 @@ impl SidecarArgs {
             if self.control_plane.is_some() {
                 s.control_plane = self.control_plane;
             }
+            // A bundle given here replaces the file's, whichever form either takes.
             if self.control_bundle.is_some() {
                 s.control_bundle = self.control_bundle;
+                s.control_bundle_pem = None;
+            }
+            if self.control_bundle_pem.is_some() {
+                s.control_bundle_pem = self.control_bundle_pem;
+                s.control_bundle = None;
             }
             if self.token_file.is_some() {
                 s.token_file = self.token_file;
@@ -200,7 +219,8 @@ impl SidecarArgs {
             drain_timeout,
             connect_timeout,
             request_timeout,
-            expiry_margin
+            expiry_margin,
+            access_log
         );
         Ok(f)
     }
@@ -235,8 +255,12 @@ pub fn run(args: SidecarArgs) -> anyhow::Result<()> {
             outbound.join(","),
             sidecar.admin_addr
         );
-        crate::cmd_control::shutdown_signal().await;
-        tracing::info!("draining");
+        tokio::select! {
+            () = crate::cmd_control::shutdown_signal() => tracing::info!("signal received; draining"),
+            () = sidecar.shutdown_requested() => {
+                tracing::info!("shutdown requested on the admin endpoint; draining");
+            }
+        }
         if !sidecar.shutdown().await {
             tracing::warn!("drain timeout reached with requests still in flight");
         }
@@ -247,6 +271,59 @@ pub fn run(args: SidecarArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn access_log_flag_overrides_the_file() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: SidecarArgs,
+        }
+        let merged = |argv: &[&str]| {
+            Cli::try_parse_from([&["trellis"], argv].concat())
+                .map(|c| c.args.merged().unwrap().access_log)
+        };
+        assert_eq!(merged(&[]).unwrap(), None);
+        assert_eq!(merged(&["--access-log", "false"]).unwrap(), Some(false));
+        assert_eq!(merged(&["--access-log", "true"]).unwrap(), Some(true));
+        assert!(merged(&["--access-log", "maybe"]).is_err());
+    }
+
+    #[test]
+    fn control_bundle_pem_flag_replaces_the_files_path() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: SidecarArgs,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("s.yaml");
+        std::fs::write(
+            &config,
+            "trust_domain: example.org\nidentity:\n  sds:\n    control_plane: cp:8443\n    control_bundle: /b.pem\n    join_token: t\n",
+        )
+        .unwrap();
+        let config = config.to_str().unwrap();
+        let merged =
+            Cli::try_parse_from(["trellis", "--config", config, "--control-bundle-pem", "PEM"])
+                .unwrap()
+                .args
+                .merged()
+                .unwrap();
+        let sds = merged.identity.sds.unwrap();
+        assert_eq!(sds.control_bundle_pem.as_deref(), Some("PEM"));
+        assert_eq!(sds.control_bundle, None);
+        assert!(Cli::try_parse_from([
+            "trellis",
+            "--control-bundle",
+            "/b.pem",
+            "--control-bundle-pem",
+            "PEM"
+        ])
+        .is_err());
+    }
 
     #[test]
     fn upstream_flag_parses() {

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
-use trellis_control::registry::Registry;
+use trellis_control::registry::{Database, DatabaseUrl, Registry};
 use trellis_identity::SpiffeId;
 
 /// `trellis token …`.
@@ -13,9 +13,18 @@ use trellis_identity::SpiffeId;
 pub enum TokenCommand {
     /// Create a join token bound to a SPIFFE ID; prints the token on stdout.
     Create {
-        /// The control plane's state directory.
-        #[arg(long, env = "TRELLIS_STATE_DIR")]
-        state_dir: PathBuf,
+        /// The control plane's state directory (its SQLite database).
+        #[arg(long, env = "TRELLIS_STATE_DIR", required_unless_present = "database")]
+        state_dir: Option<PathBuf>,
+        /// The control plane's database instead: the PostgreSQL URL its replicas share
+        /// (postgres://USER:PASSWORD@HOST:5432/DB), or sqlite://PATH. Wins over --state-dir.
+        #[arg(
+            long,
+            env = "TRELLIS_DATABASE",
+            value_name = "URL",
+            hide_env_values = true
+        )]
+        database: Option<DatabaseUrl>,
         /// The identity the token's holder receives.
         #[arg(long)]
         spiffe_id: String,
@@ -25,11 +34,46 @@ pub enum TokenCommand {
     },
 }
 
+/// The registry a CLI command writes to: `--database`, else the SQLite file in `--state-dir`,
+/// which must already exist (the control plane creates it on first start).
+pub fn open_registry(
+    state_dir: Option<&PathBuf>,
+    database: Option<&DatabaseUrl>,
+) -> anyhow::Result<Registry> {
+    let db = match (database, state_dir) {
+        (Some(url), _) => Database::parse(url.expose())
+            .map_err(|e| anyhow::anyhow!("--database (or TRELLIS_DATABASE): {e}"))?,
+        (None, Some(dir)) => {
+            let db = Database::in_state_dir(dir);
+            if let Database::Sqlite(file) = &db {
+                if !file.exists() {
+                    bail!(
+                        "{}: no control-plane state here; pass the --state-dir that `trellis control` uses (it creates the database on first start), or --database",
+                        dir.display()
+                    );
+                }
+            }
+            db
+        }
+        (None, None) => bail!("pass --state-dir or --database"),
+    };
+    if let Database::Sqlite(file) = &db {
+        if !file.exists() {
+            bail!(
+                "{}: no such database; `trellis control` creates it on first start",
+                file.display()
+            );
+        }
+    }
+    Ok(Registry::connect(&db)?)
+}
+
 /// Runs a `token` subcommand.
 pub fn run(cmd: TokenCommand) -> anyhow::Result<()> {
     match cmd {
         TokenCommand::Create {
             state_dir,
+            database,
             spiffe_id,
             ttl,
         } => {
@@ -40,17 +84,12 @@ pub fn run(cmd: TokenCommand) -> anyhow::Result<()> {
             if ttl.is_zero() {
                 bail!("--ttl must be positive");
             }
-            let db = state_dir.join("trellis.db");
-            if !db.exists() {
-                bail!(
-                    "{}: no control-plane state here; pass the --state-dir that `trellis control` uses (it creates the database on first start)",
-                    state_dir.display()
-                );
-            }
-            let registry = Registry::open(&db)?;
+            let registry = open_registry(state_dir.as_ref(), database.as_ref())?;
             let token = registry
                 .create_join_token(&id, ttl, SystemTime::now())
-                .with_context(|| format!("cannot store the token in {}", db.display()))?;
+                .with_context(|| {
+                    format!("cannot store the token in {}", registry.path().display())
+                })?;
             println!("{}", token.as_str());
             Ok(())
         }

@@ -5,6 +5,7 @@ mod cmd_control;
 mod cmd_inspect;
 mod cmd_policy;
 mod cmd_sidecar;
+mod cmd_status;
 mod cmd_token;
 mod demo;
 mod logging;
@@ -17,7 +18,8 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "trellis", version, about, propagate_version = true)]
 struct Cli {
-    /// Log format on stderr.
+    /// Log format on stderr: `text` (plain unless stderr is a terminal) or `json` (one
+    /// object per line). Filter with RUST_LOG, e.g. `RUST_LOG=warn,trellis::access=info`.
     #[arg(
         long,
         global = true,
@@ -50,6 +52,9 @@ enum Command {
     /// Handshake with a TLS endpoint and report its identity, chain, and why it fails
     /// (exit 0 verified, 1 failed, 2 bad usage).
     Inspect(cmd_inspect::InspectArgs),
+    /// One-screen summary of a running sidecar or control plane, from its admin endpoint
+    /// (exit 0 ready, 1 not ready, 2 unreachable or bad usage).
+    Status(cmd_status::StatusArgs),
     /// Start a local control plane and a workload on loopback and show an SVID being issued and rotated.
     Demo(demo::DemoArgs),
 }
@@ -71,12 +76,15 @@ fn main() -> ExitCode {
         Command::Policy(cmd) => cmd_policy::run(cmd),
         // Its own exit codes: 1 is a failed inspection, 2 bad usage.
         Command::Inspect(args) => return cmd_inspect::run(args),
+        // Its own exit codes: 1 is reachable but not ready, 2 unreachable or bad usage.
+        Command::Status(args) => return cmd_status::run(args),
         Command::Demo(args) => demo::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {}", describe(&err));
+            // A JSON line when JSON logging is on, so a log pipeline does not drop the reason.
+            logging::print_error(&describe(&err));
             ExitCode::FAILURE
         }
     }

@@ -5,19 +5,20 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use base64::Engine as _;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, PublicKeyUse};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
-
 use thiserror::Error;
 use trellis_identity::{SpiffeId, TrustDomain};
 
 use crate::attest::AttestError;
 
-/// The JWKS file could not be used; names the file.
+/// The JWKS file (or the body fetched from `--k8s-jwks-url`) could not be used; names it.
 #[derive(Debug, Error)]
 pub enum JwksError {
     /// Unreadable.
@@ -31,7 +32,7 @@ pub enum JwksError {
     /// Not a JWKS (`{"keys": [...]}`) or no usable key.
     #[error("{path}: not a usable JWKS: {problem}")]
     Invalid {
-        /// The file.
+        /// The file, or the URL it came from.
         path: PathBuf,
         /// What is wrong.
         problem: String,
@@ -66,37 +67,34 @@ struct IssuerKey {
     algs: Vec<Algorithm>,
 }
 
-/// Verifies Kubernetes service-account JWTs.
-pub struct K8sAttestor {
-    trust_domain: TrustDomain,
-    issuer: String,
-    audience: String,
+/// A validated issuer key set, parsed from JWKS JSON: what [`K8sAttestor`] verifies with.
+/// It is replaced whole (never edited), so a refresh that fails to parse changes nothing.
+pub struct JwksKeys {
     keys: HashMap<String, IssuerKey>,
 }
 
-impl K8sAttestor {
-    /// Loads the issuer's public keys from a JWKS JSON file. Only RSA and EC keys are accepted.
-    pub fn from_jwks_file(
-        path: &Path,
-        issuer: &str,
-        audience: &str,
-        td: &TrustDomain,
-    ) -> Result<Self, JwksError> {
+impl std::fmt::Debug for JwksKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwksKeys")
+            .field("kids", &self.key_ids())
+            .finish()
+    }
+}
+
+impl JwksKeys {
+    /// Reads and parses a JWKS JSON file.
+    pub fn from_file(path: &Path) -> Result<Self, JwksError> {
         let json = std::fs::read_to_string(path).map_err(|source| JwksError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::from_jwks_json(&json, path, issuer, audience, td)
+        Self::parse(&json, path)
     }
 
-    /// Same, from JWKS JSON text (`source` names it in errors).
-    pub fn from_jwks_json(
-        json: &str,
-        source: &Path,
-        issuer: &str,
-        audience: &str,
-        td: &TrustDomain,
-    ) -> Result<Self, JwksError> {
+    /// Parses JWKS JSON text (`source`, a file or URL, names it in errors). Only RSA (2048
+    /// bits or more) and EC P-256/P-384 signing keys with a `kid` are kept; at least one is
+    /// required.
+    pub fn parse(json: &str, source: &Path) -> Result<Self, JwksError> {
         let invalid = |problem: String| JwksError::Invalid {
             path: source.to_path_buf(),
             problem,
@@ -179,12 +177,94 @@ impl K8sAttestor {
                 "no RSA or EC (P-256/P-384) signing key with a `kid`".into()
             }));
         }
-        Ok(Self {
+        Ok(Self { keys })
+    }
+
+    /// The key ids, sorted (for logs and tests).
+    pub fn key_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.keys.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    /// How many keys there are.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Never true for a parsed set (parsing requires a key); here for clippy's `len` rule.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+/// A handle on an attestor's key set: a refresher stores a new, fully validated set and every
+/// attestation after that uses it. Attestations already running keep the set they loaded.
+#[derive(Clone)]
+pub struct JwksKeyStore(Arc<ArcSwap<JwksKeys>>);
+
+impl JwksKeyStore {
+    /// Replaces the key set, atomically.
+    pub fn store(&self, keys: JwksKeys) {
+        self.0.store(Arc::new(keys));
+    }
+
+    /// The key ids in force, sorted.
+    pub fn key_ids(&self) -> Vec<String> {
+        self.0.load().key_ids()
+    }
+}
+
+/// Verifies Kubernetes service-account JWTs.
+pub struct K8sAttestor {
+    trust_domain: TrustDomain,
+    issuer: String,
+    audience: String,
+    // Read once per attestation (`load`), replaced whole by a refresh (`store`): no lock on
+    // the attestation path.
+    keys: JwksKeyStore,
+}
+
+impl K8sAttestor {
+    /// An attestor verifying with `keys`, which [`K8sAttestor::key_store`] can replace later.
+    pub fn new(keys: JwksKeys, issuer: &str, audience: &str, td: &TrustDomain) -> Self {
+        Self {
             trust_domain: td.clone(),
             issuer: issuer.to_string(),
             audience: audience.to_string(),
-            keys,
-        })
+            keys: JwksKeyStore(Arc::new(ArcSwap::from_pointee(keys))),
+        }
+    }
+
+    /// Loads the issuer's public keys from a JWKS JSON file. Only RSA and EC keys are accepted.
+    pub fn from_jwks_file(
+        path: &Path,
+        issuer: &str,
+        audience: &str,
+        td: &TrustDomain,
+    ) -> Result<Self, JwksError> {
+        Ok(Self::new(JwksKeys::from_file(path)?, issuer, audience, td))
+    }
+
+    /// Same, from JWKS JSON text (`source` names it in errors).
+    pub fn from_jwks_json(
+        json: &str,
+        source: &Path,
+        issuer: &str,
+        audience: &str,
+        td: &TrustDomain,
+    ) -> Result<Self, JwksError> {
+        Ok(Self::new(
+            JwksKeys::parse(json, source)?,
+            issuer,
+            audience,
+            td,
+        ))
+    }
+
+    /// The handle a refresher swaps new keys in with.
+    pub fn key_store(&self) -> JwksKeyStore {
+        self.keys.clone()
     }
 
     /// Verifies `token` at `now`: header `alg` is RS256/384/512, PS*, ES256/384 (never `none`
@@ -233,7 +313,8 @@ impl K8sAttestor {
             .get("kid")
             .and_then(|k| k.as_str())
             .ok_or_else(|| AttestError::UnknownKid("<none>".into()))?;
-        let issuer_key = self
+        let keys = self.keys.0.load();
+        let issuer_key = keys
             .keys
             .get(kid)
             .ok_or_else(|| AttestError::UnknownKid(clip(kid, 64)))?;
@@ -855,5 +936,81 @@ pub(crate) mod tests {
             a.attest(&tok, now()),
             Err(AttestError::AlgNotAllowed("HS256".into()))
         );
+    }
+
+    /// The same test EC key republished under another kid, as a JWKS with only that key.
+    fn ec_only_jwks(kid: &str) -> String {
+        let mut jwks: serde_json::Value = serde_json::from_str(&keys().jwks).unwrap();
+        let mut ec = jwks["keys"][1].clone();
+        ec["kid"] = json!(kid);
+        jwks["keys"] = json!([ec]);
+        jwks.to_string()
+    }
+
+    #[test]
+    fn swapped_keys_verify_from_the_next_attestation_on() {
+        let a = attestor();
+        let store = a.key_store();
+        assert_eq!(store.key_ids(), ["ec-1", "rsa-1"]);
+        let old = rs256(&claims("prod", "web"));
+        let new = es256("ec-2", &claims("prod", "api"));
+        assert_eq!(a.attest(&old, now()), Ok(sa_id("prod", "web")));
+        assert_eq!(
+            a.attest(&new, now()),
+            Err(AttestError::UnknownKid("ec-2".into()))
+        );
+
+        // The issuer rotated: only `ec-2` is published now.
+        store.store(JwksKeys::parse(&ec_only_jwks("ec-2"), Path::new("https://jwks")).unwrap());
+        assert_eq!(store.key_ids(), ["ec-2"]);
+        assert_eq!(a.attest(&new, now()), Ok(sa_id("prod", "api")));
+        assert_eq!(
+            a.attest(&old, now()),
+            Err(AttestError::UnknownKid("rsa-1".into()))
+        );
+    }
+
+    #[test]
+    fn a_bad_key_set_is_never_stored() {
+        // parse → validate → swap: a body that does not parse never reaches the store, so the
+        // keys in force stay.
+        let a = attestor();
+        let source = Path::new("https://kubernetes.default.svc/openid/v1/jwks");
+        for body in [
+            "<html>oops</html>",
+            r#"{"keys":[]}"#,
+            "",
+            r#"{"keys":[{"kty":"oct","kid":"k","k":"c2VjcmV0"}]}"#,
+        ] {
+            let err = JwksKeys::parse(body, source).unwrap_err().to_string();
+            assert!(err.starts_with(source.to_str().unwrap()), "{err}");
+        }
+        assert_eq!(a.key_store().key_ids(), ["ec-1", "rsa-1"]);
+        assert!(a.attest(&rs256(&claims("prod", "web")), now()).is_ok());
+    }
+
+    #[test]
+    fn key_store_is_shared_with_concurrent_attestations() {
+        let a = std::sync::Arc::new(attestor());
+        let store = a.key_store();
+        let tok = es256("ec-1", &claims("prod", "web"));
+        let readers: Vec<_> = (0..4)
+            .map(|_| {
+                let a = a.clone();
+                let tok = tok.clone();
+                std::thread::spawn(move || {
+                    // Every attestation sees a whole set: either the old one or the new one
+                    // (both hold `ec-1` with the same key), never a half-built one.
+                    (0..200).all(|_| a.attest(&tok, now()).is_ok())
+                })
+            })
+            .collect();
+        for _ in 0..50 {
+            store.store(JwksKeys::parse(&ec_only_jwks("ec-1"), Path::new("j")).unwrap());
+            store.store(JwksKeys::parse(&keys().jwks, Path::new("j")).unwrap());
+        }
+        for r in readers {
+            assert!(r.join().unwrap());
+        }
     }
 }

@@ -4,6 +4,7 @@
 //! SVID on the mTLS connection (re-attestation after a join token).
 
 pub mod join;
+pub mod jwks_url;
 pub mod k8s;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -13,7 +14,8 @@ use thiserror::Error;
 use trellis_identity::{SpiffeId, TrustDomain};
 
 pub use join::{JoinAttestor, JOIN_TOKEN_PREFIX};
-pub use k8s::K8sAttestor;
+pub use jwks_url::{JwksSource, JwksUrl};
+pub use k8s::{JwksKeyStore, JwksKeys, K8sAttestor};
 
 /// Which attestor admitted a caller; a metric label and an audit field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -70,8 +72,10 @@ pub enum AttestError {
     /// JWT lacks `kubernetes.io` namespace/serviceaccount claims.
     #[error("JWT lacks kubernetes.io namespace/serviceaccount claims")]
     MissingClaims,
-    /// Kubernetes attestation is not configured (no `--k8s-jwks`).
-    #[error("Kubernetes tokens are not accepted: the control plane has no --k8s-jwks")]
+    /// Kubernetes attestation is not configured (no `--k8s-jwks` or `--k8s-jwks-url`).
+    #[error(
+        "Kubernetes tokens are not accepted: the control plane has no --k8s-jwks or --k8s-jwks-url"
+    )]
     K8sDisabled,
     /// Join token refused.
     #[error(transparent)]

@@ -193,7 +193,7 @@ impl SdsCore {
             .get_or_create(&AttestorLabel { attestor })
             .inc();
         let csr_mode = matches!(issued, Issued::ChainOnly { .. });
-        tracing::info!(%spiffe_id, serial = issued.serial_hex(), attestor, csr_mode, peer = ?peer, "issued SVID");
+        tracing::info!(%spiffe_id, serial = issued.serial_hex(), attestor, csr_mode, peer = peer.map(tracing::field::display), "issued SVID");
         self.audit(AuditEvent::Issued {
             spiffe_id: spiffe_id.to_string(),
             serial_hex: issued.serial_hex().to_owned(),

@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::Code;
-use trellis_identity::{CertificateDer, SpiffeId, Svid, SvidError, TrustBundle};
+use trellis_identity::{CertificateDer, SpiffeId, Svid, SvidError, TrustBundle, TrustDomain};
 use trellis_proto::envoy::config::core::v3::node::UserAgentVersionType;
 use trellis_proto::google::rpc::Status as RpcStatus;
 use trellis_proto::{
@@ -38,7 +38,7 @@ use trellis_proto::{
 };
 use zeroize::Zeroizing;
 
-use crate::config::{Credential, SdsSettings};
+use crate::config::{ControlBundle, Credential, SdsSettings};
 use crate::csr::{KeyAndCsr, CSR_METADATA_KEY};
 use crate::metrics::SidecarMetrics;
 use crate::svid_store::SvidStore;
@@ -56,6 +56,12 @@ pub enum SdsClientError {
     Bootstrap {
         /// The file.
         path: std::path::PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The inline control bundle (`control_bundle_pem`) is unusable.
+    #[error("identity.sds.control_bundle_pem (--control-bundle-pem, TRELLIS_CONTROL_BUNDLE_PEM): {problem}")]
+    InlineBundle {
         /// What is wrong.
         problem: String,
     },
@@ -169,6 +175,40 @@ fn hostname() -> String {
         .unwrap_or_else(|| "trellis-sidecar".to_owned())
 }
 
+/// Reads and validates the bundle that verifies the control plane (and seeds the trust
+/// bundle), from its file or from inline PEM text. Errors name the file or the setting.
+pub fn read_control_bundle(
+    source: &ControlBundle,
+    td: &TrustDomain,
+) -> Result<TrustBundle, SdsClientError> {
+    let usable = |pem: &[u8]| {
+        TrustBundle::from_pem(td.clone(), pem)
+            .map_err(|e| format!("not a usable trust bundle for trust domain `{td}`: {e}"))
+    };
+    match source {
+        ControlBundle::File(path) => {
+            let bootstrap = |problem: String| SdsClientError::Bootstrap {
+                path: path.clone(),
+                problem,
+            };
+            let pem = std::fs::read(path).map_err(|e| {
+                bootstrap(format!(
+                    "cannot read the control plane's bundle (identity.sds.control_bundle, --control-bundle): {e}"
+                ))
+            })?;
+            usable(&pem).map_err(bootstrap)
+        }
+        ControlBundle::Pem(pem) => {
+            if pem.trim().is_empty() {
+                return Err(SdsClientError::InlineBundle {
+                    problem: "empty: set it to the control plane's bundle.pem text".into(),
+                });
+            }
+            usable(pem.as_bytes()).map_err(|problem| SdsClientError::InlineBundle { problem })
+        }
+    }
+}
+
 impl SdsClient {
     /// Checks the bootstrap (control bundle readable and valid; token file readable).
     pub fn new(
@@ -177,18 +217,7 @@ impl SdsClient {
         metrics: Arc<SidecarMetrics>,
     ) -> Result<Self, SdsClientError> {
         let td = store.trust_domain().clone();
-        let path = &settings.control_bundle;
-        let bootstrap = |problem: String| SdsClientError::Bootstrap {
-            path: path.clone(),
-            problem,
-        };
-        let pem = std::fs::read(path)
-            .map_err(|e| bootstrap(format!("cannot read the control plane's bundle: {e}")))?;
-        TrustBundle::from_pem(td.clone(), &pem).map_err(|e| {
-            bootstrap(format!(
-                "not a usable trust bundle for trust domain `{td}`: {e}"
-            ))
-        })?;
+        read_control_bundle(&settings.control_bundle, &td)?;
         if let Credential::TokenFile(p) = &settings.credential {
             let token = Zeroizing::new(std::fs::read_to_string(p).map_err(|e| {
                 SdsClientError::Bootstrap {
@@ -558,6 +587,47 @@ impl SdsClient {
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use trellis_identity::testca::TestCa;
+
+    fn td() -> TrustDomain {
+        TrustDomain::parse("example.org").unwrap()
+    }
+
+    #[test]
+    fn inline_bundle_is_read_like_a_file() {
+        let ca = TestCa::root("example.org");
+        let pem = ca.bundle().to_pem();
+        let inline = read_control_bundle(&ControlBundle::Pem(pem.clone()), &td()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bundle.pem");
+        std::fs::write(&path, &pem).unwrap();
+        let file = read_control_bundle(&ControlBundle::File(path), &td()).unwrap();
+        assert_eq!(inline.roots(), file.roots());
+    }
+
+    #[test]
+    fn bad_inline_bundle_names_the_setting() {
+        for (pem, want) in [
+            ("", "empty"),
+            ("  \n", "empty"),
+            ("garbage", "not a usable trust bundle"),
+        ] {
+            let err = read_control_bundle(&ControlBundle::Pem(pem.into()), &td())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("identity.sds.control_bundle_pem (--control-bundle-pem, TRELLIS_CONTROL_BUNDLE_PEM): "),
+                "{err}"
+            );
+            assert!(err.contains(want), "{err}");
         }
     }
 }

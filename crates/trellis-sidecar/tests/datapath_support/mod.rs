@@ -96,6 +96,7 @@ pub fn settings(app: SocketAddr, upstreams: Vec<Upstream>) -> SidecarSettings {
         request_timeout: Duration::from_secs(30),
         expiry_margin: Duration::from_secs(60),
         policy: None,
+        access_log: false,
     }
 }
 

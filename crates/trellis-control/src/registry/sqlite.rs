@@ -1,0 +1,366 @@
+//! The single-node registry: an embedded SQLite database (`<state-dir>/trellis.db`, mode 0600).
+//!
+//! Two processes write this file: the running control plane and `trellis token create`.
+//! WAL mode lets readers proceed while one writes, and a 5 s busy timeout makes a writer
+//! wait for the other instead of failing.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::{params, OptionalExtension, TransactionBehavior};
+use trellis_identity::SpiffeId;
+use zeroize::Zeroizing;
+
+use super::{
+    from_unix_ms, CaMaterial, CaRotation, IssuanceRecord, IssuanceRow, JoinError, NewToken, Redeem,
+    RegistryError, TokenRow, Verdict, SCHEMA_VERSION,
+};
+
+/// How long a writer waits for the other process's write lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The SQLite store behind a [`super::Registry`].
+pub struct SqliteStore {
+    /// Tokens and CA material: `synchronous=FULL`, every commit is on disk before we answer.
+    conn: Mutex<rusqlite::Connection>,
+    /// Issuance records: `synchronous=NORMAL` (still crash-consistent in WAL mode, but a power
+    /// loss may drop the last few records). A rotation pushes one SVID per open stream, and an
+    /// fsync per record would make 10,000 streams take tens of seconds; the audit log is the
+    /// record of truth for issuances, this table is for status and tests.
+    log_conn: Mutex<rusqlite::Connection>,
+}
+
+impl SqliteStore {
+    /// Opens (creating with mode 0600 and migrating) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, RegistryError> {
+        let shown = path.display().to_string();
+        // Create the file ourselves so SQLite never creates it with the umask's mode; SQLite
+        // gives its -wal and -shm files the main file's permissions.
+        let create_err = |source| RegistryError::Create {
+            path: shown.clone(),
+            source,
+        };
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(create_err)?;
+        // An existing file keeps its mode through `open`: tighten it.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(create_err)?;
+
+        let open_err = |source| RegistryError::Open {
+            path: shown.clone(),
+            source,
+        };
+        let conn = Self::connect(path, "FULL").map_err(open_err)?;
+        Self::migrate(&conn, &shown)?;
+        let log_conn = Self::connect(path, "NORMAL").map_err(open_err)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+            log_conn: Mutex::new(log_conn),
+        })
+    }
+
+    fn connect(path: &Path, synchronous: &str) -> rusqlite::Result<rusqlite::Connection> {
+        let conn = rusqlite::Connection::open(path)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let mode: String =
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            // e.g. a filesystem without shared memory; rollback journal still works, just
+            // with readers blocked during writes.
+            tracing::warn!(path = %path.display(), %mode, "state database is not in WAL mode");
+        }
+        conn.pragma_update(None, "synchronous", synchronous)?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        Ok(conn)
+    }
+
+    fn migrate(conn: &rusqlite::Connection, shown: &str) -> Result<(), RegistryError> {
+        let open_err = |source| RegistryError::Open {
+            path: shown.to_string(),
+            source,
+        };
+        // Serialize concurrent first starts (control plane and token CLI) on the write lock.
+        let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)
+            .map_err(open_err)?;
+        let version: i64 = tx
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .map_err(open_err)?;
+        if version > SCHEMA_VERSION {
+            return Err(RegistryError::Schema {
+                path: shown.to_string(),
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        // Each step takes the schema from version N to N+1; a fresh file runs them all.
+        if version < 1 {
+            tx.execute_batch(
+                "CREATE TABLE join_tokens (
+                     hash            TEXT PRIMARY KEY NOT NULL,
+                     spiffe_id       TEXT NOT NULL,
+                     created_at      INTEGER NOT NULL,
+                     expires_at      INTEGER NOT NULL,
+                     redeemed_at     INTEGER,
+                     redeemed_by_ip  TEXT
+                 ) WITHOUT ROWID;
+                 CREATE TABLE ca (
+                     id          INTEGER PRIMARY KEY CHECK (id = 1),
+                     chain_pem   TEXT NOT NULL,
+                     bundle_pem  TEXT NOT NULL,
+                     key_pem     TEXT NOT NULL
+                 );
+                 CREATE TABLE issuances (
+                     id          INTEGER PRIMARY KEY AUTOINCREMENT,
+                     spiffe_id   TEXT NOT NULL,
+                     serial      TEXT NOT NULL,
+                     not_after   INTEGER NOT NULL,
+                     attestor    TEXT NOT NULL,
+                     peer        TEXT,
+                     issued_at   INTEGER NOT NULL
+                 );
+                 CREATE INDEX issuances_not_after ON issuances (not_after);",
+            )
+            .map_err(open_err)?;
+        }
+        if version < 2 {
+            // Scheduled CA rotations (`trellis ca rotate`): each CA joins the bundle at
+            // `prepared_at_ms` and signs from `activate_at_ms` (unix milliseconds).
+            tx.execute_batch(
+                "CREATE TABLE ca_rotations (
+                     id              INTEGER PRIMARY KEY AUTOINCREMENT,
+                     chain_pem       TEXT NOT NULL,
+                     bundle_pem      TEXT NOT NULL,
+                     key_pem         TEXT NOT NULL,
+                     prepared_at_ms  INTEGER NOT NULL,
+                     activate_at_ms  INTEGER NOT NULL
+                 );",
+            )
+            .map_err(open_err)?;
+        }
+        if version != SCHEMA_VERSION {
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(open_err)?;
+        }
+        tx.commit().map_err(open_err)?;
+        Ok(())
+    }
+
+    fn lock(m: &Mutex<rusqlite::Connection>) -> MutexGuard<'_, rusqlite::Connection> {
+        // A panic while holding the lock drops (and so rolls back) any open transaction: the
+        // connection is still consistent.
+        m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(super) fn insert_token(&self, row: &NewToken) -> Result<(), RegistryError> {
+        let conn = Self::lock(&self.conn);
+        conn.execute(
+            "INSERT INTO join_tokens (hash, spiffe_id, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+            params![row.hash, row.spiffe_id, row.created_at, row.expires_at],
+        )?;
+        Ok(())
+    }
+
+    pub(super) fn redeem(
+        &self,
+        attempt: &Redeem,
+    ) -> Result<Result<SpiffeId, JoinError>, RegistryError> {
+        let mut conn = Self::lock(&self.conn);
+        // BEGIN IMMEDIATE takes the write lock before the read, so two redemptions (threads or
+        // processes) cannot both see `redeemed_at IS NULL`.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let row = tx
+            .query_row(
+                "SELECT spiffe_id, expires_at, redeemed_at, redeemed_by_ip
+                 FROM join_tokens WHERE hash = ?1",
+                params![attempt.hash],
+                |r| {
+                    Ok(TokenRow {
+                        spiffe_id: r.get(0)?,
+                        expires_at: r.get(1)?,
+                        redeemed_at: r.get(2)?,
+                        redeemed_by_ip: r.get(3)?,
+                    })
+                },
+            )
+            .optional()?;
+        let Some(row) = row else {
+            return Ok(Err(JoinError::Unknown));
+        };
+        match attempt.judge(row)? {
+            Verdict::First(id) => {
+                tx.execute(
+                    "UPDATE join_tokens SET redeemed_at = ?1, redeemed_by_ip = ?2 WHERE hash = ?3",
+                    params![attempt.now, attempt.peer_ip, attempt.hash],
+                )?;
+                // Commit (fsync'd: synchronous=FULL) before answering: if we crash after
+                // this line the token is spent; if before, the caller got nothing.
+                tx.commit()?;
+                Ok(Ok(id))
+            }
+            Verdict::Again(id) => Ok(Ok(id)),
+            Verdict::Refuse(why) => Ok(Err(why)),
+        }
+    }
+
+    pub(super) fn load_ca(&self) -> Result<Option<CaMaterial>, RegistryError> {
+        let conn = Self::lock(&self.conn);
+        Ok(Self::read_ca(&conn)?)
+    }
+
+    fn read_ca(conn: &rusqlite::Connection) -> rusqlite::Result<Option<CaMaterial>> {
+        conn.query_row(
+            "SELECT chain_pem, bundle_pem, key_pem FROM ca WHERE id = 1",
+            [],
+            |r| {
+                Ok(CaMaterial {
+                    chain_pem: r.get(0)?,
+                    bundle_pem: r.get(1)?,
+                    key_pem: Zeroizing::new(r.get(2)?),
+                })
+            },
+        )
+        .optional()
+    }
+
+    pub(super) fn store_ca(&self, material: &CaMaterial) -> Result<(), RegistryError> {
+        let conn = Self::lock(&self.conn);
+        conn.execute(
+            "INSERT OR REPLACE INTO ca (id, chain_pem, bundle_pem, key_pem) VALUES (1, ?1, ?2, ?3)",
+            params![
+                material.chain_pem,
+                material.bundle_pem,
+                material.key_pem.as_str()
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub(super) fn store_ca_if_absent(
+        &self,
+        material: CaMaterial,
+    ) -> Result<CaMaterial, RegistryError> {
+        let mut conn = Self::lock(&self.conn);
+        // The write lock first: a second process waits here, then reads what the first stored.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if let Some(existing) = Self::read_ca(&tx)? {
+            return Ok(existing);
+        }
+        tx.execute(
+            "INSERT INTO ca (id, chain_pem, bundle_pem, key_pem) VALUES (1, ?1, ?2, ?3)",
+            params![
+                material.chain_pem,
+                material.bundle_pem,
+                material.key_pem.as_str()
+            ],
+        )?;
+        tx.commit()?;
+        Ok(material)
+    }
+
+    pub(super) fn add_ca_rotation(
+        &self,
+        material: &CaMaterial,
+        prepared_at_ms: i64,
+        activate_at_ms: i64,
+        now_ms: i64,
+    ) -> Result<i64, RegistryError> {
+        let mut conn = Self::lock(&self.conn);
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let pending: Option<i64> = tx
+            .query_row(
+                "SELECT activate_at_ms FROM ca_rotations WHERE activate_at_ms > ?1
+                 ORDER BY activate_at_ms DESC LIMIT 1",
+                params![now_ms],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(at) = pending {
+            return Err(RegistryError::RotationPending {
+                activate_at: from_unix_ms(at),
+            });
+        }
+        tx.execute(
+            "INSERT INTO ca_rotations (chain_pem, bundle_pem, key_pem, prepared_at_ms, activate_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                material.chain_pem,
+                material.bundle_pem,
+                material.key_pem.as_str(),
+                prepared_at_ms,
+                activate_at_ms
+            ],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.commit()?;
+        Ok(id)
+    }
+
+    pub(super) fn ca_rotations_after(&self, after: i64) -> Result<Vec<CaRotation>, RegistryError> {
+        let conn = Self::lock(&self.conn);
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, chain_pem, bundle_pem, key_pem, prepared_at_ms, activate_at_ms
+             FROM ca_rotations WHERE id > ?1 ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![after], |r| {
+            Ok(CaRotation {
+                id: r.get(0)?,
+                material: CaMaterial {
+                    chain_pem: r.get(1)?,
+                    bundle_pem: r.get(2)?,
+                    key_pem: Zeroizing::new(r.get(3)?),
+                },
+                prepared_at: from_unix_ms(r.get(4)?),
+                activate_at: from_unix_ms(r.get(5)?),
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    pub(super) fn record_issuances(&self, recs: &[IssuanceRecord]) -> Result<(), RegistryError> {
+        let mut conn = Self::lock(&self.log_conn);
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO issuances (spiffe_id, serial, not_after, attestor, peer, issued_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for rec in recs {
+                let row = IssuanceRow::from(rec);
+                stmt.execute(params![
+                    row.spiffe_id,
+                    row.serial,
+                    row.not_after,
+                    row.attestor,
+                    row.peer,
+                    row.issued_at,
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub(super) fn prune_issuances(&self, expired_before: i64) -> Result<u64, RegistryError> {
+        let conn = Self::lock(&self.log_conn);
+        let n = conn.execute(
+            "DELETE FROM issuances WHERE not_after < ?1",
+            params![expired_before],
+        )?;
+        Ok(n as u64)
+    }
+
+    pub(super) fn issuance_count(&self) -> Result<u64, RegistryError> {
+        let conn = Self::lock(&self.log_conn);
+        let n: i64 = conn.query_row("SELECT COUNT(*) FROM issuances", [], |r| r.get(0))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+}

@@ -1,0 +1,747 @@
+//! `trellis status --admin ADDR`: a one-screen summary of a running sidecar or control plane,
+//! read from its admin endpoint (`/ready`, `/certs`, `/metrics`, and `/policy` on a sidecar or
+//! `/ca` on a control plane, which is also how the two are told apart).
+//!
+//! Exit status: 0 ready, 1 reachable but not ready, 2 unreachable or bad usage.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context as _};
+use bytes::Bytes;
+use clap::Args;
+use http::Method;
+use http_body_util::{BodyExt as _, Empty};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+
+use crate::cmd_inspect::span;
+
+/// `trellis status …`.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// The admin endpoint of a sidecar (default 127.0.0.1:15000) or a control plane (default
+    /// 127.0.0.1:9090): HOST:PORT or http://HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    admin: String,
+    /// Print the summary as JSON (for scripts); the exit status is the same.
+    #[arg(long)]
+    json: bool,
+    /// Give up on each admin request after this long.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+/// Runs `trellis status`; the summary on stdout, errors on stderr.
+pub fn run(args: StatusArgs) -> ExitCode {
+    let client = match AdminClient::parse(&args.admin, args.timeout) {
+        Ok(client) => client,
+        Err(err) => {
+            eprintln!("error: {}", crate::describe(&err));
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let status = match runtime.block_on(collect(&client)) {
+        Ok(status) => status,
+        Err(err) => {
+            eprintln!("error: {}", crate::describe(&err));
+            return ExitCode::from(2);
+        }
+    };
+    if args.json {
+        match serde_json::to_string_pretty(&status) {
+            Ok(text) => println!("{text}"),
+            Err(err) => {
+                eprintln!("error: cannot encode the summary: {err}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        print!("{}", render(&status));
+    }
+    if status["ready"] == true {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The admin client, shared with `trellis inspect --admin`.
+
+/// A minimal HTTP/1.1 client for one admin endpoint.
+pub struct AdminClient {
+    /// `HOST:PORT`.
+    addr: String,
+    timeout: Duration,
+}
+
+/// One admin response.
+pub struct AdminResponse {
+    /// The status code.
+    pub status: u16,
+    /// The body as text (lossy).
+    pub body: String,
+}
+
+impl AdminClient {
+    /// `HOST:PORT`, `[IPv6]:PORT` or `http://HOST:PORT[/]`.
+    pub fn parse(admin: &str, timeout: Duration) -> anyhow::Result<Self> {
+        if timeout.is_zero() {
+            bail!("--timeout must be positive");
+        }
+        let addr = admin
+            .strip_prefix("http://")
+            .unwrap_or(admin)
+            .trim_end_matches('/');
+        if admin.starts_with("https://") {
+            bail!("--admin `{admin}`: the admin endpoint speaks plain HTTP; use http://HOST:PORT or HOST:PORT");
+        }
+        let port_ok = addr.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !port_ok || addr.contains('/') {
+            bail!("--admin `{admin}` is not HOST:PORT (for example 127.0.0.1:15000)");
+        }
+        Ok(AdminClient {
+            addr: addr.to_owned(),
+            timeout,
+        })
+    }
+
+    /// `http://HOST:PORT`, for messages.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Sends one request and reads the whole response, within the client's timeout plus
+    /// `extra` (an `/inspect` takes as long as its own handshake).
+    pub async fn request(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        extra: Duration,
+    ) -> anyhow::Result<AdminResponse> {
+        let what = format!("{method} {}{path_and_query}", self.url());
+        tokio::time::timeout(self.timeout + extra, self.send(method, path_and_query))
+            .await
+            .with_context(|| format!("{what}: no answer within {:?}", self.timeout + extra))?
+            .with_context(|| what.clone())
+    }
+
+    /// `GET`, within the client's timeout.
+    pub async fn get(&self, path: &str) -> anyhow::Result<AdminResponse> {
+        self.request(Method::GET, path, Duration::ZERO).await
+    }
+
+    async fn send(&self, method: Method, path_and_query: &str) -> anyhow::Result<AdminResponse> {
+        let tcp = tokio::net::TcpStream::connect(&self.addr)
+            .await
+            .context("cannot connect to the admin endpoint")?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+        let conn = tokio::spawn(conn);
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path_and_query)
+            .header(http::header::HOST, &self.addr)
+            .body(Empty::<Bytes>::new())?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await?.to_bytes();
+        conn.abort();
+        Ok(AdminResponse {
+            status,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prometheus text, just enough to sum counters by label.
+
+/// One sample line: name, labels, value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    name: String,
+    labels: Vec<(String, String)>,
+    value: f64,
+}
+
+impl Sample {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Parses Prometheus text format 0.0.4 (and OpenMetrics) sample lines; comments and lines
+/// that do not parse are skipped.
+pub fn parse_metrics(text: &str) -> Vec<Sample> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(parse_sample)
+        .collect()
+}
+
+fn parse_sample(line: &str) -> Option<Sample> {
+    let line = line.trim();
+    let name_end = line.find(['{', ' '])?;
+    let name = line[..name_end].to_owned();
+    let mut rest = &line[name_end..];
+    let mut labels = Vec::new();
+    if let Some(after) = rest.strip_prefix('{') {
+        let mut chars = after.char_indices().peekable();
+        let end;
+        loop {
+            // Skip separators, then `key="value"` with \\, \" and \n escapes.
+            while let Some((_, c)) = chars.peek() {
+                if *c == ',' || c.is_whitespace() {
+                    chars.next();
+                } else {
+                    break;
+                }
+            }
+            let (start, c) = *chars.peek()?;
+            if c == '}' {
+                end = start + 1;
+                break;
+            }
+            let eq = after[start..].find('=')? + start;
+            let key = after[start..eq].trim().to_owned();
+            while chars.peek().is_some_and(|(i, _)| *i <= eq) {
+                chars.next();
+            }
+            if chars.next()?.1 != '"' {
+                return None;
+            }
+            let mut value = String::new();
+            loop {
+                match chars.next()?.1 {
+                    '"' => break,
+                    '\\' => match chars.next()?.1 {
+                        'n' => value.push('\n'),
+                        other => value.push(other),
+                    },
+                    other => value.push(other),
+                }
+            }
+            labels.push((key, value));
+        }
+        rest = &after[end..];
+    }
+    let value = rest.split_whitespace().next()?;
+    let value = match value {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        v => v.parse().ok()?,
+    };
+    Some(Sample {
+        name,
+        labels,
+        value,
+    })
+}
+
+/// The single value of `name` (the sum over its label sets), if it is exported.
+fn value(samples: &[Sample], name: &str) -> Option<f64> {
+    let mut found = samples.iter().filter(|s| s.name == name).peekable();
+    found.peek()?;
+    Some(found.map(|s| s.value).sum())
+}
+
+/// Sums `name` by the value of `label`, over samples whose labels match `filter`; zeros left
+/// out.
+fn by_label(
+    samples: &[Sample],
+    name: &str,
+    label: &str,
+    filter: &[(&str, &str)],
+) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for s in samples.iter().filter(|s| s.name == name) {
+        if filter.iter().all(|(k, v)| s.label(k) == Some(*v)) {
+            if let Some(key) = s.label(label) {
+                *out.entry(key.to_owned()).or_insert(0.0) += s.value;
+            }
+        }
+    }
+    out.retain(|_, v| *v != 0.0);
+    out
+}
+
+fn counts(map: BTreeMap<String, f64>) -> Value {
+    Value::Object(
+        map.into_iter()
+            // Counters are whole numbers; print them as such.
+            .map(|(k, v)| (k, json!(v as u64)))
+            .collect(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Collecting.
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+fn json_of(resp: &AdminResponse, path: &str) -> anyhow::Result<Value> {
+    if resp.status != 200 {
+        bail!("{path}: HTTP {}: {}", resp.status, resp.body.trim());
+    }
+    serde_json::from_str(&resp.body).with_context(|| format!("{path}: not JSON"))
+}
+
+/// Reads every endpoint and builds the summary (the `--json` output).
+async fn collect(client: &AdminClient) -> anyhow::Result<Value> {
+    let health = client.get("/healthz").await.with_context(|| {
+        format!(
+            "{} is unreachable: is the sidecar or control plane running, and is this its --admin address?",
+            client.url()
+        )
+    })?;
+    if health.status != 200 {
+        bail!(
+            "{}/healthz answered HTTP {}: not a Trellis admin endpoint?",
+            client.url(),
+            health.status
+        );
+    }
+    // `/policy` exists only on a sidecar, `/ca` only on a control plane.
+    let policy = client.get("/policy").await?;
+    let kind = if policy.status == 200 {
+        "sidecar"
+    } else if client.get("/ca").await?.status == 200 {
+        "control"
+    } else {
+        bail!(
+            "{} serves /healthz but neither /policy (sidecar) nor /ca (control plane): not a Trellis admin endpoint",
+            client.url()
+        );
+    };
+    let ready = client.get("/ready").await?;
+    let certs = json_of(&client.get("/certs").await?, "/certs")?;
+    let metrics_resp = client.get("/metrics").await?;
+    if metrics_resp.status != 200 {
+        bail!("/metrics: HTTP {}", metrics_resp.status);
+    }
+    let samples = parse_metrics(&metrics_resp.body);
+    let now = now_unix();
+
+    let mut status = json!({
+        "kind": kind,
+        "admin": client.url(),
+        "ready": ready.status == 200,
+        "ready_detail": ready.body.trim(),
+        "trust_domain": certs["trust_domain"],
+        "identity": identity_json(&certs["svid"], now),
+        "bundle": bundle_json(&certs["bundle"], now),
+    });
+    let extra = if kind == "sidecar" {
+        sidecar_json(&json_of(&policy, "/policy")?, &samples, now)
+    } else {
+        let ca = json_of(&client.get("/ca").await?, "/ca")?;
+        control_json(&ca, &samples)
+    };
+    if let (Some(obj), Value::Object(extra)) = (status.as_object_mut(), extra) {
+        obj.extend(extra);
+    }
+    Ok(status)
+}
+
+fn identity_json(svid: &Value, now: i64) -> Value {
+    if svid.is_null() {
+        return Value::Null;
+    }
+    let not_after = svid["not_after"].as_i64();
+    json!({
+        "spiffe_id": svid["spiffe_id"],
+        "serial": svid["serial"],
+        "issuer": svid["issuer"],
+        "not_after": svid["not_after_rfc3339"],
+        "expires_in_seconds": not_after.map(|t| t - now),
+    })
+}
+
+fn bundle_json(bundle: &Value, now: i64) -> Value {
+    let cas = bundle.as_array().map_or_else(Vec::new, |cas| {
+        cas.iter()
+            .map(|ca| {
+                json!({
+                    "subject": ca["subject"],
+                    "not_after": ca["not_after_rfc3339"],
+                    "expires_in_seconds": ca["not_after"].as_i64().map(|t| t - now),
+                })
+            })
+            .collect()
+    });
+    Value::Array(cas)
+}
+
+fn sidecar_json(policy: &Value, samples: &[Sample], now: i64) -> Value {
+    let last_update = value(samples, "trellis_sds_last_update_timestamp_seconds")
+        .filter(|t| *t > 0.0)
+        .map(|t| t as i64);
+    let mut requests = serde_json::Map::new();
+    for direction in ["inbound", "outbound"] {
+        requests.insert(
+            direction.to_owned(),
+            counts(by_label(
+                samples,
+                "trellis_requests_total",
+                "code",
+                &[("direction", direction)],
+            )),
+        );
+    }
+    let policy_configured = policy["path"].is_string();
+    json!({
+        "sds": {
+            "connected": value(samples, "trellis_sds_connected").map(|v| v > 0.0),
+            "last_update_age_seconds": last_update.map(|t| now - t),
+            "svid_rotations": value(samples, "trellis_svid_rotations_total").map(|v| v as u64),
+            "updates_refused": counts({
+                let mut refused = by_label(samples, "trellis_sds_updates_total", "result", &[]);
+                refused.remove("ok");
+                refused
+            }),
+        },
+        "policy": {
+            "configured": policy_configured,
+            "path": policy["path"],
+            "hash": policy["hash"],
+            "rules": policy["rules"],
+            "loaded_at": policy["loaded_at_rfc3339"],
+            "loaded_age_seconds": policy["loaded_at"].as_i64().map(|t| now - t),
+            "last_error": policy["last_error"],
+            "last_error_at": policy["last_error_at_rfc3339"],
+            "reload_errors": value(samples, "trellis_policy_reload_errors_total").map(|v| v as u64),
+        },
+        "requests": Value::Object(requests),
+        "denies": counts(by_label(
+            samples,
+            "trellis_authz_decisions_total",
+            "rule",
+            &[("decision", "deny")],
+        )),
+        "audit_denies": counts(by_label(
+            samples,
+            "trellis_authz_decisions_total",
+            "rule",
+            &[("decision", "audit_deny")],
+        )),
+        "handshake_failures": counts(by_label(
+            samples,
+            "trellis_tls_handshakes_total",
+            "reason",
+            &[("result", "error")],
+        )),
+        "connections_open": counts(by_label(samples, "trellis_connections_open", "direction", &[])),
+    })
+}
+
+fn control_json(ca: &Value, samples: &[Sample]) -> Value {
+    let cas = ca["cas"].as_array().map_or_else(Vec::new, |cas| {
+        cas.iter()
+            .map(|c| {
+                json!({
+                    "ca": c["ca"],
+                    "phase": c["phase"],
+                    "not_after": c["not_after"],
+                    "activate_at": c["activate_at"],
+                    "leaves_bundle_at": c["leaves_bundle_at"],
+                })
+            })
+            .collect()
+    });
+    json!({
+        "cas": cas,
+        "sds_streams": value(samples, "trellis_sds_streams").map(|v| v as u64),
+        "svids_issued": counts(by_label(samples, "trellis_svids_issued_total", "attestor", &[])),
+        "attestation_failures": counts(by_label(
+            samples,
+            "trellis_attestation_failures_total",
+            "reason",
+            &[],
+        )),
+        "sds_nacks": value(samples, "trellis_sds_nacks_total").map(|v| v as u64),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rendering.
+
+/// "in 59m 30s" or "EXPIRED 2h ago".
+fn until(seconds: Option<i64>) -> String {
+    match seconds {
+        Some(s) if s >= 0 => format!("in {}", span(s)),
+        Some(s) => format!("EXPIRED {} ago", span(s)),
+        None => "?".to_owned(),
+    }
+}
+
+fn str_of(v: &Value) -> &str {
+    v.as_str().unwrap_or("?")
+}
+
+/// `200=120 403=3`, or `none`.
+fn counts_line(v: &Value) -> String {
+    match v.as_object() {
+        Some(map) if !map.is_empty() => map
+            .iter()
+            .map(|(k, n)| format!("{k}={n}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => "none".to_owned(),
+    }
+}
+
+/// The human summary: `key  value` lines, one screen.
+fn render(s: &Value) -> String {
+    let mut out = String::new();
+    let mut line = |key: &str, value: &str| {
+        let _ = writeln!(out, "{key:<15} {value}");
+    };
+    let kind = if s["kind"] == "sidecar" {
+        "sidecar"
+    } else {
+        "control plane"
+    };
+    line(kind, str_of(&s["admin"]));
+    let ready = if s["ready"] == true {
+        "READY".to_owned()
+    } else {
+        format!(
+            "NOT READY: {}",
+            str_of(&s["ready_detail"]).trim_start_matches("not ready: ")
+        )
+    };
+    line("status", &ready);
+    line("trust domain", str_of(&s["trust_domain"]));
+    let id = &s["identity"];
+    if id.is_null() {
+        line("identity", "(no SVID yet)");
+    } else {
+        line("identity", str_of(&id["spiffe_id"]));
+        line("  serial", str_of(&id["serial"]));
+        line(
+            "  expires",
+            &format!(
+                "{} ({})",
+                str_of(&id["not_after"]),
+                until(id["expires_in_seconds"].as_i64())
+            ),
+        );
+        if let Some(issuer) = id["issuer"].as_str() {
+            line("  issuer", issuer);
+        }
+    }
+    for (i, ca) in s["bundle"].as_array().into_iter().flatten().enumerate() {
+        line(
+            if i == 0 { "bundle" } else { "" },
+            &format!(
+                "{}  expires {} ({})",
+                str_of(&ca["subject"]),
+                str_of(&ca["not_after"]),
+                until(ca["expires_in_seconds"].as_i64())
+            ),
+        );
+    }
+    if s["kind"] == "sidecar" {
+        let sds = &s["sds"];
+        let connected = match sds["connected"].as_bool() {
+            Some(true) => "connected",
+            Some(false) => "NOT connected",
+            None => "?",
+        };
+        let update = match sds["last_update_age_seconds"].as_i64() {
+            Some(age) => format!("last update {} ago", span(age)),
+            None => "no update yet".to_owned(),
+        };
+        let rotations = sds["svid_rotations"].as_u64().unwrap_or(0);
+        let mut sds_line = format!("{connected}; {update}; {rotations} rotations");
+        if sds["updates_refused"]
+            .as_object()
+            .is_some_and(|m| !m.is_empty())
+        {
+            let _ = write!(
+                sds_line,
+                "; refused {}",
+                counts_line(&sds["updates_refused"])
+            );
+        }
+        line("sds", &sds_line);
+        let p = &s["policy"];
+        if p["configured"] == true {
+            let hash = str_of(&p["hash"]);
+            line(
+                "policy",
+                &format!(
+                    "sha256 {}…, {} rules, loaded {} ({} ago)",
+                    hash.get(..12).unwrap_or(hash),
+                    p["rules"].as_u64().unwrap_or(0),
+                    str_of(&p["loaded_at"]),
+                    span(p["loaded_age_seconds"].as_i64().unwrap_or(0))
+                ),
+            );
+            let last_error = match p["last_error"].as_str() {
+                Some(e) => format!("{} ({})", e, str_of(&p["last_error_at"])),
+                None => "none".to_owned(),
+            };
+            line("  last error", &last_error);
+        } else {
+            line(
+                "policy",
+                "none configured: every peer in the trust domain is allowed",
+            );
+        }
+        let requests = &s["requests"];
+        line(
+            "requests",
+            &format!(
+                "inbound {} | outbound {}",
+                counts_line(&requests["inbound"]),
+                counts_line(&requests["outbound"])
+            ),
+        );
+        line("denies", &counts_line(&s["denies"]));
+        if s["audit_denies"].as_object().is_some_and(|m| !m.is_empty()) {
+            line("audit denies", &counts_line(&s["audit_denies"]));
+        }
+        line("tls failures", &counts_line(&s["handshake_failures"]));
+    } else {
+        for (i, ca) in s["cas"].as_array().into_iter().flatten().enumerate() {
+            let mut text = format!("{:<9} {}", str_of(&ca["phase"]), str_of(&ca["ca"]));
+            if let Some(at) = ca["activate_at"].as_str() {
+                let _ = write!(text, "; activates {at}");
+            }
+            if let Some(at) = ca["leaves_bundle_at"].as_str() {
+                let _ = write!(text, "; leaves the bundle {at}");
+            }
+            line(if i == 0 { "cas" } else { "" }, &text);
+        }
+        line(
+            "sds streams",
+            &s["sds_streams"]
+                .as_u64()
+                .map_or_else(|| "?".to_owned(), |n| n.to_string()),
+        );
+        line("svids issued", &counts_line(&s["svids_issued"]));
+        line("attest. fails", &counts_line(&s["attestation_failures"]));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_prometheus_samples() {
+        let text = "# HELP trellis_requests_total x\n\
+            # TYPE trellis_requests_total counter\n\
+            trellis_requests_total{direction=\"inbound\",code=\"200\"} 12\n\
+            trellis_requests_total{direction=\"inbound\",code=\"403\"} 3\n\
+            trellis_requests_total{direction=\"outbound\",code=\"200\"} 7\n\
+            trellis_authz_decisions_total{decision=\"deny\",rule=\"we\\\"ird,{rule}\"} 2\n\
+            trellis_sds_connected 1\n\
+            trellis_request_duration_seconds_bucket{direction=\"inbound\",le=\"+Inf\"} 15\n\
+            garbage{ 1\n";
+        let samples = parse_metrics(text);
+        assert_eq!(samples.len(), 6, "{samples:?}");
+        assert_eq!(value(&samples, "trellis_sds_connected"), Some(1.0));
+        assert_eq!(value(&samples, "trellis_nope"), None);
+        let inbound = by_label(
+            &samples,
+            "trellis_requests_total",
+            "code",
+            &[("direction", "inbound")],
+        );
+        assert_eq!(inbound.get("200"), Some(&12.0));
+        assert_eq!(inbound.get("403"), Some(&3.0));
+        assert_eq!(inbound.len(), 2);
+        let denies = by_label(
+            &samples,
+            "trellis_authz_decisions_total",
+            "rule",
+            &[("decision", "deny")],
+        );
+        assert_eq!(denies.get("we\"ird,{rule}"), Some(&2.0));
+    }
+
+    #[test]
+    fn admin_addresses() {
+        let t = Duration::from_secs(1);
+        assert_eq!(
+            AdminClient::parse("127.0.0.1:15000", t).unwrap().addr,
+            "127.0.0.1:15000"
+        );
+        assert_eq!(
+            AdminClient::parse("http://localhost:9090/", t)
+                .unwrap()
+                .addr,
+            "localhost:9090"
+        );
+        assert_eq!(
+            AdminClient::parse("[::1]:15000", t).unwrap().addr,
+            "[::1]:15000"
+        );
+        for bad in [
+            "127.0.0.1",
+            "host:0",
+            "https://127.0.0.1:1",
+            "http://h:1/metrics",
+            ":80",
+        ] {
+            assert!(AdminClient::parse(bad, t).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn renders_a_sidecar_on_one_screen() {
+        let s = json!({
+            "kind": "sidecar",
+            "admin": "http://127.0.0.1:15000",
+            "ready": false,
+            "ready_detail": "not ready: no SVID yet",
+            "trust_domain": "example.org",
+            "identity": null,
+            "bundle": [{"subject": "CN=root", "not_after": "2036-01-01T00:00:00Z", "expires_in_seconds": 86_400}],
+            "sds": {"connected": false, "last_update_age_seconds": null, "svid_rotations": 0, "updates_refused": {"expired": 1}},
+            "policy": {"configured": false},
+            "requests": {"inbound": {}, "outbound": {"503": 4}},
+            "denies": {},
+            "audit_denies": {},
+            "handshake_failures": {"no_cert": 2},
+        });
+        let text = render(&s);
+        for needle in [
+            "sidecar         http://127.0.0.1:15000",
+            "status          NOT READY: no SVID yet",
+            "identity        (no SVID yet)",
+            "bundle          CN=root  expires 2036-01-01T00:00:00Z (in 1d)",
+            "sds             NOT connected; no update yet; 0 rotations; refused expired=1",
+            "requests        inbound none | outbound 503=4",
+            "tls failures    no_cert=2",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+        assert!(text.lines().count() < 25, "{text}");
+    }
+}
