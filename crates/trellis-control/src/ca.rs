@@ -176,7 +176,7 @@ impl Ca {
     pub fn new_root(td: &TrustDomain, now: SystemTime) -> Result<CaMaterial, CaError> {
         let (params, key) = ca_params(
             td,
-            &format!("Trellis CA {td} {}", humantime::format_rfc3339_seconds(now)),
+            &ca_common_name("Trellis CA", td, now),
             now,
             ROOT_TTL,
             BasicConstraints::Unconstrained,
@@ -534,13 +534,12 @@ impl Ca {
         }
 
         let now = SystemTime::now();
-        let stamp = humantime::format_rfc3339_seconds(now);
         // The root: made here, or read (and checked) from the operator's files.
         let (root_pem, root_issuer, root_not_after, new_root_key) = match existing_root {
             None => {
                 let (root_params, root_key) = ca_params(
                     td,
-                    &format!("Trellis Root CA {td} {stamp}"),
+                    &ca_common_name("Trellis Root CA", td, now),
                     now,
                     ROOT_TTL,
                     BasicConstraints::Unconstrained,
@@ -602,7 +601,7 @@ impl Ca {
         // pathLen 0: the intermediate signs leaves only.
         let (mut int_params, int_key) = ca_params(
             td,
-            &format!("Trellis Intermediate CA {td} {stamp}"),
+            &ca_common_name("Trellis Intermediate CA", td, now),
             now,
             INTERMEDIATE_TTL,
             BasicConstraints::Constrained(0),
@@ -855,6 +854,19 @@ impl Ca {
         params.use_authority_key_identifier_extension = true;
         Ok(params)
     }
+}
+
+/// `<kind> <td> <creation time> <8 random hex>`: operators tell the CAs of a rotation apart by
+/// name, and two CAs made in the same second still get different subjects (certificate paths
+/// are built by matching issuer and subject names).
+fn ca_common_name(kind: &str, td: &TrustDomain, now: SystemTime) -> String {
+    let mut tag = [0u8; 4];
+    rand::rng().fill_bytes(&mut tag);
+    format!(
+        "{kind} {td} {} {}",
+        humantime::format_rfc3339_seconds(now),
+        hex::encode(tag)
+    )
 }
 
 /// Parameters and a fresh P-256 key for a CA certificate of `td`.
