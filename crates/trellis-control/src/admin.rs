@@ -28,6 +28,18 @@ const PLAIN: &str = "text/plain; charset=utf-8";
 /// After a `202` to `/shutdown`, how long the response may take to reach the caller before
 /// the shutdown starts anyway (HTTP/1.1 closes at once; an HTTP/2 client may linger).
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(1);
+/// A client must send its whole request head (or, for HTTP/2, its preface) within this;
+/// slower clients (slowloris) are disconnected.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest HTTP/1.1 request head (and read buffer) an admin connection may use; longer heads
+/// get `431`.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Largest HTTP/2 header list on an admin connection.
+const MAX_H2_HEADER_LIST: u32 = 16 * 1024;
+/// Concurrent HTTP/2 streams per admin connection.
+const MAX_H2_STREAMS: u32 = 16;
+/// The HTTP/2 connection preface (RFC 9113 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Public facts of the control plane's own serving SVID, for `/certs`. Holds no key, so
 /// `/certs` cannot leak one.
@@ -245,6 +257,7 @@ pub fn handle(
 /// sets `shutdown_request` once its `202` has been sent (or [`SHUTDOWN_FLUSH`] has passed).
 pub async fn serve(
     listener: TcpListener,
+    cap: crate::ratelimit::ConnectionCap,
     state: Arc<AdminState>,
     mut shutdown: watch::Receiver<bool>,
     shutdown_request: watch::Sender<bool>,
@@ -262,9 +275,17 @@ pub async fn serve(
             },
             _ = shutdown.changed() => return,
         };
+        // Over `--admin-max-connections` the socket is closed at once.
+        let Some(permit) = cap.admit(peer) else {
+            drop(tcp);
+            continue;
+        };
         let state = Arc::clone(&state);
         let shutdown_request = Arc::clone(&shutdown_request);
-        tokio::spawn(serve_connection(tcp, peer, state, shutdown_request));
+        tokio::spawn(async move {
+            serve_connection(tcp, peer, state, shutdown_request).await;
+            drop(permit);
+        });
     }
 }
 
@@ -287,7 +308,23 @@ async fn serve_connection(
             async move { Ok::<_, Infallible>(resp) }
         })
     };
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // hyper's protocol detection waits for the first bytes without a deadline, and HTTP/1's
+    // header timeout only starts after it: bound the wait for the version here.
+    if !version_readable(&tcp).await {
+        tracing::debug!(%peer, "admin client sent no request in time; closing");
+        return;
+    }
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .max_header_list_size(MAX_H2_HEADER_LIST)
+        .max_concurrent_streams(MAX_H2_STREAMS)
+        .max_pending_accept_reset_streams(Some(20));
     let conn = builder.serve_connection(TokioIo::new(tcp), svc);
     tokio::pin!(conn);
     let ended = tokio::select! {
@@ -307,6 +344,25 @@ async fn serve_connection(
     }
     if requested.load(Ordering::Acquire) {
         shutdown_request.send_replace(true);
+    }
+}
+
+/// Waits (at most [`HEADER_TIMEOUT`]) until enough bytes have arrived to tell HTTP/1 from
+/// the HTTP/2 preface, without consuming them. `false`: the client was too slow or went away.
+async fn version_readable(tcp: &tokio::net::TcpStream) -> bool {
+    let deadline = tokio::time::Instant::now() + HEADER_TIMEOUT;
+    let mut buf = [0u8; 24];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return false,
+            Ok(Ok(n)) => n,
+        };
+        // Decided once the bytes stop matching the preface, or the whole preface is there.
+        if n >= H2_PREFACE.len() || buf.get(..n) != H2_PREFACE.get(..n) {
+            return true;
+        }
+        // `peek` returns at once while bytes wait; sleep a little before looking again.
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

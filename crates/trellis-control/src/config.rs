@@ -94,6 +94,23 @@ pub struct ControlFile {
     /// Where tokens, issuances and CA rotations live: `postgres://USER:PASSWORD@HOST/DB`
     /// (shared by replicas) or `sqlite://PATH`; absent: `<state_dir>/trellis.db`.
     pub database: Option<DatabaseUrl>,
+    /// Most SDS connections open at once (TLS handshakes included); more are closed on accept.
+    pub sds_max_connections: Option<usize>,
+    /// How long an SDS client may take to finish its TLS handshake, e.g. `10s`.
+    #[serde(default, with = "humantime_serde")]
+    pub sds_handshake_timeout: Option<Duration>,
+    /// Most concurrent HTTP/2 streams (SDS calls) on one SDS connection.
+    pub sds_max_streams_per_connection: Option<u32>,
+    /// SDS stream opens (attestations) per second allowed from one source IP; 0 turns it off.
+    pub sds_rate_limit: Option<f64>,
+    /// How many SDS stream opens one source IP may make at once before the rate applies.
+    pub sds_rate_burst: Option<u32>,
+    /// Rate-limit loopback peers too (they are exempt by default).
+    pub sds_rate_limit_loopback: Option<bool>,
+    /// Most admin connections open at once.
+    pub admin_max_connections: Option<usize>,
+    /// Most webhook connections open at once.
+    pub webhook_max_connections: Option<usize>,
 }
 
 impl ControlFile {
@@ -169,6 +186,8 @@ pub struct WebhookSettings {
     pub sidecar_image: String,
     /// `TRELLIS_CONTROL_PLANE` of injected sidecars (`host:port`).
     pub sidecar_control_plane: String,
+    /// Most connections open at once (`webhook_max_connections`).
+    pub max_connections: usize,
 }
 
 /// Validated settings the control plane runs with.
@@ -194,6 +213,35 @@ pub struct ControlSettings {
     pub webhook: Option<WebhookSettings>,
     /// The registry: SQLite in the state directory unless `database` names another.
     pub database: Database,
+    /// Limits on the listeners (hostile peers).
+    pub limits: ListenerLimits,
+}
+
+/// Limits that bound what one peer, or many, can make the control plane hold or do.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ListenerLimits {
+    /// Most SDS connections (handshaking or open).
+    pub sds_max_connections: usize,
+    /// SDS TLS handshake deadline.
+    pub sds_handshake_timeout: Duration,
+    /// HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS` on SDS connections.
+    pub sds_max_streams_per_connection: u32,
+    /// Per-source-IP rate of SDS stream opens.
+    pub sds_rate: crate::ratelimit::RateLimit,
+    /// Most admin connections.
+    pub admin_max_connections: usize,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        Self {
+            sds_max_connections: defaults::SDS_MAX_CONNECTIONS,
+            sds_handshake_timeout: defaults::SDS_HANDSHAKE_TIMEOUT,
+            sds_max_streams_per_connection: defaults::SDS_MAX_STREAMS_PER_CONNECTION,
+            sds_rate: crate::ratelimit::RateLimit::DEFAULT,
+            admin_max_connections: defaults::ADMIN_MAX_CONNECTIONS,
+        }
+    }
 }
 
 /// Defaults.
@@ -218,6 +266,90 @@ pub mod defaults {
     pub const SIDECAR_IMAGE: &str = "ghcr.io/trellis-mesh/trellis:0.1.0";
     /// `--sidecar-control-plane`.
     pub const SIDECAR_CONTROL_PLANE: &str = "trellis-control.trellis-system.svc:8443";
+    /// `--sds-max-connections`: room for 10,000 streams (tests/bench/SCALE.md) on one
+    /// connection each, twice over.
+    pub const SDS_MAX_CONNECTIONS: usize = 20_000;
+    /// `--sds-handshake-timeout`.
+    pub const SDS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `--sds-max-streams-per-connection`: a sidecar or Envoy opens one or two streams; the
+    /// `sds_load` harness multiplexes 100 on one connection.
+    pub const SDS_MAX_STREAMS_PER_CONNECTION: u32 = 128;
+    /// `--sds-rate-limit`: stream opens per second per source IP.
+    pub const SDS_RATE_LIMIT: f64 = 10.0;
+    /// `--sds-rate-burst`.
+    pub const SDS_RATE_BURST: u32 = 50;
+    /// `--admin-max-connections`: the admin port serves a scraper, probes and an operator.
+    pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+    /// `--webhook-max-connections`: the API servers call it, a handful at a time.
+    pub const WEBHOOK_MAX_CONNECTIONS: usize = 256;
+}
+
+/// Checks the limit fields and fills in defaults.
+/// (`webhook_max_connections` is checked here and carried in [`WebhookSettings`].)
+fn listener_limits(f: &ControlFile) -> Result<ListenerLimits, ConfigError> {
+    let invalid = |field: &'static str, problem: String| ConfigError::Invalid { field, problem };
+    let positive = |field: &'static str, v: Option<usize>, default: usize| match v {
+        Some(0) => Err(invalid(field, "must be at least 1".into())),
+        Some(n) => Ok(n),
+        None => Ok(default),
+    };
+    positive(
+        "webhook_max_connections",
+        f.webhook_max_connections,
+        defaults::WEBHOOK_MAX_CONNECTIONS,
+    )?;
+    let sds_handshake_timeout = f
+        .sds_handshake_timeout
+        .unwrap_or(defaults::SDS_HANDSHAKE_TIMEOUT);
+    if sds_handshake_timeout < Duration::from_millis(100) {
+        return Err(invalid(
+            "sds_handshake_timeout",
+            format!("{sds_handshake_timeout:?} is too short: use at least 100ms"),
+        ));
+    }
+    let sds_max_streams_per_connection = f
+        .sds_max_streams_per_connection
+        .unwrap_or(defaults::SDS_MAX_STREAMS_PER_CONNECTION);
+    if sds_max_streams_per_connection == 0 {
+        return Err(invalid(
+            "sds_max_streams_per_connection",
+            "must be at least 1".into(),
+        ));
+    }
+    let per_second = f.sds_rate_limit.unwrap_or(defaults::SDS_RATE_LIMIT);
+    if !per_second.is_finite() || per_second < 0.0 {
+        return Err(invalid(
+            "sds_rate_limit",
+            format!("{per_second} is not a rate: give stream opens per second, or 0 for no limit"),
+        ));
+    }
+    let burst = f.sds_rate_burst.unwrap_or(defaults::SDS_RATE_BURST);
+    if burst == 0 && per_second > 0.0 {
+        return Err(invalid(
+            "sds_rate_burst",
+            "must be at least 1 while sds_rate_limit is on".into(),
+        ));
+    }
+    Ok(ListenerLimits {
+        sds_max_connections: positive(
+            "sds_max_connections",
+            f.sds_max_connections,
+            defaults::SDS_MAX_CONNECTIONS,
+        )?,
+        sds_handshake_timeout,
+        sds_max_streams_per_connection,
+        sds_rate: crate::ratelimit::RateLimit {
+            per_second,
+            burst: f64::from(burst),
+            limit_loopback: f.sds_rate_limit_loopback.unwrap_or(false),
+            ..crate::ratelimit::RateLimit::DEFAULT
+        },
+        admin_max_connections: positive(
+            "admin_max_connections",
+            f.admin_max_connections,
+            defaults::ADMIN_MAX_CONNECTIONS,
+        )?,
+    })
 }
 
 /// Validates the webhook settings of `f`; `None` unless `webhook_listen` is set (the other
@@ -299,6 +431,9 @@ fn webhook_settings(f: &ControlFile) -> Result<Option<WebhookSettings>, ConfigEr
         dns_names,
         sidecar_image,
         sidecar_control_plane,
+        max_connections: f
+            .webhook_max_connections
+            .unwrap_or(defaults::WEBHOOK_MAX_CONNECTIONS),
     }))
 }
 
@@ -389,6 +524,7 @@ impl ControlSettings {
     /// Builds settings from a merged file (flags already applied over it).
     pub fn from_file(f: ControlFile) -> Result<Self, ConfigError> {
         let webhook = webhook_settings(&f)?;
+        let limits = listener_limits(&f)?;
         let td = f.trust_domain.ok_or(ConfigError::Invalid {
             field: "trust_domain",
             problem:
@@ -486,8 +622,26 @@ impl ControlSettings {
             k8s,
             webhook,
             database,
+            limits,
         })
     }
+}
+
+/// Fuzzing entry point (`fuzz/fuzz_targets/control_config.rs`, run on stable by
+/// `tests/fuzz_bodies.rs`): YAML text → [`ControlFile::parse`] → [`ControlSettings::from_file`]
+/// must not panic, and every refusal names the file. Not API.
+#[doc(hidden)]
+pub fn fuzz_config(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let path = Path::new("fuzz.yaml");
+    let file = match ControlFile::parse(&text, path) {
+        Ok(f) => f,
+        Err(e) => {
+            assert!(e.to_string().contains("fuzz.yaml"), "{e}");
+            return;
+        }
+    };
+    let _ = ControlSettings::from_file(file).map_err(|e| e.to_string());
 }
 
 #[cfg(test)]
@@ -562,6 +716,7 @@ mod tests {
         assert_eq!(w.dns_names, [defaults::WEBHOOK_DNS_NAME]);
         assert_eq!(w.sidecar_image, defaults::SIDECAR_IMAGE);
         assert_eq!(w.sidecar_control_plane, defaults::SIDECAR_CONTROL_PLANE);
+        assert_eq!(w.max_connections, defaults::WEBHOOK_MAX_CONNECTIONS);
         let w = with_webhook(|f| {
             f.webhook_dns_names = Some(vec![
                 "Trellis-Control.trellis-system.svc".into(),
@@ -728,6 +883,71 @@ mod tests {
         assert_eq!(f.k8s_jwks_refresh, Some(Duration::from_secs(30)));
         assert_eq!(f.k8s_ca.as_deref(), Some(Path::new("/ca.crt")));
         assert_eq!(f.k8s_token.as_deref(), Some(Path::new("/token")));
+    }
+
+    #[test]
+    fn listener_limits_default_and_are_checked() {
+        let base = || ControlFile {
+            trust_domain: Some("example.org".into()),
+            ..Default::default()
+        };
+        let s = ControlSettings::from_file(base()).unwrap();
+        assert_eq!(s.limits, ListenerLimits::default());
+        assert_eq!(s.limits.sds_max_connections, 20_000);
+        assert!(!s.limits.sds_rate.limit_loopback);
+        let yaml = "trust_domain: example.org\nsds_max_connections: 5\nsds_handshake_timeout: 2s\n\
+                    sds_max_streams_per_connection: 16\nsds_rate_limit: 0.5\nsds_rate_burst: 3\n\
+                    sds_rate_limit_loopback: true\nadmin_max_connections: 2\nwebhook_max_connections: 9\n";
+        let s = ControlSettings::from_file(ControlFile::parse(yaml, Path::new("c.yaml")).unwrap())
+            .unwrap();
+        assert_eq!(s.limits.sds_max_connections, 5);
+        assert_eq!(s.limits.sds_handshake_timeout, Duration::from_secs(2));
+        assert_eq!(s.limits.sds_max_streams_per_connection, 16);
+        assert_eq!(s.limits.sds_rate.per_second, 0.5);
+        assert_eq!(s.limits.sds_rate.burst, 3.0);
+        assert!(s.limits.sds_rate.limit_loopback);
+        assert_eq!(s.limits.admin_max_connections, 2);
+        assert!(s.webhook.is_none());
+        for (edit, field) in [
+            (
+                Box::new(|f: &mut ControlFile| f.sds_max_connections = Some(0))
+                    as Box<dyn Fn(&mut ControlFile)>,
+                "sds_max_connections",
+            ),
+            (
+                Box::new(|f: &mut ControlFile| {
+                    f.sds_handshake_timeout = Some(Duration::from_millis(1))
+                }),
+                "sds_handshake_timeout",
+            ),
+            (
+                Box::new(|f: &mut ControlFile| f.sds_max_streams_per_connection = Some(0)),
+                "sds_max_streams_per_connection",
+            ),
+            (
+                Box::new(|f: &mut ControlFile| f.sds_rate_limit = Some(-1.0)),
+                "sds_rate_limit",
+            ),
+            (
+                Box::new(|f: &mut ControlFile| f.sds_rate_burst = Some(0)),
+                "sds_rate_burst",
+            ),
+            (
+                Box::new(|f: &mut ControlFile| f.admin_max_connections = Some(0)),
+                "admin_max_connections",
+            ),
+            (
+                Box::new(|f: &mut ControlFile| f.webhook_max_connections = Some(0)),
+                "webhook_max_connections",
+            ),
+        ] {
+            let mut f = base();
+            edit(&mut f);
+            match ControlSettings::from_file(f) {
+                Err(ConfigError::Invalid { field: got, .. }) => assert_eq!(got, field),
+                other => panic!("{field}: expected Invalid, got {other:?}"),
+            }
+        }
     }
 
     #[test]

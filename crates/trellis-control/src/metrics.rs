@@ -36,6 +36,13 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+/// `listener` label of `trellis_connections_refused_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    /// `sds`, `admin`, `webhook`.
+    pub listener: &'static str,
+}
+
 /// Every metric the control plane records.
 pub struct ControlMetrics {
     registry: Registry,
@@ -73,6 +80,15 @@ pub struct ControlMetrics {
     /// `trellis_webhook_cert_expiry_timestamp_seconds`: notAfter of the webhook's serving
     /// certificate (0 while the webhook is off).
     pub webhook_cert_expiry: Gauge,
+    /// `trellis_sds_rate_limited_total`: SDS streams refused with `RESOURCE_EXHAUSTED` because
+    /// their source IP exceeded its attestation rate.
+    pub sds_rate_limited: Counter,
+    /// `trellis_connections_refused_total{listener}`: connections closed on accept because the
+    /// listener was at its connection cap.
+    pub connections_refused: Family<ListenerLabel, Counter>,
+    /// `trellis_sds_handshake_timeouts_total`: SDS TLS handshakes dropped for taking longer
+    /// than the handshake timeout.
+    pub sds_handshake_timeouts: Counter,
 }
 
 /// `{phase}`.
@@ -102,6 +118,9 @@ impl ControlMetrics {
             svid_expiry: Family::default(),
             webhook_reviews: Family::default(),
             webhook_cert_expiry: Gauge::default(),
+            sds_rate_limited: Counter::default(),
+            connections_refused: Family::default(),
+            sds_handshake_timeouts: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -179,6 +198,21 @@ impl ControlMetrics {
             "Failed refreshes of the Kubernetes issuer keys from --k8s-jwks-url, by reason (the keys in force were kept)",
             m.jwks_refresh_failures.clone(),
         );
+        registry.register(
+            "sds_rate_limited",
+            "SDS streams refused because their source IP exceeded its attestation rate",
+            m.sds_rate_limited.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections closed on accept because the listener was at its connection cap, by listener",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "sds_handshake_timeouts",
+            "SDS TLS handshakes dropped for exceeding the handshake timeout",
+            m.sds_handshake_timeouts.clone(),
+        );
         ControlMetrics { registry, ..m }
     }
 
@@ -217,6 +251,13 @@ impl ControlMetrics {
     pub fn attestation_failed(&self, reason: &'static str) {
         self.attestation_failures
             .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Counts a connection closed on accept by `listener`'s connection cap.
+    pub fn connection_refused(&self, listener: &'static str) {
+        self.connections_refused
+            .get_or_create(&ListenerLabel { listener })
             .inc();
     }
 
@@ -284,6 +325,13 @@ mod tests {
             "gauge",
             &[],
         ),
+        ("trellis_sds_rate_limited_total", "counter", &[]),
+        (
+            "trellis_connections_refused_total",
+            "counter",
+            &["listener"],
+        ),
+        ("trellis_sds_handshake_timeouts_total", "counter", &[]),
     ];
 
     #[test]
@@ -300,6 +348,7 @@ mod tests {
         m.webhook_review("injected");
         m.serving_svid_expiry("spiffe://example.org/trellis/control", 1_900_000_000);
         m.jwks_refresh_failed("connect");
+        m.connection_refused("sds");
         let text = m.encode();
 
         // Every family declared with the pinned type, and no family that is not pinned.

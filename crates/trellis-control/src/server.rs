@@ -41,8 +41,13 @@ use crate::sds::{IssuePolicy, SdsCore, SdsPeer, SdsService};
 pub const CONTROL_ID_PATH: &str = "/trellis/control";
 /// Largest SDS request Trellis decodes; SDS requests are small.
 const MAX_REQUEST_BYTES: usize = 256 * 1024;
-/// A TLS handshake that takes longer is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest HTTP/2 header list (all request headers, HPACK-decoded) on an SDS connection: room
+/// for an 8 KiB JWT in `authorization` and the gRPC headers. Larger lists are refused by the
+/// HTTP/2 layer before any handler runs, which also bounds CONTINUATION floods.
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+/// Streams a client may reset before the server has accepted them (HTTP/2 rapid reset,
+/// CVE-2023-44487); past this the connection is closed with GOAWAY.
+const MAX_PENDING_ACCEPT_RESETS: usize = 20;
 /// How often the CA schedule is re-read and applied: a rotation stored by `trellis ca rotate`
 /// reaches every SDS stream within this.
 const CA_POLL: Duration = Duration::from_secs(1);
@@ -298,6 +303,7 @@ impl ControlPlane {
                     format!("cannot start the issuance recorder: {e}"),
                 )
             })?;
+        let limiter = Arc::new(crate::ratelimit::PeerLimiter::new(settings.limits.sds_rate));
         let core = Arc::new(SdsCore {
             ca: Arc::clone(&signer),
             bundle: bundle_rx,
@@ -306,6 +312,7 @@ impl ControlPlane {
             audit: Arc::clone(&audit),
             metrics: Arc::clone(&metrics),
             policy,
+            limiter,
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -334,6 +341,15 @@ impl ControlPlane {
         tasks.push(tokio::spawn(accept_loop(
             sds_listener,
             acceptor,
+            SdsAccept {
+                cap: crate::ratelimit::ConnectionCap::new(
+                    settings.limits.sds_max_connections,
+                    "sds",
+                    Arc::clone(&metrics),
+                ),
+                handshake_timeout: settings.limits.sds_handshake_timeout,
+                metrics: Arc::clone(&metrics),
+            },
             conn_tx,
             shutdown_rx.clone(),
         )));
@@ -341,10 +357,14 @@ impl ControlPlane {
         let service = SecretDiscoveryServiceServer::new(SdsService::new(core))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
         let mut grpc_shutdown = shutdown_rx.clone();
+        let max_streams = settings.limits.sds_max_streams_per_connection;
         tasks.push(tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+                .max_concurrent_streams(max_streams)
+                .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+                .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
                 .add_service(service)
                 .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
                     let _ = grpc_shutdown.wait_for(|stop| *stop).await;
@@ -404,6 +424,11 @@ impl ControlPlane {
         let (admin_shutdown_tx, admin_shutdown) = watch::channel(false);
         tasks.push(tokio::spawn(admin::serve(
             admin_listener,
+            crate::ratelimit::ConnectionCap::new(
+                settings.limits.admin_max_connections,
+                "admin",
+                Arc::clone(&metrics),
+            ),
             admin_state,
             shutdown_rx,
             admin_shutdown_tx,
@@ -481,9 +506,17 @@ impl OwnSvid {
     }
 }
 
+/// What the SDS accept loop enforces before a connection reaches gRPC.
+struct SdsAccept {
+    cap: crate::ratelimit::ConnectionCap,
+    handshake_timeout: Duration,
+    metrics: Arc<ControlMetrics>,
+}
+
 async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
+    limits: SdsAccept,
     tx: mpsc::Sender<Result<SdsConn, io::Error>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -500,11 +533,19 @@ async fn accept_loop(
             },
             _ = shutdown.changed() => return,
         };
+        // The permit covers the handshake and the connection's whole life: it is dropped with
+        // the connection. Over the cap the socket is closed at once.
+        let Some(permit) = limits.cap.admit(addr) else {
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let tx = tx.clone();
+        let timeout = limits.handshake_timeout;
+        let metrics = Arc::clone(&limits.metrics);
         tokio::spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
                     let svid =
                         trellis_identity::tls::peer_spiffe_id(tls.get_ref().1.peer_certificates());
@@ -512,11 +553,15 @@ async fn accept_loop(
                         .send(Ok(SdsConn {
                             inner: tls,
                             peer: SdsPeer { addr, svid },
+                            _permit: permit,
                         }))
                         .await;
                 }
                 Ok(Err(e)) => tracing::debug!(peer = %addr, error = %e, "SDS TLS handshake failed"),
-                Err(_) => tracing::debug!(peer = %addr, "SDS TLS handshake timed out"),
+                Err(_) => {
+                    metrics.sds_handshake_timeouts.inc();
+                    tracing::debug!(peer = %addr, "SDS TLS handshake timed out");
+                }
             }
         });
     }
@@ -527,6 +572,8 @@ async fn accept_loop(
 pub struct SdsConn {
     inner: TlsStream<TcpStream>,
     peer: SdsPeer,
+    /// This connection's place under `--sds-max-connections`, released when it closes.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Connected for SdsConn {

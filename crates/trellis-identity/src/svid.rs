@@ -7,7 +7,10 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::{SpiffeId, SvidError, TrustBundle};
 
-/// A validated X.509-SVID with its key. The key never appears in `Debug` output.
+/// A validated X.509-SVID with its key. The key never appears in `Debug` output, and its bytes
+/// are overwritten with zeros when the `Svid` is dropped (rustls-pki-types' `Zeroize` for
+/// `PrivateKeyDer`), so a rotated-out key does not linger in freed heap memory. Copies handed
+/// out with `key().clone_key()` are the caller's to wipe.
 pub struct Svid {
     spiffe_id: SpiffeId,
     chain: Vec<CertificateDer<'static>>,
@@ -101,6 +104,19 @@ impl Clone for Svid {
             not_before: self.not_before,
             not_after: self.not_after,
         }
+    }
+}
+
+impl Svid {
+    /// Overwrites the key bytes with zeros (and empties them). Called on drop.
+    fn wipe_key(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.key);
+    }
+}
+
+impl Drop for Svid {
+    fn drop(&mut self) {
+        self.wipe_key();
     }
 }
 
@@ -209,6 +225,21 @@ mod tests {
             Svid::new(chain, key),
             Err(SvidError::UriSanCount(2))
         ));
+    }
+
+    #[test]
+    fn key_is_wiped_on_drop() {
+        let mut svid = TestCa::root("example.org").svid("/web");
+        assert!(!svid.key().secret_der().is_empty());
+        let clone = svid.clone();
+        // Drop runs exactly this; calling it directly lets the test look at the result.
+        svid.wipe_key();
+        assert!(
+            svid.key().secret_der().iter().all(|b| *b == 0),
+            "key bytes survived"
+        );
+        // A clone owns its own copy.
+        assert!(clone.key().secret_der().iter().any(|b| *b != 0));
     }
 
     #[test]

@@ -55,6 +55,7 @@ fn settings(app: std::net::SocketAddr, upstreams: Vec<Upstream>) -> SidecarSetti
         expiry_margin: Duration::from_secs(60),
         policy: None,
         access_log: false,
+        limits: Default::default(),
     }
 }
 

@@ -20,13 +20,14 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use trellis_identity::inspect::{self, ClientIdentity, InspectOptions, Target};
 use trellis_identity::{SpiffeId, TrustDomain};
 
-use crate::metrics::{SidecarMetrics, CONTENT_TYPE};
+use crate::http_util::{ConnLimit, IdleClock, Tracked};
+use crate::metrics::{Listener, SidecarMetrics, CONTENT_TYPE};
 use crate::policy::PolicyEngine;
 use crate::svid_store::SvidStore;
 
@@ -37,6 +38,20 @@ const MAX_INSPECT_TIMEOUT: Duration = Duration::from_secs(60);
 /// After a `202` to `/shutdown`, how long the response may take to reach the caller before
 /// the shutdown starts anyway (HTTP/1.1 closes at once; an HTTP/2 client may linger).
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(1);
+
+/// Open admin connections at most (scrapers, probes and operators need a handful); past it a
+/// connection is closed at accept and counted under `listener="admin"`.
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+/// Admin requests are small: request line and headers fit in hyper's smallest read buffer
+/// (8 KiB; past it, `431`).
+const ADMIN_MAX_BUF: usize = 8 << 10;
+/// Header lines per admin request.
+const ADMIN_MAX_HEADERS: usize = 32;
+/// Bound on receiving an admin request head (slowloris).
+const ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// An admin connection that moves no byte for this long is closed (`/inspect` runs at most
+/// [`MAX_INSPECT_TIMEOUT`]; an in-flight request still finishes).
+const ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What the admin endpoint reports on.
 pub struct AdminState {
@@ -437,6 +452,11 @@ pub async fn serve(
     shutdown_request: watch::Sender<bool>,
 ) {
     let shutdown_request = Arc::new(shutdown_request);
+    let limit = ConnLimit::new(
+        ADMIN_MAX_CONNECTIONS,
+        Listener::Admin,
+        Arc::clone(&state.metrics),
+    );
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -449,9 +469,16 @@ pub async fn serve(
             },
             _ = shutdown.changed() => return,
         };
+        let Some(permit) = limit.try_acquire() else {
+            tracing::debug!(%peer, "admin listener full; connection closed");
+            continue;
+        };
         let state = Arc::clone(&state);
         let shutdown_request = Arc::clone(&shutdown_request);
-        tokio::spawn(serve_connection(tcp, peer, state, shutdown_request));
+        tokio::spawn(async move {
+            serve_connection(tcp, peer, state, shutdown_request).await;
+            drop(permit);
+        });
     }
 }
 
@@ -478,12 +505,31 @@ async fn serve_connection(
             }
         })
     };
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .max_buf_size(ADMIN_MAX_BUF)
+        .max_headers(ADMIN_MAX_HEADERS)
+        .header_read_timeout(ADMIN_HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(16)
+        .max_header_list_size(u32::try_from(ADMIN_MAX_BUF).unwrap_or(u32::MAX));
+    let clock = IdleClock::new();
+    let io = TokioIo::new(Tracked::new(tcp, Arc::clone(&clock)));
+    let conn = builder.serve_connection(io, svc);
     tokio::pin!(conn);
+    let idle = clock.expired(ADMIN_IDLE_TIMEOUT);
+    tokio::pin!(idle);
     let ended = tokio::select! {
         result = conn.as_mut() => Some(result),
         () = notify.notified() => None,
+        () = &mut idle => {
+            conn.as_mut().graceful_shutdown();
+            Some(conn.as_mut().await)
+        }
     };
     let result = match ended {
         Some(result) => Some(result),

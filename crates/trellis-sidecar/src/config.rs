@@ -29,6 +29,17 @@
 //! admin: 127.0.0.1:15000
 //! tls_policy: tls13                   # or tls12+
 //! access_log: true                   # one line per request, target trellis::access
+//! limits:                            # what one hostile peer may cost; every field optional
+//!   max_header_bytes: 65536          # HTTP/1.1 request line + headers → 431
+//!   max_headers: 100                 # HTTP/1.1 header count → 431
+//!   max_uri_bytes: 8192              # request target → 414
+//!   h2_max_concurrent_streams: 1024
+//!   h2_max_header_list_bytes: 65536
+//!   max_connections_inbound: 4096    # per listener; excess accepted and closed at once
+//!   max_connections_outbound: 1024   # per listener
+//!   handshake_timeout: 10s           # inbound mTLS handshake
+//!   header_read_timeout: 10s         # HTTP/1.1 request head (slowloris)
+//!   idle_timeout: 60s                # no bytes either way (HTTP/1.1), no open stream (HTTP/2)
 //! ```
 
 use std::net::SocketAddr;
@@ -185,6 +196,166 @@ pub struct OutboundFile {
     pub upstreams: Vec<UpstreamFile>,
 }
 
+/// `limits` in the file: what one hostile peer may cost. Absent fields take [`Limits`]'s
+/// defaults.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    /// HTTP/1.1 request line plus header section, bytes.
+    pub max_header_bytes: Option<usize>,
+    /// HTTP/1.1 header lines per request.
+    pub max_headers: Option<usize>,
+    /// Request target (path and query, or absolute form), bytes.
+    pub max_uri_bytes: Option<usize>,
+    /// Streams a peer may have open at once on one HTTP/2 connection.
+    pub h2_max_concurrent_streams: Option<u32>,
+    /// Decoded HTTP/2 header list (RFC 9113 `SETTINGS_MAX_HEADER_LIST_SIZE`), bytes.
+    pub h2_max_header_list_bytes: Option<u32>,
+    /// Open connections on the inbound listener (and on each inbound TCP forward).
+    pub max_connections_inbound: Option<usize>,
+    /// Open connections on each outbound listener.
+    pub max_connections_outbound: Option<usize>,
+    /// Inbound mTLS handshake bound.
+    #[serde(default, with = "humantime_serde")]
+    pub handshake_timeout: Option<Duration>,
+    /// Bound on receiving one HTTP/1.1 request head.
+    #[serde(default, with = "humantime_serde")]
+    pub header_read_timeout: Option<Duration>,
+    /// An HTTP connection with nothing to do for this long is closed.
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+}
+
+/// Validated limits (see README "Hardening" for what happens when each is exceeded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// HTTP/1.1 request line plus header section, bytes: over it, `431` and close.
+    pub max_header_bytes: usize,
+    /// HTTP/1.1 header lines: over it, `431` and close.
+    pub max_headers: usize,
+    /// Request target bytes: over it, `414` (HTTP/1.1: and close).
+    pub max_uri_bytes: usize,
+    /// HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`: more are refused with `REFUSED_STREAM`.
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 `SETTINGS_MAX_HEADER_LIST_SIZE`; also bounds a CONTINUATION sequence.
+    pub h2_max_header_list_bytes: u32,
+    /// Per inbound listener: connections past it are accepted and closed at once.
+    pub max_connections_inbound: usize,
+    /// Per outbound listener: connections past it are accepted and closed at once.
+    pub max_connections_outbound: usize,
+    /// Inbound mTLS handshake bound.
+    pub handshake_timeout: Duration,
+    /// HTTP/1.1 request head bound (hyper also applies it while a keep-alive connection
+    /// waits for its next request).
+    pub header_read_timeout: Duration,
+    /// HTTP/1.1: no bytes either way; HTTP/2: no open stream; for this long → closed
+    /// gracefully.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 64 << 10,
+            max_headers: 100,
+            max_uri_bytes: 8 << 10,
+            h2_max_concurrent_streams: 1024,
+            h2_max_header_list_bytes: 64 << 10,
+            max_connections_inbound: 4096,
+            max_connections_outbound: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Limits {
+    /// hyper's HTTP/1.1 read buffer (~400 KiB) is the hard ceiling for a header section; its
+    /// floor (8 KiB, hyper's smallest buffer) is the floor here too.
+    pub const MAX_HEADER_BYTES_CEILING: usize = 256 << 10;
+
+    /// Applies `f` over the defaults and checks ranges.
+    pub fn from_file(f: &LimitsFile) -> Result<Self, ConfigError> {
+        let d = Self::default();
+        let l = Self {
+            max_header_bytes: f.max_header_bytes.unwrap_or(d.max_header_bytes),
+            max_headers: f.max_headers.unwrap_or(d.max_headers),
+            max_uri_bytes: f.max_uri_bytes.unwrap_or(d.max_uri_bytes),
+            h2_max_concurrent_streams: f
+                .h2_max_concurrent_streams
+                .unwrap_or(d.h2_max_concurrent_streams),
+            h2_max_header_list_bytes: f
+                .h2_max_header_list_bytes
+                .unwrap_or(d.h2_max_header_list_bytes),
+            max_connections_inbound: f
+                .max_connections_inbound
+                .unwrap_or(d.max_connections_inbound),
+            max_connections_outbound: f
+                .max_connections_outbound
+                .unwrap_or(d.max_connections_outbound),
+            handshake_timeout: f.handshake_timeout.unwrap_or(d.handshake_timeout),
+            header_read_timeout: f.header_read_timeout.unwrap_or(d.header_read_timeout),
+            idle_timeout: f.idle_timeout.unwrap_or(d.idle_timeout),
+        };
+        let range = |field: &str, v: usize, lo: usize, hi: usize| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(invalid(
+                    format!("limits.{field}"),
+                    format!("{v} is out of range {lo}..={hi}"),
+                ))
+            }
+        };
+        range(
+            "max_header_bytes",
+            l.max_header_bytes,
+            8 << 10,
+            Self::MAX_HEADER_BYTES_CEILING,
+        )?;
+        range("max_headers", l.max_headers, 1, 1000)?;
+        range("max_uri_bytes", l.max_uri_bytes, 16, l.max_header_bytes)?;
+        range(
+            "h2_max_concurrent_streams",
+            l.h2_max_concurrent_streams as usize,
+            1,
+            1 << 16,
+        )?;
+        range(
+            "h2_max_header_list_bytes",
+            l.h2_max_header_list_bytes as usize,
+            1024,
+            16 << 20,
+        )?;
+        range(
+            "max_connections_inbound",
+            l.max_connections_inbound,
+            1,
+            1 << 20,
+        )?;
+        range(
+            "max_connections_outbound",
+            l.max_connections_outbound,
+            1,
+            1 << 20,
+        )?;
+        for (field, v) in [
+            ("handshake_timeout", l.handshake_timeout),
+            ("header_read_timeout", l.header_read_timeout),
+            ("idle_timeout", l.idle_timeout),
+        ] {
+            if v < Duration::from_millis(10) {
+                return Err(invalid(
+                    format!("limits.{field}"),
+                    "must be at least 10ms (a zero timeout would refuse every peer)",
+                ));
+            }
+        }
+        Ok(l)
+    }
+}
+
 /// The whole YAML file.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -222,6 +393,9 @@ pub struct SidecarFile {
     pub expiry_margin: Option<Duration>,
     /// One log line per proxied request (default true).
     pub access_log: Option<bool>,
+    /// Resource limits against hostile peers.
+    #[serde(default)]
+    pub limits: LimitsFile,
 }
 
 impl SidecarFile {
@@ -364,6 +538,8 @@ pub struct SidecarSettings {
     pub policy: Option<PathBuf>,
     /// Log one line per proxied request (`tracing` target `trellis::access`, INFO).
     pub access_log: bool,
+    /// Resource limits against hostile peers.
+    pub limits: Limits,
 }
 
 /// Defaults.
@@ -551,8 +727,26 @@ impl SidecarSettings {
             expiry_margin: f.expiry_margin.unwrap_or(defaults::EXPIRY_MARGIN),
             policy: f.policy,
             access_log: f.access_log.unwrap_or(defaults::ACCESS_LOG),
+            limits: Limits::from_file(&f.limits)?,
         })
     }
+}
+
+/// Fuzzing entry point (`fuzz/fuzz_targets/sidecar_config.rs`, run on stable by
+/// `tests/fuzz_bodies.rs`): YAML text → [`SidecarFile::parse`] → [`SidecarSettings::from_file`]
+/// must not panic, and every refusal names the file. Not API.
+#[doc(hidden)]
+pub fn fuzz_config(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let path = Path::new("fuzz.yaml");
+    let file = match SidecarFile::parse(&text, path) {
+        Ok(f) => f,
+        Err(e) => {
+            assert!(e.to_string().contains("fuzz.yaml"), "{e}");
+            return;
+        }
+    };
+    let _ = SidecarSettings::from_file(file).map_err(|e| e.to_string());
 }
 
 #[cfg(test)]
@@ -699,6 +893,33 @@ outbound:
             err.contains("exactly one") && err.contains("not both"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn limits_default_safely_and_are_range_checked() {
+        let s = SidecarSettings::from_file(SidecarFile::parse(GOOD, Path::new("s.yaml")).unwrap())
+            .unwrap();
+        assert_eq!(s.limits, Limits::default());
+        assert_eq!(s.limits.handshake_timeout, Duration::from_secs(10));
+        let set = format!("{GOOD}limits:\n  max_headers: 20\n  idle_timeout: 5s\n");
+        let s = SidecarSettings::from_file(SidecarFile::parse(&set, Path::new("s.yaml")).unwrap())
+            .unwrap();
+        assert_eq!(s.limits.max_headers, 20);
+        assert_eq!(s.limits.idle_timeout, Duration::from_secs(5));
+        for bad in [
+            "max_header_bytes: 10",
+            "max_headers: 0",
+            "max_uri_bytes: 100000",
+            "max_connections_inbound: 0",
+            "header_read_timeout: 0s",
+        ] {
+            let text = format!("{GOOD}limits:\n  {bad}\n");
+            let err =
+                SidecarSettings::from_file(SidecarFile::parse(&text, Path::new("s.yaml")).unwrap())
+                    .unwrap_err()
+                    .to_string();
+            assert!(err.contains("limits."), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -5,9 +5,10 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -17,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::drain::Drain;
-use crate::metrics::Direction;
+use crate::metrics::{Direction, Listener, SidecarMetrics};
 use crate::pool::PooledBody;
 
 /// Errors a body can end with.
@@ -498,11 +499,13 @@ impl ConnDrain {
 /// Serves `conn` to its end. Once `drain` signals: HTTP/2 gets GOAWAY at once (hyper's graceful
 /// shutdown; in-flight streams finish); HTTP/1.1 answers its next response with
 /// `Connection: close` and is closed if it stays idle for [`HTTP1_DRAIN_GRACE`] (an in-flight
-/// request still finishes). Holds `drain` until the connection is gone.
+/// request still finishes). When `idle` completes first (see [`IdleClock::expired`]) the
+/// connection is shut down gracefully the same way. Holds `drain` until the connection is gone.
 pub(crate) async fn serve_until_drained<C, E>(
     conn: C,
     drain: Drain,
     state: &ConnDrain,
+    idle: impl Future<Output = ()>,
 ) -> Result<(), E>
 where
     C: GracefulConnection<Output = Result<(), E>>,
@@ -512,6 +515,10 @@ where
         biased;
         res = conn.as_mut() => return res,
         () = drain.signaled() => {}
+        () = idle => {
+            conn.as_mut().begin_shutdown();
+            return conn.await;
+        }
     }
     state.draining.store(true, Ordering::Relaxed);
     if !state.http2.load(Ordering::Relaxed) {
@@ -523,6 +530,177 @@ where
     }
     conn.as_mut().begin_shutdown();
     conn.await
+}
+
+/// A cap on one listener's open connections. Past it a connection is accepted and closed at
+/// once (cheaper and clearer for the peer than leaving it in the kernel backlog) and counted in
+/// `trellis_connections_refused_total{listener}`.
+pub(crate) struct ConnLimit {
+    open: AtomicUsize,
+    max: usize,
+    listener: Listener,
+    metrics: Arc<SidecarMetrics>,
+}
+
+impl ConnLimit {
+    /// At most `max` open connections on a `listener`.
+    pub(crate) fn new(max: usize, listener: Listener, metrics: Arc<SidecarMetrics>) -> Arc<Self> {
+        Arc::new(Self {
+            open: AtomicUsize::new(0),
+            max,
+            listener,
+            metrics,
+        })
+    }
+
+    /// A permit for one more connection, or `None` (counted) when the listener is full.
+    pub(crate) fn try_acquire(self: &Arc<Self>) -> Option<ConnPermit> {
+        if self.open.fetch_add(1, Ordering::AcqRel) >= self.max {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            self.metrics.connection_refused(self.listener);
+            return None;
+        }
+        Some(ConnPermit(Arc::clone(self)))
+    }
+}
+
+/// One open connection of a [`ConnLimit`]; released on drop.
+pub(crate) struct ConnPermit(Arc<ConnLimit>);
+
+impl Drop for ConnPermit {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// When a connection last moved a byte, for the idle timeout: one relaxed store per read or
+/// write, no timer reset per I/O.
+#[derive(Debug)]
+pub(crate) struct IdleClock {
+    base: Instant,
+    /// Milliseconds since `base`.
+    last: AtomicU64,
+}
+
+impl IdleClock {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Self {
+            base: Instant::now(),
+            last: AtomicU64::new(0),
+        })
+    }
+
+    fn touch(&self) {
+        let now = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(now, Ordering::Relaxed);
+    }
+
+    /// Completes once no byte has moved for `timeout` (checked when the last deadline passes,
+    /// so a busy connection costs one timer per `timeout`).
+    pub(crate) async fn expired(self: Arc<Self>, timeout: Duration) {
+        loop {
+            let last = self.base + Duration::from_millis(self.last.load(Ordering::Relaxed));
+            let deadline = last + timeout;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+    }
+}
+
+/// An I/O stream that records its activity in an [`IdleClock`].
+#[derive(Debug)]
+pub(crate) struct Tracked<T> {
+    inner: T,
+    clock: Arc<IdleClock>,
+}
+
+impl<T> Tracked<T> {
+    pub(crate) fn new(inner: T, clock: Arc<IdleClock>) -> Self {
+        Self { inner, clock }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.clock.touch();
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, data);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.clock.touch();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.clock.touch();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// `414` for a request target longer than `max` bytes, else `None`. With `Connection: close`
+/// for HTTP/1.x: a peer that sends such targets gets no further requests on the connection.
+pub(crate) fn uri_too_long(
+    uri: &http::Uri,
+    version: Version,
+    max: usize,
+) -> Option<Response<ProxyBody>> {
+    // The request target as sent: absolute form counts scheme and authority too.
+    let len = uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+    if len <= max {
+        return None;
+    }
+    let mut response = text_response(
+        StatusCode::URI_TOO_LONG,
+        &format!("request target is {len} bytes; the limit is {max} (limits.max_uri_bytes)"),
+    );
+    if version != Version::HTTP_2 {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    Some(response)
 }
 
 /// An I/O stream with bytes already read from it put back in front.

@@ -29,13 +29,14 @@ use tokio_rustls::TlsAcceptor;
 use trellis_identity::tls::{handshake_failure_reason, peer_spiffe_id, SharedBundle};
 use trellis_identity::{leaf_sha256_hex, SpiffeId};
 
-use crate::config::SidecarSettings;
+use crate::config::{Limits, SidecarSettings};
 use crate::drain::{self, Drain};
 use crate::http_util::{
-    self, serve_until_drained, strip_hop_by_hop, text_response, AccessEntry, BoxError, ConnDrain,
-    H2Body, ProxyBody, ReqBody, XFCC,
+    self, serve_until_drained, strip_hop_by_hop, text_response, uri_too_long, AccessEntry,
+    BoxError, ConnDrain, ConnLimit, ConnPermit, H2Body, IdleClock, ProxyBody, ReqBody, Tracked,
+    XFCC,
 };
-use crate::metrics::{Direction, SidecarMetrics};
+use crate::metrics::{Direction, Listener, SidecarMetrics};
 use crate::mtls::{self, SessionTicketer};
 use crate::policy::PolicyEngine;
 use crate::pool::{self, AppPool, ForwardError};
@@ -143,10 +144,8 @@ fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
     Uri::from_parts(parts).ok()
 }
 
-/// Handshakes may take at most this long (a client that stalls holds a task, not a thread).
-fn handshake_timeout(settings: &SidecarSettings) -> Duration {
-    settings.connect_timeout.max(Duration::from_secs(1))
-}
+/// After an idle connection's GOAWAY, how long the peer has to finish the close handshake.
+const IDLE_GOAWAY_GRACE: Duration = Duration::from_secs(5);
 
 struct Inbound {
     store: Arc<SvidStore>,
@@ -158,8 +157,11 @@ struct Inbound {
     app_label: Box<str>,
     access_log: bool,
     request_timeout: Duration,
+    /// Handshakes may take at most this long (a client that stalls holds a task, not a thread).
     handshake_timeout: Duration,
     connect_timeout: Duration,
+    max_uri_bytes: usize,
+    idle_timeout: Duration,
     h1: http1::Builder,
     h2: h2::server::Builder,
 }
@@ -170,6 +172,8 @@ pub struct InboundProxy {
     acceptor: TlsAcceptor,
     tcp: Vec<tcp::InboundForward>,
     shared: Arc<Inbound>,
+    /// Per listener (the HTTP one and each TCP forward).
+    max_connections: usize,
 }
 
 impl InboundProxy {
@@ -211,18 +215,19 @@ impl InboundProxy {
                 acceptor: TlsAcceptor::from(tcp_config.clone()),
             });
         }
+        let limits = &settings.limits;
         let mut h1 = http1::Builder::new();
-        h1.timer(TokioTimer::new()).keep_alive(true);
-        let mut h2 = h2::server::Builder::new();
-        h2.initial_window_size(pool::H2_STREAM_WINDOW)
-            .initial_connection_window_size(pool::H2_CONNECTION_WINDOW)
-            .max_send_buffer_size(pool::H2_MAX_SEND_BUF)
-            .max_concurrent_streams(pool::H2_MAX_CONCURRENT_STREAMS)
-            .max_header_list_size(pool::H2_MAX_HEADER_LIST);
+        h1.timer(TokioTimer::new())
+            .keep_alive(true)
+            .max_headers(limits.max_headers)
+            .max_header_size(limits.max_header_bytes)
+            .header_read_timeout(limits.header_read_timeout);
+        let h2 = h2_server(limits);
         Ok(Self {
             http,
             acceptor: TlsAcceptor::from(http_config),
             tcp: forwards,
+            max_connections: limits.max_connections_inbound,
             shared: Arc::new(Inbound {
                 bundle: store.bundle(),
                 store,
@@ -232,8 +237,10 @@ impl InboundProxy {
                 app_label: settings.app.to_string().into_boxed_str(),
                 access_log: settings.access_log,
                 request_timeout: settings.request_timeout,
-                handshake_timeout: handshake_timeout(settings),
+                handshake_timeout: limits.handshake_timeout,
                 connect_timeout: settings.connect_timeout,
+                max_uri_bytes: limits.max_uri_bytes,
+                idle_timeout: limits.idle_timeout,
                 h1,
                 h2,
             }),
@@ -266,10 +273,16 @@ impl InboundProxy {
             acceptor,
             tcp,
             shared,
+            max_connections,
         } = self;
         let mut forwards = tokio::task::JoinSet::new();
         for forward in tcp {
             let (shared, drain) = (shared.clone(), drain.clone());
+            let limit = ConnLimit::new(
+                max_connections,
+                Listener::InboundTcp,
+                Arc::clone(&shared.metrics),
+            );
             forwards.spawn(async move {
                 let ctx = tcp::InboundTcpContext {
                     store: shared.store.clone(),
@@ -279,14 +292,20 @@ impl InboundProxy {
                     handshake_timeout: shared.handshake_timeout,
                     connect_timeout: shared.connect_timeout,
                 };
-                tcp::run_inbound_forward(forward, Arc::new(ctx), drain).await;
+                tcp::run_inbound_forward(forward, Arc::new(ctx), limit, drain).await;
             });
         }
         let (connections_signal, connections) = drain::channel();
-        accept_loop(&http, &drain, |tcp, peer_addr| {
+        let limit = ConnLimit::new(
+            max_connections,
+            Listener::Inbound,
+            Arc::clone(&shared.metrics),
+        );
+        accept_loop(&http, &drain, &limit, |tcp, peer_addr, permit| {
             let (shared, acceptor, conn_drain) =
                 (shared.clone(), acceptor.clone(), connections.clone());
             tokio::spawn(async move {
+                let _permit = permit;
                 shared
                     .connection(acceptor, tcp, peer_addr, conn_drain)
                     .await
@@ -306,12 +325,30 @@ async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
 }
 
-/// Accepts until `drain` signals; `on_conn` gets each connection. Accept errors (out of file
+/// The HTTP/2 server settings both proxies' peers meet: `limits` plus the rapid-reset and
+/// reset-flood bounds (CONTINUATION floods are bounded by the header list size: h2 stops a
+/// header block that grows past it).
+pub(crate) fn h2_server(limits: &Limits) -> h2::server::Builder {
+    let mut h2 = h2::server::Builder::new();
+    h2.initial_window_size(pool::H2_STREAM_WINDOW)
+        .initial_connection_window_size(pool::H2_CONNECTION_WINDOW)
+        .max_send_buffer_size(pool::H2_MAX_SEND_BUF)
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_header_list_size(limits.h2_max_header_list_bytes)
+        .max_pending_accept_reset_streams(pool::H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(Some(pool::H2_MAX_LOCAL_ERROR_RESET_STREAMS))
+        .max_concurrent_reset_streams(pool::H2_MAX_CONCURRENT_RESET_STREAMS);
+    h2
+}
+
+/// Accepts until `drain` signals; `on_conn` gets each connection with its permit from `limit`.
+/// A connection past the limit is closed at once (and counted). Accept errors (out of file
 /// descriptors, …) are logged and retried after a short pause instead of spinning.
 pub(crate) async fn accept_loop(
     listener: &TcpListener,
     drain: &Drain,
-    mut on_conn: impl FnMut(TcpStream, SocketAddr),
+    limit: &Arc<ConnLimit>,
+    mut on_conn: impl FnMut(TcpStream, SocketAddr, ConnPermit),
 ) {
     let draining = drain.signaled();
     let mut draining = std::pin::pin!(draining);
@@ -321,8 +358,13 @@ pub(crate) async fn accept_loop(
             () = &mut draining => return,
             accepted = listener.accept() => match accepted {
                 Ok((tcp, addr)) => {
+                    let Some(permit) = limit.try_acquire() else {
+                        tracing::debug!(peer_addr = %addr, "listener full; connection closed");
+                        drop(tcp);
+                        continue;
+                    };
                     let _ = tcp.set_nodelay(true);
-                    on_conn(tcp, addr);
+                    on_conn(tcp, addr, permit);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -460,8 +502,10 @@ impl Inbound {
                         handle_http1(shared.clone(), info.clone(), state.clone(), req)
                     })
                 };
-                let conn = self.h1.serve_connection(TokioIo::new(stream), service);
-                serve_until_drained(conn, local_drain, &state)
+                let clock = IdleClock::new();
+                let io = TokioIo::new(Tracked::new(stream, Arc::clone(&clock)));
+                let conn = self.h1.serve_connection(io, service);
+                serve_until_drained(conn, local_drain, &state, clock.expired(self.idle_timeout))
                     .await
                     .map_err(BoxError::from)
             }
@@ -482,7 +526,8 @@ impl Inbound {
     }
 
     /// HTTP/2: every stream's handler runs inside this connection's task (no task per stream).
-    /// On drain: GOAWAY, the streams already open finish, then the connection closes.
+    /// On drain, or after `idle_timeout` with no stream open: GOAWAY, the streams already open
+    /// finish, then the connection closes.
     async fn serve_h2(
         self: &Arc<Self>,
         stream: TlsStream<TcpStream>,
@@ -494,6 +539,13 @@ impl Inbound {
         let draining = drain.signaled();
         let mut draining = std::pin::pin!(draining);
         let mut shutting_down = false;
+        let idle = tokio::time::sleep(self.idle_timeout);
+        let mut idle = std::pin::pin!(idle);
+        // Armed by the idle close: h2's graceful shutdown waits for the peer's PING ACK, which
+        // a hostile peer never sends.
+        let mut closing_idle = false;
+        let grace = tokio::time::sleep(Duration::ZERO);
+        let mut grace = std::pin::pin!(grace);
         let result = loop {
             tokio::select! {
                 biased;
@@ -501,7 +553,19 @@ impl Inbound {
                     conn.graceful_shutdown();
                     shutting_down = true;
                 }
-                Some(()) = streams.next(), if !streams.is_empty() => {}
+                () = &mut idle, if !shutting_down && streams.is_empty() => {
+                    tracing::debug!(peer = %info.peer_id, "idle HTTP/2 connection closed");
+                    conn.graceful_shutdown();
+                    shutting_down = true;
+                    closing_idle = true;
+                    grace.as_mut().reset(tokio::time::Instant::now() + IDLE_GOAWAY_GRACE);
+                }
+                () = &mut grace, if closing_idle && streams.is_empty() => break Ok(()),
+                Some(()) = streams.next(), if !streams.is_empty() => {
+                    if streams.is_empty() {
+                        idle.as_mut().reset(tokio::time::Instant::now() + self.idle_timeout);
+                    }
+                }
                 accepted = conn.accept() => match accepted {
                     Some(Ok((request, respond))) => {
                         streams.push(serve_h2_stream(self.clone(), info.clone(), request, respond));
@@ -525,7 +589,13 @@ impl Inbound {
         body: ReqBody,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
-        let refusal = authorize(&self.policy, &self.metrics, conn, &mut parts);
+        let refusal = match uri_too_long(&parts.uri, parts.version, self.max_uri_bytes) {
+            Some(response) => Some(Refusal {
+                response,
+                rule: None,
+            }),
+            None => authorize(&self.policy, &self.metrics, conn, &mut parts),
+        };
         // After `authorize`: the path as forwarded (normalized when a policy is in force).
         // The one cost of the access log when it is off is this branch.
         let logged = self

@@ -59,6 +59,54 @@ impl Direction {
     }
 }
 
+/// Which kind of listener refused a connection (`trellis_connections_refused_total{listener}`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Listener {
+    /// The inbound mTLS HTTP listener.
+    Inbound,
+    /// An inbound raw TCP forward.
+    InboundTcp,
+    /// An outbound HTTP listener (shared or dedicated).
+    Outbound,
+    /// An outbound `protocol: tcp` listener.
+    OutboundTcp,
+    /// The admin listener.
+    Admin,
+}
+
+impl Listener {
+    /// Every listener kind, in index order.
+    pub const ALL: [Listener; 5] = [
+        Listener::Inbound,
+        Listener::InboundTcp,
+        Listener::Outbound,
+        Listener::OutboundTcp,
+        Listener::Admin,
+    ];
+
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Listener::Inbound => "inbound",
+            Listener::InboundTcp => "inbound_tcp",
+            Listener::Outbound => "outbound",
+            Listener::OutboundTcp => "outbound_tcp",
+            Listener::Admin => "admin",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// `{listener}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    /// [`Listener::as_str`].
+    pub listener: &'static str,
+}
+
 /// `{direction}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabel {
@@ -279,6 +327,8 @@ struct DataPath {
     request_seconds: [AtomicHistogram; 2],
     connections_open: [AtomicI64; 2],
     bad_paths: [AtomicU64; BAD_PATH_REASONS.len()],
+    /// Connections closed at accept because their listener was full, by [`Listener`].
+    connections_refused: [AtomicU64; Listener::ALL.len()],
     /// Written on SVID install (rare); read at scrape time.
     svid_expiry: ArcSwapOption<SvidExpiry>,
 }
@@ -292,6 +342,7 @@ impl DataPath {
             request_seconds: Default::default(),
             connections_open: Default::default(),
             bad_paths: Default::default(),
+            connections_refused: Default::default(),
             svid_expiry: ArcSwapOption::empty(),
         }
     }
@@ -420,6 +471,25 @@ impl Collector for DataPathCollector {
                     direction: direction.as_str(),
                 };
                 m.encode_family(&label)?.encode_gauge(&n)?;
+            }
+        }
+
+        if d.connections_refused.iter().any(|c| load(c) > 0) {
+            let mut m = encoder.encode_descriptor(
+                "connections_refused",
+                "Connections closed right after accept because their listener had \
+                 max_connections open, by listener.",
+                None,
+                MetricType::Counter,
+            )?;
+            for listener in Listener::ALL {
+                let n = d.connections_refused.get(listener.index()).map_or(0, load);
+                if n > 0 {
+                    m.encode_family(&ListenerLabel {
+                        listener: listener.as_str(),
+                    })?
+                    .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+                }
             }
         }
 
@@ -635,6 +705,13 @@ impl SidecarMetrics {
     pub fn bad_path(&self, reason: &str) {
         let i = position(&BAD_PATH_REASONS, reason);
         if let Some(c) = self.data.bad_paths.get(i) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a connection closed at accept because `listener` was full.
+    pub fn connection_refused(&self, listener: Listener) {
+        if let Some(c) = self.data.connections_refused.get(listener.index()) {
             c.fetch_add(1, Ordering::Relaxed);
         }
     }

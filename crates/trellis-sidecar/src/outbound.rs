@@ -27,11 +27,11 @@ use tokio::net::TcpListener;
 use crate::config::{Protocol, SidecarSettings};
 use crate::drain::{self, Drain};
 use crate::http_util::{
-    host_without_port, serve_until_drained, strip_hop_by_hop, text_response, AccessEntry,
-    ConnDrain, ProxyBody,
+    host_without_port, serve_until_drained, strip_hop_by_hop, text_response, uri_too_long,
+    AccessEntry, ConnDrain, ConnLimit, IdleClock, ProxyBody, Tracked,
 };
 use crate::inbound::accept_loop;
-use crate::metrics::{Direction, SidecarMetrics};
+use crate::metrics::{Direction, Listener, SidecarMetrics};
 use crate::mtls;
 use crate::pool::{self, ForwardError, PeerPool, PeerTarget, TlsClient};
 use crate::svid_store::SvidStore;
@@ -113,6 +113,10 @@ struct Outbound {
     store: Arc<SvidStore>,
     access_log: bool,
     request_timeout: Duration,
+    max_uri_bytes: usize,
+    idle_timeout: Duration,
+    /// Per listener.
+    max_connections: usize,
     server: auto::Builder<TokioExecutor>,
 }
 
@@ -223,15 +227,28 @@ impl OutboundProxy {
             hosts.join(", ")
         };
         let shared_listener = bind(settings.outbound_listen, SHARED_LISTENER).await?;
+        let limits = &settings.limits;
         let mut server = auto::Builder::new(TokioExecutor::new());
-        server.http1().timer(TokioTimer::new()).keep_alive(true);
+        // hyper-util's auto builder has no `max_header_size`: the read buffer's bound is the
+        // header section's (hyper answers 431 when a head does not fit; bodies stream through
+        // the buffer whatever its size).
+        server
+            .http1()
+            .timer(TokioTimer::new())
+            .keep_alive(true)
+            .max_headers(limits.max_headers)
+            .max_buf_size(limits.max_header_bytes)
+            .header_read_timeout(limits.header_read_timeout);
         server
             .http2()
             .timer(TokioTimer::new())
             .initial_stream_window_size(pool::H2_STREAM_WINDOW)
             .initial_connection_window_size(pool::H2_CONNECTION_WINDOW)
             .max_send_buf_size(pool::H2_MAX_SEND_BUF)
-            .max_concurrent_streams(pool::H2_MAX_CONCURRENT_STREAMS);
+            .max_concurrent_streams(limits.h2_max_concurrent_streams)
+            .max_header_list_size(limits.h2_max_header_list_bytes)
+            .max_pending_accept_reset_streams(pool::H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+            .max_local_error_reset_streams(pool::H2_MAX_LOCAL_ERROR_RESET_STREAMS);
         Ok(Self {
             shared_listener,
             dedicated,
@@ -244,6 +261,9 @@ impl OutboundProxy {
                 store,
                 access_log: settings.access_log,
                 request_timeout: settings.request_timeout,
+                max_uri_bytes: limits.max_uri_bytes,
+                idle_timeout: limits.idle_timeout,
+                max_connections: limits.max_connections_outbound,
                 server,
             }),
         })
@@ -294,7 +314,12 @@ impl OutboundProxy {
         }
         let mut forwards = tokio::task::JoinSet::new();
         for (_, upstream) in tcp {
-            forwards.spawn(tcp::run_outbound_tcp(upstream, drain.clone()));
+            let limit = ConnLimit::new(
+                shared.max_connections,
+                Listener::OutboundTcp,
+                Arc::clone(&shared.metrics),
+            );
+            forwards.spawn(tcp::run_outbound_tcp(upstream, limit, drain.clone()));
         }
         serve_http(
             shared_listener,
@@ -328,9 +353,15 @@ async fn serve_http(
     listen: Drain,
     connections: Drain,
 ) {
-    accept_loop(&listener, &listen, |tcp, app_addr| {
+    let limit = ConnLimit::new(
+        shared.max_connections,
+        Listener::Outbound,
+        Arc::clone(&shared.metrics),
+    );
+    accept_loop(&listener, &listen, &limit, |tcp, app_addr, permit| {
         let (shared, drain) = (shared.clone(), connections.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let state = Arc::new(ConnDrain::default());
             let service = {
                 let (shared, state) = (shared.clone(), state.clone());
@@ -338,8 +369,11 @@ async fn serve_http(
                     handle(shared.clone(), state.clone(), route, req)
                 })
             };
-            let conn = shared.server.serve_connection(TokioIo::new(tcp), service);
-            if let Err(e) = serve_until_drained(conn, drain, &state).await {
+            let clock = IdleClock::new();
+            let io = TokioIo::new(Tracked::new(tcp, Arc::clone(&clock)));
+            let conn = shared.server.serve_connection(io, service);
+            let idle = clock.expired(shared.idle_timeout);
+            if let Err(e) = serve_until_drained(conn, drain, &state, idle).await {
                 tracing::debug!(%app_addr, error = %e, "app connection ended with an error");
             }
         });
@@ -418,6 +452,9 @@ impl Outbound {
         req: Request<Incoming>,
     ) -> (Response<ProxyBody>, Option<usize>) {
         let (parts, body) = req.into_parts();
+        if let Some(response) = uri_too_long(&parts.uri, parts.version, self.max_uri_bytes) {
+            return (response, None);
+        }
         let index = match route {
             Route::Fixed(index) => index,
             Route::ByHost => {

@@ -47,11 +47,18 @@ pub const H2_STREAM_WINDOW: u32 = 1 << 20;
 pub const H2_CONNECTION_WINDOW: u32 = 4 << 20;
 /// Most bytes hyper buffers per stream on the sending side.
 pub const H2_MAX_SEND_BUF: usize = 400 << 10;
-/// Largest header block accepted on HTTP/2 (as hyper's default).
-pub const H2_MAX_HEADER_LIST: u32 = 16 << 10;
-/// Concurrent streams the inbound HTTP/2 server allows per connection. One connection carries
-/// all of a peer's traffic, so this is well above hyper's default of 200.
-pub const H2_MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// Largest response header block the pooled HTTP/2 client accepts from a peer (the servers'
+/// own bound on requests is `limits.h2_max_header_list_bytes`, the same 64 KiB by default).
+pub const H2_MAX_HEADER_LIST: u32 = 64 << 10;
+/// Streams a peer may open and reset before the server accepted them (the HTTP/2 rapid-reset
+/// attack, CVE-2023-44487): past it, GOAWAY `ENHANCE_YOUR_CALM`. h2's own default, set
+/// explicitly so an upgrade cannot loosen it.
+pub const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+/// Streams the server may reset because of the peer's protocol errors before it ends the
+/// connection with GOAWAY `ENHANCE_YOUR_CALM` ("MadeYouReset", CVE-2025-8671).
+pub const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+/// Locally reset streams remembered (to ignore their late frames) at once.
+pub const H2_MAX_CONCURRENT_RESET_STREAMS: usize = 10;
 /// PING interval on the pooled upstream connection (finds a dead peer without a request).
 pub const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a PING may go unanswered before the connection is closed and replaced.

@@ -22,7 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use trellis_identity::tls::SharedBundle;
 
 use crate::drain::Drain;
-use crate::http_util::{connect_tcp, TcpTarget};
+use crate::http_util::{connect_tcp, ConnLimit, TcpTarget};
 use crate::inbound::{accept_loop, accept_tls};
 use crate::metrics::{Direction, SidecarMetrics};
 use crate::policy::PolicyEngine;
@@ -62,6 +62,7 @@ pub(crate) struct InboundTcpContext {
 pub(crate) async fn run_inbound_forward(
     forward: InboundForward,
     ctx: Arc<InboundTcpContext>,
+    limit: Arc<ConnLimit>,
     drain: Drain,
 ) {
     let InboundForward {
@@ -71,10 +72,10 @@ pub(crate) async fn run_inbound_forward(
     } = forward;
     // Policy L4 rules name the port this forward listens on.
     let port = listener.local_addr().map_or(0, |a| a.port());
-    accept_loop(&listener, &drain, |tcp, peer_addr| {
+    accept_loop(&listener, &drain, &limit, |tcp, peer_addr, permit| {
         let (ctx, acceptor, drain) = (ctx.clone(), acceptor.clone(), drain.clone());
         tokio::spawn(async move {
-            let _drain = drain;
+            let (_drain, _permit) = (drain, permit);
             // Right after a start the first SVID is a moment away (see `inbound`).
             crate::mtls::wait_for_svid(&ctx.store, ctx.handshake_timeout).await;
             let Some((mut tls, peer_id, _)) =
@@ -119,16 +120,16 @@ pub(crate) struct OutboundTcp {
 /// to the peer (checked like HTTP upstreams) and is spliced to it. A peer that cannot be
 /// reached or fails the identity check closes the app's connection (TCP has no error page);
 /// the reason is logged and counted in `tls_handshakes_total`.
-pub(crate) async fn run_outbound_tcp(upstream: OutboundTcp, drain: Drain) {
+pub(crate) async fn run_outbound_tcp(upstream: OutboundTcp, limit: Arc<ConnLimit>, drain: Drain) {
     let OutboundTcp {
         listener,
         peer,
         tls,
     } = upstream;
-    accept_loop(&listener, &drain, |mut app, app_addr| {
+    accept_loop(&listener, &drain, &limit, |mut app, app_addr, permit| {
         let (peer, tls, drain) = (peer.clone(), tls.clone(), drain.clone());
         tokio::spawn(async move {
-            let _drain = drain;
+            let (_drain, _permit) = (drain, permit);
             let mut to_peer = match peer.connect_stream(&tls).await {
                 Ok(s) => s,
                 Err(e) => {

@@ -17,7 +17,9 @@ pub struct ControlArgs {
     /// YAML config file (fields: trust_domain, listen, admin, state_dir, svid_ttl, rotate_every,
     /// ca_cert, ca_key, ca_bundle, k8s_jwks, k8s_issuer, k8s_audience, k8s_jwks_url, k8s_ca,
     /// k8s_token, k8s_jwks_refresh, webhook_listen, webhook_dns_names, sidecar_image,
-    /// sidecar_control_plane, database).
+    /// sidecar_control_plane, database, sds_max_connections, sds_handshake_timeout,
+    /// sds_max_streams_per_connection, sds_rate_limit, sds_rate_burst, sds_rate_limit_loopback,
+    /// admin_max_connections, webhook_max_connections).
     #[arg(long, env = "TRELLIS_CONFIG")]
     config: Option<PathBuf>,
     /// Trust domain, e.g. example.org.
@@ -102,6 +104,32 @@ pub struct ControlArgs {
         hide_env_values = true
     )]
     database: Option<DatabaseUrl>,
+    /// Most SDS connections open at once, TLS handshakes included; more are closed on accept
+    /// [default: 20000].
+    #[arg(long, env = "TRELLIS_SDS_MAX_CONNECTIONS")]
+    sds_max_connections: Option<usize>,
+    /// How long an SDS client may take to finish its TLS handshake [default: 10s].
+    #[arg(long, env = "TRELLIS_SDS_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration)]
+    sds_handshake_timeout: Option<Duration>,
+    /// Most concurrent HTTP/2 streams on one SDS connection [default: 128].
+    #[arg(long, env = "TRELLIS_SDS_MAX_STREAMS_PER_CONNECTION")]
+    sds_max_streams_per_connection: Option<u32>,
+    /// SDS stream opens (attestations) per second per source IP; over it: RESOURCE_EXHAUSTED;
+    /// 0 turns the limit off [default: 10].
+    #[arg(long, env = "TRELLIS_SDS_RATE_LIMIT")]
+    sds_rate_limit: Option<f64>,
+    /// SDS stream opens one source IP may make at once before the rate applies [default: 50].
+    #[arg(long, env = "TRELLIS_SDS_RATE_BURST")]
+    sds_rate_burst: Option<u32>,
+    /// Rate-limit loopback peers too (127.0.0.0/8, ::1 are exempt by default).
+    #[arg(long, env = "TRELLIS_SDS_RATE_LIMIT_LOOPBACK")]
+    sds_rate_limit_loopback: bool,
+    /// Most admin connections open at once [default: 64].
+    #[arg(long, env = "TRELLIS_ADMIN_MAX_CONNECTIONS")]
+    admin_max_connections: Option<usize>,
+    /// Most webhook connections open at once [default: 256].
+    #[arg(long, env = "TRELLIS_WEBHOOK_MAX_CONNECTIONS")]
+    webhook_max_connections: Option<usize>,
 }
 
 impl ControlArgs {
@@ -134,6 +162,18 @@ impl ControlArgs {
         );
         over!(webhook_listen, sidecar_image, sidecar_control_plane);
         over!(database);
+        over!(
+            sds_max_connections,
+            sds_handshake_timeout,
+            sds_max_streams_per_connection,
+            sds_rate_limit,
+            sds_rate_burst,
+            admin_max_connections,
+            webhook_max_connections
+        );
+        if self.sds_rate_limit_loopback {
+            f.sds_rate_limit_loopback = Some(true);
+        }
         if !self.webhook_dns_names.is_empty() {
             f.webhook_dns_names = Some(self.webhook_dns_names);
         }

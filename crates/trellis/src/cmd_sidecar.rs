@@ -95,6 +95,36 @@ pub struct SidecarArgs {
     /// One log line per proxied request (target `trellis::access`) [default: true].
     #[arg(long, env = "TRELLIS_ACCESS_LOG", value_name = "true|false", action = clap::ArgAction::Set)]
     access_log: Option<bool>,
+    /// HTTP/1.1 request line + headers, bytes; more is answered 431 [default: 65536].
+    #[arg(long, env = "TRELLIS_MAX_HEADER_BYTES")]
+    max_header_bytes: Option<usize>,
+    /// HTTP/1.1 header lines per request; more is answered 431 [default: 100].
+    #[arg(long, env = "TRELLIS_MAX_HEADERS")]
+    max_headers: Option<usize>,
+    /// Request target bytes; longer is answered 414 [default: 8192].
+    #[arg(long, env = "TRELLIS_MAX_URI_BYTES")]
+    max_uri_bytes: Option<usize>,
+    /// Open streams per HTTP/2 connection; more are refused (REFUSED_STREAM) [default: 1024].
+    #[arg(long, env = "TRELLIS_H2_MAX_CONCURRENT_STREAMS")]
+    h2_max_concurrent_streams: Option<u32>,
+    /// Decoded HTTP/2 header list, bytes (also bounds CONTINUATION frames) [default: 65536].
+    #[arg(long, env = "TRELLIS_H2_MAX_HEADER_LIST_BYTES")]
+    h2_max_header_list_bytes: Option<u32>,
+    /// Open connections on the inbound listener (each); past it, closed at accept [default: 4096].
+    #[arg(long, env = "TRELLIS_MAX_CONNECTIONS_INBOUND")]
+    max_connections_inbound: Option<usize>,
+    /// Open connections on each outbound listener; past it, closed at accept [default: 1024].
+    #[arg(long, env = "TRELLIS_MAX_CONNECTIONS_OUTBOUND")]
+    max_connections_outbound: Option<usize>,
+    /// Inbound mTLS handshake timeout [default: 10s].
+    #[arg(long, env = "TRELLIS_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration)]
+    handshake_timeout: Option<Duration>,
+    /// Time to receive an HTTP/1.1 request head (slowloris bound) [default: 10s].
+    #[arg(long, env = "TRELLIS_HEADER_READ_TIMEOUT", value_parser = humantime::parse_duration)]
+    header_read_timeout: Option<Duration>,
+    /// Close an HTTP connection idle this long (HTTP/2: no open stream) [default: 60s].
+    #[arg(long, env = "TRELLIS_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    idle_timeout: Option<Duration>,
 }
 
 /// Parses `name=b,address=…,identity=…[,hosts=a;b][,listen=…][,protocol=tcp]`.
@@ -222,6 +252,21 @@ impl SidecarArgs {
             expiry_margin,
             access_log
         );
+        macro_rules! limits {
+            ($($field:ident),*) => { $( if self.$field.is_some() { f.limits.$field = self.$field; } )* };
+        }
+        limits!(
+            max_header_bytes,
+            max_headers,
+            max_uri_bytes,
+            h2_max_concurrent_streams,
+            h2_max_header_list_bytes,
+            max_connections_inbound,
+            max_connections_outbound,
+            handshake_timeout,
+            header_read_timeout,
+            idle_timeout
+        );
         Ok(f)
     }
 }
@@ -323,6 +368,36 @@ mod tests {
             "PEM"
         ])
         .is_err());
+    }
+
+    #[test]
+    fn limit_flags_override_the_file() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: SidecarArgs,
+        }
+        let merged = Cli::try_parse_from([
+            "trellis",
+            "--max-headers",
+            "10",
+            "--header-read-timeout",
+            "2s",
+            "--max-connections-outbound",
+            "5",
+        ])
+        .unwrap()
+        .args
+        .merged()
+        .unwrap();
+        assert_eq!(merged.limits.max_headers, Some(10));
+        assert_eq!(
+            merged.limits.header_read_timeout,
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(merged.limits.max_connections_outbound, Some(5));
+        assert_eq!(merged.limits.idle_timeout, None);
     }
 
     #[test]

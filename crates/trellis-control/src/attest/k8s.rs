@@ -39,8 +39,12 @@ pub enum JwksError {
     },
 }
 
-/// Largest token accepted; Kubernetes tokens are about 1 KiB. Checked before any parsing.
-pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+/// Largest token accepted; Kubernetes tokens are about 1 KiB (a few more with many audiences
+/// or a long issuer URL). Checked before any parsing.
+pub const MAX_TOKEN_LEN: usize = 8 * 1024;
+/// Largest JWKS document parsed (file or URL); a cluster's issuer publishes a few keys in a few
+/// KiB. Checked before any parsing.
+pub const MAX_JWKS_BYTES: usize = 1024 * 1024;
 
 /// Clock skew allowed on `exp` and `nbf`.
 const LEEWAY_SECS: f64 = 60.0;
@@ -84,10 +88,19 @@ impl std::fmt::Debug for JwksKeys {
 impl JwksKeys {
     /// Reads and parses a JWKS JSON file.
     pub fn from_file(path: &Path) -> Result<Self, JwksError> {
-        let json = std::fs::read_to_string(path).map_err(|source| JwksError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        // Read at most one byte past the limit, so a huge (or endless) file is never loaded.
+        let mut json = String::new();
+        std::fs::File::open(path)
+            .and_then(|f| {
+                std::io::Read::read_to_string(
+                    &mut std::io::Read::take(f, MAX_JWKS_BYTES as u64 + 1),
+                    &mut json,
+                )
+            })
+            .map_err(|source| JwksError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
         Self::parse(&json, path)
     }
 
@@ -99,6 +112,11 @@ impl JwksKeys {
             path: source.to_path_buf(),
             problem,
         };
+        if json.len() > MAX_JWKS_BYTES {
+            return Err(invalid(format!(
+                "larger than {MAX_JWKS_BYTES} bytes; an issuer's JWKS is a few KiB"
+            )));
+        }
         let set: JwkSet = serde_json::from_str(json).map_err(|e| {
             invalid(format!(
                 "expected JSON like {{\"keys\": [...]}} (the output of \
@@ -272,7 +290,7 @@ impl K8sAttestor {
     /// leeway), then derives the SPIFFE ID.
     pub fn attest(&self, token: &str, now: SystemTime) -> Result<SpiffeId, AttestError> {
         if token.len() > MAX_TOKEN_LEN {
-            return Err(AttestError::Malformed("JWT is larger than 16 KiB".into()));
+            return Err(AttestError::Oversized("JWT"));
         }
         let mut parts = token.split('.');
         let (Some(header_b64), Some(payload_b64), Some(_sig), None) =
@@ -459,6 +477,120 @@ fn clip(s: &str, max: usize) -> String {
         Some((i, _)) => format!("{}…", &s[..i]),
         None => s.to_string(),
     }
+}
+
+/// Fuzzing entry point (`fuzz/fuzz_targets/jwks_parse.rs`, run on stable by
+/// `tests/fuzz_bodies.rs`): text → [`JwksKeys::parse`] must not panic; a set that parses is
+/// not empty, and a token naming each of its keys with every allowed algorithm (and a junk
+/// signature) is refused without panicking, whatever odd key material the set holds. Not API.
+#[doc(hidden)]
+pub fn fuzz_jwks(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let Ok(keys) = JwksKeys::parse(&text, Path::new("fuzz.json")) else {
+        return;
+    };
+    assert!(!keys.is_empty());
+    let ids = keys.key_ids();
+    assert_eq!(ids.len(), keys.len());
+    let Ok(td) = TrustDomain::parse("example.org") else {
+        return;
+    };
+    let attestor = K8sAttestor::new(keys, FUZZ_ISSUER, "trellis", &td);
+    let enc = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let payload = enc(br#"{"iss":"x","aud":"trellis","exp":1}"#);
+    for kid in ids.iter().take(4) {
+        for (alg, _) in ALLOWED_ALGS {
+            let header = serde_json::json!({"alg": alg, "kid": kid}).to_string();
+            let token = format!("{}.{payload}.{}", enc(header.as_bytes()), enc(&[1; 64]));
+            assert!(attestor.attest(&token, UNIX_EPOCH).is_err());
+        }
+    }
+}
+
+/// The issuer [`fuzz_attest`] expects.
+#[doc(hidden)]
+pub const FUZZ_ISSUER: &str = "https://kubernetes.default.svc";
+/// The instant [`fuzz_attest`] verifies at (seconds since the epoch).
+#[doc(hidden)]
+pub const FUZZ_NOW: u64 = 1_700_000_000;
+
+/// Fuzzing entry point (`fuzz/fuzz_targets/jwt_attest.rs`, run on stable by
+/// `tests/fuzz_bodies.rs`) for [`K8sAttestor::attest`] against a fixed JWKS holding one
+/// P-256 key, `k1`. The first byte picks the mode: even, the rest is the token as is; odd,
+/// the rest is `header JSON NUL claims JSON`, which is signed with `k1`'s private key, so the
+/// fuzzer reaches the claim checks behind the signature. Must never panic; an accepted token
+/// is ES256, names `k1`, and yields `spiffe://example.org/ns/<segment>/sa/<segment>`.
+/// Returns whether the token was accepted. Not API.
+#[doc(hidden)]
+pub fn fuzz_attest(data: &[u8]) -> bool {
+    use ring::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING};
+    use std::sync::OnceLock;
+
+    struct Fixture {
+        key: EcdsaKeyPair,
+        attestor: K8sAttestor,
+    }
+    static FIXTURE: OnceLock<Option<Fixture>> = OnceLock::new();
+    let enc = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let rng = ring::rand::SystemRandom::new();
+    let fixture = FIXTURE.get_or_init(|| {
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).ok()?;
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+            .ok()?;
+        let point = key.public_key().as_ref();
+        let jwks = serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1",
+            "use": "sig", "x": enc(point.get(1..33)?), "y": enc(point.get(33..65)?)}]});
+        let td = TrustDomain::parse("example.org").ok()?;
+        let attestor = K8sAttestor::from_jwks_json(
+            &jwks.to_string(),
+            Path::new("fuzz.json"),
+            FUZZ_ISSUER,
+            "trellis",
+            &td,
+        )
+        .ok()?;
+        Some(Fixture { key, attestor })
+    });
+    let (Some(fixture), Some((&mode, rest))) = (fixture, data.split_first()) else {
+        return false;
+    };
+    let token = if mode % 2 == 0 {
+        String::from_utf8_lossy(rest).into_owned()
+    } else {
+        let (header, claims) = match rest.iter().position(|&b| b == 0) {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (&br#"{"alg":"ES256","kid":"k1"}"#[..], rest),
+        };
+        let input = format!("{}.{}", enc(header), enc(claims));
+        let Ok(sig) = fixture.key.sign(&rng, input.as_bytes()) else {
+            return false;
+        };
+        format!("{input}.{}", enc(sig.as_ref()))
+    };
+    let now = UNIX_EPOCH + std::time::Duration::from_secs(FUZZ_NOW);
+    let Ok(id) = fixture.attestor.attest(&token, now) else {
+        return false;
+    };
+    let header: Option<serde_json::Value> = token
+        .split('.')
+        .next()
+        .and_then(|h| b64(h).ok())
+        .and_then(|h| serde_json::from_slice(&h).ok());
+    assert_eq!(
+        header.as_ref().and_then(|h| h.get("alg")?.as_str()),
+        Some("ES256")
+    );
+    assert_eq!(
+        header.as_ref().and_then(|h| h.get("kid")?.as_str()),
+        Some("k1")
+    );
+    let path = id.as_str().strip_prefix("spiffe://example.org/ns/");
+    let parts: Vec<&str> = path.map(|p| p.split('/').collect()).unwrap_or_default();
+    assert!(
+        matches!(parts.as_slice(), [ns, "sa", sa] if is_segment(ns) && is_segment(sa)),
+        "{id}"
+    );
+    true
 }
 
 #[cfg(test)]
@@ -831,8 +963,29 @@ pub(crate) mod tests {
         let tok = "a".repeat(MAX_TOKEN_LEN + 1);
         assert!(matches!(
             attestor().attest(&tok, now()),
-            Err(AttestError::Malformed(_))
+            Err(AttestError::Oversized(_))
         ));
+    }
+
+    #[test]
+    fn rejects_oversized_jwks() {
+        let big = format!(
+            "{{\"keys\": [], \"pad\": \"{}\"}}",
+            "x".repeat(MAX_JWKS_BYTES)
+        );
+        let err = JwksKeys::parse(&big, Path::new("big.json")).err();
+        assert!(
+            matches!(&err, Some(JwksError::Invalid { problem, .. }) if problem.contains("larger than")),
+            "{err:?}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.json");
+        std::fs::write(&path, &big).unwrap();
+        let err = JwksKeys::from_file(&path).err();
+        assert!(
+            matches!(&err, Some(JwksError::Invalid { problem, .. }) if problem.contains("larger than")),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -83,6 +83,9 @@ pub enum AttestError {
     /// The derived ID is not a valid SPIFFE ID in the trust domain.
     #[error("attested identity is invalid: {0}")]
     BadIdentity(String),
+    /// A credential larger than any real one, refused before parsing.
+    #[error("{0} is too large (JWTs: at most 8 KiB)")]
+    Oversized(&'static str),
     /// Registry failure (not the caller's fault).
     #[error("internal error: {0}")]
     Internal(String),
@@ -107,6 +110,7 @@ impl AttestError {
             AttestError::Join(crate::registry::JoinError::Expired) => "join_token_expired",
             AttestError::Join(crate::registry::JoinError::AlreadyRedeemed) => "join_token_redeemed",
             AttestError::BadIdentity(_) => "bad_identity",
+            AttestError::Oversized(_) => "oversized",
             AttestError::Internal(_) => "internal",
         }
     }
@@ -118,6 +122,7 @@ impl AttestError {
             AttestError::MissingCredential
             | AttestError::Malformed(_)
             | AttestError::BadIdentity(_)
+            | AttestError::Oversized(_)
             | AttestError::Internal(_) => None,
             AttestError::Join(_) => Some(AttestorKind::JoinToken),
             _ => Some(AttestorKind::K8s),
@@ -165,7 +170,7 @@ impl Attestor {
     /// Attests a caller. A bearer credential wins over a peer SVID (so a workload can switch
     /// identity with a new token). Join tokens are recognised by their `trellis-join.` prefix;
     /// anything else is treated as a JWT. The `Bearer ` scheme is case-insensitive; credentials
-    /// over 16 KiB are rejected unparsed.
+    /// over [`MAX_CREDENTIAL_LEN`] are rejected unparsed.
     pub fn attest(
         &self,
         cred: Credential<'_>,
@@ -217,16 +222,15 @@ impl Attestor {
 /// token may reuse it (from the same IP only).
 pub const JOIN_REDEMPTION_WINDOW: Duration = Duration::from_secs(30);
 
-/// Largest `authorization` value accepted, checked before any parsing.
-pub const MAX_CREDENTIAL_LEN: usize = k8s::MAX_TOKEN_LEN;
+/// Largest `authorization` value accepted, checked before any parsing: the largest JWT plus
+/// room for the `Bearer ` scheme and spaces.
+pub const MAX_CREDENTIAL_LEN: usize = k8s::MAX_TOKEN_LEN + 64;
 
 /// The token of an `authorization: Bearer <token>` value. RFC 9110 11.1: the auth-scheme is
 /// "case-insensitive"; RFC 6750 2.1 puts one or more spaces between scheme and token.
 fn bearer_token(value: &str) -> Result<&str, AttestError> {
     if value.len() > MAX_CREDENTIAL_LEN {
-        return Err(AttestError::Malformed(
-            "credential is larger than 16 KiB".into(),
-        ));
+        return Err(AttestError::Oversized("authorization metadata"));
     }
     let expected = || AttestError::Malformed("expected `Bearer <token>`".into());
     let (scheme, rest) = value.trim().split_once(' ').ok_or_else(expected)?;
@@ -462,7 +466,8 @@ mod tests {
             .attestor
             .attest(Credential::Authorization(&value), None, jwt::now())
             .unwrap_err();
-        assert!(matches!(err, AttestError::Malformed(m) if m.contains("16 KiB")));
+        assert_eq!(err, AttestError::Oversized("authorization metadata"));
+        assert_eq!(err.reason(), "oversized");
     }
 
     #[test]

@@ -78,6 +78,8 @@ pub struct SdsCore {
     pub metrics: Arc<ControlMetrics>,
     /// TTL and rotation.
     pub policy: IssuePolicy,
+    /// Per-source-IP rate of stream opens (attestations).
+    pub limiter: Arc<crate::ratelimit::PeerLimiter>,
 }
 
 impl SdsCore {
@@ -95,7 +97,26 @@ impl SdsCore {
     ) -> Result<(Attested, Option<SocketAddr>), Status> {
         let peer = request.extensions().get::<SdsPeer>().cloned();
         let addr = peer.as_ref().map(|p| p.addr);
+        // The rate limit comes first: a refused call costs a map lookup, no parsing, no
+        // blocking-pool slot and no signature.
+        if let Some(ip) = addr.map(|a| a.ip()) {
+            if !self.limiter.admit(ip, std::time::Instant::now()) {
+                self.metrics.sds_rate_limited.inc();
+                tracing::debug!(peer = %ip, "SDS stream refused: rate limit");
+                let limit = self.limiter.limit();
+                return Err(Status::resource_exhausted(format!(
+                    "too many SDS streams from {ip}: at most {}/s (burst {}); retry with backoff",
+                    limit.per_second, limit.burst
+                )));
+            }
+        }
         let auth = match request.metadata().get("authorization") {
+            // Checked before the value is even copied: a huge header costs nothing more.
+            Some(v) if v.len() > crate::attest::MAX_CREDENTIAL_LEN => {
+                let err = AttestError::Oversized("authorization metadata");
+                self.refused(&err, addr);
+                return Err(attest_status(&err));
+            }
             Some(v) => Some(
                 v.to_str()
                     .map_err(|_| Status::unauthenticated("authorization metadata is not ASCII"))?
@@ -119,17 +140,28 @@ impl SdsCore {
         match result {
             Ok(attested) => Ok((attested, addr)),
             Err(err) => {
-                self.metrics.attestation_failed(err.reason());
-                tracing::warn!(peer = ?addr, reason = err.reason(), error = %err, "attestation refused");
-                self.audit(AuditEvent::Rejected {
-                    reason: err.reason(),
-                    detail: err.to_string(),
-                    attestor: err.attestor().map(AttestorKind::as_str),
-                    peer: addr,
-                });
+                self.refused(&err, addr);
                 Err(attest_status(&err))
             }
         }
+    }
+
+    /// Counts, logs and audits a refused attestation, and charges the peer's rate limit so a
+    /// client presenting bad credentials slows down.
+    fn refused(&self, err: &AttestError, addr: Option<SocketAddr>) {
+        if let Some(a) = addr {
+            if !matches!(err, AttestError::Internal(_)) {
+                self.limiter.failed(a.ip(), std::time::Instant::now());
+            }
+        }
+        self.metrics.attestation_failed(err.reason());
+        tracing::warn!(peer = ?addr, reason = err.reason(), error = %err, "attestation refused");
+        self.audit(AuditEvent::Rejected {
+            reason: err.reason(),
+            detail: err.to_string(),
+            attestor: err.attestor().map(AttestorKind::as_str),
+            peer: addr,
+        });
     }
 
     /// Issues an SVID for `who` (for the public key in `csr` when given), records it and
@@ -226,6 +258,7 @@ fn request_csr(req: &DiscoveryRequest) -> Option<&str> {
 fn attest_status(err: &AttestError) -> Status {
     match err {
         AttestError::Internal(_) => Status::internal(err.to_string()),
+        AttestError::Oversized(_) => Status::invalid_argument(err.to_string()),
         _ => Status::unauthenticated(err.to_string()),
     }
 }

@@ -637,6 +637,45 @@ fn sidecar_container(
     })
 }
 
+/// Fuzzing entry point (`fuzz/fuzz_targets/admission_review.rs`, run on stable by
+/// `tests/fuzz_bodies.rs`): a request body → [`review`] must not panic; a review it answers
+/// echoes the uid, is `allowed: false` exactly when the outcome is an error, and carries a
+/// base64 JSONPatch (the one in [`Review::patch`]) exactly when injecting. Returns the pod and
+/// the patch when injecting, so callers can apply one to the other. Not API.
+#[doc(hidden)]
+pub fn fuzz_review(data: &[u8]) -> Option<(Value, Vec<Value>)> {
+    let cfg = InjectConfig {
+        trust_domain: "example.org".into(),
+        image: "ghcr.io/trellis-mesh/trellis:fuzz".into(),
+        control_plane: "trellis-control.trellis-system.svc:8443".into(),
+        bundle_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+    };
+    let review = review(data, &cfg).ok()?;
+    let answer: Value = serde_json::from_slice(&review.body).ok()?;
+    assert_eq!(answer["apiVersion"], API_VERSION);
+    assert_eq!(answer["kind"], "AdmissionReview");
+    let response = &answer["response"];
+    assert_eq!(response["uid"].as_str(), Some(review.uid.as_str()));
+    assert_eq!(
+        response["allowed"].as_bool(),
+        Some(review.outcome != Outcome::Error)
+    );
+    let injected = review.outcome == Outcome::Injected;
+    assert_eq!(!review.patch.is_empty(), injected, "{}", review.detail);
+    assert_eq!(response.get("patch").is_some(), injected);
+    if !injected {
+        return None;
+    }
+    let encoded = response["patch"].as_str().unwrap_or_default();
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Vec<Value>>(&b).ok());
+    assert_eq!(decoded.as_ref(), Some(&review.patch));
+    let doc: Value = serde_json::from_slice(data).ok()?;
+    Some((doc["request"]["object"].clone(), review.patch))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {

@@ -233,6 +233,11 @@ pub async fn start(
     metrics: Arc<ControlMetrics>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Webhook, StartError> {
+    let cap = crate::ratelimit::ConnectionCap::new(
+        settings.max_connections,
+        "webhook",
+        Arc::clone(&metrics),
+    );
     let cert = WebhookCert::new(settings.dns_names.clone(), Arc::clone(&metrics));
     cert.install(ca, ttl)?;
     let tls = tls_config(Arc::clone(&cert)).map_err(|e| StartError::Tls(e.to_string()))?;
@@ -259,6 +264,7 @@ pub async fn start(
     let task = tokio::spawn(serve(
         listener,
         TlsAcceptor::from(Arc::new(tls)),
+        cap,
         state,
         shutdown,
     ));
@@ -268,6 +274,7 @@ pub async fn start(
 async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
+    cap: crate::ratelimit::ConnectionCap,
     state: Arc<State>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -284,14 +291,23 @@ async fn serve(
             },
             _ = shutdown.changed() => return,
         };
+        // Over `--webhook-max-connections` the socket is closed at once.
+        let Some(permit) = cap.admit(peer) else {
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
-        tokio::spawn(serve_connection(
+        let conn = serve_connection(
             tcp,
             peer,
             acceptor.clone(),
             Arc::clone(&state),
             shutdown.clone(),
-        ));
+        );
+        tokio::spawn(async move {
+            conn.await;
+            drop(permit);
+        });
     }
 }
 

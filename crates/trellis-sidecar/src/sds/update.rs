@@ -262,6 +262,72 @@ fn inline(secret: &str, field: &str, ds: Option<DataSource>) -> Result<Option<Ve
     }
 }
 
+/// Fuzzing entry point (`fuzz/fuzz_targets/sds_update.rs`, run on stable by
+/// `tests/fuzz_bodies.rs`): bytes → a protobuf `DiscoveryResponse` → [`decode`] in both key
+/// modes, then the checks `apply` makes before installing (SVID rules, key match, chain
+/// against the bundle, trust domain, via [`crate::SvidStore::validate`]). Must never panic,
+/// and every rejection's `reason` must be a metric-label-shaped word. Not API.
+#[doc(hidden)]
+pub fn fuzz_response(data: &[u8]) {
+    use std::sync::Arc;
+    use trellis_identity::{cert_facts, Svid};
+
+    let Ok(resp) = DiscoveryResponse::decode(data) else {
+        return;
+    };
+    let Ok(td) = TrustDomain::parse("example.org") else {
+        return;
+    };
+    let label_shaped = |r: &Rejection| {
+        assert!(
+            !r.reason.is_empty()
+                && r.reason
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_'),
+            "reason {:?}",
+            r.reason
+        );
+    };
+    for keys in [KeySource::Ours, KeySource::Response] {
+        let decoded = match decode(&resp, &td, keys) {
+            Ok(d) => d,
+            Err(r) => {
+                label_shaped(&r);
+                continue;
+            }
+        };
+        assert!(!decoded.chain.is_empty());
+        assert_eq!(decoded.key.is_some(), keys == KeySource::Response);
+        let Some(key) = decoded.key else {
+            // CSR mode pairs the chain with our own key; without it, parse the leaf only.
+            if let Ok(facts) = cert_facts(&decoded.chain[0]) {
+                let _ = facts.leaf_spiffe_id();
+            }
+            continue;
+        };
+        let svid = match Svid::new(decoded.chain, key) {
+            Ok(s) => s,
+            Err(e) => {
+                label_shaped(&Rejection::svid(&e));
+                continue;
+            }
+        };
+        // Inside the leaf's window, so a good chain is accepted deterministically.
+        let now = svid
+            .not_after()
+            .checked_sub(Duration::from_secs(1))
+            .unwrap_or(svid.not_after());
+        let store = crate::SvidStore::new(
+            decoded.bundle.clone(),
+            None,
+            Arc::new(crate::metrics::SidecarMetrics::new()),
+        );
+        if let Err(e) = store.validate(&svid, &decoded.bundle, now) {
+            label_shaped(&Rejection::update_at(&e, now));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -97,6 +97,7 @@ pub fn settings(app: SocketAddr, upstreams: Vec<Upstream>) -> SidecarSettings {
         expiry_margin: Duration::from_secs(60),
         policy: None,
         access_log: false,
+        limits: Default::default(),
     }
 }
 
