@@ -5,6 +5,8 @@
 
 use std::path::PathBuf;
 
+use std::io::Write as _;
+
 use anyhow::bail;
 use clap::Subcommand;
 use trellis_policy::{Action, CompiledPolicy, ExplainedRequest};
@@ -88,7 +90,12 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
                 Some(d) => println!("{} by rule {}", upper(d.action), d.rule),
                 None => println!("REFUSED with 400 before authorization"),
             }
-            print!("{explanation}");
+            // `trellis policy explain … | head` closes the pipe early: that is not an error.
+            let mut out = std::io::stdout().lock();
+            match write!(out, "{explanation}").and_then(|()| out.flush()) {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+                other => other?,
+            }
             if let ExplainedRequest::Http {
                 normalized: Err(e), ..
             } = &explanation.request

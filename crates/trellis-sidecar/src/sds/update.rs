@@ -141,7 +141,7 @@ pub fn decode(
             "wrong_type",
             format!(
                 "response type_url is `{}`, expected `{SECRET_TYPE_URL}`",
-                resp.type_url
+                clip(&resp.type_url)
             ),
         ));
     }
@@ -153,7 +153,7 @@ pub fn decode(
                 "wrong_type",
                 format!(
                     "resource #{i} has type_url `{}`, expected `{SECRET_TYPE_URL}`",
-                    any.type_url
+                    clip(&any.type_url)
                 ),
             ));
         }
@@ -325,6 +325,16 @@ pub fn fuzz_response(data: &[u8]) {
         if let Err(e) = store.validate(&svid, &decoded.bundle, now) {
             label_shaped(&Rejection::update_at(&e, now));
         }
+    }
+}
+
+/// The first 128 characters of a peer-supplied string, for NACK messages and logs: the
+/// control plane may be hostile, and its strings must not grow our logs without bound.
+fn clip(s: &str) -> std::borrow::Cow<'_, str> {
+    const MAX: usize = 128;
+    match s.char_indices().nth(MAX) {
+        Some((end, _)) => format!("{}…", &s[..end]).into(),
+        None => s.into(),
     }
 }
 
@@ -555,6 +565,13 @@ mod tests {
         .err()
         .unwrap();
         assert_eq!(err.reason, "not_inline");
+    }
+
+    #[test]
+    fn clips_peer_strings_in_messages() {
+        let long = "x".repeat(10_000);
+        assert_eq!(clip(&long).chars().count(), 129);
+        assert_eq!(clip("short"), "short");
     }
 
     #[test]
