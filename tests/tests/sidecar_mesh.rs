@@ -538,6 +538,9 @@ async fn not_ready_and_serves_no_mtls_without_a_valid_svid() -> anyhow::Result<(
         let app = EchoApp::start("app").await?;
         let mut opts = SidecarOpts::new("sidecar-unattested", A_ID, app.addr);
         opts.join_token = Some("trellis-join.not-a-token-the-control-plane-issued".into());
+        // An inbound handshake waits up to the handshake timeout for a first SVID; keep that
+        // wait short so the refusal below comes well within the test's deadline.
+        opts.extra_args = vec!["--handshake-timeout".into(), "2s".into()];
         let s = Sidecar::start_unready(&cp, opts)?;
 
         // The control plane refuses the token; the sidecar keeps running, alive but not ready.
