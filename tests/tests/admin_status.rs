@@ -20,9 +20,11 @@ use http::StatusCode;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
+use trellis_identity::{certs_to_pem, key_to_pem};
 use trellis_tests::app_client::{get_once, Proto};
 use trellis_tests::echo::EchoApp;
 use trellis_tests::mesh::{Mesh, MeshOpts, A_ID, B_ID};
+use trellis_tests::sds_server::ScriptCa;
 use trellis_tests::sidecar::{Sidecar, SidecarOpts};
 use trellis_tests::{
     e2e, eventually, free_port, http_get, run_with_timeout, trellis_bin, Child, ControlPlane,
@@ -468,6 +470,81 @@ async fn status_summarizes_a_sidecar_and_a_control_plane() -> anyhow::Result<()>
         ensure!(
             metrics.contains(&series),
             "control plane /metrics lacks `{series}`:\n{metrics}"
+        );
+        Ok(())
+    })
+    .await
+}
+
+/// A sidecar whose identity comes from PEM files has no SDS stream at all: `trellis status`
+/// must show the files it reads, not an SDS line saying "NOT connected" (which reads as a
+/// fault). `/certs` reports `source` (`sds` or `files`), which `cmd_status.rs` reads.
+/// endpoint does, this fails on the `source` line, showing the SDS line it replaces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_of_a_file_identity_sidecar_shows_its_files() -> anyhow::Result<()> {
+    e2e(async {
+        let ca = ScriptCa::root("example.org")?;
+        let svid = ca.svid(A_ID)?;
+        let dir = tempfile::tempdir()?;
+        let (cert, key, bundle) = (
+            dir.path().join("svid.pem"),
+            dir.path().join("svid-key.pem"),
+            dir.path().join("bundle.pem"),
+        );
+        std::fs::write(&cert, certs_to_pem(svid.chain()))?;
+        std::fs::write(&key, key_to_pem(svid.key()).as_bytes())?;
+        std::fs::write(&bundle, ca.bundle_pem())?;
+        let app = EchoApp::start("app").await?;
+        let mut cmd = Command::new(trellis_bin());
+        cmd.arg("sidecar")
+            .args(["--trust-domain", "example.org"])
+            .arg("--cert")
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key)
+            .arg("--bundle")
+            .arg(&bundle)
+            .args(["--inbound", "127.0.0.1:0", "--outbound", "127.0.0.1:0"])
+            .args(["--admin", "127.0.0.1:0", "--app", &app.addr.to_string()]);
+        let sidecar = Sidecar::spawn("sidecar-files", A_ID, cmd, dir.path()).await?;
+        let admin = sidecar.addrs.admin.to_string();
+
+        let run = trellis(&["status", "--admin", &admin]).await?;
+        println!(
+            "$ trellis status --admin {admin}  # identity from files\n{}",
+            run.stdout
+        );
+        ensure!(run.code() == Some(0), "{}", run.describe());
+        for needle in [
+            "status          READY",
+            &format!("identity        {A_ID}"),
+            "source          identity files (no control plane); 0 reloads",
+            &format!("  cert          {}", cert.display()),
+            &format!("  key           {}", key.display()),
+            &format!("  bundle        {}", bundle.display()),
+        ] {
+            ensure!(
+                run.stdout.contains(needle),
+                "missing {needle:?} in:\n{}",
+                run.describe()
+            );
+        }
+        ensure!(
+            !run.stdout.contains("sds ") && !run.stdout.contains("NOT connected"),
+            "an SDS line for a sidecar without SDS:\n{}",
+            run.describe()
+        );
+
+        let run = trellis(&["status", "--admin", &admin, "--json"]).await?;
+        let s = run.json()?;
+        ensure!(
+            run.code() == Some(0)
+                && s["identity_source"] == "files"
+                && s["sds"].is_null()
+                && s["files"]["cert"] == cert.display().to_string()
+                && s["files"]["bundle"] == bundle.display().to_string()
+                && s["identity"]["spiffe_id"] == A_ID,
+            "status --json of a files sidecar:\n{s:#}"
         );
         Ok(())
     })

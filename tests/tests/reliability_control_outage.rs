@@ -21,16 +21,11 @@
 
 use std::net::SocketAddr;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context as _};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
+use trellis_identity::inspect::{inspect, InspectOptions, Reason, Target};
+use trellis_identity::CertificateDer;
 use trellis_tests::app_client::{echo_json, get_once, Proto};
 use trellis_tests::echo::EchoApp;
 use trellis_tests::k8s::K8sIssuer;
@@ -110,100 +105,40 @@ fn log_line(stderr: &str, level: &str, text: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// A server certificate verifier that accepts anything and keeps the leaf it was shown: the
-/// test wants to see what a sidecar *presents*, including what a real verifier would refuse.
-#[derive(Debug)]
-struct Recorder {
-    provider: Arc<CryptoProvider>,
-    leaf: Mutex<Option<CertificateDer<'static>>>,
-}
-
-impl ServerCertVerifier for Recorder {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        *self.leaf.lock().unwrap() = Some(end_entity.clone().into_owned());
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 /// What one handshake with a sidecar's inbound showed.
 struct Presented {
-    /// The handshake's outcome (the client sends no certificate, so the sidecar refuses it
+    /// The handshake's outcome (the probe sends no certificate, so the sidecar refuses it
     /// after presenting its own; what matters is what it presented).
     handshake: Result<(), String>,
     /// The leaf's notAfter and serial, if the sidecar presented one.
     leaf: Option<(SystemTime, String)>,
 }
 
-/// TLS 1.3 to `addr`, recording the server's leaf whatever it is.
-async fn presented_by(addr: SocketAddr) -> anyhow::Result<Presented> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let recorder = Arc::new(Recorder {
-        provider: Arc::clone(&provider),
-        leaf: Mutex::new(None),
-    });
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(recorder.clone())
-        .with_no_client_auth();
-    let tcp = TcpStream::connect(addr).await?;
-    let handshake = tokio::time::timeout(
-        Duration::from_secs(10),
-        TlsConnector::from(Arc::new(config)).connect(ServerName::from(addr.ip()), tcp),
-    )
-    .await
-    .context("no handshake outcome within 10s")?
-    .map(|_| ())
-    .map_err(|e| e.to_string());
-    let leaf = recorder.leaf.lock().unwrap().take();
-    let leaf = match leaf {
-        Some(der) => {
-            let f = trellis_identity::cert_facts(&der).map_err(|e| anyhow::anyhow!("{e}"))?;
-            Some((f.not_after, f.serial_hex))
-        }
-        None => None,
+/// One `trellis inspect` handshake (TLS 1.3, no client certificate) with `addr`, recording
+/// the server's leaf whatever it is: the probe reports what a sidecar *presents*, including
+/// what a real verifier would refuse. `roots` is the bundle the sidecars were given.
+async fn presented_by(
+    addr: SocketAddr,
+    roots: &[CertificateDer<'static>],
+) -> anyhow::Result<Presented> {
+    let target = Target::parse(&addr.to_string())?;
+    let opts = InspectOptions::new(roots.to_vec())?.timeout(Duration::from_secs(10));
+    let report = inspect(&target, &opts).await;
+    if report.address.is_none() || report.reason == Some(Reason::Timeout) {
+        bail!("no handshake outcome with {addr}: {report:?}");
+    }
+    let handshake = match report.reason {
+        None => Ok(()),
+        Some(reason) => Err(format!(
+            "{reason}: {}",
+            report.detail.as_deref().unwrap_or_default()
+        )),
     };
+    let leaf = report.peer_chain.first().map(|leaf| {
+        let not_after =
+            UNIX_EPOCH + Duration::from_secs(u64::try_from(leaf.not_after_unix).unwrap_or(0));
+        (not_after, leaf.serial.clone())
+    });
     Ok(Presented { handshake, leaf })
 }
 
@@ -463,6 +398,8 @@ async fn control_plane_away_longer_than_an_svid_lives() -> anyhow::Result<()> {
                 ..Default::default()
             },
         )?;
+        // The CA outlives the outage (same state directory), so this bundle stays right.
+        let roots = cp.bundle()?.roots().to_vec();
         let app_a = EchoApp::start("app-a").await?;
         let app_b = EchoApp::start("app-b").await?;
         let b = k8s_sidecar(&cp, &issuer, "sidecar-b", B_ID, "b", app_b.addr, &[]).await?;
@@ -485,7 +422,7 @@ async fn control_plane_away_longer_than_an_svid_lives() -> anyhow::Result<()> {
         })
         .await?;
         // The probe sees what a sidecar presents (so it would see an expired certificate).
-        let healthy = presented_by(b.addrs.inbound).await?;
+        let healthy = presented_by(b.addrs.inbound, &roots).await?;
         let (not_after, _) = healthy
             .leaf
             .clone()
@@ -584,7 +521,7 @@ async fn control_plane_away_longer_than_an_svid_lives() -> anyhow::Result<()> {
         // Never an expired certificate on a new handshake.
         for (name, s) in sidecars {
             for _ in 0..3 {
-                let p = presented_by(s.addrs.inbound).await?;
+                let p = presented_by(s.addrs.inbound, &roots).await?;
                 let now = SystemTime::now();
                 if let Some((not_after, serial)) = &p.leaf {
                     ensure!(
@@ -637,7 +574,7 @@ async fn control_plane_away_longer_than_an_svid_lives() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs(5)).await;
         load.end(recovered);
         let report = load.stop().await;
-        let after = presented_by(b.addrs.inbound).await?;
+        let after = presented_by(b.addrs.inbound, &roots).await?;
 
         report.print("control plane away longer than an SVID lives");
         println!("[expiry] control plane back on sds={}", cp.sds_addr);

@@ -6,8 +6,10 @@
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -15,6 +17,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 
@@ -28,18 +31,40 @@ const PLAIN: &str = "text/plain; charset=utf-8";
 /// After a `202` to `/shutdown`, how long the response may take to reach the caller before
 /// the shutdown starts anyway (HTTP/1.1 closes at once; an HTTP/2 client may linger).
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(1);
-/// A client must send its whole request head (or, for HTTP/2, its preface) within this;
-/// slower clients (slowloris) are disconnected.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest HTTP/1.1 request head (and read buffer) an admin connection may use; longer heads
-/// get `431`.
-pub const MAX_HEADER_BYTES: usize = 16 * 1024;
-/// Largest HTTP/2 header list on an admin connection.
-const MAX_H2_HEADER_LIST: u32 = 16 * 1024;
-/// Concurrent HTTP/2 streams per admin connection.
-const MAX_H2_STREAMS: u32 = 16;
+/// After an idle connection's graceful close began (HTTP/2: GOAWAY), how long the peer has to
+/// finish it before the connection is dropped: h2 waits for the peer's PING ACK.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// The HTTP/2 connection preface (RFC 9113 3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What one admin connection may hold (the `admin_*` settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminLimits {
+    /// The client must send enough to tell HTTP/1 from HTTP/2, then (HTTP/1.1) its whole
+    /// request head, within this; slower clients (slowloris) are disconnected.
+    pub header_read_timeout: Duration,
+    /// Largest HTTP/1.1 request head (and read buffer; longer heads get `431`) and largest
+    /// HTTP/2 header list.
+    pub max_header_bytes: usize,
+    /// A connection that moves no byte either way for this long is closed (HTTP/2: GOAWAY).
+    pub idle_timeout: Duration,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_streams_per_connection: u32,
+    /// HTTP/2 streams a client may reset before they are accepted (rapid reset).
+    pub max_pending_resets: usize,
+}
+
+impl From<&crate::config::ListenerLimits> for AdminLimits {
+    fn from(l: &crate::config::ListenerLimits) -> Self {
+        Self {
+            header_read_timeout: l.admin_header_read_timeout,
+            max_header_bytes: l.admin_max_header_bytes,
+            idle_timeout: l.admin_idle_timeout,
+            max_streams_per_connection: l.admin_max_streams_per_connection,
+            max_pending_resets: l.admin_max_pending_resets,
+        }
+    }
+}
 
 /// Public facts of the control plane's own serving SVID, for `/certs`. Holds no key, so
 /// `/certs` cannot leak one.
@@ -258,6 +283,7 @@ pub fn handle(
 pub async fn serve(
     listener: TcpListener,
     cap: crate::ratelimit::ConnectionCap,
+    limits: AdminLimits,
     state: Arc<AdminState>,
     mut shutdown: watch::Receiver<bool>,
     shutdown_request: watch::Sender<bool>,
@@ -283,7 +309,7 @@ pub async fn serve(
         let state = Arc::clone(&state);
         let shutdown_request = Arc::clone(&shutdown_request);
         tokio::spawn(async move {
-            serve_connection(tcp, peer, state, shutdown_request).await;
+            serve_connection(tcp, peer, limits, state, shutdown_request).await;
             drop(permit);
         });
     }
@@ -292,6 +318,7 @@ pub async fn serve(
 async fn serve_connection(
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
+    limits: AdminLimits,
     state: Arc<AdminState>,
     shutdown_request: Arc<watch::Sender<bool>>,
 ) {
@@ -310,7 +337,7 @@ async fn serve_connection(
     };
     // hyper's protocol detection waits for the first bytes without a deadline, and HTTP/1's
     // header timeout only starts after it: bound the wait for the version here.
-    if !version_readable(&tcp).await {
+    if !version_readable(&tcp, limits.header_read_timeout).await {
         tracing::debug!(%peer, "admin client sent no request in time; closing");
         return;
     }
@@ -318,18 +345,35 @@ async fn serve_connection(
     builder
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .max_buf_size(MAX_HEADER_BYTES);
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes);
     builder
         .http2()
-        .max_header_list_size(MAX_H2_HEADER_LIST)
-        .max_concurrent_streams(MAX_H2_STREAMS)
-        .max_pending_accept_reset_streams(Some(20));
-    let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .max_pending_accept_reset_streams(Some(limits.max_pending_resets));
+    // Neither hyper's HTTP/1.1 nor its HTTP/2 server closes a connection that simply stays
+    // quiet after a request: the idle clock does, for both.
+    let clock = IdleClock::new();
+    let io = TokioIo::new(Tracked {
+        inner: tcp,
+        clock: Arc::clone(&clock),
+    });
+    let conn = builder.serve_connection(io, svc);
     tokio::pin!(conn);
     let ended = tokio::select! {
         result = conn.as_mut() => Some(result),
         () = notify.notified() => None,
+        () = clock.expired(limits.idle_timeout) => {
+            tracing::debug!(%peer, "idle admin connection closed");
+            conn.as_mut().graceful_shutdown();
+            Some(
+                tokio::time::timeout(IDLE_CLOSE_GRACE, conn.as_mut())
+                    .await
+                    .unwrap_or(Ok(())),
+            )
+        }
     };
     let result = match ended {
         Some(result) => Some(result),
@@ -347,10 +391,10 @@ async fn serve_connection(
     }
 }
 
-/// Waits (at most [`HEADER_TIMEOUT`]) until enough bytes have arrived to tell HTTP/1 from
-/// the HTTP/2 preface, without consuming them. `false`: the client was too slow or went away.
-async fn version_readable(tcp: &tokio::net::TcpStream) -> bool {
-    let deadline = tokio::time::Instant::now() + HEADER_TIMEOUT;
+/// Waits (at most `timeout`) until enough bytes have arrived to tell HTTP/1 from the HTTP/2
+/// preface, without consuming them. `false`: the client was too slow or went away.
+async fn version_readable(tcp: &tokio::net::TcpStream, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = [0u8; 24];
     loop {
         let n = match tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await {
@@ -363,6 +407,81 @@ async fn version_readable(tcp: &tokio::net::TcpStream) -> bool {
         }
         // `peek` returns at once while bytes wait; sleep a little before looking again.
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// When a connection last moved a byte, for the idle timeout: one relaxed store per read or
+/// write, and one timer per `timeout` rather than one reset per I/O.
+struct IdleClock {
+    base: std::time::Instant,
+    /// Milliseconds since `base`.
+    last: AtomicU64,
+}
+
+impl IdleClock {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            base: std::time::Instant::now(),
+            last: AtomicU64::new(0),
+        })
+    }
+
+    fn touch(&self) {
+        let now = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(now, Ordering::Relaxed);
+    }
+
+    /// Completes once no byte has moved for `timeout`.
+    async fn expired(&self, timeout: Duration) {
+        loop {
+            let last = self.base + Duration::from_millis(self.last.load(Ordering::Relaxed));
+            let deadline = last + timeout;
+            if std::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+    }
+}
+
+/// A TCP stream that records its activity in an [`IdleClock`].
+struct Tracked {
+    inner: tokio::net::TcpStream,
+    clock: Arc<IdleClock>,
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.clock.touch();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.clock.touch();
+        }
+        polled
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -61,6 +61,9 @@ pub struct ControlFile {
     /// Rotation interval, e.g. `1h`.
     #[serde(default, with = "humantime_serde")]
     pub rotate_every: Option<Duration>,
+    /// How long issuance records are kept after their SVID expired, e.g. `7d`.
+    #[serde(default, with = "humantime_serde")]
+    pub issuance_retention: Option<Duration>,
     /// Intermediate CA certificate (PEM).
     pub ca_cert: Option<PathBuf>,
     /// Intermediate CA key (PEM).
@@ -111,6 +114,44 @@ pub struct ControlFile {
     pub admin_max_connections: Option<usize>,
     /// Most webhook connections open at once.
     pub webhook_max_connections: Option<usize>,
+    /// Largest SDS request message decoded, in bytes.
+    pub sds_max_message_bytes: Option<usize>,
+    /// Largest HTTP/2 header list (HPACK-decoded) on an SDS connection, in bytes.
+    pub sds_max_header_list_bytes: Option<u32>,
+    /// Streams an SDS client may reset before the server accepts them (HTTP/2 rapid reset).
+    pub sds_max_pending_resets: Option<usize>,
+    /// How long an admin client may take to send its request head, e.g. `10s`.
+    #[serde(default, with = "humantime_serde")]
+    pub admin_header_read_timeout: Option<Duration>,
+    /// Largest admin request head (HTTP/1.1) or header list (HTTP/2), in bytes.
+    pub admin_max_header_bytes: Option<usize>,
+    /// How long an admin connection may move no bytes before it is closed, e.g. `60s`.
+    #[serde(default, with = "humantime_serde")]
+    pub admin_idle_timeout: Option<Duration>,
+    /// Concurrent HTTP/2 streams on one admin connection.
+    pub admin_max_streams_per_connection: Option<u32>,
+    /// Streams an admin client may reset before the server accepts them (HTTP/2 rapid reset).
+    pub admin_max_pending_resets: Option<usize>,
+    /// Largest webhook request head (and HTTP/1.1 read buffer), in bytes.
+    pub webhook_max_header_bytes: Option<usize>,
+    /// Largest AdmissionReview the webhook reads, in bytes.
+    pub webhook_max_body_bytes: Option<usize>,
+    /// How long a webhook request body may take to arrive, e.g. `10s`.
+    #[serde(default, with = "humantime_serde")]
+    pub webhook_body_timeout: Option<Duration>,
+    /// How long a webhook client may take to send its request head, e.g. `10s`.
+    #[serde(default, with = "humantime_serde")]
+    pub webhook_header_read_timeout: Option<Duration>,
+    /// How long a webhook client may take to finish its TLS handshake, e.g. `10s`.
+    #[serde(default, with = "humantime_serde")]
+    pub webhook_handshake_timeout: Option<Duration>,
+    /// Largest Kubernetes service-account JWT accepted, in bytes.
+    pub max_jwt_bytes: Option<usize>,
+    /// Largest JWKS document (file or `k8s_jwks_url` body) parsed, in bytes.
+    pub max_jwks_bytes: Option<usize>,
+    /// How long one fetch of `k8s_jwks_url` may take, e.g. `10s`.
+    #[serde(default, with = "humantime_serde")]
+    pub jwks_fetch_timeout: Option<Duration>,
 }
 
 impl ControlFile {
@@ -186,8 +227,8 @@ pub struct WebhookSettings {
     pub sidecar_image: String,
     /// `TRELLIS_CONTROL_PLANE` of injected sidecars (`host:port`).
     pub sidecar_control_plane: String,
-    /// Most connections open at once (`webhook_max_connections`).
-    pub max_connections: usize,
+    /// The `webhook_*` limits, checked with the others in [`ListenerLimits`].
+    pub limits: crate::webhook::WebhookLimits,
 }
 
 /// Validated settings the control plane runs with.
@@ -205,6 +246,8 @@ pub struct ControlSettings {
     pub svid_ttl: Duration,
     /// Rotation interval.
     pub rotate_every: Duration,
+    /// Issuance records are pruned once their SVID expired this long ago.
+    pub issuance_retention: Duration,
     /// Signing CA files, or `None` for the embedded self-signed CA.
     pub ca: Option<CaFiles>,
     /// Kubernetes attestation, or `None` to refuse JWTs.
@@ -228,8 +271,42 @@ pub struct ListenerLimits {
     pub sds_max_streams_per_connection: u32,
     /// Per-source-IP rate of SDS stream opens.
     pub sds_rate: crate::ratelimit::RateLimit,
+    /// Largest SDS request message decoded.
+    pub sds_max_message_bytes: usize,
+    /// HTTP/2 `SETTINGS_MAX_HEADER_LIST_SIZE` on SDS connections.
+    pub sds_max_header_list_bytes: u32,
+    /// Streams reset before accept that an SDS connection may have pending (rapid reset).
+    pub sds_max_pending_resets: usize,
     /// Most admin connections.
     pub admin_max_connections: usize,
+    /// Admin protocol detection and request head deadline.
+    pub admin_header_read_timeout: Duration,
+    /// Largest admin request head (HTTP/1.1) or header list (HTTP/2).
+    pub admin_max_header_bytes: usize,
+    /// Admin connections that move no bytes for this long are closed.
+    pub admin_idle_timeout: Duration,
+    /// Concurrent HTTP/2 streams per admin connection.
+    pub admin_max_streams_per_connection: u32,
+    /// Streams reset before accept that an admin connection may have pending (rapid reset).
+    pub admin_max_pending_resets: usize,
+    /// Largest webhook request head (the HTTP/1.1 read buffer).
+    pub webhook_max_header_bytes: usize,
+    /// Most webhook connections.
+    pub webhook_max_connections: usize,
+    /// Largest AdmissionReview body.
+    pub webhook_max_body_bytes: usize,
+    /// Webhook request body deadline.
+    pub webhook_body_timeout: Duration,
+    /// Webhook request head deadline.
+    pub webhook_header_read_timeout: Duration,
+    /// Webhook TLS handshake deadline.
+    pub webhook_handshake_timeout: Duration,
+    /// Largest Kubernetes JWT (the `authorization` value may be 64 bytes longer).
+    pub max_jwt_bytes: usize,
+    /// Largest JWKS document, from the file or the URL.
+    pub max_jwks_bytes: usize,
+    /// Deadline of one `k8s_jwks_url` fetch.
+    pub jwks_fetch_timeout: Duration,
 }
 
 impl Default for ListenerLimits {
@@ -239,7 +316,24 @@ impl Default for ListenerLimits {
             sds_handshake_timeout: defaults::SDS_HANDSHAKE_TIMEOUT,
             sds_max_streams_per_connection: defaults::SDS_MAX_STREAMS_PER_CONNECTION,
             sds_rate: crate::ratelimit::RateLimit::DEFAULT,
+            sds_max_message_bytes: defaults::SDS_MAX_MESSAGE_BYTES,
+            sds_max_header_list_bytes: defaults::SDS_MAX_HEADER_LIST_BYTES,
+            sds_max_pending_resets: defaults::SDS_MAX_PENDING_RESETS,
             admin_max_connections: defaults::ADMIN_MAX_CONNECTIONS,
+            admin_header_read_timeout: defaults::ADMIN_HEADER_READ_TIMEOUT,
+            admin_max_header_bytes: defaults::ADMIN_MAX_HEADER_BYTES,
+            admin_idle_timeout: defaults::ADMIN_IDLE_TIMEOUT,
+            admin_max_streams_per_connection: defaults::ADMIN_MAX_STREAMS_PER_CONNECTION,
+            admin_max_pending_resets: defaults::ADMIN_MAX_PENDING_RESETS,
+            webhook_max_header_bytes: defaults::WEBHOOK_MAX_HEADER_BYTES,
+            webhook_max_connections: defaults::WEBHOOK_MAX_CONNECTIONS,
+            webhook_max_body_bytes: defaults::WEBHOOK_MAX_BODY_BYTES,
+            webhook_body_timeout: defaults::WEBHOOK_BODY_TIMEOUT,
+            webhook_header_read_timeout: defaults::WEBHOOK_HEADER_READ_TIMEOUT,
+            webhook_handshake_timeout: defaults::WEBHOOK_HANDSHAKE_TIMEOUT,
+            max_jwt_bytes: defaults::MAX_JWT_BYTES,
+            max_jwks_bytes: defaults::MAX_JWKS_BYTES,
+            jwks_fetch_timeout: defaults::JWKS_FETCH_TIMEOUT,
         }
     }
 }
@@ -282,10 +376,51 @@ pub mod defaults {
     pub const ADMIN_MAX_CONNECTIONS: usize = 64;
     /// `--webhook-max-connections`: the API servers call it, a handful at a time.
     pub const WEBHOOK_MAX_CONNECTIONS: usize = 256;
+    /// `--sds-max-message-bytes`: SDS requests are small (a node and a few resource names).
+    pub const SDS_MAX_MESSAGE_BYTES: usize = 256 * 1024;
+    /// `--sds-max-header-list-bytes`: room for a [`MAX_JWT_BYTES`] JWT in `authorization` and
+    /// the gRPC headers. Larger lists are refused by the HTTP/2 layer before any handler
+    /// runs, which also bounds CONTINUATION floods.
+    pub const SDS_MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+    /// `--sds-max-pending-resets`: streams a client may reset before the server has accepted
+    /// them (HTTP/2 rapid reset, CVE-2023-44487); past this the connection gets GOAWAY.
+    pub const SDS_MAX_PENDING_RESETS: usize = 20;
+    /// `--admin-header-read-timeout`: slower clients (slowloris) are disconnected.
+    pub const ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `--admin-max-header-bytes`: longer HTTP/1.1 heads get `431`.
+    pub const ADMIN_MAX_HEADER_BYTES: usize = 16 * 1024;
+    /// `--admin-idle-timeout`: a scraper polls every few seconds; nothing needs an idle hour.
+    pub const ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+    /// `--admin-max-streams-per-connection`: a scraper or an operator needs one or two.
+    pub const ADMIN_MAX_STREAMS_PER_CONNECTION: u32 = 16;
+    /// `--admin-max-pending-resets`: as on SDS connections.
+    pub const ADMIN_MAX_PENDING_RESETS: usize = 20;
+    /// `--webhook-max-header-bytes`: the API server sends a handful of short headers.
+    pub const WEBHOOK_MAX_HEADER_BYTES: usize = 64 * 1024;
+    /// `--webhook-max-body-bytes`: etcd stores objects of at most 1.5 MiB, so every pod that
+    /// could ever be created fits, with room for the review around it.
+    pub const WEBHOOK_MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+    /// `--webhook-body-timeout`: the API server gives up after `timeoutSeconds` (5 s) anyway.
+    pub const WEBHOOK_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `--webhook-header-read-timeout`.
+    pub const WEBHOOK_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `--webhook-handshake-timeout`.
+    pub const WEBHOOK_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `--max-jwt-bytes`: Kubernetes tokens are about 1 KiB (a few more with many audiences
+    /// or a long issuer URL).
+    pub const MAX_JWT_BYTES: usize = 8 * 1024;
+    /// `--max-jwks-bytes`: a cluster's issuer publishes a few keys in a few KiB.
+    pub const MAX_JWKS_BYTES: usize = 1024 * 1024;
+    /// `--jwks-fetch-timeout`: one whole fetch (connect, TLS, request, body).
+    pub const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 }
 
+/// Room in the `authorization` value beyond the JWT: the `Bearer ` scheme and spaces.
+pub const CREDENTIAL_OVERHEAD: usize = 64;
+/// Room in the SDS header list beyond the `authorization` value: the gRPC headers.
+const GRPC_HEADERS_ROOM: u32 = 1024;
+
 /// Checks the limit fields and fills in defaults.
-/// (`webhook_max_connections` is checked here and carried in [`WebhookSettings`].)
 fn listener_limits(f: &ControlFile) -> Result<ListenerLimits, ConfigError> {
     let invalid = |field: &'static str, problem: String| ConfigError::Invalid { field, problem };
     let positive = |field: &'static str, v: Option<usize>, default: usize| match v {
@@ -293,20 +428,45 @@ fn listener_limits(f: &ControlFile) -> Result<ListenerLimits, ConfigError> {
         Some(n) => Ok(n),
         None => Ok(default),
     };
-    positive(
-        "webhook_max_connections",
-        f.webhook_max_connections,
-        defaults::WEBHOOK_MAX_CONNECTIONS,
+    // Sizes: a floor below which real traffic is refused, a ceiling above which the limit no
+    // longer protects anything; `why` tells the operator what the floor is for.
+    let bytes = |field: &'static str,
+                 v: Option<usize>,
+                 default: usize,
+                 (min, max): (usize, usize),
+                 why: &str| match v {
+        Some(n) if n < min || n > max => Err(invalid(
+            field,
+            format!("{n} bytes is out of range: use {min} to {max} ({why})"),
+        )),
+        Some(n) => Ok(n),
+        None => Ok(default),
+    };
+    // Rapid-reset bounds: 0 would make every cancelled request fatal to its connection.
+    let pending_resets = |field: &'static str, v: Option<usize>, default: usize| match v {
+        Some(n) if n == 0 || n > 10_000 => Err(invalid(
+            field,
+            format!("{n} is out of range: use 1 to 10000"),
+        )),
+        Some(n) => Ok(n),
+        None => Ok(default),
+    };
+    // Deadlines: shorter than this would cut off clients on any real network.
+    let deadline = |field: &'static str, v: Option<Duration>, default: Duration| {
+        let d = v.unwrap_or(default);
+        if d < Duration::from_millis(100) {
+            return Err(invalid(
+                field,
+                format!("{d:?} is too short: use at least 100ms"),
+            ));
+        }
+        Ok(d)
+    };
+    let sds_handshake_timeout = deadline(
+        "sds_handshake_timeout",
+        f.sds_handshake_timeout,
+        defaults::SDS_HANDSHAKE_TIMEOUT,
     )?;
-    let sds_handshake_timeout = f
-        .sds_handshake_timeout
-        .unwrap_or(defaults::SDS_HANDSHAKE_TIMEOUT);
-    if sds_handshake_timeout < Duration::from_millis(100) {
-        return Err(invalid(
-            "sds_handshake_timeout",
-            format!("{sds_handshake_timeout:?} is too short: use at least 100ms"),
-        ));
-    }
     let sds_max_streams_per_connection = f
         .sds_max_streams_per_connection
         .unwrap_or(defaults::SDS_MAX_STREAMS_PER_CONNECTION);
@@ -330,6 +490,38 @@ fn listener_limits(f: &ControlFile) -> Result<ListenerLimits, ConfigError> {
             "must be at least 1 while sds_rate_limit is on".into(),
         ));
     }
+    let max_jwt_bytes = bytes(
+        "max_jwt_bytes",
+        f.max_jwt_bytes,
+        defaults::MAX_JWT_BYTES,
+        (1024, 64 * 1024),
+        "a Kubernetes service-account token is about 1 KiB",
+    )?;
+    let sds_max_header_list_bytes = match f.sds_max_header_list_bytes {
+        Some(n) if !(4096..=1024 * 1024).contains(&n) => {
+            return Err(invalid(
+                "sds_max_header_list_bytes",
+                format!("{n} bytes is out of range: use 4096 to 1048576"),
+            ))
+        }
+        Some(n) => n,
+        None => defaults::SDS_MAX_HEADER_LIST_BYTES,
+    };
+    // A JWT the attestor would accept must also get through the HTTP/2 layer, or every
+    // Kubernetes workload is refused with a protocol error instead of a reason.
+    let needed = u32::try_from(max_jwt_bytes + CREDENTIAL_OVERHEAD)
+        .unwrap_or(u32::MAX)
+        .saturating_add(GRPC_HEADERS_ROOM);
+    if sds_max_header_list_bytes < needed {
+        return Err(invalid(
+            "sds_max_header_list_bytes",
+            format!(
+                "{sds_max_header_list_bytes} bytes cannot carry a {max_jwt_bytes}-byte JWT \
+                 (max_jwt_bytes) and the gRPC headers: use at least {needed}, or lower \
+                 max_jwt_bytes"
+            ),
+        ));
+    }
     Ok(ListenerLimits {
         sds_max_connections: positive(
             "sds_max_connections",
@@ -344,10 +536,102 @@ fn listener_limits(f: &ControlFile) -> Result<ListenerLimits, ConfigError> {
             limit_loopback: f.sds_rate_limit_loopback.unwrap_or(false),
             ..crate::ratelimit::RateLimit::DEFAULT
         },
+        sds_max_message_bytes: bytes(
+            "sds_max_message_bytes",
+            f.sds_max_message_bytes,
+            defaults::SDS_MAX_MESSAGE_BYTES,
+            (1024, 64 * 1024 * 1024),
+            "an SDS request is a node and a few resource names",
+        )?,
+        sds_max_header_list_bytes,
+        sds_max_pending_resets: pending_resets(
+            "sds_max_pending_resets",
+            f.sds_max_pending_resets,
+            defaults::SDS_MAX_PENDING_RESETS,
+        )?,
         admin_max_connections: positive(
             "admin_max_connections",
             f.admin_max_connections,
             defaults::ADMIN_MAX_CONNECTIONS,
+        )?,
+        admin_header_read_timeout: deadline(
+            "admin_header_read_timeout",
+            f.admin_header_read_timeout,
+            defaults::ADMIN_HEADER_READ_TIMEOUT,
+        )?,
+        admin_max_header_bytes: bytes(
+            "admin_max_header_bytes",
+            f.admin_max_header_bytes,
+            defaults::ADMIN_MAX_HEADER_BYTES,
+            (8 * 1024, 1024 * 1024),
+            "the HTTP/1.1 read buffer cannot be smaller than 8 KiB",
+        )?,
+        admin_idle_timeout: deadline(
+            "admin_idle_timeout",
+            f.admin_idle_timeout,
+            defaults::ADMIN_IDLE_TIMEOUT,
+        )?,
+        admin_max_streams_per_connection: match f.admin_max_streams_per_connection {
+            Some(n) if n == 0 || n > 1024 => {
+                return Err(invalid(
+                    "admin_max_streams_per_connection",
+                    format!("{n} is out of range: use 1 to 1024"),
+                ))
+            }
+            Some(n) => n,
+            None => defaults::ADMIN_MAX_STREAMS_PER_CONNECTION,
+        },
+        admin_max_pending_resets: pending_resets(
+            "admin_max_pending_resets",
+            f.admin_max_pending_resets,
+            defaults::ADMIN_MAX_PENDING_RESETS,
+        )?,
+        webhook_max_header_bytes: bytes(
+            "webhook_max_header_bytes",
+            f.webhook_max_header_bytes,
+            defaults::WEBHOOK_MAX_HEADER_BYTES,
+            (8 * 1024, 1024 * 1024),
+            "the HTTP/1.1 read buffer cannot be smaller than 8 KiB",
+        )?,
+        webhook_max_connections: positive(
+            "webhook_max_connections",
+            f.webhook_max_connections,
+            defaults::WEBHOOK_MAX_CONNECTIONS,
+        )?,
+        webhook_max_body_bytes: bytes(
+            "webhook_max_body_bytes",
+            f.webhook_max_body_bytes,
+            defaults::WEBHOOK_MAX_BODY_BYTES,
+            (4 * 1024, 64 * 1024 * 1024),
+            "an AdmissionReview of a small pod is a few KiB; a large one up to 1.5 MiB",
+        )?,
+        webhook_body_timeout: deadline(
+            "webhook_body_timeout",
+            f.webhook_body_timeout,
+            defaults::WEBHOOK_BODY_TIMEOUT,
+        )?,
+        webhook_header_read_timeout: deadline(
+            "webhook_header_read_timeout",
+            f.webhook_header_read_timeout,
+            defaults::WEBHOOK_HEADER_READ_TIMEOUT,
+        )?,
+        webhook_handshake_timeout: deadline(
+            "webhook_handshake_timeout",
+            f.webhook_handshake_timeout,
+            defaults::WEBHOOK_HANDSHAKE_TIMEOUT,
+        )?,
+        max_jwt_bytes,
+        max_jwks_bytes: bytes(
+            "max_jwks_bytes",
+            f.max_jwks_bytes,
+            defaults::MAX_JWKS_BYTES,
+            (1024, 64 * 1024 * 1024),
+            "an issuer's JWKS is a few KiB",
+        )?,
+        jwks_fetch_timeout: deadline(
+            "jwks_fetch_timeout",
+            f.jwks_fetch_timeout,
+            defaults::JWKS_FETCH_TIMEOUT,
         )?,
     })
 }
@@ -355,7 +639,10 @@ fn listener_limits(f: &ControlFile) -> Result<ListenerLimits, ConfigError> {
 /// Validates the webhook settings of `f`; `None` unless `webhook_listen` is set (the other
 /// webhook fields alone are ignored, so one environment can serve replicas with and without
 /// the webhook).
-fn webhook_settings(f: &ControlFile) -> Result<Option<WebhookSettings>, ConfigError> {
+fn webhook_settings(
+    f: &ControlFile,
+    limits: &ListenerLimits,
+) -> Result<Option<WebhookSettings>, ConfigError> {
     let Some(listen) = f.webhook_listen else {
         return Ok(None);
     };
@@ -431,9 +718,7 @@ fn webhook_settings(f: &ControlFile) -> Result<Option<WebhookSettings>, ConfigEr
         dns_names,
         sidecar_image,
         sidecar_control_plane,
-        max_connections: f
-            .webhook_max_connections
-            .unwrap_or(defaults::WEBHOOK_MAX_CONNECTIONS),
+        limits: crate::webhook::WebhookLimits::from(limits),
     }))
 }
 
@@ -523,8 +808,8 @@ fn k8s_settings(
 impl ControlSettings {
     /// Builds settings from a merged file (flags already applied over it).
     pub fn from_file(f: ControlFile) -> Result<Self, ConfigError> {
-        let webhook = webhook_settings(&f)?;
         let limits = listener_limits(&f)?;
+        let webhook = webhook_settings(&f, &limits)?;
         let td = f.trust_domain.ok_or(ConfigError::Invalid {
             field: "trust_domain",
             problem:
@@ -574,6 +859,18 @@ impl ControlSettings {
                 ),
             });
         }
+        let issuance_retention = f
+            .issuance_retention
+            .unwrap_or(crate::recorder::DEFAULT_ISSUANCE_RETENTION);
+        if issuance_retention < Duration::from_secs(60) {
+            return Err(ConfigError::Invalid {
+                field: "issuance_retention",
+                problem: format!(
+                    "{} is too short: use at least 1m (records are the issuance history)",
+                    humantime::format_duration(issuance_retention)
+                ),
+            });
+        }
         let ca = match (f.ca_cert, f.ca_key) {
             (Some(cert), Some(key)) => Some(CaFiles {
                 cert,
@@ -618,6 +915,7 @@ impl ControlSettings {
                 .unwrap_or_else(|| PathBuf::from(defaults::STATE_DIR)),
             svid_ttl,
             rotate_every,
+            issuance_retention,
             ca,
             k8s,
             webhook,
@@ -659,6 +957,30 @@ mod tests {
         assert!(err.starts_with("/etc/trellis/control.yaml: "), "{err}");
         assert!(err.contains("unknown field `listen_addr`"), "{err}");
         assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn issuance_retention_defaults_and_is_checked() {
+        let f = ControlFile::parse("trust_domain: example.org\n", Path::new("c.yaml")).unwrap();
+        let s = ControlSettings::from_file(f).unwrap();
+        assert_eq!(
+            s.issuance_retention,
+            crate::recorder::DEFAULT_ISSUANCE_RETENTION
+        );
+        let f = ControlFile::parse(
+            "trust_domain: example.org\nissuance_retention: 30d\n",
+            Path::new("c.yaml"),
+        )
+        .unwrap();
+        let s = ControlSettings::from_file(f).unwrap();
+        assert_eq!(s.issuance_retention, Duration::from_secs(30 * 86_400));
+        let f = ControlFile::parse(
+            "trust_domain: example.org\nissuance_retention: 5s\n",
+            Path::new("c.yaml"),
+        )
+        .unwrap();
+        let err = ControlSettings::from_file(f).unwrap_err().to_string();
+        assert!(err.contains("issuance_retention"), "{err}");
     }
 
     #[test]
@@ -716,7 +1038,8 @@ mod tests {
         assert_eq!(w.dns_names, [defaults::WEBHOOK_DNS_NAME]);
         assert_eq!(w.sidecar_image, defaults::SIDECAR_IMAGE);
         assert_eq!(w.sidecar_control_plane, defaults::SIDECAR_CONTROL_PLANE);
-        assert_eq!(w.max_connections, defaults::WEBHOOK_MAX_CONNECTIONS);
+        assert_eq!(w.limits.max_connections, defaults::WEBHOOK_MAX_CONNECTIONS);
+        assert_eq!(w.limits.max_body_bytes, defaults::WEBHOOK_MAX_BODY_BYTES);
         let w = with_webhook(|f| {
             f.webhook_dns_names = Some(vec![
                 "Trellis-Control.trellis-system.svc".into(),
@@ -895,9 +1218,36 @@ mod tests {
         assert_eq!(s.limits, ListenerLimits::default());
         assert_eq!(s.limits.sds_max_connections, 20_000);
         assert!(!s.limits.sds_rate.limit_loopback);
+        // The documented defaults (README "Hardening").
+        let d = s.limits;
+        assert_eq!(d.sds_max_message_bytes, 256 * 1024);
+        assert_eq!(d.sds_max_header_list_bytes, 16 * 1024);
+        assert_eq!(d.sds_max_pending_resets, 20);
+        assert_eq!(d.admin_header_read_timeout, Duration::from_secs(10));
+        assert_eq!(d.admin_max_header_bytes, 16 * 1024);
+        assert_eq!(d.admin_idle_timeout, Duration::from_secs(60));
+        assert_eq!(d.admin_max_streams_per_connection, 16);
+        assert_eq!(d.admin_max_pending_resets, 20);
+        assert_eq!(d.webhook_max_header_bytes, 64 * 1024);
+        assert_eq!(d.webhook_max_connections, 256);
+        assert_eq!(d.webhook_max_body_bytes, 2 * 1024 * 1024);
+        assert_eq!(d.webhook_body_timeout, Duration::from_secs(10));
+        assert_eq!(d.webhook_header_read_timeout, Duration::from_secs(10));
+        assert_eq!(d.webhook_handshake_timeout, Duration::from_secs(10));
+        assert_eq!(d.max_jwt_bytes, 8 * 1024);
+        assert_eq!(d.max_jwks_bytes, 1024 * 1024);
+        assert_eq!(d.jwks_fetch_timeout, Duration::from_secs(10));
         let yaml = "trust_domain: example.org\nsds_max_connections: 5\nsds_handshake_timeout: 2s\n\
                     sds_max_streams_per_connection: 16\nsds_rate_limit: 0.5\nsds_rate_burst: 3\n\
-                    sds_rate_limit_loopback: true\nadmin_max_connections: 2\nwebhook_max_connections: 9\n";
+                    sds_rate_limit_loopback: true\nadmin_max_connections: 2\nwebhook_max_connections: 9\n\
+                    sds_max_message_bytes: 4096\nsds_max_header_list_bytes: 8192\n\
+                    sds_max_pending_resets: 5\nadmin_header_read_timeout: 3s\n\
+                    admin_max_header_bytes: 9000\nadmin_idle_timeout: 4s\n\
+                    webhook_max_body_bytes: 65536\nwebhook_body_timeout: 5s\n\
+                    webhook_header_read_timeout: 6s\nwebhook_handshake_timeout: 7s\n\
+                    max_jwt_bytes: 2048\nmax_jwks_bytes: 4096\njwks_fetch_timeout: 500ms\n\
+                    admin_max_streams_per_connection: 3\nadmin_max_pending_resets: 4\n\
+                    webhook_max_header_bytes: 16384\n";
         let s = ControlSettings::from_file(ControlFile::parse(yaml, Path::new("c.yaml")).unwrap())
             .unwrap();
         assert_eq!(s.limits.sds_max_connections, 5);
@@ -907,6 +1257,23 @@ mod tests {
         assert_eq!(s.limits.sds_rate.burst, 3.0);
         assert!(s.limits.sds_rate.limit_loopback);
         assert_eq!(s.limits.admin_max_connections, 2);
+        assert_eq!(s.limits.webhook_max_connections, 9);
+        assert_eq!(s.limits.sds_max_message_bytes, 4096);
+        assert_eq!(s.limits.sds_max_header_list_bytes, 8192);
+        assert_eq!(s.limits.sds_max_pending_resets, 5);
+        assert_eq!(s.limits.admin_header_read_timeout, Duration::from_secs(3));
+        assert_eq!(s.limits.admin_max_header_bytes, 9000);
+        assert_eq!(s.limits.admin_max_streams_per_connection, 3);
+        assert_eq!(s.limits.admin_max_pending_resets, 4);
+        assert_eq!(s.limits.webhook_max_header_bytes, 16384);
+        assert_eq!(s.limits.admin_idle_timeout, Duration::from_secs(4));
+        assert_eq!(s.limits.webhook_max_body_bytes, 65536);
+        assert_eq!(s.limits.webhook_body_timeout, Duration::from_secs(5));
+        assert_eq!(s.limits.webhook_header_read_timeout, Duration::from_secs(6));
+        assert_eq!(s.limits.webhook_handshake_timeout, Duration::from_secs(7));
+        assert_eq!(s.limits.max_jwt_bytes, 2048);
+        assert_eq!(s.limits.max_jwks_bytes, 4096);
+        assert_eq!(s.limits.jwks_fetch_timeout, Duration::from_millis(500));
         assert!(s.webhook.is_none());
         for (edit, field) in [
             (
@@ -940,14 +1307,116 @@ mod tests {
                 Box::new(|f: &mut ControlFile| f.webhook_max_connections = Some(0)),
                 "webhook_max_connections",
             ),
+            (
+                Box::new(|f: &mut ControlFile| f.sds_max_message_bytes = Some(100)),
+                "sds_max_message_bytes",
+            ),
+            (
+                Box::new(|f: &mut ControlFile| f.sds_max_header_list_bytes = Some(1024)),
+                "sds_max_header_list_bytes",
+            ),
+            (
+                // In range, but too small for the default 8 KiB JWT.
+                Box::new(|f: &mut ControlFile| f.sds_max_header_list_bytes = Some(8192)),
+                "sds_max_header_list_bytes",
+            ),
+            (
+                Box::new(|f: &mut ControlFile| f.sds_max_pending_resets = Some(0)),
+                "sds_max_pending_resets",
+            ),
+            (
+                Box::new(|f: &mut ControlFile| f.sds_max_pending_resets = Some(1_000_000)),
+                "sds_max_pending_resets",
+            ),
+            (
+                Box::new(|f: &mut ControlFile| {
+                    f.admin_header_read_timeout = Some(Duration::from_millis(10))
+                }),
+                "admin_header_read_timeout",
+            ),
+            (
+                Box::new(|f: &mut ControlFile| f.admin_max_header_bytes = Some(4096)),
+                "admin_max_header_bytes",
+            ),
+            (
+                Box::new(|f: &mut ControlFile| f.admin_max_streams_per_connection = Some(0)),
+                "admin_max_streams_per_connection",
+            ),
+            (
+                Box::new(|f: &mut ControlFile| f.admin_max_pending_resets = Some(0)),
+                "admin_max_pending_resets",
+            ),
+            (
+                Box::new(|f: &mut ControlFile| f.webhook_max_header_bytes = Some(1024)),
+                "webhook_max_header_bytes",
+            ),
+            (
+                Box::new(|f: &mut ControlFile| f.admin_idle_timeout = Some(Duration::ZERO)),
+                "admin_idle_timeout",
+            ),
+            (
+                Box::new(|f: &mut ControlFile| f.webhook_max_body_bytes = Some(1 << 30)),
+                "webhook_max_body_bytes",
+            ),
+            (
+                Box::new(|f: &mut ControlFile| {
+                    f.webhook_body_timeout = Some(Duration::from_millis(1))
+                }),
+                "webhook_body_timeout",
+            ),
+            (
+                Box::new(|f: &mut ControlFile| {
+                    f.webhook_header_read_timeout = Some(Duration::from_millis(1))
+                }),
+                "webhook_header_read_timeout",
+            ),
+            (
+                Box::new(|f: &mut ControlFile| {
+                    f.webhook_handshake_timeout = Some(Duration::from_millis(1))
+                }),
+                "webhook_handshake_timeout",
+            ),
+            (
+                Box::new(|f: &mut ControlFile| f.max_jwt_bytes = Some(10)),
+                "max_jwt_bytes",
+            ),
+            (
+                Box::new(|f: &mut ControlFile| f.max_jwt_bytes = Some(1 << 20)),
+                "max_jwt_bytes",
+            ),
+            (
+                Box::new(|f: &mut ControlFile| f.max_jwks_bytes = Some(0)),
+                "max_jwks_bytes",
+            ),
+            (
+                Box::new(|f: &mut ControlFile| {
+                    f.jwks_fetch_timeout = Some(Duration::from_millis(1))
+                }),
+                "jwks_fetch_timeout",
+            ),
         ] {
             let mut f = base();
             edit(&mut f);
             match ControlSettings::from_file(f) {
-                Err(ConfigError::Invalid { field: got, .. }) => assert_eq!(got, field),
+                Err(ConfigError::Invalid {
+                    field: got,
+                    problem,
+                }) => {
+                    assert_eq!(got, field, "{problem}");
+                    assert!(!problem.is_empty());
+                }
                 other => panic!("{field}: expected Invalid, got {other:?}"),
             }
         }
+        // The header list check names both settings and what to do.
+        let mut f = base();
+        f.max_jwt_bytes = Some(32 * 1024);
+        let err = ControlSettings::from_file(f).unwrap_err().to_string();
+        assert!(
+            err.contains("sds_max_header_list_bytes") && err.contains("max_jwt_bytes"),
+            "{err}"
+        );
+        assert!(err.contains("use at least 33856"), "{err}");
     }
 
     #[test]

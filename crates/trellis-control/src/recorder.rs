@@ -1,12 +1,24 @@
 //! Issuance records go to the registry (SQLite, or the PostgreSQL that replicas share) from
 //! one background thread, batched: a rotation wave of thousands of SVIDs costs a handful of
 //! transactions (fsyncs, or round trips), not one per SVID.
+//!
+//! The same thread prunes the table, once at start and then hourly: records of SVIDs that
+//! expired more than a retention period ago are deleted, so the table stays bounded by the
+//! issuance rate times (SVID TTL + retention). The audit log remains the long-term record.
 
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::registry::{IssuanceRecord, Registry};
+
+/// How long issuance records are kept after their SVID expired, unless configured otherwise:
+/// a week, long enough to look back at a past incident with `issuances` next to the audit log.
+pub const DEFAULT_ISSUANCE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How often expired issuance records are pruned (and once when the recorder starts).
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// Most records written in one transaction.
 const MAX_BATCH: usize = 1024;
@@ -21,11 +33,28 @@ pub struct IssuanceRecorder {
 
 impl IssuanceRecorder {
     /// Starts the writer thread; it ends when every `IssuanceRecorder` clone is dropped.
-    pub fn spawn(registry: Arc<Registry>) -> std::io::Result<(Self, JoinHandle<()>)> {
+    /// Every [`PRUNE_INTERVAL`], starting now, it deletes records of SVIDs that expired more
+    /// than `retention` ago ([`DEFAULT_ISSUANCE_RETENTION`] unless configured).
+    pub fn spawn(
+        registry: Arc<Registry>,
+        retention: Duration,
+    ) -> std::io::Result<(Self, JoinHandle<()>)> {
+        Self::spawn_pruning_every(registry, retention, PRUNE_INTERVAL)
+    }
+
+    fn spawn_pruning_every(
+        registry: Arc<Registry>,
+        retention: Duration,
+        interval: Duration,
+    ) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (tx, rx) = sync_channel(QUEUE);
+        let pruning = Pruning {
+            retention,
+            interval,
+        };
         let handle = std::thread::Builder::new()
             .name("trellis-recorder".into())
-            .spawn(move || write_loop(&registry, &rx))?;
+            .spawn(move || write_loop(&registry, &rx, &pruning))?;
         Ok((Self { tx }, handle))
     }
 
@@ -45,9 +74,51 @@ impl IssuanceRecorder {
     }
 }
 
-fn write_loop(registry: &Registry, rx: &Receiver<IssuanceRecord>) {
+/// How long records are kept, and how often the writer thread prunes.
+struct Pruning {
+    retention: Duration,
+    interval: Duration,
+}
+
+impl Pruning {
+    /// Deletes the records past retention. A failure is logged and retried at the next
+    /// interval: records are never lost by it, the table only stays larger for a while.
+    fn run(&self, registry: &Registry) {
+        // A clock before 1970 plus retention: prune nothing rather than everything.
+        let cutoff = SystemTime::now()
+            .checked_sub(self.retention)
+            .unwrap_or(UNIX_EPOCH);
+        let started = Instant::now();
+        match registry.prune_issuances(cutoff) {
+            Ok(0) => tracing::debug!("no expired issuance records to prune"),
+            Ok(n) => tracing::info!(
+                deleted = n,
+                retention = %humantime::format_duration(self.retention),
+                took_ms = started.elapsed().as_millis() as u64,
+                "pruned expired issuance records"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot prune expired issuance records; trying again at the next prune")
+            }
+        }
+    }
+}
+
+fn write_loop(registry: &Registry, rx: &Receiver<IssuanceRecord>, pruning: &Pruning) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Ok(first) = rx.recv() {
+    let mut next_prune = Instant::now();
+    loop {
+        let now = Instant::now();
+        if now >= next_prune {
+            pruning.run(registry);
+            next_prune = Instant::now() + pruning.interval;
+        }
+        // Wait for records, but wake for the next prune even when none come.
+        let first = match rx.recv_timeout(next_prune.saturating_duration_since(now)) {
+            Ok(rec) => rec,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -63,28 +134,113 @@ fn write_loop(registry: &Registry, rx: &Receiver<IssuanceRecord>) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use std::time::SystemTime;
     use trellis_identity::SpiffeId;
+
+    fn rec(serial: usize, not_after: SystemTime) -> IssuanceRecord {
+        IssuanceRecord {
+            spiffe_id: SpiffeId::parse("spiffe://example.org/x").unwrap(),
+            serial_hex: format!("{serial:x}"),
+            not_after,
+            attestor: "join_token",
+            peer: None,
+            issued_at: SystemTime::now(),
+        }
+    }
+
+    fn ago(d: Duration) -> SystemTime {
+        SystemTime::now() - d
+    }
+
+    /// Polls `count` until it is `want`, for up to a minute (a loaded machine).
+    fn wait_for_count(registry: &Registry, want: u64, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let n = registry.issuance_count().unwrap();
+            if n == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {n} records, want {want}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 
     #[test]
     fn records_reach_the_database() {
         let dir = tempfile::tempdir().unwrap();
         let registry = Arc::new(Registry::open(&dir.path().join("t.db")).unwrap());
-        let (recorder, handle) = IssuanceRecorder::spawn(Arc::clone(&registry)).unwrap();
+        let (recorder, handle) =
+            IssuanceRecorder::spawn(Arc::clone(&registry), DEFAULT_ISSUANCE_RETENTION).unwrap();
         for i in 0..2500 {
-            recorder.record(IssuanceRecord {
-                spiffe_id: SpiffeId::parse("spiffe://example.org/x").unwrap(),
-                serial_hex: format!("{i:x}"),
-                not_after: SystemTime::now(),
-                attestor: "join_token",
-                peer: None,
-                issued_at: SystemTime::now(),
-            });
+            recorder.record(rec(i, SystemTime::now()));
         }
         drop(recorder);
         handle.join().unwrap();
         assert_eq!(registry.issuance_count().unwrap(), 2500);
+    }
+
+    #[test]
+    fn default_retention_is_a_week_and_pruning_is_hourly() {
+        assert_eq!(DEFAULT_ISSUANCE_RETENTION, Duration::from_secs(604_800));
+        assert_eq!(PRUNE_INTERVAL, Duration::from_secs(3600));
+    }
+
+    /// The first prune runs when the recorder starts (the hourly interval would not come
+    /// round during the test), and keeps what is inside the retention period.
+    #[test]
+    fn prunes_expired_records_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Arc::new(Registry::open(&dir.path().join("t.db")).unwrap());
+        let hour = Duration::from_secs(3600);
+        registry
+            .record_issuances(&[
+                rec(1, ago(3 * hour)),            // expired before the retention: pruned
+                rec(2, ago(2 * hour)),            // pruned
+                rec(3, ago(hour / 2)),            // expired, but within the retention: kept
+                rec(4, SystemTime::now() + hour), // still valid: kept
+            ])
+            .unwrap();
+        let (recorder, handle) = IssuanceRecorder::spawn(Arc::clone(&registry), hour).unwrap();
+        wait_for_count(&registry, 2, "after the start prune");
+        // Recording still works after a prune.
+        recorder.record(rec(5, SystemTime::now()));
+        wait_for_count(&registry, 3, "after one more record");
+        drop(recorder);
+        handle.join().unwrap();
+    }
+
+    /// With a short interval, records that expire while the recorder runs are pruned by a
+    /// later round, with no new records arriving to wake the thread.
+    #[test]
+    fn prunes_again_every_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Arc::new(Registry::open(&dir.path().join("t.db")).unwrap());
+        let retention = Duration::from_secs(60);
+        let (recorder, handle) = IssuanceRecorder::spawn_pruning_every(
+            Arc::clone(&registry),
+            retention,
+            Duration::from_millis(50),
+        )
+        .unwrap();
+        let started = Instant::now();
+        for round in 0..3 {
+            // Written directly, not through the recorder: only a prune round removes the
+            // old record, and no queued record wakes the thread.
+            registry
+                .record_issuances(&[rec(round, ago(retention * 2)), rec(99, SystemTime::now())])
+                .unwrap();
+            wait_for_count(&registry, round as u64 + 1, "after a periodic prune");
+        }
+        eprintln!(
+            "3 periodic prunes observed in {:?} (interval 50 ms)",
+            started.elapsed()
+        );
+        drop(recorder);
+        handle.join().unwrap();
     }
 }

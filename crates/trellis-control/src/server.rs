@@ -39,15 +39,6 @@ use crate::sds::{IssuePolicy, SdsCore, SdsPeer, SdsService};
 
 /// Path of the control plane's own SPIFFE ID: `spiffe://<td>/trellis/control`.
 pub const CONTROL_ID_PATH: &str = "/trellis/control";
-/// Largest SDS request Trellis decodes; SDS requests are small.
-const MAX_REQUEST_BYTES: usize = 256 * 1024;
-/// Largest HTTP/2 header list (all request headers, HPACK-decoded) on an SDS connection: room
-/// for an 8 KiB JWT in `authorization` and the gRPC headers. Larger lists are refused by the
-/// HTTP/2 layer before any handler runs, which also bounds CONTINUATION floods.
-const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
-/// Streams a client may reset before the server has accepted them (HTTP/2 rapid reset,
-/// CVE-2023-44487); past this the connection is closed with GOAWAY.
-const MAX_PENDING_ACCEPT_RESETS: usize = 20;
 /// How often the CA schedule is re-read and applied: a rotation stored by `trellis ca rotate`
 /// reaches every SDS stream within this.
 const CA_POLL: Duration = Duration::from_secs(1);
@@ -164,21 +155,30 @@ impl ControlPlane {
         let k8s = match &settings.k8s {
             Some(k) => {
                 let keys = match &k.jwks {
-                    K8sKeySource::File(path) => JwksKeys::from_file(path)?,
+                    K8sKeySource::File(path) => {
+                        JwksKeys::from_file(path, settings.limits.max_jwks_bytes)?
+                    }
                     K8sKeySource::Url {
                         url,
                         ca,
                         token,
                         refresh,
                     } => {
-                        let source = JwksSource::new(url.clone(), ca.clone(), token.clone());
+                        let source = JwksSource::new(url.clone(), ca.clone(), token.clone())
+                            .with_limits(
+                                settings.limits.max_jwks_bytes,
+                                settings.limits.jwks_fetch_timeout,
+                            );
                         let keys = source.fetch().await?;
                         tracing::info!(url = %url, kids = ?keys.key_ids(), refresh = %humantime::format_duration(*refresh), "fetched the Kubernetes issuer keys");
                         jwks_refresh = Some((source, *refresh));
                         keys
                     }
                 };
-                Some(K8sAttestor::new(keys, &k.issuer, &k.audience, &td))
+                Some(
+                    K8sAttestor::new(keys, &k.issuer, &k.audience, &td)
+                        .with_max_token_bytes(settings.limits.max_jwt_bytes),
+                )
             }
             None => None,
         };
@@ -199,11 +199,14 @@ impl ControlPlane {
             Arc::new(AuditLog::open(&audit_path).map_err(|e| {
                 state_dir_error(&audit_path, format!("cannot open audit log: {e}"))
             })?);
-        let attestor = Arc::new(Attestor::new(
-            td.clone(),
-            k8s,
-            JoinAttestor::new(Arc::clone(&registry), JOIN_REDEMPTION_WINDOW),
-        ));
+        let attestor = Arc::new(
+            Attestor::new(
+                td.clone(),
+                k8s,
+                JoinAttestor::new(Arc::clone(&registry), JOIN_REDEMPTION_WINDOW),
+            )
+            .with_max_jwt_bytes(settings.limits.max_jwt_bytes),
+        );
         let metrics = Arc::new(ControlMetrics::new());
 
         // The signer and bundle follow the CA schedule (base CA + `trellis ca rotate`s);
@@ -297,12 +300,14 @@ impl ControlPlane {
             rotate_every: settings.rotate_every,
         };
         let (recorder, _recorder_thread) =
-            IssuanceRecorder::spawn(Arc::clone(&registry)).map_err(|e| {
-                state_dir_error(
-                    &settings.state_dir,
-                    format!("cannot start the issuance recorder: {e}"),
-                )
-            })?;
+            IssuanceRecorder::spawn(Arc::clone(&registry), settings.issuance_retention).map_err(
+                |e| {
+                    state_dir_error(
+                        &settings.state_dir,
+                        format!("cannot start the issuance recorder: {e}"),
+                    )
+                },
+            )?;
         let limiter = Arc::new(crate::ratelimit::PeerLimiter::new(settings.limits.sds_rate));
         let core = Arc::new(SdsCore {
             ca: Arc::clone(&signer),
@@ -355,16 +360,16 @@ impl ControlPlane {
         )));
 
         let service = SecretDiscoveryServiceServer::new(SdsService::new(core))
-            .max_decoding_message_size(MAX_REQUEST_BYTES);
+            .max_decoding_message_size(settings.limits.sds_max_message_bytes);
         let mut grpc_shutdown = shutdown_rx.clone();
-        let max_streams = settings.limits.sds_max_streams_per_connection;
+        let limits = settings.limits;
         tasks.push(tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-                .max_concurrent_streams(max_streams)
-                .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
-                .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
+                .max_concurrent_streams(limits.sds_max_streams_per_connection)
+                .http2_max_header_list_size(limits.sds_max_header_list_bytes)
+                .http2_max_pending_accept_reset_streams(Some(limits.sds_max_pending_resets))
                 .add_service(service)
                 .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
                     let _ = grpc_shutdown.wait_for(|stop| *stop).await;
@@ -429,6 +434,7 @@ impl ControlPlane {
                 "admin",
                 Arc::clone(&metrics),
             ),
+            admin::AdminLimits::from(&settings.limits),
             admin_state,
             shutdown_rx,
             admin_shutdown_tx,

@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{
-    AlertDescription, CertificateError, CipherSuite, DigitallySignedStruct, DistinguishedName,
-    PeerIncompatible, SignatureScheme, SupportedCipherSuite, SupportedProtocolVersion,
+    AlertDescription, CertificateError, CipherSuite, DistinguishedName, PeerIncompatible,
+    SignatureScheme, SupportedCipherSuite, SupportedProtocolVersion,
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
@@ -28,6 +28,50 @@ pub type SharedBundle = Arc<ArcSwap<TrustBundle>>;
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
+
+/// Writes, inside an `impl ServerCertVerifier` or `impl ClientCertVerifier` block, the three
+/// handshake-signature methods: rustls' own checks with the algorithms of the verifier's
+/// `Arc<CryptoProvider>` field named `$provider`. Trellis verifiers differ only in how they
+/// judge the certificate; the proof that the peer holds its key is checked the same way by all
+/// of them, so it is written once here. Use: `delegate_signature_checks!(provider);`.
+macro_rules! delegate_signature_checks {
+    ($provider:ident) => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &::rustls_pki_types::CertificateDer<'_>,
+            dss: &::rustls::DigitallySignedStruct,
+        ) -> Result<::rustls::client::danger::HandshakeSignatureValid, ::rustls::Error> {
+            ::rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.$provider.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &::rustls_pki_types::CertificateDer<'_>,
+            dss: &::rustls::DigitallySignedStruct,
+        ) -> Result<::rustls::client::danger::HandshakeSignatureValid, ::rustls::Error> {
+            ::rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.$provider.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<::rustls::SignatureScheme> {
+            self.$provider
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    };
+}
+pub(crate) use delegate_signature_checks;
 
 /// TLS versions a listener or client accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -118,39 +162,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    delegate_signature_checks!(provider);
 }
 
 impl ClientCertVerifier for SpiffeClientVerifier {
@@ -185,39 +197,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    delegate_signature_checks!(provider);
 }
 
 fn system_time(now: UnixTime) -> SystemTime {
@@ -680,6 +660,115 @@ mod tests {
             .cipher_suites
             .iter()
             .all(|s| matches!(s, SupportedCipherSuite::Tls13(_))));
+    }
+
+    /// A resolver presenting `svid`'s chain but signing with `signer`'s key: a peer that
+    /// shows a valid SVID it does not hold the key of.
+    fn impostor(svid: &Svid, signer: &Svid) -> Arc<SvidResolver> {
+        let signing_key = provider()
+            .key_provider
+            .load_private_key(signer.key().clone_key())
+            .unwrap();
+        let resolver = SvidResolver::empty();
+        resolver.current.store(Some(Arc::new(Installed {
+            key: Arc::new(CertifiedKey::new(svid.chain().to_vec(), signing_key)),
+            not_after: svid.not_after(),
+            serial_hex: svid.serial_hex().to_owned(),
+        })));
+        resolver
+    }
+
+    /// Runs a handshake over memory; the first error either side hits, if any.
+    fn handshake(
+        client: rustls::ClientConfig,
+        server: rustls::ServerConfig,
+    ) -> Result<(), rustls::Error> {
+        let name = ServerName::try_from("web.example.org").unwrap();
+        let mut client = rustls::ClientConnection::new(Arc::new(client), name).unwrap();
+        let mut server = rustls::ServerConnection::new(Arc::new(server)).unwrap();
+        for _ in 0..32 {
+            let mut buf = Vec::new();
+            while client.wants_write() {
+                client.write_tls(&mut buf).unwrap();
+            }
+            let mut c2s = &buf[..];
+            while !c2s.is_empty() {
+                server.read_tls(&mut c2s).unwrap();
+                server.process_new_packets()?;
+            }
+            let mut buf = Vec::new();
+            while server.wants_write() {
+                server.write_tls(&mut buf).unwrap();
+            }
+            let mut s2c = &buf[..];
+            while !s2c.is_empty() {
+                client.read_tls(&mut s2c).unwrap();
+                client.process_new_packets()?;
+            }
+            if !client.is_handshaking() && !server.is_handshaking() {
+                return Ok(());
+            }
+        }
+        panic!("the handshake did not finish in 32 rounds");
+    }
+
+    #[test]
+    fn signatures_by_a_key_other_than_the_certificates_are_refused() {
+        let ca = TestCa::root("example.org");
+        let bundle = ca.shared_bundle();
+        let (web, api, thief) = (ca.svid("/web"), ca.svid("/api"), ca.svid("/thief"));
+        let server = |resolver, versions: &[&'static SupportedProtocolVersion]| {
+            rustls::ServerConfig::builder_with_provider(policy_provider(TlsPolicy::Tls12Plus))
+                .with_protocol_versions(versions)
+                .unwrap()
+                .with_client_cert_verifier(SpiffeClientVerifier::new(bundle.clone(), false))
+                .with_cert_resolver(resolver)
+        };
+        let client = |resolver| {
+            client_config(
+                Some(resolver),
+                SpiffeServerVerifier::new(bundle.clone(), PeerMatch::AnyInTrustDomain),
+                TlsPolicy::Tls12Plus,
+                &[],
+            )
+            .unwrap()
+        };
+        let tls13: &[&'static SupportedProtocolVersion] = &[&rustls::version::TLS13];
+        let tls12: &[&'static SupportedProtocolVersion] = &[&rustls::version::TLS12];
+        for versions in [tls13, tls12] {
+            let honest = || {
+                let resolver = SvidResolver::empty();
+                resolver.install(&web).unwrap();
+                resolver
+            };
+            let api_resolver = SvidResolver::empty();
+            api_resolver.install(&api).unwrap();
+            // Control: the same setup with the right keys shakes hands.
+            handshake(client(api_resolver.clone()), server(honest(), versions)).unwrap();
+            // A server signing with another key: the client's verifier refuses it.
+            let err = handshake(
+                client(api_resolver.clone()),
+                server(impostor(&web, &thief), versions),
+            )
+            .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    rustls::Error::InvalidCertificate(CertificateError::BadSignature)
+                ),
+                "{versions:?}: {err:?}"
+            );
+            // A client signing with another key: the server's verifier refuses it.
+            let err =
+                handshake(client(impostor(&api, &thief)), server(honest(), versions)).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    rustls::Error::InvalidCertificate(CertificateError::BadSignature)
+                ),
+                "{versions:?}: {err:?}"
+            );
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -26,6 +26,7 @@ use tokio::sync::{watch, Notify};
 use trellis_identity::inspect::{self, ClientIdentity, InspectOptions, Target};
 use trellis_identity::{SpiffeId, TrustDomain};
 
+use crate::config::Limits;
 use crate::http_util::{ConnLimit, IdleClock, Tracked};
 use crate::metrics::{Listener, SidecarMetrics, CONTENT_TYPE};
 use crate::policy::PolicyEngine;
@@ -39,19 +40,29 @@ const MAX_INSPECT_TIMEOUT: Duration = Duration::from_secs(60);
 /// the shutdown starts anyway (HTTP/1.1 closes at once; an HTTP/2 client may linger).
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(1);
 
-/// Open admin connections at most (scrapers, probes and operators need a handful); past it a
-/// connection is closed at accept and counted under `listener="admin"`.
-pub const ADMIN_MAX_CONNECTIONS: usize = 64;
-/// Admin requests are small: request line and headers fit in hyper's smallest read buffer
-/// (8 KiB; past it, `431`).
-const ADMIN_MAX_BUF: usize = 8 << 10;
-/// Header lines per admin request.
-const ADMIN_MAX_HEADERS: usize = 32;
-/// Bound on receiving an admin request head (slowloris).
-const ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// An admin connection that moves no byte for this long is closed (`/inspect` runs at most
-/// [`MAX_INSPECT_TIMEOUT`]; an in-flight request still finishes).
-const ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Streams an HTTP/2 admin client may have open at once: probes and scrapers send one at a
+/// time.
+const ADMIN_MAX_STREAMS: u32 = 16;
+/// After an idle connection's GOAWAY, how long the client has to close while no request is in
+/// flight. hyper's HTTP/2 graceful close waits for the client's PING ack; without this bound a
+/// client that never acks would hold its connection slot forever.
+const IDLE_GOAWAY_GRACE: Duration = Duration::from_secs(5);
+
+/// Counts one admin request on its connection while it is being answered.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn start(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// What the admin endpoint reports on.
 pub struct AdminState {
@@ -63,6 +74,25 @@ pub struct AdminState {
     pub expiry_margin: Duration,
     /// The authorization policy.
     pub policy: Arc<PolicyEngine>,
+    /// Where the SVID comes from, as `/certs` reports it in `source` (see [`source_json`]).
+    pub source: serde_json::Value,
+}
+
+/// `/certs`' `source`: `{"kind": "sds", "control_plane": …}` or `{"kind": "files", "cert": …,
+/// "key": …, "bundle": …}` (paths, never contents), so `trellis status` can tell a sidecar
+/// without SDS from one whose SDS stream is down.
+pub fn source_json(identity: &crate::config::IdentitySource) -> serde_json::Value {
+    match identity {
+        crate::config::IdentitySource::Sds(sds) => {
+            serde_json::json!({"kind": "sds", "control_plane": sds.control_plane})
+        }
+        crate::config::IdentitySource::Files(files) => serde_json::json!({
+            "kind": "files",
+            "cert": files.cert.display().to_string(),
+            "key": files.key.display().to_string(),
+            "bundle": files.bundle.display().to_string(),
+        }),
+    }
 }
 
 /// What one admin request asks of the process beyond its response.
@@ -240,7 +270,11 @@ pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<B
             }
         }
         "/metrics" => reply(StatusCode::OK, CONTENT_TYPE, state.metrics.encode()),
-        "/certs" => reply(StatusCode::OK, JSON, certs_json(&state.store).to_string()),
+        "/certs" => {
+            let mut certs = certs_json(&state.store);
+            certs["source"] = state.source.clone();
+            reply(StatusCode::OK, JSON, certs.to_string())
+        }
         "/policy" => reply(StatusCode::OK, JSON, policy_json(&state.policy).to_string()),
         _ => reply(
             StatusCode::NOT_FOUND,
@@ -443,20 +477,45 @@ async fn inspect_route(state: &AdminState, query: Option<&str>) -> Response<Full
     }
 }
 
-/// Serves admin requests until `shutdown` flips. An accepted `POST /shutdown` sets
-/// `shutdown_request` once its `202` has been sent (or [`SHUTDOWN_FLUSH`] has passed).
+/// The admin server's HTTP settings: the `admin_*` fields of `limits`. Admin requests are
+/// small, so the header bound also bounds the HTTP/2 header list.
+fn admin_server(limits: &Limits) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .max_buf_size(limits.admin_max_header_bytes)
+        .max_headers(limits.admin_max_headers)
+        .header_read_timeout(limits.admin_header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(ADMIN_MAX_STREAMS)
+        .max_header_list_size(u32::try_from(limits.admin_max_header_bytes).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(limits.h2_max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams);
+    builder
+}
+
+/// Serves admin requests until `shutdown` flips, within the `admin_*` bounds of `limits`. An
+/// accepted `POST /shutdown` sets `shutdown_request` once its `202` has been sent (or
+/// [`SHUTDOWN_FLUSH`] has passed).
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AdminState>,
+    limits: Limits,
     mut shutdown: watch::Receiver<bool>,
     shutdown_request: watch::Sender<bool>,
 ) {
     let shutdown_request = Arc::new(shutdown_request);
     let limit = ConnLimit::new(
-        ADMIN_MAX_CONNECTIONS,
+        limits.admin_max_connections,
         Listener::Admin,
         Arc::clone(&state.metrics),
     );
+    // Built once: every connection shares the same settings.
+    let server = Arc::new(admin_server(&limits));
+    let idle_timeout = limits.admin_idle_timeout;
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -475,14 +534,17 @@ pub async fn serve(
         };
         let state = Arc::clone(&state);
         let shutdown_request = Arc::clone(&shutdown_request);
+        let server = Arc::clone(&server);
         tokio::spawn(async move {
-            serve_connection(tcp, peer, state, shutdown_request).await;
+            serve_connection(&server, idle_timeout, tcp, peer, state, shutdown_request).await;
             drop(permit);
         });
     }
 }
 
 async fn serve_connection(
+    server: &hyper_util::server::conn::auto::Builder<TokioExecutor>,
+    idle_timeout: Duration,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
     state: Arc<AdminState>,
@@ -490,12 +552,16 @@ async fn serve_connection(
 ) {
     let requested = Arc::new(AtomicBool::new(false));
     let notify = Arc::new(Notify::new());
+    let in_flight = Arc::new(AtomicUsize::new(0));
     let svc = {
         let (requested, notify) = (Arc::clone(&requested), Arc::clone(&notify));
+        let in_flight = Arc::clone(&in_flight);
         hyper::service::service_fn(move |req: Request<Incoming>| {
             let state = Arc::clone(&state);
             let (requested, notify) = (Arc::clone(&requested), Arc::clone(&notify));
+            let counted = InFlight::start(&in_flight);
             async move {
+                let _counted = counted;
                 let (resp, action) = handle(&state, req.method(), req.uri(), peer.ip()).await;
                 if action == AdminAction::Shutdown {
                     requested.store(true, Ordering::Release);
@@ -505,30 +571,29 @@ async fn serve_connection(
             }
         })
     };
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .max_buf_size(ADMIN_MAX_BUF)
-        .max_headers(ADMIN_MAX_HEADERS)
-        .header_read_timeout(ADMIN_HEADER_READ_TIMEOUT);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(16)
-        .max_header_list_size(u32::try_from(ADMIN_MAX_BUF).unwrap_or(u32::MAX));
     let clock = IdleClock::new();
     let io = TokioIo::new(Tracked::new(tcp, Arc::clone(&clock)));
-    let conn = builder.serve_connection(io, svc);
+    let conn = server.serve_connection(io, svc);
     tokio::pin!(conn);
-    let idle = clock.expired(ADMIN_IDLE_TIMEOUT);
+    let idle = clock.expired(idle_timeout);
     tokio::pin!(idle);
     let ended = tokio::select! {
         result = conn.as_mut() => Some(result),
         () = notify.notified() => None,
         () = &mut idle => {
             conn.as_mut().graceful_shutdown();
-            Some(conn.as_mut().await)
+            // A request still being answered (`/inspect`) finishes; otherwise the client gets
+            // IDLE_GOAWAY_GRACE to close.
+            loop {
+                match tokio::time::timeout(IDLE_GOAWAY_GRACE, conn.as_mut()).await {
+                    Ok(result) => break Some(result),
+                    Err(_) if in_flight.load(Ordering::Acquire) == 0 => {
+                        tracing::debug!(%peer, "idle admin connection did not close after GOAWAY; dropped");
+                        break Some(Ok(()));
+                    }
+                    Err(_) => {}
+                }
+            }
         }
     };
     let result = match ended {
@@ -561,6 +626,7 @@ mod tests {
             policy: PolicyEngine::allow_all(Arc::clone(&metrics)),
             metrics,
             expiry_margin: Duration::from_secs(60),
+            source: serde_json::Value::Null,
         }
     }
 
@@ -620,6 +686,7 @@ mod tests {
             policy: PolicyEngine::allow_all(Arc::clone(&metrics)),
             metrics,
             expiry_margin: Duration::from_secs(5),
+            source: serde_json::Value::Null,
         };
         let ready = route(&state, &Method::GET, "/ready");
         assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);

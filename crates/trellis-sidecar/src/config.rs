@@ -40,6 +40,16 @@
 //!   handshake_timeout: 10s           # inbound mTLS handshake
 //!   header_read_timeout: 10s         # HTTP/1.1 request head (slowloris)
 //!   idle_timeout: 60s                # no bytes either way (HTTP/1.1), no open stream (HTTP/2)
+//!   h2_max_pending_accept_reset_streams: 20   # rapid reset → GOAWAY ENHANCE_YOUR_CALM
+//!   h2_max_local_error_reset_streams: 1024    # streams reset for peer errors → same
+//!   h2_max_concurrent_reset_streams: 10       # reset streams remembered at once
+//!   h2_keepalive_interval: 30s       # PING on each pooled upstream HTTP/2 connection
+//!   h2_keepalive_timeout: 10s        # unanswered PING → that connection is replaced
+//!   admin_max_connections: 64        # admin listener; excess closed at once
+//!   admin_max_header_bytes: 8192     # admin request head → 431
+//!   admin_max_headers: 32            # admin header count → 431
+//!   admin_header_read_timeout: 10s   # admin request head (slowloris)
+//!   admin_idle_timeout: 60s          # admin connection moving no byte
 //! ```
 
 use std::net::SocketAddr;
@@ -224,6 +234,30 @@ pub struct LimitsFile {
     /// An HTTP connection with nothing to do for this long is closed.
     #[serde(default, with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,
+    /// HTTP/2 streams a peer may open and reset before they were accepted (rapid reset).
+    pub h2_max_pending_accept_reset_streams: Option<usize>,
+    /// HTTP/2 streams the server may reset for the peer's protocol errors.
+    pub h2_max_local_error_reset_streams: Option<usize>,
+    /// Locally reset HTTP/2 streams remembered at once (their late frames are ignored).
+    pub h2_max_concurrent_reset_streams: Option<usize>,
+    /// PING interval on each pooled HTTP/2 connection to an upstream sidecar.
+    #[serde(default, with = "humantime_serde")]
+    pub h2_keepalive_interval: Option<Duration>,
+    /// How long such a PING may go unanswered.
+    #[serde(default, with = "humantime_serde")]
+    pub h2_keepalive_timeout: Option<Duration>,
+    /// Open connections on the admin listener.
+    pub admin_max_connections: Option<usize>,
+    /// Admin request line plus header section, bytes.
+    pub admin_max_header_bytes: Option<usize>,
+    /// Header lines per admin request.
+    pub admin_max_headers: Option<usize>,
+    /// Bound on receiving one admin request head.
+    #[serde(default, with = "humantime_serde")]
+    pub admin_header_read_timeout: Option<Duration>,
+    /// An admin connection moving no byte for this long is closed.
+    #[serde(default, with = "humantime_serde")]
+    pub admin_idle_timeout: Option<Duration>,
 }
 
 /// Validated limits (see README "Hardening" for what happens when each is exceeded).
@@ -251,6 +285,32 @@ pub struct Limits {
     /// HTTP/1.1: no bytes either way; HTTP/2: no open stream; for this long → closed
     /// gracefully.
     pub idle_timeout: Duration,
+    /// Streams a peer may open and reset before the server accepted them (the HTTP/2
+    /// rapid-reset attack, CVE-2023-44487): past it, GOAWAY `ENHANCE_YOUR_CALM`.
+    pub h2_max_pending_accept_reset_streams: usize,
+    /// Streams the server may reset because of the peer's protocol errors before it ends the
+    /// connection with GOAWAY `ENHANCE_YOUR_CALM` ("MadeYouReset", CVE-2025-8671).
+    pub h2_max_local_error_reset_streams: usize,
+    /// Locally reset streams remembered (to ignore their late frames) at once; bounds the
+    /// memory a reset flood can pin.
+    pub h2_max_concurrent_reset_streams: usize,
+    /// PING interval on the pooled upstream HTTP/2 connection (finds a dead peer without
+    /// waiting for a request to fail).
+    pub h2_keepalive_interval: Duration,
+    /// How long a PING may go unanswered before the pooled connection is replaced.
+    pub h2_keepalive_timeout: Duration,
+    /// Admin listener: connections past it are accepted and closed at once.
+    pub admin_max_connections: usize,
+    /// Admin request line plus headers, bytes (also the admin HTTP/2 header list): over it,
+    /// `431`.
+    pub admin_max_header_bytes: usize,
+    /// Header lines per admin request: over it, `431`.
+    pub admin_max_headers: usize,
+    /// Admin request head bound (slowloris).
+    pub admin_header_read_timeout: Duration,
+    /// An admin connection that moves no byte for this long is closed (an in-flight request
+    /// still finishes).
+    pub admin_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -266,13 +326,26 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            // h2's own defaults, written out so an h2 upgrade cannot loosen them.
+            h2_max_pending_accept_reset_streams: 20,
+            h2_max_local_error_reset_streams: 1024,
+            h2_max_concurrent_reset_streams: 10,
+            h2_keepalive_interval: Duration::from_secs(30),
+            h2_keepalive_timeout: Duration::from_secs(10),
+            // Scrapers, probes and operators need a handful; admin requests are small.
+            admin_max_connections: 64,
+            admin_max_header_bytes: 8 << 10,
+            admin_max_headers: 32,
+            admin_header_read_timeout: Duration::from_secs(10),
+            admin_idle_timeout: Duration::from_secs(60),
         }
     }
 }
 
 impl Limits {
     /// hyper's HTTP/1.1 read buffer (~400 KiB) is the hard ceiling for a header section; its
-    /// floor (8 KiB, hyper's smallest buffer) is the floor here too.
+    /// floor (8 KiB, hyper's smallest buffer: it panics below) is the floor here too, for
+    /// `max_header_bytes` and `admin_max_header_bytes` alike.
     pub const MAX_HEADER_BYTES_CEILING: usize = 256 << 10;
 
     /// Applies `f` over the defaults and checks ranges.
@@ -297,6 +370,24 @@ impl Limits {
             handshake_timeout: f.handshake_timeout.unwrap_or(d.handshake_timeout),
             header_read_timeout: f.header_read_timeout.unwrap_or(d.header_read_timeout),
             idle_timeout: f.idle_timeout.unwrap_or(d.idle_timeout),
+            h2_max_pending_accept_reset_streams: f
+                .h2_max_pending_accept_reset_streams
+                .unwrap_or(d.h2_max_pending_accept_reset_streams),
+            h2_max_local_error_reset_streams: f
+                .h2_max_local_error_reset_streams
+                .unwrap_or(d.h2_max_local_error_reset_streams),
+            h2_max_concurrent_reset_streams: f
+                .h2_max_concurrent_reset_streams
+                .unwrap_or(d.h2_max_concurrent_reset_streams),
+            h2_keepalive_interval: f.h2_keepalive_interval.unwrap_or(d.h2_keepalive_interval),
+            h2_keepalive_timeout: f.h2_keepalive_timeout.unwrap_or(d.h2_keepalive_timeout),
+            admin_max_connections: f.admin_max_connections.unwrap_or(d.admin_max_connections),
+            admin_max_header_bytes: f.admin_max_header_bytes.unwrap_or(d.admin_max_header_bytes),
+            admin_max_headers: f.admin_max_headers.unwrap_or(d.admin_max_headers),
+            admin_header_read_timeout: f
+                .admin_header_read_timeout
+                .unwrap_or(d.admin_header_read_timeout),
+            admin_idle_timeout: f.admin_idle_timeout.unwrap_or(d.admin_idle_timeout),
         };
         let range = |field: &str, v: usize, lo: usize, hi: usize| {
             if (lo..=hi).contains(&v) {
@@ -340,10 +431,42 @@ impl Limits {
             1,
             1 << 20,
         )?;
+        // The reset bounds are the rapid-reset defence: a ceiling keeps a typo from switching
+        // it off, and zero would end a connection on the first cancelled request.
+        range(
+            "h2_max_pending_accept_reset_streams",
+            l.h2_max_pending_accept_reset_streams,
+            1,
+            1000,
+        )?;
+        range(
+            "h2_max_local_error_reset_streams",
+            l.h2_max_local_error_reset_streams,
+            1,
+            1 << 16,
+        )?;
+        range(
+            "h2_max_concurrent_reset_streams",
+            l.h2_max_concurrent_reset_streams,
+            1,
+            1 << 16,
+        )?;
+        range("admin_max_connections", l.admin_max_connections, 1, 1 << 16)?;
+        range(
+            "admin_max_header_bytes",
+            l.admin_max_header_bytes,
+            8 << 10,
+            Self::MAX_HEADER_BYTES_CEILING,
+        )?;
+        range("admin_max_headers", l.admin_max_headers, 1, 1000)?;
         for (field, v) in [
             ("handshake_timeout", l.handshake_timeout),
             ("header_read_timeout", l.header_read_timeout),
             ("idle_timeout", l.idle_timeout),
+            ("h2_keepalive_interval", l.h2_keepalive_interval),
+            ("h2_keepalive_timeout", l.h2_keepalive_timeout),
+            ("admin_header_read_timeout", l.admin_header_read_timeout),
+            ("admin_idle_timeout", l.admin_idle_timeout),
         ] {
             if v < Duration::from_millis(10) {
                 return Err(invalid(
@@ -920,6 +1043,89 @@ outbound:
                     .to_string();
             assert!(err.contains("limits."), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn admin_and_h2_limits_default_safely_and_are_range_checked() {
+        let d = Limits::default();
+        assert_eq!(d.h2_max_pending_accept_reset_streams, 20);
+        assert_eq!(d.h2_max_local_error_reset_streams, 1024);
+        assert_eq!(d.h2_max_concurrent_reset_streams, 10);
+        assert_eq!(d.h2_keepalive_interval, Duration::from_secs(30));
+        assert_eq!(d.h2_keepalive_timeout, Duration::from_secs(10));
+        assert_eq!(d.admin_max_connections, 64);
+        assert_eq!(d.admin_max_header_bytes, 8 << 10);
+        assert_eq!(d.admin_max_headers, 32);
+        assert_eq!(d.admin_header_read_timeout, Duration::from_secs(10));
+        assert_eq!(d.admin_idle_timeout, Duration::from_secs(60));
+
+        let set = format!(
+            "{GOOD}limits:\n  h2_max_pending_accept_reset_streams: 5\n  \
+             h2_max_local_error_reset_streams: 100\n  h2_max_concurrent_reset_streams: 3\n  \
+             h2_keepalive_interval: 5s\n  h2_keepalive_timeout: 2s\n  admin_max_connections: 4\n  \
+             admin_max_header_bytes: 16384\n  admin_max_headers: 8\n  \
+             admin_header_read_timeout: 1s\n  admin_idle_timeout: 2s\n"
+        );
+        let l = SidecarSettings::from_file(SidecarFile::parse(&set, Path::new("s.yaml")).unwrap())
+            .unwrap()
+            .limits;
+        assert_eq!(l.h2_max_pending_accept_reset_streams, 5);
+        assert_eq!(l.h2_max_local_error_reset_streams, 100);
+        assert_eq!(l.h2_max_concurrent_reset_streams, 3);
+        assert_eq!(l.h2_keepalive_interval, Duration::from_secs(5));
+        assert_eq!(l.h2_keepalive_timeout, Duration::from_secs(2));
+        assert_eq!(l.admin_max_connections, 4);
+        assert_eq!(l.admin_max_header_bytes, 16384);
+        assert_eq!(l.admin_max_headers, 8);
+        assert_eq!(l.admin_header_read_timeout, Duration::from_secs(1));
+        assert_eq!(l.admin_idle_timeout, Duration::from_secs(2));
+        // Untouched fields keep their defaults.
+        assert_eq!(l.max_headers, d.max_headers);
+
+        for (bad, field) in [
+            (
+                "h2_max_pending_accept_reset_streams: 0",
+                "h2_max_pending_accept_reset_streams",
+            ),
+            (
+                "h2_max_pending_accept_reset_streams: 1001",
+                "h2_max_pending_accept_reset_streams",
+            ),
+            (
+                "h2_max_local_error_reset_streams: 0",
+                "h2_max_local_error_reset_streams",
+            ),
+            (
+                "h2_max_concurrent_reset_streams: 0",
+                "h2_max_concurrent_reset_streams",
+            ),
+            (
+                "h2_max_concurrent_reset_streams: 100000",
+                "h2_max_concurrent_reset_streams",
+            ),
+            ("h2_keepalive_interval: 0s", "h2_keepalive_interval"),
+            ("h2_keepalive_timeout: 1ms", "h2_keepalive_timeout"),
+            ("admin_max_connections: 0", "admin_max_connections"),
+            ("admin_max_header_bytes: 4096", "admin_max_header_bytes"),
+            ("admin_max_header_bytes: 1048576", "admin_max_header_bytes"),
+            ("admin_max_headers: 0", "admin_max_headers"),
+            ("admin_header_read_timeout: 0s", "admin_header_read_timeout"),
+            ("admin_idle_timeout: 0s", "admin_idle_timeout"),
+        ] {
+            let text = format!("{GOOD}limits:\n  {bad}\n");
+            let err =
+                SidecarSettings::from_file(SidecarFile::parse(&text, Path::new("s.yaml")).unwrap())
+                    .unwrap_err()
+                    .to_string();
+            assert!(err.contains(&format!("`limits.{field}`")), "{bad}: {err}");
+        }
+        let err = SidecarFile::parse(
+            &format!("{GOOD}limits:\n  admin_max_connection: 4\n"),
+            Path::new("s.yaml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("admin_max_connection"), "{err}");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::drain::Drain;
+use crate::h1_framing::FramingReport;
 use crate::metrics::{Direction, Listener, SidecarMetrics};
 use crate::pool::PooledBody;
 
@@ -477,11 +478,20 @@ where
 /// instead opens a new connection for its next request and never sends it into a closing one.
 pub const HTTP1_DRAIN_GRACE: Duration = Duration::from_secs(1);
 
-/// A served connection's drain state, shared with the service that answers its requests.
+/// A served connection's drain state, shared with the service that answers its requests;
+/// also what its HTTP/1.1 framing guard found (one allocation per connection for both).
 #[derive(Debug, Default)]
 pub(crate) struct ConnDrain {
     draining: AtomicBool,
     http2: AtomicBool,
+    /// Filled by [`crate::h1_framing::RequestFraming`] as it reads, checked by the service per request.
+    pub(crate) framing: FramingReport,
+}
+
+impl AsRef<FramingReport> for ConnDrain {
+    fn as_ref(&self) -> &FramingReport {
+        &self.framing
+    }
 }
 
 impl ConnDrain {

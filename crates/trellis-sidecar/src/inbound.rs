@@ -31,6 +31,7 @@ use trellis_identity::{leaf_sha256_hex, SpiffeId};
 
 use crate::config::{Limits, SidecarSettings};
 use crate::drain::{self, Drain};
+use crate::h1_framing::{malformed_body_response, FramingReport, RequestFraming};
 use crate::http_util::{
     self, serve_until_drained, strip_hop_by_hop, text_response, uri_too_long, AccessEntry,
     BoxError, ConnDrain, ConnLimit, ConnPermit, H2Body, IdleClock, ProxyBody, ReqBody, Tracked,
@@ -161,6 +162,8 @@ struct Inbound {
     handshake_timeout: Duration,
     connect_timeout: Duration,
     max_uri_bytes: usize,
+    max_header_bytes: usize,
+    header_read_timeout: Duration,
     idle_timeout: Duration,
     h1: http1::Builder,
     h2: h2::server::Builder,
@@ -221,7 +224,10 @@ impl InboundProxy {
             .keep_alive(true)
             .max_headers(limits.max_headers)
             .max_header_size(limits.max_header_bytes)
-            .header_read_timeout(limits.header_read_timeout);
+            // `RequestFraming` times request heads from their first byte; hyper's timer would
+            // also run while a keep-alive connection waits for its next request (and, with a
+            // timer set, defaults to 30 s).
+            .header_read_timeout(None);
         let h2 = h2_server(limits);
         Ok(Self {
             http,
@@ -240,6 +246,8 @@ impl InboundProxy {
                 handshake_timeout: limits.handshake_timeout,
                 connect_timeout: settings.connect_timeout,
                 max_uri_bytes: limits.max_uri_bytes,
+                max_header_bytes: limits.max_header_bytes,
+                header_read_timeout: limits.header_read_timeout,
                 idle_timeout: limits.idle_timeout,
                 h1,
                 h2,
@@ -335,9 +343,9 @@ pub(crate) fn h2_server(limits: &Limits) -> h2::server::Builder {
         .max_send_buffer_size(pool::H2_MAX_SEND_BUF)
         .max_concurrent_streams(limits.h2_max_concurrent_streams)
         .max_header_list_size(limits.h2_max_header_list_bytes)
-        .max_pending_accept_reset_streams(pool::H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
-        .max_local_error_reset_streams(Some(pool::H2_MAX_LOCAL_ERROR_RESET_STREAMS))
-        .max_concurrent_reset_streams(pool::H2_MAX_CONCURRENT_RESET_STREAMS);
+        .max_pending_accept_reset_streams(limits.h2_max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(Some(limits.h2_max_local_error_reset_streams))
+        .max_concurrent_reset_streams(limits.h2_max_concurrent_reset_streams);
     h2
 }
 
@@ -499,11 +507,17 @@ impl Inbound {
                 let service = {
                     let (shared, state) = (self.clone(), state.clone());
                     hyper::service::service_fn(move |req| {
-                        handle_http1(shared.clone(), info.clone(), state.clone(), req)
+                        let seq = state.framing.next_request();
+                        handle_http1(shared.clone(), info.clone(), state.clone(), seq, req)
                     })
                 };
                 let clock = IdleClock::new();
-                let io = TokioIo::new(Tracked::new(stream, Arc::clone(&clock)));
+                let io = TokioIo::new(RequestFraming::new(
+                    Tracked::new(stream, Arc::clone(&clock)),
+                    Arc::clone(&state),
+                    self.header_read_timeout,
+                    self.max_header_bytes,
+                ));
                 let conn = self.h1.serve_connection(io, service);
                 serve_until_drained(conn, local_drain, &state, clock.expired(self.idle_timeout))
                     .await
@@ -581,15 +595,22 @@ impl Inbound {
     }
 
     /// What the app (or the policy hook) answers to one request. Counted, timed (head received
-    /// to response head ready) and, with the access log on, logged.
+    /// to response head ready) and, with the access log on, logged. `h1`: the connection's
+    /// framing report and the request's number in it (HTTP/1.1): a request whose framing is
+    /// refused never reaches the app, and one whose chunked body turns out malformed on the way
+    /// is answered `400` (the caller's fault) rather than `502`.
     async fn respond(
         &self,
         conn: &ConnInfo,
+        h1: Option<(&FramingReport, u64)>,
         mut parts: Parts,
         body: ReqBody,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
-        let refusal = match uri_too_long(&parts.uri, parts.version, self.max_uri_bytes) {
+        let framing_refused = h1.and_then(|(report, seq)| report.refusal(seq));
+        let refusal = match framing_refused
+            .or_else(|| uri_too_long(&parts.uri, parts.version, self.max_uri_bytes))
+        {
             Some(response) => Some(Refusal {
                 response,
                 rule: None,
@@ -622,7 +643,10 @@ impl Inbound {
                         timeout: self.request_timeout,
                     }),
                 };
-                (response, None)
+                match h1.and_then(|(report, seq)| report.malformed_body(seq)) {
+                    Some(why) => (malformed_body_response(why), None),
+                    None => (response, None),
+                }
             }
         };
         let took = started.elapsed();
@@ -645,15 +669,24 @@ impl Inbound {
     }
 }
 
+/// One HTTP/1.x request, number `seq` on its connection.
 async fn handle_http1(
     shared: Arc<Inbound>,
     conn: Arc<ConnInfo>,
     state: Arc<ConnDrain>,
+    seq: u64,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let (parts, body) = req.into_parts();
     let version = parts.version;
-    let mut response = shared.respond(&conn, parts, ReqBody::Hyper(body)).await;
+    let mut response = shared
+        .respond(
+            &conn,
+            Some((&state.framing, seq)),
+            parts,
+            ReqBody::Hyper(body),
+        )
+        .await;
     *response.version_mut() = version;
     state.on_response(version, response.headers_mut());
     Ok(response)
@@ -671,7 +704,7 @@ async fn serve_h2_stream(
     let (parts, recv) = request.into_parts();
     let body = ReqBody::H2(H2Body::new(recv, &parts.headers));
     let response = tokio::select! {
-        response = shared.respond(&conn, parts, body) => response,
+        response = shared.respond(&conn, None, parts, body) => response,
         _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => return,
     };
     let (head, body) = response.into_parts();

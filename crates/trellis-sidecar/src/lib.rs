@@ -9,6 +9,7 @@ pub mod admin;
 pub mod config;
 pub mod csr;
 pub mod drain;
+pub mod h1_framing;
 pub mod http_util;
 pub mod identity_files;
 pub mod inbound;

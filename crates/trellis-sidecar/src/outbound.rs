@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, Scheme};
-use http::{Request, Response, StatusCode, Uri};
+use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 
 use crate::config::{Protocol, SidecarSettings};
 use crate::drain::{self, Drain};
+use crate::h1_framing::{malformed_body_response, RequestFraming};
 use crate::http_util::{
     host_without_port, serve_until_drained, strip_hop_by_hop, text_response, uri_too_long,
     AccessEntry, ConnDrain, ConnLimit, IdleClock, ProxyBody, Tracked,
@@ -114,6 +115,8 @@ struct Outbound {
     access_log: bool,
     request_timeout: Duration,
     max_uri_bytes: usize,
+    max_header_bytes: usize,
+    header_read_timeout: Duration,
     idle_timeout: Duration,
     /// Per listener.
     max_connections: usize,
@@ -181,6 +184,7 @@ impl OutboundProxy {
                             peer,
                             TlsClient::new(config, sessions),
                             TlsClient::new(config1, sessions1),
+                            &settings.limits,
                         ),
                         authorities,
                         fallback_authority,
@@ -238,7 +242,10 @@ impl OutboundProxy {
             .keep_alive(true)
             .max_headers(limits.max_headers)
             .max_buf_size(limits.max_header_bytes)
-            .header_read_timeout(limits.header_read_timeout);
+            // `RequestFraming` times request heads from their first byte; hyper's timer would
+            // also run while a keep-alive connection waits for its next request (and, with a
+            // timer set, defaults to 30 s).
+            .header_read_timeout(None);
         server
             .http2()
             .timer(TokioTimer::new())
@@ -247,8 +254,9 @@ impl OutboundProxy {
             .max_send_buf_size(pool::H2_MAX_SEND_BUF)
             .max_concurrent_streams(limits.h2_max_concurrent_streams)
             .max_header_list_size(limits.h2_max_header_list_bytes)
-            .max_pending_accept_reset_streams(pool::H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
-            .max_local_error_reset_streams(pool::H2_MAX_LOCAL_ERROR_RESET_STREAMS);
+            // hyper has no `max_concurrent_reset_streams`: h2's default (50) applies here.
+            .max_pending_accept_reset_streams(limits.h2_max_pending_accept_reset_streams)
+            .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams);
         Ok(Self {
             shared_listener,
             dedicated,
@@ -262,6 +270,8 @@ impl OutboundProxy {
                 access_log: settings.access_log,
                 request_timeout: settings.request_timeout,
                 max_uri_bytes: limits.max_uri_bytes,
+                max_header_bytes: limits.max_header_bytes,
+                header_read_timeout: limits.header_read_timeout,
                 idle_timeout: limits.idle_timeout,
                 max_connections: limits.max_connections_outbound,
                 server,
@@ -365,12 +375,24 @@ async fn serve_http(
             let state = Arc::new(ConnDrain::default());
             let service = {
                 let (shared, state) = (shared.clone(), state.clone());
-                hyper::service::service_fn(move |req| {
-                    handle(shared.clone(), state.clone(), route, req)
+                hyper::service::service_fn(move |req: Request<Incoming>| {
+                    // HTTP/1.x requests are numbered for the framing guard's report; h2c
+                    // streams are not (the guard stops at the HTTP/2 preface).
+                    let seq = if req.version() == Version::HTTP_2 {
+                        0
+                    } else {
+                        state.framing.next_request()
+                    };
+                    handle(shared.clone(), state.clone(), route, seq, req)
                 })
             };
             let clock = IdleClock::new();
-            let io = TokioIo::new(Tracked::new(tcp, Arc::clone(&clock)));
+            let io = TokioIo::new(RequestFraming::new(
+                Tracked::new(tcp, Arc::clone(&clock)),
+                Arc::clone(&state),
+                shared.header_read_timeout,
+                shared.max_header_bytes,
+            ));
             let conn = shared.server.serve_connection(io, service);
             let idle = clock.expired(shared.idle_timeout);
             if let Err(e) = serve_until_drained(conn, drain, &state, idle).await {
@@ -381,12 +403,16 @@ async fn serve_http(
     .await;
 }
 
-/// One app request: forwarded, counted, timed (head received to response head ready) and,
-/// with the access log on, logged.
+/// One app request (`seq`: its number on an HTTP/1.x connection, else 0): forwarded, counted,
+/// timed (head received to response head ready) and, with the access log on, logged. A request
+/// whose framing the guard refused is answered `400` and not forwarded; one whose chunked body
+/// turned out malformed while it was forwarded is answered `400` too (the client's fault, not
+/// the upstream's `502`).
 async fn handle(
     shared: Arc<Outbound>,
     conn: Arc<ConnDrain>,
     route: Route,
+    seq: u64,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
@@ -395,7 +421,16 @@ async fn handle(
     let logged = shared
         .access_log
         .then(|| (req.method().clone(), req.uri().path_and_query().cloned()));
-    let (mut response, upstream) = shared.forward(route, req).await;
+    let (mut response, upstream) = match conn.framing.refusal(seq) {
+        Some(refused) => (refused, None),
+        None => {
+            let (response, upstream) = shared.forward(route, req).await;
+            match conn.framing.malformed_body(seq) {
+                Some(why) => (malformed_body_response(why), upstream),
+                None => (response, upstream),
+            }
+        }
+    };
     *response.version_mut() = version;
     conn.on_response(version, response.headers_mut());
     let took = started.elapsed();

@@ -34,6 +34,7 @@ use tokio_rustls::TlsConnector;
 use trellis_identity::tls::{handshake_failure_reason, svid_error_of, SharedBundle};
 use trellis_identity::{SpiffeId, SvidError};
 
+use crate::config::Limits;
 use crate::http_util::{connect_tcp, tls_error, H2Body, Prefixed, ProxyBody, ReqBody, TcpTarget};
 use crate::metrics::{Direction, SidecarMetrics};
 use crate::mtls;
@@ -50,19 +51,6 @@ pub const H2_MAX_SEND_BUF: usize = 400 << 10;
 /// Largest response header block the pooled HTTP/2 client accepts from a peer (the servers'
 /// own bound on requests is `limits.h2_max_header_list_bytes`, the same 64 KiB by default).
 pub const H2_MAX_HEADER_LIST: u32 = 64 << 10;
-/// Streams a peer may open and reset before the server accepted them (the HTTP/2 rapid-reset
-/// attack, CVE-2023-44487): past it, GOAWAY `ENHANCE_YOUR_CALM`. h2's own default, set
-/// explicitly so an upgrade cannot loosen it.
-pub const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
-/// Streams the server may reset because of the peer's protocol errors before it ends the
-/// connection with GOAWAY `ENHANCE_YOUR_CALM` ("MadeYouReset", CVE-2025-8671).
-pub const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
-/// Locally reset streams remembered (to ignore their late frames) at once.
-pub const H2_MAX_CONCURRENT_RESET_STREAMS: usize = 10;
-/// PING interval on the pooled upstream connection (finds a dead peer without a request).
-pub const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-/// How long a PING may go unanswered before the connection is closed and replaced.
-pub const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle HTTP/1.1 connections kept per pool.
 pub const MAX_IDLE_HTTP1: usize = 256;
 /// An idle HTTP/1.1 connection older than this is closed instead of reused: apps close idle
@@ -722,6 +710,14 @@ pub struct PeerPool {
     http1_idle: Arc<Http1Idle>,
     h2_builder: h2::client::Builder,
     h1_builder: http1::Builder,
+    keepalive: Keepalive,
+}
+
+/// Dead-peer detection on the pooled HTTP/2 connection (`limits.h2_keepalive_*`).
+#[derive(Debug, Clone, Copy)]
+struct Keepalive {
+    interval: Duration,
+    timeout: Duration,
 }
 
 enum Shared {
@@ -731,14 +727,19 @@ enum Shared {
 
 impl PeerPool {
     /// A pool for `peer`. `tls` offers ALPN `h2, http/1.1`; `tls_http1` offers `http/1.1`.
-    pub fn new(peer: PeerTarget, tls: TlsClient, tls_http1: TlsClient) -> Self {
+    /// `limits` gives the keepalive and the reset bounds (a peer sidecar may misbehave too).
+    pub fn new(peer: PeerTarget, tls: TlsClient, tls_http1: TlsClient, limits: &Limits) -> Self {
         let mut h2_builder = h2::client::Builder::new();
         h2_builder
             .enable_push(false)
             .initial_window_size(H2_STREAM_WINDOW)
             .initial_connection_window_size(H2_CONNECTION_WINDOW)
             .max_send_buffer_size(H2_MAX_SEND_BUF)
-            .max_header_list_size(H2_MAX_HEADER_LIST);
+            .max_header_list_size(H2_MAX_HEADER_LIST)
+            // Push is off, so no stream waits to be accepted here: the pending-accept bound is
+            // for servers only.
+            .max_local_error_reset_streams(Some(limits.h2_max_local_error_reset_streams))
+            .max_concurrent_reset_streams(limits.h2_max_concurrent_reset_streams);
         Self {
             peer,
             tls,
@@ -750,6 +751,10 @@ impl PeerPool {
             http1_idle: Http1Idle::new(),
             h2_builder,
             h1_builder: http1_builder(),
+            keepalive: Keepalive {
+                interval: limits.h2_keepalive_interval,
+                timeout: limits.h2_keepalive_timeout,
+            },
         }
     }
 
@@ -865,6 +870,7 @@ impl PeerPool {
                 let closed = Arc::new(AtomicBool::new(false));
                 tokio::spawn(drive_h2_client(
                     conn,
+                    self.keepalive,
                     closed.clone(),
                     self.peer.metrics.connection(Direction::Outbound),
                     target.clone(),
@@ -921,11 +927,12 @@ enum Opened {
     Http1(http1::SendRequest<ReqBody>),
 }
 
-/// Runs the pooled connection until it ends, PINGing it every [`H2_KEEPALIVE_INTERVAL`] and
-/// closing it when a PING goes unanswered for [`H2_KEEPALIVE_TIMEOUT`]; then marks it closed so
-/// the next request opens a new one.
+/// Runs the pooled connection until it ends, PINGing it every `keepalive.interval` and
+/// closing it when a PING goes unanswered for `keepalive.timeout`; then marks it closed so the
+/// next request opens a new one.
 async fn drive_h2_client<T>(
     mut conn: h2::client::Connection<T, Bytes>,
+    keepalive: Keepalive,
     closed: Arc<AtomicBool>,
     _open: crate::metrics::ConnectionGuard,
     target: Arc<str>,
@@ -933,14 +940,13 @@ async fn drive_h2_client<T>(
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let ping_pong = conn.ping_pong();
-    let keepalive = async move {
+    let pinging = async move {
         let Some(mut ping_pong) = ping_pong else {
             return std::future::pending::<&'static str>().await;
         };
         loop {
-            tokio::time::sleep(H2_KEEPALIVE_INTERVAL).await;
-            match tokio::time::timeout(H2_KEEPALIVE_TIMEOUT, ping_pong.ping(h2::Ping::opaque()))
-                .await
+            tokio::time::sleep(keepalive.interval).await;
+            match tokio::time::timeout(keepalive.timeout, ping_pong.ping(h2::Ping::opaque())).await
             {
                 Ok(Ok(_pong)) => {}
                 Ok(Err(_)) => return "the connection failed",
@@ -954,7 +960,7 @@ async fn drive_h2_client<T>(
                 tracing::debug!(%target, error = %e, "upstream HTTP/2 connection ended");
             }
         }
-        why = keepalive => tracing::info!(%target, why, "closing upstream HTTP/2 connection"),
+        why = pinging => tracing::info!(%target, why, "closing upstream HTTP/2 connection"),
     }
     closed.store(true, Ordering::Release);
 }

@@ -184,6 +184,7 @@ impl Sidecar {
             metrics: Arc::clone(&metrics),
             expiry_margin: settings.expiry_margin,
             policy: Arc::clone(&policy),
+            source: admin::source_json(&settings.identity),
         });
         if settings.policy.is_some() {
             tasks.push(tokio::spawn(
@@ -194,6 +195,7 @@ impl Sidecar {
         tasks.push(tokio::spawn(admin::serve(
             admin_listener,
             admin_state,
+            settings.limits,
             shutdown_rx,
             admin_shutdown_tx,
         )));

@@ -19,7 +19,12 @@ pub struct ControlArgs {
     /// k8s_token, k8s_jwks_refresh, webhook_listen, webhook_dns_names, sidecar_image,
     /// sidecar_control_plane, database, sds_max_connections, sds_handshake_timeout,
     /// sds_max_streams_per_connection, sds_rate_limit, sds_rate_burst, sds_rate_limit_loopback,
-    /// admin_max_connections, webhook_max_connections).
+    /// admin_max_connections, webhook_max_connections, sds_max_message_bytes,
+    /// sds_max_header_list_bytes, sds_max_pending_resets, admin_header_read_timeout,
+    /// admin_max_header_bytes, admin_idle_timeout, admin_max_streams_per_connection,
+    /// admin_max_pending_resets, webhook_max_header_bytes, webhook_max_body_bytes,
+    /// webhook_body_timeout, webhook_header_read_timeout, webhook_handshake_timeout,
+    /// max_jwt_bytes, max_jwks_bytes, jwks_fetch_timeout, issuance_retention).
     #[arg(long, env = "TRELLIS_CONFIG")]
     config: Option<PathBuf>,
     /// Trust domain, e.g. example.org.
@@ -40,6 +45,9 @@ pub struct ControlArgs {
     /// How often each workload gets a fresh SVID, minus up to 10% jitter [default: 1h].
     #[arg(long, env = "TRELLIS_ROTATE_EVERY", value_parser = humantime::parse_duration)]
     rotate_every: Option<Duration>,
+    /// Issuance records are deleted this long after their SVID expired [default: 7d].
+    #[arg(long, env = "TRELLIS_ISSUANCE_RETENTION", value_parser = humantime::parse_duration)]
+    issuance_retention: Option<Duration>,
     /// Intermediate CA certificate to sign with (from `trellis ca init`).
     #[arg(long, env = "TRELLIS_CA_CERT", requires = "ca_key")]
     ca_cert: Option<PathBuf>,
@@ -130,6 +138,60 @@ pub struct ControlArgs {
     /// Most webhook connections open at once [default: 256].
     #[arg(long, env = "TRELLIS_WEBHOOK_MAX_CONNECTIONS")]
     webhook_max_connections: Option<usize>,
+    /// Largest SDS request message decoded, in bytes; larger: the stream fails
+    /// [default: 262144].
+    #[arg(long, env = "TRELLIS_SDS_MAX_MESSAGE_BYTES")]
+    sds_max_message_bytes: Option<usize>,
+    /// Largest HTTP/2 header list on an SDS connection, in bytes; must hold a --max-jwt-bytes
+    /// JWT [default: 16384].
+    #[arg(long, env = "TRELLIS_SDS_MAX_HEADER_LIST_BYTES")]
+    sds_max_header_list_bytes: Option<u32>,
+    /// Streams an SDS client may reset before they are accepted (HTTP/2 rapid reset); past
+    /// it: GOAWAY [default: 20].
+    #[arg(long, env = "TRELLIS_SDS_MAX_PENDING_RESETS")]
+    sds_max_pending_resets: Option<usize>,
+    /// How long an admin client may take to send its request head [default: 10s].
+    #[arg(long, env = "TRELLIS_ADMIN_HEADER_READ_TIMEOUT", value_parser = humantime::parse_duration)]
+    admin_header_read_timeout: Option<Duration>,
+    /// Largest admin request head (HTTP/1.1; larger: 431) or header list (HTTP/2), in bytes
+    /// [default: 16384].
+    #[arg(long, env = "TRELLIS_ADMIN_MAX_HEADER_BYTES")]
+    admin_max_header_bytes: Option<usize>,
+    /// Admin connections that move no bytes for this long are closed [default: 60s].
+    #[arg(long, env = "TRELLIS_ADMIN_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    admin_idle_timeout: Option<Duration>,
+    /// HTTP/2 streams open at once on one admin connection [default: 16].
+    #[arg(long, env = "TRELLIS_ADMIN_MAX_STREAMS_PER_CONNECTION")]
+    admin_max_streams_per_connection: Option<u32>,
+    /// HTTP/2 streams an admin client may reset before they are accepted (rapid reset)
+    /// [default: 20].
+    #[arg(long, env = "TRELLIS_ADMIN_MAX_PENDING_RESETS")]
+    admin_max_pending_resets: Option<usize>,
+    /// Largest webhook request head in bytes; longer heads get 431 [default: 65536].
+    #[arg(long, env = "TRELLIS_WEBHOOK_MAX_HEADER_BYTES")]
+    webhook_max_header_bytes: Option<usize>,
+    /// Largest AdmissionReview the webhook reads, in bytes; larger: 413 [default: 2097152].
+    #[arg(long, env = "TRELLIS_WEBHOOK_MAX_BODY_BYTES")]
+    webhook_max_body_bytes: Option<usize>,
+    /// How long a webhook request body may take to arrive; slower: 408 [default: 10s].
+    #[arg(long, env = "TRELLIS_WEBHOOK_BODY_TIMEOUT", value_parser = humantime::parse_duration)]
+    webhook_body_timeout: Option<Duration>,
+    /// How long a webhook client may take to send its request head [default: 10s].
+    #[arg(long, env = "TRELLIS_WEBHOOK_HEADER_READ_TIMEOUT", value_parser = humantime::parse_duration)]
+    webhook_header_read_timeout: Option<Duration>,
+    /// How long a webhook client may take to finish its TLS handshake [default: 10s].
+    #[arg(long, env = "TRELLIS_WEBHOOK_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration)]
+    webhook_handshake_timeout: Option<Duration>,
+    /// Largest Kubernetes service-account JWT accepted, in bytes; larger: INVALID_ARGUMENT
+    /// [default: 8192].
+    #[arg(long, env = "TRELLIS_MAX_JWT_BYTES")]
+    max_jwt_bytes: Option<usize>,
+    /// Largest JWKS (--k8s-jwks file or --k8s-jwks-url body), in bytes [default: 1048576].
+    #[arg(long, env = "TRELLIS_MAX_JWKS_BYTES")]
+    max_jwks_bytes: Option<usize>,
+    /// How long one fetch of --k8s-jwks-url may take [default: 10s].
+    #[arg(long, env = "TRELLIS_JWKS_FETCH_TIMEOUT", value_parser = humantime::parse_duration)]
+    jwks_fetch_timeout: Option<Duration>,
 }
 
 impl ControlArgs {
@@ -149,6 +211,7 @@ impl ControlArgs {
             state_dir,
             svid_ttl,
             rotate_every,
+            issuance_retention,
             ca_cert,
             ca_key,
             ca_bundle,
@@ -170,6 +233,24 @@ impl ControlArgs {
             sds_rate_burst,
             admin_max_connections,
             webhook_max_connections
+        );
+        over!(
+            sds_max_message_bytes,
+            sds_max_header_list_bytes,
+            sds_max_pending_resets,
+            admin_header_read_timeout,
+            admin_max_header_bytes,
+            admin_idle_timeout,
+            webhook_max_body_bytes,
+            admin_max_streams_per_connection,
+            admin_max_pending_resets,
+            webhook_max_header_bytes,
+            webhook_body_timeout,
+            webhook_header_read_timeout,
+            webhook_handshake_timeout,
+            max_jwt_bytes,
+            max_jwks_bytes,
+            jwks_fetch_timeout
         );
         if self.sds_rate_limit_loopback {
             f.sds_rate_limit_loopback = Some(true);
@@ -226,5 +307,87 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         () = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limit_flags_override_the_file_and_are_checked() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: ControlArgs,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("c.yaml");
+        std::fs::write(
+            &config,
+            "trust_domain: example.org\nmax_jwt_bytes: 2048\nadmin_idle_timeout: 5s\n\
+             webhook_max_body_bytes: 65536\n",
+        )
+        .unwrap();
+        let config = config.to_str().unwrap();
+        let settings = |argv: &[&str]| {
+            let args = Cli::try_parse_from([&["trellis", "--config", config], argv].concat())
+                .map_err(|e| e.to_string())?
+                .args;
+            ControlSettings::from_file(args.merged().map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())
+        };
+        let s = settings(&[]).unwrap();
+        assert_eq!(s.limits.max_jwt_bytes, 2048);
+        assert_eq!(s.limits.admin_idle_timeout, Duration::from_secs(5));
+        assert_eq!(s.limits.webhook_max_body_bytes, 65536);
+        assert_eq!(s.limits.sds_max_message_bytes, 256 * 1024);
+        let s = settings(&[
+            "--max-jwt-bytes",
+            "4096",
+            "--admin-idle-timeout",
+            "90s",
+            "--sds-max-message-bytes",
+            "8192",
+            "--sds-max-header-list-bytes",
+            "32768",
+            "--sds-max-pending-resets",
+            "7",
+            "--admin-header-read-timeout",
+            "2s",
+            "--admin-max-header-bytes",
+            "20000",
+            "--webhook-body-timeout",
+            "3s",
+            "--webhook-header-read-timeout",
+            "4s",
+            "--webhook-handshake-timeout",
+            "6s",
+            "--max-jwks-bytes",
+            "5000",
+            "--jwks-fetch-timeout",
+            "7s",
+        ])
+        .unwrap();
+        let l = s.limits;
+        assert_eq!(l.max_jwt_bytes, 4096);
+        assert_eq!(l.admin_idle_timeout, Duration::from_secs(90));
+        assert_eq!(l.webhook_max_body_bytes, 65536, "from the file");
+        assert_eq!(l.sds_max_message_bytes, 8192);
+        assert_eq!(l.sds_max_header_list_bytes, 32768);
+        assert_eq!(l.sds_max_pending_resets, 7);
+        assert_eq!(l.admin_header_read_timeout, Duration::from_secs(2));
+        assert_eq!(l.admin_max_header_bytes, 20000);
+        assert_eq!(l.webhook_body_timeout, Duration::from_secs(3));
+        assert_eq!(l.webhook_header_read_timeout, Duration::from_secs(4));
+        assert_eq!(l.webhook_handshake_timeout, Duration::from_secs(6));
+        assert_eq!(l.max_jwks_bytes, 5000);
+        assert_eq!(l.jwks_fetch_timeout, Duration::from_secs(7));
+        // Out of range on the command line: the field is named.
+        let err = settings(&["--admin-max-header-bytes", "100"]).unwrap_err();
+        assert!(err.contains("admin_max_header_bytes"), "{err}");
+        let err = settings(&["--webhook-max-body-bytes", "soon"]).unwrap_err();
+        assert!(err.contains("--webhook-max-body-bytes"), "{err}");
     }
 }

@@ -125,6 +125,38 @@ pub struct SidecarArgs {
     /// Close an HTTP connection idle this long (HTTP/2: no open stream) [default: 60s].
     #[arg(long, env = "TRELLIS_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
     idle_timeout: Option<Duration>,
+    /// HTTP/2 streams a peer may open and reset before they are accepted (rapid reset); past
+    /// it, GOAWAY ENHANCE_YOUR_CALM [default: 20].
+    #[arg(long, env = "TRELLIS_H2_MAX_PENDING_ACCEPT_RESET_STREAMS")]
+    h2_max_pending_accept_reset_streams: Option<usize>,
+    /// HTTP/2 streams reset for the peer's protocol errors; past it, GOAWAY ENHANCE_YOUR_CALM
+    /// [default: 1024].
+    #[arg(long, env = "TRELLIS_H2_MAX_LOCAL_ERROR_RESET_STREAMS")]
+    h2_max_local_error_reset_streams: Option<usize>,
+    /// Locally reset HTTP/2 streams remembered at once [default: 10].
+    #[arg(long, env = "TRELLIS_H2_MAX_CONCURRENT_RESET_STREAMS")]
+    h2_max_concurrent_reset_streams: Option<usize>,
+    /// PING interval on each pooled HTTP/2 connection to an upstream [default: 30s].
+    #[arg(long, env = "TRELLIS_H2_KEEPALIVE_INTERVAL", value_parser = humantime::parse_duration)]
+    h2_keepalive_interval: Option<Duration>,
+    /// An unanswered PING for this long replaces the upstream connection [default: 10s].
+    #[arg(long, env = "TRELLIS_H2_KEEPALIVE_TIMEOUT", value_parser = humantime::parse_duration)]
+    h2_keepalive_timeout: Option<Duration>,
+    /// Open admin connections; past it, closed at accept [default: 64].
+    #[arg(long, env = "TRELLIS_ADMIN_MAX_CONNECTIONS")]
+    admin_max_connections: Option<usize>,
+    /// Admin request line + headers, bytes; more is answered 431 [default: 8192].
+    #[arg(long, env = "TRELLIS_ADMIN_MAX_HEADER_BYTES")]
+    admin_max_header_bytes: Option<usize>,
+    /// Header lines per admin request; more is answered 431 [default: 32].
+    #[arg(long, env = "TRELLIS_ADMIN_MAX_HEADERS")]
+    admin_max_headers: Option<usize>,
+    /// Time to receive an admin request head (slowloris bound) [default: 10s].
+    #[arg(long, env = "TRELLIS_ADMIN_HEADER_READ_TIMEOUT", value_parser = humantime::parse_duration)]
+    admin_header_read_timeout: Option<Duration>,
+    /// Close an admin connection that moves no byte for this long [default: 60s].
+    #[arg(long, env = "TRELLIS_ADMIN_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    admin_idle_timeout: Option<Duration>,
 }
 
 /// Parses `name=b,address=…,identity=…[,hosts=a;b][,listen=…][,protocol=tcp]`.
@@ -265,7 +297,17 @@ impl SidecarArgs {
             max_connections_outbound,
             handshake_timeout,
             header_read_timeout,
-            idle_timeout
+            idle_timeout,
+            h2_max_pending_accept_reset_streams,
+            h2_max_local_error_reset_streams,
+            h2_max_concurrent_reset_streams,
+            h2_keepalive_interval,
+            h2_keepalive_timeout,
+            admin_max_connections,
+            admin_max_header_bytes,
+            admin_max_headers,
+            admin_header_read_timeout,
+            admin_idle_timeout
         );
         Ok(f)
     }
@@ -398,6 +440,74 @@ mod tests {
         );
         assert_eq!(merged.limits.max_connections_outbound, Some(5));
         assert_eq!(merged.limits.idle_timeout, None);
+        assert_eq!(merged.limits.admin_max_connections, None);
+    }
+
+    #[test]
+    fn admin_and_h2_limit_flags_override_the_file() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: SidecarArgs,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("s.yaml");
+        std::fs::write(
+            &config,
+            "limits:\n  admin_max_connections: 7\n  admin_idle_timeout: 9s\n  h2_max_concurrent_reset_streams: 4\n",
+        )
+        .unwrap();
+        let merged = Cli::try_parse_from([
+            "trellis",
+            "--config",
+            config.to_str().unwrap(),
+            "--admin-max-connections",
+            "4",
+            "--admin-max-header-bytes",
+            "16384",
+            "--admin-max-headers",
+            "8",
+            "--admin-header-read-timeout",
+            "1s",
+            "--h2-max-pending-accept-reset-streams",
+            "5",
+            "--h2-max-local-error-reset-streams",
+            "100",
+            "--h2-keepalive-interval",
+            "5s",
+            "--h2-keepalive-timeout",
+            "2s",
+        ])
+        .unwrap()
+        .args
+        .merged()
+        .unwrap();
+        let l = &merged.limits;
+        assert_eq!(l.admin_max_connections, Some(4), "the flag wins");
+        assert_eq!(l.admin_max_header_bytes, Some(16384));
+        assert_eq!(l.admin_max_headers, Some(8));
+        assert_eq!(l.admin_header_read_timeout, Some(Duration::from_secs(1)));
+        assert_eq!(
+            l.admin_idle_timeout,
+            Some(Duration::from_secs(9)),
+            "file kept"
+        );
+        assert_eq!(l.h2_max_pending_accept_reset_streams, Some(5));
+        assert_eq!(l.h2_max_local_error_reset_streams, Some(100));
+        assert_eq!(l.h2_max_concurrent_reset_streams, Some(4), "file kept");
+        assert_eq!(l.h2_keepalive_interval, Some(Duration::from_secs(5)));
+        assert_eq!(l.h2_keepalive_timeout, Some(Duration::from_secs(2)));
+        // Out of range is refused when the merged file is validated, naming the field.
+        let merged = Cli::try_parse_from(["trellis", "--admin-max-connections", "0"])
+            .unwrap()
+            .args
+            .merged()
+            .unwrap();
+        let err = trellis_sidecar::config::Limits::from_file(&merged.limits)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("limits.admin_max_connections"), "{err}");
     }
 
     #[test]

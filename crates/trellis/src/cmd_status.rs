@@ -2,6 +2,12 @@
 //! read from its admin endpoint (`/ready`, `/certs`, `/metrics`, and `/policy` on a sidecar or
 //! `/ca` on a control plane, which is also how the two are told apart).
 //!
+//! A sidecar's identity comes from the control plane (SDS) or from PEM files it watches;
+//! `/certs` says which in `source` (`{"kind": "sds", "control_plane": …}` or `{"kind": "files",
+//! "cert": …, "key": …, "bundle": …}`). A files sidecar never connects to a control plane, so
+//! its summary shows the files instead of an SDS line that would read as a fault. A sidecar
+//! whose `/certs` has no `source` is summarized as an SDS one.
+//!
 //! Exit status: 0 ready, 1 reachable but not ready, 2 unreachable or bad usage.
 
 use std::collections::BTreeMap;
@@ -354,7 +360,12 @@ async fn collect(client: &AdminClient) -> anyhow::Result<Value> {
         "bundle": bundle_json(&certs["bundle"], now),
     });
     let extra = if kind == "sidecar" {
-        sidecar_json(&json_of(&policy, "/policy")?, &samples, now)
+        sidecar_json(
+            &json_of(&policy, "/policy")?,
+            &certs["source"],
+            &samples,
+            now,
+        )
     } else {
         let ca = json_of(&client.get("/ca").await?, "/ca")?;
         control_json(&ca, &samples)
@@ -394,10 +405,38 @@ fn bundle_json(bundle: &Value, now: i64) -> Value {
     Value::Array(cas)
 }
 
-fn sidecar_json(policy: &Value, samples: &[Sample], now: i64) -> Value {
+/// The sidecar part of the summary. `source` is `/certs`' `source` (null from a sidecar that
+/// does not report it: then SDS is assumed, as before the field existed).
+fn sidecar_json(policy: &Value, source: &Value, samples: &[Sample], now: i64) -> Value {
     let last_update = value(samples, "trellis_sds_last_update_timestamp_seconds")
         .filter(|t| *t > 0.0)
         .map(|t| t as i64);
+    // A reload of the identity files counts as an update and a rotation like an SDS one does.
+    let installs_after_first = value(samples, "trellis_svid_rotations_total").map(|v| v as u64);
+    let refused = counts({
+        let mut refused = by_label(samples, "trellis_sds_updates_total", "result", &[]);
+        refused.remove("ok");
+        refused
+    });
+    let (identity_source, sds, files) = if source["kind"] == "files" {
+        let files = json!({
+            "cert": source["cert"],
+            "key": source["key"],
+            "bundle": source["bundle"],
+            "reloads": installs_after_first,
+            "reloads_refused": refused,
+        });
+        ("files", Value::Null, files)
+    } else {
+        let sds = json!({
+            "control_plane": source["control_plane"],
+            "connected": value(samples, "trellis_sds_connected").map(|v| v > 0.0),
+            "last_update_age_seconds": last_update.map(|t| now - t),
+            "svid_rotations": installs_after_first,
+            "updates_refused": refused,
+        });
+        ("sds", sds, Value::Null)
+    };
     let mut requests = serde_json::Map::new();
     for direction in ["inbound", "outbound"] {
         requests.insert(
@@ -412,16 +451,9 @@ fn sidecar_json(policy: &Value, samples: &[Sample], now: i64) -> Value {
     }
     let policy_configured = policy["path"].is_string();
     json!({
-        "sds": {
-            "connected": value(samples, "trellis_sds_connected").map(|v| v > 0.0),
-            "last_update_age_seconds": last_update.map(|t| now - t),
-            "svid_rotations": value(samples, "trellis_svid_rotations_total").map(|v| v as u64),
-            "updates_refused": counts({
-                let mut refused = by_label(samples, "trellis_sds_updates_total", "result", &[]);
-                refused.remove("ok");
-                refused
-            }),
-        },
+        "identity_source": identity_source,
+        "sds": sds,
+        "files": files,
         "policy": {
             "configured": policy_configured,
             "path": policy["path"],
@@ -512,6 +544,31 @@ fn counts_line(v: &Value) -> String {
     }
 }
 
+/// `; refused expired=1`, or nothing when nothing was refused.
+fn refused_suffix(text: &mut String, refused: &Value) {
+    if refused.as_object().is_some_and(|m| !m.is_empty()) {
+        let _ = write!(text, "; refused {}", counts_line(refused));
+    }
+}
+
+/// `connected; last update 3s ago; 2 rotations`, naming the control plane when not connected.
+fn sds_line(sds: &Value) -> String {
+    let connected = match (sds["connected"].as_bool(), sds["control_plane"].as_str()) {
+        (Some(true), _) => "connected".to_owned(),
+        (Some(false), Some(cp)) => format!("NOT connected to {cp}"),
+        (Some(false), None) => "NOT connected".to_owned(),
+        (None, _) => "?".to_owned(),
+    };
+    let update = match sds["last_update_age_seconds"].as_i64() {
+        Some(age) => format!("last update {} ago", span(age)),
+        None => "no update yet".to_owned(),
+    };
+    let rotations = sds["svid_rotations"].as_u64().unwrap_or(0);
+    let mut text = format!("{connected}; {update}; {rotations} rotations");
+    refused_suffix(&mut text, &sds["updates_refused"]);
+    text
+}
+
 /// The human summary: `key  value` lines, one screen.
 fn render(s: &Value) -> String {
     let mut out = String::new();
@@ -564,29 +621,20 @@ fn render(s: &Value) -> String {
         );
     }
     if s["kind"] == "sidecar" {
-        let sds = &s["sds"];
-        let connected = match sds["connected"].as_bool() {
-            Some(true) => "connected",
-            Some(false) => "NOT connected",
-            None => "?",
-        };
-        let update = match sds["last_update_age_seconds"].as_i64() {
-            Some(age) => format!("last update {} ago", span(age)),
-            None => "no update yet".to_owned(),
-        };
-        let rotations = sds["svid_rotations"].as_u64().unwrap_or(0);
-        let mut sds_line = format!("{connected}; {update}; {rotations} rotations");
-        if sds["updates_refused"]
-            .as_object()
-            .is_some_and(|m| !m.is_empty())
-        {
-            let _ = write!(
-                sds_line,
-                "; refused {}",
-                counts_line(&sds["updates_refused"])
+        if s["identity_source"] == "files" {
+            let files = &s["files"];
+            let mut source = format!(
+                "identity files (no control plane); {} reloads",
+                files["reloads"].as_u64().unwrap_or(0)
             );
+            refused_suffix(&mut source, &files["reloads_refused"]);
+            line("source", &source);
+            line("  cert", str_of(&files["cert"]));
+            line("  key", str_of(&files["key"]));
+            line("  bundle", str_of(&files["bundle"]));
+        } else {
+            line("sds", &sds_line(&s["sds"]));
         }
-        line("sds", &sds_line);
         let p = &s["policy"];
         if p["configured"] == true {
             let hash = str_of(&p["hash"]);
@@ -743,5 +791,80 @@ mod tests {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
         }
         assert!(text.lines().count() < 25, "{text}");
+    }
+
+    /// What a sidecar with identity files reports: `/certs`' `source`, and metrics in which
+    /// the SDS gauge is 0 because there is no SDS at all.
+    fn files_sidecar_summary() -> Value {
+        let source = json!({
+            "kind": "files",
+            "cert": "/etc/trellis/svid.pem",
+            "key": "/etc/trellis/svid-key.pem",
+            "bundle": "/etc/trellis/bundle.pem",
+        });
+        let samples = parse_metrics(
+            "trellis_sds_connected 0\n\
+             trellis_sds_updates_total{result=\"ok\"} 2\n\
+             trellis_sds_updates_total{result=\"expired\"} 1\n\
+             trellis_sds_last_update_timestamp_seconds 1000\n\
+             trellis_svid_rotations_total 2\n",
+        );
+        let mut s = json!({
+            "kind": "sidecar",
+            "admin": "http://127.0.0.1:15000",
+            "ready": true,
+            "ready_detail": "ready",
+            "trust_domain": "example.org",
+            "identity": {"spiffe_id": "spiffe://example.org/web", "serial": "0a", "not_after": "2036-01-01T00:00:00Z", "expires_in_seconds": 60},
+            "bundle": [],
+        });
+        if let (Some(obj), Value::Object(extra)) = (
+            s.as_object_mut(),
+            sidecar_json(&json!({}), &source, &samples, 1010),
+        ) {
+            obj.extend(extra);
+        }
+        s
+    }
+
+    #[test]
+    fn a_files_sidecar_shows_its_files_not_sds() {
+        let s = files_sidecar_summary();
+        assert_eq!(s["identity_source"], "files");
+        assert!(s["sds"].is_null(), "{s:#}");
+        assert_eq!(s["files"]["cert"], "/etc/trellis/svid.pem");
+        assert_eq!(s["files"]["reloads"], 2);
+        assert_eq!(s["files"]["reloads_refused"], json!({"expired": 1}));
+        let text = render(&s);
+        for needle in [
+            "source          identity files (no control plane); 2 reloads; refused expired=1",
+            "  cert          /etc/trellis/svid.pem",
+            "  key           /etc/trellis/svid-key.pem",
+            "  bundle        /etc/trellis/bundle.pem",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+        assert!(!text.contains("sds "), "{text}");
+        assert!(!text.contains("NOT connected"), "{text}");
+    }
+
+    #[test]
+    fn an_sds_sidecar_names_its_control_plane_when_not_connected() {
+        let samples = parse_metrics("trellis_sds_connected 0\n");
+        let sds = |source: Value| {
+            let s = sidecar_json(&json!({}), &source, &samples, 0);
+            assert_eq!(s["identity_source"], "sds");
+            assert!(s["files"].is_null(), "{s:#}");
+            sds_line(&s["sds"])
+        };
+        assert_eq!(
+            sds(json!({"kind": "sds", "control_plane": "10.0.0.1:8443"})),
+            "NOT connected to 10.0.0.1:8443; no update yet; 0 rotations"
+        );
+        // A sidecar that does not report its source is summarized as before.
+        assert_eq!(
+            sds(Value::Null),
+            "NOT connected; no update yet; 0 rotations"
+        );
     }
 }

@@ -11,7 +11,12 @@ use trellis_identity::SpiffeId;
 /// `trellis token …`.
 #[derive(Subcommand, Debug)]
 pub enum TokenCommand {
-    /// Create a join token bound to a SPIFFE ID; prints the token on stdout.
+    /// Create a single-use join token bound to a SPIFFE ID; prints it on stdout.
+    ///
+    /// The token reads `trellis-join.<selector>.<verifier>`; the database keeps the selector
+    /// and the verifier's SHA-256 only, so the printed token cannot be shown again. Tokens
+    /// from Trellis before split tokens (`trellis-join.<43 characters>`) are no longer
+    /// accepted: create new ones with this command.
     Create {
         /// The control plane's state directory (its SQLite database).
         #[arg(long, env = "TRELLIS_STATE_DIR", required_unless_present = "database")]

@@ -1,4 +1,9 @@
-//! Join-token attestation: single-use tokens bound to a SPIFFE ID, stored hashed.
+//! Join-token attestation: single-use split tokens bound to a SPIFFE ID.
+//!
+//! A token is `trellis-join.<selector>.<verifier>` (the split-token design): the selector (16
+//! random bytes) is a lookup key, stored in clear; the verifier (32 random bytes) is the
+//! secret, stored only as its SHA-256. Redemption finds the row by selector and compares the
+//! verifier's hash with the stored one in constant time.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -12,9 +17,84 @@ use crate::registry::{JoinError, Registry};
 /// Prefix that marks a join token (so it is never mistaken for a JWT).
 pub const JOIN_TOKEN_PREFIX: &str = "trellis-join.";
 
-/// Exact length of a join token: the prefix and 32 random bytes in unpadded base64url (43
+/// Random bytes in a token's selector (the public lookup key): 128 bits, so selectors of
+/// different tokens never collide.
+pub const JOIN_SELECTOR_BYTES: usize = 16;
+
+/// Random bytes in a token's verifier (the secret): 256 bits, so guessing is hopeless.
+pub const JOIN_VERIFIER_BYTES: usize = 32;
+
+/// Unpadded base64url length of the selector.
+const SELECTOR_LEN: usize = 22;
+/// Unpadded base64url length of the verifier.
+const VERIFIER_LEN: usize = 43;
+/// Length of a token in the single-part format of earlier builds (prefix and 43 characters).
+const LEGACY_TOKEN_LEN: usize = JOIN_TOKEN_PREFIX.len() + 43;
+
+/// Exact length of a join token: the prefix, the selector, a dot and the verifier (79
 /// characters). Anything else is refused before it is hashed or reaches the registry.
-pub const JOIN_TOKEN_LEN: usize = JOIN_TOKEN_PREFIX.len() + 43;
+pub const JOIN_TOKEN_LEN: usize = JOIN_TOKEN_PREFIX.len() + SELECTOR_LEN + 1 + VERIFIER_LEN;
+
+/// A join token split into its parts, its shape checked (not its existence).
+#[derive(Clone, Copy)]
+pub struct JoinToken<'a> {
+    selector: &'a str,
+    verifier: &'a str,
+}
+
+/// Why a string cannot be a join token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinTokenShapeError {
+    /// Longer than any join token.
+    Oversized,
+    /// The single-part format of earlier builds (`trellis-join.<43 characters>`).
+    OldFormat,
+    /// Any other wrong shape.
+    Malformed,
+}
+
+impl<'a> JoinToken<'a> {
+    /// Checks the exact shape: the prefix, then 22 and 43 base64url characters joined by a dot.
+    /// Looks only at the caller's input, so its timing tells nothing about stored tokens.
+    pub fn parse(token: &'a str) -> Result<Self, JoinTokenShapeError> {
+        if token.len() > JOIN_TOKEN_LEN {
+            return Err(JoinTokenShapeError::Oversized);
+        }
+        let body = token
+            .strip_prefix(JOIN_TOKEN_PREFIX)
+            .ok_or(JoinTokenShapeError::Malformed)?;
+        if token.len() == LEGACY_TOKEN_LEN && is_base64url(body) {
+            return Err(JoinTokenShapeError::OldFormat);
+        }
+        match body.split_once('.') {
+            Some((selector, verifier))
+                if selector.len() == SELECTOR_LEN
+                    && verifier.len() == VERIFIER_LEN
+                    && is_base64url(selector)
+                    && is_base64url(verifier) =>
+            {
+                Ok(Self { selector, verifier })
+            }
+            _ => Err(JoinTokenShapeError::Malformed),
+        }
+    }
+
+    /// The public half: the registry's lookup key.
+    pub fn selector(&self) -> &'a str {
+        self.selector
+    }
+
+    /// The secret half: only its SHA-256 is stored.
+    pub fn verifier(&self) -> &'a str {
+        self.verifier
+    }
+}
+
+/// The unpadded base64url alphabet (RFC 4648 section 5), nothing else.
+fn is_base64url(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
 
 /// Redeems join tokens against the registry.
 pub struct JoinAttestor {
@@ -30,21 +110,22 @@ impl JoinAttestor {
 
     /// Redeems `token` for `peer`.
     ///
-    /// Timing: the token is never compared with stored secret material. Its SHA-256 is looked
-    /// up in the registry's index, and that lookup's timing can at most reveal how much of the
-    /// attacker's *own* guess's hash matches a stored hash. Even a whole stored hash is useless
-    /// without a SHA-256 preimage of 256 random bits, so the lookup leaks nothing usable and
-    /// needs no constant-time compare. The shape checks below look only at the caller's input.
+    /// Timing: the shape check looks only at the caller's input. The registry then looks the
+    /// row up by selector, which is not secret: the lookup's timing may reveal whether a
+    /// selector exists, which is worthless without its verifier. The verifier's SHA-256 is
+    /// compared with the stored hash in constant time, so how long a refusal takes says
+    /// nothing about how close a guess came. An unknown selector and a wrong verifier get
+    /// the same answer ([`JoinError::Unknown`]), and a wrong verifier spends nothing.
     pub fn attest(
         &self,
         token: &str,
         peer: IpAddr,
         now: SystemTime,
     ) -> Result<SpiffeId, AttestError> {
-        check_shape(token)?;
+        let token = JoinToken::parse(token).map_err(shape_error)?;
         match self
             .registry
-            .redeem_join_token(token, peer, now, self.window)
+            .redeem_parsed_join_token(token, peer, now, self.window)
         {
             Ok(Ok(id)) => Ok(id),
             Ok(Err(refused)) => Err(AttestError::Join(refused)),
@@ -64,54 +145,140 @@ impl JoinAttestor {
     }
 }
 
-/// Refuses anything that cannot be a join token, before hashing or any database work: longer
-/// than a token is `Oversized`, any other wrong shape is `Unknown`.
-fn check_shape(token: &str) -> Result<(), AttestError> {
-    if token.len() > JOIN_TOKEN_LEN {
-        return Err(AttestError::Oversized("join token"));
+/// The answer for a string that cannot be a join token, given without hashing or any
+/// database work: longer than a token is `Oversized`; a token of the old format is told to
+/// make a new one; any other shape is `Unknown`, as a lookup would say.
+fn shape_error(e: JoinTokenShapeError) -> AttestError {
+    match e {
+        JoinTokenShapeError::Oversized => AttestError::Oversized("join token"),
+        JoinTokenShapeError::OldFormat => AttestError::Malformed(
+            "this join token has the single-part format of an earlier Trellis, which is no \
+             longer accepted: create a new one with `trellis token create`"
+                .into(),
+        ),
+        JoinTokenShapeError::Malformed => AttestError::Join(JoinError::Unknown),
     }
-    let body = token.strip_prefix(JOIN_TOKEN_PREFIX).unwrap_or_default();
-    if token.len() != JOIN_TOKEN_LEN
-        || !body
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        // It cannot be in the registry, so it is unknown: the same answer a lookup would give,
-        // without the hashing and the database round trip.
-        return Err(AttestError::Join(JoinError::Unknown));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
+    fn good() -> String {
+        format!(
+            "{JOIN_TOKEN_PREFIX}{}.{}",
+            "A".repeat(SELECTOR_LEN),
+            "b".repeat(VERIFIER_LEN)
+        )
+    }
+
+    fn check(token: &str) -> Result<(), AttestError> {
+        JoinToken::parse(token).map(|_| ()).map_err(shape_error)
+    }
+
+    #[test]
+    fn token_length_is_prefix_selector_dot_verifier() {
+        assert_eq!(JOIN_TOKEN_LEN, 79);
+        assert_eq!(good().len(), JOIN_TOKEN_LEN);
+        let t = good();
+        let parsed = JoinToken::parse(&t).unwrap();
+        assert_eq!(parsed.selector(), "A".repeat(SELECTOR_LEN));
+        assert_eq!(parsed.verifier(), "b".repeat(VERIFIER_LEN));
+    }
+
     #[test]
     fn join_token_shape_is_checked_before_lookup() {
-        let good = format!("{JOIN_TOKEN_PREFIX}{}", "A".repeat(43));
-        assert!(check_shape(&good).is_ok());
-        let long = format!("{good}A");
-        assert_eq!(
-            check_shape(&long),
-            Err(AttestError::Oversized("join token"))
-        );
-        let huge = format!("{JOIN_TOKEN_PREFIX}{}", "A".repeat(1 << 20));
-        assert_eq!(
-            check_shape(&huge),
-            Err(AttestError::Oversized("join token"))
-        );
+        assert!(check(&good()).is_ok());
+        for long in [
+            format!("{}A", good()),
+            format!("{JOIN_TOKEN_PREFIX}{}", "A".repeat(1 << 20)),
+        ] {
+            assert_eq!(check(&long), Err(AttestError::Oversized("join token")));
+        }
+        let sel = "A".repeat(SELECTOR_LEN);
+        let ver = "b".repeat(VERIFIER_LEN);
+        let p = JOIN_TOKEN_PREFIX;
         for bad in [
-            format!("{JOIN_TOKEN_PREFIX}{}", "A".repeat(42)),
-            format!("{JOIN_TOKEN_PREFIX}{}=", "A".repeat(42)),
-            format!("{JOIN_TOKEN_PREFIX}{}%", "A".repeat(42)),
-            JOIN_TOKEN_PREFIX.to_owned(),
+            // Wrong lengths of either part, the same total length.
+            format!(
+                "{p}{}.{}",
+                "A".repeat(SELECTOR_LEN - 1),
+                "b".repeat(VERIFIER_LEN + 1)
+            ),
+            format!(
+                "{p}{}.{}",
+                "A".repeat(SELECTOR_LEN + 1),
+                "b".repeat(VERIFIER_LEN - 1)
+            ),
+            // Short parts.
+            format!("{p}{sel}.{}", "b".repeat(VERIFIER_LEN - 1)),
+            format!("{p}{}.{ver}", "A".repeat(SELECTOR_LEN - 1)),
+            // Not two parts.
+            format!("{p}{sel}{ver}"),
+            format!("{p}{sel}.{}.b", "b".repeat(VERIFIER_LEN - 2)),
+            format!("{p}.{sel}{ver}"),
+            format!("{p}{sel}{ver}."),
+            // Outside the base64url alphabet, padding included.
+            format!("{p}{sel}.{}=", "b".repeat(VERIFIER_LEN - 1)),
+            format!("{p}{sel}.{}+", "b".repeat(VERIFIER_LEN - 1)),
+            format!("{p}{}/.{ver}", "A".repeat(SELECTOR_LEN - 1)),
+            format!("{p}{}é.{ver}", "A".repeat(SELECTOR_LEN - 2)),
+            // Wrong or missing prefix.
+            format!("trellis-jain.{sel}.{ver}"),
+            format!("{sel}.{ver}.{}", "x".repeat(12)),
+            p.to_owned(),
+            String::new(),
         ] {
             assert_eq!(
-                check_shape(&bad),
+                check(&bad),
                 Err(AttestError::Join(JoinError::Unknown)),
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn old_format_token_is_refused_with_a_clear_message() {
+        let old = format!("{JOIN_TOKEN_PREFIX}{}", "x".repeat(43));
+        let err = check(&old).unwrap_err();
+        assert_eq!(err.reason(), "malformed");
+        let msg = err.to_string();
+        assert!(msg.contains("trellis token create"), "{msg}");
+        assert!(!msg.contains("xxxx"), "the message echoes the token: {msg}");
+        // The old length with a character outside the alphabet is just malformed.
+        let garbled = format!("{JOIN_TOKEN_PREFIX}{}.", "x".repeat(42));
+        assert_eq!(check(&garbled), Err(AttestError::Join(JoinError::Unknown)));
+    }
+
+    /// Redemption through the attestor: the registry is only reached by well-shaped tokens.
+    #[test]
+    fn attestor_round_trip_and_refusals() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Arc::new(Registry::open(&dir.path().join("t.db")).unwrap());
+        let att = JoinAttestor::new(Arc::clone(&registry), Duration::from_secs(30));
+        let id = SpiffeId::parse("spiffe://example.org/host/a").unwrap();
+        let now = SystemTime::now();
+        let tok = registry
+            .create_join_token(&id, Duration::from_secs(3600), now)
+            .unwrap();
+        assert_eq!(tok.len(), JOIN_TOKEN_LEN);
+        let (a, b) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+
+        // The right selector with a wrong verifier: unknown, and the token is not spent.
+        let (head, verifier) = tok.rsplit_once('.').unwrap();
+        let flipped = if verifier.starts_with('A') { 'B' } else { 'A' };
+        let wrong = format!("{head}.{flipped}{}", &verifier[1..]);
+        assert_eq!(
+            att.attest(&wrong, b, now),
+            Err(AttestError::Join(JoinError::Unknown))
+        );
+        assert_eq!(att.attest(&tok, a, now), Ok(id.clone()));
+        // Spent by `a` (the wrong guess from `b` did not claim it): `b` is refused.
+        assert_eq!(
+            att.attest(&tok, b, now),
+            Err(AttestError::Join(JoinError::AlreadyRedeemed))
+        );
+        assert_eq!(att.attest(&tok, a, now), Ok(id));
     }
 }

@@ -35,10 +35,6 @@ pub const DEFAULT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/t
 pub const DEFAULT_REFRESH: Duration = Duration::from_secs(5 * 60);
 /// Shortest refresh interval accepted.
 pub const MIN_REFRESH: Duration = Duration::from_secs(1);
-/// A whole fetch (connect, TLS, request, body) that takes longer fails.
-const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest JWKS body read; an issuer's key set is a few KiB.
-const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Largest token file read; a Kubernetes token is about 1 KiB.
 const MAX_TOKEN_BYTES: u64 = 64 * 1024;
 /// How much of an error body goes into the error message.
@@ -109,10 +105,12 @@ pub enum JwksFetchError {
         body: String,
     },
     /// No complete answer within the fetch timeout.
-    #[error("{url}: no complete answer within {}s", FETCH_TIMEOUT.as_secs())]
+    #[error("{url}: no complete answer within {} (jwks_fetch_timeout)", humantime::format_duration(*.after))]
     Timeout {
         /// The URL.
         url: String,
+        /// The timeout that passed.
+        after: Duration,
     },
     /// The body is not a usable JWKS.
     #[error(transparent)]
@@ -210,12 +208,31 @@ pub struct JwksSource {
     url: JwksUrl,
     ca: PathBuf,
     token: PathBuf,
+    /// Largest body read (`max_jwks_bytes`).
+    max_body_bytes: usize,
+    /// A whole fetch (connect, TLS, request, body) that takes longer fails
+    /// (`jwks_fetch_timeout`).
+    fetch_timeout: Duration,
 }
 
 impl JwksSource {
-    /// A source; nothing is read until [`JwksSource::fetch`].
+    /// A source with the default limits; nothing is read until [`JwksSource::fetch`].
     pub fn new(url: JwksUrl, ca: PathBuf, token: PathBuf) -> Self {
-        Self { url, ca, token }
+        Self {
+            url,
+            ca,
+            token,
+            max_body_bytes: crate::config::defaults::MAX_JWKS_BYTES,
+            fetch_timeout: crate::config::defaults::JWKS_FETCH_TIMEOUT,
+        }
+    }
+
+    /// Reads at most `max_body_bytes` of a response (`max_jwks_bytes`) and gives a whole
+    /// fetch `fetch_timeout` (`jwks_fetch_timeout`).
+    pub fn with_limits(mut self, max_body_bytes: usize, fetch_timeout: Duration) -> Self {
+        self.max_body_bytes = max_body_bytes;
+        self.fetch_timeout = fetch_timeout;
+        self
     }
 
     /// The URL.
@@ -226,9 +243,12 @@ impl JwksSource {
     /// One fetch: reads the CA and token files, GETs the URL, parses and validates the JWKS.
     pub async fn fetch(&self) -> Result<JwksKeys, JwksFetchError> {
         let url = self.url.as_str().to_owned();
-        match tokio::time::timeout(FETCH_TIMEOUT, self.fetch_inner()).await {
+        match tokio::time::timeout(self.fetch_timeout, self.fetch_inner()).await {
             Ok(result) => result,
-            Err(_) => Err(JwksFetchError::Timeout { url }),
+            Err(_) => Err(JwksFetchError::Timeout {
+                url,
+                after: self.fetch_timeout,
+            }),
         }
     }
 
@@ -277,12 +297,25 @@ impl JwksSource {
             })?;
         let response = sender.send_request(request).await.map_err(http_err)?;
         let status = response.status();
-        let body = Limited::new(response.into_body(), MAX_BODY_BYTES)
+        let max = self.max_body_bytes;
+        let body = Limited::new(response.into_body(), max)
             .collect()
             .await
-            .map_err(|e| JwksFetchError::Http {
-                url: url(),
-                problem: format!("reading the body (at most {MAX_BODY_BYTES} bytes): {e}"),
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    JwksFetchError::Jwks(JwksError::Invalid {
+                        path: PathBuf::from(self.url.as_str()),
+                        problem: format!(
+                            "the body is larger than {max} bytes (max_jwks_bytes); an issuer's \
+                             JWKS is a few KiB"
+                        ),
+                    })
+                } else {
+                    JwksFetchError::Http {
+                        url: url(),
+                        problem: format!("reading the body (at most {max} bytes): {e}"),
+                    }
+                }
             })?
             .to_bytes();
         drop(sender);
@@ -313,7 +346,11 @@ impl JwksSource {
                 problem: "the body is not UTF-8 JSON".into(),
             })
         })?;
-        Ok(JwksKeys::parse(text, Path::new(self.url.as_str()))?)
+        Ok(JwksKeys::parse(
+            text,
+            Path::new(self.url.as_str()),
+            self.max_body_bytes,
+        )?)
     }
 }
 
@@ -464,6 +501,88 @@ mod tests {
         let err = client_config(&path).unwrap_err();
         assert_eq!(err.reason(), "ca");
         assert!(err.to_string().contains("--k8s-ca"), "{err}");
+    }
+
+    /// A TLS server on loopback (its certificate, for 127.0.0.1, written to `dir/ca.crt`)
+    /// answering one request with `body`; plus a token file. Returns the URL and both files.
+    async fn serve_once(dir: &Path, body: Vec<u8>) -> (JwksUrl, PathBuf, PathBuf) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+        let ca = dir.join("ca.crt");
+        std::fs::write(&ca, cert.cert.pem()).unwrap();
+        let token = dir.join("token");
+        std::fs::write(&token, "t.o.k").unwrap();
+        let key = rustls::pki_types::PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der());
+        let config = rustls::ServerConfig::builder_with_provider(trellis_identity::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key.into())
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = acceptor.accept(tcp).await.unwrap();
+            let mut head = [0u8; 4096];
+            let _ = tls.read(&mut head).await;
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            let _ = tls.write_all(reply.as_bytes()).await;
+            let _ = tls.write_all(&body).await;
+            let _ = tls.flush().await;
+        });
+        let url = JwksUrl::parse(&format!("https://127.0.0.1:{port}/openid/v1/jwks")).unwrap();
+        (url, ca, token)
+    }
+
+    #[tokio::test]
+    async fn a_body_over_max_jwks_bytes_is_refused_with_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, ca, token) = serve_once(dir.path(), vec![b' '; 4096]).await;
+        let err = JwksSource::new(url, ca, token)
+            .with_limits(2048, Duration::from_secs(30))
+            .fetch()
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason(), "invalid_jwks", "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("larger than 2048 bytes") && text.contains("max_jwks_bytes"),
+            "{text}"
+        );
+        assert!(text.contains("127.0.0.1"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_server_slower_than_jwks_fetch_timeout_is_a_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t.o.k").unwrap();
+        let ca = dir.path().join("ca.crt");
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+        std::fs::write(&ca, cert.cert.pem()).unwrap();
+        // Accepts, then never says a word.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (_tcp, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        });
+        let url = JwksUrl::parse(&format!("https://127.0.0.1:{port}/openid/v1/jwks")).unwrap();
+        let err = JwksSource::new(url, ca, token)
+            .with_limits(1024 * 1024, Duration::from_millis(300))
+            .fetch()
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason(), "timeout", "{err}");
+        assert!(
+            err.to_string().contains("300ms (jwks_fetch_timeout)"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

@@ -39,12 +39,8 @@ pub enum JwksError {
     },
 }
 
-/// Largest token accepted; Kubernetes tokens are about 1 KiB (a few more with many audiences
-/// or a long issuer URL). Checked before any parsing.
-pub const MAX_TOKEN_LEN: usize = 8 * 1024;
-/// Largest JWKS document parsed (file or URL); a cluster's issuer publishes a few keys in a few
-/// KiB. Checked before any parsing.
-pub const MAX_JWKS_BYTES: usize = 1024 * 1024;
+/// `max_jwt_bytes` and `max_jwks_bytes` (`crate::config::defaults`) when not configured.
+use crate::config::defaults::{MAX_JWKS_BYTES, MAX_JWT_BYTES};
 
 /// Clock skew allowed on `exp` and `nbf`.
 const LEEWAY_SECS: f64 = 60.0;
@@ -86,14 +82,14 @@ impl std::fmt::Debug for JwksKeys {
 }
 
 impl JwksKeys {
-    /// Reads and parses a JWKS JSON file.
-    pub fn from_file(path: &Path) -> Result<Self, JwksError> {
+    /// Reads and parses a JWKS JSON file of at most `max_bytes` (`max_jwks_bytes`).
+    pub fn from_file(path: &Path, max_bytes: usize) -> Result<Self, JwksError> {
         // Read at most one byte past the limit, so a huge (or endless) file is never loaded.
         let mut json = String::new();
         std::fs::File::open(path)
             .and_then(|f| {
                 std::io::Read::read_to_string(
-                    &mut std::io::Read::take(f, MAX_JWKS_BYTES as u64 + 1),
+                    &mut std::io::Read::take(f, (max_bytes as u64).saturating_add(1)),
                     &mut json,
                 )
             })
@@ -101,20 +97,21 @@ impl JwksKeys {
                 path: path.to_path_buf(),
                 source,
             })?;
-        Self::parse(&json, path)
+        Self::parse(&json, path, max_bytes)
     }
 
-    /// Parses JWKS JSON text (`source`, a file or URL, names it in errors). Only RSA (2048
-    /// bits or more) and EC P-256/P-384 signing keys with a `kid` are kept; at least one is
-    /// required.
-    pub fn parse(json: &str, source: &Path) -> Result<Self, JwksError> {
+    /// Parses JWKS JSON text of at most `max_bytes` (`source`, a file or URL, names it in
+    /// errors). Only RSA (2048 bits or more) and EC P-256/P-384 signing keys with a `kid` are
+    /// kept; at least one is required.
+    pub fn parse(json: &str, source: &Path, max_bytes: usize) -> Result<Self, JwksError> {
         let invalid = |problem: String| JwksError::Invalid {
             path: source.to_path_buf(),
             problem,
         };
-        if json.len() > MAX_JWKS_BYTES {
+        // Checked before any parsing.
+        if json.len() > max_bytes {
             return Err(invalid(format!(
-                "larger than {MAX_JWKS_BYTES} bytes; an issuer's JWKS is a few KiB"
+                "larger than {max_bytes} bytes (max_jwks_bytes); an issuer's JWKS is a few KiB"
             )));
         }
         let set: JwkSet = serde_json::from_str(json).map_err(|e| {
@@ -241,6 +238,8 @@ pub struct K8sAttestor {
     // Read once per attestation (`load`), replaced whole by a refresh (`store`): no lock on
     // the attestation path.
     keys: JwksKeyStore,
+    /// Longer tokens are refused before any parsing (`max_jwt_bytes`).
+    max_token_bytes: usize,
 }
 
 impl K8sAttestor {
@@ -251,7 +250,14 @@ impl K8sAttestor {
             issuer: issuer.to_string(),
             audience: audience.to_string(),
             keys: JwksKeyStore(Arc::new(ArcSwap::from_pointee(keys))),
+            max_token_bytes: MAX_JWT_BYTES,
         }
+    }
+
+    /// Refuses tokens longer than `max` bytes (`max_jwt_bytes`) instead of the default 8 KiB.
+    pub fn with_max_token_bytes(mut self, max: usize) -> Self {
+        self.max_token_bytes = max;
+        self
     }
 
     /// Loads the issuer's public keys from a JWKS JSON file. Only RSA and EC keys are accepted.
@@ -261,7 +267,12 @@ impl K8sAttestor {
         audience: &str,
         td: &TrustDomain,
     ) -> Result<Self, JwksError> {
-        Ok(Self::new(JwksKeys::from_file(path)?, issuer, audience, td))
+        Ok(Self::new(
+            JwksKeys::from_file(path, MAX_JWKS_BYTES)?,
+            issuer,
+            audience,
+            td,
+        ))
     }
 
     /// Same, from JWKS JSON text (`source` names it in errors).
@@ -273,7 +284,7 @@ impl K8sAttestor {
         td: &TrustDomain,
     ) -> Result<Self, JwksError> {
         Ok(Self::new(
-            JwksKeys::parse(json, source)?,
+            JwksKeys::parse(json, source, MAX_JWKS_BYTES)?,
             issuer,
             audience,
             td,
@@ -289,7 +300,7 @@ impl K8sAttestor {
     /// or HS*), `kid` known, signature, `iss`, `aud` contains the audience, `exp`/`nbf` (60 s
     /// leeway), then derives the SPIFFE ID.
     pub fn attest(&self, token: &str, now: SystemTime) -> Result<SpiffeId, AttestError> {
-        if token.len() > MAX_TOKEN_LEN {
+        if token.len() > self.max_token_bytes {
             return Err(AttestError::Oversized("JWT"));
         }
         let mut parts = token.split('.');
@@ -486,7 +497,7 @@ fn clip(s: &str, max: usize) -> String {
 #[doc(hidden)]
 pub fn fuzz_jwks(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
-    let Ok(keys) = JwksKeys::parse(&text, Path::new("fuzz.json")) else {
+    let Ok(keys) = JwksKeys::parse(&text, Path::new("fuzz.json"), MAX_JWKS_BYTES) else {
         return;
     };
     assert!(!keys.is_empty());
@@ -960,11 +971,32 @@ pub(crate) mod tests {
 
     #[test]
     fn rejects_oversized_token() {
-        let tok = "a".repeat(MAX_TOKEN_LEN + 1);
+        let tok = "a".repeat(MAX_JWT_BYTES + 1);
         assert!(matches!(
             attestor().attest(&tok, now()),
             Err(AttestError::Oversized(_))
         ));
+        // A configured limit applies: a real token over it is refused unparsed.
+        let good = rs256(&claims("prod", "web"));
+        assert!(attestor().attest(&good, now()).is_ok());
+        let small = attestor().with_max_token_bytes(good.len() - 1);
+        assert!(matches!(
+            small.attest(&good, now()),
+            Err(AttestError::Oversized(_))
+        ));
+    }
+
+    #[test]
+    fn jwks_limit_is_the_one_given() {
+        let jwks = &keys().jwks;
+        assert!(JwksKeys::parse(jwks, Path::new("j.json"), jwks.len()).is_ok());
+        let err = JwksKeys::parse(jwks, Path::new("j.json"), jwks.len() - 1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("max_jwks_bytes") && err.contains("j.json"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -973,7 +1005,7 @@ pub(crate) mod tests {
             "{{\"keys\": [], \"pad\": \"{}\"}}",
             "x".repeat(MAX_JWKS_BYTES)
         );
-        let err = JwksKeys::parse(&big, Path::new("big.json")).err();
+        let err = JwksKeys::parse(&big, Path::new("big.json"), MAX_JWKS_BYTES).err();
         assert!(
             matches!(&err, Some(JwksError::Invalid { problem, .. }) if problem.contains("larger than")),
             "{err:?}"
@@ -981,7 +1013,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("big.json");
         std::fs::write(&path, &big).unwrap();
-        let err = JwksKeys::from_file(&path).err();
+        let err = JwksKeys::from_file(&path, MAX_JWKS_BYTES).err();
         assert!(
             matches!(&err, Some(JwksError::Invalid { problem, .. }) if problem.contains("larger than")),
             "{err:?}"
@@ -1114,7 +1146,14 @@ pub(crate) mod tests {
         );
 
         // The issuer rotated: only `ec-2` is published now.
-        store.store(JwksKeys::parse(&ec_only_jwks("ec-2"), Path::new("https://jwks")).unwrap());
+        store.store(
+            JwksKeys::parse(
+                &ec_only_jwks("ec-2"),
+                Path::new("https://jwks"),
+                MAX_JWKS_BYTES,
+            )
+            .unwrap(),
+        );
         assert_eq!(store.key_ids(), ["ec-2"]);
         assert_eq!(a.attest(&new, now()), Ok(sa_id("prod", "api")));
         assert_eq!(
@@ -1135,7 +1174,9 @@ pub(crate) mod tests {
             "",
             r#"{"keys":[{"kty":"oct","kid":"k","k":"c2VjcmV0"}]}"#,
         ] {
-            let err = JwksKeys::parse(body, source).unwrap_err().to_string();
+            let err = JwksKeys::parse(body, source, MAX_JWKS_BYTES)
+                .unwrap_err()
+                .to_string();
             assert!(err.starts_with(source.to_str().unwrap()), "{err}");
         }
         assert_eq!(a.key_store().key_ids(), ["ec-1", "rsa-1"]);
@@ -1159,8 +1200,10 @@ pub(crate) mod tests {
             })
             .collect();
         for _ in 0..50 {
-            store.store(JwksKeys::parse(&ec_only_jwks("ec-1"), Path::new("j")).unwrap());
-            store.store(JwksKeys::parse(&keys().jwks, Path::new("j")).unwrap());
+            store.store(
+                JwksKeys::parse(&ec_only_jwks("ec-1"), Path::new("j"), MAX_JWKS_BYTES).unwrap(),
+            );
+            store.store(JwksKeys::parse(&keys().jwks, Path::new("j"), MAX_JWKS_BYTES).unwrap());
         }
         for r in readers {
             assert!(r.join().unwrap());

@@ -13,6 +13,8 @@ use std::time::{Duration, SystemTime};
 use thiserror::Error;
 use trellis_identity::{SpiffeId, TrustDomain};
 
+use crate::config::CREDENTIAL_OVERHEAD;
+
 pub use join::{JoinAttestor, JOIN_TOKEN_PREFIX};
 pub use jwks_url::{JwksSource, JwksUrl};
 pub use k8s::{JwksKeyStore, JwksKeys, K8sAttestor};
@@ -84,7 +86,7 @@ pub enum AttestError {
     #[error("attested identity is invalid: {0}")]
     BadIdentity(String),
     /// A credential larger than any real one, refused before parsing.
-    #[error("{0} is too large (JWTs: at most 8 KiB)")]
+    #[error("{0} is too large (over the control plane's max_jwt_bytes, 8 KiB by default)")]
     Oversized(&'static str),
     /// Registry failure (not the caller's fault).
     #[error("internal error: {0}")]
@@ -155,6 +157,8 @@ pub struct Attestor {
     trust_domain: TrustDomain,
     k8s: Option<K8sAttestor>,
     join: JoinAttestor,
+    /// Longest `authorization` value parsed: the largest JWT plus [`CREDENTIAL_OVERHEAD`].
+    max_credential_len: usize,
 }
 
 impl Attestor {
@@ -164,13 +168,26 @@ impl Attestor {
             trust_domain,
             k8s,
             join,
+            max_credential_len: crate::config::defaults::MAX_JWT_BYTES + CREDENTIAL_OVERHEAD,
         }
+    }
+
+    /// Refuses `authorization` values that could not hold a JWT of at most `max` bytes
+    /// (`max_jwt_bytes`); the Kubernetes attestor checks the JWT itself.
+    pub fn with_max_jwt_bytes(mut self, max: usize) -> Self {
+        self.max_credential_len = max.saturating_add(CREDENTIAL_OVERHEAD);
+        self
+    }
+
+    /// Longest `authorization` value parsed; longer ones are refused as oversized.
+    pub fn max_credential_len(&self) -> usize {
+        self.max_credential_len
     }
 
     /// Attests a caller. A bearer credential wins over a peer SVID (so a workload can switch
     /// identity with a new token). Join tokens are recognised by their `trellis-join.` prefix;
     /// anything else is treated as a JWT. The `Bearer ` scheme is case-insensitive; credentials
-    /// over [`MAX_CREDENTIAL_LEN`] are rejected unparsed.
+    /// over [`Attestor::max_credential_len`] are rejected unparsed.
     pub fn attest(
         &self,
         cred: Credential<'_>,
@@ -179,7 +196,7 @@ impl Attestor {
     ) -> Result<Attested, AttestError> {
         let (spiffe_id, attestor) = match cred {
             Credential::Authorization(value) => {
-                let token = bearer_token(value)?;
+                let token = bearer_token(value, self.max_credential_len)?;
                 if token.starts_with(JOIN_TOKEN_PREFIX) {
                     // Without a peer address (in-process callers) every redemption shares
                     // one pseudo-address, so the window still applies.
@@ -222,14 +239,11 @@ impl Attestor {
 /// token may reuse it (from the same IP only).
 pub const JOIN_REDEMPTION_WINDOW: Duration = Duration::from_secs(30);
 
-/// Largest `authorization` value accepted, checked before any parsing: the largest JWT plus
-/// room for the `Bearer ` scheme and spaces.
-pub const MAX_CREDENTIAL_LEN: usize = k8s::MAX_TOKEN_LEN + 64;
-
-/// The token of an `authorization: Bearer <token>` value. RFC 9110 11.1: the auth-scheme is
-/// "case-insensitive"; RFC 6750 2.1 puts one or more spaces between scheme and token.
-fn bearer_token(value: &str) -> Result<&str, AttestError> {
-    if value.len() > MAX_CREDENTIAL_LEN {
+/// The token of an `authorization: Bearer <token>` value of at most `max_len` bytes (checked
+/// before any parsing). RFC 9110 11.1: the auth-scheme is "case-insensitive"; RFC 6750 2.1
+/// puts one or more spaces between scheme and token.
+fn bearer_token(value: &str, max_len: usize) -> Result<&str, AttestError> {
+    if value.len() > max_len {
         return Err(AttestError::Oversized("authorization metadata"));
     }
     let expected = || AttestError::Malformed("expected `Bearer <token>`".into());
@@ -461,13 +475,22 @@ mod tests {
     #[test]
     fn rejects_oversized_credential() {
         let f = fixture(true);
-        let value = format!("Bearer {}", "x".repeat(MAX_CREDENTIAL_LEN));
+        assert_eq!(f.attestor.max_credential_len(), 8 * 1024 + 64);
+        let value = format!("Bearer {}", "x".repeat(f.attestor.max_credential_len()));
         let err = f
             .attestor
             .attest(Credential::Authorization(&value), None, jwt::now())
             .unwrap_err();
         assert_eq!(err, AttestError::Oversized("authorization metadata"));
         assert_eq!(err.reason(), "oversized");
+        assert!(err.to_string().contains("max_jwt_bytes"), "{err}");
+        // A configured `max_jwt_bytes` moves the limit.
+        let small = f.attestor.with_max_jwt_bytes(1024);
+        let value = format!("Bearer {}", "x".repeat(1100));
+        assert_eq!(
+            small.attest(Credential::Authorization(&value), None, jwt::now()),
+            Err(AttestError::Oversized("authorization metadata"))
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Durable state: join tokens (stored as SHA-256 hashes, never in clear), CA material and
-//! scheduled CA rotations, issuance records.
+//! Durable state: join tokens (each its selector in clear and its verifier's SHA-256, never
+//! the verifier itself), CA material and scheduled CA rotations, issuance records.
 //!
 //! Two backends behind one [`Registry`]:
 //!
@@ -23,19 +23,22 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use rand::RngCore as _;
 use sha2::Digest as _;
+use subtle::ConstantTimeEq as _;
 use thiserror::Error;
 use trellis_identity::SpiffeId;
 use zeroize::Zeroizing;
 
 pub use self::postgres::PostgresUrl;
-use crate::attest::join::JOIN_TOKEN_PREFIX;
+use crate::attest::join::{JoinToken, JOIN_SELECTOR_BYTES, JOIN_TOKEN_PREFIX, JOIN_VERIFIER_BYTES};
 
 /// The schema this build reads and writes (SQLite `PRAGMA user_version`, PostgreSQL
 /// `trellis_schema.version`). Both backends take the same steps from 0 up to it.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
-/// Random bytes in a join token (256 bits: guessing is hopeless, so no rate limit is needed).
-const JOIN_TOKEN_BYTES: usize = 32;
+/// Most issuance records deleted in one transaction: a first prune of a table that grew for
+/// months deletes in steps, so token redemptions and creations (SQLite's single writer) wait
+/// for one step at most, never for the whole delete.
+const PRUNE_CHUNK: i64 = 10_000;
 
 /// Registry failures.
 #[derive(Debug, Error)]
@@ -111,7 +114,8 @@ pub enum RegistryError {
 /// Why a join token was refused. Each maps to a stable metric reason.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum JoinError {
-    /// No token with that hash.
+    /// No token with that selector, or its verifier does not match (the same answer, so a
+    /// caller cannot tell a known selector from an unknown one by the error).
     #[error("join token is unknown")]
     Unknown,
     /// Past its TTL.
@@ -304,24 +308,31 @@ impl Registry {
         matches!(self.backend, Backend::Postgres(_))
     }
 
-    /// Creates a random single-use join token bound to `id`, valid for `ttl` from `now`.
-    /// Returns the token in clear; only its hash is stored.
+    /// Creates a random single-use join token `trellis-join.<selector>.<verifier>` bound to
+    /// `id`, valid for `ttl` from `now`. Returns the token in clear; the selector is stored as
+    /// is, the verifier only as its SHA-256.
     pub fn create_join_token(
         &self,
         id: &SpiffeId,
         ttl: Duration,
         now: SystemTime,
     ) -> Result<Zeroizing<String>, RegistryError> {
-        let mut raw = Zeroizing::new([0u8; JOIN_TOKEN_BYTES]);
-        rand::rng().fill_bytes(raw.as_mut());
-        let token = Zeroizing::new(format!(
-            "{JOIN_TOKEN_PREFIX}{}",
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw.as_ref())
-        ));
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mut selector = [0u8; JOIN_SELECTOR_BYTES];
+        rand::rng().fill_bytes(&mut selector);
+        let mut verifier = Zeroizing::new([0u8; JOIN_VERIFIER_BYTES]);
+        rand::rng().fill_bytes(verifier.as_mut());
+        let selector = b64.encode(selector);
+        let verifier = Zeroizing::new(b64.encode(verifier.as_ref()));
+        let token = Zeroizing::new(format!("{JOIN_TOKEN_PREFIX}{selector}.{}", *verifier));
         let created = unix(now);
         let expires = created.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
         let row = NewToken {
-            hash: token_hash(&token),
+            selector,
+            verifier_hash: verifier_hash(&verifier)
+                .iter()
+                .map(|&b| char::from(b))
+                .collect(),
             spiffe_id: id.as_str().to_owned(),
             created_at: created,
             expires_at: expires,
@@ -333,10 +344,9 @@ impl Registry {
         Ok(token)
     }
 
-    /// Redeems a join token. The first redemption records `peer` and `now` durably *before*
-    /// returning; a later call succeeds only from the same peer IP within `window` of the
-    /// first (the streams one client opens in its first seconds share the redemption). With
-    /// PostgreSQL this holds across replicas: the row is locked while it is judged.
+    /// Redeems a join token given as a string: [`Registry::redeem_parsed_join_token`] after
+    /// a shape check; anything that is not a join token (the old single-part format
+    /// included) is [`JoinError::Unknown`] without a database call.
     pub fn redeem_join_token(
         &self,
         token: &str,
@@ -344,11 +354,29 @@ impl Registry {
         now: SystemTime,
         window: Duration,
     ) -> Result<Result<SpiffeId, JoinError>, RegistryError> {
-        // The token is looked up by its SHA-256, never compared in clear: a timing difference
-        // in the index search can only tell an attacker about the hash of their own guess,
-        // which does not help find a 256-bit preimage. So no constant-time compare is needed.
+        match JoinToken::parse(token) {
+            Ok(token) => self.redeem_parsed_join_token(token, peer, now, window),
+            Err(_) => Ok(Err(JoinError::Unknown)),
+        }
+    }
+
+    /// Redeems a join token. The row is found by selector and the verifier's SHA-256 compared
+    /// with the stored hash in constant time; a mismatch is [`JoinError::Unknown`], like an
+    /// unknown selector, and writes nothing. The first redemption records `peer` and `now`
+    /// durably *before* returning; a later call succeeds only from the same peer IP within
+    /// `window` of the first (the streams one client opens in its first seconds share the
+    /// redemption). With PostgreSQL this holds across replicas: the row is locked while it
+    /// is judged.
+    pub fn redeem_parsed_join_token(
+        &self,
+        token: JoinToken<'_>,
+        peer: IpAddr,
+        now: SystemTime,
+        window: Duration,
+    ) -> Result<Result<SpiffeId, JoinError>, RegistryError> {
         let attempt = Redeem {
-            hash: token_hash(token),
+            selector: token.selector().to_owned(),
+            verifier_hash: verifier_hash(token.verifier()),
             peer_ip: peer.to_string(),
             now: unix(now),
             window: i64::try_from(window.as_secs()).unwrap_or(i64::MAX),
@@ -433,12 +461,20 @@ impl Registry {
     }
 
     /// Deletes issuance records whose SVID expired before `expired_before`; returns how many.
-    /// Call it now and then (e.g. daily, with a cutoff of some weeks ago) so the table does
-    /// not grow without bound.
+    /// The issuance recorder calls it hourly ([`crate::recorder`]) so the table does not grow
+    /// without bound. Deletes in transactions of at most 10,000 rows.
     pub fn prune_issuances(&self, expired_before: SystemTime) -> Result<u64, RegistryError> {
-        match &self.backend {
-            Backend::Sqlite(s) => s.prune_issuances(unix(expired_before)),
-            Backend::Postgres(p) => p.prune_issuances(unix(expired_before)),
+        let cutoff = unix(expired_before);
+        let mut total = 0;
+        loop {
+            let n = match &self.backend {
+                Backend::Sqlite(s) => s.prune_issuances(cutoff, PRUNE_CHUNK)?,
+                Backend::Postgres(p) => p.prune_issuances(cutoff, PRUNE_CHUNK)?,
+            };
+            total += n;
+            if n < PRUNE_CHUNK.unsigned_abs() {
+                return Ok(total);
+            }
         }
     }
 
@@ -453,7 +489,9 @@ impl Registry {
 
 /// A join token row about to be inserted.
 struct NewToken {
-    hash: String,
+    selector: String,
+    /// Lowercase hex SHA-256 of the verifier.
+    verifier_hash: String,
     spiffe_id: String,
     created_at: i64,
     expires_at: i64,
@@ -461,7 +499,9 @@ struct NewToken {
 
 /// One redemption attempt, in stored units.
 struct Redeem {
-    hash: String,
+    selector: String,
+    /// Lowercase hex SHA-256 of the presented verifier, as stored.
+    verifier_hash: [u8; 64],
     peer_ip: String,
     /// Unix seconds.
     now: i64,
@@ -471,6 +511,7 @@ struct Redeem {
 
 /// A join token row as read for redemption.
 struct TokenRow {
+    verifier_hash: String,
     spiffe_id: String,
     expires_at: i64,
     redeemed_at: Option<i64>,
@@ -490,6 +531,12 @@ enum Verdict {
 impl Redeem {
     /// The one rule both backends apply, to a row read under their write lock.
     fn judge(&self, row: TokenRow) -> Result<Verdict, RegistryError> {
+        // The verifier is the secret: compared in constant time, so the time a refusal takes
+        // says nothing about how much of a guess matched. A mismatch answers as an unknown
+        // selector does and writes nothing, so a wrong guess cannot spend someone's token.
+        if !bool::from(row.verifier_hash.as_bytes().ct_eq(&self.verifier_hash)) {
+            return Ok(Verdict::Refuse(JoinError::Unknown));
+        }
         let id = SpiffeId::parse(&row.spiffe_id)
             .map_err(|e| RegistryError::Corrupt(format!("join token SPIFFE ID: {e}")))?;
         if row.expires_at <= self.now {
@@ -532,9 +579,13 @@ impl From<&IssuanceRecord> for IssuanceRow {
     }
 }
 
-/// Lowercase hex SHA-256 of the token: the only form stored.
-fn token_hash(token: &str) -> String {
-    hex::encode(sha2::Sha256::digest(token.as_bytes()))
+/// Lowercase hex SHA-256 of a verifier: the only form of it stored. On the stack, so a
+/// redemption allocates nothing for it.
+fn verifier_hash(verifier: &str) -> [u8; 64] {
+    let mut out = [0u8; 64];
+    // Cannot fail: 32 bytes always encode to exactly 64 hex digits.
+    let _ = hex::encode_to_slice(sha2::Sha256::digest(verifier.as_bytes()), &mut out);
+    out
 }
 
 /// Unix milliseconds; times before 1970 (a broken clock) count as 0.

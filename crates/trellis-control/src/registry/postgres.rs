@@ -8,7 +8,7 @@
 //! - `store_ca_if_absent` is `INSERT … ON CONFLICT DO NOTHING` then a read of the winner;
 //! - the schema is created and migrated in one transaction under an advisory lock, and
 //!   rotations are added under another, so ids become visible in order;
-//! - tokens are stored as SHA-256 hashes, never in clear.
+//! - a token's verifier is stored as its SHA-256, never in clear (its selector is the key).
 //!
 //! The `postgres` client runs a small tokio runtime of its own and must not be driven from
 //! a thread that is running async tasks (it would panic), nor dropped there. So each
@@ -445,9 +445,15 @@ impl PostgresStore {
     pub(super) fn insert_token(&self, row: NewToken) -> Result<(), RegistryError> {
         self.conn.call(move |c| {
             c.execute(
-                "INSERT INTO join_tokens (hash, spiffe_id, created_at, expires_at)
-                 VALUES ($1, $2, $3, $4)",
-                &[&row.hash, &row.spiffe_id, &row.created_at, &row.expires_at],
+                "INSERT INTO join_tokens (selector, hash, spiffe_id, created_at, expires_at)
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[
+                    &row.selector,
+                    &row.verifier_hash,
+                    &row.spiffe_id,
+                    &row.created_at,
+                    &row.expires_at,
+                ],
             )?;
             Ok(())
         })
@@ -462,25 +468,26 @@ impl PostgresStore {
             // FOR UPDATE: a redemption of the same token on another replica waits here until
             // this transaction ends, then reads the row as this one left it.
             let row = tx.query_opt(
-                "SELECT spiffe_id, expires_at, redeemed_at, redeemed_by_ip
-                 FROM join_tokens WHERE hash = $1 FOR UPDATE",
-                &[&attempt.hash],
+                "SELECT hash, spiffe_id, expires_at, redeemed_at, redeemed_by_ip
+                 FROM join_tokens WHERE selector = $1 FOR UPDATE",
+                &[&attempt.selector],
             )?;
             let Some(row) = row else {
                 return Ok(Err(JoinError::Unknown));
             };
             let row = TokenRow {
-                spiffe_id: row.try_get(0)?,
-                expires_at: row.try_get(1)?,
-                redeemed_at: row.try_get(2)?,
-                redeemed_by_ip: row.try_get(3)?,
+                verifier_hash: row.try_get(0)?,
+                spiffe_id: row.try_get(1)?,
+                expires_at: row.try_get(2)?,
+                redeemed_at: row.try_get(3)?,
+                redeemed_by_ip: row.try_get(4)?,
             };
             match attempt.judge(row)? {
                 Verdict::First(id) => {
                     tx.execute(
                         "UPDATE join_tokens SET redeemed_at = $1, redeemed_by_ip = $2
-                         WHERE hash = $3",
-                        &[&attempt.now, &attempt.peer_ip, &attempt.hash],
+                         WHERE selector = $3",
+                        &[&attempt.now, &attempt.peer_ip, &attempt.selector],
                     )?;
                     // Committed (and flushed) before answering: once the caller has an
                     // SVID, no replica will honour the token again.
@@ -620,11 +627,18 @@ impl PostgresStore {
         })
     }
 
-    pub(super) fn prune_issuances(&self, expired_before: i64) -> Result<u64, RegistryError> {
+    /// Deletes at most `limit` records that expired before `expired_before` (the caller
+    /// repeats until fewer are deleted), so no one transaction runs long.
+    pub(super) fn prune_issuances(
+        &self,
+        expired_before: i64,
+        limit: i64,
+    ) -> Result<u64, RegistryError> {
         self.log_conn.call(move |c| {
             Ok(c.execute(
-                "DELETE FROM issuances WHERE not_after < $1",
-                &[&expired_before],
+                "DELETE FROM issuances WHERE id IN
+                     (SELECT id FROM issuances WHERE not_after < $1 LIMIT $2)",
+                &[&expired_before, &limit],
             )?)
         })
     }
@@ -725,6 +739,15 @@ fn migrate(c: &mut postgres::Client, target: &str) -> Result<(), Fail> {
                  prepared_at_ms  BIGINT NOT NULL,
                  activate_at_ms  BIGINT NOT NULL
              );",
+        )?;
+    }
+    if version < 3 {
+        // Split join tokens, as in SQLite: `hash` holds the verifier's SHA-256 and rows are
+        // found by `selector`. Old rows keep working for replicas still running the previous
+        // build during a rolling upgrade; this build never finds them.
+        tx.batch_execute(
+            "ALTER TABLE join_tokens ADD COLUMN selector TEXT;
+             CREATE UNIQUE INDEX join_tokens_selector ON join_tokens (selector);",
         )?;
     }
     if version != SCHEMA_VERSION {

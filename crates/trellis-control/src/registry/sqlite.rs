@@ -146,6 +146,18 @@ impl SqliteStore {
             )
             .map_err(open_err)?;
         }
+        if version < 3 {
+            // Split join tokens: a row is found by `selector` (public) and `hash` now holds
+            // the SHA-256 of the verifier only, compared in constant time. Rows from earlier
+            // builds (`hash` of the whole token, no selector) are never found by selector:
+            // their tokens are refused by shape. Adding a column, not a table, keeps the rows
+            // readable by a process still running the previous build during an upgrade.
+            tx.execute_batch(
+                "ALTER TABLE join_tokens ADD COLUMN selector TEXT;
+                 CREATE UNIQUE INDEX join_tokens_selector ON join_tokens (selector);",
+            )
+            .map_err(open_err)?;
+        }
         if version != SCHEMA_VERSION {
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(open_err)?;
@@ -163,8 +175,15 @@ impl SqliteStore {
     pub(super) fn insert_token(&self, row: &NewToken) -> Result<(), RegistryError> {
         let conn = Self::lock(&self.conn);
         conn.execute(
-            "INSERT INTO join_tokens (hash, spiffe_id, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
-            params![row.hash, row.spiffe_id, row.created_at, row.expires_at],
+            "INSERT INTO join_tokens (selector, hash, spiffe_id, created_at, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                row.selector,
+                row.verifier_hash,
+                row.spiffe_id,
+                row.created_at,
+                row.expires_at
+            ],
         )?;
         Ok(())
     }
@@ -179,15 +198,16 @@ impl SqliteStore {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let row = tx
             .query_row(
-                "SELECT spiffe_id, expires_at, redeemed_at, redeemed_by_ip
-                 FROM join_tokens WHERE hash = ?1",
-                params![attempt.hash],
+                "SELECT hash, spiffe_id, expires_at, redeemed_at, redeemed_by_ip
+                 FROM join_tokens WHERE selector = ?1",
+                params![attempt.selector],
                 |r| {
                     Ok(TokenRow {
-                        spiffe_id: r.get(0)?,
-                        expires_at: r.get(1)?,
-                        redeemed_at: r.get(2)?,
-                        redeemed_by_ip: r.get(3)?,
+                        verifier_hash: r.get(0)?,
+                        spiffe_id: r.get(1)?,
+                        expires_at: r.get(2)?,
+                        redeemed_at: r.get(3)?,
+                        redeemed_by_ip: r.get(4)?,
                     })
                 },
             )
@@ -198,8 +218,9 @@ impl SqliteStore {
         match attempt.judge(row)? {
             Verdict::First(id) => {
                 tx.execute(
-                    "UPDATE join_tokens SET redeemed_at = ?1, redeemed_by_ip = ?2 WHERE hash = ?3",
-                    params![attempt.now, attempt.peer_ip, attempt.hash],
+                    "UPDATE join_tokens SET redeemed_at = ?1, redeemed_by_ip = ?2
+                     WHERE selector = ?3",
+                    params![attempt.now, attempt.peer_ip, attempt.selector],
                 )?;
                 // Commit (fsync'd: synchronous=FULL) before answering: if we crash after
                 // this line the token is spent; if before, the caller got nothing.
@@ -349,11 +370,18 @@ impl SqliteStore {
         Ok(())
     }
 
-    pub(super) fn prune_issuances(&self, expired_before: i64) -> Result<u64, RegistryError> {
+    /// Deletes at most `limit` records that expired before `expired_before`, in one
+    /// transaction (the caller repeats until fewer are deleted).
+    pub(super) fn prune_issuances(
+        &self,
+        expired_before: i64,
+        limit: i64,
+    ) -> Result<u64, RegistryError> {
         let conn = Self::lock(&self.log_conn);
         let n = conn.execute(
-            "DELETE FROM issuances WHERE not_after < ?1",
-            params![expired_before],
+            "DELETE FROM issuances WHERE id IN
+                 (SELECT id FROM issuances WHERE not_after < ?1 LIMIT ?2)",
+            params![expired_before, limit],
         )?;
         Ok(n as u64)
     }

@@ -52,8 +52,10 @@ macro_rules! shared_tests {
 macro_rules! all_shared_tests {
     ($fixture:path) => {
         shared_tests!($fixture;
-            token_has_prefix_and_256_bits,
+            token_has_selector_and_256_bit_verifier,
             join_token_single_use,
+            wrong_verifier_is_unknown_and_spends_nothing,
+            old_format_token_is_unknown,
             join_token_shared_within_window_same_ip,
             join_token_refused_from_other_ip,
             join_token_refused_after_window,
@@ -62,6 +64,7 @@ macro_rules! all_shared_tests {
             unknown_join_token,
             ca_material_round_trips_and_first_store_wins,
             issuance_records_count_and_prune,
+            prune_deletes_more_than_one_chunk,
             concurrent_redemptions_from_two_connections_agree,
             racing_redemptions_admit_exactly_one,
             racing_first_starts_agree_on_one_ca,
@@ -74,16 +77,78 @@ macro_rules! all_shared_tests {
 mod shared {
     use super::*;
 
-    pub fn token_has_prefix_and_256_bits(f: &dyn Fixture) {
+    pub fn token_has_selector_and_256_bit_verifier(f: &dyn Fixture) {
+        let reg = f.handle();
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mut selectors = Vec::new();
+        for _ in 0..2 {
+            let tok = reg
+                .create_join_token(&id(), Duration::from_secs(3600), t(0))
+                .unwrap();
+            let parsed = JoinToken::parse(&tok).unwrap();
+            assert_eq!(b64.decode(parsed.selector()).unwrap().len(), 16);
+            assert_eq!(b64.decode(parsed.verifier()).unwrap().len(), 32);
+            assert_eq!(
+                tok.as_str(),
+                format!(
+                    "{JOIN_TOKEN_PREFIX}{}.{}",
+                    parsed.selector(),
+                    parsed.verifier()
+                )
+            );
+            selectors.push(parsed.selector().to_owned());
+        }
+        assert_ne!(selectors[0], selectors[1]);
+    }
+
+    /// `tok` with its verifier's first character changed: the right selector, a wrong secret.
+    fn with_wrong_verifier(tok: &str) -> String {
+        let (head, verifier) = tok.rsplit_once('.').unwrap();
+        let first = if verifier.starts_with('A') { 'B' } else { 'A' };
+        format!("{head}.{first}{}", &verifier[1..])
+    }
+
+    pub fn wrong_verifier_is_unknown_and_spends_nothing(f: &dyn Fixture) {
         let reg = f.handle();
         let tok = reg
             .create_join_token(&id(), Duration::from_secs(3600), t(0))
             .unwrap();
-        let body = tok.strip_prefix(JOIN_TOKEN_PREFIX).unwrap();
-        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(body)
-            .unwrap();
-        assert_eq!(raw.len(), 32);
+        let wrong = with_wrong_verifier(&tok);
+        assert!(JoinToken::parse(&wrong).is_ok(), "{wrong}");
+        // The same answer as an unknown selector, on every try (nothing was recorded).
+        for s in [1, 2] {
+            assert_eq!(
+                reg.redeem_join_token(&wrong, ip(9), t(s), WINDOW).unwrap(),
+                Err(JoinError::Unknown)
+            );
+        }
+        // Not spent: the holder, from another address, still redeems it first …
+        assert_eq!(
+            reg.redeem_join_token(&tok, ip(1), t(3), WINDOW).unwrap(),
+            Ok(id())
+        );
+        // … and a wrong verifier from the holder's own address, inside the window, is still
+        // unknown rather than sharing the redemption.
+        assert_eq!(
+            reg.redeem_join_token(&wrong, ip(1), t(4), WINDOW).unwrap(),
+            Err(JoinError::Unknown)
+        );
+        assert_eq!(
+            f.handle()
+                .redeem_join_token(&tok, ip(9), t(5), WINDOW)
+                .unwrap(),
+            Err(JoinError::AlreadyRedeemed)
+        );
+    }
+
+    pub fn old_format_token_is_unknown(f: &dyn Fixture) {
+        // `trellis-join.<43 characters>`, as earlier builds issued: never looked up.
+        let reg = f.handle();
+        let old = format!("{JOIN_TOKEN_PREFIX}{}", "q".repeat(43));
+        assert_eq!(
+            reg.redeem_join_token(&old, ip(1), t(1), WINDOW).unwrap(),
+            Err(JoinError::Unknown)
+        );
     }
 
     pub fn join_token_single_use(f: &dyn Fixture) {
@@ -189,6 +254,12 @@ mod shared {
                 .unwrap(),
             Err(JoinError::Unknown)
         );
+        // Well-formed, but no such selector.
+        let absent = format!("{JOIN_TOKEN_PREFIX}{}.{}", "A".repeat(22), "A".repeat(43));
+        assert_eq!(
+            reg.redeem_join_token(&absent, ip(1), t(1), WINDOW).unwrap(),
+            Err(JoinError::Unknown)
+        );
     }
 
     pub fn ca_material_round_trips_and_first_store_wins(f: &dyn Fixture) {
@@ -222,6 +293,25 @@ mod shared {
         assert_eq!(f.handle().issuance_count().unwrap(), 3);
         assert_eq!(reg.prune_issuances(t(250)).unwrap(), 2);
         assert_eq!(reg.issuance_count().unwrap(), 1);
+    }
+
+    pub fn prune_deletes_more_than_one_chunk(f: &dyn Fixture) {
+        let reg = f.handle();
+        let rec = |not_after| IssuanceRecord {
+            spiffe_id: id(),
+            serial_hex: "01".into(),
+            not_after,
+            attestor: "svid",
+            peer: None,
+            issued_at: t(0),
+        };
+        let old = usize::try_from(2 * PRUNE_CHUNK + 5).unwrap();
+        let mut recs = vec![rec(t(10)); old];
+        recs.extend([rec(t(1000)), rec(t(2000))]);
+        reg.record_issuances(&recs).unwrap();
+        assert_eq!(reg.prune_issuances(t(500)).unwrap(), old as u64);
+        assert_eq!(reg.issuance_count().unwrap(), 2);
+        assert_eq!(reg.prune_issuances(t(500)).unwrap(), 0);
     }
 
     pub fn concurrent_redemptions_from_two_connections_agree(f: &dyn Fixture) {
@@ -380,10 +470,11 @@ mod sqlite_backend {
                 bytes.extend(b);
             }
         }
-        let body = tok.strip_prefix(JOIN_TOKEN_PREFIX).unwrap();
+        let parsed = JoinToken::parse(&tok).unwrap();
         assert!(!contains(&bytes, tok.as_bytes()));
-        assert!(!contains(&bytes, body.as_bytes()));
-        assert!(contains(&bytes, token_hash(&tok).as_bytes()));
+        assert!(!contains(&bytes, parsed.verifier().as_bytes()));
+        assert!(contains(&bytes, &verifier_hash(parsed.verifier())));
+        assert!(contains(&bytes, parsed.selector().as_bytes()));
     }
 
     fn contains(hay: &[u8], needle: &[u8]) -> bool {
@@ -443,7 +534,10 @@ mod sqlite_backend {
         {
             let conn = rusqlite::Connection::open(&path).unwrap();
             conn.execute_batch(
-                "CREATE TABLE ca (id INTEGER PRIMARY KEY, chain_pem TEXT, bundle_pem TEXT, key_pem TEXT);
+                "CREATE TABLE join_tokens (hash TEXT PRIMARY KEY NOT NULL, spiffe_id TEXT NOT NULL,
+                     created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL,
+                     redeemed_at INTEGER, redeemed_by_ip TEXT) WITHOUT ROWID;
+                 CREATE TABLE ca (id INTEGER PRIMARY KEY, chain_pem TEXT, bundle_pem TEXT, key_pem TEXT);
                  INSERT INTO ca VALUES (1, 'c', 'b', 'k');
                  PRAGMA user_version = 1;",
             )
@@ -452,7 +546,79 @@ mod sqlite_backend {
         let reg = Registry::open(&path).unwrap();
         assert_eq!(reg.load_ca().unwrap().unwrap().chain_pem, "c");
         assert!(reg.ca_rotations_after(0).unwrap().is_empty());
+        let tok = reg
+            .create_join_token(&id(), Duration::from_secs(3600), t(0))
+            .unwrap();
+        assert_eq!(
+            reg.redeem_join_token(&tok, ip(1), t(1), WINDOW).unwrap(),
+            Ok(id())
+        );
     }
+
+    /// A database written by the previous build (schema 2: whole-token hashes) opens, gains
+    /// the selector column, and refuses its old tokens while new ones work.
+    #[test]
+    fn a_version_2_database_is_migrated_and_old_tokens_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trellis.db");
+        let old = format!("{JOIN_TOKEN_PREFIX}{}", "q".repeat(43));
+        {
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            conn.execute_batch(V2_SCHEMA).unwrap();
+            conn.execute(
+                "INSERT INTO join_tokens (hash, spiffe_id, created_at, expires_at)
+                 VALUES (?1, ?2, 0, 9999999999)",
+                rusqlite::params![
+                    hex::encode(sha2::Sha256::digest(old.as_bytes())),
+                    id().as_str()
+                ],
+            )
+            .unwrap();
+        }
+        let reg = Registry::open(&path).unwrap();
+        assert_eq!(
+            reg.redeem_join_token(&old, ip(1), t(1), WINDOW).unwrap(),
+            Err(JoinError::Unknown)
+        );
+        let tok = reg
+            .create_join_token(&id(), Duration::from_secs(3600), t(0))
+            .unwrap();
+        assert_eq!(
+            reg.redeem_join_token(&tok, ip(1), t(1), WINDOW).unwrap(),
+            Ok(id())
+        );
+        drop(reg);
+        let c = rusqlite::Connection::open(&path).unwrap();
+        let version: i64 = c
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        // The old row is left as it was, for a previous build still running.
+        let old_rows: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM join_tokens WHERE selector IS NULL",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(old_rows, 1);
+    }
+
+    /// The schema as version 2 builds created it.
+    const V2_SCHEMA: &str = "
+        CREATE TABLE join_tokens (hash TEXT PRIMARY KEY NOT NULL, spiffe_id TEXT NOT NULL,
+            created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, redeemed_at INTEGER,
+            redeemed_by_ip TEXT) WITHOUT ROWID;
+        CREATE TABLE ca (id INTEGER PRIMARY KEY CHECK (id = 1), chain_pem TEXT NOT NULL,
+            bundle_pem TEXT NOT NULL, key_pem TEXT NOT NULL);
+        CREATE TABLE issuances (id INTEGER PRIMARY KEY AUTOINCREMENT, spiffe_id TEXT NOT NULL,
+            serial TEXT NOT NULL, not_after INTEGER NOT NULL, attestor TEXT NOT NULL, peer TEXT,
+            issued_at INTEGER NOT NULL);
+        CREATE INDEX issuances_not_after ON issuances (not_after);
+        CREATE TABLE ca_rotations (id INTEGER PRIMARY KEY AUTOINCREMENT, chain_pem TEXT NOT NULL,
+            bundle_pem TEXT NOT NULL, key_pem TEXT NOT NULL, prepared_at_ms INTEGER NOT NULL,
+            activate_at_ms INTEGER NOT NULL);
+        PRAGMA user_version = 2;";
 
     #[test]
     fn sqlite_url_opens_the_file() {
@@ -581,9 +747,77 @@ mod postgres_backend {
             )
             .unwrap();
         let dump: String = rows.iter().map(|r| r.get::<_, String>(0)).collect();
-        let body = tok.strip_prefix(JOIN_TOKEN_PREFIX).unwrap();
-        assert!(!dump.contains(body), "{dump}");
-        assert!(dump.contains(&token_hash(&tok)), "{dump}");
+        let parsed = JoinToken::parse(&tok).unwrap();
+        let hash: String = verifier_hash(parsed.verifier())
+            .iter()
+            .map(|&b| char::from(b))
+            .collect();
+        assert!(!dump.contains(parsed.verifier()), "{dump}");
+        assert!(dump.contains(&hash), "{dump}");
+        assert!(dump.contains(parsed.selector()), "{dump}");
+    }
+
+    /// A database written by the previous build (schema 2) is migrated: its old tokens are
+    /// refused, new ones work, and old rows are left for replicas still on that build.
+    #[test]
+    fn a_version_2_database_is_migrated_and_old_tokens_refused() {
+        let Some(f) = fixture() else { return };
+        let old = format!("{JOIN_TOKEN_PREFIX}{}", "q".repeat(43));
+        let mut c =
+            ::postgres::Client::connect(&url_in_schema(&f.base, &f.schema), ::postgres::NoTls)
+                .unwrap();
+        c.batch_execute(
+            "CREATE TABLE trellis_schema (id INTEGER PRIMARY KEY CHECK (id = 1),
+                 version BIGINT NOT NULL);
+             INSERT INTO trellis_schema VALUES (1, 2);
+             CREATE TABLE join_tokens (hash TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL,
+                 created_at BIGINT NOT NULL, expires_at BIGINT NOT NULL, redeemed_at BIGINT,
+                 redeemed_by_ip TEXT);
+             CREATE TABLE ca (id INTEGER PRIMARY KEY CHECK (id = 1), chain_pem TEXT NOT NULL,
+                 bundle_pem TEXT NOT NULL, key_pem TEXT NOT NULL);
+             CREATE TABLE issuances (id BIGSERIAL PRIMARY KEY, spiffe_id TEXT NOT NULL,
+                 serial TEXT NOT NULL, not_after BIGINT NOT NULL, attestor TEXT NOT NULL,
+                 peer TEXT, issued_at BIGINT NOT NULL);
+             CREATE INDEX issuances_not_after ON issuances (not_after);
+             CREATE TABLE ca_rotations (id BIGSERIAL PRIMARY KEY, chain_pem TEXT NOT NULL,
+                 bundle_pem TEXT NOT NULL, key_pem TEXT NOT NULL,
+                 prepared_at_ms BIGINT NOT NULL, activate_at_ms BIGINT NOT NULL);",
+        )
+        .unwrap();
+        c.execute(
+            "INSERT INTO join_tokens (hash, spiffe_id, created_at, expires_at)
+             VALUES ($1, $2, 0, 9999999999)",
+            &[
+                &hex::encode(sha2::Sha256::digest(old.as_bytes())),
+                &id().as_str(),
+            ],
+        )
+        .unwrap();
+        let reg = f.handle();
+        assert_eq!(
+            reg.redeem_join_token(&old, ip(1), t(1), WINDOW).unwrap(),
+            Err(JoinError::Unknown)
+        );
+        let tok = reg
+            .create_join_token(&id(), Duration::from_secs(3600), t(0))
+            .unwrap();
+        assert_eq!(
+            reg.redeem_join_token(&tok, ip(1), t(1), WINDOW).unwrap(),
+            Ok(id())
+        );
+        let version: i64 = c
+            .query_one("SELECT version FROM trellis_schema", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(version, SCHEMA_VERSION);
+        let old_rows: i64 = c
+            .query_one(
+                "SELECT COUNT(*) FROM join_tokens WHERE selector IS NULL",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(old_rows, 1);
     }
 
     #[test]

@@ -112,7 +112,7 @@ impl SdsCore {
         }
         let auth = match request.metadata().get("authorization") {
             // Checked before the value is even copied: a huge header costs nothing more.
-            Some(v) if v.len() > crate::attest::MAX_CREDENTIAL_LEN => {
+            Some(v) if v.len() > self.attestor.max_credential_len() => {
                 let err = AttestError::Oversized("authorization metadata");
                 self.refused(&err, addr);
                 return Err(attest_status(&err));
@@ -399,6 +399,9 @@ async fn drive_stream(
                     None => return "client closed",
                     Some(Err(status)) => {
                         tracing::debug!(%status, "SDS stream error from client");
+                        // E.g. a request over sds_max_message_bytes: tell the client why
+                        // (never waiting on a client that does not read).
+                        let _ = tx.try_send(Err(status));
                         return "client error";
                     }
                     Some(Ok(req)) => req,

@@ -11,9 +11,10 @@
 //!   [`crate::ca::Ca::issue_server_cert`]), so the webhook configuration's `caBundle` is the
 //!   Trellis trust bundle. Re-issued on the control plane's SVID rotation schedule; every
 //!   new one is verified by DNS name against the bundle before it is served.
-//! - **Limits**: bodies over [`MAX_BODY`] get `413`, requests slower than [`BODY_TIMEOUT`] to
-//!   arrive get `408`, headers slower than [`HEADER_TIMEOUT`] close the connection, handshakes
-//!   slower than [`HANDSHAKE_TIMEOUT`] are dropped. The API server gives up after the
+//! - **Limits** ([`WebhookLimits`]): bodies over `webhook_max_body_bytes` get `413`, bodies
+//!   slower than `webhook_body_timeout` to arrive get `408`, heads slower than
+//!   `webhook_header_read_timeout` close the connection, handshakes slower than
+//!   `webhook_handshake_timeout` are dropped. The API server gives up after the
 //!   configuration's `timeoutSeconds` (5 s) anyway; the limits keep a client that is not the
 //!   API server from holding memory or tasks.
 
@@ -47,15 +48,6 @@ use inject::{InjectConfig, Outcome};
 
 /// The path the MutatingWebhookConfiguration points at.
 pub const PATH: &str = "/inject";
-/// Largest AdmissionReview accepted. etcd stores objects of at most 1.5 MiB, so every pod that
-/// could ever be created fits, with room for the review around it.
-pub const MAX_BODY: usize = 2 * 1024 * 1024;
-/// Time for a whole request body to arrive.
-pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time for request headers to arrive.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time for a TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for requests in flight.
 const DRAIN: Duration = Duration::from_secs(5);
 
@@ -191,6 +183,36 @@ fn tls_config(cert: Arc<WebhookCert>) -> Result<rustls::ServerConfig, rustls::Er
     Ok(config)
 }
 
+/// What one webhook connection and request may hold (the `webhook_*` settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WebhookLimits {
+    /// Most connections open at once.
+    pub max_connections: usize,
+    /// Largest AdmissionReview body read.
+    pub max_body_bytes: usize,
+    /// Time for a whole request body to arrive.
+    pub body_timeout: Duration,
+    /// Time for the request head to arrive.
+    pub header_read_timeout: Duration,
+    /// Time for the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Largest request head (hyper's HTTP/1.1 read buffer): longer heads get `431`.
+    pub max_header_bytes: usize,
+}
+
+impl From<&crate::config::ListenerLimits> for WebhookLimits {
+    fn from(l: &crate::config::ListenerLimits) -> Self {
+        Self {
+            max_connections: l.webhook_max_connections,
+            max_body_bytes: l.webhook_max_body_bytes,
+            body_timeout: l.webhook_body_timeout,
+            header_read_timeout: l.webhook_header_read_timeout,
+            handshake_timeout: l.webhook_handshake_timeout,
+            max_header_bytes: l.webhook_max_header_bytes,
+        }
+    }
+}
+
 /// What each request needs.
 struct State {
     trust_domain: String,
@@ -199,6 +221,7 @@ struct State {
     /// The trust bundle in force; read per review so a CA rotation reaches new pods at once.
     bundle: watch::Receiver<Arc<TrustBundle>>,
     metrics: Arc<ControlMetrics>,
+    limits: WebhookLimits,
 }
 
 impl State {
@@ -233,8 +256,9 @@ pub async fn start(
     metrics: Arc<ControlMetrics>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Webhook, StartError> {
+    let limits = settings.limits;
     let cap = crate::ratelimit::ConnectionCap::new(
-        settings.max_connections,
+        limits.max_connections,
         "webhook",
         Arc::clone(&metrics),
     );
@@ -259,6 +283,7 @@ pub async fn start(
         control_plane: settings.sidecar_control_plane.clone(),
         bundle,
         metrics,
+        limits,
     });
     tracing::info!(%addr, path = PATH, dns_names = ?settings.dns_names, image = %settings.sidecar_image, "sidecar injection webhook serving");
     let task = tokio::spawn(serve(
@@ -318,7 +343,8 @@ async fn serve_connection(
     state: Arc<State>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let limits = state.limits;
+    let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "webhook TLS handshake failed");
@@ -336,8 +362,8 @@ async fn serve_connection(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .max_buf_size(64 * 1024);
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes);
     let conn = builder.serve_connection(TokioIo::new(tls), svc);
     tokio::pin!(conn);
     let result = tokio::select! {
@@ -390,12 +416,13 @@ where
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+    let limits = &state.limits;
+    if declared.is_some_and(|n| n > limits.max_body_bytes as u64) {
         return too_large(state, peer);
     }
     let body = match tokio::time::timeout(
-        BODY_TIMEOUT,
-        Limited::new(req.into_body(), MAX_BODY).collect(),
+        limits.body_timeout,
+        Limited::new(req.into_body(), limits.max_body_bytes).collect(),
     )
     .await
     {
@@ -417,8 +444,8 @@ where
             let mut resp = text(
                 StatusCode::REQUEST_TIMEOUT,
                 format!(
-                    "the request body did not arrive within {}s\n",
-                    BODY_TIMEOUT.as_secs()
+                    "the request body did not arrive within {} (webhook_body_timeout)\n",
+                    humantime::format_duration(limits.body_timeout)
                 ),
             );
             resp.headers_mut().insert(
@@ -456,10 +483,11 @@ where
 
 fn too_large(state: &State, peer: SocketAddr) -> Response<Full<Bytes>> {
     state.metrics.webhook_review(Outcome::Error.label());
-    tracing::warn!(%peer, limit = MAX_BODY, "admission review too large");
+    let limit = state.limits.max_body_bytes;
+    tracing::warn!(%peer, limit, "admission review too large");
     let mut resp = text(
         StatusCode::PAYLOAD_TOO_LARGE,
-        format!("the admission review is larger than {MAX_BODY} bytes\n"),
+        format!("the admission review is larger than {limit} bytes (webhook_max_body_bytes)\n"),
     );
     // The rest of the body is not read: the connection cannot carry another request.
     resp.headers_mut().insert(
@@ -487,6 +515,7 @@ mod tests {
             control_plane: "cp:8443".into(),
             bundle,
             metrics: Arc::new(ControlMetrics::new()),
+            limits: WebhookLimits::from(&crate::config::ListenerLimits::default()),
         };
         (state, tx)
     }
@@ -586,6 +615,7 @@ mod tests {
     #[tokio::test]
     async fn oversized_bodies_get_413_by_header_or_by_counting() {
         let (state, _tx) = state();
+        const MAX_BODY: usize = crate::config::defaults::WEBHOOK_MAX_BODY_BYTES;
         // Declared too large: refused before reading.
         let mut req = post(Bytes::new());
         req.headers_mut().insert(

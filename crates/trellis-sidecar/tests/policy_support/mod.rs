@@ -128,6 +128,7 @@ impl PolicyMesh {
             metrics: server_metrics.clone(),
             expiry_margin: Duration::from_secs(60),
             policy: engine.clone(),
+            source: serde_json::Value::Null,
         };
         Self {
             mesh,
