@@ -589,6 +589,46 @@ impl<T: AsyncWrite + Unpin, R: Unpin> AsyncWrite for RequestFraming<T, R> {
     }
 }
 
+/// Fuzz body (cargo-fuzz target `h1_framing`, also run on stable by `tests/fuzz_bodies.rs`):
+/// arbitrary bytes must never panic the tracker, and how the stream is cut into reads must
+/// not change what it finds. The first byte picks the cut pattern; the rest is the stream,
+/// fed once whole and once in pieces. Not API.
+#[doc(hidden)]
+pub fn fuzz_framing(data: &[u8]) {
+    const MAX_HEAD: usize = 8 << 10;
+    let Some((&pattern, stream)) = data.split_first() else {
+        return;
+    };
+    let outcome = |t: &FramingTracker, r: &FramingReport| {
+        (
+            t.seq(),
+            t.in_head(),
+            t.is_off(),
+            r.conflicting.load(Ordering::Relaxed),
+            r.malformed.load(Ordering::Relaxed),
+            r.malformed_why.load(Ordering::Relaxed),
+        )
+    };
+    let (mut whole, whole_report) = (FramingTracker::new(MAX_HEAD), FramingReport::default());
+    whole.observe(stream, &whole_report);
+    let (mut cut, cut_report) = (FramingTracker::new(MAX_HEAD), FramingReport::default());
+    // Piece sizes cycle through 1..=8 scaled by the pattern, so reads end at many offsets.
+    let mut rest = stream;
+    let mut i = 0usize;
+    while !rest.is_empty() {
+        let size = (usize::from(pattern) % 17 + 1) * (i % 8 + 1) / 4 + 1;
+        let (piece, tail) = rest.split_at(size.min(rest.len()));
+        cut.observe(piece, &cut_report);
+        rest = tail;
+        i += 1;
+    }
+    assert_eq!(
+        outcome(&whole, &whole_report),
+        outcome(&cut, &cut_report),
+        "the same stream cut into reads of other sizes was framed differently"
+    );
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -1,6 +1,7 @@
 //! The cargo-fuzz targets' bodies for this crate (`sds::update::fuzz_response`,
-//! `config::fuzz_config`, called by `fuzz/fuzz_targets/sds_update.rs` and
-//! `sidecar_config.rs`) run here on stable, so CI checks the same properties: each seed in
+//! `config::fuzz_config`, `h1_framing::fuzz_framing`, called by
+//! `fuzz/fuzz_targets/sds_update.rs`, `sidecar_config.rs` and `h1_framing.rs`) run here on
+//! stable, so CI checks the same properties: each seed in
 //! `fuzz/seeds/<target>/`, freshly built SDS responses, then a few thousand byte-level
 //! mutations of them (a small deterministic mutator; `TRELLIS_FUZZ_SEED=n` picks another
 //! sequence, `TRELLIS_FUZZ_CASES=n` another count).
@@ -21,6 +22,7 @@ use trellis_proto::{
     TlsCertificate, SECRET_TYPE_URL,
 };
 use trellis_sidecar::config::fuzz_config;
+use trellis_sidecar::h1_framing::fuzz_framing;
 use trellis_sidecar::sds::update::fuzz_response;
 
 fn seeds(target: &str) -> Vec<Vec<u8>> {
@@ -206,6 +208,11 @@ fn sidecar_config_body_holds_for_seeds_and_mutations() {
 }
 
 /// Inputs worth pinning (the fuzzers found no failure here so far; add any they find).
+#[test]
+fn h1_framing_body_holds_for_seeds_and_mutations() {
+    run("h1_framing", &seeds("h1_framing"), fuzz_framing, 5000);
+}
+
 #[test]
 fn regressions() {
     for input in [
