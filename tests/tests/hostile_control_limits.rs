@@ -562,9 +562,12 @@ async fn admin_streams_and_webhook_head_limits_are_configurable() -> anyhow::Res
         println!("admin SETTINGS_MAX_CONCURRENT_STREAMS: default {default_max:?}, configured {configured:?}");
         ensure!(default_max == Some(16), "default: {default_max:?}");
         ensure!(configured == Some(2), "configured: {configured:?}");
-        // Streams past the limit wait for a free slot rather than fail: four requests on one
-        // connection that allows two at a time are all answered.
-        let (sender, _conn) = h2_admin(&cp).await?;
+        // Once the client has the server's SETTINGS, streams past the limit wait for a free
+        // slot rather than fail: four requests on one connection that allows two at a time
+        // are all answered. (Before the SETTINGS arrive a client may open more, which the
+        // server refuses with REFUSED_STREAM, so one request goes first.)
+        let (mut sender, _conn) = h2_admin(&cp).await?;
+        ensure!(h2_get(&mut sender, "/healthz").await? == 200, "first admin request");
         let gets: Vec<_> = (0..4)
             .map(|_| {
                 let mut s = sender.clone();
