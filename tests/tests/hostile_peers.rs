@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 use trellis_identity::tls::PeerMatch;
 use trellis_identity::SpiffeId;
 use trellis_tests::app_client::{echo_json, get_once, Proto};
+use trellis_tests::h2_raw::*;
 use trellis_tests::load::{Load, LoadOpts};
 use trellis_tests::mesh::{Mesh, MeshOpts, B_ID};
 use trellis_tests::{e2e, eventually, fetch_svid, tls_client_config, tls_connect};
@@ -314,89 +315,6 @@ async fn inbound_http1_limits_and_smuggling() -> anyhow::Result<()> {
 
 // ---- HTTP/2 by hand ----------------------------------------------------------------------
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const HEADERS: u8 = 0x1;
-const RST_STREAM: u8 = 0x3;
-const SETTINGS: u8 = 0x4;
-const GOAWAY: u8 = 0x7;
-const CONTINUATION: u8 = 0x9;
-const END_STREAM: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-const ENHANCE_YOUR_CALM: u32 = 0xb;
-const REFUSED_STREAM: u32 = 0x7;
-const CANCEL: u32 = 0x8;
-
-fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
-    let len = payload.len() as u32;
-    out.extend_from_slice(&len.to_be_bytes()[1..]);
-    out.push(kind);
-    out.push(flags);
-    out.extend_from_slice(&stream.to_be_bytes());
-    out.extend_from_slice(payload);
-}
-
-/// HPACK for `GET https://b<path>`: static-table indexes and literals without indexing.
-fn get_block(path: &str) -> Vec<u8> {
-    assert!(path.len() < 127);
-    let mut b = vec![0x82, 0x87, 0x04, path.len() as u8];
-    b.extend_from_slice(path.as_bytes());
-    b.extend_from_slice(&[0x01, 0x01, b'b']);
-    b
-}
-
-/// The client preface, an empty SETTINGS and an ACK of the server's.
-fn h2_start() -> Vec<u8> {
-    let mut out = PREFACE.to_vec();
-    frame(&mut out, SETTINGS, 0, 0, &[]);
-    frame(&mut out, SETTINGS, 0x1, 0, &[]);
-    out
-}
-
-/// What the server sent back on a raw HTTP/2 connection.
-#[derive(Debug, Default)]
-struct H2Seen {
-    goaway: Option<u32>,
-    rst: Vec<u32>,
-    closed: bool,
-}
-
-/// Reads frames until EOF/error or `wait`, or until GOAWAY when `stop_at_goaway`.
-async fn read_frames<S: AsyncRead + Unpin>(io: &mut S, wait: Duration) -> H2Seen {
-    let mut seen = H2Seen::default();
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        let mut head = [0u8; 9];
-        match tokio::time::timeout_at(deadline, io.read_exact(&mut head)).await {
-            Err(_) => return seen,
-            Ok(Err(_)) => {
-                seen.closed = true;
-                return seen;
-            }
-            Ok(Ok(_)) => {}
-        }
-        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-        let mut payload = vec![0u8; len];
-        if tokio::time::timeout_at(deadline, io.read_exact(&mut payload))
-            .await
-            .map_or(true, |r| r.is_err())
-        {
-            seen.closed = true;
-            return seen;
-        }
-        match head[3] {
-            GOAWAY if len >= 8 => {
-                seen.goaway = Some(u32::from_be_bytes([
-                    payload[4], payload[5], payload[6], payload[7],
-                ]))
-            }
-            RST_STREAM if len == 4 => seen.rst.push(u32::from_be_bytes([
-                payload[0], payload[1], payload[2], payload[3],
-            ])),
-            _ => {}
-        }
-    }
-}
-
 /// Rapid reset (CVE-2023-44487): thousands of streams opened and reset at once get GOAWAY
 /// `ENHANCE_YOUR_CALM`; a CONTINUATION flood is cut off; streams past
 /// `h2_max_concurrent_streams` are refused. Legitimate requests through the same sidecar keep
@@ -430,7 +348,7 @@ async fn http2_rapid_reset_continuation_flood_and_stream_limit() -> anyhow::Resu
         };
         let (sent, seen, ok) = tokio::join!(
             attack,
-            read_frames(&mut rd, Duration::from_secs(20)),
+            read_frames(&mut rd, Duration::from_secs(20), |_| false),
             legit(&mesh, "/legit-rapid")
         );
         ok.context("legitimate request during the rapid reset")?;
@@ -472,7 +390,7 @@ async fn http2_rapid_reset_continuation_flood_and_stream_limit() -> anyhow::Resu
         };
         let (frames, seen, ok) = tokio::join!(
             flood,
-            read_frames(&mut rd, Duration::from_secs(20)),
+            read_frames(&mut rd, Duration::from_secs(20), |_| false),
             legit(&mesh, "/legit-flood")
         );
         ok.context("legitimate request during the CONTINUATION flood")?;
@@ -495,7 +413,7 @@ async fn http2_rapid_reset_continuation_flood_and_stream_limit() -> anyhow::Resu
         }
         tls.write_all(&out).await?;
         let (seen, ok) = tokio::join!(
-            read_frames(&mut tls, Duration::from_secs(5)),
+            read_frames(&mut tls, Duration::from_secs(5), |_| false),
             legit(&mesh, "/legit-streams")
         );
         ok.context("legitimate request while a peer holds its streams")?;
@@ -549,7 +467,7 @@ async fn timeouts_cut_slow_and_idle_peers() -> anyhow::Result<()> {
         let idle = async {
             let mut io = h2.connect().await?;
             io.write_all(&h2_start()).await?;
-            let seen = read_frames(&mut io, wait).await;
+            let seen = read_frames(&mut io, wait, |_| false).await;
             anyhow::Ok((seen, started.elapsed()))
         };
         let legit_loop = async {

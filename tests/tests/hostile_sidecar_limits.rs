@@ -21,6 +21,7 @@ use trellis_identity::tls::PeerMatch;
 use trellis_identity::SpiffeId;
 use trellis_tests::app_client::{echo_json, get_once, Proto};
 use trellis_tests::echo::EchoApp;
+use trellis_tests::h2_raw::*;
 use trellis_tests::mesh::{Mesh, MeshOpts, A_ID, B_ID};
 use trellis_tests::sidecar::{Sidecar, SidecarOpts};
 use trellis_tests::{
@@ -327,94 +328,6 @@ async fn admin_timeouts_are_configurable() -> anyhow::Result<()> {
 }
 
 // ---- HTTP/2 by hand ----------------------------------------------------------------------
-
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const HEADERS: u8 = 0x1;
-const RST_STREAM: u8 = 0x3;
-const SETTINGS: u8 = 0x4;
-const GOAWAY: u8 = 0x7;
-const END_STREAM: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-const ENHANCE_YOUR_CALM: u32 = 0xb;
-const CANCEL: u32 = 0x8;
-
-fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
-    let len = payload.len() as u32;
-    out.extend_from_slice(&len.to_be_bytes()[1..]);
-    out.push(kind);
-    out.push(flags);
-    out.extend_from_slice(&stream.to_be_bytes());
-    out.extend_from_slice(payload);
-}
-
-/// HPACK for `GET https://b<path>`: static-table indexes and literals without indexing.
-fn get_block(path: &str) -> Vec<u8> {
-    assert!(path.len() < 127);
-    let mut b = vec![0x82, 0x87, 0x04, path.len() as u8];
-    b.extend_from_slice(path.as_bytes());
-    b.extend_from_slice(&[0x01, 0x01, b'b']);
-    b
-}
-
-/// The client preface, an empty SETTINGS and an ACK of the server's.
-fn h2_start() -> Vec<u8> {
-    let mut out = PREFACE.to_vec();
-    frame(&mut out, SETTINGS, 0, 0, &[]);
-    frame(&mut out, SETTINGS, 0x1, 0, &[]);
-    out
-}
-
-/// What the server sent back on a raw HTTP/2 connection.
-#[derive(Debug, Default)]
-struct H2Seen {
-    goaway: Option<u32>,
-    /// Streams a response HEADERS frame came on.
-    headers: Vec<u32>,
-    closed: bool,
-}
-
-/// Reads frames until EOF/error, `wait`, or `stop` says enough.
-async fn read_frames<S: AsyncRead + Unpin>(
-    io: &mut S,
-    wait: Duration,
-    stop: impl Fn(&H2Seen) -> bool,
-) -> H2Seen {
-    let mut seen = H2Seen::default();
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        if stop(&seen) {
-            return seen;
-        }
-        let mut head = [0u8; 9];
-        match tokio::time::timeout_at(deadline, io.read_exact(&mut head)).await {
-            Err(_) => return seen,
-            Ok(Err(_)) => {
-                seen.closed = true;
-                return seen;
-            }
-            Ok(Ok(_)) => {}
-        }
-        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-        let mut payload = vec![0u8; len];
-        if tokio::time::timeout_at(deadline, io.read_exact(&mut payload))
-            .await
-            .map_or(true, |r| r.is_err())
-        {
-            seen.closed = true;
-            return seen;
-        }
-        match head[3] {
-            GOAWAY if len >= 8 => {
-                seen.goaway = Some(u32::from_be_bytes([
-                    payload[4], payload[5], payload[6], payload[7],
-                ]))
-            }
-            HEADERS => seen.headers.push(stream),
-            _ => {}
-        }
-    }
-}
 
 /// Reset streams in the burst: over a configured 5, under the default 20.
 const BURST: u32 = 15;

@@ -182,22 +182,7 @@ pub fn certs_json(state: &AdminState) -> serde_json::Value {
         })
     });
     let bundle = state.bundle.load_full();
-    let cas: Vec<serde_json::Value> = bundle
-        .roots()
-        .iter()
-        .filter_map(|der| trellis_identity::cert_facts(der).ok())
-        .map(|f| {
-            serde_json::json!({
-                "subject": f.subject,
-                "serial": f.serial_hex,
-                "spiffe_id": f.uri_sans.into_iter().find(|u| u.starts_with("spiffe://")),
-                "not_before": unix(f.not_before),
-                "not_after": unix(f.not_after),
-                "not_before_rfc3339": rfc3339(f.not_before),
-                "not_after_rfc3339": rfc3339(f.not_after),
-            })
-        })
-        .collect();
+    let cas = bundle.summary();
     serde_json::json!({
         "trust_domain": bundle.trust_domain().as_str(),
         "svid": svid,

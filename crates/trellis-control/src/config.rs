@@ -762,7 +762,11 @@ fn k8s_settings(
             if refresh < jwks_url::MIN_REFRESH {
                 return Err(invalid(
                     "k8s_jwks_refresh",
-                    format!("{refresh:?} is too short: use at least 1s"),
+                    format!(
+                        "{} is too short: use at least {}",
+                        humantime::format_duration(refresh),
+                        humantime::format_duration(jwks_url::MIN_REFRESH)
+                    ),
                 ));
             }
             K8sKeySource::Url {
@@ -895,12 +899,11 @@ impl ControlSettings {
             f.k8s_issuer,
             f.k8s_audience,
         )?;
+        let state_dir = f
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from(defaults::STATE_DIR));
         let database = match &f.database {
-            None => Database::in_state_dir(
-                f.state_dir
-                    .as_deref()
-                    .unwrap_or(Path::new(defaults::STATE_DIR)),
-            ),
+            None => Database::in_state_dir(&state_dir),
             Some(url) => Database::parse(url.expose()).map_err(|e| ConfigError::Invalid {
                 field: "database",
                 problem: format!("{e} (from --database, TRELLIS_DATABASE or `database:`)"),
@@ -910,9 +913,7 @@ impl ControlSettings {
             trust_domain,
             listen,
             admin,
-            state_dir: f
-                .state_dir
-                .unwrap_or_else(|| PathBuf::from(defaults::STATE_DIR)),
+            state_dir,
             svid_ttl,
             rotate_every,
             issuance_retention,

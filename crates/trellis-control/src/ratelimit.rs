@@ -103,7 +103,7 @@ impl PeerLimiter {
     }
 
     fn applies_to(&self, ip: IpAddr) -> bool {
-        self.limit.enabled() && (self.limit.limit_loopback || !ip.is_loopback())
+        self.limit.enabled() && (self.limit.limit_loopback || !ip.to_canonical().is_loopback())
     }
 
     fn shard(&self, ip: IpAddr) -> Option<&Mutex<Shard>> {

@@ -175,10 +175,7 @@ impl ControlPlane {
                         keys
                     }
                 };
-                Some(
-                    K8sAttestor::new(keys, &k.issuer, &k.audience, &td)
-                        .with_max_token_bytes(settings.limits.max_jwt_bytes),
-                )
+                Some(K8sAttestor::new(keys, &k.issuer, &k.audience, &td))
             }
             None => None,
         };

@@ -1,6 +1,6 @@
 //! Trust bundles: the CA certificates that verify SVIDs of one trust domain.
 
-use std::time::SystemTime;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustls_pki_types::{CertificateDer, TrustAnchor};
 
@@ -87,6 +87,51 @@ impl TrustBundle {
     pub(crate) fn anchors(&self) -> &[TrustAnchor<'static>] {
         &self.anchors
     }
+
+    /// Each CA's public facts, as both admin endpoints' `/certs` show them (a member that
+    /// does not parse is left out; `new` already refused those).
+    pub fn summary(&self) -> Vec<BundleCaSummary> {
+        self.roots
+            .iter()
+            .filter_map(|der| crate::cert_facts(der).ok())
+            .map(|f| BundleCaSummary {
+                spiffe_id: f.uri_sans.into_iter().find(|u| u.starts_with("spiffe://")),
+                not_before: unix(f.not_before),
+                not_after: unix(f.not_after),
+                not_before_rfc3339: rfc3339(f.not_before),
+                not_after_rfc3339: rfc3339(f.not_after),
+                subject: f.subject,
+                serial: f.serial_hex,
+            })
+            .collect()
+    }
+}
+
+/// One CA of a trust bundle: public facts only, serialized into `/certs`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BundleCaSummary {
+    /// Subject DN.
+    pub subject: String,
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    /// The CA's SPIFFE ID URI SAN, if it has one.
+    pub spiffe_id: Option<String>,
+    /// notBefore, unix seconds.
+    pub not_before: u64,
+    /// notAfter, unix seconds.
+    pub not_after: u64,
+    /// notBefore, RFC 3339.
+    pub not_before_rfc3339: String,
+    /// notAfter, RFC 3339.
+    pub not_after_rfc3339: String,
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    crate::inspect::rfc3339(crate::cert::unix_secs(t))
 }
 
 #[cfg(test)]

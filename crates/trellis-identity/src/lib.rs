@@ -19,7 +19,7 @@ pub mod testca;
 pub mod tls;
 mod verify;
 
-pub use bundle::TrustBundle;
+pub use bundle::{BundleCaSummary, TrustBundle};
 pub use cert::{cert_facts, leaf_sha256_hex, CertFacts};
 pub use error::{IdError, PemError, SvidError};
 pub use pem::{certs_from_pem, certs_to_pem, key_from_pem, key_to_pem};

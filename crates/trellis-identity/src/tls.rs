@@ -425,7 +425,8 @@ pub fn client_config(
 }
 
 impl TlsPolicy {
-    fn versions(self) -> &'static [&'static SupportedProtocolVersion] {
+    /// The protocol versions this policy allows.
+    pub fn versions(self) -> &'static [&'static SupportedProtocolVersion] {
         static TLS13: [&SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
         static TLS12_PLUS: [&SupportedProtocolVersion; 2] =
             [&rustls::version::TLS13, &rustls::version::TLS12];
@@ -437,14 +438,14 @@ impl TlsPolicy {
 }
 
 /// TLS 1.2 suites allowed by [`TlsPolicy::Tls12Plus`]: forward-secret AEADs for ECDSA keys only.
-const TLS12_SUITES: [CipherSuite; 3] = [
+pub const TLS12_SUITES: [CipherSuite; 3] = [
     CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
     CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
     CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
 ];
 
 /// [`provider`] with its cipher suites cut down to what `policy` allows.
-fn policy_provider(policy: TlsPolicy) -> Arc<CryptoProvider> {
+pub fn policy_provider(policy: TlsPolicy) -> Arc<CryptoProvider> {
     let mut provider = rustls::crypto::ring::default_provider();
     provider.cipher_suites.retain(|suite| match suite {
         SupportedCipherSuite::Tls13(_) => true,

@@ -27,7 +27,7 @@ use trellis_identity::inspect::{self, ClientIdentity, InspectOptions, Target};
 use trellis_identity::{SpiffeId, TrustDomain};
 
 use crate::config::Limits;
-use crate::http_util::{ConnLimit, IdleClock, Tracked};
+use crate::http_util::{ConnLimit, IdleClock, Tracked, IDLE_GOAWAY_GRACE};
 use crate::metrics::{Listener, SidecarMetrics, CONTENT_TYPE};
 use crate::policy::PolicyEngine;
 use crate::svid_store::SvidStore;
@@ -43,10 +43,6 @@ const SHUTDOWN_FLUSH: Duration = Duration::from_secs(1);
 /// Streams an HTTP/2 admin client may have open at once: probes and scrapers send one at a
 /// time.
 const ADMIN_MAX_STREAMS: u32 = 16;
-/// After an idle connection's GOAWAY, how long the client has to close while no request is in
-/// flight. hyper's HTTP/2 graceful close waits for the client's PING ack; without this bound a
-/// client that never acks would hold its connection slot forever.
-const IDLE_GOAWAY_GRACE: Duration = Duration::from_secs(5);
 
 /// Counts one admin request on its connection while it is being answered.
 struct InFlight(Arc<AtomicUsize>);
@@ -169,22 +165,7 @@ pub fn certs_json(store: &SvidStore) -> serde_json::Value {
         })
     });
     let bundle = store.bundle().load_full();
-    let cas: Vec<serde_json::Value> = bundle
-        .roots()
-        .iter()
-        .filter_map(|der| trellis_identity::cert_facts(der).ok())
-        .map(|f| {
-            serde_json::json!({
-                "subject": f.subject,
-                "serial": f.serial_hex,
-                "spiffe_id": f.uri_sans.into_iter().find(|u| u.starts_with("spiffe://")),
-                "not_before": unix(f.not_before),
-                "not_after": unix(f.not_after),
-                "not_before_rfc3339": rfc3339(f.not_before),
-                "not_after_rfc3339": rfc3339(f.not_after),
-            })
-        })
-        .collect();
+    let cas = bundle.summary();
     serde_json::json!({
         "trust_domain": store.trust_domain().as_str(),
         "svid": svid,

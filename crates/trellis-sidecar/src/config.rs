@@ -39,7 +39,7 @@
 //!   max_connections_outbound: 1024   # per listener
 //!   handshake_timeout: 10s           # inbound mTLS handshake
 //!   header_read_timeout: 10s         # HTTP/1.1 request head (slowloris)
-//!   idle_timeout: 60s                # no bytes either way (HTTP/1.1), no open stream (HTTP/2)
+//!   idle_timeout: 60s                # no bytes either way (HTTP/1.1, h2c from apps), no open stream (inbound HTTP/2)
 //!   h2_max_pending_accept_reset_streams: 20   # rapid reset → GOAWAY ENHANCE_YOUR_CALM
 //!   h2_max_local_error_reset_streams: 1024    # streams reset for peer errors → same
 //!   h2_max_concurrent_reset_streams: 10       # reset streams remembered at once
@@ -271,7 +271,8 @@ pub struct Limits {
     pub max_uri_bytes: usize,
     /// HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`: more are refused with `REFUSED_STREAM`.
     pub h2_max_concurrent_streams: u32,
-    /// HTTP/2 `SETTINGS_MAX_HEADER_LIST_SIZE`; also bounds a CONTINUATION sequence.
+    /// HTTP/2 `SETTINGS_MAX_HEADER_LIST_SIZE` on both servers and on the pooled client toward
+    /// peers (their responses); also bounds a CONTINUATION sequence.
     pub h2_max_header_list_bytes: u32,
     /// Per inbound listener: connections past it are accepted and closed at once.
     pub max_connections_inbound: usize,
@@ -279,10 +280,10 @@ pub struct Limits {
     pub max_connections_outbound: usize,
     /// Inbound mTLS handshake bound.
     pub handshake_timeout: Duration,
-    /// HTTP/1.1 request head bound (hyper also applies it while a keep-alive connection
-    /// waits for its next request).
+    /// HTTP/1.1 request head bound from its first byte until it is complete
+    /// (`RequestFraming`); the wait between keep-alive requests is bounded by `idle_timeout`.
     pub header_read_timeout: Duration,
-    /// HTTP/1.1: no bytes either way; HTTP/2: no open stream; for this long → closed
+    /// HTTP/1.1 and h2c from apps: no bytes either way; inbound HTTP/2: no open stream; for this long → closed
     /// gracefully.
     pub idle_timeout: Duration,
     /// Streams a peer may open and reset before the server accepted them (the HTTP/2
@@ -326,7 +327,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
-            // h2's own defaults, written out so an h2 upgrade cannot loosen them.
+            // h2's defaults or tighter, written out so an h2 upgrade cannot loosen them.
             h2_max_pending_accept_reset_streams: 20,
             h2_max_local_error_reset_streams: 1024,
             h2_max_concurrent_reset_streams: 10,
@@ -347,6 +348,8 @@ impl Limits {
     /// floor (8 KiB, hyper's smallest buffer: it panics below) is the floor here too, for
     /// `max_header_bytes` and `admin_max_header_bytes` alike.
     pub const MAX_HEADER_BYTES_CEILING: usize = 256 << 10;
+    /// Most header lines `max_headers` and `admin_max_headers` may allow.
+    pub const MAX_HEADERS_CEILING: usize = 1000;
 
     /// Applies `f` over the defaults and checks ranges.
     pub fn from_file(f: &LimitsFile) -> Result<Self, ConfigError> {
@@ -405,7 +408,7 @@ impl Limits {
             8 << 10,
             Self::MAX_HEADER_BYTES_CEILING,
         )?;
-        range("max_headers", l.max_headers, 1, 1000)?;
+        range("max_headers", l.max_headers, 1, Self::MAX_HEADERS_CEILING)?;
         range("max_uri_bytes", l.max_uri_bytes, 16, l.max_header_bytes)?;
         range(
             "h2_max_concurrent_streams",
@@ -458,7 +461,12 @@ impl Limits {
             8 << 10,
             Self::MAX_HEADER_BYTES_CEILING,
         )?;
-        range("admin_max_headers", l.admin_max_headers, 1, 1000)?;
+        range(
+            "admin_max_headers",
+            l.admin_max_headers,
+            1,
+            Self::MAX_HEADERS_CEILING,
+        )?;
         for (field, v) in [
             ("handshake_timeout", l.handshake_timeout),
             ("header_read_timeout", l.header_read_timeout),

@@ -45,9 +45,9 @@ use tokio::time::{Instant, Sleep};
 
 use crate::http_util::{text_response, ProxyBody};
 
-/// The most header fields a head may have: `limits.max_headers` is at most this (config.rs),
-/// so a head hyper accepts always fits.
-const MAX_HEADERS: usize = 1000;
+/// The most header fields a head may have: `limits.max_headers` is at most this, so a head
+/// hyper accepts always fits.
+const MAX_HEADERS: usize = crate::config::Limits::MAX_HEADERS_CEILING;
 
 /// hyper's bound on the chunk extensions of one body (`CHUNKED_EXTENSIONS_LIMIT`): past it
 /// hyper fails the body, so the tracker does too.

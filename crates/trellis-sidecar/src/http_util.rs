@@ -478,6 +478,11 @@ where
 /// instead opens a new connection for its next request and never sends it into a closing one.
 pub const HTTP1_DRAIN_GRACE: Duration = Duration::from_secs(1);
 
+/// After an idle connection's GOAWAY, how long the peer has to finish the close while no byte
+/// moves. hyper's HTTP/2 graceful close waits for the peer's PING ACK; without this bound a peer
+/// that never answers would hold its connection (and its slot) forever.
+pub const IDLE_GOAWAY_GRACE: Duration = Duration::from_secs(5);
+
 /// A served connection's drain state, shared with the service that answers its requests;
 /// also what its HTTP/1.1 framing guard found (one allocation per connection for both).
 #[derive(Debug, Default)]
@@ -509,13 +514,15 @@ impl ConnDrain {
 /// Serves `conn` to its end. Once `drain` signals: HTTP/2 gets GOAWAY at once (hyper's graceful
 /// shutdown; in-flight streams finish); HTTP/1.1 answers its next response with
 /// `Connection: close` and is closed if it stays idle for [`HTTP1_DRAIN_GRACE`] (an in-flight
-/// request still finishes). When `idle` completes first (see [`IdleClock::expired`]) the
-/// connection is shut down gracefully the same way. Holds `drain` until the connection is gone.
+/// request still finishes). When no byte has moved for `idle_timeout` (see [`IdleClock`]) the
+/// connection is shut down gracefully the same way, and dropped if it then stays silent for
+/// [`IDLE_GOAWAY_GRACE`]. Holds `drain` until the connection is gone.
 pub(crate) async fn serve_until_drained<C, E>(
     conn: C,
     drain: Drain,
     state: &ConnDrain,
-    idle: impl Future<Output = ()>,
+    clock: &Arc<IdleClock>,
+    idle_timeout: Duration,
 ) -> Result<(), E>
 where
     C: GracefulConnection<Output = Result<(), E>>,
@@ -525,9 +532,14 @@ where
         biased;
         res = conn.as_mut() => return res,
         () = drain.signaled() => {}
-        () = idle => {
+        () = Arc::clone(clock).expired(idle_timeout) => {
             conn.as_mut().begin_shutdown();
-            return conn.await;
+            // `conn` first: polling it writes the GOAWAY, which restarts the clock.
+            return tokio::select! {
+                biased;
+                res = conn.as_mut() => res,
+                () = Arc::clone(clock).expired(IDLE_GOAWAY_GRACE) => Ok(()),
+            };
         }
     }
     state.draining.store(true, Ordering::Relaxed);
@@ -695,7 +707,7 @@ pub(crate) fn uri_too_long(
     version: Version,
     max: usize,
 ) -> Option<Response<ProxyBody>> {
-    // The request target as sent: absolute form counts scheme and authority too.
+    // The request target: authority (absolute form, or HTTP/2 `:authority`) + path and query.
     let len = uri.authority().map_or(0, |a| a.as_str().len())
         + uri.path_and_query().map_or(0, |pq| pq.as_str().len());
     if len <= max {

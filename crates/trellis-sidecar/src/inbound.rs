@@ -35,7 +35,7 @@ use crate::h1_framing::{malformed_body_response, FramingReport, RequestFraming};
 use crate::http_util::{
     self, serve_until_drained, strip_hop_by_hop, text_response, uri_too_long, AccessEntry,
     BoxError, ConnDrain, ConnLimit, ConnPermit, H2Body, IdleClock, ProxyBody, ReqBody, Tracked,
-    XFCC,
+    IDLE_GOAWAY_GRACE, XFCC,
 };
 use crate::metrics::{Direction, Listener, SidecarMetrics};
 use crate::mtls::{self, SessionTicketer};
@@ -144,9 +144,6 @@ fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
     parts.path_and_query = Some(pq.parse().ok()?);
     Uri::from_parts(parts).ok()
 }
-
-/// After an idle connection's GOAWAY, how long the peer has to finish the close handshake.
-const IDLE_GOAWAY_GRACE: Duration = Duration::from_secs(5);
 
 struct Inbound {
     store: Arc<SvidStore>,
@@ -519,7 +516,7 @@ impl Inbound {
                     self.max_header_bytes,
                 ));
                 let conn = self.h1.serve_connection(io, service);
-                serve_until_drained(conn, local_drain, &state, clock.expired(self.idle_timeout))
+                serve_until_drained(conn, local_drain, &state, &clock, self.idle_timeout)
                     .await
                     .map_err(BoxError::from)
             }

@@ -394,8 +394,9 @@ async fn serve_http(
                 shared.max_header_bytes,
             ));
             let conn = shared.server.serve_connection(io, service);
-            let idle = clock.expired(shared.idle_timeout);
-            if let Err(e) = serve_until_drained(conn, drain, &state, idle).await {
+            if let Err(e) =
+                serve_until_drained(conn, drain, &state, &clock, shared.idle_timeout).await
+            {
                 tracing::debug!(%app_addr, error = %e, "app connection ended with an error");
             }
         });

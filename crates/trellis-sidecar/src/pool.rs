@@ -48,9 +48,6 @@ pub const H2_STREAM_WINDOW: u32 = 1 << 20;
 pub const H2_CONNECTION_WINDOW: u32 = 4 << 20;
 /// Most bytes hyper buffers per stream on the sending side.
 pub const H2_MAX_SEND_BUF: usize = 400 << 10;
-/// Largest response header block the pooled HTTP/2 client accepts from a peer (the servers'
-/// own bound on requests is `limits.h2_max_header_list_bytes`, the same 64 KiB by default).
-pub const H2_MAX_HEADER_LIST: u32 = 64 << 10;
 /// Idle HTTP/1.1 connections kept per pool.
 pub const MAX_IDLE_HTTP1: usize = 256;
 /// An idle HTTP/1.1 connection older than this is closed instead of reused: apps close idle
@@ -735,7 +732,7 @@ impl PeerPool {
             .initial_window_size(H2_STREAM_WINDOW)
             .initial_connection_window_size(H2_CONNECTION_WINDOW)
             .max_send_buffer_size(H2_MAX_SEND_BUF)
-            .max_header_list_size(H2_MAX_HEADER_LIST)
+            .max_header_list_size(limits.h2_max_header_list_bytes)
             // Push is off, so no stream waits to be accepted here: the pending-accept bound is
             // for servers only.
             .max_local_error_reset_streams(Some(limits.h2_max_local_error_reset_streams))

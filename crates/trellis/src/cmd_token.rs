@@ -45,29 +45,23 @@ pub fn open_registry(
     state_dir: Option<&PathBuf>,
     database: Option<&DatabaseUrl>,
 ) -> anyhow::Result<Registry> {
-    let db = match (database, state_dir) {
-        (Some(url), _) => Database::parse(url.expose())
-            .map_err(|e| anyhow::anyhow!("--database (or TRELLIS_DATABASE): {e}"))?,
-        (None, Some(dir)) => {
-            let db = Database::in_state_dir(dir);
-            if let Database::Sqlite(file) = &db {
-                if !file.exists() {
-                    bail!(
-                        "{}: no control-plane state here; pass the --state-dir that `trellis control` uses (it creates the database on first start), or --database",
-                        dir.display()
-                    );
-                }
-            }
-            db
-        }
+    // A missing SQLite file means the wrong place, not a database to create here.
+    let (db, missing) = match (database, state_dir) {
+        (Some(url), _) => (
+            Database::parse(url.expose())
+                .map_err(|e| anyhow::anyhow!("--database (or TRELLIS_DATABASE): {e}"))?,
+            "no such database; `trellis control` creates it on first start",
+        ),
+        (None, Some(dir)) => (
+            Database::in_state_dir(dir),
+            "no control-plane state here; pass the --state-dir that `trellis control` uses \
+             (it creates the database on first start), or --database",
+        ),
         (None, None) => bail!("pass --state-dir or --database"),
     };
     if let Database::Sqlite(file) = &db {
         if !file.exists() {
-            bail!(
-                "{}: no such database; `trellis control` creates it on first start",
-                file.display()
-            );
+            bail!("{}: {missing}", file.display());
         }
     }
     Ok(Registry::connect(&db)?)

@@ -172,10 +172,11 @@ impl Attestor {
         }
     }
 
-    /// Refuses `authorization` values that could not hold a JWT of at most `max` bytes
-    /// (`max_jwt_bytes`); the Kubernetes attestor checks the JWT itself.
+    /// Applies `max_jwt_bytes`: refuses `authorization` values that could not hold a JWT of at
+    /// most `max` bytes, and has the Kubernetes attestor refuse longer JWTs themselves.
     pub fn with_max_jwt_bytes(mut self, max: usize) -> Self {
         self.max_credential_len = max.saturating_add(CREDENTIAL_OVERHEAD);
+        self.k8s = self.k8s.map(|k| k.with_max_token_bytes(max));
         self
     }
 

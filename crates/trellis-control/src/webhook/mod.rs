@@ -33,11 +33,11 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{CipherSuite, SupportedCipherSuite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
+use trellis_identity::tls::{policy_provider, TlsPolicy};
 use trellis_identity::{TrustBundle, TrustDomain};
 
 use crate::ca::{Ca, CaError};
@@ -50,13 +50,6 @@ use inject::{InjectConfig, Outcome};
 pub const PATH: &str = "/inject";
 /// How long shutdown waits for requests in flight.
 const DRAIN: Duration = Duration::from_secs(5);
-
-/// TLS 1.2 suites offered: forward-secret AEADs for the ECDSA P-256 key (Go offers all three).
-const TLS12_SUITES: [CipherSuite; 3] = [
-    CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
-    CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
-    CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
-];
 
 /// The webhook's serving certificate, swapped atomically on rotation (new handshakes get the
 /// new one; connections keep theirs).
@@ -165,15 +158,13 @@ fn verify_by_name(
     Ok(())
 }
 
-/// The rustls server config: TLS 1.3 and 1.2, no client certificates, ALPN `http/1.1`.
+/// The rustls server config: TLS 1.3 and 1.2 (the API server's Go client may speak either;
+/// the same forward-secret ECDSA suites as the `tls12+` policy), no client certificates, ALPN
+/// `http/1.1`.
 fn tls_config(cert: Arc<WebhookCert>) -> Result<rustls::ServerConfig, rustls::Error> {
-    let mut provider = rustls::crypto::ring::default_provider();
-    provider.cipher_suites.retain(|suite| match suite {
-        SupportedCipherSuite::Tls13(_) => true,
-        SupportedCipherSuite::Tls12(_) => TLS12_SUITES.contains(&suite.suite()),
-    });
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+    let policy = TlsPolicy::Tls12Plus;
+    let mut config = rustls::ServerConfig::builder_with_provider(policy_provider(policy))
+        .with_protocol_versions(policy.versions())?
         .with_no_client_auth()
         .with_cert_resolver(cert);
     // HTTP/1.1 only: reviews are single small requests, and one protocol keeps the timeouts
@@ -682,6 +673,8 @@ mod tests {
 
     #[test]
     fn tls_config_offers_tls12_and_tls13() {
+        use rustls::CipherSuite;
+        use trellis_identity::tls::TLS12_SUITES;
         let metrics = Arc::new(ControlMetrics::new());
         let cert = WebhookCert::new(vec!["a.example".into()], metrics);
         let config = tls_config(cert).unwrap();
