@@ -45,6 +45,7 @@ fn settings(app: std::net::SocketAddr, upstreams: Vec<Upstream>) -> SidecarSetti
         inbound_listen: any,
         app,
         inbound_tcp: vec![],
+        headers_with_underscores: Default::default(),
         outbound_listen: any,
         upstreams,
         admin: any,

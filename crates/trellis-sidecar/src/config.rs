@@ -14,6 +14,7 @@
 //!   listen: 0.0.0.0:15443
 //!   app: 127.0.0.1:8080
 //!   tcp: [{ listen: 0.0.0.0:15432, app: 127.0.0.1:5432 }]
+//!   headers_with_underscores: drop  # or reject (400) or allow; see crate::headers
 //! outbound:
 //!   listen: 127.0.0.1:15001        # Host-routed
 //!   upstreams:
@@ -60,6 +61,8 @@ use serde::Deserialize;
 use thiserror::Error;
 use trellis_identity::tls::TlsPolicy;
 use trellis_identity::{SpiffeId, TrustDomain};
+
+use crate::headers::UnderscoreHeaders;
 
 /// A config file or a setting is wrong. Messages name the file and line where there is one.
 #[derive(Debug, Error)]
@@ -162,6 +165,8 @@ pub struct InboundFile {
     /// Raw TCP ports (mTLS outside, plain TCP to the app).
     #[serde(default)]
     pub tcp: Vec<TcpForward>,
+    /// Request headers whose names contain `_`: `drop` (default), `reject` or `allow`.
+    pub headers_with_underscores: Option<UnderscoreHeaders>,
 }
 
 /// Upstream protocol.
@@ -648,6 +653,8 @@ pub struct SidecarSettings {
     pub app: SocketAddr,
     /// Raw TCP inbound forwards.
     pub inbound_tcp: Vec<TcpForward>,
+    /// What reaches the app of request headers with `_` in their names.
+    pub headers_with_underscores: UnderscoreHeaders,
     /// Shared outbound listener.
     pub outbound_listen: SocketAddr,
     /// Upstreams.
@@ -848,6 +855,7 @@ impl SidecarSettings {
             inbound_listen: addr("inbound.listen", f.inbound.listen, defaults::INBOUND)?,
             app: addr("inbound.app", f.inbound.app, defaults::APP)?,
             inbound_tcp: f.inbound.tcp,
+            headers_with_underscores: f.inbound.headers_with_underscores.unwrap_or_default(),
             outbound_listen: addr("outbound.listen", f.outbound.listen, defaults::OUTBOUND)?,
             upstreams,
             admin: addr("admin", f.admin, defaults::ADMIN)?,
@@ -905,6 +913,26 @@ outbound:
         let s = SidecarSettings::from_file(SidecarFile::parse(&with, Path::new("s.yaml")).unwrap())
             .unwrap();
         assert_eq!(s.policy, Some(PathBuf::from("/etc/trellis/policy")));
+    }
+
+    #[test]
+    fn headers_with_underscores_defaults_to_drop_and_names_bad_values() {
+        let parse = |text: &str| {
+            SidecarFile::parse(text, Path::new("s.yaml")).and_then(SidecarSettings::from_file)
+        };
+        let s = parse(GOOD).unwrap();
+        assert_eq!(s.headers_with_underscores, UnderscoreHeaders::Drop);
+        let reject = format!("{GOOD}inbound:\n  headers_with_underscores: reject\n");
+        assert_eq!(
+            parse(&reject).unwrap().headers_with_underscores,
+            UnderscoreHeaders::Reject
+        );
+        let bad = format!("{GOOD}inbound:\n  headers_with_underscores: maybe\n");
+        let err = parse(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("s.yaml") && err.contains("line") && err.contains("`drop`, `reject`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -276,90 +276,6 @@ pub fn text_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
-}
-
-/// `x-forwarded-client-cert`.
-pub static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-
-/// RFC 9110 7.6.1: a proxy "MUST remove any header fields nominated by the Connection header
-/// field", and the connection-specific fields (Connection, Proxy-Connection, Keep-Alive, TE,
-/// Transfer-Encoding, Upgrade; RFC 9113 8.2.2 lists the same for HTTP/2), plus Trailer and
-/// the proxy credentials pair. `TE: trailers` is the one TE value HTTP/2 allows, and gRPC needs
-/// it, so it stays.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TE
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == header::TRAILER
-        || name == header::PROXY_AUTHENTICATE
-        || name == header::PROXY_AUTHORIZATION
-        || name == PROXY_CONNECTION
-        || name == KEEP_ALIVE
-}
-
-/// Removes hop-by-hop headers in place. Costs one pass over the names when there are none.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if !headers.keys().any(is_hop_by_hop) {
-        return;
-    }
-    // Names listed in Connection, other than the usual `keep-alive`/`close` (rare, so the
-    // allocation is only paid when a client actually nominates headers).
-    let mut nominated: Vec<HeaderName> = Vec::new();
-    for value in headers.get_all(header::CONNECTION) {
-        let Ok(value) = value.to_str() else { continue };
-        for token in value.split(',').map(str::trim) {
-            if token.is_empty()
-                || token.eq_ignore_ascii_case("keep-alive")
-                || token.eq_ignore_ascii_case("close")
-            {
-                continue;
-            }
-            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
-                nominated.push(name);
-            }
-        }
-    }
-    for name in nominated {
-        headers.remove(name);
-    }
-    let te_trailers = headers.get_all(header::TE).iter().count() == 1
-        && headers
-            .get(header::TE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for name in [
-        &header::CONNECTION,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-        &header::TRAILER,
-        &header::PROXY_AUTHENTICATE,
-        &header::PROXY_AUTHORIZATION,
-        &PROXY_CONNECTION,
-        &KEEP_ALIVE,
-    ] {
-        headers.remove(name);
-    }
-    if !te_trailers {
-        headers.remove(header::TE);
-    }
-}
-
-/// The host part of a `Host` header or authority: port removed, IPv6 brackets kept.
-pub fn host_without_port(authority: &str) -> &str {
-    if authority.starts_with('[') {
-        return match authority.find(']') {
-            Some(end) => &authority[..=end],
-            None => authority,
-        };
-    }
-    match authority.rfind(':') {
-        Some(colon) if authority[colon + 1..].bytes().all(|b| b.is_ascii_digit()) => {
-            &authority[..colon]
-        }
-        _ => authority,
-    }
 }
 
 /// `tracing` target of the access log (`RUST_LOG=trellis::access=off` silences it too).
@@ -800,61 +716,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_bytes(v.as_bytes()).unwrap(),
-            );
-        }
-        h
-    }
-
-    #[test]
-    fn strips_hop_by_hop_and_nominated_headers() {
-        let mut h = headers(&[
-            ("connection", "keep-alive, X-Secret"),
-            ("x-secret", "1"),
-            ("keep-alive", "timeout=5"),
-            ("transfer-encoding", "chunked"),
-            ("upgrade", "websocket"),
-            ("proxy-authorization", "Basic x"),
-            ("te", "gzip"),
-            ("x-kept", "1"),
-            ("content-length", "3"),
-        ]);
-        strip_hop_by_hop(&mut h);
-        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
-        assert_eq!(left, ["x-kept", "content-length"]);
-    }
-
-    #[test]
-    fn keeps_te_trailers() {
-        let mut h = headers(&[("te", "trailers"), ("connection", "close")]);
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.get("te").unwrap(), "trailers");
-        assert!(h.get("connection").is_none());
-    }
-
-    #[test]
-    fn garbage_connection_tokens_do_not_panic() {
-        let mut h = headers(&[("connection", " , ,, bad header name!, caf\u{e9}")]);
-        strip_hop_by_hop(&mut h);
-        assert!(h.is_empty());
-    }
-
-    #[test]
-    fn host_port_is_stripped() {
-        assert_eq!(host_without_port("billing:15001"), "billing");
-        assert_eq!(host_without_port("billing"), "billing");
-        assert_eq!(host_without_port("[::1]:80"), "[::1]");
-        assert_eq!(host_without_port("[::1"), "[::1");
-        assert_eq!(host_without_port("a:b"), "a:b");
-        assert_eq!(host_without_port(""), "");
-        assert_eq!(host_without_port(":"), "");
-    }
 
     #[test]
     fn text_response_is_one_line() {

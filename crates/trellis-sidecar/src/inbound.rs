@@ -3,7 +3,8 @@
 //! Per connection: the TLS handshake verifies the caller's chain against the current bundle
 //! (client certificate required), a resumed session is re-verified, and the caller's SPIFFE ID
 //! and the `x-forwarded-client-cert` value are computed once. Per request: [`authorize`]
-//! decides, hop-by-hop headers and any caller-supplied XFCC are removed, ours is added, and the
+//! decides, hop-by-hop headers and any caller-supplied XFCC (in any spelling, see
+//! [`crate::headers`]) are removed, ours is added, and the
 //! request streams to the app over a pooled keep-alive connection.
 //!
 //! Also the raw TCP forwards (`inbound.tcp`): mTLS outside, plain TCP to the app.
@@ -32,10 +33,13 @@ use trellis_identity::{leaf_sha256_hex, SpiffeId};
 use crate::config::{Limits, SidecarSettings};
 use crate::drain::{self, Drain};
 use crate::h1_framing::{malformed_body_response, FramingReport, RequestFraming};
+use crate::headers::{
+    check_host, sanitize_for_app, set_host_from_authority, strip_hop_by_hop, UnderscoreHeaders,
+    XFCC,
+};
 use crate::http_util::{
-    self, serve_until_drained, strip_hop_by_hop, text_response, uri_too_long, AccessEntry,
-    BoxError, ConnDrain, ConnLimit, ConnPermit, H2Body, IdleClock, ProxyBody, ReqBody, Tracked,
-    IDLE_GOAWAY_GRACE, XFCC,
+    self, serve_until_drained, text_response, uri_too_long, AccessEntry, BoxError, ConnDrain,
+    ConnLimit, ConnPermit, H2Body, IdleClock, ProxyBody, ReqBody, Tracked, IDLE_GOAWAY_GRACE,
 };
 use crate::metrics::{Direction, Listener, SidecarMetrics};
 use crate::mtls::{self, SessionTicketer};
@@ -154,6 +158,8 @@ struct Inbound {
     /// The app's address, as access-log lines name it.
     app_label: Box<str>,
     access_log: bool,
+    /// What reaches the app of request headers with `_` in their names.
+    underscores: UnderscoreHeaders,
     request_timeout: Duration,
     /// Handshakes may take at most this long (a client that stalls holds a task, not a thread).
     handshake_timeout: Duration,
@@ -239,6 +245,7 @@ impl InboundProxy {
                 app: AppPool::new(settings.app, settings.connect_timeout),
                 app_label: settings.app.to_string().into_boxed_str(),
                 access_log: settings.access_log,
+                underscores: settings.headers_with_underscores,
                 request_timeout: settings.request_timeout,
                 handshake_timeout: limits.handshake_timeout,
                 connect_timeout: settings.connect_timeout,
@@ -604,9 +611,24 @@ impl Inbound {
         body: ReqBody,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
-        let framing_refused = h1.and_then(|(report, seq)| report.refusal(seq));
+        let framing_refused = h1.and_then(|(report, seq)| {
+            let response = report.refusal(seq)?;
+            let reason = if report.conflicting_lengths(seq) {
+                "conflicting_lengths"
+            } else {
+                "malformed_body"
+            };
+            self.metrics.request_refused(Direction::Inbound, reason);
+            Some(response)
+        });
         let refusal = match framing_refused
-            .or_else(|| uri_too_long(&parts.uri, parts.version, self.max_uri_bytes))
+            .or_else(|| {
+                let response = uri_too_long(&parts.uri, parts.version, self.max_uri_bytes)?;
+                self.metrics
+                    .request_refused(Direction::Inbound, "uri_too_long");
+                Some(response)
+            })
+            .or_else(|| self.refuse_headers(conn, &mut parts))
         {
             Some(response) => Some(Refusal {
                 response,
@@ -641,7 +663,11 @@ impl Inbound {
                     }),
                 };
                 match h1.and_then(|(report, seq)| report.malformed_body(seq)) {
-                    Some(why) => (malformed_body_response(why), None),
+                    Some(why) => {
+                        self.metrics
+                            .request_refused(Direction::Inbound, "malformed_body");
+                        (malformed_body_response(why), None)
+                    }
                     None => (response, None),
                 }
             }
@@ -664,6 +690,61 @@ impl Inbound {
         }
         response
     }
+}
+
+impl Inbound {
+    /// Applies the header rules ([`crate::headers`]) to a caller's request: `400` for a
+    /// duplicate, invalid or disagreeing `Host`, or (under `reject`) a header name with `_`;
+    /// otherwise every spelling of a header the sidecar owns, and (under `drop`) other names
+    /// with `_`, are removed before the request goes further.
+    fn refuse_headers(&self, conn: &ConnInfo, parts: &mut Parts) -> Option<Response<ProxyBody>> {
+        if let Err(fault) = check_host(parts) {
+            self.metrics
+                .request_refused(Direction::Inbound, fault.reason());
+            tracing::debug!(caller = %conn.peer_id, reason = fault.reason(), "request Host refused");
+            return Some(close_http1(
+                text_response(StatusCode::BAD_REQUEST, fault.message()),
+                parts.version,
+            ));
+        }
+        match sanitize_for_app(&mut parts.headers, self.underscores) {
+            Ok(removed) => {
+                if removed.owned + removed.underscore > 0 {
+                    self.metrics
+                        .headers_removed(removed.owned, removed.underscore);
+                    tracing::debug!(
+                        caller = %conn.peer_id,
+                        owned = removed.owned,
+                        underscore = removed.underscore,
+                        "caller-supplied headers removed before the app"
+                    );
+                }
+                None
+            }
+            Err(name) => {
+                self.metrics
+                    .request_refused(Direction::Inbound, "underscore_header");
+                Some(text_response(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "request header `{name}` has `_` in its name, which this sidecar refuses \
+                         (inbound.headers_with_underscores: reject)"
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+/// `response` with `Connection: close` on HTTP/1.x: a peer that sent a malformed head gets no
+/// further requests on the connection.
+fn close_http1(mut response: Response<ProxyBody>, version: Version) -> Response<ProxyBody> {
+    if version != Version::HTTP_2 {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 /// One HTTP/1.x request, number `seq` on its connection.
@@ -722,22 +803,17 @@ fn error_response(e: &ForwardError) -> Response<ProxyBody> {
     text_response(e.status(), &e.to_string())
 }
 
-/// Rewrites a peer's request for the app: HTTP/1.1, origin-form URI with `Host`, no hop-by-hop
-/// headers, and exactly one XFCC header: ours. A caller's own XFCC never reaches the app.
+/// Rewrites a peer's request for the app: HTTP/1.1, origin-form URI, exactly one `Host` (the
+/// request's authority when it has one: HTTP/2 `:authority`, HTTP/1.1 absolute-form), no
+/// hop-by-hop headers, and exactly one XFCC header: ours. The caller's own XFCC, in any
+/// spelling, was removed by [`Inbound::refuse_headers`]; `insert` here replaces the exact name.
 fn to_app_request(parts: &mut Parts, xfcc: &HeaderValue) {
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.insert(&XFCC, xfcc.clone());
     if parts.uri.authority().is_some() {
-        // HTTP/2 (or absolute-form): the authority becomes Host, the URI origin-form.
+        set_host_from_authority(parts);
         let uri = std::mem::take(&mut parts.uri).into_parts();
-        if let Some(authority) = &uri.authority {
-            if !parts.headers.contains_key(header::HOST) {
-                if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
-                    parts.headers.insert(header::HOST, host);
-                }
-            }
-        }
         parts.uri = match uri.path_and_query {
             Some(pq) => Uri::from(pq),
             None => Uri::from_static("/"),

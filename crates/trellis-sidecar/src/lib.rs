@@ -10,6 +10,7 @@ pub mod config;
 pub mod csr;
 pub mod drain;
 pub mod h1_framing;
+pub mod headers;
 pub mod http_util;
 pub mod identity_files;
 pub mod inbound;

@@ -157,6 +157,15 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// `{direction, reason}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionReasonLabel {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// Why.
+    pub reason: &'static str,
+}
+
 /// `{spiffe_id}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SpiffeIdLabel {
@@ -198,6 +207,24 @@ pub const BAD_PATH_REASONS: [&str; 8] = [
     "above_root",
     "other",
 ];
+
+/// Every `reason` of `trellis_requests_refused_total`: requests answered `400` (or `414`) by
+/// the sidecar for their framing or headers before any policy decision, and `other`.
+pub const REFUSAL_REASONS: [&str; 8] = [
+    "conflicting_lengths",
+    "malformed_body",
+    "uri_too_long",
+    "duplicate_host",
+    "invalid_host",
+    "host_authority_mismatch",
+    "underscore_header",
+    "other",
+];
+
+/// Every `reason` of `trellis_request_headers_removed_total`: `owned` (a caller's spelling of a
+/// header only the sidecar sets, such as `x_forwarded_client_cert`) and `underscore` (another
+/// name with `_`, under `inbound.headers_with_underscores: drop`).
+pub const REMOVED_HEADER_REASONS: [&str; 2] = ["owned", "underscore"];
 
 /// Upper bounds of the latency histograms' buckets, in nanoseconds: 100 µs to 30 s, roughly
 /// 1-2.5-5 per decade (a sidecar hop on loopback is ~100 µs; a handshake a few ms; 30 s is
@@ -327,6 +354,10 @@ struct DataPath {
     request_seconds: [AtomicHistogram; 2],
     connections_open: [AtomicI64; 2],
     bad_paths: [AtomicU64; BAD_PATH_REASONS.len()],
+    /// `[direction][reason]`, by [`REFUSAL_REASONS`].
+    requests_refused: [[AtomicU64; REFUSAL_REASONS.len()]; 2],
+    /// By [`REMOVED_HEADER_REASONS`] (inbound only: what reaches the app).
+    headers_removed: [AtomicU64; REMOVED_HEADER_REASONS.len()],
     /// Connections closed at accept because their listener was full, by [`Listener`].
     connections_refused: [AtomicU64; Listener::ALL.len()],
     /// Written on SVID install (rare); read at scrape time.
@@ -342,6 +373,8 @@ impl DataPath {
             request_seconds: Default::default(),
             connections_open: Default::default(),
             bad_paths: Default::default(),
+            requests_refused: Default::default(),
+            headers_removed: Default::default(),
             connections_refused: Default::default(),
             svid_expiry: ArcSwapOption::empty(),
         }
@@ -489,6 +522,48 @@ impl Collector for DataPathCollector {
                         listener: listener.as_str(),
                     })?
                     .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+                }
+            }
+        }
+
+        if d.requests_refused.iter().flatten().any(|c| load(c) > 0) {
+            let mut m = encoder.encode_descriptor(
+                "requests_refused",
+                "Requests the sidecar answered itself for their framing or headers (duplicate \
+                 or disagreeing Host, underscore headers, smuggling), by direction and reason.",
+                None,
+                MetricType::Counter,
+            )?;
+            for direction in Direction::ALL {
+                for (cell, reason) in d.requests_refused[direction.index()]
+                    .iter()
+                    .zip(REFUSAL_REASONS)
+                {
+                    let n = load(cell);
+                    if n > 0 {
+                        m.encode_family(&DirectionReasonLabel {
+                            direction: direction.as_str(),
+                            reason,
+                        })?
+                        .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+                    }
+                }
+            }
+        }
+
+        if d.headers_removed.iter().any(|c| load(c) > 0) {
+            let mut m = encoder.encode_descriptor(
+                "request_headers_removed",
+                "Caller-supplied request header fields removed before the app: spellings of \
+                 headers the sidecar owns (owned) and names with underscores (underscore).",
+                None,
+                MetricType::Counter,
+            )?;
+            for (cell, reason) in d.headers_removed.iter().zip(REMOVED_HEADER_REASONS) {
+                let n = load(cell);
+                if n > 0 {
+                    m.encode_family(&ReasonLabel { reason })?
+                        .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
                 }
             }
         }
@@ -706,6 +781,25 @@ impl SidecarMetrics {
         let i = position(&BAD_PATH_REASONS, reason);
         if let Some(c) = self.data.bad_paths.get(i) {
             c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a request the sidecar refused for its framing or headers; `reason` is one of
+    /// [`REFUSAL_REASONS`] (anything else counts as `other`).
+    pub fn request_refused(&self, direction: Direction, reason: &str) {
+        let i = position(&REFUSAL_REASONS, reason);
+        if let Some(c) = self.data.requests_refused[direction.index()].get(i) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts caller-supplied header fields removed before the app: `owned` spellings of the
+    /// sidecar's own headers and other `underscore` names.
+    pub fn headers_removed(&self, owned: u32, underscore: u32) {
+        for (cell, n) in self.data.headers_removed.iter().zip([owned, underscore]) {
+            if n > 0 {
+                cell.fetch_add(u64::from(n), Ordering::Relaxed);
+            }
         }
     }
 

@@ -27,9 +27,10 @@ use tokio::net::TcpListener;
 use crate::config::{Protocol, SidecarSettings};
 use crate::drain::{self, Drain};
 use crate::h1_framing::{malformed_body_response, RequestFraming};
+use crate::headers::{check_host, host_without_port, strip_hop_by_hop};
 use crate::http_util::{
-    host_without_port, serve_until_drained, strip_hop_by_hop, text_response, uri_too_long,
-    AccessEntry, ConnDrain, ConnLimit, IdleClock, ProxyBody, Tracked,
+    serve_until_drained, text_response, uri_too_long, AccessEntry, ConnDrain, ConnLimit, IdleClock,
+    ProxyBody, Tracked,
 };
 use crate::inbound::accept_loop;
 use crate::metrics::{Direction, Listener, SidecarMetrics};
@@ -423,11 +424,24 @@ async fn handle(
         .access_log
         .then(|| (req.method().clone(), req.uri().path_and_query().cloned()));
     let (mut response, upstream) = match conn.framing.refusal(seq) {
-        Some(refused) => (refused, None),
+        Some(refused) => {
+            let reason = if conn.framing.conflicting_lengths(seq) {
+                "conflicting_lengths"
+            } else {
+                "malformed_body"
+            };
+            shared.metrics.request_refused(Direction::Outbound, reason);
+            (refused, None)
+        }
         None => {
             let (response, upstream) = shared.forward(route, req).await;
             match conn.framing.malformed_body(seq) {
-                Some(why) => (malformed_body_response(why), upstream),
+                Some(why) => {
+                    shared
+                        .metrics
+                        .request_refused(Direction::Outbound, "malformed_body");
+                    (malformed_body_response(why), upstream)
+                }
                 None => (response, upstream),
             }
         }
@@ -489,6 +503,21 @@ impl Outbound {
     ) -> (Response<ProxyBody>, Option<usize>) {
         let (parts, body) = req.into_parts();
         if let Some(response) = uri_too_long(&parts.uri, parts.version, self.max_uri_bytes) {
+            self.metrics
+                .request_refused(Direction::Outbound, "uri_too_long");
+            return (response, None);
+        }
+        // Route by one host or refuse: two Hosts, or an h2c `host` that disagrees with
+        // `:authority`, would let the app's stack and this sidecar pick different services.
+        if let Err(fault) = check_host(&parts) {
+            self.metrics
+                .request_refused(Direction::Outbound, fault.reason());
+            let mut response = text_response(StatusCode::BAD_REQUEST, fault.message());
+            if parts.version != Version::HTTP_2 {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             return (response, None);
         }
         let index = match route {
@@ -525,6 +554,9 @@ impl Outbound {
     ) -> Response<ProxyBody> {
         let uri = std::mem::take(&mut parts.uri).into_parts();
         let authority = upstream.authority(uri.authority, parts.headers.get(header::HOST));
+        // The authority is the request's one host from here on: `:authority` on HTTP/2 to the
+        // peer, and the `Host` the HTTP/1.1 fallback writes from it.
+        parts.headers.remove(header::HOST);
         let mut target = http::uri::Parts::default();
         target.scheme = Some(Scheme::HTTP);
         target.authority = Some(authority);

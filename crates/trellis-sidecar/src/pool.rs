@@ -446,7 +446,7 @@ impl PeerTarget {
         let host = match resolved {
             Some(a) => a.ip().to_string(),
             None => {
-                let host = crate::http_util::host_without_port(address);
+                let host = crate::headers::host_without_port(address);
                 host.trim_start_matches('[')
                     .trim_end_matches(']')
                     .to_owned()

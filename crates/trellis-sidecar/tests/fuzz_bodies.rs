@@ -1,6 +1,7 @@
 //! The cargo-fuzz targets' bodies for this crate (`sds::update::fuzz_response`,
-//! `config::fuzz_config`, `h1_framing::fuzz_framing`, called by
-//! `fuzz/fuzz_targets/sds_update.rs`, `sidecar_config.rs` and `h1_framing.rs`) run here on
+//! `config::fuzz_config`, `h1_framing::fuzz_framing`, `headers::fuzz_headers`, called by
+//! `fuzz/fuzz_targets/sds_update.rs`, `sidecar_config.rs`, `h1_framing.rs` and
+//! `sidecar_headers.rs`) run here on
 //! stable, so CI checks the same properties: each seed in
 //! `fuzz/seeds/<target>/`, freshly built SDS responses, then a few thousand byte-level
 //! mutations of them (a small deterministic mutator; `TRELLIS_FUZZ_SEED=n` picks another
@@ -23,6 +24,7 @@ use trellis_proto::{
 };
 use trellis_sidecar::config::fuzz_config;
 use trellis_sidecar::h1_framing::fuzz_framing;
+use trellis_sidecar::headers::fuzz_headers;
 use trellis_sidecar::sds::update::fuzz_response;
 
 fn seeds(target: &str) -> Vec<Vec<u8>> {
@@ -211,6 +213,16 @@ fn sidecar_config_body_holds_for_seeds_and_mutations() {
 #[test]
 fn h1_framing_body_holds_for_seeds_and_mutations() {
     run("h1_framing", &seeds("h1_framing"), fuzz_framing, 5000);
+}
+
+#[test]
+fn sidecar_headers_body_holds_for_seeds_and_mutations() {
+    run(
+        "sidecar_headers",
+        &seeds("sidecar_headers"),
+        fuzz_headers,
+        5000,
+    );
 }
 
 #[test]

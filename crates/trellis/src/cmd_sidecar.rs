@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use trellis_sidecar::config::{FilesFile, Protocol, SidecarFile, UpstreamFile};
+use trellis_sidecar::headers::UnderscoreHeaders;
 use trellis_sidecar::{Sidecar, SidecarSettings};
 
 /// `trellis sidecar` flags; each overrides the same field of `--config`.
@@ -60,6 +61,15 @@ pub struct SidecarArgs {
     /// The local app [default: 127.0.0.1:8080].
     #[arg(long, env = "TRELLIS_APP")]
     app: Option<SocketAddr>,
+    /// Request headers with `_` in their names: `drop` them before the app, `reject` the
+    /// request (400), or `allow` them [default: drop]. A spelling of a header the sidecar sets
+    /// (`x_forwarded_client_cert`) never reaches the app, whatever this says.
+    #[arg(
+        long,
+        env = "TRELLIS_HEADERS_WITH_UNDERSCORES",
+        value_name = "drop|reject|allow"
+    )]
+    headers_with_underscores: Option<UnderscoreHeaders>,
     /// Shared, Host-routed outbound listener [default: 127.0.0.1:15001].
     #[arg(long, env = "TRELLIS_OUTBOUND")]
     outbound: Option<SocketAddr>,
@@ -258,6 +268,9 @@ impl SidecarArgs {
         }
         if self.app.is_some() {
             f.inbound.app = self.app;
+        }
+        if self.headers_with_underscores.is_some() {
+            f.inbound.headers_with_underscores = self.headers_with_underscores;
         }
         if self.outbound.is_some() {
             f.outbound.listen = self.outbound;

@@ -87,6 +87,7 @@ pub fn settings(app: SocketAddr, upstreams: Vec<Upstream>) -> SidecarSettings {
         inbound_listen: any_port(),
         app,
         inbound_tcp: Vec::new(),
+        headers_with_underscores: Default::default(),
         outbound_listen: any_port(),
         upstreams,
         admin: any_port(),
