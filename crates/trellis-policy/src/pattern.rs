@@ -589,6 +589,38 @@ mod tests {
     }
 
     #[test]
+    fn case_insensitive_match_compares_literal_segments_ignoring_ascii_case() {
+        let pat = path("/Admin/*/x");
+        assert!(!pat.matches("admin/a/X", false));
+        assert!(pat.matches("Admin/a/x", false));
+        assert!(pat.matches("admin/a/X", true));
+        assert!(pat.matches("ADMIN/Whatever/x", true));
+        assert!(!pat.matches("administrator/a/x", true));
+    }
+
+    #[test]
+    fn fold_case_lowercases_literal_segments_and_keeps_the_text() {
+        let mut pat = path("/Admin/*/caf%C3%A9/**");
+        pat.fold_case();
+        assert_eq!(pat.segs[0], Seg::Lit("admin".into()));
+        assert_eq!(pat.segs[1], Seg::Star);
+        assert_eq!(pat.segs[2], Seg::Lit("caf%c3%a9".into()));
+        assert_eq!(&*pat.text, "/Admin/*/caf%C3%A9/**");
+        assert!(pat.globstar);
+    }
+
+    #[test]
+    fn letters_outside_escapes_make_a_pattern_case_dodgeable() {
+        assert!(path("/admin/**").has_letters());
+        assert!(path("/1/v2").has_letters());
+        assert!(path("/x%C3%A9").has_letters());
+        assert!(!path("/1/*/2").has_letters());
+        assert!(!path("/%C3%A9/**").has_letters());
+        assert!(!path("/").has_letters());
+        assert!(!path("/**").has_letters());
+    }
+
+    #[test]
     fn double_star_in_the_middle_of_a_path_is_rejected() {
         assert_eq!(
             path_err("/a/**/b"),
