@@ -52,7 +52,8 @@ impl fmt::Display for PolicyError {
 
 impl std::error::Error for PolicyError {}
 
-/// Why a request path was refused by [`normalize_path`](crate::normalize_path).
+/// Why a request path was refused by [`normalize_path`](crate::normalize_path) or
+/// [`CompiledPolicy::decide_request`](crate::CompiledPolicy::decide_request).
 ///
 /// A refused path never reaches policy evaluation: the sidecar answers it directly
 /// (400). [`PathError::reason`] is a stable snake_case label for metrics and logs.
@@ -80,6 +81,14 @@ pub enum PathError {
     /// A `..` segment that would climb above `/`.
     #[error("path climbs above the root with `..`")]
     AboveRoot,
+    /// A `;` in the path, under a policy with `pathParameters: reject`: servlet containers
+    /// (Tomcat, Jetty, Spring) strip `;parameters` from segments, so `/admin;x/y` could be
+    /// served as `/admin/y` while the policy saw the segment `admin;x`.
+    #[error(
+        "path carries `;` parameters (as in `/a;x/b`), which this service's policy refuses \
+         (pathParameters: reject): send the path without them"
+    )]
+    PathParameters,
 }
 
 impl PathError {
@@ -93,6 +102,7 @@ impl PathError {
             PathError::ControlCharacter => "control_character",
             PathError::BadEscape => "bad_escape",
             PathError::AboveRoot => "above_root",
+            PathError::PathParameters => "path_parameters",
         }
     }
 }
@@ -123,6 +133,7 @@ mod tests {
             PathError::ControlCharacter,
             PathError::BadEscape,
             PathError::AboveRoot,
+            PathError::PathParameters,
         ] {
             assert!(e
                 .reason()

@@ -15,12 +15,14 @@ mod model;
 mod path;
 mod pattern;
 mod policy;
+mod request;
 #[cfg(test)]
 mod tests;
 
 pub use decision::{Action, AuditHit, Decision, Mode, DEFAULT_RULE};
 pub use error::{PathError, PolicyError};
-pub use explain::{ExplainedRequest, Explanation, NearMiss, RuleMatch};
+pub use explain::{ExplainedReading, ExplainedRequest, Explanation, NearMiss, RuleMatch};
 pub use lint::{Warning, WarningKind};
 pub use path::{normalize_path, NormalizedPath};
 pub use policy::{compile, CompiledPolicy, API_VERSION, KIND, MAX_RULES, MAX_RULE_NAME_LEN};
+pub use request::{PathParameters, Reading, RequestDecision};

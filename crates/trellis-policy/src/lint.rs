@@ -53,6 +53,9 @@ pub enum WarningKind {
     NoEffect,
     /// A method that is not in the IANA HTTP method registry (a typo?).
     UnknownMethod,
+    /// A `deny` rule's path has letters, and no file says whether paths are
+    /// case-insensitive: `/ADMIN/…` is not denied by a rule on `/admin/**`.
+    CaseSensitivePath,
 }
 
 impl WarningKind {
@@ -64,6 +67,7 @@ impl WarningKind {
             WarningKind::Redundant => "redundant",
             WarningKind::NoEffect => "no_effect",
             WarningKind::UnknownMethod => "unknown_method",
+            WarningKind::CaseSensitivePath => "case_sensitive_path",
         }
     }
 }
@@ -127,6 +131,21 @@ impl CompiledPolicy {
                         );
                     }
                 }
+            }
+
+            if let Some((pattern, loc)) = self.case_dodgeable_path(rule) {
+                let upper = pattern.to_ascii_uppercase();
+                warn(
+                    loc,
+                    WarningKind::CaseSensitivePath,
+                    format!(
+                        "deny rule `{name}`: paths are matched case-sensitively, so `{upper}` \
+                         is not denied by `{pattern}`; if the app treats paths \
+                         case-insensitively (IIS, case-insensitive file systems, some \
+                         frameworks), set `caseInsensitivePaths: true`; if it does not, write \
+                         `caseInsensitivePaths: false` to say so"
+                    ),
+                );
             }
 
             if let (Mode::Audit, Some((Mode::Enforce, loc))) = (self.mode, rule.mode) {
@@ -216,6 +235,26 @@ impl CompiledPolicy {
             ));
         }
         None
+    }
+}
+
+impl CompiledPolicy {
+    /// The first path pattern (as written, and where) of a `deny` rule, enforced or audit,
+    /// that a change of letter case steps around: only while no file has written
+    /// `caseInsensitivePaths` (writing `false` says the app is case-sensitive too).
+    fn case_dodgeable_path(&self, rule: &Rule) -> Option<(String, Loc)> {
+        if self.case_setting_written || rule.action != Action::Deny {
+            return None;
+        }
+        rule.to.iter().flatten().find_map(|entry| {
+            entry
+                .paths
+                .iter()
+                .flatten()
+                .zip(&entry.path_locs)
+                .find(|(p, _)| p.has_letters())
+                .map(|(p, loc)| (p.text.to_string(), *loc))
+        })
     }
 }
 

@@ -17,6 +17,10 @@ pub(crate) struct RawPolicy {
     #[serde(default)]
     pub mode: Option<Located>,
     #[serde(default)]
+    pub path_parameters: Option<Located>,
+    #[serde(default)]
+    pub case_insensitive_paths: Option<Located>,
+    #[serde(default)]
     pub rules: Vec<RawRule>,
 }
 

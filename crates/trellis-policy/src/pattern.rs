@@ -266,18 +266,58 @@ impl PathPattern {
     }
 
     /// Does the pattern match a normalized path's match view (segments joined by `/`,
-    /// no leading or trailing slash, `""` for the root)?
-    pub(crate) fn matches(&self, view: &str) -> bool {
+    /// no leading or trailing slash, `""` for the root)? With `case_insensitive`, literal
+    /// segments compare ASCII case-insensitively (the reference semantics of
+    /// `caseInsensitivePaths: true`; the index lowercases instead).
+    pub(crate) fn matches(&self, view: &str, case_insensitive: bool) -> bool {
         let mut it = segments(view);
         for seg in &self.segs {
             match (seg, it.next()) {
                 (_, None) => return false,
                 (Seg::Star, Some(_)) => {}
                 (Seg::Lit(l), Some(s)) if **l == *s => {}
+                (Seg::Lit(l), Some(s)) if case_insensitive && l.eq_ignore_ascii_case(s) => {}
                 (Seg::Lit(_), Some(_)) => return false,
             }
         }
         self.globstar || it.next().is_none()
+    }
+
+    /// Lowercases the literal segments (ASCII), for a policy with
+    /// `caseInsensitivePaths: true`; `text` stays as written, for messages.
+    pub(crate) fn fold_case(&mut self) {
+        for seg in &mut self.segs {
+            if let Seg::Lit(l) = seg {
+                if l.bytes().any(|b| b.is_ascii_uppercase()) {
+                    *l = l.to_ascii_lowercase().into();
+                }
+            }
+        }
+    }
+
+    /// True when the pattern has an ASCII letter outside an escape's hex digits: a
+    /// case-sensitive match of it can be dodged by changing that letter's case.
+    pub(crate) fn has_letters(&self) -> bool {
+        self.segs.iter().any(|seg| match seg {
+            Seg::Star => false,
+            Seg::Lit(l) => {
+                let b = l.as_bytes();
+                let mut i = 0;
+                while i < b.len() {
+                    if b[i] == b'%' {
+                        // `%C3`: escapes are written in uppercase hex by normal form, and
+                        // the hex is not a letter a request can change the case of.
+                        i += 3;
+                        continue;
+                    }
+                    if b[i].is_ascii_alphabetic() {
+                        return true;
+                    }
+                    i += 1;
+                }
+                false
+            }
+        })
     }
 
     /// Does this pattern match every path that `other` matches?
@@ -514,38 +554,70 @@ mod tests {
     #[test]
     fn admin_prefix_does_not_match_administrator() {
         let pat = path("/admin/**");
-        assert!(pat.matches("admin"));
-        assert!(pat.matches("admin/users"));
-        assert!(!pat.matches("administrator"));
-        assert!(!pat.matches("administrator/x"));
+        assert!(pat.matches("admin", false));
+        assert!(pat.matches("admin/users", false));
+        assert!(!pat.matches("administrator", false));
+        assert!(!pat.matches("administrator/x", false));
     }
 
     #[test]
     fn double_star_matches_the_prefix_itself_and_everything_below() {
         let pat = path("/admin/**");
-        assert!(pat.matches("admin"));
-        assert!(pat.matches("admin/a/b/c"));
-        assert!(!pat.matches(""));
-        assert!(path("/**").matches(""));
+        assert!(pat.matches("admin", false));
+        assert!(pat.matches("admin/a/b/c", false));
+        assert!(!pat.matches("", false));
+        assert!(path("/**").matches("", false));
     }
 
     #[test]
     fn single_star_matches_exactly_one_segment() {
         let pat = path("/users/*");
-        assert!(pat.matches("users/42"));
-        assert!(!pat.matches("users"));
-        assert!(!pat.matches("users/42/posts"));
-        assert!(path("/users/*/posts").matches("users/42/posts"));
+        assert!(pat.matches("users/42", false));
+        assert!(!pat.matches("users", false));
+        assert!(!pat.matches("users/42/posts", false));
+        assert!(path("/users/*/posts").matches("users/42/posts", false));
     }
 
     #[test]
     fn exact_path_matches_only_itself() {
         let pat = path("/a/b");
-        assert!(pat.matches("a/b"));
-        assert!(!pat.matches("a/b/c"));
-        assert!(!pat.matches("a"));
-        assert!(path("/").matches(""));
-        assert!(!path("/").matches("a"));
+        assert!(pat.matches("a/b", false));
+        assert!(!pat.matches("a/b/c", false));
+        assert!(!pat.matches("a", false));
+        assert!(path("/").matches("", false));
+        assert!(!path("/").matches("a", false));
+    }
+
+    #[test]
+    fn case_insensitive_match_compares_literal_segments_ignoring_ascii_case() {
+        let pat = path("/Admin/*/x");
+        assert!(!pat.matches("admin/a/X", false));
+        assert!(pat.matches("Admin/a/x", false));
+        assert!(pat.matches("admin/a/X", true));
+        assert!(pat.matches("ADMIN/Whatever/x", true));
+        assert!(!pat.matches("administrator/a/x", true));
+    }
+
+    #[test]
+    fn fold_case_lowercases_literal_segments_and_keeps_the_text() {
+        let mut pat = path("/Admin/*/caf%C3%A9/**");
+        pat.fold_case();
+        assert_eq!(pat.segs[0], Seg::Lit("admin".into()));
+        assert_eq!(pat.segs[1], Seg::Star);
+        assert_eq!(pat.segs[2], Seg::Lit("caf%c3%a9".into()));
+        assert_eq!(&*pat.text, "/Admin/*/caf%C3%A9/**");
+        assert!(pat.globstar);
+    }
+
+    #[test]
+    fn letters_outside_escapes_make_a_pattern_case_dodgeable() {
+        assert!(path("/admin/**").has_letters());
+        assert!(path("/1/v2").has_letters());
+        assert!(path("/x%C3%A9").has_letters());
+        assert!(!path("/1/*/2").has_letters());
+        assert!(!path("/%C3%A9/**").has_letters());
+        assert!(!path("/").has_letters());
+        assert!(!path("/**").has_letters());
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::located::{yaml_error, Located};
 use crate::model::{RawPolicy, RawRule, RawTo};
 use crate::path::NormalizedPath;
 use crate::pattern::{parse_method, PathPattern, Principal};
+use crate::request::PathParameters;
 
 /// The only `apiVersion` this crate reads.
 pub const API_VERSION: &str = "trellis.io/v1";
@@ -64,6 +65,8 @@ pub(crate) struct ToEntry {
     pub methods: Option<Vec<(Box<str>, Loc)>>,
     /// `None`: any path.
     pub paths: Option<Vec<PathPattern>>,
+    /// Where each of `paths` was written (same order).
+    pub path_locs: Vec<Loc>,
     /// Uppercase method names alone, for the index.
     pub method_names: Option<Vec<Box<str>>>,
 }
@@ -75,10 +78,10 @@ impl ToEntry {
             .is_none_or(|ms| ms.iter().any(|m| m.eq_ignore_ascii_case(method)))
     }
 
-    pub(crate) fn path_ok(&self, view: &str) -> bool {
+    pub(crate) fn path_ok(&self, view: &str, case_insensitive: bool) -> bool {
         self.paths
             .as_ref()
-            .is_none_or(|ps| ps.iter().any(|p| p.matches(view)))
+            .is_none_or(|ps| ps.iter().any(|p| p.matches(view, case_insensitive)))
     }
 
     /// An entry with an empty `methods` or `paths` list matches nothing.
@@ -127,12 +130,20 @@ impl Rule {
     }
 
     /// Reference semantics for one HTTP request (no index).
-    pub(crate) fn matches_http(&self, caller: &str, method: &str, view: &str) -> bool {
+    pub(crate) fn matches_http(
+        &self,
+        caller: &str,
+        method: &str,
+        view: &str,
+        case_insensitive: bool,
+    ) -> bool {
         self.caller_matches(caller)
             && match self.http_scope() {
                 HttpScope::None => false,
                 HttpScope::All => true,
-                HttpScope::Entries(es) => es.iter().any(|e| e.method_ok(method) && e.path_ok(view)),
+                HttpScope::Entries(es) => es
+                    .iter()
+                    .any(|e| e.method_ok(method) && e.path_ok(view, case_insensitive)),
             }
     }
 
@@ -166,6 +177,11 @@ pub struct CompiledPolicy {
     hash: String,
     pub(crate) default_action: Action,
     pub(crate) mode: Mode,
+    pub(crate) path_parameters: PathParameters,
+    pub(crate) case_insensitive_paths: bool,
+    /// Some file wrote `caseInsensitivePaths` (either way): the operator has decided, so
+    /// the case lint stays quiet.
+    pub(crate) case_setting_written: bool,
     pub(crate) rules: Vec<Rule>,
     index: Index,
 }
@@ -177,6 +193,8 @@ impl fmt::Debug for CompiledPolicy {
             .field("hash", &self.hash)
             .field("default_action", &self.default_action)
             .field("mode", &self.mode)
+            .field("path_parameters", &self.path_parameters)
+            .field("case_insensitive_paths", &self.case_insensitive_paths)
             .field("rules", &self.rules.len())
             .finish()
     }
@@ -212,6 +230,8 @@ pub fn compile<S: AsRef<str>, T: AsRef<str>>(
     }
     let mut default_action: Option<(Action, Loc)> = None;
     let mut mode: Option<(Mode, Loc)> = None;
+    let mut path_parameters: Option<(PathParameters, Loc)> = None;
+    let mut case_insensitive: Option<(bool, Loc)> = None;
     let mut names: HashMap<String, Loc> = HashMap::new();
     let mut rules: Vec<Rule> = Vec::new();
     let names_of: Vec<&str> = sources.iter().map(|(n, _)| n.as_ref()).collect();
@@ -277,6 +297,30 @@ pub fn compile<S: AsRef<str>, T: AsRef<str>>(
                 Some(_) => {}
             }
         }
+        if let Some(l) = &raw.path_parameters {
+            let v = parse_path_parameters(src, l)?;
+            agree(
+                &mut path_parameters,
+                v,
+                si,
+                src,
+                l,
+                "pathParameters",
+                &place,
+            )?;
+        }
+        if let Some(l) = &raw.case_insensitive_paths {
+            let v = parse_bool(src, l, "caseInsensitivePaths")?;
+            agree(
+                &mut case_insensitive,
+                v,
+                si,
+                src,
+                l,
+                "caseInsensitivePaths",
+                &place,
+            )?;
+        }
         for raw_rule in raw.rules {
             if rules.len() >= MAX_RULES {
                 return Err(raw_rule.name.error(
@@ -304,8 +348,21 @@ pub fn compile<S: AsRef<str>, T: AsRef<str>>(
     }
 
     let mode = mode.map_or(Mode::Enforce, |(m, _)| m);
+    let case_insensitive_paths = case_insensitive.is_some_and(|(v, _)| v);
     for rule in &mut rules {
         rule.audit = mode == Mode::Audit || matches!(rule.mode, Some((Mode::Audit, _)));
+        if case_insensitive_paths {
+            // "lowercases both sides for matching": the patterns here, once; the request
+            // path in `decide`.
+            for pattern in rule
+                .to
+                .iter_mut()
+                .flatten()
+                .flat_map(|e| e.paths.iter_mut().flatten())
+            {
+                pattern.fold_case();
+            }
+        }
     }
     let any_path = PathPattern::any();
     let index = Index::build(rules.iter().map(|r| index_rule(r, &any_path)));
@@ -320,6 +377,9 @@ pub fn compile<S: AsRef<str>, T: AsRef<str>>(
         hash: hex::encode(hasher.finalize()),
         default_action: default_action.map_or(Action::Deny, |(a, _)| a),
         mode,
+        path_parameters: path_parameters.map_or(PathParameters::default(), |(p, _)| p),
+        case_insensitive_paths,
+        case_setting_written: case_insensitive.is_some(),
         rules,
         index,
     })
@@ -400,6 +460,66 @@ fn parse_mode(src: &str, l: &Located) -> Result<Mode, PolicyError> {
             format!("unknown mode `{v}`: expected `enforce` or `audit`"),
         )),
     }
+}
+
+fn parse_path_parameters(src: &str, l: &Located) -> Result<PathParameters, PolicyError> {
+    match l.value.as_str() {
+        "strictest" => Ok(PathParameters::Strictest),
+        "reject" => Ok(PathParameters::Reject),
+        "literal" => Ok(PathParameters::Literal),
+        v => Err(l.error(
+            src,
+            format!(
+                "unknown pathParameters `{v}`: expected `strictest` (the default: a path with \
+                 `;` parameters is decided with and without them, and the stricter decision \
+                 wins), `reject` (refuse paths with `;`, 400) or `literal` (`;` is an ordinary \
+                 character)"
+            ),
+        )),
+    }
+}
+
+fn parse_bool(src: &str, l: &Located, field: &str) -> Result<bool, PolicyError> {
+    match l.value.as_str() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        v if v.eq_ignore_ascii_case("true") || v.eq_ignore_ascii_case("false") => Err(l.error(
+            src,
+            format!(
+                "{field} `{v}`: write it in lowercase: `{}`",
+                v.to_ascii_lowercase()
+            ),
+        )),
+        v => Err(l.error(src, format!("{field} `{v}`: expected `true` or `false`"))),
+    }
+}
+
+/// Records a policy-wide setting from file `si`; files that set it must agree, as
+/// `defaultAction` and `mode` do.
+fn agree<T: Copy + PartialEq + fmt::Display>(
+    slot: &mut Option<(T, Loc)>,
+    value: T,
+    si: usize,
+    src: &str,
+    l: &Located,
+    field: &str,
+    place: &impl Fn(Loc) -> String,
+) -> Result<(), PolicyError> {
+    match *slot {
+        None => *slot = Some((value, Loc::of(si, l))),
+        Some((prev, at)) if prev != value => {
+            return Err(l.error(
+                src,
+                format!(
+                    "{field} `{value}` disagrees with `{prev}` set at {}: files that set \
+                     {field} must agree (or leave it out)",
+                    place(at)
+                ),
+            ))
+        }
+        Some(_) => {}
+    }
+    Ok(())
 }
 
 fn check_rule_name(src: &str, l: &Located) -> Result<(), PolicyError> {
@@ -516,7 +636,7 @@ fn compile_to(si: usize, src: &str, raw: RawTo) -> Result<ToEntry, PolicyError> 
                 .collect::<Result<Vec<_>, _>>()?,
         ),
     };
-    let paths = match raw.paths {
+    let paths = match &raw.paths {
         None => None,
         Some(ps) => Some(
             ps.iter()
@@ -524,22 +644,35 @@ fn compile_to(si: usize, src: &str, raw: RawTo) -> Result<ToEntry, PolicyError> 
                 .collect::<Result<Vec<_>, _>>()?,
         ),
     };
+    let path_locs = raw.paths.iter().flatten().map(|l| Loc::of(si, l)).collect();
     let method_names = methods
         .as_ref()
         .map(|ms: &Vec<(Box<str>, Loc)>| ms.iter().map(|(m, _)| m.clone()).collect());
     Ok(ToEntry {
         methods,
         paths,
+        path_locs,
         method_names,
     })
 }
 
 impl CompiledPolicy {
-    /// Decides an HTTP request from `caller` (its verified SPIFFE ID) for `method` and a
-    /// normalized path. Allocates nothing; cost depends on the caller's and the path's
-    /// depth, not on the number of rules about other callers.
+    /// Decides an HTTP request from `caller` (its verified SPIFFE ID) for `method` and
+    /// one normalized path, as it is (one reading: `;` is an ordinary character here).
+    /// A sidecar deciding a request as it arrived calls
+    /// [`decide_request`](Self::decide_request) with the raw path instead, which applies
+    /// `pathParameters`.
+    ///
+    /// Allocates nothing, except to lowercase a path with uppercase letters under
+    /// `caseInsensitivePaths: true`; cost depends on the caller's and the path's depth, not
+    /// on the number of rules about other callers.
     pub fn decide(&self, caller: &str, method: &str, path: &NormalizedPath<'_>) -> Decision<'_> {
-        self.finish(self.index.http(caller, method, path.match_view()))
+        let view = path.match_view();
+        if self.case_insensitive_paths && view.bytes().any(|b| b.is_ascii_uppercase()) {
+            let folded = view.to_ascii_lowercase();
+            return self.finish(self.index.http(caller, method, &folded));
+        }
+        self.finish(self.index.http(caller, method, view))
     }
 
     /// Decides a plain TCP connection from `caller` to the inbound listen `port`. Only
@@ -595,7 +728,7 @@ impl CompiledPolicy {
     pub(crate) fn decide_reference(&self, caller: &str, method: &str, view: &str) -> Decision<'_> {
         let mut best = Best::new();
         for (id, rule) in self.rules.iter().enumerate() {
-            if rule.matches_http(caller, method, view) {
+            if rule.matches_http(caller, method, view, self.case_insensitive_paths) {
                 best.offer(u32::try_from(id).unwrap_or(Best::NONE - 1), rule.class());
             }
         }

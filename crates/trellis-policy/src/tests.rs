@@ -885,6 +885,13 @@ fn l4_only_allow_counts_as_access() {
 
 // ---------------------------------------------------------------- lints
 
+/// A policy that says its paths are case-sensitive (`caseInsensitivePaths: false`,
+/// appended so that line numbers stay), so that the case lint stays quiet and the test
+/// sees only the lints it is about.
+fn policy_with_case_stated(body: &str) -> CompiledPolicy {
+    policy(&format!("{body}caseInsensitivePaths: false\n"))
+}
+
 fn kinds(p: &CompiledPolicy) -> Vec<(String, WarningKind)> {
     p.lint().into_iter().map(|w| (w.rule, w.kind)).collect()
 }
@@ -892,7 +899,7 @@ fn kinds(p: &CompiledPolicy) -> Vec<(String, WarningKind)> {
 #[test]
 fn clean_example_has_no_warnings() {
     // `prod-admin` is partly shadowed by `no-export` (/admin/**) but not entirely (/api/**).
-    assert_eq!(policy(EXAMPLE).lint(), []);
+    assert_eq!(policy_with_case_stated(EXAMPLE).lint(), []);
 }
 
 #[test]
@@ -948,7 +955,7 @@ fn empty_method_list_never_matches() {
 
 #[test]
 fn allow_covered_by_a_deny_is_shadowed() {
-    let p = policy(
+    let p = policy_with_case_stated(
         "rules:
   - name: export
     action: allow
@@ -972,7 +979,7 @@ fn allow_covered_by_a_deny_is_shadowed() {
 
 #[test]
 fn allow_partly_covered_by_a_deny_is_not_reported() {
-    let p = policy(
+    let p = policy_with_case_stated(
         "rules:
   - name: export
     action: allow
@@ -1022,7 +1029,7 @@ fn identical_later_rule_is_redundant() {
 
 #[test]
 fn narrower_later_rule_with_same_action_is_shadowed() {
-    let p = policy(
+    let p = policy_with_case_stated(
         "rules:
   - name: broad
     action: deny
@@ -1039,7 +1046,7 @@ fn narrower_later_rule_with_same_action_is_shadowed() {
 
 #[test]
 fn narrower_earlier_rule_is_not_shadowed() {
-    let p = policy(
+    let p = policy_with_case_stated(
         "rules:
   - name: narrow
     action: deny
@@ -1205,10 +1212,510 @@ fn explain_l4_says_why_an_http_rule_does_not_apply() {
     );
 }
 
+// ---------------------------------------------------------------- `;` parameters and case
+
+/// Everyone may call `/public/**`; nobody `/admin/**`; the rest is denied.
+const PARAMS: &str = "\
+defaultAction: deny
+rules:
+  - name: public
+    action: allow
+    from: [\"*\"]
+    to:
+      - paths: [/public/**]
+  - name: no-admin
+    action: deny
+    from: [\"*\"]
+    to:
+      - paths: [/admin/**]
+";
+
+/// Everything is allowed but `/admin/**`.
+const ADMIN_ONLY: &str = "\
+defaultAction: allow
+rules:
+  - name: no-admin
+    action: deny
+    from: [\"*\"]
+    to:
+      - paths: [/admin/**]
+";
+
+/// `decide_request`, checked against the readings decided one by one with the reference
+/// evaluation.
+fn request<'p, 'r>(
+    p: &'p CompiledPolicy,
+    method: &str,
+    raw: &'r str,
+) -> Result<RequestDecision<'p, 'r>, PathError> {
+    let r = p.decide_request(A, method, raw);
+    if let Ok(r) = &r {
+        let reading_path = match r.reading {
+            Reading::Literal => normalize_path(raw).unwrap().into_string(),
+            Reading::WithoutParameters => normalize_path(&request::without_parameters(raw))
+                .unwrap()
+                .into_string(),
+        };
+        let view = crate::path::match_view(&reading_path);
+        assert_eq!(r.decision, p.decide_reference(A, method, view), "{raw}");
+        assert_eq!(r.path, normalize_path(raw).unwrap(), "{raw}");
+    }
+    r
+}
+
+#[test]
+fn param_segment_cannot_dodge_an_admin_deny() {
+    let p = policy(ADMIN_ONLY);
+    assert_eq!(p.path_parameters(), PathParameters::Strictest);
+    for raw in [
+        "/admin;x/user-export",
+        "/admin;/user-export",
+        "/admin;jsessionid=1",
+        "/;x/admin/user-export",
+        "/admin;a=b;c=d/x;y",
+        "/%61dmin;x/user-export",
+    ] {
+        let r = request(&p, "GET", raw).unwrap();
+        assert_eq!(
+            (r.decision.action, r.decision.rule, r.reading),
+            (Action::Deny, "no-admin", Reading::WithoutParameters),
+            "{raw}"
+        );
+    }
+    // Each reading alone: the literal one would have let it through.
+    let literal = normalize_path("/admin;x/user-export").unwrap();
+    assert!(p.decide(A, "GET", &literal).is_allowed());
+}
+
+#[test]
+fn dotdot_param_climbs_into_admin_as_tomcat_reads_it() {
+    // `/public/..;/admin` is under `/public/**` literally, and `/admin` to Tomcat.
+    let p = policy(PARAMS);
+    let r = request(&p, "GET", "/public/..;/admin/user-export").unwrap();
+    assert_eq!(
+        (r.decision.action, r.decision.rule, r.reading),
+        (Action::Deny, "no-admin", Reading::WithoutParameters)
+    );
+    assert_eq!(r.path, "/public/..;/admin/user-export");
+    let r = request(&p, "GET", "/public/x/..;x/..;y/secret").unwrap();
+    assert_eq!(
+        (r.decision.action, r.decision.rule, r.reading),
+        (Action::Deny, DEFAULT_RULE, Reading::WithoutParameters)
+    );
+}
+
+#[test]
+fn jsessionid_param_is_allowed_when_both_readings_are() {
+    let p = policy(PARAMS);
+    let r = request(&p, "GET", "/public/page;jsessionid=0123ABCD").unwrap();
+    assert_eq!(
+        (r.decision.action, r.decision.rule, r.reading),
+        (Action::Allow, "public", Reading::Literal)
+    );
+    // The app gets the parameters it may rely on, untouched (and nothing was copied).
+    assert_eq!(r.path, "/public/page;jsessionid=0123ABCD");
+    assert!(r.path.is_borrowed());
+}
+
+#[test]
+fn literal_denial_decides_when_both_readings_deny() {
+    let p = policy(PARAMS);
+    let r = request(&p, "GET", "/admin/x;y").unwrap();
+    assert_eq!(
+        (r.decision.action, r.decision.rule, r.reading),
+        (Action::Deny, "no-admin", Reading::Literal)
+    );
+}
+
+#[test]
+fn a_reading_that_normalization_refuses_refuses_the_request() {
+    // Without its parameter, `/..;/admin` climbs above the root.
+    let p = policy(ADMIN_ONLY);
+    assert_eq!(
+        p.decide_request(A, "GET", "/..;/admin"),
+        Err(PathError::AboveRoot)
+    );
+    // The literal reading's own refusals come first, as before.
+    assert_eq!(
+        p.decide_request(A, "GET", "/a;x/%2F"),
+        Err(PathError::EncodedSlash)
+    );
+}
+
+#[test]
+fn audit_denial_under_the_bare_reading_is_reported() {
+    let p = policy(
+        "defaultAction: allow
+rules:
+  - name: would-block-admin
+    action: deny
+    mode: audit
+    from: [\"*\"]
+    to: [{paths: [/admin/**]}]
+",
+    );
+    let r = request(&p, "GET", "/admin;x/y").unwrap();
+    assert!(r.decision.is_allowed());
+    assert_eq!(r.reading, Reading::WithoutParameters);
+    let audit = r.decision.audit.unwrap();
+    assert_eq!(
+        (audit.action, audit.rule),
+        (Action::Deny, "would-block-admin")
+    );
+}
+
+#[test]
+fn encoded_semicolon_is_data_not_a_parameter() {
+    let p = policy(&format!("pathParameters: reject\n{ADMIN_ONLY}"));
+    let r = request(&p, "GET", "/admin%3Bx/y").unwrap();
+    assert_eq!(
+        (r.decision.action, r.decision.rule, r.reading),
+        (Action::Allow, DEFAULT_RULE, Reading::Literal)
+    );
+}
+
+#[test]
+fn reject_mode_refuses_any_semicolon() {
+    let p = policy(&format!("pathParameters: reject\n{PARAMS}"));
+    assert_eq!(p.path_parameters(), PathParameters::Reject);
+    for raw in ["/public/page;jsessionid=1", "/admin;x/y", "/;", "/a/b;"] {
+        assert_eq!(
+            p.decide_request(A, "GET", raw),
+            Err(PathError::PathParameters),
+            "{raw}"
+        );
+    }
+    assert_eq!(PathError::PathParameters.reason(), "path_parameters");
+    assert!(PathError::PathParameters
+        .to_string()
+        .contains("pathParameters: reject"));
+    assert!(request(&p, "GET", "/public/page")
+        .unwrap()
+        .decision
+        .is_allowed());
+}
+
+#[test]
+fn literal_mode_reads_semicolons_as_ordinary_characters() {
+    let p = policy(&format!("pathParameters: literal\n{ADMIN_ONLY}"));
+    assert_eq!(p.path_parameters(), PathParameters::Literal);
+    let r = request(&p, "GET", "/admin;x/user-export").unwrap();
+    assert_eq!(
+        (r.decision.action, r.decision.rule, r.reading),
+        (Action::Allow, DEFAULT_RULE, Reading::Literal)
+    );
+    // ...and `/..;` is an ordinary segment, not a refusal.
+    assert!(request(&p, "GET", "/..;/admin")
+        .unwrap()
+        .decision
+        .is_allowed());
+}
+
+#[test]
+fn uppercase_admin_is_denied_with_case_insensitive_paths() {
+    let p = policy(&format!("caseInsensitivePaths: true\n{ADMIN_ONLY}"));
+    assert!(p.case_insensitive_paths());
+    for raw in [
+        "/ADMIN/user-export",
+        "/Admin",
+        "/aDmIn/",
+        "/%41DMIN/x",
+        "/ADMIN;x/y",
+    ] {
+        let r = request(&p, "GET", raw).unwrap();
+        assert_eq!(
+            (r.decision.action, r.decision.rule),
+            (Action::Deny, "no-admin"),
+            "{raw}"
+        );
+    }
+    // The forwarded path keeps its case.
+    let r = request(&p, "GET", "/Public/Page").unwrap();
+    assert!(r.decision.is_allowed());
+    assert_eq!(r.path, "/Public/Page");
+}
+
+#[test]
+fn case_sensitive_policy_lets_uppercase_through() {
+    // The default, and what the case lint warns about.
+    let p = policy(ADMIN_ONLY);
+    assert!(!p.case_insensitive_paths());
+    assert!(request(&p, "GET", "/ADMIN/user-export")
+        .unwrap()
+        .decision
+        .is_allowed());
+}
+
+#[test]
+fn uppercase_pattern_matches_any_case_when_case_insensitive() {
+    let p = policy(
+        "caseInsensitivePaths: true
+defaultAction: allow
+rules:
+  - name: no-reports
+    action: deny
+    from: [\"*\"]
+    to: [{paths: [/Reports/*/Q1, /caf%C3%A9]}]
+",
+    );
+    for raw in ["/reports/2024/q1", "/REPORTS/x/Q1", "/Caf%c3%a9", "/CAFé"] {
+        assert!(
+            !request(&p, "GET", raw).unwrap().decision.is_allowed(),
+            "{raw}"
+        );
+    }
+    assert!(request(&p, "GET", "/reports/2024/q2")
+        .unwrap()
+        .decision
+        .is_allowed());
+    // Explanations quote the pattern as written.
+    let text = p.explain(A, "GET", "/reports/2024/q2").to_string();
+    assert!(text.contains("[/Reports/*/Q1, /caf%C3%A9]"), "{text}");
+}
+
+#[test]
+fn bad_path_parameters_is_located_with_the_choices() {
+    let e = error("pathParameters: maybe\n");
+    assert_eq!((e.line, e.column), (3, 17), "{e}");
+    for choice in ["`strictest`", "`reject`", "`literal`"] {
+        assert!(e.message.contains(choice), "{e}");
+    }
+    assert!(
+        e.to_string()
+            .starts_with("policy.yaml:3:17: unknown pathParameters `maybe`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_case_insensitive_paths_is_located() {
+    let e = error("caseInsensitivePaths: yes\n");
+    assert_eq!(
+        e.to_string(),
+        "policy.yaml:3:23: caseInsensitivePaths `yes`: expected `true` or `false`"
+    );
+    let e = error("caseInsensitivePaths: True\n");
+    assert!(e.message.contains("write it in lowercase: `true`"), "{e}");
+    let e = error("caseInsensitivePaths: [true]\n");
+    assert_eq!(e.line, 3, "{e}");
+}
+
+#[test]
+fn disagreeing_path_settings_name_both_places() {
+    let a = file("pathParameters: strictest\ncaseInsensitivePaths: true\n");
+    let b = file("pathParameters: literal\n");
+    let e = compile(&[("a.yaml", a.as_str()), ("b.yaml", b.as_str())]).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "b.yaml:3:17: pathParameters `literal` disagrees with `strictest` set at a.yaml:3:17: \
+         files that set pathParameters must agree (or leave it out)"
+    );
+    let b = file("caseInsensitivePaths: false\n");
+    let e = compile(&[("a.yaml", a.as_str()), ("b.yaml", b.as_str())]).unwrap_err();
+    assert_eq!((e.source.as_str(), e.line, e.column), ("b.yaml", 3, 23));
+    assert!(e.message.contains("a.yaml:4:23"), "{e}");
+}
+
+#[test]
+fn a_file_without_the_path_settings_inherits_them() {
+    let a = file(
+        "pathParameters: reject
+caseInsensitivePaths: true
+",
+    );
+    let b = file(ADMIN_ONLY);
+    let p = compile(&[("a.yaml", a.as_str()), ("b.yaml", b.as_str())]).unwrap();
+    assert_eq!(p.path_parameters(), PathParameters::Reject);
+    assert!(p.case_insensitive_paths());
+    // The rules of b.yaml are folded too.
+    assert!(!request(&p, "GET", "/ADMIN").unwrap().decision.is_allowed());
+    // Agreeing files are fine.
+    let c = file("pathParameters: reject\n");
+    assert!(compile(&[("a.yaml", a.as_str()), ("c.yaml", c.as_str())]).is_ok());
+}
+
+#[test]
+fn deny_path_with_letters_warns_in_a_case_sensitive_policy() {
+    let p = policy(PARAMS);
+    let w = p.lint();
+    assert_eq!(
+        kinds(&p),
+        [("no-admin".to_owned(), WarningKind::CaseSensitivePath)]
+    );
+    // At the pattern itself (`      - paths: [/admin/**]` on line 14).
+    assert_eq!((w[0].line, w[0].column), (14, 17), "{}", w[0]);
+    assert_eq!(
+        WarningKind::CaseSensitivePath.as_str(),
+        "case_sensitive_path"
+    );
+    let text = w[0].to_string();
+    for want in [
+        "policy.yaml:14:17: warning: deny rule `no-admin`",
+        "`/ADMIN/**` is not denied by `/admin/**`",
+        "set `caseInsensitivePaths: true`",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in {text}");
+    }
+}
+
+#[test]
+fn case_lint_is_quiet_once_the_setting_is_written() {
+    for setting in ["true", "false"] {
+        let p = policy(&format!("caseInsensitivePaths: {setting}\n{PARAMS}"));
+        assert_eq!(p.lint(), [], "caseInsensitivePaths: {setting}");
+    }
+}
+
+#[test]
+fn case_lint_flags_audit_denies_only_among_rules_without_letters() {
+    let p = policy(
+        "rules:
+  - name: allow-admin
+    action: allow
+    from: [\"*\"]
+    to: [{paths: [/admin]}]
+  - name: digits
+    action: deny
+    from: [\"*\"]
+    to: [{paths: [/1/*/2, /%C3%A9/**]}]
+  - name: everything
+    action: deny
+    from: [spiffe://example.org/ns/dev/**]
+  - name: later-letters
+    action: deny
+    mode: audit
+    from: [\"*\"]
+    to: [{paths: [/2]}, {paths: [/3, /v1/**]}]
+",
+    );
+    let w = p.lint();
+    assert_eq!(
+        kinds(&p),
+        [("later-letters".to_owned(), WarningKind::CaseSensitivePath)]
+    );
+    assert!(
+        w[0].message.contains("`/V1/**` is not denied by `/v1/**`"),
+        "{}",
+        w[0]
+    );
+}
+
+#[test]
+fn case_insensitive_duplicates_are_redundant() {
+    let p = policy(
+        "caseInsensitivePaths: true
+rules:
+  - name: a
+    action: deny
+    from: [\"*\"]
+    to: [{paths: [/Admin/**]}]
+  - name: b
+    action: deny
+    from: [\"*\"]
+    to: [{paths: [/admin/**]}]
+",
+    );
+    assert_eq!(kinds(&p), [("b".to_owned(), WarningKind::Redundant)]);
+}
+
+#[test]
+fn explain_shows_both_readings_and_which_decided() {
+    let p = policy(PARAMS);
+    let x = p.explain(A, "GET", "/public/..;/admin/x");
+    assert_eq!(x.readings.len(), 2);
+    assert_eq!(x.readings[0].reading, Reading::Literal);
+    assert_eq!(x.readings[0].path.as_deref(), Ok("/public/..;/admin/x"));
+    assert!(x.readings[0].decision.unwrap().is_allowed());
+    assert!(!x.readings[0].decided);
+    assert_eq!(x.readings[1].path.as_deref(), Ok("/admin/x"));
+    assert!(x.readings[1].decided);
+    assert_eq!(x.decision.unwrap().rule, "no-admin");
+    // `matched` is about the deciding reading.
+    let names: Vec<_> = x.matched.iter().map(|m| m.rule).collect();
+    assert_eq!(names, ["no-admin"]);
+    let text = x.to_string();
+    for want in [
+        "readings: the path carries `;` parameters (pathParameters: strictest)",
+        "  literal             /public/..;/admin/x  allow by rule `public`\n",
+        "  without_parameters  /admin/x             deny by rule `no-admin`  <- decides\n",
+        "decision: deny by rule `no-admin` (policy.yaml:10:11), reading the path without its \
+         `;` parameters",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in\n{text}");
+    }
+}
+
+#[test]
+fn explain_of_a_plain_path_shows_one_reading() {
+    let p = policy(PARAMS);
+    let x = p.explain(A, "GET", "/public/x");
+    assert_eq!(x.readings.len(), 1);
+    assert!(x.readings[0].decided);
+    let text = x.to_string();
+    assert!(!text.contains("readings:"), "{text}");
+    assert!(!text.contains("case-insensitive"), "{text}");
+}
+
+#[test]
+fn explain_shows_a_reading_refused_by_normalization() {
+    let p = policy(PARAMS);
+    let x = p.explain(A, "GET", "/..;/admin");
+    assert!(x.decision.is_none());
+    assert!(matches!(
+        &x.request,
+        ExplainedRequest::Http {
+            normalized: Err(PathError::AboveRoot),
+            ..
+        }
+    ));
+    assert!(x.readings[1].decided);
+    let text = x.to_string();
+    assert!(
+        text.contains("  without_parameters  /../admin   refused (above_root)  <- decides"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "decision: refused before authorization (above_root): path climbs above the root \
+             with `..`, reading the path without its `;` parameters"
+        ),
+        "{text}"
+    );
+}
+
+#[test]
+fn explain_of_reject_mode_names_the_reason() {
+    let p = policy(&format!("pathParameters: reject\n{PARAMS}"));
+    let x = p.explain(A, "GET", "/public/a;b");
+    assert!(x.decision.is_none() && x.readings.is_empty());
+    assert!(x
+        .to_string()
+        .contains("refused before authorization (path_parameters)"));
+}
+
+#[test]
+fn explain_says_matching_was_case_insensitive() {
+    let p = policy(&format!("caseInsensitivePaths: true\n{PARAMS}"));
+    let x = p.explain(A, "GET", "/ADMIN/x");
+    assert!(x.case_insensitive_paths);
+    assert_eq!(x.decision.unwrap().rule, "no-admin");
+    let text = x.to_string();
+    assert!(
+        text.contains("paths:    matched case-insensitively (caseInsensitivePaths: true)"),
+        "{text}"
+    );
+    // Near misses are worked out case-insensitively too: `public` fails on the path.
+    assert!(
+        text.contains("path /ADMIN/x matches none of [/public/**]"),
+        "{text}"
+    );
+}
+
 // ---------------------------------------------------------------- properties
 
 mod properties {
     use super::*;
+    use crate::fuzz::reference_request;
     use proptest::prelude::*;
 
     const CALLERS: &[&str] = &[
@@ -1229,7 +1736,7 @@ mod properties {
         "spiffe://example.org/ns/dev/sa/a",
         "spiffe://other.org/**",
     ];
-    const SEGS: &[&str] = &["a", "b", "admin", "x"];
+    const SEGS: &[&str] = &["a", "b", "admin", "x", "Admin"];
 
     fn path_pattern() -> impl Strategy<Value = String> {
         (
@@ -1308,14 +1815,23 @@ mod properties {
         (
             any::<bool>(),
             any::<bool>(),
+            prop::sample::select(vec!["", "true", "false"]),
+            prop::sample::select(vec!["", "strictest", "reject", "literal"]),
             prop::collection::vec(rule(), 0..12),
         )
-            .prop_map(|(allow_default, audit, rules)| {
+            .prop_map(|(allow_default, audit, case, params, rules)| {
                 let mut t = format!(
-                    "{HEAD}defaultAction: {}\nmode: {}\nrules:\n",
+                    "{HEAD}defaultAction: {}\nmode: {}\n",
                     if allow_default { "allow" } else { "deny" },
                     if audit { "audit" } else { "enforce" }
                 );
+                if !case.is_empty() {
+                    t.push_str(&format!("caseInsensitivePaths: {case}\n"));
+                }
+                if !params.is_empty() {
+                    t.push_str(&format!("pathParameters: {params}\n"));
+                }
+                t.push_str("rules:\n");
                 if rules.is_empty() {
                     t.push_str("  []\n");
                 }
@@ -1344,8 +1860,73 @@ mod properties {
             })
     }
 
+    /// Raw paths as a hostile caller writes them: `;` parameters, `..;`, dots, case.
+    fn raw_request_path() -> impl Strategy<Value = String> {
+        prop::collection::vec(
+            prop::sample::select(vec![
+                "a", "admin", "Admin", "ADMIN", "x", "..", ".", "..;", "..;x", "admin;x",
+                "a;b=c;d", ";", ";x", "%2e%2e;", "x;", "",
+            ]),
+            0..5,
+        )
+        .prop_map(|segs| format!("/{}", segs.join("/")))
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        /// Under `caseInsensitivePaths: true` a pattern and a path that differ only in
+        /// letter case match, whichever side has the capitals, through the index as in the
+        /// reference; under the default they do not.
+        #[test]
+        fn case_insensitive_matching_ignores_case_on_both_sides(
+            pattern in prop::collection::vec(prop::sample::select(vec!["admin", "Admin", "ADMIN", "x", "X", "*"]), 1..4),
+            path in prop::collection::vec(prop::sample::select(vec!["admin", "aDMIN", "ADMIN", "x", "X"]), 1..4),
+            globstar in any::<bool>(),
+            insensitive in any::<bool>(),
+        ) {
+            let written = format!("/{}{}", pattern.join("/"), if globstar { "/**" } else { "" });
+            let text = format!(
+                "{HEAD}defaultAction: allow\ncaseInsensitivePaths: {insensitive}\nrules:\n  - name: d\n    action: deny\n    from: [\"*\"]\n    to: [{{paths: [{written}]}}]\n"
+            );
+            let p = compile(&[("p.yaml", text.as_str())]).unwrap();
+            let raw = format!("/{}", path.join("/"));
+            let n = normalize_path(&raw).unwrap();
+            let d = p.decide(A, "GET", &n);
+            prop_assert_eq!(d, p.decide_reference(A, "GET", n.match_view()));
+            // What should happen, worked out on strings.
+            let fold = |s: &str| if insensitive { s.to_ascii_lowercase() } else { s.to_owned() };
+            let fits = |i: usize| pattern[i] == "*" || fold(pattern[i]) == fold(path[i]);
+            let want_deny = path.len() >= pattern.len()
+                && (globstar || path.len() == pattern.len())
+                && (0..pattern.len()).all(fits);
+            prop_assert_eq!(!d.is_allowed(), want_deny, "{} vs {}", written, raw);
+        }
+
+        /// `decide_request` (index, one pass per reading) equals the readings decided one
+        /// by one with the reference evaluation; under `strictest` nothing either reading
+        /// denies is allowed; `explain` reports the same decision; the path to forward is
+        /// the literal one.
+        #[test]
+        fn request_decision_is_the_stricter_of_its_readings(
+            text in policy_text(),
+            caller in prop::sample::select(CALLERS),
+            method in prop::sample::select(vec!["GET", "POST", "delete"]),
+            raw in raw_request_path(),
+        ) {
+            let p = compile(&[("p.yaml", text.as_str())]).unwrap();
+            let got = p.decide_request(caller, method, &raw);
+            let want = reference_request(&p, caller, method, &raw);
+            prop_assert_eq!(
+                got.as_ref().map(|r| (r.decision, r.reading)).map_err(|e| *e),
+                want
+            );
+            if let Ok(r) = &got {
+                prop_assert_eq!(&r.path, &normalize_path(&raw).unwrap());
+            }
+            let x = p.explain(caller, method, &raw);
+            prop_assert_eq!(x.decision, got.ok().map(|r| r.decision));
+        }
 
         /// The index (principal buckets, path tries) decides exactly as a plain walk over
         /// every rule applying the written semantics.

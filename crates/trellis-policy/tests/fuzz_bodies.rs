@@ -1,7 +1,8 @@
 //! The cargo-fuzz targets' bodies (`trellis_policy::fuzz`, called by `fuzz/fuzz_targets/`)
 //! run here on stable over a few thousand random inputs each, so CI exercises the same
 //! properties: no panic on any input; normalization is a fixed point; a compiled policy
-//! lints, explains, and decides exactly as the reference evaluation.
+//! lints, explains, and decides exactly as the reference evaluation; a raw path's
+//! readings (`;` parameters, case) never let `/admin` through a `deny /admin/**`.
 #![allow(clippy::unwrap_used)]
 
 use proptest::prelude::*;
@@ -14,6 +15,13 @@ const FRAGMENTS: &[&str] = &[
     "defaultAction: allow",
     "defaultAction: deny",
     "mode: audit",
+    "pathParameters: strictest",
+    "pathParameters: reject",
+    "pathParameters: literal",
+    "pathParameters: maybe",
+    "caseInsensitivePaths: true",
+    "caseInsensitivePaths: false",
+    "caseInsensitivePaths: yes",
     "rules:",
     "rules: []",
     "  - name: r",
@@ -32,6 +40,7 @@ const FRAGMENTS: &[&str] = &[
     "    to: []",
     "      - methods: [GET]",
     "      - paths: [/admin/**, /a/*/b]",
+    "      - paths: [/Admin/*, /ADMIN]",
     "        paths: [/a//b]",
     "        methods: []",
     "    ports: [5432]",
@@ -73,6 +82,38 @@ fn path_like() -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
+/// Paths built from the pieces of `;`, dot, case and encoding tricks.
+fn hostile_path() -> impl Strategy<Value = Vec<u8>> {
+    prop::collection::vec(
+        prop::sample::select(vec![
+            "/",
+            "admin",
+            "ADMIN",
+            "Admin",
+            "%61dmin",
+            "%41",
+            ";",
+            ";x",
+            ";jsessionid=1",
+            "..",
+            "..;",
+            ".",
+            "%2e",
+            "%2e%2e",
+            "%3B",
+            "%3b",
+            "public",
+            "x",
+            "//",
+            "%2F",
+            "\\",
+            "?",
+        ]),
+        0..12,
+    )
+    .prop_map(|p| format!("/{}", p.concat()).into_bytes())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(3000))]
 
@@ -84,6 +125,16 @@ proptest! {
     #[test]
     fn normalize_path_body_holds_for_path_like_strings(data in path_like()) {
         fuzz::normalize(&data);
+    }
+
+    #[test]
+    fn path_readings_body_holds_for_random_bytes(data in prop::collection::vec(any::<u8>(), 0..64)) {
+        fuzz::path_readings(&data);
+    }
+
+    #[test]
+    fn path_readings_body_holds_for_hostile_paths(data in hostile_path()) {
+        fuzz::path_readings(&data);
     }
 
     #[test]
@@ -109,6 +160,28 @@ fn policy_parse_regressions() {
         b"apiVersion: &v trellis.io/v1\nkind: Policy\nrules:\n  - name: *v\n",
     ] {
         fuzz::policy_parse(input);
+    }
+}
+
+/// The attacks of issue 13 and their relatives, pinned.
+#[test]
+fn path_readings_regressions() {
+    for input in [
+        "/admin;x/user-export",
+        "/ADMIN/user-export",
+        "/ADMIN;x/user-export",
+        "/public/..;/admin",
+        "/public/..;x/ADMIN/x",
+        "/..;/admin",
+        "/;/admin",
+        "/admin%3Bx",
+        "/a;b/..;/..;/admin",
+        "/%2e%2e;/admin",
+        "",
+        ";",
+        "/é;é/admin",
+    ] {
+        fuzz::path_readings(input.as_bytes());
     }
 }
 

@@ -1,5 +1,7 @@
-//! `decide`, `decide_l4` and normalizing an already-normal path allocate nothing: the
-//! request path of the sidecar must not touch the allocator for authorization.
+//! `decide`, `decide_l4`, `decide_request` and normalizing an already-normal path allocate
+//! nothing: the request path of the sidecar must not touch the allocator for
+//! authorization. (A `;` under `pathParameters: strictest`, or an uppercase letter under
+//! `caseInsensitivePaths: true`, costs one copy of the path.)
 #![allow(clippy::unwrap_used)]
 
 use std::fmt::Write;
@@ -67,4 +69,56 @@ fn normalizing_an_already_normal_path_does_not_allocate() {
         }
     });
     assert_eq!(info.count_total, 0);
+}
+
+#[test]
+fn decide_request_on_the_fast_path_does_not_allocate() {
+    let text = big_policy();
+    let p = compile(&[("p.yaml", text.as_str())]).unwrap();
+    let caller = "spiffe://example.org/ns/ns12/sa/svc1200";
+    // Already normal, no `;`, case-sensitive policy (default `pathParameters: strictest`).
+    let raws = [
+        "/api/svc1200/items",
+        "/api/svc1200/docs/a/b/c",
+        "/admin3/x",
+        "/nothing/here/",
+        "/",
+        "/a%3Bb/%C3%A9",
+    ];
+    let mut allowed = 0;
+    let info = allocation_counter::measure(|| {
+        for raw in raws {
+            for method in ["GET", "post"] {
+                let r = p.decide_request(caller, method, raw).unwrap();
+                assert!(r.path.is_borrowed());
+                allowed += usize::from(r.decision.is_allowed());
+                std::hint::black_box(r);
+            }
+        }
+    });
+    assert_eq!(info.count_total, 0, "decide_request allocated: {info:?}");
+    assert!(allowed > 0);
+}
+
+#[test]
+fn case_insensitive_policy_allocates_only_for_uppercase_paths() {
+    let text = format!("{}caseInsensitivePaths: true\n", big_policy());
+    let p = compile(&[("p.yaml", text.as_str())]).unwrap();
+    let caller = "spiffe://example.org/ns/ns12/sa/svc1200";
+    let info = allocation_counter::measure(|| {
+        let r = p
+            .decide_request(caller, "GET", "/api/svc1200/items")
+            .unwrap();
+        assert!(r.decision.is_allowed());
+        std::hint::black_box(r);
+    });
+    assert_eq!(info.count_total, 0, "lowercase path allocated: {info:?}");
+    let info = allocation_counter::measure(|| {
+        let r = p
+            .decide_request(caller, "GET", "/API/svc1200/Items")
+            .unwrap();
+        assert!(r.decision.is_allowed());
+        std::hint::black_box(r);
+    });
+    assert_eq!(info.count_total, 1, "one lowercased copy: {info:?}");
 }

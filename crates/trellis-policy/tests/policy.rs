@@ -3,8 +3,8 @@
 #![allow(clippy::unwrap_used)]
 
 use trellis_policy::{
-    compile, normalize_path, Action, AuditHit, ExplainedRequest, Mode, PathError, WarningKind,
-    DEFAULT_RULE,
+    compile, normalize_path, Action, AuditHit, ExplainedRequest, Mode, PathError, PathParameters,
+    Reading, WarningKind, DEFAULT_RULE,
 };
 
 const SERVICE_A: &str = "spiffe://example.org/ns/prod/sa/service-a";
@@ -15,6 +15,8 @@ apiVersion: trellis.io/v1
 kind: Policy
 defaultAction: deny          # allow | deny; optional, default deny
 mode: enforce                # enforce | audit; optional, default enforce
+pathParameters: strictest    # strictest | reject | literal; optional, default strictest
+caseInsensitivePaths: false  # true | false; optional, default false
 rules:
   - name: lb-health
     action: allow
@@ -39,6 +41,8 @@ fn readme_policy_compiles_and_decides() {
     let p = compile(&[("policy.yaml", README_POLICY)]).unwrap();
     assert_eq!(p.rule_count(), 3);
     assert_eq!(p.mode(), Mode::Enforce);
+    assert_eq!(p.path_parameters(), PathParameters::Strictest);
+    assert!(!p.case_insensitive_paths());
     assert_eq!(p.lint(), []);
 
     let health = normalize_path("/load-balancer/health").unwrap();
@@ -107,20 +111,20 @@ fn readme_error_examples_are_what_users_see() {
     let e = compile(&[("policy.yaml", typo.as_str())]).unwrap_err();
     assert_eq!(
         e.to_string(),
-        "policy.yaml:10:9: rules[0].to[0]: unknown field `metods`, expected `methods` or `paths`"
+        "policy.yaml:12:9: rules[0].to[0]: unknown field `metods`, expected `methods` or `paths`"
     );
 
     let bad = README_POLICY.replace("paths: [/admin/**]", "paths: [/a/**/b]");
     let e = compile(&[("policy.yaml", bad.as_str())]).unwrap_err();
     assert_eq!(
         e.to_string(),
-        "policy.yaml:17:17: path pattern `/a/**/b`: `**` may only end a pattern (`/admin/**`)"
+        "policy.yaml:19:17: path pattern `/a/**/b`: `**` may only end a pattern (`/admin/**`)"
     );
 
     let e = compile(&[("a.yaml", README_POLICY), ("b.yaml", README_POLICY)]).unwrap_err();
     assert_eq!(
         e.to_string(),
-        "b.yaml:6:11: duplicate rule name `lb-health`: first defined at a.yaml:6:11; rule \
+        "b.yaml:8:11: duplicate rule name `lb-health`: first defined at a.yaml:8:11; rule \
          names must be unique across all policy files"
     );
 }
@@ -164,15 +168,72 @@ fn hostile_spellings_of_admin_are_denied_or_refused() {
     ] {
         assert_eq!(normalize_path(raw), Err(err), "{raw}");
     }
+    // As the sidecar decides a raw path: `;` parameters are read both ways (the default
+    // `pathParameters: strictest`), so the servlet container's reading is denied too.
+    for raw in [
+        "/admin;x/users",
+        "/public/..;/admin",
+        "/;/admin",
+        "/admin;jsessionid=1",
+    ] {
+        let r = p.decide_request(SERVICE_A, "GET", raw).unwrap();
+        assert_eq!(
+            (r.decision.action, r.decision.rule, r.reading),
+            (Action::Deny, "no-admin", Reading::WithoutParameters),
+            "{raw}"
+        );
+    }
+    assert_eq!(
+        p.decide_request(SERVICE_A, "GET", "/..;/admin"),
+        Err(PathError::AboveRoot)
+    );
     for raw in [
         "/administrator",
         "/ADMIN",
-        "/admin;x/users",
         "/%252e%252e/admin",
+        "/admin%3Bx/users",
     ] {
-        let n = normalize_path(raw).unwrap();
-        assert!(p.decide(SERVICE_A, "GET", &n).is_allowed(), "{raw}");
+        let r = p.decide_request(SERVICE_A, "GET", raw).unwrap();
+        assert!(r.decision.is_allowed(), "{raw}");
     }
+}
+
+#[test]
+fn uppercase_admin_is_denied_once_paths_are_case_insensitive() {
+    let text = "apiVersion: trellis.io/v1\nkind: Policy\ndefaultAction: allow\ncaseInsensitivePaths: true\nrules:\n  - name: no-admin\n    action: deny\n    from: [\"*\"]\n    to: [{paths: [/admin/**]}]\n";
+    let p = compile(&[("p.yaml", text)]).unwrap();
+    for raw in ["/ADMIN", "/Admin/user-export", "/ADMIN;x/users", "/%41DMIN"] {
+        let r = p.decide_request(SERVICE_A, "GET", raw).unwrap();
+        assert_eq!(
+            (r.decision.action, r.decision.rule),
+            (Action::Deny, "no-admin"),
+            "{raw}"
+        );
+    }
+    let r = p.decide_request(SERVICE_A, "GET", "/Public/Page").unwrap();
+    assert!(r.decision.is_allowed());
+    assert_eq!(r.path.as_str(), "/Public/Page");
+    assert_eq!(p.lint(), []);
+}
+
+#[test]
+fn readme_policy_without_the_case_setting_gets_the_case_lint() {
+    let text = README_POLICY.replace(
+        "caseInsensitivePaths: false  # true | false; optional, default false\n",
+        "",
+    );
+    let p = compile(&[("policy.yaml", text.as_str())]).unwrap();
+    let w = p.lint();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert_eq!(w[0].kind, WarningKind::CaseSensitivePath);
+    assert!(
+        w[0].to_string().starts_with(
+            "policy.yaml:18:17: warning: deny rule `no-export`: paths are matched \
+             case-sensitively, so `/ADMIN/**` is not denied by `/admin/**`"
+        ),
+        "{}",
+        w[0]
+    );
 }
 
 #[test]
@@ -187,8 +248,8 @@ request:  POST /load-balancer/health
 decision: deny by default (no rule matched)
 matched:  none (defaultAction: deny)
 near misses:
-  allow         lb-health  (policy.yaml:6:11): to[0]: method POST not in [GET]
-  deny (audit)  no-export  (policy.yaml:12:11): to[0]: path /load-balancer/health matches none of [/admin/**]
+  allow         lb-health  (policy.yaml:8:11): to[0]: method POST not in [GET]
+  deny (audit)  no-export  (policy.yaml:14:11): to[0]: path /load-balancer/health matches none of [/admin/**]
 "
     );
 }
@@ -204,8 +265,8 @@ fn lint_warnings_display_with_location() {
     assert_eq!(w[0].kind, WarningKind::Redundant);
     assert_eq!(
         w[0].to_string(),
-        "policy.yaml:22:11: warning: rule `lb-health-again` is redundant: rule `lb-health` \
-         (policy.yaml:6:11) has the same scope and action and comes first"
+        "policy.yaml:24:11: warning: rule `lb-health-again` is redundant: rule `lb-health` \
+         (policy.yaml:8:11) has the same scope and action and comes first"
     );
 }
 

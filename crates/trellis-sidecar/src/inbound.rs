@@ -43,7 +43,7 @@ use crate::http_util::{
 };
 use crate::metrics::{Direction, Listener, SidecarMetrics};
 use crate::mtls::{self, SessionTicketer};
-use crate::policy::PolicyEngine;
+use crate::policy::{HttpAuthorization, PolicyEngine};
 use crate::pool::{self, AppPool, ForwardError};
 use crate::svid_store::SvidStore;
 use crate::tcp;
@@ -76,11 +76,14 @@ struct Refusal {
 /// **Policy hook.** Decides each request before it reaches the app: `None` lets it through,
 /// `Some(refusal)` answers instead.
 ///
-/// Without a policy everything is allowed and nothing is rewritten. With one, the path is
-/// normalized first (a path that cannot be is answered `400` naming the reason), then
-/// `PolicyEngine` decides (one `ArcSwap::load`, no lock): a denial is `403` with
-/// `{"error":"forbidden","rule":…,"caller":…}`; an allowed request goes on with its path
-/// replaced by the normalized one (query kept), so the app sees the path that was authorized.
+/// Without a policy everything is allowed and nothing is rewritten. With one,
+/// `PolicyEngine::authorize_request` (one `ArcSwap::load`, no lock) takes the raw path:
+/// a path that cannot be authorized (it cannot be normalized under some reading, or has
+/// `;` parameters under `pathParameters: reject`) is answered `400` naming the reason; a
+/// path with `;` parameters is decided with and without them, the stricter wins; a denial is
+/// `403` with `{"error":"forbidden","rule":…,"caller":…}`; an allowed request goes on with
+/// its path replaced by the normalized literal one (query kept), so the app sees the path
+/// that was authorized.
 fn authorize(
     policy: &PolicyEngine,
     metrics: &SidecarMetrics,
@@ -89,23 +92,30 @@ fn authorize(
 ) -> Option<Refusal> {
     policy.path()?;
     let caller = conn.peer_id.as_str();
-    let normalized = match trellis_policy::normalize_path(request.uri.path()) {
-        Ok(path) => path,
-        Err(e) => {
+    let normalized = match policy.authorize_request(
+        caller,
+        request.method.as_str(),
+        request.uri.path(),
+    ) {
+        HttpAuthorization::Allow(path) => path,
+        HttpAuthorization::Deny { rule, .. } => {
+            return Some(Refusal {
+                response: forbidden(&rule, caller),
+                rule: Some(rule),
+            })
+        }
+        HttpAuthorization::BadPath(e) => {
             metrics.bad_path(e.reason());
             tracing::info!(%caller, method = %request.method, path = request.uri.path(), reason = e.reason(), "request path refused");
             return Some(Refusal {
-                response: text_response(StatusCode::BAD_REQUEST, &format!("bad request path: {e}")),
+                response: text_response(
+                    StatusCode::BAD_REQUEST,
+                    &format!("bad request path ({}): {e}", e.reason()),
+                ),
                 rule: None,
             });
         }
     };
-    if let Some(rule) = policy.authorize_http(caller, request.method.as_str(), &normalized) {
-        return Some(Refusal {
-            response: forbidden(&rule, caller),
-            rule: Some(rule),
-        });
-    }
     if !normalized.is_borrowed() {
         let path = normalized.into_string();
         match with_path(&request.uri, &path) {

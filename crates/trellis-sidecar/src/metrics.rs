@@ -197,7 +197,7 @@ pub const HANDSHAKE_REASONS: [&str; 15] = [
 
 /// Every `reason` of `trellis_authz_bad_paths_total` (`trellis_policy::PathError::reason`),
 /// and `other` for anything new.
-pub const BAD_PATH_REASONS: [&str; 8] = [
+pub const BAD_PATH_REASONS: [&str; 9] = [
     "not_absolute",
     "query_or_fragment",
     "encoded_slash",
@@ -205,6 +205,7 @@ pub const BAD_PATH_REASONS: [&str; 8] = [
     "control_character",
     "bad_escape",
     "above_root",
+    "path_parameters",
     "other",
 ];
 
@@ -1068,6 +1069,7 @@ mod tests {
             PathError::ControlCharacter,
             PathError::BadEscape,
             PathError::AboveRoot,
+            PathError::PathParameters,
         ] {
             let known = &BAD_PATH_REASONS[..BAD_PATH_REASONS.len() - 1];
             assert!(known.contains(&e.reason()), "{e:?}: {}", e.reason());

@@ -27,7 +27,9 @@ use notify::{RecursiveMode, Watcher};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio::sync::{mpsc, watch};
-use trellis_policy::{Action, CompiledPolicy, Decision, NormalizedPath, PolicyError};
+use trellis_policy::{
+    Action, CompiledPolicy, Decision, NormalizedPath, PathError, PolicyError, Reading,
+};
 
 use crate::identity_files::{may_change_content, parent_dir};
 use crate::metrics::{AuthzLabel, SidecarMetrics};
@@ -183,6 +185,25 @@ fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// What the inbound proxy does with one HTTP request, from
+/// [`PolicyEngine::authorize_request`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpAuthorization<'r> {
+    /// Forward it with this path: the literal path in normal form, borrowed from the
+    /// request when it was already normal (then nothing needs rewriting).
+    Allow(NormalizedPath<'r>),
+    /// Answer `403`: denied by `rule`, under `reading` of the path.
+    Deny {
+        /// The deciding rule, or `default`.
+        rule: String,
+        /// Which reading of the path was denied.
+        reading: Reading,
+    },
+    /// Answer `400`: the path cannot be authorized (it cannot be normalized under some
+    /// reading, or it has `;` parameters under `pathParameters: reject`).
+    BadPath(PathError),
+}
+
 /// The policy in force and how to reload it. Shared by the inbound proxy, the watcher and
 /// the admin endpoint.
 pub struct PolicyEngine {
@@ -290,26 +311,41 @@ impl PolicyEngine {
         }
     }
 
-    /// Decides an HTTP request. `None`: allowed. `Some(rule)`: denied by `rule`. Counts the
-    /// decision, logs a denial (info) and an audit-mode "would deny" / "would allow".
-    pub fn authorize_http(
+    /// Decides an HTTP request from its **raw** path (the request-target's path, query
+    /// split off) with [`CompiledPolicy::decide_request`]: normalization, the `;`
+    /// parameter readings and case folding the policy asks for, then the decision. Counts
+    /// the decision, logs a denial (info) and an audit-mode "would deny" / "would allow",
+    /// with the reading that decided. Without a policy loaded, only normalizes.
+    pub fn authorize_request<'r>(
         &self,
         caller: &str,
         method: &str,
-        path: &NormalizedPath<'_>,
-    ) -> Option<String> {
+        raw_path: &'r str,
+    ) -> HttpAuthorization<'r> {
         let guard = self.current.load();
-        let loaded = guard.as_ref()?;
-        let d = loaded.compiled.decide(caller, method, path);
+        let Some(loaded) = guard.as_ref() else {
+            return match trellis_policy::normalize_path(raw_path) {
+                Ok(path) => HttpAuthorization::Allow(path),
+                Err(e) => HttpAuthorization::BadPath(e),
+            };
+        };
+        let r = match loaded.compiled.decide_request(caller, method, raw_path) {
+            Ok(r) => r,
+            Err(e) => return HttpAuthorization::BadPath(e),
+        };
+        let (d, path, reading) = (r.decision, &r.path, r.reading.as_str());
         loaded.count(&d);
         if let Some(audit) = d.audit {
-            tracing::info!(%caller, %method, %path, rule = audit.rule, enforced = d.rule, "audit: would {}", audit.action);
+            tracing::info!(%caller, %method, %path, reading, rule = audit.rule, enforced = d.rule, "audit: would {}", audit.action);
         }
         match d.action {
-            Action::Allow => None,
+            Action::Allow => HttpAuthorization::Allow(r.path),
             Action::Deny => {
-                tracing::info!(%caller, %method, %path, rule = d.rule, "request denied by policy");
-                Some(d.rule.to_owned())
+                tracing::info!(%caller, %method, %path, reading, rule = d.rule, "request denied by policy");
+                HttpAuthorization::Deny {
+                    rule: d.rule.to_owned(),
+                    reading: r.reading,
+                }
             }
         }
     }
@@ -383,6 +419,8 @@ impl PolicyEngine {
             "hash": current.as_ref().map(|p| p.compiled.hash().to_owned()),
             "loaded_at": current.as_ref().map(|p| unix(p.loaded_at)),
             "rules": current.as_ref().map_or(0, |p| p.compiled.rule_count()),
+            "path_parameters": current.as_ref().map(|p| p.compiled.path_parameters().as_str()),
+            "case_insensitive_paths": current.as_ref().map(|p| p.compiled.case_insensitive_paths()),
             "last_error": last_error.as_ref().map(|(e, _)| e.clone()),
             "last_error_at": last_error.as_ref().map(|(_, t)| unix(*t)),
         })
@@ -487,15 +525,20 @@ rules:
 ";
     const A: &str = "spiffe://example.org/ns/prod/sa/service-a";
 
-    fn path(p: &str) -> NormalizedPath<'_> {
-        trellis_policy::normalize_path(p).unwrap()
+    /// `None`: allowed; `Some(rule)`: denied by `rule`.
+    fn denied_by(e: &PolicyEngine, method: &str, raw: &str) -> Option<String> {
+        match e.authorize_request(A, method, raw) {
+            HttpAuthorization::Allow(_) => None,
+            HttpAuthorization::Deny { rule, .. } => Some(rule),
+            HttpAuthorization::BadPath(err) => panic!("{raw}: refused: {err}"),
+        }
     }
 
     #[test]
     fn no_policy_allows_everything_and_counts_nothing() {
         let m = Arc::new(SidecarMetrics::new());
         let e = PolicyEngine::allow_all(m.clone());
-        assert_eq!(e.authorize_http(A, "DELETE", &path("/admin")), None);
+        assert_eq!(denied_by(&e, "DELETE", "/admin"), None);
         assert!(e.authorize_l4(A, 5432));
         assert!(!e.denies_everything_from("spiffe://example.org/x"));
         assert!(!m.encode().contains("trellis_authz_decisions_total{"));
@@ -509,14 +552,8 @@ rules:
         std::fs::write(&file, POLICY).unwrap();
         let m = Arc::new(SidecarMetrics::new());
         let e = PolicyEngine::load(&file, m.clone()).unwrap();
-        assert_eq!(
-            e.authorize_http(A, "GET", &path("/load-balancer/health")),
-            None
-        );
-        assert_eq!(
-            e.authorize_http(A, "GET", &path("/admin")).as_deref(),
-            Some("default")
-        );
+        assert_eq!(denied_by(&e, "GET", "/load-balancer/health"), None);
+        assert_eq!(denied_by(&e, "GET", "/admin").as_deref(), Some("default"));
         let text = m.encode();
         assert!(
             text.contains("trellis_authz_decisions_total{decision=\"allow\",rule=\"lb-health\"} 1"),
@@ -541,10 +578,7 @@ rules:
         .unwrap();
         let err = e.reload().unwrap_err().to_string();
         assert!(err.starts_with(&format!("{}:5:", file.display())), "{err}");
-        assert_eq!(
-            e.authorize_http(A, "GET", &path("/load-balancer/health")),
-            None
-        );
+        assert_eq!(denied_by(&e, "GET", "/load-balancer/health"), None);
         let status = e.status_json();
         assert_eq!(status["last_error"], err.as_str());
         assert_eq!(status["rules"], 1);
@@ -554,8 +588,7 @@ rules:
         assert!(e.reload().unwrap());
         assert!(e.status_json()["last_error"].is_null());
         assert_eq!(
-            e.authorize_http(A, "GET", &path("/load-balancer/health"))
-                .as_deref(),
+            denied_by(&e, "GET", "/load-balancer/health").as_deref(),
             Some("default")
         );
     }
@@ -574,10 +607,7 @@ rules:
         std::fs::write(&file, audit).unwrap();
         let m = Arc::new(SidecarMetrics::new());
         let e = PolicyEngine::load(&file, m.clone()).unwrap();
-        assert_eq!(
-            e.authorize_http(A, "GET", &path("/load-balancer/health")),
-            None
-        );
+        assert_eq!(denied_by(&e, "GET", "/load-balancer/health"), None);
         let text = m.encode();
         for line in [
             "trellis_authz_decisions_total{decision=\"allow\",rule=\"lb-health\"} 1",
@@ -585,6 +615,99 @@ rules:
         ] {
             assert!(text.contains(line), "missing `{line}` in\n{text}");
         }
+    }
+
+    #[test]
+    fn raw_paths_are_read_both_ways_and_case_insensitively() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("policy.yaml");
+        std::fs::write(
+            &file,
+            "apiVersion: trellis.io/v1
+kind: Policy
+defaultAction: deny
+caseInsensitivePaths: true
+rules:
+  - name: public
+    action: allow
+    from: [\"*\"]
+    to: [{paths: [/public/**]}]
+  - name: no-admin
+    action: deny
+    from: [\"*\"]
+    to: [{paths: [/admin/**]}]
+",
+        )
+        .unwrap();
+        let m = Arc::new(SidecarMetrics::new());
+        let e = PolicyEngine::load(&file, m.clone()).unwrap();
+        let deny = |rule: &str, reading| HttpAuthorization::Deny {
+            rule: rule.to_owned(),
+            reading,
+        };
+        // Both readings are denied (the literal one by default): the literal one decides.
+        assert_eq!(
+            e.authorize_request(A, "GET", "/admin;x/user-export"),
+            deny("default", Reading::Literal)
+        );
+        // Allowed as sent (under /public), denied once `..;` is read as `..`.
+        assert_eq!(
+            e.authorize_request(A, "GET", "/public/..;/admin"),
+            deny("no-admin", Reading::WithoutParameters)
+        );
+        assert_eq!(
+            e.authorize_request(A, "GET", "/ADMIN/user-export"),
+            deny("no-admin", Reading::Literal)
+        );
+        // Allowed both ways: forwarded as sent, without a copy.
+        match e.authorize_request(A, "GET", "/Public/page;jsessionid=1") {
+            HttpAuthorization::Allow(p) => {
+                assert_eq!(p.as_str(), "/Public/page;jsessionid=1");
+                assert!(p.is_borrowed());
+            }
+            other => panic!("{other:?}"),
+        }
+        match e.authorize_request(A, "GET", "/public/./a") {
+            HttpAuthorization::Allow(p) => assert_eq!(p.as_str(), "/public/a"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            e.authorize_request(A, "GET", "/..;/admin"),
+            HttpAuthorization::BadPath(PathError::AboveRoot)
+        );
+        let text = m.encode();
+        assert!(
+            text.contains("trellis_authz_decisions_total{decision=\"deny\",rule=\"no-admin\"} 2"),
+            "{text}"
+        );
+        let status = e.status_json();
+        assert_eq!(status["path_parameters"], "strictest");
+        assert_eq!(status["case_insensitive_paths"], true);
+
+        std::fs::write(
+            &file,
+            "apiVersion: trellis.io/v1\nkind: Policy\npathParameters: reject\ndefaultAction: allow\n",
+        )
+        .unwrap();
+        assert!(e.reload().unwrap());
+        assert_eq!(
+            e.authorize_request(A, "GET", "/public/page;jsessionid=1"),
+            HttpAuthorization::BadPath(PathError::PathParameters)
+        );
+        assert_eq!(e.status_json()["path_parameters"], "reject");
+    }
+
+    #[test]
+    fn without_a_policy_paths_are_only_normalized() {
+        let e = PolicyEngine::allow_all(Arc::new(SidecarMetrics::new()));
+        assert_eq!(
+            e.authorize_request(A, "GET", "/admin;x/../y"),
+            HttpAuthorization::Allow(trellis_policy::normalize_path("/y").unwrap())
+        );
+        assert_eq!(
+            e.authorize_request(A, "GET", "/a%2Fb"),
+            HttpAuthorization::BadPath(PathError::EncodedSlash)
+        );
     }
 
     #[test]

@@ -9,22 +9,24 @@ use std::io::Write as _;
 
 use anyhow::bail;
 use clap::Subcommand;
-use trellis_policy::{Action, CompiledPolicy, ExplainedRequest};
+use trellis_policy::{Action, CompiledPolicy, ExplainedRequest, Reading};
 use trellis_sidecar::policy::read_sources;
 
 /// `trellis policy …`.
 #[derive(Subcommand, Debug)]
 pub enum PolicyCommand {
     /// Compile the files together as the sidecar would; print warnings (rules that can never
-    /// match, shadowed rules, …) as `file:line:column: warning: …`. Exits 1 on an error.
+    /// match, shadowed rules, deny paths that another letter case steps around, …) as
+    /// `file:line:column: warning: …`. Exits 1 on an error.
     Check {
         /// Policy files or directories, compiled together in this order.
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
     /// Show the decision for one request (or TCP connection), the rule that made it, and
-    /// why. The first line is `ALLOW …` or `DENY …`. Exits 0 whatever the decision; 1 when
-    /// the policy or the request is invalid.
+    /// why: for a path with `;` parameters, each reading (as sent, and without them) and
+    /// which one decided. The first line is `ALLOW …` or `DENY …`. Exits 0 whatever the
+    /// decision; 1 when the policy or the request is invalid.
     Explain {
         /// Policy files or directories, compiled together in this order.
         #[arg(required = true)]
@@ -83,12 +85,20 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
                 (None, Some(path)) => policy.explain(&from, &method, &path),
                 (None, None) => bail!("give --path (HTTP) or --port (TCP)"),
             };
+            // Which reading of a path with `;` parameters decided, when it is not the path
+            // as sent.
+            let reading = match explanation.readings.iter().find(|r| r.decided) {
+                Some(r) if r.reading != Reading::Literal => {
+                    format!(" (reading {})", r.reading.describe())
+                }
+                _ => String::new(),
+            };
             match &explanation.decision {
                 Some(d) if d.rule == trellis_policy::DEFAULT_RULE => {
-                    println!("{} by default", upper(d.action));
+                    println!("{} by default{reading}", upper(d.action));
                 }
-                Some(d) => println!("{} by rule {}", upper(d.action), d.rule),
-                None => println!("REFUSED with 400 before authorization"),
+                Some(d) => println!("{} by rule {}{reading}", upper(d.action), d.rule),
+                None => println!("REFUSED with 400 before authorization{reading}"),
             }
             // `trellis policy explain … | head` closes the pipe early: that is not an error.
             let mut out = std::io::stdout().lock();

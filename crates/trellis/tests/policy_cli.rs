@@ -189,3 +189,166 @@ fn the_example_policy_checks_clean() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stderr), "", "the example should have no warnings");
 }
+
+#[test]
+fn check_warns_that_a_case_sensitive_deny_misses_uppercase() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "p.yaml", POLICY);
+    let out = trellis(&["policy", "check", &file]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    // `      - paths: [/admin/**]` is line 15.
+    assert!(
+        err.contains(&format!(
+            "{file}:15:17: warning: deny rule `no-export`: paths are matched \
+             case-sensitively, so `/ADMIN/**` is not denied by `/admin/**`"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("`caseInsensitivePaths: true`"), "{err}");
+
+    // Stating the app's behaviour, either way, answers the warning.
+    for setting in ["true", "false"] {
+        let stated = POLICY.replace(
+            "defaultAction: deny\n",
+            &format!("defaultAction: deny\ncaseInsensitivePaths: {setting}\n"),
+        );
+        let file = write(dir.path(), "stated.yaml", &stated);
+        let out = trellis(&["policy", "check", &file]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stderr), "", "caseInsensitivePaths: {setting}");
+    }
+}
+
+#[test]
+fn check_rejects_an_unknown_path_parameters_setting_with_its_location() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "p.yaml",
+        &POLICY.replace("defaultAction: deny\n", "pathParameters: maybe\n"),
+    );
+    let out = trellis(&["policy", "check", &file]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!("{file}:3:17: unknown pathParameters `maybe`")),
+        "{err}"
+    );
+    for choice in ["`strictest`", "`reject`", "`literal`"] {
+        assert!(err.contains(choice), "{err}");
+    }
+}
+
+#[test]
+fn explain_shows_which_reading_of_a_param_path_decided() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "p.yaml", POLICY);
+    let out = trellis(&[
+        "policy",
+        "explain",
+        &file,
+        "--from",
+        "spiffe://example.org/ns/prod/sa/service-a",
+        "--path",
+        "/admin;x/user-export",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    // Both readings are denied (by default as sent): the literal one decides.
+    assert_eq!(stdout.lines().next(), Some("DENY by default"), "{stdout}");
+    assert!(
+        stdout.contains("  literal             /admin;x/user-export  deny by default  <- decides"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("  without_parameters  /admin/user-export    deny by rule `no-export`\n"),
+        "{stdout}"
+    );
+
+    // Allowed as sent, denied as a servlet container reads it.
+    let allow_all = POLICY.replace("defaultAction: deny", "defaultAction: allow");
+    let file = write(dir.path(), "allow.yaml", &allow_all);
+    let out = trellis(&[
+        "policy",
+        "explain",
+        &file,
+        "--from",
+        "spiffe://example.org/ns/prod/sa/service-a",
+        "--path",
+        "/public/..;/admin/user-export",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        stdout.lines().next(),
+        Some("DENY by rule no-export (reading the path without its `;` parameters)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("readings: the path carries `;` parameters (pathParameters: strictest)"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn explain_says_when_paths_matched_case_insensitively() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "p.yaml",
+        &POLICY.replace(
+            "defaultAction: deny\n",
+            "defaultAction: deny\ncaseInsensitivePaths: true\n",
+        ),
+    );
+    let out = trellis(&[
+        "policy",
+        "explain",
+        &file,
+        "--from",
+        "spiffe://example.org/ns/prod/sa/service-a",
+        "--path",
+        "/ADMIN/User-Export",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        stdout.lines().next(),
+        Some("DENY by rule no-export"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("paths:    matched case-insensitively (caseInsensitivePaths: true)"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn explain_of_a_param_path_under_reject_fails_naming_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "p.yaml",
+        &POLICY.replace(
+            "defaultAction: deny\n",
+            "defaultAction: deny\npathParameters: reject\n",
+        ),
+    );
+    let out = trellis(&[
+        "policy",
+        "explain",
+        &file,
+        "--from",
+        "spiffe://example.org/ns/prod/sa/service-a",
+        "--path",
+        "/load-balancer/health;jsessionid=1",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stdout).lines().next(),
+        Some("REFUSED with 400 before authorization")
+    );
+    let err = text(&out.stderr);
+    assert!(err.contains("400 (path_parameters)"), "{err}");
+}
