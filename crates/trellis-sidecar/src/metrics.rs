@@ -572,7 +572,7 @@ impl Collector for DataPathCollector {
         if d.bad_paths.iter().any(|c| load(c) > 0) {
             let mut m = encoder.encode_descriptor(
                 "authz_bad_paths",
-                "Requests refused with 400 because their path cannot be normalized, by reason.",
+                "Requests refused with 400 because their path cannot be normalized or, under pathParameters: reject, carries `;` parameters, by reason.",
                 None,
                 MetricType::Counter,
             )?;
