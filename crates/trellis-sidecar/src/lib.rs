@@ -8,11 +8,11 @@
 pub mod admin;
 pub mod config;
 pub mod csr;
-pub mod drain;
 pub mod h1_framing;
 pub mod http_util;
 pub mod identity_files;
 pub mod inbound;
+mod listen;
 pub mod metrics;
 pub mod mtls;
 pub mod outbound;
@@ -22,6 +22,10 @@ pub mod sds;
 pub mod sidecar;
 pub mod svid_store;
 pub mod tcp;
+
+/// The drain every listener and connection holds (from `trellis-serve`, shared with the
+/// control plane).
+pub use trellis_serve::drain;
 
 pub use config::SidecarSettings;
 pub use sidecar::Sidecar;
