@@ -2,67 +2,149 @@
 //! `POST /shutdown` (from a loopback peer only: the listener may be bound to `0.0.0.0` by
 //! config; answered `202`, then the control plane stops as on SIGTERM).
 //!
-//! Plain HTTP/1.1 bound to loopback by default; it never serves a key or a token.
+//! HTTP/1.1 and HTTP/2 on `trellis-serve`'s admin-style server, within `limits.admin`; bound to
+//! loopback by default; it never serves a key or a token.
 
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use serde::Deserialize;
+use tokio::sync::watch;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use trellis_identity::{Svid, TrustBundle};
+use trellis_serve::config::{at_least_one, bytes_within, deadline, within, ConfigError};
+use trellis_serve::http::{HttpServer, Routes, ServerLimits};
+use trellis_serve::net::is_loopback;
+use trellis_serve::time::{rfc3339, unix_seconds};
+use trellis_serve::{accept, Drain};
 
 use crate::authority::CaStatus;
 use crate::metrics::{ControlMetrics, CONTENT_TYPE};
 
 const PLAIN: &str = "text/plain; charset=utf-8";
-/// After a `202` to `/shutdown`, how long the response may take to reach the caller before
-/// the shutdown starts anyway (HTTP/1.1 closes at once; an HTTP/2 client may linger).
-const SHUTDOWN_FLUSH: Duration = Duration::from_secs(1);
-/// After an idle connection's graceful close began (HTTP/2: GOAWAY), how long the peer has to
-/// finish it before the connection is dropped: h2 waits for the peer's PING ACK.
-const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
-/// The HTTP/2 connection preface (RFC 9113 3.4).
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// What one admin connection may hold (the `admin_*` settings).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AdminLimits {
-    /// The client must send enough to tell HTTP/1 from HTTP/2, then (HTTP/1.1) its whole
-    /// request head, within this; slower clients (slowloris) are disconnected.
-    pub header_read_timeout: Duration,
-    /// Largest HTTP/1.1 request head (and read buffer; longer heads get `431`) and largest
-    /// HTTP/2 header list.
-    pub max_header_bytes: usize,
-    /// A connection that moves no byte either way for this long is closed (HTTP/2: GOAWAY).
-    pub idle_timeout: Duration,
-    /// Concurrent HTTP/2 streams per connection.
-    pub max_streams_per_connection: u32,
-    /// HTTP/2 streams a client may reset before they are accepted (rapid reset).
-    pub max_pending_resets: usize,
+/// What one admin request asks of the process beyond its response (`trellis-serve`'s, shared
+/// with the sidecar's admin endpoint).
+pub use trellis_serve::http::AdminAction;
+
+/// Defaults of `limits.admin`.
+pub mod defaults {
+    use std::time::Duration;
+    /// `--admin-max-connections`: the admin port serves a scraper, probes and an operator.
+    pub const MAX_CONNECTIONS: usize = 64;
+    /// `--admin-header-read-timeout`: slower clients (slowloris) are disconnected.
+    pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `--admin-max-header-bytes`: longer HTTP/1.1 heads get `431`.
+    pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+    /// `--admin-idle-timeout`: a scraper polls every few seconds; nothing needs an idle hour.
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+    /// `--admin-max-streams-per-connection`: a scraper or an operator needs one or two.
+    pub const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+    /// `--admin-max-pending-resets`: as on SDS connections.
+    pub const MAX_PENDING_RESETS: usize = 20;
 }
 
-impl From<&crate::config::ListenerLimits> for AdminLimits {
-    fn from(l: &crate::config::ListenerLimits) -> Self {
+/// `limits.admin` in the file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminLimitsFile {
+    /// Most admin connections open at once.
+    pub max_connections: Option<usize>,
+    /// How long an admin client may take to send its request head, e.g. `10s`.
+    #[serde(default, with = "humantime_serde")]
+    pub header_read_timeout: Option<Duration>,
+    /// Largest admin request head (HTTP/1.1) or header list (HTTP/2), in bytes.
+    pub max_header_bytes: Option<usize>,
+    /// How long an admin connection may move no bytes before it is closed, e.g. `60s`.
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    /// Concurrent HTTP/2 streams on one admin connection.
+    pub max_streams_per_connection: Option<u32>,
+    /// Streams an admin client may reset before the server accepts them (HTTP/2 rapid reset).
+    pub max_pending_resets: Option<usize>,
+}
+
+/// What admin clients may hold (`limits.admin`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminLimits {
+    /// Most connections; more are closed on accept.
+    pub max_connections: usize,
+    /// Per connection: protocol detection and request head deadline, head and header-list
+    /// size, idle close, HTTP/2 streams and rapid-reset bound.
+    pub server: ServerLimits,
+}
+
+impl Default for AdminLimits {
+    fn default() -> Self {
         Self {
-            header_read_timeout: l.admin_header_read_timeout,
-            max_header_bytes: l.admin_max_header_bytes,
-            idle_timeout: l.admin_idle_timeout,
-            max_streams_per_connection: l.admin_max_streams_per_connection,
-            max_pending_resets: l.admin_max_pending_resets,
+            max_connections: defaults::MAX_CONNECTIONS,
+            server: ServerLimits {
+                header_read_timeout: defaults::HEADER_READ_TIMEOUT,
+                max_header_bytes: defaults::MAX_HEADER_BYTES,
+                max_headers: None,
+                idle_timeout: Some(defaults::IDLE_TIMEOUT),
+                max_streams_per_connection: defaults::MAX_STREAMS_PER_CONNECTION,
+                max_pending_resets: defaults::MAX_PENDING_RESETS,
+                max_local_error_resets: None,
+            },
         }
+    }
+}
+
+impl AdminLimits {
+    /// Applies `f` over the defaults and checks ranges; errors name `limits.admin.*`.
+    pub fn from_file(f: &AdminLimitsFile) -> Result<Self, ConfigError> {
+        let d = Self::default();
+        Ok(Self {
+            max_connections: at_least_one(
+                "limits.admin.max_connections",
+                f.max_connections,
+                d.max_connections,
+            )?,
+            server: ServerLimits {
+                header_read_timeout: deadline(
+                    "limits.admin.header_read_timeout",
+                    f.header_read_timeout,
+                    defaults::HEADER_READ_TIMEOUT,
+                    Duration::from_millis(100),
+                )?,
+                max_header_bytes: bytes_within(
+                    "limits.admin.max_header_bytes",
+                    f.max_header_bytes,
+                    defaults::MAX_HEADER_BYTES,
+                    (8 * 1024, 1024 * 1024),
+                    "the HTTP/1.1 read buffer cannot be smaller than 8 KiB",
+                )?,
+                idle_timeout: Some(deadline(
+                    "limits.admin.idle_timeout",
+                    f.idle_timeout,
+                    defaults::IDLE_TIMEOUT,
+                    Duration::from_millis(100),
+                )?),
+                max_streams_per_connection: within(
+                    "limits.admin.max_streams_per_connection",
+                    f.max_streams_per_connection,
+                    defaults::MAX_STREAMS_PER_CONNECTION,
+                    1,
+                    1024,
+                )?,
+                max_pending_resets: within(
+                    "limits.admin.max_pending_resets",
+                    f.max_pending_resets,
+                    defaults::MAX_PENDING_RESETS,
+                    1,
+                    10_000,
+                )?,
+                ..d.server
+            },
+        })
     }
 }
 
@@ -116,15 +198,6 @@ pub struct AdminState {
     pub bundle: Arc<ArcSwap<TrustBundle>>,
 }
 
-/// What one admin request asks of the process beyond its response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AdminAction {
-    /// Nothing.
-    None,
-    /// `POST /shutdown` was accepted: stop once the `202` is out.
-    Shutdown,
-}
-
 fn text(
     status: StatusCode,
     content_type: &'static str,
@@ -150,19 +223,6 @@ fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
     resp
 }
 
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
-/// True for 127.0.0.0/8 and ::1, and for 127.0.0.0/8 mapped into IPv6.
-pub fn is_loopback(peer: IpAddr) -> bool {
-    peer.to_canonical().is_loopback()
-}
-
 /// `/certs`: the serving SVID's ID, serial and validity (unix seconds and RFC 3339), and the
 /// bundle's CAs with their expiry. Certificate facts only: there is no key to leak.
 pub fn certs_json(state: &AdminState) -> serde_json::Value {
@@ -171,8 +231,8 @@ pub fn certs_json(state: &AdminState) -> serde_json::Value {
         serde_json::json!({
             "spiffe_id": s.spiffe_id,
             "serial": s.serial,
-            "not_before": unix(s.not_before),
-            "not_after": unix(s.not_after),
+            "not_before": unix_seconds(s.not_before),
+            "not_after": unix_seconds(s.not_after),
             "not_before_rfc3339": rfc3339(s.not_before),
             "not_after_rfc3339": rfc3339(s.not_after),
             "expires_in_seconds": s.not_after.duration_since(now).map_or(0, |d| d.as_secs()),
@@ -263,211 +323,33 @@ pub fn handle(
     (resp, AdminAction::Shutdown)
 }
 
-/// Serves admin requests on `listener` until `shutdown` flips. An accepted `POST /shutdown`
-/// sets `shutdown_request` once its `202` has been sent (or [`SHUTDOWN_FLUSH`] has passed).
+impl Routes for AdminState {
+    async fn respond(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> (Response<Full<Bytes>>, AdminAction) {
+        handle(self, req.method(), req.uri().path(), peer.ip())
+    }
+}
+
+/// Serves admin requests on `listener` until `drain` signals, within `limits`. An accepted
+/// `POST /shutdown` sets `shutdown_request` once its `202` has been sent (or
+/// `trellis_serve::http::SHUTDOWN_FLUSH` has passed).
 pub async fn serve(
-    listener: TcpListener,
-    cap: crate::ratelimit::ConnectionCap,
+    listener: tokio::net::TcpListener,
     limits: AdminLimits,
     state: Arc<AdminState>,
-    mut shutdown: watch::Receiver<bool>,
+    drain: Drain,
     shutdown_request: watch::Sender<bool>,
 ) {
-    let shutdown_request = Arc::new(shutdown_request);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return,
-        };
-        // Over `--admin-max-connections` the socket is closed at once.
-        let Some(permit) = cap.admit(peer) else {
-            drop(tcp);
-            continue;
-        };
-        let state = Arc::clone(&state);
-        let shutdown_request = Arc::clone(&shutdown_request);
-        tokio::spawn(async move {
-            serve_connection(tcp, peer, limits, state, shutdown_request).await;
-            drop(permit);
-        });
-    }
-}
-
-async fn serve_connection(
-    tcp: tokio::net::TcpStream,
-    peer: SocketAddr,
-    limits: AdminLimits,
-    state: Arc<AdminState>,
-    shutdown_request: Arc<watch::Sender<bool>>,
-) {
-    let requested = Arc::new(AtomicBool::new(false));
-    let notify = Arc::new(Notify::new());
-    let svc = {
-        let (requested, notify) = (Arc::clone(&requested), Arc::clone(&notify));
-        hyper::service::service_fn(move |req: Request<Incoming>| {
-            let (resp, action) = handle(&state, req.method(), req.uri().path(), peer.ip());
-            if action == AdminAction::Shutdown {
-                requested.store(true, Ordering::Release);
-                notify.notify_one();
-            }
-            async move { Ok::<_, Infallible>(resp) }
-        })
-    };
-    // hyper's protocol detection waits for the first bytes without a deadline, and HTTP/1's
-    // header timeout only starts after it: bound the wait for the version here.
-    if !version_readable(&tcp, limits.header_read_timeout).await {
-        tracing::debug!(%peer, "admin client sent no request in time; closing");
-        return;
-    }
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes);
-    builder
-        .http2()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(limits.max_streams_per_connection)
-        .max_pending_accept_reset_streams(Some(limits.max_pending_resets));
-    // Neither hyper's HTTP/1.1 nor its HTTP/2 server closes a connection that simply stays
-    // quiet after a request: the idle clock does, for both.
-    let clock = IdleClock::new();
-    let io = TokioIo::new(Tracked {
-        inner: tcp,
-        clock: Arc::clone(&clock),
-    });
-    let conn = builder.serve_connection(io, svc);
-    tokio::pin!(conn);
-    let ended = tokio::select! {
-        result = conn.as_mut() => Some(result),
-        () = notify.notified() => None,
-        () = clock.expired(limits.idle_timeout) => {
-            tracing::debug!(%peer, "idle admin connection closed");
-            conn.as_mut().graceful_shutdown();
-            Some(
-                tokio::time::timeout(IDLE_CLOSE_GRACE, conn.as_mut())
-                    .await
-                    .unwrap_or(Ok(())),
-            )
-        }
-    };
-    let result = match ended {
-        Some(result) => Some(result),
-        // The 202 is on its way and the connection closes after it; bounded, so a client
-        // that keeps an HTTP/2 connection open cannot hold the shutdown back.
-        None => tokio::time::timeout(SHUTDOWN_FLUSH, conn.as_mut())
-            .await
-            .ok(),
-    };
-    if let Some(Err(e)) = result {
-        tracing::debug!(error = %e, "admin connection ended with error");
-    }
-    if requested.load(Ordering::Acquire) {
-        shutdown_request.send_replace(true);
-    }
-}
-
-/// Waits (at most `timeout`) until enough bytes have arrived to tell HTTP/1 from the HTTP/2
-/// preface, without consuming them. `false`: the client was too slow or went away.
-async fn version_readable(tcp: &tokio::net::TcpStream, timeout: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut buf = [0u8; 24];
-    loop {
-        let n = match tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return false,
-            Ok(Ok(n)) => n,
-        };
-        // Decided once the bytes stop matching the preface, or the whole preface is there.
-        if n >= H2_PREFACE.len() || buf.get(..n) != H2_PREFACE.get(..n) {
-            return true;
-        }
-        // `peek` returns at once while bytes wait; sleep a little before looking again.
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-/// When a connection last moved a byte, for the idle timeout: one relaxed store per read or
-/// write, and one timer per `timeout` rather than one reset per I/O.
-struct IdleClock {
-    base: std::time::Instant,
-    /// Milliseconds since `base`.
-    last: AtomicU64,
-}
-
-impl IdleClock {
-    fn new() -> Arc<Self> {
-        Arc::new(Self {
-            base: std::time::Instant::now(),
-            last: AtomicU64::new(0),
-        })
-    }
-
-    fn touch(&self) {
-        let now = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last.store(now, Ordering::Relaxed);
-    }
-
-    /// Completes once no byte has moved for `timeout`.
-    async fn expired(&self, timeout: Duration) {
-        loop {
-            let last = self.base + Duration::from_millis(self.last.load(Ordering::Relaxed));
-            let deadline = last + timeout;
-            if std::time::Instant::now() >= deadline {
-                return;
-            }
-            tokio::time::sleep_until(deadline.into()).await;
-        }
-    }
-}
-
-/// A TCP stream that records its activity in an [`IdleClock`].
-struct Tracked {
-    inner: tokio::net::TcpStream,
-    clock: Arc<IdleClock>,
-}
-
-impl AsyncRead for Tracked {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.clock.touch();
-        }
-        polled
-    }
-}
-
-impl AsyncWrite for Tracked {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.clock.touch();
-        }
-        polled
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
+    // Over `limits.admin.max_connections` the socket is closed at once.
+    let events = state.metrics.listener_events("admin");
+    let listener = accept::Listener::new(listener, "admin", limits.max_connections, events);
+    HttpServer::new(state, &limits.server)
+        .on_shutdown_request(shutdown_request)
+        .serve(listener, drain)
+        .await;
 }
 
 #[cfg(test)]

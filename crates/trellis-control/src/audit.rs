@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::SystemTime;
 
 use serde_json::json;
+use trellis_serve::time::rfc3339;
 
 /// One audit event.
 #[derive(Debug, Clone)]
@@ -130,14 +131,6 @@ impl AuditEvent {
             }),
         }
     }
-}
-
-/// RFC 3339 in UTC, whole seconds (`2025-01-02T03:04:05Z`).
-fn rfc3339(t: SystemTime) -> String {
-    let t = time::OffsetDateTime::from(t);
-    let t = t.replace_nanosecond(0).unwrap_or(t);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| t.unix_timestamp().to_string())
 }
 
 #[cfg(test)]

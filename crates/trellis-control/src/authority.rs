@@ -21,6 +21,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 use tokio::sync::watch;
 use trellis_identity::{CertificateDer, TrustBundle, TrustDomain};
+use trellis_serve::time::{rfc3339, unix_seconds};
 
 use crate::audit::{AuditEvent, AuditLog};
 use crate::ca::Ca;
@@ -271,7 +272,7 @@ impl CaRotator {
                 for r in rotations {
                     match Ca::from_material(&self.td, &r.material, self.registry.path()) {
                         Ok(ca) => {
-                            tracing::info!(rotation = r.id, ca = ca.label(), activate_at = %humantime::format_rfc3339_seconds(r.activate_at), "CA rotation scheduled: the new CA joins the trust bundle now and signs from its activation time");
+                            tracing::info!(rotation = r.id, ca = ca.label(), activate_at = %rfc3339(r.activate_at), "CA rotation scheduled: the new CA joins the trust bundle now and signs from its activation time");
                             self.schedule.add(ScheduledCa {
                                 id: r.id,
                                 ca: Arc::new(ca),
@@ -323,7 +324,7 @@ impl CaRotator {
             // The listener first: a client whose new SVID arrives with this bundle must be
             // able to reconnect at once.
             self.listener_bundle.store(Arc::clone(&bundle));
-            if let Err(e) = crate::server::write_bundle(&self.bundle_path, &bundle) {
+            if let Err(e) = crate::state_dir::write_bundle(&self.bundle_path, &bundle) {
                 tracing::error!(error = %e, "cannot write bundle.pem; SDS clients still get the new bundle");
             }
             self.metrics
@@ -411,16 +412,6 @@ impl CaRotator {
             };
         }
     }
-}
-
-fn unix_seconds(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 #[cfg(test)]

@@ -18,4 +18,5 @@ pub mod recorder;
 pub mod registry;
 pub mod sds;
 pub mod server;
+pub mod state_dir;
 pub mod webhook;

@@ -2,11 +2,14 @@
 //!
 //! Counters and gauges are atomics: recording never takes a lock.
 
+use std::sync::Arc;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use trellis_serve::ListenerEvents;
 
 /// `attestor` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -89,6 +92,25 @@ pub struct ControlMetrics {
     /// `trellis_sds_handshake_timeouts_total`: SDS TLS handshakes dropped for taking longer
     /// than the handshake timeout.
     pub sds_handshake_timeouts: Counter,
+}
+
+/// One listener's accept-loop events as counters.
+struct ListenerCounters {
+    metrics: Arc<ControlMetrics>,
+    listener: &'static str,
+}
+
+impl ListenerEvents for ListenerCounters {
+    fn refused(&self) {
+        self.metrics.connection_refused(self.listener);
+    }
+
+    fn handshake_timed_out(&self) {
+        // Only SDS handshake timeouts have a series; the webhook's are logged.
+        if self.listener == "sds" {
+            self.metrics.sds_handshake_timeouts.inc();
+        }
+    }
 }
 
 /// `{phase}`.
@@ -259,6 +281,15 @@ impl ControlMetrics {
         self.connections_refused
             .get_or_create(&ListenerLabel { listener })
             .inc();
+    }
+
+    /// What the listener labelled `listener` (`sds`, `admin`, `webhook`) reports from the
+    /// accept loop, counted: refusals by label, and SDS handshake timeouts.
+    pub fn listener_events(self: &Arc<Self>, listener: &'static str) -> Arc<dyn ListenerEvents> {
+        Arc::new(ListenerCounters {
+            metrics: Arc::clone(self),
+            listener,
+        })
     }
 
     /// Counts a push.

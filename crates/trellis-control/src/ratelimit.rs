@@ -15,13 +15,11 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::net::IpAddr;
+use std::sync::Mutex;
 use std::time::Instant;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
-use crate::metrics::ControlMetrics;
+use trellis_serve::net::is_loopback;
 
 /// Shards of the bucket map; a power of two.
 const SHARDS: usize = 16;
@@ -103,7 +101,7 @@ impl PeerLimiter {
     }
 
     fn applies_to(&self, ip: IpAddr) -> bool {
-        self.limit.enabled() && (self.limit.limit_loopback || !ip.to_canonical().is_loopback())
+        self.limit.enabled() && (self.limit.limit_loopback || !is_loopback(ip))
     }
 
     fn shard(&self, ip: IpAddr) -> Option<&Mutex<Shard>> {
@@ -164,39 +162,6 @@ impl PeerLimiter {
             .iter()
             .map(|s| s.lock().map(|s| s.buckets.len()).unwrap_or(0))
             .sum()
-    }
-}
-
-/// A cap on a listener's open connections. A connection accepted over the cap is closed at
-/// once (and counted) rather than left in the kernel's backlog, so the client learns quickly
-/// and the connections already open keep being served.
-#[derive(Clone)]
-pub struct ConnectionCap {
-    permits: Arc<Semaphore>,
-    listener: &'static str,
-    metrics: Arc<ControlMetrics>,
-}
-
-impl ConnectionCap {
-    /// At most `max` connections on `listener` (`sds`, `admin`, `webhook`: the metric label).
-    pub fn new(max: usize, listener: &'static str, metrics: Arc<ControlMetrics>) -> Self {
-        Self {
-            permits: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))),
-            listener,
-            metrics,
-        }
-    }
-
-    /// A permit to hold for the connection's lifetime, or `None` (counted) when at the cap.
-    pub fn admit(&self, peer: SocketAddr) -> Option<OwnedSemaphorePermit> {
-        match Arc::clone(&self.permits).try_acquire_owned() {
-            Ok(permit) => Some(permit),
-            Err(_) => {
-                self.metrics.connection_refused(self.listener);
-                tracing::debug!(%peer, listener = self.listener, "connection cap reached; closing");
-                None
-            }
-        }
     }
 }
 

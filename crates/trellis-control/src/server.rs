@@ -1,59 +1,55 @@
 //! Wires the control plane together: state directory, CA, attestors, SDS over TLS, admin.
 
-use std::io;
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::pin::Pin;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::Connected;
 use trellis_identity::tls::{server_config, SpiffeClientVerifier, SvidResolver, TlsPolicy};
-use trellis_identity::{SpiffeId, TrustBundle};
-use trellis_proto::SecretDiscoveryServiceServer;
+use trellis_identity::SpiffeId;
+use trellis_serve::accept::{self, BindError};
+use trellis_serve::drain::{self, DrainSignal};
+use trellis_serve::time::unix_seconds;
 
 use crate::admin::{self, AdminState, ServingSvid};
 use crate::attest::jwks_url::{self, JwksFetchError, JwksSource};
-use crate::attest::k8s::{JwksError, JwksKeys};
-use crate::attest::{Attestor, JoinAttestor, K8sAttestor, JOIN_REDEMPTION_WINDOW};
+use crate::attest::{
+    Attestor, JoinAttestor, JwksError, JwksKeys, K8sAttestor, K8sKeySource, JOIN_REDEMPTION_WINDOW,
+};
 use crate::audit::{AuditEvent, AuditLog};
 use crate::authority::{CaOutputs, CaRotator, CaSchedule};
 use crate::ca::{Ca, CaError};
-use crate::config::{ControlSettings, K8sKeySource};
+use crate::config::ControlSettings;
 use crate::metrics::ControlMetrics;
 use crate::recorder::IssuanceRecorder;
 use crate::registry::{Registry, RegistryError};
-use crate::sds::{IssuePolicy, SdsCore, SdsPeer, SdsService};
+use crate::sds::listener::SdsTls;
+use crate::sds::{IssuePolicy, SdsCore, SdsService};
+use crate::state_dir::{prepare_state_dir, write_bundle, StateDirError};
+use crate::webhook::WebhookError;
 
 /// Path of the control plane's own SPIFFE ID: `spiffe://<td>/trellis/control`.
 pub const CONTROL_ID_PATH: &str = "/trellis/control";
 /// How often the CA schedule is re-read and applied: a rotation stored by `trellis ca rotate`
 /// reaches every SDS stream within this.
 const CA_POLL: Duration = Duration::from_secs(1);
+/// How long a shutdown waits for connections (admin and webhook requests in flight, SDS
+/// connections closing) before they are cut off.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the control plane could not start. Each names the file or address involved.
 #[derive(Debug, Error)]
 pub enum StartError {
     /// The state directory.
-    #[error("{path}: {problem}")]
-    StateDir {
-        /// The directory or file.
-        path: PathBuf,
-        /// What failed.
-        problem: String,
-    },
+    #[error(transparent)]
+    StateDir(#[from] StateDirError),
     /// CA material.
     #[error(transparent)]
     Ca(#[from] CaError),
@@ -67,15 +63,16 @@ pub enum StartError {
     #[error("cannot fetch the Kubernetes issuer keys: {0}")]
     JwksFetch(#[from] JwksFetchError),
     /// A listener could not bind.
-    #[error("cannot listen on {addr} ({what}): {source}")]
+    #[error("{what} listener: {source}")]
     Bind {
         /// `sds` or `admin`.
         what: &'static str,
-        /// The address.
-        addr: SocketAddr,
-        /// The OS error.
-        source: io::Error,
+        /// The address and the OS error.
+        source: BindError,
     },
+    /// The sidecar injection webhook.
+    #[error(transparent)]
+    Webhook(#[from] WebhookError),
     /// TLS setup.
     #[error("TLS setup failed: {0}")]
     Tls(String),
@@ -96,52 +93,28 @@ pub struct ControlPlane {
     /// Where the sidecar injection webhook listens (`--webhook-listen`), if it is on.
     pub webhook_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
+    /// Drains the listeners (SDS, admin, webhook) and their connections.
+    drain_signal: DrainSignal,
     /// Turns true when `POST /shutdown` on the admin endpoint was accepted.
     admin_shutdown: watch::Receiver<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
-fn state_dir_error(path: &Path, problem: impl std::fmt::Display) -> StartError {
-    StartError::StateDir {
-        path: path.to_owned(),
-        problem: problem.to_string(),
-    }
+fn state_dir_error(path: &std::path::Path, problem: impl std::fmt::Display) -> StartError {
+    StartError::StateDir(StateDirError::new(path, problem))
 }
 
-/// Creates the state directory 0700, or tightens an existing one.
-pub fn prepare_state_dir(dir: &Path) -> Result<(), StartError> {
-    if !dir.exists() {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| state_dir_error(dir, format!("cannot create state directory: {e}")))?;
-    }
-    let meta = std::fs::metadata(dir).map_err(|e| state_dir_error(dir, e))?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        tracing::warn!(path = %dir.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777), "state directory was accessible to others; setting 0700");
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| state_dir_error(dir, format!("cannot set mode 0700: {e}")))?;
-    }
-    Ok(())
-}
-
-/// Writes the bundle atomically (temp file + rename) so readers never see half a file.
-pub fn write_bundle(path: &Path, bundle: &TrustBundle) -> Result<(), StartError> {
-    let tmp = path.with_extension("pem.tmp");
-    std::fs::write(&tmp, bundle.to_pem())
-        .map_err(|e| state_dir_error(&tmp, format!("cannot write bundle: {e}")))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
-        .map_err(|e| state_dir_error(&tmp, e))?;
-    std::fs::rename(&tmp, path)
-        .map_err(|e| state_dir_error(path, format!("cannot write bundle: {e}")))
-}
-
-fn unix_seconds(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+/// Binds `addr` for the `what` listener and reads back its address (port 0 allowed).
+async fn bind(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), StartError> {
+    let bind_error = |source| StartError::Bind { what, source };
+    let listener = trellis_serve::bind(addr).await.map_err(bind_error)?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| bind_error(BindError { addr, source }))?;
+    Ok((listener, bound))
 }
 
 impl ControlPlane {
@@ -156,7 +129,7 @@ impl ControlPlane {
             Some(k) => {
                 let keys = match &k.jwks {
                     K8sKeySource::File(path) => {
-                        JwksKeys::from_file(path, settings.limits.max_jwks_bytes)?
+                        JwksKeys::from_file(path, settings.limits.k8s.max_jwks_bytes)?
                     }
                     K8sKeySource::Url {
                         url,
@@ -166,8 +139,8 @@ impl ControlPlane {
                     } => {
                         let source = JwksSource::new(url.clone(), ca.clone(), token.clone())
                             .with_limits(
-                                settings.limits.max_jwks_bytes,
-                                settings.limits.jwks_fetch_timeout,
+                                settings.limits.k8s.max_jwks_bytes,
+                                settings.limits.k8s.jwks_fetch_timeout,
                             );
                         let keys = source.fetch().await?;
                         tracing::info!(url = %url, kids = ?keys.key_ids(), refresh = %humantime::format_duration(*refresh), "fetched the Kubernetes issuer keys");
@@ -202,7 +175,7 @@ impl ControlPlane {
                 k8s,
                 JoinAttestor::new(Arc::clone(&registry), JOIN_REDEMPTION_WINDOW),
             )
-            .with_max_jwt_bytes(settings.limits.max_jwt_bytes),
+            .with_max_jwt_bytes(settings.limits.k8s.max_jwt_bytes),
         );
         let metrics = Arc::new(ControlMetrics::new());
 
@@ -261,36 +234,8 @@ impl ControlPlane {
             .map_err(|e| StartError::Tls(e.to_string()))?;
         let acceptor = TlsAcceptor::from(Arc::new(tls));
 
-        let sds_listener =
-            TcpListener::bind(settings.listen)
-                .await
-                .map_err(|source| StartError::Bind {
-                    what: "sds",
-                    addr: settings.listen,
-                    source,
-                })?;
-        let admin_listener =
-            TcpListener::bind(settings.admin)
-                .await
-                .map_err(|source| StartError::Bind {
-                    what: "admin",
-                    addr: settings.admin,
-                    source,
-                })?;
-        let sds_addr = sds_listener
-            .local_addr()
-            .map_err(|source| StartError::Bind {
-                what: "sds",
-                addr: settings.listen,
-                source,
-            })?;
-        let admin_addr = admin_listener
-            .local_addr()
-            .map_err(|source| StartError::Bind {
-                what: "admin",
-                addr: settings.admin,
-                source,
-            })?;
+        let (sds_listener, sds_addr) = bind("sds", settings.listen).await?;
+        let (admin_listener, admin_addr) = bind("admin", settings.admin).await?;
 
         let policy = IssuePolicy {
             svid_ttl: settings.svid_ttl,
@@ -305,7 +250,7 @@ impl ControlPlane {
                     )
                 },
             )?;
-        let limiter = Arc::new(crate::ratelimit::PeerLimiter::new(settings.limits.sds_rate));
+        let limiter = Arc::new(crate::ratelimit::PeerLimiter::new(settings.limits.sds.rate));
         let core = Arc::new(SdsCore {
             ca: Arc::clone(&signer),
             bundle: bundle_rx,
@@ -317,6 +262,7 @@ impl ControlPlane {
             limiter,
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let (drain_signal, drain) = drain::channel();
         let mut tasks = Vec::new();
 
         // The sidecar injection webhook, serving a certificate from the same CA.
@@ -329,7 +275,7 @@ impl ControlPlane {
                     settings.svid_ttl,
                     webhook_bundle,
                     Arc::clone(&metrics),
-                    shutdown_rx.clone(),
+                    drain.clone(),
                 )
                 .await?,
             ),
@@ -338,44 +284,21 @@ impl ControlPlane {
         let webhook_addr = webhook.as_ref().map(|w| w.addr);
         let webhook_cert = webhook.as_ref().map(|w| Arc::clone(&w.cert));
 
-        // TLS handshakes run in their own tasks so a slow client never stalls the accept loop.
-        let (conn_tx, conn_rx) = mpsc::channel::<Result<SdsConn, io::Error>>(128);
-        tasks.push(tokio::spawn(accept_loop(
+        // TLS handshakes run in their own tasks so a slow client never stalls the accept loop;
+        // over `limits.sds.max_connections` a connection is closed at once.
+        let sds_listener = accept::Listener::new(
             sds_listener,
-            acceptor,
-            SdsAccept {
-                cap: crate::ratelimit::ConnectionCap::new(
-                    settings.limits.sds_max_connections,
-                    "sds",
-                    Arc::clone(&metrics),
-                ),
-                handshake_timeout: settings.limits.sds_handshake_timeout,
-                metrics: Arc::clone(&metrics),
-            },
-            conn_tx,
-            shutdown_rx.clone(),
+            "sds",
+            settings.limits.sds.max_connections,
+            metrics.listener_events("sds"),
+        )
+        .with_handshake(SdsTls(acceptor), settings.limits.sds.handshake_timeout);
+        tasks.push(tokio::spawn(crate::sds::listener::serve(
+            sds_listener,
+            SdsService::new(core),
+            settings.limits.sds,
+            drain.clone(),
         )));
-
-        let service = SecretDiscoveryServiceServer::new(SdsService::new(core))
-            .max_decoding_message_size(settings.limits.sds_max_message_bytes);
-        let mut grpc_shutdown = shutdown_rx.clone();
-        let limits = settings.limits;
-        tasks.push(tokio::spawn(async move {
-            let result = tonic::transport::Server::builder()
-                .http2_keepalive_interval(Some(Duration::from_secs(30)))
-                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-                .max_concurrent_streams(limits.sds_max_streams_per_connection)
-                .http2_max_header_list_size(limits.sds_max_header_list_bytes)
-                .http2_max_pending_accept_reset_streams(Some(limits.sds_max_pending_resets))
-                .add_service(service)
-                .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
-                    let _ = grpc_shutdown.wait_for(|stop| *stop).await;
-                })
-                .await;
-            if let Err(e) = result {
-                tracing::error!(error = %e, "SDS server stopped");
-            }
-        }));
 
         // Rotate the control plane's own serving SVID like any other.
         let ca = Arc::clone(&signer);
@@ -426,14 +349,9 @@ impl ControlPlane {
         let (admin_shutdown_tx, admin_shutdown) = watch::channel(false);
         tasks.push(tokio::spawn(admin::serve(
             admin_listener,
-            crate::ratelimit::ConnectionCap::new(
-                settings.limits.admin_max_connections,
-                "admin",
-                Arc::clone(&metrics),
-            ),
-            admin::AdminLimits::from(&settings.limits),
+            settings.limits.admin,
             admin_state,
-            shutdown_rx,
+            drain,
             admin_shutdown_tx,
         )));
 
@@ -446,6 +364,7 @@ impl ControlPlane {
             metrics,
             webhook_addr,
             shutdown,
+            drain_signal,
             admin_shutdown,
             tasks,
         })
@@ -464,11 +383,18 @@ impl ControlPlane {
     /// Stops accepting, closes streams, and waits for the tasks to end.
     pub async fn shutdown(self) {
         let ControlPlane {
-            shutdown, tasks, ..
+            shutdown,
+            drain_signal,
+            tasks,
+            ..
         } = self;
         // The CA rotator ends and drops the bundle channel, which ends every SDS stream
         // cleanly; clients reconnect elsewhere.
         let _ = shutdown.send(true);
+        // The listeners close; connections finish what they are doing or are cut off.
+        if !drain_signal.drain(DRAIN_TIMEOUT).await {
+            tracing::warn!("connections still open after {DRAIN_TIMEOUT:?}; closed");
+        }
         for task in tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }
@@ -506,118 +432,5 @@ impl OwnSvid {
             tracing::error!(error = %e, "cannot write audit log");
         }
         Ok(())
-    }
-}
-
-/// What the SDS accept loop enforces before a connection reaches gRPC.
-struct SdsAccept {
-    cap: crate::ratelimit::ConnectionCap,
-    handshake_timeout: Duration,
-    metrics: Arc<ControlMetrics>,
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    limits: SdsAccept,
-    tx: mpsc::Sender<Result<SdsConn, io::Error>>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let (tcp, addr) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "SDS accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return,
-        };
-        // The permit covers the handshake and the connection's whole life: it is dropped with
-        // the connection. Over the cap the socket is closed at once.
-        let Some(permit) = limits.cap.admit(addr) else {
-            drop(tcp);
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let tx = tx.clone();
-        let timeout = limits.handshake_timeout;
-        let metrics = Arc::clone(&limits.metrics);
-        tokio::spawn(async move {
-            match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => {
-                    let svid =
-                        trellis_identity::tls::peer_spiffe_id(tls.get_ref().1.peer_certificates());
-                    let _ = tx
-                        .send(Ok(SdsConn {
-                            inner: tls,
-                            peer: SdsPeer { addr, svid },
-                            _permit: permit,
-                        }))
-                        .await;
-                }
-                Ok(Err(e)) => tracing::debug!(peer = %addr, error = %e, "SDS TLS handshake failed"),
-                Err(_) => {
-                    metrics.sds_handshake_timeouts.inc();
-                    tracing::debug!(peer = %addr, "SDS TLS handshake timed out");
-                }
-            }
-        });
-    }
-}
-
-/// A verified TLS connection plus who is on the other end; tonic puts [`SdsPeer`] into each
-/// request's extensions.
-pub struct SdsConn {
-    inner: TlsStream<TcpStream>,
-    peer: SdsPeer,
-    /// This connection's place under `--sds-max-connections`, released when it closes.
-    _permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl Connected for SdsConn {
-    type ConnectInfo = SdsPeer;
-    fn connect_info(&self) -> SdsPeer {
-        self.peer.clone()
-    }
-}
-
-impl AsyncRead for SdsConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for SdsConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
     }
 }

@@ -10,24 +10,25 @@
 //! diagnostic handshake presenting this sidecar's current SVID, whose key never leaves the
 //! process; answers the [`InspectReport`](trellis_identity::inspect::InspectReport) as JSON).
 
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use trellis_identity::inspect::{self, ClientIdentity, InspectOptions, Target};
 use trellis_identity::{SpiffeId, TrustDomain};
+use trellis_serve::http::{HttpServer, Routes};
+use trellis_serve::net::is_loopback;
+use trellis_serve::time::{rfc3339, unix_seconds};
+use trellis_serve::{accept, Drain};
 
 use crate::config::Limits;
-use crate::http_util::{ConnLimit, IdleClock, Tracked, IDLE_GOAWAY_GRACE};
+use crate::listen;
 use crate::metrics::{Listener, SidecarMetrics, CONTENT_TYPE};
 use crate::policy::PolicyEngine;
 use crate::svid_store::SvidStore;
@@ -36,29 +37,10 @@ const PLAIN: &str = "text/plain; charset=utf-8";
 const JSON: &str = "application/json";
 /// The longest `timeout` an `/inspect` caller may ask for: it holds an admin connection.
 const MAX_INSPECT_TIMEOUT: Duration = Duration::from_secs(60);
-/// After a `202` to `/shutdown`, how long the response may take to reach the caller before
-/// the shutdown starts anyway (HTTP/1.1 closes at once; an HTTP/2 client may linger).
-const SHUTDOWN_FLUSH: Duration = Duration::from_secs(1);
 
-/// Streams an HTTP/2 admin client may have open at once: probes and scrapers send one at a
-/// time.
-const ADMIN_MAX_STREAMS: u32 = 16;
-
-/// Counts one admin request on its connection while it is being answered.
-struct InFlight(Arc<AtomicUsize>);
-
-impl InFlight {
-    fn start(count: &Arc<AtomicUsize>) -> Self {
-        count.fetch_add(1, Ordering::AcqRel);
-        Self(Arc::clone(count))
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
+/// What one admin request asks of the process beyond its response (`trellis-serve`'s, shared
+/// with the control plane's admin endpoint).
+pub use trellis_serve::http::AdminAction;
 
 /// What the admin endpoint reports on.
 pub struct AdminState {
@@ -91,25 +73,6 @@ pub fn source_json(identity: &crate::config::IdentitySource) -> serde_json::Valu
     }
 }
 
-/// What one admin request asks of the process beyond its response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AdminAction {
-    /// Nothing.
-    None,
-    /// `POST /shutdown` was accepted: drain and exit once the `202` is out.
-    Shutdown,
-}
-
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
 fn reply(
     status: StatusCode,
     content_type: &'static str,
@@ -135,12 +98,6 @@ fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
     resp
 }
 
-/// True for 127.0.0.0/8 and ::1, and for 127.0.0.0/8 mapped into IPv6 (`::ffff:127.0.0.1`,
-/// what a dual-stack `[::]` listener sees from an IPv4 loopback client).
-pub fn is_loopback(peer: IpAddr) -> bool {
-    peer.to_canonical().is_loopback()
-}
-
 /// `/certs`: the SVID's ID, serial and validity (unix seconds and RFC 3339), and the bundle's
 /// CAs with their expiry. Built from certificate facts only: there is no key to leak.
 pub fn certs_json(store: &SvidStore) -> serde_json::Value {
@@ -153,8 +110,8 @@ pub fn certs_json(store: &SvidStore) -> serde_json::Value {
         serde_json::json!({
             "spiffe_id": s.spiffe_id().as_str(),
             "serial": s.serial_hex(),
-            "not_before": unix(s.not_before()),
-            "not_after": unix(s.not_after()),
+            "not_before": unix_seconds(s.not_before()),
+            "not_after": unix_seconds(s.not_after()),
             "not_before_rfc3339": rfc3339(s.not_before()),
             "not_after_rfc3339": rfc3339(s.not_after()),
             "expires_in_seconds": s.not_after().duration_since(now).map_or(0, |d| d.as_secs()),
@@ -230,7 +187,7 @@ pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<B
             if state.store.is_ready(now, state.expiry_margin) {
                 reply(StatusCode::OK, PLAIN, "ready\n")
             } else if let Some(svid) = state.store.current() {
-                let at = humantime::format_rfc3339_seconds(svid.not_after());
+                let at = rfc3339(svid.not_after());
                 let body = match svid.not_after().duration_since(now) {
                     Ok(left) => format!(
                         "not ready: SVID expires at {at} (in {}s), within the expiry margin ({}s), and no replacement has arrived\n",
@@ -458,139 +415,32 @@ async fn inspect_route(state: &AdminState, query: Option<&str>) -> Response<Full
     }
 }
 
-/// The admin server's HTTP settings: the `admin_*` fields of `limits`. Admin requests are
-/// small, so the header bound also bounds the HTTP/2 header list.
-fn admin_server(limits: &Limits) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .max_buf_size(limits.admin_max_header_bytes)
-        .max_headers(limits.admin_max_headers)
-        .header_read_timeout(limits.admin_header_read_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(ADMIN_MAX_STREAMS)
-        .max_header_list_size(u32::try_from(limits.admin_max_header_bytes).unwrap_or(u32::MAX))
-        .max_pending_accept_reset_streams(limits.h2_max_pending_accept_reset_streams)
-        .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams);
-    builder
+impl Routes for AdminState {
+    async fn respond(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> (Response<Full<Bytes>>, AdminAction) {
+        handle(self, req.method(), req.uri(), peer.ip()).await
+    }
 }
 
-/// Serves admin requests until `shutdown` flips, within the `admin_*` bounds of `limits`. An
-/// accepted `POST /shutdown` sets `shutdown_request` once its `202` has been sent (or
-/// [`SHUTDOWN_FLUSH`] has passed).
+/// Serves admin requests on `listener` until `drain` signals, within `limits.admin` (and the
+/// rapid-reset bounds of `limits.h2`). An accepted `POST /shutdown` sets `shutdown_request`
+/// once its `202` has been sent (or `trellis_serve::http::SHUTDOWN_FLUSH` has passed).
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AdminState>,
-    limits: Limits,
-    mut shutdown: watch::Receiver<bool>,
+    limits: &Limits,
+    drain: Drain,
     shutdown_request: watch::Sender<bool>,
 ) {
-    let shutdown_request = Arc::new(shutdown_request);
-    let limit = ConnLimit::new(
-        limits.admin_max_connections,
-        Listener::Admin,
-        Arc::clone(&state.metrics),
-    );
-    // Built once: every connection shares the same settings.
-    let server = Arc::new(admin_server(&limits));
-    let idle_timeout = limits.admin_idle_timeout;
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return,
-        };
-        let Some(permit) = limit.try_acquire() else {
-            tracing::debug!(%peer, "admin listener full; connection closed");
-            continue;
-        };
-        let state = Arc::clone(&state);
-        let shutdown_request = Arc::clone(&shutdown_request);
-        let server = Arc::clone(&server);
-        tokio::spawn(async move {
-            serve_connection(&server, idle_timeout, tcp, peer, state, shutdown_request).await;
-            drop(permit);
-        });
-    }
-}
-
-async fn serve_connection(
-    server: &hyper_util::server::conn::auto::Builder<TokioExecutor>,
-    idle_timeout: Duration,
-    tcp: tokio::net::TcpStream,
-    peer: SocketAddr,
-    state: Arc<AdminState>,
-    shutdown_request: Arc<watch::Sender<bool>>,
-) {
-    let requested = Arc::new(AtomicBool::new(false));
-    let notify = Arc::new(Notify::new());
-    let in_flight = Arc::new(AtomicUsize::new(0));
-    let svc = {
-        let (requested, notify) = (Arc::clone(&requested), Arc::clone(&notify));
-        let in_flight = Arc::clone(&in_flight);
-        hyper::service::service_fn(move |req: Request<Incoming>| {
-            let state = Arc::clone(&state);
-            let (requested, notify) = (Arc::clone(&requested), Arc::clone(&notify));
-            let counted = InFlight::start(&in_flight);
-            async move {
-                let _counted = counted;
-                let (resp, action) = handle(&state, req.method(), req.uri(), peer.ip()).await;
-                if action == AdminAction::Shutdown {
-                    requested.store(true, Ordering::Release);
-                    notify.notify_one();
-                }
-                Ok::<_, Infallible>(resp)
-            }
-        })
-    };
-    let clock = IdleClock::new();
-    let io = TokioIo::new(Tracked::new(tcp, Arc::clone(&clock)));
-    let conn = server.serve_connection(io, svc);
-    tokio::pin!(conn);
-    let idle = clock.expired(idle_timeout);
-    tokio::pin!(idle);
-    let ended = tokio::select! {
-        result = conn.as_mut() => Some(result),
-        () = notify.notified() => None,
-        () = &mut idle => {
-            conn.as_mut().graceful_shutdown();
-            // A request still being answered (`/inspect`) finishes; otherwise the client gets
-            // IDLE_GOAWAY_GRACE to close.
-            loop {
-                match tokio::time::timeout(IDLE_GOAWAY_GRACE, conn.as_mut()).await {
-                    Ok(result) => break Some(result),
-                    Err(_) if in_flight.load(Ordering::Acquire) == 0 => {
-                        tracing::debug!(%peer, "idle admin connection did not close after GOAWAY; dropped");
-                        break Some(Ok(()));
-                    }
-                    Err(_) => {}
-                }
-            }
-        }
-    };
-    let result = match ended {
-        Some(result) => Some(result),
-        // The 202 is on its way and the connection closes after it; bounded, so a client
-        // that keeps an HTTP/2 connection open cannot hold the shutdown back.
-        None => tokio::time::timeout(SHUTDOWN_FLUSH, conn.as_mut())
-            .await
-            .ok(),
-    };
-    if let Some(Err(e)) = result {
-        tracing::debug!(error = %e, "admin connection ended with error");
-    }
-    if requested.load(Ordering::Acquire) {
-        shutdown_request.send_replace(true);
-    }
+    let events = listen::events(&state.metrics, Listener::Admin);
+    let listener = accept::Listener::new(listener, "admin", limits.admin.max_connections, events);
+    HttpServer::new(state, &limits.admin_server())
+        .on_shutdown_request(shutdown_request)
+        .serve(listener, drain)
+        .await;
 }
 
 #[cfg(test)]

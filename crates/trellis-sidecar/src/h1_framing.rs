@@ -10,14 +10,14 @@
 //!   service answers that one `400` without forwarding it.
 //! - **A malformed chunked body.** The tracker reads chunked framing with hyper's own rules,
 //!   so it knows a body is the client's fault (not the upstream's) before hyper's body errors.
-//! - **Slow request heads.** `limits.header_read_timeout` runs from the first byte of a head
+//! - **Slow request heads.** `limits.http.header_read_timeout` runs from the first byte of a head
 //!   until the head is complete. hyper's own timer also runs while a keep-alive connection
 //!   waits for its next request, which would close every idle app connection after the
-//!   timeout; that wait is bounded by `limits.idle_timeout` instead ([`crate::http_util`]).
+//!   timeout; that wait is bounded by `limits.http.idle_timeout` instead ([`crate::http_util`]).
 //!
 //! Per read: a scan of the new bytes (body bytes are skipped by count, not scanned), and one
 //! `httparse` parse per head, from the read buffer when the head arrived in one read, else
-//! from a per-connection buffer bounded by `limits.max_header_bytes`. No lock, no allocation
+//! from a per-connection buffer bounded by `limits.http.max_header_bytes`. No lock, no allocation
 //! per request.
 //!
 //! The tracker stops (and passes bytes through untouched) when it cannot follow: the HTTP/2
@@ -45,7 +45,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::http_util::{text_response, ProxyBody};
 
-/// The most header fields a head may have: `limits.max_headers` is at most this, so a head
+/// The most header fields a head may have: `limits.http.max_headers` is at most this, so a head
 /// hyper accepts always fits.
 const MAX_HEADERS: usize = crate::config::Limits::MAX_HEADERS_CEILING;
 
@@ -543,7 +543,7 @@ impl<T: AsyncRead + Unpin, R: AsRef<FramingReport>> AsyncRead for RequestFraming
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!(
-                    "request head not complete within {} (limits.header_read_timeout)",
+                    "request head not complete within {} (limits.http.header_read_timeout)",
                     humantime::format_duration(this.header_read_timeout)
                 ),
             )));
@@ -897,7 +897,10 @@ mod tests {
             .unwrap()
             .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
-        assert!(e.to_string().contains("limits.header_read_timeout"), "{e}");
+        assert!(
+            e.to_string().contains("limits.http.header_read_timeout"),
+            "{e}"
+        );
         assert_eq!(started.elapsed(), Duration::from_secs(1));
     }
 

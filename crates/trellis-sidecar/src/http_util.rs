@@ -1,25 +1,22 @@
 //! Pieces both proxies share: the response body type, error responses, hop-by-hop header
-//! removal, the access log line, and connection-serving helpers.
+//! removal, the access log line, and the per-connection state the HTTP/1.1 services read.
+//! Accepting, idle tracking and draining connections are `trellis-serve`'s.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use trellis_serve::graceful::ConnState;
 
-use crate::drain::Drain;
 use crate::h1_framing::FramingReport;
-use crate::metrics::{Direction, Listener, SidecarMetrics};
+use crate::metrics::Direction;
 use crate::pool::PooledBody;
 
 /// Errors a body can end with.
@@ -278,6 +275,10 @@ pub fn text_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
     response
 }
 
+/// An I/O stream with bytes already read from it put back in front (the pooled peer
+/// connection replays the bytes it read while choosing HTTP/2 or HTTP/1.1).
+pub use trellis_serve::prefixed::Prefixed;
+
 /// `tracing` target of the access log (`RUST_LOG=trellis::access=off` silences it too).
 pub const ACCESS_LOG_TARGET: &str = "trellis::access";
 
@@ -354,57 +355,13 @@ pub enum TcpTarget<'a> {
     Name(&'a str),
 }
 
-/// A connection hyper serves that can be asked to wind down.
-pub(crate) trait GracefulConnection: Future {
-    fn begin_shutdown(self: Pin<&mut Self>);
-}
-
-impl<I, S, B> GracefulConnection for hyper::server::conn::http1::Connection<I, S>
-where
-    S: hyper::service::HttpService<Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin,
-    B: Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    fn begin_shutdown(self: Pin<&mut Self>) {
-        self.graceful_shutdown();
-    }
-}
-
-impl<I, S, E, B> GracefulConnection for hyper_util::server::conn::auto::Connection<'_, I, S, E>
-where
-    S: hyper::service::Service<http::Request<Incoming>, Response = Response<B>>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    S::Future: 'static,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
-    B: Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
-{
-    fn begin_shutdown(self: Pin<&mut Self>) {
-        self.graceful_shutdown();
-    }
-}
-
-/// How long a draining HTTP/1.1 connection that is idle is kept open for one more request
-/// (answered with `Connection: close`) before it is closed. Closing an idle keep-alive
-/// connection races with a request the client may be writing into it at that moment, which
-/// then fails without an answer; a client that is told `Connection: close` on a response
-/// instead opens a new connection for its next request and never sends it into a closing one.
-pub const HTTP1_DRAIN_GRACE: Duration = Duration::from_secs(1);
-
-/// After an idle connection's GOAWAY, how long the peer has to finish the close while no byte
-/// moves. hyper's HTTP/2 graceful close waits for the peer's PING ACK; without this bound a peer
-/// that never answers would hold its connection (and its slot) forever.
-pub const IDLE_GOAWAY_GRACE: Duration = Duration::from_secs(5);
-
-/// A served connection's drain state, shared with the service that answers its requests;
-/// also what its HTTP/1.1 framing guard found (one allocation per connection for both).
+/// A served connection's state, shared with the service that answers its requests: its drain
+/// state (`trellis-serve`) and what its HTTP/1.1 framing guard found (one allocation per
+/// connection for both).
 #[derive(Debug, Default)]
 pub(crate) struct ConnDrain {
-    draining: AtomicBool,
-    http2: AtomicBool,
+    /// Whether the connection is draining (responses then say `Connection: close`).
+    pub(crate) drain: ConnState,
     /// Filled by [`crate::h1_framing::RequestFraming`] as it reads, checked by the service per request.
     pub(crate) framing: FramingReport,
 }
@@ -416,203 +373,9 @@ impl AsRef<FramingReport> for ConnDrain {
 }
 
 impl ConnDrain {
-    /// Called with every response: records the protocol and, once draining, marks an
-    /// HTTP/1.x response `Connection: close` (hyper then closes the connection after it).
+    /// Called with every response: see [`ConnState::on_response`].
     pub(crate) fn on_response(&self, version: Version, headers: &mut HeaderMap) {
-        if version == Version::HTTP_2 {
-            self.http2.store(true, Ordering::Relaxed);
-        } else if self.draining.load(Ordering::Relaxed) {
-            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-    }
-}
-
-/// Serves `conn` to its end. Once `drain` signals: HTTP/2 gets GOAWAY at once (hyper's graceful
-/// shutdown; in-flight streams finish); HTTP/1.1 answers its next response with
-/// `Connection: close` and is closed if it stays idle for [`HTTP1_DRAIN_GRACE`] (an in-flight
-/// request still finishes). When no byte has moved for `idle_timeout` (see [`IdleClock`]) the
-/// connection is shut down gracefully the same way, and dropped if it then stays silent for
-/// [`IDLE_GOAWAY_GRACE`]. Holds `drain` until the connection is gone.
-pub(crate) async fn serve_until_drained<C, E>(
-    conn: C,
-    drain: Drain,
-    state: &ConnDrain,
-    clock: &Arc<IdleClock>,
-    idle_timeout: Duration,
-) -> Result<(), E>
-where
-    C: GracefulConnection<Output = Result<(), E>>,
-{
-    let mut conn = std::pin::pin!(conn);
-    tokio::select! {
-        biased;
-        res = conn.as_mut() => return res,
-        () = drain.signaled() => {}
-        () = Arc::clone(clock).expired(idle_timeout) => {
-            conn.as_mut().begin_shutdown();
-            // `conn` first: polling it writes the GOAWAY, which restarts the clock.
-            return tokio::select! {
-                biased;
-                res = conn.as_mut() => res,
-                () = Arc::clone(clock).expired(IDLE_GOAWAY_GRACE) => Ok(()),
-            };
-        }
-    }
-    state.draining.store(true, Ordering::Relaxed);
-    if !state.http2.load(Ordering::Relaxed) {
-        tokio::select! {
-            biased;
-            res = conn.as_mut() => return res,
-            () = tokio::time::sleep(HTTP1_DRAIN_GRACE) => {}
-        }
-    }
-    conn.as_mut().begin_shutdown();
-    conn.await
-}
-
-/// A cap on one listener's open connections. Past it a connection is accepted and closed at
-/// once (cheaper and clearer for the peer than leaving it in the kernel backlog) and counted in
-/// `trellis_connections_refused_total{listener}`.
-pub(crate) struct ConnLimit {
-    open: AtomicUsize,
-    max: usize,
-    listener: Listener,
-    metrics: Arc<SidecarMetrics>,
-}
-
-impl ConnLimit {
-    /// At most `max` open connections on a `listener`.
-    pub(crate) fn new(max: usize, listener: Listener, metrics: Arc<SidecarMetrics>) -> Arc<Self> {
-        Arc::new(Self {
-            open: AtomicUsize::new(0),
-            max,
-            listener,
-            metrics,
-        })
-    }
-
-    /// A permit for one more connection, or `None` (counted) when the listener is full.
-    pub(crate) fn try_acquire(self: &Arc<Self>) -> Option<ConnPermit> {
-        if self.open.fetch_add(1, Ordering::AcqRel) >= self.max {
-            self.open.fetch_sub(1, Ordering::AcqRel);
-            self.metrics.connection_refused(self.listener);
-            return None;
-        }
-        Some(ConnPermit(Arc::clone(self)))
-    }
-}
-
-/// One open connection of a [`ConnLimit`]; released on drop.
-pub(crate) struct ConnPermit(Arc<ConnLimit>);
-
-impl Drop for ConnPermit {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// When a connection last moved a byte, for the idle timeout: one relaxed store per read or
-/// write, no timer reset per I/O.
-#[derive(Debug)]
-pub(crate) struct IdleClock {
-    base: Instant,
-    /// Milliseconds since `base`.
-    last: AtomicU64,
-}
-
-impl IdleClock {
-    pub(crate) fn new() -> Arc<Self> {
-        Arc::new(Self {
-            base: Instant::now(),
-            last: AtomicU64::new(0),
-        })
-    }
-
-    fn touch(&self) {
-        let now = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last.store(now, Ordering::Relaxed);
-    }
-
-    /// Completes once no byte has moved for `timeout` (checked when the last deadline passes,
-    /// so a busy connection costs one timer per `timeout`).
-    pub(crate) async fn expired(self: Arc<Self>, timeout: Duration) {
-        loop {
-            let last = self.base + Duration::from_millis(self.last.load(Ordering::Relaxed));
-            let deadline = last + timeout;
-            if Instant::now() >= deadline {
-                return;
-            }
-            tokio::time::sleep_until(deadline.into()).await;
-        }
-    }
-}
-
-/// An I/O stream that records its activity in an [`IdleClock`].
-#[derive(Debug)]
-pub(crate) struct Tracked<T> {
-    inner: T,
-    clock: Arc<IdleClock>,
-}
-
-impl<T> Tracked<T> {
-    pub(crate) fn new(inner: T, clock: Arc<IdleClock>) -> Self {
-        Self { inner, clock }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.clock.touch();
-        }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_write(cx, data);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            this.clock.touch();
-        }
-        polled
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            this.clock.touch();
-        }
-        polled
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        self.drain.on_response(version, headers);
     }
 }
 
@@ -631,7 +394,7 @@ pub(crate) fn uri_too_long(
     }
     let mut response = text_response(
         StatusCode::URI_TOO_LONG,
-        &format!("request target is {len} bytes; the limit is {max} (limits.max_uri_bytes)"),
+        &format!("request target is {len} bytes; the limit is {max} (limits.http.max_uri_bytes)"),
     );
     if version != Version::HTTP_2 {
         response
@@ -639,77 +402,6 @@ pub(crate) fn uri_too_long(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     Some(response)
-}
-
-/// An I/O stream with bytes already read from it put back in front.
-#[derive(Debug)]
-pub struct Prefixed<T> {
-    prefix: Vec<u8>,
-    pos: usize,
-    inner: T,
-}
-
-impl<T> Prefixed<T> {
-    /// `prefix` is returned by reads before anything from `inner`.
-    pub fn new(prefix: Vec<u8>, inner: T) -> Self {
-        Self {
-            prefix,
-            pos: 0,
-            inner,
-        }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.pos < this.prefix.len() {
-            let rest = &this.prefix[this.pos..];
-            let n = rest.len().min(buf.remaining());
-            buf.put_slice(&rest[..n]);
-            this.pos += n;
-            if this.pos == this.prefix.len() {
-                this.prefix = Vec::new();
-                this.pos = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
 }
 
 #[cfg(test)]
@@ -724,14 +416,5 @@ mod tests {
             panic!()
         };
         assert_eq!(&b[..], b"a b  c\n");
-    }
-
-    #[tokio::test]
-    async fn prefixed_reads_prefix_first() {
-        use tokio::io::AsyncReadExt;
-        let mut io = Prefixed::new(b"abc".to_vec(), &b"def"[..]);
-        let mut out = String::new();
-        io.read_to_string(&mut out).await.unwrap();
-        assert_eq!(out, "abcdef");
     }
 }

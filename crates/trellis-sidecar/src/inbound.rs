@@ -12,7 +12,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -24,23 +24,25 @@ use hyper::body::{Body, Incoming};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::ProtocolVersion;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-use trellis_identity::tls::{handshake_failure_reason, peer_spiffe_id, SharedBundle};
 use trellis_identity::{leaf_sha256_hex, SpiffeId};
+use trellis_serve::drain::{self, Drain};
+use trellis_serve::graceful::{serve_until_drained, IDLE_GOAWAY_GRACE};
+use trellis_serve::{accept, IdleClock, Tracked};
 
 use crate::config::{Limits, SidecarSettings};
-use crate::drain::{self, Drain};
 use crate::h1_framing::{malformed_body_response, FramingReport, RequestFraming};
 use crate::headers::{
     check_host, sanitize_for_app, set_host_from_authority, strip_hop_by_hop, UnderscoreHeaders,
     XFCC,
 };
 use crate::http_util::{
-    self, serve_until_drained, text_response, uri_too_long, AccessEntry, BoxError, ConnDrain,
-    ConnLimit, ConnPermit, H2Body, IdleClock, ProxyBody, ReqBody, Tracked, IDLE_GOAWAY_GRACE,
+    self, text_response, uri_too_long, AccessEntry, BoxError, ConnDrain, H2Body, ProxyBody,
+    ReqBody,
 };
+use crate::listen::{self, InboundTls};
 use crate::metrics::{Direction, Listener, SidecarMetrics};
 use crate::mtls::{self, SessionTicketer};
 use crate::policy::{HttpAuthorization, PolicyEngine};
@@ -161,7 +163,6 @@ fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
 
 struct Inbound {
     store: Arc<SvidStore>,
-    bundle: SharedBundle,
     metrics: Arc<SidecarMetrics>,
     policy: Arc<PolicyEngine>,
     app: AppPool,
@@ -171,8 +172,6 @@ struct Inbound {
     /// What reaches the app of request headers with `_` in their names.
     underscores: UnderscoreHeaders,
     request_timeout: Duration,
-    /// Handshakes may take at most this long (a client that stalls holds a task, not a thread).
-    handshake_timeout: Duration,
     connect_timeout: Duration,
     max_uri_bytes: usize,
     max_header_bytes: usize,
@@ -184,12 +183,11 @@ struct Inbound {
 
 /// The inbound mTLS listener (HTTP) and the raw TCP forwards.
 pub struct InboundProxy {
-    http: TcpListener,
-    acceptor: TlsAcceptor,
+    /// Handshakes may take at most `limits.inbound.handshake_timeout` (a client that stalls
+    /// holds a task, not a thread).
+    http: accept::Listener<InboundTls>,
     tcp: Vec<tcp::InboundForward>,
     shared: Arc<Inbound>,
-    /// Per listener (the HTTP one and each TCP forward).
-    max_connections: usize,
 }
 
 impl InboundProxy {
@@ -222,21 +220,43 @@ impl InboundProxy {
         )?;
         let tcp_config =
             mtls::server_config(&store, settings.tls_policy, mtls::ALPN_NONE, ticketer)?;
-        let http = bind(settings.inbound_listen).await?;
+        let limits = &settings.limits;
+        // One listener per port, each under the same cap and handshake bound.
+        let listener = |tcp, what, acceptor, kind| {
+            accept::Listener::new(
+                tcp,
+                what,
+                limits.inbound.max_connections,
+                listen::events(&metrics, kind),
+            )
+            .with_handshake(
+                InboundTls::new(acceptor, Arc::clone(&store), Arc::clone(&metrics)),
+                limits.inbound.handshake_timeout,
+            )
+        };
+        let http = listener(
+            bind(settings.inbound_listen).await?,
+            "inbound",
+            TlsAcceptor::from(http_config),
+            Listener::Inbound,
+        );
         let mut forwards = Vec::with_capacity(settings.inbound_tcp.len());
         for forward in &settings.inbound_tcp {
             forwards.push(tcp::InboundForward {
-                listener: bind(forward.listen).await?,
+                listener: listener(
+                    bind(forward.listen).await?,
+                    "inbound_tcp",
+                    TlsAcceptor::from(tcp_config.clone()),
+                    Listener::InboundTcp,
+                ),
                 app: forward.app,
-                acceptor: TlsAcceptor::from(tcp_config.clone()),
             });
         }
-        let limits = &settings.limits;
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
             .keep_alive(true)
-            .max_headers(limits.max_headers)
-            .max_header_size(limits.max_header_bytes)
+            .max_headers(limits.http.max_headers)
+            .max_header_size(limits.http.max_header_bytes)
             // `RequestFraming` times request heads from their first byte; hyper's timer would
             // also run while a keep-alive connection waits for its next request (and, with a
             // timer set, defaults to 30 s).
@@ -244,11 +264,8 @@ impl InboundProxy {
         let h2 = h2_server(limits);
         Ok(Self {
             http,
-            acceptor: TlsAcceptor::from(http_config),
             tcp: forwards,
-            max_connections: limits.max_connections_inbound,
             shared: Arc::new(Inbound {
-                bundle: store.bundle(),
                 store,
                 metrics,
                 policy,
@@ -257,12 +274,11 @@ impl InboundProxy {
                 access_log: settings.access_log,
                 underscores: settings.headers_with_underscores,
                 request_timeout: settings.request_timeout,
-                handshake_timeout: limits.handshake_timeout,
                 connect_timeout: settings.connect_timeout,
-                max_uri_bytes: limits.max_uri_bytes,
-                max_header_bytes: limits.max_header_bytes,
-                header_read_timeout: limits.header_read_timeout,
-                idle_timeout: limits.idle_timeout,
+                max_uri_bytes: limits.http.max_uri_bytes,
+                max_header_bytes: limits.http.max_header_bytes,
+                header_read_timeout: limits.http.header_read_timeout,
+                idle_timeout: limits.http.idle_timeout,
                 h1,
                 h2,
             }),
@@ -290,48 +306,30 @@ impl InboundProxy {
     /// resets it); they finish their in-flight requests and close. TCP forwards run to their
     /// end. `drain` is held until every connection is done.
     pub async fn run(self, drain: Drain) {
-        let InboundProxy {
-            http,
-            acceptor,
-            tcp,
-            shared,
-            max_connections,
-        } = self;
+        let InboundProxy { http, tcp, shared } = self;
         let mut forwards = tokio::task::JoinSet::new();
         for forward in tcp {
             let (shared, drain) = (shared.clone(), drain.clone());
-            let limit = ConnLimit::new(
-                max_connections,
-                Listener::InboundTcp,
-                Arc::clone(&shared.metrics),
-            );
             forwards.spawn(async move {
                 let ctx = tcp::InboundTcpContext {
-                    store: shared.store.clone(),
-                    bundle: shared.bundle.clone(),
                     metrics: shared.metrics.clone(),
                     policy: shared.policy.clone(),
-                    handshake_timeout: shared.handshake_timeout,
                     connect_timeout: shared.connect_timeout,
                 };
-                tcp::run_inbound_forward(forward, Arc::new(ctx), limit, drain).await;
+                tcp::run_inbound_forward(forward, Arc::new(ctx), drain).await;
             });
         }
         let (connections_signal, connections) = drain::channel();
-        let limit = ConnLimit::new(
-            max_connections,
-            Listener::Inbound,
-            Arc::clone(&shared.metrics),
-        );
-        accept_loop(&http, &drain, &limit, |tcp, peer_addr, permit| {
-            let (shared, acceptor, conn_drain) =
-                (shared.clone(), acceptor.clone(), connections.clone());
-            tokio::spawn(async move {
-                let _permit = permit;
-                shared
-                    .connection(acceptor, tcp, peer_addr, conn_drain)
-                    .await
-            });
+        http.serve(&drain, |conn| {
+            let (shared, conn_drain) = (shared.clone(), connections.clone());
+            async move {
+                let peer_addr = conn.peer();
+                if let Some((stream, peer_id, resumed)) = conn.handshake().await {
+                    shared
+                        .connection(stream, peer_id, resumed, peer_addr, conn_drain)
+                        .await;
+                }
+            }
         })
         .await;
         drop(http);
@@ -341,10 +339,10 @@ impl InboundProxy {
     }
 }
 
-async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr)
+async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    trellis_serve::bind(addr)
         .await
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+        .map_err(|e| std::io::Error::new(e.source.kind(), e.to_string()))
 }
 
 /// The HTTP/2 server settings both proxies' peers meet: `limits` plus the rapid-reset and
@@ -355,123 +353,24 @@ pub(crate) fn h2_server(limits: &Limits) -> h2::server::Builder {
     h2.initial_window_size(pool::H2_STREAM_WINDOW)
         .initial_connection_window_size(pool::H2_CONNECTION_WINDOW)
         .max_send_buffer_size(pool::H2_MAX_SEND_BUF)
-        .max_concurrent_streams(limits.h2_max_concurrent_streams)
-        .max_header_list_size(limits.h2_max_header_list_bytes)
-        .max_pending_accept_reset_streams(limits.h2_max_pending_accept_reset_streams)
-        .max_local_error_reset_streams(Some(limits.h2_max_local_error_reset_streams))
-        .max_concurrent_reset_streams(limits.h2_max_concurrent_reset_streams);
+        .max_concurrent_streams(limits.h2.max_concurrent_streams)
+        .max_header_list_size(limits.h2.max_header_list_bytes)
+        .max_pending_accept_reset_streams(limits.h2.max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(Some(limits.h2.max_local_error_reset_streams))
+        .max_concurrent_reset_streams(limits.h2.max_concurrent_reset_streams);
     h2
 }
 
-/// Accepts until `drain` signals; `on_conn` gets each connection with its permit from `limit`.
-/// A connection past the limit is closed at once (and counted). Accept errors (out of file
-/// descriptors, …) are logged and retried after a short pause instead of spinning.
-pub(crate) async fn accept_loop(
-    listener: &TcpListener,
-    drain: &Drain,
-    limit: &Arc<ConnLimit>,
-    mut on_conn: impl FnMut(TcpStream, SocketAddr, ConnPermit),
-) {
-    let draining = drain.signaled();
-    let mut draining = std::pin::pin!(draining);
-    loop {
-        tokio::select! {
-            biased;
-            () = &mut draining => return,
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, addr)) => {
-                    let Some(permit) = limit.try_acquire() else {
-                        tracing::debug!(peer_addr = %addr, "listener full; connection closed");
-                        drop(tcp);
-                        continue;
-                    };
-                    let _ = tcp.set_nodelay(true);
-                    on_conn(tcp, addr, permit);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::select! {
-                        () = &mut draining => return,
-                        () = tokio::time::sleep(Duration::from_millis(50)) => {}
-                    }
-                }
-            },
-        }
-    }
-}
-
-/// TLS handshake, then the resumed-session check. Counts the outcome. `None`: refused.
-pub(crate) async fn accept_tls(
-    acceptor: &TlsAcceptor,
-    tcp: TcpStream,
-    peer_addr: SocketAddr,
-    bundle: &SharedBundle,
-    metrics: &SidecarMetrics,
-    timeout: Duration,
-) -> Option<(TlsStream<TcpStream>, SpiffeId, bool)> {
-    let started = Instant::now();
-    let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
-            let reason = http_util::tls_error(&e).map_or("io", handshake_failure_reason);
-            metrics.handshake(Direction::Inbound, false, reason);
-            tracing::debug!(%peer_addr, reason, error = %e, "inbound handshake refused");
-            return None;
-        }
-        Err(_) => {
-            metrics.handshake(Direction::Inbound, false, "timeout");
-            tracing::debug!(%peer_addr, "inbound handshake timed out");
-            return None;
-        }
-    };
-    let conn = stream.get_ref().1;
-    let resumed = mtls::is_resumed(conn.handshake_kind());
-    let peer_id = if resumed {
-        // The verifier did not run: check the stored chain against today's bundle and clock.
-        match mtls::recheck_resumed_client(conn.peer_certificates(), bundle, SystemTime::now()) {
-            Ok(id) => Some(id),
-            Err(e) => {
-                metrics.handshake(Direction::Inbound, false, e.reason());
-                tracing::info!(%peer_addr, error = %e, "resumed session refused");
-                return None;
-            }
-        }
-    } else {
-        peer_spiffe_id(conn.peer_certificates())
-    };
-    let Some(peer_id) = peer_id else {
-        // The verifier accepted the chain, so this cannot happen; refuse rather than guess.
-        metrics.handshake(Direction::Inbound, false, "not_svid");
-        return None;
-    };
-    metrics.handshake(Direction::Inbound, true, "none");
-    metrics.handshake_duration(Direction::Inbound, started.elapsed());
-    Some((stream, peer_id, resumed))
-}
-
 impl Inbound {
+    /// Serves one authenticated connection ([`InboundTls`] has verified `peer_id`).
     async fn connection(
         self: Arc<Self>,
-        acceptor: TlsAcceptor,
-        tcp: TcpStream,
+        stream: TlsStream<TcpStream>,
+        peer_id: SpiffeId,
+        resumed: bool,
         peer_addr: SocketAddr,
         drain: Drain,
     ) {
-        // Right after a start the first SVID is a moment away: the caller waits in its
-        // handshake rather than being refused for want of a certificate.
-        mtls::wait_for_svid(&self.store, self.handshake_timeout).await;
-        let Some((stream, peer_id, resumed)) = accept_tls(
-            &acceptor,
-            tcp,
-            peer_addr,
-            &self.bundle,
-            &self.metrics,
-            self.handshake_timeout,
-        )
-        .await
-        else {
-            return;
-        };
         let _open = self.metrics.connection(Direction::Inbound);
         let conn = stream.get_ref().1;
         let http2 = conn.alpn_protocol() == Some(mtls::ALPN_H2);
@@ -533,7 +432,7 @@ impl Inbound {
                     self.max_header_bytes,
                 ));
                 let conn = self.h1.serve_connection(io, service);
-                serve_until_drained(conn, local_drain, &state, &clock, self.idle_timeout)
+                serve_until_drained(conn, local_drain, &state.drain, &clock, self.idle_timeout)
                     .await
                     .map_err(BoxError::from)
             }

@@ -8,12 +8,12 @@
 pub mod admin;
 pub mod config;
 pub mod csr;
-pub mod drain;
 pub mod h1_framing;
 pub mod headers;
 pub mod http_util;
 pub mod identity_files;
 pub mod inbound;
+mod listen;
 pub mod metrics;
 pub mod mtls;
 pub mod outbound;
@@ -23,6 +23,10 @@ pub mod sds;
 pub mod sidecar;
 pub mod svid_store;
 pub mod tcp;
+
+/// The drain every listener and connection holds (from `trellis-serve`, shared with the
+/// control plane).
+pub use trellis_serve::drain;
 
 pub use config::SidecarSettings;
 pub use sidecar::Sidecar;

@@ -24,15 +24,17 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
+use trellis_serve::drain::{self, Drain};
+use trellis_serve::graceful::serve_until_drained;
+use trellis_serve::{accept, IdleClock, Tracked};
+
 use crate::config::{Protocol, SidecarSettings};
-use crate::drain::{self, Drain};
 use crate::h1_framing::{malformed_body_response, RequestFraming};
 use crate::headers::{check_host, host_without_port, strip_hop_by_hop};
 use crate::http_util::{
-    serve_until_drained, text_response, uri_too_long, AccessEntry, ConnDrain, ConnLimit, IdleClock,
-    ProxyBody, Tracked,
+    text_response, uri_too_long, AccessEntry, ConnDrain, ProxyBody,
 };
-use crate::inbound::accept_loop;
+use crate::listen;
 use crate::metrics::{Direction, Listener, SidecarMetrics};
 use crate::mtls;
 use crate::pool::{self, ForwardError, PeerPool, PeerTarget, TlsClient};
@@ -241,8 +243,8 @@ impl OutboundProxy {
             .http1()
             .timer(TokioTimer::new())
             .keep_alive(true)
-            .max_headers(limits.max_headers)
-            .max_buf_size(limits.max_header_bytes)
+            .max_headers(limits.http.max_headers)
+            .max_buf_size(limits.http.max_header_bytes)
             // `RequestFraming` times request heads from their first byte; hyper's timer would
             // also run while a keep-alive connection waits for its next request (and, with a
             // timer set, defaults to 30 s).
@@ -253,11 +255,11 @@ impl OutboundProxy {
             .initial_stream_window_size(pool::H2_STREAM_WINDOW)
             .initial_connection_window_size(pool::H2_CONNECTION_WINDOW)
             .max_send_buf_size(pool::H2_MAX_SEND_BUF)
-            .max_concurrent_streams(limits.h2_max_concurrent_streams)
-            .max_header_list_size(limits.h2_max_header_list_bytes)
+            .max_concurrent_streams(limits.h2.max_concurrent_streams)
+            .max_header_list_size(limits.h2.max_header_list_bytes)
             // hyper has no `max_concurrent_reset_streams`: h2's default (50) applies here.
-            .max_pending_accept_reset_streams(limits.h2_max_pending_accept_reset_streams)
-            .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams);
+            .max_pending_accept_reset_streams(limits.h2.max_pending_accept_reset_streams)
+            .max_local_error_reset_streams(limits.h2.max_local_error_reset_streams);
         Ok(Self {
             shared_listener,
             dedicated,
@@ -270,11 +272,11 @@ impl OutboundProxy {
                 store,
                 access_log: settings.access_log,
                 request_timeout: settings.request_timeout,
-                max_uri_bytes: limits.max_uri_bytes,
-                max_header_bytes: limits.max_header_bytes,
-                header_read_timeout: limits.header_read_timeout,
-                idle_timeout: limits.idle_timeout,
-                max_connections: limits.max_connections_outbound,
+                max_uri_bytes: limits.http.max_uri_bytes,
+                max_header_bytes: limits.http.max_header_bytes,
+                header_read_timeout: limits.http.header_read_timeout,
+                idle_timeout: limits.http.idle_timeout,
+                max_connections: limits.outbound.max_connections,
                 server,
             }),
         })
@@ -325,12 +327,11 @@ impl OutboundProxy {
         }
         let mut forwards = tokio::task::JoinSet::new();
         for (_, upstream) in tcp {
-            let limit = ConnLimit::new(
-                shared.max_connections,
-                Listener::OutboundTcp,
-                Arc::clone(&shared.metrics),
-            );
-            forwards.spawn(tcp::run_outbound_tcp(upstream, limit, drain.clone()));
+            let (shared, drain) = (shared.clone(), drain.clone());
+            forwards.spawn(async move {
+                tcp::run_outbound_tcp(upstream, shared.max_connections, &shared.metrics, drain)
+                    .await;
+            });
         }
         serve_http(
             shared_listener,
@@ -347,11 +348,8 @@ impl OutboundProxy {
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("outbound listener `{what}`: cannot listen on {addr}: {e}"),
-        )
+    trellis_serve::bind(addr).await.map_err(|e| {
+        std::io::Error::new(e.source.kind(), format!("outbound listener `{what}`: {e}"))
     })
 }
 
@@ -364,45 +362,45 @@ async fn serve_http(
     listen: Drain,
     connections: Drain,
 ) {
-    let limit = ConnLimit::new(
-        shared.max_connections,
-        Listener::Outbound,
-        Arc::clone(&shared.metrics),
-    );
-    accept_loop(&listener, &listen, &limit, |tcp, app_addr, permit| {
-        let (shared, drain) = (shared.clone(), connections.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            let state = Arc::new(ConnDrain::default());
-            let service = {
-                let (shared, state) = (shared.clone(), state.clone());
-                hyper::service::service_fn(move |req: Request<Incoming>| {
-                    // HTTP/1.x requests are numbered for the framing guard's report; h2c
-                    // streams are not (the guard stops at the HTTP/2 preface).
-                    let seq = if req.version() == Version::HTTP_2 {
-                        0
-                    } else {
-                        state.framing.next_request()
-                    };
-                    handle(shared.clone(), state.clone(), route, seq, req)
-                })
-            };
-            let clock = IdleClock::new();
-            let io = TokioIo::new(RequestFraming::new(
-                Tracked::new(tcp, Arc::clone(&clock)),
-                Arc::clone(&state),
-                shared.header_read_timeout,
-                shared.max_header_bytes,
-            ));
-            let conn = shared.server.serve_connection(io, service);
-            if let Err(e) =
-                serve_until_drained(conn, drain, &state, &clock, shared.idle_timeout).await
-            {
-                tracing::debug!(%app_addr, error = %e, "app connection ended with an error");
+    let events = listen::events(&shared.metrics, Listener::Outbound);
+    let listener = accept::Listener::new(listener, "outbound", shared.max_connections, events);
+    listener
+        .serve(&listen, |conn| {
+            let (shared, drain) = (shared.clone(), connections.clone());
+            async move {
+                let app_addr = conn.peer();
+                let tcp = conn.into_tcp();
+                let state = Arc::new(ConnDrain::default());
+                let service = {
+                    let (shared, state) = (shared.clone(), state.clone());
+                    hyper::service::service_fn(move |req: Request<Incoming>| {
+                        // HTTP/1.x requests are numbered for the framing guard's report; h2c
+                        // streams are not (the guard stops at the HTTP/2 preface).
+                        let seq = if req.version() == Version::HTTP_2 {
+                            0
+                        } else {
+                            state.framing.next_request()
+                        };
+                        handle(shared.clone(), state.clone(), route, seq, req)
+                    })
+                };
+                let clock = IdleClock::new();
+                let io = TokioIo::new(RequestFraming::new(
+                    Tracked::new(tcp, Arc::clone(&clock)),
+                    Arc::clone(&state),
+                    shared.header_read_timeout,
+                    shared.max_header_bytes,
+                ));
+                let conn = shared.server.serve_connection(io, service);
+                if let Err(e) =
+                    serve_until_drained(conn, drain, &state.drain, &clock, shared.idle_timeout)
+                        .await
+                {
+                    tracing::debug!(%app_addr, error = %e, "app connection ended with an error");
+                }
             }
-        });
-    })
-    .await;
+        })
+        .await;
 }
 
 /// One app request (`seq`: its number on an HTTP/1.x connection, else 0): forwarded, counted,

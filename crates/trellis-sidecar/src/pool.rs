@@ -710,7 +710,7 @@ pub struct PeerPool {
     keepalive: Keepalive,
 }
 
-/// Dead-peer detection on the pooled HTTP/2 connection (`limits.h2_keepalive_*`).
+/// Dead-peer detection on the pooled HTTP/2 connection (`limits.h2.keepalive_*`).
 #[derive(Debug, Clone, Copy)]
 struct Keepalive {
     interval: Duration,
@@ -732,11 +732,11 @@ impl PeerPool {
             .initial_window_size(H2_STREAM_WINDOW)
             .initial_connection_window_size(H2_CONNECTION_WINDOW)
             .max_send_buffer_size(H2_MAX_SEND_BUF)
-            .max_header_list_size(limits.h2_max_header_list_bytes)
+            .max_header_list_size(limits.h2.max_header_list_bytes)
             // Push is off, so no stream waits to be accepted here: the pending-accept bound is
             // for servers only.
-            .max_local_error_reset_streams(Some(limits.h2_max_local_error_reset_streams))
-            .max_concurrent_reset_streams(limits.h2_max_concurrent_reset_streams);
+            .max_local_error_reset_streams(Some(limits.h2.max_local_error_reset_streams))
+            .max_concurrent_reset_streams(limits.h2.max_concurrent_reset_streams);
         Self {
             peer,
             tls,
@@ -749,8 +749,8 @@ impl PeerPool {
             h2_builder,
             h1_builder: http1_builder(),
             keepalive: Keepalive {
-                interval: limits.h2_keepalive_interval,
-                timeout: limits.h2_keepalive_timeout,
+                interval: limits.h2.keepalive_interval,
+                timeout: limits.h2.keepalive_timeout,
             },
         }
     }

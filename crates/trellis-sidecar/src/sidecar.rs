@@ -12,7 +12,8 @@ use trellis_identity::TrustBundle;
 
 use crate::admin::{self, AdminState};
 use crate::config::{IdentitySource, SidecarSettings};
-use crate::drain::{self, DrainSignal};
+use trellis_serve::drain::{self, DrainSignal};
+
 use crate::identity_files;
 use crate::inbound::InboundProxy;
 use crate::metrics::SidecarMetrics;
@@ -69,6 +70,9 @@ pub struct Sidecar {
     pub policy: Arc<PolicyEngine>,
     drain_timeout: Duration,
     drain_signal: DrainSignal,
+    /// The admin listener's drain: it keeps answering (`/ready`, `/metrics`) while the
+    /// proxies drain, and winds down with the rest of the process after.
+    admin_drain: DrainSignal,
     shutdown: watch::Sender<bool>,
     /// Turns true when `POST /shutdown` on the admin endpoint was accepted.
     admin_shutdown: watch::Receiver<bool>,
@@ -192,13 +196,18 @@ impl Sidecar {
             ));
         }
         let (admin_shutdown_tx, admin_shutdown) = watch::channel(false);
-        tasks.push(tokio::spawn(admin::serve(
-            admin_listener,
-            admin_state,
-            settings.limits,
-            shutdown_rx,
-            admin_shutdown_tx,
-        )));
+        let (admin_drain, admin_drain_rx) = drain::channel();
+        let limits = settings.limits;
+        tasks.push(tokio::spawn(async move {
+            admin::serve(
+                admin_listener,
+                admin_state,
+                &limits,
+                admin_drain_rx,
+                admin_shutdown_tx,
+            )
+            .await;
+        }));
         tracing::info!(inbound = %inbound_addr, outbound = ?outbound_addrs, admin = %admin_addr, "sidecar serving");
         Ok(Self {
             inbound_addr,
@@ -209,6 +218,7 @@ impl Sidecar {
             policy,
             drain_timeout: settings.drain_timeout,
             drain_signal,
+            admin_drain,
             shutdown,
             admin_shutdown,
             tasks,
@@ -254,6 +264,8 @@ impl Sidecar {
     pub async fn shutdown(self) -> bool {
         let drained = self.drain_signal.drain(self.drain_timeout).await;
         let _ = self.shutdown.send(true);
+        // Sends the signal at once; the returned wait is not needed (the tasks end below).
+        drop(self.admin_drain.drain(Duration::ZERO));
         for task in self.tasks {
             task.abort();
         }

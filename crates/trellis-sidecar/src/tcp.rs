@@ -18,16 +18,13 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
-use trellis_identity::tls::SharedBundle;
+use trellis_serve::{accept, Drain};
 
-use crate::drain::Drain;
-use crate::http_util::{connect_tcp, ConnLimit, TcpTarget};
-use crate::inbound::{accept_loop, accept_tls};
-use crate::metrics::{Direction, SidecarMetrics};
+use crate::http_util::{connect_tcp, TcpTarget};
+use crate::listen::{self, InboundTls};
+use crate::metrics::{Direction, Listener, SidecarMetrics};
 use crate::policy::PolicyEngine;
 use crate::pool::{PeerTarget, TlsClient};
-use crate::svid_store::SvidStore;
 
 /// Copy buffer per direction: one TLS record's worth of plaintext.
 pub const COPY_BUFFER: usize = 16 * 1024;
@@ -41,20 +38,16 @@ where
     tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUFFER, COPY_BUFFER).await
 }
 
-/// One inbound raw TCP forward, bound.
+/// One inbound raw TCP forward, bound (mTLS: [`InboundTls`], as the HTTP listener).
 pub(crate) struct InboundForward {
-    pub(crate) listener: TcpListener,
+    pub(crate) listener: accept::Listener<InboundTls>,
     pub(crate) app: SocketAddr,
-    pub(crate) acceptor: TlsAcceptor,
 }
 
 /// What every inbound forward connection needs.
 pub(crate) struct InboundTcpContext {
-    pub(crate) store: Arc<SvidStore>,
-    pub(crate) bundle: SharedBundle,
     pub(crate) metrics: Arc<SidecarMetrics>,
     pub(crate) policy: Arc<PolicyEngine>,
-    pub(crate) handshake_timeout: Duration,
     pub(crate) connect_timeout: Duration,
 }
 
@@ -62,25 +55,16 @@ pub(crate) struct InboundTcpContext {
 pub(crate) async fn run_inbound_forward(
     forward: InboundForward,
     ctx: Arc<InboundTcpContext>,
-    limit: Arc<ConnLimit>,
     drain: Drain,
 ) {
-    let InboundForward {
-        listener,
-        app,
-        acceptor,
-    } = forward;
+    let InboundForward { listener, app } = forward;
     // Policy L4 rules name the port this forward listens on.
     let port = listener.local_addr().map_or(0, |a| a.port());
-    accept_loop(&listener, &drain, &limit, |tcp, peer_addr, permit| {
-        let (ctx, acceptor, drain) = (ctx.clone(), acceptor.clone(), drain.clone());
-        tokio::spawn(async move {
-            let (_drain, _permit) = (drain, permit);
-            // Right after a start the first SVID is a moment away (see `inbound`).
-            crate::mtls::wait_for_svid(&ctx.store, ctx.handshake_timeout).await;
-            let Some((mut tls, peer_id, _)) =
-                accept_tls(&acceptor, tcp, peer_addr, &ctx.bundle, &ctx.metrics, ctx.handshake_timeout).await
-            else {
+    listener.serve(&drain, |conn| {
+        let ctx = ctx.clone();
+        async move {
+            let peer_addr = conn.peer();
+            let Some((mut tls, peer_id, _)) = conn.handshake().await else {
                 return;
             };
             if !ctx.policy.authorize_l4(peer_id.as_str(), port) {
@@ -104,7 +88,7 @@ pub(crate) async fn run_inbound_forward(
                     tracing::info!(%peer_addr, %peer_id, port, "policy no longer allows this TCP connection; closing it");
                 }
             }
-        });
+        }
     })
     .await;
 }
@@ -120,16 +104,24 @@ pub(crate) struct OutboundTcp {
 /// to the peer (checked like HTTP upstreams) and is spliced to it. A peer that cannot be
 /// reached or fails the identity check closes the app's connection (TCP has no error page);
 /// the reason is logged and counted in `tls_handshakes_total`.
-pub(crate) async fn run_outbound_tcp(upstream: OutboundTcp, limit: Arc<ConnLimit>, drain: Drain) {
+pub(crate) async fn run_outbound_tcp(
+    upstream: OutboundTcp,
+    max_connections: usize,
+    metrics: &Arc<SidecarMetrics>,
+    drain: Drain,
+) {
     let OutboundTcp {
         listener,
         peer,
         tls,
     } = upstream;
-    accept_loop(&listener, &drain, &limit, |mut app, app_addr, permit| {
-        let (peer, tls, drain) = (peer.clone(), tls.clone(), drain.clone());
-        tokio::spawn(async move {
-            let (_drain, _permit) = (drain, permit);
+    let events = listen::events(metrics, Listener::OutboundTcp);
+    let listener = accept::Listener::new(listener, "outbound_tcp", max_connections, events);
+    listener.serve(&drain, |conn| {
+        let (peer, tls) = (peer.clone(), tls.clone());
+        async move {
+            let app_addr = conn.peer();
+            let mut app = conn.into_tcp();
             let mut to_peer = match peer.connect_stream(&tls).await {
                 Ok(s) => s,
                 Err(e) => {
@@ -142,7 +134,7 @@ pub(crate) async fn run_outbound_tcp(upstream: OutboundTcp, limit: Arc<ConnLimit
                 Ok((up, down)) => tracing::debug!(%app_addr, target = %peer.target(), up, down, "TCP upstream done"),
                 Err(e) => tracing::debug!(%app_addr, target = %peer.target(), error = %e, "TCP upstream ended"),
             }
-        });
+        }
     })
     .await;
 }

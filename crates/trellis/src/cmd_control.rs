@@ -15,16 +15,16 @@ use trellis_control::server::ControlPlane;
 #[derive(Args, Debug)]
 pub struct ControlArgs {
     /// YAML config file (fields: trust_domain, listen, admin, state_dir, svid_ttl, rotate_every,
-    /// ca_cert, ca_key, ca_bundle, k8s_jwks, k8s_issuer, k8s_audience, k8s_jwks_url, k8s_ca,
-    /// k8s_token, k8s_jwks_refresh, webhook_listen, webhook_dns_names, sidecar_image,
-    /// sidecar_control_plane, database, sds_max_connections, sds_handshake_timeout,
-    /// sds_max_streams_per_connection, sds_rate_limit, sds_rate_burst, sds_rate_limit_loopback,
-    /// admin_max_connections, webhook_max_connections, sds_max_message_bytes,
-    /// sds_max_header_list_bytes, sds_max_pending_resets, admin_header_read_timeout,
-    /// admin_max_header_bytes, admin_idle_timeout, admin_max_streams_per_connection,
-    /// admin_max_pending_resets, webhook_max_header_bytes, webhook_max_body_bytes,
-    /// webhook_body_timeout, webhook_header_read_timeout, webhook_handshake_timeout,
-    /// max_jwt_bytes, max_jwks_bytes, jwks_fetch_timeout, issuance_retention).
+    /// issuance_retention, ca_cert, ca_key, ca_bundle, k8s_jwks, k8s_issuer, k8s_audience,
+    /// k8s_jwks_url, k8s_ca, k8s_token, k8s_jwks_refresh, webhook_listen, webhook_dns_names,
+    /// sidecar_image, sidecar_control_plane, database, and `limits:` nested per listener:
+    /// limits.sds.{max_connections, handshake_timeout, max_streams_per_connection, rate_limit,
+    /// rate_burst, rate_limit_loopback, max_message_bytes, max_header_list_bytes,
+    /// max_pending_resets}, limits.admin.{max_connections, header_read_timeout,
+    /// max_header_bytes, idle_timeout, max_streams_per_connection, max_pending_resets},
+    /// limits.webhook.{max_connections, max_header_bytes, max_body_bytes, body_timeout,
+    /// header_read_timeout, handshake_timeout}, limits.k8s.{max_jwt_bytes, max_jwks_bytes,
+    /// jwks_fetch_timeout}; examples/control.yaml shows them all).
     #[arg(long, env = "TRELLIS_CONFIG")]
     config: Option<PathBuf>,
     /// Trust domain, e.g. example.org.
@@ -225,35 +225,39 @@ impl ControlArgs {
         );
         over!(webhook_listen, sidecar_image, sidecar_control_plane);
         over!(database);
-        over!(
-            sds_max_connections,
-            sds_handshake_timeout,
-            sds_max_streams_per_connection,
-            sds_rate_limit,
-            sds_rate_burst,
-            admin_max_connections,
-            webhook_max_connections
-        );
-        over!(
-            sds_max_message_bytes,
-            sds_max_header_list_bytes,
-            sds_max_pending_resets,
-            admin_header_read_timeout,
-            admin_max_header_bytes,
-            admin_idle_timeout,
-            webhook_max_body_bytes,
-            admin_max_streams_per_connection,
-            admin_max_pending_resets,
-            webhook_max_header_bytes,
-            webhook_body_timeout,
-            webhook_header_read_timeout,
-            webhook_handshake_timeout,
-            max_jwt_bytes,
-            max_jwks_bytes,
-            jwks_fetch_timeout
+        // The flags kept their flat names; each sets one key of the nested `limits:`.
+        macro_rules! limits {
+            ($($flag:ident => $group:ident . $key:ident),* $(,)?) => {
+                $( if self.$flag.is_some() { f.limits.$group.$key = self.$flag; } )*
+            };
+        }
+        limits!(
+            sds_max_connections => sds.max_connections,
+            sds_handshake_timeout => sds.handshake_timeout,
+            sds_max_streams_per_connection => sds.max_streams_per_connection,
+            sds_rate_limit => sds.rate_limit,
+            sds_rate_burst => sds.rate_burst,
+            sds_max_message_bytes => sds.max_message_bytes,
+            sds_max_header_list_bytes => sds.max_header_list_bytes,
+            sds_max_pending_resets => sds.max_pending_resets,
+            admin_max_connections => admin.max_connections,
+            admin_header_read_timeout => admin.header_read_timeout,
+            admin_max_header_bytes => admin.max_header_bytes,
+            admin_idle_timeout => admin.idle_timeout,
+            admin_max_streams_per_connection => admin.max_streams_per_connection,
+            admin_max_pending_resets => admin.max_pending_resets,
+            webhook_max_connections => webhook.max_connections,
+            webhook_max_header_bytes => webhook.max_header_bytes,
+            webhook_max_body_bytes => webhook.max_body_bytes,
+            webhook_body_timeout => webhook.body_timeout,
+            webhook_header_read_timeout => webhook.header_read_timeout,
+            webhook_handshake_timeout => webhook.handshake_timeout,
+            max_jwt_bytes => k8s.max_jwt_bytes,
+            max_jwks_bytes => k8s.max_jwks_bytes,
+            jwks_fetch_timeout => k8s.jwks_fetch_timeout,
         );
         if self.sds_rate_limit_loopback {
-            f.sds_rate_limit_loopback = Some(true);
+            f.limits.sds.rate_limit_loopback = Some(true);
         }
         if !self.webhook_dns_names.is_empty() {
             f.webhook_dns_names = Some(self.webhook_dns_names);
@@ -326,8 +330,8 @@ mod tests {
         let config = dir.path().join("c.yaml");
         std::fs::write(
             &config,
-            "trust_domain: example.org\nmax_jwt_bytes: 2048\nadmin_idle_timeout: 5s\n\
-             webhook_max_body_bytes: 65536\n",
+            "trust_domain: example.org\nlimits:\n  k8s: { max_jwt_bytes: 2048 }\n  \
+             admin: { idle_timeout: 5s }\n  webhook: { max_body_bytes: 65536 }\n",
         )
         .unwrap();
         let config = config.to_str().unwrap();
@@ -339,10 +343,13 @@ mod tests {
                 .map_err(|e| e.to_string())
         };
         let s = settings(&[]).unwrap();
-        assert_eq!(s.limits.max_jwt_bytes, 2048);
-        assert_eq!(s.limits.admin_idle_timeout, Duration::from_secs(5));
-        assert_eq!(s.limits.webhook_max_body_bytes, 65536);
-        assert_eq!(s.limits.sds_max_message_bytes, 256 * 1024);
+        assert_eq!(s.limits.k8s.max_jwt_bytes, 2048);
+        assert_eq!(
+            s.limits.admin.server.idle_timeout,
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(s.limits.webhook.max_body_bytes, 65536);
+        assert_eq!(s.limits.sds.max_message_bytes, 256 * 1024);
         let s = settings(&[
             "--max-jwt-bytes",
             "4096",
@@ -371,22 +378,22 @@ mod tests {
         ])
         .unwrap();
         let l = s.limits;
-        assert_eq!(l.max_jwt_bytes, 4096);
-        assert_eq!(l.admin_idle_timeout, Duration::from_secs(90));
-        assert_eq!(l.webhook_max_body_bytes, 65536, "from the file");
-        assert_eq!(l.sds_max_message_bytes, 8192);
-        assert_eq!(l.sds_max_header_list_bytes, 32768);
-        assert_eq!(l.sds_max_pending_resets, 7);
-        assert_eq!(l.admin_header_read_timeout, Duration::from_secs(2));
-        assert_eq!(l.admin_max_header_bytes, 20000);
-        assert_eq!(l.webhook_body_timeout, Duration::from_secs(3));
-        assert_eq!(l.webhook_header_read_timeout, Duration::from_secs(4));
-        assert_eq!(l.webhook_handshake_timeout, Duration::from_secs(6));
-        assert_eq!(l.max_jwks_bytes, 5000);
-        assert_eq!(l.jwks_fetch_timeout, Duration::from_secs(7));
-        // Out of range on the command line: the field is named.
+        assert_eq!(l.k8s.max_jwt_bytes, 4096);
+        assert_eq!(l.admin.server.idle_timeout, Some(Duration::from_secs(90)));
+        assert_eq!(l.webhook.max_body_bytes, 65536, "from the file");
+        assert_eq!(l.sds.max_message_bytes, 8192);
+        assert_eq!(l.sds.max_header_list_bytes, 32768);
+        assert_eq!(l.sds.max_pending_resets, 7);
+        assert_eq!(l.admin.server.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(l.admin.server.max_header_bytes, 20000);
+        assert_eq!(l.webhook.body_timeout, Duration::from_secs(3));
+        assert_eq!(l.webhook.header_read_timeout, Duration::from_secs(4));
+        assert_eq!(l.webhook.handshake_timeout, Duration::from_secs(6));
+        assert_eq!(l.k8s.max_jwks_bytes, 5000);
+        assert_eq!(l.k8s.jwks_fetch_timeout, Duration::from_secs(7));
+        // Out of range on the command line: the field is named (as it is in the file).
         let err = settings(&["--admin-max-header-bytes", "100"]).unwrap_err();
-        assert!(err.contains("admin_max_header_bytes"), "{err}");
+        assert!(err.contains("limits.admin.max_header_bytes"), "{err}");
         let err = settings(&["--webhook-max-body-bytes", "soon"]).unwrap_err();
         assert!(err.contains("--webhook-max-body-bytes"), "{err}");
     }

@@ -297,30 +297,33 @@ impl SidecarArgs {
             expiry_margin,
             access_log
         );
+        // The flags kept their flat names; each sets one key of the nested `limits:`.
         macro_rules! limits {
-            ($($field:ident),*) => { $( if self.$field.is_some() { f.limits.$field = self.$field; } )* };
+            ($($flag:ident => $group:ident . $key:ident),* $(,)?) => {
+                $( if self.$flag.is_some() { f.limits.$group.$key = self.$flag; } )*
+            };
         }
         limits!(
-            max_header_bytes,
-            max_headers,
-            max_uri_bytes,
-            h2_max_concurrent_streams,
-            h2_max_header_list_bytes,
-            max_connections_inbound,
-            max_connections_outbound,
-            handshake_timeout,
-            header_read_timeout,
-            idle_timeout,
-            h2_max_pending_accept_reset_streams,
-            h2_max_local_error_reset_streams,
-            h2_max_concurrent_reset_streams,
-            h2_keepalive_interval,
-            h2_keepalive_timeout,
-            admin_max_connections,
-            admin_max_header_bytes,
-            admin_max_headers,
-            admin_header_read_timeout,
-            admin_idle_timeout
+            max_header_bytes => http.max_header_bytes,
+            max_headers => http.max_headers,
+            max_uri_bytes => http.max_uri_bytes,
+            header_read_timeout => http.header_read_timeout,
+            idle_timeout => http.idle_timeout,
+            h2_max_concurrent_streams => h2.max_concurrent_streams,
+            h2_max_header_list_bytes => h2.max_header_list_bytes,
+            h2_max_pending_accept_reset_streams => h2.max_pending_accept_reset_streams,
+            h2_max_local_error_reset_streams => h2.max_local_error_reset_streams,
+            h2_max_concurrent_reset_streams => h2.max_concurrent_reset_streams,
+            h2_keepalive_interval => h2.keepalive_interval,
+            h2_keepalive_timeout => h2.keepalive_timeout,
+            max_connections_inbound => inbound.max_connections,
+            handshake_timeout => inbound.handshake_timeout,
+            max_connections_outbound => outbound.max_connections,
+            admin_max_connections => admin.max_connections,
+            admin_max_header_bytes => admin.max_header_bytes,
+            admin_max_headers => admin.max_headers,
+            admin_header_read_timeout => admin.header_read_timeout,
+            admin_idle_timeout => admin.idle_timeout,
         );
         Ok(f)
     }
@@ -446,14 +449,14 @@ mod tests {
         .args
         .merged()
         .unwrap();
-        assert_eq!(merged.limits.max_headers, Some(10));
+        assert_eq!(merged.limits.http.max_headers, Some(10));
         assert_eq!(
-            merged.limits.header_read_timeout,
+            merged.limits.http.header_read_timeout,
             Some(Duration::from_secs(2))
         );
-        assert_eq!(merged.limits.max_connections_outbound, Some(5));
-        assert_eq!(merged.limits.idle_timeout, None);
-        assert_eq!(merged.limits.admin_max_connections, None);
+        assert_eq!(merged.limits.outbound.max_connections, Some(5));
+        assert_eq!(merged.limits.http.idle_timeout, None);
+        assert_eq!(merged.limits.admin.max_connections, None);
     }
 
     #[test]
@@ -468,7 +471,7 @@ mod tests {
         let config = dir.path().join("s.yaml");
         std::fs::write(
             &config,
-            "limits:\n  admin_max_connections: 7\n  admin_idle_timeout: 9s\n  h2_max_concurrent_reset_streams: 4\n",
+            "limits:\n  admin:\n    max_connections: 7\n    idle_timeout: 9s\n  h2:\n    max_concurrent_reset_streams: 4\n",
         )
         .unwrap();
         let merged = Cli::try_parse_from([
@@ -497,20 +500,20 @@ mod tests {
         .merged()
         .unwrap();
         let l = &merged.limits;
-        assert_eq!(l.admin_max_connections, Some(4), "the flag wins");
-        assert_eq!(l.admin_max_header_bytes, Some(16384));
-        assert_eq!(l.admin_max_headers, Some(8));
-        assert_eq!(l.admin_header_read_timeout, Some(Duration::from_secs(1)));
+        assert_eq!(l.admin.max_connections, Some(4), "the flag wins");
+        assert_eq!(l.admin.max_header_bytes, Some(16384));
+        assert_eq!(l.admin.max_headers, Some(8));
+        assert_eq!(l.admin.header_read_timeout, Some(Duration::from_secs(1)));
         assert_eq!(
-            l.admin_idle_timeout,
+            l.admin.idle_timeout,
             Some(Duration::from_secs(9)),
             "file kept"
         );
-        assert_eq!(l.h2_max_pending_accept_reset_streams, Some(5));
-        assert_eq!(l.h2_max_local_error_reset_streams, Some(100));
-        assert_eq!(l.h2_max_concurrent_reset_streams, Some(4), "file kept");
-        assert_eq!(l.h2_keepalive_interval, Some(Duration::from_secs(5)));
-        assert_eq!(l.h2_keepalive_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(l.h2.max_pending_accept_reset_streams, Some(5));
+        assert_eq!(l.h2.max_local_error_reset_streams, Some(100));
+        assert_eq!(l.h2.max_concurrent_reset_streams, Some(4), "file kept");
+        assert_eq!(l.h2.keepalive_interval, Some(Duration::from_secs(5)));
+        assert_eq!(l.h2.keepalive_timeout, Some(Duration::from_secs(2)));
         // Out of range is refused when the merged file is validated, naming the field.
         let merged = Cli::try_parse_from(["trellis", "--admin-max-connections", "0"])
             .unwrap()
@@ -520,7 +523,7 @@ mod tests {
         let err = trellis_sidecar::config::Limits::from_file(&merged.limits)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("limits.admin_max_connections"), "{err}");
+        assert!(err.contains("limits.admin.max_connections"), "{err}");
     }
 
     #[test]

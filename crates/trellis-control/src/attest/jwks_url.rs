@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 
-use crate::attest::k8s::{JwksError, JwksKeyStore, JwksKeys};
+use crate::attest::jwks::{JwksError, JwksKeyStore, JwksKeys, MAX_JWKS_BYTES};
 use crate::metrics::ControlMetrics;
 
 /// `--k8s-ca` default: the cluster CA every pod gets with its service-account token.
@@ -35,6 +35,9 @@ pub const DEFAULT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/t
 pub const DEFAULT_REFRESH: Duration = Duration::from_secs(5 * 60);
 /// Shortest refresh interval accepted.
 pub const MIN_REFRESH: Duration = Duration::from_secs(1);
+/// `limits.k8s.jwks_fetch_timeout` when not configured: one whole fetch (connect, TLS,
+/// request, body).
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest token file read; a Kubernetes token is about 1 KiB.
 const MAX_TOKEN_BYTES: u64 = 64 * 1024;
 /// How much of an error body goes into the error message.
@@ -222,8 +225,8 @@ impl JwksSource {
             url,
             ca,
             token,
-            max_body_bytes: crate::config::defaults::MAX_JWKS_BYTES,
-            fetch_timeout: crate::config::defaults::JWKS_FETCH_TIMEOUT,
+            max_body_bytes: MAX_JWKS_BYTES,
+            fetch_timeout: DEFAULT_FETCH_TIMEOUT,
         }
     }
 

@@ -12,159 +12,35 @@
 //! Both give the same answers to the same calls: the unit tests below run one body against
 //! each (PostgreSQL when `TRELLIS_TEST_POSTGRES_URL` is set).
 
+pub mod join_token;
+mod model;
 pub mod postgres;
 pub mod sqlite;
 
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use rand::RngCore as _;
 use sha2::Digest as _;
-use subtle::ConstantTimeEq as _;
-use thiserror::Error;
 use trellis_identity::SpiffeId;
+use trellis_serve::time::{unix_millis as unix_ms, unix_seconds as unix};
 use zeroize::Zeroizing;
 
+pub use self::join_token::{JoinToken, JOIN_TOKEN_PREFIX};
+use self::join_token::{JOIN_SELECTOR_BYTES, JOIN_VERIFIER_BYTES};
+pub use self::model::{
+    CaMaterial, CaRotation, DatabaseUrlError, IssuanceRecord, JoinError, RegistryError,
+};
+use self::model::{IssuanceRow, NewToken, Redeem};
 pub use self::postgres::PostgresUrl;
-use crate::attest::join::{JoinToken, JOIN_SELECTOR_BYTES, JOIN_TOKEN_PREFIX, JOIN_VERIFIER_BYTES};
-
-/// The schema this build reads and writes (SQLite `PRAGMA user_version`, PostgreSQL
-/// `trellis_schema.version`). Both backends take the same steps from 0 up to it.
-const SCHEMA_VERSION: i64 = 3;
 
 /// Most issuance records deleted in one transaction: a first prune of a table that grew for
 /// months deletes in steps, so token redemptions and creations (SQLite's single writer) wait
 /// for one step at most, never for the whole delete.
 const PRUNE_CHUNK: i64 = 10_000;
-
-/// Registry failures.
-#[derive(Debug, Error)]
-pub enum RegistryError {
-    /// The database could not be opened or migrated.
-    #[error("{path}: cannot open state database: {source}")]
-    Open {
-        /// The database file.
-        path: String,
-        /// SQLite's error.
-        source: rusqlite::Error,
-    },
-    /// The database file could not be created or its mode set to 0600.
-    #[error("{path}: cannot create state database: {source}")]
-    Create {
-        /// The database file.
-        path: String,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The database was written by a newer Trellis with a schema this build does not know.
-    #[error(
-        "{path}: state database has schema version {found}, this trellis knows up to \
-         {supported}: run a newer trellis or point --state-dir (or --database) elsewhere"
-    )]
-    Schema {
-        /// The database file, or the PostgreSQL URL without its password.
-        path: String,
-        /// Version found in the database.
-        found: i64,
-        /// Highest version this build understands.
-        supported: i64,
-    },
-    /// `trellis ca rotate` while an earlier rotation has not activated yet.
-    #[error(
-        "a CA rotation is already scheduled to activate at {}; wait until it activates, then rotate again",
-        humantime::format_rfc3339_seconds(*activate_at)
-    )]
-    RotationPending {
-        /// When the pending rotation activates.
-        activate_at: SystemTime,
-    },
-    /// A stored value is not what this build wrote (hand-edited or corrupt database).
-    #[error("state database holds an invalid value: {0}")]
-    Corrupt(String),
-    /// A query failed.
-    #[error("state database error: {0}")]
-    Db(#[from] rusqlite::Error),
-    /// A PostgreSQL connection or query failed.
-    #[error("{target}: {source}")]
-    Postgres {
-        /// The URL without its password.
-        target: String,
-        /// The client's error (never contains the password).
-        source: ::postgres::Error,
-    },
-    /// The TLS settings of a PostgreSQL URL cannot be used.
-    #[error("{target}: {problem}")]
-    PostgresTls {
-        /// The URL without its password.
-        target: String,
-        /// What is wrong and what to do.
-        problem: String,
-    },
-    /// The thread that owns the PostgreSQL connection is gone (it panicked).
-    #[error("{target}: the PostgreSQL connection thread stopped")]
-    Unavailable {
-        /// The URL without its password.
-        target: String,
-    },
-}
-
-/// Why a join token was refused. Each maps to a stable metric reason.
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
-pub enum JoinError {
-    /// No token with that selector, or its verifier does not match (the same answer, so a
-    /// caller cannot tell a known selector from an unknown one by the error).
-    #[error("join token is unknown")]
-    Unknown,
-    /// Past its TTL.
-    #[error("join token expired")]
-    Expired,
-    /// Already redeemed, outside the redemption window or from another address.
-    #[error("join token was already redeemed")]
-    AlreadyRedeemed,
-}
-
-/// CA material as stored: PEM chain (signing cert first) and PEM key.
-#[derive(Clone)]
-pub struct CaMaterial {
-    /// The signing certificate, then any intermediates up to (and excluding) the root.
-    pub chain_pem: String,
-    /// The trust bundle roots, PEM.
-    pub bundle_pem: String,
-    /// The signing key, PEM; zeroized on drop.
-    pub key_pem: Zeroizing<String>,
-}
-
-/// A CA scheduled by `trellis ca rotate`.
-pub struct CaRotation {
-    /// Row id: later rotations have larger ids.
-    pub id: i64,
-    /// The CA.
-    pub material: CaMaterial,
-    /// When it joined the bundle.
-    pub prepared_at: SystemTime,
-    /// When it starts signing.
-    pub activate_at: SystemTime,
-}
-
-/// One issued SVID, as recorded.
-#[derive(Debug, Clone)]
-pub struct IssuanceRecord {
-    /// Issued identity.
-    pub spiffe_id: SpiffeId,
-    /// Leaf serial, hex.
-    pub serial_hex: String,
-    /// Leaf notAfter.
-    pub not_after: SystemTime,
-    /// Which attestor admitted the caller (`k8s`, `join_token`, `svid`).
-    pub attestor: &'static str,
-    /// Where the request came from.
-    pub peer: Option<std::net::SocketAddr>,
-    /// When.
-    pub issued_at: SystemTime,
-}
 
 /// Where the registry lives: `--database` / `TRELLIS_DATABASE` / `database:`.
 #[derive(Clone, PartialEq, Eq)]
@@ -173,16 +49,6 @@ pub enum Database {
     Sqlite(PathBuf),
     /// A PostgreSQL database shared by replicas (`postgres://…` or `postgresql://…`).
     Postgres(PostgresUrl),
-}
-
-/// A `--database` value that cannot be used. The message never contains the password.
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
-#[error("{shown}: {problem}")]
-pub struct DatabaseUrlError {
-    /// The value as given, password replaced by `***`.
-    pub shown: String,
-    /// What is wrong and what to do.
-    pub problem: String,
 }
 
 impl Database {
@@ -487,98 +353,6 @@ impl Registry {
     }
 }
 
-/// A join token row about to be inserted.
-struct NewToken {
-    selector: String,
-    /// Lowercase hex SHA-256 of the verifier.
-    verifier_hash: String,
-    spiffe_id: String,
-    created_at: i64,
-    expires_at: i64,
-}
-
-/// One redemption attempt, in stored units.
-struct Redeem {
-    selector: String,
-    /// Lowercase hex SHA-256 of the presented verifier, as stored.
-    verifier_hash: [u8; 64],
-    peer_ip: String,
-    /// Unix seconds.
-    now: i64,
-    /// Seconds.
-    window: i64,
-}
-
-/// A join token row as read for redemption.
-struct TokenRow {
-    verifier_hash: String,
-    spiffe_id: String,
-    expires_at: i64,
-    redeemed_at: Option<i64>,
-    redeemed_by_ip: Option<String>,
-}
-
-/// What to do with a redemption attempt.
-enum Verdict {
-    /// First redemption: record peer and time, then admit.
-    First(SpiffeId),
-    /// Within the same-IP window of the first: admit, nothing to write.
-    Again(SpiffeId),
-    /// Refuse.
-    Refuse(JoinError),
-}
-
-impl Redeem {
-    /// The one rule both backends apply, to a row read under their write lock.
-    fn judge(&self, row: TokenRow) -> Result<Verdict, RegistryError> {
-        // The verifier is the secret: compared in constant time, so the time a refusal takes
-        // says nothing about how much of a guess matched. A mismatch answers as an unknown
-        // selector does and writes nothing, so a wrong guess cannot spend someone's token.
-        if !bool::from(row.verifier_hash.as_bytes().ct_eq(&self.verifier_hash)) {
-            return Ok(Verdict::Refuse(JoinError::Unknown));
-        }
-        let id = SpiffeId::parse(&row.spiffe_id)
-            .map_err(|e| RegistryError::Corrupt(format!("join token SPIFFE ID: {e}")))?;
-        if row.expires_at <= self.now {
-            return Ok(Verdict::Refuse(JoinError::Expired));
-        }
-        Ok(match row.redeemed_at {
-            None => Verdict::First(id),
-            Some(first) => {
-                let same_ip = row.redeemed_by_ip.as_deref() == Some(self.peer_ip.as_str());
-                if same_ip && self.now < first.saturating_add(self.window) {
-                    Verdict::Again(id)
-                } else {
-                    Verdict::Refuse(JoinError::AlreadyRedeemed)
-                }
-            }
-        })
-    }
-}
-
-/// An issuance record in stored units.
-struct IssuanceRow {
-    spiffe_id: String,
-    serial: String,
-    not_after: i64,
-    attestor: String,
-    peer: Option<String>,
-    issued_at: i64,
-}
-
-impl From<&IssuanceRecord> for IssuanceRow {
-    fn from(rec: &IssuanceRecord) -> Self {
-        IssuanceRow {
-            spiffe_id: rec.spiffe_id.as_str().to_owned(),
-            serial: rec.serial_hex.clone(),
-            not_after: unix(rec.not_after),
-            attestor: rec.attestor.to_owned(),
-            peer: rec.peer.map(|p| p.to_string()),
-            issued_at: unix(rec.issued_at),
-        }
-    }
-}
-
 /// Lowercase hex SHA-256 of a verifier: the only form of it stored. On the stack, so a
 /// redemption allocates nothing for it.
 fn verifier_hash(verifier: &str) -> [u8; 64] {
@@ -586,25 +360,6 @@ fn verifier_hash(verifier: &str) -> [u8; 64] {
     // Cannot fail: 32 bytes always encode to exactly 64 hex digits.
     let _ = hex::encode_to_slice(sha2::Sha256::digest(verifier.as_bytes()), &mut out);
     out
-}
-
-/// Unix milliseconds; times before 1970 (a broken clock) count as 0.
-fn unix_ms(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-/// Unix seconds; times before 1970 (a broken clock) count as 0.
-fn unix(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-/// The time `ms` unix milliseconds stand for.
-fn from_unix_ms(ms: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use trellis_identity::SpiffeId;
 use zeroize::Zeroizing;
 
-use super::{
+use super::model::{
     from_unix_ms, CaMaterial, CaRotation, DatabaseUrlError, IssuanceRow, JoinError, NewToken,
     Redeem, RegistryError, TokenRow, Verdict, SCHEMA_VERSION,
 };

@@ -14,7 +14,7 @@ use rusqlite::{params, OptionalExtension, TransactionBehavior};
 use trellis_identity::SpiffeId;
 use zeroize::Zeroizing;
 
-use super::{
+use super::model::{
     from_unix_ms, CaMaterial, CaRotation, IssuanceRecord, IssuanceRow, JoinError, NewToken, Redeem,
     RegistryError, TokenRow, Verdict, SCHEMA_VERSION,
 };

@@ -2,10 +2,12 @@
 //! `TRELLIS_TEST_POSTGRES_URL` is set (tests/run.sh starts a throwaway cluster and sets it;
 //! under CI a missing variable fails the PostgreSQL tests instead of skipping them).
 
+use super::model::SCHEMA_VERSION;
 use super::*;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Barrier;
+use std::time::UNIX_EPOCH;
 
 const WINDOW: Duration = Duration::from_secs(30);
 

@@ -4,6 +4,8 @@
 //! [`stream::StreamState`] (pure, unit-tested); this module drives it with the request stream,
 //! a rotation timer and the bundle watch.
 
+pub mod limits;
+pub mod listener;
 pub mod resources;
 pub mod stream;
 

@@ -11,45 +11,63 @@
 //!   [`crate::ca::Ca::issue_server_cert`]), so the webhook configuration's `caBundle` is the
 //!   Trellis trust bundle. Re-issued on the control plane's SVID rotation schedule; every
 //!   new one is verified by DNS name against the bundle before it is served.
-//! - **Limits** ([`WebhookLimits`]): bodies over `webhook_max_body_bytes` get `413`, bodies
-//!   slower than `webhook_body_timeout` to arrive get `408`, heads slower than
-//!   `webhook_header_read_timeout` close the connection, handshakes slower than
-//!   `webhook_handshake_timeout` are dropped. The API server gives up after the
-//!   configuration's `timeoutSeconds` (5 s) anyway; the limits keep a client that is not the
-//!   API server from holding memory or tasks.
+//! - **Limits** ([`WebhookLimits`], `limits.webhook`): bodies over `max_body_bytes` get `413`,
+//!   bodies slower than `body_timeout` to arrive get `408`, heads slower than
+//!   `header_read_timeout` close the connection, handshakes slower than `handshake_timeout` are
+//!   dropped, connections past `max_connections` are closed on accept. The API server gives up
+//!   after the configuration's `timeoutSeconds` (5 s) anyway; the limits keep a client that is
+//!   not the API server from holding memory or tasks.
+//! - **Serving**: `trellis-serve`'s accept loop and admin-style HTTP server (HTTP/1.1 only);
+//!   this module registers only its route, `POST /inject`.
 
 pub mod inject;
+pub mod settings;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use tokio::net::TcpListener;
+use thiserror::Error;
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use trellis_identity::tls::{policy_provider, TlsPolicy};
 use trellis_identity::{TrustBundle, TrustDomain};
+use trellis_serve::accept::BindError;
+use trellis_serve::http::{AdminAction, HttpServer, Routes};
+use trellis_serve::time::{rfc3339, unix_seconds};
+use trellis_serve::{accept, Drain, Handshake};
 
 use crate::ca::{Ca, CaError};
-use crate::config::WebhookSettings;
 use crate::metrics::ControlMetrics;
-use crate::server::StartError;
 use inject::{InjectConfig, Outcome};
+pub use settings::{WebhookLimits, WebhookSettings};
 
 /// The path the MutatingWebhookConfiguration points at.
 pub const PATH: &str = "/inject";
-/// How long shutdown waits for requests in flight.
-const DRAIN: Duration = Duration::from_secs(5);
+
+/// Why the webhook could not start.
+#[derive(Debug, Error)]
+pub enum WebhookError {
+    /// The first serving certificate could not be issued or does not verify.
+    #[error("webhook serving certificate: {0}")]
+    Cert(#[from] CaError),
+    /// The TLS configuration was refused.
+    #[error("webhook TLS setup failed: {0}")]
+    Tls(#[from] rustls::Error),
+    /// `--webhook-listen` could not be bound.
+    #[error("webhook listener: {0}")]
+    Bind(#[from] BindError),
+}
 
 /// The webhook's serving certificate, swapped atomically on rotation (new handshakes get the
 /// new one; connections keep theirs).
@@ -92,15 +110,13 @@ impl WebhookCert {
             cert.chain.clone(),
             signing_key,
         ))));
-        let not_after = cert
-            .not_after
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        self.metrics.webhook_cert_expiry.set(not_after);
+        self.metrics
+            .webhook_cert_expiry
+            .set(unix_seconds(cert.not_after));
         tracing::info!(
             serial = %cert.serial_hex,
             dns_names = ?self.dns_names,
-            not_after = %humantime::format_rfc3339_seconds(cert.not_after),
+            not_after = %rfc3339(cert.not_after),
             "webhook serving certificate installed"
         );
         Ok(())
@@ -174,36 +190,6 @@ fn tls_config(cert: Arc<WebhookCert>) -> Result<rustls::ServerConfig, rustls::Er
     Ok(config)
 }
 
-/// What one webhook connection and request may hold (the `webhook_*` settings).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WebhookLimits {
-    /// Most connections open at once.
-    pub max_connections: usize,
-    /// Largest AdmissionReview body read.
-    pub max_body_bytes: usize,
-    /// Time for a whole request body to arrive.
-    pub body_timeout: Duration,
-    /// Time for the request head to arrive.
-    pub header_read_timeout: Duration,
-    /// Time for the TLS handshake.
-    pub handshake_timeout: Duration,
-    /// Largest request head (hyper's HTTP/1.1 read buffer): longer heads get `431`.
-    pub max_header_bytes: usize,
-}
-
-impl From<&crate::config::ListenerLimits> for WebhookLimits {
-    fn from(l: &crate::config::ListenerLimits) -> Self {
-        Self {
-            max_connections: l.webhook_max_connections,
-            max_body_bytes: l.webhook_max_body_bytes,
-            body_timeout: l.webhook_body_timeout,
-            header_read_timeout: l.webhook_header_read_timeout,
-            handshake_timeout: l.webhook_handshake_timeout,
-            max_header_bytes: l.webhook_max_header_bytes,
-        }
-    }
-}
-
 /// What each request needs.
 struct State {
     trust_domain: String,
@@ -236,8 +222,38 @@ pub struct Webhook {
     pub task: JoinHandle<()>,
 }
 
+/// The webhook's TLS handshake (no client certificate), bounded by
+/// `limits.webhook.handshake_timeout` in the accept loop.
+#[derive(Clone)]
+struct WebhookTls(TlsAcceptor);
+
+impl Handshake for WebhookTls {
+    type Io = TlsStream<TcpStream>;
+
+    async fn handshake(&self, tcp: TcpStream, peer: SocketAddr) -> Option<Self::Io> {
+        match self.0.accept(tcp).await {
+            Ok(tls) => Some(tls),
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "webhook TLS handshake failed");
+                None
+            }
+        }
+    }
+}
+
+impl Routes for State {
+    async fn respond(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> (Response<Full<Bytes>>, AdminAction) {
+        (handle(self, req, peer).await, AdminAction::None)
+    }
+}
+
 /// Issues the first serving certificate from `ca`, binds `settings.listen` and serves until
-/// `shutdown` turns true. Injected sidecars get the bundle from `bundle` at admission time.
+/// `drain` signals (requests in flight then finish, or are cut when the drain is forced).
+/// Injected sidecars get the bundle from `bundle` at admission time.
 pub async fn start(
     settings: &WebhookSettings,
     trust_domain: &TrustDomain,
@@ -245,29 +261,28 @@ pub async fn start(
     ttl: Duration,
     bundle: watch::Receiver<Arc<TrustBundle>>,
     metrics: Arc<ControlMetrics>,
-    shutdown: watch::Receiver<bool>,
-) -> Result<Webhook, StartError> {
+    drain: Drain,
+) -> Result<Webhook, WebhookError> {
     let limits = settings.limits;
-    let cap = crate::ratelimit::ConnectionCap::new(
-        limits.max_connections,
-        "webhook",
-        Arc::clone(&metrics),
-    );
     let cert = WebhookCert::new(settings.dns_names.clone(), Arc::clone(&metrics));
     cert.install(ca, ttl)?;
-    let tls = tls_config(Arc::clone(&cert)).map_err(|e| StartError::Tls(e.to_string()))?;
-    let listener = TcpListener::bind(settings.listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            what: "webhook",
-            addr: settings.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Bind {
-        what: "webhook",
+    let tls = tls_config(Arc::clone(&cert))?;
+    let tcp = trellis_serve::bind(settings.listen).await?;
+    let addr = tcp.local_addr().map_err(|source| BindError {
         addr: settings.listen,
         source,
     })?;
+    // Over `limits.webhook.max_connections` the socket is closed at once.
+    let listener = accept::Listener::new(
+        tcp,
+        "webhook",
+        limits.max_connections,
+        metrics.listener_events("webhook"),
+    )
+    .with_handshake(
+        WebhookTls(TlsAcceptor::from(Arc::new(tls))),
+        limits.handshake_timeout,
+    );
     let state = Arc::new(State {
         trust_domain: trust_domain.as_str().to_owned(),
         image: settings.sidecar_image.clone(),
@@ -277,97 +292,9 @@ pub async fn start(
         limits,
     });
     tracing::info!(%addr, path = PATH, dns_names = ?settings.dns_names, image = %settings.sidecar_image, "sidecar injection webhook serving");
-    let task = tokio::spawn(serve(
-        listener,
-        TlsAcceptor::from(Arc::new(tls)),
-        cap,
-        state,
-        shutdown,
-    ));
+    let server = HttpServer::new(state, &limits.server()).http1_only();
+    let task = tokio::spawn(server.serve(listener, drain));
     Ok(Webhook { addr, cert, task })
-}
-
-async fn serve(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    cap: crate::ratelimit::ConnectionCap,
-    state: Arc<State>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "webhook accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return,
-        };
-        // Over `--webhook-max-connections` the socket is closed at once.
-        let Some(permit) = cap.admit(peer) else {
-            drop(tcp);
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
-        let conn = serve_connection(
-            tcp,
-            peer,
-            acceptor.clone(),
-            Arc::clone(&state),
-            shutdown.clone(),
-        );
-        tokio::spawn(async move {
-            conn.await;
-            drop(permit);
-        });
-    }
-}
-
-async fn serve_connection(
-    tcp: tokio::net::TcpStream,
-    peer: SocketAddr,
-    acceptor: TlsAcceptor,
-    state: Arc<State>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let limits = state.limits;
-    let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "webhook TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(%peer, "webhook TLS handshake timed out");
-            return;
-        }
-    };
-    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let state = Arc::clone(&state);
-        async move { Ok::<_, Infallible>(handle(&state, req, peer).await) }
-    });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes);
-    let conn = builder.serve_connection(TokioIo::new(tls), svc);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        result = conn.as_mut() => Some(result),
-        // The guard `wait_for` returns is dropped inside, so the future stays `Send`.
-        () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => {
-            conn.as_mut().graceful_shutdown();
-            tokio::time::timeout(DRAIN, conn.as_mut()).await.ok()
-        }
-    };
-    if let Some(Err(e)) = result {
-        tracing::debug!(%peer, error = %e, "webhook connection ended with error");
-    }
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
@@ -435,7 +362,8 @@ where
             let mut resp = text(
                 StatusCode::REQUEST_TIMEOUT,
                 format!(
-                    "the request body did not arrive within {} (webhook_body_timeout)\n",
+                    "the request body did not arrive within {} (limits.webhook.body_timeout, \
+                     --webhook-body-timeout; formerly webhook_body_timeout)\n",
                     humantime::format_duration(limits.body_timeout)
                 ),
             );
@@ -478,7 +406,10 @@ fn too_large(state: &State, peer: SocketAddr) -> Response<Full<Bytes>> {
     tracing::warn!(%peer, limit, "admission review too large");
     let mut resp = text(
         StatusCode::PAYLOAD_TOO_LARGE,
-        format!("the admission review is larger than {limit} bytes (webhook_max_body_bytes)\n"),
+        format!(
+            "the admission review is larger than {limit} bytes (limits.webhook.max_body_bytes, \
+             --webhook-max-body-bytes; formerly webhook_max_body_bytes)\n"
+        ),
     );
     // The rest of the body is not read: the connection cannot carry another request.
     resp.headers_mut().insert(
@@ -506,7 +437,7 @@ mod tests {
             control_plane: "cp:8443".into(),
             bundle,
             metrics: Arc::new(ControlMetrics::new()),
-            limits: WebhookLimits::from(&crate::config::ListenerLimits::default()),
+            limits: WebhookLimits::default(),
         };
         (state, tx)
     }
@@ -606,7 +537,7 @@ mod tests {
     #[tokio::test]
     async fn oversized_bodies_get_413_by_header_or_by_counting() {
         let (state, _tx) = state();
-        const MAX_BODY: usize = crate::config::defaults::WEBHOOK_MAX_BODY_BYTES;
+        const MAX_BODY: usize = settings::defaults::MAX_BODY_BYTES;
         // Declared too large: refused before reading.
         let mut req = post(Bytes::new());
         req.headers_mut().insert(

@@ -2,16 +2,20 @@
 //!
 //! [`channel`] makes one [`DrainSignal`] (kept by whoever handles SIGTERM) and a [`Drain`] that
 //! every listener and connection task clones and holds while it works. [`DrainSignal::drain`]
-//! tells them all to wind down, then waits until every clone is dropped or the timeout passes:
+//! tells them all to wind down, then waits until every clone is dropped or the timeout passes;
+//! when it passes, the drain turns *forced* and whatever still runs is cut off:
 //!
 //! - listeners stop accepting (their socket closes, new connections are refused);
 //! - then, and only then, HTTP connections wind down: HTTP/2 peers get a GOAWAY, HTTP/1.1
 //!   clients `Connection: close` on their next response (an idle one is closed after a short
-//!   grace, see `http_util::HTTP1_DRAIN_GRACE`); in-flight requests finish. The proxies hold
-//!   their connections on a nested channel that they drain ([`DrainSignal::drain_all`]) once
-//!   their listeners are closed, so a client told to go away that reconnects at once is
-//!   refused rather than accepted into the backlog of a listener about to close (and reset);
-//! - raw TCP forwards keep copying until they end on their own or the timeout passes.
+//!   grace, see [`crate::graceful::HTTP1_DRAIN_GRACE`]); in-flight requests finish. The
+//!   sidecar's proxies hold their connections on a nested channel that they drain
+//!   ([`DrainSignal::drain_all`]) once their listeners are closed, so a client told to go away
+//!   that reconnects at once is refused rather than accepted into the backlog of a listener
+//!   about to close (and reset);
+//! - raw TCP forwards keep copying until they end on their own or the drain is forced;
+//! - once forced ([`Drain::forced`]), connection tasks started by [`crate::Listener`] are
+//!   dropped, which closes their sockets.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,24 +23,32 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
+/// Nothing asked the holders to stop.
+const RUNNING: u8 = 0;
+/// Holders are asked to wind down.
+const DRAINING: u8 = 1;
+/// The drain timeout passed: holders must stop now.
+const FORCED: u8 = 2;
+
 /// Starts a drain. Held by the process's shutdown handler.
 #[derive(Debug)]
 pub struct DrainSignal {
-    signal: watch::Sender<bool>,
+    signal: watch::Sender<u8>,
     /// Closes (returns `None`) once every [`Drain`] clone is gone: nothing is ever sent on it.
     released: mpsc::Receiver<Infallible>,
 }
 
-/// Held by every listener and connection until it is done. Cloning is cheap.
+/// Held by every listener and connection until it is done. Cloning is cheap (two reference
+/// counts).
 #[derive(Debug, Clone)]
 pub struct Drain {
-    signal: watch::Receiver<bool>,
+    signal: watch::Receiver<u8>,
     _hold: mpsc::Sender<Infallible>,
 }
 
 /// A connected pair: the signal and the first [`Drain`] to clone from.
 pub fn channel() -> (DrainSignal, Drain) {
-    let (signal, signal_rx) = watch::channel(false);
+    let (signal, signal_rx) = watch::channel(RUNNING);
     let (hold, released) = mpsc::channel(1);
     (
         DrainSignal { signal, released },
@@ -51,11 +63,21 @@ impl Drain {
     /// Resolves once draining has started (at once if it already has). If the [`DrainSignal`] is
     /// dropped without draining, this never resolves: nothing asked the holder to stop.
     pub fn signaled(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.reached(DRAINING)
+    }
+
+    /// Resolves once the drain timeout has passed with holders left: they must stop now. Never
+    /// resolves for a drain that finished in time or that was never started.
+    pub fn forced(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.reached(FORCED)
+    }
+
+    fn reached(&self, state: u8) -> impl Future<Output = ()> + Send + 'static {
         let mut signal = self.signal.clone();
         async move {
             // `wait_for` looks at the current value first, so a drain that started (and a signal
             // dropped after it) still resolves.
-            if signal.wait_for(|draining| *draining).await.is_err() {
+            if signal.wait_for(|now| *now >= state).await.is_err() {
                 std::future::pending::<()>().await;
             }
         }
@@ -63,23 +85,27 @@ impl Drain {
 
     /// True once draining has started.
     pub fn is_draining(&self) -> bool {
-        *self.signal.borrow()
+        *self.signal.borrow() >= DRAINING
     }
 }
 
 impl DrainSignal {
     /// Starts draining and resolves when every [`Drain`] clone has been dropped (`true`) or
-    /// `timeout` has passed (`false`, some work was cut short).
+    /// `timeout` has passed (`false`: the drain turns forced and what is left is cut short).
+    /// The signal is sent when this is called, before the returned future is first polled.
     pub fn drain(self, timeout: Duration) -> impl Future<Output = bool> {
         let DrainSignal {
             signal,
             mut released,
         } = self;
-        signal.send_replace(true);
+        signal.send_replace(DRAINING);
         async move {
-            // Keep the sender alive while waiting so late `signaled()` calls still see the drain.
-            let _signal = signal;
-            tokio::time::timeout(timeout, released.recv()).await.is_ok()
+            let finished = tokio::time::timeout(timeout, released.recv()).await.is_ok();
+            if !finished {
+                signal.send_replace(FORCED);
+            }
+            // The sender stays alive until here so late `signaled()` calls still see the state.
+            finished
         }
     }
 
@@ -90,7 +116,7 @@ impl DrainSignal {
             signal,
             mut released,
         } = self;
-        signal.send_replace(true);
+        signal.send_replace(DRAINING);
         // The sender stays alive while waiting, as in `drain`.
         let _signal = signal;
         let _ = released.recv().await;
@@ -117,14 +143,40 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn drain_times_out_when_a_holder_lingers() {
+    async fn drain_times_out_and_forces_when_a_holder_lingers() {
         let (signal, drain) = channel();
         let lingering = drain.clone();
         drop(drain);
+        let forced = tokio::spawn({
+            let lingering = lingering.clone();
+            async move { lingering.forced().await }
+        });
         assert!(!signal.drain(Duration::from_secs(15)).await);
         assert!(lingering.is_draining());
-        // A late look still sees the drain even though the signal is gone.
+        // Late looks still see the drain and the force even though the signal is gone.
         lingering.signaled().await;
+        lingering.forced().await;
+        forced.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_that_finishes_in_time_is_never_forced() {
+        let (signal, drain) = channel();
+        let watcher = drain.clone();
+        let holder = drain.clone();
+        drop(drain);
+        let task = tokio::spawn(async move {
+            holder.signaled().await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            drop(holder);
+        });
+        // The watcher only looks; it holds its clone, so drop it before draining.
+        let forced = watcher.forced();
+        drop(watcher);
+        assert!(signal.drain(Duration::from_secs(15)).await);
+        task.await.unwrap();
+        let waited = tokio::time::timeout(Duration::from_secs(3600), forced).await;
+        assert!(waited.is_err(), "forced after a drain that finished");
     }
 
     #[tokio::test(start_paused = true)]

@@ -30,27 +30,10 @@
 //! admin: 127.0.0.1:15000
 //! tls_policy: tls13                   # or tls12+
 //! access_log: true                   # one line per request, target trellis::access
-//! limits:                            # what one hostile peer may cost; every field optional
-//!   max_header_bytes: 65536          # HTTP/1.1 request line + headers → 431
-//!   max_headers: 100                 # HTTP/1.1 header count → 431
-//!   max_uri_bytes: 8192              # request target → 414
-//!   h2_max_concurrent_streams: 1024
-//!   h2_max_header_list_bytes: 65536
-//!   max_connections_inbound: 4096    # per listener; excess accepted and closed at once
-//!   max_connections_outbound: 1024   # per listener
-//!   handshake_timeout: 10s           # inbound mTLS handshake
-//!   header_read_timeout: 10s         # HTTP/1.1 request head (slowloris)
-//!   idle_timeout: 60s                # no bytes either way (HTTP/1.1, h2c from apps), no open stream (inbound HTTP/2)
-//!   h2_max_pending_accept_reset_streams: 20   # rapid reset → GOAWAY ENHANCE_YOUR_CALM
-//!   h2_max_local_error_reset_streams: 1024    # streams reset for peer errors → same
-//!   h2_max_concurrent_reset_streams: 10       # reset streams remembered at once
-//!   h2_keepalive_interval: 30s       # PING on each pooled upstream HTTP/2 connection
-//!   h2_keepalive_timeout: 10s        # unanswered PING → that connection is replaced
-//!   admin_max_connections: 64        # admin listener; excess closed at once
-//!   admin_max_header_bytes: 8192     # admin request head → 431
-//!   admin_max_headers: 32            # admin header count → 431
-//!   admin_header_read_timeout: 10s   # admin request head (slowloris)
-//!   admin_idle_timeout: 60s          # admin connection moving no byte
+//! limits:                            # what one hostile peer may cost, by listener (see [`limits`])
+//!   http: { max_header_bytes: 65536, header_read_timeout: 10s }
+//!   inbound: { max_connections: 4096, handshake_timeout: 10s }
+//!   admin: { max_connections: 64 }
 //! ```
 
 use std::net::SocketAddr;
@@ -58,46 +41,21 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use thiserror::Error;
 use trellis_identity::tls::TlsPolicy;
 use trellis_identity::{SpiffeId, TrustDomain};
 
 use crate::headers::UnderscoreHeaders;
 
-/// A config file or a setting is wrong. Messages name the file and line where there is one.
-#[derive(Debug, Error)]
-pub enum ConfigError {
-    /// Unreadable file.
-    #[error("{path}: cannot read config: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// YAML syntax, unknown field, wrong type.
-    #[error("{path}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// serde_yaml_ng's message, with line and column.
-        message: String,
-    },
-    /// A value is out of range or inconsistent.
-    #[error("invalid setting `{field}`: {problem}")]
-    Invalid {
-        /// The setting, as a YAML path.
-        field: String,
-        /// What is wrong and what to do.
-        problem: String,
-    },
-}
+pub mod limits;
+
+pub use limits::{
+    AdminLimits, H2Limits, HttpLimits, InboundLimits, Limits, LimitsFile, OutboundLimits,
+};
+
+pub use trellis_serve::config::ConfigError;
 
 fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field: field.into(),
-        problem: problem.into(),
-    }
+    ConfigError::invalid(field, problem)
 }
 
 /// `identity.sds` in the file.
@@ -211,287 +169,6 @@ pub struct OutboundFile {
     pub upstreams: Vec<UpstreamFile>,
 }
 
-/// `limits` in the file: what one hostile peer may cost. Absent fields take [`Limits`]'s
-/// defaults.
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitsFile {
-    /// HTTP/1.1 request line plus header section, bytes.
-    pub max_header_bytes: Option<usize>,
-    /// HTTP/1.1 header lines per request.
-    pub max_headers: Option<usize>,
-    /// Request target (path and query, or absolute form), bytes.
-    pub max_uri_bytes: Option<usize>,
-    /// Streams a peer may have open at once on one HTTP/2 connection.
-    pub h2_max_concurrent_streams: Option<u32>,
-    /// Decoded HTTP/2 header list (RFC 9113 `SETTINGS_MAX_HEADER_LIST_SIZE`), bytes.
-    pub h2_max_header_list_bytes: Option<u32>,
-    /// Open connections on the inbound listener (and on each inbound TCP forward).
-    pub max_connections_inbound: Option<usize>,
-    /// Open connections on each outbound listener.
-    pub max_connections_outbound: Option<usize>,
-    /// Inbound mTLS handshake bound.
-    #[serde(default, with = "humantime_serde")]
-    pub handshake_timeout: Option<Duration>,
-    /// Bound on receiving one HTTP/1.1 request head.
-    #[serde(default, with = "humantime_serde")]
-    pub header_read_timeout: Option<Duration>,
-    /// An HTTP connection with nothing to do for this long is closed.
-    #[serde(default, with = "humantime_serde")]
-    pub idle_timeout: Option<Duration>,
-    /// HTTP/2 streams a peer may open and reset before they were accepted (rapid reset).
-    pub h2_max_pending_accept_reset_streams: Option<usize>,
-    /// HTTP/2 streams the server may reset for the peer's protocol errors.
-    pub h2_max_local_error_reset_streams: Option<usize>,
-    /// Locally reset HTTP/2 streams remembered at once (their late frames are ignored).
-    pub h2_max_concurrent_reset_streams: Option<usize>,
-    /// PING interval on each pooled HTTP/2 connection to an upstream sidecar.
-    #[serde(default, with = "humantime_serde")]
-    pub h2_keepalive_interval: Option<Duration>,
-    /// How long such a PING may go unanswered.
-    #[serde(default, with = "humantime_serde")]
-    pub h2_keepalive_timeout: Option<Duration>,
-    /// Open connections on the admin listener.
-    pub admin_max_connections: Option<usize>,
-    /// Admin request line plus header section, bytes.
-    pub admin_max_header_bytes: Option<usize>,
-    /// Header lines per admin request.
-    pub admin_max_headers: Option<usize>,
-    /// Bound on receiving one admin request head.
-    #[serde(default, with = "humantime_serde")]
-    pub admin_header_read_timeout: Option<Duration>,
-    /// An admin connection moving no byte for this long is closed.
-    #[serde(default, with = "humantime_serde")]
-    pub admin_idle_timeout: Option<Duration>,
-}
-
-/// Validated limits (see README "Hardening" for what happens when each is exceeded).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// HTTP/1.1 request line plus header section, bytes: over it, `431` and close.
-    pub max_header_bytes: usize,
-    /// HTTP/1.1 header lines: over it, `431` and close.
-    pub max_headers: usize,
-    /// Request target bytes: over it, `414` (HTTP/1.1: and close).
-    pub max_uri_bytes: usize,
-    /// HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`: more are refused with `REFUSED_STREAM`.
-    pub h2_max_concurrent_streams: u32,
-    /// HTTP/2 `SETTINGS_MAX_HEADER_LIST_SIZE` on both servers and on the pooled client toward
-    /// peers (their responses); also bounds a CONTINUATION sequence.
-    pub h2_max_header_list_bytes: u32,
-    /// Per inbound listener: connections past it are accepted and closed at once.
-    pub max_connections_inbound: usize,
-    /// Per outbound listener: connections past it are accepted and closed at once.
-    pub max_connections_outbound: usize,
-    /// Inbound mTLS handshake bound.
-    pub handshake_timeout: Duration,
-    /// HTTP/1.1 request head bound from its first byte until it is complete
-    /// (`RequestFraming`); the wait between keep-alive requests is bounded by `idle_timeout`.
-    pub header_read_timeout: Duration,
-    /// HTTP/1.1 and h2c from apps: no bytes either way; inbound HTTP/2: no open stream; for this long → closed
-    /// gracefully.
-    pub idle_timeout: Duration,
-    /// Streams a peer may open and reset before the server accepted them (the HTTP/2
-    /// rapid-reset attack, CVE-2023-44487): past it, GOAWAY `ENHANCE_YOUR_CALM`.
-    pub h2_max_pending_accept_reset_streams: usize,
-    /// Streams the server may reset because of the peer's protocol errors before it ends the
-    /// connection with GOAWAY `ENHANCE_YOUR_CALM` ("MadeYouReset", CVE-2025-8671).
-    pub h2_max_local_error_reset_streams: usize,
-    /// Locally reset streams remembered (to ignore their late frames) at once; bounds the
-    /// memory a reset flood can pin.
-    pub h2_max_concurrent_reset_streams: usize,
-    /// PING interval on the pooled upstream HTTP/2 connection (finds a dead peer without
-    /// waiting for a request to fail).
-    pub h2_keepalive_interval: Duration,
-    /// How long a PING may go unanswered before the pooled connection is replaced.
-    pub h2_keepalive_timeout: Duration,
-    /// Admin listener: connections past it are accepted and closed at once.
-    pub admin_max_connections: usize,
-    /// Admin request line plus headers, bytes (also the admin HTTP/2 header list): over it,
-    /// `431`.
-    pub admin_max_header_bytes: usize,
-    /// Header lines per admin request: over it, `431`.
-    pub admin_max_headers: usize,
-    /// Admin request head bound (slowloris).
-    pub admin_header_read_timeout: Duration,
-    /// An admin connection that moves no byte for this long is closed (an in-flight request
-    /// still finishes).
-    pub admin_idle_timeout: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_header_bytes: 64 << 10,
-            max_headers: 100,
-            max_uri_bytes: 8 << 10,
-            h2_max_concurrent_streams: 1024,
-            h2_max_header_list_bytes: 64 << 10,
-            max_connections_inbound: 4096,
-            max_connections_outbound: 1024,
-            handshake_timeout: Duration::from_secs(10),
-            header_read_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(60),
-            // h2's defaults or tighter, written out so an h2 upgrade cannot loosen them.
-            h2_max_pending_accept_reset_streams: 20,
-            h2_max_local_error_reset_streams: 1024,
-            h2_max_concurrent_reset_streams: 10,
-            h2_keepalive_interval: Duration::from_secs(30),
-            h2_keepalive_timeout: Duration::from_secs(10),
-            // Scrapers, probes and operators need a handful; admin requests are small.
-            admin_max_connections: 64,
-            admin_max_header_bytes: 8 << 10,
-            admin_max_headers: 32,
-            admin_header_read_timeout: Duration::from_secs(10),
-            admin_idle_timeout: Duration::from_secs(60),
-        }
-    }
-}
-
-impl Limits {
-    /// hyper's HTTP/1.1 read buffer (~400 KiB) is the hard ceiling for a header section; its
-    /// floor (8 KiB, hyper's smallest buffer: it panics below) is the floor here too, for
-    /// `max_header_bytes` and `admin_max_header_bytes` alike.
-    pub const MAX_HEADER_BYTES_CEILING: usize = 256 << 10;
-    /// Most header lines `max_headers` and `admin_max_headers` may allow.
-    pub const MAX_HEADERS_CEILING: usize = 1000;
-
-    /// Applies `f` over the defaults and checks ranges.
-    pub fn from_file(f: &LimitsFile) -> Result<Self, ConfigError> {
-        let d = Self::default();
-        let l = Self {
-            max_header_bytes: f.max_header_bytes.unwrap_or(d.max_header_bytes),
-            max_headers: f.max_headers.unwrap_or(d.max_headers),
-            max_uri_bytes: f.max_uri_bytes.unwrap_or(d.max_uri_bytes),
-            h2_max_concurrent_streams: f
-                .h2_max_concurrent_streams
-                .unwrap_or(d.h2_max_concurrent_streams),
-            h2_max_header_list_bytes: f
-                .h2_max_header_list_bytes
-                .unwrap_or(d.h2_max_header_list_bytes),
-            max_connections_inbound: f
-                .max_connections_inbound
-                .unwrap_or(d.max_connections_inbound),
-            max_connections_outbound: f
-                .max_connections_outbound
-                .unwrap_or(d.max_connections_outbound),
-            handshake_timeout: f.handshake_timeout.unwrap_or(d.handshake_timeout),
-            header_read_timeout: f.header_read_timeout.unwrap_or(d.header_read_timeout),
-            idle_timeout: f.idle_timeout.unwrap_or(d.idle_timeout),
-            h2_max_pending_accept_reset_streams: f
-                .h2_max_pending_accept_reset_streams
-                .unwrap_or(d.h2_max_pending_accept_reset_streams),
-            h2_max_local_error_reset_streams: f
-                .h2_max_local_error_reset_streams
-                .unwrap_or(d.h2_max_local_error_reset_streams),
-            h2_max_concurrent_reset_streams: f
-                .h2_max_concurrent_reset_streams
-                .unwrap_or(d.h2_max_concurrent_reset_streams),
-            h2_keepalive_interval: f.h2_keepalive_interval.unwrap_or(d.h2_keepalive_interval),
-            h2_keepalive_timeout: f.h2_keepalive_timeout.unwrap_or(d.h2_keepalive_timeout),
-            admin_max_connections: f.admin_max_connections.unwrap_or(d.admin_max_connections),
-            admin_max_header_bytes: f.admin_max_header_bytes.unwrap_or(d.admin_max_header_bytes),
-            admin_max_headers: f.admin_max_headers.unwrap_or(d.admin_max_headers),
-            admin_header_read_timeout: f
-                .admin_header_read_timeout
-                .unwrap_or(d.admin_header_read_timeout),
-            admin_idle_timeout: f.admin_idle_timeout.unwrap_or(d.admin_idle_timeout),
-        };
-        let range = |field: &str, v: usize, lo: usize, hi: usize| {
-            if (lo..=hi).contains(&v) {
-                Ok(())
-            } else {
-                Err(invalid(
-                    format!("limits.{field}"),
-                    format!("{v} is out of range {lo}..={hi}"),
-                ))
-            }
-        };
-        range(
-            "max_header_bytes",
-            l.max_header_bytes,
-            8 << 10,
-            Self::MAX_HEADER_BYTES_CEILING,
-        )?;
-        range("max_headers", l.max_headers, 1, Self::MAX_HEADERS_CEILING)?;
-        range("max_uri_bytes", l.max_uri_bytes, 16, l.max_header_bytes)?;
-        range(
-            "h2_max_concurrent_streams",
-            l.h2_max_concurrent_streams as usize,
-            1,
-            1 << 16,
-        )?;
-        range(
-            "h2_max_header_list_bytes",
-            l.h2_max_header_list_bytes as usize,
-            1024,
-            16 << 20,
-        )?;
-        range(
-            "max_connections_inbound",
-            l.max_connections_inbound,
-            1,
-            1 << 20,
-        )?;
-        range(
-            "max_connections_outbound",
-            l.max_connections_outbound,
-            1,
-            1 << 20,
-        )?;
-        // The reset bounds are the rapid-reset defence: a ceiling keeps a typo from switching
-        // it off, and zero would end a connection on the first cancelled request.
-        range(
-            "h2_max_pending_accept_reset_streams",
-            l.h2_max_pending_accept_reset_streams,
-            1,
-            1000,
-        )?;
-        range(
-            "h2_max_local_error_reset_streams",
-            l.h2_max_local_error_reset_streams,
-            1,
-            1 << 16,
-        )?;
-        range(
-            "h2_max_concurrent_reset_streams",
-            l.h2_max_concurrent_reset_streams,
-            1,
-            1 << 16,
-        )?;
-        range("admin_max_connections", l.admin_max_connections, 1, 1 << 16)?;
-        range(
-            "admin_max_header_bytes",
-            l.admin_max_header_bytes,
-            8 << 10,
-            Self::MAX_HEADER_BYTES_CEILING,
-        )?;
-        range(
-            "admin_max_headers",
-            l.admin_max_headers,
-            1,
-            Self::MAX_HEADERS_CEILING,
-        )?;
-        for (field, v) in [
-            ("handshake_timeout", l.handshake_timeout),
-            ("header_read_timeout", l.header_read_timeout),
-            ("idle_timeout", l.idle_timeout),
-            ("h2_keepalive_interval", l.h2_keepalive_interval),
-            ("h2_keepalive_timeout", l.h2_keepalive_timeout),
-            ("admin_header_read_timeout", l.admin_header_read_timeout),
-            ("admin_idle_timeout", l.admin_idle_timeout),
-        ] {
-            if v < Duration::from_millis(10) {
-                return Err(invalid(
-                    format!("limits.{field}"),
-                    "must be at least 10ms (a zero timeout would refuse every peer)",
-                ));
-            }
-        }
-        Ok(l)
-    }
-}
-
 /// The whole YAML file.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -549,10 +226,8 @@ impl SidecarFile {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
-        serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })
+        serde_yaml_ng::from_str(text)
+            .map_err(|e| ConfigError::parse(path, e.to_string(), limits::MOVED_KEYS))
     }
 }
 
@@ -1054,114 +729,167 @@ outbound:
         );
     }
 
+    fn settings(text: &str) -> Result<SidecarSettings, String> {
+        let file = SidecarFile::parse(text, Path::new("s.yaml")).map_err(|e| e.to_string())?;
+        SidecarSettings::from_file(file).map_err(|e| e.to_string())
+    }
+
     #[test]
     fn limits_default_safely_and_are_range_checked() {
-        let s = SidecarSettings::from_file(SidecarFile::parse(GOOD, Path::new("s.yaml")).unwrap())
-            .unwrap();
+        let s = settings(GOOD).unwrap();
         assert_eq!(s.limits, Limits::default());
-        assert_eq!(s.limits.handshake_timeout, Duration::from_secs(10));
-        let set = format!("{GOOD}limits:\n  max_headers: 20\n  idle_timeout: 5s\n");
-        let s = SidecarSettings::from_file(SidecarFile::parse(&set, Path::new("s.yaml")).unwrap())
-            .unwrap();
-        assert_eq!(s.limits.max_headers, 20);
-        assert_eq!(s.limits.idle_timeout, Duration::from_secs(5));
-        for bad in [
-            "max_header_bytes: 10",
-            "max_headers: 0",
-            "max_uri_bytes: 100000",
-            "max_connections_inbound: 0",
-            "header_read_timeout: 0s",
+        assert_eq!(s.limits.inbound.handshake_timeout, Duration::from_secs(10));
+        let set = format!("{GOOD}limits:\n  http:\n    max_headers: 20\n    idle_timeout: 5s\n");
+        let s = settings(&set).unwrap();
+        assert_eq!(s.limits.http.max_headers, 20);
+        assert_eq!(s.limits.http.idle_timeout, Duration::from_secs(5));
+        for (bad, field) in [
+            ("http: { max_header_bytes: 10 }", "http.max_header_bytes"),
+            ("http: { max_headers: 0 }", "http.max_headers"),
+            ("http: { max_uri_bytes: 100000 }", "http.max_uri_bytes"),
+            ("inbound: { max_connections: 0 }", "inbound.max_connections"),
+            (
+                "outbound: { max_connections: 0 }",
+                "outbound.max_connections",
+            ),
+            (
+                "inbound: { handshake_timeout: 0s }",
+                "inbound.handshake_timeout",
+            ),
+            (
+                "http: { header_read_timeout: 0s }",
+                "http.header_read_timeout",
+            ),
+            (
+                "h2: { max_concurrent_streams: 0 }",
+                "h2.max_concurrent_streams",
+            ),
+            (
+                "h2: { max_header_list_bytes: 10 }",
+                "h2.max_header_list_bytes",
+            ),
         ] {
-            let text = format!("{GOOD}limits:\n  {bad}\n");
-            let err =
-                SidecarSettings::from_file(SidecarFile::parse(&text, Path::new("s.yaml")).unwrap())
-                    .unwrap_err()
-                    .to_string();
-            assert!(err.contains("limits."), "{bad}: {err}");
+            let err = settings(&format!("{GOOD}limits:\n  {bad}\n")).unwrap_err();
+            assert!(err.contains(&format!("`limits.{field}`")), "{bad}: {err}");
+            assert!(
+                err.contains("use ") || err.contains("at least"),
+                "{bad}: {err}"
+            );
         }
     }
 
     #[test]
     fn admin_and_h2_limits_default_safely_and_are_range_checked() {
         let d = Limits::default();
-        assert_eq!(d.h2_max_pending_accept_reset_streams, 20);
-        assert_eq!(d.h2_max_local_error_reset_streams, 1024);
-        assert_eq!(d.h2_max_concurrent_reset_streams, 10);
-        assert_eq!(d.h2_keepalive_interval, Duration::from_secs(30));
-        assert_eq!(d.h2_keepalive_timeout, Duration::from_secs(10));
-        assert_eq!(d.admin_max_connections, 64);
-        assert_eq!(d.admin_max_header_bytes, 8 << 10);
-        assert_eq!(d.admin_max_headers, 32);
-        assert_eq!(d.admin_header_read_timeout, Duration::from_secs(10));
-        assert_eq!(d.admin_idle_timeout, Duration::from_secs(60));
+        assert_eq!(d.h2.max_pending_accept_reset_streams, 20);
+        assert_eq!(d.h2.max_local_error_reset_streams, 1024);
+        assert_eq!(d.h2.max_concurrent_reset_streams, 10);
+        assert_eq!(d.h2.keepalive_interval, Duration::from_secs(30));
+        assert_eq!(d.h2.keepalive_timeout, Duration::from_secs(10));
+        assert_eq!(d.admin.max_connections, 64);
+        assert_eq!(d.admin.max_header_bytes, 8 << 10);
+        assert_eq!(d.admin.max_headers, 32);
+        assert_eq!(d.admin.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(d.admin.idle_timeout, Duration::from_secs(60));
 
         let set = format!(
-            "{GOOD}limits:\n  h2_max_pending_accept_reset_streams: 5\n  \
-             h2_max_local_error_reset_streams: 100\n  h2_max_concurrent_reset_streams: 3\n  \
-             h2_keepalive_interval: 5s\n  h2_keepalive_timeout: 2s\n  admin_max_connections: 4\n  \
-             admin_max_header_bytes: 16384\n  admin_max_headers: 8\n  \
-             admin_header_read_timeout: 1s\n  admin_idle_timeout: 2s\n"
+            "{GOOD}limits:\n  h2:\n    max_pending_accept_reset_streams: 5\n    \
+             max_local_error_reset_streams: 100\n    max_concurrent_reset_streams: 3\n    \
+             keepalive_interval: 5s\n    keepalive_timeout: 2s\n  admin:\n    max_connections: 4\n    \
+             max_header_bytes: 16384\n    max_headers: 8\n    \
+             header_read_timeout: 1s\n    idle_timeout: 2s\n"
         );
-        let l = SidecarSettings::from_file(SidecarFile::parse(&set, Path::new("s.yaml")).unwrap())
-            .unwrap()
-            .limits;
-        assert_eq!(l.h2_max_pending_accept_reset_streams, 5);
-        assert_eq!(l.h2_max_local_error_reset_streams, 100);
-        assert_eq!(l.h2_max_concurrent_reset_streams, 3);
-        assert_eq!(l.h2_keepalive_interval, Duration::from_secs(5));
-        assert_eq!(l.h2_keepalive_timeout, Duration::from_secs(2));
-        assert_eq!(l.admin_max_connections, 4);
-        assert_eq!(l.admin_max_header_bytes, 16384);
-        assert_eq!(l.admin_max_headers, 8);
-        assert_eq!(l.admin_header_read_timeout, Duration::from_secs(1));
-        assert_eq!(l.admin_idle_timeout, Duration::from_secs(2));
+        let l = settings(&set).unwrap().limits;
+        assert_eq!(l.h2.max_pending_accept_reset_streams, 5);
+        assert_eq!(l.h2.max_local_error_reset_streams, 100);
+        assert_eq!(l.h2.max_concurrent_reset_streams, 3);
+        assert_eq!(l.h2.keepalive_interval, Duration::from_secs(5));
+        assert_eq!(l.h2.keepalive_timeout, Duration::from_secs(2));
+        assert_eq!(l.admin.max_connections, 4);
+        assert_eq!(l.admin.max_header_bytes, 16384);
+        assert_eq!(l.admin.max_headers, 8);
+        assert_eq!(l.admin.header_read_timeout, Duration::from_secs(1));
+        assert_eq!(l.admin.idle_timeout, Duration::from_secs(2));
         // Untouched fields keep their defaults.
-        assert_eq!(l.max_headers, d.max_headers);
+        assert_eq!(l.http, d.http);
+        let server = l.admin_server();
+        assert_eq!(server.max_pending_resets, 5);
+        assert_eq!(server.max_headers, Some(8));
 
         for (bad, field) in [
             (
-                "h2_max_pending_accept_reset_streams: 0",
-                "h2_max_pending_accept_reset_streams",
+                "h2: { max_pending_accept_reset_streams: 0 }",
+                "h2.max_pending_accept_reset_streams",
             ),
             (
-                "h2_max_pending_accept_reset_streams: 1001",
-                "h2_max_pending_accept_reset_streams",
+                "h2: { max_pending_accept_reset_streams: 1001 }",
+                "h2.max_pending_accept_reset_streams",
             ),
             (
-                "h2_max_local_error_reset_streams: 0",
-                "h2_max_local_error_reset_streams",
+                "h2: { max_local_error_reset_streams: 0 }",
+                "h2.max_local_error_reset_streams",
             ),
             (
-                "h2_max_concurrent_reset_streams: 0",
-                "h2_max_concurrent_reset_streams",
+                "h2: { max_concurrent_reset_streams: 0 }",
+                "h2.max_concurrent_reset_streams",
             ),
             (
-                "h2_max_concurrent_reset_streams: 100000",
-                "h2_max_concurrent_reset_streams",
+                "h2: { max_concurrent_reset_streams: 100000 }",
+                "h2.max_concurrent_reset_streams",
             ),
-            ("h2_keepalive_interval: 0s", "h2_keepalive_interval"),
-            ("h2_keepalive_timeout: 1ms", "h2_keepalive_timeout"),
-            ("admin_max_connections: 0", "admin_max_connections"),
-            ("admin_max_header_bytes: 4096", "admin_max_header_bytes"),
-            ("admin_max_header_bytes: 1048576", "admin_max_header_bytes"),
-            ("admin_max_headers: 0", "admin_max_headers"),
-            ("admin_header_read_timeout: 0s", "admin_header_read_timeout"),
-            ("admin_idle_timeout: 0s", "admin_idle_timeout"),
+            ("h2: { keepalive_interval: 0s }", "h2.keepalive_interval"),
+            ("h2: { keepalive_timeout: 1ms }", "h2.keepalive_timeout"),
+            ("admin: { max_connections: 0 }", "admin.max_connections"),
+            (
+                "admin: { max_header_bytes: 4096 }",
+                "admin.max_header_bytes",
+            ),
+            (
+                "admin: { max_header_bytes: 1048576 }",
+                "admin.max_header_bytes",
+            ),
+            ("admin: { max_headers: 0 }", "admin.max_headers"),
+            (
+                "admin: { header_read_timeout: 0s }",
+                "admin.header_read_timeout",
+            ),
+            ("admin: { idle_timeout: 0s }", "admin.idle_timeout"),
         ] {
-            let text = format!("{GOOD}limits:\n  {bad}\n");
-            let err =
-                SidecarSettings::from_file(SidecarFile::parse(&text, Path::new("s.yaml")).unwrap())
-                    .unwrap_err()
-                    .to_string();
+            let err = settings(&format!("{GOOD}limits:\n  {bad}\n")).unwrap_err();
             assert!(err.contains(&format!("`limits.{field}`")), "{bad}: {err}");
         }
-        let err = SidecarFile::parse(
-            &format!("{GOOD}limits:\n  admin_max_connection: 4\n"),
-            Path::new("s.yaml"),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("admin_max_connection"), "{err}");
+        let err =
+            settings(&format!("{GOOD}limits:\n  admin:\n    max_connection: 4\n")).unwrap_err();
+        assert!(
+            err.contains("max_connection") && err.contains("line"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_flat_limit_key_names_its_new_nested_key() {
+        for (old, new) in limits::MOVED_KEYS {
+            let text = format!("{GOOD}limits:\n  {old}: 1\n");
+            let err = settings(&text).unwrap_err();
+            assert!(
+                err.starts_with("s.yaml: line ")
+                    && err.contains(&format!("`limits.{old}` is now `{new}`")),
+                "{old}: {err}"
+            );
+            assert!(err.contains("line "), "{old}: {err}");
+        }
+        // Every new key exists: setting it parses (values checked elsewhere).
+        for (_, new) in limits::MOVED_KEYS {
+            let mut path = new.split('.').skip(1);
+            let (group, key) = (path.next().unwrap(), path.next().unwrap());
+            let value = if key.ends_with("timeout") || key.ends_with("interval") {
+                "1s"
+            } else {
+                "1"
+            };
+            let text = format!("{GOOD}limits:\n  {group}:\n    {key}: {value}\n");
+            SidecarFile::parse(&text, Path::new("s.yaml")).unwrap();
+        }
     }
 
     #[test]

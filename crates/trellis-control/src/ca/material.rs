@@ -1,0 +1,708 @@
+//! Where a CA comes from: the embedded default (a self-signed root kept in the registry,
+//! [`Ca::load_or_create`]), an operator's intermediate read from files ([`Ca::from_files`]),
+//! and `trellis ca init` ([`Ca::init_offline`]), each checked before it signs anything.
+
+use std::fs::{DirBuilder, OpenOptions};
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _};
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand::RngCore as _;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use time::OffsetDateTime;
+use trellis_identity::{CertificateDer, PrivateKeyDer, SpiffeId, TrustBundle, TrustDomain, Usage};
+use trellis_serve::time::{
+    from_unix_seconds as from_unix, rfc3339_unix as fmt_unix, unix_seconds as unix,
+};
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::GeneralName;
+use zeroize::{Zeroize as _, Zeroizing};
+
+use crate::registry::{CaMaterial, Registry};
+
+use super::{
+    is_ca, random_serial, sign_err, whole_seconds, Ca, CaError, CaKey, OfflineCaFiles, CLOCK_SKEW,
+};
+
+/// Lifetime of a root made here (embedded default and `trellis ca init`).
+const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Lifetime of the intermediate made by `trellis ca init`.
+const INTERMEDIATE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+impl Ca {
+    /// The embedded default: loads the CA kept in the registry, or creates a self-signed root
+    /// for `td` (P-256, 10 years) and stores it there on first start.
+    pub fn load_or_create(registry: &Registry, td: &TrustDomain) -> Result<Self, CaError> {
+        let material = match registry.load_ca()? {
+            Some(m) => m,
+            // If another process stored one meanwhile, use that: one CA per state dir.
+            None => registry.store_ca_if_absent(Self::new_root(td, SystemTime::now())?)?,
+        };
+        Self::from_material(td, &material, registry.path())
+    }
+
+    /// A fresh self-signed root for `td` (P-256, 10 years), as storable material. Its common
+    /// name carries the creation time, so operators can tell the roots of a rotation apart.
+    pub fn new_root(td: &TrustDomain, now: SystemTime) -> Result<CaMaterial, CaError> {
+        let (params, key) = ca_params(
+            td,
+            &ca_common_name("Trellis CA", td, now),
+            now,
+            ROOT_TTL,
+            BasicConstraints::Unconstrained,
+        )?;
+        let cert = params.self_signed(&key).map_err(sign_err)?;
+        let root_pem = cert.pem();
+        let material = CaMaterial {
+            chain_pem: root_pem.clone(),
+            bundle_pem: root_pem,
+            key_pem: Zeroizing::new(key.serialize_pem()),
+        };
+        let mut key = key;
+        key.zeroize();
+        Ok(material)
+    }
+
+    /// Builds a CA from stored material (`source` names where it came from in errors), with
+    /// the same checks as [`Ca::from_files`] and a probe issuance.
+    pub fn from_material(
+        td: &TrustDomain,
+        material: &CaMaterial,
+        source: &Path,
+    ) -> Result<Self, CaError> {
+        let invalid = |problem: String| CaError::Invalid {
+            path: source.to_path_buf(),
+            problem: format!("stored CA: {problem}"),
+        };
+        let chain = trellis_identity::certs_from_pem(material.chain_pem.as_bytes())
+            .map_err(|e| invalid(e.to_string()))?;
+        let bundle = TrustBundle::from_pem(td.clone(), material.bundle_pem.as_bytes())
+            .map_err(|e| invalid(e.to_string()))?;
+        let key = KeyPair::from_pem(&material.key_pem).map_err(|e| invalid(e.to_string()))?;
+        let ca = Self::assemble(
+            td,
+            source,
+            source,
+            chain,
+            bundle,
+            CaKey(key),
+            SystemTime::now(),
+        )?;
+        ca.self_check(source)?;
+        Ok(ca)
+    }
+
+    /// Reads an operator-supplied CA (as [`Ca::from_files`] checks it) into storable material,
+    /// for `trellis ca rotate --ca-cert … --ca-key …`.
+    pub fn material_from_files(
+        td: &TrustDomain,
+        cert: &Path,
+        key: &Path,
+        bundle: Option<&Path>,
+    ) -> Result<CaMaterial, CaError> {
+        Self::from_files(td, cert, key, bundle)?;
+        let read = |path: &Path| {
+            std::fs::read_to_string(path).map_err(|source| CaError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let chain_pem = read(cert)?;
+        let bundle_pem = match bundle {
+            Some(b) => read(b)?,
+            None => {
+                // from_files accepted the last certificate of `cert` as the root.
+                let certs = read_certs(cert)?;
+                let last = certs.last().ok_or_else(|| no_pem(cert))?;
+                trellis_identity::certs_to_pem(std::slice::from_ref(last))
+            }
+        };
+        Ok(CaMaterial {
+            chain_pem,
+            bundle_pem,
+            key_pem: Zeroizing::new(read(key)?),
+        })
+    }
+
+    /// Signs with an operator-supplied intermediate. `cert` holds the intermediate (and
+    /// optionally its parents); `bundle` the roots (defaults to the last certificate in `cert`
+    /// if it is self-signed). Checks: parses, is a CA, key matches, chains to the bundle, valid now.
+    pub fn from_files(
+        td: &TrustDomain,
+        cert: &Path,
+        key: &Path,
+        bundle: Option<&Path>,
+    ) -> Result<Self, CaError> {
+        let now = SystemTime::now();
+        let certs = read_certs(cert)?;
+
+        // A CA key other local users can read is as good as leaked: refuse it (as ssh refuses
+        // such private keys) rather than quietly sign with it.
+        let meta = std::fs::metadata(key).map_err(|source| CaError::Read {
+            path: key.to_path_buf(),
+            source,
+        })?;
+        // One exception, PostgreSQL's rule for its TLS key ("if owned by root, require 0640
+        // or less"): a root-owned key may be readable by its group. That is how Kubernetes
+        // mounts a Secret for a non-root pod: root:<fsGroup>, defaultMode plus group read.
+        let mode = meta.mode() & 0o7777;
+        let root_owned_group_read = meta.uid() == 0 && mode & 0o037 == 0;
+        if mode & 0o077 != 0 && !root_owned_group_read {
+            return Err(CaError::Invalid {
+                path: key.to_path_buf(),
+                problem: format!(
+                    "mode {mode:04o} is readable by others; run chmod 600 {}",
+                    key.display()
+                ),
+            });
+        }
+        let key_pem = Zeroizing::new(std::fs::read(key).map_err(|source| CaError::Read {
+            path: key.to_path_buf(),
+            source,
+        })?);
+        let key_pair = parse_key(&key_pem, key)?;
+
+        let roots = match bundle {
+            Some(path) => {
+                TrustBundle::new(td.clone(), read_certs(path)?).map_err(|e| CaError::Invalid {
+                    path: path.to_path_buf(),
+                    problem: e.to_string(),
+                })?
+            }
+            None => {
+                let last = certs.last().ok_or_else(|| no_pem(cert))?;
+                if !is_self_signed(last) {
+                    return Err(CaError::Invalid {
+                        path: cert.to_path_buf(),
+                        problem: "no trust bundle: pass the root certificate with --ca-bundle \
+                                  (bundle.pem from `trellis ca init`), or append it to this file"
+                            .into(),
+                    });
+                }
+                TrustBundle::new(td.clone(), vec![last.clone()]).map_err(|e| CaError::Invalid {
+                    path: cert.to_path_buf(),
+                    problem: format!("last certificate as trust bundle: {e}"),
+                })?
+            }
+        };
+        let ca = Self::assemble(td, cert, key, certs, roots, CaKey(key_pair), now)?;
+        ca.self_check(cert)?;
+        Ok(ca)
+    }
+
+    /// Checks the signing certificate (`chain[0]`) and its parents against `key` and
+    /// `bundle`, and builds the CA. `source` and `key_source` name the files in errors.
+    pub(super) fn assemble(
+        td: &TrustDomain,
+        source: &Path,
+        key_source: &Path,
+        chain: Vec<CertificateDer<'static>>,
+        bundle: TrustBundle,
+        key: CaKey,
+        now: SystemTime,
+    ) -> Result<Self, CaError> {
+        let invalid = |problem: String| CaError::Invalid {
+            path: source.to_path_buf(),
+            problem,
+        };
+        let signing_der = chain.first().ok_or_else(|| no_pem(source))?;
+        let signing = parse_cert(signing_der, source)?;
+
+        // X509-SVID spec 4.1: "Signing certificates MUST set the `cA` field to `true`".
+        if !is_ca(&signing) {
+            return Err(invalid(
+                "is not a CA certificate (basicConstraints cA=false): pass the intermediate \
+                 made by `trellis ca init`"
+                    .into(),
+            ));
+        }
+        // X509-SVID spec 4.3: "SVID signing certificates MUST set `keyCertSign`" (checked when
+        // the extension is there; rustls-webpki accepts a CA without it).
+        if let Ok(Some(ku)) = signing.key_usage() {
+            if !ku.value.key_cert_sign() {
+                return Err(invalid(
+                    "CA certificate lacks the keyCertSign key usage, so it cannot sign SVIDs"
+                        .into(),
+                ));
+            }
+        }
+        // X509-SVID spec 3.2: "If present, the SPIFFE ID of a signing certificate MUST NOT have
+        // a path component, and SHOULD reside in the trust domain of any leaf SVIDs it issues."
+        // Anything but our trust domain ID means a CA made for something else.
+        let td_id = td.id();
+        for uri in uri_sans(&signing) {
+            if uri.starts_with("spiffe://") && uri != td_id.as_str() {
+                return Err(invalid(format!(
+                    "CA certificate is for `{uri}`, not trust domain `{td}`: use the matching \
+                     --trust-domain or a CA made for `{td}`"
+                )));
+            }
+        }
+        if signing.public_key().subject_public_key.data.as_ref() != key.0.public_key_raw() {
+            // Name the key file: the key is what is wrong or was swapped.
+            return Err(CaError::Invalid {
+                path: key_source.to_path_buf(),
+                problem: format!(
+                    "private key does not match certificate {}",
+                    source.display()
+                ),
+            });
+        }
+
+        // Everything in `chain` that is not a root of the bundle goes after the leaf.
+        let roots = bundle.roots();
+        let chain_tail: Vec<CertificateDer<'static>> = chain
+            .iter()
+            .filter(|c| !roots.iter().any(|r| r.as_ref() == c.as_ref()))
+            .cloned()
+            .collect();
+
+        // Each certificate must be signed by the next one, the last by a bundle root.
+        let parsed: Vec<X509Certificate<'_>> = chain_tail
+            .iter()
+            .map(|c| parse_cert(c, source))
+            .collect::<Result<_, _>>()?;
+        let now_s = unix(now);
+        let mut not_after = signing.validity().not_after.timestamp();
+        for (i, c) in parsed.iter().enumerate() {
+            if i > 0 && !is_ca(c) {
+                return Err(invalid(format!(
+                    "certificate {} in the file is not a CA certificate",
+                    i + 1
+                )));
+            }
+            let (nb, na) = (
+                c.validity().not_before.timestamp(),
+                c.validity().not_after.timestamp(),
+            );
+            if now_s < nb || now_s > na {
+                return Err(invalid(format!(
+                    "certificate {} ({}) is not valid now: valid from {} to {}",
+                    i + 1,
+                    c.subject(),
+                    fmt_unix(nb),
+                    fmt_unix(na)
+                )));
+            }
+            not_after = not_after.min(na);
+            let signed_by_parent = match parsed.get(i + 1) {
+                Some(parent) => {
+                    c.issuer().as_raw() == parent.subject().as_raw()
+                        && c.verify_signature(Some(parent.public_key())).is_ok()
+                }
+                None => roots.iter().any(|r| {
+                    parse_cert(r, source).is_ok_and(|root| {
+                        c.issuer().as_raw() == root.subject().as_raw()
+                            && c.verify_signature(Some(root.public_key())).is_ok()
+                    })
+                }),
+            };
+            if !signed_by_parent {
+                return Err(invalid(format!(
+                    "certificate {} ({}) does not chain to the trust bundle: its issuer is {}; \
+                     pass the bundle.pem that goes with this CA",
+                    i + 1,
+                    c.subject(),
+                    c.issuer()
+                )));
+            }
+        }
+        // The signing certificate is a bundle root (embedded default): check it is in date.
+        if chain_tail.is_empty() {
+            let (nb, na) = (
+                signing.validity().not_before.timestamp(),
+                signing.validity().not_after.timestamp(),
+            );
+            if now_s < nb || now_s > na {
+                return Err(invalid(format!(
+                    "CA certificate is not valid now: valid from {} to {}",
+                    fmt_unix(nb),
+                    fmt_unix(na)
+                )));
+            }
+        }
+
+        let label = format!(
+            "{} (serial {})",
+            signing.subject(),
+            signing.raw_serial_as_string().replace(':', "")
+        );
+        let issuer = Issuer::from_ca_cert_der(signing_der, key)
+            .map_err(|e| invalid(format!("cannot use as issuer: {e}")))?;
+        Ok(Self {
+            trust_domain: td.clone(),
+            bundle,
+            issuer,
+            chain_tail,
+            not_after: from_unix(not_after),
+            label,
+        })
+    }
+
+    /// Issues a probe SVID and verifies it against the bundle the way every peer will
+    /// (rustls-webpki): catches what the field checks above cannot (name chaining, path
+    /// length, name constraints) at start rather than at the first handshake.
+    fn self_check(&self, source: &Path) -> Result<(), CaError> {
+        let probe = SpiffeId::from_parts(&self.trust_domain, "/trellis/ca-self-check")
+            .map_err(|e| CaError::Sign(e.to_string()))?;
+        let now = SystemTime::now();
+        let svid = self.issue(&probe, Duration::from_secs(300), now)?;
+        trellis_identity::verify_svid_chain(svid.chain(), &self.bundle, now, Usage::Either)
+            .map_err(|e| CaError::Invalid {
+                path: source.to_path_buf(),
+                problem: format!("an SVID signed by this CA does not verify: {e}"),
+            })?;
+        Ok(())
+    }
+
+    /// `trellis ca init`: an offline root and an intermediate under `out` (keys 0600, dir 0700).
+    pub fn init_offline(td: &TrustDomain, out: &Path) -> Result<OfflineCaFiles, CaError> {
+        Self::init_with_root(td, out, None)
+    }
+
+    /// `trellis ca init --root-cert … --root-key …`: a new intermediate signed by an existing
+    /// offline root (to rotate the intermediate without changing the trust bundle). The root
+    /// is copied to `out` as `root.pem` and `bundle.pem`; its key is not copied.
+    pub fn init_intermediate(
+        td: &TrustDomain,
+        out: &Path,
+        root_cert: &Path,
+        root_key: &Path,
+    ) -> Result<OfflineCaFiles, CaError> {
+        Self::init_with_root(td, out, Some((root_cert, root_key)))
+    }
+
+    fn init_with_root(
+        td: &TrustDomain,
+        out: &Path,
+        existing_root: Option<(&Path, &Path)>,
+    ) -> Result<OfflineCaFiles, CaError> {
+        let files = OfflineCaFiles {
+            root_cert: out.join("root.pem"),
+            root_key: out.join("root-key.pem"),
+            intermediate_cert: out.join("intermediate.pem"),
+            intermediate_key: out.join("intermediate-key.pem"),
+            bundle: out.join("bundle.pem"),
+        };
+        let all = [
+            &files.root_cert,
+            &files.root_key,
+            &files.intermediate_cert,
+            &files.intermediate_key,
+            &files.bundle,
+        ];
+        // Check all first, so a refusal writes nothing.
+        for p in all {
+            if p.symlink_metadata().is_ok() {
+                return Err(CaError::Invalid {
+                    path: p.clone(),
+                    problem: "already exists; refusing to overwrite a CA file (move it away or \
+                              choose another --out)"
+                        .into(),
+                });
+            }
+        }
+
+        let now = SystemTime::now();
+        // The root: made here, or read (and checked) from the operator's files.
+        let (root_pem, root_issuer, root_not_after, new_root_key) = match existing_root {
+            None => {
+                let (root_params, root_key) = ca_params(
+                    td,
+                    &ca_common_name("Trellis Root CA", td, now),
+                    now,
+                    ROOT_TTL,
+                    BasicConstraints::Unconstrained,
+                )?;
+                let root_cert = root_params.self_signed(&root_key).map_err(sign_err)?;
+                let not_after = root_params.not_after;
+                let key_pem = Zeroizing::new(root_key.serialize_pem());
+                let issuer =
+                    Issuer::from_ca_cert_der(root_cert.der(), CaKey(root_key)).map_err(sign_err)?;
+                (root_cert.pem(), issuer, not_after, Some(key_pem))
+            }
+            Some((cert_path, key_path)) => {
+                let certs = read_certs(cert_path)?;
+                let [root_der] = certs.as_slice() else {
+                    return Err(CaError::Invalid {
+                        path: cert_path.to_path_buf(),
+                        problem: format!(
+                            "expected exactly one certificate (the root), found {}",
+                            certs.len()
+                        ),
+                    });
+                };
+                let root = parse_cert(root_der, cert_path)?;
+                if !is_ca(&root) || !is_self_signed(root_der) {
+                    return Err(CaError::Invalid {
+                        path: cert_path.to_path_buf(),
+                        problem: "is not a self-signed CA certificate: pass root.pem from \
+                                  `trellis ca init`"
+                            .into(),
+                    });
+                }
+                let key_pem =
+                    Zeroizing::new(std::fs::read(key_path).map_err(|source| CaError::Read {
+                        path: key_path.to_path_buf(),
+                        source,
+                    })?);
+                let key = parse_key(&key_pem, key_path)?;
+                if root.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+                    return Err(CaError::Invalid {
+                        path: key_path.to_path_buf(),
+                        problem: format!(
+                            "private key does not match certificate {}",
+                            cert_path.display()
+                        ),
+                    });
+                }
+                let not_after =
+                    OffsetDateTime::from(from_unix(root.validity().not_after.timestamp()));
+                let issuer = Issuer::from_ca_cert_der(root_der, CaKey(key)).map_err(|e| {
+                    CaError::Invalid {
+                        path: cert_path.to_path_buf(),
+                        problem: format!("cannot use as issuer: {e}"),
+                    }
+                })?;
+                let pem = trellis_identity::certs_to_pem(std::slice::from_ref(root_der));
+                (pem, issuer, not_after, None)
+            }
+        };
+        // pathLen 0: the intermediate signs leaves only.
+        let (mut int_params, int_key) = ca_params(
+            td,
+            &ca_common_name("Trellis Intermediate CA", td, now),
+            now,
+            INTERMEDIATE_TTL,
+            BasicConstraints::Constrained(0),
+        )?;
+        int_params.use_authority_key_identifier_extension = true;
+        int_params.not_after = int_params.not_after.min(root_not_after);
+        let int_cert = int_params
+            .signed_by(&int_key, &root_issuer)
+            .map_err(sign_err)?;
+        drop(root_issuer);
+
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(out)
+            .map_err(|source| CaError::Write {
+                path: out.to_path_buf(),
+                source,
+            })?;
+        let int_key_pem = Zeroizing::new(int_key.serialize_pem());
+        if let Some(root_key_pem) = &new_root_key {
+            write_new(&files.root_key, root_key_pem.as_bytes(), 0o600)?;
+        }
+        write_new(&files.intermediate_key, int_key_pem.as_bytes(), 0o600)?;
+        write_new(&files.root_cert, root_pem.as_bytes(), 0o644)?;
+        write_new(&files.intermediate_cert, int_cert.pem().as_bytes(), 0o644)?;
+        write_new(&files.bundle, root_pem.as_bytes(), 0o644)?;
+        let mut ik = int_key;
+        ik.zeroize();
+        Ok(files)
+    }
+}
+
+fn ca_common_name(kind: &str, td: &TrustDomain, now: SystemTime) -> String {
+    let mut tag = [0u8; 4];
+    rand::rng().fill_bytes(&mut tag);
+    format!(
+        "{kind} {td} {} {}",
+        humantime::format_rfc3339_seconds(now),
+        hex::encode(tag)
+    )
+}
+
+/// Parameters and a fresh P-256 key for a CA certificate of `td`.
+pub(super) fn ca_params(
+    td: &TrustDomain,
+    common_name: &str,
+    now: SystemTime,
+    ttl: Duration,
+    constraints: BasicConstraints,
+) -> Result<(CertificateParams, KeyPair), CaError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(sign_err)?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    dn.push(DnType::OrganizationName, "Trellis");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(constraints);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    // X509-SVID spec 3.2: "A signing certificate SHOULD itself be an SVID", its SPIFFE ID
+    // without a path: the trust domain ID.
+    params.subject_alt_names = vec![SanType::URI(
+        td.id()
+            .as_str()
+            .try_into()
+            .map_err(|e: rcgen::Error| CaError::Sign(e.to_string()))?,
+    )];
+    params.serial_number = Some(random_serial());
+    params.not_before = OffsetDateTime::from(whole_seconds(
+        now.checked_sub(CLOCK_SKEW).unwrap_or(UNIX_EPOCH),
+    ));
+    params.not_after = OffsetDateTime::from(whole_seconds(now + ttl));
+    Ok((params, key))
+}
+
+/// 16 random bytes, top bit clear so the DER INTEGER is positive and stays 16 bytes
+/// (RFC 5280 4.1.2.2: positive, at most 20 octets).
+fn no_pem(path: &Path) -> CaError {
+    CaError::Invalid {
+        path: path.to_path_buf(),
+        problem: "expected a PEM CERTIFICATE block".into(),
+    }
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
+    let bytes = std::fs::read(path).map_err(|source| CaError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let certs = trellis_identity::certs_from_pem(&bytes).map_err(|e| CaError::Invalid {
+        path: path.to_path_buf(),
+        problem: format!("expected a PEM CERTIFICATE block: {e}"),
+    })?;
+    for c in &certs {
+        parse_cert(c, path)?;
+    }
+    Ok(certs)
+}
+
+fn parse_key(pem: &[u8], path: &Path) -> Result<KeyPair, CaError> {
+    let invalid = |problem: String| CaError::Invalid {
+        path: path.to_path_buf(),
+        problem,
+    };
+    let der = trellis_identity::key_from_pem(pem)
+        .map_err(|e| invalid(format!("expected a PEM PRIVATE KEY block: {e}")))?;
+    if !matches!(der, PrivateKeyDer::Pkcs8(_)) {
+        return Err(invalid(format!(
+            "key is not PKCS#8; convert it: openssl pkcs8 -topk8 -nocrypt -in {0} -out {0}.p8",
+            path.display()
+        )));
+    }
+    KeyPair::try_from(&der).map_err(|e| {
+        invalid(format!(
+            "unusable private key ({e}); expected ECDSA P-256/P-384 or RSA"
+        ))
+    })
+}
+
+fn parse_cert<'a>(
+    der: &'a CertificateDer<'_>,
+    path: &Path,
+) -> Result<X509Certificate<'a>, CaError> {
+    x509_parser::parse_x509_certificate(der.as_ref())
+        .map(|(_, c)| c)
+        .map_err(|e| CaError::Invalid {
+            path: path.to_path_buf(),
+            problem: format!("certificate is not valid X.509: {e}"),
+        })
+}
+
+fn is_self_signed(der: &CertificateDer<'_>) -> bool {
+    x509_parser::parse_x509_certificate(der.as_ref()).is_ok_and(|(_, c)| {
+        c.subject().as_raw() == c.issuer().as_raw() && c.verify_signature(None).is_ok()
+    })
+}
+
+pub(super) fn uri_sans<'a>(c: &'a X509Certificate<'_>) -> Vec<&'a str> {
+    match c.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::URI(u) => Some(*u),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// An uncompressed SEC1 point of P-256 size. With the CSR's ecdsa-with-SHA256 signature
+/// already verified by ring under the SPKI's own curve, a 65-byte point means P-256 (a P-384
+/// point is 97 bytes).
+fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
+    let err = |source| CaError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(err)?;
+    f.write_all(contents).map_err(err)?;
+    f.sync_all().map_err(err)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::ca::tests::{default_ca, id, td, DAY};
+
+    #[test]
+    fn key_mode_rule_allows_group_read_only_for_root_owned_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Ca::init_offline(&td(), &dir.path().join("ca")).unwrap();
+        let key = &files.intermediate_key;
+        let load = |mode: u32| {
+            std::fs::set_permissions(key, std::os::unix::fs::PermissionsExt::from_mode(mode))
+                .unwrap();
+            Ca::from_files(&td(), &files.intermediate_cert, key, Some(&files.bundle))
+        };
+        let root_owned = std::fs::metadata(key).unwrap().uid() == 0;
+        assert!(load(0o600).is_ok());
+        assert!(load(0o400).is_ok());
+        // Kubernetes' Secret volume with fsGroup: root:<fsGroup> 0440 (root-owned only when
+        // the tests run as root, as in CI).
+        assert_eq!(load(0o440).is_ok(), root_owned);
+        assert_eq!(load(0o640).is_ok(), root_owned);
+        for mode in [0o644, 0o604, 0o660, 0o650] {
+            let err = load(mode).err().unwrap().to_string();
+            assert!(err.contains("readable by others"), "{mode:o}: {err}");
+        }
+    }
+
+    #[test]
+    fn ca_reused_after_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trellis.db");
+        let first = {
+            let reg = Registry::open(&path).unwrap();
+            Ca::load_or_create(&reg, &td()).unwrap().bundle().to_pem()
+        };
+        let reg = Registry::open(&path).unwrap();
+        let ca = Ca::load_or_create(&reg, &td()).unwrap();
+        assert_eq!(ca.bundle().to_pem(), first);
+        // And the reloaded key still signs for that root.
+        let now = SystemTime::now();
+        ca.issue(&id(), DAY, now)
+            .unwrap()
+            .verify(ca.bundle(), now)
+            .unwrap();
+    }
+
+    #[test]
+    fn stored_ca_for_other_trust_domain_is_refused() {
+        let (_d, reg, _ca) = default_ca();
+        let other = TrustDomain::parse("other.org").unwrap();
+        let err = Ca::load_or_create(&reg, &other).err().unwrap().to_string();
+        assert!(err.contains("trellis.db"), "{err}");
+        assert!(err.contains("not trust domain `other.org`"), "{err}");
+    }
+}

@@ -1,0 +1,118 @@
+//! The container injection adds, and the names, paths and ports it uses: `trellis-sidecar`
+//! running `trellis sidecar` configured by `TRELLIS_*` variables, probes on the admin port,
+//! small requests and limits, and a locked-down securityContext.
+
+use serde_json::{json, Value};
+
+/// Name of the injected container; a pod that has one is left alone (idempotence).
+pub const SIDECAR_CONTAINER: &str = "trellis-sidecar";
+/// The projected service-account token volume.
+pub const TOKEN_VOLUME: &str = "trellis-token";
+/// The policy ConfigMap volume.
+pub const POLICY_VOLUME: &str = "trellis-policy";
+/// Where the token volume is mounted in the sidecar.
+pub const TOKEN_DIR: &str = "/var/run/secrets/trellis";
+/// The token file the sidecar reads (`TRELLIS_TOKEN_FILE`).
+pub const TOKEN_FILE: &str = "/var/run/secrets/trellis/token";
+/// Where the policy ConfigMap is mounted (`TRELLIS_POLICY`).
+pub const POLICY_DIR: &str = "/etc/trellis/policy";
+/// Audience of the projected token; the control plane's `--k8s-audience` default.
+pub const TOKEN_AUDIENCE: &str = "trellis";
+/// Lifetime the kubelet gives the projected token (it refreshes it at 80%).
+pub const TOKEN_EXPIRATION_SECONDS: u64 = 3600;
+/// The sidecar's mTLS inbound port (`trellis-mtls`): Services target it for mesh traffic.
+pub const INBOUND_PORT: u16 = 15443;
+/// The sidecar's admin port (`trellis-admin`): probes and metrics.
+pub const ADMIN_PORT: u16 = 15000;
+/// The sidecar's shared outbound port on loopback.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// `TRELLIS_APP` port when neither the annotation nor a containerPort says otherwise.
+pub const DEFAULT_APP_PORT: u16 = 8080;
+/// The uid the sidecar runs as (distroless nonroot).
+pub const SIDECAR_UID: u64 = 65532;
+
+/// What injection puts into pods, as configured on the control plane.
+#[derive(Debug, Clone)]
+pub struct InjectConfig {
+    /// `TRELLIS_TRUST_DOMAIN`.
+    pub trust_domain: String,
+    /// The sidecar container's image.
+    pub image: String,
+    /// `TRELLIS_CONTROL_PLANE` (`host:port`).
+    pub control_plane: String,
+    /// `TRELLIS_CONTROL_BUNDLE_PEM`: the trust bundle in force when the pod is admitted.
+    pub bundle_pem: String,
+}
+
+fn env(name: &str, value: impl Into<String>) -> Value {
+    json!({ "name": name, "value": value.into() })
+}
+
+/// The `trellis-sidecar` container.
+pub(super) fn sidecar_container(
+    cfg: &InjectConfig,
+    app_port: u16,
+    upstreams: Option<&str>,
+    policy: bool,
+) -> Value {
+    let mut envs = vec![
+        env("TRELLIS_TRUST_DOMAIN", cfg.trust_domain.as_str()),
+        env("TRELLIS_CONTROL_PLANE", cfg.control_plane.as_str()),
+        // Inline, because a pod cannot mount the `trellis-bundle` ConfigMap of another
+        // namespace. It is the bundle at admission; the SDS stream keeps it current after.
+        env("TRELLIS_CONTROL_BUNDLE_PEM", cfg.bundle_pem.as_str()),
+        env("TRELLIS_TOKEN_FILE", TOKEN_FILE),
+        env("TRELLIS_INBOUND", format!("0.0.0.0:{INBOUND_PORT}")),
+        env("TRELLIS_OUTBOUND", format!("127.0.0.1:{OUTBOUND_PORT}")),
+        // Not loopback: the kubelet probes from the node.
+        env("TRELLIS_ADMIN", format!("0.0.0.0:{ADMIN_PORT}")),
+        env("TRELLIS_APP", format!("127.0.0.1:{app_port}")),
+    ];
+    if let Some(u) = upstreams {
+        envs.push(env("TRELLIS_UPSTREAMS", u));
+    }
+    if policy {
+        envs.push(env("TRELLIS_POLICY", POLICY_DIR));
+    }
+    let mut mounts =
+        vec![json!({ "name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true })];
+    if policy {
+        mounts.push(json!({ "name": POLICY_VOLUME, "mountPath": POLICY_DIR, "readOnly": true }));
+    }
+    let probe = |path: &str, period: u32| {
+        json!({
+            "httpGet": { "path": path, "port": ADMIN_PORT, "scheme": "HTTP" },
+            "periodSeconds": period,
+            "timeoutSeconds": 2,
+            "failureThreshold": 3,
+        })
+    };
+    json!({
+        "name": SIDECAR_CONTAINER,
+        "image": cfg.image,
+        "imagePullPolicy": "IfNotPresent",
+        "args": ["sidecar"],
+        "env": envs,
+        "ports": [
+            { "name": "trellis-mtls", "containerPort": INBOUND_PORT, "protocol": "TCP" },
+            { "name": "trellis-admin", "containerPort": ADMIN_PORT, "protocol": "TCP" },
+        ],
+        "readinessProbe": probe("/ready", 5),
+        "livenessProbe": probe("/healthz", 10),
+        "resources": {
+            "requests": { "cpu": "50m", "memory": "32Mi" },
+            "limits": { "cpu": "500m", "memory": "128Mi" },
+        },
+        "securityContext": {
+            "runAsNonRoot": true,
+            "runAsUser": SIDECAR_UID,
+            "runAsGroup": SIDECAR_UID,
+            "readOnlyRootFilesystem": true,
+            "allowPrivilegeEscalation": false,
+            "capabilities": { "drop": ["ALL"] },
+            // The Pod Security "restricted" profile requires a seccomp profile.
+            "seccompProfile": { "type": "RuntimeDefault" },
+        },
+        "volumeMounts": mounts,
+    })
+}

@@ -1,0 +1,577 @@
+//! Sidecar injection as a pure function: an `admission.k8s.io/v1` AdmissionReview in, the
+//! AdmissionReview response out (with a base64 JSONPatch that adds the `trellis-sidecar`
+//! container, its volumes and mounts). No I/O: [`super`] serves it over HTTPS.
+//!
+//! What is added, and why each annotation exists, is the contract of issue #7 (README,
+//! "Automatic sidecar injection"):
+//! - container `trellis-sidecar` running `trellis sidecar`, configured by `TRELLIS_*`
+//!   variables, ports `trellis-mtls` 15443 and `trellis-admin` 15000, probes on the admin
+//!   port, small requests and limits, and a locked-down securityContext;
+//! - volume `trellis-token` (projected service-account token, audience `trellis`) mounted at
+//!   `/var/run/secrets/trellis`, and with `trellis.io/policy-configmap` the volume
+//!   `trellis-policy` mounted at `/etc/trellis/policy`.
+//!
+//! Answers, and why (the webhook runs with `failurePolicy: Fail`, which says "a pod this
+//! webhook could not process must not be admitted": in a labelled namespace a pod without its
+//! sidecar would serve unauthenticated):
+//! - not an AdmissionReview v1 with a request uid → [`BadReview`] (the server answers HTTP
+//!   400; the API server counts that as a webhook failure and `Fail` refuses the pod). Without
+//!   a uid no response could be matched to the request anyway.
+//! - a review of something we cannot read as a pod, or a pod whose `trellis.io/*`
+//!   annotations are wrong → `allowed: false` with a status message naming the problem: the
+//!   same outcome `Fail` would give, but with a message the user can act on.
+//! - opted out (`trellis.io/inject: "false"`), already injected, not a CREATE, a subresource,
+//!   or a `hostNetwork` pod → `allowed: true` without a patch (nothing to add, or nothing we
+//!   could add safely), with a warning where the user may not expect it.
+
+use base64::Engine as _;
+use serde_json::{json, Map, Value};
+
+mod container;
+
+use container::sidecar_container;
+pub use container::{
+    InjectConfig, ADMIN_PORT, DEFAULT_APP_PORT, INBOUND_PORT, OUTBOUND_PORT, POLICY_DIR,
+    POLICY_VOLUME, SIDECAR_CONTAINER, SIDECAR_UID, TOKEN_AUDIENCE, TOKEN_DIR,
+    TOKEN_EXPIRATION_SECONDS, TOKEN_FILE, TOKEN_VOLUME,
+};
+
+/// Pod annotation: `"false"` opts the pod out of injection.
+pub const ANNOTATION_INJECT: &str = "trellis.io/inject";
+/// Pod annotation: the app's port on 127.0.0.1 (`TRELLIS_APP`).
+pub const ANNOTATION_APP_PORT: &str = "trellis.io/app-port";
+/// Pod annotation: upstreams, `--upstream` syntax, separated by whitespace (`TRELLIS_UPSTREAMS`).
+pub const ANNOTATION_UPSTREAMS: &str = "trellis.io/upstreams";
+/// Pod annotation: name of a ConfigMap in the pod's namespace holding the policy.
+pub const ANNOTATION_POLICY_CONFIGMAP: &str = "trellis.io/policy-configmap";
+
+/// The only AdmissionReview version served (the webhook configuration asks for it alone).
+pub const API_VERSION: &str = "admission.k8s.io/v1";
+
+/// How a review ended; the `result` label of `trellis_webhook_reviews_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A patch adding the sidecar was returned.
+    Injected,
+    /// Allowed unchanged: already injected, not a CREATE, a subresource, `hostNetwork`.
+    Skipped,
+    /// Allowed unchanged: `trellis.io/inject: "false"`.
+    OptedOut,
+    /// Refused (`allowed: false`), or not a usable review at all ([`BadReview`]).
+    Error,
+}
+
+impl Outcome {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Injected => "injected",
+            Outcome::Skipped => "skipped",
+            Outcome::OptedOut => "opted_out",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// A body that is not an `admission.k8s.io/v1` AdmissionReview with a request uid; answered
+/// with HTTP 400 and this message.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BadReview {
+    /// Not JSON, or not a JSON object.
+    #[error("not a JSON AdmissionReview: {0}")]
+    NotJson(String),
+    /// `apiVersion` is missing or not `admission.k8s.io/v1`.
+    #[error("apiVersion `{0}` is not served: only admission.k8s.io/v1 (set admissionReviewVersions: [\"v1\"])")]
+    ApiVersion(String),
+    /// `kind` is missing or not `AdmissionReview`.
+    #[error("kind `{0}` is not AdmissionReview")]
+    Kind(String),
+    /// No `request` object.
+    #[error("the AdmissionReview has no request")]
+    NoRequest,
+    /// No `request.uid`.
+    #[error("the AdmissionReview request has no uid")]
+    NoUid,
+}
+
+/// The answer to one well-formed review.
+#[derive(Debug, Clone)]
+pub struct Review {
+    /// `request.uid`, echoed in the response.
+    pub uid: String,
+    /// `namespace/name` of the pod (`generateName` + `*` before the API server names it), for logs.
+    pub pod: String,
+    /// The result.
+    pub outcome: Outcome,
+    /// Why, in a few words, for logs.
+    pub detail: String,
+    /// The JSONPatch operations (empty unless injected).
+    pub patch: Vec<Value>,
+    /// The AdmissionReview response, serialized.
+    pub body: Vec<u8>,
+}
+
+/// Answers one AdmissionReview (the raw request body).
+pub fn review(body: &[u8], cfg: &InjectConfig) -> Result<Review, BadReview> {
+    let doc: Value = serde_json::from_slice(body).map_err(|e| BadReview::NotJson(e.to_string()))?;
+    let doc = doc
+        .as_object()
+        .ok_or_else(|| BadReview::NotJson("the body is not a JSON object".into()))?;
+    let api_version = doc.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+    if api_version != API_VERSION {
+        return Err(BadReview::ApiVersion(api_version.to_owned()));
+    }
+    let kind = doc.get("kind").and_then(Value::as_str).unwrap_or("");
+    if kind != "AdmissionReview" {
+        return Err(BadReview::Kind(kind.to_owned()));
+    }
+    let request = doc
+        .get("request")
+        .and_then(Value::as_object)
+        .ok_or(BadReview::NoRequest)?;
+    let uid = request
+        .get("uid")
+        .and_then(Value::as_str)
+        .filter(|u| !u.is_empty())
+        .ok_or(BadReview::NoUid)?
+        .to_owned();
+
+    let pod = pod_label(request);
+    let decision = decide(request, cfg);
+    let mut response = Map::new();
+    response.insert("uid".into(), Value::String(uid.clone()));
+    let (outcome, detail, patch) = match decision {
+        Decision::Inject { patch, warnings } => {
+            response.insert("allowed".into(), Value::Bool(true));
+            response.insert("patchType".into(), Value::String("JSONPatch".into()));
+            let bytes = serde_json::to_vec(&patch).unwrap_or_default();
+            response.insert(
+                "patch".into(),
+                Value::String(base64::engine::general_purpose::STANDARD.encode(bytes)),
+            );
+            add_warnings(&mut response, warnings);
+            (Outcome::Injected, "sidecar added".to_owned(), patch)
+        }
+        Decision::Allow {
+            outcome,
+            why,
+            warnings,
+        } => {
+            response.insert("allowed".into(), Value::Bool(true));
+            add_warnings(&mut response, warnings);
+            (outcome, why, Vec::new())
+        }
+        Decision::Deny(message) => {
+            response.insert("allowed".into(), Value::Bool(false));
+            response.insert(
+                "status".into(),
+                json!({
+                    "code": 400,
+                    "reason": "BadRequest",
+                    "message": format!("trellis sidecar injection: {message}"),
+                }),
+            );
+            (Outcome::Error, message, Vec::new())
+        }
+    };
+    let answer = json!({
+        "apiVersion": API_VERSION,
+        "kind": "AdmissionReview",
+        "response": Value::Object(response),
+    });
+    Ok(Review {
+        uid,
+        pod,
+        outcome,
+        detail,
+        patch,
+        body: serde_json::to_vec(&answer).unwrap_or_default(),
+    })
+}
+
+fn add_warnings(response: &mut Map<String, Value>, warnings: Vec<String>) {
+    if !warnings.is_empty() {
+        response.insert(
+            "warnings".into(),
+            Value::Array(warnings.into_iter().map(Value::String).collect()),
+        );
+    }
+}
+
+/// What to answer, before it is written as a response.
+enum Decision {
+    Inject {
+        patch: Vec<Value>,
+        warnings: Vec<String>,
+    },
+    Allow {
+        outcome: Outcome,
+        why: String,
+        warnings: Vec<String>,
+    },
+    Deny(String),
+}
+
+fn skip(outcome: Outcome, why: impl Into<String>, warning: Option<String>) -> Decision {
+    Decision::Allow {
+        outcome,
+        why: why.into(),
+        warnings: warning.into_iter().collect(),
+    }
+}
+
+fn pod_label(request: &Map<String, Value>) -> String {
+    let namespace = request
+        .get("namespace")
+        .and_then(Value::as_str)
+        .or_else(|| {
+            request
+                .get("object")
+                .and_then(|o| o.pointer("/metadata/namespace"))
+                .and_then(Value::as_str)
+        })
+        .unwrap_or("");
+    let meta = request.get("object").and_then(|o| o.get("metadata"));
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .or_else(|| {
+            meta.and_then(|m| m.get("generateName"))
+                .and_then(Value::as_str)
+                .map(|g| format!("{g}*"))
+        })
+        .or_else(|| {
+            request
+                .get("name")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "?".to_owned());
+    format!("{namespace}/{name}")
+}
+
+fn decide(request: &Map<String, Value>, cfg: &InjectConfig) -> Decision {
+    let str_at = |v: Option<&Value>, key: &str| -> String {
+        v.and_then(|v| v.get(key))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned()
+    };
+    let field = |key: &str| str_at_map(request, key);
+    // A subresource (pods/binding, pods/eviction, pods/ephemeralcontainers) is not a pod
+    // being created: nothing to inject, and refusing would break evictions.
+    let sub = field("subResource");
+    if !sub.is_empty() {
+        return skip(
+            Outcome::Skipped,
+            format!("subresource `{sub}`"),
+            Some(format!(
+                "trellis sidecar injection ignores the `{sub}` subresource; check the webhook's rules (CREATE pods only)"
+            )),
+        );
+    }
+    let kind = request.get("kind");
+    let (group, kind_name) = (str_at(kind, "group"), str_at(kind, "kind"));
+    if !group.is_empty() || kind_name != "Pod" {
+        let shown = if group.is_empty() {
+            kind_name
+        } else {
+            format!("{group}/{kind_name}")
+        };
+        return Decision::Deny(format!(
+            "the review is for `{shown}`, not a Pod: the webhook's rules must select CREATE of pods only"
+        ));
+    }
+    let operation = field("operation");
+    if operation != "CREATE" {
+        // Pod specs cannot gain containers after creation: there is nothing we could add.
+        return skip(
+            Outcome::Skipped,
+            format!("operation `{operation}`"),
+            Some(format!(
+                "trellis sidecar injection only acts on CREATE, not `{operation}`; check the webhook's rules"
+            )),
+        );
+    }
+    let Some(object) = request.get("object").and_then(Value::as_object) else {
+        return Decision::Deny("the review has no pod object".into());
+    };
+    if let Some(k) = object.get("kind").and_then(Value::as_str) {
+        if k != "Pod" {
+            return Decision::Deny(format!("the object is a `{k}`, not a Pod"));
+        }
+    }
+    let annotations = match object.get("metadata").map(|m| m.get("annotations")) {
+        None | Some(None) | Some(Some(Value::Null)) => Map::new(),
+        Some(Some(Value::Object(a))) => a.clone(),
+        Some(Some(_)) => return Decision::Deny("metadata.annotations is not a map".into()),
+    };
+    let annotation = |key: &str| annotations.get(key).and_then(Value::as_str).map(str::trim);
+
+    match annotation(ANNOTATION_INJECT) {
+        Some(v) if v.eq_ignore_ascii_case("false") => {
+            return skip(Outcome::OptedOut, format!("{ANNOTATION_INJECT}: false"), None)
+        }
+        Some(v) if !v.eq_ignore_ascii_case("true") => {
+            return Decision::Deny(format!(
+                "annotation {ANNOTATION_INJECT}: `{v}` must be \"true\" or \"false\" (\"false\" opts the pod out)"
+            ))
+        }
+        _ => {}
+    }
+
+    let Some(spec) = object.get("spec").and_then(Value::as_object) else {
+        return Decision::Deny("the pod has no spec".into());
+    };
+    let containers = match list(spec, "containers") {
+        Ok(c) => c,
+        Err(why) => return Decision::Deny(why),
+    };
+    let init_containers = match list(spec, "initContainers") {
+        Ok(c) => c,
+        Err(why) => return Decision::Deny(why),
+    };
+    let volumes = match list(spec, "volumes") {
+        Ok(v) => v,
+        Err(why) => return Decision::Deny(why),
+    };
+    let named = |items: &Option<&Vec<Value>>, name: &str| {
+        items
+            .iter()
+            .flat_map(|v| v.iter())
+            .any(|c| c.get("name").and_then(Value::as_str) == Some(name))
+    };
+    // Idempotence: the sidecar is there already (reinvocation, or a pod spec copied from an
+    // injected pod). An empty answer keeps the pod exactly as it is.
+    if named(&containers, SIDECAR_CONTAINER) || named(&init_containers, SIDECAR_CONTAINER) {
+        return skip(Outcome::Skipped, "already injected", None);
+    }
+    if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
+        // The sidecar's fixed ports would be the node's ports, shared by every such pod.
+        return skip(
+            Outcome::Skipped,
+            "hostNetwork pod",
+            Some("trellis sidecar injection skips hostNetwork pods: the sidecar's ports would collide on the node; this pod is not in the mesh".into()),
+        );
+    }
+    for name in [TOKEN_VOLUME, POLICY_VOLUME] {
+        if named(&volumes, name) {
+            return Decision::Deny(format!(
+                "the pod already has a volume named `{name}` but no `{SIDECAR_CONTAINER}` container; rename the volume, or opt out with {ANNOTATION_INJECT}: \"false\""
+            ));
+        }
+    }
+
+    let reserved = [INBOUND_PORT, ADMIN_PORT, OUTBOUND_PORT];
+    let app_port = match annotation(ANNOTATION_APP_PORT) {
+        Some(v) => match v.parse::<u16>() {
+            Ok(p) if p != 0 => p,
+            _ => {
+                return Decision::Deny(format!(
+                    "annotation {ANNOTATION_APP_PORT}: `{v}` is not a port number (1-65535)"
+                ))
+            }
+        },
+        None => first_container_port(&containers).unwrap_or(DEFAULT_APP_PORT),
+    };
+    if reserved.contains(&app_port) {
+        return Decision::Deny(format!(
+            "the app port {app_port} is one the sidecar uses ({INBOUND_PORT}, {ADMIN_PORT}, {OUTBOUND_PORT}); set {ANNOTATION_APP_PORT} to the app's own port"
+        ));
+    }
+    let upstreams = match annotation(ANNOTATION_UPSTREAMS) {
+        Some(v) => match check_upstreams(v) {
+            Ok(u) if u.is_empty() => None,
+            Ok(u) => Some(u),
+            Err(why) => return Decision::Deny(format!("annotation {ANNOTATION_UPSTREAMS}: {why}")),
+        },
+        None => None,
+    };
+    let policy_configmap = match annotation(ANNOTATION_POLICY_CONFIGMAP) {
+        Some(v) if is_dns_subdomain(v) => Some(v.to_owned()),
+        Some(v) => {
+            return Decision::Deny(format!(
+                "annotation {ANNOTATION_POLICY_CONFIGMAP}: `{v}` is not a ConfigMap name (lowercase letters, digits, '-' and '.', at most 253)"
+            ))
+        }
+        None => None,
+    };
+
+    let mut warnings = Vec::new();
+    for c in containers.iter().flat_map(|v| v.iter()) {
+        for p in ports_of(c) {
+            if reserved.contains(&p) {
+                warnings.push(format!(
+                    "container `{}` declares port {p}, which the trellis sidecar binds; one of them will fail to start",
+                    c.get("name").and_then(Value::as_str).unwrap_or("?")
+                ));
+            }
+        }
+    }
+
+    let container = sidecar_container(
+        cfg,
+        app_port,
+        upstreams.as_deref(),
+        policy_configmap.is_some(),
+    );
+    let mut new_volumes = vec![json!({
+        "name": TOKEN_VOLUME,
+        "projected": {
+            "sources": [{
+                "serviceAccountToken": {
+                    "audience": TOKEN_AUDIENCE,
+                    "expirationSeconds": TOKEN_EXPIRATION_SECONDS,
+                    "path": "token",
+                }
+            }]
+        }
+    })];
+    if let Some(name) = &policy_configmap {
+        new_volumes.push(json!({ "name": POLICY_VOLUME, "configMap": { "name": name } }));
+    }
+    let mut patch = append(containers.is_some(), "/spec/containers", vec![container]);
+    patch.extend(append(volumes.is_some(), "/spec/volumes", new_volumes));
+    Decision::Inject { patch, warnings }
+}
+
+fn str_at_map(map: &Map<String, Value>, key: &str) -> String {
+    map.get(key)
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// `spec.<key>`: absent or null is `None`; anything but an array is a malformed pod.
+fn list<'a>(spec: &'a Map<String, Value>, key: &str) -> Result<Option<&'a Vec<Value>>, String> {
+    match spec.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(a)) => Ok(Some(a)),
+        Some(_) => Err(format!("spec.{key} is not a list")),
+    }
+}
+
+/// JSONPatch (RFC 6902) adds: "-" appends to an existing array (section 4.1: "the '-'
+/// character ... index the end of the array"); a missing array is added whole, since an add
+/// below a missing member fails (section 4.1: "the target location MUST reference ... a
+/// member to add to an existing object").
+fn append(exists: bool, path: &str, items: Vec<Value>) -> Vec<Value> {
+    if exists {
+        items
+            .into_iter()
+            .map(|value| json!({ "op": "add", "path": format!("{path}/-"), "value": value }))
+            .collect()
+    } else {
+        vec![json!({ "op": "add", "path": path, "value": Value::Array(items) })]
+    }
+}
+
+fn ports_of(container: &Value) -> impl Iterator<Item = u16> + '_ {
+    container
+        .get("ports")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.get("containerPort").and_then(Value::as_u64))
+        .filter_map(|p| u16::try_from(p).ok())
+        .filter(|p| *p != 0)
+}
+
+/// The first containerPort of the first container.
+fn first_container_port(containers: &Option<&Vec<Value>>) -> Option<u16> {
+    containers
+        .and_then(|c| c.first())
+        .and_then(|c| ports_of(c).next())
+}
+
+/// Checks `trellis.io/upstreams` the way `trellis sidecar --upstream` will parse it, so a
+/// typo is refused at admission (with this message) instead of crash-looping the sidecar.
+/// Returns the specs joined by single spaces, as `TRELLIS_UPSTREAMS` is split.
+fn check_upstreams(value: &str) -> Result<String, String> {
+    const KEYS: [&str; 6] = ["name", "address", "identity", "hosts", "listen", "protocol"];
+    let specs: Vec<&str> = value.split_whitespace().collect();
+    for spec in &specs {
+        let mut seen = Vec::new();
+        for part in spec.split(',').filter(|p| !p.is_empty()) {
+            let Some((k, v)) = part.split_once('=') else {
+                return Err(format!("`{part}` in `{spec}` is not key=value"));
+            };
+            if !KEYS.contains(&k) {
+                return Err(format!(
+                    "unknown key `{k}` in `{spec}` (name, address, identity, hosts, listen, protocol)"
+                ));
+            }
+            if k == "identity" && !v.starts_with("spiffe://") {
+                return Err(format!("identity `{v}` in `{spec}` is not a spiffe:// ID"));
+            }
+            if !v.is_empty() {
+                seen.push(k);
+            }
+        }
+        for required in ["name", "address", "identity"] {
+            if !seen.contains(&required) {
+                return Err(format!("`{spec}` lacks `{required}=`"));
+            }
+        }
+    }
+    Ok(specs.join(" "))
+}
+
+/// RFC 1123 subdomain, the rule for ConfigMap names.
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// Fuzzing entry point (`fuzz/fuzz_targets/admission_review.rs`, run on stable by
+/// `tests/fuzz_bodies.rs`): a request body → [`review`] must not panic; a review it answers
+/// echoes the uid, is `allowed: false` exactly when the outcome is an error, and carries a
+/// base64 JSONPatch (the one in [`Review::patch`]) exactly when injecting. Returns the pod and
+/// the patch when injecting, so callers can apply one to the other. Not API.
+#[doc(hidden)]
+pub fn fuzz_review(data: &[u8]) -> Option<(Value, Vec<Value>)> {
+    let cfg = InjectConfig {
+        trust_domain: "example.org".into(),
+        image: "ghcr.io/trellis-mesh/trellis:fuzz".into(),
+        control_plane: "trellis-control.trellis-system.svc:8443".into(),
+        bundle_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+    };
+    let review = review(data, &cfg).ok()?;
+    let answer: Value = serde_json::from_slice(&review.body).ok()?;
+    assert_eq!(answer["apiVersion"], API_VERSION);
+    assert_eq!(answer["kind"], "AdmissionReview");
+    let response = &answer["response"];
+    assert_eq!(response["uid"].as_str(), Some(review.uid.as_str()));
+    assert_eq!(
+        response["allowed"].as_bool(),
+        Some(review.outcome != Outcome::Error)
+    );
+    let injected = review.outcome == Outcome::Injected;
+    assert_eq!(!review.patch.is_empty(), injected, "{}", review.detail);
+    assert_eq!(response.get("patch").is_some(), injected);
+    if !injected {
+        return None;
+    }
+    let encoded = response["patch"].as_str().unwrap_or_default();
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Vec<Value>>(&b).ok());
+    assert_eq!(decoded.as_ref(), Some(&review.patch));
+    let doc: Value = serde_json::from_slice(data).ok()?;
+    Some((doc["request"]["object"].clone(), review.patch))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests;

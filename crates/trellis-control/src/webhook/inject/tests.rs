@@ -1,0 +1,523 @@
+//! The injector against fixture pods and hand-made reviews: what is added, what is refused, and
+//! that every patch applies.
+
+use super::*;
+use std::path::PathBuf;
+
+const BUNDLE: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+
+fn cfg() -> InjectConfig {
+    InjectConfig {
+        trust_domain: "example.org".into(),
+        image: "ghcr.io/trellis-mesh/trellis:0.1.0".into(),
+        control_plane: "trellis-control.trellis-system.svc:8443".into(),
+        bundle_pem: BUNDLE.into(),
+    }
+}
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/admission")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn fixture_json(name: &str) -> Value {
+    serde_json::from_slice(&fixture(name)).unwrap()
+}
+
+/// The response object of a review's answer.
+fn response_of(r: &Review) -> Value {
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["apiVersion"], API_VERSION);
+    assert_eq!(v["kind"], "AdmissionReview");
+    v["response"].clone()
+}
+
+/// Decodes the base64 patch of a response and applies it to `pod` with `json-patch`, as
+/// the API server does.
+fn apply(pod: &Value, response: &Value) -> Value {
+    assert_eq!(response["patchType"], "JSONPatch");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(response["patch"].as_str().unwrap())
+        .unwrap();
+    let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
+    let mut out = pod.clone();
+    json_patch::patch(&mut out, &patch).unwrap();
+    out
+}
+
+/// Runs the review in fixture `name` and returns (pod before, response, pod after).
+fn inject(name: &str) -> (Value, Value, Value) {
+    let review = review(&fixture(name), &cfg()).unwrap();
+    assert_eq!(review.outcome, Outcome::Injected, "{}", review.detail);
+    let response = response_of(&review);
+    assert_eq!(response["allowed"], true);
+    let pod = fixture_json(name)["request"]["object"].clone();
+    let after = apply(&pod, &response);
+    (pod, response, after)
+}
+
+fn sidecar(pod: &Value) -> &Value {
+    pod["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == SIDECAR_CONTAINER)
+        .expect("sidecar container")
+}
+
+fn env_of(container: &Value) -> Vec<(String, String)> {
+    container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_owned(),
+                e["value"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn env_value(container: &Value, name: &str) -> Option<String> {
+    env_of(container)
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v)
+}
+
+/// Rewrites a fixture's review with the injected pod as its object (the reinvocation or
+/// copy case) and serializes it.
+fn review_of_pod(name: &str, pod: &Value) -> Vec<u8> {
+    let mut doc = fixture_json(name);
+    doc["request"]["object"] = pod.clone();
+    serde_json::to_vec(&doc).unwrap()
+}
+
+/// Sets the member at `pointer`, creating it in its (existing) parent object if needed.
+fn set_at(doc: &mut Value, pointer: &str, value: Value) {
+    match doc.pointer_mut(pointer) {
+        Some(slot) => *slot = value,
+        None => {
+            let (parent, key) = pointer.rsplit_once('/').unwrap();
+            doc.pointer_mut(parent)
+                .unwrap_or_else(|| panic!("{parent}"))
+                .as_object_mut()
+                .unwrap()
+                .insert(key.to_owned(), value);
+        }
+    }
+}
+
+#[test]
+fn injects_into_a_deployment_pod_without_volumes() {
+    let (before, response, after) = inject("deployment-pod.json");
+    assert!(response.get("warnings").is_none(), "{response}");
+    // The app container is untouched and still first.
+    assert_eq!(
+        after["spec"]["containers"][0],
+        before["spec"]["containers"][0]
+    );
+    assert_eq!(after["spec"]["containers"].as_array().unwrap().len(), 2);
+    let s = sidecar(&after);
+    assert_eq!(s["image"], "ghcr.io/trellis-mesh/trellis:0.1.0");
+    assert_eq!(s["args"], json!(["sidecar"]));
+    let env = env_of(s);
+    let want = [
+        ("TRELLIS_TRUST_DOMAIN", "example.org"),
+        (
+            "TRELLIS_CONTROL_PLANE",
+            "trellis-control.trellis-system.svc:8443",
+        ),
+        ("TRELLIS_CONTROL_BUNDLE_PEM", BUNDLE),
+        ("TRELLIS_TOKEN_FILE", "/var/run/secrets/trellis/token"),
+        ("TRELLIS_INBOUND", "0.0.0.0:15443"),
+        ("TRELLIS_OUTBOUND", "127.0.0.1:15001"),
+        ("TRELLIS_ADMIN", "0.0.0.0:15000"),
+        // The first containerPort of the first container.
+        ("TRELLIS_APP", "127.0.0.1:5678"),
+    ];
+    let want: Vec<(String, String)> = want
+        .iter()
+        .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+        .collect();
+    assert_eq!(env, want, "no upstreams, no policy without annotations");
+    assert_eq!(
+        s["ports"],
+        json!([
+            { "name": "trellis-mtls", "containerPort": 15443, "protocol": "TCP" },
+            { "name": "trellis-admin", "containerPort": 15000, "protocol": "TCP" },
+        ])
+    );
+    assert_eq!(s["readinessProbe"]["httpGet"]["path"], "/ready");
+    assert_eq!(s["readinessProbe"]["httpGet"]["port"], 15000);
+    assert_eq!(s["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(s["livenessProbe"]["httpGet"]["port"], 15000);
+    assert_eq!(
+        s["resources"],
+        json!({
+            "requests": { "cpu": "50m", "memory": "32Mi" },
+            "limits": { "cpu": "500m", "memory": "128Mi" },
+        })
+    );
+    let sc = &s["securityContext"];
+    assert_eq!(sc["runAsNonRoot"], true);
+    assert_eq!(sc["runAsUser"], 65532);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+    assert_eq!(
+        s["volumeMounts"],
+        json!([{ "name": "trellis-token", "mountPath": "/var/run/secrets/trellis", "readOnly": true }])
+    );
+    // The pod had no volumes: the whole array was added.
+    assert!(before["spec"].get("volumes").is_none());
+    assert_eq!(
+        after["spec"]["volumes"],
+        json!([{
+            "name": "trellis-token",
+            "projected": { "sources": [{ "serviceAccountToken": {
+                "audience": "trellis", "expirationSeconds": 3600, "path": "token"
+            }}]}
+        }])
+    );
+    // Nothing else about the pod changed.
+    let mut rest_before = before.clone();
+    let mut rest_after = after.clone();
+    for v in [&mut rest_before, &mut rest_after] {
+        let spec = v["spec"].as_object_mut().unwrap();
+        spec.remove("containers");
+        spec.remove("volumes");
+    }
+    assert_eq!(rest_before, rest_after);
+}
+
+#[test]
+fn existing_volumes_and_ports_are_kept_and_appended_to() {
+    let (before, response, after) = inject("pod-with-volumes-and-ports.json");
+    // The patch appends with `/-` rather than replacing the arrays.
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(response["patch"].as_str().unwrap())
+        .unwrap();
+    let ops: Vec<Value> = serde_json::from_slice(&bytes).unwrap();
+    let paths: Vec<&str> = ops.iter().map(|o| o["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, ["/spec/containers/-", "/spec/volumes/-"]);
+    assert!(ops.iter().all(|o| o["op"] == "add"));
+
+    let before_containers = before["spec"]["containers"].as_array().unwrap();
+    let after_containers = after["spec"]["containers"].as_array().unwrap();
+    assert_eq!(after_containers.len(), before_containers.len() + 1);
+    assert_eq!(
+        &after_containers[..before_containers.len()],
+        &before_containers[..]
+    );
+    assert_eq!(after_containers.last().unwrap()["name"], SIDECAR_CONTAINER);
+
+    let before_volumes = before["spec"]["volumes"].as_array().unwrap();
+    let after_volumes = after["spec"]["volumes"].as_array().unwrap();
+    assert_eq!(after_volumes.len(), before_volumes.len() + 1);
+    assert_eq!(&after_volumes[..before_volumes.len()], &before_volumes[..]);
+    assert_eq!(after_volumes.last().unwrap()["name"], TOKEN_VOLUME);
+    // First containerPort of the first container (not the metrics port of the second).
+    assert_eq!(
+        env_value(sidecar(&after), "TRELLIS_APP").as_deref(),
+        Some("127.0.0.1:8080")
+    );
+    assert_eq!(
+        before["spec"]["initContainers"],
+        after["spec"]["initContainers"]
+    );
+}
+
+#[test]
+fn all_annotations_are_honoured() {
+    let (_before, _response, after) = inject("pod-all-annotations.json");
+    let s = sidecar(&after);
+    assert_eq!(
+        env_value(s, "TRELLIS_APP").as_deref(),
+        Some("127.0.0.1:9000")
+    );
+    assert_eq!(
+        env_value(s, "TRELLIS_UPSTREAMS").as_deref(),
+        Some(
+            "name=service-b,address=service-b.demo.svc:15443,identity=spiffe://example.org/ns/demo/sa/service-b \
+             name=db,address=db.demo.svc:15432,identity=spiffe://example.org/ns/demo/sa/db,listen=127.0.0.1:5432,protocol=tcp"
+        )
+    );
+    assert_eq!(
+        env_value(s, "TRELLIS_POLICY").as_deref(),
+        Some("/etc/trellis/policy")
+    );
+    assert_eq!(
+        s["volumeMounts"],
+        json!([
+            { "name": "trellis-token", "mountPath": "/var/run/secrets/trellis", "readOnly": true },
+            { "name": "trellis-policy", "mountPath": "/etc/trellis/policy", "readOnly": true },
+        ])
+    );
+    let volumes = after["spec"]["volumes"].as_array().unwrap();
+    assert_eq!(
+        volumes.last().unwrap(),
+        &json!({ "name": "trellis-policy", "configMap": { "name": "service-b-policy" } })
+    );
+    assert_eq!(volumes[volumes.len() - 2]["name"], TOKEN_VOLUME);
+}
+
+#[test]
+fn a_pod_without_ports_gets_the_default_app_port() {
+    let mut doc = fixture_json("deployment-pod.json");
+    doc["request"]["object"]["spec"]["containers"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("ports");
+    let r = review(&serde_json::to_vec(&doc).unwrap(), &cfg()).unwrap();
+    let after = apply(&doc["request"]["object"], &response_of(&r));
+    assert_eq!(
+        env_value(sidecar(&after), "TRELLIS_APP").as_deref(),
+        Some("127.0.0.1:8080")
+    );
+}
+
+#[test]
+fn injection_is_idempotent() {
+    for name in [
+        "deployment-pod.json",
+        "pod-with-volumes-and-ports.json",
+        "pod-all-annotations.json",
+    ] {
+        let (_before, _response, after) = inject(name);
+        let again = review(&review_of_pod(name, &after), &cfg()).unwrap();
+        assert_eq!(again.outcome, Outcome::Skipped, "{name}");
+        assert!(again.patch.is_empty(), "{name}");
+        let response = response_of(&again);
+        assert_eq!(response["allowed"], true, "{name}");
+        assert!(response.get("patch").is_none(), "{name}: {response}");
+        assert!(response.get("patchType").is_none(), "{name}: {response}");
+    }
+}
+
+#[test]
+fn an_already_injected_pod_gets_no_patch() {
+    let r = review(&fixture("pod-already-injected.json"), &cfg()).unwrap();
+    assert_eq!(r.outcome, Outcome::Skipped);
+    assert_eq!(r.detail, "already injected");
+    let response = response_of(&r);
+    assert_eq!(response["uid"], "3c8a4f0e-0d1b-4a55-9d0e-7f2f8e1b6a01");
+    assert_eq!(response["allowed"], true);
+    assert!(response.get("patch").is_none());
+}
+
+#[test]
+fn opt_out_annotation_is_respected() {
+    let r = review(&fixture("pod-opted-out.json"), &cfg()).unwrap();
+    assert_eq!(r.outcome, Outcome::OptedOut);
+    let response = response_of(&r);
+    assert_eq!(response["allowed"], true);
+    assert!(response.get("patch").is_none());
+    assert!(response.get("status").is_none());
+}
+
+#[test]
+fn the_bundle_in_the_env_is_the_one_configured_now() {
+    let mut c = cfg();
+    c.bundle_pem = format!("{BUNDLE}{BUNDLE}");
+    let r = review(&fixture("deployment-pod.json"), &c).unwrap();
+    let after = apply(
+        &fixture_json("deployment-pod.json")["request"]["object"],
+        &response_of(&r),
+    );
+    assert_eq!(
+        env_value(sidecar(&after), "TRELLIS_CONTROL_BUNDLE_PEM"),
+        Some(c.bundle_pem)
+    );
+}
+
+#[test]
+fn malformed_bodies_are_bad_reviews_with_a_message() {
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (fixture("malformed-not-json.txt"), "not a JSON AdmissionReview"),
+        (b"[1,2,3]".to_vec(), "not a JSON object"),
+        (b"".to_vec(), "not a JSON AdmissionReview"),
+        (fixture("malformed-v1beta1.json"), "admission.k8s.io/v1beta1"),
+        (
+            br#"{"apiVersion":"admission.k8s.io/v1","kind":"Pod"}"#.to_vec(),
+            "kind `Pod` is not AdmissionReview",
+        ),
+        (
+            br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#.to_vec(),
+            "no request",
+        ),
+        (fixture("malformed-no-uid.json"), "no uid"),
+        (
+            br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":""}}"#.to_vec(),
+            "no uid",
+        ),
+    ];
+    for (body, want) in cases {
+        let err = review(&body, &cfg()).unwrap_err().to_string();
+        assert!(err.contains(want), "{want}: {err}");
+    }
+}
+
+#[test]
+fn a_review_of_something_else_is_refused_with_a_status() {
+    let r = review(&fixture("malformed-not-a-pod.json"), &cfg()).unwrap();
+    assert_eq!(r.outcome, Outcome::Error);
+    let response = response_of(&r);
+    assert_eq!(response["uid"], "7d1c2b3a-4e5f-4a6b-8c7d-9e0f1a2b3c4d");
+    assert_eq!(response["allowed"], false);
+    assert_eq!(response["status"]["code"], 400);
+    let message = response["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("apps/Deployment") && message.contains("not a Pod"),
+        "{message}"
+    );
+    assert!(response.get("patch").is_none());
+}
+
+/// A well-formed review with a broken pod is refused (failurePolicy: Fail semantics), never
+/// a panic.
+#[test]
+fn broken_pods_are_refused_not_crashed_on() {
+    let base = fixture_json("deployment-pod.json");
+    let cases: Vec<(&str, Value, &str)> = vec![
+        ("/request/object", Value::Null, "no pod object"),
+        ("/request/object", json!("a string"), "no pod object"),
+        ("/request/object/kind", json!("Service"), "not a Pod"),
+        ("/request/object/spec", Value::Null, "no spec"),
+        (
+            "/request/object/spec/containers",
+            json!({"a": 1}),
+            "spec.containers is not a list",
+        ),
+        (
+            "/request/object/spec/volumes",
+            json!("x"),
+            "spec.volumes is not a list",
+        ),
+        (
+            "/request/object/metadata/annotations",
+            json!([1]),
+            "annotations is not a map",
+        ),
+        (
+            "/request/object/metadata/annotations",
+            json!({"trellis.io/app-port": "http"}),
+            "trellis.io/app-port",
+        ),
+        (
+            "/request/object/metadata/annotations",
+            json!({"trellis.io/app-port": "70000"}),
+            "not a port number",
+        ),
+        (
+            "/request/object/metadata/annotations",
+            json!({"trellis.io/app-port": "15443"}),
+            "sidecar uses",
+        ),
+        (
+            "/request/object/metadata/annotations",
+            json!({"trellis.io/upstreams": "name=b,address=b:1"}),
+            "lacks `identity=`",
+        ),
+        (
+            "/request/object/metadata/annotations",
+            json!({"trellis.io/upstreams": "name=b,adress=b:1,identity=spiffe://example.org/b"}),
+            "unknown key `adress`",
+        ),
+        (
+            "/request/object/metadata/annotations",
+            json!({"trellis.io/upstreams": "name=b,address=b:1,identity=http://b"}),
+            "not a spiffe:// ID",
+        ),
+        (
+            "/request/object/metadata/annotations",
+            json!({"trellis.io/policy-configmap": "Bad_Name"}),
+            "not a ConfigMap name",
+        ),
+        (
+            "/request/object/metadata/annotations",
+            json!({"trellis.io/inject": "maybe"}),
+            "must be \"true\" or \"false\"",
+        ),
+        (
+            "/request/object/spec/volumes",
+            json!([{"name": "trellis-token", "emptyDir": {}}]),
+            "already has a volume named `trellis-token`",
+        ),
+    ];
+    for (pointer, value, want) in cases {
+        let mut doc = base.clone();
+        set_at(&mut doc, pointer, value);
+        let r = review(&serde_json::to_vec(&doc).unwrap(), &cfg()).unwrap();
+        assert_eq!(r.outcome, Outcome::Error, "{pointer}: {}", r.detail);
+        let response = response_of(&r);
+        assert_eq!(response["allowed"], false, "{pointer}");
+        let message = response["status"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(want),
+            "{pointer}: want {want:?} in {message}"
+        );
+    }
+}
+
+#[test]
+fn non_create_subresources_and_host_network_are_allowed_unchanged() {
+    let base = fixture_json("deployment-pod.json");
+    for (pointer, value, want) in [
+        ("/request/operation", json!("UPDATE"), "only acts on CREATE"),
+        (
+            "/request/subResource",
+            json!("ephemeralcontainers"),
+            "subresource",
+        ),
+        (
+            "/request/object/spec/hostNetwork",
+            json!(true),
+            "hostNetwork",
+        ),
+    ] {
+        let mut doc = base.clone();
+        set_at(&mut doc, pointer, value);
+        let r = review(&serde_json::to_vec(&doc).unwrap(), &cfg()).unwrap();
+        assert_eq!(r.outcome, Outcome::Skipped, "{pointer}");
+        let response = response_of(&r);
+        assert_eq!(response["allowed"], true);
+        assert!(response.get("patch").is_none());
+        let warning = response["warnings"][0].as_str().unwrap();
+        assert!(warning.contains(want), "{pointer}: {warning}");
+    }
+}
+
+#[test]
+fn reserved_port_in_the_app_is_a_warning() {
+    let mut doc = fixture_json("deployment-pod.json");
+    doc["request"]["object"]["spec"]["containers"][0]["ports"] =
+        json!([{ "containerPort": 8080 }, { "containerPort": 15000 }]);
+    let r = review(&serde_json::to_vec(&doc).unwrap(), &cfg()).unwrap();
+    assert_eq!(r.outcome, Outcome::Injected);
+    let warning = response_of(&r)["warnings"][0].as_str().unwrap().to_owned();
+    assert!(warning.contains("15000"), "{warning}");
+}
+
+#[test]
+fn pod_label_uses_generate_name_before_the_pod_is_named() {
+    let r = review(&fixture("deployment-pod.json"), &cfg()).unwrap();
+    assert_eq!(r.pod, "demo/service-a-7d9f8c6b5d-*");
+}
+
+#[test]
+fn outcome_labels_are_the_metric_labels() {
+    let labels: Vec<&str> = [
+        Outcome::Injected,
+        Outcome::Skipped,
+        Outcome::OptedOut,
+        Outcome::Error,
+    ]
+    .iter()
+    .map(|o| o.label())
+    .collect();
+    assert_eq!(labels, ["injected", "skipped", "opted_out", "error"]);
+}

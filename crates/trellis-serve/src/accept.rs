@@ -1,0 +1,420 @@
+//! Bind, and the one accept loop every listener of both binaries runs ([`Listener::serve`]):
+//!
+//! - **connection cap**: past [`ConnLimit`]'s max a connection is accepted and closed at once,
+//!   and reported ([`ListenerEvents::refused`]);
+//! - **handshake timeout**: a listener with a [`Handshake`] (TLS) runs it in the connection's
+//!   own task, bounded by the listener's timeout, so a slow client never stalls the loop; a
+//!   handshake that runs out of time is reported ([`ListenerEvents::handshake_timed_out`]);
+//! - **accept errors** (out of file descriptors, …) are logged and retried after a short pause
+//!   instead of spinning;
+//! - **drain**: the loop stops accepting once its [`Drain`] signals (the socket closes with the
+//!   [`Listener`]); each connection task holds a clone of that drain, so the drain waits for
+//!   them, and is dropped (its socket closed) when the drain is forced.
+//!
+//! What happens to a connection is the caller's: the loop hands each one, as an [`Accepted`],
+//! to a closure whose future it spawns, holding the connection's permit until that future
+//! ends. [`Accepted::handshake`] is the only way to the stream, so no listener serves a
+//! connection whose handshake it skipped or left unbounded.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::drain::Drain;
+use crate::limit::{ConnLimit, ListenerEvents};
+
+/// After a failed `accept` (EMFILE and friends), how long the loop waits before the next.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// A listener could not be bound.
+#[derive(Debug, Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub struct BindError {
+    /// The address asked for.
+    pub addr: SocketAddr,
+    /// The OS error.
+    pub source: io::Error,
+}
+
+/// Binds `addr` (port 0: any free port; read it back with [`TcpListener::local_addr`]).
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| BindError { addr, source })
+}
+
+/// What a listener does to an accepted connection before serving it: a TLS handshake, or
+/// nothing ([`Plain`]). Runs in the connection's own task, bounded by the listener's handshake
+/// timeout. Cloned once per connection (a TLS acceptor is a reference count).
+pub trait Handshake: Clone + Send + Sync + 'static {
+    /// The connection once the handshake is done (a TLS stream, and what it tells about the
+    /// peer).
+    type Io: Send + 'static;
+
+    /// Runs the handshake; `None` refuses the connection (the implementation has logged and
+    /// counted why: only it knows the reason).
+    fn handshake(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+    ) -> impl Future<Output = Option<Self::Io>> + Send;
+}
+
+/// No handshake: the TCP stream is served as it is.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Plain;
+
+impl Handshake for Plain {
+    type Io = TcpStream;
+
+    fn handshake(
+        &self,
+        tcp: TcpStream,
+        _peer: SocketAddr,
+    ) -> impl Future<Output = Option<TcpStream>> + Send {
+        std::future::ready(Some(tcp))
+    }
+}
+
+/// One bound listener: its socket, its cap, whom it reports to, and its handshake.
+pub struct Listener<H = Plain> {
+    tcp: TcpListener,
+    name: &'static str,
+    limit: Arc<ConnLimit>,
+    events: Arc<dyn ListenerEvents>,
+    handshake: H,
+    /// `None`: no handshake to bound ([`Plain`]).
+    handshake_timeout: Option<Duration>,
+}
+
+impl<H> std::fmt::Debug for Listener<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listener")
+            .field("name", &self.name)
+            .field("addr", &self.tcp.local_addr().ok())
+            .field("max_connections", &self.limit.max())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Listener<Plain> {
+    /// Serves plain TCP on `tcp`, at most `max_connections` at once; `name` is the listener in
+    /// logs; refusals go to `events`.
+    pub fn new(
+        tcp: TcpListener,
+        name: &'static str,
+        max_connections: usize,
+        events: Arc<dyn ListenerEvents>,
+    ) -> Self {
+        Self {
+            tcp,
+            name,
+            limit: ConnLimit::new(max_connections),
+            events,
+            handshake: Plain,
+            handshake_timeout: None,
+        }
+    }
+
+    /// Runs `handshake` on every connection first, each bounded by `timeout`.
+    pub fn with_handshake<H: Handshake>(self, handshake: H, timeout: Duration) -> Listener<H> {
+        Listener {
+            tcp: self.tcp,
+            name: self.name,
+            limit: self.limit,
+            events: self.events,
+            handshake,
+            handshake_timeout: Some(timeout),
+        }
+    }
+}
+
+impl<H: Handshake> Listener<H> {
+    /// The bound address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    /// The listener's name in logs.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The connection cap (connections open now, and the max).
+    pub fn limit(&self) -> &Arc<ConnLimit> {
+        &self.limit
+    }
+
+    /// Accepts until `drain` signals. Each connection that fits under the cap gets its own
+    /// task running the future `serve` makes of it. The task holds the connection's permit and
+    /// a clone of `drain` until that future ends, and is dropped (closing the connection) when
+    /// the drain is forced.
+    pub async fn serve<F, Fut>(&self, drain: &Drain, mut serve: F)
+    where
+        F: FnMut(Accepted<H>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let draining = drain.signaled();
+        let mut draining = std::pin::pin!(draining);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                biased;
+                () = &mut draining => return,
+                accepted = self.tcp.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!(listener = self.name, error = %e, "accept failed");
+                        tokio::select! {
+                            () = &mut draining => return,
+                            () = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => continue,
+                        }
+                    }
+                },
+            };
+            let Some(permit) = self.limit.try_acquire() else {
+                self.events.refused();
+                tracing::debug!(listener = self.name, %peer, "listener full; connection closed");
+                drop(tcp);
+                continue;
+            };
+            // Requests are small and latency-bound.
+            let _ = tcp.set_nodelay(true);
+            let task = serve(Accepted {
+                tcp,
+                peer,
+                handshake: self.handshake.clone(),
+                bound: self
+                    .handshake_timeout
+                    .map(|timeout| (timeout, Arc::clone(&self.events), self.name)),
+            });
+            let (hold, forced) = (drain.clone(), drain.forced());
+            tokio::spawn(async move {
+                let (_permit, _hold) = (permit, hold);
+                tokio::select! {
+                    () = task => {}
+                    () = forced => {}
+                }
+            });
+        }
+    }
+}
+
+/// An accepted connection, before its handshake.
+pub struct Accepted<H> {
+    tcp: TcpStream,
+    peer: SocketAddr,
+    handshake: H,
+    /// The handshake's timeout, whom to tell when it runs out, and the listener's name.
+    bound: Option<(Duration, Arc<dyn ListenerEvents>, &'static str)>,
+}
+
+impl<H: Handshake> Accepted<H> {
+    /// The peer's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// The listener's handshake, bounded by its timeout. `None`: refused or timed out (logged
+    /// and reported); the connection is closed.
+    pub async fn handshake(self) -> Option<H::Io> {
+        let Accepted {
+            tcp,
+            peer,
+            handshake,
+            bound,
+        } = self;
+        let Some((timeout, events, name)) = bound else {
+            return handshake.handshake(tcp, peer).await;
+        };
+        match tokio::time::timeout(timeout, handshake.handshake(tcp, peer)).await {
+            Ok(io) => io,
+            Err(_) => {
+                events.handshake_timed_out();
+                tracing::debug!(listener = name, %peer, "handshake timed out");
+                None
+            }
+        }
+    }
+}
+
+impl Accepted<Plain> {
+    /// The TCP stream (a plain listener has no handshake).
+    pub fn into_tcp(self) -> TcpStream {
+        self.tcp
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncReadExt;
+
+    #[derive(Default)]
+    struct Counted {
+        refused: AtomicUsize,
+        timed_out: AtomicUsize,
+    }
+
+    impl ListenerEvents for Counted {
+        fn refused(&self) {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        fn handshake_timed_out(&self) {
+            self.timed_out.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    async fn listener(max: usize) -> (Listener, Arc<Counted>, SocketAddr) {
+        let tcp = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let events = Arc::new(Counted::default());
+        let listener = Listener::new(tcp, "test", max, events.clone());
+        let addr = listener.local_addr().unwrap();
+        (listener, events, addr)
+    }
+
+    /// Reads until the server closes the connection (EOF or reset); false if it stays open
+    /// for 60 s (longer than any timeout under test, which paused time reaches first).
+    async fn closed_by_server(client: &mut TcpStream) -> bool {
+        let mut buf = [0u8; 64];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(60), client.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn cap_refuses_and_counts_then_serves_again_when_a_slot_frees() {
+        let (listener, events, addr) = listener(2).await;
+        let (_signal, drain) = crate::drain::channel();
+        let served = Arc::new(AtomicUsize::new(0));
+        let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+        let loop_served = Arc::clone(&served);
+        tokio::spawn(async move {
+            listener
+                .serve(&drain, |conn| {
+                    let served = Arc::clone(&loop_served);
+                    let mut release = release_rx.clone();
+                    async move {
+                        let _tcp = conn.handshake().await;
+                        served.fetch_add(1, Ordering::Relaxed);
+                        // Held open until the test releases it.
+                        let _ = release.wait_for(|r| *r).await;
+                    }
+                })
+                .await;
+        });
+        let _a = TcpStream::connect(addr).await.unwrap();
+        let _b = TcpStream::connect(addr).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while served.load(Ordering::Relaxed) < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "two connections not served"
+            );
+            tokio::task::yield_now().await;
+        }
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        assert!(
+            closed_by_server(&mut third).await,
+            "over the cap but left open"
+        );
+        assert_eq!(events.refused.load(Ordering::Relaxed), 1);
+        assert_eq!(served.load(Ordering::Relaxed), 2);
+        // Free the slots: the next connection is served.
+        release_tx.send_replace(true);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let _c = TcpStream::connect(addr).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if served.load(Ordering::Relaxed) >= 3 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never served again");
+        }
+    }
+
+    /// A handshake that never finishes.
+    #[derive(Clone)]
+    struct Stall;
+
+    impl Handshake for Stall {
+        type Io = TcpStream;
+        async fn handshake(&self, tcp: TcpStream, _peer: SocketAddr) -> Option<TcpStream> {
+            let _held = tcp;
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_handshake_is_cut_at_the_timeout_and_reported() {
+        let (listener, events, addr) = listener(8).await;
+        let listener = listener.with_handshake(Stall, Duration::from_secs(10));
+        let (_signal, drain) = crate::drain::channel();
+        let reached = Arc::new(AtomicUsize::new(0));
+        let loop_reached = Arc::clone(&reached);
+        tokio::spawn(async move {
+            listener
+                .serve(&drain, |conn| {
+                    let reached = Arc::clone(&loop_reached);
+                    async move {
+                        if conn.handshake().await.is_some() {
+                            reached.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+                .await;
+        });
+        let started = tokio::time::Instant::now();
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        assert!(closed_by_server(&mut client).await);
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_secs(10), "{waited:?}");
+        assert_eq!(events.timed_out.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            reached.load(Ordering::Relaxed),
+            0,
+            "served without a handshake"
+        );
+    }
+
+    #[tokio::test]
+    async fn drain_closes_the_socket_and_a_forced_drain_drops_connections() {
+        let (listener, _events, addr) = listener(8).await;
+        let (signal, drain) = crate::drain::channel();
+        let loop_drain = drain.clone();
+        let accepting = tokio::spawn(async move {
+            listener
+                .serve(&loop_drain, |conn| async move {
+                    // Ignores the drain: only a forced drain ends it.
+                    let _tcp = conn.into_tcp();
+                    std::future::pending::<()>().await;
+                })
+                .await;
+        });
+        drop(drain);
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        // Give the loop time to accept it (the write lands either way).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let drained = signal.drain(Duration::from_millis(200)).await;
+        assert!(!drained, "a connection that ignores the drain finished it");
+        accepting.await.unwrap();
+        assert!(
+            closed_by_server(&mut client).await,
+            "forced drain left it open"
+        );
+        assert!(
+            TcpStream::connect(addr).await.is_err(),
+            "still accepting after the drain"
+        );
+    }
+}
