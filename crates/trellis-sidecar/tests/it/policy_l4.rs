@@ -3,8 +3,8 @@
 //! open connection closes it.
 #![allow(clippy::unwrap_used)]
 
-mod datapath_support;
-mod policy_support;
+use crate::datapath_support;
+use crate::policy_support;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! app → outbound sidecar → HTTP/2 over mTLS → inbound sidecar → app, on real loopback sockets.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-mod datapath_support;
+use crate::datapath_support;
 
 use std::time::Duration;
 

@@ -3,8 +3,8 @@
 //! and shows on `/policy`; a reload that denies a caller everything closes its connections.
 #![allow(clippy::unwrap_used)]
 
-mod datapath_support;
-mod policy_support;
+use crate::datapath_support;
+use crate::policy_support;
 
 use std::time::{Duration, Instant};
 

@@ -34,7 +34,7 @@ const CLIENT_ID: &str = "spiffe://example.org/ops/inspect";
 const SERVER_ID: &str = "spiffe://example.org/ns/demo/sa/server";
 /// What Envoy's Kubernetes token for `default/web` is mapped to.
 const ENVOY_ID: &str = "spiffe://example.org/ns/default/sa/web";
-const ENVOY_BOOTSTRAP: &str = include_str!("../envoy/sds-bootstrap.yaml");
+const ENVOY_BOOTSTRAP: &str = include_str!("../../envoy/sds-bootstrap.yaml");
 /// Envoy's listeners warm only once both SDS secrets arrived.
 const ENVOY_WARMUP: Duration = Duration::from_secs(45);
 

@@ -3,8 +3,7 @@
 //! cannot be normalized is refused), and the decision metrics.
 #![allow(clippy::unwrap_used)]
 
-mod datapath_support;
-mod policy_support;
+use crate::policy_support;
 
 use http::StatusCode;
 use policy_support::*;

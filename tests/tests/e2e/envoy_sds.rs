@@ -16,7 +16,7 @@ use trellis_tests::{
     serial_of, tls_client_config, tls_connect, ControlPlane, ControlPlaneOpts, Envoy, K8sOpts,
 };
 
-const BOOTSTRAP: &str = include_str!("../envoy/sds-bootstrap.yaml");
+const BOOTSTRAP: &str = include_str!("../../envoy/sds-bootstrap.yaml");
 const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 const KID: &str = "trellis-e2e-key";
 

@@ -2,7 +2,7 @@
 //! resumption on both sides, raw TCP mode, and the HTTP/1.1 fallback toward a peer without h2.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-mod datapath_support;
+use crate::datapath_support;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -18,7 +18,7 @@ use trellis_tests::{
     ControlPlaneOpts, Envoy,
 };
 
-const BOOTSTRAP: &str = include_str!("../envoy/sidecar-interop.yaml");
+const BOOTSTRAP: &str = include_str!("../../envoy/sidecar-interop.yaml");
 /// What the Kubernetes token for `default/web` is mapped to.
 const ENVOY_ID: &str = "spiffe://example.org/ns/default/sa/web";
 const NOT_ENVOY_ID: &str = "spiffe://example.org/ns/default/sa/not-web";
