@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 
+use crate::metrics::Metrics;
 use anyhow::{anyhow, bail, Context as _};
 use tempfile::TempDir;
 use tokio::net::TcpStream;
@@ -248,6 +249,15 @@ impl ControlPlane {
     pub async fn admin_get(&self, path: &str) -> anyhow::Result<HttpResponse> {
         let tcp = TcpStream::connect(self.admin_addr).await?;
         http_get(tcp, &self.admin_addr.to_string(), path).await
+    }
+
+    /// `/metrics`, parsed.
+    pub async fn metrics(&self) -> anyhow::Result<Metrics> {
+        let r = self.admin_get("/metrics").await?;
+        if r.status != 200 {
+            bail!("control plane /metrics: {}", r.status);
+        }
+        Metrics::parse(&r.text())
     }
 }
 

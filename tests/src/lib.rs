@@ -41,6 +41,7 @@ pub mod h2_raw;
 pub mod k8s;
 pub mod load;
 pub mod mesh;
+pub mod metrics;
 pub mod openssl;
 pub mod policy_mesh;
 pub mod postgres;

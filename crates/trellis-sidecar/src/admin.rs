@@ -8,7 +8,7 @@
 //! `0.0.0.0` by config): `/shutdown` (drain and exit as on SIGTERM; answered `202` first) and
 //! `/inspect?target=HOST:PORT[&spiffe_id=…][&trust_domain=…][&tls12=true][&timeout=5s]` (one
 //! diagnostic handshake presenting this sidecar's current SVID, whose key never leaves the
-//! process; answers the [`InspectReport`](trellis_identity::inspect::InspectReport) as JSON).
+//! process; answers the [`InspectReport`](crate::inspect::InspectReport) as JSON).
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::inspect::{self, ClientIdentity, InspectOptions, Target};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::Full;
@@ -23,7 +24,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
-use trellis_identity::inspect::{self, ClientIdentity, InspectOptions, Target};
 use trellis_identity::{SpiffeId, TrustDomain};
 
 use crate::config::Limits;

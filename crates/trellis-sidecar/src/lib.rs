@@ -13,6 +13,7 @@ pub mod h1_framing;
 pub mod http_util;
 pub mod identity_files;
 pub mod inbound;
+pub mod inspect;
 pub mod metrics;
 pub mod mtls;
 pub mod outbound;

@@ -24,7 +24,7 @@ use trellis_identity::{certs_to_pem, key_to_pem};
 use trellis_tests::app_client::{get_once, Proto};
 use trellis_tests::echo::EchoApp;
 use trellis_tests::mesh::{Mesh, MeshOpts, A_ID, B_ID};
-use trellis_tests::sds_server::ScriptCa;
+use trellis_tests::sds_server::TestCa;
 use trellis_tests::sidecar::{Sidecar, SidecarOpts};
 use trellis_tests::{
     e2e, eventually, free_port, http_get, run_with_timeout, trellis_bin, Child, ControlPlane,
@@ -483,8 +483,8 @@ async fn status_summarizes_a_sidecar_and_a_control_plane() -> anyhow::Result<()>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_of_a_file_identity_sidecar_shows_its_files() -> anyhow::Result<()> {
     e2e(async {
-        let ca = ScriptCa::root("example.org")?;
-        let svid = ca.svid(A_ID)?;
+        let ca = TestCa::root("example.org");
+        let svid = ca.svid(A_ID.strip_prefix("spiffe://example.org").context("A_ID")?);
         let dir = tempfile::tempdir()?;
         let (cert, key, bundle) = (
             dir.path().join("svid.pem"),

@@ -57,16 +57,6 @@ async fn connect_sds_from(cp: &ControlPlane, from: IpAddr) -> anyhow::Result<Sds
     Ok(SecretDiscoveryServiceClient::new(channel))
 }
 
-/// The value of an unlabelled (or fully labelled) sample on `/metrics`, 0 when absent.
-async fn metric(cp: &ControlPlane, series: &str) -> anyhow::Result<f64> {
-    let body = cp.admin_get("/metrics").await?.text();
-    Ok(body
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map(|v| v.trim().parse().unwrap_or(0.0))
-        .unwrap_or(0.0))
-}
-
 /// Whether the server closes `tcp` (EOF or reset) within `within`; never sends anything.
 async fn closed_by_server(tcp: &mut TcpStream, within: Duration) -> bool {
     let mut buf = [0u8; 64];
@@ -139,7 +129,7 @@ async fn sds_rate_limit_refuses_the_flooder_while_others_are_served() -> anyhow:
             code == Some(Code::ResourceExhausted),
             "flooder got {code:?}"
         );
-        let limited = metric(&cp, "trellis_sds_rate_limited_total").await?;
+        let limited = cp.metrics().await?.series("trellis_sds_rate_limited_total");
         println!("trellis_sds_rate_limited_total {limited}");
         ensure!(
             limited >= exhausted as f64,
@@ -189,11 +179,10 @@ async fn oversized_credentials_are_refused_before_parsing() -> anyhow::Result<()
         let code = refused_with(&mut other, &huge).await;
         println!("64 KiB authorization header: {code:?}");
         ensure!(code.is_some(), "64 KiB header was served");
-        let oversized = metric(
-            &cp,
-            "trellis_attestation_failures_total{reason=\"oversized\"}",
-        )
-        .await?;
+        let oversized = cp
+            .metrics()
+            .await?
+            .series("trellis_attestation_failures_total{reason=\"oversized\"}");
         println!("trellis_attestation_failures_total{{reason=\"oversized\"}} {oversized}");
         ensure!(
             oversized >= 2.0,
@@ -226,7 +215,10 @@ async fn stalled_tls_handshake_is_dropped_while_others_connect() -> anyhow::Resu
             "stalled TLS handshake dropped after {:?} (timeout 1s)",
             started.elapsed()
         );
-        let timeouts = metric(&cp, "trellis_sds_handshake_timeouts_total").await?;
+        let timeouts = cp
+            .metrics()
+            .await?
+            .series("trellis_sds_handshake_timeouts_total");
         ensure!(timeouts >= 1.0, "handshake timeout not counted");
         Ok(())
     })

@@ -32,16 +32,6 @@ fn opts(extra: &[&str]) -> ControlPlaneOpts {
     }
 }
 
-/// The value of a fully labelled sample on `/metrics`, 0 when absent.
-async fn metric(cp: &ControlPlane, series: &str) -> anyhow::Result<f64> {
-    let body = cp.admin_get("/metrics").await?.text();
-    Ok(body
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map(|v| v.trim().parse().unwrap_or(0.0))
-        .unwrap_or(0.0))
-}
-
 /// Reads until the server closes `io` (EOF or reset) and returns what it sent; `None` if it
 /// is still open after `within`.
 async fn read_until_closed<S: AsyncRead + Unpin>(io: &mut S, within: Duration) -> Option<Vec<u8>> {
@@ -423,11 +413,10 @@ async fn jwt_over_max_jwt_bytes_is_refused_with_the_reason() -> anyhow::Result<(
             format!("{err:#}").contains("max_jwt_bytes"),
             "the refusal does not name the limit: {err:#}"
         );
-        let oversized = metric(
-            &cp,
-            "trellis_attestation_failures_total{reason=\"oversized\"}",
-        )
-        .await?;
+        let oversized = cp
+            .metrics()
+            .await?
+            .series("trellis_attestation_failures_total{reason=\"oversized\"}");
         ensure!(oversized >= 1.0, "oversized refusal not counted");
         // 6 KiB: past the configured HTTP/2 header list, refused before any handler runs.
         let huge = "h".repeat(6 * 1024);

@@ -203,16 +203,12 @@ fn jwks_url_args(server_url: &str, ca: &Path, token: &Path, refresh: &str) -> Ve
     ]
 }
 
-/// `trellis_jwks_refresh_failures_total{reason="…"}` on the control plane's `/metrics`.
+/// `trellis_jwks_refresh_failures_total{reason="…"}` on the control plane's `/metrics`; 0
+/// before the first failure of that reason (a labelled counter has no line until it moves;
+/// every use compares against an earlier reading, so a renamed metric still fails).
 async fn refresh_failures(cp: &ControlPlane, reason: &str) -> anyhow::Result<u64> {
-    let r = cp.admin_get("/metrics").await?;
-    ensure!(r.status == 200, "/metrics: {}", r.status);
-    let prefix = format!("trellis_jwks_refresh_failures_total{{reason=\"{reason}\"}} ");
-    Ok(r.text()
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0))
+    let m = cp.metrics().await?;
+    Ok(m.sum_or_zero("trellis_jwks_refresh_failures_total", &[("reason", reason)]) as u64)
 }
 
 /// The SPIFFE ID the control plane issues for `token`.

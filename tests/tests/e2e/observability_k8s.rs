@@ -415,7 +415,7 @@ async fn dashboard_and_alerts_name_only_exported_metrics() -> anyhow::Result<()>
         .await?;
         let mut exported = BTreeSet::new();
         for sidecar in [&mesh.a, &mesh.b] {
-            exported_names(&sidecar.metrics().await?.0, &mut exported);
+            exported_names(sidecar.metrics().await?.text(), &mut exported);
         }
         exported_names(&cp_text, &mut exported);
 

@@ -99,7 +99,7 @@ fn promtool_accepts(test: &str, name: &str, metrics: &Metrics) -> anyhow::Result
     };
     let dir = tempfile::tempdir()?;
     let path = dir.path().join(format!("{name}.txt"));
-    std::fs::write(&path, &metrics.0)?;
+    std::fs::write(&path, metrics.text())?;
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg(r#""$0" check metrics < "$1""#)
@@ -112,7 +112,7 @@ fn promtool_accepts(test: &str, name: &str, metrics: &Metrics) -> anyhow::Result
         out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
-        metrics.0
+        metrics.text()
     );
     Ok(())
 }
@@ -158,22 +158,22 @@ async fn requests_move_counters_histograms_and_the_access_log() -> anyhow::Resul
         let sent = (H1 + H2C) as f64;
 
         let a = metrics_until(&mesh.a, "sidecar A's outbound series to move", |m| {
-            let ok = m.sum(
+            let ok = m.get(
                 "trellis_requests_total",
                 &[("direction", "outbound"), ("code", "200")],
-            );
-            let not_found = m.sum(
+            )?;
+            let not_found = m.get(
                 "trellis_requests_total",
                 &[("direction", "outbound"), ("code", "404")],
-            );
-            let timed = m.sum(
+            )?;
+            let timed = m.get(
                 "trellis_request_duration_seconds_count",
                 &[("direction", "outbound")],
-            );
-            let handshakes = m.sum(
+            )?;
+            let handshakes = m.get(
                 "trellis_tls_handshake_duration_seconds_count",
                 &[("direction", "outbound")],
-            );
+            )?;
             ensure!(
                 ok >= sent && not_found >= 1.0 && timed >= sent + 1.0 && handshakes >= 1.0,
                 "A: 200s {ok}, 404s {not_found}, timed {timed}, handshakes timed {handshakes}\n{}\n{}",
@@ -184,19 +184,19 @@ async fn requests_move_counters_histograms_and_the_access_log() -> anyhow::Resul
         })
         .await?;
         let b = metrics_until(&mesh.b, "sidecar B's inbound series to move", |m| {
-            let ok = m.sum(
+            let ok = m.get(
                 "trellis_requests_total",
                 &[("direction", "inbound"), ("code", "200")],
-            );
-            let timed = m.sum(
+            )?;
+            let timed = m.get(
                 "trellis_request_duration_seconds_count",
                 &[("direction", "inbound")],
-            );
-            let handshakes = m.sum(
+            )?;
+            let handshakes = m.get(
                 "trellis_tls_handshake_duration_seconds_count",
                 &[("direction", "inbound")],
-            );
-            let open = m.sum("trellis_connections_open", &[("direction", "inbound")]);
+            )?;
+            let open = m.get("trellis_connections_open", &[("direction", "inbound")])?;
             ensure!(
                 ok >= sent && timed >= sent && handshakes >= 1.0 && open >= 1.0,
                 "B: 200s {ok}, timed {timed}, handshakes timed {handshakes}, open {open}\n{}",
@@ -313,14 +313,14 @@ async fn access_log_false_keeps_the_metrics_and_logs_nothing() -> anyhow::Result
             echo_json(&conn.get("b", "/quiet", &[]).await?)?;
         }
         metrics_until(&mesh.b, "B to count the requests", |m| {
-            let ok = m.sum(
+            let ok = m.get(
                 "trellis_requests_total",
                 &[("direction", "inbound"), ("code", "200")],
-            );
-            let timed = m.sum(
+            )?;
+            let timed = m.get(
                 "trellis_request_duration_seconds_count",
                 &[("direction", "inbound")],
-            );
+            )?;
             ensure!(
                 ok >= N as f64 && timed >= N as f64,
                 "B: 200s {ok}, timed {timed}"
@@ -329,10 +329,10 @@ async fn access_log_false_keeps_the_metrics_and_logs_nothing() -> anyhow::Result
         })
         .await?;
         metrics_until(&mesh.a, "A to count the requests", |m| {
-            let ok = m.sum(
+            let ok = m.get(
                 "trellis_requests_total",
                 &[("direction", "outbound"), ("code", "200")],
-            );
+            )?;
             ensure!(ok >= N as f64, "A: 200s {ok}");
             Ok(())
         })
@@ -365,7 +365,7 @@ async fn denial_bumps_its_rule_and_is_logged_with_it() -> anyhow::Result<()> {
         let before = mesh
             .b_metrics()
             .await?
-            .sum("trellis_authz_decisions_total", &deny);
+            .sum_or_zero("trellis_authz_decisions_total", &deny);
 
         let reply = get_once(
             mesh.a.outbound(),
@@ -381,7 +381,7 @@ async fn denial_bumps_its_rule_and_is_logged_with_it() -> anyhow::Result<()> {
             reply.summary()
         );
         let m = metrics_until(&mesh.b, "the denial under rule=\"no-export\"", |m| {
-            let after = m.sum("trellis_authz_decisions_total", &deny);
+            let after = m.get("trellis_authz_decisions_total", &deny)?;
             ensure!(
                 after == before + 1.0,
                 "deny/no-export went {before} -> {after}\n{}",
@@ -410,7 +410,7 @@ async fn denial_bumps_its_rule_and_is_logged_with_it() -> anyhow::Result<()> {
         .await?;
         echo_json(&reply).context("service-a GET /load-balancer/./health")?;
         let m = metrics_until(&mesh.b, "an allow decision", |m| {
-            let allowed = m.sum("trellis_authz_decisions_total", &[("decision", "allow")]);
+            let allowed = m.get("trellis_authz_decisions_total", &[("decision", "allow")])?;
             ensure!(
                 allowed >= 1.0,
                 "{}",
@@ -498,7 +498,7 @@ async fn refused_handshakes_bump_their_reason() -> anyhow::Result<()> {
         .await?;
         let pki = tempfile::tempdir()?;
         let inbound_errors = |m: &Metrics, reason: &str| {
-            m.sum(
+            m.sum_or_zero(
                 "trellis_tls_handshakes_total",
                 &[
                     ("direction", "inbound"),
@@ -569,7 +569,7 @@ async fn refused_handshakes_bump_their_reason() -> anyhow::Result<()> {
 
         // Outbound: sidecar A refuses B's certificate for an upstream that expects another ID.
         let outbound_wrong = |m: &Metrics| {
-            m.sum(
+            m.sum_or_zero(
                 "trellis_tls_handshakes_total",
                 &[
                     ("direction", "outbound"),
@@ -593,10 +593,10 @@ async fn refused_handshakes_bump_their_reason() -> anyhow::Result<()> {
                 m.lines_of("trellis_tls_handshakes_total")
             );
             ensure!(
-                m.sum(
+                m.get(
                     "trellis_requests_total",
                     &[("direction", "outbound"), ("code", "502")]
-                ) >= 1.0,
+                )? >= 1.0,
                 "A counts the 502:\n{}",
                 m.lines_of("trellis_requests_total")
             );
@@ -635,7 +635,7 @@ async fn rotation_bumps_the_counter_and_moves_the_expiry_gauge() -> anyhow::Resu
         let app = EchoApp::start("app-a").await?;
         let sidecar = Sidecar::start(&cp, SidecarOpts::new("sidecar-a", A_ID, app.addr)).await?;
         let expiry = |m: &Metrics| {
-            m.sum(
+            m.sum_or_zero(
                 "trellis_svid_expiry_timestamp_seconds",
                 &[("spiffe_id", A_ID)],
             )

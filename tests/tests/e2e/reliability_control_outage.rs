@@ -24,8 +24,8 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context as _};
-use trellis_identity::inspect::{inspect, InspectOptions, Reason, Target};
 use trellis_identity::CertificateDer;
+use trellis_sidecar::inspect::{inspect, InspectOptions, Reason, Target};
 use trellis_tests::app_client::{echo_json, get_once, Proto};
 use trellis_tests::echo::EchoApp;
 use trellis_tests::k8s::K8sIssuer;

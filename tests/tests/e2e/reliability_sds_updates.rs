@@ -28,8 +28,8 @@ use trellis_proto::{DiscoveryResponse, SECRET_TYPE_URL};
 use trellis_tests::echo::EchoApp;
 use trellis_tests::load::{Load, LoadOpts};
 use trellis_tests::sds_server::{
-    any_of, bundle_secret, csr_of, response, secrets_response, tls_secret, Leaf, Reply, ScriptCa,
-    ScriptedStream, SdsServer,
+    any_of, bundle_secret, csr_of, response, secrets_response, tls_secret, LeafSpec, Reply,
+    ScriptedStream, SdsServer, TestCa,
 };
 use trellis_tests::sidecar::{Metrics, Sidecar};
 use trellis_tests::{e2e, http_get, peer_leaf, serial_of, tls_client_config, tls_connect};
@@ -54,8 +54,8 @@ enum Mode {
 
 /// What a hostile update is made from.
 struct Ctx<'a> {
-    ca: &'a ScriptCa,
-    foreign: &'a ScriptCa,
+    ca: &'a TestCa,
+    foreign: &'a TestCa,
     mode: Mode,
     /// The CSR the sidecar wants signed (CSR mode).
     csr: Option<String>,
@@ -68,8 +68,8 @@ impl Ctx<'_> {
     fn leaf_response(
         &self,
         version: &str,
-        signer: &ScriptCa,
-        leaf: &Leaf,
+        signer: &TestCa,
+        leaf: &LeafSpec,
         bundle_pem: &str,
     ) -> anyhow::Result<DiscoveryResponse> {
         Ok(match self.mode {
@@ -79,7 +79,7 @@ impl Ctx<'_> {
                 secrets_response(version, &chain, None, bundle_pem)
             }
             Mode::ServerKey => {
-                let (chain, key) = signer.issue(leaf)?;
+                let (chain, key) = signer.issue(leaf);
                 secrets_response(version, &chain, Some(&key), bundle_pem)
             }
         })
@@ -90,7 +90,7 @@ impl Ctx<'_> {
         Ok(match self.mode {
             Mode::Csr => None,
             Mode::ServerKey => {
-                let (_, key) = self.ca.issue(&Leaf::new(&self.b_id))?;
+                let (_, key) = self.ca.issue(&LeafSpec::new(&self.b_id));
                 Some(key_to_pem(&key).to_string())
             }
         })
@@ -112,7 +112,7 @@ impl Ctx<'_> {
         self.leaf_response(
             version,
             self.ca,
-            &Leaf::new(&self.b_id),
+            &LeafSpec::new(&self.b_id),
             &self.ca.bundle_pem(),
         )
     }
@@ -140,7 +140,7 @@ fn cases(mode: Mode) -> Vec<Case> {
                 label: "bad_key",
                 says: "not for the key of any CSR",
                 make: |c, v| {
-                    let (chain, _) = c.ca.issue(&Leaf::new(&c.b_id))?;
+                    let (chain, _) = c.ca.issue(&LeafSpec::new(&c.b_id));
                     Ok(secrets_response(v, &chain, None, &c.ca.bundle_pem()))
                 },
             });
@@ -150,8 +150,8 @@ fn cases(mode: Mode) -> Vec<Case> {
                 says: "keys must not leave the workload",
                 make: |c, v| {
                     let csr = c.csr.as_deref().context("no CSR")?;
-                    let chain = c.ca.sign_csr(csr, &Leaf::new(&c.b_id))?;
-                    let (_, key) = c.ca.issue(&Leaf::new(&c.b_id))?;
+                    let chain = c.ca.sign_csr(csr, &LeafSpec::new(&c.b_id))?;
+                    let (_, key) = c.ca.issue(&LeafSpec::new(&c.b_id));
                     Ok(secrets_response(v, &chain, Some(&key), &c.ca.bundle_pem()))
                 },
             });
@@ -162,8 +162,8 @@ fn cases(mode: Mode) -> Vec<Case> {
                 label: "bad_key",
                 says: "private key does not match",
                 make: |c, v| {
-                    let (chain, _) = c.ca.issue(&Leaf::new(&c.b_id))?;
-                    let (_, other_key) = c.ca.issue(&Leaf::new(&c.b_id))?;
+                    let (chain, _) = c.ca.issue(&LeafSpec::new(&c.b_id));
+                    let (_, other_key) = c.ca.issue(&LeafSpec::new(&c.b_id));
                     Ok(secrets_response(
                         v,
                         &chain,
@@ -177,7 +177,7 @@ fn cases(mode: Mode) -> Vec<Case> {
                 label: "bad_key",
                 says: "private_key: malformed PEM",
                 make: |c, v| {
-                    let (chain, _) = c.ca.issue(&Leaf::new(&c.b_id))?;
+                    let (chain, _) = c.ca.issue(&LeafSpec::new(&c.b_id));
                     Ok(response(
                         v,
                         vec![
@@ -195,7 +195,7 @@ fn cases(mode: Mode) -> Vec<Case> {
                 label: "no_key",
                 says: "has no private_key",
                 make: |c, v| {
-                    let (chain, _) = c.ca.issue(&Leaf::new(&c.b_id))?;
+                    let (chain, _) = c.ca.issue(&LeafSpec::new(&c.b_id));
                     Ok(secrets_response(v, &chain, None, &c.ca.bundle_pem()))
                 },
             });
@@ -207,7 +207,7 @@ fn cases(mode: Mode) -> Vec<Case> {
             label: "wrong_identity",
             says: "spiffe://example.org/ns/test/sa/admin",
             make: |c, v| {
-                let leaf = Leaf::new(&c.ca.id("/ns/test/sa/admin"));
+                let leaf = LeafSpec::new(&c.ca.id("/ns/test/sa/admin"));
                 c.leaf_response(v, c.ca, &leaf, &c.ca.bundle_pem())
             },
         },
@@ -216,7 +216,7 @@ fn cases(mode: Mode) -> Vec<Case> {
             label: "expired",
             says: "it expired 1m",
             make: |c, v| {
-                let leaf = Leaf::new(&c.b_id).expired();
+                let leaf = LeafSpec::new(&c.b_id).expired();
                 c.leaf_response(v, c.ca, &leaf, &c.ca.bundle_pem())
             },
         },
@@ -225,7 +225,7 @@ fn cases(mode: Mode) -> Vec<Case> {
             label: "not_yet_valid",
             says: "not valid for another",
             make: |c, v| {
-                let leaf = Leaf::new(&c.b_id).not_yet_valid();
+                let leaf = LeafSpec::new(&c.b_id).not_yet_valid();
                 c.leaf_response(v, c.ca, &leaf, &c.ca.bundle_pem())
             },
         },
@@ -233,13 +233,13 @@ fn cases(mode: Mode) -> Vec<Case> {
             kind: "certificate from a foreign CA (not in the bundle)",
             label: "unknown_ca",
             says: "does not chain to the trust bundle",
-            make: |c, v| c.leaf_response(v, c.foreign, &Leaf::new(&c.b_id), &c.ca.bundle_pem()),
+            make: |c, v| c.leaf_response(v, c.foreign, &LeafSpec::new(&c.b_id), &c.ca.bundle_pem()),
         },
         Case {
             kind: "bundle without the SVID's CA",
             label: "unknown_ca",
             says: "does not chain to the trust bundle",
-            make: |c, v| c.leaf_response(v, c.ca, &Leaf::new(&c.b_id), &c.foreign.bundle_pem()),
+            make: |c, v| c.leaf_response(v, c.ca, &LeafSpec::new(&c.b_id), &c.foreign.bundle_pem()),
         },
         Case {
             kind: "garbage PEM",
@@ -313,10 +313,10 @@ fn cases(mode: Mode) -> Vec<Case> {
 
 /// A fresh mTLS handshake with B's inbound as `probe`, then `GET /probe` on it: the serial B
 /// presented (the request must reach app B).
-async fn probe(b: &Sidecar, ca: &ScriptCa, probe: &Svid) -> anyhow::Result<String> {
+async fn probe(b: &Sidecar, ca: &TestCa, probe: &Svid) -> anyhow::Result<String> {
     // A new config per probe: no session resumption, so B presents its current certificate.
     let config = tls_client_config(
-        ca.bundle()?,
+        ca.bundle(),
         PeerMatch::Exact(SpiffeId::parse(&b.spiffe_id)?),
         Some(probe),
         &[b"http/1.1"],
@@ -334,7 +334,7 @@ async fn probe(b: &Sidecar, ca: &ScriptCa, probe: &Svid) -> anyhow::Result<Strin
 }
 
 fn updates(m: &Metrics, result: &str) -> f64 {
-    m.sum("trellis_sds_updates_total", &[("result", result)])
+    m.sum_or_zero("trellis_sds_updates_total", &[("result", result)])
 }
 
 fn serial_of_response(r: &DiscoveryResponse) -> anyhow::Result<String> {
@@ -365,8 +365,8 @@ struct Row {
 }
 
 async fn scenario(mode: Mode) -> anyhow::Result<()> {
-    let ca = ScriptCa::root("example.org")?;
-    let foreign = ScriptCa::root("example.org")?;
+    let ca = TestCa::root("example.org");
+    let foreign = TestCa::root("example.org");
     let b_id = ca.id(B_PATH);
     let mut server = SdsServer::start(&ca).await?;
     let log_dir = server.dir.path().to_path_buf();
@@ -421,8 +421,12 @@ async fn scenario(mode: Mode) -> anyhow::Result<()> {
     };
 
     // A bad update before any good one: NACKed with an empty version, and B is not ready.
-    let bad =
-        ctx(csr_of(&first)).leaf_response("v0", &foreign, &Leaf::new(&b_id), &ca.bundle_pem())?;
+    let bad = ctx(csr_of(&first)).leaf_response(
+        "v0",
+        &foreign,
+        &LeafSpec::new(&b_id),
+        &ca.bundle_pem(),
+    )?;
     let nack = push(&mut stream, bad).await?;
     ensure!(
         !nack.is_ack() && nack.version().is_empty(),
@@ -449,7 +453,7 @@ async fn scenario(mode: Mode) -> anyhow::Result<()> {
     b.wait_ready().await?;
 
     // Client sidecar A (identity from files) and a load through A → B.
-    let a_svid = ca.svid(&ca.id(A_PATH))?;
+    let a_svid = ca.svid(A_PATH);
     let files = server.dir.path();
     std::fs::write(files.join("a.pem"), certs_to_pem(a_svid.chain()))?;
     std::fs::write(files.join("a-key.pem"), key_to_pem(a_svid.key()).as_bytes())?;
@@ -477,7 +481,7 @@ async fn scenario(mode: Mode) -> anyhow::Result<()> {
     opts.pause = Duration::from_millis(2);
     let load = Load::start(opts);
 
-    let prober = ca.svid(&ca.id(PROBE_PATH))?;
+    let prober = ca.svid(PROBE_PATH);
     let serial = probe(&b, &ca, &prober).await?;
     ensure!(
         serial == v1_serial,

@@ -602,7 +602,7 @@ async fn run() -> anyhow::Result<()> {
         finals.spawn(async move {
             let state = async {
                 let ready = admin_get(admin, "/ready").await?.status;
-                let metrics = Metrics(admin_get(admin, "/metrics").await?.text());
+                let metrics = Metrics::parse(&admin_get(admin, "/metrics").await?.text())?;
                 Ok::<_, anyhow::Error>((ready, metrics))
             };
             (i, state.await)

@@ -107,7 +107,7 @@ impl Fixture {
 
     /// Sidecar B's `trellis_tls_handshakes_total{direction="inbound",result="error",reason}`.
     async fn inbound_errors(&self, reason: &str) -> anyhow::Result<f64> {
-        Ok(self.mesh.b.metrics().await?.sum(
+        Ok(self.mesh.b.metrics().await?.sum_or_zero(
             "trellis_tls_handshakes_total",
             &[
                 ("direction", "inbound"),
@@ -145,7 +145,7 @@ impl Fixture {
             &format!("sidecar B to count the refusal under reason=\"{reason}\""),
             || async {
                 let after = if reason.is_empty() {
-                    self.mesh.b.metrics().await?.sum(
+                    self.mesh.b.metrics().await?.sum_or_zero(
                         "trellis_tls_handshakes_total",
                         &[("direction", "inbound"), ("result", "error")],
                     )
@@ -530,7 +530,7 @@ async fn tls12_plus_policy_accepts_tls12_with_aead_suites_only() -> anyhow::Resu
             ]
             .concat()
         };
-        let before = f.mesh.b.metrics().await?.sum(
+        let before = f.mesh.b.metrics().await?.sum_or_zero(
             "trellis_tls_handshakes_total",
             &[("direction", "inbound"), ("result", "error")],
         );

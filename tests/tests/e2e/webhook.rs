@@ -318,7 +318,7 @@ async fn webhook_injects_over_tls_and_the_injected_sidecar_gets_its_svid() -> an
         println!("3 MiB declared -> 413 {}", answer.text().trim());
 
         // Metrics on the admin port: one count per answer above.
-        let metrics = Metrics(cp.admin_get("/metrics").await?.text());
+        let metrics = Metrics::parse(&cp.admin_get("/metrics").await?.text())?;
         for (result, want) in [("injected", 2.0), ("skipped", 1.0), ("opted_out", 1.0), ("error", 5.0)] {
             let got = metrics.sum("trellis_webhook_reviews_total", &[("result", result)]);
             ensure!(got == want, "{result}: {got} != {want}\n{}", metrics.lines_of("trellis_webhook"));

@@ -83,13 +83,13 @@ impl Fixture {
             .to_owned()
     }
 
-    fn metric(&self, prefix: &str) -> f64 {
-        let text = self.cp.metrics.encode();
-        text.lines()
-            .find(|l| l.starts_with(prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
+    /// One series (`name` or `name{labels}`) of the control plane's exposition; panics
+    /// naming it if absent.
+    #[track_caller]
+    fn metric(&self, series: &str) -> f64 {
+        trellis_tests::metrics::Metrics::parse(&self.cp.metrics.encode())
+            .unwrap()
+            .series(series)
     }
 }
 

@@ -13,6 +13,7 @@ use trellis_sidecar::config::FilesFile;
 use trellis_sidecar::identity_files;
 use trellis_sidecar::metrics::SidecarMetrics;
 use trellis_sidecar::SvidStore;
+use trellis_tests::metrics::Metrics;
 
 /// Polls `cond` until it holds or `within` passes.
 async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
@@ -23,13 +24,15 @@ async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool
     }
 }
 
-fn metric(m: &SidecarMetrics, line_prefix: &str) -> f64 {
-    m.encode()
-        .lines()
-        .find(|l| l.starts_with(line_prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+/// `series` (`name` or `name{labels}`) in the sidecar's exposition; panics naming it if absent.
+#[track_caller]
+fn metric(m: &SidecarMetrics, series: &str) -> f64 {
+    Metrics::parse(&m.encode()).unwrap().series(series)
+}
+
+/// [`metric`], 0 while a labelled series has not moved yet (for polls that wait for it).
+fn metric_or_zero(m: &SidecarMetrics, series: &str) -> f64 {
+    Metrics::parse(&m.encode()).unwrap().series_or_zero(series)
 }
 
 fn write_set(dir: &Path, svid: &Svid, bundle: &TrustBundle) {
@@ -173,7 +176,7 @@ async fn garbage_rewrite_keeps_current_svid_and_is_counted() {
         Duration::from_secs(10),
         "the garbage rewrite is counted",
         || {
-            metric(
+            metric_or_zero(
                 &w.metrics,
                 "trellis_sds_updates_total{result=\"malformed\"}",
             ) >= 1.0
@@ -205,7 +208,7 @@ async fn key_from_another_svid_keeps_current_svid() {
     eventually(
         Duration::from_secs(10),
         "the mismatched key is counted",
-        || metric(&w.metrics, "trellis_sds_updates_total{result=\"bad_key\"}") >= 1.0,
+        || metric_or_zero(&w.metrics, "trellis_sds_updates_total{result=\"bad_key\"}") >= 1.0,
     )
     .await;
     assert_eq!(w.serial(), w.first_serial);

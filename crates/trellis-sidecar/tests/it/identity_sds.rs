@@ -15,6 +15,7 @@ use trellis_sidecar::config::{Credential, SdsSettings};
 use trellis_sidecar::metrics::SidecarMetrics;
 use trellis_sidecar::sds::SdsClient;
 use trellis_sidecar::SvidStore;
+use trellis_tests::metrics::Metrics;
 
 const WEB: &str = "spiffe://example.org/app/web";
 
@@ -26,12 +27,17 @@ async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool
     }
 }
 
-fn metric(text: &str, line_prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(line_prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+/// `series` (`name` or `name{labels}`) in the exposition `text`; panics naming it if absent.
+#[track_caller]
+fn metric(text: &str, series: &str) -> f64 {
+    Metrics::parse(text).unwrap().series(series)
+}
+
+/// [`metric`] for a labelled series that is right not to exist: a refusal reason or
+/// attestor that never occurred has no line (each label value is asserted non-zero by
+/// another test).
+fn metric_or_zero(text: &str, series: &str) -> f64 {
+    Metrics::parse(text).unwrap().series_or_zero(series)
 }
 
 fn td() -> TrustDomain {
@@ -90,8 +96,13 @@ impl Control {
             .unwrap()
     }
 
-    fn metric(&self, prefix: &str) -> f64 {
-        metric(&self.cp.metrics.encode(), prefix)
+    #[track_caller]
+    fn metric(&self, series: &str) -> f64 {
+        metric(&self.cp.metrics.encode(), series)
+    }
+
+    fn metric_or_zero(&self, series: &str) -> f64 {
+        metric_or_zero(&self.cp.metrics.encode(), series)
     }
 }
 
@@ -125,8 +136,13 @@ impl Sidecar {
         }
     }
 
-    fn metric(&self, prefix: &str) -> f64 {
-        metric(&self.metrics.encode(), prefix)
+    #[track_caller]
+    fn metric(&self, series: &str) -> f64 {
+        metric(&self.metrics.encode(), series)
+    }
+
+    fn metric_or_zero(&self, series: &str) -> f64 {
+        metric_or_zero(&self.metrics.encode(), series)
     }
 
     fn serial(&self) -> Option<String> {
@@ -210,7 +226,7 @@ async fn csr_mode_key_never_travels_and_server_rotation_keeps_our_key() {
     );
     // Had the control plane sent a key, the client would have refused (and counted) it.
     assert_eq!(
-        s.metric("trellis_sds_updates_total{result=\"key_in_response\"}"),
+        s.metric_or_zero("trellis_sds_updates_total{result=\"key_in_response\"}"),
         0.0
     );
     assert!(s.metric("trellis_sds_updates_total{result=\"ok\"}") >= 2.0);
@@ -234,7 +250,7 @@ async fn csr_mode_client_driven_key_rotation_installs_new_key() {
     assert_eq!(s.store.current().unwrap().spiffe_id().as_str(), WEB);
     assert!(s.metric("trellis_svid_rotations_total") >= 1.0);
     assert_eq!(
-        s.metric("trellis_sds_updates_total{result=\"bad_key\"}"),
+        s.metric_or_zero("trellis_sds_updates_total{result=\"bad_key\"}"),
         0.0
     );
     assert_eq!(c.metric("trellis_sds_nacks_total"), 0.0);
@@ -293,7 +309,7 @@ async fn reattests_after_restart(csr: bool) {
         1.0
     );
     assert_eq!(
-        c.metric("trellis_svids_issued_total{attestor=\"join_token\"}"),
+        c.metric_or_zero("trellis_svids_issued_total{attestor=\"join_token\"}"),
         0.0
     );
     eventually(Duration::from_secs(5), "sds_connected is 1 again", || {

@@ -1,278 +1,52 @@
-//! The SDS client against a scripted fake SDS server (real TLS, real gRPC): every hostile
+//! The SDS client against the scripted fake SDS server of the test-support crate
+//! (`trellis_tests::sds_server`: real TLS, real gRPC): every hostile
 //! update is NACKed with an `error_detail` naming the problem, counted, and the previous SVID
 //! stays installed. Also: what the client sends (node, CSR, credential) on each stream.
 #![allow(clippy::unwrap_used)]
 
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use futures::Stream;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
-use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::Connected;
-use tonic::{Request, Response, Status, Streaming};
+use tokio::sync::watch;
+use tonic::Status;
 use trellis_identity::testca::{LeafSpec, TestCa};
-use trellis_identity::tls::{server_config, SpiffeClientVerifier, SvidResolver, TlsPolicy};
 use trellis_identity::{certs_to_pem, key_to_pem, CertificateDer, SpiffeId, Svid, TrustBundle};
-use trellis_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
-use trellis_proto::{
-    data_source, secret, CertificateValidationContext, DataSource, DiscoveryRequest,
-    DiscoveryResponse, Secret, SecretDiscoveryService, SecretDiscoveryServiceServer,
-    TlsCertificate, SECRET_TYPE_URL,
-};
+use trellis_proto::{DiscoveryRequest, DiscoveryResponse, SECRET_TYPE_URL};
 use trellis_sidecar::config::{Credential, SdsSettings};
-use trellis_sidecar::csr::CSR_METADATA_KEY;
 use trellis_sidecar::metrics::SidecarMetrics;
 use trellis_sidecar::sds::SdsClient;
 use trellis_sidecar::SvidStore;
+use trellis_tests::metrics::Metrics;
+use trellis_tests::sds_server::{
+    self, any_of, bundle_secret, tls_secret, ScriptedStream, SdsServer,
+};
 
 const WEB: &str = "spiffe://example.org/web";
+/// How long the fake server waits for the client's next stream or request.
+const WAIT: Duration = Duration::from_secs(10);
 
-fn metric(m: &SidecarMetrics, line_prefix: &str) -> f64 {
-    m.encode()
-        .lines()
-        .find(|l| l.starts_with(line_prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
-// ---- the fake server ----------------------------------------------------------------------
-
-/// The client's SPIFFE ID from its TLS certificate, if it presented one.
-#[derive(Clone, Debug)]
-struct PeerId(Option<SpiffeId>);
-
-struct Conn {
-    inner: TlsStream<TcpStream>,
-    peer: PeerId,
-}
-
-impl Connected for Conn {
-    type ConnectInfo = PeerId;
-    fn connect_info(&self) -> PeerId {
-        self.peer.clone()
-    }
-}
-
-impl AsyncRead for Conn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Conn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// One StreamSecrets call, handed to the test to script.
-struct FakeStream {
-    authorization: Option<String>,
-    peer: Option<SpiffeId>,
-    requests: Streaming<DiscoveryRequest>,
-    responses: mpsc::Sender<Result<DiscoveryResponse, Status>>,
-}
-
-impl FakeStream {
-    async fn request(&mut self) -> DiscoveryRequest {
-        tokio::time::timeout(Duration::from_secs(10), self.requests.message())
-            .await
-            .expect("a request within 10 s")
-            .unwrap()
-            .expect("the stream is open")
-    }
-
-    async fn respond(&self, r: DiscoveryResponse) {
-        self.responses.send(Ok(r)).await.unwrap();
-    }
-}
-
-struct Service {
-    streams: mpsc::Sender<FakeStream>,
-}
-
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
-
-#[tonic::async_trait]
-impl SecretDiscoveryService for Service {
-    type DeltaSecretsStream = BoxStream<DeltaDiscoveryResponse>;
-    type StreamSecretsStream = BoxStream<DiscoveryResponse>;
-
-    async fn delta_secrets(
-        &self,
-        _: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-
-    async fn stream_secrets(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let authorization = request
-            .metadata()
-            .get("authorization")
-            .map(|v| v.to_str().unwrap().to_owned());
-        let peer = request
-            .extensions()
-            .get::<PeerId>()
-            .and_then(|p| p.0.clone());
-        let (tx, rx) = mpsc::channel(8);
-        let stream = FakeStream {
-            authorization,
-            peer,
-            requests: request.into_inner(),
-            responses: tx,
-        };
-        self.streams
-            .send(stream)
-            .await
-            .map_err(|_| Status::unavailable("test over"))?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-
-    async fn fetch_secrets(
-        &self,
-        _: Request<DiscoveryRequest>,
-    ) -> Result<Response<DiscoveryResponse>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-}
-
-/// A TLS SDS server presenting `spiffe://example.org/trellis/control` from `ca`.
-struct FakeSds {
-    addr: std::net::SocketAddr,
-    streams: mpsc::Receiver<FakeStream>,
-    _dir: tempfile::TempDir,
-    bundle_path: std::path::PathBuf,
-}
-
-impl FakeSds {
-    async fn start(bundle: &TrustBundle, control: &Svid) -> Self {
-        let resolver = SvidResolver::empty();
-        resolver.install(control).unwrap();
-        let shared = Arc::new(arc_swap::ArcSwap::from_pointee(bundle.clone()));
-        let tls = server_config(
-            resolver,
-            SpiffeClientVerifier::new(shared, true),
-            TlsPolicy::Tls13,
-            &[b"h2"],
-        )
-        .unwrap();
-        let acceptor = TlsAcceptor::from(Arc::new(tls));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (conn_tx, conn_rx) = mpsc::channel::<Result<Conn, io::Error>>(16);
-        tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    return;
-                };
-                let acceptor = acceptor.clone();
-                let conn_tx = conn_tx.clone();
-                tokio::spawn(async move {
-                    if let Ok(tls) = acceptor.accept(tcp).await {
-                        let peer = PeerId(trellis_identity::tls::peer_spiffe_id(
-                            tls.get_ref().1.peer_certificates(),
-                        ));
-                        let _ = conn_tx.send(Ok(Conn { inner: tls, peer })).await;
-                    }
-                });
-            }
-        });
-        let (streams_tx, streams) = mpsc::channel(8);
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(SecretDiscoveryServiceServer::new(Service {
-                    streams: streams_tx,
-                }))
-                .serve_with_incoming(ReceiverStream::new(conn_rx)),
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let bundle_path = dir.path().join("bundle.pem");
-        std::fs::write(&bundle_path, bundle.to_pem()).unwrap();
-        Self {
-            addr,
-            streams,
-            _dir: dir,
-            bundle_path,
-        }
-    }
-
-    async fn stream(&mut self) -> FakeStream {
-        tokio::time::timeout(Duration::from_secs(10), self.streams.recv())
-            .await
-            .expect("a stream within 10 s")
-            .unwrap()
-    }
+/// `series` (`name` or `name{labels}`) in the sidecar's exposition; panics naming it if absent.
+#[track_caller]
+fn metric(m: &SidecarMetrics, series: &str) -> f64 {
+    Metrics::parse(&m.encode()).unwrap().series(series)
 }
 
 // ---- responses ----------------------------------------------------------------------------
 
-fn inline(b: impl Into<Vec<u8>>) -> Option<DataSource> {
-    Some(DataSource {
-        specifier: Some(data_source::Specifier::InlineBytes(b.into())),
-    })
-}
-
-fn any(s: Secret) -> prost_types::Any {
-    prost_types::Any {
-        type_url: SECRET_TYPE_URL.into(),
-        value: prost::Message::encode_to_vec(&s),
-    }
-}
-
+/// `default` (chain PEM, optional key PEM) and `ROOTCA` in one response, nonce `nonce-<version>`.
 fn response(
     version: &str,
     chain_pem: &str,
     key_pem: Option<&str>,
     bundle_pem: &str,
 ) -> DiscoveryResponse {
-    let default = Secret {
-        name: "default".into(),
-        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
-            certificate_chain: inline(chain_pem),
-            private_key: key_pem.and_then(inline),
-        })),
-    };
-    let rootca = Secret {
-        name: "ROOTCA".into(),
-        r#type: Some(secret::Type::ValidationContext(
-            CertificateValidationContext {
-                trusted_ca: inline(bundle_pem),
-            },
-        )),
-    };
-    DiscoveryResponse {
-        version_info: version.into(),
-        resources: vec![any(default), any(rootca)],
-        canary: false,
-        type_url: SECRET_TYPE_URL.into(),
-        nonce: format!("nonce-{version}"),
-    }
+    sds_server::response(
+        version,
+        vec![
+            any_of(&tls_secret(chain_pem, key_pem)),
+            any_of(&bundle_secret(bundle_pem)),
+        ],
+    )
 }
 
 fn svid_response(version: &str, svid: &Svid, bundle: &TrustBundle) -> DiscoveryResponse {
@@ -293,7 +67,7 @@ struct Client {
 }
 
 fn client(
-    fake: &FakeSds,
+    fake: &SdsServer,
     bundle: &TrustBundle,
     credential: Credential,
     expected: Option<&str>,
@@ -324,18 +98,21 @@ fn join() -> Credential {
 }
 
 /// Starts a fake server and a non-CSR client, delivers one good SVID and checks its ACK.
-async fn with_first_svid(expected: Option<&str>) -> (TestCa, FakeSds, Client, FakeStream) {
+async fn with_first_svid(expected: Option<&str>) -> (TestCa, SdsServer, Client, ScriptedStream) {
     let ca = TestCa::root("example.org");
-    let mut fake = FakeSds::start(&ca.bundle(), &ca.svid("/trellis/control")).await;
+    let mut fake = SdsServer::start_with(&ca.bundle(), &ca.svid("/trellis/control"))
+        .await
+        .unwrap();
     let c = client(&fake, &ca.bundle(), join(), expected, false);
-    let mut s = fake.stream().await;
-    let first = s.request().await;
+    let mut s = fake.next_stream(WAIT).await.unwrap();
+    let first = s.request(WAIT).await.unwrap();
     assert_eq!(first.resource_names, ["default", "ROOTCA"]);
     assert_eq!(first.type_url, SECRET_TYPE_URL);
     assert!(first.response_nonce.is_empty() && first.error_detail.is_none());
-    s.respond(svid_response("v1", &ca.svid("/web"), &ca.bundle()))
-        .await;
-    let ack = s.request().await;
+    s.push(svid_response("v1", &ca.svid("/web"), &ca.bundle()))
+        .await
+        .unwrap();
+    let ack = s.request(WAIT).await.unwrap();
     assert_eq!(
         (ack.version_info.as_str(), ack.response_nonce.as_str()),
         ("v1", "nonce-v1")
@@ -349,14 +126,14 @@ async fn with_first_svid(expected: Option<&str>) -> (TestCa, FakeSds, Client, Fa
 /// containing `says`; the SVID is unchanged and `reason` was counted.
 async fn assert_nacked(
     c: &Client,
-    s: &mut FakeStream,
+    s: &mut ScriptedStream,
     bad: DiscoveryResponse,
     reason: &str,
     says: &str,
 ) {
     let before = c.store.current().unwrap().serial_hex().to_owned();
-    s.respond(bad).await;
-    let nack = s.request().await;
+    s.push(bad).await.unwrap();
+    let nack = s.request(WAIT).await.unwrap();
     assert_eq!(nack.response_nonce, "nonce-v2");
     assert_eq!(
         nack.version_info, "v1",
@@ -503,8 +280,8 @@ async fn good_update_after_nack_is_installed() {
     let next = ca.svid("/web");
     let mut good = svid_response("v3", &next, &ca.bundle());
     good.nonce = "nonce-v3".into();
-    s.respond(good).await;
-    let ack = s.request().await;
+    s.push(good).await.unwrap();
+    let ack = s.request(WAIT).await.unwrap();
     assert_eq!(
         (ack.version_info.as_str(), ack.response_nonce.as_str()),
         ("v3", "nonce-v3")
@@ -518,13 +295,16 @@ async fn good_update_after_nack_is_installed() {
 #[tokio::test]
 async fn key_in_response_is_nacked_in_csr_mode() {
     let ca = TestCa::root("example.org");
-    let mut fake = FakeSds::start(&ca.bundle(), &ca.svid("/trellis/control")).await;
+    let mut fake = SdsServer::start_with(&ca.bundle(), &ca.svid("/trellis/control"))
+        .await
+        .unwrap();
     let c = client(&fake, &ca.bundle(), join(), None, true);
-    let mut s = fake.stream().await;
-    s.request().await;
-    s.respond(svid_response("v1", &ca.svid("/web"), &ca.bundle()))
-        .await;
-    let nack = s.request().await;
+    let mut s = fake.next_stream(WAIT).await.unwrap();
+    s.request(WAIT).await.unwrap();
+    s.push(svid_response("v1", &ca.svid("/web"), &ca.bundle()))
+        .await
+        .unwrap();
+    let nack = s.request(WAIT).await.unwrap();
     let detail = nack.error_detail.expect("NACK");
     assert!(
         detail.message.contains("keys must not leave the workload"),
@@ -542,20 +322,7 @@ async fn key_in_response_is_nacked_in_csr_mode() {
 }
 
 fn csr_of(req: &DiscoveryRequest) -> String {
-    let field = req
-        .node
-        .as_ref()
-        .unwrap()
-        .metadata
-        .as_ref()
-        .unwrap()
-        .fields
-        .get(CSR_METADATA_KEY)
-        .unwrap();
-    match field.kind.as_ref().unwrap() {
-        prost_types::value::Kind::StringValue(s) => s.clone(),
-        other => panic!("CSR is not a string: {other:?}"),
-    }
+    sds_server::csr_of(req).expect("a CSR in node.metadata")
 }
 
 fn public_key_of_csr(pem: &str) -> Vec<u8> {
@@ -589,15 +356,15 @@ async fn csr_mode_installs_our_key_and_rotates_it_on_the_same_stream() {
             SystemTime::now(),
         )
         .unwrap();
-    let mut fake = FakeSds::start(ca.bundle(), &control).await;
+    let mut fake = SdsServer::start_with(ca.bundle(), &control).await.unwrap();
     let c = client(&fake, ca.bundle(), join(), Some(WEB), true);
     let sign = |csr: &str, ttl: u64| -> Vec<CertificateDer<'static>> {
         ca.sign_csr(csr, &web, Duration::from_secs(ttl), SystemTime::now())
             .unwrap()
     };
 
-    let mut s = fake.stream().await;
-    let first = s.request().await;
+    let mut s = fake.next_stream(WAIT).await.unwrap();
+    let first = s.request(WAIT).await.unwrap();
     let node = first.node.clone().unwrap();
     assert_eq!(node.id, WEB, "node.id is the expected SPIFFE ID");
     assert_eq!(node.cluster, "trellis");
@@ -611,14 +378,15 @@ async fn csr_mode_installs_our_key_and_rotates_it_on_the_same_stream() {
 
     // 4 s certificates: the client's next CSR is due in about 2 s.
     let chain = sign(&csr1, 4);
-    s.respond(response(
+    s.push(response(
         "v1",
         &certs_to_pem(&chain),
         None,
         &ca.bundle().to_pem(),
     ))
-    .await;
-    let ack = s.request().await;
+    .await
+    .unwrap();
+    let ack = s.request(WAIT).await.unwrap();
     assert!(ack.error_detail.is_none(), "{:?}", ack.error_detail);
     assert_eq!(
         csr_of(&ack),
@@ -633,7 +401,7 @@ async fn csr_mode_installs_our_key_and_rotates_it_on_the_same_stream() {
     );
 
     // The client rotates its key: a fresh request on the same stream with a new CSR.
-    let rotate = s.request().await;
+    let rotate = s.request(WAIT).await.unwrap();
     assert!(rotate.error_detail.is_none());
     assert_eq!(
         (rotate.version_info.as_str(), rotate.response_nonce.as_str()),
@@ -642,14 +410,15 @@ async fn csr_mode_installs_our_key_and_rotates_it_on_the_same_stream() {
     let csr2 = csr_of(&rotate);
     assert_ne!(csr2, csr1);
     let chain = sign(&csr2, 3600);
-    s.respond(response(
+    s.push(response(
         "v2",
         &certs_to_pem(&chain),
         None,
         &ca.bundle().to_pem(),
     ))
-    .await;
-    let ack = s.request().await;
+    .await
+    .unwrap();
+    let ack = s.request(WAIT).await.unwrap();
     assert!(ack.error_detail.is_none(), "{:?}", ack.error_detail);
     assert_eq!(csr_of(&ack), csr2);
     let svid = c.store.current().unwrap();
@@ -662,28 +431,30 @@ async fn csr_mode_installs_our_key_and_rotates_it_on_the_same_stream() {
     // A server-initiated renewal for the current key is accepted too.
     let chain = sign(&csr2, 3600);
     let serial = trellis_identity::cert_facts(&chain[0]).unwrap().serial_hex;
-    s.respond(response(
+    s.push(response(
         "v3",
         &certs_to_pem(&chain),
         None,
         &ca.bundle().to_pem(),
     ))
-    .await;
-    let ack = s.request().await;
+    .await
+    .unwrap();
+    let ack = s.request(WAIT).await.unwrap();
     assert!(ack.error_detail.is_none(), "{:?}", ack.error_detail);
     assert_eq!(c.store.current().unwrap().serial_hex(), serial);
 
     // A certificate for a key we never asked for is refused.
     let stranger = trellis_sidecar::csr::generate(Some(&web)).unwrap();
     let chain = sign(&stranger.csr_pem, 3600);
-    s.respond(response(
+    s.push(response(
         "v4",
         &certs_to_pem(&chain),
         None,
         &ca.bundle().to_pem(),
     ))
-    .await;
-    let nack = s.request().await;
+    .await
+    .unwrap();
+    let nack = s.request(WAIT).await.unwrap();
     assert!(nack
         .error_detail
         .unwrap()
@@ -697,7 +468,9 @@ async fn csr_mode_installs_our_key_and_rotates_it_on_the_same_stream() {
 #[tokio::test]
 async fn token_file_is_reread_on_every_connect() {
     let ca = TestCa::root("example.org");
-    let mut fake = FakeSds::start(&ca.bundle(), &ca.svid("/trellis/control")).await;
+    let mut fake = SdsServer::start_with(&ca.bundle(), &ca.svid("/trellis/control"))
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, "first-token\n").unwrap();
@@ -708,16 +481,13 @@ async fn token_file_is_reread_on_every_connect() {
         None,
         false,
     );
-    let mut s = fake.stream().await;
+    let mut s = fake.next_stream(WAIT).await.unwrap();
     assert_eq!(s.authorization.as_deref(), Some("Bearer first-token"));
-    s.request().await;
+    s.request(WAIT).await.unwrap();
     // Kubelet rotates the token; the stream fails before any SVID arrives.
     std::fs::write(&token, "second-token\n").unwrap();
-    s.responses
-        .send(Err(Status::unavailable("restarting")))
-        .await
-        .unwrap();
-    let s = fake.stream().await;
+    s.fail(Status::unavailable("restarting")).await.unwrap();
+    let s = fake.next_stream(WAIT).await.unwrap();
     assert_eq!(s.authorization.as_deref(), Some("Bearer second-token"));
     assert!(s.peer.is_none(), "no SVID yet, so no client certificate");
     assert!(c.store.current().is_none());
@@ -726,7 +496,9 @@ async fn token_file_is_reread_on_every_connect() {
 #[tokio::test]
 async fn token_file_is_tried_when_the_svid_is_refused() {
     let ca = TestCa::root("example.org");
-    let mut fake = FakeSds::start(&ca.bundle(), &ca.svid("/trellis/control")).await;
+    let mut fake = SdsServer::start_with(&ca.bundle(), &ca.svid("/trellis/control"))
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, "k8s-token").unwrap();
@@ -737,35 +509,27 @@ async fn token_file_is_tried_when_the_svid_is_refused() {
         None,
         false,
     );
-    let mut s = fake.stream().await;
-    s.request().await;
-    s.respond(svid_response("v1", &ca.svid("/web"), &ca.bundle()))
-        .await;
-    s.request().await;
+    let mut s = fake.next_stream(WAIT).await.unwrap();
+    s.request(WAIT).await.unwrap();
+    s.push(svid_response("v1", &ca.svid("/web"), &ca.bundle()))
+        .await
+        .unwrap();
+    s.request(WAIT).await.unwrap();
     assert!(c.store.current().is_some());
-    s.responses
-        .send(Err(Status::unavailable("restarting")))
-        .await
-        .unwrap();
+    s.fail(Status::unavailable("restarting")).await.unwrap();
     // With an SVID: no token. The control plane refuses it (say its bundle lost our CA).
-    let s = fake.stream().await;
+    let s = fake.next_stream(WAIT).await.unwrap();
     assert_eq!((s.authorization.as_deref(), s.peer.is_some()), (None, true));
-    s.responses
-        .send(Err(Status::unauthenticated("unknown CA")))
-        .await
-        .unwrap();
+    s.fail(Status::unauthenticated("unknown CA")).await.unwrap();
     // Next attempt: the token file, without the SVID.
-    let s = fake.stream().await;
+    let s = fake.next_stream(WAIT).await.unwrap();
     assert_eq!(
         (s.authorization.as_deref(), s.peer.is_some()),
         (Some("Bearer k8s-token"), false)
     );
-    s.responses
-        .send(Err(Status::unavailable("again")))
-        .await
-        .unwrap();
+    s.fail(Status::unavailable("again")).await.unwrap();
     // Then the SVID again.
-    let s = fake.stream().await;
+    let s = fake.next_stream(WAIT).await.unwrap();
     assert_eq!(s.authorization, None);
 }
 
@@ -774,52 +538,53 @@ async fn reconnect_with_svid_sends_no_token_and_presents_the_svid() {
     let (ca, mut fake, c, s) = with_first_svid(None).await;
     assert!(s.authorization.is_some());
     assert!(s.peer.is_none());
-    s.responses
-        .send(Err(Status::unavailable("restarting")))
-        .await
-        .unwrap();
+    s.fail(Status::unavailable("restarting")).await.unwrap();
     // (sds_connected dips to 0 only for the backoff here, too briefly to poll for; the
     // control-plane restart test in identity_sds.rs shows it.)
-    let mut again = fake.stream().await;
+    let mut again = fake.next_stream(WAIT).await.unwrap();
     assert_eq!(
         again.authorization, None,
         "the SVID re-attests: no token on the wire"
     );
     assert_eq!(again.peer.as_ref().map(|p| p.as_str()), Some(WEB));
-    let first = again.request().await;
+    let first = again.request(WAIT).await.unwrap();
     assert_eq!(
         first.node.unwrap().id,
         WEB,
         "node.id is the SPIFFE ID once known"
     );
     again
-        .respond(svid_response("v1", &ca.svid("/web"), &ca.bundle()))
-        .await;
-    assert!(again.request().await.error_detail.is_none());
+        .push(svid_response("v1", &ca.svid("/web"), &ca.bundle()))
+        .await
+        .unwrap();
+    assert!(again.request(WAIT).await.unwrap().error_detail.is_none());
     assert_eq!(metric(&c.metrics, "trellis_sds_connected"), 1.0);
 }
 
 #[tokio::test]
 async fn unauthenticated_is_retried() {
     let ca = TestCa::root("example.org");
-    let mut fake = FakeSds::start(&ca.bundle(), &ca.svid("/trellis/control")).await;
+    let mut fake = SdsServer::start_with(&ca.bundle(), &ca.svid("/trellis/control"))
+        .await
+        .unwrap();
     let _c = client(&fake, &ca.bundle(), join(), None, false);
-    let s = fake.stream().await;
-    s.responses
-        .send(Err(Status::unauthenticated("join token already used")))
+    let s = fake.next_stream(WAIT).await.unwrap();
+    s.fail(Status::unauthenticated("join token already used"))
         .await
         .unwrap();
     // Backoff, then another attempt.
-    let _again = fake.stream().await;
+    let _again = fake.next_stream(WAIT).await.unwrap();
 }
 
 #[tokio::test]
 async fn control_plane_with_wrong_identity_is_refused() {
     let ca = TestCa::root("example.org");
     // The server presents a valid SVID of the trust domain, but not the control plane's.
-    let mut fake = FakeSds::start(&ca.bundle(), &ca.svid("/impostor")).await;
+    let mut fake = SdsServer::start_with(&ca.bundle(), &ca.svid("/impostor"))
+        .await
+        .unwrap();
     let c = client(&fake, &ca.bundle(), join(), None, false);
-    let got = tokio::time::timeout(Duration::from_millis(1500), fake.streams.recv()).await;
+    let got = fake.next_stream(Duration::from_millis(1500)).await;
     assert!(
         got.is_err(),
         "the client must not open a stream to an impostor"

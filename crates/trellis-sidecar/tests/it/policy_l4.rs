@@ -50,7 +50,9 @@ async fn tcp_connection_without_an_l4_rule_is_closed() {
     let db = pm.tcp_caller(SERVICE_A_PATH).await;
     assert_eq!(through(db).await, None);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while pm.metric("trellis_authz_decisions_total{decision=\"deny\",rule=\"default\"}") == 0 {
+    while pm.metric_or_zero("trellis_authz_decisions_total{decision=\"deny\",rule=\"default\"}")
+        == 0
+    {
         assert!(Instant::now() < deadline, "the denial was not counted");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -72,7 +74,9 @@ async fn l4_rule_for_the_listen_port_lets_the_caller_through_and_a_reload_closes
     // An open forward is closed when a reload denies it.
     let mut open = TcpStream::connect(db).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while pm.metric("trellis_authz_decisions_total{decision=\"allow\",rule=\"db-clients\"}") < 3 {
+    while pm.metric_or_zero("trellis_authz_decisions_total{decision=\"allow\",rule=\"db-clients\"}")
+        < 3
+    {
         assert!(
             Instant::now() < deadline,
             "the open connection was never decided"

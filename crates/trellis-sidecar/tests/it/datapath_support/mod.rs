@@ -27,6 +27,7 @@ use trellis_sidecar::inbound::InboundProxy;
 use trellis_sidecar::metrics::SidecarMetrics;
 use trellis_sidecar::outbound::OutboundProxy;
 use trellis_sidecar::{SidecarSettings, SvidStore};
+use trellis_tests::metrics::Metrics;
 
 pub const CLIENT_PATH: &str = "/ns/a/sa/client";
 pub const SERVER_PATH: &str = "/ns/b/sa/server";
@@ -529,20 +530,24 @@ where
 // ---------------------------------------------------------------------------------------------
 // Metrics and waiting.
 
-/// The value of one exact series (`name{labels}`) in the Prometheus text, 0 if absent.
+/// One series (`name` or `name{labels}`) of the sidecar's exposition; panics naming it if
+/// absent.
+#[track_caller]
 pub fn metric(metrics: &SidecarMetrics, series: &str) -> u64 {
-    let text = metrics.encode();
-    text.lines()
-        .find_map(|line| {
-            line.strip_prefix(series)
-                .and_then(|rest| rest.strip_prefix(' '))
-        })
-        .map(|v| v.trim().parse::<f64>().unwrap() as u64)
-        .unwrap_or(0)
+    Metrics::parse(&metrics.encode()).unwrap().series(series) as u64
 }
 
+/// [`metric`], 0 while a labelled series has not moved yet (for polls that wait for it).
+pub fn metric_or_zero(metrics: &SidecarMetrics, series: &str) -> u64 {
+    Metrics::parse(&metrics.encode())
+        .unwrap()
+        .series_or_zero(series) as u64
+}
+
+/// `trellis_tls_handshakes_total` for one direction, result and reason; 0 while that label set
+/// has not moved (tests poll on it, and compare it to exact counts).
 pub fn handshakes(metrics: &SidecarMetrics, direction: &str, result: &str, reason: &str) -> u64 {
-    metric(
+    metric_or_zero(
         metrics,
         &format!("trellis_tls_handshakes_total{{direction=\"{direction}\",result=\"{result}\",reason=\"{reason}\"}}"),
     )

@@ -208,8 +208,14 @@ impl PolicyMesh {
         serde_json::from_slice(&body).unwrap()
     }
 
+    #[track_caller]
     pub fn metric(&self, series: &str) -> u64 {
         metric(&self.server_metrics, series)
+    }
+
+    /// [`PolicyMesh::metric`], 0 while a labelled series has not moved yet (for polls).
+    pub fn metric_or_zero(&self, series: &str) -> u64 {
+        metric_or_zero(&self.server_metrics, series)
     }
 }
 
