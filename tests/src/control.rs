@@ -261,6 +261,34 @@ impl ControlPlane {
     }
 }
 
+/// Runs `trellis control` on port 0 with a state directory in `dir` and `extra` flags, which
+/// must make it exit non-zero before it listens; returns its stderr (the message a user sees).
+pub fn control_must_fail_to_start(
+    dir: &std::path::Path,
+    extra: &[impl AsRef<std::ffi::OsStr>],
+) -> anyhow::Result<String> {
+    let mut cmd = Command::new(trellis_bin());
+    cmd.args(["control", "--trust-domain", "example.org"])
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(extra);
+    let out = run_with_timeout(cmd, std::time::Duration::from_secs(60))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if out.status.success() {
+        bail!(
+            "want a failed start, got {}; stdout: {stdout}; stderr: {stderr}",
+            out.status
+        );
+    }
+    if stdout.contains("listening") {
+        bail!("it started listening: {stdout}");
+    }
+    eprintln!("failed start, as expected ({}): {stderr}", out.status);
+    Ok(stderr)
+}
+
 /// A control plane killed by [`ControlPlane::kill`]: its state directory and ports, kept
 /// for [`StoppedControlPlane::start_again`].
 pub struct StoppedControlPlane {

@@ -138,6 +138,10 @@ impl TestCa {
             .uri_sans
             .iter()
             .map(|uri| SanType::URI(Ia5String::try_from(uri.as_str()).expect("ASCII URI SAN")))
+            .chain(spec.host_sans.iter().map(|host| match host.parse() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(Ia5String::try_from(host.as_str()).expect("DNS SAN")),
+            }))
             .collect();
         params.not_before = spec.not_before.into();
         params.not_after = spec.not_after.into();
@@ -241,6 +245,9 @@ fn ca_params(td: &TrustDomain, name: &str) -> CertificateParams {
 pub struct LeafSpec {
     /// URI SANs, in order.
     pub uri_sans: Vec<String>,
+    /// DNS names and IP addresses (an IP when it parses as one), after the URI SANs: for the
+    /// web-PKI servers tests stand up (a Kubernetes API server, PostgreSQL).
+    pub host_sans: Vec<String>,
     /// notBefore.
     pub not_before: SystemTime,
     /// notAfter.
@@ -263,6 +270,7 @@ impl LeafSpec {
         let now = SystemTime::now();
         LeafSpec {
             uri_sans: vec![uri.to_owned()],
+            host_sans: Vec::new(),
             not_before: now - HOUR,
             not_after: now + 23 * HOUR,
             is_ca: false,
@@ -271,6 +279,16 @@ impl LeafSpec {
             client_auth: true,
             serial: None,
         }
+    }
+
+    /// A TLS server certificate for `host` (DNS name or IP address): no URI SAN, serverAuth
+    /// only, valid from an hour ago for 24 hours.
+    pub fn server(host: &str) -> Self {
+        let mut spec = LeafSpec::new("");
+        spec.uri_sans.clear();
+        spec.host_sans = vec![host.to_owned()];
+        spec.client_auth = false;
+        spec
     }
 
     /// Expired a minute ago (valid for the hour before).

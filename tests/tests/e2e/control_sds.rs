@@ -9,10 +9,10 @@ use anyhow::{ensure, Context as _};
 use tonic::Code;
 use trellis_identity::{verify_svid_chain, SpiffeId, Usage};
 use trellis_proto::{DiscoveryRequest, SECRET_TYPE_URL};
+use trellis_tests::control_must_fail_to_start as start_must_fail;
 use trellis_tests::{
     bundle_from_secret, decode_secrets, e2e, fetch_svid, grpc_code, run_with_timeout,
-    svid_from_secret, test_node, tool_or_skip, trellis_bin, ControlPlane, ControlPlaneOpts,
-    SdsStream,
+    svid_from_secret, test_node, tool_or_skip, ControlPlane, ControlPlaneOpts, SdsStream,
 };
 
 const RECV: Duration = Duration::from_secs(10);
@@ -455,35 +455,6 @@ async fn restart_keeps_ca_and_serves_under_the_same_bundle() -> anyhow::Result<(
         Ok(())
     })
     .await
-}
-
-/// Runs `trellis control` with the usual flags plus `extra`; it must exit non-zero by itself.
-fn start_must_fail(dir: &std::path::Path, extra: &[&std::ffi::OsStr]) -> anyhow::Result<String> {
-    let mut cmd = Command::new(trellis_bin());
-    cmd.args(["control", "--trust-domain", "example.org"])
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--state-dir",
-        ])
-        .arg(dir.join("state"))
-        .args(extra);
-    let out = run_with_timeout(cmd, Duration::from_secs(20))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    ensure!(
-        !out.status.success(),
-        "want a failed start, got {}; stdout: {stdout}; stderr: {stderr}",
-        out.status
-    );
-    ensure!(
-        !stdout.contains("listening"),
-        "it started listening: {stdout}"
-    );
-    eprintln!("failed start, as expected ({}): {stderr}", out.status);
-    Ok(stderr)
 }
 
 #[test]

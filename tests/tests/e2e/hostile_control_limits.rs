@@ -6,8 +6,6 @@
 //! one enforced.
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,10 +17,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tonic::Code;
 use trellis_proto::{DiscoveryRequest, SECRET_TYPE_URL};
+use trellis_tests::control_must_fail_to_start as start_must_fail;
 use trellis_tests::k8s::K8sIssuer;
 use trellis_tests::{
-    e2e, fetch_svid, grpc_code, run_with_timeout, test_node, trellis_bin, workspace_root,
-    ControlPlane, ControlPlaneOpts, SdsStream,
+    e2e, fetch_svid, grpc_code, test_node, workspace_root, ControlPlane, ControlPlaneOpts,
+    SdsStream,
 };
 
 fn opts(extra: &[&str]) -> ControlPlaneOpts {
@@ -441,25 +440,6 @@ async fn jwt_over_max_jwt_bytes_is_refused_with_the_reason() -> anyhow::Result<(
         Ok(())
     })
     .await
-}
-
-/// Runs `trellis control` with `extra`; it must exit non-zero by itself. Returns stderr.
-fn start_must_fail(dir: &Path, extra: &[String]) -> anyhow::Result<String> {
-    let mut cmd = Command::new(trellis_bin());
-    cmd.args(["control", "--trust-domain", "example.org"])
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .args(extra);
-    let out = run_with_timeout(cmd, Duration::from_secs(60))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    ensure!(
-        !out.status.success() && !stdout.contains("listening"),
-        "want a failed start, got {}; stdout: {stdout}; stderr: {stderr}",
-        out.status
-    );
-    Ok(stderr)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,10 +19,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use trellis_identity::tls::PeerMatch;
 use trellis_identity::SpiffeId;
-use trellis_tests::app_client::{echo_json, get_once, Proto};
 use trellis_tests::h2_raw::*;
 use trellis_tests::load::{Load, LoadOpts};
-use trellis_tests::mesh::{Mesh, MeshOpts, B_ID};
+use trellis_tests::mesh::{legit, Mesh, MeshOpts, B_ID};
+use trellis_tests::raw::{exchange, read_to_close};
 use trellis_tests::{e2e, eventually, fetch_svid, tls_client_config, tls_connect};
 
 const CLIENT_ID: &str = "spiffe://example.org/test/hostile";
@@ -61,57 +61,6 @@ impl Peer {
     async fn connect(&self) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
         tls_connect(self.addr, self.config.clone()).await
     }
-}
-
-/// What a raw exchange got: the bytes that came back, and whether the sidecar closed the
-/// connection (EOF or reset) within the wait.
-struct Exchange {
-    text: String,
-    closed: bool,
-}
-
-impl Exchange {
-    fn status(&self) -> Option<u16> {
-        let line = self.text.lines().next()?;
-        line.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
-    }
-}
-
-/// Sends `raw` (write errors ignored: the sidecar may close before reading it all), then reads
-/// until EOF, an error or `wait`.
-async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
-    mut io: S,
-    raw: &[u8],
-    wait: Duration,
-) -> Exchange {
-    let _ = io.write_all(raw).await;
-    let _ = io.flush().await;
-    read_to_close(&mut io, wait).await
-}
-
-async fn read_to_close<S: AsyncRead + Unpin>(io: &mut S, wait: Duration) -> Exchange {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + wait;
-    let closed = loop {
-        match tokio::time::timeout_at(deadline, io.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break true,
-            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
-            Err(_) => break false,
-        }
-    };
-    Exchange {
-        text: String::from_utf8_lossy(&got).into_owned(),
-        closed,
-    }
-}
-
-/// A legitimate app request through sidecar A to app B: must be a 200 echo from app B.
-async fn legit(mesh: &Mesh, path: &str) -> anyhow::Result<()> {
-    let reply = get_once(mesh.a.outbound(), Proto::H1, "b", path, &[]).await?;
-    let echo = echo_json(&reply).with_context(|| format!("legitimate {path}"))?;
-    ensure!(echo["app"] == "app-b", "legitimate {path} reached {echo}");
-    Ok(())
 }
 
 /// One hostile HTTP/1.1 input: the raw request and what must come back.

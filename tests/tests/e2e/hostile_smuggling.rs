@@ -17,7 +17,8 @@ use tokio::net::TcpStream;
 use trellis_identity::tls::PeerMatch;
 use trellis_identity::SpiffeId;
 use trellis_tests::app_client::{echo_json, get_once, Proto};
-use trellis_tests::mesh::{Mesh, MeshOpts, B_ID};
+use trellis_tests::mesh::{legit, Mesh, MeshOpts, B_ID};
+use trellis_tests::raw::{read_to_close, Exchange};
 use trellis_tests::{e2e, eventually, fetch_svid, tls_client_config, tls_connect};
 
 const CLIENT_ID: &str = "spiffe://example.org/test/smuggler";
@@ -78,39 +79,6 @@ impl Target {
     }
 }
 
-/// Everything that came back until the sidecar closed the connection (or `wait` passed).
-struct Exchange {
-    text: String,
-    closed: bool,
-}
-
-impl Exchange {
-    /// The status of every response, in order.
-    fn statuses(&self) -> Vec<u16> {
-        self.text
-            .match_indices("HTTP/1.1 ")
-            .filter_map(|(i, _)| self.text.get(i + 9..i + 12)?.parse().ok())
-            .collect()
-    }
-}
-
-async fn read_to_close<S: AsyncRead + Unpin + ?Sized>(io: &mut S, wait: Duration) -> Exchange {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + wait;
-    let closed = loop {
-        match tokio::time::timeout_at(deadline, io.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break true,
-            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
-            Err(_) => break false,
-        }
-    };
-    Exchange {
-        text: String::from_utf8_lossy(&got).into_owned(),
-        closed,
-    }
-}
-
 /// Writes `raw` (errors ignored: the sidecar may close first), then reads to the close.
 async fn exchange(target: &Target, raw: &[u8]) -> anyhow::Result<Exchange> {
     let mut io = target.connect().await?;
@@ -149,15 +117,6 @@ async fn read_response<S: AsyncRead + Unpin + ?Sized>(io: &mut S) -> anyhow::Res
         );
         got.extend_from_slice(&buf[..n]);
     }
-}
-
-/// A legitimate request through sidecar A to app B: must be a 200 echo from app B.
-async fn legit(mesh: &Mesh, path: impl AsRef<str>) -> anyhow::Result<()> {
-    let path = path.as_ref();
-    let reply = get_once(mesh.a.outbound(), Proto::H1, "b", path, &[]).await?;
-    let echo = echo_json(&reply).with_context(|| format!("legitimate {path}"))?;
-    ensure!(echo["app"] == "app-b", "legitimate {path} reached {echo}");
-    Ok(())
 }
 
 fn both_lengths(path: &str, smuggled: &str) -> String {

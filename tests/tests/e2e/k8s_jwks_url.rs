@@ -10,7 +10,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,10 +24,10 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use trellis_tests::control_must_fail_to_start as start_must_fail;
 use trellis_tests::k8s::{K8sIssuer, AUDIENCE, ISSUER};
-use trellis_tests::{
-    e2e, eventually, fetch_svid, run_with_timeout, trellis_bin, ControlPlane, ControlPlaneOpts,
-};
+use trellis_tests::sds_server::{LeafSpec, TestCa};
+use trellis_tests::{e2e, eventually, fetch_svid, ControlPlane, ControlPlaneOpts};
 
 const JWKS_PATH: &str = "/openid/v1/jwks";
 
@@ -41,30 +40,13 @@ struct ClusterCa {
 
 impl ClusterCa {
     fn new() -> anyhow::Result<Self> {
-        let ca_key = rcgen::KeyPair::generate()?;
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "test cluster CA");
-        ca_params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-        ];
-        let ca_cert = ca_params.self_signed(&ca_key)?;
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-
-        let server_key = rcgen::KeyPair::generate()?;
-        let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "kube-apiserver");
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-        let server_cert = params.signed_by(&server_key, &issuer)?;
+        let ca = TestCa::root("cluster.local");
+        let (mut server_chain, server_key) = ca.issue(&LeafSpec::server("127.0.0.1"));
+        server_chain.push(ca.cert().clone());
         Ok(ClusterCa {
-            ca_pem: ca_cert.pem(),
-            server_chain: vec![server_cert.der().clone(), ca_cert.der().clone()],
-            server_key: server_key.serialize_der(),
+            ca_pem: ca.bundle_pem(),
+            server_chain,
+            server_key: server_key.secret_der().to_vec(),
         })
     }
 }
@@ -335,30 +317,6 @@ async fn keys_from_the_api_server_attest_rotate_and_survive_garbage() -> anyhow:
         Ok(())
     })
     .await
-}
-
-/// Runs `trellis control` with `extra`; it must exit non-zero by itself. Returns stderr.
-fn start_must_fail(dir: &Path, extra: &[String]) -> anyhow::Result<String> {
-    let mut cmd = Command::new(trellis_bin());
-    cmd.args(["control", "--trust-domain", "example.org"])
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .args(extra);
-    let out = run_with_timeout(cmd, Duration::from_secs(60))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    ensure!(
-        !out.status.success(),
-        "want a failed start, got {}; stdout: {stdout}; stderr: {stderr}",
-        out.status
-    );
-    ensure!(
-        !stdout.contains("listening"),
-        "it started listening: {stdout}"
-    );
-    eprintln!("failed start, as expected ({}): {stderr}", out.status);
-    Ok(stderr)
 }
 
 /// Files for a control plane: the cluster CA and a token, in `dir`.

@@ -23,9 +23,10 @@ use tokio::net::TcpSocket;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Endpoint, Uri};
 use trellis_identity::tls::PeerMatch;
-use trellis_identity::{verify_svid_chain, Svid, TrustBundle, Usage};
+use trellis_identity::{certs_to_pem, key_to_pem, verify_svid_chain, Svid, TrustBundle, Usage};
 use trellis_proto::SecretDiscoveryServiceClient;
 use trellis_tests::postgres::TestPostgres;
+use trellis_tests::sds_server::{LeafSpec, TestCa};
 use trellis_tests::{
     bundle_from_secret, decode_secrets, e2e, eventually, grpc_code, run_with_timeout,
     svid_from_secret, tls_client_config, trellis_bin, ControlPlane, ControlPlaneOpts, SdsClient,
@@ -332,33 +333,15 @@ async fn replicas_with_the_embedded_ca_agree_on_one_root() -> anyhow::Result<()>
     .await
 }
 
-/// A CA and, when `server` is set, a certificate for 127.0.0.1 it signed.
-fn test_ca(name: &str) -> anyhow::Result<(String, rcgen::Issuer<'static, rcgen::KeyPair>)> {
-    let key = rcgen::KeyPair::generate()?;
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, name);
-    params.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-    ];
-    let cert = params.self_signed(&key)?;
-    Ok((cert.pem(), rcgen::Issuer::new(params, key)))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_connects_over_verified_tls() -> anyhow::Result<()> {
     let test = "replica_connects_over_verified_tls";
-    let (ca_pem, issuer) = test_ca("test PostgreSQL CA")?;
-    let server_key = rcgen::KeyPair::generate()?;
-    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])?;
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-    let server_cert = params.signed_by(&server_key, &issuer)?;
+    let ca = TestCa::root("example.org");
+    let ca_pem = ca.bundle_pem();
+    let (server_chain, server_key) = ca.issue(&LeafSpec::server("127.0.0.1"));
     let tls = trellis_tests::postgres::ServerTls {
-        cert_pem: server_cert.pem(),
-        key_pem: server_key.serialize_pem(),
+        cert_pem: certs_to_pem(&server_chain),
+        key_pem: key_to_pem(&server_key).to_string(),
     };
     let Some(pg) = TestPostgres::start_with_tls(test, &tls)? else {
         return Ok(());
@@ -368,7 +351,7 @@ async fn replica_connects_over_verified_tls() -> anyhow::Result<()> {
         let files = tempfile::tempdir()?;
         let ca_file = files.path().join("pg-ca.pem");
         std::fs::write(&ca_file, &ca_pem)?;
-        let (wrong_pem, _) = test_ca("some other CA")?;
+        let wrong_pem = TestCa::root("example.org").bundle_pem();
         let wrong_file = files.path().join("other-ca.pem");
         std::fs::write(&wrong_file, wrong_pem)?;
         let with_root = |f: &Path| {

@@ -7,7 +7,7 @@
 //! cargo build --release -p trellis
 //! ulimit -n 65536   # or up to `ulimit -Hn`; 3 descriptors per sidecar + 256 are checked
 //! TRELLIS_BIN=$PWD/target/release/trellis SCALE_SIDECARS=200 \
-//!   cargo test --release -p trellis-tests --test scale_sidecars -- --ignored --nocapture
+//!   cargo test --release -p trellis-tests --test e2e scale_sidecars -- --ignored --nocapture
 //! ```
 //!
 //! Knobs (environment): `SCALE_SIDECARS` (200), `SCALE_ROTATE_SECONDS` (10: `--rotate-every`;

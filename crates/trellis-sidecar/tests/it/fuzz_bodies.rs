@@ -6,7 +6,7 @@
 //! mutations of them (a small deterministic mutator; `TRELLIS_FUZZ_SEED=n` picks another
 //! sequence, `TRELLIS_FUZZ_CASES=n` another count).
 //!
-//! `TRELLIS_WRITE_FUZZ_SEEDS=1 cargo test -p trellis-sidecar --test fuzz_bodies` rewrites
+//! `TRELLIS_WRITE_FUZZ_SEEDS=1 cargo test -p trellis-sidecar --test it fuzz_bodies` rewrites
 //! `fuzz/seeds/sds_update/` from the responses built here.
 #![allow(clippy::unwrap_used)]
 

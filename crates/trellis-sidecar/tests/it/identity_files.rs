@@ -4,7 +4,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::watch;
 use trellis_identity::testca::TestCa;
@@ -14,15 +14,7 @@ use trellis_sidecar::identity_files;
 use trellis_sidecar::metrics::SidecarMetrics;
 use trellis_sidecar::SvidStore;
 use trellis_tests::metrics::Metrics;
-
-/// Polls `cond` until it holds or `within` passes.
-async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use trellis_tests::poll_until as eventually;
 
 /// `series` (`name` or `name{labels}`) in the sidecar's exposition; panics naming it if absent.
 #[track_caller]

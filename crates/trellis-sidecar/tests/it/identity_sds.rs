@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 use trellis_control::config::{ControlFile, ControlSettings};
@@ -16,16 +16,9 @@ use trellis_sidecar::metrics::SidecarMetrics;
 use trellis_sidecar::sds::SdsClient;
 use trellis_sidecar::SvidStore;
 use trellis_tests::metrics::Metrics;
+use trellis_tests::poll_until as eventually;
 
 const WEB: &str = "spiffe://example.org/app/web";
-
-async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// `series` (`name` or `name{labels}`) in the exposition `text`; panics naming it if absent.
 #[track_caller]

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
@@ -554,12 +554,8 @@ pub fn handshakes(metrics: &SidecarMetrics, direction: &str, result: &str, reaso
 }
 
 /// Polls `cond` until it holds or 10 s pass (then panics with `what`).
-pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+pub async fn eventually(what: &str, cond: impl FnMut() -> bool) {
+    trellis_tests::poll_until(Duration::from_secs(10), what, cond).await
 }
 
 /// Counts connections the app accepted.
