@@ -96,7 +96,7 @@ promtool test rules k8s/observability/trellis-alerts.test.yaml
 # --- Kubernetes manifests: kubernetes-validate --strict (PyPI, offline schemas) ----------------
 # Every resource file the kustomizations under k8s/ list, for Kubernetes 1.30 and the newest
 # version the package ships; then, where kubectl is installed, every kustomization rendered
-# (which also covers the overlays' patches and generators). tests/tests/k8s_manifests.rs checks
+# (which also covers the overlays' patches and generators). tests/tests/e2e/k8s_manifests.rs checks
 # what a schema cannot (security context, flags, webhook contract, referenced files).
 KUBERNETES_VALIDATE_VERSION="1.37.0"
 if [[ "$("$VENV/bin/kubernetes-validate" --version 2>/dev/null)" != "$KUBERNETES_VALIDATE_VERSION" ]]; then
@@ -142,7 +142,7 @@ else
 fi
 
 # --- PostgreSQL: a throwaway cluster on loopback for the replicated control-plane tests -------
-# tests/tests/replicas_postgres.rs and the registry's unit tests read TRELLIS_TEST_POSTGRES_URL.
+# tests/tests/e2e/replicas_postgres.rs and the registry's unit tests read TRELLIS_TEST_POSTGRES_URL.
 # initdb and postgres refuse to run as root: as root, the cluster belongs to the `postgres` user
 # that the Debian package creates. Stopped and removed when this script exits.
 PG_BIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)"

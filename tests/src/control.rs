@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 
+use crate::metrics::Metrics;
 use anyhow::{anyhow, bail, Context as _};
 use tempfile::TempDir;
 use tokio::net::TcpStream;
@@ -249,6 +250,43 @@ impl ControlPlane {
         let tcp = TcpStream::connect(self.admin_addr).await?;
         http_get(tcp, &self.admin_addr.to_string(), path).await
     }
+
+    /// `/metrics`, parsed.
+    pub async fn metrics(&self) -> anyhow::Result<Metrics> {
+        let r = self.admin_get("/metrics").await?;
+        if r.status != 200 {
+            bail!("control plane /metrics: {}", r.status);
+        }
+        Metrics::parse(&r.text())
+    }
+}
+
+/// Runs `trellis control` on port 0 with a state directory in `dir` and `extra` flags, which
+/// must make it exit non-zero before it listens; returns its stderr (the message a user sees).
+pub fn control_must_fail_to_start(
+    dir: &std::path::Path,
+    extra: &[impl AsRef<std::ffi::OsStr>],
+) -> anyhow::Result<String> {
+    let mut cmd = Command::new(trellis_bin());
+    cmd.args(["control", "--trust-domain", "example.org"])
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(extra);
+    let out = run_with_timeout(cmd, std::time::Duration::from_secs(60))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if out.status.success() {
+        bail!(
+            "want a failed start, got {}; stdout: {stdout}; stderr: {stderr}",
+            out.status
+        );
+    }
+    if stdout.contains("listening") {
+        bail!("it started listening: {stdout}");
+    }
+    eprintln!("failed start, as expected ({}): {stderr}", out.status);
+    Ok(stderr)
 }
 
 /// A control plane killed by [`ControlPlane::kill`]: its state directory and ports, kept

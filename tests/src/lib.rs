@@ -41,14 +41,17 @@ pub mod h2_raw;
 pub mod k8s;
 pub mod load;
 pub mod mesh;
+pub mod metrics;
 pub mod openssl;
 pub mod policy_mesh;
 pub mod postgres;
+pub mod raw;
 pub mod sds_server;
 pub mod sidecar;
 
 pub use control::{
-    parse_listening_line, ControlPlane, ControlPlaneOpts, K8sOpts, StoppedControlPlane,
+    control_must_fail_to_start, parse_listening_line, ControlPlane, ControlPlaneOpts, K8sOpts,
+    StoppedControlPlane,
 };
 pub use envoy::{render_template, Envoy};
 pub use http::{http_get, HttpResponse};
@@ -60,7 +63,7 @@ pub use sds::{
     bundle_from_secret, connect_sds, decode_secrets, fetch_svid, grpc_code, peer_leaf, serial_of,
     svid_from_secret, test_node, tls_client_config, tls_connect, SdsClient, SdsStream,
 };
-pub use wait::{eventually, wait_until};
+pub use wait::{eventually, poll_until, wait_until};
 
 /// How long a process gets to print its "listening" line or write its address file.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);

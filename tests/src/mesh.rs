@@ -1,6 +1,9 @@
 //! The two-workload mesh most sidecar tests need: a control plane, app A behind sidecar A,
 //! app B behind sidecar B, and sidecar A routing `Host: b` to sidecar B.
 
+use anyhow::{ensure, Context as _};
+
+use crate::app_client::{echo_json, get_once, Proto};
 use crate::echo::EchoApp;
 use crate::sidecar::{Sidecar, SidecarOpts};
 use crate::{ControlPlane, ControlPlaneOpts};
@@ -72,4 +75,15 @@ impl Mesh {
             cp,
         })
     }
+}
+
+/// A legitimate app request through sidecar A to app B (over A's pooled connection to B's
+/// inbound listener): must be a 200 echo from app B. Hostile tests send one before and after
+/// each attack to show the sidecar still serves.
+pub async fn legit(mesh: &Mesh, path: impl AsRef<str>) -> anyhow::Result<()> {
+    let path = path.as_ref();
+    let reply = get_once(mesh.a.outbound(), Proto::H1, "b", path, &[]).await?;
+    let echo = echo_json(&reply).with_context(|| format!("legitimate {path}"))?;
+    ensure!(echo["app"] == "app-b", "legitimate {path} reached {echo}");
+    Ok(())
 }

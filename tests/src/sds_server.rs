@@ -5,14 +5,14 @@
 //! ```no_run
 //! # async fn f() -> anyhow::Result<()> {
 //! use std::time::Duration;
-//! use trellis_tests::sds_server::{csr_of, secrets_response, Leaf, ScriptCa, SdsServer};
+//! use trellis_tests::sds_server::{csr_of, secrets_response, LeafSpec, SdsServer, TestCa};
 //!
-//! let ca = ScriptCa::root("example.org")?;
+//! let ca = TestCa::root("example.org");
 //! let mut server = SdsServer::start(&ca).await?;
 //! // … start `trellis sidecar --control-plane <server.addr> --control-bundle <server.bundle_path>`
 //! let mut stream = server.next_stream(Duration::from_secs(30)).await?;
 //! let first = stream.request(Duration::from_secs(30)).await?;
-//! let chain = ca.sign_csr(&csr_of(&first).unwrap(), &Leaf::new("spiffe://example.org/b"))?;
+//! let chain = ca.sign_csr(&csr_of(&first).unwrap(), &LeafSpec::new("spiffe://example.org/b"))?;
 //! let reply = stream
 //!     .push_and_wait(secrets_response("v1", &chain, None, &ca.bundle_pem()), Duration::from_secs(30))
 //!     .await?;
@@ -20,29 +20,20 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The CA here is built on rcgen directly rather than `trellis_identity::testca::TestCa`: the
-//! sidecar keeps its key and sends a CSR, so the test has to sign a public key it was given,
-//! with exactly the property under test (expired, another SPIFFE ID, another CA).
+//! The CA is the one test CA, `trellis_identity::testca::TestCa` (re-exported here): in CSR
+//! mode the sidecar keeps its key, so the test signs the public key it was given
+//! ([`TestCa::sign_csr`]) with exactly the property under test (expired, another SPIFFE ID,
+//! another CA). The same server serves the sidecar crate's in-process SDS client tests.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher as _, Hasher as _};
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
-use rcgen::string::Ia5String;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
-    SanType, SerialNumber,
-};
-use rustls::pki_types::PrivatePkcs8KeyDer;
 use tempfile::TempDir;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -53,10 +44,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status, Streaming};
+pub use trellis_identity::testca::{LeafSpec, TestCa};
 use trellis_identity::tls::{server_config, SpiffeClientVerifier, SvidResolver, TlsPolicy};
 use trellis_identity::{
     certs_to_pem, key_to_pem, CertificateDer, PrivateKeyDer, SpiffeId, Svid, TrustBundle,
-    TrustDomain,
 };
 use trellis_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use trellis_proto::{
@@ -67,198 +58,6 @@ use trellis_proto::{
 
 /// `node.metadata` key of the sidecar's CSR (`trellis_sidecar::csr::CSR_METADATA_KEY`).
 pub const CSR_METADATA_KEY: &str = "trellis.io/csr";
-
-const HOUR: Duration = Duration::from_secs(3600);
-
-// ---- the CA -------------------------------------------------------------------------------
-
-/// A throwaway root CA for one trust domain that issues leaves for keys it makes or keys it is
-/// given (a CSR), each with the validity and SPIFFE ID the test asks for.
-pub struct ScriptCa {
-    trust_domain: TrustDomain,
-    issuer: Issuer<'static, KeyPair>,
-    root: CertificateDer<'static>,
-}
-
-impl std::fmt::Debug for ScriptCa {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ScriptCa")
-            .field("trust_domain", &self.trust_domain)
-            .finish_non_exhaustive()
-    }
-}
-
-/// What a leaf carries. [`Leaf::new`] is a valid X509-SVID; change a field to break one rule.
-#[derive(Debug, Clone)]
-pub struct Leaf {
-    /// The URI SAN.
-    pub spiffe_id: String,
-    /// notBefore.
-    pub not_before: SystemTime,
-    /// notAfter.
-    pub not_after: SystemTime,
-}
-
-impl Leaf {
-    /// `spiffe_id`, valid from an hour ago for a day.
-    pub fn new(spiffe_id: &str) -> Self {
-        let now = SystemTime::now();
-        Leaf {
-            spiffe_id: spiffe_id.to_string(),
-            not_before: now - HOUR,
-            not_after: now + 23 * HOUR,
-        }
-    }
-
-    /// Expired a minute ago.
-    pub fn expired(mut self) -> Self {
-        let now = SystemTime::now();
-        self.not_before = now - 2 * HOUR;
-        self.not_after = now - Duration::from_secs(60);
-        self
-    }
-
-    /// Valid only from an hour from now.
-    pub fn not_yet_valid(mut self) -> Self {
-        let now = SystemTime::now();
-        self.not_before = now + HOUR;
-        self.not_after = now + 2 * HOUR;
-        self
-    }
-}
-
-/// 16 random bytes as a positive serial. rcgen would derive the serial from the public key,
-/// which makes every renewal for the same key look identical; a test that watches the serial
-/// change needs a fresh one each time.
-fn random_serial() -> SerialNumber {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut bytes = Vec::with_capacity(16);
-    for _ in 0..2 {
-        // RandomState is seeded randomly per instance: enough entropy for test serials.
-        let mut h = RandomState::new().build_hasher();
-        h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-        bytes.extend_from_slice(&h.finish().to_be_bytes());
-    }
-    // Positive, and no leading zero byte for the DER encoder to trim.
-    bytes[0] = (bytes[0] & 0x7f) | 0x01;
-    SerialNumber::from_slice(&bytes)
-}
-
-impl ScriptCa {
-    /// A self-signed root for `trust_domain`, valid from an hour ago for 30 days.
-    pub fn root(trust_domain: &str) -> anyhow::Result<Self> {
-        let trust_domain = TrustDomain::parse(trust_domain)
-            .map_err(|e| anyhow!("trust domain {trust_domain}: {e}"))?;
-        let key = KeyPair::generate()?;
-        let now = SystemTime::now();
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(
-            DnType::CommonName,
-            format!("Trellis scripted SDS root {trust_domain}"),
-        );
-        // X509-SVID 3.2: a signing certificate's SPIFFE ID has no path.
-        params.subject_alt_names = vec![SanType::URI(Ia5String::try_from(
-            trust_domain.id().to_string(),
-        )?)];
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        params.not_before = (now - HOUR).into();
-        params.not_after = (now + 30 * 24 * HOUR).into();
-        params.serial_number = Some(random_serial());
-        params.use_authority_key_identifier_extension = true;
-        let root = params.self_signed(&key)?.der().clone();
-        Ok(ScriptCa {
-            trust_domain,
-            issuer: Issuer::new(params, key),
-            root,
-        })
-    }
-
-    /// The trust domain.
-    pub fn trust_domain(&self) -> &TrustDomain {
-        &self.trust_domain
-    }
-
-    /// `spiffe://<trust domain><path>`.
-    pub fn id(&self, path: &str) -> String {
-        format!("spiffe://{}{}", self.trust_domain, path)
-    }
-
-    /// The bundle: this root.
-    pub fn bundle(&self) -> anyhow::Result<TrustBundle> {
-        TrustBundle::new(self.trust_domain.clone(), vec![self.root.clone()])
-            .map_err(|e| anyhow!("bundle: {e}"))
-    }
-
-    /// The bundle as PEM (what `ROOTCA` and `--control-bundle` carry).
-    pub fn bundle_pem(&self) -> String {
-        certs_to_pem(std::slice::from_ref(&self.root))
-    }
-
-    /// Signs a leaf as `leaf` says for `public_key`; returns the chain (just the leaf: the
-    /// root is the bundle).
-    pub fn sign(
-        &self,
-        leaf: &Leaf,
-        public_key: &impl PublicKeyData,
-    ) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "Trellis scripted SDS workload");
-        params.subject_alt_names =
-            vec![SanType::URI(Ia5String::try_from(leaf.spiffe_id.as_str())?)];
-        params.not_before = leaf.not_before.into();
-        params.not_after = leaf.not_after.into();
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.serial_number = Some(random_serial());
-        params.use_authority_key_identifier_extension = true;
-        Ok(vec![params
-            .signed_by(public_key, &self.issuer)?
-            .der()
-            .clone()])
-    }
-
-    /// Checks the CSR's self-signature, then signs its public key as `leaf` says (whatever
-    /// SPIFFE ID the CSR asked for: the test decides).
-    pub fn sign_csr(
-        &self,
-        csr_pem: &str,
-        leaf: &Leaf,
-    ) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
-            .map_err(|e| anyhow!("the sidecar's CSR does not parse or verify: {e}"))?;
-        self.sign(leaf, &csr.public_key)
-    }
-
-    /// A fresh key and a leaf for it: `(chain, PKCS#8 key)`.
-    pub fn issue(
-        &self,
-        leaf: &Leaf,
-    ) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
-        let key = KeyPair::generate()?;
-        let chain = self.sign(leaf, &key)?;
-        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        Ok((chain, der))
-    }
-
-    /// A valid SVID for `spiffe_id` (checked by `Svid::new`).
-    pub fn svid(&self, spiffe_id: &str) -> anyhow::Result<Svid> {
-        let (chain, key) = self.issue(&Leaf::new(spiffe_id))?;
-        Svid::new(chain, key).map_err(|e| anyhow!("SVID for {spiffe_id}: {e}"))
-    }
-}
 
 // ---- responses ----------------------------------------------------------------------------
 
@@ -553,9 +352,10 @@ impl SecretDiscoveryService for Service {
     }
 }
 
-/// A scripted SDS server on `127.0.0.1:0`, serving TLS 1.3 with an SVID for
-/// `spiffe://<td>/trellis/control` from the CA it was started with. Client certificates are
-/// optional and verified against the same CA (sidecars re-attest with their SVID).
+/// A scripted SDS server on `127.0.0.1:0`, serving TLS 1.3 with a control-plane SVID (by
+/// default `spiffe://<td>/trellis/control` from the CA it was started with). Client
+/// certificates are optional and verified against the same bundle (sidecars re-attest with
+/// their SVID).
 pub struct SdsServer {
     /// Where it listens.
     pub addr: SocketAddr,
@@ -576,15 +376,20 @@ impl Drop for SdsServer {
 }
 
 impl SdsServer {
-    /// Starts the server with a control-plane SVID from `ca`.
-    pub async fn start(ca: &ScriptCa) -> anyhow::Result<Self> {
-        let control = ca.svid(&ca.id("/trellis/control"))?;
+    /// Starts the server with a control-plane SVID (`spiffe://<td>/trellis/control`) from
+    /// `ca`, verifying optional client certificates against `ca`'s bundle.
+    pub async fn start(ca: &TestCa) -> anyhow::Result<Self> {
+        Self::start_with(&ca.bundle(), &ca.svid("/trellis/control")).await
+    }
+
+    /// Starts the server presenting `control`, verifying optional client certificates against
+    /// `bundle` (which is also what `bundle_path` holds).
+    pub async fn start_with(bundle: &TrustBundle, control: &Svid) -> anyhow::Result<Self> {
         let resolver = SvidResolver::empty();
         resolver
-            .install(&control)
+            .install(control)
             .map_err(|e| anyhow!("control SVID: {e}"))?;
-        let bundle = ca.bundle()?;
-        let shared = Arc::new(arc_swap::ArcSwap::from_pointee(bundle));
+        let shared = Arc::new(arc_swap::ArcSwap::from_pointee(bundle.clone()));
         let tls = server_config(
             resolver,
             SpiffeClientVerifier::new(shared, true),
@@ -624,7 +429,7 @@ impl SdsServer {
         });
         let dir = tempfile::tempdir()?;
         let bundle_path = dir.path().join("control-bundle.pem");
-        std::fs::write(&bundle_path, ca.bundle_pem())?;
+        std::fs::write(&bundle_path, bundle.to_pem())?;
         Ok(SdsServer {
             addr,
             bundle_path,

@@ -270,7 +270,7 @@ impl Sidecar {
         if r.status != 200 {
             bail!("/metrics: {}", r.status);
         }
-        Ok(Metrics(r.text()))
+        Metrics::parse(&r.text())
     }
 
     /// Resident memory (VmRSS) in KiB.
@@ -330,57 +330,8 @@ pub fn open_fds(pid: u32) -> anyhow::Result<usize> {
         .count())
 }
 
-/// A Prometheus text exposition.
-#[derive(Debug, Clone)]
-pub struct Metrics(pub String);
-
-impl Metrics {
-    /// The sum of every sample of `name` whose labels include all of `labels` (0 when none:
-    /// a labelled counter appears only once it moved).
-    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.0
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(parse_sample)
-            .filter(|(n, ls, _)| {
-                n == name
-                    && labels
-                        .iter()
-                        .all(|(k, v)| ls.get(*k).is_some_and(|x| x == v))
-            })
-            .map(|(_, _, v)| v)
-            .sum()
-    }
-
-    /// Every sample line of `name`, for error messages.
-    pub fn lines_of(&self, name: &str) -> String {
-        self.0
-            .lines()
-            .filter(|l| l.starts_with(name))
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-}
-
-fn parse_sample(line: &str) -> Option<(String, BTreeMap<String, String>, f64)> {
-    let line = line.trim();
-    let (head, value) = line.rsplit_once(' ')?;
-    let value: f64 = value.parse().ok()?;
-    let (name, labels) = match head.split_once('{') {
-        None => (head.to_string(), BTreeMap::new()),
-        Some((name, rest)) => {
-            let inner = rest.strip_suffix('}')?;
-            let mut labels = BTreeMap::new();
-            // Label values in these tests never contain `,` or `"`.
-            for pair in inner.split(',').filter(|p| !p.is_empty()) {
-                let (k, v) = pair.split_once('=')?;
-                labels.insert(k.trim().to_string(), v.trim().trim_matches('"').to_string());
-            }
-            (name.to_string(), labels)
-        }
-    };
-    Some((name, labels, value))
-}
+/// `/metrics`, parsed: see [`crate::metrics`].
+pub use crate::metrics::Metrics;
 
 #[cfg(test)]
 mod tests {
@@ -397,18 +348,5 @@ mod tests {
         assert_eq!(a.outbound["b"].port(), 3);
         assert_eq!(a.admin.port(), 4);
         assert!(parse_sidecar_line("trellis sidecar listening inbound=127.0.0.1:1").is_err());
-    }
-
-    #[test]
-    fn sums_matching_samples() {
-        let m = Metrics(
-            "# TYPE x counter\nx{direction=\"inbound\",result=\"error\",reason=\"no_cert\"} 2\n\
-             x{direction=\"inbound\",result=\"ok\",reason=\"\"} 5\ny 7\n"
-                .to_string(),
-        );
-        assert_eq!(m.sum("x", &[("direction", "inbound")]), 7.0);
-        assert_eq!(m.sum("x", &[("reason", "no_cert")]), 2.0);
-        assert_eq!(m.sum("y", &[]), 7.0);
-        assert_eq!(m.sum("z", &[]), 0.0);
     }
 }

@@ -131,7 +131,7 @@ fn unix(t: SystemTime) -> u64 {
 }
 
 fn rfc3339(t: SystemTime) -> String {
-    crate::inspect::rfc3339(crate::cert::unix_secs(t))
+    crate::cert::rfc3339(crate::cert::unix_secs(t))
 }
 
 #[cfg(test)]

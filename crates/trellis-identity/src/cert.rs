@@ -145,8 +145,9 @@ fn system_time(unix_secs: i64) -> Option<SystemTime> {
     }
 }
 
-/// `t` as unix seconds (negative before 1970), for error messages.
-pub(crate) fn unix_secs(t: SystemTime) -> i64 {
+/// `t` as unix seconds (negative before 1970, saturating), as reports and error messages
+/// show certificate times.
+pub fn unix_secs(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         Err(e) => i64::try_from(e.duration().as_secs()).map_or(i64::MIN, |s| -s),
@@ -157,6 +158,36 @@ pub(crate) fn unix_secs(t: SystemTime) -> i64 {
 pub fn leaf_sha256_hex(der: &CertificateDer<'_>) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(der.as_ref()))
+}
+
+/// `unix` seconds as RFC 3339 UTC (`2026-01-31T12:00:00Z`). Hand-rolled because a peer's
+/// certificate may carry any date from year 0 to 9999, which must print, never panic.
+pub fn rfc3339(unix: i64) -> String {
+    // X.509 times span years 0000..=9999.
+    let unix = unix.clamp(-62_167_219_200, 253_402_300_799);
+    let days = unix.div_euclid(86_400);
+    let secs = unix.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+/// Howard Hinnant's `civil_from_days`: days since 1970-01-01 to (year, month, day).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
 }
 
 #[cfg(test)]
@@ -317,5 +348,15 @@ mod tests {
             hash,
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    #[test]
+    fn formats_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_767_225_599), "2025-12-31T23:59:59Z");
+        assert_eq!(rfc3339(-1), "1969-12-31T23:59:59Z");
+        assert_eq!(rfc3339(i64::MAX), "9999-12-31T23:59:59Z");
+        assert_eq!(rfc3339(i64::MIN), "0000-01-01T00:00:00Z");
     }
 }

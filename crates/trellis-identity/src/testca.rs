@@ -1,21 +1,27 @@
-//! A throwaway CA for tests (feature `test-util`): roots, intermediates and leaves carrying
-//! exactly the property a test needs (expired, other trust domain, two URI SANs, CA flag, …).
+//! The one throwaway CA of the test suites (feature `test-util`): roots, intermediates and
+//! leaves carrying exactly the property a test needs (expired, other trust domain, two URI
+//! SANs, CA flag, …), for keys it makes or keys it is given in a CSR (a sidecar in CSR mode
+//! keeps its key). `trellis_tests` (the test-support crate) re-exports it.
 //!
 //! Everything here panics on failure: it exists to keep tests short, never to run in production.
 
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher as _, Hasher as _};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use rcgen::string::Ia5String;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
+    SanType, SerialNumber,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::tls::SharedBundle;
-use crate::{Svid, TrustBundle, TrustDomain};
+use crate::{certs_to_pem, Svid, TrustBundle, TrustDomain};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -98,9 +104,31 @@ impl TestCa {
         Arc::new(ArcSwap::from_pointee(self.bundle()))
     }
 
+    /// `spiffe://<trust domain><path>` (`path` starts with `/`).
+    pub fn id(&self, path: &str) -> String {
+        format!("spiffe://{}{}", self.trust_domain, path)
+    }
+
+    /// [`TestCa::bundle`] as PEM (what an SDS `ROOTCA` or a `--control-bundle` file carries).
+    pub fn bundle_pem(&self) -> String {
+        certs_to_pem(std::slice::from_ref(&self.root))
+    }
+
     /// Issues a leaf as `spec` says: the chain (leaf, then intermediates) and its PKCS#8 key.
     pub fn issue(&self, spec: &LeafSpec) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         let key = KeyPair::generate().expect("generate leaf key");
+        let chain = self.sign(spec, &key);
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        (chain, key)
+    }
+
+    /// Signs a leaf as `spec` says for a public key the test was given (a sidecar keeps its key
+    /// and sends a CSR): the chain, leaf first.
+    pub fn sign(
+        &self,
+        spec: &LeafSpec,
+        public_key: &impl PublicKeyData,
+    ) -> Vec<CertificateDer<'static>> {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params
@@ -110,6 +138,10 @@ impl TestCa {
             .uri_sans
             .iter()
             .map(|uri| SanType::URI(Ia5String::try_from(uri.as_str()).expect("ASCII URI SAN")))
+            .chain(spec.host_sans.iter().map(|host| match host.parse() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(Ia5String::try_from(host.as_str()).expect("DNS SAN")),
+            }))
             .collect();
         params.not_before = spec.not_before.into();
         params.not_after = spec.not_after.into();
@@ -132,17 +164,30 @@ impl TestCa {
                 .extended_key_usages
                 .push(ExtendedKeyUsagePurpose::ClientAuth);
         }
-        params.serial_number = spec.serial.as_deref().map(SerialNumber::from_slice);
+        params.serial_number = Some(match spec.serial.as_deref() {
+            Some(serial) => SerialNumber::from_slice(serial),
+            None => random_serial(),
+        });
         params.use_authority_key_identifier_extension = true;
         let leaf = params
-            .signed_by(&key, &self.issuer)
+            .signed_by(public_key, &self.issuer)
             .expect("sign leaf")
             .der()
             .clone();
         let mut chain = vec![leaf];
         chain.extend(self.chain_tail.iter().cloned());
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        (chain, key)
+        chain
+    }
+
+    /// Checks a CSR's self-signature, then signs its public key as `spec` says (whatever SPIFFE
+    /// ID the CSR asked for: the test decides). An error if the CSR does not parse or verify.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        spec: &LeafSpec,
+    ) -> Result<Vec<CertificateDer<'static>>, rcgen::Error> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
+        Ok(self.sign(spec, &csr.public_key))
     }
 
     /// A valid SVID for `spiffe://<trust domain><path>` (`path` starts with `/`).
@@ -151,6 +196,23 @@ impl TestCa {
         let (chain, key) = self.issue(&LeafSpec::new(&id));
         Svid::new(chain, key).expect("test SVID")
     }
+}
+
+/// 16 random bytes as a positive serial. rcgen would derive the serial from the public key,
+/// which makes every renewal for the same key (CSR mode) look identical; a test that watches
+/// the serial change needs a fresh one each time.
+fn random_serial() -> SerialNumber {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut bytes = Vec::with_capacity(16);
+    for _ in 0..2 {
+        // RandomState is seeded randomly per instance: enough entropy for test serials.
+        let mut h = RandomState::new().build_hasher();
+        h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+        bytes.extend_from_slice(&h.finish().to_be_bytes());
+    }
+    // Positive, and no leading zero byte for the DER encoder to trim.
+    bytes[0] = (bytes[0] & 0x7f) | 0x01;
+    SerialNumber::from_slice(&bytes)
 }
 
 fn ca_params(td: &TrustDomain, name: &str) -> CertificateParams {
@@ -183,6 +245,9 @@ fn ca_params(td: &TrustDomain, name: &str) -> CertificateParams {
 pub struct LeafSpec {
     /// URI SANs, in order.
     pub uri_sans: Vec<String>,
+    /// DNS names and IP addresses (an IP when it parses as one), after the URI SANs: for the
+    /// web-PKI servers tests stand up (a Kubernetes API server, PostgreSQL).
+    pub host_sans: Vec<String>,
     /// notBefore.
     pub not_before: SystemTime,
     /// notAfter.
@@ -195,7 +260,7 @@ pub struct LeafSpec {
     pub server_auth: bool,
     /// EKU clientAuth.
     pub client_auth: bool,
-    /// The serial's bytes (big-endian); rcgen derives one from the key when `None`.
+    /// The serial's bytes (big-endian); a fresh random one when `None`.
     pub serial: Option<Vec<u8>>,
 }
 
@@ -205,6 +270,7 @@ impl LeafSpec {
         let now = SystemTime::now();
         LeafSpec {
             uri_sans: vec![uri.to_owned()],
+            host_sans: Vec::new(),
             not_before: now - HOUR,
             not_after: now + 23 * HOUR,
             is_ca: false,
@@ -213,6 +279,32 @@ impl LeafSpec {
             client_auth: true,
             serial: None,
         }
+    }
+
+    /// A TLS server certificate for `host` (DNS name or IP address): no URI SAN, serverAuth
+    /// only, valid from an hour ago for 24 hours.
+    pub fn server(host: &str) -> Self {
+        let mut spec = LeafSpec::new("");
+        spec.uri_sans.clear();
+        spec.host_sans = vec![host.to_owned()];
+        spec.client_auth = false;
+        spec
+    }
+
+    /// Expired a minute ago (valid for the hour before).
+    pub fn expired(mut self) -> Self {
+        let now = SystemTime::now();
+        self.not_before = now - 2 * HOUR;
+        self.not_after = now - Duration::from_secs(60);
+        self
+    }
+
+    /// Valid only from an hour from now.
+    pub fn not_yet_valid(mut self) -> Self {
+        let now = SystemTime::now();
+        self.not_before = now + HOUR;
+        self.not_after = now + 2 * HOUR;
+        self
     }
 }
 

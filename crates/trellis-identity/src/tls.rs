@@ -33,13 +33,16 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// handshake-signature methods: rustls' own checks with the algorithms of the verifier's
 /// `Arc<CryptoProvider>` field named `$provider`. Trellis verifiers differ only in how they
 /// judge the certificate; the proof that the peer holds its key is checked the same way by all
-/// of them, so it is written once here. Use: `delegate_signature_checks!(provider);`.
+/// of them, so it is written once here (and exported for the diagnostic verifier of
+/// `trellis_sidecar::inspect`). Use: `delegate_signature_checks!(provider);`; the calling crate
+/// needs `rustls` as a dependency.
+#[macro_export]
 macro_rules! delegate_signature_checks {
     ($provider:ident) => {
         fn verify_tls12_signature(
             &self,
             message: &[u8],
-            cert: &::rustls_pki_types::CertificateDer<'_>,
+            cert: &::rustls::pki_types::CertificateDer<'_>,
             dss: &::rustls::DigitallySignedStruct,
         ) -> Result<::rustls::client::danger::HandshakeSignatureValid, ::rustls::Error> {
             ::rustls::crypto::verify_tls12_signature(
@@ -53,7 +56,7 @@ macro_rules! delegate_signature_checks {
         fn verify_tls13_signature(
             &self,
             message: &[u8],
-            cert: &::rustls_pki_types::CertificateDer<'_>,
+            cert: &::rustls::pki_types::CertificateDer<'_>,
             dss: &::rustls::DigitallySignedStruct,
         ) -> Result<::rustls::client::danger::HandshakeSignatureValid, ::rustls::Error> {
             ::rustls::crypto::verify_tls13_signature(
@@ -71,7 +74,6 @@ macro_rules! delegate_signature_checks {
         }
     };
 }
-pub(crate) use delegate_signature_checks;
 
 /// TLS versions a listener or client accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

