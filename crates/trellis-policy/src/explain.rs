@@ -9,7 +9,8 @@ use crate::decision::{Action, Decision, Mode, DEFAULT_RULE};
 use crate::error::PathError;
 use crate::path::{match_view, normalize_path};
 use crate::policy::{CompiledPolicy, HttpScope, Rule, ToEntry};
-use crate::request::{readings, without_parameters, PathParameters, Reading};
+use crate::reading::{PathParameters, Reading};
+use crate::request::{readings, without_parameters};
 
 /// How many near misses `Display` lists before summarizing the rest.
 const NEAR_MISSES_SHOWN: usize = 20;

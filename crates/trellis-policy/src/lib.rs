@@ -15,6 +15,7 @@ mod model;
 mod path;
 mod pattern;
 mod policy;
+mod reading;
 mod request;
 #[cfg(test)]
 mod tests;
@@ -25,4 +26,5 @@ pub use explain::{ExplainedReading, ExplainedRequest, Explanation, NearMiss, Rul
 pub use lint::{Warning, WarningKind};
 pub use path::{normalize_path, NormalizedPath};
 pub use policy::{compile, CompiledPolicy, API_VERSION, KIND, MAX_RULES, MAX_RULE_NAME_LEN};
-pub use request::{PathParameters, Reading, RequestDecision};
+pub use reading::{PathParameters, Reading};
+pub use request::RequestDecision;

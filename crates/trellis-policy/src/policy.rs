@@ -13,7 +13,7 @@ use crate::located::{yaml_error, Located};
 use crate::model::{RawPolicy, RawRule, RawTo};
 use crate::path::NormalizedPath;
 use crate::pattern::{parse_method, PathPattern, Principal};
-use crate::request::PathParameters;
+use crate::reading::PathParameters;
 
 /// The only `apiVersion` this crate reads.
 pub const API_VERSION: &str = "trellis.io/v1";

@@ -5,12 +5,16 @@
 //! flow through [`outbound`] (app → peer) and [`inbound`] (peer → app); [`admin`] reports.
 #![warn(missing_docs)]
 
+pub mod access_log;
 pub mod admin;
+pub mod body;
 pub mod config;
+mod conn_state;
 pub mod csr;
+pub mod dial;
+pub mod forward_error;
 pub mod h1_framing;
 pub mod headers;
-pub mod http_util;
 pub mod identity_files;
 pub mod inbound;
 pub mod inspect;
@@ -19,11 +23,11 @@ pub mod metrics;
 pub mod mtls;
 pub mod outbound;
 pub mod policy;
-pub mod pool;
+pub mod responses;
 pub mod sds;
 pub mod sidecar;
+pub mod splice;
 pub mod svid_store;
-pub mod tcp;
 
 /// The drain every listener and connection holds (from `trellis-serve`, shared with the
 /// control plane).

@@ -13,7 +13,6 @@ use trellis_identity::tls::{handshake_failure_reason, peer_spiffe_id, SharedBund
 use trellis_identity::SpiffeId;
 use trellis_serve::{Handshake, ListenerEvents};
 
-use crate::http_util;
 use crate::metrics::{Direction, Listener, SidecarMetrics};
 use crate::mtls;
 use crate::svid_store::SvidStore;
@@ -92,7 +91,7 @@ impl Handshake for InboundTls {
         let stream = match acceptor.accept(tcp).await {
             Ok(stream) => stream,
             Err(e) => {
-                let reason = http_util::tls_error(&e).map_or("io", handshake_failure_reason);
+                let reason = crate::dial::tls_error(&e).map_or("io", handshake_failure_reason);
                 metrics.handshake(Direction::Inbound, false, reason);
                 tracing::debug!(%peer_addr, reason, error = %e, "inbound handshake refused");
                 return None;

@@ -37,6 +37,15 @@ use crate::svid_store::SvidStore;
 
 /// ALPN for HTTP/2 between sidecars.
 pub const ALPN_H2: &[u8] = b"h2";
+
+/// HTTP/2 stream receive window (both directions between sidecars). Large enough that a
+/// loopback or LAN hop streams at full speed; it bounds memory per stream, not per connection.
+pub const H2_STREAM_WINDOW: u32 = 1 << 20;
+/// HTTP/2 connection receive window: a few streams' worth, since every app request of an
+/// upstream shares one connection.
+pub const H2_CONNECTION_WINDOW: u32 = 4 << 20;
+/// Most bytes hyper buffers per stream on the sending side.
+pub const H2_MAX_SEND_BUF: usize = 400 << 10;
 /// ALPN for the HTTP/1.1 fallback.
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
 /// What HTTP listeners and HTTP upstreams offer, in preference order.

@@ -204,6 +204,43 @@ pub enum HttpAuthorization<'r> {
     BadPath(PathError),
 }
 
+/// What a connection was admitted for, so that a reload can be checked against it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionScope {
+    /// HTTP: requests are decided one by one; the connection is revoked once the caller is
+    /// allowed nothing at all.
+    Http,
+    /// Raw TCP to the inbound listen `port`: decided at admission and again on every reload.
+    Tcp {
+        /// The inbound forward's listen port, as `l4` rules name it.
+        port: u16,
+    },
+}
+
+/// An admitted connection's hold on the policy: the one owner of "authorize, then watch for
+/// revocation" for HTTP and TCP alike. Drop it with the connection.
+pub struct ConnectionGrant {
+    engine: Arc<PolicyEngine>,
+    caller: Box<str>,
+    scope: ConnectionScope,
+    generation: watch::Receiver<u64>,
+}
+
+impl ConnectionGrant {
+    /// Resolves after a reload that takes away what the connection was admitted for (never,
+    /// if none does): the connection then closes (HTTP gracefully, TCP at once).
+    pub async fn revoked(&mut self) {
+        loop {
+            if self.generation.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if self.engine.withdraws(&self.caller, self.scope) {
+                return;
+            }
+        }
+    }
+}
+
 /// The policy in force and how to reload it. Shared by the inbound proxy, the watcher and
 /// the admin endpoint.
 pub struct PolicyEngine {
@@ -376,35 +413,39 @@ impl PolicyEngine {
             .is_some_and(|p| p.compiled.denies_everything_from(caller))
     }
 
-    /// Resolves after a reload that leaves `caller` nothing allowed (never, if none does):
-    /// the caller's open HTTP connections then close gracefully.
-    pub async fn revoked(&self, caller: &str) {
-        let mut generation = self.generation.subscribe();
-        loop {
-            if generation.changed().await.is_err() {
-                return std::future::pending().await;
-            }
-            if self.denies_everything_from(caller) {
-                return;
+    /// Admits a connection from `caller`: raw TCP is decided now (counted and logged like a
+    /// request), HTTP always (each request is decided on its own). `None`: refuse it.
+    ///
+    /// The grant is subscribed to reloads before the decision, so a reload that lands between
+    /// the decision and the connection's first wait is not missed.
+    pub fn admit(
+        self: &Arc<Self>,
+        caller: &str,
+        scope: ConnectionScope,
+    ) -> Option<ConnectionGrant> {
+        let generation = self.generation.subscribe();
+        if let ConnectionScope::Tcp { port } = scope {
+            if !self.authorize_l4(caller, port) {
+                return None;
             }
         }
+        Some(ConnectionGrant {
+            engine: Arc::clone(self),
+            caller: caller.into(),
+            scope,
+            generation,
+        })
     }
 
-    /// Resolves after a reload that denies `caller`'s TCP connections to `port`.
-    pub async fn l4_revoked(&self, caller: &str, port: u16) {
-        let mut generation = self.generation.subscribe();
-        loop {
-            if generation.changed().await.is_err() {
-                return std::future::pending().await;
-            }
-            let denied = self
-                .current
-                .load()
-                .as_ref()
-                .is_some_and(|p| !p.compiled.decide_l4(caller, port).is_allowed());
-            if denied {
-                return;
-            }
+    /// True when the policy in force takes away what `scope` admitted `caller` for.
+    fn withdraws(&self, caller: &str, scope: ConnectionScope) -> bool {
+        let current = self.current.load();
+        let Some(loaded) = current.as_ref() else {
+            return false;
+        };
+        match scope {
+            ConnectionScope::Http => loaded.compiled.denies_everything_from(caller),
+            ConnectionScope::Tcp { port } => !loaded.compiled.decide_l4(caller, port).is_allowed(),
         }
     }
 

@@ -23,8 +23,9 @@ use trellis_identity::tls::{
 };
 use trellis_identity::{leaf_sha256_hex, SpiffeId, Svid};
 use trellis_sidecar::config::Protocol;
+use trellis_sidecar::dial::{PeerTarget, TlsClient};
+use trellis_sidecar::forward_error::ForwardError;
 use trellis_sidecar::mtls::{self, SessionTicketer};
-use trellis_sidecar::pool::{ForwardError, PeerTarget, TlsClient};
 
 use datapath_support::*;
 

@@ -1,23 +1,16 @@
-//! Pieces both proxies share: the response body type, error responses, hop-by-hop header
-//! removal, the access log line, and the per-connection state the HTTP/1.1 services read.
-//! Accepting, idle tracking and draining connections are `trellis-serve`'s.
-
-use std::io;
-use std::net::SocketAddr;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-use std::time::Duration;
+//! The body types of both proxies, and the HTTP/1.1 idle list a response body returns its
+//! connection to when it has been read to its end.
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
-use http::{Method, Response, StatusCode, Version};
+use http::header::{self, HeaderMap};
+use http::{Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use tokio::net::TcpStream;
-use trellis_serve::graceful::ConnState;
-
-use crate::h1_framing::FramingReport;
-use crate::metrics::Direction;
-use crate::pool::PooledBody;
+use hyper::client::conn::http1;
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 /// Errors a body can end with.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -257,164 +250,180 @@ where
     }
 }
 
-/// A `text/plain` response whose body is `message` on one line.
-pub fn text_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
-    let mut line = String::with_capacity(message.len() + 1);
-    line.extend(
-        message
-            .chars()
-            .map(|c| if c == '\n' || c == '\r' { ' ' } else { c }),
-    );
-    line.push('\n');
-    let mut response = Response::new(ProxyBody::Text(Some(Bytes::from(line))));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
+/// Idle HTTP/1.1 connections kept per pool.
+pub const MAX_IDLE_HTTP1: usize = 256;
+/// An idle HTTP/1.1 connection older than this is closed instead of reused: apps close idle
+/// keep-alive connections on their own timers (Node.js after 5 s), and a request written into
+/// a connection the app is closing fails without a safe way to retry it.
+pub const HTTP1_REUSE_WITHIN: Duration = Duration::from_secs(4);
+
+// ---------------------------------------------------------------------------------------------
+// HTTP/1.1 idle list and the body that returns a connection to it.
+
+pub(crate) struct IdleConn {
+    sender: http1::SendRequest<ReqBody>,
+    since: Instant,
 }
 
-/// An I/O stream with bytes already read from it put back in front (the pooled peer
-/// connection replays the bytes it read while choosing HTTP/2 or HTTP/1.1).
-pub use trellis_serve::prefixed::Prefixed;
-
-/// `tracing` target of the access log (`RUST_LOG=trellis::access=off` silences it too).
-pub const ACCESS_LOG_TARGET: &str = "trellis::access";
-
-/// One access-log line: what was asked, of whom, by whom, and how it ended.
-///
-/// Deliberately narrow: the path without its query string (queries carry tokens often
-/// enough), the method and the status; never a header value, a body, a key or a token.
-pub(crate) struct AccessEntry<'a> {
-    /// Inbound: the peer's SPIFFE ID; outbound: ours (`None` before the first SVID).
-    pub(crate) caller: Option<&'a str>,
-    pub(crate) direction: Direction,
-    pub(crate) method: &'a Method,
-    /// As forwarded (inbound with a policy: the normalized path the policy decided on).
-    pub(crate) path: &'a str,
-    pub(crate) status: StatusCode,
-    /// Request head received to response head ready.
-    pub(crate) took: Duration,
-    /// Outbound: the upstream's name (`None`: no upstream matched); inbound: the app address.
-    pub(crate) upstream: Option<&'a str>,
-    /// The deciding rule of a policy denial.
-    pub(crate) rule: Option<&'a str>,
+/// Idle HTTP/1.1 connections, newest at the back.
+pub(crate) struct Http1Idle {
+    list: Mutex<VecDeque<IdleConn>>,
 }
 
-impl AccessEntry<'_> {
-    /// Emits the line: a `tracing` event at INFO, target [`ACCESS_LOG_TARGET`], structured
-    /// fields (so `--log-format json` renders them as JSON).
-    pub(crate) fn emit(&self) {
-        // Milliseconds with microsecond resolution: `0.417`, not `0.41700000000000004`.
-        let duration_ms = self.took.as_micros() as f64 / 1000.0;
-        tracing::info!(
-            target: ACCESS_LOG_TARGET,
-            caller = self.caller,
-            direction = self.direction.as_str(),
-            method = self.method.as_str(),
-            path = self.path,
-            status = self.status.as_u16(),
-            duration_ms,
-            upstream = self.upstream,
-            rule = self.rule,
-            "request"
-        );
+impl Http1Idle {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Self {
+            list: Mutex::new(VecDeque::new()),
+        })
     }
-}
 
-/// The `rustls::Error` inside an I/O error from tokio-rustls, if there is one.
-pub fn tls_error(err: &io::Error) -> Option<&rustls::Error> {
-    err.get_ref()?.downcast_ref::<rustls::Error>()
-}
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<IdleConn>> {
+        // Nothing panics while holding the lock; recover the list if something ever did.
+        self.list
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 
-/// Connects with a timeout and turns Nagle off (requests are small and latency-bound).
-pub async fn connect_tcp(addr: TcpTarget<'_>, timeout: Duration) -> io::Result<TcpStream> {
-    let connect = async {
-        match addr {
-            TcpTarget::Addr(a) => TcpStream::connect(a).await,
-            TcpTarget::Name(n) => TcpStream::connect(n).await,
+    /// The newest idle connection that is still open and fresh enough to reuse.
+    pub(crate) fn checkout(&self) -> Option<http1::SendRequest<ReqBody>> {
+        let now = Instant::now();
+        let mut list = self.lock();
+        while let Some(idle) = list.pop_back() {
+            if idle.sender.is_closed() {
+                continue;
+            }
+            if now.saturating_duration_since(idle.since) > HTTP1_REUSE_WITHIN {
+                // Everything in front of it is older still.
+                list.clear();
+                return None;
+            }
+            return Some(idle.sender);
         }
-    };
-    let stream = tokio::time::timeout(timeout, connect).await.map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("no answer within {}", humantime::format_duration(timeout)),
-        )
-    })??;
-    stream.set_nodelay(true)?;
-    Ok(stream)
-}
-
-/// Where to connect: a resolved address, or `host:port` to resolve per connection.
-#[derive(Debug, Clone, Copy)]
-pub enum TcpTarget<'a> {
-    /// Already an address.
-    Addr(SocketAddr),
-    /// Resolved through the system resolver at each connect.
-    Name(&'a str),
-}
-
-/// A served connection's state, shared with the service that answers its requests: its drain
-/// state (`trellis-serve`) and what its HTTP/1.1 framing guard found (one allocation per
-/// connection for both).
-#[derive(Debug, Default)]
-pub(crate) struct ConnDrain {
-    /// Whether the connection is draining (responses then say `Connection: close`).
-    pub(crate) drain: ConnState,
-    /// Filled by [`crate::h1_framing::RequestFraming`] as it reads, checked by the service per request.
-    pub(crate) framing: FramingReport,
-}
-
-impl AsRef<FramingReport> for ConnDrain {
-    fn as_ref(&self) -> &FramingReport {
-        &self.framing
+        None
     }
-}
 
-impl ConnDrain {
-    /// Called with every response: see [`ConnState::on_response`].
-    pub(crate) fn on_response(&self, version: Version, headers: &mut HeaderMap) {
-        self.drain.on_response(version, headers);
-    }
-}
-
-/// `414` for a request target longer than `max` bytes, else `None`. With `Connection: close`
-/// for HTTP/1.x: a peer that sends such targets gets no further requests on the connection.
-pub(crate) fn uri_too_long(
-    uri: &http::Uri,
-    version: Version,
-    max: usize,
-) -> Option<Response<ProxyBody>> {
-    // The request target: authority (absolute form, or HTTP/2 `:authority`) + path and query.
-    let len = uri.authority().map_or(0, |a| a.as_str().len())
-        + uri.path_and_query().map_or(0, |pq| pq.as_str().len());
-    if len <= max {
-        return None;
-    }
-    let mut response = text_response(
-        StatusCode::URI_TOO_LONG,
-        &format!("request target is {len} bytes; the limit is {max} (limits.http.max_uri_bytes)"),
-    );
-    if version != Version::HTTP_2 {
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    Some(response)
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn text_response_is_one_line() {
-        let r = text_response(StatusCode::BAD_GATEWAY, "a\nb\r\nc");
-        let ProxyBody::Text(Some(b)) = r.body() else {
-            panic!()
+    pub(crate) fn checkin(&self, sender: http1::SendRequest<ReqBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let idle = IdleConn {
+            sender,
+            since: Instant::now(),
         };
-        assert_eq!(&b[..], b"a b  c\n");
+        let mut list = self.lock();
+        if list.len() >= MAX_IDLE_HTTP1 {
+            list.pop_front();
+        }
+        list.push_back(idle);
     }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// A response body from a pooled HTTP/1.1 connection. When the body has been read to its end,
+/// the connection goes back to the idle list; if it is dropped early the connection closes.
+pub struct PooledBody {
+    inner: Incoming,
+    release: Option<(http1::SendRequest<ReqBody>, Arc<Http1Idle>)>,
+}
+
+impl std::fmt::Debug for PooledBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledBody")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PooledBody {
+    pub(crate) fn new(
+        inner: Incoming,
+        sender: http1::SendRequest<ReqBody>,
+        idle: Arc<Http1Idle>,
+    ) -> Self {
+        let mut body = Self {
+            inner,
+            release: Some((sender, idle)),
+        };
+        // hyper never polls a body that is already at its end (HEAD, 204, 304, length 0).
+        if body.inner.is_end_stream() {
+            body.release();
+        }
+        body
+    }
+
+    fn release(&mut self) {
+        if let Some((sender, idle)) = self.release.take() {
+            idle.checkin(sender);
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.release(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
+            Poll::Ready(Some(Err(_))) => this.release = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Sends `req` on `sender`, wrapping the response body so the connection returns to `idle`.
+/// On failure, hands back the request if hyper never wrote it (safe to try elsewhere).
+pub(crate) async fn send_pooled(
+    mut sender: http1::SendRequest<ReqBody>,
+    req: Request<ReqBody>,
+    idle: &Arc<Http1Idle>,
+) -> Result<Response<PooledBody>, (hyper::Error, Option<Request<ReqBody>>)> {
+    if let Err(e) = sender.ready().await {
+        return Err((e, Some(req)));
+    }
+    match sender.try_send_request(req).await {
+        Ok(response) => Ok(response.map(|body| PooledBody::new(body, sender, idle.clone()))),
+        Err(mut e) => {
+            let unsent = e.take_message();
+            Err((e.into_error(), unsent))
+        }
+    }
+}
+
+pub(crate) fn http1_builder() -> http1::Builder {
+    http1::Builder::new()
+}
+
+pub(crate) fn spawn_http1<T>(
+    conn: http1::Connection<T, ReqBody>,
+    target: Arc<str>,
+    guard: Option<crate::metrics::ConnectionGuard>,
+) where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let _guard = guard;
+        if let Err(e) = conn.await {
+            tracing::debug!(%target, error = %e, "HTTP/1.1 connection ended");
+        }
+    });
 }

@@ -9,11 +9,29 @@
 //!
 //! Also the raw TCP forwards (`inbound.tcp`): mTLS outside, plain TCP to the app.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+mod app_pool;
+mod authorize;
+pub(crate) mod tcp;
 
+use self::app_pool::AppPool;
+use self::authorize::{authorize, Refusal};
+use self::tcp::{run_inbound_forward, InboundForward, InboundTcpContext};
+use crate::access_log::AccessEntry;
+use crate::body::{BoxError, H2Body, ProxyBody, ReqBody};
+use crate::config::{Limits, SidecarSettings};
+use crate::conn_state::ConnDrain;
+use crate::forward_error::ForwardError;
+use crate::h1_framing::{malformed_body_response, FramingReport, RequestFraming};
+use crate::headers::{
+    check_host, sanitize_for_app, set_host_from_authority, strip_hop_by_hop, UnderscoreHeaders,
+    XFCC,
+};
+use crate::listen::{self, InboundTls};
+use crate::metrics::{Direction, Listener, SidecarMetrics};
+use crate::mtls::{self, SessionTicketer};
+use crate::policy::{ConnectionScope, PolicyEngine};
+use crate::responses::{text_response, uri_too_long};
+use crate::svid_store::SvidStore;
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use http::header::{self, HeaderValue};
@@ -24,6 +42,10 @@ use hyper::body::{Body, Incoming};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::ProtocolVersion;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
@@ -31,23 +53,6 @@ use trellis_identity::{leaf_sha256_hex, SpiffeId};
 use trellis_serve::drain::{self, Drain};
 use trellis_serve::graceful::{serve_until_drained, IDLE_GOAWAY_GRACE};
 use trellis_serve::{accept, IdleClock, Tracked};
-
-use crate::config::{Limits, SidecarSettings};
-use crate::h1_framing::{malformed_body_response, FramingReport, RequestFraming};
-use crate::headers::{
-    check_host, sanitize_for_app, set_host_from_authority, strip_hop_by_hop, UnderscoreHeaders,
-    XFCC,
-};
-use crate::http_util::{
-    self, text_response, uri_too_long, AccessEntry, BoxError, ConnDrain, H2Body, ProxyBody, ReqBody,
-};
-use crate::listen::{self, InboundTls};
-use crate::metrics::{Direction, Listener, SidecarMetrics};
-use crate::mtls::{self, SessionTicketer};
-use crate::policy::{HttpAuthorization, PolicyEngine};
-use crate::pool::{self, AppPool, ForwardError};
-use crate::svid_store::SvidStore;
-use crate::tcp;
 
 /// What is known about an authenticated caller, fixed for the connection's life.
 #[derive(Debug)]
@@ -65,99 +70,6 @@ pub struct ConnInfo {
     pub resumed: bool,
     /// True when the peer speaks HTTP/2 (ALPN `h2`).
     pub http2: bool,
-}
-
-/// A request the policy hook answered itself.
-struct Refusal {
-    response: Response<ProxyBody>,
-    /// The deciding rule of a denial (`None`: the path could not be normalized).
-    rule: Option<String>,
-}
-
-/// **Policy hook.** Decides each request before it reaches the app: `None` lets it through,
-/// `Some(refusal)` answers instead.
-///
-/// Without a policy everything is allowed and nothing is rewritten. With one,
-/// `PolicyEngine::authorize_request` (one `ArcSwap::load`, no lock) takes the raw path:
-/// a path that cannot be authorized (it cannot be normalized under some reading, or has
-/// `;` parameters under `pathParameters: reject`) is answered `400` naming the reason; a
-/// path with `;` parameters is decided with and without them, the stricter wins; a denial is
-/// `403` with `{"error":"forbidden","rule":…,"caller":…}`; an allowed request goes on with
-/// its path replaced by the normalized literal one (query kept), so the app sees the path
-/// that was authorized.
-fn authorize(
-    policy: &PolicyEngine,
-    metrics: &SidecarMetrics,
-    conn: &ConnInfo,
-    request: &mut Parts,
-) -> Option<Refusal> {
-    policy.path()?;
-    let caller = conn.peer_id.as_str();
-    let normalized = match policy.authorize_request(
-        caller,
-        request.method.as_str(),
-        request.uri.path(),
-    ) {
-        HttpAuthorization::Allow(path) => path,
-        HttpAuthorization::Deny { rule, .. } => {
-            return Some(Refusal {
-                response: forbidden(&rule, caller),
-                rule: Some(rule),
-            })
-        }
-        HttpAuthorization::BadPath(e) => {
-            metrics.bad_path(e.reason());
-            tracing::info!(%caller, method = %request.method, path = request.uri.path(), reason = e.reason(), "request path refused");
-            return Some(Refusal {
-                response: text_response(
-                    StatusCode::BAD_REQUEST,
-                    &format!("bad request path ({}): {e}", e.reason()),
-                ),
-                rule: None,
-            });
-        }
-    };
-    if !normalized.is_borrowed() {
-        let path = normalized.into_string();
-        match with_path(&request.uri, &path) {
-            Some(uri) => request.uri = uri,
-            None => {
-                return Some(Refusal {
-                    response: text_response(
-                        StatusCode::BAD_REQUEST,
-                        "bad request path: cannot rewrite it in normal form",
-                    ),
-                    rule: None,
-                })
-            }
-        }
-    }
-    None
-}
-
-/// `403` with the deciding rule and the caller, as JSON.
-fn forbidden(rule: &str, caller: &str) -> Response<ProxyBody> {
-    let mut body =
-        serde_json::json!({ "error": "forbidden", "rule": rule, "caller": caller }).to_string();
-    body.push('\n');
-    let mut response = Response::new(ProxyBody::Text(Some(Bytes::from(body))));
-    *response.status_mut() = StatusCode::FORBIDDEN;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-/// `uri` with its path replaced by `path` (scheme, authority and query kept).
-fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
-    let pq = match uri.query() {
-        Some(q) => format!("{path}?{q}"),
-        None => path.to_owned(),
-    };
-    let mut parts = uri.clone().into_parts();
-    parts.path_and_query = Some(pq.parse().ok()?);
-    Uri::from_parts(parts).ok()
 }
 
 struct Inbound {
@@ -185,7 +97,7 @@ pub struct InboundProxy {
     /// Handshakes may take at most `limits.inbound.handshake_timeout` (a client that stalls
     /// holds a task, not a thread).
     http: accept::Listener<InboundTls>,
-    tcp: Vec<tcp::InboundForward>,
+    tcp: Vec<InboundForward>,
     shared: Arc<Inbound>,
 }
 
@@ -241,7 +153,7 @@ impl InboundProxy {
         );
         let mut forwards = Vec::with_capacity(settings.inbound_tcp.len());
         for forward in &settings.inbound_tcp {
-            forwards.push(tcp::InboundForward {
+            forwards.push(InboundForward {
                 listener: listener(
                     bind(forward.listen).await?,
                     "inbound_tcp",
@@ -310,12 +222,12 @@ impl InboundProxy {
         for forward in tcp {
             let (shared, drain) = (shared.clone(), drain.clone());
             forwards.spawn(async move {
-                let ctx = tcp::InboundTcpContext {
+                let ctx = InboundTcpContext {
                     metrics: shared.metrics.clone(),
                     policy: shared.policy.clone(),
                     connect_timeout: shared.connect_timeout,
                 };
-                tcp::run_inbound_forward(forward, Arc::new(ctx), drain).await;
+                run_inbound_forward(forward, Arc::new(ctx), drain).await;
             });
         }
         let (connections_signal, connections) = drain::channel();
@@ -349,9 +261,9 @@ async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 /// header block that grows past it).
 pub(crate) fn h2_server(limits: &Limits) -> h2::server::Builder {
     let mut h2 = h2::server::Builder::new();
-    h2.initial_window_size(pool::H2_STREAM_WINDOW)
-        .initial_connection_window_size(pool::H2_CONNECTION_WINDOW)
-        .max_send_buffer_size(pool::H2_MAX_SEND_BUF)
+    h2.initial_window_size(mtls::H2_STREAM_WINDOW)
+        .initial_connection_window_size(mtls::H2_CONNECTION_WINDOW)
+        .max_send_buffer_size(mtls::H2_MAX_SEND_BUF)
         .max_concurrent_streams(limits.h2.max_concurrent_streams)
         .max_header_list_size(limits.h2.max_header_list_bytes)
         .max_pending_accept_reset_streams(limits.h2.max_pending_accept_reset_streams)
@@ -399,13 +311,18 @@ impl Inbound {
         // This connection winds down gracefully (in-flight requests finish) on the sidecar's
         // drain, or after a policy reload that leaves its caller nothing allowed.
         let (local_signal, local_drain) = drain::channel();
-        let policy = Arc::clone(&self.policy);
+        let Some(mut grant) = self
+            .policy
+            .admit(info.peer_id.as_str(), ConnectionScope::Http)
+        else {
+            return;
+        };
         let caller = info.peer_id.clone();
         let stop = async {
             tokio::select! {
                 () = drain.signaled() => {}
-                () = policy.revoked(caller.as_str()) => {
-                    tracing::info!(%peer_addr, %caller, "policy no longer allows this caller anything; closing its connection");
+                () = grant.revoked() => {
+                    tracing::info!(%peer_addr, caller = %caller, "policy no longer allows this caller anything; closing its connection");
                 }
             }
         };
@@ -542,7 +459,12 @@ impl Inbound {
                 response,
                 rule: None,
             }),
-            None => authorize(&self.policy, &self.metrics, conn, &mut parts),
+            None => authorize(
+                &self.policy,
+                &self.metrics,
+                conn.peer_id.as_str(),
+                &mut parts,
+            ),
         };
         // After `authorize`: the path as forwarded (normalized when a policy is in force).
         // The one cost of the access log when it is off is this branch.
@@ -697,7 +619,7 @@ async fn serve_h2_stream(
     let end_of_stream = body.is_end_stream();
     match respond.send_response(Response::from_parts(head, ()), end_of_stream) {
         Ok(mut send) if !end_of_stream => {
-            if let Err(e) = http_util::pipe_to_h2(body, &mut send).await {
+            if let Err(e) = crate::body::pipe_to_h2(body, &mut send).await {
                 tracing::debug!(peer = %conn.peer_id, error = %e, "response body ended early");
             }
         }
@@ -732,6 +654,7 @@ fn to_app_request(parts: &mut Parts, xfcc: &HeaderValue) {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use super::authorize::{forbidden, with_path};
     use super::*;
 
     fn parts(req: Request<()>) -> Parts {

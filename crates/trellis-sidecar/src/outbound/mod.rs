@@ -10,100 +10,43 @@
 //! `404` unknown host, `503` upstream unreachable, `502` handshake or identity failure (naming
 //! the expected and presented SPIFFE IDs), `504` no response headers within `request_timeout`.
 
-use std::collections::HashMap;
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+mod peer_pool;
+mod routes;
+pub(crate) mod tcp;
 
+use self::peer_pool::PeerPool;
+use self::routes::{HttpUpstream, Route, Routes};
+use self::tcp::{run_outbound_tcp, OutboundTcp};
+use crate::access_log::AccessEntry;
+use crate::body::ProxyBody;
+use crate::config::{Protocol, SidecarSettings};
+use crate::conn_state::ConnDrain;
+use crate::dial::{PeerTarget, TlsClient};
+use crate::forward_error::ForwardError;
+use crate::h1_framing::{malformed_body_response, RequestFraming};
+use crate::headers::{check_host, host_without_port, strip_hop_by_hop};
+use crate::metrics::{Direction, Listener, SidecarMetrics};
+use crate::responses::{text_response, uri_too_long};
+use crate::svid_store::SvidStore;
+use crate::{listen, mtls};
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-
 use trellis_serve::drain::{self, Drain};
 use trellis_serve::graceful::serve_until_drained;
 use trellis_serve::{accept, IdleClock, Tracked};
 
-use crate::config::{Protocol, SidecarSettings};
-use crate::h1_framing::{malformed_body_response, RequestFraming};
-use crate::headers::{check_host, host_without_port, strip_hop_by_hop};
-use crate::http_util::{text_response, uri_too_long, AccessEntry, ConnDrain, ProxyBody};
-use crate::listen;
-use crate::metrics::{Direction, Listener, SidecarMetrics};
-use crate::mtls;
-use crate::pool::{self, ForwardError, PeerPool, PeerTarget, TlsClient};
-use crate::svid_store::SvidStore;
-use crate::tcp::{self, OutboundTcp};
-
 /// Name of the shared, Host-routed listener in [`OutboundProxy::local_addrs`].
 pub const SHARED_LISTENER: &str = "shared";
-
-struct HttpUpstream {
-    /// The configured name, as access-log lines name it.
-    name: Box<str>,
-    pool: PeerPool,
-    /// The configured host names as authorities, so the common `Host: billing` costs no parse.
-    authorities: Vec<Authority>,
-    /// Used when the request carries no usable host at all.
-    fallback_authority: Authority,
-}
-
-impl HttpUpstream {
-    /// The `:authority` to send: the app's own (absolute-form or h2c), else its `Host`.
-    fn authority(&self, uri_authority: Option<Authority>, host: Option<&HeaderValue>) -> Authority {
-        if let Some(a) = uri_authority {
-            return a;
-        }
-        let Some(host) = host else {
-            return self.fallback_authority.clone();
-        };
-        let bytes = host.as_bytes();
-        if let Some(known) = self
-            .authorities
-            .iter()
-            .find(|a| a.as_str().as_bytes() == bytes)
-        {
-            return known.clone();
-        }
-        Authority::try_from(bytes).unwrap_or_else(|_| self.fallback_authority.clone())
-    }
-}
-
-/// Host → upstream index. A short list is scanned (cheaper than hashing the host with SipHash
-/// on every request); a long one is hashed.
-enum Routes {
-    Few(Vec<(Box<str>, usize)>),
-    Many(HashMap<Box<str>, usize>),
-}
-
-impl Routes {
-    const SCAN_UP_TO: usize = 16;
-
-    fn new(routes: HashMap<Box<str>, usize>) -> Self {
-        if routes.len() <= Self::SCAN_UP_TO {
-            Routes::Few(routes.into_iter().collect())
-        } else {
-            Routes::Many(routes)
-        }
-    }
-
-    fn get(&self, host: &str) -> Option<usize> {
-        match self {
-            Routes::Few(list) => list.iter().find(|(h, _)| &**h == host).map(|(_, i)| *i),
-            Routes::Many(map) => map.get(host).copied(),
-        }
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Route {
-    ByHost,
-    Fixed(usize),
-}
 
 struct Outbound {
     upstreams: Vec<HttpUpstream>,
@@ -250,9 +193,9 @@ impl OutboundProxy {
         server
             .http2()
             .timer(TokioTimer::new())
-            .initial_stream_window_size(pool::H2_STREAM_WINDOW)
-            .initial_connection_window_size(pool::H2_CONNECTION_WINDOW)
-            .max_send_buf_size(pool::H2_MAX_SEND_BUF)
+            .initial_stream_window_size(mtls::H2_STREAM_WINDOW)
+            .initial_connection_window_size(mtls::H2_CONNECTION_WINDOW)
+            .max_send_buf_size(mtls::H2_MAX_SEND_BUF)
             .max_concurrent_streams(limits.h2.max_concurrent_streams)
             .max_header_list_size(limits.h2.max_header_list_bytes)
             // hyper has no `max_concurrent_reset_streams`: h2's default (50) applies here.
@@ -327,8 +270,7 @@ impl OutboundProxy {
         for (_, upstream) in tcp {
             let (shared, drain) = (shared.clone(), drain.clone());
             forwards.spawn(async move {
-                tcp::run_outbound_tcp(upstream, shared.max_connections, &shared.metrics, drain)
-                    .await;
+                run_outbound_tcp(upstream, shared.max_connections, &shared.metrics, drain).await;
             });
         }
         serve_http(

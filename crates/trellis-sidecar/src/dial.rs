@@ -1,0 +1,376 @@
+//! Dialling: TCP with a timeout, and a peer sidecar over mTLS with the identity check inside
+//! the handshake, the re-check of a resumed session, and the errors the app will read.
+
+use crate::forward_error::ForwardError;
+use crate::metrics::{Direction, SidecarMetrics};
+use crate::mtls;
+use crate::svid_store::SvidStore;
+use rustls::client::ClientSessionMemoryCache;
+use rustls::pki_types::ServerName;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+use trellis_identity::tls::{handshake_failure_reason, svid_error_of, SharedBundle};
+use trellis_identity::{SpiffeId, SvidError};
+use trellis_serve::prefixed::Prefixed;
+
+/// Longest a new HTTP/2 connection waits for the server's first frame before it is used. A
+/// server that refused our certificate (or a resumed session) closes instead of sending
+/// SETTINGS; reading first turns that into a handshake error instead of a failed request.
+pub(crate) const SERVER_PREFACE_WAIT: Duration = Duration::from_secs(2);
+
+/// The `rustls::Error` inside an I/O error from tokio-rustls, if there is one.
+pub fn tls_error(err: &io::Error) -> Option<&rustls::Error> {
+    err.get_ref()?.downcast_ref::<rustls::Error>()
+}
+
+/// Connects with a timeout and turns Nagle off (requests are small and latency-bound).
+pub async fn connect_tcp(addr: TcpTarget<'_>, timeout: Duration) -> io::Result<TcpStream> {
+    let connect = async {
+        match addr {
+            TcpTarget::Addr(a) => TcpStream::connect(a).await,
+            TcpTarget::Name(n) => TcpStream::connect(n).await,
+        }
+    };
+    let stream = tokio::time::timeout(timeout, connect).await.map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {}", humantime::format_duration(timeout)),
+        )
+    })??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Where to connect: a resolved address, or `host:port` to resolve per connection.
+#[derive(Debug, Clone, Copy)]
+pub enum TcpTarget<'a> {
+    /// Already an address.
+    Addr(SocketAddr),
+    /// Resolved through the system resolver at each connect.
+    Name(&'a str),
+}
+
+/// One rustls client config and the sessions it may resume.
+#[derive(Clone)]
+pub struct TlsClient {
+    connector: TlsConnector,
+    sessions: Arc<ClientSessionMemoryCache>,
+}
+
+impl TlsClient {
+    /// Built once per upstream and ALPN set (see [`mtls::client_config`]).
+    pub fn new(config: Arc<rustls::ClientConfig>, sessions: Arc<ClientSessionMemoryCache>) -> Self {
+        Self {
+            connector: TlsConnector::from(config),
+            sessions,
+        }
+    }
+}
+
+/// How to reach one upstream sidecar and what it must prove.
+pub struct PeerTarget {
+    target: Arc<str>,
+    address: Arc<str>,
+    resolved: Option<SocketAddr>,
+    server_name: ServerName<'static>,
+    expected: SpiffeId,
+    bundle: SharedBundle,
+    metrics: Arc<SidecarMetrics>,
+    connect_timeout: Duration,
+    /// Our identity: a connection waits (up to `connect_timeout`) until it holds an SVID.
+    svid: Option<Arc<SvidStore>>,
+}
+
+/// A new HTTP connection to a peer, by negotiated protocol.
+pub(crate) enum PeerIo {
+    H2(Prefixed<TlsStream<TcpStream>>),
+    Http1(TlsStream<TcpStream>),
+}
+
+impl PeerTarget {
+    /// `name`, `address` (`host:port`) and `expected` come from the upstream's config. The TLS
+    /// server name is the address's host (SPIFFE verification ignores it; it keys sessions).
+    pub fn new(
+        name: &str,
+        address: &str,
+        expected: SpiffeId,
+        bundle: SharedBundle,
+        metrics: Arc<SidecarMetrics>,
+        connect_timeout: Duration,
+    ) -> std::io::Result<Self> {
+        let resolved = address.parse::<SocketAddr>().ok();
+        let host = match resolved {
+            Some(a) => a.ip().to_string(),
+            None => {
+                let host = crate::headers::host_without_port(address);
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned()
+            }
+        };
+        let server_name = ServerName::try_from(host).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("upstream `{name}`: address `{address}` has no usable host name: {e}"),
+            )
+        })?;
+        Ok(Self {
+            target: format!("upstream `{name}` ({address})").into(),
+            address: address.into(),
+            resolved,
+            server_name,
+            expected,
+            bundle,
+            metrics,
+            connect_timeout,
+            svid: None,
+        })
+    }
+
+    /// Makes every connection wait, up to the connect timeout, until `store` holds an SVID:
+    /// right after a start, before the control plane has answered, a handshake without a
+    /// client certificate would only be refused by the peer (a `502` for the app).
+    pub fn wait_for_svid(mut self, store: Arc<SvidStore>) -> Self {
+        self.svid = Some(store);
+        self
+    }
+
+    /// `upstream `name` (address)`, as error bodies name it.
+    pub fn target(&self) -> &Arc<str> {
+        &self.target
+    }
+
+    pub(crate) fn metrics(&self) -> &SidecarMetrics {
+        &self.metrics
+    }
+
+    async fn tcp(&self) -> Result<TcpStream, ForwardError> {
+        let to = match self.resolved {
+            Some(a) => TcpTarget::Addr(a),
+            None => TcpTarget::Name(&self.address),
+        };
+        connect_tcp(to, self.connect_timeout)
+            .await
+            .map_err(|e| ForwardError::Unreachable {
+                target: self.target.clone(),
+                detail: e.to_string(),
+            })
+    }
+
+    fn handshake_failed(&self, reason: &'static str) {
+        self.metrics.handshake(Direction::Outbound, false, reason);
+    }
+
+    fn tls_failure(&self, err: &std::io::Error) -> ForwardError {
+        let Some(tls) = tls_error(err) else {
+            self.handshake_failed("io");
+            return ForwardError::Handshake {
+                target: self.target.clone(),
+                reason: "io",
+                detail: err.to_string(),
+            };
+        };
+        let reason = handshake_failure_reason(tls);
+        self.handshake_failed(reason);
+        match svid_error_of(tls) {
+            Some(SvidError::WrongIdentity {
+                expected,
+                presented,
+            }) => ForwardError::WrongIdentity {
+                target: self.target.clone(),
+                expected: expected.clone(),
+                presented: presented.clone(),
+            },
+            Some(svid) => ForwardError::Handshake {
+                target: self.target.clone(),
+                reason,
+                detail: svid.to_string(),
+            },
+            None => ForwardError::Handshake {
+                target: self.target.clone(),
+                reason,
+                detail: tls.to_string(),
+            },
+        }
+    }
+
+    /// TCP + mTLS. The verifier checks the chain and the expected identity inside the handshake;
+    /// a resumed session skipped it, so its stored chain is checked again here, and if that
+    /// fails the sessions are forgotten and a full handshake is made instead. Returns the
+    /// stream, whether it resumed, and how long the (last) TLS handshake took.
+    async fn handshake(
+        &self,
+        tls: &TlsClient,
+    ) -> Result<(TlsStream<TcpStream>, bool, Duration), ForwardError> {
+        if let Some(store) = &self.svid {
+            if !mtls::wait_for_svid(store, self.connect_timeout).await {
+                return Err(ForwardError::NoSvid {
+                    target: self.target.clone(),
+                    waited: self.connect_timeout,
+                });
+            }
+        }
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let tcp = self.tcp().await?;
+            let started = Instant::now();
+            let stream = match tokio::time::timeout(
+                self.connect_timeout,
+                tls.connector.connect(self.server_name.clone(), tcp),
+            )
+            .await
+            {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return Err(self.tls_failure(&e)),
+                Err(_) => {
+                    self.handshake_failed("timeout");
+                    return Err(ForwardError::Handshake {
+                        target: self.target.clone(),
+                        reason: "timeout",
+                        detail: format!(
+                            "no answer within {}",
+                            humantime::format_duration(self.connect_timeout)
+                        ),
+                    });
+                }
+            };
+            let conn = stream.get_ref().1;
+            let resumed = mtls::is_resumed(conn.handshake_kind());
+            if resumed {
+                let checked = mtls::recheck_resumed_server(
+                    conn.peer_certificates(),
+                    &self.bundle,
+                    &self.expected,
+                    SystemTime::now(),
+                );
+                if let Err(e) = checked {
+                    self.handshake_failed(e.reason());
+                    tracing::info!(target = %self.target, error = %e, "resumed session no longer verifies; full handshake");
+                    mtls::forget_sessions(&tls.sessions, &self.server_name);
+                    if attempts < 2 {
+                        continue;
+                    }
+                    return Err(ForwardError::Handshake {
+                        target: self.target.clone(),
+                        reason: e.reason(),
+                        detail: e.to_string(),
+                    });
+                }
+            }
+            return Ok((stream, resumed, started.elapsed()));
+        }
+    }
+
+    fn connected(&self, handshake_took: Duration) {
+        self.metrics.handshake(Direction::Outbound, true, "none");
+        self.metrics
+            .handshake_duration(Direction::Outbound, handshake_took);
+        self.metrics.upstream_connections.inc();
+    }
+
+    /// A raw mTLS stream (TCP upstreams).
+    pub async fn connect_stream(
+        &self,
+        tls: &TlsClient,
+    ) -> Result<TlsStream<TcpStream>, ForwardError> {
+        let (stream, _, took) = self.handshake(tls).await?;
+        self.connected(took);
+        Ok(stream)
+    }
+
+    /// An mTLS stream for HTTP. With `h2` negotiated, waits for the server's first bytes: in
+    /// TLS 1.3 the client finishes before the server has checked the client certificate, so a
+    /// refusal (our SVID, or a resumed session the server no longer accepts) only shows as an
+    /// alert or a close on the first read.
+    pub(crate) async fn connect_http(&self, tls: &TlsClient) -> Result<PeerIo, ForwardError> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let (mut stream, resumed, took) = self.handshake(tls).await?;
+            if stream.get_ref().1.alpn_protocol() != Some(mtls::ALPN_H2) {
+                self.connected(took);
+                return Ok(PeerIo::Http1(stream));
+            }
+            let mut first = vec![0u8; 1024];
+            let wait = self.connect_timeout.min(SERVER_PREFACE_WAIT);
+            let refused = match tokio::time::timeout(wait, stream.read(&mut first)).await {
+                // A server that waits for our preface before it speaks: go ahead unchecked.
+                Err(_) => {
+                    first.clear();
+                    None
+                }
+                Ok(Ok(0)) => Some(None),
+                Ok(Ok(n)) => {
+                    first.truncate(n);
+                    None
+                }
+                Ok(Err(e)) => Some(Some(e)),
+            };
+            let Some(err) = refused else {
+                self.connected(took);
+                return Ok(PeerIo::H2(Prefixed::new(first, stream)));
+            };
+            if resumed && attempts < 2 {
+                // Most likely our certificate in that session expired or our CA left the
+                // peer's bundle; a full handshake presents the current SVID.
+                self.handshake_failed("resumption_refused");
+                mtls::forget_sessions(&tls.sessions, &self.server_name);
+                continue;
+            }
+            return Err(match err {
+                Some(e) if tls_error(&e).is_some() => self.tls_failure(&e),
+                other => {
+                    self.handshake_failed("closed");
+                    ForwardError::Handshake {
+                        target: self.target.clone(),
+                        reason: "closed",
+                        detail: match other {
+                            Some(e) => format!("peer closed the connection after the handshake: {e}"),
+                            None => "peer closed the connection after the handshake (does it trust our SVID?)".into(),
+                        },
+                    }
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_target_rejects_address_without_host() {
+        let ca = trellis_identity::testca::TestCa::root("example.org");
+        let id = SpiffeId::parse("spiffe://example.org/b").unwrap();
+        let m = Arc::new(SidecarMetrics::new());
+        let bad = PeerTarget::new(
+            "b",
+            ":15443",
+            id.clone(),
+            ca.shared_bundle(),
+            m.clone(),
+            Duration::from_secs(1),
+        );
+        assert!(bad.is_err());
+        for ok in ["10.0.0.7:15443", "[::1]:15443", "peer.example.org:15443"] {
+            PeerTarget::new(
+                "b",
+                ok,
+                id.clone(),
+                ca.shared_bundle(),
+                m.clone(),
+                Duration::from_secs(1),
+            )
+            .unwrap();
+        }
+    }
+}

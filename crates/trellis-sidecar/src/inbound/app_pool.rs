@@ -1,0 +1,173 @@
+//! Pooled HTTP/1.1 keep-alive connections from the inbound proxy to the local app. Idle
+//! connections are reused newest-first; a connection goes back to the pool when the response
+//! body has been read to its end ([`PooledBody`]), with no task per request.
+
+use crate::body::{http1_builder, send_pooled, spawn_http1, Http1Idle, PooledBody, ReqBody};
+use crate::dial::{connect_tcp, TcpTarget};
+use crate::forward_error::{failed, ForwardError};
+use http::{Request, Response};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Pooled HTTP/1.1 keep-alive connections to the local app.
+pub struct AppPool {
+    addr: SocketAddr,
+    target: Arc<str>,
+    connect_timeout: Duration,
+    idle: Arc<Http1Idle>,
+    builder: http1::Builder,
+}
+
+impl AppPool {
+    /// A pool for the app at `addr`.
+    pub fn new(addr: SocketAddr, connect_timeout: Duration) -> Self {
+        Self {
+            addr,
+            target: format!("app {addr}").into(),
+            connect_timeout,
+            idle: Http1Idle::new(),
+            builder: http1_builder(),
+        }
+    }
+
+    /// Sends `req` (origin-form URI, `Host` set) on an idle connection or a new one. A request
+    /// an idle connection hands back unsent (the app closed it meanwhile) is tried on the next.
+    pub async fn send(&self, req: Request<ReqBody>) -> Result<Response<PooledBody>, ForwardError> {
+        // The hot path (an idle connection) stays small; connecting is boxed so its much larger
+        // state is not part of (and copied with) every request's future.
+        let req = match self.idle.checkout() {
+            Some(sender) => match send_pooled(sender, req, &self.idle).await {
+                Ok(response) => return Ok(response),
+                Err((_, Some(unsent))) => unsent,
+                Err((e, None)) => return Err(failed(&self.target, e)),
+            },
+            None => req,
+        };
+        Box::pin(self.send_slow(req)).await
+    }
+
+    async fn send_slow(
+        &self,
+        mut req: Request<ReqBody>,
+    ) -> Result<Response<PooledBody>, ForwardError> {
+        loop {
+            let (sender, reused) = match self.idle.checkout() {
+                Some(sender) => (sender, true),
+                None => (self.connect().await?, false),
+            };
+            match send_pooled(sender, req, &self.idle).await {
+                Ok(response) => return Ok(response),
+                Err((_, Some(unsent))) if reused => req = unsent,
+                Err((e, _)) => return Err(failed(&self.target, e)),
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<http1::SendRequest<ReqBody>, ForwardError> {
+        let tcp = connect_tcp(TcpTarget::Addr(self.addr), self.connect_timeout)
+            .await
+            .map_err(|e| ForwardError::Unreachable {
+                target: self.target.clone(),
+                detail: e.to_string(),
+            })?;
+        let (sender, conn) = self
+            .builder
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| failed(&self.target, e))?;
+        spawn_http1(conn, self.target.clone(), None);
+        Ok(sender)
+    }
+
+    /// `app <addr>`, as error bodies name it.
+    pub fn target(&self) -> &Arc<str> {
+        &self.target
+    }
+
+    #[cfg(test)]
+    pub(crate) fn idle_len(&self) -> usize {
+        self.idle.len()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::body::ProxyBody;
+    use bytes::Bytes;
+    use hyper::body::Incoming;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::net::TcpStream;
+
+    #[tokio::test]
+    async fn app_pool_reuses_one_connection_for_sequential_requests() {
+        use http_body_util::BodyExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                            Bytes::from_static(b"ok"),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        // The requests need an `Incoming` body: make them on a loopback hyper server.
+        let pool = Arc::new(AppPool::new(addr, Duration::from_secs(5)));
+        let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let front_addr = front.local_addr().unwrap();
+        let p = pool.clone();
+        tokio::spawn(async move {
+            let (tcp, _) = front.accept().await.unwrap();
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let p = p.clone();
+                async move {
+                    let r = p.send(req.map(ReqBody::Hyper)).await.unwrap();
+                    Ok::<_, std::convert::Infallible>(r.map(ProxyBody::Pooled))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+        let tcp = TcpStream::connect(front_addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        for _ in 0..20 {
+            sender.ready().await.unwrap();
+            let req = Request::builder()
+                .uri("/")
+                .header("host", "app")
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap();
+            let body = sender
+                .send_request(req)
+                .await
+                .unwrap()
+                .into_body()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes();
+            assert_eq!(&body[..], b"ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.idle_len(), 1);
+    }
+}
