@@ -171,6 +171,9 @@ export TRELLIS_TEST_POSTGRES_URL="postgres://trellis:$PG_PASSWORD@127.0.0.1:$PG_
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 
+step "no import cycles between the modules of a crate (tests/tools/module_cycles.py)"
+python3 tests/tools/module_cycles.py crates/*
+
 step "cargo build --locked --workspace --all-targets"
 cargo build --locked --workspace --all-targets
 # The e2e tests run the real binary; integration tests do not build another package's binary.

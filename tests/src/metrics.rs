@@ -16,7 +16,7 @@
 //! let m = Metrics::parse(
 //!     "# HELP trellis_requests Requests.\n# TYPE trellis_requests counter\n\
 //!      trellis_requests_total{direction=\"inbound\",code=\"200\"} 3\n\
-//!      # EOF\n",
+//!      ## EOF\n",
 //! )
 //! .unwrap();
 //! assert_eq!(m.sum("trellis_requests_total", &[("direction", "inbound")]), 3.0);

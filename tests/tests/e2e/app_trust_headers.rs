@@ -86,7 +86,7 @@ async fn refused(side: &Sidecar, reason: &str) -> anyhow::Result<f64> {
     Ok(side
         .metrics()
         .await?
-        .sum("trellis_requests_refused_total", &[("reason", reason)]))
+        .sum_or_zero("trellis_requests_refused_total", &[("reason", reason)]))
 }
 
 /// A client SVID for [`CLIENT_ID`] from the mesh's control plane.
@@ -155,7 +155,8 @@ async fn spoofed_xfcc_through_the_mesh(proto: Proto, tag: &str) -> anyhow::Resul
     if proto == Proto::H1 {
         spoofs.push(("X_Forwarded_Client_CERT", FORGED));
     }
-    let before = mesh.b.metrics().await?.sum(
+    // Labelled: no line until the first removal.
+    let before = mesh.b.metrics().await?.sum_or_zero(
         "trellis_request_headers_removed_total",
         &[("reason", "owned")],
     );
