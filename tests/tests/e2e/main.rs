@@ -9,6 +9,7 @@
 mod admin_status;
 mod app_trust_headers;
 mod app_trust_paths;
+mod build_info;
 mod control_sds;
 mod envoy_sds;
 mod hostile_control;
