@@ -17,7 +17,9 @@ use trellis_identity::{TrustBundle, TrustDomain};
 /// names, variables, config keys and defaults.
 #[derive(Args, Debug)]
 pub struct InjectArgs {
-    /// Manifests (multi-document YAML, or a List); `-` reads standard input.
+    /// Manifests (multi-document YAML, or a List); `-` reads standard input. Pods,
+    /// Deployments, StatefulSets, DaemonSets, ReplicaSets, Jobs and CronJobs are injected;
+    /// other kinds pass through unchanged.
     #[arg(short = 'f', long = "filename", value_name = "FILE|-")]
     filename: PathBuf,
     /// The trust bundle injected sidecars start with (TRELLIS_CONTROL_BUNDLE_PEM): bundle.pem

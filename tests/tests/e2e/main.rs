@@ -17,6 +17,7 @@ mod hostile_control_limits;
 mod hostile_peers;
 mod hostile_sidecar_limits;
 mod hostile_smuggling;
+mod inject_cli;
 mod inspect;
 mod join_tokens;
 mod k8s_jwks_url;
