@@ -73,8 +73,18 @@ pub fn open_registry(
         (None, None) => bail!("pass --state-dir or --database"),
     };
     if let Database::Sqlite(file) = &db {
-        if !file.exists() {
-            bail!("{}: {missing}", file.display());
+        match std::fs::metadata(file) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                bail!("{}: {missing}", file.display())
+            }
+            // Not "missing": the directory is there but not ours to read (the control
+            // plane's, 0700). The operator socket needs no access to it.
+            Err(e) => bail!(
+                "{}: {e}; the control plane's state directory is readable by its user only: \
+                 drop --state-dir to go through its operator socket (--socket)",
+                file.display()
+            ),
         }
     }
     Ok(Registry::connect(&db)?)

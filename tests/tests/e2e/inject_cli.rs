@@ -9,9 +9,7 @@ use std::process::Command;
 
 use anyhow::ensure;
 use serde_json::Value;
-use trellis_tests::{
-    kubernetes_validate_or_skip, run_with_timeout, trellis_bin, COMMAND_TIMEOUT,
-};
+use trellis_tests::{kubernetes_validate_or_skip, run_with_timeout, trellis_bin, COMMAND_TIMEOUT};
 
 /// One object of every kind `trellis inject` handles, plus ones it must leave alone.
 const MANIFESTS: &str = r#"# A comment: dropped, the objects kept.
@@ -308,7 +306,11 @@ fn validate_strictly(test: &str, file: &Path) -> anyhow::Result<()> {
         "from kubernetes_validate.utils import latest_version; print(latest_version())",
     ]);
     let out = run_with_timeout(cmd, COMMAND_TIMEOUT)?;
-    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let latest = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     for version in ["1.30.0", latest.as_str()] {
         let mut cmd = Command::new(&bin);
@@ -342,7 +344,12 @@ fn injects_every_workload_kind_and_passes_everything_else_through() -> anyhow::R
     println!("{stderr}");
     let before = documents(MANIFESTS);
     let after = documents(&out);
-    ensure!(before.len() == after.len(), "{} documents in, {} out", before.len(), after.len());
+    ensure!(
+        before.len() == after.len(),
+        "{} documents in, {} out",
+        before.len(),
+        after.len()
+    );
     let bundle_pem = std::fs::read_to_string(&bundle)?;
 
     let injected = [
@@ -365,7 +372,10 @@ fn injects_every_workload_kind_and_passes_everything_else_through() -> anyhow::R
         // The default form: the native sidecar, first of the init containers.
         let native = sidecars_in(spec_a, "initContainers");
         ensure!(native.len() == 1, "{who}: {spec_a:#}");
-        ensure!(spec_a["initContainers"][0]["name"] == "trellis-sidecar", "{who}: first");
+        ensure!(
+            spec_a["initContainers"][0]["name"] == "trellis-sidecar",
+            "{who}: first"
+        );
         ensure!(sidecars_in(spec_a, "containers").is_empty(), "{who}");
         let s = &native[0];
         assert_eq!(s["restartPolicy"], "Always", "{who}");
@@ -379,20 +389,29 @@ fn injects_every_workload_kind_and_passes_everything_else_through() -> anyhow::R
                 .find(|e| e["name"] == k)
                 .map(|e| e["value"].as_str().unwrap().to_owned())
         };
-        assert_eq!(env("TRELLIS_CONTROL_BUNDLE_PEM").as_deref(), Some(bundle_pem.as_str()));
+        assert_eq!(
+            env("TRELLIS_CONTROL_BUNDLE_PEM").as_deref(),
+            Some(bundle_pem.as_str())
+        );
         assert_eq!(
             env("TRELLIS_CONTROL_PLANE").as_deref(),
             Some("trellis-control.trellis-system.svc:8443"),
             "the webhook's default"
         );
-        ensure!(spec_a["containers"] == spec_b["containers"], "{who}: app containers kept");
+        ensure!(
+            spec_a["containers"] == spec_b["containers"],
+            "{who}: app containers kept"
+        );
         let volumes: Vec<&str> = spec_a["volumes"]
             .as_array()
             .unwrap()
             .iter()
             .map(|v| v["name"].as_str().unwrap())
             .collect();
-        ensure!(volumes.last() == Some(&"trellis-token"), "{who}: {volumes:?}");
+        ensure!(
+            volumes.last() == Some(&"trellis-token"),
+            "{who}: {volumes:?}"
+        );
     }
     // The app port annotation is read as the webhook reads it.
     let web = &after[2];
@@ -402,7 +421,10 @@ fn injects_every_workload_kind_and_passes_everything_else_through() -> anyhow::R
         "TRELLIS_APP from trellis.io/app-port: {web_env}"
     );
     // The existing init container runs after the sidecar is ready.
-    assert_eq!(pod_spec(&after[6]).unwrap()["initContainers"][1]["name"], "wait");
+    assert_eq!(
+        pod_spec(&after[6]).unwrap()["initContainers"][1]["name"],
+        "wait"
+    );
     for why in [
         "Deployment shop/opted-out-on-the-pod: unchanged (trellis.io/inject: false)",
         "Deployment shop/opted-out-on-the-workload: unchanged (trellis.io/inject: false)",
@@ -422,13 +444,18 @@ fn injects_every_workload_kind_and_passes_everything_else_through() -> anyhow::R
         .arg(&bundle)
         .arg(&once);
     let twice = run_with_timeout(cmd, COMMAND_TIMEOUT)?;
-    ensure!(twice.status.success(), "{}", String::from_utf8_lossy(&twice.stderr));
+    ensure!(
+        twice.status.success(),
+        "{}",
+        String::from_utf8_lossy(&twice.stderr)
+    );
     ensure!(
         String::from_utf8_lossy(&twice.stdout) == out,
         "injecting twice differs from injecting once"
     );
     ensure!(
-        String::from_utf8_lossy(&twice.stderr).contains("Deployment shop/web: unchanged (already injected)"),
+        String::from_utf8_lossy(&twice.stderr)
+            .contains("Deployment shop/web: unchanged (already injected)"),
         "{}",
         String::from_utf8_lossy(&twice.stderr)
     );
@@ -447,7 +474,10 @@ fn injects_every_workload_kind_and_passes_everything_else_through() -> anyhow::R
         if let (true, Some(spec)) = (injected.contains(&who.as_str()), pod_spec(&a)) {
             ensure!(sidecars_in(spec, "initContainers").is_empty(), "{who}");
             let c = sidecars_in(spec, "containers");
-            ensure!(c.len() == 1 && c[0].get("restartPolicy").is_none(), "{who}: {spec:#}");
+            ensure!(
+                c.len() == 1 && c[0].get("restartPolicy").is_none(),
+                "{who}: {spec:#}"
+            );
         }
     }
     let fallback_file = dir.path().join("fallback.yaml");
@@ -476,7 +506,12 @@ fn a_pod_the_webhook_would_refuse_is_an_error_naming_it() -> anyhow::Result<()> 
     let out = run_with_timeout(cmd, COMMAND_TIMEOUT)?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(out.status.code() == Some(1), "{stderr}");
-    for want in ["document 2", "Deployment shop/web", "trellis.io/native-sidecar", "`maybe`"] {
+    for want in [
+        "document 2",
+        "Deployment shop/web",
+        "trellis.io/native-sidecar",
+        "`maybe`",
+    ] {
         ensure!(stderr.contains(want), "{want:?} missing: {stderr}");
     }
     ensure!(out.stdout.is_empty(), "nothing printed on failure");
@@ -490,6 +525,9 @@ fn a_pod_the_webhook_would_refuse_is_an_error_naming_it() -> anyhow::Result<()> 
     ]);
     let out = run_with_timeout(cmd, COMMAND_TIMEOUT)?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(!out.status.success() && stderr.contains("--bundle /nonexistent/bundle.pem"), "{stderr}");
+    ensure!(
+        !out.status.success() && stderr.contains("--bundle /nonexistent/bundle.pem"),
+        "{stderr}"
+    );
     Ok(())
 }

@@ -25,6 +25,7 @@ mod k8s_manifests;
 mod logging;
 mod observability_k8s;
 mod observability_sidecar;
+mod operator_socket;
 mod policy_e2e;
 mod policy_reload_load;
 mod reliability_ca;
