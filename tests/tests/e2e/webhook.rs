@@ -268,7 +268,8 @@ async fn webhook_injects_over_tls_and_the_injected_sidecar_gets_its_svid() -> an
         ensure!(answer.status == 200, "{} {}", answer.status, answer.text());
         let ops = patch_ops(&answer.json()["response"]);
         let paths: Vec<&str> = ops.iter().map(|o| o["path"].as_str().unwrap()).collect();
-        assert_eq!(paths, ["/spec/containers/-", "/spec/volumes/-"]);
+        // The pod has init containers: the native sidecar goes first.
+        assert_eq!(paths, ["/spec/initContainers/0", "/spec/volumes/-"]);
 
         // Opted out and already injected: allowed, no patch.
         for (name, uid) in [
