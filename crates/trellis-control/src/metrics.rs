@@ -352,6 +352,7 @@ mod tests {
     /// alert rules are written against these: a rename is a breaking change, so it must
     /// show up here.
     const PINNED: &[(&str, &str, &[&str])] = &[
+        ("trellis_build_info", "gauge", &["version", "commit"]),
         ("trellis_svids_issued_total", "counter", &["attestor"]),
         ("trellis_attestation_failures_total", "counter", &["reason"]),
         ("trellis_sds_streams", "gauge", &[]),
@@ -404,6 +405,12 @@ mod tests {
         m.jwks_refresh_failed("connect");
         m.connection_refused("sds");
         let text = m.encode();
+        // No binary set the build here: the crate's version, commit unknown.
+        let build = format!(
+            "trellis_build_info{{version=\"{}\",commit=\"unknown\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.lines().any(|l| l == build), "{build} missing:\n{text}");
 
         // Every family declared with the pinned type, and no family that is not pinned.
         let declared: Vec<(&str, &str)> = text
