@@ -216,7 +216,7 @@ data:
 "#;
 
 /// Where each injected kind keeps its pod spec.
-fn pod_spec<'a>(doc: &'a Value) -> Option<&'a Value> {
+fn pod_spec(doc: &Value) -> Option<&Value> {
     match doc["kind"].as_str()? {
         "Pod" => Some(&doc["spec"]),
         "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" => {

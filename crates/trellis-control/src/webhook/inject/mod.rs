@@ -627,7 +627,7 @@ pub fn fuzz_review(data: &[u8]) -> Option<(Value, Vec<Value>)> {
         image: "ghcr.io/trellis-mesh/trellis:fuzz".into(),
         control_plane: "trellis-control.trellis-system.svc:8443".into(),
         bundle_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
-        native_sidecar: data.len() % 2 == 0,
+        native_sidecar: data.len().is_multiple_of(2),
     };
     let review = review(data, &cfg).ok()?;
     let answer: Value = serde_json::from_slice(&review.body).ok()?;
