@@ -42,7 +42,7 @@ pub enum CaCommand {
     /// state directly instead (offline use).
     Rotate {
         /// The control plane's operator socket (`trellis control --operator-socket`)
-        /// [default: /var/lib/trellis/operator.sock].
+        /// [default: $TRELLIS_STATE_DIR/operator.sock, else /var/lib/trellis/operator.sock].
         #[arg(
             long,
             env = "TRELLIS_OPERATOR_SOCKET",

@@ -26,7 +26,7 @@ pub enum TokenCommand {
     /// (offline use: the control plane stopped, or not reachable).
     Create {
         /// The control plane's operator socket (`trellis control --operator-socket`)
-        /// [default: /var/lib/trellis/operator.sock].
+        /// [default: $TRELLIS_STATE_DIR/operator.sock, else /var/lib/trellis/operator.sock].
         #[arg(
             long,
             env = "TRELLIS_OPERATOR_SOCKET",

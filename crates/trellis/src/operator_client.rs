@@ -103,7 +103,15 @@ fn connect_error(socket: &Path, e: &std::io::Error) -> anyhow::Error {
     )
 }
 
-/// `--socket`, else [`DEFAULT_SOCKET`].
+/// `--socket` (or `TRELLIS_OPERATOR_SOCKET`), else where `trellis control` puts it by
+/// default: `operator.sock` in `TRELLIS_STATE_DIR` when that is set (as for the control
+/// plane), else [`DEFAULT_SOCKET`].
 pub fn socket_or_default(socket: Option<PathBuf>) -> PathBuf {
-    socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+    socket
+        .or_else(|| {
+            std::env::var_os("TRELLIS_STATE_DIR")
+                .filter(|d| !d.is_empty())
+                .map(|d| trellis_control::operator::default_socket(Path::new(&d)))
+        })
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
 }

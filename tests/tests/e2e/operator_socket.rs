@@ -64,13 +64,16 @@ fn as_operator(setpriv: &Path, args: &[&str]) -> anyhow::Result<Output> {
     ])
     .arg(trellis_bin())
     .args(args)
-    .env_remove("TRELLIS_OPERATOR_SOCKET");
+    .env_remove("TRELLIS_OPERATOR_SOCKET")
+    .env_remove("TRELLIS_STATE_DIR");
     run_with_timeout(cmd, COMMAND_TIMEOUT)
 }
 
 fn trellis(args: &[&str]) -> anyhow::Result<Output> {
     let mut cmd = Command::new(trellis_bin());
-    cmd.args(args).env_remove("TRELLIS_OPERATOR_SOCKET");
+    cmd.args(args)
+        .env_remove("TRELLIS_OPERATOR_SOCKET")
+        .env_remove("TRELLIS_STATE_DIR");
     run_with_timeout(cmd, COMMAND_TIMEOUT)
 }
 
@@ -241,6 +244,40 @@ async fn a_token_for_a_foreign_trust_domain_is_refused_at_creation() -> anyhow::
         ensure!(
             out.status.code() == Some(1) && err.contains("example.org"),
             "{err}"
+        );
+
+        // An operator's intermediate travels over the socket (the CLI checks the files, the
+        // control plane builds the CA again) and is scheduled.
+        let ca = cp.dir.path().join("ca-2");
+        let out = trellis(&[
+            "ca",
+            "init",
+            "--trust-domain",
+            "example.org",
+            "--out",
+            ca.to_str().unwrap(),
+        ])?;
+        ensure!(out.status.success(), "{}", text(&out.stderr));
+        let file = |name: &str| ca.join(name).display().to_string();
+        let out = trellis(&[
+            "ca",
+            "rotate",
+            "--socket",
+            sock,
+            "--trust-domain",
+            "example.org",
+            "--ca-cert",
+            &file("intermediate.pem"),
+            "--ca-key",
+            &file("intermediate-key.pem"),
+            "--ca-bundle",
+            &file("bundle.pem"),
+        ])?;
+        ensure!(out.status.success(), "{}", text(&out.stderr));
+        ensure!(
+            text(&out.stdout).contains("scheduled CA rotation 1"),
+            "{}",
+            text(&out.stdout)
         );
         Ok(())
     })
