@@ -287,6 +287,68 @@ fn add(root: &mut Yaml, path: &str, value: Yaml) -> Result<(), String> {
 mod tests {
     use super::*;
 
+    fn cfg() -> InjectConfig {
+        InjectConfig {
+            trust_domain: "example.org".into(),
+            image: "img:1".into(),
+            control_plane: "cp:8443".into(),
+            bundle_pem: "PEM".into(),
+            native_sidecar: true,
+        }
+    }
+
+    #[test]
+    fn a_list_has_its_items_injected_and_other_kinds_kept() {
+        let text = "apiVersion: v1\nkind: List\nitems:\n\
+                    - {apiVersion: v1, kind: Service, metadata: {name: s}, spec: {ports: [{port: 1}]}}\n\
+                    - apiVersion: v1\n  kind: Pod\n  metadata: {name: p}\n  spec:\n    containers: [{name: app, image: a}]\n\
+                    ---\n---\n";
+        let (out, reports) = inject_documents(text, &cfg(), "team").unwrap();
+        let objects: Vec<(&str, &ObjectResult)> = reports
+            .iter()
+            .map(|r| (r.object.as_str(), &r.result))
+            .collect();
+        assert_eq!(
+            objects,
+            [
+                ("Service team/s", &ObjectResult::OtherKind),
+                ("Pod team/p", &ObjectResult::Injected(Vec::new())),
+            ]
+        );
+        let doc: Yaml = serde_yaml_ng::from_str(&out).unwrap();
+        let pod = &doc["items"][1];
+        assert_eq!(pod["spec"]["initContainers"][0]["name"], "trellis-sidecar");
+        assert_eq!(pod["spec"]["initContainers"][0]["restartPolicy"], "Always");
+        assert_eq!(
+            pod["spec"]["containers"][0]["name"], "app",
+            "the app keeps its place"
+        );
+        // Empty documents are dropped; injecting again changes nothing.
+        assert!(!out.contains("---"), "{out}");
+        let (again, reports) = inject_documents(&out, &cfg(), "team").unwrap();
+        assert_eq!(again, out);
+        assert_eq!(
+            reports[1].result,
+            ObjectResult::Unchanged("already injected".into())
+        );
+    }
+
+    #[test]
+    fn a_workload_without_a_template_is_an_error_naming_it() {
+        let err = inject_documents(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d, namespace: x}\nspec: {}\n",
+            &cfg(),
+            "default",
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "document 1: Deployment x/d: no pod template at spec.template"
+        );
+        let err = inject_documents("a: [", &cfg(), "default").unwrap_err();
+        assert!(err.to_string().starts_with("document 1: not YAML"), "{err}");
+    }
+
     #[test]
     fn add_follows_rfc6902_for_keys_appends_and_inserts() {
         let mut doc: Yaml =
