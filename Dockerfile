@@ -13,12 +13,17 @@
 
 ARG RUST_VERSION=1
 ARG TRELLIS_VERSION=0.1.0
+# The commit for `trellis --version` and trellis_build_info (the build context has no .git):
+#   docker build --build-arg TRELLIS_COMMIT=$(git rev-parse --short=12 HEAD) .
+ARG TRELLIS_COMMIT=unknown
 
 # --- build -------------------------------------------------------------------------------------
 # Debian 12 (bookworm), like the runtime image below: the binary links the same glibc (2.36)
 # it runs with. The toolchain image has everything the build needs: ring, the bundled SQLite
 # (rusqlite) and the protobuf code (protox, pure Rust: no protoc) only need a C compiler.
 FROM docker.io/library/rust:${RUST_VERSION}-bookworm AS build
+ARG TRELLIS_COMMIT
+ENV TRELLIS_BUILD_COMMIT=${TRELLIS_COMMIT}
 WORKDIR /src
 COPY . .
 # --locked: exactly the dependency versions of Cargo.lock, as tests/run.sh builds them.

@@ -87,6 +87,11 @@ export ENVOY_BIN
 step "envoy: $ENVOY_BIN"
 "$ENVOY_BIN" --version | tr -s ' \n' ' '; echo
 
+# --- Docs: every relative link in README.md and docs/*.md resolves (file and #heading) -------
+mapfile -t DOC_FILES < <(ls README.md docs/*.md 2>/dev/null)
+step "relative links in ${DOC_FILES[*]}"
+python3 tests/tools/check_links.py "${DOC_FILES[@]}"
+
 # --- Alert rules: syntax, then unit tests (each alert fires on a bad series, not a healthy one)
 step "promtool check rules k8s/observability/trellis-alerts.yaml"
 promtool check rules k8s/observability/trellis-alerts.yaml

@@ -17,9 +17,15 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     if let Err(e) = json_patch::patch(&mut after, &patch) {
         panic!("patch does not apply: {e}\npod: {pod}\npatch: {patch:?}");
     }
-    let sidecars = after["spec"]["containers"]
-        .as_array()
-        .map(|cs| cs.iter().filter(|c| c["name"] == SIDECAR_CONTAINER).count())
-        .unwrap_or(0);
+    // Native form: among the init containers; fallback form: among the containers.
+    let sidecars: usize = ["initContainers", "containers"]
+        .iter()
+        .map(|list| {
+            after["spec"][*list]
+                .as_array()
+                .map(|cs| cs.iter().filter(|c| c["name"] == SIDECAR_CONTAINER).count())
+                .unwrap_or(0)
+        })
+        .sum();
     assert_eq!(sidecars, 1, "pod after the patch: {after}");
 });

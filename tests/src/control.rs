@@ -67,6 +67,8 @@ pub struct ControlPlane {
     pub state_dir: PathBuf,
     /// `<state-dir>/bundle.pem`.
     pub bundle_pem_path: PathBuf,
+    /// The operator API's Unix socket (`operator=` on the listening line).
+    pub operator_socket: PathBuf,
     /// The trust domain.
     pub trust_domain: TrustDomain,
     /// The test's temporary directory: logs, state, anything the test writes.
@@ -132,6 +134,11 @@ impl ControlPlane {
         } = parse_listening_addrs(&line).with_context(|| {
             format!("unexpected first stdout line from trellis control: {line:?}")
         })?;
+        let operator_socket = line
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("operator="))
+            .map(PathBuf::from)
+            .with_context(|| format!("no operator= on the listening line {line:?}"))?;
         let bundle_pem_path = state_dir.join("bundle.pem");
         if !bundle_pem_path.is_file() {
             bail!(
@@ -146,6 +153,7 @@ impl ControlPlane {
             webhook_addr,
             state_dir,
             bundle_pem_path,
+            operator_socket,
             trust_domain,
             dir,
             opts,

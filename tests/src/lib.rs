@@ -56,7 +56,8 @@ pub use control::{
 pub use envoy::{render_template, Envoy};
 pub use http::{http_get, HttpResponse};
 pub use locate::{
-    envoy_bin, envoy_or_skip, free_port, in_ci, tool_or_skip, trellis_bin, which, workspace_root,
+    envoy_bin, envoy_or_skip, free_port, in_ci, kubernetes_validate_or_skip, tool_or_skip,
+    trellis_bin, which, workspace_root,
 };
 pub use process::{e2e, run_with_timeout, Child};
 pub use sds::{

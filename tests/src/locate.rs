@@ -73,6 +73,29 @@ pub fn envoy_or_skip(test: &str) -> Option<PathBuf> {
     None
 }
 
+/// `kubernetes-validate` (PyPI, offline Kubernetes schemas) for a test that needs it:
+/// `$KUBERNETES_VALIDATE_BIN`, else `.venv/bin/kubernetes-validate` (tests/run.sh installs
+/// it there). `None` (after a loud `SKIP` line) only outside CI; under CI a missing one fails.
+pub fn kubernetes_validate_or_skip(test: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("KUBERNETES_VALIDATE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".venv/bin/kubernetes-validate"));
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        !in_ci(),
+        "{test}: {} not found under CI: tests/run.sh installs kubernetes-validate into .venv",
+        path.display()
+    );
+    eprintln!(
+        "SKIP {test}: {} not found (run `bash tests/run.sh`, which installs kubernetes-validate \
+         into .venv, or set KUBERNETES_VALIDATE_BIN)",
+        path.display()
+    );
+    None
+}
+
 /// A program on `PATH`, or `None`.
 pub fn which(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;

@@ -36,6 +36,16 @@ pub enum AuditEvent {
         /// The new phase.
         phase: &'static str,
     },
+    /// An operator acted through the operator socket (`token_created`,
+    /// `ca_rotation_scheduled`). Never the token itself.
+    Operator {
+        /// What was done.
+        action: &'static str,
+        /// On what: the token's SPIFFE ID, or the rotation's id and CA.
+        subject: String,
+        /// The operator process's uid (from the socket's peer credentials).
+        uid: Option<u32>,
+    },
     /// An attestation was refused.
     Rejected {
         /// Stable reason label.
@@ -115,6 +125,16 @@ impl AuditEvent {
                 "rotation": rotation,
                 "ca": ca,
                 "phase": phase,
+            }),
+            AuditEvent::Operator {
+                action,
+                subject,
+                uid,
+            } => json!({
+                "time": rfc3339(now),
+                "event": action,
+                "subject": subject,
+                "uid": uid,
             }),
             AuditEvent::Rejected {
                 reason,

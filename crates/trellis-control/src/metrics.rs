@@ -39,6 +39,15 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+/// `{version,commit}` of `trellis_build_info`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabel {
+    /// The release, e.g. `0.1.0`.
+    pub version: &'static str,
+    /// The git commit, or `unknown`.
+    pub commit: &'static str,
+}
+
 /// `listener` label of `trellis_connections_refused_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabel {
@@ -145,6 +154,20 @@ impl ControlMetrics {
             sds_handshake_timeouts: Counter::default(),
             registry: Registry::default(),
         };
+        // One series, always 1: joins version and commit onto any other series in a query.
+        let build = trellis_serve::build_info::get();
+        let build_info = Family::<BuildLabel, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabel {
+                version: build.version,
+                commit: build.commit,
+            })
+            .set(1);
+        registry.register(
+            "build_info",
+            "The running build: always 1, labelled with version and commit",
+            build_info,
+        );
         registry.register(
             "svids_issued",
             "X.509-SVIDs issued, by attestor",
@@ -329,6 +352,7 @@ mod tests {
     /// alert rules are written against these: a rename is a breaking change, so it must
     /// show up here.
     const PINNED: &[(&str, &str, &[&str])] = &[
+        ("trellis_build_info", "gauge", &["version", "commit"]),
         ("trellis_svids_issued_total", "counter", &["attestor"]),
         ("trellis_attestation_failures_total", "counter", &["reason"]),
         ("trellis_sds_streams", "gauge", &[]),
@@ -381,6 +405,12 @@ mod tests {
         m.jwks_refresh_failed("connect");
         m.connection_refused("sds");
         let text = m.encode();
+        // No binary set the build here: the crate's version, commit unknown.
+        let build = format!(
+            "trellis_build_info{{version=\"{}\",commit=\"unknown\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.lines().any(|l| l == build), "{build} missing:\n{text}");
 
         // Every family declared with the pinned type, and no family that is not pinned.
         let declared: Vec<(&str, &str)> = text

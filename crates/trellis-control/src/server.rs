@@ -73,6 +73,9 @@ pub enum StartError {
     /// The sidecar injection webhook.
     #[error(transparent)]
     Webhook(#[from] WebhookError),
+    /// The operator socket.
+    #[error(transparent)]
+    Operator(#[from] crate::operator::OperatorSocketError),
     /// TLS setup.
     #[error("TLS setup failed: {0}")]
     Tls(String),
@@ -92,6 +95,8 @@ pub struct ControlPlane {
     pub metrics: Arc<ControlMetrics>,
     /// Where the sidecar injection webhook listens (`--webhook-listen`), if it is on.
     pub webhook_addr: Option<SocketAddr>,
+    /// The operator API's Unix socket.
+    pub operator_socket: PathBuf,
     shutdown: watch::Sender<bool>,
     /// Drains the listeners (SDS, admin, webhook) and their connections.
     drain_signal: DrainSignal,
@@ -282,6 +287,18 @@ impl ControlPlane {
             None => None,
         };
         let webhook_addr = webhook.as_ref().map(|w| w.addr);
+
+        // The operator API: token creation and CA rotation without database credentials.
+        let operator = crate::operator::start(
+            &settings.operator_socket,
+            Arc::new(crate::operator::OperatorState {
+                trust_domain: td.clone(),
+                registry: Arc::clone(&registry),
+                audit: Arc::clone(&audit),
+            }),
+            drain.clone(),
+        )?;
+        tasks.push(operator.task);
         let webhook_cert = webhook.as_ref().map(|w| Arc::clone(&w.cert));
 
         // TLS handshakes run in their own tasks so a slow client never stalls the accept loop;
@@ -363,6 +380,7 @@ impl ControlPlane {
             registry,
             metrics,
             webhook_addr,
+            operator_socket: operator.path,
             shutdown,
             drain_signal,
             admin_shutdown,

@@ -14,6 +14,7 @@
 //!   header, idle and stream limits) that the admin endpoints and the webhook register routes on.
 //! - [`prefixed`]: an I/O stream with bytes already read put back in front.
 //! - [`config`]: the configuration error both binaries report, and the renamed-key table.
+//! - [`build_info`]: the version and commit of the running build, set once by the binary.
 //! - [`net`], [`time`]: small helpers every listener's reporting needs.
 //!
 //! Nothing here knows about metrics, TLS libraries or config file formats: those stay in the
@@ -21,6 +22,7 @@
 #![warn(missing_docs)]
 
 pub mod accept;
+pub mod build_info;
 pub mod config;
 pub mod drain;
 pub mod graceful;

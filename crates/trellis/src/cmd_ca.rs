@@ -10,6 +10,8 @@ use trellis_control::registry::DatabaseUrl;
 use trellis_identity::TrustDomain;
 
 use crate::cmd_token::open_registry;
+use crate::operator_client;
+use trellis_control::operator::{self, RotationMaterial, RotationScheduled, ScheduleRotation};
 
 /// `trellis ca …`.
 #[derive(Subcommand, Debug)]
@@ -34,22 +36,32 @@ pub enum CaCommand {
     /// at once (the running control plane pushes it to every workload within a second), signs
     /// from --activate-after on, and the old CA leaves the bundle once every SVID it signed
     /// has expired. Without --ca-cert, the new CA is a fresh self-signed root.
+    ///
+    /// Asks the running control plane over its operator socket (with PostgreSQL, every
+    /// replica picks the rotation up within a second); --state-dir/--database write to the
+    /// state directly instead (offline use).
     Rotate {
-        /// The control plane's state directory (its SQLite database).
-        #[arg(long, env = "TRELLIS_STATE_DIR", required_unless_present = "database")]
-        state_dir: Option<PathBuf>,
-        /// The control plane's database instead: the PostgreSQL URL its replicas share
-        /// (every replica picks the rotation up within a second), or sqlite://PATH.
+        /// The control plane's operator socket (`trellis control --operator-socket`)
+        /// [default: $TRELLIS_STATE_DIR/operator.sock, else /var/lib/trellis/operator.sock].
         #[arg(
             long,
-            env = "TRELLIS_DATABASE",
-            value_name = "URL",
-            hide_env_values = true
+            env = "TRELLIS_OPERATOR_SOCKET",
+            value_name = "PATH",
+            conflicts_with_all = ["state_dir", "database"]
         )]
+        socket: Option<PathBuf>,
+        /// Offline: the control plane's state directory (its SQLite database), written
+        /// directly instead of through the socket.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Offline: the control plane's database, written directly: the PostgreSQL URL its
+        /// replicas share, or sqlite://PATH.
+        #[arg(long, value_name = "URL")]
         database: Option<DatabaseUrl>,
-        /// Trust domain, e.g. example.org.
+        /// Trust domain, e.g. example.org: required offline; through the socket the control
+        /// plane's own, and a different one is refused.
         #[arg(long, env = "TRELLIS_TRUST_DOMAIN")]
-        trust_domain: String,
+        trust_domain: Option<String>,
         /// How long every workload gets to receive the new bundle before the new CA signs.
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         activate_after: Duration,
@@ -105,6 +117,7 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
             Ok(())
         }
         CaCommand::Rotate {
+            socket,
             state_dir,
             database,
             trust_domain,
@@ -113,10 +126,52 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
             ca_key,
             ca_bundle,
         } => {
-            let td = TrustDomain::parse(&trust_domain)?;
             if activate_after < Duration::from_secs(1) {
                 bail!("--activate-after must be at least 1s: workloads need time to receive the new trust bundle before the new CA signs");
             }
+            if state_dir.is_none() && database.is_none() {
+                let socket = operator_client::socket_or_default(socket);
+                let material = match (&ca_cert, &ca_key) {
+                    (Some(cert), Some(key)) => {
+                        // The file checks (key mode, chain) need the operator's files; the
+                        // server checks the trust domain and builds the CA again.
+                        let td = trust_domain.as_deref().ok_or_else(|| {
+                            anyhow::anyhow!("--trust-domain is required with --ca-cert")
+                        })?;
+                        let td = TrustDomain::parse(td)?;
+                        let m = Ca::material_from_files(&td, cert, key, ca_bundle.as_deref())?;
+                        Some(RotationMaterial {
+                            chain_pem: m.chain_pem,
+                            bundle_pem: m.bundle_pem,
+                            key_pem: m.key_pem.to_string(),
+                        })
+                    }
+                    _ => None,
+                };
+                let scheduled: RotationScheduled = operator_client::post(
+                    &socket,
+                    operator::ROTATIONS_PATH,
+                    &ScheduleRotation {
+                        activate_after_seconds: activate_after.as_secs(),
+                        material,
+                        trust_domain,
+                    },
+                )?;
+                println!("scheduled CA rotation {}: {}", scheduled.id, scheduled.ca);
+                println!(
+                    "  joins the trust bundle: now (pushed to every connected workload within seconds)"
+                );
+                println!("  signs new SVIDs from:   {}", scheduled.activate_at);
+                println!("  the old CA leaves the bundle one SVID lifetime (+60s) after that");
+                println!(
+                    "  watch: the control plane's admin /ca endpoint, and bundle.pem in its state directory"
+                );
+                return Ok(());
+            }
+            let trust_domain = trust_domain.ok_or_else(|| {
+                anyhow::anyhow!("--trust-domain is required with --state-dir or --database")
+            })?;
+            let td = TrustDomain::parse(&trust_domain)?;
             let registry = open_registry(state_dir.as_ref(), database.as_ref())?;
             let db = registry.path().to_path_buf();
             let now = SystemTime::now();

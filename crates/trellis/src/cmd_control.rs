@@ -14,10 +14,11 @@ use trellis_control::server::ControlPlane;
 /// `trellis control` flags; each overrides the same field of `--config`.
 #[derive(Args, Debug)]
 pub struct ControlArgs {
-    /// YAML config file (fields: trust_domain, listen, admin, state_dir, svid_ttl, rotate_every,
+    /// YAML config file (fields: trust_domain, listen, admin, state_dir, operator_socket,
+    /// svid_ttl, rotate_every,
     /// issuance_retention, ca_cert, ca_key, ca_bundle, k8s_jwks, k8s_issuer, k8s_audience,
     /// k8s_jwks_url, k8s_ca, k8s_token, k8s_jwks_refresh, webhook_listen, webhook_dns_names,
-    /// sidecar_image, sidecar_control_plane, database, and `limits:` nested per listener:
+    /// sidecar_image, sidecar_control_plane, native_sidecar, database, and `limits:` nested per listener:
     /// limits.sds.{max_connections, handshake_timeout, max_streams_per_connection, rate_limit,
     /// rate_burst, rate_limit_loopback, max_message_bytes, max_header_list_bytes,
     /// max_pending_resets}, limits.admin.{max_connections, header_read_timeout,
@@ -39,6 +40,10 @@ pub struct ControlArgs {
     /// State directory: database, CA, audit log, bundle.pem [default: /var/lib/trellis].
     #[arg(long, env = "TRELLIS_STATE_DIR")]
     state_dir: Option<PathBuf>,
+    /// Unix socket (mode 0600) of the operator API that `trellis token create` and
+    /// `trellis ca rotate` use [default: <state-dir>/operator.sock].
+    #[arg(long, env = "TRELLIS_OPERATOR_SOCKET")]
+    operator_socket: Option<PathBuf>,
     /// SVID lifetime [default: 24h].
     #[arg(long, env = "TRELLIS_SVID_TTL", value_parser = humantime::parse_duration)]
     svid_ttl: Option<Duration>,
@@ -86,6 +91,11 @@ pub struct ControlArgs {
     /// [default: trellis-control.trellis-system.svc:8443].
     #[arg(long, env = "TRELLIS_SIDECAR_CONTROL_PLANE")]
     sidecar_control_plane: Option<String>,
+    /// Inject the sidecar as a native sidecar (an init container with restartPolicy Always,
+    /// Kubernetes 1.29+); false: an ordinary container, for older clusters. A pod's
+    /// trellis.io/native-sidecar annotation wins [default: true].
+    #[arg(long, env = "TRELLIS_NATIVE_SIDECAR", value_name = "BOOL")]
+    native_sidecar: Option<bool>,
     /// Fetch the issuer's JWKS from this URL instead of a file, at start and every
     /// --k8s-jwks-refresh, e.g. https://kubernetes.default.svc/openid/v1/jwks.
     #[arg(long, env = "TRELLIS_K8S_JWKS_URL", conflicts_with = "k8s_jwks")]
@@ -209,6 +219,7 @@ impl ControlArgs {
             listen,
             admin,
             state_dir,
+            operator_socket,
             svid_ttl,
             rotate_every,
             issuance_retention,
@@ -223,7 +234,12 @@ impl ControlArgs {
             k8s_token,
             k8s_jwks_refresh
         );
-        over!(webhook_listen, sidecar_image, sidecar_control_plane);
+        over!(
+            webhook_listen,
+            sidecar_image,
+            sidecar_control_plane,
+            native_sidecar
+        );
         over!(database);
         // The flags kept their flat names; each sets one key of the nested `limits:`.
         macro_rules! limits {
@@ -284,8 +300,10 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
             .map(|a| format!(" webhook={a}"))
             .unwrap_or_default();
         println!(
-            "trellis control listening sds={} admin={}{webhook}",
-            cp.sds_addr, cp.admin_addr
+            "trellis control listening sds={} admin={}{webhook} operator={}",
+            cp.sds_addr,
+            cp.admin_addr,
+            cp.operator_socket.display()
         );
         tokio::select! {
             () = shutdown_signal() => tracing::info!("signal received; shutting down"),

@@ -5,7 +5,10 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
+use trellis_control::operator::{self, CreateToken, TokenCreated};
 use trellis_control::registry::{Database, DatabaseUrl, Registry};
+
+use crate::operator_client;
 use trellis_identity::SpiffeId;
 
 /// `trellis token …`.
@@ -17,18 +20,28 @@ pub enum TokenCommand {
     /// and the verifier's SHA-256 only, so the printed token cannot be shown again. Tokens
     /// from Trellis before split tokens (`trellis-join.<43 characters>`) are no longer
     /// accepted: create new ones with this command.
+    ///
+    /// Asks the running control plane over its operator socket, which checks the SPIFFE ID
+    /// against its trust domain; --state-dir/--database write to the state directly instead
+    /// (offline use: the control plane stopped, or not reachable).
     Create {
-        /// The control plane's state directory (its SQLite database).
-        #[arg(long, env = "TRELLIS_STATE_DIR", required_unless_present = "database")]
-        state_dir: Option<PathBuf>,
-        /// The control plane's database instead: the PostgreSQL URL its replicas share
-        /// (postgres://USER:PASSWORD@HOST:5432/DB), or sqlite://PATH. Wins over --state-dir.
+        /// The control plane's operator socket (`trellis control --operator-socket`)
+        /// [default: $TRELLIS_STATE_DIR/operator.sock, else /var/lib/trellis/operator.sock].
         #[arg(
             long,
-            env = "TRELLIS_DATABASE",
-            value_name = "URL",
-            hide_env_values = true
+            env = "TRELLIS_OPERATOR_SOCKET",
+            value_name = "PATH",
+            conflicts_with_all = ["state_dir", "database"]
         )]
+        socket: Option<PathBuf>,
+        /// Offline: the control plane's state directory (its SQLite database), written
+        /// directly instead of through the socket.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Offline: the control plane's database, written directly: the PostgreSQL URL its
+        /// replicas share (postgres://USER:PASSWORD@HOST:5432/DB), or sqlite://PATH. Wins
+        /// over --state-dir.
+        #[arg(long, value_name = "URL")]
         database: Option<DatabaseUrl>,
         /// The identity the token's holder receives.
         #[arg(long)]
@@ -60,8 +73,18 @@ pub fn open_registry(
         (None, None) => bail!("pass --state-dir or --database"),
     };
     if let Database::Sqlite(file) = &db {
-        if !file.exists() {
-            bail!("{}: {missing}", file.display());
+        match std::fs::metadata(file) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                bail!("{}: {missing}", file.display())
+            }
+            // Not "missing": the directory is there but not ours to read (the control
+            // plane's, 0700). The operator socket needs no access to it.
+            Err(e) => bail!(
+                "{}: {e}; the control plane's state directory is readable by its user only: \
+                 drop --state-dir to go through its operator socket (--socket)",
+                file.display()
+            ),
         }
     }
     Ok(Registry::connect(&db)?)
@@ -71,11 +94,25 @@ pub fn open_registry(
 pub fn run(cmd: TokenCommand) -> anyhow::Result<()> {
     match cmd {
         TokenCommand::Create {
+            socket,
             state_dir,
             database,
             spiffe_id,
             ttl,
         } => {
+            if state_dir.is_none() && database.is_none() {
+                let socket = operator_client::socket_or_default(socket);
+                let created: TokenCreated = operator_client::post(
+                    &socket,
+                    operator::TOKENS_PATH,
+                    &CreateToken {
+                        spiffe_id,
+                        ttl_seconds: ttl.as_secs(),
+                    },
+                )?;
+                println!("{}", created.token);
+                return Ok(());
+            }
             let id = SpiffeId::parse(&spiffe_id)?;
             if id.path().is_empty() {
                 bail!("`{id}` is a trust domain ID; give a workload ID such as spiffe://{}/ns/prod/sa/web", id.trust_domain_name());
@@ -83,6 +120,7 @@ pub fn run(cmd: TokenCommand) -> anyhow::Result<()> {
             if ttl.is_zero() {
                 bail!("--ttl must be positive");
             }
+            // Offline: no running control plane to ask; the trust domain is not known here.
             let registry = open_registry(state_dir.as_ref(), database.as_ref())?;
             let token = registry
                 .create_join_token(&id, ttl, SystemTime::now())

@@ -3,6 +3,7 @@
 mod admin_client;
 mod cmd_ca;
 mod cmd_control;
+mod cmd_inject;
 mod cmd_policy;
 mod cmd_sidecar;
 mod cmd_status;
@@ -10,6 +11,7 @@ mod cmd_token;
 mod demo;
 mod inspect;
 mod logging;
+mod operator_client;
 mod timespan;
 
 use std::process::ExitCode;
@@ -18,7 +20,13 @@ use clap::{Parser, Subcommand};
 
 /// Trellis: SPIFFE identities and mTLS for every workload.
 #[derive(Parser)]
-#[command(name = "trellis", version, about, propagate_version = true)]
+#[command(
+    name = "trellis",
+    version,
+    long_version = LONG_VERSION,
+    about,
+    propagate_version = true
+)]
 struct Cli {
     /// Log format on stderr: `text` (plain unless stderr is a terminal) or `json` (one
     /// object per line). Filter with RUST_LOG, e.g. `RUST_LOG=warn,trellis::access=info`.
@@ -57,11 +65,27 @@ enum Command {
     /// One-screen summary of a running sidecar or control plane, from its admin endpoint
     /// (exit 0 ready, 1 not ready, 2 unreachable or bad usage).
     Status(cmd_status::StatusArgs),
+    /// Add the sidecar to the pods of Kubernetes manifests, exactly as the injection webhook
+    /// would, and print them (for manifests rendered and committed in CI).
+    Inject(cmd_inject::InjectArgs),
     /// Start a local control plane and a workload on loopback and show an SVID being issued and rotated.
     Demo(demo::DemoArgs),
 }
 
+/// `trellis --version`: the release and the commit it was built from (build.rs).
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("TRELLIS_BUILD_COMMIT"),
+    ")"
+);
+
 fn main() -> ExitCode {
+    // `trellis_build_info{version,commit}` on both /metrics reads this.
+    trellis_serve::build_info::set(trellis_serve::build_info::BuildInfo {
+        version: env!("CARGO_PKG_VERSION"),
+        commit: env!("TRELLIS_BUILD_COMMIT"),
+    });
     let cli = Cli::parse();
     // Only long-running commands log; one-shot CLI commands keep stderr for their errors.
     match cli.command {
@@ -76,6 +100,7 @@ fn main() -> ExitCode {
         Command::Ca(cmd) => cmd_ca::run(cmd),
         Command::Token(cmd) => cmd_token::run(cmd),
         Command::Policy(cmd) => cmd_policy::run(cmd),
+        Command::Inject(args) => cmd_inject::run(args),
         // Its own exit codes: 1 is a failed inspection, 2 bad usage.
         Command::Inspect(args) => return inspect::run(args),
         // Its own exit codes: 1 is reachable but not ready, 2 unreachable or bad usage.

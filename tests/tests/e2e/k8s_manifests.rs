@@ -378,6 +378,27 @@ fn control_plane_deployment_follows_the_contract() {
     assert_eq!(env["TRUST_DOMAIN"]["value"], "example.org");
     assert_eq!(env["SIDECAR_IMAGE"]["value"], IMAGE);
 
+    // `kubectl exec deploy/trellis-control -- trellis token create …` (and `ca rotate`) run
+    // in this container with this environment: the socket the control plane serves is the
+    // one they use, inside the state directory, and neither needs the database URL.
+    let socket = env["TRELLIS_OPERATOR_SOCKET"]["value"].as_str().unwrap();
+    assert_eq!(socket, "/var/lib/trellis/operator.sock");
+    assert!(socket.starts_with(&format!("{}/", values["--state-dir"])));
+    for sub in [&["token", "create"][..], &["ca", "rotate"][..]] {
+        let mut cmd = Command::new(trellis_bin());
+        cmd.args(sub).arg("--help");
+        let out = run_with_timeout(cmd, COMMAND_TIMEOUT).unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            help.contains("TRELLIS_OPERATOR_SOCKET") && help.contains(socket),
+            "trellis {sub:?} must read TRELLIS_OPERATOR_SOCKET and default to {socket}:\n{help}"
+        );
+        assert!(
+            !help.contains("[env: TRELLIS_DATABASE"),
+            "trellis {sub:?} must not pick the database URL up from the pod's environment"
+        );
+    }
+
     // Ports and probes on the admin port.
     let ports: BTreeMap<&str, &Value> = c["ports"]
         .as_array()

@@ -43,6 +43,7 @@ fn start_control(env: &[(&str, &str)], args: &[&str]) -> anyhow::Result<ControlP
         admin_addr,
         webhook_addr: None,
         bundle_pem_path: state_dir.join("bundle.pem"),
+        operator_socket: state_dir.join("operator.sock"),
         state_dir,
         trust_domain: trellis_identity::TrustDomain::parse("example.org").unwrap(),
         dir,

@@ -241,9 +241,12 @@ async fn webhook_injects_over_tls_and_the_injected_sidecar_gets_its_svid() -> an
         assert_eq!(response["uid"], "0f5a9e7c-2b1d-4c3e-9a8f-1d2e3f4a5b6c");
         let ops = patch_ops(response);
         let paths: Vec<&str> = ops.iter().map(|o| o["path"].as_str().unwrap()).collect();
-        assert_eq!(paths, ["/spec/containers/-", "/spec/volumes"]);
-        let container = &ops[0]["value"];
+        // The default: a native sidecar, the pod's first init container.
+        assert_eq!(paths, ["/spec/initContainers", "/spec/volumes"]);
+        let container = &ops[0]["value"][0];
         assert_eq!(container["name"], "trellis-sidecar");
+        assert_eq!(container["restartPolicy"], "Always");
+        assert_eq!(container["startupProbe"]["httpGet"]["path"], "/ready");
         assert_eq!(container["image"], IMAGE);
         let env = env_map(container);
         let bundle_pem = std::fs::read_to_string(&cp.bundle_pem_path)?;
@@ -265,7 +268,8 @@ async fn webhook_injects_over_tls_and_the_injected_sidecar_gets_its_svid() -> an
         ensure!(answer.status == 200, "{} {}", answer.status, answer.text());
         let ops = patch_ops(&answer.json()["response"]);
         let paths: Vec<&str> = ops.iter().map(|o| o["path"].as_str().unwrap()).collect();
-        assert_eq!(paths, ["/spec/containers/-", "/spec/volumes/-"]);
+        // The pod has init containers: the native sidecar goes first.
+        assert_eq!(paths, ["/spec/initContainers/0", "/spec/volumes/-"]);
 
         // Opted out and already injected: allowed, no patch.
         for (name, uid) in [

@@ -107,6 +107,8 @@ pub struct ControlFile {
     pub admin: Option<SocketAddr>,
     /// State directory.
     pub state_dir: Option<PathBuf>,
+    /// The operator API's Unix socket (`trellis token create`, `trellis ca rotate`).
+    pub operator_socket: Option<PathBuf>,
     /// SVID lifetime, e.g. `24h`.
     #[serde(default, with = "humantime_serde")]
     pub svid_ttl: Option<Duration>,
@@ -146,6 +148,8 @@ pub struct ControlFile {
     pub sidecar_image: Option<String>,
     /// The control plane address (`host:port`) injected sidecars connect to.
     pub sidecar_control_plane: Option<String>,
+    /// Inject native sidecars (Kubernetes 1.29+); `false`: ordinary containers.
+    pub native_sidecar: Option<bool>,
     /// Where tokens, issuances and CA rotations live: `postgres://USER:PASSWORD@HOST/DB`
     /// (shared by replicas) or `sqlite://PATH`; absent: `<state_dir>/trellis.db`.
     pub database: Option<DatabaseUrl>,
@@ -197,6 +201,9 @@ pub struct ControlSettings {
     pub admin: SocketAddr,
     /// State directory (created 0700).
     pub state_dir: PathBuf,
+    /// The operator API's Unix socket (mode 0600): `operator_socket`, else
+    /// `<state_dir>/operator.sock`.
+    pub operator_socket: PathBuf,
     /// SVID lifetime.
     pub svid_ttl: Duration,
     /// Rotation interval.
@@ -286,6 +293,7 @@ impl ControlSettings {
                 dns_names: f.webhook_dns_names,
                 sidecar_image: f.sidecar_image,
                 sidecar_control_plane: f.sidecar_control_plane,
+                native_sidecar: f.native_sidecar,
             },
             limits.webhook,
         )?;
@@ -367,6 +375,15 @@ impl ControlSettings {
         let state_dir = f
             .state_dir
             .unwrap_or_else(|| PathBuf::from(defaults::STATE_DIR));
+        let operator_socket = f
+            .operator_socket
+            .unwrap_or_else(|| crate::operator::default_socket(&state_dir));
+        if operator_socket.as_os_str().is_empty() {
+            return Err(ConfigError::invalid(
+                "operator_socket",
+                "empty: give a path, e.g. /var/lib/trellis/operator.sock",
+            ));
+        }
         let database = match &f.database {
             None => Database::in_state_dir(&state_dir),
             Some(url) => Database::parse(url.expose()).map_err(|e| {
@@ -381,6 +398,7 @@ impl ControlSettings {
             listen,
             admin,
             state_dir,
+            operator_socket,
             svid_ttl,
             rotate_every,
             issuance_retention,

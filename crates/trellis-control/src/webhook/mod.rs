@@ -195,6 +195,7 @@ struct State {
     trust_domain: String,
     image: String,
     control_plane: String,
+    native_sidecar: bool,
     /// The trust bundle in force; read per review so a CA rotation reaches new pods at once.
     bundle: watch::Receiver<Arc<TrustBundle>>,
     metrics: Arc<ControlMetrics>,
@@ -208,6 +209,7 @@ impl State {
             image: self.image.clone(),
             control_plane: self.control_plane.clone(),
             bundle_pem: self.bundle.borrow().to_pem(),
+            native_sidecar: self.native_sidecar,
         }
     }
 }
@@ -287,6 +289,7 @@ pub async fn start(
         trust_domain: trust_domain.as_str().to_owned(),
         image: settings.sidecar_image.clone(),
         control_plane: settings.sidecar_control_plane.clone(),
+        native_sidecar: settings.native_sidecar,
         bundle,
         metrics,
         limits,
@@ -435,6 +438,7 @@ mod tests {
             trust_domain: "example.org".into(),
             image: "img:1".into(),
             control_plane: "cp:8443".into(),
+            native_sidecar: false,
             bundle,
             metrics: Arc::new(ControlMetrics::new()),
             limits: WebhookLimits::default(),

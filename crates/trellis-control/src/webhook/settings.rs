@@ -19,6 +19,9 @@ pub mod defaults {
     pub const SIDECAR_IMAGE: &str = "ghcr.io/trellis-mesh/trellis:0.1.0";
     /// `--sidecar-control-plane`.
     pub const SIDECAR_CONTROL_PLANE: &str = "trellis-control.trellis-system.svc:8443";
+    /// `--native-sidecar`: Kubernetes 1.29 turned native sidecars on by default, and every
+    /// release still supported upstream has them.
+    pub const NATIVE_SIDECAR: bool = true;
     /// `--webhook-max-connections`: the API servers call it, a handful at a time.
     pub const MAX_CONNECTIONS: usize = 256;
     /// `--webhook-max-header-bytes`: the API server sends a handful of short headers.
@@ -158,6 +161,9 @@ pub struct WebhookSettings {
     pub sidecar_image: String,
     /// `TRELLIS_CONTROL_PLANE` of injected sidecars (`host:port`).
     pub sidecar_control_plane: String,
+    /// Inject native sidecars (init containers with `restartPolicy: Always`) unless a pod
+    /// says `trellis.io/native-sidecar: "false"`.
+    pub native_sidecar: bool,
     /// `limits.webhook`.
     pub limits: WebhookLimits,
 }
@@ -173,6 +179,8 @@ pub struct WebhookFields {
     pub sidecar_image: Option<String>,
     /// `sidecar_control_plane`.
     pub sidecar_control_plane: Option<String>,
+    /// `native_sidecar`.
+    pub native_sidecar: Option<bool>,
 }
 
 impl WebhookSettings {
@@ -186,6 +194,8 @@ impl WebhookSettings {
         let Some(listen) = f.listen else {
             return Ok(None);
         };
+        let (sidecar_image, sidecar_control_plane, native_sidecar) =
+            Self::injection(f.sidecar_image, f.sidecar_control_plane, f.native_sidecar)?;
         let raw = f
             .dns_names
             .unwrap_or_else(|| vec![defaults::DNS_NAME.to_owned()]);
@@ -215,9 +225,25 @@ impl WebhookSettings {
                 format!("empty: give at least one, e.g. {}", defaults::DNS_NAME),
             ));
         }
-        let sidecar_image = f
-            .sidecar_image
-            .unwrap_or_else(|| defaults::SIDECAR_IMAGE.to_owned());
+        Ok(Some(WebhookSettings {
+            listen,
+            dns_names,
+            sidecar_image,
+            sidecar_control_plane,
+            native_sidecar,
+            limits,
+        }))
+    }
+
+    /// What injection puts into pods (`sidecar_image`, `sidecar_control_plane`,
+    /// `native_sidecar`), with the defaults applied and checked. `trellis inject` takes the
+    /// same values through here, so the two cannot disagree.
+    pub fn injection(
+        sidecar_image: Option<String>,
+        sidecar_control_plane: Option<String>,
+        native_sidecar: Option<bool>,
+    ) -> Result<(String, String, bool), ConfigError> {
+        let sidecar_image = sidecar_image.unwrap_or_else(|| defaults::SIDECAR_IMAGE.to_owned());
         if sidecar_image.is_empty() || sidecar_image.chars().any(char::is_whitespace) {
             return Err(ConfigError::invalid(
                 "sidecar_image",
@@ -227,9 +253,8 @@ impl WebhookSettings {
                 ),
             ));
         }
-        let sidecar_control_plane = f
-            .sidecar_control_plane
-            .unwrap_or_else(|| defaults::SIDECAR_CONTROL_PLANE.to_owned());
+        let sidecar_control_plane =
+            sidecar_control_plane.unwrap_or_else(|| defaults::SIDECAR_CONTROL_PLANE.to_owned());
         let host_port_ok = match sidecar_control_plane.rsplit_once(':') {
             Some((host, port)) => {
                 !host.is_empty()
@@ -247,12 +272,10 @@ impl WebhookSettings {
                 ),
             ));
         }
-        Ok(Some(WebhookSettings {
-            listen,
-            dns_names,
+        Ok((
             sidecar_image,
             sidecar_control_plane,
-            limits,
-        }))
+            native_sidecar.unwrap_or(defaults::NATIVE_SIDECAR),
+        ))
     }
 }

@@ -91,7 +91,7 @@ fn run(target: &str, body: &dyn Fn(&[u8]), default_cases: u64) {
 }
 
 /// `fuzz_review`, plus what the API server does with an injected patch: apply it to the pod.
-/// It must apply cleanly and leave exactly one sidecar container.
+/// It must apply cleanly and leave exactly one sidecar (init) container.
 pub fn review_and_apply(data: &[u8]) {
     let Some((pod, patch)) = fuzz_review(data) else {
         return;
@@ -100,10 +100,16 @@ pub fn review_and_apply(data: &[u8]) {
     let mut after = pod.clone();
     json_patch::patch(&mut after, &patch)
         .unwrap_or_else(|e| panic!("patch does not apply: {e}\npod: {pod}\npatch: {patch:?}"));
-    let sidecars = after["spec"]["containers"]
-        .as_array()
-        .map(|cs| cs.iter().filter(|c| c["name"] == SIDECAR_CONTAINER).count())
-        .unwrap_or(0);
+    // Native form: among the init containers; fallback form: among the containers.
+    let sidecars: usize = ["initContainers", "containers"]
+        .iter()
+        .map(|list| {
+            after["spec"][*list]
+                .as_array()
+                .map(|cs| cs.iter().filter(|c| c["name"] == SIDECAR_CONTAINER).count())
+                .unwrap_or(0)
+        })
+        .sum();
     assert_eq!(sidecars, 1, "pod after the patch: {after}");
 }
 

@@ -141,6 +141,15 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+/// `{version,commit}` of `trellis_build_info`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabel {
+    /// The release, e.g. `0.1.0`.
+    pub version: &'static str,
+    /// The git commit, or `unknown`.
+    pub commit: &'static str,
+}
+
 /// `{decision,rule}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AuthzLabel {
@@ -669,6 +678,20 @@ impl SidecarMetrics {
         let policy_reload_errors = Counter::default();
         let policy_loaded = Gauge::default();
         let policy_rules = Gauge::default();
+        // One series, always 1: joins version and commit onto any other series in a query.
+        let build = trellis_serve::build_info::get();
+        let build_info = Family::<BuildLabel, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabel {
+                version: build.version,
+                commit: build.commit,
+            })
+            .set(1);
+        registry.register(
+            "build_info",
+            "The running build: always 1, labelled with version and commit",
+            build_info,
+        );
         registry.register(
             "sds_connected",
             "1 while the SDS stream to the control plane is up",

@@ -25,6 +25,12 @@ fn names_are_pinned() {
         .inc();
     let _g = m.connection(Direction::Inbound);
     let text = m.encode();
+    // No binary set the build here: the crate's version, commit unknown.
+    let build = format!(
+        "trellis_build_info{{version=\"{}\",commit=\"unknown\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(text.contains(&build), "missing `{build}` in\n{text}");
     for line in [
         "trellis_tls_handshakes_total{direction=\"inbound\",result=\"error\",reason=\"no_cert\"} 1",
         "trellis_tls_handshakes_total{direction=\"outbound\",result=\"ok\",reason=\"none\"} 1",

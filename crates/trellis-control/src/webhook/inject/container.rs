@@ -1,6 +1,18 @@
 //! The container injection adds, and the names, paths and ports it uses: `trellis-sidecar`
 //! running `trellis sidecar` configured by `TRELLIS_*` variables, probes on the admin port,
 //! small requests and limits, and a locked-down securityContext.
+//!
+//! Two forms ([`SidecarForm`]):
+//! - **native** (the default; Kubernetes 1.29 and later): an init container with
+//!   `restartPolicy: Always` and a `startupProbe` on `/ready`. Kubernetes documents the
+//!   order ("Sidecar containers"): "the kubelet ... starts the next init container ... after
+//!   the startupProbe of the sidecar succeeds", app containers start after every init
+//!   container, and on termination "sidecar containers are terminated ... after the main
+//!   containers have stopped". So the app starts only once the first SVID is installed, a
+//!   Job's pod completes when its app exits, and the sidecar drains after the app.
+//! - **container** (`trellis.io/native-sidecar: "false"`, or `native_sidecar: false` on the
+//!   control plane, for clusters before 1.29 where an init container cannot keep running):
+//!   an ordinary container appended to `spec.containers`.
 
 use serde_json::{json, Value};
 
@@ -31,6 +43,23 @@ pub const DEFAULT_APP_PORT: u16 = 8080;
 /// The uid the sidecar runs as (distroless nonroot).
 pub const SIDECAR_UID: u64 = 65532;
 
+/// How long a native sidecar may take to install its first SVID before the kubelet restarts
+/// it: `STARTUP_PERIOD_SECONDS` × `STARTUP_FAILURE_THRESHOLD` (2 minutes). The app waits that
+/// long at most; a control plane that is down longer leaves the pod restarting the sidecar,
+/// visibly, rather than starting an app that cannot call anyone.
+pub const STARTUP_FAILURE_THRESHOLD: u32 = 120;
+/// The startup probe's period: the app starts within a second of the first SVID.
+pub const STARTUP_PERIOD_SECONDS: u32 = 1;
+
+/// Where the sidecar goes in the pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SidecarForm {
+    /// First of `spec.initContainers`, `restartPolicy: Always`, with a `startupProbe`.
+    Native,
+    /// Last of `spec.containers`.
+    Container,
+}
+
 /// What injection puts into pods, as configured on the control plane.
 #[derive(Debug, Clone)]
 pub struct InjectConfig {
@@ -42,15 +71,19 @@ pub struct InjectConfig {
     pub control_plane: String,
     /// `TRELLIS_CONTROL_BUNDLE_PEM`: the trust bundle in force when the pod is admitted.
     pub bundle_pem: String,
+    /// The native-sidecar form unless a pod's `trellis.io/native-sidecar` says otherwise
+    /// (`native_sidecar`, `--native-sidecar`).
+    pub native_sidecar: bool,
 }
 
 fn env(name: &str, value: impl Into<String>) -> Value {
     json!({ "name": name, "value": value.into() })
 }
 
-/// The `trellis-sidecar` container.
+/// The `trellis-sidecar` container, in `form`.
 pub(super) fn sidecar_container(
     cfg: &InjectConfig,
+    form: SidecarForm,
     app_port: u16,
     upstreams: Option<&str>,
     policy: bool,
@@ -87,7 +120,7 @@ pub(super) fn sidecar_container(
             "failureThreshold": 3,
         })
     };
-    json!({
+    let mut container = json!({
         "name": SIDECAR_CONTAINER,
         "image": cfg.image,
         "imagePullPolicy": "IfNotPresent",
@@ -114,5 +147,23 @@ pub(super) fn sidecar_container(
             "seccompProfile": { "type": "RuntimeDefault" },
         },
         "volumeMounts": mounts,
-    })
+    });
+    if form == SidecarForm::Native {
+        if let Some(c) = container.as_object_mut() {
+            // What makes an init container a sidecar: it keeps running beside the app.
+            c.insert("restartPolicy".into(), json!("Always"));
+            // Ready means the first SVID and bundle are installed; until then the kubelet
+            // starts neither the next init container nor the app.
+            c.insert(
+                "startupProbe".into(),
+                json!({
+                    "httpGet": { "path": "/ready", "port": ADMIN_PORT, "scheme": "HTTP" },
+                    "periodSeconds": STARTUP_PERIOD_SECONDS,
+                    "timeoutSeconds": 2,
+                    "failureThreshold": STARTUP_FAILURE_THRESHOLD,
+                }),
+            );
+        }
+    }
+    container
 }

@@ -1,6 +1,11 @@
 //! Sidecar injection as a pure function: an `admission.k8s.io/v1` AdmissionReview in, the
 //! AdmissionReview response out (with a base64 JSONPatch that adds the `trellis-sidecar`
-//! container, its volumes and mounts). No I/O: [`super`] serves it over HTTPS.
+//! container, its volumes and mounts). No I/O: [`super`] serves it over HTTPS, and
+//! [`offline`] runs the same decision ([`inject_pod`]) over manifests for `trellis inject`.
+//!
+//! The sidecar is a native sidecar (an init container with `restartPolicy: Always` and a
+//! startup probe on `/ready`) unless the control plane's `native_sidecar` is off or the pod
+//! says `trellis.io/native-sidecar: "false"`; see [`SidecarForm`] for why.
 //!
 //! What is added, and why each annotation exists, is the contract of issue #7 (README,
 //! "Automatic sidecar injection"):
@@ -28,12 +33,14 @@ use base64::Engine as _;
 use serde_json::{json, Map, Value};
 
 mod container;
+pub mod offline;
 
 use container::sidecar_container;
 pub use container::{
-    InjectConfig, ADMIN_PORT, DEFAULT_APP_PORT, INBOUND_PORT, OUTBOUND_PORT, POLICY_DIR,
-    POLICY_VOLUME, SIDECAR_CONTAINER, SIDECAR_UID, TOKEN_AUDIENCE, TOKEN_DIR,
-    TOKEN_EXPIRATION_SECONDS, TOKEN_FILE, TOKEN_VOLUME,
+    InjectConfig, SidecarForm, ADMIN_PORT, DEFAULT_APP_PORT, INBOUND_PORT, OUTBOUND_PORT,
+    POLICY_DIR, POLICY_VOLUME, SIDECAR_CONTAINER, SIDECAR_UID, STARTUP_FAILURE_THRESHOLD,
+    STARTUP_PERIOD_SECONDS, TOKEN_AUDIENCE, TOKEN_DIR, TOKEN_EXPIRATION_SECONDS, TOKEN_FILE,
+    TOKEN_VOLUME,
 };
 
 /// Pod annotation: `"false"` opts the pod out of injection.
@@ -44,6 +51,10 @@ pub const ANNOTATION_APP_PORT: &str = "trellis.io/app-port";
 pub const ANNOTATION_UPSTREAMS: &str = "trellis.io/upstreams";
 /// Pod annotation: name of a ConfigMap in the pod's namespace holding the policy.
 pub const ANNOTATION_POLICY_CONFIGMAP: &str = "trellis.io/policy-configmap";
+/// Pod annotation: `"false"` injects an ordinary container instead of a native sidecar (for
+/// clusters before Kubernetes 1.29); `"true"` asks for the native form where the control
+/// plane's default is off.
+pub const ANNOTATION_NATIVE_SIDECAR: &str = "trellis.io/native-sidecar";
 
 /// The only AdmissionReview version served (the webhook configuration asks for it alone).
 pub const API_VERSION: &str = "admission.k8s.io/v1";
@@ -187,6 +198,57 @@ pub fn review(body: &[u8], cfg: &InjectConfig) -> Result<Review, BadReview> {
         patch,
         body: serde_json::to_vec(&answer).unwrap_or_default(),
     })
+}
+
+/// What injection does to one pod or pod template outside an AdmissionReview
+/// ([`inject_pod`]): the webhook's decision for a CREATE of that pod.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PodInjection {
+    /// The sidecar is added by `patch` (JSONPatch `add` operations, paths from the pod).
+    Injected {
+        /// The operations, exactly as the webhook would return them.
+        patch: Vec<Value>,
+        /// What the webhook would warn about.
+        warnings: Vec<String>,
+    },
+    /// Left as it is: opted out, already injected, `hostNetwork`.
+    Unchanged {
+        /// [`Outcome::OptedOut`] or [`Outcome::Skipped`].
+        outcome: Outcome,
+        /// Why, in a few words.
+        why: String,
+        /// What the webhook would warn about.
+        warnings: Vec<String>,
+    },
+    /// The webhook would refuse the pod, with this message.
+    Refused(String),
+}
+
+/// The webhook's decision for a CREATE of `pod` in `namespace`, without the review around
+/// it: `trellis inject` runs this over the pod templates of manifests.
+pub fn inject_pod(pod: &Value, namespace: &str, cfg: &InjectConfig) -> PodInjection {
+    let mut request = Map::new();
+    request.insert("uid".into(), json!("offline"));
+    request.insert(
+        "kind".into(),
+        json!({ "group": "", "version": "v1", "kind": "Pod" }),
+    );
+    request.insert("operation".into(), json!("CREATE"));
+    request.insert("namespace".into(), json!(namespace));
+    request.insert("object".into(), pod.clone());
+    match decide(&request, cfg) {
+        Decision::Inject { patch, warnings } => PodInjection::Injected { patch, warnings },
+        Decision::Allow {
+            outcome,
+            why,
+            warnings,
+        } => PodInjection::Unchanged {
+            outcome,
+            why,
+            warnings,
+        },
+        Decision::Deny(message) => PodInjection::Refused(message),
+    }
 }
 
 fn add_warnings(response: &mut Map<String, Value>, warnings: Vec<String>) {
@@ -389,6 +451,17 @@ fn decide(request: &Map<String, Value>, cfg: &InjectConfig) -> Decision {
         },
         None => None,
     };
+    let form = match annotation(ANNOTATION_NATIVE_SIDECAR) {
+        None if cfg.native_sidecar => SidecarForm::Native,
+        None => SidecarForm::Container,
+        Some(v) if v.eq_ignore_ascii_case("true") => SidecarForm::Native,
+        Some(v) if v.eq_ignore_ascii_case("false") => SidecarForm::Container,
+        Some(v) => {
+            return Decision::Deny(format!(
+                "annotation {ANNOTATION_NATIVE_SIDECAR}: `{v}` must be \"true\" or \"false\" (\"false\" injects an ordinary container, for Kubernetes before 1.29)"
+            ))
+        }
+    };
     let policy_configmap = match annotation(ANNOTATION_POLICY_CONFIGMAP) {
         Some(v) if is_dns_subdomain(v) => Some(v.to_owned()),
         Some(v) => {
@@ -413,6 +486,7 @@ fn decide(request: &Map<String, Value>, cfg: &InjectConfig) -> Decision {
 
     let container = sidecar_container(
         cfg,
+        form,
         app_port,
         upstreams.as_deref(),
         policy_configmap.is_some(),
@@ -432,7 +506,15 @@ fn decide(request: &Map<String, Value>, cfg: &InjectConfig) -> Decision {
     if let Some(name) = &policy_configmap {
         new_volumes.push(json!({ "name": POLICY_VOLUME, "configMap": { "name": name } }));
     }
-    let mut patch = append(containers.is_some(), "/spec/containers", vec![container]);
+    let mut patch = match form {
+        // First: init containers run in order, so every later one (a migration calling a
+        // meshed service, say) already has the sidecar and its SVID.
+        SidecarForm::Native => vec![match init_containers {
+            Some(_) => json!({ "op": "add", "path": "/spec/initContainers/0", "value": container }),
+            None => json!({ "op": "add", "path": "/spec/initContainers", "value": [container] }),
+        }],
+        SidecarForm::Container => append(containers.is_some(), "/spec/containers", vec![container]),
+    };
     patch.extend(append(volumes.is_some(), "/spec/volumes", new_volumes));
     Decision::Inject { patch, warnings }
 }
@@ -545,6 +627,7 @@ pub fn fuzz_review(data: &[u8]) -> Option<(Value, Vec<Value>)> {
         image: "ghcr.io/trellis-mesh/trellis:fuzz".into(),
         control_plane: "trellis-control.trellis-system.svc:8443".into(),
         bundle_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+        native_sidecar: data.len().is_multiple_of(2),
     };
     let review = review(data, &cfg).ok()?;
     let answer: Value = serde_json::from_slice(&review.body).ok()?;

@@ -6,12 +6,23 @@ use std::path::PathBuf;
 
 const BUNDLE: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
 
+/// The ordinary-container form (`native_sidecar: false`), which most tests below check; the
+/// native form's tests use [`native_cfg`].
 fn cfg() -> InjectConfig {
     InjectConfig {
         trust_domain: "example.org".into(),
         image: "ghcr.io/trellis-mesh/trellis:0.1.0".into(),
         control_plane: "trellis-control.trellis-system.svc:8443".into(),
         bundle_pem: BUNDLE.into(),
+        native_sidecar: false,
+    }
+}
+
+/// The default: native sidecars.
+fn native_cfg() -> InjectConfig {
+    InjectConfig {
+        native_sidecar: true,
+        ..cfg()
     }
 }
 
@@ -520,4 +531,189 @@ fn outcome_labels_are_the_metric_labels() {
     .map(|o| o.label())
     .collect();
     assert_eq!(labels, ["injected", "skipped", "opted_out", "error"]);
+}
+
+/// The deployment fixture's pod as a controller of `owner_kind` would create it: a Job's pod
+/// has `restartPolicy: Never` (or OnFailure) and a Job owner; a CronJob's pod is owned by the
+/// Job the CronJob created.
+fn review_of_owned_pod(owner_kind: &str, restart_policy: &str) -> Value {
+    let mut doc = fixture_json("deployment-pod.json");
+    let pod = &mut doc["request"]["object"];
+    let api = if owner_kind == "ReplicaSet" {
+        "apps/v1"
+    } else {
+        "batch/v1"
+    };
+    pod["metadata"]["ownerReferences"][0]["apiVersion"] = json!(api);
+    pod["metadata"]["ownerReferences"][0]["kind"] = json!(owner_kind);
+    pod["spec"]["restartPolicy"] = json!(restart_policy);
+    doc
+}
+
+fn init_sidecar(pod: &Value) -> &Value {
+    let inits = pod["spec"]["initContainers"]
+        .as_array()
+        .expect("initContainers");
+    assert_eq!(
+        inits[0]["name"], SIDECAR_CONTAINER,
+        "the sidecar comes first"
+    );
+    &inits[0]
+}
+
+/// The native form: first init container, `restartPolicy: Always`, a startup probe on
+/// `/ready`, the same container otherwise; no app container added.
+fn assert_native(before: &Value, after: &Value) {
+    let s = init_sidecar(after);
+    assert_eq!(s["restartPolicy"], "Always");
+    assert_eq!(
+        s["startupProbe"],
+        json!({
+            "httpGet": { "path": "/ready", "port": 15000, "scheme": "HTTP" },
+            "periodSeconds": 1,
+            "timeoutSeconds": 2,
+            "failureThreshold": 120,
+        })
+    );
+    assert_eq!(s["readinessProbe"]["httpGet"]["path"], "/ready");
+    assert_eq!(s["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(s["args"], json!(["sidecar"]));
+    assert_eq!(
+        after["spec"]["containers"], before["spec"]["containers"],
+        "app containers untouched, no sidecar among them"
+    );
+    assert_eq!(
+        after["spec"]["restartPolicy"],
+        before["spec"]["restartPolicy"]
+    );
+    // Apart from the two form-specific fields, the same container as the fallback form.
+    let mut plain = s.clone();
+    let plain = plain.as_object_mut().unwrap();
+    plain.remove("restartPolicy");
+    plain.remove("startupProbe");
+    let mut as_fallback = before.clone();
+    set_at(
+        &mut as_fallback,
+        "/metadata/annotations",
+        json!({ "trellis.io/native-sidecar": "false" }),
+    );
+    let r = review(
+        &serde_json::to_vec(&json!({
+            "apiVersion": API_VERSION, "kind": "AdmissionReview",
+            "request": { "uid": "u", "kind": { "group": "", "version": "v1", "kind": "Pod" },
+                         "operation": "CREATE", "namespace": "demo", "object": as_fallback }
+        }))
+        .unwrap(),
+        &native_cfg(),
+    )
+    .unwrap();
+    let fallback = apply(before, &response_of(&r));
+    assert_eq!(&Value::Object(plain.clone()), sidecar(&fallback));
+}
+
+#[test]
+fn native_sidecar_for_a_deployment_pod() {
+    let doc = review_of_owned_pod("ReplicaSet", "Always");
+    let r = review(&serde_json::to_vec(&doc).unwrap(), &native_cfg()).unwrap();
+    assert_eq!(r.outcome, Outcome::Injected, "{}", r.detail);
+    let paths: Vec<&str> = r
+        .patch
+        .iter()
+        .map(|o| o["path"].as_str().unwrap())
+        .collect();
+    // No initContainers yet: the array is added whole.
+    assert_eq!(paths, ["/spec/initContainers", "/spec/volumes"]);
+    let before = &doc["request"]["object"];
+    let after = apply(before, &response_of(&r));
+    assert_native(before, &after);
+    assert_eq!(after["spec"]["initContainers"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn native_sidecar_for_a_job_pod_lets_the_job_complete() {
+    let doc = review_of_owned_pod("Job", "Never");
+    let r = review(&serde_json::to_vec(&doc).unwrap(), &native_cfg()).unwrap();
+    assert_eq!(r.outcome, Outcome::Injected, "{}", r.detail);
+    let before = &doc["request"]["object"];
+    let after = apply(before, &response_of(&r));
+    assert_native(before, &after);
+    // The only regular container is the job's: when it exits the pod completes.
+    assert_eq!(after["spec"]["containers"].as_array().unwrap().len(), 1);
+    assert_eq!(after["spec"]["restartPolicy"], "Never");
+}
+
+#[test]
+fn native_sidecar_for_a_cronjob_pod_goes_before_existing_init_containers() {
+    let mut doc = review_of_owned_pod("Job", "OnFailure");
+    doc["request"]["object"]["metadata"]["labels"] =
+        json!({ "batch.kubernetes.io/job-name": "report-29012345" });
+    doc["request"]["object"]["spec"]["initContainers"] =
+        json!([{ "name": "migrate", "image": "busybox:1.36", "command": ["true"] }]);
+    let r = review(&serde_json::to_vec(&doc).unwrap(), &native_cfg()).unwrap();
+    assert_eq!(r.outcome, Outcome::Injected, "{}", r.detail);
+    assert_eq!(r.patch[0]["path"], "/spec/initContainers/0");
+    let before = &doc["request"]["object"];
+    let after = apply(before, &response_of(&r));
+    assert_native(before, &after);
+    let inits = after["spec"]["initContainers"].as_array().unwrap();
+    assert_eq!(inits.len(), 2);
+    assert_eq!(
+        inits[1]["name"], "migrate",
+        "the app's init container runs after the sidecar is ready"
+    );
+    // Idempotent in this form too.
+    let again = review(&review_of_pod("deployment-pod.json", &after), &native_cfg()).unwrap();
+    assert_eq!(again.outcome, Outcome::Skipped);
+    assert_eq!(again.detail, "already injected");
+}
+
+#[test]
+fn native_sidecar_false_annotation_keeps_the_ordinary_container() {
+    let mut doc = review_of_owned_pod("ReplicaSet", "Always");
+    doc["request"]["object"]["metadata"]["annotations"] =
+        json!({ "trellis.io/native-sidecar": "false" });
+    let r = review(&serde_json::to_vec(&doc).unwrap(), &native_cfg()).unwrap();
+    assert_eq!(r.outcome, Outcome::Injected, "{}", r.detail);
+    let before = &doc["request"]["object"];
+    let after = apply(before, &response_of(&r));
+    assert!(after["spec"].get("initContainers").is_none());
+    let s = sidecar(&after);
+    assert!(
+        s.get("restartPolicy").is_none() && s.get("startupProbe").is_none(),
+        "{s}"
+    );
+    assert_eq!(after["spec"]["containers"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn native_sidecar_setting_off_is_the_fallback_and_the_annotation_can_ask_for_native() {
+    let doc = review_of_owned_pod("ReplicaSet", "Always");
+    let r = review(&serde_json::to_vec(&doc).unwrap(), &cfg()).unwrap();
+    let after = apply(&doc["request"]["object"], &response_of(&r));
+    assert!(after["spec"].get("initContainers").is_none());
+    assert_eq!(sidecar(&after)["name"], SIDECAR_CONTAINER);
+
+    let mut doc = doc;
+    doc["request"]["object"]["metadata"]["annotations"] =
+        json!({ "trellis.io/native-sidecar": "true" });
+    let r = review(&serde_json::to_vec(&doc).unwrap(), &cfg()).unwrap();
+    let before = &doc["request"]["object"];
+    assert_native(before, &apply(before, &response_of(&r)));
+}
+
+#[test]
+fn native_sidecar_annotation_must_be_true_or_false() {
+    let mut doc = review_of_owned_pod("ReplicaSet", "Always");
+    doc["request"]["object"]["metadata"]["annotations"] =
+        json!({ "trellis.io/native-sidecar": "yes" });
+    let r = review(&serde_json::to_vec(&doc).unwrap(), &native_cfg()).unwrap();
+    assert_eq!(r.outcome, Outcome::Error);
+    let message = response_of(&r)["status"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.contains("trellis.io/native-sidecar") && message.contains("1.29"),
+        "{message}"
+    );
 }

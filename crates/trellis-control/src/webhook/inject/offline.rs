@@ -1,0 +1,368 @@
+//! Injection over manifests, for `trellis inject -f FILE|-` (GitOps: render, inject, review
+//! and commit the pod specs the cluster will run). The webhook's own decision
+//! ([`super::inject_pod`]) runs on every pod template and its JSONPatch is applied to the
+//! document, so the output is what admission would produce. No I/O: text in, text out.
+//!
+//! - Injected kinds and where their pod is: `Pod` (the object), `Deployment`, `StatefulSet`,
+//!   `DaemonSet`, `ReplicaSet`, `Job` (`spec.template`), `CronJob`
+//!   (`spec.jobTemplate.spec.template`); a `List` has its items handled one by one. Every
+//!   other kind passes through unchanged.
+//! - Namespaces as the webhook's configuration treats them: objects in `trellis-system` and
+//!   `kube-system` are never injected (k8s/base/webhook.yaml never selects them). An object
+//!   without `metadata.namespace` is taken to be in the default namespace given.
+//! - Annotations as the webhook reads them on the pod template; `trellis.io/inject: "false"`
+//!   on the workload's own metadata also leaves it alone (there it states the same intent).
+//! - Idempotent: a template that has the sidecar already is left as it is, so injecting the
+//!   output again changes nothing.
+//! - Documents are re-serialized (key order kept, comments dropped); empty documents are
+//!   dropped.
+
+use serde::Deserialize as _;
+use serde_json::Value as Json;
+use serde_yaml_ng::Value as Yaml;
+use thiserror::Error;
+
+use super::{inject_pod, InjectConfig, Outcome, PodInjection, ANNOTATION_INJECT};
+
+/// Namespaces the webhook's configuration never selects, so never injected.
+pub const NEVER_INJECTED_NAMESPACES: [&str; 2] = ["trellis-system", "kube-system"];
+
+/// Where each injected kind keeps its pod (a JSON pointer; empty: the object itself).
+pub const POD_TEMPLATES: [(&str, &str); 7] = [
+    ("Pod", ""),
+    ("Deployment", "/spec/template"),
+    ("StatefulSet", "/spec/template"),
+    ("DaemonSet", "/spec/template"),
+    ("ReplicaSet", "/spec/template"),
+    ("Job", "/spec/template"),
+    ("CronJob", "/spec/jobTemplate/spec/template"),
+];
+
+/// Why manifests could not be injected. Each names the document (1-based) and the object.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum OfflineError {
+    /// A document is not YAML.
+    #[error("document {doc}: not YAML: {message}")]
+    Yaml {
+        /// 1-based position in the input.
+        doc: usize,
+        /// The parser's message (with line and column).
+        message: String,
+    },
+    /// The webhook would refuse this pod; the message says why.
+    #[error("document {doc}: {object}: {message}")]
+    Refused {
+        /// 1-based position in the input.
+        doc: usize,
+        /// `Kind namespace/name`.
+        object: String,
+        /// The webhook's message.
+        message: String,
+    },
+    /// The object has no pod template where its kind keeps one, or it is not plain data.
+    #[error("document {doc}: {object}: {message}")]
+    Malformed {
+        /// 1-based position in the input.
+        doc: usize,
+        /// `Kind namespace/name`.
+        object: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// What happened to one object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectReport {
+    /// 1-based position of its document in the input.
+    pub doc: usize,
+    /// `Kind namespace/name`.
+    pub object: String,
+    /// What was done.
+    pub result: ObjectResult,
+}
+
+/// What was done to one object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ObjectResult {
+    /// The sidecar was added; the webhook's warnings, if any.
+    Injected(Vec<String>),
+    /// An injectable kind left unchanged, and why (opted out, already injected, …).
+    Unchanged(String),
+    /// Not a kind that carries a pod.
+    OtherKind,
+}
+
+/// Injects every pod template in the YAML documents of `text` as the webhook would; objects
+/// without a namespace are in `default_namespace`. Returns the documents (joined by `---`)
+/// and one report per object.
+pub fn inject_documents(
+    text: &str,
+    cfg: &InjectConfig,
+    default_namespace: &str,
+) -> Result<(String, Vec<ObjectReport>), OfflineError> {
+    let mut out = Vec::new();
+    let mut reports = Vec::new();
+    for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let doc = i + 1;
+        let mut value = Yaml::deserialize(de).map_err(|e| OfflineError::Yaml {
+            doc,
+            message: e.to_string(),
+        })?;
+        if value.is_null() {
+            continue;
+        }
+        inject_object(&mut value, doc, cfg, default_namespace, &mut reports)?;
+        let text = serde_yaml_ng::to_string(&value).map_err(|e| OfflineError::Yaml {
+            doc,
+            message: e.to_string(),
+        })?;
+        out.push(text);
+    }
+    Ok((out.join("---\n"), reports))
+}
+
+fn str_at<'a>(v: &'a Yaml, path: &[&str]) -> Option<&'a str> {
+    let mut v = v;
+    for key in path {
+        v = v.get(*key)?;
+    }
+    v.as_str()
+}
+
+fn inject_object(
+    value: &mut Yaml,
+    doc: usize,
+    cfg: &InjectConfig,
+    default_namespace: &str,
+    reports: &mut Vec<ObjectReport>,
+) -> Result<(), OfflineError> {
+    let kind = str_at(value, &["kind"]).unwrap_or("").to_owned();
+    if kind == "List" {
+        if let Some(items) = value.get_mut("items").and_then(Yaml::as_sequence_mut) {
+            for item in items {
+                inject_object(item, doc, cfg, default_namespace, reports)?;
+            }
+        }
+        return Ok(());
+    }
+    let namespace = str_at(value, &["metadata", "namespace"])
+        .filter(|n| !n.is_empty())
+        .unwrap_or(default_namespace)
+        .to_owned();
+    let name = str_at(value, &["metadata", "name"])
+        .or_else(|| str_at(value, &["metadata", "generateName"]))
+        .unwrap_or("?");
+    let object = format!(
+        "{} {namespace}/{name}",
+        if kind.is_empty() { "?" } else { &kind }
+    );
+    let report = |result| ObjectReport {
+        doc,
+        object: object.clone(),
+        result,
+    };
+    let Some(template) = POD_TEMPLATES
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .map(|(_, pointer)| *pointer)
+    else {
+        reports.push(report(ObjectResult::OtherKind));
+        return Ok(());
+    };
+    if NEVER_INJECTED_NAMESPACES.contains(&namespace.as_str()) {
+        reports.push(report(ObjectResult::Unchanged(format!(
+            "namespace {namespace} is never injected (the webhook does not select it)"
+        ))));
+        return Ok(());
+    }
+    let opted_out = |v: &Yaml| {
+        v.get("metadata")
+            .and_then(|m| m.get("annotations"))
+            .and_then(|a| a.get(ANNOTATION_INJECT))
+            .and_then(Yaml::as_str)
+            .is_some_and(|s| s.trim().eq_ignore_ascii_case("false"))
+    };
+    if !template.is_empty() && opted_out(value) {
+        reports.push(report(ObjectResult::Unchanged(format!(
+            "{ANNOTATION_INJECT}: false"
+        ))));
+        return Ok(());
+    }
+    let malformed = |message: String| OfflineError::Malformed {
+        doc,
+        object: object.clone(),
+        message,
+    };
+    let pod_yaml = pointer(value, template)
+        .ok_or_else(|| malformed(format!("no pod template at {}", dotted(template))))?;
+    let pod: Json = serde_json::to_value(pod_yaml)
+        .map_err(|e| malformed(format!("the pod template is not plain data: {e}")))?;
+    match inject_pod(&pod, &namespace, cfg) {
+        PodInjection::Injected { patch, warnings } => {
+            for op in &patch {
+                let (Some(path), Some(v)) =
+                    (op.get("path").and_then(Json::as_str), op.get("value"))
+                else {
+                    return Err(malformed(format!("unexpected patch operation {op}")));
+                };
+                let v = serde_yaml_ng::to_value(v).map_err(|e| malformed(e.to_string()))?;
+                add(value, &format!("{template}{path}"), v).map_err(&malformed)?;
+            }
+            reports.push(report(ObjectResult::Injected(warnings)));
+        }
+        PodInjection::Unchanged { outcome, why, .. } => {
+            debug_assert!(matches!(outcome, Outcome::OptedOut | Outcome::Skipped));
+            reports.push(report(ObjectResult::Unchanged(why)));
+        }
+        PodInjection::Refused(message) => {
+            return Err(OfflineError::Refused {
+                doc,
+                object,
+                message,
+            })
+        }
+    }
+    Ok(())
+}
+
+/// `/spec/template` → `spec.template`, for messages.
+fn dotted(pointer: &str) -> String {
+    pointer.trim_start_matches('/').replace('/', ".")
+}
+
+/// RFC 6901 reference tokens of `pointer` ("~1" is '/', "~0" is '~').
+fn tokens(pointer: &str) -> Vec<String> {
+    pointer
+        .split('/')
+        .skip(1)
+        .map(|t| t.replace("~1", "/").replace("~0", "~"))
+        .collect()
+}
+
+fn pointer<'a>(root: &'a Yaml, pointer: &str) -> Option<&'a Yaml> {
+    let mut v = root;
+    for t in tokens(pointer) {
+        v = match v {
+            Yaml::Mapping(m) => m.get(t.as_str())?,
+            Yaml::Sequence(s) => s.get(t.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(v)
+}
+
+/// JSONPatch `add` (RFC 6902 section 4.1) on a YAML document: "-" appends to an array, an
+/// index inserts before it, a key is set in an existing object.
+fn add(root: &mut Yaml, path: &str, value: Yaml) -> Result<(), String> {
+    let tokens = tokens(path);
+    let Some((last, parents)) = tokens.split_last() else {
+        return Err(format!("cannot add at `{path}`"));
+    };
+    let mut v = root;
+    for t in parents {
+        v = match v {
+            Yaml::Mapping(m) => m.get_mut(t.as_str()),
+            Yaml::Sequence(s) => t.parse::<usize>().ok().and_then(|i| s.get_mut(i)),
+            _ => None,
+        }
+        .ok_or_else(|| format!("`{path}`: no `{t}` to add below"))?;
+    }
+    match v {
+        Yaml::Mapping(m) => {
+            m.insert(Yaml::String(last.clone()), value);
+        }
+        Yaml::Sequence(s) if last == "-" => s.push(value),
+        Yaml::Sequence(s) => match last.parse::<usize>() {
+            Ok(i) if i <= s.len() => s.insert(i, value),
+            _ => return Err(format!("`{path}`: index out of range")),
+        },
+        _ => return Err(format!("`{path}`: not an object or array")),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> InjectConfig {
+        InjectConfig {
+            trust_domain: "example.org".into(),
+            image: "img:1".into(),
+            control_plane: "cp:8443".into(),
+            bundle_pem: "PEM".into(),
+            native_sidecar: true,
+        }
+    }
+
+    #[test]
+    fn a_list_has_its_items_injected_and_other_kinds_kept() {
+        let text = "apiVersion: v1\nkind: List\nitems:\n\
+                    - {apiVersion: v1, kind: Service, metadata: {name: s}, spec: {ports: [{port: 1}]}}\n\
+                    - apiVersion: v1\n  kind: Pod\n  metadata: {name: p}\n  spec:\n    containers: [{name: app, image: a}]\n\
+                    ---\n---\n";
+        let (out, reports) = inject_documents(text, &cfg(), "team").unwrap();
+        let objects: Vec<(&str, &ObjectResult)> = reports
+            .iter()
+            .map(|r| (r.object.as_str(), &r.result))
+            .collect();
+        assert_eq!(
+            objects,
+            [
+                ("Service team/s", &ObjectResult::OtherKind),
+                ("Pod team/p", &ObjectResult::Injected(Vec::new())),
+            ]
+        );
+        let doc: Yaml = serde_yaml_ng::from_str(&out).unwrap();
+        let pod = &doc["items"][1];
+        assert_eq!(pod["spec"]["initContainers"][0]["name"], "trellis-sidecar");
+        assert_eq!(pod["spec"]["initContainers"][0]["restartPolicy"], "Always");
+        assert_eq!(
+            pod["spec"]["containers"][0]["name"], "app",
+            "the app keeps its place"
+        );
+        // Empty documents are dropped; injecting again changes nothing.
+        assert!(!out.contains("---"), "{out}");
+        let (again, reports) = inject_documents(&out, &cfg(), "team").unwrap();
+        assert_eq!(again, out);
+        assert_eq!(
+            reports[1].result,
+            ObjectResult::Unchanged("already injected".into())
+        );
+    }
+
+    #[test]
+    fn a_workload_without_a_template_is_an_error_naming_it() {
+        let err = inject_documents(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d, namespace: x}\nspec: {}\n",
+            &cfg(),
+            "default",
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "document 1: Deployment x/d: no pod template at spec.template"
+        );
+        let err = inject_documents("a: [", &cfg(), "default").unwrap_err();
+        assert!(err.to_string().starts_with("document 1: not YAML"), "{err}");
+    }
+
+    #[test]
+    fn add_follows_rfc6902_for_keys_appends_and_inserts() {
+        let mut doc: Yaml =
+            serde_yaml_ng::from_str("spec:\n  a: [1, 2]\n  b: {}\nk~/x: 1\n").unwrap();
+        add(&mut doc, "/spec/a/-", Yaml::from(3)).unwrap();
+        add(&mut doc, "/spec/a/0", Yaml::from(0)).unwrap();
+        add(&mut doc, "/spec/b/c", Yaml::from("d")).unwrap();
+        add(&mut doc, "/spec/e", Yaml::from(true)).unwrap();
+        let want: Yaml =
+            serde_yaml_ng::from_str("spec:\n  a: [0, 1, 2, 3]\n  b: {c: d}\n  e: true\nk~/x: 1\n")
+                .unwrap();
+        assert_eq!(doc, want);
+        assert_eq!(pointer(&doc, "/k~0~1x"), Some(&Yaml::from(1)));
+        assert!(add(&mut doc, "/spec/a/9", Yaml::from(1)).is_err());
+        assert!(add(&mut doc, "/nope/x", Yaml::from(1)).is_err());
+    }
+}

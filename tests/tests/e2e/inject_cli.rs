@@ -1,0 +1,533 @@
+//! `trellis inject -f FILE|-`: the webhook's injection over a multi-document manifest with
+//! every injected kind, kinds that pass through, opt-outs and a never-injected namespace;
+//! idempotence; the fallback form; and the output validated strictly against the Kubernetes
+//! 1.30 schemas and the newest ones `kubernetes-validate` ships.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::ensure;
+use serde_json::Value;
+use trellis_tests::{kubernetes_validate_or_skip, run_with_timeout, trellis_bin, COMMAND_TIMEOUT};
+
+/// One object of every kind `trellis inject` handles, plus ones it must leave alone.
+const MANIFESTS: &str = r#"# A comment: dropped, the objects kept.
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  labels:
+    trellis.io/inject: enabled
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: debug
+  namespace: shop
+spec:
+  containers:
+    - name: app
+      image: busybox:1.36
+      command: ["sleep", "3600"]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: shop
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+      annotations:
+        trellis.io/app-port: "8080"
+    spec:
+      serviceAccountName: web
+      containers:
+        - name: web
+          image: nginx:1.27
+          ports:
+            - containerPort: 8080
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata:
+  name: db
+  namespace: shop
+spec:
+  serviceName: db
+  selector:
+    matchLabels: {app: db}
+  template:
+    metadata:
+      labels: {app: db}
+    spec:
+      containers:
+        - name: db
+          image: postgres:16
+          ports:
+            - containerPort: 5432
+      volumes:
+        - name: scratch
+          emptyDir: {}
+---
+apiVersion: apps/v1
+kind: DaemonSet
+metadata:
+  name: agent
+  namespace: shop
+spec:
+  selector:
+    matchLabels: {app: agent}
+  template:
+    metadata:
+      labels: {app: agent}
+    spec:
+      containers:
+        - name: agent
+          image: busybox:1.36
+---
+apiVersion: apps/v1
+kind: ReplicaSet
+metadata:
+  name: legacy
+spec:
+  selector:
+    matchLabels: {app: legacy}
+  template:
+    metadata:
+      labels: {app: legacy}
+    spec:
+      containers:
+        - name: legacy
+          image: busybox:1.36
+---
+apiVersion: batch/v1
+kind: Job
+metadata:
+  name: migrate
+  namespace: shop
+spec:
+  backoffLimit: 2
+  template:
+    spec:
+      restartPolicy: Never
+      initContainers:
+        - name: wait
+          image: busybox:1.36
+          command: ["true"]
+      containers:
+        - name: migrate
+          image: busybox:1.36
+          command: ["true"]
+---
+apiVersion: batch/v1
+kind: CronJob
+metadata:
+  name: report
+  namespace: shop
+spec:
+  schedule: "0 3 * * *"
+  jobTemplate:
+    spec:
+      template:
+        spec:
+          restartPolicy: OnFailure
+          containers:
+            - name: report
+              image: busybox:1.36
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: opted-out-on-the-pod
+  namespace: shop
+spec:
+  selector:
+    matchLabels: {app: a}
+  template:
+    metadata:
+      labels: {app: a}
+      annotations:
+        trellis.io/inject: "false"
+    spec:
+      containers:
+        - name: a
+          image: busybox:1.36
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: opted-out-on-the-workload
+  namespace: shop
+  annotations:
+    trellis.io/inject: "false"
+spec:
+  selector:
+    matchLabels: {app: b}
+  template:
+    metadata:
+      labels: {app: b}
+    spec:
+      containers:
+        - name: b
+          image: busybox:1.36
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: coredns-like
+  namespace: kube-system
+spec:
+  selector:
+    matchLabels: {app: c}
+  template:
+    metadata:
+      labels: {app: c}
+    spec:
+      containers:
+        - name: c
+          image: busybox:1.36
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: shop
+spec:
+  selector: {app: web}
+  ports:
+    - name: mtls
+      port: 15443
+      targetPort: 15443
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: settings
+  namespace: shop
+data:
+  replicas: "2"
+  enabled: "true"
+"#;
+
+/// Where each injected kind keeps its pod spec.
+fn pod_spec(doc: &Value) -> Option<&Value> {
+    match doc["kind"].as_str()? {
+        "Pod" => Some(&doc["spec"]),
+        "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" => {
+            Some(&doc["spec"]["template"]["spec"])
+        }
+        "CronJob" => Some(&doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]),
+        _ => None,
+    }
+}
+
+/// The documents of a `---`-separated YAML stream, as JSON.
+fn documents(text: &str) -> Vec<Value> {
+    let mut docs = Vec::new();
+    let mut current = String::new();
+    for line in text.lines().chain(std::iter::once("---")) {
+        if line.trim_end() == "---" {
+            let v: Value = serde_yaml_ng::from_str(&current).unwrap();
+            if !v.is_null() {
+                docs.push(v);
+            }
+            current.clear();
+        } else {
+            current.push_str(line);
+            current.push('\n');
+        }
+    }
+    docs
+}
+
+fn name(doc: &Value) -> String {
+    format!(
+        "{} {}",
+        doc["kind"].as_str().unwrap_or("?"),
+        doc["metadata"]["name"].as_str().unwrap_or("?")
+    )
+}
+
+/// A trust bundle from `trellis ca init`, in `dir`.
+fn bundle(dir: &Path) -> anyhow::Result<PathBuf> {
+    let out = dir.join("ca");
+    let mut cmd = Command::new(trellis_bin());
+    cmd.args(["ca", "init", "--trust-domain", "example.org", "--out"])
+        .arg(&out);
+    let done = run_with_timeout(cmd, COMMAND_TIMEOUT)?;
+    ensure!(
+        done.status.success(),
+        "ca init: {}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    Ok(out.join("bundle.pem"))
+}
+
+/// `trellis inject` with `args`; (stdout, stderr), failing unless it exits 0.
+fn inject(args: &[&str]) -> anyhow::Result<(String, String)> {
+    let mut cmd = Command::new(trellis_bin());
+    cmd.arg("inject").args(args);
+    let out = run_with_timeout(cmd, COMMAND_TIMEOUT)?;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    ensure!(out.status.success(), "trellis inject {args:?}: {stderr}");
+    Ok((stdout, stderr))
+}
+
+fn sidecars_in(spec: &Value, list: &str) -> Vec<Value> {
+    spec[list]
+        .as_array()
+        .map(|cs| {
+            cs.iter()
+                .filter(|c| c["name"] == "trellis-sidecar")
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `kubernetes-validate --strict` for Kubernetes 1.30 and the newest version it ships.
+fn validate_strictly(test: &str, file: &Path) -> anyhow::Result<()> {
+    let Some(bin) = kubernetes_validate_or_skip(test) else {
+        return Ok(());
+    };
+    let python = bin.with_file_name("python");
+    let mut cmd = Command::new(&python);
+    cmd.args([
+        "-c",
+        "from kubernetes_validate.utils import latest_version; print(latest_version())",
+    ]);
+    let out = run_with_timeout(cmd, COMMAND_TIMEOUT)?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let latest = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    for version in ["1.30.0", latest.as_str()] {
+        let mut cmd = Command::new(&bin);
+        cmd.args(["--strict", "-k", version]).arg(file);
+        let out = run_with_timeout(cmd, COMMAND_TIMEOUT)?;
+        ensure!(
+            out.status.success(),
+            "kubernetes-validate --strict -k {version} {}:\n{}{}",
+            file.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!("kubernetes-validate --strict -k {version}: ok");
+    }
+    Ok(())
+}
+
+#[test]
+fn injects_every_workload_kind_and_passes_everything_else_through() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let bundle = bundle(dir.path())?;
+    let input = dir.path().join("in.yaml");
+    std::fs::write(&input, MANIFESTS)?;
+    let common = [
+        "--trust-domain",
+        "example.org",
+        "--bundle",
+        bundle.to_str().unwrap(),
+    ];
+    let (out, stderr) = inject(&[&["-f", input.to_str().unwrap()][..], &common].concat())?;
+    println!("{stderr}");
+    let before = documents(MANIFESTS);
+    let after = documents(&out);
+    ensure!(
+        before.len() == after.len(),
+        "{} documents in, {} out",
+        before.len(),
+        after.len()
+    );
+    let bundle_pem = std::fs::read_to_string(&bundle)?;
+
+    let injected = [
+        "Pod debug",
+        "Deployment web",
+        "StatefulSet db",
+        "DaemonSet agent",
+        "ReplicaSet legacy",
+        "Job migrate",
+        "CronJob report",
+    ];
+    for (b, a) in before.iter().zip(&after) {
+        let who = name(b);
+        ensure!(name(a) == who, "order kept: {who} became {}", name(a));
+        if !injected.contains(&who.as_str()) {
+            ensure!(a == b, "{who} must pass through unchanged:\n{a:#}");
+            continue;
+        }
+        let (spec_b, spec_a) = (pod_spec(b).unwrap(), pod_spec(a).unwrap());
+        // The default form: the native sidecar, first of the init containers.
+        let native = sidecars_in(spec_a, "initContainers");
+        ensure!(native.len() == 1, "{who}: {spec_a:#}");
+        ensure!(
+            spec_a["initContainers"][0]["name"] == "trellis-sidecar",
+            "{who}: first"
+        );
+        ensure!(sidecars_in(spec_a, "containers").is_empty(), "{who}");
+        let s = &native[0];
+        assert_eq!(s["restartPolicy"], "Always", "{who}");
+        assert_eq!(s["startupProbe"]["httpGet"]["path"], "/ready", "{who}");
+        assert_eq!(s["image"], "ghcr.io/trellis-mesh/trellis:0.1.0", "{who}");
+        let env = |k: &str| {
+            s["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == k)
+                .map(|e| e["value"].as_str().unwrap().to_owned())
+        };
+        assert_eq!(
+            env("TRELLIS_CONTROL_BUNDLE_PEM").as_deref(),
+            Some(bundle_pem.as_str())
+        );
+        assert_eq!(
+            env("TRELLIS_CONTROL_PLANE").as_deref(),
+            Some("trellis-control.trellis-system.svc:8443"),
+            "the webhook's default"
+        );
+        ensure!(
+            spec_a["containers"] == spec_b["containers"],
+            "{who}: app containers kept"
+        );
+        let volumes: Vec<&str> = spec_a["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        ensure!(
+            volumes.last() == Some(&"trellis-token"),
+            "{who}: {volumes:?}"
+        );
+    }
+    // The app port annotation is read as the webhook reads it.
+    let web = &after[2];
+    let web_env = &pod_spec(web).unwrap()["initContainers"][0]["env"];
+    ensure!(
+        web_env.to_string().contains("127.0.0.1:8080"),
+        "TRELLIS_APP from trellis.io/app-port: {web_env}"
+    );
+    // The existing init container runs after the sidecar is ready.
+    assert_eq!(
+        pod_spec(&after[6]).unwrap()["initContainers"][1]["name"],
+        "wait"
+    );
+    for why in [
+        "Deployment shop/opted-out-on-the-pod: unchanged (trellis.io/inject: false)",
+        "Deployment shop/opted-out-on-the-workload: unchanged (trellis.io/inject: false)",
+        "Deployment kube-system/coredns-like: unchanged (namespace kube-system is never injected",
+        "ReplicaSet default/legacy: injected",
+    ] {
+        ensure!(stderr.contains(why), "stderr lacks {why:?}:\n{stderr}");
+    }
+
+    // Injecting twice equals injecting once, and stdin works like a file.
+    let once = dir.path().join("once.yaml");
+    std::fs::write(&once, &out)?;
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#""$0" inject -f - --trust-domain example.org --bundle "$1" < "$2""#)
+        .arg(trellis_bin())
+        .arg(&bundle)
+        .arg(&once);
+    let twice = run_with_timeout(cmd, COMMAND_TIMEOUT)?;
+    ensure!(
+        twice.status.success(),
+        "{}",
+        String::from_utf8_lossy(&twice.stderr)
+    );
+    ensure!(
+        String::from_utf8_lossy(&twice.stdout) == out,
+        "injecting twice differs from injecting once"
+    );
+    ensure!(
+        String::from_utf8_lossy(&twice.stderr)
+            .contains("Deployment shop/web: unchanged (already injected)"),
+        "{}",
+        String::from_utf8_lossy(&twice.stderr)
+    );
+    validate_strictly("inject_cli::injects_every_workload_kind", &once)?;
+
+    // The fallback form, from the same flag the control plane takes.
+    let (fallback, _) = inject(
+        &[
+            &["-f", input.to_str().unwrap(), "--native-sidecar", "false"][..],
+            &common,
+        ]
+        .concat(),
+    )?;
+    for (b, a) in before.iter().zip(documents(&fallback)) {
+        let who = name(b);
+        if let (true, Some(spec)) = (injected.contains(&who.as_str()), pod_spec(&a)) {
+            ensure!(sidecars_in(spec, "initContainers").is_empty(), "{who}");
+            let c = sidecars_in(spec, "containers");
+            ensure!(
+                c.len() == 1 && c[0].get("restartPolicy").is_none(),
+                "{who}: {spec:#}"
+            );
+        }
+    }
+    let fallback_file = dir.path().join("fallback.yaml");
+    std::fs::write(&fallback_file, &fallback)?;
+    validate_strictly("inject_cli::fallback", &fallback_file)?;
+    Ok(())
+}
+
+#[test]
+fn a_pod_the_webhook_would_refuse_is_an_error_naming_it() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let bundle = bundle(dir.path())?;
+    let input = dir.path().join("bad.yaml");
+    std::fs::write(
+        &input,
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: fine}\n---\n\
+         apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\n\
+         spec:\n  template:\n    metadata:\n      annotations: {trellis.io/native-sidecar: maybe}\n\
+         \x20   spec:\n      containers: [{name: web, image: nginx}]\n",
+    )?;
+    let mut cmd = Command::new(trellis_bin());
+    cmd.args(["inject", "-f"])
+        .arg(&input)
+        .args(["--trust-domain", "example.org", "--bundle"])
+        .arg(&bundle);
+    let out = run_with_timeout(cmd, COMMAND_TIMEOUT)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.code() == Some(1), "{stderr}");
+    for want in [
+        "document 2",
+        "Deployment shop/web",
+        "trellis.io/native-sidecar",
+        "`maybe`",
+    ] {
+        ensure!(stderr.contains(want), "{want:?} missing: {stderr}");
+    }
+    ensure!(out.stdout.is_empty(), "nothing printed on failure");
+    // No bundle: the flag is named.
+    let mut cmd = Command::new(trellis_bin());
+    cmd.args(["inject", "-f"]).arg(&input).args([
+        "--trust-domain",
+        "example.org",
+        "--bundle",
+        "/nonexistent/bundle.pem",
+    ]);
+    let out = run_with_timeout(cmd, COMMAND_TIMEOUT)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && stderr.contains("--bundle /nonexistent/bundle.pem"),
+        "{stderr}"
+    );
+    Ok(())
+}
