@@ -113,6 +113,14 @@ if [[ "$("$VENV/bin/kubernetes-validate" --version 2>/dev/null)" != "$KUBERNETES
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
         "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
 fi
+# --- Python clients for the protocol tests (PyPI): grpcio, websockets ------------------------
+GRPCIO_VERSION="1.85.4"
+WEBSOCKETS_VERSION="17.4"
+if ! "$VENV/bin/python" -c "import grpc, websockets, sys; sys.exit(grpc.__version__ != '$GRPCIO_VERSION' or websockets.__version__ != '$WEBSOCKETS_VERSION')" >/dev/null 2>&1; then
+    step "installing grpcio==$GRPCIO_VERSION websockets==$WEBSOCKETS_VERSION into $VENV"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        "grpcio==$GRPCIO_VERSION" "websockets==$WEBSOCKETS_VERSION"
+fi
 K8S_VERSIONS=(1.30.0 "$("$VENV/bin/python" -c 'from kubernetes_validate.utils import latest_version; print(latest_version())')")
 mapfile -t K8S_DIRS < <(find k8s -name kustomization.yaml -not -path 'k8s/observability/*' -printf '%h\n' | sort)
 mapfile -t K8S_FILES < <("$VENV/bin/python" - "${K8S_DIRS[@]}" <<'PY'

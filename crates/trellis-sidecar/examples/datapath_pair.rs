@@ -46,6 +46,7 @@ fn settings(app: std::net::SocketAddr, upstreams: Vec<Upstream>) -> SidecarSetti
         app,
         inbound_tcp: vec![],
         headers_with_underscores: Default::default(),
+        app_protocol: Default::default(),
         outbound_listen: any,
         upstreams,
         admin: any,

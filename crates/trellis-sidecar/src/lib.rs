@@ -13,6 +13,7 @@ mod conn_state;
 pub mod csr;
 pub mod dial;
 pub mod forward_error;
+pub mod grpc;
 pub mod h1_framing;
 pub mod headers;
 pub mod identity_files;
@@ -28,6 +29,7 @@ pub mod sds;
 pub mod sidecar;
 pub mod splice;
 pub mod svid_store;
+pub mod upgrade;
 
 /// The drain every listener and connection holds (from `trellis-serve`, shared with the
 /// control plane).

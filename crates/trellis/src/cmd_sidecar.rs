@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use trellis_sidecar::config::AppProtocol;
 use trellis_sidecar::config::{FilesFile, Protocol, SidecarFile, UpstreamFile};
 use trellis_sidecar::headers::UnderscoreHeaders;
 use trellis_sidecar::{Sidecar, SidecarSettings};
@@ -70,6 +71,10 @@ pub struct SidecarArgs {
         value_name = "drop|reject|allow"
     )]
     headers_with_underscores: Option<UnderscoreHeaders>,
+    /// How to talk to the app: `http1` (pooled keep-alive) or `h2c` (prior-knowledge HTTP/2,
+    /// for gRPC servers and other HTTP/2-only apps) [default: http1].
+    #[arg(long, env = "TRELLIS_APP_PROTOCOL", value_name = "http1|h2c")]
+    app_protocol: Option<AppProtocol>,
     /// Shared, Host-routed outbound listener [default: 127.0.0.1:15001].
     #[arg(long, env = "TRELLIS_OUTBOUND")]
     outbound: Option<SocketAddr>,
@@ -271,6 +276,9 @@ impl SidecarArgs {
         }
         if self.headers_with_underscores.is_some() {
             f.inbound.headers_with_underscores = self.headers_with_underscores;
+        }
+        if self.app_protocol.is_some() {
+            f.inbound.app_protocol = self.app_protocol;
         }
         if self.outbound.is_some() {
             f.outbound.listen = self.outbound;

@@ -15,6 +15,7 @@
 //!   app: 127.0.0.1:8080
 //!   tcp: [{ listen: 0.0.0.0:15432, app: 127.0.0.1:5432 }]
 //!   headers_with_underscores: drop  # or reject (400) or allow; see crate::headers
+//!   app_protocol: http1  # or h2c: prior-knowledge HTTP/2 to the app (gRPC servers)
 //! outbound:
 //!   listen: 127.0.0.1:15001        # Host-routed
 //!   upstreams:
@@ -125,6 +126,42 @@ pub struct InboundFile {
     pub tcp: Vec<TcpForward>,
     /// Request headers whose names contain `_`: `drop` (default), `reject` or `allow`.
     pub headers_with_underscores: Option<UnderscoreHeaders>,
+    /// How to talk to the app: `http1` (default) or `h2c`.
+    pub app_protocol: Option<AppProtocol>,
+}
+
+/// How the inbound sidecar talks to the app (`inbound.app_protocol`).
+#[derive(Debug, Default, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// Pooled HTTP/1.1 keep-alive connections.
+    #[default]
+    Http1,
+    /// One pooled prior-knowledge HTTP/2 connection (gRPC servers, HTTP/2-only apps):
+    /// trailers, streaming both ways, flow control end to end.
+    H2c,
+}
+
+impl AppProtocol {
+    /// The setting's spelling in config files and flags.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppProtocol::Http1 => "http1",
+            AppProtocol::H2c => "h2c",
+        }
+    }
+}
+
+impl std::str::FromStr for AppProtocol {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "http1" => Ok(AppProtocol::Http1),
+            "h2c" => Ok(AppProtocol::H2c),
+            other => Err(format!("`{other}`: use http1 (default) or h2c")),
+        }
+    }
 }
 
 /// Upstream protocol.
@@ -330,6 +367,8 @@ pub struct SidecarSettings {
     pub inbound_tcp: Vec<TcpForward>,
     /// What reaches the app of request headers with `_` in their names.
     pub headers_with_underscores: UnderscoreHeaders,
+    /// HTTP/1.1 or h2c to the app.
+    pub app_protocol: AppProtocol,
     /// Shared outbound listener.
     pub outbound_listen: SocketAddr,
     /// Upstreams.
@@ -531,6 +570,7 @@ impl SidecarSettings {
             app: addr("inbound.app", f.inbound.app, defaults::APP)?,
             inbound_tcp: f.inbound.tcp,
             headers_with_underscores: f.inbound.headers_with_underscores.unwrap_or_default(),
+            app_protocol: f.inbound.app_protocol.unwrap_or_default(),
             outbound_listen: addr("outbound.listen", f.outbound.listen, defaults::OUTBOUND)?,
             upstreams,
             admin: addr("admin", f.admin, defaults::ADMIN)?,
@@ -588,6 +628,23 @@ outbound:
         let s = SidecarSettings::from_file(SidecarFile::parse(&with, Path::new("s.yaml")).unwrap())
             .unwrap();
         assert_eq!(s.policy, Some(PathBuf::from("/etc/trellis/policy")));
+    }
+
+    #[test]
+    fn app_protocol_defaults_to_http1_and_names_bad_values() {
+        let parse = |text: &str| {
+            SidecarFile::parse(text, Path::new("s.yaml")).and_then(SidecarSettings::from_file)
+        };
+        assert_eq!(parse(GOOD).unwrap().app_protocol, AppProtocol::Http1);
+        let h2c = format!("{GOOD}inbound:\n  app_protocol: h2c\n");
+        assert_eq!(parse(&h2c).unwrap().app_protocol, AppProtocol::H2c);
+        let bad = format!("{GOOD}inbound:\n  app_protocol: grpc\n");
+        let err = parse(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("s.yaml") && err.contains("line") && err.contains("`http1`, `h2c`")
+                || err.contains("`http1` or `h2c`"),
+            "{err}"
+        );
     }
 
     #[test]

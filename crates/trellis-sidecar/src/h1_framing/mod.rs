@@ -24,16 +24,16 @@
 //! preface (h2c: the bytes are frames, not heads), a head it cannot parse or whose framing
 //! hyper refuses (hyper answers `400`/`431` and closes the connection itself), a head over
 //! `max_header_bytes` (hyper answers `431`), a malformed chunk (hyper fails the body and
-//! closes). Upgrade and CONNECT do not stop it: their request bodies are framed like any
-//! other, and this sidecar never switches protocols (it strips `Upgrade` before forwarding,
-//! and hyper ends the connection after a `101` or a `2xx` to CONNECT, as it is never asked to
-//! hand the connection over), so the bytes that follow are always HTTP/1.1 or never read.
+//! closes). A `WebSocket` upgrade stops it explicitly: the service calls
+//! [`FramingReport::switch_protocols`] before its `101` goes out, and the bytes after it pass
+//! through untouched. Other `Upgrade`s are refused and CONNECT is answered `405`, so the
+//! bytes that follow those are always HTTP/1.1 or never read.
 
 use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -80,6 +80,8 @@ pub struct FramingReport {
     malformed_why: AtomicU8,
     /// HTTP/1.x requests the service has received.
     received: AtomicU64,
+    /// Set before a `101` goes out: the bytes that follow belong to the new protocol.
+    switched: AtomicBool,
 }
 
 impl AsRef<FramingReport> for FramingReport {
@@ -93,6 +95,17 @@ impl FramingReport {
     /// in order).
     pub fn next_request(&self) -> u64 {
         self.received.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Called before answering `101 Switching Protocols`: from then on the wrapper passes bytes
+    /// through untouched (a WebSocket client sends its first frame only after the `101`, so
+    /// no frame has been read as a head).
+    pub fn switch_protocols(&self) {
+        self.switched.store(true, Ordering::Release);
+    }
+
+    fn switched(&self) -> bool {
+        self.switched.load(Ordering::Acquire)
     }
 
     /// True when request `seq` has both Content-Length and Transfer-Encoding.
@@ -539,6 +552,9 @@ impl<T: AsyncRead + Unpin, R: AsRef<FramingReport>> AsyncRead for RequestFraming
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if (*this.report).as_ref().switched() {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
         if this.head_timed_out(cx) {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,

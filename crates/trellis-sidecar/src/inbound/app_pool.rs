@@ -2,9 +2,14 @@
 //! connections are reused newest-first; a connection goes back to the pool when the response
 //! body has been read to its end ([`PooledBody`]), with no task per request.
 
-use crate::body::{http1_builder, send_pooled, spawn_http1, Http1Idle, PooledBody, ReqBody};
+use super::app_h2::AppH2;
+use crate::body::{
+    http1_builder, send_pooled, spawn_http1, Http1Idle, PooledBody, ProxyBody, ReqBody,
+};
+use crate::config::AppProtocol;
 use crate::dial::{connect_tcp, TcpTarget};
 use crate::forward_error::{failed, ForwardError};
+use crate::upgrade::{send_upgrade, Switch};
 use http::{Request, Response};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -14,6 +19,8 @@ use std::time::Duration;
 
 /// Pooled HTTP/1.1 keep-alive connections to the local app.
 pub struct AppPool {
+    /// `inbound.app_protocol: h2c`: one prior-knowledge HTTP/2 connection instead.
+    h2: Option<AppH2>,
     addr: SocketAddr,
     target: Arc<str>,
     connect_timeout: Duration,
@@ -22,20 +29,35 @@ pub struct AppPool {
 }
 
 impl AppPool {
-    /// A pool for the app at `addr`.
-    pub fn new(addr: SocketAddr, connect_timeout: Duration) -> Self {
+    /// A pool for the app at `addr`, speaking `protocol`.
+    pub fn new(addr: SocketAddr, connect_timeout: Duration, protocol: AppProtocol) -> Self {
+        let target: Arc<str> = format!("app {addr}").into();
         Self {
+            h2: (protocol == AppProtocol::H2c)
+                .then(|| AppH2::new(addr, target.clone(), connect_timeout)),
             addr,
-            target: format!("app {addr}").into(),
+            target,
             connect_timeout,
             idle: Http1Idle::new(),
             builder: http1_builder(),
         }
     }
 
-    /// Sends `req` (origin-form URI, `Host` set) on an idle connection or a new one. A request
-    /// an idle connection hands back unsent (the app closed it meanwhile) is tried on the next.
-    pub async fn send(&self, req: Request<ReqBody>) -> Result<Response<PooledBody>, ForwardError> {
+    /// Sends `req` (origin-form URI, `Host` set) to the app: as a stream on the h2c
+    /// connection, or over HTTP/1.1 (see [`AppPool::send_http1`]).
+    pub async fn send(&self, req: Request<ReqBody>) -> Result<Response<ProxyBody>, ForwardError> {
+        match &self.h2 {
+            Some(h2) => Ok(h2.send(req).await?.map(ProxyBody::Stream)),
+            None => Ok(self.send_http1(req).await?.map(ProxyBody::Pooled)),
+        }
+    }
+
+    /// Sends `req` on an idle HTTP/1.1 connection or a new one. A request an idle connection
+    /// hands back unsent (the app closed it meanwhile) is tried on the next.
+    async fn send_http1(
+        &self,
+        req: Request<ReqBody>,
+    ) -> Result<Response<PooledBody>, ForwardError> {
         // The hot path (an idle connection) stays small; connecting is boxed so its much larger
         // state is not part of (and copied with) every request's future.
         let req = match self.idle.checkout() {
@@ -47,6 +69,26 @@ impl AppPool {
             None => req,
         };
         Box::pin(self.send_slow(req)).await
+    }
+
+    /// A WebSocket upgrade request on a fresh HTTP/1.1 connection to the app (never pooled: it
+    /// becomes the tunnel).
+    pub async fn upgrade(&self, req: Request<ReqBody>) -> Result<Switch, ForwardError> {
+        if self.h2.is_some() {
+            return Err(ForwardError::Failed {
+                target: self.target.clone(),
+                detail: "WebSocket needs HTTP/1.1 to the app; this app is set to \
+                         app_protocol: h2c"
+                    .into(),
+            });
+        }
+        let tcp = connect_tcp(TcpTarget::Addr(self.addr), self.connect_timeout)
+            .await
+            .map_err(|e| ForwardError::Unreachable {
+                target: self.target.clone(),
+                detail: e.to_string(),
+            })?;
+        send_upgrade(tcp, req, &self.target, None).await
     }
 
     async fn send_slow(
@@ -97,7 +139,6 @@ impl AppPool {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::body::ProxyBody;
     use bytes::Bytes;
     use hyper::body::Incoming;
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -127,7 +168,11 @@ mod tests {
             }
         });
         // The requests need an `Incoming` body: make them on a loopback hyper server.
-        let pool = Arc::new(AppPool::new(addr, Duration::from_secs(5)));
+        let pool = Arc::new(AppPool::new(
+            addr,
+            Duration::from_secs(5),
+            AppProtocol::Http1,
+        ));
         let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let front_addr = front.local_addr().unwrap();
         let p = pool.clone();
@@ -137,7 +182,7 @@ mod tests {
                 let p = p.clone();
                 async move {
                     let r = p.send(req.map(ReqBody::Hyper)).await.unwrap();
-                    Ok::<_, std::convert::Infallible>(r.map(ProxyBody::Pooled))
+                    Ok::<_, std::convert::Infallible>(r)
                 }
             });
             let _ = hyper::server::conn::http1::Builder::new()

@@ -9,6 +9,7 @@
 //!
 //! Also the raw TCP forwards (`inbound.tcp`): mTLS outside, plain TCP to the app.
 
+mod app_h2;
 mod app_pool;
 mod authorize;
 pub(crate) mod tcp;
@@ -21,6 +22,7 @@ use crate::body::{BoxError, H2Body, ProxyBody, ReqBody};
 use crate::config::{Limits, SidecarSettings};
 use crate::conn_state::ConnDrain;
 use crate::forward_error::ForwardError;
+use crate::grpc;
 use crate::h1_framing::{malformed_body_response, FramingReport, RequestFraming};
 use crate::headers::{
     check_host, sanitize_for_app, set_host_from_authority, strip_hop_by_hop, UnderscoreHeaders,
@@ -32,6 +34,9 @@ use crate::mtls::{self, SessionTicketer};
 use crate::policy::{ConnectionScope, PolicyEngine};
 use crate::responses::{text_response, uri_too_long};
 use crate::svid_store::SvidStore;
+use crate::upgrade::{
+    restore_upgrade, switching_protocols, tunnel, upgrade_ask, upgrade_refused, Switch, UpgradeAsk,
+};
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use http::header::{self, HeaderValue};
@@ -40,6 +45,7 @@ use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::http1;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::ProtocolVersion;
 use std::convert::Infallible;
@@ -70,6 +76,8 @@ pub struct ConnInfo {
     pub resumed: bool,
     /// True when the peer speaks HTTP/2 (ALPN `h2`).
     pub http2: bool,
+    /// The sidecar's drain, held by WebSocket tunnels opened on this connection.
+    pub drain: Drain,
 }
 
 struct Inbound {
@@ -180,7 +188,11 @@ impl InboundProxy {
                 store,
                 metrics,
                 policy,
-                app: AppPool::new(settings.app, settings.connect_timeout),
+                app: AppPool::new(
+                    settings.app,
+                    settings.connect_timeout,
+                    settings.app_protocol,
+                ),
                 app_label: settings.app.to_string().into_boxed_str(),
                 access_log: settings.access_log,
                 underscores: settings.headers_with_underscores,
@@ -306,6 +318,7 @@ impl Inbound {
             tls_version,
             resumed,
             http2,
+            drain: drain.clone(),
         });
         tracing::debug!(%peer_addr, peer_id = %info.peer_id, resumed, http2, "inbound connection");
         // This connection winds down gracefully (in-flight requests finish) on the sidecar's
@@ -347,7 +360,7 @@ impl Inbound {
                     self.header_read_timeout,
                     self.max_header_bytes,
                 ));
-                let conn = self.h1.serve_connection(io, service);
+                let conn = self.h1.serve_connection(io, service).with_upgrades();
                 serve_until_drained(conn, local_drain, &state.drain, &clock, self.idle_timeout)
                     .await
                     .map_err(BoxError::from)
@@ -436,6 +449,14 @@ impl Inbound {
         body: ReqBody,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
+        // Read before hop-by-hop removal takes `Upgrade` and `Connection` away.
+        let ask = upgrade_ask(&parts);
+        // gRPC callers read `grpc-status`, and bound the call with `grpc-timeout`.
+        let grpc = grpc::is_grpc(parts.version, &parts.headers);
+        let timeout = match grpc::timeout(&parts.headers) {
+            Some(deadline) if grpc => deadline.min(self.request_timeout),
+            _ => self.request_timeout,
+        };
         let framing_refused = h1.and_then(|(report, seq)| {
             let response = report.refusal(seq)?;
             let reason = if report.conflicting_lengths(seq) {
@@ -471,26 +492,44 @@ impl Inbound {
         let logged = self
             .access_log
             .then(|| (parts.method.clone(), parts.uri.path_and_query().cloned()));
+        let refusal = match (refusal, &ask) {
+            (None, UpgradeAsk::Other(protocol)) => {
+                self.metrics.request_refused(Direction::Inbound, "upgrade");
+                Some(Refusal {
+                    response: upgrade_refused(protocol),
+                    rule: None,
+                })
+            }
+            (refusal, _) => refusal,
+        };
         let (response, rule) = match refusal {
             Some(Refusal { response, rule }) => (response, rule),
             None => {
                 to_app_request(&mut parts, &conn.xfcc);
-                let sent = tokio::time::timeout(
-                    self.request_timeout,
-                    self.app.send(Request::from_parts(parts, body)),
-                )
-                .await;
-                let response = match sent {
-                    Ok(Ok(response)) => {
-                        let (mut head, body) = response.into_parts();
-                        strip_hop_by_hop(&mut head.headers);
-                        Response::from_parts(head, ProxyBody::Pooled(body))
+                let response = match ask {
+                    UpgradeAsk::WebSocket(upgrade) => {
+                        self.websocket(conn, h1, parts, body, upgrade, timeout)
+                            .await
                     }
-                    Ok(Err(e)) => error_response(&e),
-                    Err(_) => error_response(&ForwardError::Timeout {
-                        target: self.app.target().clone(),
-                        timeout: self.request_timeout,
-                    }),
+                    _ => {
+                        let sent = tokio::time::timeout(
+                            timeout,
+                            self.app.send(Request::from_parts(parts, body)),
+                        )
+                        .await;
+                        match sent {
+                            Ok(Ok(response)) => {
+                                let (mut head, body) = response.into_parts();
+                                strip_hop_by_hop(&mut head.headers);
+                                Response::from_parts(head, body)
+                            }
+                            Ok(Err(e)) => error_response(&e),
+                            Err(_) => error_response(&ForwardError::Timeout {
+                                target: self.app.target().clone(),
+                                timeout,
+                            }),
+                        }
+                    }
                 };
                 match h1.and_then(|(report, seq)| report.malformed_body(seq)) {
                     Some(why) => {
@@ -518,11 +557,59 @@ impl Inbound {
             }
             .emit();
         }
-        response
+        if grpc {
+            grpc::into_grpc(response)
+        } else {
+            response
+        }
     }
 }
 
 impl Inbound {
+    /// A WebSocket upgrade the policy allowed: on a fresh HTTP/1.1 connection to the app;
+    /// after the app's `101`, the caller's connection is spliced to it ([`crate::upgrade`]).
+    async fn websocket(
+        &self,
+        conn: &ConnInfo,
+        h1: Option<(&FramingReport, u64)>,
+        mut parts: Parts,
+        body: ReqBody,
+        upgrade: HeaderValue,
+        timeout: Duration,
+    ) -> Response<ProxyBody> {
+        let (Some(on_upgrade), Some((report, _))) = (parts.extensions.remove::<OnUpgrade>(), h1)
+        else {
+            return text_response(
+                StatusCode::BAD_REQUEST,
+                "this connection cannot be upgraded",
+            );
+        };
+        restore_upgrade(&mut parts.headers, upgrade);
+        let req = Request::from_parts(parts, body);
+        match tokio::time::timeout(timeout, self.app.upgrade(req)).await {
+            Ok(Ok(Switch::Switched(head, app))) => {
+                report.switch_protocols();
+                tokio::spawn(tunnel(
+                    on_upgrade,
+                    app,
+                    conn.drain.clone(),
+                    self.idle_timeout,
+                    "inbound",
+                ));
+                switching_protocols(head)
+            }
+            Ok(Ok(Switch::Answered(mut response))) => {
+                strip_hop_by_hop(response.headers_mut());
+                response
+            }
+            Ok(Err(e)) => error_response(&e),
+            Err(_) => error_response(&ForwardError::Timeout {
+                target: self.app.target().clone(),
+                timeout,
+            }),
+        }
+    }
+
     /// Applies the header rules ([`crate::headers`]) to a caller's request: `400` for a
     /// duplicate, invalid or disagreeing `Host`, or (under `reject`) a header name with `_`;
     /// otherwise every spelling of a header the sidecar owns, and (under `drop`) other names
@@ -596,7 +683,9 @@ async fn handle_http1(
         )
         .await;
     *response.version_mut() = version;
-    state.on_response(version, response.headers_mut());
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        state.on_response(version, response.headers_mut());
+    }
     Ok(response)
 }
 

@@ -219,8 +219,10 @@ pub const BAD_PATH_REASONS: [&str; 9] = [
 ];
 
 /// Every `reason` of `trellis_requests_refused_total`: requests answered `400` (or `414`) by
-/// the sidecar for their framing or headers before any policy decision, and `other`.
-pub const REFUSAL_REASONS: [&str; 8] = [
+/// the sidecar for their framing or headers before any policy decision, `connect` (`405`:
+/// CONNECT on the outbound port), `upgrade` (`501`: an `Upgrade` other than websocket), and
+/// `other`.
+pub const REFUSAL_REASONS: [&str; 10] = [
     "conflicting_lengths",
     "malformed_body",
     "uri_too_long",
@@ -228,6 +230,8 @@ pub const REFUSAL_REASONS: [&str; 8] = [
     "invalid_host",
     "host_authority_mismatch",
     "underscore_header",
+    "connect",
+    "upgrade",
     "other",
 ];
 

@@ -23,16 +23,21 @@ use crate::config::{Protocol, SidecarSettings};
 use crate::conn_state::ConnDrain;
 use crate::dial::{PeerTarget, TlsClient};
 use crate::forward_error::ForwardError;
+use crate::grpc;
 use crate::h1_framing::{malformed_body_response, RequestFraming};
 use crate::headers::{check_host, host_without_port, strip_hop_by_hop};
 use crate::metrics::{Direction, Listener, SidecarMetrics};
 use crate::responses::{text_response, uri_too_long};
 use crate::svid_store::SvidStore;
+use crate::upgrade::{
+    restore_upgrade, switching_protocols, tunnel, upgrade_ask, upgrade_refused, Switch, UpgradeAsk,
+};
 use crate::{listen, mtls};
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, Scheme};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::collections::HashMap;
@@ -312,7 +317,7 @@ async fn serve_http(
                 let tcp = conn.into_tcp();
                 let state = Arc::new(ConnDrain::default());
                 let service = {
-                    let (shared, state) = (shared.clone(), state.clone());
+                    let (shared, state, drain) = (shared.clone(), state.clone(), drain.clone());
                     hyper::service::service_fn(move |req: Request<Incoming>| {
                         // HTTP/1.x requests are numbered for the framing guard's report; h2c
                         // streams are not (the guard stops at the HTTP/2 preface).
@@ -321,7 +326,14 @@ async fn serve_http(
                         } else {
                             state.framing.next_request()
                         };
-                        handle(shared.clone(), state.clone(), route, seq, req)
+                        handle(
+                            shared.clone(),
+                            state.clone(),
+                            route,
+                            seq,
+                            req,
+                            drain.clone(),
+                        )
                     })
                 };
                 let clock = IdleClock::new();
@@ -331,7 +343,7 @@ async fn serve_http(
                     shared.header_read_timeout,
                     shared.max_header_bytes,
                 ));
-                let conn = shared.server.serve_connection(io, service);
+                let conn = shared.server.serve_connection_with_upgrades(io, service);
                 if let Err(e) =
                     serve_until_drained(conn, drain, &state.drain, &clock, shared.idle_timeout)
                         .await
@@ -354,9 +366,11 @@ async fn handle(
     route: Route,
     seq: u64,
     req: Request<Incoming>,
+    drain: Drain,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let version = req.version();
+    let grpc = grpc::is_grpc(version, req.headers());
     // The one cost of the access log when it is off is this branch.
     let logged = shared
         .access_log
@@ -372,7 +386,7 @@ async fn handle(
             (refused, None)
         }
         None => {
-            let (response, upstream) = shared.forward(route, req).await;
+            let (response, upstream) = shared.forward(route, req, &conn, drain).await;
             match conn.framing.malformed_body(seq) {
                 Some(why) => {
                     shared
@@ -385,7 +399,9 @@ async fn handle(
         }
     };
     *response.version_mut() = version;
-    conn.on_response(version, response.headers_mut());
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        conn.on_response(version, response.headers_mut());
+    }
     let took = started.elapsed();
     shared
         .metrics
@@ -405,6 +421,9 @@ async fn handle(
             rule: None,
         }
         .emit();
+    }
+    if grpc {
+        response = grpc::into_grpc(response);
     }
     Ok(response)
 }
@@ -438,8 +457,14 @@ impl Outbound {
         &self,
         route: Route,
         req: Request<Incoming>,
+        conn: &ConnDrain,
+        drain: Drain,
     ) -> (Response<ProxyBody>, Option<usize>) {
         let (parts, body) = req.into_parts();
+        if parts.method == Method::CONNECT {
+            self.metrics.request_refused(Direction::Outbound, "connect");
+            return (connect_refused(), None);
+        }
         if let Some(response) = uri_too_long(&parts.uri, parts.version, self.max_uri_bytes) {
             self.metrics
                 .request_refused(Direction::Outbound, "uri_too_long");
@@ -481,45 +506,68 @@ impl Outbound {
         let Some(upstream) = self.upstreams.get(index) else {
             return (self.not_found(None), None);
         };
-        (self.forward_to(upstream, parts, body).await, Some(index))
+        let websocket = match upgrade_ask(&parts) {
+            UpgradeAsk::None => None,
+            UpgradeAsk::WebSocket(upgrade) => Some(upgrade),
+            UpgradeAsk::Other(protocol) => {
+                self.metrics.request_refused(Direction::Outbound, "upgrade");
+                return (upgrade_refused(&protocol), Some(index));
+            }
+        };
+        let response = match websocket {
+            Some(upgrade) => {
+                self.websocket_to(upstream, parts, body, upgrade, conn, drain)
+                    .await
+            }
+            None => self.forward_to(upstream, parts, body).await,
+        };
+        (response, Some(index))
     }
 
-    async fn forward_to(
+    /// A WebSocket upgrade: on its own mTLS connection to the peer; after the peer's `101`,
+    /// this connection's bytes are spliced to it ([`crate::upgrade`]).
+    async fn websocket_to(
         &self,
         upstream: &HttpUpstream,
         mut parts: http::request::Parts,
         body: Incoming,
+        upgrade: HeaderValue,
+        conn: &ConnDrain,
+        drain: Drain,
     ) -> Response<ProxyBody> {
-        let uri = std::mem::take(&mut parts.uri).into_parts();
-        let authority = upstream.authority(uri.authority, parts.headers.get(header::HOST));
-        // The authority is the request's one host from here on: `:authority` on HTTP/2 to the
-        // peer, and the `Host` the HTTP/1.1 fallback writes from it.
-        parts.headers.remove(header::HOST);
-        let mut target = http::uri::Parts::default();
-        target.scheme = Some(Scheme::HTTP);
-        target.authority = Some(authority);
-        target.path_and_query = Some(
-            uri.path_and_query
-                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-        );
-        parts.uri = match Uri::from_parts(target) {
-            Ok(uri) => uri,
-            Err(e) => {
-                return text_response(
-                    StatusCode::BAD_REQUEST,
-                    &format!("cannot forward this request target: {e}"),
-                )
-            }
+        let Some(on_upgrade) = parts.extensions.remove::<OnUpgrade>() else {
+            return text_response(
+                StatusCode::BAD_REQUEST,
+                "this connection cannot be upgraded",
+            );
         };
+        if let Err(e) = to_peer_target(upstream, &mut parts) {
+            return text_response(
+                StatusCode::BAD_REQUEST,
+                &format!("cannot forward this request target: {e}"),
+            );
+        }
         strip_hop_by_hop(&mut parts.headers);
+        restore_upgrade(&mut parts.headers, upgrade);
         let req = Request::from_parts(parts, body);
-        match tokio::time::timeout(self.request_timeout, upstream.pool.send(req)).await {
-            Ok(Ok(mut response)) => {
+        match tokio::time::timeout(self.request_timeout, upstream.pool.upgrade(req)).await {
+            Ok(Ok(Switch::Switched(head, peer))) => {
+                conn.framing.switch_protocols();
+                tokio::spawn(tunnel(
+                    on_upgrade,
+                    peer,
+                    drain,
+                    self.idle_timeout,
+                    "outbound",
+                ));
+                switching_protocols(head)
+            }
+            Ok(Ok(Switch::Answered(mut response))) => {
                 strip_hop_by_hop(response.headers_mut());
                 response
             }
             Ok(Err(e)) => {
-                tracing::debug!(error = %e, "outbound request failed");
+                tracing::debug!(error = %e, "WebSocket upgrade failed");
                 text_response(e.status(), &e.to_string())
             }
             Err(_) => {
@@ -531,4 +579,85 @@ impl Outbound {
             }
         }
     }
+
+    async fn forward_to(
+        &self,
+        upstream: &HttpUpstream,
+        mut parts: http::request::Parts,
+        body: Incoming,
+    ) -> Response<ProxyBody> {
+        if let Err(e) = to_peer_target(upstream, &mut parts) {
+            return text_response(
+                StatusCode::BAD_REQUEST,
+                &format!("cannot forward this request target: {e}"),
+            );
+        }
+        // A gRPC call's own deadline, when shorter, bounds the wait; when it passes, the
+        // request is dropped, which resets the stream to the peer and, from there, to its app.
+        let timeout = match grpc::timeout(&parts.headers) {
+            Some(deadline) if grpc::is_grpc(parts.version, &parts.headers) => {
+                deadline.min(self.request_timeout)
+            }
+            _ => self.request_timeout,
+        };
+        strip_hop_by_hop(&mut parts.headers);
+        let req = Request::from_parts(parts, body);
+        match tokio::time::timeout(timeout, upstream.pool.send(req)).await {
+            Ok(Ok(mut response)) => {
+                strip_hop_by_hop(response.headers_mut());
+                response
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "outbound request failed");
+                text_response(e.status(), &e.to_string())
+            }
+            Err(_) => {
+                let e = ForwardError::Timeout {
+                    target: upstream.pool.target().clone(),
+                    timeout,
+                };
+                text_response(e.status(), &e.to_string())
+            }
+        }
+    }
+}
+
+/// `405` for `CONNECT`: the sidecar carries plain `http://` requests and does the TLS itself,
+/// so a tunnel (what `HTTPS_PROXY` clients ask for) would wrap the app's TLS inside mTLS and
+/// hide every request from the policy.
+fn connect_refused() -> Response<ProxyBody> {
+    let mut response = text_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "CONNECT is not supported: send plain http:// requests through this sidecar \
+         (HTTP_PROXY, absolute-form or Host), not https:// through HTTPS_PROXY; the sidecar \
+         adds mTLS itself",
+    );
+    response.headers_mut().insert(
+        header::ALLOW,
+        HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+    );
+    response
+}
+
+/// Points the request at the peer: `http://<authority><path>`, the authority being the app's
+/// own (absolute-form or h2c) or its `Host`; `Host` itself is dropped (`:authority` on
+/// HTTP/2, and the HTTP/1.1 path writes it back from the authority).
+fn to_peer_target(
+    upstream: &HttpUpstream,
+    parts: &mut http::request::Parts,
+) -> Result<(), http::uri::InvalidUriParts> {
+    let uri = std::mem::take(&mut parts.uri).into_parts();
+    let authority = upstream.authority(uri.authority, parts.headers.get(header::HOST));
+    // The authority is the request's one host from here on: `:authority` on HTTP/2 to the
+    // peer, and the `Host` the HTTP/1.1 fallback writes from it.
+    parts.headers.remove(header::HOST);
+    let mut target = http::uri::Parts::default();
+    target.scheme = Some(Scheme::HTTP);
+    target.authority = Some(authority);
+    target.path_and_query = Some(
+        uri.path_and_query
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    parts.uri = Uri::from_parts(target)?;
+    Ok(())
 }

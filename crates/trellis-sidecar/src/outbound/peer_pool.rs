@@ -10,6 +10,7 @@ use crate::dial::{PeerIo, PeerTarget, TlsClient};
 use crate::forward_error::{failed, ForwardError};
 use crate::metrics::Direction;
 use crate::mtls::{H2_CONNECTION_WINDOW, H2_MAX_SEND_BUF, H2_STREAM_WINDOW};
+use crate::upgrade::{send_upgrade, Switch};
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -231,6 +232,24 @@ impl PeerPool {
                 Ok(Opened::Http1(sender))
             }
         }
+    }
+
+    /// A WebSocket upgrade request on a dedicated mTLS HTTP/1.1 connection to the peer (see
+    /// [`crate::upgrade`] for why not a stream of the pooled HTTP/2 connection).
+    pub async fn upgrade(&self, req: Request<Incoming>) -> Result<Switch, ForwardError> {
+        let mut req = req.map(ReqBody::Hyper);
+        to_origin_form(&mut req);
+        let io = match self.peer.connect_http(&self.tls_http1).await? {
+            PeerIo::Http1(io) => io,
+            PeerIo::H2(_) => {
+                return Err(failed(
+                    self.target(),
+                    "peer chose h2, which was not offered",
+                ))
+            }
+        };
+        let guard = self.peer.metrics().connection(Direction::Outbound);
+        send_upgrade(io, req, self.target(), Some(guard)).await
     }
 
     async fn send_http1(

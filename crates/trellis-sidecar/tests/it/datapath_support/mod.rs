@@ -89,6 +89,7 @@ pub fn settings(app: SocketAddr, upstreams: Vec<Upstream>) -> SidecarSettings {
         app,
         inbound_tcp: Vec::new(),
         headers_with_underscores: Default::default(),
+        app_protocol: Default::default(),
         outbound_listen: any_port(),
         upstreams,
         admin: any_port(),

@@ -1,0 +1,449 @@
+//! Every protocol a workload speaks (issue #15), with clients nobody here wrote: Python
+//! `grpcio` (server and client, raw-bytes generic handlers) through two sidecars with
+//! `--app-protocol h2c` on the server side; `curl -x` and Python `urllib` with `HTTP_PROXY`
+//! through the outbound port; `CONNECT` refused with a reason.
+//!
+//! ```text
+//!  grpcio client ──h2c──▶ sidecar A ══ mTLS, HTTP/2 ══▶ sidecar B (--app-protocol h2c, policy) ──h2c──▶ grpcio server
+//! ```
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{ensure, Context as _};
+use serde_json::Value;
+use trellis_tests::echo::EchoApp;
+use trellis_tests::mesh::{A_ID, B_ID};
+use trellis_tests::sidecar::{Sidecar, SidecarOpts};
+use trellis_tests::{
+    e2e, in_ci, run_with_timeout, tool_or_skip, workspace_root, Child, ControlPlane,
+    ControlPlaneOpts, STARTUP_TIMEOUT,
+};
+
+/// The repo's virtualenv Python (tests/run.sh installs `grpcio` and `websockets` there), if
+/// it can import `module`; outside CI a missing one skips the test.
+pub(crate) fn venv_python_with(test: &str, module: &str) -> Option<PathBuf> {
+    let python = workspace_root().join(".venv/bin/python");
+    let ok = Command::new(&python)
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        return Some(python);
+    }
+    assert!(
+        !in_ci(),
+        "{test}: {} cannot import {module}; tests/run.sh installs it",
+        python.display()
+    );
+    eprintln!("SKIP {test}: .venv has no {module} (run `bash tests/run.sh`, which installs it)");
+    None
+}
+
+fn fixture(name: &str) -> PathBuf {
+    workspace_root().join("tests/fixtures").join(name)
+}
+
+/// Starts `python fixture server` and returns it with the address it printed.
+pub(crate) fn start_python_server(
+    python: &PathBuf,
+    script: &str,
+    name: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<(Child, SocketAddr)> {
+    let mut cmd = Command::new(python);
+    cmd.arg(fixture(script)).arg("server");
+    let mut child = Child::spawn(name, cmd, dir)?;
+    let line = child.stdout_line(STARTUP_TIMEOUT)?;
+    let addr = line
+        .strip_prefix("listening ")
+        .with_context(|| format!("{name} said {line:?}"))?
+        .parse()?;
+    Ok((child, addr))
+}
+
+/// Sidecar B's policy: everything allowed but `test.Echo/Admin`.
+const GRPC_POLICY: &str = "apiVersion: trellis.io/v1
+kind: Policy
+defaultAction: allow
+rules:
+  - name: no-grpc-admin
+    action: deny
+    from: [\"*\"]
+    to:
+      - paths: [/test.Echo/Admin]
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grpcio_calls_cross_the_mesh_with_grpc_errors() -> anyhow::Result<()> {
+    e2e(async {
+        let test = "grpcio_calls_cross_the_mesh_with_grpc_errors";
+        let Some(python) = venv_python_with(test, "grpc") else {
+            return Ok(());
+        };
+        let cp = ControlPlane::start(ControlPlaneOpts::default())?;
+        let (_server, grpc_addr) =
+            start_python_server(&python, "grpc_peer.py", "grpc-app", cp.dir.path())?;
+        let policy = cp.dir.path().join("policy-b.yaml");
+        std::fs::write(&policy, GRPC_POLICY)?;
+        let policy = policy.to_string_lossy().into_owned();
+        let b = Sidecar::start(
+            &cp,
+            SidecarOpts::new("sidecar-b", B_ID, grpc_addr).args(&[
+                "--app-protocol",
+                "h2c",
+                "--policy",
+                &policy,
+            ]),
+        )
+        .await?;
+        let app_a = EchoApp::start("app-a").await?;
+        let a = Sidecar::start(
+            &cp,
+            SidecarOpts::new("sidecar-a", A_ID, app_a.addr).upstream("b", b.addrs.inbound, B_ID),
+        )
+        .await?;
+
+        let mut cmd = Command::new(&python);
+        cmd.arg(fixture("grpc_peer.py"))
+            .arg("client")
+            .arg(a.outbound().to_string())
+            .arg("b");
+        let out = run_with_timeout(cmd, Duration::from_secs(120))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success(),
+            "grpc client failed: {}\n{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cases: HashMap<String, Value> = stdout
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).with_context(|| format!("line {l:?}"))?;
+                Ok((v["case"].as_str().unwrap_or_default().to_owned(), v))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let case = |name: &str| {
+            cases
+                .get(name)
+                .with_context(|| format!("no {name}: {stdout}"))
+        };
+
+        let unary = case("unary")?;
+        let reply = unary["reply"].as_str().unwrap_or_default();
+        ensure!(
+            unary["ok"] == true
+                && reply.starts_with(&format!("hello|xfcc=By={B_ID};Hash="))
+                && reply.ends_with(&format!(";URI={A_ID}")),
+            "unary: {unary}"
+        );
+        ensure!(
+            case("server_stream")?["replies"] == serde_json::json!(["0:x", "1:x", "2:x"]),
+            "server streaming: {}",
+            case("server_stream")?
+        );
+        ensure!(
+            case("client_stream")?["reply"] == "count=5;bytes=15",
+            "client streaming: {}",
+            case("client_stream")?
+        );
+        ensure!(
+            case("bidi")?["replies"] == serde_json::json!(["m0", "m1", "m2", "m3"]),
+            "bidi: {}",
+            case("bidi")?
+        );
+        ensure!(case("big")?["same"] == true, "5 MiB: {}", case("big")?);
+        let denied = case("denied")?;
+        ensure!(
+            denied["ok"] == false
+                && denied["code"] == "PERMISSION_DENIED"
+                && denied["details"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("no-grpc-admin")),
+            "denied: want PERMISSION_DENIED naming no-grpc-admin, got {denied}"
+        );
+        let deadline = case("deadline")?;
+        ensure!(
+            deadline["code"] == "DEADLINE_EXCEEDED",
+            "deadline: {deadline}"
+        );
+        let stats = &case("stats")?["stats"];
+        ensure!(
+            stats["calls"].get("Admin").is_none(),
+            "a denied call reached the app: {stats}"
+        );
+        ensure!(
+            stats["cancelled"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|m| m == "Slow")),
+            "the app never saw the expired call cancelled: {stats}"
+        );
+        Ok(())
+    })
+    .await
+}
+
+/// An HTTP/1.1-only app: Python's stdlib `http.server`.
+const HTTP1_APP: &str = r#"
+from http.server import HTTPServer, BaseHTTPRequestHandler
+
+class Hello(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"http/1.1 only")
+
+    def log_message(self, *args):
+        pass
+
+server = HTTPServer(("127.0.0.1", 0), Hello)
+print(f"listening 127.0.0.1:{server.server_address[1]}", flush=True)
+server.serve_forever()
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn h2c_app_that_speaks_http1_gets_a_one_line_reason() -> anyhow::Result<()> {
+    e2e(async {
+        let Some(python) =
+            venv_python_with("h2c_app_that_speaks_http1_gets_a_one_line_reason", "grpc")
+        else {
+            return Ok(());
+        };
+        let cp = ControlPlane::start(ControlPlaneOpts::default())?;
+        // An HTTP/1.1-only app (Python's http.server) behind `--app-protocol h2c`.
+        let script = cp.dir.path().join("http1_app.py");
+        std::fs::write(&script, HTTP1_APP)?;
+        let mut cmd = Command::new(&python);
+        cmd.arg(&script);
+        let mut app = Child::spawn("http1-app", cmd, cp.dir.path())?;
+        let line = app.stdout_line(STARTUP_TIMEOUT)?;
+        let app_addr: SocketAddr = line
+            .strip_prefix("listening ")
+            .with_context(|| format!("http1 app said {line:?}"))?
+            .parse()?;
+        let b = Sidecar::start(
+            &cp,
+            SidecarOpts::new("sidecar-b", B_ID, app_addr).args(&["--app-protocol", "h2c"]),
+        )
+        .await?;
+        let app_a = EchoApp::start("app-a").await?;
+        let a = Sidecar::start(
+            &cp,
+            SidecarOpts::new("sidecar-a", A_ID, app_a.addr).upstream("b", b.addrs.inbound, B_ID),
+        )
+        .await?;
+        let reply = trellis_tests::app_client::get_once(
+            a.outbound(),
+            trellis_tests::app_client::Proto::H1,
+            "b",
+            "/x",
+            &[],
+        )
+        .await?;
+        ensure!(
+            reply.status == http::StatusCode::BAD_GATEWAY
+                && reply
+                    .text()
+                    .contains("app did not answer HTTP/2; check app_protocol"),
+            "{}",
+            reply.summary()
+        );
+        // The same for a gRPC caller: UNAVAILABLE with the reason.
+        let mut cmd = Command::new(&python);
+        cmd.args([
+            "-c",
+            "import grpc,sys\n\
+             ch=grpc.insecure_channel(sys.argv[1],options=[('grpc.default_authority','b')])\n\
+             try:\n  ch.unary_unary('/test.Echo/Unary')(b'x',timeout=10)\n\
+             except grpc.RpcError as e: print(e.code().name, e.details())\n",
+            &a.outbound().to_string(),
+        ]);
+        let out = run_with_timeout(cmd, Duration::from_secs(60))?;
+        let said = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            said.starts_with("UNAVAILABLE") && said.contains("check app_protocol"),
+            "grpc client got {said:?} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http_proxy_clients_route_by_authority_and_connect_is_refused() -> anyhow::Result<()> {
+    e2e(async {
+        let test = "http_proxy_clients_route_by_authority_and_connect_is_refused";
+        let Some(curl) = tool_or_skip(test, "curl") else {
+            return Ok(());
+        };
+        let Some(python) = tool_or_skip(test, "python3") else {
+            return Ok(());
+        };
+        let cp = ControlPlane::start(ControlPlaneOpts::default())?;
+        let app_b = EchoApp::start("app-b").await?;
+        let b = Sidecar::start(&cp, SidecarOpts::new("sidecar-b", B_ID, app_b.addr)).await?;
+        let app_a = EchoApp::start("app-a").await?;
+        let a = Sidecar::start(
+            &cp,
+            SidecarOpts::new("sidecar-a", A_ID, app_a.addr).upstream("b", b.addrs.inbound, B_ID),
+        )
+        .await?;
+        let proxy = format!("http://{}", a.outbound());
+
+        // curl -x: absolute-form request line, routed by the URI's authority.
+        let mut cmd = Command::new(&curl);
+        cmd.args(["-sS", "-x", &proxy, "http://b:8080/via-curl"]);
+        let out = run_with_timeout(cmd, Duration::from_secs(30))?;
+        let body = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success() && body.contains("\"app\":\"app-b\"") && body.contains("/via-curl"),
+            "curl -x: {body} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        // Python's urllib honours HTTP_PROXY from the environment.
+        let mut cmd = Command::new(&python);
+        cmd.env("HTTP_PROXY", &proxy).env("http_proxy", &proxy);
+        cmd.env_remove("NO_PROXY").env_remove("no_proxy");
+        cmd.args([
+            "-c",
+            "import urllib.request;print(urllib.request.urlopen('http://b/via-urllib',timeout=20).read().decode())",
+        ]);
+        let out = run_with_timeout(cmd, Duration::from_secs(30))?;
+        let body = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success() && body.contains("\"app\":\"app-b\"") && body.contains("/via-urllib"),
+            "urllib with HTTP_PROXY: {body} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        // HTTPS_PROXY-style tunnels are refused with what to do instead.
+        let mut cmd = Command::new(&curl);
+        cmd.args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_connect}",
+            "-p",
+            "-x",
+            &proxy,
+            "http://b:8080/tunnel",
+        ]);
+        let out = run_with_timeout(cmd, Duration::from_secs(30))?;
+        let said = String::from_utf8_lossy(&out.stdout);
+        ensure!(said.trim() == "405", "CONNECT through the outbound port answered {said:?}");
+        let tcp = tokio::net::TcpStream::connect(a.outbound()).await?;
+        let raw = trellis_tests::raw::exchange(
+            tcp,
+            b"CONNECT b:443 HTTP/1.1\r\nHost: b:443\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(10),
+        )
+        .await;
+        ensure!(
+            raw.status() == Some(405) && raw.text.contains("not https:// through HTTPS_PROXY"),
+            "CONNECT answer: {}",
+            raw.text
+        );
+        let metrics = a.metrics().await?;
+        ensure!(
+            metrics.get("trellis_requests_refused_total", &[("reason", "connect")])? >= 2.0,
+            "CONNECT refusals not counted"
+        );
+        Ok(())
+    })
+    .await
+}
+
+/// Sidecar B's policy for the WebSocket test: everything but `/denied`.
+const WS_POLICY: &str = "apiVersion: trellis.io/v1
+kind: Policy
+defaultAction: allow
+rules:
+  - name: no-denied-socket
+    action: deny
+    from: [\"*\"]
+    to:
+      - paths: [/denied]
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn websockets_cross_the_mesh_and_follow_the_policy() -> anyhow::Result<()> {
+    e2e(async {
+        let test = "websockets_cross_the_mesh_and_follow_the_policy";
+        let Some(python) = venv_python_with(test, "websockets") else {
+            return Ok(());
+        };
+        let cp = ControlPlane::start(ControlPlaneOpts::default())?;
+        let (_server, ws_addr) =
+            start_python_server(&python, "ws_peer.py", "ws-app", cp.dir.path())?;
+        let policy = cp.dir.path().join("policy-b.yaml");
+        std::fs::write(&policy, WS_POLICY)?;
+        let policy = policy.to_string_lossy().into_owned();
+        let b = Sidecar::start(
+            &cp,
+            SidecarOpts::new("sidecar-b", B_ID, ws_addr).args(&["--policy", &policy]),
+        )
+        .await?;
+        let app_a = EchoApp::start("app-a").await?;
+        let a = Sidecar::start(
+            &cp,
+            SidecarOpts::new("sidecar-a", A_ID, app_a.addr).upstream("b", b.addrs.inbound, B_ID),
+        )
+        .await?;
+        let mut cmd = Command::new(&python);
+        cmd.arg(fixture("ws_peer.py"))
+            .arg("client")
+            .arg(a.outbound().to_string())
+            .arg("b");
+        let out = run_with_timeout(cmd, Duration::from_secs(60))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success(),
+            "websocket client failed: {}\n{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cases: HashMap<String, Value> = stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .map(|v| (v["case"].as_str().unwrap_or_default().to_owned(), v))
+            .collect();
+        let echo = cases.get("echo").with_context(|| format!("no echo case: {stdout}"))?;
+        let first = echo["first"].as_str().unwrap_or_default();
+        ensure!(
+            first.starts_with(&format!("xfcc=By={B_ID};Hash=")) && first.ends_with(&format!(";URI={A_ID}")),
+            "the app's upgrade request did not carry sidecar B's XFCC: {echo}"
+        );
+        ensure!(
+            echo["echoed"] == serde_json::json!([true, true, true]) && echo["close_code"] == 1000,
+            "echo: {echo}"
+        );
+        let denied = cases.get("denied").with_context(|| format!("no denied case: {stdout}"))?;
+        ensure!(
+            denied["status"] == 403
+                && denied["body"]
+                    .as_str()
+                    .is_some_and(|b| b.contains("no-denied-socket")),
+            "denied upgrade: {denied}"
+        );
+        // Other Upgrade tokens are refused, not stripped into a plain answer.
+        let tcp = tokio::net::TcpStream::connect(a.outbound()).await?;
+        let raw = trellis_tests::raw::exchange(
+            tcp,
+            b"GET /x HTTP/1.1\r\nHost: b\r\nConnection: upgrade\r\nUpgrade: TLS/1.2\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(10),
+        )
+        .await;
+        ensure!(
+            raw.status() == Some(501) && raw.text.contains("only websocket"),
+            "Upgrade: TLS/1.2 answered {}",
+            raw.text
+        );
+        Ok(())
+    })
+    .await
+}
