@@ -77,7 +77,8 @@ pub struct KeyExchangeConflict {
 /// X25519MLKEM768 (draft-ietf-tls-ecdhe-mlkem) is hybrid: the session key stays secret unless
 /// *both* X25519 and ML-KEM-768 are broken, so recorded traffic cannot be decrypted later by a
 /// quantum computer ("harvest now, decrypt later"), and it is no weaker than X25519 today.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum KeyExchange {
     /// X25519MLKEM768 first; X25519 and P-256 for peers without it (default).
     #[default]
@@ -913,6 +914,112 @@ mod tests {
                 "{versions:?}: {err:?}"
             );
         }
+    }
+
+    /// A server and a client config of the same SVIDs, each side on the groups of its `kx`;
+    /// the group both sides negotiated, or the server's error.
+    fn negotiate(server_kx: KeyExchange, client_kx: KeyExchange) -> Result<String, rustls::Error> {
+        let ca = TestCa::root("example.org");
+        let bundle = ca.shared_bundle();
+        let (web, api) = (SvidResolver::empty(), SvidResolver::empty());
+        web.install(&ca.svid("/web")).unwrap();
+        api.install(&ca.svid("/api")).unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(provider_for(server_kx)))
+            .with_protocol_versions(TlsPolicy::Tls13.versions())
+            .unwrap()
+            .with_client_cert_verifier(SpiffeClientVerifier::new(bundle.clone(), false))
+            .with_cert_resolver(web);
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(provider_for(client_kx)))
+            .with_protocol_versions(TlsPolicy::Tls13.versions())
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(SpiffeServerVerifier::new(
+                bundle,
+                PeerMatch::AnyInTrustDomain,
+            ))
+            .with_client_cert_resolver(api);
+        let name = ServerName::try_from("web.example.org").unwrap();
+        let mut client = rustls::ClientConnection::new(Arc::new(client), name).unwrap();
+        let mut server = rustls::ServerConnection::new(Arc::new(server)).unwrap();
+        for _ in 0..32 {
+            let mut buf = Vec::new();
+            while client.wants_write() {
+                client.write_tls(&mut buf).unwrap();
+            }
+            server.read_tls(&mut &buf[..]).unwrap();
+            server.process_new_packets()?;
+            let mut buf = Vec::new();
+            while server.wants_write() {
+                server.write_tls(&mut buf).unwrap();
+            }
+            client.read_tls(&mut &buf[..]).unwrap();
+            client.process_new_packets()?;
+            if !client.is_handshaking() && !server.is_handshaking() {
+                let (c, s) = (negotiated_group(&client), negotiated_group(&server));
+                assert_eq!(c, s);
+                return Ok(s.to_owned());
+            }
+        }
+        panic!("the handshake did not finish in 32 rounds");
+    }
+
+    #[test]
+    fn pq_preferred_ends_negotiate_x25519mlkem768() {
+        use KeyExchange::*;
+        assert_eq!(
+            negotiate(PqPreferred, PqPreferred).unwrap(),
+            "X25519MLKEM768"
+        );
+        assert_eq!(negotiate(PqOnly, PqPreferred).unwrap(), "X25519MLKEM768");
+        assert_eq!(negotiate(PqPreferred, PqOnly).unwrap(), "X25519MLKEM768");
+    }
+
+    #[test]
+    fn classical_peers_fall_back_to_x25519() {
+        use KeyExchange::*;
+        assert_eq!(negotiate(PqPreferred, Classical).unwrap(), "X25519");
+        assert_eq!(negotiate(Classical, PqPreferred).unwrap(), "X25519");
+    }
+
+    #[test]
+    fn pq_only_refuses_a_classical_client_with_a_counted_reason() {
+        let err = negotiate(KeyExchange::PqOnly, KeyExchange::Classical).unwrap_err();
+        assert_eq!(
+            err,
+            rustls::Error::PeerIncompatible(PeerIncompatible::NoKxGroupsInCommon)
+        );
+        assert_eq!(handshake_failure_reason(&err), "no_shared_group");
+    }
+
+    #[test]
+    fn default_provider_prefers_the_hybrid_then_x25519_then_p256() {
+        let names: Vec<_> = provider_for(KeyExchange::default())
+            .kx_groups
+            .iter()
+            .map(|g| group_label(Some(g.name())))
+            .collect();
+        assert_eq!(names, ["X25519MLKEM768", "X25519", "P-256"]);
+        assert!(provider_for(KeyExchange::PqOnly)
+            .kx_groups
+            .iter()
+            .all(|g| g.name() == NamedGroup::X25519MLKEM768));
+        assert!(provider_for(KeyExchange::Classical)
+            .kx_groups
+            .iter()
+            .all(|g| !group_label(Some(g.name())).contains("MLKEM")));
+    }
+
+    #[test]
+    fn key_exchange_spellings_round_trip_and_errors_list_them() {
+        for kx in KeyExchange::ALL {
+            assert_eq!(kx.as_str().parse::<KeyExchange>().unwrap(), kx);
+            assert!(KeyExchange::ALLOWED.contains(kx.as_str()));
+        }
+        let err = "pq_only".parse::<KeyExchange>().unwrap_err().to_string();
+        assert!(
+            err.contains("pq_only") && err.contains(KeyExchange::ALLOWED),
+            "{err}"
+        );
     }
 
     #[test]

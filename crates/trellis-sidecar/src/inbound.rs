@@ -39,8 +39,7 @@ use crate::headers::{
     XFCC,
 };
 use crate::http_util::{
-    self, text_response, uri_too_long, AccessEntry, BoxError, ConnDrain, H2Body, ProxyBody,
-    ReqBody,
+    self, text_response, uri_too_long, AccessEntry, BoxError, ConnDrain, H2Body, ProxyBody, ReqBody,
 };
 use crate::listen::{self, InboundTls};
 use crate::metrics::{Direction, Listener, SidecarMetrics};

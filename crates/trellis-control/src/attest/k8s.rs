@@ -331,7 +331,8 @@ pub fn fuzz_attest(data: &[u8]) -> bool {
     let rng = aws_lc_rs::rand::SystemRandom::new();
     let fixture = FIXTURE.get_or_init(|| {
         let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).ok()?;
-        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref()).ok()?;
+        let key =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref()).ok()?;
         let point = key.public_key().as_ref();
         let jwks = serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1",
             "use": "sig", "x": enc(point.get(1..33)?), "y": enc(point.get(33..65)?)}]});
