@@ -112,7 +112,10 @@ impl Interop {
     /// Envoy's `<prefix>ssl.curves.<group>` counters (handshakes by key-exchange group of the
     /// TLS contexts under `prefix`, e.g. `cluster.trellis_sds.`), as `group=n` sorted by group.
     async fn envoy_curves(&self, prefix: &str) -> anyhow::Result<Vec<(String, u64)>> {
-        let r = self.envoy.admin_get("/stats?filter=ssl\\.curves\\.").await?;
+        let r = self
+            .envoy
+            .admin_get("/stats?filter=ssl\\.curves\\.")
+            .await?;
         let mut out: Vec<(String, u64)> = r
             .text()
             .lines()
@@ -352,12 +355,21 @@ async fn envoy_key_exchange_with_and_without_ecdh_curves() -> anyhow::Result<()>
             ),
         ] {
             let m = interop_with_curves(&envoy_bin, curves).await?;
-            eventually(ENVOY_WARMUP, "Envoy to reach app B via sidecar B", || async {
-                let tcp = tokio::net::TcpStream::connect(m.envoy_plain).await?;
-                let resp = http_get(tcp, "b", "/kx").await?;
-                ensure!(resp.status == 200, "GET /kx: {} {}", resp.status, resp.text());
-                Ok(())
-            })
+            eventually(
+                ENVOY_WARMUP,
+                "Envoy to reach app B via sidecar B",
+                || async {
+                    let tcp = tokio::net::TcpStream::connect(m.envoy_plain).await?;
+                    let resp = http_get(tcp, "b", "/kx").await?;
+                    ensure!(
+                        resp.status == 200,
+                        "GET /kx: {} {}",
+                        resp.status,
+                        resp.text()
+                    );
+                    Ok(())
+                },
+            )
             .await
             .with_context(|| format!("envoy stderr:\n{}", m.envoy.child.stderr_tail(40)))?;
             eventually(ENVOY_WARMUP, "sidecar A to reach Envoy", || async {

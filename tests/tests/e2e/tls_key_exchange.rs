@@ -11,7 +11,9 @@ use serde_json::Value;
 use trellis_tests::mesh::{legit, Mesh, MeshOpts, B_ID};
 use trellis_tests::metrics::Metrics;
 use trellis_tests::openssl::{http_get_request, s_client_async, write_svid_pem, SClientRun};
-use trellis_tests::{e2e, fetch_svid, run_with_timeout, tool_or_skip, trellis_bin, COMMAND_TIMEOUT};
+use trellis_tests::{
+    e2e, fetch_svid, run_with_timeout, tool_or_skip, trellis_bin, COMMAND_TIMEOUT,
+};
 
 const CLIENT_ID: &str = "spiffe://example.org/ops/openssl";
 
@@ -89,7 +91,10 @@ async fn trellis_sidecars_negotiate_x25519mlkem768_and_say_so() -> anyhow::Resul
             "--json".into(),
         ])
         .await?;
-        ensure!(out.status.success(), "trellis inspect --json failed:\n{json}");
+        ensure!(
+            out.status.success(),
+            "trellis inspect --json failed:\n{json}"
+        );
         let report: Value = serde_json::from_str(&json)?;
         ensure!(
             report["key_exchange"] == "X25519MLKEM768",
