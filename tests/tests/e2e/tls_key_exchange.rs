@@ -245,3 +245,54 @@ async fn openssl_s_client_falls_back_to_x25519_and_pq_only_refuses_it() -> anyho
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tls_key_exchange_is_refused_naming_the_allowed_values() -> anyhow::Result<()> {
+    e2e(async {
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("control.yaml");
+        std::fs::write(&config, "trust_domain: example.org\ntls_key_exchange: pq\n")?;
+        let runs: [(&str, Vec<String>, Option<&str>); 3] = [
+            (
+                "flag",
+                vec!["sidecar".into(), "--tls-key-exchange".into(), "pq".into()],
+                None,
+            ),
+            ("env", vec!["control".into()], Some("quantum")),
+            (
+                "file",
+                vec![
+                    "control".into(),
+                    "--config".into(),
+                    config.display().to_string(),
+                ],
+                None,
+            ),
+        ];
+        for (how, args, env) in runs {
+            let output = tokio::task::spawn_blocking(move || {
+                let mut cmd = Command::new(trellis_bin());
+                cmd.args(&args);
+                if let Some(v) = env {
+                    cmd.env("TRELLIS_TLS_KEY_EXCHANGE", v)
+                        .env("TRELLIS_TRUST_DOMAIN", "example.org");
+                }
+                run_with_timeout(cmd, COMMAND_TIMEOUT)
+            })
+            .await??;
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            ensure!(!output.status.success(), "{how}: a bad value was accepted");
+            for needle in ["pq-preferred", "pq-only", "classical"] {
+                ensure!(stderr.contains(needle), "{how}: {needle} not in:\n{stderr}");
+            }
+            if how == "file" {
+                ensure!(
+                    stderr.contains("control.yaml") && stderr.contains("line 2"),
+                    "{how}: no file and line in:\n{stderr}"
+                );
+            }
+        }
+        Ok(())
+    })
+    .await
+}
