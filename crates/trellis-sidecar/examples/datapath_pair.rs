@@ -51,6 +51,7 @@ fn settings(app: std::net::SocketAddr, upstreams: Vec<Upstream>) -> SidecarSetti
         upstreams,
         admin: any,
         tls_policy: TlsPolicy::Tls13,
+        tls_key_exchange: Default::default(),
         drain_timeout: Duration::from_secs(1),
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(30),

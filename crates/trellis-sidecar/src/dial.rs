@@ -15,7 +15,9 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
-use trellis_identity::tls::{handshake_failure_reason, svid_error_of, SharedBundle};
+use trellis_identity::tls::{
+    handshake_failure_reason, negotiated_group, svid_error_of, SharedBundle,
+};
 use trellis_identity::{SpiffeId, SvidError};
 use trellis_serve::prefixed::Prefixed;
 
@@ -268,8 +270,8 @@ impl PeerTarget {
         }
     }
 
-    fn connected(&self, handshake_took: Duration) {
-        self.metrics.handshake(Direction::Outbound, true, "none");
+    fn connected(&self, handshake_took: Duration, group: &'static str) {
+        self.metrics.handshake_ok(Direction::Outbound, group);
         self.metrics
             .handshake_duration(Direction::Outbound, handshake_took);
         self.metrics.upstream_connections.inc();
@@ -281,7 +283,7 @@ impl PeerTarget {
         tls: &TlsClient,
     ) -> Result<TlsStream<TcpStream>, ForwardError> {
         let (stream, _, took) = self.handshake(tls).await?;
-        self.connected(took);
+        self.connected(took, negotiated_group(stream.get_ref().1));
         Ok(stream)
     }
 
@@ -295,7 +297,7 @@ impl PeerTarget {
             attempts += 1;
             let (mut stream, resumed, took) = self.handshake(tls).await?;
             if stream.get_ref().1.alpn_protocol() != Some(mtls::ALPN_H2) {
-                self.connected(took);
+                self.connected(took, negotiated_group(stream.get_ref().1));
                 return Ok(PeerIo::Http1(stream));
             }
             let mut first = vec![0u8; 1024];
@@ -314,7 +316,7 @@ impl PeerTarget {
                 Ok(Err(e)) => Some(Some(e)),
             };
             let Some(err) = refused else {
-                self.connected(took);
+                self.connected(took, negotiated_group(stream.get_ref().1));
                 return Ok(PeerIo::H2(Prefixed::new(first, stream)));
             };
             if resumed && attempts < 2 {

@@ -9,7 +9,9 @@ use std::time::{Instant, SystemTime};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-use trellis_identity::tls::{handshake_failure_reason, peer_spiffe_id, SharedBundle};
+use trellis_identity::tls::{
+    handshake_failure_reason, negotiated_group, peer_spiffe_id, SharedBundle,
+};
 use trellis_identity::SpiffeId;
 use trellis_serve::{Handshake, ListenerEvents};
 
@@ -118,7 +120,7 @@ impl Handshake for InboundTls {
             metrics.handshake(Direction::Inbound, false, "not_svid");
             return None;
         };
-        metrics.handshake(Direction::Inbound, true, "none");
+        metrics.handshake_ok(Direction::Inbound, negotiated_group(conn));
         metrics.handshake_duration(Direction::Inbound, started.elapsed());
         Some((stream, peer_id, resumed))
     }

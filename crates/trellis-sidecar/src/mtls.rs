@@ -163,7 +163,7 @@ pub fn recheck_resumed_server(
 
 /// Rotating ticket keys with a hard ticket lifetime.
 ///
-/// Each key is a fresh `rustls::crypto::ring::Ticketer` (ChaCha20-Poly1305, random key).
+/// Each key is a fresh `rustls::crypto::aws_lc_rs::Ticketer` (RFC 5077: AES-256-CBC and HMAC-SHA256, random keys).
 /// It encrypts for `lifetime / 2`, then only decrypts for `lifetime / 2`, then is dropped.
 /// Every ticket's plaintext starts with its issue time (unix seconds, big-endian), checked on
 /// decryption: a ticket older than `lifetime` is refused even while its key is still around.
@@ -261,7 +261,7 @@ impl SessionTicketer {
 }
 
 fn new_key() -> std::io::Result<Arc<dyn ProducesTickets>> {
-    rustls::crypto::ring::Ticketer::new().map_err(io_err)
+    rustls::crypto::aws_lc_rs::Ticketer::new().map_err(io_err)
 }
 
 impl ProducesTickets for SessionTicketer {

@@ -10,6 +10,7 @@ use clap::Args;
 use trellis_control::config::{ControlFile, ControlSettings};
 use trellis_control::registry::DatabaseUrl;
 use trellis_control::server::ControlPlane;
+use trellis_identity::tls::KeyExchange;
 
 /// `trellis control` flags; each overrides the same field of `--config`.
 #[derive(Args, Debug)]
@@ -111,6 +112,15 @@ pub struct ControlArgs {
     /// How often --k8s-jwks-url is fetched again; a failed fetch keeps the keys [default: 5m].
     #[arg(long, env = "TRELLIS_K8S_JWKS_REFRESH", value_parser = humantime::parse_duration)]
     k8s_jwks_refresh: Option<Duration>,
+    /// TLS key exchange of the SDS listener, the webhook and the control plane's clients:
+    /// X25519MLKEM768 first with X25519 and P-256 fallbacks (`pq-preferred`), X25519MLKEM768
+    /// only (`pq-only`), or no post-quantum group (`classical`) [default: pq-preferred].
+    #[arg(
+        long,
+        env = "TRELLIS_TLS_KEY_EXCHANGE",
+        value_name = "pq-preferred|pq-only|classical"
+    )]
+    tls_key_exchange: Option<KeyExchange>,
     /// Where join tokens, issuance records and CA rotations live: postgres://USER:PASSWORD@HOST:5432/DB
     /// shared by replicas (add ?sslmode=verify-full&sslrootcert=CA.pem off loopback), or
     /// sqlite://PATH [default: SQLite in --state-dir].
@@ -240,7 +250,7 @@ impl ControlArgs {
             sidecar_control_plane,
             native_sidecar
         );
-        over!(database);
+        over!(database, tls_key_exchange);
         // The flags kept their flat names; each sets one key of the nested `limits:`.
         macro_rules! limits {
             ($($flag:ident => $group:ident . $key:ident),* $(,)?) => {
@@ -285,6 +295,7 @@ impl ControlArgs {
 /// Runs the control plane until a signal or an admin `POST /shutdown`.
 pub fn run(args: ControlArgs) -> anyhow::Result<()> {
     let settings = ControlSettings::from_file(args.merged()?)?;
+    trellis_identity::tls::install_key_exchange(settings.tls_key_exchange)?;
     // Issuance and attestation run on the blocking pool; a small pool keeps a burst of
     // thousands of streams from spawning hundreds of threads (and their malloc arenas).
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use trellis_identity::tls::KeyExchange;
 use trellis_sidecar::config::AppProtocol;
 use trellis_sidecar::config::{FilesFile, Protocol, SidecarFile, UpstreamFile};
 use trellis_sidecar::headers::UnderscoreHeaders;
@@ -87,6 +88,15 @@ pub struct SidecarArgs {
     /// `tls13` (default) or `tls12+`.
     #[arg(long, env = "TRELLIS_TLS_POLICY")]
     tls_policy: Option<String>,
+    /// TLS key exchange, inbound, outbound and toward the control plane: X25519MLKEM768 first
+    /// with X25519 and P-256 fallbacks (`pq-preferred`), X25519MLKEM768 only (`pq-only`), or
+    /// no post-quantum group (`classical`) [default: pq-preferred].
+    #[arg(
+        long,
+        env = "TRELLIS_TLS_KEY_EXCHANGE",
+        value_name = "pq-preferred|pq-only|classical"
+    )]
+    tls_key_exchange: Option<KeyExchange>,
     /// SIGTERM waits this long for in-flight requests [default: 15s].
     #[arg(long, env = "TRELLIS_DRAIN_TIMEOUT", value_parser = humantime::parse_duration)]
     drain_timeout: Option<Duration>,
@@ -295,6 +305,9 @@ impl SidecarArgs {
         if self.policy.is_some() {
             f.policy = self.policy;
         }
+        if self.tls_key_exchange.is_some() {
+            f.tls_key_exchange = self.tls_key_exchange;
+        }
         macro_rules! over {
             ($($field:ident),*) => { $( if self.$field.is_some() { f.$field = self.$field; } )* };
         }
@@ -341,6 +354,7 @@ impl SidecarArgs {
 pub fn run(args: SidecarArgs) -> anyhow::Result<()> {
     let threads = args.worker_threads;
     let settings = SidecarSettings::from_file(args.merged()?)?;
+    trellis_identity::tls::install_key_exchange(settings.tls_key_exchange)?;
     let runtime = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()

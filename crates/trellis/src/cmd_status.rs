@@ -385,6 +385,12 @@ fn sidecar_json(policy: &Value, source: &Value, samples: &[Sample], now: i64) ->
             "rule",
             &[("decision", "audit_deny")],
         )),
+        "key_exchange": counts(by_label(
+            samples,
+            "trellis_tls_handshakes_total",
+            "group",
+            &[("result", "ok")],
+        )),
         "handshake_failures": counts(by_label(
             samples,
             "trellis_tls_handshakes_total",
@@ -449,6 +455,25 @@ fn counts_line(v: &Value) -> String {
             .join(" "),
         _ => "none".to_owned(),
     }
+}
+
+/// Successful handshakes by key-exchange group, and the post-quantum share:
+/// `X25519=1 X25519MLKEM768=3 (75% post-quantum)`, or `none`.
+fn key_exchange_line(v: &Value) -> String {
+    let mut text = counts_line(v);
+    let Some(map) = v.as_object().filter(|m| !m.is_empty()) else {
+        return text;
+    };
+    let total: f64 = map.values().filter_map(Value::as_f64).sum();
+    let pq: f64 = map
+        .iter()
+        .filter(|(group, _)| group.contains("MLKEM"))
+        .filter_map(|(_, n)| n.as_f64())
+        .sum();
+    if total > 0.0 {
+        let _ = write!(text, " ({:.0}% post-quantum)", 100.0 * pq / total);
+    }
+    text
 }
 
 /// `; refused expired=1`, or nothing when nothing was refused.
@@ -579,6 +604,7 @@ fn render(s: &Value) -> String {
         if s["audit_denies"].as_object().is_some_and(|m| !m.is_empty()) {
             line("audit denies", &counts_line(&s["audit_denies"]));
         }
+        line("key exchange", &key_exchange_line(&s["key_exchange"]));
         line("tls failures", &counts_line(&s["handshake_failures"]));
     } else {
         for (i, ca) in s["cas"].as_array().into_iter().flatten().enumerate() {
@@ -655,6 +681,7 @@ mod tests {
             "requests": {"inbound": {}, "outbound": {"503": 4}},
             "denies": {},
             "audit_denies": {},
+            "key_exchange": {"X25519MLKEM768": 3, "X25519": 1},
             "handshake_failures": {"no_cert": 2},
         });
         let text = render(&s);
@@ -665,6 +692,7 @@ mod tests {
             "bundle          CN=root  expires 2036-01-01T00:00:00Z (in 1d)",
             "sds             NOT connected; no update yet; 0 rotations; refused expired=1",
             "requests        inbound none | outbound 503=4",
+            "key exchange    X25519=1 X25519MLKEM768=3 (75% post-quantum)",
             "tls failures    no_cert=2",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");

@@ -267,7 +267,7 @@ fn webhook_tls(cp: &ControlPlane) -> anyhow::Result<Arc<rustls::ClientConfig>> {
         roots.add(root.clone())?;
     }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()?
     .with_root_certificates(roots)

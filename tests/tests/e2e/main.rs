@@ -42,4 +42,5 @@ mod sidecar_demo;
 mod sidecar_envoy;
 mod sidecar_mesh;
 mod sidecar_security;
+mod tls_key_exchange;
 mod webhook;

@@ -26,6 +26,9 @@ const XFCC: &str = "x-forwarded-client-cert";
 /// Envoy's listeners warm only once both SDS secrets arrived; its first SDS attempts may fail
 /// with "Cluster not available" and be retried.
 const ENVOY_WARMUP: Duration = Duration::from_secs(45);
+/// What stock Envoy 1.40 negotiates with a `pq-preferred` Trellis without `ecdh_curves`:
+/// SDS (Envoy as client), Envoy calling a sidecar, a sidecar calling Envoy.
+const ENVOY_DEFAULT_GROUPS: [&str; 3] = ["X25519MLKEM768", "X25519MLKEM768", "X25519MLKEM768"];
 
 /// Field order matters: everything is dropped before the control plane's directory.
 struct Interop {
@@ -43,6 +46,11 @@ struct Interop {
 }
 
 async fn interop(envoy_bin: &Path) -> anyhow::Result<Interop> {
+    interop_with_curves(envoy_bin, "[]").await
+}
+
+/// [`interop`] with `ecdh_curves: <curves>` on every Envoy TLS context (`[]`: Envoy's default).
+async fn interop_with_curves(envoy_bin: &Path, curves: &str) -> anyhow::Result<Interop> {
     let dir = tempfile::tempdir()?;
     let issuer = K8sIssuer::new()?;
     let k8s = issuer.write_jwks(&dir.path().join("jwks.json"))?;
@@ -82,6 +90,7 @@ async fn interop(envoy_bin: &Path) -> anyhow::Result<Interop> {
             ("SIDECAR_A_ID", A_ID),
             ("SIDECAR_B_ID", B_ID),
             ("SIDECAR_B_PORT", &b.addrs.inbound.port().to_string()),
+            ("ECDH_CURVES", curves),
         ],
     )?;
     let bootstrap_path = cp.dir.path().join("envoy-interop.yaml");
@@ -100,6 +109,27 @@ async fn interop(envoy_bin: &Path) -> anyhow::Result<Interop> {
 }
 
 impl Interop {
+    /// Envoy's `<prefix>ssl.curves.<group>` counters (handshakes by key-exchange group of the
+    /// TLS contexts under `prefix`, e.g. `cluster.trellis_sds.`), as `group=n` sorted by group.
+    async fn envoy_curves(&self, prefix: &str) -> anyhow::Result<Vec<(String, u64)>> {
+        let r = self
+            .envoy
+            .admin_get("/stats?filter=ssl\\.curves\\.")
+            .await?;
+        let mut out: Vec<(String, u64)> = r
+            .text()
+            .lines()
+            .filter_map(|l| {
+                let (name, n) = l.split_once(": ")?;
+                let group = name.strip_prefix(prefix)?.strip_prefix("ssl.curves.")?;
+                Some((group.to_owned(), n.trim().parse().ok()?))
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
     /// The value of Envoy counter `name` (0 if absent).
     async fn envoy_counter(&self, name: &str) -> anyhow::Result<u64> {
         let r = self
@@ -273,6 +303,101 @@ async fn trellis_sidecar_calls_envoy_over_mtls_and_checks_its_identity() -> anyh
         );
         ensure!(wrong >= 1.0, "sidecar A did not count an outbound wrong_identity failure");
         drop(m);
+        Ok(())
+    })
+    .await
+}
+
+/// The groups of a sidecar's successful handshakes in `direction`, as `group=n`.
+async fn trellis_groups(sidecar: &Sidecar, direction: &str) -> anyhow::Result<Vec<(String, u64)>> {
+    let m = sidecar.metrics().await?;
+    Ok(trellis_tls_groups()
+        .iter()
+        .map(|g| {
+            let n = m.sum_or_zero(
+                "trellis_tls_handshakes_total",
+                &[("direction", direction), ("result", "ok"), ("group", g)],
+            );
+            ((*g).to_owned(), n as u64)
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect())
+}
+
+fn trellis_tls_groups() -> &'static [&'static str] {
+    &trellis_identity::tls::GROUP_LABELS
+}
+
+/// The only group in `seen` (handshakes by group), or an error listing them.
+fn only_group(what: &str, seen: &[(String, u64)]) -> anyhow::Result<String> {
+    match seen {
+        [(group, _)] => Ok(group.clone()),
+        _ => anyhow::bail!("{what}: want handshakes of exactly one group, saw {seen:?}"),
+    }
+}
+
+/// Which key-exchange group stock Envoy 1.40 negotiates with Trellis (`pq-preferred`) on each
+/// hop, with Envoy's default groups and with `ecdh_curves: [X25519MLKEM768, X25519, P-256]`:
+/// Envoy as SDS client of the control plane, Envoy calling sidecar B, sidecar A calling Envoy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn envoy_key_exchange_with_and_without_ecdh_curves() -> anyhow::Result<()> {
+    e2e(async {
+        let Some(envoy_bin) = envoy_or_skip("envoy_key_exchange_with_and_without_ecdh_curves")
+        else {
+            return Ok(());
+        };
+        let mut report = Vec::new();
+        for (curves, want) in [
+            ("[]", ENVOY_DEFAULT_GROUPS),
+            (
+                "[X25519MLKEM768, X25519, P-256]",
+                ["X25519MLKEM768", "X25519MLKEM768", "X25519MLKEM768"],
+            ),
+        ] {
+            let m = interop_with_curves(&envoy_bin, curves).await?;
+            eventually(
+                ENVOY_WARMUP,
+                "Envoy to reach app B via sidecar B",
+                || async {
+                    let tcp = tokio::net::TcpStream::connect(m.envoy_plain).await?;
+                    let resp = http_get(tcp, "b", "/kx").await?;
+                    ensure!(
+                        resp.status == 200,
+                        "GET /kx: {} {}",
+                        resp.status,
+                        resp.text()
+                    );
+                    Ok(())
+                },
+            )
+            .await
+            .with_context(|| format!("envoy stderr:\n{}", m.envoy.child.stderr_tail(40)))?;
+            eventually(ENVOY_WARMUP, "sidecar A to reach Envoy", || async {
+                let reply = get_once(m.a.outbound(), Proto::H1, "envoy", "/kx", &[]).await?;
+                ensure!(reply.status == StatusCode::OK, "{}", reply.summary());
+                Ok(())
+            })
+            .await?;
+            let sds = m.envoy_curves("cluster.trellis_sds.").await?;
+            let to_b = trellis_groups(&m.b, "inbound").await?;
+            let from_a = trellis_groups(&m.a, "outbound").await?;
+            let envoy_to_b = m.envoy_curves("cluster.sidecar_b.").await?;
+            report.push(format!(
+                "ecdh_curves {curves}: SDS (Envoy client) {sds:?}; Envoy -> sidecar B {to_b:?} \
+                 (Envoy saw {envoy_to_b:?}); sidecar A -> Envoy {from_a:?}"
+            ));
+            let got = [
+                only_group("SDS", &sds)?,
+                only_group("Envoy -> sidecar B", &to_b)?,
+                only_group("sidecar A -> Envoy", &from_a)?,
+            ];
+            ensure!(
+                got == want,
+                "ecdh_curves {curves}: want {want:?} (SDS, Envoy -> B, A -> Envoy), got {got:?}"
+            );
+            drop(m);
+        }
+        eprintln!("{}", report.join("\n"));
         Ok(())
     })
     .await

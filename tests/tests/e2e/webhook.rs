@@ -46,7 +46,7 @@ fn client_config(
         roots.add(root.clone())?;
     }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_protocol_versions(versions)?
     .with_root_certificates(roots)

@@ -319,7 +319,7 @@ pub const FUZZ_NOW: u64 = 1_700_000_000;
 /// Returns whether the token was accepted. Not API.
 #[doc(hidden)]
 pub fn fuzz_attest(data: &[u8]) -> bool {
-    use ring::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING};
+    use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING};
     use std::sync::OnceLock;
 
     struct Fixture {
@@ -328,11 +328,11 @@ pub fn fuzz_attest(data: &[u8]) -> bool {
     }
     static FIXTURE: OnceLock<Option<Fixture>> = OnceLock::new();
     let enc = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-    let rng = ring::rand::SystemRandom::new();
+    let rng = aws_lc_rs::rand::SystemRandom::new();
     let fixture = FIXTURE.get_or_init(|| {
         let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).ok()?;
-        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
-            .ok()?;
+        let key =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref()).ok()?;
         let point = key.public_key().as_ref();
         let jwks = serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1",
             "use": "sig", "x": enc(point.get(1..33)?), "y": enc(point.get(33..65)?)}]});

@@ -632,7 +632,7 @@ pub(super) fn uri_sans<'a>(c: &'a X509Certificate<'_>) -> Vec<&'a str> {
 }
 
 /// An uncompressed SEC1 point of P-256 size. With the CSR's ecdsa-with-SHA256 signature
-/// already verified by ring under the SPKI's own curve, a 65-byte point means P-256 (a P-384
+/// already verified by aws-lc-rs under the SPKI's own curve, a 65-byte point means P-256 (a P-384
 /// point is 97 bytes).
 fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
     let err = |source| CaError::Write {

@@ -114,7 +114,7 @@ impl std::fmt::Debug for ServerCert {
 }
 
 /// The CA's private key. rcgen keeps a PKCS#8 copy of it, wiped when the CA is dropped
-/// (ring's own expanded copy is beyond our reach).
+/// (aws-lc-rs' own copy is beyond our reach).
 struct CaKey(KeyPair);
 
 impl Drop for CaKey {

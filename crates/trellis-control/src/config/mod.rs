@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use trellis_identity::tls::KeyExchange;
 use trellis_identity::TrustDomain;
 
 use crate::admin::{AdminLimits, AdminLimitsFile};
@@ -153,6 +154,9 @@ pub struct ControlFile {
     /// Where tokens, issuances and CA rotations live: `postgres://USER:PASSWORD@HOST/DB`
     /// (shared by replicas) or `sqlite://PATH`; absent: `<state_dir>/trellis.db`.
     pub database: Option<DatabaseUrl>,
+    /// `pq-preferred` (default), `pq-only` or `classical`: the key-exchange groups of the SDS
+    /// listener, the webhook and every client the control plane opens.
+    pub tls_key_exchange: Option<KeyExchange>,
     /// Limits per listener.
     #[serde(default)]
     pub limits: LimitsFile,
@@ -218,6 +222,8 @@ pub struct ControlSettings {
     pub webhook: Option<WebhookSettings>,
     /// The registry: SQLite in the state directory unless `database` names another.
     pub database: Database,
+    /// Key-exchange groups of every TLS endpoint (the binary installs them process-wide).
+    pub tls_key_exchange: KeyExchange,
     /// Limits per listener (hostile peers).
     pub limits: Limits,
 }
@@ -406,6 +412,7 @@ impl ControlSettings {
             k8s,
             webhook,
             database,
+            tls_key_exchange: f.tls_key_exchange.unwrap_or_default(),
             limits,
         })
     }

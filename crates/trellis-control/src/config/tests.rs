@@ -557,3 +557,30 @@ fn bad_database_url_names_the_flag_not_the_password() {
     );
     assert!(!err.contains("hunter2"), "{err}");
 }
+
+#[test]
+fn tls_key_exchange_defaults_to_pq_preferred_and_bad_values_are_located() {
+    use trellis_identity::tls::KeyExchange;
+    let parse = |text: &str| ControlFile::parse(text, Path::new("c.yaml"));
+    let s = ControlSettings::from_file(parse("trust_domain: example.org\n").unwrap()).unwrap();
+    assert_eq!(s.tls_key_exchange, KeyExchange::PqPreferred);
+    let f = parse("trust_domain: example.org\ntls_key_exchange: classical\n").unwrap();
+    assert_eq!(
+        ControlSettings::from_file(f).unwrap().tls_key_exchange,
+        KeyExchange::Classical
+    );
+    let err = parse("trust_domain: example.org\ntls_key_exchange: pq_only\n")
+        .unwrap_err()
+        .to_string();
+    for needle in [
+        "c.yaml: ",
+        "tls_key_exchange",
+        "pq_only",
+        "line 2",
+        "pq-preferred",
+        "pq-only",
+        "classical",
+    ] {
+        assert!(err.contains(needle), "{needle:?} not in {err}");
+    }
+}

@@ -30,6 +30,7 @@
 //!       identity: spiffe://example.org/ns/prod/sa/db
 //! admin: 127.0.0.1:15000
 //! tls_policy: tls13                   # or tls12+
+//! tls_key_exchange: pq-preferred      # or pq-only, classical (X25519MLKEM768 first)
 //! access_log: true                   # one line per request, target trellis::access
 //! limits:                            # what one hostile peer may cost, by listener (see [`limits`])
 //!   http: { max_header_bytes: 65536, header_read_timeout: 10s }
@@ -42,7 +43,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use trellis_identity::tls::TlsPolicy;
+use trellis_identity::tls::{KeyExchange, TlsPolicy};
 use trellis_identity::{SpiffeId, TrustDomain};
 
 use crate::headers::UnderscoreHeaders;
@@ -225,6 +226,8 @@ pub struct SidecarFile {
     pub admin: Option<SocketAddr>,
     /// `tls13` (default) or `tls12+`.
     pub tls_policy: Option<String>,
+    /// `pq-preferred` (default), `pq-only` or `classical`.
+    pub tls_key_exchange: Option<KeyExchange>,
     /// Authorization policy: a YAML file, or a directory whose `*.yaml`/`*.yml` files are
     /// merged in name order; watched and hot-reloaded. Absent: every authenticated peer of
     /// the trust domain may call anything.
@@ -377,6 +380,8 @@ pub struct SidecarSettings {
     pub admin: SocketAddr,
     /// TLS versions.
     pub tls_policy: TlsPolicy,
+    /// Key-exchange groups of every TLS endpoint (the binary installs them process-wide).
+    pub tls_key_exchange: KeyExchange,
     /// SIGTERM drain bound.
     pub drain_timeout: Duration,
     /// Connect timeout.
@@ -575,6 +580,7 @@ impl SidecarSettings {
             upstreams,
             admin: addr("admin", f.admin, defaults::ADMIN)?,
             tls_policy,
+            tls_key_exchange: f.tls_key_exchange.unwrap_or_default(),
             drain_timeout: f.drain_timeout.unwrap_or(defaults::DRAIN),
             connect_timeout: f.connect_timeout.unwrap_or(defaults::CONNECT),
             request_timeout: f.request_timeout.unwrap_or(defaults::REQUEST),
@@ -690,6 +696,33 @@ outbound:
         assert_eq!(s.upstreams[0].hosts, ["service-b"]);
         assert_eq!(s.inbound_listen.port(), 15443);
         assert_eq!(s.tls_policy, TlsPolicy::Tls13);
+    }
+
+    #[test]
+    fn tls_key_exchange_defaults_to_pq_preferred_and_bad_values_are_located() {
+        let s = SidecarSettings::from_file(SidecarFile::parse(GOOD, Path::new("s.yaml")).unwrap())
+            .unwrap();
+        assert_eq!(s.tls_key_exchange, KeyExchange::PqPreferred);
+        let only = format!("{GOOD}tls_key_exchange: pq-only\n");
+        let s = SidecarSettings::from_file(SidecarFile::parse(&only, Path::new("s.yaml")).unwrap())
+            .unwrap();
+        assert_eq!(s.tls_key_exchange, KeyExchange::PqOnly);
+        let bad = format!("{GOOD}tls_key_exchange: quantum\n");
+        let line = bad.lines().count();
+        let err = SidecarFile::parse(&bad, Path::new("s.yaml"))
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            "s.yaml: ".to_owned(),
+            "tls_key_exchange".to_owned(),
+            "quantum".to_owned(),
+            format!("line {line}"),
+            "pq-preferred".to_owned(),
+            "pq-only".to_owned(),
+            "classical".to_owned(),
+        ] {
+            assert!(err.contains(&needle), "{needle:?} not in {err}");
+        }
     }
 
     #[test]

@@ -216,6 +216,9 @@ async fn handshake(
             .as_str()
             .map_or_else(|| format!("{suite:?}"), str::to_owned)
     });
+    report.key_exchange = conn
+        .negotiated_key_exchange_group()
+        .map(|g| trellis_identity::tls::group_label(Some(g.name())).to_owned());
     report.alpn = conn
         .alpn_protocol()
         .map(|p| String::from_utf8_lossy(p).into_owned());
@@ -539,6 +542,8 @@ mod tests {
         assert!(report.verified);
         assert_eq!(report.tls_version.as_deref(), Some("TLSv1.3"));
         assert_eq!(report.alpn.as_deref(), Some("h2"));
+        // Both ends on Trellis' provider: the post-quantum hybrid wins.
+        assert_eq!(report.key_exchange.as_deref(), Some("X25519MLKEM768"));
         assert_eq!(
             report.peer_spiffe_id.as_deref(),
             Some("spiffe://example.org/server")

@@ -226,6 +226,10 @@ pub struct InspectReport {
     pub tls_version: Option<String>,
     /// IANA name of the cipher suite, e.g. `TLS13_AES_128_GCM_SHA256`.
     pub cipher_suite: Option<String>,
+    /// The key-exchange group, e.g. `X25519MLKEM768` (post-quantum hybrid) or `X25519`
+    /// (`trellis_identity::tls::group_label`). Absent from older sidecars' reports.
+    #[serde(default)]
+    pub key_exchange: Option<String>,
     /// The protocol the server chose by ALPN, if it chose one.
     pub alpn: Option<String>,
     /// The trust domain the peer was checked against.
@@ -258,6 +262,7 @@ impl InspectReport {
             handshake_ms: None,
             tls_version: None,
             cipher_suite: None,
+            key_exchange: None,
             alpn: None,
             trust_domain: td.as_ref().map(|(td, _)| td.to_string()),
             trust_domain_source: td.map(|(_, source)| source),

@@ -28,6 +28,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use trellis_identity::tls::GROUP_LABELS;
 
 /// Traffic direction: `inbound` (peer → app) or `outbound` (app → peer).
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -125,6 +126,20 @@ pub struct HandshakeLabel {
     pub reason: &'static str,
 }
 
+/// A successful handshake's labels: [`HandshakeLabel`] and the negotiated key-exchange group.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeGroupLabel {
+    /// `inbound` / `outbound`.
+    pub direction: &'static str,
+    /// `ok`.
+    pub result: &'static str,
+    /// `none`.
+    pub reason: &'static str,
+    /// `X25519MLKEM768`, `X25519`, `P-256`, `P-384` or `other`
+    /// (`trellis_identity::tls::GROUP_LABELS`).
+    pub group: &'static str,
+}
+
 /// `{direction,code}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabel {
@@ -186,13 +201,14 @@ pub struct SpiffeIdLabel {
 /// reasons of `trellis_identity::tls::handshake_failure_reason` and `SvidError::reason`, and
 /// the proxies' own (`io`, `timeout`, `resumption_refused`, `closed`). Anything else is
 /// counted as `other`, so the label set stays bounded whatever a future reason is called.
-pub const HANDSHAKE_REASONS: [&str; 15] = [
+pub const HANDSHAKE_REASONS: [&str; 16] = [
     "none",
     "no_cert",
     "unknown_ca",
     "expired",
     "wrong_identity",
     "protocol_version",
+    "no_shared_group",
     "not_svid",
     "bad_key",
     "malformed",
@@ -362,6 +378,9 @@ fn zeroed(n: usize) -> Box<[AtomicU64]> {
 struct DataPath {
     /// `[direction][result][reason]`, flattened.
     handshakes: Box<[AtomicU64]>,
+    /// Successful handshakes, `[direction][group]` by [`GROUP_LABELS`] (the `ok` cells of
+    /// `handshakes` stay 0: successes are counted here only).
+    handshake_groups: [[AtomicU64; GROUP_LABELS.len()]; 2],
     handshake_seconds: [AtomicHistogram; 2],
     /// `[direction][code - 100]`, flattened.
     requests: Box<[AtomicU64]>,
@@ -382,6 +401,7 @@ impl DataPath {
     fn new() -> Self {
         Self {
             handshakes: zeroed(Direction::ALL.len() * RESULTS * HANDSHAKE_REASONS.len()),
+            handshake_groups: Default::default(),
             handshake_seconds: Default::default(),
             requests: zeroed(Direction::ALL.len() * CODES),
             request_seconds: Default::default(),
@@ -439,14 +459,33 @@ impl Collector for DataPathCollector {
             m.encode_family(&label)?.encode_gauge(&svid.not_after)?;
         }
 
-        if d.handshakes.iter().any(|c| load(c) > 0) {
+        if d.handshakes.iter().any(|c| load(c) > 0)
+            || d.handshake_groups.iter().flatten().any(|c| load(c) > 0)
+        {
             let mut m = encoder.encode_descriptor(
                 "tls_handshakes",
-                "mTLS handshakes, by direction, result and reason.",
+                "mTLS handshakes, by direction, result and reason; successes also by key-exchange group.",
                 None,
                 MetricType::Counter,
             )?;
             for direction in Direction::ALL {
+                for (group, cell) in GROUP_LABELS
+                    .iter()
+                    .zip(&d.handshake_groups[direction.index()])
+                {
+                    let n = load(cell);
+                    if n == 0 {
+                        continue;
+                    }
+                    let label = HandshakeGroupLabel {
+                        direction: direction.as_str(),
+                        result: "ok",
+                        reason: "none",
+                        group,
+                    };
+                    m.encode_family(&label)?
+                        .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+                }
                 for ok in [true, false] {
                     for (reason_index, reason) in HANDSHAKE_REASONS.iter().enumerate() {
                         let i = DataPath::handshake_index(direction, ok, reason_index);
@@ -771,19 +810,27 @@ impl SidecarMetrics {
     }
 
     /// Counts a handshake; `reason` is `none` on success, one of [`HANDSHAKE_REASONS`] on
-    /// failure (anything else counts as `other`). A short scan of a 15-entry table: a
+    /// failure (anything else counts as `other`). A short scan of a 16-entry table: a
     /// handshake costs thousands of times more.
     pub fn handshake(&self, direction: Direction, ok: bool, reason: &'static str) {
-        let reason = if ok {
-            0
-        } else {
-            position(&HANDSHAKE_REASONS, reason)
-        };
+        if ok {
+            return self.handshake_ok(direction, "other");
+        }
+        let reason = position(&HANDSHAKE_REASONS, reason);
         if let Some(c) = self
             .data
             .handshakes
             .get(DataPath::handshake_index(direction, ok, reason))
         {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a successful handshake by the key-exchange group it negotiated, one of
+    /// [`GROUP_LABELS`] (`trellis_identity::tls::negotiated_group`; anything else is `other`).
+    pub fn handshake_ok(&self, direction: Direction, group: &str) {
+        let i = position(&GROUP_LABELS, group);
+        if let Some(c) = self.data.handshake_groups[direction.index()].get(i) {
             c.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -10,7 +10,10 @@ fn ms(n: u64) -> Duration {
 fn names_are_pinned() {
     let m = SidecarMetrics::new();
     m.handshake(Direction::Inbound, false, "no_cert");
-    m.handshake(Direction::Outbound, true, "none");
+    m.handshake_ok(Direction::Outbound, "X25519MLKEM768");
+    m.handshake_ok(Direction::Inbound, "X25519");
+    m.handshake_ok(Direction::Inbound, "a-group-from-the-future");
+    m.handshake(Direction::Inbound, false, "no_shared_group");
     m.handshake_duration(Direction::Outbound, ms(3));
     m.request(Direction::Outbound, 502, ms(1));
     m.request(Direction::Inbound, 200, ms(2));
@@ -33,7 +36,10 @@ fn names_are_pinned() {
     assert!(text.contains(&build), "missing `{build}` in\n{text}");
     for line in [
         "trellis_tls_handshakes_total{direction=\"inbound\",result=\"error\",reason=\"no_cert\"} 1",
-        "trellis_tls_handshakes_total{direction=\"outbound\",result=\"ok\",reason=\"none\"} 1",
+        "trellis_tls_handshakes_total{direction=\"outbound\",result=\"ok\",reason=\"none\",group=\"X25519MLKEM768\"} 1",
+        "trellis_tls_handshakes_total{direction=\"inbound\",result=\"ok\",reason=\"none\",group=\"X25519\"} 1",
+        "trellis_tls_handshakes_total{direction=\"inbound\",result=\"ok\",reason=\"none\",group=\"other\"} 1",
+        "trellis_tls_handshakes_total{direction=\"inbound\",result=\"error\",reason=\"no_shared_group\"} 1",
         "# TYPE trellis_tls_handshake_duration_seconds histogram",
         "trellis_tls_handshake_duration_seconds_bucket{direction=\"outbound\",le=\"0.0025\"} 0",
         "trellis_tls_handshake_duration_seconds_bucket{direction=\"outbound\",le=\"0.005\"} 1",

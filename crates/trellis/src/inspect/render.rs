@@ -30,6 +30,9 @@ pub(super) fn render(report: &InspectReport, tls12_offered: bool, now: SystemTim
     if let Some(s) = &report.cipher_suite {
         line("cipher suite", s);
     }
+    if let Some(group) = &report.key_exchange {
+        line("key exchange", group);
+    }
     if report.tls_version.is_some() {
         line("alpn", report.alpn.as_deref().unwrap_or("(none)"));
     }

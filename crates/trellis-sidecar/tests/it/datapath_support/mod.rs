@@ -94,6 +94,7 @@ pub fn settings(app: SocketAddr, upstreams: Vec<Upstream>) -> SidecarSettings {
         upstreams,
         admin: any_port(),
         tls_policy: TlsPolicy::Tls13,
+        tls_key_exchange: Default::default(),
         drain_timeout: Duration::from_secs(10),
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(30),
