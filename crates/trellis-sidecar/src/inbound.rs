@@ -39,13 +39,12 @@ use crate::headers::{
     XFCC,
 };
 use crate::http_util::{
-    self, text_response, uri_too_long, AccessEntry, BoxError, ConnDrain, H2Body, ProxyBody,
-    ReqBody,
+    self, text_response, uri_too_long, AccessEntry, BoxError, ConnDrain, H2Body, ProxyBody, ReqBody,
 };
 use crate::listen::{self, InboundTls};
 use crate::metrics::{Direction, Listener, SidecarMetrics};
 use crate::mtls::{self, SessionTicketer};
-use crate::policy::{HttpAuthorization, PolicyEngine};
+use crate::policy::{AccessDecision, HttpAuthorization, PolicyEngine};
 use crate::pool::{self, AppPool, ForwardError};
 use crate::svid_store::SvidStore;
 use crate::tcp;
@@ -91,13 +90,21 @@ fn authorize(
     metrics: &SidecarMetrics,
     conn: &ConnInfo,
     request: &mut Parts,
+    log: Option<&mut AccessDecision>,
 ) -> Option<Refusal> {
-    policy.path()?;
     let caller = conn.peer_id.as_str();
-    let normalized = match policy.authorize_request(
+    if policy.path().is_none() {
+        // No policy: allowed as sent (the access log still says so, for replay).
+        if let Some(log) = log {
+            log.decision = Some("allow");
+        }
+        return None;
+    }
+    let normalized = match policy.authorize_request_logged(
         caller,
         request.method.as_str(),
         request.uri.path(),
+        log,
     ) {
         HttpAuthorization::Allow(path) => path,
         HttpAuthorization::Deny { rule, .. } => {
@@ -312,6 +319,7 @@ impl InboundProxy {
             let (shared, drain) = (shared.clone(), drain.clone());
             forwards.spawn(async move {
                 let ctx = tcp::InboundTcpContext {
+                    access_log: shared.access_log,
                     metrics: shared.metrics.clone(),
                     policy: shared.policy.clone(),
                     connect_timeout: shared.connect_timeout,
@@ -530,6 +538,10 @@ impl Inbound {
             self.metrics.request_refused(Direction::Inbound, reason);
             Some(response)
         });
+        // With the access log on: the path as received (before normalization) and what the
+        // policy decided, for `trellis policy replay`.
+        let raw_path = self.access_log.then(|| parts.uri.path().to_owned());
+        let mut decided = AccessDecision::default();
         let refusal = match framing_refused
             .or_else(|| {
                 let response = uri_too_long(&parts.uri, parts.version, self.max_uri_bytes)?;
@@ -543,7 +555,13 @@ impl Inbound {
                 response,
                 rule: None,
             }),
-            None => authorize(&self.policy, &self.metrics, conn, &mut parts),
+            None => authorize(
+                &self.policy,
+                &self.metrics,
+                conn,
+                &mut parts,
+                self.access_log.then_some(&mut decided),
+            ),
         };
         // After `authorize`: the path as forwarded (normalized when a policy is in force).
         // The one cost of the access log when it is off is this branch.
@@ -590,10 +608,13 @@ impl Inbound {
                 direction: Direction::Inbound,
                 method: &method,
                 path: path.as_ref().map_or("/", PathAndQuery::path),
+                raw_path: raw_path.as_deref(),
                 status: response.status(),
                 took,
                 upstream: Some(&self.app_label),
-                rule: rule.as_deref(),
+                rule: decided.rule.as_deref().or(rule.as_deref()),
+                decision: decided.decision,
+                policy: decided.policy.as_deref(),
             }
             .emit();
         }

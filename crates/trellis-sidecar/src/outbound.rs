@@ -31,9 +31,7 @@ use trellis_serve::{accept, IdleClock, Tracked};
 use crate::config::{Protocol, SidecarSettings};
 use crate::h1_framing::{malformed_body_response, RequestFraming};
 use crate::headers::{check_host, host_without_port, strip_hop_by_hop};
-use crate::http_util::{
-    text_response, uri_too_long, AccessEntry, ConnDrain, ProxyBody,
-};
+use crate::http_util::{text_response, uri_too_long, AccessEntry, ConnDrain, ProxyBody};
 use crate::listen;
 use crate::metrics::{Direction, Listener, SidecarMetrics};
 use crate::mtls;
@@ -462,7 +460,10 @@ async fn handle(
             upstream: upstream
                 .and_then(|i| shared.upstreams.get(i))
                 .map(|u| &*u.name),
+            raw_path: None,
             rule: None,
+            decision: None,
+            policy: None,
         }
         .emit();
     }

@@ -20,10 +20,10 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use trellis_serve::{accept, Drain};
 
-use crate::http_util::{connect_tcp, TcpTarget};
+use crate::http_util::{connect_tcp, TcpTarget, ACCESS_LOG_TARGET};
 use crate::listen::{self, InboundTls};
 use crate::metrics::{Direction, Listener, SidecarMetrics};
-use crate::policy::PolicyEngine;
+use crate::policy::{AccessDecision, PolicyEngine};
 use crate::pool::{PeerTarget, TlsClient};
 
 /// Copy buffer per direction: one TLS record's worth of plaintext.
@@ -46,6 +46,8 @@ pub(crate) struct InboundForward {
 
 /// What every inbound forward connection needs.
 pub(crate) struct InboundTcpContext {
+    /// Log each connection's decision (target `trellis::access`, message `connection`).
+    pub(crate) access_log: bool,
     pub(crate) metrics: Arc<SidecarMetrics>,
     pub(crate) policy: Arc<PolicyEngine>,
     pub(crate) connect_timeout: Duration,
@@ -67,7 +69,26 @@ pub(crate) async fn run_inbound_forward(
             let Some((mut tls, peer_id, _)) = conn.handshake().await else {
                 return;
             };
-            if !ctx.policy.authorize_l4(peer_id.as_str(), port) {
+            let mut decided = AccessDecision::default();
+            let allowed = ctx.policy.authorize_l4_logged(
+                peer_id.as_str(),
+                port,
+                ctx.access_log.then_some(&mut decided),
+            );
+            if ctx.access_log {
+                // What `trellis policy replay` decides again: caller and listen port.
+                tracing::info!(
+                    target: ACCESS_LOG_TARGET,
+                    caller = peer_id.as_str(),
+                    direction = Direction::Inbound.as_str(),
+                    port,
+                    decision = decided.decision,
+                    rule = decided.rule.as_deref(),
+                    policy = decided.policy.as_deref(),
+                    "connection"
+                );
+            }
+            if !allowed {
                 let _ = tls.shutdown().await;
                 return;
             }
