@@ -25,6 +25,7 @@ mod observability_k8s;
 mod observability_sidecar;
 mod policy_e2e;
 mod policy_reload_load;
+mod policy_replay;
 mod reliability_ca;
 mod reliability_control_outage;
 mod reliability_restart;
