@@ -21,6 +21,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
 use crate::decision::Action;
@@ -180,14 +181,15 @@ pub enum LogLineError {
     UnknownDecision(String),
 }
 
-/// The top level of a JSON log line (trellis `--log-format json`).
+/// The top level of a JSON log line (trellis `--log-format json`). Fields replay does not
+/// use are checked for presence only ([`IgnoredAny`]): no allocation for them.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawLine {
-    #[allow(dead_code)]
-    timestamp: Option<String>,
-    #[allow(dead_code)]
-    level: Option<String>,
+    #[serde(default, rename = "timestamp")]
+    _timestamp: Option<IgnoredAny>,
+    #[serde(default, rename = "level")]
+    _level: Option<IgnoredAny>,
     target: String,
     message: String,
     #[serde(default)]
@@ -201,20 +203,20 @@ struct RawFields {
     caller: Option<String>,
     direction: Option<String>,
     method: Option<String>,
-    path: Option<String>,
+    path: Option<IgnoredAny>,
     raw_path: Option<String>,
-    #[allow(dead_code)]
-    status: Option<u16>,
-    #[allow(dead_code)]
-    duration_ms: Option<f64>,
-    #[allow(dead_code)]
-    upstream: Option<String>,
+    #[serde(rename = "status")]
+    _status: Option<IgnoredAny>,
+    #[serde(rename = "duration_ms")]
+    _duration_ms: Option<IgnoredAny>,
+    #[serde(rename = "upstream")]
+    _upstream: Option<IgnoredAny>,
     rule: Option<String>,
     decision: Option<String>,
     policy: Option<String>,
     port: Option<u16>,
-    #[allow(dead_code)]
-    spans: Option<serde::de::IgnoredAny>,
+    #[serde(rename = "spans")]
+    _spans: Option<IgnoredAny>,
 }
 
 /// Reads one log line. Lines that are not access-log lines (other targets, text-format
