@@ -66,12 +66,13 @@ pub fn run(args: DiffArgs) -> ExitCode {
                 report.regions
             );
         } else {
-            let _ = writeln!(
-                s,
-                "{} decision changes ({} regions compared):",
-                report.changes.len(),
-                report.regions
-            );
+            let n = report.changes.len();
+            let noun = if n == 1 {
+                "decision change"
+            } else {
+                "decision changes"
+            };
+            let _ = writeln!(s, "{n} {noun} ({} regions compared):", report.regions);
             for c in &report.changes {
                 let _ = writeln!(s, "  {c}");
             }

@@ -189,6 +189,15 @@ fn names(paths: &[PathBuf]) -> String {
         .join(", ")
 }
 
+/// `1 request`, `2 requests`.
+fn counted(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 /// A hash shortened for people (the JSON report has it whole).
 fn short(hash: &str) -> &str {
     hash.get(..12).unwrap_or(hash)
@@ -199,10 +208,10 @@ fn render(r: &ReplayReport) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "replayed {} requests and {} connections under policy {} ({} other lines, {} outbound, \
-         {} refused before the policy skipped)",
-        r.requests,
-        r.connections,
+        "replayed {} and {} under policy {} ({} other lines, {} outbound, {} refused before \
+         the policy skipped)",
+        counted(r.requests, "request"),
+        counted(r.connections, "connection"),
         short(&r.policy),
         r.other_lines,
         r.outbound,
@@ -230,9 +239,14 @@ fn render(r: &ReplayReport) -> String {
         );
         return s;
     }
+    let verb = if r.changed == 1 {
+        "decision changes"
+    } else {
+        "decisions change"
+    };
     let _ = writeln!(
         s,
-        "{} decisions change ({} more keep their decision with another rule):",
+        "{} {verb} ({} more keep their decision with another rule):",
         r.changed, r.rule_changed
     );
     for g in &r.changes {
