@@ -1,8 +1,10 @@
 //! Decision latency for a 10-rule and a 10,000-rule policy (many principals and paths),
 //! for allowed requests, denials by rule, misses that fall to the default, and unknown
-//! callers; plus path normalization and compiling the 10,000-rule policy.
+//! callers; plus path normalization, compiling the 10,000-rule policy, and replaying
+//! 1,000,000 access-log lines (`trellis policy replay` without the file reading).
 //!
 //!     cargo bench -p trellis-policy --bench decide
+//!     cargo bench -p trellis-policy --bench decide -- replay
 
 // A benchmark reports failure by panicking.
 #![allow(clippy::unwrap_used)]
@@ -11,7 +13,7 @@ use std::fmt::Write;
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use trellis_policy::{compile, normalize_path, CompiledPolicy};
+use trellis_policy::{compile, normalize_path, parse_access_line, CompiledPolicy, LogLine, Replay};
 
 /// A policy of `n` rules: a few global denies (`*`) on admin paths (2 of 10, 10 of
 /// 10,000), then per service an allow for its own API (exact caller), every tenth a
@@ -121,5 +123,70 @@ fn bench_compile(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_decide, bench_normalize, bench_compile);
+/// `n` distinct log lines as a sidecar writes them: 8 of 10 inbound HTTP requests from 20
+/// callers (allowed, denied, some paths to normalize, some with `;` parameters), 1 TCP
+/// connection, 1 other line.
+fn access_lines(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let caller = format!("spiffe://example.org/ns/ns0/sa/svc{}", i % 20);
+            match i % 10 {
+                8 => format!(
+                    r#"{{"timestamp":"2026-12-06T00:00:00.{i:06}Z","level":"INFO","target":"trellis::access","message":"connection","fields":{{"caller":"{caller}","direction":"inbound","port":5432,"decision":"deny","rule":"default","policy":"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"}}}}"#
+                ),
+                9 => format!(
+                    r#"{{"timestamp":"2026-12-06T00:00:00.{i:06}Z","level":"INFO","target":"trellis_sidecar::pool","message":"connected","fields":{{"peer":"{caller}"}}}}"#
+                ),
+                k => {
+                    let raw = match k {
+                        0 => format!("/api/v1/svc{}/items/{i}", i % 20),
+                        1 => format!("/api/v1/svc{}/docs/a/b/c", i % 20),
+                        2 => format!("/api//v1/./svc{}/status", i % 20),
+                        3 => format!("/api/v1/svc{};jsessionid={i}/status", i % 20),
+                        4 => "/admin1/users/export".to_owned(),
+                        _ => format!("/api/v1/svc{}/items/{i}", (i + 1) % 20),
+                    };
+                    format!(
+                        r#"{{"timestamp":"2026-12-06T00:00:00.{i:06}Z","level":"INFO","target":"trellis::access","message":"request","fields":{{"caller":"{caller}","direction":"inbound","method":"GET","path":"{raw}","raw_path":"{raw}","status":200,"duration_ms":0.231,"upstream":"127.0.0.1:8080","rule":"svc-1","decision":"allow","policy":"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"}}}}"#
+                    )
+                }
+            }
+        })
+        .collect()
+}
+
+fn bench_replay(c: &mut Criterion) {
+    let p = compiled(10);
+    // 10,000 distinct lines, read 100 times: one million lines per iteration.
+    let lines = access_lines(10_000);
+    let mut g = c.benchmark_group("replay");
+    g.sample_size(10);
+    g.bench_function("1000000_lines_10_rules", |b| {
+        b.iter(|| {
+            let mut replay = Replay::new(&p);
+            for _ in 0..100 {
+                for line in &lines {
+                    match parse_access_line(black_box(line)).unwrap() {
+                        LogLine::Record(r) => {
+                            replay.record(&r);
+                        }
+                        LogLine::Skipped(why) => replay.skip(why),
+                    }
+                }
+            }
+            let report = replay.finish();
+            assert_eq!(report.requests + report.connections, 900_000);
+            black_box(report)
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_decide,
+    bench_normalize,
+    bench_compile,
+    bench_replay
+);
 criterion_main!(benches);

@@ -227,3 +227,30 @@ pub fn path_readings(data: &[u8]) {
         Err(e) => assert_eq!(got.err(), Some(e)),
     }
 }
+
+/// A log line → `parse_access_line` must not panic; a record it returns must replay (be
+/// decided again, as `trellis policy replay` does) without panicking, and the line it was
+/// read from, with one character cut from its end, must never read as a different record.
+pub fn access_line(data: &[u8]) {
+    static POLICY: OnceLock<CompiledPolicy> = OnceLock::new();
+    let policy = POLICY.get_or_init(|| {
+        compile(&[(
+            "p.yaml",
+            "apiVersion: trellis.io/v1\nkind: Policy\nrules:\n  - name: api\n    action: allow\n    from: [\"*\"]\n    to:\n      - paths: [/api/**]\n  - name: db\n    action: allow\n    from: [\"*\"]\n    ports: [5432]\n",
+        )])
+        .expect("the fuzz policy compiles")
+    });
+    let text = String::from_utf8_lossy(data);
+    let Ok(crate::LogLine::Record(record)) = crate::parse_access_line(&text) else {
+        return;
+    };
+    let mut replay = crate::Replay::new(policy);
+    let _ = replay.record(&record);
+    let _ = replay.finish();
+    if let Some((cut, _)) = text.char_indices().last() {
+        if let Ok(crate::LogLine::Record(other)) = crate::parse_access_line(&text[..cut]) {
+            // Only trailing whitespace can go without changing the record.
+            assert_eq!(other, record, "{text:?}");
+        }
+    }
+}

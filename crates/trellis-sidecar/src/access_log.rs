@@ -18,13 +18,21 @@ pub(crate) struct AccessEntry<'a> {
     pub(crate) method: &'a Method,
     /// As forwarded (inbound with a policy: the normalized path the policy decided on).
     pub(crate) path: &'a str,
+    /// Inbound: the path as received (query left out), which `trellis policy replay`
+    /// decides again exactly as the sidecar did.
+    pub(crate) raw_path: Option<&'a str>,
     pub(crate) status: StatusCode,
     /// Request head received to response head ready.
     pub(crate) took: Duration,
     /// Outbound: the upstream's name (`None`: no upstream matched); inbound: the app address.
     pub(crate) upstream: Option<&'a str>,
-    /// The deciding rule of a policy denial.
+    /// The deciding rule (or `default`) when a policy decided.
     pub(crate) rule: Option<&'a str>,
+    /// Inbound: `allow`, `deny` or `refused` (400 before authorization) when the request
+    /// reached the policy hook (`None`: refused earlier, for its framing or headers).
+    pub(crate) decision: Option<&'a str>,
+    /// SHA-256 of the policy that decided (`None`: no policy).
+    pub(crate) policy: Option<&'a str>,
 }
 
 impl AccessEntry<'_> {
@@ -39,10 +47,13 @@ impl AccessEntry<'_> {
             direction = self.direction.as_str(),
             method = self.method.as_str(),
             path = self.path,
+            raw_path = self.raw_path,
             status = self.status.as_u16(),
             duration_ms,
             upstream = self.upstream,
             rule = self.rule,
+            decision = self.decision,
+            policy = self.policy,
             "request"
         );
     }

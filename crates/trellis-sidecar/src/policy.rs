@@ -241,6 +241,32 @@ impl ConnectionGrant {
     }
 }
 
+/// What the access log records of one policy decision (filled only with the access log on):
+/// everything `trellis policy replay` needs to decide the request again under another policy
+/// and compare.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccessDecision {
+    /// `allow`, `deny`, or `refused` (400: the path cannot be authorized).
+    pub decision: Option<&'static str>,
+    /// The deciding rule, or `default` (`None`: refused, or no policy loaded).
+    pub rule: Option<String>,
+    /// SHA-256 of the policy in force, as `trellis policy check` prints it (`None`: no policy).
+    pub policy: Option<String>,
+}
+
+impl AccessDecision {
+    fn record(
+        &mut self,
+        loaded: Option<&LoadedPolicy>,
+        decision: &'static str,
+        rule: Option<&str>,
+    ) {
+        self.decision = Some(decision);
+        self.rule = rule.map(str::to_owned);
+        self.policy = loaded.map(|p| p.compiled.hash().to_owned());
+    }
+}
+
 /// The policy in force and how to reload it. Shared by the inbound proxy, the watcher and
 /// the admin endpoint.
 pub struct PolicyEngine {
@@ -359,18 +385,46 @@ impl PolicyEngine {
         method: &str,
         raw_path: &'r str,
     ) -> HttpAuthorization<'r> {
+        self.authorize_request_logged(caller, method, raw_path, None)
+    }
+
+    /// [`authorize_request`](Self::authorize_request), also filling `log` (when given) with
+    /// the decision, the deciding rule and the policy hash for the access log.
+    pub fn authorize_request_logged<'r>(
+        &self,
+        caller: &str,
+        method: &str,
+        raw_path: &'r str,
+        log: Option<&mut AccessDecision>,
+    ) -> HttpAuthorization<'r> {
         let guard = self.current.load();
-        let Some(loaded) = guard.as_ref() else {
+        let loaded = guard.as_deref();
+        let outcome = |log: Option<&mut AccessDecision>, decision, rule: Option<&str>| {
+            if let Some(log) = log {
+                log.record(loaded, decision, rule);
+            }
+        };
+        let Some(loaded) = loaded else {
             return match trellis_policy::normalize_path(raw_path) {
-                Ok(path) => HttpAuthorization::Allow(path),
-                Err(e) => HttpAuthorization::BadPath(e),
+                Ok(path) => {
+                    outcome(log, "allow", None);
+                    HttpAuthorization::Allow(path)
+                }
+                Err(e) => {
+                    outcome(log, "refused", None);
+                    HttpAuthorization::BadPath(e)
+                }
             };
         };
         let r = match loaded.compiled.decide_request(caller, method, raw_path) {
             Ok(r) => r,
-            Err(e) => return HttpAuthorization::BadPath(e),
+            Err(e) => {
+                outcome(log, "refused", None);
+                return HttpAuthorization::BadPath(e);
+            }
         };
         let (d, path, reading) = (r.decision, &r.path, r.reading.as_str());
+        outcome(log, d.action.as_str(), Some(d.rule));
         loaded.count(&d);
         if let Some(audit) = d.audit {
             tracing::info!(%caller, %method, %path, reading, rule = audit.rule, enforced = d.rule, "audit: would {}", audit.action);
@@ -390,11 +444,28 @@ impl PolicyEngine {
     /// Decides a raw TCP connection to the inbound listen `port`: `true` to let it through.
     /// Counted and logged like HTTP.
     pub fn authorize_l4(&self, caller: &str, port: u16) -> bool {
+        self.authorize_l4_logged(caller, port, None)
+    }
+
+    /// [`authorize_l4`](Self::authorize_l4), also filling `log` (when given) for the
+    /// access log.
+    pub fn authorize_l4_logged(
+        &self,
+        caller: &str,
+        port: u16,
+        log: Option<&mut AccessDecision>,
+    ) -> bool {
         let guard = self.current.load();
         let Some(loaded) = guard.as_ref() else {
+            if let Some(log) = log {
+                log.record(None, "allow", None);
+            }
             return true;
         };
         let d = loaded.compiled.decide_l4(caller, port);
+        if let Some(log) = log {
+            log.record(Some(loaded), d.action.as_str(), Some(d.rule));
+        }
         loaded.count(&d);
         if let Some(audit) = d.audit {
             tracing::info!(%caller, port, rule = audit.rule, enforced = d.rule, "audit: would {} TCP connection", audit.action);
@@ -423,9 +494,19 @@ impl PolicyEngine {
         caller: &str,
         scope: ConnectionScope,
     ) -> Option<ConnectionGrant> {
+        self.admit_logged(caller, scope, None)
+    }
+
+    /// [`PolicyEngine::admit`], filling `log` with the decision for the access log.
+    pub fn admit_logged(
+        self: &Arc<Self>,
+        caller: &str,
+        scope: ConnectionScope,
+        log: Option<&mut AccessDecision>,
+    ) -> Option<ConnectionGrant> {
         let generation = self.generation.subscribe();
         if let ConnectionScope::Tcp { port } = scope {
-            if !self.authorize_l4(caller, port) {
+            if !self.authorize_l4_logged(caller, port, log) {
                 return None;
             }
         }

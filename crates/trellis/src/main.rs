@@ -56,7 +56,8 @@ enum Command {
     /// Join tokens.
     #[command(subcommand)]
     Token(cmd_token::TokenCommand),
-    /// Authorization policy tools: check a policy, explain a decision.
+    /// Authorization policy tools: check a policy, explain a decision, test, replay
+    /// recorded traffic, diff two versions.
     #[command(subcommand)]
     Policy(cmd_policy::PolicyCommand),
     /// Handshake with a TLS endpoint and report its identity, chain, and why it fails
@@ -99,7 +100,9 @@ fn main() -> ExitCode {
         Command::Sidecar(args) => cmd_sidecar::run(args),
         Command::Ca(cmd) => cmd_ca::run(cmd),
         Command::Token(cmd) => cmd_token::run(cmd),
-        Command::Policy(cmd) => cmd_policy::run(cmd),
+        // Its own exit codes: replay, diff and test use 1 for "changed"/"failed", 2 for bad
+        // input.
+        Command::Policy(cmd) => return cmd_policy::run(cmd),
         Command::Inject(args) => cmd_inject::run(args),
         // Its own exit codes: 1 is a failed inspection, 2 bad usage.
         Command::Inspect(args) => return inspect::run(args),

@@ -28,6 +28,7 @@ mod observability_sidecar;
 mod operator_socket;
 mod policy_e2e;
 mod policy_reload_load;
+mod policy_replay;
 mod protocols;
 mod reliability_ca;
 mod reliability_control_outage;

@@ -450,9 +450,14 @@ async fn denial_bumps_its_rule_and_is_logged_with_it() -> anyhow::Result<()> {
                 "want one 403 line with its rule and one 200 line with the normalized path:\n{}",
                 access_lines(&mesh.b).join("\n")
             );
+                // An allow names its rule too, with the path as received, the decision and
+                // the policy: what `trellis policy replay` decides again.
                 ensure!(
-                    !allowed.iter().any(|l| l.contains("rule")),
-                    "an allowed request has no rule field: {allowed:?}"
+                    allowed.iter().all(|l| has_field(l, "rule", "lb-health")
+                        && has_field(l, "decision", "allow")
+                        && l.contains("raw_path=")
+                        && l.contains("policy=")),
+                    "an allowed request names its rule, decision, raw path and policy: {allowed:?}"
                 );
                 Ok(())
             },

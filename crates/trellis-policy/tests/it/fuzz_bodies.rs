@@ -114,6 +114,9 @@ fn hostile_path() -> impl Strategy<Value = Vec<u8>> {
     .prop_map(|p| format!("/{}", p.concat()).into_bytes())
 }
 
+/// An inbound access line as the sidecar writes it.
+const ACCESS_LINE: &str = r#"{"timestamp":"2026-12-06T00:00:00.000001Z","level":"INFO","target":"trellis::access","message":"request","fields":{"caller":"spiffe://example.org/ns/prod/sa/web","direction":"inbound","method":"GET","path":"/api/orders","raw_path":"/api//orders","status":200,"duration_ms":0.2,"upstream":"127.0.0.1:9","rule":"api","decision":"allow","policy":"0123"}}"#;
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(3000))]
 
@@ -125,6 +128,25 @@ proptest! {
     #[test]
     fn normalize_path_body_holds_for_path_like_strings(data in path_like()) {
         fuzz::normalize(&data);
+    }
+
+    #[test]
+    fn access_line_body_holds_for_mangled_access_lines(
+        cut in 0usize..400,
+        insert in prop::sample::select(&["\"", "}", "{", "\\", ",", ":1", "\\u0000", "é", "null"][..]),
+        at in 0usize..400,
+    ) {
+        // A real access line, cut short and with one token inserted somewhere.
+        let line = ACCESS_LINE;
+        let mut s = line[..line.len().saturating_sub(cut % line.len())].to_owned();
+        let at = (0..=at.min(s.len())).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+        s.insert_str(at, insert);
+        fuzz::access_line(s.as_bytes());
+    }
+
+    #[test]
+    fn access_line_body_holds_for_random_bytes(data in prop::collection::vec(any::<u8>(), 0..200)) {
+        fuzz::access_line(&data);
     }
 
     #[test]

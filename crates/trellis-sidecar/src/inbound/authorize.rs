@@ -2,7 +2,7 @@
 
 use crate::body::ProxyBody;
 use crate::metrics::SidecarMetrics;
-use crate::policy::{HttpAuthorization, PolicyEngine};
+use crate::policy::{AccessDecision, HttpAuthorization, PolicyEngine};
 use crate::responses::text_response;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -32,12 +32,20 @@ pub(super) fn authorize(
     metrics: &SidecarMetrics,
     caller: &str,
     request: &mut Parts,
+    log: Option<&mut AccessDecision>,
 ) -> Option<Refusal> {
-    policy.path()?;
-    let normalized = match policy.authorize_request(
+    if policy.path().is_none() {
+        // No policy: allowed as sent (the access log still says so, for replay).
+        if let Some(log) = log {
+            log.decision = Some("allow");
+        }
+        return None;
+    }
+    let normalized = match policy.authorize_request_logged(
         caller,
         request.method.as_str(),
         request.uri.path(),
+        log,
     ) {
         HttpAuthorization::Allow(path) => path,
         HttpAuthorization::Deny { rule, .. } => {

@@ -31,7 +31,7 @@ use crate::headers::{
 use crate::listen::{self, InboundTls};
 use crate::metrics::{Direction, Listener, SidecarMetrics};
 use crate::mtls::{self, SessionTicketer};
-use crate::policy::{ConnectionScope, PolicyEngine};
+use crate::policy::{AccessDecision, ConnectionScope, PolicyEngine};
 use crate::responses::{text_response, uri_too_long};
 use crate::svid_store::SvidStore;
 use crate::upgrade::{
@@ -235,6 +235,7 @@ impl InboundProxy {
             let (shared, drain) = (shared.clone(), drain.clone());
             forwards.spawn(async move {
                 let ctx = InboundTcpContext {
+                    access_log: shared.access_log,
                     metrics: shared.metrics.clone(),
                     policy: shared.policy.clone(),
                     connect_timeout: shared.connect_timeout,
@@ -467,6 +468,10 @@ impl Inbound {
             self.metrics.request_refused(Direction::Inbound, reason);
             Some(response)
         });
+        // With the access log on: the path as received (before normalization) and what the
+        // policy decided, for `trellis policy replay`.
+        let raw_path = self.access_log.then(|| parts.uri.path().to_owned());
+        let mut decided = AccessDecision::default();
         let refusal = match framing_refused
             .or_else(|| {
                 let response = uri_too_long(&parts.uri, parts.version, self.max_uri_bytes)?;
@@ -485,6 +490,7 @@ impl Inbound {
                 &self.metrics,
                 conn.peer_id.as_str(),
                 &mut parts,
+                self.access_log.then_some(&mut decided),
             ),
         };
         // After `authorize`: the path as forwarded (normalized when a policy is in force).
@@ -550,10 +556,13 @@ impl Inbound {
                 direction: Direction::Inbound,
                 method: &method,
                 path: path.as_ref().map_or("/", PathAndQuery::path),
+                raw_path: raw_path.as_deref(),
                 status: response.status(),
                 took,
                 upstream: Some(&self.app_label),
-                rule: rule.as_deref(),
+                rule: decided.rule.as_deref().or(rule.as_deref()),
+                decision: decided.decision,
+                policy: decided.policy.as_deref(),
             }
             .emit();
         }

@@ -2,10 +2,11 @@
 //! policy (`decide_l4(caller, listen port)`; a denial closes the connection right after the
 //! handshake, and a reload that denies an open forward closes it) → plain TCP → app.
 
+use crate::access_log::ACCESS_LOG_TARGET;
 use crate::dial::{connect_tcp, TcpTarget};
 use crate::listen::InboundTls;
 use crate::metrics::{Direction, SidecarMetrics};
-use crate::policy::{ConnectionScope, PolicyEngine};
+use crate::policy::{AccessDecision, ConnectionScope, PolicyEngine};
 use crate::splice::splice;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +22,8 @@ pub(crate) struct InboundForward {
 
 /// What every inbound forward connection needs.
 pub(crate) struct InboundTcpContext {
+    /// Log each connection's decision (target `trellis::access`, message `connection`).
+    pub(crate) access_log: bool,
     pub(crate) metrics: Arc<SidecarMetrics>,
     pub(crate) policy: Arc<PolicyEngine>,
     pub(crate) connect_timeout: Duration,
@@ -42,7 +45,26 @@ pub(crate) async fn run_inbound_forward(
             let Some((mut tls, peer_id, _)) = conn.handshake().await else {
                 return;
             };
-            let Some(mut grant) = ctx.policy.admit(peer_id.as_str(), ConnectionScope::Tcp { port }) else {
+            let mut decided = AccessDecision::default();
+            let grant = ctx.policy.admit_logged(
+                peer_id.as_str(),
+                ConnectionScope::Tcp { port },
+                ctx.access_log.then_some(&mut decided),
+            );
+            if ctx.access_log {
+                // What `trellis policy replay` decides again: caller and listen port.
+                tracing::info!(
+                    target: ACCESS_LOG_TARGET,
+                    caller = peer_id.as_str(),
+                    direction = Direction::Inbound.as_str(),
+                    port,
+                    decision = decided.decision,
+                    rule = decided.rule.as_deref(),
+                    policy = decided.policy.as_deref(),
+                    "connection"
+                );
+            }
+            let Some(mut grant) = grant else {
                 let _ = tls.shutdown().await;
                 return;
             };

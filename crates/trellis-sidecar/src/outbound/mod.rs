@@ -418,7 +418,10 @@ async fn handle(
             upstream: upstream
                 .and_then(|i| shared.upstreams.get(i))
                 .map(|u| &*u.name),
+            raw_path: None,
             rule: None,
+            decision: None,
+            policy: None,
         }
         .emit();
     }
