@@ -85,6 +85,7 @@ pub(super) fn sidecar_container(
     cfg: &InjectConfig,
     form: SidecarForm,
     app_port: u16,
+    app_protocol: Option<&str>,
     upstreams: Option<&str>,
     policy: bool,
 ) -> Value {
@@ -101,6 +102,9 @@ pub(super) fn sidecar_container(
         env("TRELLIS_ADMIN", format!("0.0.0.0:{ADMIN_PORT}")),
         env("TRELLIS_APP", format!("127.0.0.1:{app_port}")),
     ];
+    if let Some(p) = app_protocol {
+        envs.push(env("TRELLIS_APP_PROTOCOL", p));
+    }
     if let Some(u) = upstreams {
         envs.push(env("TRELLIS_UPSTREAMS", u));
     }

@@ -49,6 +49,9 @@ pub const ANNOTATION_INJECT: &str = "trellis.io/inject";
 pub const ANNOTATION_APP_PORT: &str = "trellis.io/app-port";
 /// Pod annotation: upstreams, `--upstream` syntax, separated by whitespace (`TRELLIS_UPSTREAMS`).
 pub const ANNOTATION_UPSTREAMS: &str = "trellis.io/upstreams";
+/// Pod annotation: how the sidecar talks to the app, `http1` or `h2c` (`TRELLIS_APP_PROTOCOL`;
+/// `h2c` for gRPC servers and other HTTP/2-only apps).
+pub const ANNOTATION_APP_PROTOCOL: &str = "trellis.io/app-protocol";
 /// Pod annotation: name of a ConfigMap in the pod's namespace holding the policy.
 pub const ANNOTATION_POLICY_CONFIGMAP: &str = "trellis.io/policy-configmap";
 /// Pod annotation: `"false"` injects an ordinary container instead of a native sidecar (for
@@ -451,6 +454,15 @@ fn decide(request: &Map<String, Value>, cfg: &InjectConfig) -> Decision {
         },
         None => None,
     };
+    let app_protocol = match annotation(ANNOTATION_APP_PROTOCOL) {
+        None => None,
+        Some(v @ ("http1" | "h2c")) => Some(v),
+        Some(v) => {
+            return Decision::Deny(format!(
+                "annotation {ANNOTATION_APP_PROTOCOL}: `{v}` must be \"http1\" (default) or \"h2c\" (prior-knowledge HTTP/2, for gRPC servers)"
+            ))
+        }
+    };
     let form = match annotation(ANNOTATION_NATIVE_SIDECAR) {
         None if cfg.native_sidecar => SidecarForm::Native,
         None => SidecarForm::Container,
@@ -488,6 +500,7 @@ fn decide(request: &Map<String, Value>, cfg: &InjectConfig) -> Decision {
         cfg,
         form,
         app_port,
+        app_protocol,
         upstreams.as_deref(),
         policy_configmap.is_some(),
     );

@@ -717,3 +717,41 @@ fn native_sidecar_annotation_must_be_true_or_false() {
         "{message}"
     );
 }
+
+#[test]
+fn app_protocol_annotation_sets_the_sidecar_env_and_refuses_other_values() {
+    let mut doc = review_of_owned_pod("ReplicaSet", "Always");
+    doc["request"]["object"]["metadata"]["annotations"] =
+        json!({ "trellis.io/app-protocol": "h2c" });
+    let r = review(&serde_json::to_vec(&doc).unwrap(), &cfg()).unwrap();
+    assert_eq!(r.outcome, Outcome::Injected, "{}", r.detail);
+    let after = apply(&doc["request"]["object"], &response_of(&r));
+    let env = sidecar(&after)["env"].as_array().unwrap().clone();
+    assert!(
+        env.iter()
+            .any(|e| e["name"] == "TRELLIS_APP_PROTOCOL" && e["value"] == "h2c"),
+        "{env:?}"
+    );
+    // Without the annotation the sidecar's own default (http1) applies: no variable.
+    let plain = review_of_owned_pod("ReplicaSet", "Always");
+    let r = review(&serde_json::to_vec(&plain).unwrap(), &cfg()).unwrap();
+    let after = apply(&plain["request"]["object"], &response_of(&r));
+    assert!(!sidecar(&after)["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["name"] == "TRELLIS_APP_PROTOCOL"));
+
+    doc["request"]["object"]["metadata"]["annotations"] =
+        json!({ "trellis.io/app-protocol": "grpc" });
+    let r = review(&serde_json::to_vec(&doc).unwrap(), &cfg()).unwrap();
+    assert_eq!(r.outcome, Outcome::Error);
+    let message = response_of(&r)["status"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.contains("trellis.io/app-protocol") && message.contains("h2c"),
+        "{message}"
+    );
+}
