@@ -51,6 +51,16 @@ async fn interop(envoy_bin: &Path) -> anyhow::Result<Interop> {
 
 /// [`interop`] with `ecdh_curves: <curves>` on every Envoy TLS context (`[]`: Envoy's default).
 async fn interop_with_curves(envoy_bin: &Path, curves: &str) -> anyhow::Result<Interop> {
+    interop_with(envoy_bin, curves, None).await
+}
+
+/// [`interop_with_curves`]; with `grpc_app`, sidecar B fronts that gRPC app over h2c instead
+/// of its echo app.
+async fn interop_with(
+    envoy_bin: &Path,
+    curves: &str,
+    grpc_app: Option<SocketAddr>,
+) -> anyhow::Result<Interop> {
     let dir = tempfile::tempdir()?;
     let issuer = K8sIssuer::new()?;
     let k8s = issuer.write_jwks(&dir.path().join("jwks.json"))?;
@@ -64,7 +74,11 @@ async fn interop_with_curves(envoy_bin: &Path, curves: &str) -> anyhow::Result<I
     )?;
 
     let app_b = EchoApp::start("app-b").await?;
-    let b = Sidecar::start(&cp, SidecarOpts::new("sidecar-b", B_ID, app_b.addr)).await?;
+    let b_opts = match grpc_app {
+        Some(addr) => SidecarOpts::new("sidecar-b", B_ID, addr).args(&["--app-protocol", "h2c"]),
+        None => SidecarOpts::new("sidecar-b", B_ID, app_b.addr),
+    };
+    let b = Sidecar::start(&cp, b_opts).await?;
 
     let tls_port = free_port();
     let plain_port = free_port();
@@ -398,6 +412,61 @@ async fn envoy_key_exchange_with_and_without_ecdh_curves() -> anyhow::Result<()>
             drop(m);
         }
         eprintln!("{}", report.join("\n"));
+        Ok(())
+    })
+    .await
+}
+
+/// Stock Envoy as the calling peer of a gRPC service: a `grpcio` client → Envoy (h2c in,
+/// mTLS HTTP/2 out, with its SVID from our SDS) → sidecar B (`--app-protocol h2c`) → a
+/// `grpcio` server. Unary and server streaming, trailers end to end, XFCC naming Envoy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn envoy_calls_a_grpc_app_behind_a_trellis_sidecar() -> anyhow::Result<()> {
+    e2e(async {
+        let test = "envoy_calls_a_grpc_app_behind_a_trellis_sidecar";
+        let Some(envoy_bin) = envoy_or_skip(test) else {
+            return Ok(());
+        };
+        let Some(python) = crate::protocols::venv_python_with(test, "grpc") else {
+            return Ok(());
+        };
+        let logs = tempfile::tempdir()?;
+        let (_server, grpc_addr) = crate::protocols::start_python_server(
+            &python,
+            "grpc_peer.py",
+            "grpc-app",
+            logs.path(),
+        )?;
+        let i = interop_with(&envoy_bin, "[]", Some(grpc_addr)).await?;
+        let script = "import grpc,sys\n\
+            ch=grpc.insecure_channel(sys.argv[1])\n\
+            r=ch.unary_unary('/test.Echo/Unary')(b'hi',timeout=20).decode()\n\
+            s=[m.decode() for m in ch.unary_stream('/test.Echo/ServerStream')(b'y',timeout=20)]\n\
+            print(r); print(','.join(s))\n";
+        // Envoy takes its SVID from the control plane after it starts: retry until it can call.
+        let said = eventually(ENVOY_WARMUP, "a gRPC call through Envoy", || async {
+            let mut cmd = std::process::Command::new(&python);
+            cmd.args(["-c", script, &i.envoy_plain.to_string()]);
+            let out = trellis_tests::run_with_timeout(cmd, Duration::from_secs(60))?;
+            anyhow::ensure!(
+                out.status.success(),
+                "grpc client through Envoy: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        })
+        .await?;
+        let mut lines = said.lines();
+        let unary = lines.next().unwrap_or_default();
+        anyhow::ensure!(
+            unary.starts_with(&format!("hi|xfcc=By={B_ID};Hash="))
+                && unary.ends_with(&format!(";URI={ENVOY_ID}")),
+            "unary through Envoy: {said}"
+        );
+        anyhow::ensure!(
+            lines.next() == Some("0:y,1:y,2:y"),
+            "streaming through Envoy: {said}"
+        );
         Ok(())
     })
     .await
