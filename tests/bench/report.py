@@ -295,9 +295,9 @@ class Report:
         return out
 
     def ratio_table(self):
-        """Trellis's standing against each pair, per load: the README's table."""
+        """Trellis's standing against each pair, per load: the table in docs/benchmarks.md."""
         out = [
-            "## Ratios (the README table)",
+            "## Ratios (the table in docs/benchmarks.md)",
             "",
             "Trellis pair vs the others at the same load. Throughput: Trellis ÷ other (higher is better for Trellis). "
             "Added p99, CPU per request (A+B) and RSS: other ÷ Trellis (higher is better for Trellis).",

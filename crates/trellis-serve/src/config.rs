@@ -75,7 +75,7 @@ pub fn moved_key_message(message: &str, moved: &[(&str, &str)]) -> Option<String
         format!("{}: ", message[i + 4..].trim_end())
     });
     Some(format!(
-        "{place}`{old}` is now `{new}` (limits are nested per listener; see README \"Hardening\"); \
+        "{place}`{old}` is now `{new}` (limits are nested per listener; see docs/security.md, \"Hardening\"); \
          flags and TRELLIS_* variables keep their names"
     ))
 }

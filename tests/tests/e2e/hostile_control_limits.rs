@@ -1,5 +1,5 @@
 #![allow(clippy::unwrap_used)]
-//! The control plane's configurable limits (README "Hardening"), each set below its default on
+//! The control plane's configurable limits (docs/security.md, "Hardening"), each set below its default on
 //! a real `trellis control`: the offending client is refused (a gRPC status, a 4xx, or its
 //! connection closed) while a well-behaved client of the same process is served. Each
 //! offending input is within the default limit, so a refusal shows the configured value is the

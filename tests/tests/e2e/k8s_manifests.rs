@@ -11,7 +11,7 @@
 //! - the webhook configuration matches the contract (path /inject, Fail, 5 s, selectors);
 //! - RBAC is exactly the issuer-discovery binding;
 //! - the demo's annotations, Services and policies are consistent (the policies pass
-//!   `trellis policy check` and decide as the README says).
+//!   `trellis policy check` and decide as docs/kubernetes.md says).
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};

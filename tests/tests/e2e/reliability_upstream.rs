@@ -55,7 +55,7 @@ async fn stop_app_b(mesh: &mut Mesh) -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
-/// A one-line `text/plain` reason, as the README promises for every sidecar error.
+/// A one-line `text/plain` reason, as docs/protocols.md promises for every sidecar error.
 fn one_line_reason(reply: &Reply) -> anyhow::Result<String> {
     let text = reply.text();
     ensure!(

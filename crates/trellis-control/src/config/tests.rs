@@ -287,7 +287,7 @@ fn listener_limits_default_and_are_checked() {
     assert_eq!(s.limits, Limits::default());
     assert_eq!(s.limits.sds.max_connections, 20_000);
     assert!(!s.limits.sds.rate.limit_loopback);
-    // The documented defaults (README "Hardening").
+    // The documented defaults (docs/security.md, "Hardening").
     let d = s.limits;
     assert_eq!(d.sds.max_message_bytes, 256 * 1024);
     assert_eq!(d.sds.max_header_list_bytes, 16 * 1024);

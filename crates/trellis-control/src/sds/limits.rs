@@ -1,4 +1,4 @@
-//! `limits.sds`: what SDS clients may hold or do (README "Hardening"), its defaults and
+//! `limits.sds`: what SDS clients may hold or do (docs/security.md, "Hardening"), its defaults and
 //! checks. `crate::config` reads the file and checks the one rule that spans two sections (the
 //! header list must carry a `limits.k8s.max_jwt_bytes` JWT).
 

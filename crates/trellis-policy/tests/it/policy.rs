@@ -1,5 +1,6 @@
 //! The policy as operators and the sidecar use it, through the public API only: the
-//! issue's scenarios, the README's examples, and the errors a user sees.
+//! issue's scenarios, the examples of the crate README and docs/policy.md, and the errors a
+//! user sees.
 #![allow(clippy::unwrap_used)]
 
 use trellis_policy::{

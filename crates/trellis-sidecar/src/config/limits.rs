@@ -1,5 +1,5 @@
 //! `limits:` in the sidecar's config file: what one hostile peer may cost, nested by what it
-//! bounds (README "Hardening" says what happens when each is exceeded):
+//! bounds (docs/security.md, "Hardening", says what happens when each is exceeded):
 //!
 //! ```yaml
 //! limits:                          # every field optional

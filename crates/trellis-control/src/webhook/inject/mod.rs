@@ -7,8 +7,8 @@
 //! startup probe on `/ready`) unless the control plane's `native_sidecar` is off or the pod
 //! says `trellis.io/native-sidecar: "false"`; see [`SidecarForm`] for why.
 //!
-//! What is added, and why each annotation exists, is the contract of issue #7 (README,
-//! "Automatic sidecar injection"):
+//! What is added, and why each annotation exists, is the contract of issue #7
+//! (docs/kubernetes.md, "Automatic sidecar injection"):
 //! - container `trellis-sidecar` running `trellis sidecar`, configured by `TRELLIS_*`
 //!   variables, ports `trellis-mtls` 15443 and `trellis-admin` 15000, probes on the admin
 //!   port, small requests and limits, and a locked-down securityContext;
