@@ -65,6 +65,82 @@ pub(crate) fn start_python_server(
     Ok((child, addr))
 }
 
+/// A Python fixture app (`tests/fixtures/<script> server`) behind sidecar B with `policy`
+/// (and `b_args`), and sidecar A routing `Host: b` to it. Fields drop in order: sidecars,
+/// apps, then the control plane.
+struct FixtureMesh {
+    a: Sidecar,
+    _b: Sidecar,
+    _app_a: EchoApp,
+    _server: Child,
+    python: PathBuf,
+    script: &'static str,
+    _cp: ControlPlane,
+}
+
+impl FixtureMesh {
+    async fn start(
+        python: &PathBuf,
+        script: &'static str,
+        policy: &str,
+        b_args: &[&str],
+    ) -> anyhow::Result<Self> {
+        let cp = ControlPlane::start(ControlPlaneOpts::default())?;
+        let (server, app_addr) = start_python_server(python, script, "fixture-app", cp.dir.path())?;
+        let policy_path = cp.dir.path().join("policy-b.yaml");
+        std::fs::write(&policy_path, policy)?;
+        let policy_path = policy_path.to_string_lossy().into_owned();
+        let mut args = vec!["--policy", policy_path.as_str()];
+        args.extend_from_slice(b_args);
+        let b = Sidecar::start(
+            &cp,
+            SidecarOpts::new("sidecar-b", B_ID, app_addr).args(&args),
+        )
+        .await?;
+        let app_a = EchoApp::start("app-a").await?;
+        let a = Sidecar::start(
+            &cp,
+            SidecarOpts::new("sidecar-a", A_ID, app_a.addr).upstream("b", b.addrs.inbound, B_ID),
+        )
+        .await?;
+        Ok(Self {
+            a,
+            _b: b,
+            _app_a: app_a,
+            _server: server,
+            python: python.clone(),
+            script,
+            _cp: cp,
+        })
+    }
+
+    /// Runs `<script> client <sidecar A's outbound> b`: one JSON line per case, by case name
+    /// (and the raw output, for messages).
+    fn run_client(&self, timeout: Duration) -> anyhow::Result<(HashMap<String, Value>, String)> {
+        let mut cmd = Command::new(&self.python);
+        cmd.arg(fixture(self.script))
+            .arg("client")
+            .arg(self.a.outbound().to_string())
+            .arg("b");
+        let out = run_with_timeout(cmd, timeout)?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        ensure!(
+            out.status.success(),
+            "{} client failed: {}\n{stdout}",
+            self.script,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cases = stdout
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).with_context(|| format!("line {l:?}"))?;
+                Ok((v["case"].as_str().unwrap_or_default().to_owned(), v))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok((cases, stdout))
+    }
+}
+
 /// Sidecar B's policy: everything allowed but `test.Echo/Admin`.
 const GRPC_POLICY: &str = "apiVersion: trellis.io/v1
 kind: Policy
@@ -84,48 +160,14 @@ async fn grpcio_calls_cross_the_mesh_with_grpc_errors() -> anyhow::Result<()> {
         let Some(python) = venv_python_with(test, "grpc") else {
             return Ok(());
         };
-        let cp = ControlPlane::start(ControlPlaneOpts::default())?;
-        let (_server, grpc_addr) =
-            start_python_server(&python, "grpc_peer.py", "grpc-app", cp.dir.path())?;
-        let policy = cp.dir.path().join("policy-b.yaml");
-        std::fs::write(&policy, GRPC_POLICY)?;
-        let policy = policy.to_string_lossy().into_owned();
-        let b = Sidecar::start(
-            &cp,
-            SidecarOpts::new("sidecar-b", B_ID, grpc_addr).args(&[
-                "--app-protocol",
-                "h2c",
-                "--policy",
-                &policy,
-            ]),
+        let mesh = FixtureMesh::start(
+            &python,
+            "grpc_peer.py",
+            GRPC_POLICY,
+            &["--app-protocol", "h2c"],
         )
         .await?;
-        let app_a = EchoApp::start("app-a").await?;
-        let a = Sidecar::start(
-            &cp,
-            SidecarOpts::new("sidecar-a", A_ID, app_a.addr).upstream("b", b.addrs.inbound, B_ID),
-        )
-        .await?;
-
-        let mut cmd = Command::new(&python);
-        cmd.arg(fixture("grpc_peer.py"))
-            .arg("client")
-            .arg(a.outbound().to_string())
-            .arg("b");
-        let out = run_with_timeout(cmd, Duration::from_secs(120))?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        ensure!(
-            out.status.success(),
-            "grpc client failed: {}\n{stdout}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let cases: HashMap<String, Value> = stdout
-            .lines()
-            .map(|l| {
-                let v: Value = serde_json::from_str(l).with_context(|| format!("line {l:?}"))?;
-                Ok((v["case"].as_str().unwrap_or_default().to_owned(), v))
-            })
-            .collect::<anyhow::Result<_>>()?;
+        let (cases, stdout) = mesh.run_client(Duration::from_secs(120))?;
         let case = |name: &str| {
             cases
                 .get(name)
@@ -378,40 +420,9 @@ async fn websockets_cross_the_mesh_and_follow_the_policy() -> anyhow::Result<()>
         let Some(python) = venv_python_with(test, "websockets") else {
             return Ok(());
         };
-        let cp = ControlPlane::start(ControlPlaneOpts::default())?;
-        let (_server, ws_addr) =
-            start_python_server(&python, "ws_peer.py", "ws-app", cp.dir.path())?;
-        let policy = cp.dir.path().join("policy-b.yaml");
-        std::fs::write(&policy, WS_POLICY)?;
-        let policy = policy.to_string_lossy().into_owned();
-        let b = Sidecar::start(
-            &cp,
-            SidecarOpts::new("sidecar-b", B_ID, ws_addr).args(&["--policy", &policy]),
-        )
-        .await?;
-        let app_a = EchoApp::start("app-a").await?;
-        let a = Sidecar::start(
-            &cp,
-            SidecarOpts::new("sidecar-a", A_ID, app_a.addr).upstream("b", b.addrs.inbound, B_ID),
-        )
-        .await?;
-        let mut cmd = Command::new(&python);
-        cmd.arg(fixture("ws_peer.py"))
-            .arg("client")
-            .arg(a.outbound().to_string())
-            .arg("b");
-        let out = run_with_timeout(cmd, Duration::from_secs(60))?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        ensure!(
-            out.status.success(),
-            "websocket client failed: {}\n{stdout}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let cases: HashMap<String, Value> = stdout
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .map(|v| (v["case"].as_str().unwrap_or_default().to_owned(), v))
-            .collect();
+        let mesh = FixtureMesh::start(&python, "ws_peer.py", WS_POLICY, &[]).await?;
+        let (cases, stdout) = mesh.run_client(Duration::from_secs(60))?;
+        let a = &mesh.a;
         let echo = cases.get("echo").with_context(|| format!("no echo case: {stdout}"))?;
         let first = echo["first"].as_str().unwrap_or_default();
         ensure!(
