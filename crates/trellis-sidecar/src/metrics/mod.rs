@@ -1,5 +1,9 @@
 //! Sidecar metrics, Prometheus text on the admin port.
 //!
+//! One file on purpose: every series is named, recorded and encoded here (the fixed label
+//! sets, the atomic arrays and the collector that turns them into text must agree), so a
+//! renamed or added series is one reviewable diff. Its tests are in `tests.rs`.
+//!
 //! **Why the data-path metrics are plain atomics.** prometheus-client's `Family::get_or_create`
 //! takes a `parking_lot::RwLock` on every call and its `Histogram::observe` takes a write lock:
 //! on a multi-threaded runtime every request would serialize on them, and a scrape (which
