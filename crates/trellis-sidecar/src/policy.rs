@@ -133,7 +133,10 @@ pub struct LoadedPolicy {
     /// The files it was compiled from, in order.
     pub sources: Vec<String>,
     decisions: Family<AuthzLabel, Counter>,
-    counters: HashMap<String, RuleCounters>,
+    /// Keyed by rule name; the key is shared with access-log lines (no copy per request).
+    counters: HashMap<Arc<str>, RuleCounters>,
+    /// The policy's SHA-256, shared with access-log lines.
+    hash: Arc<str>,
 }
 
 impl LoadedPolicy {
@@ -141,9 +144,10 @@ impl LoadedPolicy {
         let counters = compiled
             .rule_names()
             .chain(std::iter::once(trellis_policy::DEFAULT_RULE))
-            .map(|rule| (rule.to_owned(), RuleCounters::default()))
+            .map(|rule| (Arc::from(rule), RuleCounters::default()))
             .collect();
         Self {
+            hash: Arc::from(compiled.hash()),
             sources: compiled.source_names().map(str::to_owned).collect(),
             compiled,
             loaded_at: SystemTime::now(),
@@ -249,9 +253,9 @@ pub struct AccessDecision {
     /// `allow`, `deny`, or `refused` (400: the path cannot be authorized).
     pub decision: Option<&'static str>,
     /// The deciding rule, or `default` (`None`: refused, or no policy loaded).
-    pub rule: Option<String>,
+    pub rule: Option<Arc<str>>,
     /// SHA-256 of the policy in force, as `trellis policy check` prints it (`None`: no policy).
-    pub policy: Option<String>,
+    pub policy: Option<Arc<str>>,
 }
 
 impl AccessDecision {
@@ -261,9 +265,13 @@ impl AccessDecision {
         decision: &'static str,
         rule: Option<&str>,
     ) {
+        // Reference counts, not copies: the access log is on by default.
         self.decision = Some(decision);
-        self.rule = rule.map(str::to_owned);
-        self.policy = loaded.map(|p| p.compiled.hash().to_owned());
+        self.rule = rule.and_then(|rule| {
+            let (name, _) = loaded?.counters.get_key_value(rule)?;
+            Some(Arc::clone(name))
+        });
+        self.policy = loaded.map(|p| Arc::clone(&p.hash));
     }
 }
 

@@ -27,6 +27,8 @@ use hyper_util::rt::TokioIo;
 use trellis_serve::{Drain, IdleClock, Tracked};
 
 use crate::body::ProxyBody;
+use crate::h1_framing::FramingReport;
+use crate::headers::strip_hop_by_hop;
 use crate::responses::text_response;
 use crate::splice::splice;
 
@@ -140,7 +142,7 @@ pub fn restore_upgrade(headers: &mut HeaderMap, upgrade: HeaderValue) {
 /// Copies both ways between the two sides of a WebSocket until both close, `idle_timeout`
 /// passes with no byte either way, or the drain is forced. Holds `drain` meanwhile, so a
 /// graceful shutdown waits for the tunnel up to the drain timeout.
-pub async fn tunnel(
+async fn tunnel(
     caller: OnUpgrade,
     upstream: Upgraded,
     drain: Drain,
@@ -171,11 +173,30 @@ pub async fn tunnel(
     }
 }
 
-/// The `101` for the caller: the upstream's answer head, which carries `Upgrade`,
-/// `Connection` and `Sec-WebSocket-Accept`.
-pub fn switching_protocols(mut head: http::response::Parts) -> Response<ProxyBody> {
-    head.version = Version::HTTP_11;
-    Response::from_parts(head, ProxyBody::Text(None))
+/// The caller's answer to its upgrade request, for both directions. On `101`: the caller's
+/// connection stops being read as HTTP/1.1 (`framing`), the tunnel starts, and the caller gets
+/// the upstream's head (`Upgrade`, `Connection`, `Sec-WebSocket-Accept`). Otherwise the
+/// upstream's answer passes on without its hop-by-hop headers.
+pub fn answer(
+    switch: Switch,
+    caller: OnUpgrade,
+    framing: &FramingReport,
+    drain: Drain,
+    idle_timeout: Duration,
+    what: &'static str,
+) -> Response<ProxyBody> {
+    match switch {
+        Switch::Switched(mut head, upstream) => {
+            framing.switch_protocols();
+            tokio::spawn(tunnel(caller, upstream, drain, idle_timeout, what));
+            head.version = Version::HTTP_11;
+            Response::from_parts(head, ProxyBody::Text(None))
+        }
+        Switch::Answered(mut response) => {
+            strip_hop_by_hop(response.headers_mut());
+            response
+        }
+    }
 }
 
 #[cfg(test)]

@@ -59,7 +59,12 @@ impl AppH2 {
         &self,
         mut req: Request<ReqBody>,
     ) -> Result<Response<Incoming>, ForwardError> {
-        to_h2c_form(&mut req, self.addr);
+        // Never a silent fallback: the policy decided on this path, so it goes as it is or not
+        // at all.
+        to_h2c_form(&mut req, self.addr).map_err(|e| ForwardError::Failed {
+            target: self.target.clone(),
+            detail: format!("cannot write the request as HTTP/2: {e}"),
+        })?;
         let conn = match self.live() {
             Some(conn) => conn,
             None => Box::pin(self.open()).await?,
@@ -129,7 +134,7 @@ impl AppH2 {
 /// An HTTP/2 request needs `:scheme` and `:authority`: the origin-form request the inbound
 /// proxy prepared gets them from its `Host` (or, without one, the app's address), and `Host`
 /// itself is removed (RFC 9113 8.3.1: `:authority` replaces it).
-fn to_h2c_form<B>(req: &mut Request<B>, app: SocketAddr) {
+fn to_h2c_form<B>(req: &mut Request<B>, app: SocketAddr) -> Result<(), http::uri::InvalidUriParts> {
     *req.version_mut() = Version::HTTP_2;
     let authority = req
         .headers_mut()
@@ -143,7 +148,8 @@ fn to_h2c_form<B>(req: &mut Request<B>, app: SocketAddr) {
     if parts.path_and_query.is_none() {
         parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
     }
-    *req.uri_mut() = Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"));
+    *req.uri_mut() = Uri::from_parts(parts)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -158,7 +164,7 @@ mod tests {
             .header("host", "service-b:8080")
             .body(())
             .unwrap();
-        to_h2c_form(&mut req, "127.0.0.1:9".parse().unwrap());
+        to_h2c_form(&mut req, "127.0.0.1:9".parse().unwrap()).unwrap();
         assert_eq!(
             req.uri().to_string(),
             "http://service-b:8080/test.Echo/Unary?x=1"
@@ -170,7 +176,7 @@ mod tests {
     #[test]
     fn without_host_the_app_address_is_the_authority() {
         let mut req = Request::builder().uri("/a").body(()).unwrap();
-        to_h2c_form(&mut req, "127.0.0.1:9".parse().unwrap());
+        to_h2c_form(&mut req, "127.0.0.1:9".parse().unwrap()).unwrap();
         assert_eq!(req.uri().to_string(), "http://127.0.0.1:9/a");
     }
 }

@@ -34,9 +34,7 @@ use crate::mtls::{self, SessionTicketer};
 use crate::policy::{AccessDecision, ConnectionScope, PolicyEngine};
 use crate::responses::{text_response, uri_too_long};
 use crate::svid_store::SvidStore;
-use crate::upgrade::{
-    restore_upgrade, switching_protocols, tunnel, upgrade_ask, upgrade_refused, Switch, UpgradeAsk,
-};
+use crate::upgrade::{self, restore_upgrade, upgrade_ask, upgrade_refused, UpgradeAsk};
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use http::header::{self, HeaderValue};
@@ -469,8 +467,9 @@ impl Inbound {
             Some(response)
         });
         // With the access log on: the path as received (before normalization) and what the
-        // policy decided, for `trellis policy replay`.
-        let raw_path = self.access_log.then(|| parts.uri.path().to_owned());
+        // policy decided, for `trellis policy replay`. The URI is kept by reference count (its
+        // parts share the request's bytes), not copied.
+        let raw_uri = self.access_log.then(|| parts.uri.clone());
         let mut decided = AccessDecision::default();
         let refusal = match framing_refused
             .or_else(|| {
@@ -556,7 +555,7 @@ impl Inbound {
                 direction: Direction::Inbound,
                 method: &method,
                 path: path.as_ref().map_or("/", PathAndQuery::path),
-                raw_path: raw_path.as_deref(),
+                raw_path: raw_uri.as_ref().map(Uri::path),
                 status: response.status(),
                 took,
                 upstream: Some(&self.app_label),
@@ -596,21 +595,14 @@ impl Inbound {
         restore_upgrade(&mut parts.headers, upgrade);
         let req = Request::from_parts(parts, body);
         match tokio::time::timeout(timeout, self.app.upgrade(req)).await {
-            Ok(Ok(Switch::Switched(head, app))) => {
-                report.switch_protocols();
-                tokio::spawn(tunnel(
-                    on_upgrade,
-                    app,
-                    conn.drain.clone(),
-                    self.idle_timeout,
-                    "inbound",
-                ));
-                switching_protocols(head)
-            }
-            Ok(Ok(Switch::Answered(mut response))) => {
-                strip_hop_by_hop(response.headers_mut());
-                response
-            }
+            Ok(Ok(switch)) => upgrade::answer(
+                switch,
+                on_upgrade,
+                report,
+                conn.drain.clone(),
+                self.idle_timeout,
+                "inbound",
+            ),
             Ok(Err(e)) => error_response(&e),
             Err(_) => error_response(&ForwardError::Timeout {
                 target: self.app.target().clone(),

@@ -29,9 +29,7 @@ use crate::headers::{check_host, host_without_port, strip_hop_by_hop};
 use crate::metrics::{Direction, Listener, SidecarMetrics};
 use crate::responses::{text_response, uri_too_long};
 use crate::svid_store::SvidStore;
-use crate::upgrade::{
-    restore_upgrade, switching_protocols, tunnel, upgrade_ask, upgrade_refused, Switch, UpgradeAsk,
-};
+use crate::upgrade::{self, restore_upgrade, upgrade_ask, upgrade_refused, UpgradeAsk};
 use crate::{listen, mtls};
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, Scheme};
@@ -554,21 +552,14 @@ impl Outbound {
         restore_upgrade(&mut parts.headers, upgrade);
         let req = Request::from_parts(parts, body);
         match tokio::time::timeout(self.request_timeout, upstream.pool.upgrade(req)).await {
-            Ok(Ok(Switch::Switched(head, peer))) => {
-                conn.framing.switch_protocols();
-                tokio::spawn(tunnel(
-                    on_upgrade,
-                    peer,
-                    drain,
-                    self.idle_timeout,
-                    "outbound",
-                ));
-                switching_protocols(head)
-            }
-            Ok(Ok(Switch::Answered(mut response))) => {
-                strip_hop_by_hop(response.headers_mut());
-                response
-            }
+            Ok(Ok(switch)) => upgrade::answer(
+                switch,
+                on_upgrade,
+                &conn.framing,
+                drain,
+                self.idle_timeout,
+                "outbound",
+            ),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "WebSocket upgrade failed");
                 text_response(e.status(), &e.to_string())
