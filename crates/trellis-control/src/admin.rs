@@ -1,4 +1,5 @@
-//! The admin HTTP endpoint: `GET /healthz`, `/ready`, `/metrics`, `/ca`, `/certs`, and
+//! The admin HTTP endpoint: `GET /healthz`, `/ready`, `/metrics`, `/ca`, `/certs`, the
+//! transparency log's `/log/*` ([`crate::translog::admin`]), and
 //! `POST /shutdown` (from a loopback peer only: the listener may be bound to `0.0.0.0` by
 //! config; answered `202`, then the control plane stops as on SIGTERM).
 //!
@@ -196,6 +197,8 @@ pub struct AdminState {
     pub serving: Arc<ArcSwapOption<ServingSvid>>,
     /// The trust bundle in force (`/certs`).
     pub bundle: Arc<ArcSwap<TrustBundle>>,
+    /// The issuance transparency log (`/log/*`).
+    pub log: Option<Arc<crate::translog::IssuanceLog>>,
 }
 
 fn text(
@@ -285,7 +288,7 @@ pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<B
         _ => text(
             StatusCode::NOT_FOUND,
             PLAIN,
-            "not found: try GET /healthz, /ready, /metrics, /ca, /certs; POST /shutdown\n",
+            "not found: try GET /healthz, /ready, /metrics, /ca, /certs, /log/sth; POST /shutdown\n",
         ),
     }
 }
@@ -329,7 +332,18 @@ impl Routes for AdminState {
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> (Response<Full<Bytes>>, AdminAction) {
-        handle(self, req.method(), req.uri().path(), peer.ip())
+        let path = req.uri().path();
+        if let (Some(log), true) = (&self.log, path.starts_with("/log/")) {
+            if req.method() != Method::GET && req.method() != Method::HEAD {
+                return (method_not_allowed("GET, HEAD"), AdminAction::None);
+            }
+            let query = req.uri().query().unwrap_or("");
+            return (
+                crate::translog::admin::respond(log, path, query).await,
+                AdminAction::None,
+            );
+        }
+        handle(self, req.method(), path, peer.ip())
     }
 }
 
@@ -370,6 +384,7 @@ mod tests {
             )
             .unwrap();
         AdminState {
+            log: None,
             ca: Arc::new(ArcSwap::from_pointee(Vec::new())),
             metrics: Arc::new(ControlMetrics::new()),
             ready: AtomicBool::new(false),

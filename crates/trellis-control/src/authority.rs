@@ -371,6 +371,9 @@ impl CaRotator {
                     tracing::error!(error = %e, "cannot write audit log");
                 }
             }
+            if before != Some(phase.as_str()) {
+                self.log_phase(c, *phase);
+            }
             applied.push((c.id, *phase));
             let base = c.id == 0;
             status.push(CaStatus {
@@ -388,6 +391,22 @@ impl CaRotator {
         }
         self.applied = applied;
         self.status.store(Arc::new(status));
+    }
+
+    /// Appends the phase to the transparency log (once per CA and phase across restarts and
+    /// replicas: the registry ignores repeats). A failure is logged; the next change retries
+    /// nothing, but `trellis log verify` still sees every issuance that CA signed.
+    fn log_phase(&self, c: &ScheduledCa, phase: CaPhase) {
+        let body = match crate::translog::ca_phase_body(c.ca.signing_cert(), phase.as_str()) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, ca = c.ca.label(), "cannot log the CA phase change");
+                return;
+            }
+        };
+        if let Err(e) = self.registry.record_ca_phase(&body) {
+            tracing::error!(error = %e, ca = c.ca.label(), phase = phase.as_str(), "cannot append the CA phase change to the transparency log");
+        }
     }
 
     /// Refreshes every `every` until `shutdown` flips.

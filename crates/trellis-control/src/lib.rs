@@ -20,4 +20,5 @@ pub mod registry;
 pub mod sds;
 pub mod server;
 pub mod state_dir;
+pub mod translog;
 pub mod webhook;

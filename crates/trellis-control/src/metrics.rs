@@ -101,6 +101,8 @@ pub struct ControlMetrics {
     /// `trellis_sds_handshake_timeouts_total`: SDS TLS handshakes dropped for taking longer
     /// than the handshake timeout.
     pub sds_handshake_timeouts: Counter,
+    /// The issuance transparency log's series (`trellis_log_*`).
+    pub log: Arc<crate::translog::LogMetrics>,
 }
 
 /// One listener's accept-loop events as counters.
@@ -152,6 +154,7 @@ impl ControlMetrics {
             sds_rate_limited: Counter::default(),
             connections_refused: Family::default(),
             sds_handshake_timeouts: Counter::default(),
+            log: Arc::default(),
             registry: Registry::default(),
         };
         // One series, always 1: joins version and commit onto any other series in a query.
@@ -258,6 +261,7 @@ impl ControlMetrics {
             "SDS TLS handshakes dropped for exceeding the handshake timeout",
             m.sds_handshake_timeouts.clone(),
         );
+        m.log.register(&mut registry);
         ControlMetrics { registry, ..m }
     }
 

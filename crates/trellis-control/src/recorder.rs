@@ -147,6 +147,7 @@ mod tests {
             attestor: "join_token",
             peer: None,
             issued_at: SystemTime::now(),
+            log: crate::translog::test_body(&format!("{serial:02x}")),
         }
     }
 

@@ -79,6 +79,9 @@ pub enum StartError {
     /// TLS setup.
     #[error("TLS setup failed: {0}")]
     Tls(String),
+    /// The issuance transparency log cannot be opened or does not match its signed head.
+    #[error(transparent)]
+    Log(#[from] crate::translog::LogError),
 }
 
 /// A running control plane.
@@ -255,6 +258,9 @@ impl ControlPlane {
                     )
                 },
             )?;
+        // Before any issuance: a log that fails its own signed head stops the start here.
+        let translog =
+            crate::translog::IssuanceLog::open(Arc::clone(&registry), Arc::clone(&metrics.log))?;
         let limiter = Arc::new(crate::ratelimit::PeerLimiter::new(settings.limits.sds.rate));
         let core = Arc::new(SdsCore {
             ca: Arc::clone(&signer),
@@ -353,7 +359,12 @@ impl ControlPlane {
             )));
         }
 
+        tasks.push(tokio::spawn(
+            Arc::clone(&translog).run(crate::translog::DEFAULT_HEAD_INTERVAL, shutdown_rx.clone()),
+        ));
+
         let admin_state = Arc::new(AdminState {
+            log: Some(translog),
             ca: ca_status,
             metrics: Arc::clone(&metrics),
             ready: Default::default(),

@@ -32,7 +32,7 @@ fn entry(index: u64) -> Vec<u8> {
             public_key_sha256: [index as u8; 32],
             not_before: 1_765_000_000,
             not_after: 1_765_086_400,
-            issuer_sha256: [1; 32],
+            issuer_key_id: vec![1; 20],
             attestation: "k8s_psat".into(),
         }),
     }

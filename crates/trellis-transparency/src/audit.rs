@@ -156,7 +156,7 @@ mod tests {
                 public_key_sha256: [index as u8; 32],
                 not_before: 0,
                 not_after: 3600,
-                issuer_sha256: [1; 32],
+                issuer_key_id: vec![1; 20],
                 attestation: "join_token".into(),
             }),
         }

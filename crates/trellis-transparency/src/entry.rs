@@ -5,8 +5,8 @@
 //! ```text
 //! entry   = version:u8 (=1) kind:u8 index:u64 time_ms:u64 body
 //! kind 1  = issuance: serial:opaque8 spiffe_id:opaque16 public_key_sha256:[32]
-//!           not_before:i64 not_after:i64 issuer_sha256:[32] attestation:opaque8
-//! kind 2  = CA phase: ca_sha256:[32] phase:opaque8
+//!           not_before:i64 not_after:i64 issuer_key_id:opaque8 attestation:opaque8
+//! kind 2  = CA phase: ca_sha256:[32] ca_key_id:opaque8 phase:opaque8
 //! ```
 //! The entry carries its own index so that a swapped or removed entry is named by the
 //! audit, not just noticed as a wrong root somewhere in a range.
@@ -53,8 +53,9 @@ pub struct IssuanceEntry {
     pub not_before: i64,
     /// notAfter, Unix seconds.
     pub not_after: i64,
-    /// SHA-256 of the issuing CA certificate (DER).
-    pub issuer_sha256: [u8; 32],
+    /// The issuing CA's key identifier (the leaf's authority key identifier, which is the
+    /// CA certificate's subject key identifier): names the CA across re-issued certificates.
+    pub issuer_key_id: Vec<u8>,
     /// How the workload was attested (`k8s_psat`, `join_token`, `control` …).
     pub attestation: String,
 }
@@ -64,6 +65,8 @@ pub struct IssuanceEntry {
 pub struct CaPhaseEntry {
     /// SHA-256 of the CA certificate (DER).
     pub ca_sha256: [u8; 32],
+    /// The CA's subject key identifier (what issuance entries name as their issuer).
+    pub ca_key_id: Vec<u8>,
     /// The phase it entered.
     pub phase: String,
 }
@@ -91,26 +94,32 @@ pub struct LogEntry {
 impl LogEntry {
     /// The canonical bytes (what the leaf hash covers).
     pub fn encode(&self) -> Result<Vec<u8>, EntryError> {
+        Self::encode_parts(self.index, self.time_ms, &self.body)
+    }
+
+    /// The canonical bytes of an entry made of these parts, without assembling one.
+    pub fn encode_parts(index: u64, time_ms: u64, body: &LogBody) -> Result<Vec<u8>, EntryError> {
         let mut out = Vec::with_capacity(160);
         out.push(ENTRY_VERSION);
-        out.push(match self.body {
+        out.push(match body {
             LogBody::Issuance(_) => KIND_ISSUANCE,
             LogBody::CaPhase(_) => KIND_CA_PHASE,
         });
-        out.extend_from_slice(&self.index.to_be_bytes());
-        out.extend_from_slice(&self.time_ms.to_be_bytes());
-        match &self.body {
+        out.extend_from_slice(&index.to_be_bytes());
+        out.extend_from_slice(&time_ms.to_be_bytes());
+        match body {
             LogBody::Issuance(e) => {
                 put8(&mut out, "serial", &e.serial)?;
                 put16(&mut out, "spiffe_id", e.spiffe_id.as_bytes())?;
                 out.extend_from_slice(&e.public_key_sha256);
                 out.extend_from_slice(&e.not_before.to_be_bytes());
                 out.extend_from_slice(&e.not_after.to_be_bytes());
-                out.extend_from_slice(&e.issuer_sha256);
+                put8(&mut out, "issuer_key_id", &e.issuer_key_id)?;
                 put8(&mut out, "attestation", e.attestation.as_bytes())?;
             }
             LogBody::CaPhase(e) => {
                 out.extend_from_slice(&e.ca_sha256);
+                put8(&mut out, "ca_key_id", &e.ca_key_id)?;
                 put8(&mut out, "phase", e.phase.as_bytes())?;
             }
         }
@@ -134,11 +143,12 @@ impl LogEntry {
                 public_key_sha256: r.array("public_key_sha256")?,
                 not_before: i64::from_be_bytes(r.array("not_before")?),
                 not_after: i64::from_be_bytes(r.array("not_after")?),
-                issuer_sha256: r.array("issuer_sha256")?,
+                issuer_key_id: r.opaque8("issuer_key_id")?.to_vec(),
                 attestation: r.text8("attestation")?,
             }),
             KIND_CA_PHASE => LogBody::CaPhase(CaPhaseEntry {
                 ca_sha256: r.array("ca_sha256")?,
+                ca_key_id: r.opaque8("ca_key_id")?.to_vec(),
                 phase: r.text8("phase")?,
             }),
             other => return Err(EntryError::UnknownKind(other)),
@@ -221,7 +231,7 @@ mod tests {
                 public_key_sha256: [7; 32],
                 not_before: 1_765_000_000,
                 not_after: 1_765_086_400,
-                issuer_sha256: [9; 32],
+                issuer_key_id: vec![9; 20],
                 attestation: "k8s_psat".into(),
             }),
         }
@@ -234,6 +244,7 @@ mod tests {
             time_ms: 5,
             body: LogBody::CaPhase(CaPhaseEntry {
                 ca_sha256: [3; 32],
+                ca_key_id: vec![4; 20],
                 phase: "active".into(),
             }),
         };
@@ -251,7 +262,7 @@ mod tests {
         assert_eq!(&bytes[2..10], &41u64.to_be_bytes());
         assert_eq!(
             bytes.len(),
-            2 + 8 + 8 + 1 + 3 + 2 + 35 + 32 + 8 + 8 + 32 + 1 + 8
+            2 + 8 + 8 + 1 + 3 + 2 + 35 + 32 + 8 + 8 + 1 + 20 + 1 + 8
         );
     }
 

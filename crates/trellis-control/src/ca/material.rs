@@ -332,10 +332,12 @@ impl Ca {
         );
         let issuer = Issuer::from_ca_cert_der(signing_der, key)
             .map_err(|e| invalid(format!("cannot use as issuer: {e}")))?;
+        let signing_cert = signing_der.clone().into_owned();
         Ok(Self {
             trust_domain: td.clone(),
             bundle,
             issuer,
+            signing_cert,
             chain_tail,
             not_after: from_unix(not_after),
             label,

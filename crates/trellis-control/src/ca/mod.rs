@@ -144,6 +144,8 @@ pub struct Ca {
     bundle: TrustBundle,
     /// Signing certificate's subject and key identifier, and the key.
     issuer: Issuer<'static, CaKey>,
+    /// The signing certificate (what the transparency log names CA phases by).
+    signing_cert: CertificateDer<'static>,
     /// What follows the leaf in an SVID chain: the signing certificate and its parents below
     /// the root. Empty when the signing certificate is itself a root in the bundle.
     chain_tail: Vec<CertificateDer<'static>>,
@@ -167,6 +169,11 @@ impl Ca {
     /// The signing certificate's notAfter (or an earlier one of its parents below the root).
     pub fn not_after(&self) -> SystemTime {
         self.not_after
+    }
+
+    /// The certificate whose key signs (an intermediate, or a bundle root).
+    pub fn signing_cert(&self) -> &CertificateDer<'static> {
+        &self.signing_cert
     }
 
     /// The signing certificate's subject and serial (`CN=…, O=Trellis (serial 4f…)`).

@@ -318,11 +318,13 @@ impl Registry {
         if recs.is_empty() {
             return Ok(());
         }
+        let time_ms = now_ms();
         match &self.backend {
-            Backend::Sqlite(s) => s.record_issuances(recs),
-            Backend::Postgres(p) => {
-                p.record_issuances(recs.iter().map(IssuanceRow::from).collect())
-            }
+            Backend::Sqlite(s) => s.record_issuances(recs, time_ms),
+            Backend::Postgres(p) => p.record_issuances(
+                recs.iter().map(IssuanceRow::from).collect(),
+                postgres::LogRows::of(recs, time_ms)?,
+            ),
         }
     }
 
@@ -355,6 +357,123 @@ impl Registry {
 
 /// Lowercase hex SHA-256 of a verifier: the only form of it stored. On the stack, so a
 /// redemption allocates nothing for it.
+/// One body to append to the transparency log, and the serial it is found by.
+pub(crate) struct LogAppend<'a> {
+    pub(crate) body: &'a trellis_transparency::LogBody,
+    pub(crate) serial: Option<&'a str>,
+}
+
+impl<'a> LogAppend<'a> {
+    fn of(rec: &'a IssuanceRecord) -> Self {
+        LogAppend {
+            body: &rec.log,
+            serial: Some(&rec.serial_hex),
+        }
+    }
+}
+
+/// The canonical bytes of entry `index`.
+fn encode_entry(
+    index: i64,
+    time_ms: u64,
+    body: &trellis_transparency::LogBody,
+) -> Result<Vec<u8>, RegistryError> {
+    let index = u64::try_from(index)
+        .map_err(|_| RegistryError::Corrupt(format!("log index {index} is negative")))?;
+    trellis_transparency::LogEntry::encode_parts(index, time_ms, body)
+        .map_err(|e| RegistryError::Corrupt(format!("cannot encode log entry {index}: {e}")))
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(unix_ms(SystemTime::now())).unwrap_or(0)
+}
+
+/// The transparency log's storage: entries (appended with issuance records, see
+/// [`Registry::record_issuances`]), signed heads, CA phases and the log key.
+impl Registry {
+    /// Appends a CA phase change to the log, unless that CA's phase is logged already.
+    pub fn record_ca_phase(
+        &self,
+        body: &trellis_transparency::LogBody,
+    ) -> Result<(), RegistryError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.record_ca_phase(body, now_ms()),
+            Backend::Postgres(p) => p.record_ca_phase(body.clone(), now_ms()),
+        }
+    }
+
+    /// Leaf hashes of entries `from..` (at most `limit`), in log order.
+    pub fn log_leaf_hashes(
+        &self,
+        from: u64,
+        limit: u64,
+    ) -> Result<Vec<trellis_transparency::Hash>, RegistryError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.log_leaf_hashes(from, limit),
+            Backend::Postgres(p) => p.log_leaf_hashes(from, limit),
+        }
+    }
+
+    /// Stored entries `from..to`, in log order.
+    pub fn log_entries(
+        &self,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<trellis_transparency::StoredEntry>, RegistryError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.log_entries(from, to),
+            Backend::Postgres(p) => p.log_entries(from, to),
+        }
+    }
+
+    /// The index of the (latest) entry for the SVID with this serial.
+    pub fn log_index_of_serial(&self, serial_hex: &str) -> Result<Option<u64>, RegistryError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.log_index_of_serial(serial_hex),
+            Backend::Postgres(p) => p.log_index_of_serial(serial_hex.to_owned()),
+        }
+    }
+
+    /// Every stored signed head, by size.
+    pub fn log_heads(&self) -> Result<Vec<trellis_transparency::SignedTreeHead>, RegistryError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.log_heads(),
+            Backend::Postgres(p) => p.log_heads(),
+        }
+    }
+
+    /// The signed head of the largest size.
+    pub fn latest_log_head(
+        &self,
+    ) -> Result<Option<trellis_transparency::SignedTreeHead>, RegistryError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.latest_log_head(),
+            Backend::Postgres(p) => p.latest_log_head(),
+        }
+    }
+
+    /// Stores `sth` unless a head for its size exists (another replica's); returns the one
+    /// stored. So no two different heads are ever published for one size.
+    pub fn insert_log_head(
+        &self,
+        sth: &trellis_transparency::SignedTreeHead,
+    ) -> Result<trellis_transparency::SignedTreeHead, RegistryError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.insert_log_head(sth),
+            Backend::Postgres(p) => p.insert_log_head(sth.clone()),
+        }
+    }
+
+    /// The log key (PKCS#8 DER): the stored one, or `generated` stored now if there is none
+    /// (of two replicas starting at once, one key wins for both).
+    pub fn log_key_or_insert(&self, generated: &[u8]) -> Result<Zeroizing<Vec<u8>>, RegistryError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.log_key_or_insert(generated),
+            Backend::Postgres(p) => p.log_key_or_insert(Zeroizing::new(generated.to_vec())),
+        }
+    }
+}
+
 fn verifier_hash(verifier: &str) -> [u8; 64] {
     let mut out = [0u8; 64];
     // Cannot fail: 32 bytes always encode to exactly 64 hex digits.

@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 
 /// The schema this build reads and writes (SQLite `PRAGMA user_version`, PostgreSQL
 /// `trellis_schema.version`). Both backends take the same steps from 0 up to it.
-pub(super) const SCHEMA_VERSION: i64 = 3;
+pub(super) const SCHEMA_VERSION: i64 = 4;
 
 /// Registry failures.
 #[derive(Debug, Error)]
@@ -139,6 +139,8 @@ pub struct IssuanceRecord {
     pub peer: Option<std::net::SocketAddr>,
     /// When.
     pub issued_at: SystemTime,
+    /// What the transparency log records of it (appended in the same transaction).
+    pub log: trellis_transparency::LogBody,
 }
 
 /// A `--database` value that cannot be used. The message never contains the password.

@@ -279,6 +279,9 @@ enum Tls {
     Rustls(MakeRustlsConnect),
 }
 
+pub(super) mod log;
+pub(super) use log::LogRows;
+
 /// A failure inside a job: the client's (named with the URL by the bridge) or ours.
 enum Fail {
     Pg(postgres::Error),
@@ -598,7 +601,11 @@ impl PostgresStore {
         })
     }
 
-    pub(super) fn record_issuances(&self, rows: Vec<IssuanceRow>) -> Result<(), RegistryError> {
+    pub(super) fn record_issuances(
+        &self,
+        rows: Vec<IssuanceRow>,
+        log: log::LogRows,
+    ) -> Result<(), RegistryError> {
         self.log_conn.call(move |c| {
             let mut cols = IssuanceColumns::default();
             for r in rows {
@@ -609,8 +616,10 @@ impl PostgresStore {
                 cols.peer.push(r.peer);
                 cols.issued_at.push(r.issued_at);
             }
+            // The records and their log entries commit together or not at all.
+            let mut tx = c.transaction()?;
             // One statement (one round trip) per batch, however large the rotation wave.
-            c.execute(
+            tx.execute(
                 "INSERT INTO issuances (spiffe_id, serial, not_after, attestor, peer, issued_at)
                  SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[],
                                       $5::text[], $6::bigint[])",
@@ -623,12 +632,12 @@ impl PostgresStore {
                     &cols.issued_at,
                 ],
             )?;
+            log::append(&mut tx, log)?;
+            tx.commit()?;
             Ok(())
         })
     }
 
-    /// Deletes at most `limit` records that expired before `expired_before` (the caller
-    /// repeats until fewer are deleted), so no one transaction runs long.
     pub(super) fn prune_issuances(
         &self,
         expired_before: i64,
@@ -748,6 +757,34 @@ fn migrate(c: &mut postgres::Client, target: &str) -> Result<(), Fail> {
         tx.batch_execute(
             "ALTER TABLE join_tokens ADD COLUMN selector TEXT;
              CREATE UNIQUE INDEX join_tokens_selector ON join_tokens (selector);",
+        )?;
+    }
+    if version < 4 {
+        // The issuance transparency log, as in SQLite.
+        tx.batch_execute(
+            "CREATE TABLE log_entries (
+                 idx        BIGINT PRIMARY KEY,
+                 entry      BYTEA NOT NULL,
+                 leaf_hash  BYTEA NOT NULL,
+                 serial     TEXT
+             );
+             CREATE INDEX log_entries_serial ON log_entries (serial);
+             CREATE TABLE log_heads (
+                 tree_size     BIGINT PRIMARY KEY,
+                 root_hash     BYTEA NOT NULL,
+                 timestamp_ms  BIGINT NOT NULL,
+                 key_id        TEXT NOT NULL,
+                 signature     BYTEA NOT NULL
+             );
+             CREATE TABLE log_ca_phases (
+                 ca_sha256  BYTEA NOT NULL,
+                 phase      TEXT NOT NULL,
+                 PRIMARY KEY (ca_sha256, phase)
+             );
+             CREATE TABLE log_key (
+                 id     INTEGER PRIMARY KEY CHECK (id = 1),
+                 pkcs8  BYTEA NOT NULL
+             );",
         )?;
     }
     if version != SCHEMA_VERSION {

@@ -18,6 +18,9 @@ use super::model::{
     from_unix_ms, CaMaterial, CaRotation, IssuanceRecord, IssuanceRow, JoinError, NewToken, Redeem,
     RegistryError, TokenRow, Verdict, SCHEMA_VERSION,
 };
+use super::LogAppend;
+
+mod log;
 
 /// How long a writer waits for the other process's write lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -155,6 +158,37 @@ impl SqliteStore {
             tx.execute_batch(
                 "ALTER TABLE join_tokens ADD COLUMN selector TEXT;
                  CREATE UNIQUE INDEX join_tokens_selector ON join_tokens (selector);",
+            )
+            .map_err(open_err)?;
+        }
+        if version < 4 {
+            // The issuance transparency log (trellis-transparency): entries appended in the
+            // transaction that records each issuance, heads signed by the log key, the CA
+            // phases already logged (once each), and the log key itself. Never pruned.
+            tx.execute_batch(
+                "CREATE TABLE log_entries (
+                     idx        INTEGER PRIMARY KEY,
+                     entry      BLOB NOT NULL,
+                     leaf_hash  BLOB NOT NULL,
+                     serial     TEXT
+                 );
+                 CREATE INDEX log_entries_serial ON log_entries (serial);
+                 CREATE TABLE log_heads (
+                     tree_size     INTEGER PRIMARY KEY,
+                     root_hash     BLOB NOT NULL,
+                     timestamp_ms  INTEGER NOT NULL,
+                     key_id        TEXT NOT NULL,
+                     signature     BLOB NOT NULL
+                 );
+                 CREATE TABLE log_ca_phases (
+                     ca_sha256  BLOB NOT NULL,
+                     phase      TEXT NOT NULL,
+                     PRIMARY KEY (ca_sha256, phase)
+                 ) WITHOUT ROWID;
+                 CREATE TABLE log_key (
+                     id     INTEGER PRIMARY KEY CHECK (id = 1),
+                     pkcs8  BLOB NOT NULL
+                 );",
             )
             .map_err(open_err)?;
         }
@@ -346,7 +380,11 @@ impl SqliteStore {
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
-    pub(super) fn record_issuances(&self, recs: &[IssuanceRecord]) -> Result<(), RegistryError> {
+    pub(super) fn record_issuances(
+        &self,
+        recs: &[IssuanceRecord],
+        time_ms: u64,
+    ) -> Result<(), RegistryError> {
         let mut conn = Self::lock(&self.log_conn);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
@@ -366,6 +404,8 @@ impl SqliteStore {
                 ])?;
             }
         }
+        let appends: Vec<LogAppend<'_>> = recs.iter().map(LogAppend::of).collect();
+        log::append(&tx, &appends, time_ms)?;
         tx.commit()?;
         Ok(())
     }

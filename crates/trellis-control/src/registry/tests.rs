@@ -72,12 +72,132 @@ macro_rules! all_shared_tests {
             racing_first_starts_agree_on_one_ca,
             ca_rotations_are_stored_in_order_and_never_overtake,
             racing_rotations_do_not_overtake,
+            log_entries_commit_with_issuances_and_outlive_pruning,
+            log_heads_and_key_first_writer_wins,
+            racing_appends_from_two_handles_leave_no_gap,
         );
     };
 }
 
+/// A log body for an issuance with this serial (what the recorder would build).
+fn log_body(serial_hex: &str) -> trellis_transparency::LogBody {
+    trellis_transparency::LogBody::Issuance(trellis_transparency::IssuanceEntry {
+        serial: hex::decode(serial_hex).unwrap(),
+        spiffe_id: id().to_string(),
+        public_key_sha256: [7; 32],
+        not_before: 0,
+        not_after: 1,
+        issuer_key_id: vec![1; 20],
+        attestation: "join_token".into(),
+    })
+}
+
+fn issuance(serial_hex: &str, not_after: SystemTime) -> IssuanceRecord {
+    IssuanceRecord {
+        spiffe_id: id(),
+        serial_hex: serial_hex.into(),
+        not_after,
+        attestor: "join_token",
+        peer: None,
+        issued_at: t(0),
+        log: log_body(serial_hex),
+    }
+}
+
 mod shared {
     use super::*;
+    use trellis_transparency::{LogEntry, SignedTreeHead, TreeHead};
+
+    pub fn log_entries_commit_with_issuances_and_outlive_pruning(f: &dyn Fixture) {
+        let reg = f.handle();
+        reg.record_issuances(&[issuance("0a", t(10)), issuance("0b", t(1000))])
+            .unwrap();
+        let phase = trellis_transparency::LogBody::CaPhase(trellis_transparency::CaPhaseEntry {
+            ca_sha256: [5; 32],
+            ca_key_id: vec![6; 20],
+            phase: "active".into(),
+        });
+        reg.record_ca_phase(&phase).unwrap();
+        // Another replica noticing the same phase change adds nothing.
+        f.handle().record_ca_phase(&phase).unwrap();
+        reg.record_issuances(&[issuance("0c", t(2000))]).unwrap();
+
+        let entries = reg.log_entries(0, 100).unwrap();
+        assert_eq!(entries.len(), 4);
+        let decoded: Vec<LogEntry> = entries
+            .iter()
+            .map(|e| LogEntry::decode(&e.bytes).unwrap())
+            .collect();
+        assert_eq!(
+            decoded.iter().map(|e| e.index).collect::<Vec<_>>(),
+            [0, 1, 2, 3]
+        );
+        assert!(matches!(
+            decoded[2].body,
+            trellis_transparency::LogBody::CaPhase(_)
+        ));
+        assert_eq!(reg.log_index_of_serial("0b").unwrap(), Some(1));
+        assert_eq!(reg.log_index_of_serial("0c").unwrap(), Some(3));
+        assert_eq!(reg.log_index_of_serial("ff").unwrap(), None);
+        assert_eq!(reg.log_leaf_hashes(1, 2).unwrap().len(), 2);
+
+        // Pruning issuance records leaves the log whole.
+        assert_eq!(reg.prune_issuances(t(500)).unwrap(), 1);
+        assert_eq!(reg.log_entries(0, 100).unwrap().len(), 4);
+    }
+
+    pub fn log_heads_and_key_first_writer_wins(f: &dyn Fixture) {
+        let reg = f.handle();
+        let key = reg.log_key_or_insert(b"first key").unwrap();
+        assert_eq!(key.as_slice(), b"first key");
+        let again = f.handle().log_key_or_insert(b"second key").unwrap();
+        assert_eq!(again.as_slice(), b"first key");
+
+        let head = |root: u8, ts: u64| SignedTreeHead {
+            head: TreeHead {
+                tree_size: 3,
+                root_hash: [root; 32],
+                timestamp_ms: ts,
+            },
+            key_id: "k".into(),
+            signature: vec![root],
+        };
+        assert_eq!(reg.latest_log_head().unwrap(), None);
+        assert_eq!(reg.insert_log_head(&head(1, 10)).unwrap(), head(1, 10));
+        // A second replica's head for the same size never replaces the first.
+        assert_eq!(
+            f.handle().insert_log_head(&head(2, 11)).unwrap(),
+            head(1, 10)
+        );
+        let mut bigger = head(3, 12);
+        bigger.head.tree_size = 5;
+        reg.insert_log_head(&bigger).unwrap();
+        assert_eq!(reg.latest_log_head().unwrap(), Some(bigger.clone()));
+        assert_eq!(reg.log_heads().unwrap(), vec![head(1, 10), bigger]);
+    }
+
+    pub fn racing_appends_from_two_handles_leave_no_gap(f: &dyn Fixture) {
+        let (a, b) = (f.handle(), f.handle());
+        let barrier = Barrier::new(2);
+        std::thread::scope(|s| {
+            for (name, reg) in [("a", &a), ("b", &b)] {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    barrier.wait();
+                    for i in 0..20 {
+                        let serial = format!("{}{i:02x}", if name == "a" { "aa" } else { "bb" });
+                        reg.record_issuances(&[issuance(&serial, t(100))]).unwrap();
+                    }
+                });
+            }
+        });
+        let entries = a.log_entries(0, 1000).unwrap();
+        assert_eq!(entries.len(), 40);
+        for (i, e) in entries.iter().enumerate() {
+            assert_eq!(e.index, i as u64);
+            assert_eq!(LogEntry::decode(&e.bytes).unwrap().index, i as u64);
+        }
+    }
 
     pub fn token_has_selector_and_256_bit_verifier(f: &dyn Fixture) {
         let reg = f.handle();
@@ -285,6 +405,7 @@ mod shared {
             attestor: "join_token",
             peer: peer.map(|p| p.parse().unwrap()),
             issued_at: t(0),
+            log: log_body("01ab"),
         };
         reg.record_issuance(&rec(t(100), Some("10.0.0.1:5000")))
             .unwrap();
@@ -306,6 +427,7 @@ mod shared {
             attestor: "svid",
             peer: None,
             issued_at: t(0),
+            log: log_body("01"),
         };
         let old = usize::try_from(2 * PRUNE_CHUNK + 5).unwrap();
         let mut recs = vec![rec(t(10)); old];

@@ -197,6 +197,11 @@ impl SdsCore {
                     }
                 }
             };
+            // No SVID without its log entry: one that cannot be described is not handed out.
+            let leaf = issued
+                .leaf()
+                .ok_or_else(|| CaError::Sign("issued an empty chain".into()))?;
+            let log = crate::translog::issuance_body(leaf, attestor).map_err(CaError::Sign)?;
             core.recorder.record(IssuanceRecord {
                 spiffe_id: id,
                 serial_hex: issued.serial_hex().to_owned(),
@@ -204,6 +209,7 @@ impl SdsCore {
                 attestor,
                 peer,
                 issued_at: now,
+                log,
             });
             Ok::<_, CaError>(issued)
         })

@@ -116,6 +116,14 @@ impl Issued {
         }
     }
 
+    /// The leaf certificate (absent only from a malformed chain).
+    pub fn leaf(&self) -> Option<&trellis_identity::CertificateDer<'static>> {
+        match self {
+            Issued::WithKey(s) => s.chain().first(),
+            Issued::ChainOnly { chain, .. } => chain.first(),
+        }
+    }
+
     /// The leaf notAfter.
     pub fn not_after(&self) -> std::time::SystemTime {
         match self {

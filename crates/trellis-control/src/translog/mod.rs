@@ -1,0 +1,330 @@
+//! The issuance transparency log of the control plane: every issued SVID and every CA phase
+//! change is an entry (appended by the registry in the transaction that records it), and
+//! this module keeps the Merkle tree over the stored entries, signs a tree head whenever the
+//! log has grown (at most every `interval`, one second by default), and answers proofs for
+//! the admin endpoint (`/log/*`, see [`admin`]).
+//!
+//! Replicas on PostgreSQL each follow the one shared log: they read new leaf hashes in index
+//! order, so their trees agree, and a head's size is its primary key, so the first replica to
+//! sign a size wins and the others adopt its head after checking it against their own tree
+//! (a mismatch is a fork: counted, logged, never signed over).
+
+pub mod admin;
+mod facts;
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use aws_lc_rs::encoding::AsDer as _;
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_ASN1_SIGNING};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::watch;
+use trellis_transparency::{Hash, LogPublicKey, MerkleTree, SignedTreeHead, TreeError, TreeHead};
+
+pub use facts::{ca_phase_body, issuance_body};
+
+use crate::registry::{Registry, RegistryError};
+
+/// How often the log looks for new entries and signs a head over them, unless configured.
+pub const DEFAULT_HEAD_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Leaf hashes read per query while catching up (32 bytes each: 3.2 MB per page).
+const PAGE: u64 = 100_000;
+
+/// What can go wrong with the log.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// The registry could not be read or written.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The stored log key is not an ECDSA P-256 PKCS#8 key.
+    #[error("the stored transparency-log key cannot be used: {0}")]
+    Key(String),
+    /// The stored entries do not produce a stored signed head: tampering, or a fork.
+    #[error(
+        "the transparency log's entries do not match its signed head for size {size}: the \
+         log was tampered with or forked; run `trellis log verify` to find the first bad entry"
+    )]
+    Mismatch {
+        /// The size of the head that disagrees.
+        size: u64,
+    },
+    /// A proof was asked for something the log cannot prove.
+    #[error(transparent)]
+    Tree(#[from] TreeError),
+}
+
+/// The log's metrics (`trellis_log_*`).
+#[derive(Default)]
+pub struct LogMetrics {
+    /// `trellis_log_entries`: entries in the log.
+    pub entries: Gauge,
+    /// `trellis_log_heads_signed_total`: heads this replica signed and stored.
+    pub heads_signed: Counter,
+    /// `trellis_log_inconsistencies_total`: stored heads that disagree with the entries.
+    pub inconsistencies: Counter,
+    /// `trellis_log_head_age_seconds` is derived by scrapers from this: the latest head's
+    /// timestamp, unix seconds.
+    pub head_timestamp: Gauge,
+}
+
+impl LogMetrics {
+    /// Registers the series under the `trellis` prefix of `registry`.
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "log_entries",
+            "Entries in the issuance transparency log",
+            self.entries.clone(),
+        );
+        registry.register(
+            "log_heads_signed",
+            "Signed tree heads this replica produced",
+            self.heads_signed.clone(),
+        );
+        registry.register(
+            "log_inconsistencies",
+            "Stored signed heads that do not match the log's entries (tampering or a fork)",
+            self.inconsistencies.clone(),
+        );
+        registry.register(
+            "log_head_timestamp_seconds",
+            "When the latest signed tree head was produced, unix seconds",
+            self.head_timestamp.clone(),
+        );
+    }
+}
+
+/// The signing key of the log.
+struct LogKey {
+    pair: EcdsaKeyPair,
+    public: LogPublicKey,
+}
+
+impl LogKey {
+    /// The registry's log key, made and stored now if there is none.
+    fn load_or_create(registry: &Registry) -> Result<Self, LogError> {
+        let generated =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &SystemRandom::new())
+                .map_err(|e| LogError::Key(e.to_string()))?;
+        let stored = registry.log_key_or_insert(generated.as_ref())?;
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &stored)
+            .map_err(|e| LogError::Key(e.to_string()))?;
+        let spki = pair
+            .public_key()
+            .as_der()
+            .map_err(|e| LogError::Key(e.to_string()))?;
+        let public =
+            LogPublicKey::from_spki_der(spki.as_ref()).map_err(|e| LogError::Key(e.to_string()))?;
+        Ok(Self { pair, public })
+    }
+
+    fn sign(&self, head: TreeHead) -> Result<SignedTreeHead, LogError> {
+        let sig = self
+            .pair
+            .sign(&SystemRandom::new(), &head.signing_input())
+            .map_err(|e| LogError::Key(format!("cannot sign a tree head: {e}")))?;
+        Ok(SignedTreeHead {
+            head,
+            key_id: self.public.key_id().to_owned(),
+            signature: sig.as_ref().to_vec(),
+        })
+    }
+}
+
+/// The control plane's view of the transparency log.
+pub struct IssuanceLog {
+    registry: Arc<Registry>,
+    key: LogKey,
+    /// Every stored entry's leaf hash and the levels above them. Written only by `sync`;
+    /// readers (proofs) hold the read lock for microseconds.
+    tree: RwLock<MerkleTree>,
+    /// The latest signed head, for `/log/sth` and proofs.
+    head: ArcSwapOption<SignedTreeHead>,
+    metrics: Arc<LogMetrics>,
+}
+
+impl IssuanceLog {
+    /// Loads the key and every stored leaf hash, and checks the latest stored head against
+    /// them. A log whose entries do not produce its own signed head refuses to start: signing
+    /// on top of tampered entries would bless them.
+    pub fn open(registry: Arc<Registry>, metrics: Arc<LogMetrics>) -> Result<Arc<Self>, LogError> {
+        let key = LogKey::load_or_create(&registry)?;
+        let log = Arc::new(Self {
+            registry,
+            key,
+            tree: RwLock::new(MerkleTree::new()),
+            head: ArcSwapOption::empty(),
+            metrics,
+        });
+        log.catch_up()?;
+        if let Some(stored) = log.registry.latest_log_head()? {
+            log.check_stored(&stored)?;
+            log.publish(stored);
+        }
+        Ok(log)
+    }
+
+    /// The log's public key (published at `/log/key` and next to the bundle).
+    pub fn public_key(&self) -> &LogPublicKey {
+        &self.key.public
+    }
+
+    /// The latest signed head, if any entry was ever logged.
+    pub fn latest_head(&self) -> Option<Arc<SignedTreeHead>> {
+        self.head.load_full()
+    }
+
+    /// The registry the entries are read from.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Entries in the tree (may be ahead of the latest head by up to one interval).
+    pub fn size(&self) -> u64 {
+        self.read_tree().size()
+    }
+
+    /// The leaf hash of entry `index`.
+    pub fn leaf(&self, index: u64) -> Option<Hash> {
+        self.read_tree().leaf(index)
+    }
+
+    /// The RFC 9162 inclusion proof of entry `index` in the tree of `size` entries.
+    pub fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, LogError> {
+        Ok(self.read_tree().inclusion_proof(index, size)?)
+    }
+
+    /// The RFC 9162 consistency proof between two sizes.
+    pub fn consistency_proof(&self, first: u64, second: u64) -> Result<Vec<Hash>, LogError> {
+        Ok(self.read_tree().consistency_proof(first, second)?)
+    }
+
+    fn read_tree(&self) -> std::sync::RwLockReadGuard<'_, MerkleTree> {
+        // A panic while writing leaves a tree that is still a prefix of the log: usable.
+        self.tree.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads entries appended since the last call into the tree.
+    fn catch_up(&self) -> Result<(), LogError> {
+        loop {
+            let from = self.size();
+            let page = self.registry.log_leaf_hashes(from, PAGE)?;
+            let n = page.len() as u64;
+            if n > 0 {
+                let mut tree = self.tree.write().unwrap_or_else(|p| p.into_inner());
+                // Another caller may have appended meanwhile: only push what is new.
+                let skip = tree.size().saturating_sub(from) as usize;
+                for hash in page.into_iter().skip(skip) {
+                    tree.push(hash);
+                }
+            }
+            if n < PAGE {
+                self.metrics.entries.set(self.size() as i64);
+                return Ok(());
+            }
+        }
+    }
+
+    /// Checks a stored head against the tree; a mismatch is counted and refused.
+    fn check_stored(&self, stored: &SignedTreeHead) -> Result<(), LogError> {
+        let size = stored.head.tree_size;
+        let ours = self.read_tree().root_at(size);
+        let signed_by_us = self.key.public.verify(stored).is_ok();
+        if !signed_by_us || ours.ok() != Some(stored.head.root_hash) {
+            self.metrics.inconsistencies.inc();
+            tracing::error!(
+                size,
+                signed_by_log_key = signed_by_us,
+                "transparency log: a stored signed head does not match the entries; run `trellis log verify`"
+            );
+            return Err(LogError::Mismatch { size });
+        }
+        Ok(())
+    }
+
+    fn publish(&self, sth: SignedTreeHead) {
+        self.metrics
+            .head_timestamp
+            .set((sth.head.timestamp_ms / 1000) as i64);
+        self.head.store(Some(Arc::new(sth)));
+    }
+
+    /// Reads new entries and, if the log grew past the latest head, signs and stores a head
+    /// for its new size (or adopts the one another replica stored first).
+    pub fn sync(&self) -> Result<(), LogError> {
+        self.catch_up()?;
+        let size = self.size();
+        let signed = self.head.load().as_ref().map_or(0, |h| h.head.tree_size);
+        if size == 0 || size <= signed {
+            return Ok(());
+        }
+        let root = self.read_tree().root_at(size)?;
+        let timestamp_ms = u64::try_from(trellis_serve::time::unix_millis(SystemTime::now()))
+            .unwrap_or(0)
+            // Heads never go back in time, even if the clock does.
+            .max(self.head.load().as_ref().map_or(0, |h| h.head.timestamp_ms));
+        let ours = self.key.sign(TreeHead {
+            tree_size: size,
+            root_hash: root,
+            timestamp_ms,
+        })?;
+        let stored = self.registry.insert_log_head(&ours)?;
+        if stored == ours {
+            self.metrics.heads_signed.inc();
+        }
+        self.check_stored(&stored)?;
+        self.publish(stored);
+        Ok(())
+    }
+
+    /// Syncs every `every` until `shutdown`. Failures (database away, a fork) are logged and
+    /// retried: issuance goes on, the head just stops advancing until the cause is fixed.
+    pub async fn run(self: Arc<Self>, every: Duration, mut shutdown: watch::Receiver<bool>) {
+        let mut last_error: Option<String> = None;
+        loop {
+            let log = Arc::clone(&self);
+            let result = tokio::task::spawn_blocking(move || log.sync()).await;
+            let error = match result {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(format!("log task failed: {e}")),
+            };
+            if error != last_error {
+                match &error {
+                    Some(e) => {
+                        tracing::warn!(error = %e, "transparency log: cannot advance the signed head")
+                    }
+                    None if last_error.is_some() => {
+                        tracing::info!("transparency log: signed heads advance again")
+                    }
+                    None => {}
+                }
+                last_error = error;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// A log body for an issuance with this serial, for tests that need records, not certificates.
+#[cfg(test)]
+pub(crate) fn test_body(serial_hex: &str) -> trellis_transparency::LogBody {
+    trellis_transparency::LogBody::Issuance(trellis_transparency::IssuanceEntry {
+        serial: hex::decode(serial_hex).unwrap_or_default(),
+        spiffe_id: "spiffe://example.org/x".into(),
+        public_key_sha256: [0; 32],
+        not_before: 0,
+        not_after: 0,
+        issuer_key_id: Vec::new(),
+        attestation: "join_token".into(),
+    })
+}
+
+#[cfg(test)]
+mod tests;
