@@ -223,6 +223,9 @@ impl ControlPlane {
             .bundle_cas
             .set(i64::try_from(bundle.roots().len()).unwrap_or(i64::MAX));
 
+        // Before any issuance: a log that fails its own signed head stops the start here.
+        let translog =
+            crate::translog::IssuanceLog::open(Arc::clone(&registry), Arc::clone(&metrics.log))?;
         // The control plane's own identity, for its SDS listener.
         let control_id = SpiffeId::from_parts(&td, CONTROL_ID_PATH)
             .map_err(|e| StartError::Tls(e.to_string()))?;
@@ -230,6 +233,7 @@ impl ControlPlane {
         let serving = Arc::new(ArcSwapOption::empty());
         let own = OwnSvid {
             id: control_id.clone(),
+            registry: Arc::clone(&registry),
             resolver: Arc::clone(&resolver),
             serving: Arc::clone(&serving),
             audit: Arc::clone(&audit),
@@ -258,9 +262,6 @@ impl ControlPlane {
                     )
                 },
             )?;
-        // Before any issuance: a log that fails its own signed head stops the start here.
-        let translog =
-            crate::translog::IssuanceLog::open(Arc::clone(&registry), Arc::clone(&metrics.log))?;
         let limiter = Arc::new(crate::ratelimit::PeerLimiter::new(settings.limits.sds.rate));
         let core = Arc::new(SdsCore {
             ca: Arc::clone(&signer),
@@ -434,6 +435,8 @@ impl ControlPlane {
 /// resolver, `/certs`, the expiry gauge and the audit log.
 struct OwnSvid {
     id: SpiffeId,
+    /// Where its issuance is recorded (and logged, like every SVID's).
+    registry: Arc<Registry>,
     resolver: Arc<SvidResolver>,
     serving: Arc<ArcSwapOption<ServingSvid>>,
     audit: Arc<AuditLog>,
@@ -443,7 +446,24 @@ struct OwnSvid {
 impl OwnSvid {
     /// Issues a fresh serving SVID from `ca` and installs it.
     fn install(&self, ca: &Ca, ttl: Duration) -> Result<(), StartError> {
-        let svid = ca.issue(&self.id, ttl, SystemTime::now())?;
+        let now = SystemTime::now();
+        let svid = ca.issue(&self.id, ttl, now)?;
+        // Like every SVID, the control plane's own is in the transparency log before use.
+        let log = svid
+            .chain()
+            .first()
+            .ok_or_else(|| CaError::Sign("issued an empty chain".into()))
+            .and_then(|leaf| crate::translog::issuance_body(leaf, "self").map_err(CaError::Sign))?;
+        self.registry
+            .record_issuance(&crate::registry::IssuanceRecord {
+                spiffe_id: self.id.clone(),
+                serial_hex: svid.serial_hex().to_owned(),
+                not_after: svid.not_after(),
+                attestor: "self",
+                peer: None,
+                issued_at: now,
+                log,
+            })?;
         self.resolver
             .install(&svid)
             .map_err(|e| StartError::Tls(e.to_string()))?;

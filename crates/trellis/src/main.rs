@@ -4,6 +4,7 @@ mod admin_client;
 mod cmd_ca;
 mod cmd_control;
 mod cmd_inject;
+mod cmd_log;
 mod cmd_policy;
 mod cmd_sidecar;
 mod cmd_status;
@@ -66,6 +67,10 @@ enum Command {
     /// One-screen summary of a running sidecar or control plane, from its admin endpoint
     /// (exit 0 ready, 1 not ready, 2 unreachable or bad usage).
     Status(cmd_status::StatusArgs),
+    /// The issuance transparency log: verify it, prove an SVID is in it, watch it (exit 0
+    /// verified, 1 failed, 2 bad usage).
+    #[command(subcommand)]
+    Log(cmd_log::LogCommand),
     /// Add the sidecar to the pods of Kubernetes manifests, exactly as the injection webhook
     /// would, and print them (for manifests rendered and committed in CI).
     Inject(cmd_inject::InjectArgs),
@@ -109,6 +114,8 @@ fn main() -> ExitCode {
         // Its own exit codes: 1 is reachable but not ready, 2 unreachable or bad usage.
         Command::Status(args) => return cmd_status::run(args),
         Command::Demo(args) => demo::run(args),
+        // Its own exit codes: 1 is a failed verification, 2 bad usage.
+        Command::Log(cmd) => return cmd_log::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

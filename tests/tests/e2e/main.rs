@@ -44,4 +44,5 @@ mod sidecar_envoy;
 mod sidecar_mesh;
 mod sidecar_security;
 mod tls_key_exchange;
+mod transparency_log;
 mod webhook;

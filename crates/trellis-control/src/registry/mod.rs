@@ -464,6 +464,14 @@ impl Registry {
         }
     }
 
+    /// The stored log key (PKCS#8 DER), if the log was ever opened.
+    pub fn log_key(&self) -> Result<Option<Zeroizing<Vec<u8>>>, RegistryError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.log_key(),
+            Backend::Postgres(p) => p.log_key(),
+        }
+    }
+
     /// The log key (PKCS#8 DER): the stored one, or `generated` stored now if there is none
     /// (of two replicas starting at once, one key wins for both).
     pub fn log_key_or_insert(&self, generated: &[u8]) -> Result<Zeroizing<Vec<u8>>, RegistryError> {

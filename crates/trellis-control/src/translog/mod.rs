@@ -97,6 +97,17 @@ impl LogMetrics {
     }
 }
 
+/// The public half of a stored log key (PKCS#8 DER), for verifiers that read the database.
+pub fn public_key_of(pkcs8: &[u8]) -> Result<LogPublicKey, LogError> {
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8)
+        .map_err(|e| LogError::Key(e.to_string()))?;
+    let spki = pair
+        .public_key()
+        .as_der()
+        .map_err(|e| LogError::Key(e.to_string()))?;
+    LogPublicKey::from_spki_der(spki.as_ref()).map_err(|e| LogError::Key(e.to_string()))
+}
+
 /// The signing key of the log.
 struct LogKey {
     pair: EcdsaKeyPair,
@@ -112,12 +123,7 @@ impl LogKey {
         let stored = registry.log_key_or_insert(generated.as_ref())?;
         let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &stored)
             .map_err(|e| LogError::Key(e.to_string()))?;
-        let spki = pair
-            .public_key()
-            .as_der()
-            .map_err(|e| LogError::Key(e.to_string()))?;
-        let public =
-            LogPublicKey::from_spki_der(spki.as_ref()).map_err(|e| LogError::Key(e.to_string()))?;
+        let public = public_key_of(&stored)?;
         Ok(Self { pair, public })
     }
 

@@ -211,6 +211,13 @@ impl PostgresStore {
         })
     }
 
+    pub(in crate::registry) fn log_key(&self) -> Result<Option<Zeroizing<Vec<u8>>>, RegistryError> {
+        self.conn.call(|c| {
+            let row = c.query_opt("SELECT pkcs8 FROM log_key WHERE id = 1", &[])?;
+            Ok(row.map(|r| Zeroizing::new(r.get::<_, Vec<u8>>(0))))
+        })
+    }
+
     pub(in crate::registry) fn log_key_or_insert(
         &self,
         pkcs8: Zeroizing<Vec<u8>>,

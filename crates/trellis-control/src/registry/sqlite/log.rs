@@ -47,11 +47,14 @@ fn hash_of(bytes: Vec<u8>) -> Result<Hash, RegistryError> {
         .map_err(|_| RegistryError::Corrupt("a log hash is not 32 bytes".into()))
 }
 
-fn head_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, Vec<u8>, i64, String, Vec<u8>)> {
+/// A `log_heads` row: size, root, timestamp, key id, signature.
+type HeadRow = (i64, Vec<u8>, i64, String, Vec<u8>);
+
+fn head_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<HeadRow> {
     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
 }
 
-fn to_head(row: (i64, Vec<u8>, i64, String, Vec<u8>)) -> Result<SignedTreeHead, RegistryError> {
+fn to_head(row: HeadRow) -> Result<SignedTreeHead, RegistryError> {
     let (size, root, ts, key_id, signature) = row;
     Ok(SignedTreeHead {
         head: TreeHead {
@@ -187,6 +190,14 @@ impl SqliteStore {
         let key: Vec<u8> =
             conn.query_row("SELECT pkcs8 FROM log_key WHERE id = 1", [], |r| r.get(0))?;
         Ok(Zeroizing::new(key))
+    }
+
+    pub(in crate::registry) fn log_key(&self) -> Result<Option<Zeroizing<Vec<u8>>>, RegistryError> {
+        let conn = Self::lock(&self.conn);
+        let key: Option<Vec<u8>> = conn
+            .query_row("SELECT pkcs8 FROM log_key WHERE id = 1", [], |r| r.get(0))
+            .optional()?;
+        Ok(key.map(Zeroizing::new))
     }
 
     pub(in crate::registry) fn record_ca_phase(

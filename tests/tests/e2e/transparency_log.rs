@@ -1,0 +1,311 @@
+//! The issuance transparency log through a real `trellis control`: SVIDs issued over SDS are
+//! logged and provable (`trellis log prove`, and an independent RFC 9162 verifier written in
+//! Python from the RFC's text alone), a monitor (`trellis log watch`) flags an identity
+//! nobody expected, and `trellis log verify` names every kind of tampering with the stored
+//! log; a control plane refuses to start on a log that fails its own signed head.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use anyhow::{ensure, Context as _};
+use serde_json::Value;
+use trellis_tests::{
+    control_must_fail_to_start, e2e, eventually, fetch_svid, run_with_timeout, trellis_bin,
+    workspace_root, ControlPlane, ControlPlaneOpts,
+};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn trellis(args: &[&str]) -> anyhow::Result<Output> {
+    let mut cmd = Command::new(trellis_bin());
+    cmd.args(args);
+    run_with_timeout(cmd, Duration::from_secs(60))
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `tests/tools/rfc9162.py` with `args`: exit 0 verified, 1 refused.
+fn independent(args: &[String]) -> anyhow::Result<i32> {
+    let mut cmd = Command::new("python3");
+    cmd.arg(workspace_root().join("tests/tools/rfc9162.py"))
+        .args(args);
+    let out = run_with_timeout(cmd, Duration::from_secs(30))?;
+    out.status.code().context("python3 killed")
+}
+
+async fn json(cp: &ControlPlane, path: &str) -> anyhow::Result<Value> {
+    let r = cp.admin_get(path).await?;
+    ensure!(r.status == 200, "GET {path}: {} {}", r.status, r.text());
+    Ok(serde_json::from_str(&r.text())?)
+}
+
+/// Waits for a signed head covering at least `size` entries.
+async fn head_of_at_least(cp: &ControlPlane, size: u64) -> anyhow::Result<Value> {
+    eventually(WAIT, "a signed head over the new entries", || async {
+        let sth = json(cp, "/log/sth").await?;
+        let got = sth["tree_size"].as_u64().context("tree_size")?;
+        ensure!(got >= size, "head covers {got} entries, want ≥ {size}");
+        Ok(sth)
+    })
+    .await
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issued_svids_are_proven_watched_and_tampering_is_named() -> anyhow::Result<()> {
+    e2e(async {
+        let cp = ControlPlane::start(ControlPlaneOpts::default())?;
+        let admin = cp.admin_addr.to_string();
+        let mut serials = Vec::new();
+        for name in ["ns/prod/sa/web", "ns/prod/sa/db", "ns/dev/sa/tool"] {
+            let token = cp.create_token(&format!("spiffe://example.org/{name}"), "1h")?;
+            let (svid, _) = fetch_svid(&cp, &token).await?;
+            serials.push(svid.serial_hex().to_owned());
+        }
+        // The embedded CA becoming active, the control plane's own SVID, the three SVIDs.
+        let head = head_of_at_least(&cp, 5).await?;
+        let size = head["tree_size"].as_u64().context("size")?;
+
+        // `trellis log prove` against the running control plane.
+        let out = trellis(&["log", "prove", "--admin", &admin, "--serial", &serials[0]])?;
+        ensure!(out.status.success(), "prove: {}", show(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            stdout.contains("spiffe://example.org/ns/prod/sa/web") && stdout.contains("proven"),
+            "{stdout}"
+        );
+        let out = trellis(&["log", "prove", "--admin", &admin, "--serial", "0123abcd"])?;
+        ensure!(
+            out.status.code() == Some(2),
+            "unknown serial: {}",
+            show(&out)
+        );
+
+        // The same proof, checked by code that shares nothing with ours.
+        let inc = json(&cp, &format!("/log/inclusion?serial={}", serials[1])).await?;
+        let root = inc["head"]["root_hash"]
+            .as_str()
+            .context("root")?
+            .to_owned();
+        let mut args = vec![
+            "inclusion".to_owned(),
+            inc["index"].to_string(),
+            inc["tree_size"].to_string(),
+            inc["leaf_hash"].as_str().context("leaf")?.to_owned(),
+            root.clone(),
+        ];
+        args.extend(strings(&inc["proof"]));
+        ensure!(independent(&args)? == 0, "rfc9162.py refused {inc}");
+        // A wrong root is refused by it, so the check above can fail.
+        let mut wrong = args.clone();
+        wrong[4] = inc["leaf_hash"].as_str().context("leaf")?.to_owned();
+        ensure!(
+            independent(&wrong)? == 1,
+            "rfc9162.py accepted a wrong root"
+        );
+
+        // A later head is consistent with the earlier one, per the independent verifier.
+        let token = cp.create_token("spiffe://example.org/ns/prod/sa/api", "1h")?;
+        fetch_svid(&cp, &token).await?;
+        let later = head_of_at_least(&cp, size + 1).await?;
+        let second = later["tree_size"].as_u64().context("size")?;
+        let cons = json(
+            &cp,
+            &format!("/log/consistency?first={size}&second={second}"),
+        )
+        .await?;
+        let mut args = vec![
+            "consistency".to_owned(),
+            size.to_string(),
+            second.to_string(),
+            head["root_hash"].as_str().context("root")?.to_owned(),
+            later["root_hash"].as_str().context("root")?.to_owned(),
+        ];
+        args.extend(strings(&cons["proof"]));
+        ensure!(
+            independent(&args)? == 0,
+            "rfc9162.py refused consistency {cons}"
+        );
+
+        // A monitor that expects only prod identities (and the control plane's own) flags
+        // the dev one, by name; one that expects all of them passes.
+        let out = trellis(&[
+            "log",
+            "watch",
+            "--admin",
+            &admin,
+            "--once",
+            "--expect",
+            "spiffe://example.org/ns/**",
+            "spiffe://example.org/trellis/**",
+        ])?;
+        ensure!(out.status.success(), "watch: {}", show(&out));
+        let out = trellis(&[
+            "log",
+            "watch",
+            "--admin",
+            &admin,
+            "--once",
+            "--expect",
+            "spiffe://example.org/ns/prod/**",
+            "spiffe://example.org/trellis/**",
+        ])?;
+        ensure!(out.status.code() == Some(1), "watch: {}", show(&out));
+        ensure!(
+            String::from_utf8_lossy(&out.stderr).contains("spiffe://example.org/ns/dev/sa/tool"),
+            "{}",
+            show(&out)
+        );
+
+        // Offline: stop the control plane and check the stored log, then tamper with it.
+        let state = cp.state_dir.clone();
+        let stopped = cp.kill();
+        let dir = stopped.dir.path().to_path_buf();
+        let state_arg = state.to_string_lossy().into_owned();
+        let verify = || trellis(&["log", "verify", "--state-dir", &state_arg]);
+        let out = verify()?;
+        ensure!(out.status.success(), "verify: {}", show(&out));
+        ensure!(
+            String::from_utf8_lossy(&out.stdout).contains("verified:"),
+            "{}",
+            show(&out)
+        );
+
+        tamper_cases(&state.join("trellis.db"), verify)?;
+
+        // A forged entry with a matching leaf hash: verify names the head, and the control
+        // plane refuses to start on it.
+        let db = rusqlite::Connection::open(state.join("trellis.db"))?;
+        let (entry, _): (Vec<u8>, Vec<u8>) = db.query_row(
+            "SELECT entry, leaf_hash FROM log_entries WHERE idx = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let mut forged = entry.clone();
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        let forged_hash = trellis_transparency::leaf_hash(&forged);
+        db.execute(
+            "UPDATE log_entries SET entry = ?1, leaf_hash = ?2 WHERE idx = 1",
+            rusqlite::params![forged, forged_hash.as_slice()],
+        )?;
+        let out = verify()?;
+        ensure!(out.status.code() == Some(1), "{}", show(&out));
+        ensure!(
+            String::from_utf8_lossy(&out.stderr)
+                .contains("the entries do not produce the signed root"),
+            "{}",
+            show(&out)
+        );
+        let stderr = control_must_fail_to_start(&dir, &[] as &[&str])?;
+        ensure!(stderr.contains("trellis log verify"), "{stderr}");
+        Ok(())
+    })
+    .await
+}
+
+/// Each tampering, undone after its check: verify exits 1 and names what was done.
+fn tamper_cases(db_path: &Path, verify: impl Fn() -> anyhow::Result<Output>) -> anyhow::Result<()> {
+    let db = rusqlite::Connection::open(db_path)?;
+    let row = |idx: i64| -> anyhow::Result<(Vec<u8>, Vec<u8>, Option<String>)> {
+        Ok(db.query_row(
+            "SELECT entry, leaf_hash, serial FROM log_entries WHERE idx = ?1",
+            [idx],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?)
+    };
+    let put = |idx: i64, r: &(Vec<u8>, Vec<u8>, Option<String>)| -> anyhow::Result<()> {
+        db.execute(
+            "INSERT OR REPLACE INTO log_entries (idx, entry, leaf_hash, serial) VALUES (?1, ?2, ?3, ?4)",
+            rusqlite::params![idx, r.0, r.1, r.2],
+        )?;
+        Ok(())
+    };
+    let expect = |want: &str| -> anyhow::Result<()> {
+        let out = verify()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            out.status.code() == Some(1) && stderr.contains(want),
+            "want `{want}`: {}",
+            show(&out)
+        );
+        eprintln!("tampering named: {}", stderr.trim());
+        Ok(())
+    };
+    let (two, three) = (row(2)?, row(3)?);
+
+    // An edited entry.
+    let mut edited = two.clone();
+    let last = edited.0.len() - 1;
+    edited.0[last] ^= 1;
+    put(2, &edited)?;
+    expect("entry 2: does not match the leaf hash recorded")?;
+    put(2, &two)?;
+
+    // A deleted entry.
+    db.execute("DELETE FROM log_entries WHERE idx = 2", [])?;
+    expect("entry 2: missing (the next stored entry is 3)")?;
+    put(2, &two)?;
+
+    // Two entries swapped (each with its own leaf hash).
+    put(2, &three)?;
+    put(3, &two)?;
+    expect("entry 2: records index 3")?;
+    put(2, &two)?;
+    put(3, &three)?;
+
+    // A truncated log (the last entry is covered by the last head: the caller waited).
+    let max: i64 = db.query_row("SELECT MAX(idx) FROM log_entries", [], |r| r.get(0))?;
+    let covered: i64 = db.query_row("SELECT MAX(tree_size) FROM log_heads", [], |r| r.get(0))?;
+    ensure!(
+        covered == max + 1,
+        "the last head covers {covered} of {} entries",
+        max + 1
+    );
+    let tail = row(max)?;
+    db.execute("DELETE FROM log_entries WHERE idx = ?1", [max])?;
+    expect("it was truncated")?;
+    put(max, &tail)?;
+
+    // A head with a bad signature.
+    let (size, sig): (i64, Vec<u8>) = db.query_row(
+        "SELECT tree_size, signature FROM log_heads ORDER BY tree_size LIMIT 1",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let mut bad = sig.clone();
+    let at = bad.len() / 2;
+    bad[at] ^= 1;
+    db.execute(
+        "UPDATE log_heads SET signature = ?1 WHERE tree_size = ?2",
+        rusqlite::params![bad, size],
+    )?;
+    expect(&format!(
+        "head for size {size}: the head's signature does not verify"
+    ))?;
+    db.execute(
+        "UPDATE log_heads SET signature = ?1 WHERE tree_size = ?2",
+        rusqlite::params![sig, size],
+    )?;
+
+    let out = verify()?;
+    ensure!(out.status.success(), "restored log: {}", show(&out));
+    Ok(())
+}
