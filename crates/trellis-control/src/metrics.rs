@@ -391,6 +391,10 @@ mod tests {
             &["listener"],
         ),
         ("trellis_sds_handshake_timeouts_total", "counter", &[]),
+        ("trellis_log_entries", "gauge", &[]),
+        ("trellis_log_heads_signed_total", "counter", &[]),
+        ("trellis_log_inconsistencies_total", "counter", &[]),
+        ("trellis_log_head_timestamp_seconds", "gauge", &[]),
     ];
 
     #[test]
