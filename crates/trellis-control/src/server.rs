@@ -226,6 +226,12 @@ impl ControlPlane {
         // Before any issuance: a log that fails its own signed head stops the start here.
         let translog =
             crate::translog::IssuanceLog::open(Arc::clone(&registry), Arc::clone(&metrics.log))?;
+        // Next to bundle.pem: what log verifiers pin (`trellis log … --log-key`).
+        crate::state_dir::write_public_pem(
+            &settings.state_dir.join(crate::translog::LOG_KEY_FILE),
+            &translog.public_key().to_pem(),
+            "the transparency-log key",
+        )?;
         // The control plane's own identity, for its SDS listener.
         let control_id = SpiffeId::from_parts(&td, CONTROL_ID_PATH)
             .map_err(|e| StartError::Tls(e.to_string()))?;

@@ -49,13 +49,19 @@ pub fn prepare_state_dir(dir: &Path) -> Result<(), StateDirError> {
 
 /// Writes the bundle atomically (temp file + rename) so readers never see half a file.
 pub fn write_bundle(path: &Path, bundle: &TrustBundle) -> Result<(), StateDirError> {
+    write_public_pem(path, &bundle.to_pem(), "bundle")
+}
+
+/// Writes public PEM text (`what`: for messages) atomically, mode 0644: trust anchors and
+/// public keys meant to be copied to whoever verifies (`bundle.pem`, `log-key.pem`).
+pub fn write_public_pem(path: &Path, pem: &str, what: &str) -> Result<(), StateDirError> {
     let tmp = path.with_extension("pem.tmp");
-    std::fs::write(&tmp, bundle.to_pem())
-        .map_err(|e| StateDirError::new(&tmp, format!("cannot write bundle: {e}")))?;
+    std::fs::write(&tmp, pem)
+        .map_err(|e| StateDirError::new(&tmp, format!("cannot write {what}: {e}")))?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
         .map_err(|e| StateDirError::new(&tmp, e))?;
     std::fs::rename(&tmp, path)
-        .map_err(|e| StateDirError::new(path, format!("cannot write bundle: {e}")))
+        .map_err(|e| StateDirError::new(path, format!("cannot write {what}: {e}")))
 }
 
 #[cfg(test)]

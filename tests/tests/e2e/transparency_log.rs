@@ -179,7 +179,18 @@ async fn issued_svids_are_proven_watched_and_tampering_is_named() -> anyhow::Res
         let stopped = cp.kill();
         let dir = stopped.dir.path().to_path_buf();
         let state_arg = state.to_string_lossy().into_owned();
-        let verify = || trellis(&["log", "verify", "--state-dir", &state_arg]);
+        // The public key the control plane wrote next to bundle.pem, pinned as an auditor would.
+        let key_arg = state.join("log-key.pem").to_string_lossy().into_owned();
+        let verify = || {
+            trellis(&[
+                "log",
+                "verify",
+                "--state-dir",
+                &state_arg,
+                "--log-key",
+                &key_arg,
+            ])
+        };
         let out = verify()?;
         ensure!(out.status.success(), "verify: {}", show(&out));
         ensure!(

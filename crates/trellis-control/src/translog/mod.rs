@@ -28,6 +28,9 @@ pub use facts::{ca_phase_body, issuance_body};
 
 use crate::registry::{Registry, RegistryError};
 
+/// The log's public key in the state directory, next to `bundle.pem`.
+pub const LOG_KEY_FILE: &str = "log-key.pem";
+
 /// How often the log looks for new entries and signs a head over them, unless configured.
 pub const DEFAULT_HEAD_INTERVAL: Duration = Duration::from_secs(1);
 
