@@ -44,6 +44,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod openssl;
 pub mod policy_mesh;
+pub mod probe;
 pub mod postgres;
 pub mod raw;
 pub mod sds_server;

@@ -34,6 +34,9 @@ pub struct SidecarOpts {
     pub inbound: Option<SocketAddr>,
     /// `--outbound`, the shared listener (default `127.0.0.1:0`).
     pub outbound: Option<SocketAddr>,
+    /// `--control-bundle` instead of the control plane's current `bundle.pem` (a bootstrap
+    /// bundle copied earlier).
+    pub control_bundle: Option<std::path::PathBuf>,
 }
 
 impl SidecarOpts {
@@ -48,6 +51,7 @@ impl SidecarOpts {
             join_token: None,
             inbound: None,
             outbound: None,
+            control_bundle: None,
         }
     }
 
@@ -157,7 +161,7 @@ impl Sidecar {
             .args(["--trust-domain", cp.trust_domain.as_str()])
             .args(["--control-plane", &cp.sds_addr.to_string()])
             .arg("--control-bundle")
-            .arg(&cp.bundle_pem_path)
+            .arg(opts.control_bundle.as_ref().unwrap_or(&cp.bundle_pem_path))
             .args(["--spiffe-id", &opts.spiffe_id])
             .args(["--inbound", &inbound, "--outbound", &outbound])
             .args(["--admin", "127.0.0.1:0", "--app", &opts.app.to_string()])

@@ -101,6 +101,20 @@ pub struct ControlMetrics {
     /// `trellis_sds_handshake_timeouts_total`: SDS TLS handshakes dropped for taking longer
     /// than the handshake timeout.
     pub sds_handshake_timeouts: Counter,
+    /// `trellis_database_up`: 1 while the state database answers reads and writes, else 0.
+    pub database_up: Gauge,
+    /// `trellis_database_errors_total{op}`: failed state database reads and writes.
+    pub database_errors: Family<OpLabel, Counter>,
+    /// `trellis_issuances_refused_total{reason}`: SVIDs signed but not handed out because
+    /// their issuance could not be recorded (`audit_write`).
+    pub issuances_refused: Family<ReasonLabel, Counter>,
+}
+
+/// `op` label of `trellis_database_errors_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    /// `read` or `write`.
+    pub op: &'static str,
 }
 
 /// One listener's accept-loop events as counters.
@@ -152,6 +166,9 @@ impl ControlMetrics {
             sds_rate_limited: Counter::default(),
             connections_refused: Family::default(),
             sds_handshake_timeouts: Counter::default(),
+            database_up: Gauge::default(),
+            database_errors: Family::default(),
+            issuances_refused: Family::default(),
             registry: Registry::default(),
         };
         // One series, always 1: joins version and commit onto any other series in a query.
@@ -258,7 +275,27 @@ impl ControlMetrics {
             "SDS TLS handshakes dropped for exceeding the handshake timeout",
             m.sds_handshake_timeouts.clone(),
         );
+        registry.register(
+            "database_up",
+            "1 while the state database answers reads and writes, else 0",
+            m.database_up.clone(),
+        );
+        registry.register(
+            "database_errors",
+            "Failed state database operations, by op (read, write)",
+            m.database_errors.clone(),
+        );
+        registry.register(
+            "issuances_refused",
+            "SVIDs not handed out because their issuance could not be recorded, by reason",
+            m.issuances_refused.clone(),
+        );
         ControlMetrics { registry, ..m }
+    }
+
+    /// Counts a failed state database operation.
+    pub fn database_error(&self, op: &'static str) {
+        self.database_errors.get_or_create(&OpLabel { op }).inc();
     }
 
     /// Records the notAfter (unix seconds) of the control plane's own serving SVID.

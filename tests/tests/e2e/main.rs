@@ -12,6 +12,8 @@ mod app_trust_paths;
 mod build_info;
 mod control_sds;
 mod envoy_sds;
+mod faults_database;
+mod faults_disk;
 mod hostile_control;
 mod hostile_control_limits;
 mod hostile_peers;
