@@ -13,7 +13,7 @@ use http_body_util::{BodyExt as _, Empty};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use trellis_identity::tls::PeerMatch;
-use trellis_identity::{SpiffeId, Svid};
+use trellis_identity::{SpiffeId, Svid, TrustBundle};
 
 use crate::{fetch_svid, peer_leaf, tls_client_config, tls_connect, ControlPlane};
 
@@ -94,12 +94,11 @@ impl ProbeClient {
         Ok(())
     }
 
-    /// One fresh mTLS handshake with `addr`, which must present `expect_id` verified by the
-    /// control plane's current `bundle.pem`, then `GET /probe` on it, which must be answered
-    /// by `expect_app`'s echo.
+    /// One fresh mTLS handshake with `addr`, which must present `expect_id` verified by
+    /// `bundle`, then `GET /probe` on it, which must be answered by `expect_app`'s echo.
     pub async fn probe(
         &self,
-        cp: &ControlPlane,
+        bundle: TrustBundle,
         addr: SocketAddr,
         expect_id: &str,
         expect_app: &str,
@@ -107,7 +106,7 @@ impl ProbeClient {
         let at = Instant::now();
         let expected = SpiffeId::parse(expect_id).map_err(|e| anyhow!("{e}"))?;
         let config = tls_client_config(
-            cp.bundle()?,
+            bundle,
             PeerMatch::Exact(expected),
             Some(&self.svid),
             &[b"h2"],
@@ -142,8 +141,34 @@ impl ProbeClient {
         })
     }
 
-    /// Probes `addr` every `every` until `stop` resolves; renews the client SVID as needed
-    /// (a renewal failure counts as a failed probe).
+    /// Probes `addr` every `every` for `how_long`, verifying with `bundle`, without renewing
+    /// the client SVID (for when the control plane is away); adds the outcomes to `run`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn probe_for(
+        &self,
+        bundle: &TrustBundle,
+        addr: SocketAddr,
+        expect_id: &str,
+        expect_app: &str,
+        every: Duration,
+        how_long: Duration,
+        run: &mut ProbeRun,
+    ) {
+        let started = Instant::now();
+        while started.elapsed() < how_long {
+            match self.probe(bundle.clone(), addr, expect_id, expect_app).await {
+                Ok(seen) => run.ok.push(seen),
+                Err(e) => run
+                    .failed
+                    .push(format!("+{:.1}s: {e:#}", started.elapsed().as_secs_f64())),
+            }
+            tokio::time::sleep(every.min(how_long.saturating_sub(started.elapsed()))).await;
+        }
+    }
+
+    /// Probes `addr` every `every` until `stop` resolves, verifying with the control plane's
+    /// `bundle.pem` of the moment; renews the client SVID as needed (a renewal failure counts
+    /// as a failed probe).
     pub async fn run_until(
         &mut self,
         cp: &ControlPlane,
@@ -157,7 +182,10 @@ impl ProbeClient {
         let mut run = ProbeRun::default();
         loop {
             let result = match self.fresh(cp).await {
-                Ok(()) => self.probe(cp, addr, expect_id, expect_app).await,
+                Ok(()) => match cp.bundle() {
+                    Ok(bundle) => self.probe(bundle, addr, expect_id, expect_app).await,
+                    Err(e) => Err(e.context("reading the control plane's bundle.pem")),
+                },
                 Err(e) => Err(e.context("renewing the probe's client SVID")),
             };
             match result {

@@ -312,7 +312,10 @@ impl CaRotator {
     /// writes the bundle if it changed, records each phase change. Returns whether the
     /// signer or bundle changed.
     pub fn refresh(&mut self, now: SystemTime) -> bool {
-        let read = self.registry.ca_rotations_after(self.last_seen);
+        let read = self
+            .registry
+            .check_file()
+            .and_then(|()| self.registry.ca_rotations_after(self.last_seen));
         if let Some(h) = &self.health {
             match &read {
                 Ok(_) => h.succeeded(crate::db_health::DbOp::Read),

@@ -424,6 +424,9 @@ mod tests {
             &["listener"],
         ),
         ("trellis_sds_handshake_timeouts_total", "counter", &[]),
+        ("trellis_database_up", "gauge", &[]),
+        ("trellis_database_errors_total", "counter", &["op"]),
+        ("trellis_issuances_refused_total", "counter", &["reason"]),
     ];
 
     #[test]
@@ -441,6 +444,12 @@ mod tests {
         m.serving_svid_expiry("spiffe://example.org/trellis/control", 1_900_000_000);
         m.jwks_refresh_failed("connect");
         m.connection_refused("sds");
+        m.database_error("read");
+        m.issuances_refused
+            .get_or_create(&ReasonLabel {
+                reason: "audit_write",
+            })
+            .inc();
         let text = m.encode();
         // No binary set the build here: the crate's version, commit unknown.
         let build = format!(

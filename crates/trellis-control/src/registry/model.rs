@@ -78,6 +78,12 @@ pub enum RegistryError {
         /// What is wrong and what to do.
         problem: String,
     },
+    /// The SQLite file is gone from the state directory while the control plane runs.
+    #[error("{path}: the state database file is gone (state directory removed or unmounted?); restore it, then restart the control plane")]
+    Vanished {
+        /// The database file.
+        path: String,
+    },
     /// The thread that owns the PostgreSQL connection is gone (it panicked).
     #[error("{target}: the PostgreSQL connection thread stopped")]
     Unavailable {
@@ -93,7 +99,9 @@ impl RegistryError {
     /// written, and the same call succeeds once the database is back.
     pub fn is_unavailable(&self) -> bool {
         match self {
-            RegistryError::Unavailable { .. } | RegistryError::Open { .. } => true,
+            RegistryError::Unavailable { .. }
+            | RegistryError::Open { .. }
+            | RegistryError::Vanished { .. } => true,
             RegistryError::Postgres { source, .. } => match source.as_db_error() {
                 // No server answer at all: connect refused, connection closed, timeout, I/O.
                 None => true,
