@@ -121,18 +121,27 @@ impl TestPostgres {
     /// and without telling clients (a crash, as far as they can tell). Only for a cluster
     /// started here.
     pub fn stop_immediate(&self) -> anyhow::Result<()> {
-        let own = self.own.as_ref().context("not a cluster started by this test")?;
+        let own = self
+            .own
+            .as_ref()
+            .context("not a cluster started by this test")?;
         let mut cmd = pg_command(&own.pg_ctl, own.as_postgres);
         cmd.arg("-D")
             .arg(&own.data)
             .args(["-m", "immediate", "-w", "stop"]);
-        check(run_with_timeout(cmd, SETUP_TIMEOUT)?, "pg_ctl stop -m immediate")
+        check(
+            run_with_timeout(cmd, SETUP_TIMEOUT)?,
+            "pg_ctl stop -m immediate",
+        )
     }
 
     /// Starts a cluster stopped by [`TestPostgres::stop_immediate`] again, on the same port
     /// (it recovers from its WAL first).
     pub fn start_again(&self) -> anyhow::Result<()> {
-        let own = self.own.as_ref().context("not a cluster started by this test")?;
+        let own = self
+            .own
+            .as_ref()
+            .context("not a cluster started by this test")?;
         let mut cmd = pg_command(&own.pg_ctl, own.as_postgres);
         cmd.arg("-D")
             .arg(&own.data)

@@ -118,8 +118,7 @@ impl ProbeClient {
             "{addr} presented an expired certificate (serial {})",
             facts.serial_hex
         );
-        let (mut sender, conn) =
-            http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await?;
+        let (mut sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await?;
         tokio::spawn(conn);
         let req = http::Request::get("http://probe/probe").body(Empty::<bytes::Bytes>::new())?;
         let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
@@ -156,7 +155,10 @@ impl ProbeClient {
     ) {
         let started = Instant::now();
         while started.elapsed() < how_long {
-            match self.probe(bundle.clone(), addr, expect_id, expect_app).await {
+            match self
+                .probe(bundle.clone(), addr, expect_id, expect_app)
+                .await
+            {
                 Ok(seen) => run.ok.push(seen),
                 Err(e) => run
                     .failed

@@ -416,7 +416,10 @@ mod tests {
         assert_eq!(resp.status(), StatusCode::OK);
         let body = futures_body(resp);
         assert!(body.starts_with("ready (degraded)"), "{body}");
-        assert!(body.contains("state database reads failing since"), "{body}");
+        assert!(
+            body.contains("state database reads failing since"),
+            "{body}"
+        );
     }
 
     fn futures_body(resp: Response<Full<Bytes>>) -> String {

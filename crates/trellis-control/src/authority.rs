@@ -374,7 +374,11 @@ impl CaRotator {
             // Before the bundle below drops the previous CA: a client that receives that
             // bundle and reconnects must meet a certificate from a CA it still trusts.
             if !first {
-                tracing::info!(rotation = view.serving_id, ca = view.serving.label(), "the control plane's own certificates now come from this CA");
+                tracing::info!(
+                    rotation = view.serving_id,
+                    ca = view.serving.label(),
+                    "the control plane's own certificates now come from this CA"
+                );
                 (self.on_serving_change)();
             }
             changed = true;
@@ -573,8 +577,7 @@ mod tests {
     fn rotator_reissues_own_certificates_before_pushing_the_smaller_bundle() {
         let dir = tempfile::tempdir().unwrap();
         let registry = Arc::new(
-            Registry::connect(&crate::registry::Database::Sqlite(dir.path().join("s.db")))
-                .unwrap(),
+            Registry::connect(&crate::registry::Database::Sqlite(dir.path().join("s.db"))).unwrap(),
         );
         let now = SystemTime::now();
         let old = root(now);
@@ -617,7 +620,10 @@ mod tests {
         );
         r.refresh(t(50));
         r.refresh(t(101));
-        assert!(seen.lock().unwrap().is_empty(), "no switch before retirement");
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "no switch before retirement"
+        );
         let until = 100 + ttl.as_secs() + RETIRE_SKEW.as_secs();
         r.refresh(t(until + 1));
         // Called once, with the new CA in place, while clients still had both roots.

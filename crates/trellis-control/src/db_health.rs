@@ -77,7 +77,11 @@ impl DbHealth {
             let lasted = SystemTime::now()
                 .duration_since(was.since)
                 .unwrap_or_default();
-            tracing::info!(op = op.as_str(), after_ms = lasted.as_millis() as u64, "state database answers again");
+            tracing::info!(
+                op = op.as_str(),
+                after_ms = lasted.as_millis() as u64,
+                "state database answers again"
+            );
         }
         self.update_gauge();
     }
@@ -158,11 +162,16 @@ mod tests {
         h.succeeded(DbOp::Read);
         assert_eq!(metrics.database_up.get(), 0);
         let text = h.describe().unwrap();
-        assert!(text.starts_with("state database writes failing since "), "{text}");
+        assert!(
+            text.starts_with("state database writes failing since "),
+            "{text}"
+        );
         assert!(text.contains("connection thread stopped"), "{text}");
         h.succeeded(DbOp::Write);
         assert!(h.describe().is_none());
         assert_eq!(metrics.database_up.get(), 1);
-        assert!(metrics.encode().contains("trellis_database_errors_total{op=\"write\"} 2"));
+        assert!(metrics
+            .encode()
+            .contains("trellis_database_errors_total{op=\"write\"} 2"));
     }
 }

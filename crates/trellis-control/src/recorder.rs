@@ -263,7 +263,8 @@ mod tests {
                 rec(4, SystemTime::now() + hour), // still valid: kept
             ])
             .unwrap();
-        let (recorder, handle) = IssuanceRecorder::spawn(Arc::clone(&registry), hour, health()).unwrap();
+        let (recorder, handle) =
+            IssuanceRecorder::spawn(Arc::clone(&registry), hour, health()).unwrap();
         wait_for_count(&registry, 2, "after the start prune");
         // Recording still works after a prune.
         recorder.record(rec(5, SystemTime::now()));

@@ -269,20 +269,17 @@ impl ControlPlane {
             svid_ttl: settings.svid_ttl,
             rotate_every: settings.rotate_every,
         };
-        let (recorder, _recorder_thread) =
-            IssuanceRecorder::spawn(
-                Arc::clone(&registry),
-                settings.issuance_retention,
-                Arc::clone(&db_health),
+        let (recorder, _recorder_thread) = IssuanceRecorder::spawn(
+            Arc::clone(&registry),
+            settings.issuance_retention,
+            Arc::clone(&db_health),
+        )
+        .map_err(|e| {
+            state_dir_error(
+                &settings.state_dir,
+                format!("cannot start the issuance recorder: {e}"),
             )
-            .map_err(
-                |e| {
-                    state_dir_error(
-                        &settings.state_dir,
-                        format!("cannot start the issuance recorder: {e}"),
-                    )
-                },
-            )?;
+        })?;
         let limiter = Arc::new(crate::ratelimit::PeerLimiter::new(settings.limits.sds.rate));
         let core = Arc::new(SdsCore {
             ca: Arc::clone(&signer),

@@ -83,15 +83,17 @@ fn audit_serials(state: &Path) -> anyhow::Result<(BTreeSet<String>, usize)> {
 async fn b_serial(mesh: &Mesh) -> anyhow::Result<String> {
     let r = mesh.b.admin_get("/certs").await?;
     let v: serde_json::Value = serde_json::from_str(&r.text())?;
-    Ok(v["svid"]["serial"].as_str().context("svid.serial")?.to_owned())
+    Ok(v["svid"]["serial"]
+        .as_str()
+        .context("svid.serial")?
+        .to_owned())
 }
 
 async fn refused_audit(mesh: &Mesh) -> anyhow::Result<f64> {
-    Ok(mesh
-        .cp
-        .metrics()
-        .await?
-        .sum_or_zero("trellis_issuances_refused_total", &[("reason", "audit_write")]))
+    Ok(mesh.cp.metrics().await?.sum_or_zero(
+        "trellis_issuances_refused_total",
+        &[("reason", "audit_write")],
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

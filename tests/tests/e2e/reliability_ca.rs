@@ -161,7 +161,14 @@ async fn start_c(
         .await
         .with_context(|| format!("sidecar-{name} got no SVID within 30s"))??;
     for i in 0..20 {
-        let reply = get_once(sidecar.outbound(), Proto::H1, "b", &format!("/from-{name}/{i}"), &[]).await?;
+        let reply = get_once(
+            sidecar.outbound(),
+            Proto::H1,
+            "b",
+            &format!("/from-{name}/{i}"),
+            &[],
+        )
+        .await?;
         let echo = echo_json(&reply)?;
         anyhow::ensure!(echo["app"] == "app-b", "sidecar-{name} → b reached {echo}");
     }
@@ -266,16 +273,23 @@ async fn rotation_scenario(
     let out = ca_rotate(&mesh.cp, &["--activate-after", "5s"])?;
     println!("{out}");
 
-    let both = eventually(Duration::from_secs(10), "bundle.pem holds two roots", || async {
-        let s = bundle_subjects(&mesh.cp)?;
-        if s.len() == 2 {
-            Ok(s)
-        } else {
-            bail!("{s:?}")
-        }
-    })
+    let both = eventually(
+        Duration::from_secs(10),
+        "bundle.pem holds two roots",
+        || async {
+            let s = bundle_subjects(&mesh.cp)?;
+            if s.len() == 2 {
+                Ok(s)
+            } else {
+                bail!("{s:?}")
+            }
+        },
+    )
     .await?;
-    let new_root = both.into_iter().find(|s| s != old_root).context("new root")?;
+    let new_root = both
+        .into_iter()
+        .find(|s| s != old_root)
+        .context("new root")?;
 
     let (trusted, signed, sizes, first_signed_at) =
         watch_switch(mesh, Some(&new_root), &new_root).await?;
@@ -310,20 +324,30 @@ async fn rotation_scenario(
         joined.elapsed().as_secs_f64(),
         (Instant::now() - first_signed_at).as_secs_f64()
     );
-    anyhow::ensure!(seen(&c).await?.issuer == new_root, "sidecar C's SVID is not from the new root");
+    anyhow::ensure!(
+        seen(&c).await?.issuer == new_root,
+        "sidecar C's SVID is not from the new root"
+    );
 
     // The old root leaves once every SVID it signed has expired, and sidecars follow.
-    eventually(Duration::from_secs(120), "old root leaves every bundle", || async {
-        let cp = bundle_subjects(&mesh.cp)?;
-        let a = seen(&mesh.a).await?.bundle;
-        let b = seen(&mesh.b).await?.bundle;
-        let c = seen(&c).await?.bundle;
-        if [&cp, &a, &b, &c].iter().all(|s| s.as_slice() == [new_root.clone()]) {
-            Ok(())
-        } else {
-            bail!("control plane {cp:?}, A {a:?}, B {b:?}, C {c:?}")
-        }
-    })
+    eventually(
+        Duration::from_secs(120),
+        "old root leaves every bundle",
+        || async {
+            let cp = bundle_subjects(&mesh.cp)?;
+            let a = seen(&mesh.a).await?.bundle;
+            let b = seen(&mesh.b).await?.bundle;
+            let c = seen(&c).await?.bundle;
+            if [&cp, &a, &b, &c]
+                .iter()
+                .all(|s| s.as_slice() == [new_root.clone()])
+            {
+                Ok(())
+            } else {
+                bail!("control plane {cp:?}, A {a:?}, B {b:?}, C {c:?}")
+            }
+        },
+    )
     .await?;
     let retired_after = scheduled.elapsed();
     // Retired: the control plane now serves from the new root, which a bootstrap bundle
@@ -333,8 +357,18 @@ async fn rotation_scenario(
         "after retirement the control plane must present a certificate from the new root"
     );
     let (_app_d, _d) = start_c(mesh, "d", &mesh.cp.bundle_pem_path).await?;
-    let reply = get_once(c.outbound(), Proto::H1, "b", "/from-c/after-retirement", &[]).await?;
-    anyhow::ensure!(echo_json(&reply)?["app"] == "app-b", "C → B after retirement");
+    let reply = get_once(
+        c.outbound(),
+        Proto::H1,
+        "b",
+        "/from-c/after-retirement",
+        &[],
+    )
+    .await?;
+    anyhow::ensure!(
+        echo_json(&reply)?["app"] == "app-b",
+        "C → B after retirement"
+    );
     load.end(event);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let report = load.stop().await;
@@ -345,7 +379,12 @@ async fn rotation_scenario(
     );
 
     let phases = audit_phases(&mesh.cp)?;
-    for want in [(1, "prepared"), (0, "retiring"), (1, "active"), (0, "retired")] {
+    for want in [
+        (1, "prepared"),
+        (0, "retiring"),
+        (1, "active"),
+        (0, "retired"),
+    ] {
         anyhow::ensure!(
             phases.iter().any(|(id, p)| *id == want.0 && p == want.1),
             "audit log lacks {want:?}: {phases:?}"

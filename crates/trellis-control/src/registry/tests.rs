@@ -943,7 +943,10 @@ fn unavailable_means_the_database_not_the_request() {
     ] {
         assert!(sqlite(code).is_unavailable(), "{}", sqlite(code));
     }
-    for code in [rusqlite::ffi::SQLITE_CONSTRAINT, rusqlite::ffi::SQLITE_CORRUPT] {
+    for code in [
+        rusqlite::ffi::SQLITE_CONSTRAINT,
+        rusqlite::ffi::SQLITE_CORRUPT,
+    ] {
         assert!(!sqlite(code).is_unavailable(), "{}", sqlite(code));
     }
     assert!(!RegistryError::Corrupt("x".into()).is_unavailable());
@@ -961,5 +964,8 @@ fn a_vanished_sqlite_file_is_reported() {
     std::fs::remove_dir_all(&state).unwrap();
     let err = reg.check_file().unwrap_err();
     assert!(err.is_unavailable());
-    assert!(err.to_string().contains("state database file is gone"), "{err}");
+    assert!(
+        err.to_string().contains("state database file is gone"),
+        "{err}"
+    );
 }
