@@ -37,6 +37,9 @@ pub struct SidecarOpts {
     /// `--control-bundle` instead of the control plane's current `bundle.pem` (a bootstrap
     /// bundle copied earlier).
     pub control_bundle: Option<std::path::PathBuf>,
+    /// A command that runs the sidecar (`faketime -f -10m`): the binary and its arguments
+    /// are appended to it.
+    pub wrapper: Vec<String>,
 }
 
 impl SidecarOpts {
@@ -52,6 +55,7 @@ impl SidecarOpts {
             inbound: None,
             outbound: None,
             control_bundle: None,
+            wrapper: Vec::new(),
         }
     }
 
@@ -156,7 +160,14 @@ impl Sidecar {
         let any = "127.0.0.1:0".to_string();
         let inbound = opts.inbound.map_or_else(|| any.clone(), |a| a.to_string());
         let outbound = opts.outbound.map_or_else(|| any.clone(), |a| a.to_string());
-        let mut cmd = Command::new(trellis_bin());
+        let mut cmd = match opts.wrapper.split_first() {
+            None => Command::new(trellis_bin()),
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(trellis_bin());
+                c
+            }
+        };
         cmd.arg("sidecar")
             .args(["--trust-domain", cp.trust_domain.as_str()])
             .args(["--control-plane", &cp.sds_addr.to_string()])

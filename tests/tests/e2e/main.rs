@@ -12,6 +12,7 @@ mod app_trust_paths;
 mod build_info;
 mod control_sds;
 mod envoy_sds;
+mod faults_clock;
 mod faults_database;
 mod faults_disk;
 mod hostile_control;
