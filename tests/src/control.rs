@@ -39,6 +39,11 @@ pub struct ControlPlaneOpts {
     pub k8s: Option<K8sOpts>,
     /// Anything else, appended as is.
     pub extra_args: Vec<String>,
+    /// Runs the control plane in a mount namespace of its own (`unshare -m`, root only) with
+    /// its state directory on a tmpfs of this size (`mount -o size=…`, e.g. `2m`): a small
+    /// disk the test can fill. The test reaches its files through `/proc/<pid>/root`
+    /// (`state_dir`, `bundle_pem_path` and `operator_socket` already point there).
+    pub state_tmpfs: Option<String>,
 }
 
 impl Default for ControlPlaneOpts {
@@ -49,6 +54,7 @@ impl Default for ControlPlaneOpts {
             rotate_every: None,
             k8s: None,
             extra_args: Vec::new(),
+            state_tmpfs: None,
         }
     }
 }
@@ -100,7 +106,19 @@ impl ControlPlane {
             .map_err(|e| anyhow!("trust domain {}: {e}", opts.trust_domain))?;
         // Created by the control plane itself, with the permissions it wants.
         let state_dir = dir.path().join("state");
-        let mut cmd = Command::new(trellis_bin());
+        let mut cmd = match &opts.state_tmpfs {
+            None => Command::new(trellis_bin()),
+            Some(size) => {
+                // `sh` mounts, then execs trellis: one process, so /proc/<pid>/root is its view.
+                let mut c = Command::new("unshare");
+                c.args(["-m", "--propagation", "private", "sh", "-c"])
+                    .arg(r#"mkdir -p "$0" && mount -t tmpfs -o "size=$1,mode=0700" trellis-state "$0" && shift && exec "$@""#)
+                    .arg(&state_dir)
+                    .arg(size)
+                    .arg(trellis_bin());
+                c
+            }
+        };
         cmd.arg("control")
             .args(["--trust-domain", &opts.trust_domain])
             .args(["--listen", listen, "--admin", admin])
@@ -139,6 +157,15 @@ impl ControlPlane {
             .find_map(|f| f.strip_prefix("operator="))
             .map(PathBuf::from)
             .with_context(|| format!("no operator= on the listening line {line:?}"))?;
+        // Inside its own mount namespace, its files are seen through its root.
+        let (state_dir, operator_socket) = match &opts.state_tmpfs {
+            None => (state_dir, operator_socket),
+            Some(_) => {
+                let root = PathBuf::from(format!("/proc/{}/root", child.id()));
+                let view = |p: &std::path::Path| root.join(p.strip_prefix("/").unwrap_or(p));
+                (view(&state_dir), view(&operator_socket))
+            }
+        };
         let bundle_pem_path = state_dir.join("bundle.pem");
         if !bundle_pem_path.is_file() {
             bail!(
@@ -226,9 +253,18 @@ impl ControlPlane {
     /// `trellis token create` for `spiffe_id`; returns the token.
     pub fn create_token(&self, spiffe_id: &str, ttl: &str) -> anyhow::Result<String> {
         let mut cmd = Command::new(trellis_bin());
-        cmd.args(["token", "create", "--state-dir"])
-            .arg(&self.state_dir)
-            .args(["--spiffe-id", spiffe_id, "--ttl", ttl]);
+        cmd.args(["token", "create"]);
+        // A replica on PostgreSQL keeps no database in its state directory; SQLite resolves
+        // the /proc/<pid>/root link of a state directory in another mount namespace back
+        // into ours, so such a control plane is asked over its operator socket.
+        match self.opts.extra_args.iter().position(|a| a == "--database") {
+            Some(i) if i + 1 < self.opts.extra_args.len() => {
+                cmd.args(["--database", &self.opts.extra_args[i + 1]])
+            }
+            _ if self.opts.state_tmpfs.is_some() => cmd.arg("--socket").arg(&self.operator_socket),
+            _ => cmd.arg("--state-dir").arg(&self.state_dir),
+        };
+        cmd.args(["--spiffe-id", spiffe_id, "--ttl", ttl]);
         let out = run_with_timeout(cmd, COMMAND_TIMEOUT)?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {

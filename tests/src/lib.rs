@@ -45,6 +45,7 @@ pub mod metrics;
 pub mod openssl;
 pub mod policy_mesh;
 pub mod postgres;
+pub mod probe;
 pub mod raw;
 pub mod sds_server;
 pub mod sidecar;

@@ -37,6 +37,8 @@ struct OwnCluster {
     pg_ctl: PathBuf,
     data: PathBuf,
     as_postgres: bool,
+    /// `pg_ctl -o` options (port, socket directory, settings), to start it again.
+    options: String,
     /// Declared last: removed after the server stopped.
     dir: TempDir,
 }
@@ -103,6 +105,50 @@ impl TestPostgres {
             Some(initdb) => Self::start_own(&initdb, None).map(Some),
             None => Ok(None),
         }
+    }
+
+    /// A cluster of its own (whatever `TRELLIS_TEST_POSTGRES_URL` says), which the test may
+    /// stop and start ([`TestPostgres::stop_immediate`]); `None` (after a SKIP line) only
+    /// outside CI without the PostgreSQL binaries.
+    pub fn start_own_or_skip(test: &str) -> anyhow::Result<Option<Self>> {
+        match initdb_or_skip(test) {
+            Some(initdb) => Self::start_own(&initdb, None).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// `pg_ctl stop -m immediate`: every server process exits at once, without a checkpoint
+    /// and without telling clients (a crash, as far as they can tell). Only for a cluster
+    /// started here.
+    pub fn stop_immediate(&self) -> anyhow::Result<()> {
+        let own = self
+            .own
+            .as_ref()
+            .context("not a cluster started by this test")?;
+        let mut cmd = pg_command(&own.pg_ctl, own.as_postgres);
+        cmd.arg("-D")
+            .arg(&own.data)
+            .args(["-m", "immediate", "-w", "stop"]);
+        check(
+            run_with_timeout(cmd, SETUP_TIMEOUT)?,
+            "pg_ctl stop -m immediate",
+        )
+    }
+
+    /// Starts a cluster stopped by [`TestPostgres::stop_immediate`] again, on the same port
+    /// (it recovers from its WAL first).
+    pub fn start_again(&self) -> anyhow::Result<()> {
+        let own = self
+            .own
+            .as_ref()
+            .context("not a cluster started by this test")?;
+        let mut cmd = pg_command(&own.pg_ctl, own.as_postgres);
+        cmd.arg("-D")
+            .arg(&own.data)
+            .arg("-l")
+            .arg(own.dir.path().join("server.log"))
+            .args(["-w", "-t", "90", "-o", &own.options, "start"]);
+        check(run_with_timeout(cmd, SETUP_TIMEOUT)?, "pg_ctl start")
     }
 
     /// A cluster of its own that serves TLS with `tls` (whatever `TRELLIS_TEST_POSTGRES_URL`
@@ -176,6 +222,7 @@ impl TestPostgres {
             pg_ctl,
             data,
             as_postgres,
+            options,
             dir,
         };
         if !started.status.success() {

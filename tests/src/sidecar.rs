@@ -34,6 +34,12 @@ pub struct SidecarOpts {
     pub inbound: Option<SocketAddr>,
     /// `--outbound`, the shared listener (default `127.0.0.1:0`).
     pub outbound: Option<SocketAddr>,
+    /// `--control-bundle` instead of the control plane's current `bundle.pem` (a bootstrap
+    /// bundle copied earlier).
+    pub control_bundle: Option<std::path::PathBuf>,
+    /// A command that runs the sidecar (`faketime -f -10m`): the binary and its arguments
+    /// are appended to it.
+    pub wrapper: Vec<String>,
 }
 
 impl SidecarOpts {
@@ -48,6 +54,8 @@ impl SidecarOpts {
             join_token: None,
             inbound: None,
             outbound: None,
+            control_bundle: None,
+            wrapper: Vec::new(),
         }
     }
 
@@ -152,12 +160,19 @@ impl Sidecar {
         let any = "127.0.0.1:0".to_string();
         let inbound = opts.inbound.map_or_else(|| any.clone(), |a| a.to_string());
         let outbound = opts.outbound.map_or_else(|| any.clone(), |a| a.to_string());
-        let mut cmd = Command::new(trellis_bin());
+        let mut cmd = match opts.wrapper.split_first() {
+            None => Command::new(trellis_bin()),
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(trellis_bin());
+                c
+            }
+        };
         cmd.arg("sidecar")
             .args(["--trust-domain", cp.trust_domain.as_str()])
             .args(["--control-plane", &cp.sds_addr.to_string()])
             .arg("--control-bundle")
-            .arg(&cp.bundle_pem_path)
+            .arg(opts.control_bundle.as_ref().unwrap_or(&cp.bundle_pem_path))
             .args(["--spiffe-id", &opts.spiffe_id])
             .args(["--inbound", &inbound, "--outbound", &outbound])
             .args(["--admin", "127.0.0.1:0", "--app", &opts.app.to_string()])

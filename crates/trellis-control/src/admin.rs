@@ -199,6 +199,8 @@ pub struct AdminState {
     pub bundle: Arc<ArcSwap<TrustBundle>>,
     /// The issuance transparency log (`/log/*`).
     pub log: Option<Arc<crate::translog::IssuanceLog>>,
+    /// The state database's health (`/ready` names an outage).
+    pub database: Arc<crate::db_health::DbHealth>,
 }
 
 fn text(
@@ -267,7 +269,15 @@ pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<B
     }
     match path {
         "/healthz" => text(StatusCode::OK, PLAIN, "ok\n"),
-        "/ready" if state.ready.load(Ordering::Acquire) => text(StatusCode::OK, PLAIN, "ready\n"),
+        // Still ready while the database is away (see `db_health`), but saying so.
+        "/ready" if state.ready.load(Ordering::Acquire) => match state.database.describe() {
+            None => text(StatusCode::OK, PLAIN, "ready\n"),
+            Some(why) => text(
+                StatusCode::OK,
+                PLAIN,
+                format!("ready (degraded): join tokens cannot be redeemed; running workloads keep rotating\n{why}\n"),
+            ),
+        },
         "/ready" => text(
             StatusCode::SERVICE_UNAVAILABLE,
             PLAIN,
@@ -383,10 +393,12 @@ mod tests {
                 SystemTime::now(),
             )
             .unwrap();
+        let metrics = Arc::new(ControlMetrics::new());
         AdminState {
             log: None,
             ca: Arc::new(ArcSwap::from_pointee(Vec::new())),
-            metrics: Arc::new(ControlMetrics::new()),
+            database: crate::db_health::DbHealth::new(Arc::clone(&metrics)),
+            metrics,
             ready: AtomicBool::new(false),
             serving: Arc::new(ArcSwapOption::from_pointee(ServingSvid::of(&svid))),
             bundle: Arc::new(ArcSwap::from_pointee(ca.bundle().clone())),
@@ -407,6 +419,33 @@ mod tests {
             route(&state, &Method::GET, "/ready").status(),
             StatusCode::OK
         );
+        // A database outage keeps the replica ready (every replica shares the database) but
+        // says what is wrong.
+        state.database.failed(
+            crate::db_health::DbOp::Read,
+            &crate::registry::RegistryError::Unavailable {
+                target: "postgres://db".into(),
+            },
+        );
+        let resp = route(&state, &Method::GET, "/ready");
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body = futures_body(resp);
+        assert!(body.starts_with("ready (degraded)"), "{body}");
+        assert!(
+            body.contains("state database reads failing since"),
+            "{body}"
+        );
+    }
+
+    fn futures_body(resp: Response<Full<Bytes>>) -> String {
+        use http_body_util::BodyExt as _;
+        let bytes = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(resp.into_body().collect())
+            .unwrap()
+            .to_bytes();
+        String::from_utf8_lossy(&bytes).into_owned()
     }
 
     #[test]

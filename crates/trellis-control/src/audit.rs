@@ -63,6 +63,7 @@ pub enum AuditEvent {
 /// error is returned so the caller can count it, never panics.
 pub struct AuditLog {
     file: std::sync::Mutex<std::fs::File>,
+    path: std::path::PathBuf,
 }
 
 impl AuditLog {
@@ -77,7 +78,13 @@ impl AuditLog {
         file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         Ok(Self {
             file: std::sync::Mutex::new(file),
+            path: path.to_owned(),
         })
+    }
+
+    /// The file, for error messages.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Appends one line: `{"time":"<RFC3339>","event":"issued"|"rejected",...}`.
@@ -90,8 +97,15 @@ impl AuditLog {
             .file
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        file.write_all(&line)?;
-        file.flush()
+        let before = file.metadata().map(|m| m.len());
+        let written = file.write_all(&line).and_then(|()| file.flush());
+        if let (Err(_), Ok(len)) = (&written, before) {
+            // A full disk can take part of the line: cut it off again, so the next line starts
+            // on a line of its own and no reader meets half a record. (If even that fails,
+            // the torn line is the last thing before the next newline-terminated one.)
+            let _ = file.set_len(len);
+        }
+        written
     }
 }
 

@@ -12,6 +12,12 @@
 //!
 //! Because the state depends only on the database and the clock, replicas on one database
 //! agree, and a restart in the middle of a rotation resumes it where it was.
+//!
+//! The control plane's own certificates (its SDS serving SVID, the webhook's serving
+//! certificate) come from the **oldest** CA still in the bundle, not from the signer: a
+//! sidecar started during the overlap with a pre-rotation bootstrap bundle must still be able
+//! to verify the control plane. They switch to the next CA when that one retires, so
+//! bootstrap bundles only have to be refreshed before the old CA leaves the bundle.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -93,6 +99,11 @@ pub struct CaView {
     pub signer_id: i64,
     /// Union of the roots of every CA not retired, without duplicates.
     pub bundle: TrustBundle,
+    /// The CA the control plane's own certificates come from: the oldest one that has
+    /// activated and is not retired (the signer when no rotation overlaps).
+    pub serving: Arc<Ca>,
+    /// Its schedule id.
+    pub serving_id: i64,
 }
 
 impl CaSchedule {
@@ -170,10 +181,19 @@ impl CaSchedule {
             .iter()
             .find(|(_, p)| *p == CaPhase::Active)
             .ok_or("no active CA")?;
+        // Phases are in activation order, so the first retiring-or-active CA is the oldest
+        // root every bundle handed out since its activation still holds. A prepared CA is
+        // never chosen: bundles from before the rotation lack it.
+        let serving = phases
+            .iter()
+            .find(|(_, p)| matches!(p, CaPhase::Active | CaPhase::Retiring { .. }))
+            .map_or(*signer, |(c, _)| *c);
         Ok(CaView {
             signer: Arc::clone(&signer.ca),
             signer_id: signer.id,
             bundle,
+            serving: Arc::clone(&serving.ca),
+            serving_id: serving.id,
         })
     }
 }
@@ -206,6 +226,10 @@ pub struct CaRotator {
     /// The CA every issuance uses.
     signer: Arc<ArcSwap<Ca>>,
     signer_id: i64,
+    /// The CA the control plane's own certificates come from.
+    serving: Arc<ArcSwap<Ca>>,
+    serving_id: i64,
+    on_serving_change: ServingHook,
     /// Pushed to every SDS stream on change.
     bundle_tx: watch::Sender<Arc<TrustBundle>>,
     /// What the SDS listener verifies client SVIDs with.
@@ -218,12 +242,23 @@ pub struct CaRotator {
     applied: Vec<(i64, CaPhase)>,
     /// The highest rotation id read from the registry (applied or refused).
     last_seen: i64,
+    /// Told whether each read of the schedule worked (the database's read probe).
+    health: Option<Arc<crate::db_health::DbHealth>>,
 }
+
+/// Re-issues the control plane's own certificates from [`CaOutputs::serving`]. The rotator
+/// calls it when the serving CA changes, before it publishes a bundle without the previous
+/// one, so no client holding the new bundle ever meets a certificate it cannot verify.
+pub type ServingHook = Box<dyn Fn() + Send + Sync>;
 
 /// The shared pieces a [`CaRotator`] keeps current.
 pub struct CaOutputs {
     /// The CA every issuance uses.
     pub signer: Arc<ArcSwap<Ca>>,
+    /// The CA the control plane's own certificates come from (see the module docs).
+    pub serving: Arc<ArcSwap<Ca>>,
+    /// Called when `serving` changes after the first refresh.
+    pub on_serving_change: ServingHook,
     /// The bundle pushed to SDS streams.
     pub bundle_tx: watch::Sender<Arc<TrustBundle>>,
     /// The bundle the SDS listener verifies clients with.
@@ -251,6 +286,9 @@ impl CaRotator {
             registry,
             signer: outputs.signer,
             signer_id: -1,
+            serving: outputs.serving,
+            serving_id: -1,
+            on_serving_change: outputs.on_serving_change,
             bundle_tx: outputs.bundle_tx,
             listener_bundle: outputs.listener_bundle,
             bundle_path: outputs.bundle_path,
@@ -259,7 +297,14 @@ impl CaRotator {
             status: outputs.status,
             applied: Vec::new(),
             last_seen: 0,
+            health: None,
         }
+    }
+
+    /// Reports each read of the schedule (once a second) to `health`.
+    pub fn with_db_health(mut self, health: Arc<crate::db_health::DbHealth>) -> Self {
+        self.health = Some(health);
+        self
     }
 
     /// Loads rotations stored since the last call (a refused one is logged and skipped,
@@ -267,7 +312,17 @@ impl CaRotator {
     /// writes the bundle if it changed, records each phase change. Returns whether the
     /// signer or bundle changed.
     pub fn refresh(&mut self, now: SystemTime) -> bool {
-        match self.registry.ca_rotations_after(self.last_seen) {
+        let read = self
+            .registry
+            .check_file()
+            .and_then(|()| self.registry.ca_rotations_after(self.last_seen));
+        if let Some(h) = &self.health {
+            match &read {
+                Ok(_) => h.succeeded(crate::db_health::DbOp::Read),
+                Err(e) => h.failed(crate::db_health::DbOp::Read, e),
+            }
+        }
+        match read {
             Ok(rotations) => {
                 for r in rotations {
                     match Ca::from_material(&self.td, &r.material, self.registry.path()) {
@@ -310,6 +365,22 @@ impl CaRotator {
             self.metrics
                 .ca_expiry
                 .set(unix_seconds(view.signer.not_after()));
+            changed = true;
+        }
+        if view.serving_id != self.serving_id {
+            let first = self.serving_id == -1;
+            self.serving.store(Arc::clone(&view.serving));
+            self.serving_id = view.serving_id;
+            // Before the bundle below drops the previous CA: a client that receives that
+            // bundle and reconnects must meet a certificate from a CA it still trusts.
+            if !first {
+                tracing::info!(
+                    rotation = view.serving_id,
+                    ca = view.serving.label(),
+                    "the control plane's own certificates now come from this CA"
+                );
+                (self.on_serving_change)();
+            }
             changed = true;
         }
         let current = self.bundle_tx.borrow().clone();
@@ -491,6 +562,92 @@ mod tests {
             v.bundle.roots()[0].as_ref(),
             new.bundle().roots()[0].as_ref()
         );
+    }
+
+    #[test]
+    fn own_certificates_come_from_the_oldest_ca_until_it_retires() {
+        let now = SystemTime::now();
+        let old = root(now);
+        let new = root(now);
+        let ttl = Duration::from_secs(600);
+        let mut s = CaSchedule::new(Arc::clone(&old), ttl);
+        s.add(ScheduledCa {
+            id: 1,
+            ca: Arc::clone(&new),
+            prepared_at: t(0),
+            activate_at: t(100),
+        });
+        // Prepared: the new CA is in the bundle but bundles from before lack it.
+        assert_eq!(s.view(&td(), t(50)).unwrap().serving_id, 0);
+        // Active: new SVIDs from the new CA, the control plane still serves from the old
+        // one, which every bundle handed out since before the rotation holds.
+        let v = s.view(&td(), t(101)).unwrap();
+        assert_eq!((v.signer_id, v.serving_id), (1, 0));
+        assert!(Arc::ptr_eq(&v.serving, &old));
+        let until = 100 + ttl.as_secs() + RETIRE_SKEW.as_secs();
+        assert_eq!(s.view(&td(), t(until - 1)).unwrap().serving_id, 0);
+        // Retired: the old root left the bundle, so the control plane switches with it.
+        let v = s.view(&td(), t(until + 1)).unwrap();
+        assert_eq!((v.signer_id, v.serving_id), (1, 1));
+        assert!(Arc::ptr_eq(&v.serving, &new));
+    }
+
+    #[test]
+    fn rotator_reissues_own_certificates_before_pushing_the_smaller_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Arc::new(
+            Registry::connect(&crate::registry::Database::Sqlite(dir.path().join("s.db"))).unwrap(),
+        );
+        let now = SystemTime::now();
+        let old = root(now);
+        let new = root(now);
+        let ttl = Duration::from_secs(600);
+        let mut schedule = CaSchedule::new(Arc::clone(&old), ttl);
+        schedule.add(ScheduledCa {
+            id: 1,
+            ca: Arc::clone(&new),
+            prepared_at: t(0),
+            activate_at: t(100),
+        });
+        let (bundle_tx, bundle_rx) = watch::channel(Arc::new(old.bundle().clone()));
+        let serving = Arc::new(ArcSwap::from(Arc::clone(&old)));
+        // What the hook saw: the number of roots in the bundle clients had at that moment.
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let hook: ServingHook = {
+            let (seen, serving, rx) = (Arc::clone(&seen), Arc::clone(&serving), bundle_rx.clone());
+            Box::new(move || {
+                let same = Arc::ptr_eq(&serving.load_full(), &new);
+                seen.lock().unwrap().push((same, rx.borrow().roots().len()));
+            })
+        };
+        let audit = Arc::new(AuditLog::open(&dir.path().join("audit.log")).unwrap());
+        let mut r = CaRotator::new(
+            td(),
+            schedule,
+            registry,
+            CaOutputs {
+                signer: Arc::new(ArcSwap::from(Arc::clone(&old))),
+                serving,
+                on_serving_change: hook,
+                bundle_tx,
+                listener_bundle: Arc::new(ArcSwap::from_pointee(old.bundle().clone())),
+                bundle_path: dir.path().join("bundle.pem"),
+                status: Arc::new(ArcSwap::from_pointee(Vec::new())),
+            },
+            Arc::new(ControlMetrics::new()),
+            audit,
+        );
+        r.refresh(t(50));
+        r.refresh(t(101));
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "no switch before retirement"
+        );
+        let until = 100 + ttl.as_secs() + RETIRE_SKEW.as_secs();
+        r.refresh(t(until + 1));
+        // Called once, with the new CA in place, while clients still had both roots.
+        assert_eq!(*seen.lock().unwrap(), [(true, 2)]);
+        assert_eq!(bundle_rx.borrow().roots().len(), 1);
     }
 
     #[test]

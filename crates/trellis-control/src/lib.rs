@@ -12,6 +12,7 @@ pub mod authority;
 pub mod ca;
 pub mod client;
 pub mod config;
+pub mod db_health;
 pub mod metrics;
 pub mod operator;
 pub mod ratelimit;

@@ -103,6 +103,20 @@ pub struct ControlMetrics {
     pub sds_handshake_timeouts: Counter,
     /// The issuance transparency log's series (`trellis_log_*`).
     pub log: Arc<crate::translog::LogMetrics>,
+    /// `trellis_database_up`: 1 while the state database answers reads and writes, else 0.
+    pub database_up: Gauge,
+    /// `trellis_database_errors_total{op}`: failed state database reads and writes.
+    pub database_errors: Family<OpLabel, Counter>,
+    /// `trellis_issuances_refused_total{reason}`: SVIDs signed but not handed out because
+    /// their issuance could not be recorded (`audit_write`).
+    pub issuances_refused: Family<ReasonLabel, Counter>,
+}
+
+/// `op` label of `trellis_database_errors_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    /// `read` or `write`.
+    pub op: &'static str,
 }
 
 /// One listener's accept-loop events as counters.
@@ -155,6 +169,9 @@ impl ControlMetrics {
             connections_refused: Family::default(),
             sds_handshake_timeouts: Counter::default(),
             log: Arc::default(),
+            database_up: Gauge::default(),
+            database_errors: Family::default(),
+            issuances_refused: Family::default(),
             registry: Registry::default(),
         };
         // One series, always 1: joins version and commit onto any other series in a query.
@@ -262,7 +279,27 @@ impl ControlMetrics {
             m.sds_handshake_timeouts.clone(),
         );
         m.log.register(&mut registry);
+        registry.register(
+            "database_up",
+            "1 while the state database answers reads and writes, else 0",
+            m.database_up.clone(),
+        );
+        registry.register(
+            "database_errors",
+            "Failed state database operations, by op (read, write)",
+            m.database_errors.clone(),
+        );
+        registry.register(
+            "issuances_refused",
+            "SVIDs not handed out because their issuance could not be recorded, by reason",
+            m.issuances_refused.clone(),
+        );
         ControlMetrics { registry, ..m }
+    }
+
+    /// Counts a failed state database operation.
+    pub fn database_error(&self, op: &'static str) {
+        self.database_errors.get_or_create(&OpLabel { op }).inc();
     }
 
     /// Records the notAfter (unix seconds) of the control plane's own serving SVID.
@@ -395,6 +432,9 @@ mod tests {
         ("trellis_log_heads_signed_total", "counter", &[]),
         ("trellis_log_inconsistencies_total", "counter", &[]),
         ("trellis_log_head_timestamp_seconds", "gauge", &[]),
+        ("trellis_database_up", "gauge", &[]),
+        ("trellis_database_errors_total", "counter", &["op"]),
+        ("trellis_issuances_refused_total", "counter", &["reason"]),
     ];
 
     #[test]
@@ -412,6 +452,12 @@ mod tests {
         m.serving_svid_expiry("spiffe://example.org/trellis/control", 1_900_000_000);
         m.jwks_refresh_failed("connect");
         m.connection_refused("sds");
+        m.database_error("read");
+        m.issuances_refused
+            .get_or_create(&ReasonLabel {
+                reason: "audit_write",
+            })
+            .inc();
         let text = m.encode();
         // No binary set the build here: the crate's version, commit unknown.
         let build = format!(

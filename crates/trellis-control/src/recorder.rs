@@ -5,12 +5,17 @@
 //! The same thread prunes the table, once at start and then hourly: records of SVIDs that
 //! expired more than a retention period ago are deleted, so the table stays bounded by the
 //! issuance rate times (SVID TTL + retention). The audit log remains the long-term record.
+//!
+//! While the database is unavailable (server down, disk full), a batch is kept and retried
+//! with backoff, never dropped; records queue behind it, and once the queue is full,
+//! issuing waits for the database rather than lose a record.
 
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::db_health::{DbHealth, DbOp};
 use crate::registry::{IssuanceRecord, Registry};
 
 /// How long issuance records are kept after their SVID expired, unless configured otherwise:
@@ -24,6 +29,9 @@ pub const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 const MAX_BATCH: usize = 1024;
 /// Records queued before `record` reports back-pressure.
 const QUEUE: usize = 65_536;
+/// First and longest wait before writing a batch again while the database is unavailable.
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Hands issuance records to the writer thread.
 #[derive(Clone)]
@@ -35,17 +43,20 @@ impl IssuanceRecorder {
     /// Starts the writer thread; it ends when every `IssuanceRecorder` clone is dropped.
     /// Every [`PRUNE_INTERVAL`], starting now, it deletes records of SVIDs that expired more
     /// than `retention` ago ([`DEFAULT_ISSUANCE_RETENTION`] unless configured).
+    /// Write failures and recoveries are reported to `health`.
     pub fn spawn(
         registry: Arc<Registry>,
         retention: Duration,
+        health: Arc<DbHealth>,
     ) -> std::io::Result<(Self, JoinHandle<()>)> {
-        Self::spawn_pruning_every(registry, retention, PRUNE_INTERVAL)
+        Self::spawn_pruning_every(registry, retention, PRUNE_INTERVAL, health)
     }
 
     fn spawn_pruning_every(
         registry: Arc<Registry>,
         retention: Duration,
         interval: Duration,
+        health: Arc<DbHealth>,
     ) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (tx, rx) = sync_channel(QUEUE);
         let pruning = Pruning {
@@ -54,7 +65,7 @@ impl IssuanceRecorder {
         };
         let handle = std::thread::Builder::new()
             .name("trellis-recorder".into())
-            .spawn(move || write_loop(&registry, &rx, &pruning))?;
+            .spawn(move || write_loop(&registry, &rx, &pruning, &health))?;
         Ok((Self { tx }, handle))
     }
 
@@ -104,7 +115,12 @@ impl Pruning {
     }
 }
 
-fn write_loop(registry: &Registry, rx: &Receiver<IssuanceRecord>, pruning: &Pruning) {
+fn write_loop(
+    registry: &Registry,
+    rx: &Receiver<IssuanceRecord>,
+    pruning: &Pruning,
+    health: &DbHealth,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut next_prune = Instant::now();
     loop {
@@ -126,10 +142,46 @@ fn write_loop(registry: &Registry, rx: &Receiver<IssuanceRecord>, pruning: &Prun
                 Err(_) => break,
             }
         }
-        if let Err(e) = registry.record_issuances(&batch) {
-            tracing::error!(error = %e, records = batch.len(), "cannot record issuances");
-        }
+        write_batch(registry, &batch, health);
         batch.clear();
+    }
+}
+
+/// Writes `batch`, retrying with backoff for as long as the database is unavailable (the
+/// records wait in memory; nothing is half-written, each attempt is one transaction). A
+/// failure that retrying cannot fix (a corrupt or foreign schema) is logged and the batch
+/// dropped: the audit log still has every issuance.
+fn write_batch(registry: &Registry, batch: &[IssuanceRecord], health: &DbHealth) {
+    let mut wait = RETRY_FIRST;
+    let mut attempts = 0u32;
+    loop {
+        match registry.record_issuances(batch) {
+            Ok(()) => {
+                health.succeeded(DbOp::Write);
+                if attempts > 0 {
+                    tracing::info!(
+                        records = batch.len(),
+                        attempts = attempts + 1,
+                        "issuance records written after the state database came back"
+                    );
+                }
+                return;
+            }
+            Err(e) if e.is_unavailable() => {
+                health.failed(DbOp::Write, &e);
+                if attempts == 0 {
+                    tracing::warn!(error = %e, records = batch.len(), "cannot record issuances yet; keeping them and retrying");
+                }
+                attempts += 1;
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(RETRY_MAX);
+            }
+            Err(e) => {
+                health.failed(DbOp::Write, &e);
+                tracing::error!(error = %e, records = batch.len(), "cannot record issuances; dropped (the audit log has them)");
+                return;
+            }
+        }
     }
 }
 
@@ -137,7 +189,12 @@ fn write_loop(registry: &Registry, rx: &Receiver<IssuanceRecord>, pruning: &Prun
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::metrics::ControlMetrics;
     use trellis_identity::SpiffeId;
+
+    fn health() -> Arc<DbHealth> {
+        DbHealth::new(Arc::new(ControlMetrics::new()))
+    }
 
     fn rec(serial: usize, not_after: SystemTime) -> IssuanceRecord {
         IssuanceRecord {
@@ -176,7 +233,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let registry = Arc::new(Registry::open(&dir.path().join("t.db")).unwrap());
         let (recorder, handle) =
-            IssuanceRecorder::spawn(Arc::clone(&registry), DEFAULT_ISSUANCE_RETENTION).unwrap();
+            IssuanceRecorder::spawn(Arc::clone(&registry), DEFAULT_ISSUANCE_RETENTION, health())
+                .unwrap();
         for i in 0..2500 {
             recorder.record(rec(i, SystemTime::now()));
         }
@@ -206,7 +264,8 @@ mod tests {
                 rec(4, SystemTime::now() + hour), // still valid: kept
             ])
             .unwrap();
-        let (recorder, handle) = IssuanceRecorder::spawn(Arc::clone(&registry), hour).unwrap();
+        let (recorder, handle) =
+            IssuanceRecorder::spawn(Arc::clone(&registry), hour, health()).unwrap();
         wait_for_count(&registry, 2, "after the start prune");
         // Recording still works after a prune.
         recorder.record(rec(5, SystemTime::now()));
@@ -226,6 +285,7 @@ mod tests {
             Arc::clone(&registry),
             retention,
             Duration::from_millis(50),
+            health(),
         )
         .unwrap();
         let started = Instant::now();

@@ -24,16 +24,17 @@ use crate::attest::{
     Attestor, JoinAttestor, JwksError, JwksKeys, K8sAttestor, K8sKeySource, JOIN_REDEMPTION_WINDOW,
 };
 use crate::audit::{AuditEvent, AuditLog};
-use crate::authority::{CaOutputs, CaRotator, CaSchedule};
+use crate::authority::{CaOutputs, CaRotator, CaSchedule, ServingHook};
 use crate::ca::{Ca, CaError};
 use crate::config::ControlSettings;
+use crate::db_health::DbHealth;
 use crate::metrics::ControlMetrics;
 use crate::recorder::IssuanceRecorder;
 use crate::registry::{Registry, RegistryError};
 use crate::sds::listener::SdsTls;
 use crate::sds::{IssuePolicy, SdsCore, SdsService};
 use crate::state_dir::{prepare_state_dir, write_bundle, StateDirError};
-use crate::webhook::WebhookError;
+use crate::webhook::{WebhookCert, WebhookError};
 
 /// Path of the control plane's own SPIFFE ID: `spiffe://<td>/trellis/control`.
 pub const CONTROL_ID_PATH: &str = "/trellis/control";
@@ -186,6 +187,7 @@ impl ControlPlane {
             .with_max_jwt_bytes(settings.limits.k8s.max_jwt_bytes),
         );
         let metrics = Arc::new(ControlMetrics::new());
+        let db_health = DbHealth::new(Arc::clone(&metrics));
 
         // The signer and bundle follow the CA schedule (base CA + `trellis ca rotate`s);
         // the first refresh applies any rotation stored before this start.
@@ -194,35 +196,6 @@ impl ControlPlane {
         let (bundle_tx, bundle_rx) = watch::channel(Arc::clone(&base_bundle));
         let shared_bundle = Arc::new(ArcSwap::from(Arc::clone(&base_bundle)));
         let ca_status = Arc::new(ArcSwap::from_pointee(Vec::new()));
-        let mut rotator = CaRotator::new(
-            td.clone(),
-            CaSchedule::new(Arc::clone(&base), settings.svid_ttl),
-            Arc::clone(&registry),
-            CaOutputs {
-                signer: Arc::clone(&signer),
-                bundle_tx,
-                listener_bundle: Arc::clone(&shared_bundle),
-                bundle_path: bundle_path.clone(),
-                status: Arc::clone(&ca_status),
-            },
-            Arc::clone(&metrics),
-            Arc::clone(&audit),
-        );
-        rotator.refresh(SystemTime::now());
-        let bundle = bundle_rx.borrow().clone();
-        // The injection webhook puts the bundle in force at admission into each sidecar.
-        let webhook_bundle = bundle_rx.clone();
-        write_bundle(&bundle_path, &bundle)?;
-        metrics
-            .ca_expiry
-            .set(unix_seconds(signer.load().not_after()));
-        metrics
-            .bundle_expiry
-            .set(unix_seconds(bundle.earliest_expiry()));
-        metrics
-            .bundle_cas
-            .set(i64::try_from(bundle.roots().len()).unwrap_or(i64::MAX));
-
         // Before any issuance: a log that fails its own signed head stops the start here.
         let translog =
             crate::translog::IssuanceLog::open(Arc::clone(&registry), Arc::clone(&metrics.log))?;
@@ -237,15 +210,65 @@ impl ControlPlane {
             .map_err(|e| StartError::Tls(e.to_string()))?;
         let resolver = SvidResolver::empty();
         let serving = Arc::new(ArcSwapOption::empty());
-        let own = OwnSvid {
+        let own = Arc::new(OwnSvid {
             id: control_id.clone(),
             registry: Arc::clone(&registry),
             resolver: Arc::clone(&resolver),
             serving: Arc::clone(&serving),
             audit: Arc::clone(&audit),
             metrics: Arc::clone(&metrics),
+        });
+        // The webhook's serving certificate, once the webhook runs.
+        let webhook_slot: Arc<ArcSwapOption<WebhookCert>> = Arc::new(ArcSwapOption::empty());
+        let serving_ca = Arc::new(ArcSwap::from(Arc::clone(&base)));
+        // The SDS and webhook certificates are re-issued by the rotation timer and by the CA
+        // rotator (when the serving CA changes); one at a time, each from the CA current
+        // under the lock, so a timer that read the previous CA cannot install after the
+        // switch.
+        let reissue = Arc::new(ServingCerts {
+            ca: Arc::clone(&serving_ca),
+            own: Arc::clone(&own),
+            webhook: Arc::clone(&webhook_slot),
+            ttl: settings.svid_ttl,
+            lock: std::sync::Mutex::new(()),
+        });
+        let on_serving_change: ServingHook = {
+            let reissue = Arc::clone(&reissue);
+            Box::new(move || reissue.renew())
         };
-        own.install(&signer.load(), settings.svid_ttl)?;
+        let mut rotator = CaRotator::new(
+            td.clone(),
+            CaSchedule::new(Arc::clone(&base), settings.svid_ttl),
+            Arc::clone(&registry),
+            CaOutputs {
+                signer: Arc::clone(&signer),
+                serving: Arc::clone(&serving_ca),
+                on_serving_change,
+                bundle_tx,
+                listener_bundle: Arc::clone(&shared_bundle),
+                bundle_path: bundle_path.clone(),
+                status: Arc::clone(&ca_status),
+            },
+            Arc::clone(&metrics),
+            Arc::clone(&audit),
+        )
+        .with_db_health(Arc::clone(&db_health));
+        rotator.refresh(SystemTime::now());
+        let bundle = bundle_rx.borrow().clone();
+        // The injection webhook puts the bundle in force at admission into each sidecar.
+        let webhook_bundle = bundle_rx.clone();
+        write_bundle(&bundle_path, &bundle)?;
+        metrics
+            .ca_expiry
+            .set(unix_seconds(signer.load().not_after()));
+        metrics
+            .bundle_expiry
+            .set(unix_seconds(bundle.earliest_expiry()));
+        metrics
+            .bundle_cas
+            .set(i64::try_from(bundle.roots().len()).unwrap_or(i64::MAX));
+        // From the oldest CA in the bundle (see `authority`), not necessarily the signer.
+        own.install(&serving_ca.load(), settings.svid_ttl)?;
 
         let verifier = SpiffeClientVerifier::new(Arc::clone(&shared_bundle), true);
         let tls = server_config(Arc::clone(&resolver), verifier, TlsPolicy::Tls13, &[b"h2"])
@@ -259,15 +282,17 @@ impl ControlPlane {
             svid_ttl: settings.svid_ttl,
             rotate_every: settings.rotate_every,
         };
-        let (recorder, _recorder_thread) =
-            IssuanceRecorder::spawn(Arc::clone(&registry), settings.issuance_retention).map_err(
-                |e| {
-                    state_dir_error(
-                        &settings.state_dir,
-                        format!("cannot start the issuance recorder: {e}"),
-                    )
-                },
-            )?;
+        let (recorder, _recorder_thread) = IssuanceRecorder::spawn(
+            Arc::clone(&registry),
+            settings.issuance_retention,
+            Arc::clone(&db_health),
+        )
+        .map_err(|e| {
+            state_dir_error(
+                &settings.state_dir,
+                format!("cannot start the issuance recorder: {e}"),
+            )
+        })?;
         let limiter = Arc::new(crate::ratelimit::PeerLimiter::new(settings.limits.sds.rate));
         let core = Arc::new(SdsCore {
             ca: Arc::clone(&signer),
@@ -289,7 +314,7 @@ impl ControlPlane {
                 crate::webhook::start(
                     w,
                     &td,
-                    &signer.load(),
+                    &serving_ca.load(),
                     settings.svid_ttl,
                     webhook_bundle,
                     Arc::clone(&metrics),
@@ -312,7 +337,7 @@ impl ControlPlane {
             drain.clone(),
         )?;
         tasks.push(operator.task);
-        let webhook_cert = webhook.as_ref().map(|w| Arc::clone(&w.cert));
+        webhook_slot.store(webhook.as_ref().map(|w| Arc::clone(&w.cert)));
 
         // TLS handshakes run in their own tasks so a slow client never stalls the accept loop;
         // over `limits.sds.max_connections` a connection is closed at once.
@@ -330,8 +355,7 @@ impl ControlPlane {
             drain.clone(),
         )));
 
-        // Rotate the control plane's own serving SVID like any other.
-        let ca = Arc::clone(&signer);
+        // Rotate the control plane's own serving SVID like any other, from the serving CA.
         let mut rotate_shutdown = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             loop {
@@ -339,15 +363,9 @@ impl ControlPlane {
                     () = tokio::time::sleep(policy.next_rotation()) => {}
                     _ = rotate_shutdown.changed() => return,
                 }
-                if let Err(e) = own.install(&ca.load(), policy.svid_ttl) {
-                    tracing::error!(error = %e, "cannot rotate the control plane's own SVID; keeping the current one");
-                }
-                // The webhook's serving certificate rotates with it, from the same CA.
-                if let Some(cert) = &webhook_cert {
-                    if let Err(e) = cert.install(&ca.load(), policy.svid_ttl) {
-                        tracing::error!(error = %e, "cannot rotate the webhook's serving certificate; keeping the current one");
-                    }
-                }
+                // Signing is quick, but the lock may be held by the CA rotator.
+                let reissue = Arc::clone(&reissue);
+                let _ = tokio::task::spawn_blocking(move || reissue.renew()).await;
             }
         }));
 
@@ -377,6 +395,7 @@ impl ControlPlane {
             ready: Default::default(),
             serving,
             bundle: Arc::clone(&shared_bundle),
+            database: db_health,
         });
         admin_state
             .ready
@@ -487,5 +506,32 @@ impl OwnSvid {
             tracing::error!(error = %e, "cannot write audit log");
         }
         Ok(())
+    }
+}
+
+/// The control plane's own certificates (SDS serving SVID, webhook serving certificate),
+/// re-issued together from the serving CA.
+struct ServingCerts {
+    ca: Arc<ArcSwap<Ca>>,
+    own: Arc<OwnSvid>,
+    webhook: Arc<ArcSwapOption<WebhookCert>>,
+    ttl: Duration,
+    /// Held from reading `ca` to installing, so installs never go back to an older CA.
+    lock: std::sync::Mutex<()>,
+}
+
+impl ServingCerts {
+    /// Issues fresh certificates from the current serving CA; on failure the current ones stay.
+    fn renew(&self) {
+        let _one_at_a_time = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let ca = self.ca.load_full();
+        if let Err(e) = self.own.install(&ca, self.ttl) {
+            tracing::error!(error = %e, "cannot rotate the control plane's own SVID; keeping the current one");
+        }
+        if let Some(cert) = self.webhook.load_full() {
+            if let Err(e) = cert.install(&ca, self.ttl) {
+                tracing::error!(error = %e, "cannot rotate the webhook's serving certificate; keeping the current one");
+            }
+        }
     }
 }

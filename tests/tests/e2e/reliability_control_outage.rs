@@ -31,6 +31,7 @@ use trellis_tests::echo::EchoApp;
 use trellis_tests::k8s::K8sIssuer;
 use trellis_tests::load::{Load, LoadOpts};
 use trellis_tests::mesh::{Mesh, MeshOpts, A_ID, B_ID};
+use trellis_tests::probe::{ProbeClient, ProbeRun};
 use trellis_tests::sidecar::Sidecar;
 use trellis_tests::{
     e2e, eventually, trellis_bin, ControlPlane, ControlPlaneOpts, StoppedControlPlane,
@@ -180,6 +181,16 @@ async fn control_plane_killed_for_a_minute_under_load_drops_nothing() -> anyhow:
         })
         .await?;
         load.end(before);
+        // Fresh mTLS handshakes with B during the outage: the load above rides one pooled
+        // connection that nothing re-verifies. The probe's SVID (3 min) outlives the outage.
+        let prober = ProbeClient::fetch(
+            &mesh.cp,
+            "spiffe://example.org/ns/demo/sa/probe",
+            Duration::from_secs(3),
+        )
+        .await?;
+        let bundle = mesh.cp.bundle()?;
+        let mut probes = ProbeRun::default();
 
         // Down.
         let outage = load.mark("control plane down (60s)");
@@ -205,7 +216,17 @@ async fn control_plane_killed_for_a_minute_under_load_drops_nothing() -> anyhow:
         let mut outage_samples = 0;
         while killed.elapsed() < OUTAGE {
             let left = OUTAGE.saturating_sub(killed.elapsed());
-            tokio::time::sleep(left.min(Duration::from_secs(5))).await;
+            prober
+                .probe_for(
+                    &bundle,
+                    mesh.b.addrs.inbound,
+                    B_ID,
+                    "app-b",
+                    Duration::from_millis(500),
+                    left.min(Duration::from_secs(5)),
+                    &mut probes,
+                )
+                .await;
             for (name, s, last) in [("A", &mesh.a, last_a), ("B", &mesh.b, last_b)] {
                 let m = s.metrics().await?;
                 ensure!(
@@ -311,8 +332,14 @@ async fn control_plane_killed_for_a_minute_under_load_drops_nothing() -> anyhow:
         );
         println!("[outage] reconnect delays (s) A: {}", fmt(&delays_a));
         println!("[outage] reconnect delays (s) B: {}", fmt(&delays_b));
+        println!(
+            "[outage] fresh handshakes with B during the outage: {} ({} failed)",
+            probes.attempted(),
+            probes.failed.len()
+        );
 
         report.assert_no_failures()?;
+        probes.assert_all_ok(40)?;
         for (name, delays) in [("A", &delays_a), ("B", &delays_b)] {
             ensure!(
                 delays.len() >= 3,

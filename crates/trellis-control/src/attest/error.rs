@@ -53,6 +53,10 @@ pub enum AttestError {
     /// A credential larger than any real one, refused before parsing.
     #[error("{0} is too large (over the control plane's max_jwt_bytes, 8 KiB by default)")]
     Oversized(&'static str),
+    /// The state database is out of reach or cannot take writes (not the caller's fault;
+    /// the token was not spent): retry once it is back.
+    #[error("the control plane's state database is unavailable ({0}); the token was not spent: retry later")]
+    Unavailable(String),
     /// Registry failure (not the caller's fault).
     #[error("internal error: {0}")]
     Internal(String),
@@ -78,6 +82,7 @@ impl AttestError {
             AttestError::Join(JoinError::AlreadyRedeemed) => "join_token_redeemed",
             AttestError::BadIdentity(_) => "bad_identity",
             AttestError::Oversized(_) => "oversized",
+            AttestError::Unavailable(_) => "database_unavailable",
             AttestError::Internal(_) => "internal",
         }
     }
@@ -90,6 +95,7 @@ impl AttestError {
             | AttestError::Malformed(_)
             | AttestError::BadIdentity(_)
             | AttestError::Oversized(_)
+            | AttestError::Unavailable(_)
             | AttestError::Internal(_) => None,
             AttestError::Join(_) => Some(AttestorKind::JoinToken),
             _ => Some(AttestorKind::K8s),

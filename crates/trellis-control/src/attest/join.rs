@@ -44,7 +44,9 @@ impl JoinAttestor {
         {
             Ok(Ok(id)) => Ok(id),
             Ok(Err(refused)) => Err(AttestError::Join(refused)),
-            // The database failed: not the caller's fault, and the token may still be good.
+            // The database failed: not the caller's fault, and the token may still be good
+            // (redemption is one transaction: it commits whole or not at all).
+            Err(e) if e.is_unavailable() => Err(AttestError::Unavailable(e.to_string())),
             Err(e) => Err(AttestError::Internal(e.to_string())),
         }
     }

@@ -174,6 +174,18 @@ impl Registry {
         matches!(self.backend, Backend::Postgres(_))
     }
 
+    /// Fails if the SQLite file is no longer where it was opened (state directory removed or
+    /// unmounted): SQLite keeps writing to the open file, which the next start would not
+    /// find. Always `Ok` for PostgreSQL.
+    pub fn check_file(&self) -> Result<(), RegistryError> {
+        match &self.backend {
+            Backend::Sqlite(_) if !self.label.exists() => Err(RegistryError::Vanished {
+                path: self.label.display().to_string(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Creates a random single-use join token `trellis-join.<selector>.<verifier>` bound to
     /// `id`, valid for `ttl` from `now`. Returns the token in clear; the selector is stored as
     /// is, the verifier only as its SHA-256.

@@ -78,12 +78,55 @@ pub enum RegistryError {
         /// What is wrong and what to do.
         problem: String,
     },
+    /// The SQLite file is gone from the state directory while the control plane runs.
+    #[error("{path}: the state database file is gone (state directory removed or unmounted?); restore it, then restart the control plane")]
+    Vanished {
+        /// The database file.
+        path: String,
+    },
     /// The thread that owns the PostgreSQL connection is gone (it panicked).
     #[error("{target}: the PostgreSQL connection thread stopped")]
     Unavailable {
         /// The URL without its password.
         target: String,
     },
+}
+
+impl RegistryError {
+    /// Whether the database itself is out of reach or cannot take writes (server down,
+    /// connection lost, disk full, read-only or vanished file), as opposed to a bad value or
+    /// a rule refusing the call. Callers answer these with "unavailable, retry": nothing was
+    /// written, and the same call succeeds once the database is back.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            RegistryError::Unavailable { .. }
+            | RegistryError::Open { .. }
+            | RegistryError::Vanished { .. } => true,
+            RegistryError::Postgres { source, .. } => match source.as_db_error() {
+                // No server answer at all: connect refused, connection closed, timeout, I/O.
+                None => true,
+                // SQLSTATE classes 08 (connection exception), 53 (insufficient resources:
+                // disk full, out of memory, too many connections), 57P01-57P03 (the server
+                // is shutting down, crashed, or cannot accept connections yet).
+                Some(db) => {
+                    let code = db.code().code();
+                    code.starts_with("08")
+                        || code.starts_with("53")
+                        || matches!(code, "57P01" | "57P02" | "57P03")
+                }
+            },
+            RegistryError::Db(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                rusqlite::ErrorCode::ReadOnly
+                    | rusqlite::ErrorCode::DiskFull
+                    | rusqlite::ErrorCode::CannotOpen
+                    | rusqlite::ErrorCode::SystemIoFailure
+                    | rusqlite::ErrorCode::DatabaseBusy
+                    | rusqlite::ErrorCode::DatabaseLocked
+            ),
+            _ => false,
+        }
+    }
 }
 
 /// Why a join token was refused. Each maps to a stable metric reason.

@@ -1045,3 +1045,49 @@ mod postgres_backend {
             .unwrap();
     }
 }
+
+/// What callers answer with "unavailable, retry" (nothing written, the same call works once
+/// the database is back) and what they do not.
+#[test]
+fn unavailable_means_the_database_not_the_request() {
+    let sqlite = |code| {
+        RegistryError::Db(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(code),
+            None,
+        ))
+    };
+    for code in [
+        rusqlite::ffi::SQLITE_FULL,
+        rusqlite::ffi::SQLITE_READONLY,
+        rusqlite::ffi::SQLITE_IOERR,
+        rusqlite::ffi::SQLITE_CANTOPEN,
+        rusqlite::ffi::SQLITE_BUSY,
+    ] {
+        assert!(sqlite(code).is_unavailable(), "{}", sqlite(code));
+    }
+    for code in [
+        rusqlite::ffi::SQLITE_CONSTRAINT,
+        rusqlite::ffi::SQLITE_CORRUPT,
+    ] {
+        assert!(!sqlite(code).is_unavailable(), "{}", sqlite(code));
+    }
+    assert!(!RegistryError::Corrupt("x".into()).is_unavailable());
+}
+
+/// A state directory removed under a running control plane: SQLite would keep writing to
+/// the unlinked file, so the registry says the file is gone.
+#[test]
+fn a_vanished_sqlite_file_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let reg = Registry::open(&state.join("trellis.db")).unwrap();
+    reg.check_file().unwrap();
+    std::fs::remove_dir_all(&state).unwrap();
+    let err = reg.check_file().unwrap_err();
+    assert!(err.is_unavailable());
+    assert!(
+        err.to_string().contains("state database file is gone"),
+        "{err}"
+    );
+}

@@ -152,7 +152,7 @@ impl SdsCore {
     /// client presenting bad credentials slows down.
     fn refused(&self, err: &AttestError, addr: Option<SocketAddr>) {
         if let Some(a) = addr {
-            if !matches!(err, AttestError::Internal(_)) {
+            if !matches!(err, AttestError::Internal(_) | AttestError::Unavailable(_)) {
                 self.limiter.failed(a.ip(), std::time::Instant::now());
             }
         }
@@ -202,6 +202,18 @@ impl SdsCore {
                 .leaf()
                 .ok_or_else(|| CaError::Sign("issued an empty chain".into()))?;
             let log = crate::translog::issuance_body(leaf, attestor).map_err(CaError::Sign)?;
+            // Audit completeness beats availability: the line is written before the SVID
+            // leaves, and an SVID whose line cannot be written is never handed out.
+            let event = AuditEvent::Issued {
+                spiffe_id: id.to_string(),
+                serial_hex: issued.serial_hex().to_owned(),
+                not_after: issued.not_after(),
+                attestor,
+                peer,
+            };
+            if let Err(e) = core.audit.record(&event, now) {
+                return Err(IssueFail::Audit(e));
+            }
             core.recorder.record(IssuanceRecord {
                 spiffe_id: id,
                 serial_hex: issued.serial_hex().to_owned(),
@@ -211,20 +223,35 @@ impl SdsCore {
                 issued_at: now,
                 log,
             });
-            Ok::<_, CaError>(issued)
+            Ok::<_, IssueFail>(issued)
         })
         .await
         .map_err(|e| Status::internal(format!("issuance task failed: {e}")))?
         .map_err(|e| match e {
-            CaError::BadCsr(why) => {
+            IssueFail::Ca(CaError::BadCsr(why)) => {
                 self.metrics.request_error("bad_csr");
                 Status::invalid_argument(format!(
                     "CSR in node.metadata[\"{CSR_METADATA_KEY}\"] refused: {why}"
                 ))
             }
-            e => {
+            IssueFail::Ca(e) => {
                 tracing::error!(error = %e, "cannot issue SVID");
                 Status::internal("cannot issue SVID; see control plane logs")
+            }
+            IssueFail::Audit(e) => {
+                self.metrics.audit_write_errors.inc();
+                self.metrics
+                    .issuances_refused
+                    .get_or_create(&crate::metrics::ReasonLabel {
+                        reason: "audit_write",
+                    })
+                    .inc();
+                let why = format!(
+                    "cannot record the issuance in the audit log {}: {e}; no SVID is handed out without its record (free space in the state directory)",
+                    self.audit.path().display()
+                );
+                tracing::error!(spiffe_id = %who.spiffe_id, "{why}");
+                Status::unavailable(why)
             }
         })?;
         let spiffe_id = &who.spiffe_id;
@@ -234,14 +261,19 @@ impl SdsCore {
             .inc();
         let csr_mode = matches!(issued, Issued::ChainOnly { .. });
         tracing::info!(%spiffe_id, serial = issued.serial_hex(), attestor, csr_mode, peer = peer.map(tracing::field::display), "issued SVID");
-        self.audit(AuditEvent::Issued {
-            spiffe_id: spiffe_id.to_string(),
-            serial_hex: issued.serial_hex().to_owned(),
-            not_after: issued.not_after(),
-            attestor,
-            peer,
-        });
         Ok(Arc::new(issued))
+    }
+}
+
+/// Why an issuance failed: signing, or recording it.
+enum IssueFail {
+    Ca(CaError),
+    Audit(std::io::Error),
+}
+
+impl From<CaError> for IssueFail {
+    fn from(e: CaError) -> Self {
+        IssueFail::Ca(e)
     }
 }
 
@@ -265,6 +297,9 @@ fn request_csr(req: &DiscoveryRequest) -> Option<&str> {
 
 fn attest_status(err: &AttestError) -> Status {
     match err {
+        // gRPC: "UNAVAILABLE: The service is currently unavailable. This is most likely a
+        // transient condition, which can be corrected by retrying with a backoff."
+        AttestError::Unavailable(_) => Status::unavailable(err.to_string()),
         AttestError::Internal(_) => Status::internal(err.to_string()),
         AttestError::Oversized(_) => Status::invalid_argument(err.to_string()),
         _ => Status::unauthenticated(err.to_string()),

@@ -55,8 +55,27 @@ pub async fn connect(
     }));
     match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
         Ok(Ok(channel)) => Ok(channel),
-        Ok(Err(e)) => Err(error_chain(&e)),
+        Ok(Err(e)) => Err(clock_hint(error_chain(&e), std::time::SystemTime::now())),
         Err(_) => Err(format!("timed out after {CONNECT_TIMEOUT:?}")),
+    }
+}
+
+/// rustls says `NotValidNow` (webpki: "certificate expired" / "not valid yet") when the
+/// control plane's certificate is outside its validity at this host's time. The control plane
+/// backdates by only 60 s, so this is almost always a clock that is off on one side: say so,
+/// with the time this host believes it is.
+fn clock_hint(message: String, now: std::time::SystemTime) -> String {
+    let lower = message.to_ascii_lowercase();
+    if lower.contains("notvalidnow")
+        || lower.contains("certificate expired")
+        || lower.contains("not valid yet")
+    {
+        format!(
+            "{message} (the control plane's certificate is not valid at this host's time, {}: check this host's clock and the control plane's)",
+            trellis_serve::time::rfc3339(now)
+        )
+    } else {
+        message
     }
 }
 
@@ -73,4 +92,23 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         source = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_certificate_outside_its_validity_points_at_the_clock() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let msg = clock_hint(
+            "transport error: invalid peer certificate: Other(OtherError(NotValidNow { not_before: 1, not_after: 2 }))".into(),
+            now,
+        );
+        assert!(msg.ends_with("(the control plane's certificate is not valid at this host's time, 2027-01-15T08:00:00Z: check this host's clock and the control plane's)"), "{msg}");
+        assert_eq!(
+            clock_hint("connection refused".into(), now),
+            "connection refused"
+        );
+    }
 }

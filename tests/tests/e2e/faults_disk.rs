@@ -1,0 +1,204 @@
+//! Issue #17, scenario 4: the control plane's disk fills up. The control plane runs in a
+//! mount namespace of its own (`unshare -m`, as root) with its state directory (SQLite
+//! database, audit log, bundle) on a 4 MiB tmpfs; the test fills it while app A → sidecar A →
+//! sidecar B → app B carries load, holds it full, then frees the space.
+//!
+//! Asserts, while full: no request fails (sidecars keep the SVIDs they have); every
+//! issuance is refused with `UNAVAILABLE` naming the audit log or the database (sidecar B's
+//! rotations are counted in `trellis_issuances_refused_total{reason="audit_write"}`, a new
+//! workload's join is refused); B presents no certificate without its audit line; the audit
+//! log holds only whole lines. Once space returns, without a restart: B rotates again and the
+//! new workload joins. Skipped (loudly) unless running as root with `unshare`.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::io::Write as _;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _};
+use trellis_tests::load::{Load, LoadOpts};
+use trellis_tests::mesh::{Mesh, MeshOpts};
+use trellis_tests::{e2e, eventually, fetch_svid, grpc_code, in_ci, which, ControlPlaneOpts};
+
+/// How long the disk stays full after the first refused issuance (appends first use up the
+/// room left in the audit log's last page, a few seconds of rotations).
+const FULL_FOR: Duration = Duration::from_secs(6);
+
+fn root_with_unshare(test: &str) -> bool {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|v| v.split_whitespace().next() == Some("0"))
+        })
+        .unwrap_or(false);
+    if root && which("unshare").is_some() {
+        return true;
+    }
+    assert!(
+        !in_ci(),
+        "{test}: needs root and unshare (util-linux) to mount a tmpfs in a mount namespace"
+    );
+    eprintln!("SKIP {test}: needs root and `unshare` to mount a small tmpfs in a mount namespace");
+    false
+}
+
+/// Writes `path` until the filesystem is full; returns the bytes written.
+fn fill(path: &Path) -> anyhow::Result<u64> {
+    let mut f = std::fs::File::create(path)?;
+    let chunk = vec![0x5a_u8; 16 * 1024];
+    let mut total = 0u64;
+    loop {
+        match f.write(&chunk) {
+            Ok(0) => break,
+            Ok(n) => total += n as u64,
+            Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
+            Err(e) => return Err(e).context("filling the state tmpfs"),
+        }
+    }
+    // Whatever a page still holds.
+    let _ = f.write_all(&[0u8; 1]);
+    Ok(total)
+}
+
+/// Serials of every `issued` line, and how many lines are not whole JSON objects.
+fn audit_serials(state: &Path) -> anyhow::Result<(BTreeSet<String>, usize)> {
+    let text = std::fs::read_to_string(state.join("audit.log"))?;
+    let mut serials = BTreeSet::new();
+    let mut torn = 0;
+    for line in text.lines() {
+        match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(v) if v["event"] == "issued" => {
+                serials.insert(v["serial"].as_str().unwrap_or_default().to_owned());
+            }
+            Ok(_) => {}
+            Err(_) => torn += 1,
+        }
+    }
+    Ok((serials, torn))
+}
+
+async fn b_serial(mesh: &Mesh) -> anyhow::Result<String> {
+    let r = mesh.b.admin_get("/certs").await?;
+    let v: serde_json::Value = serde_json::from_str(&r.text())?;
+    Ok(v["svid"]["serial"]
+        .as_str()
+        .context("svid.serial")?
+        .to_owned())
+}
+
+async fn refused_audit(mesh: &Mesh) -> anyhow::Result<f64> {
+    Ok(mesh.cp.metrics().await?.sum_or_zero(
+        "trellis_issuances_refused_total",
+        &[("reason", "audit_write")],
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_state_disk_refuses_unrecorded_issuance_and_recovers() -> anyhow::Result<()> {
+    e2e(async {
+        let test = "full_state_disk_refuses_unrecorded_issuance_and_recovers";
+        if !root_with_unshare(test) {
+            return Ok(());
+        }
+        let margin = vec!["--expiry-margin".to_string(), "2s".to_string()];
+        let mesh = Mesh::start(MeshOpts {
+            control: ControlPlaneOpts {
+                svid_ttl: Some("30s".into()),
+                rotate_every: Some("1s".into()),
+                state_tmpfs: Some("4m".into()),
+                ..Default::default()
+            },
+            a_args: margin.clone(),
+            b_args: margin,
+            ..Default::default()
+        })
+        .await?;
+        let state = mesh.cp.state_dir.clone();
+        let token = mesh.cp.create_token("spiffe://example.org/ns/demo/sa/late", "10m")?;
+
+        let load = Load::start(LoadOpts::new(mesh.a.outbound(), "b", "app-b"));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut presented = BTreeSet::new();
+        presented.insert(b_serial(&mesh).await?);
+
+        let event = load.mark("disk full");
+        let filler = state.join("filler");
+        let filled = fill(&filler)?;
+        let filled_at = Instant::now();
+        let refused_before = refused_audit(&mesh).await?;
+        // A rotation soon finds no room for its audit line.
+        eventually(Duration::from_secs(20), "a rotation refused for its audit line", || async {
+            let n = refused_audit(&mesh).await?;
+            if n > refused_before {
+                Ok(())
+            } else {
+                bail!("trellis_issuances_refused_total{{reason=\"audit_write\"}} = {n}")
+            }
+        })
+        .await?;
+        let full_at = Instant::now();
+        let refusal = match fetch_svid(&mesh.cp, &token).await {
+            Ok((svid, _)) => bail!("a new workload was issued {} on a full disk", svid.spiffe_id()),
+            Err(e) => {
+                let msg = format!("{e:#}");
+                ensure!(grpc_code(&e) == Some(tonic::Code::Unavailable), "want UNAVAILABLE: {msg}");
+                ensure!(
+                    msg.contains("audit log") || msg.contains("state database is unavailable"),
+                    "the refusal must say why: {msg}"
+                );
+                msg
+            }
+        };
+        while full_at.elapsed() < FULL_FOR {
+            presented.insert(b_serial(&mesh).await?);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let refused_while_full = refused_audit(&mesh).await? - refused_before;
+        let (_, torn) = audit_serials(&state)?;
+        ensure!(torn == 0, "{torn} torn line(s) in the audit log");
+
+        std::fs::remove_file(&filler)?;
+        let freed = Instant::now();
+        load.end(event);
+        let serial_full = b_serial(&mesh).await?;
+        let rotated_after = eventually(Duration::from_secs(30), "B rotates once space returns", || async {
+            let s = b_serial(&mesh).await?;
+            if s != serial_full {
+                Ok((s, freed.elapsed()))
+            } else {
+                bail!("still {s}")
+            }
+        })
+        .await?;
+        presented.insert(rotated_after.0.clone());
+        let joined_after = eventually(Duration::from_secs(30), "the new workload joins", || async {
+            fetch_svid(&mesh.cp, &token).await.map(|_| freed.elapsed())
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let report = load.stop().await;
+        report.print(&format!("state tmpfs full for {}s", FULL_FOR.as_secs()));
+        let (audited, torn) = audit_serials(&state)?;
+        let unaudited: Vec<&String> = presented.difference(&audited).collect();
+        println!(
+            "[disk] filled with {filled} bytes; first refusal {:.1}s later; {refused_while_full} issuances refused while full; refusal: {refusal}; \
+             B rotated {:.1}s and a new workload joined {:.1}s after space returned; {} serials B presented, all audited",
+            (full_at - filled_at).as_secs_f64(),
+            rotated_after.1.as_secs_f64(),
+            joined_after.as_secs_f64(),
+            presented.len()
+        );
+        report.assert_no_failures()?;
+        let during = report.events.first().context("event")?;
+        let sent = report.sent_between(during.from, during.to.context("end")?);
+        ensure!(sent >= 100, "only {sent} requests while the disk was full");
+        ensure!(refused_while_full >= 2.0, "only {refused_while_full} issuances refused while full");
+        ensure!(torn == 0, "{torn} torn line(s) in the audit log");
+        ensure!(unaudited.is_empty(), "B presented certificates without an audit line: {unaudited:?}");
+        Ok(())
+    })
+    .await
+}
