@@ -45,3 +45,4 @@ mod sidecar_mesh;
 mod sidecar_security;
 mod tls_key_exchange;
 mod webhook;
+mod workload_api;
