@@ -35,6 +35,9 @@ pub mod socket;
 
 pub use socket::{SocketError, SocketFile};
 
+#[doc(hidden)]
+pub use authority::fuzz_rewrite;
+
 /// The metadata key every Workload API request must carry, with the value `true`.
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 
