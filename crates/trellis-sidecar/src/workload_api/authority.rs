@@ -247,6 +247,45 @@ async fn frame<W: AsyncWrite + Unpin>(
     to.write_all(payload).await
 }
 
+/// Fuzzing entry point (`fuzz/fuzz_targets/workload_api_relay.rs`, run on stable by
+/// `tests/it/fuzz_bodies.rs`): a client's bytes → the client-to-server rewrite must not panic,
+/// and every header block it writes decodes, with no `:authority` that fails to parse. Not API.
+#[doc(hidden)]
+pub fn fuzz_rewrite(data: &[u8]) {
+    let mut out = Vec::new();
+    let _ = futures::executor::block_on(rewrite(&mut &data[..], &mut out));
+    if !out.starts_with(PREFACE) {
+        return;
+    }
+    // Walk the frames written; decode every header block with the server's view (a fresh
+    // decoder: the rewrite never adds to the server's table).
+    let mut decoder = loona_hpack::Decoder::new();
+    let mut rest = &out[PREFACE.len()..];
+    let mut block = Vec::new();
+    while rest.len() >= 9 {
+        let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+        let (kind, flags) = (rest[3], rest[4]);
+        let Some(payload) = rest.get(9..9 + len) else {
+            return;
+        };
+        if kind == HEADERS || kind == CONTINUATION {
+            block.extend_from_slice(payload);
+            if flags & END_HEADERS != 0 {
+                let headers = decoder
+                    .decode(&block)
+                    .unwrap_or_else(|e| panic!("a rewritten block does not decode: {e}"));
+                for (name, value) in headers {
+                    if name == b":authority" {
+                        assert!(http::uri::Authority::try_from(&value[..]).is_ok());
+                    }
+                }
+                block.clear();
+            }
+        }
+        rest = &rest[9 + len..];
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -324,44 +363,5 @@ mod tests {
             decode(&out[42..]),
             [(":authority".to_owned(), "localhost".to_owned())]
         );
-    }
-}
-
-/// Fuzzing entry point (`fuzz/fuzz_targets/workload_api_relay.rs`, run on stable by
-/// `tests/it/fuzz_bodies.rs`): a client's bytes → the client-to-server rewrite must not panic,
-/// and every header block it writes decodes, with no `:authority` that fails to parse. Not API.
-#[doc(hidden)]
-pub fn fuzz_rewrite(data: &[u8]) {
-    let mut out = Vec::new();
-    let _ = futures::executor::block_on(rewrite(&mut &data[..], &mut out));
-    if !out.starts_with(PREFACE) {
-        return;
-    }
-    // Walk the frames written; decode every header block with the server's view (a fresh
-    // decoder: the rewrite never adds to the server's table).
-    let mut decoder = loona_hpack::Decoder::new();
-    let mut rest = &out[PREFACE.len()..];
-    let mut block = Vec::new();
-    while rest.len() >= 9 {
-        let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
-        let (kind, flags) = (rest[3], rest[4]);
-        let Some(payload) = rest.get(9..9 + len) else {
-            return;
-        };
-        if kind == HEADERS || kind == CONTINUATION {
-            block.extend_from_slice(payload);
-            if flags & END_HEADERS != 0 {
-                let headers = decoder
-                    .decode(&block)
-                    .unwrap_or_else(|e| panic!("a rewritten block does not decode: {e}"));
-                for (name, value) in headers {
-                    if name == b":authority" {
-                        assert!(http::uri::Authority::try_from(&value[..]).is_ok());
-                    }
-                }
-                block.clear();
-            }
-        }
-        rest = &rest[9 + len..];
     }
 }

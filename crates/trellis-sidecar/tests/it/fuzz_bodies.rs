@@ -245,5 +245,10 @@ fn regressions() {
 
 #[test]
 fn workload_api_relay_body_holds_for_seeds_and_mutations() {
-    run("workload_api_relay", &seeds("workload_api_relay"), fuzz_rewrite, 3000);
+    run(
+        "workload_api_relay",
+        &seeds("workload_api_relay"),
+        fuzz_rewrite,
+        3000,
+    );
 }
