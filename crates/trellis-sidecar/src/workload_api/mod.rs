@@ -41,6 +41,10 @@ pub use authority::fuzz_rewrite;
 /// The metadata key every Workload API request must carry, with the value `true`.
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 
+/// Open connections at once: a pod's SPIFFE clients keep one or two each, so this bounds
+/// what a runaway process in the pod can make the sidecar hold (a task and a relay buffer each).
+const MAX_CONNECTIONS: usize = 256;
+
 /// Bytes in flight between a client connection's relay and the gRPC server.
 const RELAY_BUFFER: usize = 64 * 1024;
 
@@ -72,8 +76,13 @@ impl WorkloadApi {
     /// [`authority::relay`], which lets grpc-core and grpc-java clients in.
     pub async fn serve(self, listener: tokio::net::UnixListener) {
         let (conns, incoming) = tokio::sync::mpsc::channel::<std::io::Result<DuplexStream>>(16);
+        let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         let accept = async move {
             loop {
+                // Past the cap, further connections wait in the listen backlog.
+                let Ok(permit) = Arc::clone(&open).acquire_owned().await else {
+                    return;
+                };
                 let client = match listener.accept().await {
                     Ok((client, _)) => client,
                     Err(e) => {
@@ -88,6 +97,7 @@ impl WorkloadApi {
                     if let Err(e) = authority::relay(client, relay_end).await {
                         tracing::debug!(error = %e, "workload API connection ended");
                     }
+                    drop(permit);
                 });
                 if conns.send(Ok(server_end)).await.is_err() {
                     return;
