@@ -378,3 +378,62 @@ async fn socket_in_missing_directory_is_a_clear_startup_error_and_socket_goes_on
     })
     .await
 }
+
+/// A CA rotation reaches streams that are already open: `trellis ca rotate` adds the next root
+/// to the bundle (prepared phase), the control plane pushes it over SDS, and both an open
+/// `FetchX509Bundles` stream (the `spiffe` crate's `stream_x509_bundles`) and an open
+/// `FetchX509SVID` stream deliver the two-root bundle without being reopened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_rotation_reaches_open_streams() -> anyhow::Result<()> {
+    use tokio_stream::StreamExt as _;
+    e2e(async {
+        let cp = ControlPlane::start(ControlPlaneOpts::default())?;
+        let (_sidecar, socket) = sidecar_with_socket(&cp, &[]).await?;
+        let client = WorkloadApiClient::connect_to(format!("unix://{}", socket.display())).await?;
+        let td = TrustDomain::new("example.org")?;
+        let mut bundles = Box::pin(client.stream_x509_bundles().await?);
+        let first = bundles.next().await.context("bundle stream ended")??;
+        let cas = |set: &spiffe::X509BundleSet| set.get(&td).map_or(0, |b| b.authorities().len());
+        ensure!(cas(&first) == 1, "before: {} CAs", cas(&first));
+        let mut raw = raw_client(&socket).await?;
+        let mut svids = raw
+            .fetch_x509svid(with_header(X509svidRequest {}))
+            .await?
+            .into_inner();
+        let svid_first = svids.message().await?.context("svid stream ended")?;
+
+        crate::reliability_ca::ca_rotate(&cp, &["--activate-after", "1h"])?;
+        let started = std::time::Instant::now();
+        let two = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let set = bundles.next().await.context("bundle stream ended")??;
+                if cas(&set) == 2 {
+                    return Ok::<_, anyhow::Error>(set);
+                }
+            }
+        })
+        .await
+        .context("no two-root bundle on the open stream within 20 s")??;
+        println!(
+            "open FetchX509Bundles stream got the two-root bundle {:?} after `ca rotate`",
+            started.elapsed()
+        );
+        let want = cp.bundle()?.roots().len();
+        ensure!(
+            cas(&two) == want,
+            "stream has {} CAs, bundle.pem {want}",
+            cas(&two)
+        );
+        // The SVID stream's message carries the new bundle too (same SVID, longer bundle).
+        let next = tokio::time::timeout(Duration::from_secs(20), svids.message())
+            .await
+            .context("no new FetchX509SVID message")??
+            .context("svid stream ended")?;
+        ensure!(
+            next.svids[0].bundle.len() > svid_first.svids[0].bundle.len(),
+            "the SVID message's bundle did not grow"
+        );
+        Ok(())
+    })
+    .await
+}
