@@ -7,6 +7,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "envoy/service/secret/v3/sds.proto",
         "envoy/extensions/transport_sockets/tls/v3/secret.proto",
+        // The SPIFFE Workload API: no package, so it is generated into `_.rs`.
+        "spiffe/workload/workload.proto",
     ];
     let fds = protox::compile(files, [&root])?;
     tonic_prost_build::configure()

@@ -1,6 +1,7 @@
 //! Generated code for the protocols Trellis speaks. No logic lives here.
 //!
-//! Package and message names mirror Envoy's v3 API, so a stock Envoy is a client.
+//! Package and message names mirror Envoy's v3 API, so a stock Envoy is a client; the SPIFFE
+//! Workload API mirrors the SPIFFE specification's proto, so every SPIFFE library is a client.
 #![allow(missing_docs, clippy::all, clippy::pedantic)]
 
 /// `google.rpc`: the gRPC error model.
@@ -53,6 +54,13 @@ pub mod envoy {
             }
         }
     }
+}
+
+/// The SPIFFE Workload API (`SpiffeWorkloadAPI`), generated from
+/// `proto/spiffe/workload/workload.proto`. The specification's proto has no package, so the
+/// gRPC paths are `/SpiffeWorkloadAPI/<Method>`.
+pub mod workload {
+    tonic::include_proto!("_");
 }
 
 pub use envoy::config::core::v3::{data_source, DataSource, Node};

@@ -59,6 +59,7 @@ fn settings(app: std::net::SocketAddr, upstreams: Vec<Upstream>) -> SidecarSetti
         policy: None,
         access_log: false,
         limits: Default::default(),
+        workload_api_socket: None,
     }
 }
 

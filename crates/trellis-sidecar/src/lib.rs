@@ -2,7 +2,8 @@
 //! mTLS with X.509-SVIDs pushed by `trellis control` over SDS (or read from files).
 //!
 //! Identity flows in through [`sds`] or [`identity_files`] into the [`SvidStore`]; requests
-//! flow through [`outbound`] (app → peer) and [`inbound`] (peer → app); [`admin`] reports.
+//! flow through [`outbound`] (app → peer) and [`inbound`] (peer → app); [`admin`] reports;
+//! [`workload_api`] hands the same identity to SPIFFE-aware apps on a Unix socket.
 #![warn(missing_docs)]
 
 pub mod access_log;
@@ -30,6 +31,7 @@ pub mod sidecar;
 pub mod splice;
 pub mod svid_store;
 pub mod upgrade;
+pub mod workload_api;
 
 /// The drain every listener and connection holds (from `trellis-serve`, shared with the
 /// control plane).

@@ -21,6 +21,7 @@ use crate::outbound::OutboundProxy;
 use crate::policy::{PolicyEngine, PolicyWatcher};
 use crate::sds::SdsClient;
 use crate::svid_store::SvidStore;
+use crate::workload_api::{SocketFile, WorkloadApi};
 
 /// Why the sidecar could not start; names the file or address.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +43,9 @@ pub enum StartError {
     /// SDS bootstrap refused.
     #[error(transparent)]
     Sds(#[from] crate::sds::SdsClientError),
+    /// The Workload API socket could not be created (names the path and what to do).
+    #[error(transparent)]
+    WorkloadApi(#[from] crate::workload_api::SocketError),
     /// A listener could not bind.
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
@@ -68,6 +72,8 @@ pub struct Sidecar {
     pub metrics: Arc<SidecarMetrics>,
     /// The authorization policy in force.
     pub policy: Arc<PolicyEngine>,
+    /// The SPIFFE Workload API socket, when served; removed when the sidecar stops.
+    workload_api: Option<SocketFile>,
     drain_timeout: Duration,
     drain_signal: DrainSignal,
     /// The admin listener's drain: it keeps answering (`/ready`, `/metrics`) while the
@@ -177,6 +183,17 @@ impl Sidecar {
                 addr: settings.admin,
                 source,
             })?;
+        // Bound after the TCP listeners, so a start that fails on a port leaves no socket.
+        let workload_api = match &settings.workload_api_socket {
+            Some(path) => {
+                let (listener, file) = crate::workload_api::socket::bind(path)?;
+                let api = WorkloadApi::new(Arc::clone(&store), Arc::clone(&metrics));
+                tasks.push(tokio::spawn(api.serve(listener)));
+                tracing::info!(socket = %path.display(), "serving the SPIFFE Workload API");
+                Some(file)
+            }
+            None => None,
+        };
         let inbound_addr = inbound.local_addr();
         let outbound_addrs = outbound.local_addrs();
 
@@ -216,6 +233,7 @@ impl Sidecar {
             store,
             metrics,
             policy,
+            workload_api,
             drain_timeout: settings.drain_timeout,
             drain_signal,
             admin_drain,
@@ -233,6 +251,11 @@ impl Sidecar {
             // The admin endpoint is gone, so nobody can ask any more.
             std::future::pending::<()>().await;
         }
+    }
+
+    /// The Workload API socket's path, when served.
+    pub fn workload_api_socket(&self) -> Option<&std::path::Path> {
+        self.workload_api.as_ref().map(SocketFile::path)
     }
 
     /// The shared outbound listener.
@@ -269,6 +292,8 @@ impl Sidecar {
         for task in self.tasks {
             task.abort();
         }
+        // Open Workload API streams end with their task; the socket file goes with them.
+        drop(self.workload_api);
         drained
     }
 }

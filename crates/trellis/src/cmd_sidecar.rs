@@ -120,6 +120,10 @@ pub struct SidecarArgs {
     /// One log line per proxied request (target `trellis::access`) [default: true].
     #[arg(long, env = "TRELLIS_ACCESS_LOG", value_name = "true|false", action = clap::ArgAction::Set)]
     access_log: Option<bool>,
+    /// Serve the SPIFFE Workload API on this Unix socket (mode 0660; its directory must
+    /// exist): SPIFFE-aware apps get this sidecar's SVID with SPIFFE_ENDPOINT_SOCKET=unix://PATH.
+    #[arg(long, env = "TRELLIS_WORKLOAD_API_SOCKET", value_name = "PATH")]
+    workload_api_socket: Option<PathBuf>,
     /// HTTP/1.1 request line + headers, bytes; more is answered 431 [default: 65536].
     #[arg(long, env = "TRELLIS_MAX_HEADER_BYTES")]
     max_header_bytes: Option<usize>,
@@ -308,6 +312,9 @@ impl SidecarArgs {
         if self.tls_key_exchange.is_some() {
             f.tls_key_exchange = self.tls_key_exchange;
         }
+        if self.workload_api_socket.is_some() {
+            f.workload_api.socket = self.workload_api_socket;
+        }
         macro_rules! over {
             ($($field:ident),*) => { $( if self.$field.is_some() { f.$field = self.$field; } )* };
         }
@@ -373,9 +380,13 @@ pub fn run(args: SidecarArgs) -> anyhow::Result<()> {
             .iter()
             .map(|(n, a)| format!("{n}={a}"))
             .collect();
+        let workload_api = sidecar
+            .workload_api_socket()
+            .map(|p| format!(" workload_api={}", p.display()))
+            .unwrap_or_default();
         // Tests and scripts read this line to learn the bound ports (port 0 is allowed).
         println!(
-            "trellis sidecar listening inbound={} outbound={} admin={}",
+            "trellis sidecar listening inbound={} outbound={} admin={}{workload_api}",
             sidecar.inbound_addr,
             outbound.join(","),
             sidecar.admin_addr
@@ -546,6 +557,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("limits.admin.max_connections"), "{err}");
+    }
+
+    #[test]
+    fn workload_api_socket_flag_overrides_the_file() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: SidecarArgs,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("s.yaml");
+        std::fs::write(&config, "workload_api:\n  socket: /run/a/workload.sock\n").unwrap();
+        let config = config.to_str().unwrap();
+        let socket = |argv: &[&str]| {
+            Cli::try_parse_from([&["trellis", "--config", config], argv].concat())
+                .unwrap()
+                .args
+                .merged()
+                .unwrap()
+                .workload_api
+                .socket
+        };
+        assert_eq!(socket(&[]), Some(PathBuf::from("/run/a/workload.sock")));
+        assert_eq!(
+            socket(&["--workload-api-socket", "/run/b/w.sock"]),
+            Some(PathBuf::from("/run/b/w.sock"))
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::ensure;
+use anyhow::{ensure, Context as _};
 use serde_json::Value;
 use trellis_tests::{kubernetes_validate_or_skip, run_with_timeout, trellis_bin, COMMAND_TIMEOUT};
 
@@ -530,4 +530,65 @@ fn a_pod_the_webhook_would_refuse_is_an_error_naming_it() -> anyhow::Result<()> 
         "{stderr}"
     );
     Ok(())
+}
+
+#[test]
+fn workload_api_annotation_reaches_the_app_containers_of_a_template() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let bundle = bundle(dir.path())?;
+    let input = dir.path().join("in.yaml");
+    std::fs::write(
+        &input,
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\n\
+         spec:\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata:\n      labels: {app: web}\n      annotations: {trellis.io/workload-api: \"true\"}\n\
+         \x20   spec:\n      containers:\n      - {name: web, image: nginx}\n      - {name: worker, image: busybox, env: [{name: A, value: \"1\"}]}\n",
+    )?;
+    let (out, _) = inject(&[
+        "-f",
+        input.to_str().unwrap(),
+        "--trust-domain",
+        "example.org",
+        "--bundle",
+        bundle.to_str().unwrap(),
+    ])?;
+    let docs = documents(&out);
+    let spec = pod_spec(&docs[0]).context("pod spec")?;
+    for app in spec["containers"].as_array().unwrap() {
+        let envs = app["env"].to_string();
+        ensure!(
+            envs.contains("\"SPIFFE_ENDPOINT_SOCKET\"")
+                && envs.contains("unix:///run/spiffe/workload.sock"),
+            "{}: {envs}",
+            app["name"]
+        );
+        ensure!(
+            app["volumeMounts"].to_string().contains("trellis-spiffe"),
+            "{app}"
+        );
+    }
+    ensure!(
+        spec["containers"][1]["env"][0]["name"] == "A",
+        "existing env kept"
+    );
+    let sidecar = &sidecars_in(spec, "initContainers")[0];
+    ensure!(
+        sidecar["env"]
+            .to_string()
+            .contains("TRELLIS_WORKLOAD_API_SOCKET"),
+        "{sidecar}"
+    );
+    ensure!(
+        spec["securityContext"]["supplementalGroups"] == serde_json::json!([65532]),
+        "{spec}"
+    );
+    ensure!(
+        spec["volumes"].to_string().contains("\"emptyDir\""),
+        "{spec}"
+    );
+    let file = dir.path().join("out.yaml");
+    std::fs::write(&file, &out)?;
+    validate_strictly(
+        "workload_api_annotation_reaches_the_app_containers_of_a_template",
+        &file,
+    )
 }

@@ -49,3 +49,4 @@ mod sidecar_security;
 mod tls_key_exchange;
 mod transparency_log;
 mod webhook;
+mod workload_api;

@@ -74,7 +74,7 @@ fn bundle_subjects(cp: &ControlPlane) -> anyhow::Result<Vec<String>> {
         .collect::<Result<_, _>>()?)
 }
 
-fn ca_rotate(cp: &ControlPlane, args: &[&str]) -> anyhow::Result<String> {
+pub(crate) fn ca_rotate(cp: &ControlPlane, args: &[&str]) -> anyhow::Result<String> {
     let mut cmd = Command::new(trellis_bin());
     cmd.args(["ca", "rotate", "--state-dir"])
         .arg(&cp.state_dir)

@@ -459,3 +459,79 @@ fn bad_inline_bundle_stops_the_sidecar_with_a_clear_message() -> anyhow::Result<
     }
     Ok(())
 }
+
+/// `trellis.io/workload-api: "true"`: the patch shares an `emptyDir` and sets
+/// `SPIFFE_ENDPOINT_SOCKET` in the app container; a sidecar started with exactly the injected
+/// environment (the socket's directory moved to this machine) serves that socket, and the Rust
+/// `spiffe` crate, pointed where the app container's variable points, gets the pod's SVID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workload_api_annotation_gives_the_app_a_socket_the_spiffe_crate_reads(
+) -> anyhow::Result<()> {
+    e2e(async {
+        let dir = tempfile::tempdir()?;
+        let (cp, issuer) = start(&dir).await?;
+        let tls = client_config(&cp, &[&rustls::version::TLS13])?;
+        let mut review: Value = serde_json::from_slice(&fixture("deployment-pod.json"))?;
+        review["request"]["object"]["metadata"]["annotations"] =
+            serde_json::json!({ "trellis.io/workload-api": "true" });
+        let answer = post(&cp, tls, "/inject", &serde_json::to_vec(&review)?).await?;
+        ensure!(answer.status == 200, "{} {}", answer.status, answer.text());
+        let ops = patch_ops(&answer.json()["response"]);
+        let op = |path: &str| {
+            ops.iter()
+                .find(|o| o["path"] == path)
+                .map(|o| o["value"].clone())
+                .with_context(|| format!("no op at {path}: {ops:#?}"))
+        };
+        let app_env = op("/spec/containers/0/env")?;
+        ensure!(
+            app_env == serde_json::json!([{ "name": "SPIFFE_ENDPOINT_SOCKET", "value": "unix:///run/spiffe/workload.sock" }]),
+            "{app_env}"
+        );
+        ensure!(
+            op("/spec/containers/0/volumeMounts")?
+                == serde_json::json!([{ "name": "trellis-spiffe", "mountPath": "/run/spiffe", "readOnly": true }])
+        );
+        ensure!(op("/spec/securityContext/supplementalGroups")? == serde_json::json!([65532]));
+        let container = op("/spec/initContainers")?[0].clone();
+        let env = env_map(&container);
+        ensure!(env["TRELLIS_WORKLOAD_API_SOCKET"] == "/run/spiffe/workload.sock", "{env:?}");
+
+        // /run/spiffe here is a directory of this test; everything else as injected.
+        let run_spiffe = dir.path().join("run-spiffe");
+        std::fs::create_dir(&run_spiffe)?;
+        let moved = |v: &str| v.replace("/run/spiffe", run_spiffe.to_str().unwrap());
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, issuer.token("demo", "service-a")?)?;
+        let mut cmd = Command::new(trellis_bin());
+        cmd.args(container["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()));
+        for (name, value) in &env {
+            cmd.env(name, moved(value));
+        }
+        cmd.env("TRELLIS_CONTROL_PLANE", cp.sds_addr.to_string())
+            .env("TRELLIS_TOKEN_FILE", &token_file)
+            .env("TRELLIS_INBOUND", "127.0.0.1:0")
+            .env("TRELLIS_OUTBOUND", "127.0.0.1:0")
+            .env("TRELLIS_ADMIN", "127.0.0.1:0")
+            .env("TRELLIS_APP", "127.0.0.1:1")
+            .env_remove("TRELLIS_CONTROL_BUNDLE");
+        let _sidecar = Sidecar::spawn(
+            "injected-sidecar",
+            "spiffe://example.org/ns/demo/sa/service-a",
+            cmd,
+            cp.dir.path(),
+        )
+        .await?;
+        let endpoint = moved(app_env[0]["value"].as_str().unwrap());
+        let client = spiffe::WorkloadApiClient::connect_to(&endpoint).await?;
+        let svid = client.fetch_x509_svid().await?;
+        ensure!(
+            svid.spiffe_id().to_string() == "spiffe://example.org/ns/demo/sa/service-a",
+            "{}",
+            svid.spiffe_id()
+        );
+        println!("app container's SPIFFE_ENDPOINT_SOCKET ({endpoint}) served {}", svid.spiffe_id());
+        Ok(())
+    })
+    .await
+}

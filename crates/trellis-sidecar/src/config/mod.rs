@@ -32,6 +32,7 @@
 //! tls_policy: tls13                   # or tls12+
 //! tls_key_exchange: pq-preferred      # or pq-only, classical (X25519MLKEM768 first)
 //! access_log: true                   # one line per request, target trellis::access
+//! workload_api: { socket: /run/spiffe/workload.sock }  # SPIFFE Workload API (crate::workload_api)
 //! limits:                            # what one hostile peer may cost, by listener (see [`limits`])
 //!   http: { max_header_bytes: 65536, header_read_timeout: 10s }
 //!   inbound: { max_connections: 4096, handshake_timeout: 10s }
@@ -207,6 +208,14 @@ pub struct OutboundFile {
     pub upstreams: Vec<UpstreamFile>,
 }
 
+/// `workload_api` in the file: the SPIFFE Workload API on a Unix socket.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadApiFile {
+    /// The socket's path; its directory must exist.
+    pub socket: Option<PathBuf>,
+}
+
 /// The whole YAML file.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -249,6 +258,9 @@ pub struct SidecarFile {
     /// Resource limits against hostile peers.
     #[serde(default)]
     pub limits: LimitsFile,
+    /// The SPIFFE Workload API for SPIFFE-aware apps (off unless a socket is set).
+    #[serde(default)]
+    pub workload_api: WorkloadApiFile,
 }
 
 impl SidecarFile {
@@ -397,6 +409,8 @@ pub struct SidecarSettings {
     pub access_log: bool,
     /// Resource limits against hostile peers.
     pub limits: Limits,
+    /// Where to serve the SPIFFE Workload API (`None`: not served).
+    pub workload_api_socket: Option<PathBuf>,
 }
 
 /// Defaults.
@@ -588,6 +602,15 @@ impl SidecarSettings {
             policy: f.policy,
             access_log: f.access_log.unwrap_or(defaults::ACCESS_LOG),
             limits: Limits::from_file(&f.limits)?,
+            workload_api_socket: match f.workload_api.socket {
+                Some(p) if p.as_os_str().is_empty() => {
+                    return Err(invalid(
+                        "workload_api.socket",
+                        "empty: give the socket's path, e.g. /run/spiffe/workload.sock",
+                    ))
+                }
+                other => other,
+            },
         })
     }
 }

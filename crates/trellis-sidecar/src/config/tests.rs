@@ -368,3 +368,22 @@ fn join_token_is_redacted_in_debug() {
     let c = Credential::JoinToken(zeroize::Zeroizing::new("trellis-join.secret".into()));
     assert!(!format!("{c:?}").contains("secret"));
 }
+
+#[test]
+fn workload_api_is_off_by_default_and_takes_a_socket_path() {
+    let parse = |text: &str| {
+        SidecarFile::parse(text, Path::new("s.yaml")).and_then(SidecarSettings::from_file)
+    };
+    assert_eq!(parse(GOOD).unwrap().workload_api_socket, None);
+    let on = format!("{GOOD}workload_api: {{ socket: /run/spiffe/workload.sock }}\n");
+    assert_eq!(
+        parse(&on).unwrap().workload_api_socket,
+        Some(PathBuf::from("/run/spiffe/workload.sock"))
+    );
+    let empty = format!("{GOOD}workload_api: {{ socket: \"\" }}\n");
+    let err = parse(&empty).unwrap_err().to_string();
+    assert!(err.contains("workload_api.socket"), "{err}");
+    let typo = format!("{GOOD}workload_api: {{ path: /x.sock }}\n");
+    let err = parse(&typo).unwrap_err().to_string();
+    assert!(err.contains("s.yaml") && err.contains("socket"), "{err}");
+}

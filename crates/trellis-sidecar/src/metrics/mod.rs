@@ -160,6 +160,15 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+/// `{method,result}` of `trellis_workload_api_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkloadApiLabel {
+    /// The Workload API method (`FetchX509SVID`, …).
+    pub method: &'static str,
+    /// `ok`, or why it was refused (`missing_security_header`, `permission_denied`, …).
+    pub result: &'static str,
+}
+
 /// `{version,commit}` of `trellis_build_info`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabel {
@@ -702,6 +711,8 @@ pub struct SidecarMetrics {
     pub policy_loaded: Gauge,
     /// `trellis_policy_rules`.
     pub policy_rules: Gauge,
+    /// `trellis_workload_api_requests_total{method,result}`.
+    pub workload_api_requests: Family<WorkloadApiLabel, Counter>,
 }
 
 impl std::fmt::Debug for SidecarMetrics {
@@ -725,6 +736,7 @@ impl SidecarMetrics {
         let policy_reload_errors = Counter::default();
         let policy_loaded = Gauge::default();
         let policy_rules = Gauge::default();
+        let workload_api_requests = Family::<WorkloadApiLabel, Counter>::default();
         // One series, always 1: joins version and commit onto any other series in a query.
         let build = trellis_serve::build_info::get();
         let build_info = Family::<BuildLabel, Gauge>::default();
@@ -789,6 +801,11 @@ impl SidecarMetrics {
             "Rules in the policy in force",
             policy_rules.clone(),
         );
+        registry.register(
+            "workload_api_requests",
+            "SPIFFE Workload API calls, by method and result (ok or the refusal's reason)",
+            workload_api_requests.clone(),
+        );
         registry.register_collector(Box::new(DataPathCollector(Arc::clone(&data))));
         Self {
             registry,
@@ -803,6 +820,7 @@ impl SidecarMetrics {
             policy_reload_errors,
             policy_loaded,
             policy_rules,
+            workload_api_requests,
         }
     }
 
@@ -910,6 +928,13 @@ impl SidecarMetrics {
     /// The exported SVID expiry, if an SVID was ever installed.
     pub fn svid_expiry(&self) -> Option<SvidExpiry> {
         self.data.svid_expiry.load_full().map(|e| (*e).clone())
+    }
+
+    /// Counts a Workload API call by method and result.
+    pub fn workload_api_request(&self, method: &'static str, result: &'static str) {
+        self.workload_api_requests
+            .get_or_create(&WorkloadApiLabel { method, result })
+            .inc();
     }
 
     /// Counts an SDS update by result.

@@ -1,7 +1,7 @@
 //! The cargo-fuzz targets' bodies for this crate (`sds::update::fuzz_response`,
 //! `config::fuzz_config`, `h1_framing::fuzz_framing`, `headers::fuzz_headers`, called by
 //! `fuzz/fuzz_targets/sds_update.rs`, `sidecar_config.rs`, `h1_framing.rs` and
-//! `sidecar_headers.rs`) run here on
+//! `sidecar_headers.rs`; `workload_api::fuzz_rewrite`, `workload_api_relay.rs`) run here on
 //! stable, so CI checks the same properties: each seed in
 //! `fuzz/seeds/<target>/`, freshly built SDS responses, then a few thousand byte-level
 //! mutations of them (a small deterministic mutator; `TRELLIS_FUZZ_SEED=n` picks another
@@ -26,6 +26,7 @@ use trellis_sidecar::config::fuzz_config;
 use trellis_sidecar::h1_framing::fuzz_framing;
 use trellis_sidecar::headers::fuzz_headers;
 use trellis_sidecar::sds::update::fuzz_response;
+use trellis_sidecar::workload_api::fuzz_rewrite;
 
 fn seeds(target: &str) -> Vec<Vec<u8>> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -240,4 +241,14 @@ fn regressions() {
     for input in [&b""[..], b"\x12\x00", b"\x12\x02\x0a\x00"] {
         fuzz_response(input);
     }
+}
+
+#[test]
+fn workload_api_relay_body_holds_for_seeds_and_mutations() {
+    run(
+        "workload_api_relay",
+        &seeds("workload_api_relay"),
+        fuzz_rewrite,
+        3000,
+    );
 }

@@ -26,6 +26,15 @@ pub const POLICY_VOLUME: &str = "trellis-policy";
 pub const TOKEN_DIR: &str = "/var/run/secrets/trellis";
 /// The token file the sidecar reads (`TRELLIS_TOKEN_FILE`).
 pub const TOKEN_FILE: &str = "/var/run/secrets/trellis/token";
+/// The `emptyDir` that carries the SPIFFE Workload API socket from the sidecar to the app
+/// containers (`trellis.io/workload-api: "true"`).
+pub const SPIFFE_VOLUME: &str = "trellis-spiffe";
+/// Where [`SPIFFE_VOLUME`] is mounted, in the sidecar and in every app container.
+pub const SPIFFE_DIR: &str = "/run/spiffe";
+/// The socket the sidecar serves (`TRELLIS_WORKLOAD_API_SOCKET`).
+pub const WORKLOAD_API_SOCKET: &str = "/run/spiffe/workload.sock";
+/// What app containers get as `SPIFFE_ENDPOINT_SOCKET`, the variable every SPIFFE library reads.
+pub const SPIFFE_ENDPOINT_SOCKET: &str = "unix:///run/spiffe/workload.sock";
 /// Where the policy ConfigMap is mounted (`TRELLIS_POLICY`).
 pub const POLICY_DIR: &str = "/etc/trellis/policy";
 /// Audience of the projected token; the control plane's `--k8s-audience` default.
@@ -88,6 +97,7 @@ pub(super) fn sidecar_container(
     app_protocol: Option<&str>,
     upstreams: Option<&str>,
     policy: bool,
+    workload_api: bool,
 ) -> Value {
     let mut envs = vec![
         env("TRELLIS_TRUST_DOMAIN", cfg.trust_domain.as_str()),
@@ -111,10 +121,17 @@ pub(super) fn sidecar_container(
     if policy {
         envs.push(env("TRELLIS_POLICY", POLICY_DIR));
     }
+    if workload_api {
+        envs.push(env("TRELLIS_WORKLOAD_API_SOCKET", WORKLOAD_API_SOCKET));
+    }
     let mut mounts =
         vec![json!({ "name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true })];
     if policy {
         mounts.push(json!({ "name": POLICY_VOLUME, "mountPath": POLICY_DIR, "readOnly": true }));
+    }
+    if workload_api {
+        // Writable: the sidecar creates (and on exit removes) the socket here.
+        mounts.push(json!({ "name": SPIFFE_VOLUME, "mountPath": SPIFFE_DIR }));
     }
     let probe = |path: &str, period: u32| {
         json!({

@@ -14,7 +14,12 @@
 //!   port, small requests and limits, and a locked-down securityContext;
 //! - volume `trellis-token` (projected service-account token, audience `trellis`) mounted at
 //!   `/var/run/secrets/trellis`, and with `trellis.io/policy-configmap` the volume
-//!   `trellis-policy` mounted at `/etc/trellis/policy`.
+//!   `trellis-policy` mounted at `/etc/trellis/policy`;
+//! - with `trellis.io/workload-api: "true"`, the `emptyDir` `trellis-spiffe` mounted at
+//!   `/run/spiffe` in the sidecar (which serves the SPIFFE Workload API there) and in every
+//!   app container (with `SPIFFE_ENDPOINT_SOCKET=unix:///run/spiffe/workload.sock`), and the
+//!   sidecar's group added to the pod's `supplementalGroups` so the apps may open the 0660
+//!   socket.
 //!
 //! Answers, and why (the webhook runs with `failurePolicy: Fail`, which says "a pod this
 //! webhook could not process must not be admitted": in a labelled namespace a pod without its
@@ -38,9 +43,9 @@ pub mod offline;
 use container::sidecar_container;
 pub use container::{
     InjectConfig, SidecarForm, ADMIN_PORT, DEFAULT_APP_PORT, INBOUND_PORT, OUTBOUND_PORT,
-    POLICY_DIR, POLICY_VOLUME, SIDECAR_CONTAINER, SIDECAR_UID, STARTUP_FAILURE_THRESHOLD,
-    STARTUP_PERIOD_SECONDS, TOKEN_AUDIENCE, TOKEN_DIR, TOKEN_EXPIRATION_SECONDS, TOKEN_FILE,
-    TOKEN_VOLUME,
+    POLICY_DIR, POLICY_VOLUME, SIDECAR_CONTAINER, SIDECAR_UID, SPIFFE_DIR, SPIFFE_ENDPOINT_SOCKET,
+    SPIFFE_VOLUME, STARTUP_FAILURE_THRESHOLD, STARTUP_PERIOD_SECONDS, TOKEN_AUDIENCE, TOKEN_DIR,
+    TOKEN_EXPIRATION_SECONDS, TOKEN_FILE, TOKEN_VOLUME, WORKLOAD_API_SOCKET,
 };
 
 /// Pod annotation: `"false"` opts the pod out of injection.
@@ -58,6 +63,10 @@ pub const ANNOTATION_POLICY_CONFIGMAP: &str = "trellis.io/policy-configmap";
 /// clusters before Kubernetes 1.29); `"true"` asks for the native form where the control
 /// plane's default is off.
 pub const ANNOTATION_NATIVE_SIDECAR: &str = "trellis.io/native-sidecar";
+
+/// Pod annotation: `"true"` serves the SPIFFE Workload API to the pod's app containers
+/// (`SPIFFE_ENDPOINT_SOCKET`); absent or `"false"`, it is not served.
+pub const ANNOTATION_WORKLOAD_API: &str = "trellis.io/workload-api";
 
 /// The only AdmissionReview version served (the webhook configuration asks for it alone).
 pub const API_VERSION: &str = "admission.k8s.io/v1";
@@ -421,7 +430,7 @@ fn decide(request: &Map<String, Value>, cfg: &InjectConfig) -> Decision {
             Some("trellis sidecar injection skips hostNetwork pods: the sidecar's ports would collide on the node; this pod is not in the mesh".into()),
         );
     }
-    for name in [TOKEN_VOLUME, POLICY_VOLUME] {
+    for name in [TOKEN_VOLUME, POLICY_VOLUME, SPIFFE_VOLUME] {
         if named(&volumes, name) {
             return Decision::Deny(format!(
                 "the pod already has a volume named `{name}` but no `{SIDECAR_CONTAINER}` container; rename the volume, or opt out with {ANNOTATION_INJECT}: \"false\""
@@ -484,6 +493,22 @@ fn decide(request: &Map<String, Value>, cfg: &InjectConfig) -> Decision {
         None => None,
     };
 
+    let workload_api = match annotation(ANNOTATION_WORKLOAD_API) {
+        None => false,
+        Some(v) if v.eq_ignore_ascii_case("true") => true,
+        Some(v) if v.eq_ignore_ascii_case("false") => false,
+        Some(v) => {
+            return Decision::Deny(format!(
+                "annotation {ANNOTATION_WORKLOAD_API}: `{v}` must be \"true\" (serve the SPIFFE Workload API to the app containers) or \"false\""
+            ))
+        }
+    };
+    let security_context = match spec.get("securityContext") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(o)) => Some(o),
+        Some(_) => return Decision::Deny("spec.securityContext is not a map".into()),
+    };
+
     let mut warnings = Vec::new();
     for c in containers.iter().flat_map(|v| v.iter()) {
         for p in ports_of(c) {
@@ -503,6 +528,7 @@ fn decide(request: &Map<String, Value>, cfg: &InjectConfig) -> Decision {
         app_protocol,
         upstreams.as_deref(),
         policy_configmap.is_some(),
+        workload_api,
     );
     let mut new_volumes = vec![json!({
         "name": TOKEN_VOLUME,
@@ -519,7 +545,21 @@ fn decide(request: &Map<String, Value>, cfg: &InjectConfig) -> Decision {
     if let Some(name) = &policy_configmap {
         new_volumes.push(json!({ "name": POLICY_VOLUME, "configMap": { "name": name } }));
     }
-    let mut patch = match form {
+    let mut patch = Vec::new();
+    if workload_api {
+        // In memory: the directory holds one socket, and nothing of it should reach a disk.
+        new_volumes.push(json!({ "name": SPIFFE_VOLUME, "emptyDir": { "medium": "Memory" } }));
+        match workload_api_patch(containers, security_context) {
+            Ok((ops, mut more)) => {
+                patch.extend(ops);
+                warnings.append(&mut more);
+            }
+            Err(why) => return Decision::Deny(why),
+        }
+    }
+    // The app containers' operations above index into spec.containers as it is; the sidecar
+    // container is added after them (appended, or an init container), so no index moves.
+    patch.extend(match form {
         // First: init containers run in order, so every later one (a migration calling a
         // meshed service, say) already has the sidecar and its SVID.
         SidecarForm::Native => vec![match init_containers {
@@ -527,9 +567,91 @@ fn decide(request: &Map<String, Value>, cfg: &InjectConfig) -> Decision {
             None => json!({ "op": "add", "path": "/spec/initContainers", "value": [container] }),
         }],
         SidecarForm::Container => append(containers.is_some(), "/spec/containers", vec![container]),
-    };
+    });
     patch.extend(append(volumes.is_some(), "/spec/volumes", new_volumes));
     Decision::Inject { patch, warnings }
+}
+
+/// What `trellis.io/workload-api: "true"` adds besides the sidecar's own mount: in every app
+/// container the socket's directory (read-only: connecting to a Unix socket needs no write
+/// access to its filesystem) and `SPIFFE_ENDPOINT_SOCKET`; in the pod, the sidecar's group
+/// as a supplementary group of every container, so apps running as any user may open the
+/// socket (mode 0660, group of the sidecar or of the pod's `fsGroup`).
+fn workload_api_patch(
+    containers: Option<&Vec<Value>>,
+    security_context: Option<&Map<String, Value>>,
+) -> Result<(Vec<Value>, Vec<String>), String> {
+    let mut ops = Vec::new();
+    let mut warnings = Vec::new();
+    for (i, c) in containers.into_iter().flatten().enumerate() {
+        let name = c.get("name").and_then(Value::as_str).unwrap_or("?");
+        let base = format!("/spec/containers/{i}");
+        let mounts = match c.get("volumeMounts") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(a)) => Some(a),
+            Some(_) => return Err(format!("container `{name}`: volumeMounts is not a list")),
+        };
+        if mounts
+            .into_iter()
+            .flatten()
+            .any(|m| m.get("mountPath").and_then(Value::as_str) == Some(SPIFFE_DIR))
+        {
+            return Err(format!(
+                "container `{name}` already mounts something at {SPIFFE_DIR}, where {ANNOTATION_WORKLOAD_API} puts the Workload API socket"
+            ));
+        }
+        ops.extend(append(
+            mounts.is_some(),
+            &format!("{base}/volumeMounts"),
+            vec![json!({ "name": SPIFFE_VOLUME, "mountPath": SPIFFE_DIR, "readOnly": true })],
+        ));
+        let envs = match c.get("env") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(a)) => Some(a),
+            Some(_) => return Err(format!("container `{name}`: env is not a list")),
+        };
+        if envs
+            .into_iter()
+            .flatten()
+            .any(|e| e.get("name").and_then(Value::as_str) == Some("SPIFFE_ENDPOINT_SOCKET"))
+        {
+            // The app's own choice wins; say so, since it is probably a leftover.
+            warnings.push(format!(
+                "container `{name}` sets SPIFFE_ENDPOINT_SOCKET itself; it is kept (the sidecar serves {SPIFFE_ENDPOINT_SOCKET})"
+            ));
+        } else {
+            ops.extend(append(
+                envs.is_some(),
+                &format!("{base}/env"),
+                vec![json!({ "name": "SPIFFE_ENDPOINT_SOCKET", "value": SPIFFE_ENDPOINT_SOCKET })],
+            ));
+        }
+    }
+    match security_context {
+        None => ops.push(json!({
+            "op": "add",
+            "path": "/spec/securityContext",
+            "value": { "supplementalGroups": [SIDECAR_UID] },
+        })),
+        Some(sc) => match sc.get("supplementalGroups") {
+            None | Some(Value::Null) => ops.push(json!({
+                "op": "add",
+                "path": "/spec/securityContext/supplementalGroups",
+                "value": [SIDECAR_UID],
+            })),
+            Some(Value::Array(groups)) => {
+                if !groups.iter().any(|g| g.as_u64() == Some(SIDECAR_UID)) {
+                    ops.push(json!({
+                        "op": "add",
+                        "path": "/spec/securityContext/supplementalGroups/-",
+                        "value": SIDECAR_UID,
+                    }));
+                }
+            }
+            Some(_) => return Err("spec.securityContext.supplementalGroups is not a list".into()),
+        },
+    }
+    Ok((ops, warnings))
 }
 
 fn str_at_map(map: &Map<String, Value>, key: &str) -> String {

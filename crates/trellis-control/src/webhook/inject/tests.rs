@@ -755,3 +755,168 @@ fn app_protocol_annotation_sets_the_sidecar_env_and_refuses_other_values() {
         "{message}"
     );
 }
+
+/// `name`'s review with `annotations` added to the pod (and `edit` applied to it), injected.
+fn inject_with(name: &str, annotations: Value, edit: impl Fn(&mut Value)) -> (Value, Review) {
+    let mut doc = fixture_json(name);
+    let pod = &mut doc["request"]["object"];
+    set_at(pod, "/metadata/annotations", annotations);
+    edit(pod);
+    let pod = pod.clone();
+    let review = review(&serde_json::to_vec(&doc).unwrap(), &native_cfg()).unwrap();
+    (pod, review)
+}
+
+#[test]
+fn workload_api_annotation_shares_the_socket_with_every_app_container() {
+    let (pod, review) = inject_with(
+        "deployment-pod.json",
+        json!({ ANNOTATION_WORKLOAD_API: "true" }),
+        |_| {},
+    );
+    assert_eq!(review.outcome, Outcome::Injected, "{}", review.detail);
+    let after = apply(&pod, &response_of(&review));
+    let s = init_sidecar(&after);
+    assert_eq!(
+        env_value(s, "TRELLIS_WORKLOAD_API_SOCKET").as_deref(),
+        Some("/run/spiffe/workload.sock")
+    );
+    assert!(
+        s["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({ "name": SPIFFE_VOLUME, "mountPath": "/run/spiffe" })),
+        "{}",
+        s["volumeMounts"]
+    );
+    for app in after["spec"]["containers"].as_array().unwrap() {
+        assert_eq!(
+            env_value(app, "SPIFFE_ENDPOINT_SOCKET").as_deref(),
+            Some("unix:///run/spiffe/workload.sock"),
+            "{}",
+            app["name"]
+        );
+        assert!(app["volumeMounts"].as_array().unwrap().contains(
+            &json!({ "name": SPIFFE_VOLUME, "mountPath": "/run/spiffe", "readOnly": true })
+        ));
+    }
+    let volumes = after["spec"]["volumes"].as_array().unwrap();
+    assert!(volumes.contains(&json!({ "name": SPIFFE_VOLUME, "emptyDir": { "medium": "Memory" } })));
+    // The sidecar's group joins every container, so apps of any uid may open the 0660 socket.
+    assert_eq!(
+        after["spec"]["securityContext"]["supplementalGroups"],
+        json!([SIDECAR_UID])
+    );
+}
+
+#[test]
+fn without_the_workload_api_annotation_nothing_of_it_is_added() {
+    for annotations in [json!({}), json!({ ANNOTATION_WORKLOAD_API: "false" })] {
+        let (pod, review) = inject_with("deployment-pod.json", annotations, |_| {});
+        let after = apply(&pod, &response_of(&review));
+        assert_eq!(
+            env_value(init_sidecar(&after), "TRELLIS_WORKLOAD_API_SOCKET"),
+            None
+        );
+        for app in after["spec"]["containers"].as_array().unwrap() {
+            assert_eq!(
+                app.get("env")
+                    .and_then(|_| env_value(app, "SPIFFE_ENDPOINT_SOCKET")),
+                None
+            );
+        }
+        assert_eq!(
+            after["spec"]["securityContext"],
+            pod["spec"]["securityContext"]
+        );
+    }
+}
+
+#[test]
+fn workload_api_keeps_existing_env_mounts_and_groups() {
+    let (pod, review) = inject_with(
+        "deployment-pod.json",
+        json!({ ANNOTATION_WORKLOAD_API: "true" }),
+        |pod| {
+            set_at(
+                pod,
+                "/spec/securityContext",
+                json!({ "runAsNonRoot": true, "supplementalGroups": [1000] }),
+            );
+            set_at(
+                pod,
+                "/spec/containers/0/env",
+                json!([{ "name": "A", "value": "1" }]),
+            );
+            set_at(
+                pod,
+                "/spec/containers/0/volumeMounts",
+                json!([{ "name": "data", "mountPath": "/data" }]),
+            );
+        },
+    );
+    assert_eq!(review.outcome, Outcome::Injected, "{}", review.detail);
+    let after = apply(&pod, &response_of(&review));
+    let app = &after["spec"]["containers"][0];
+    assert_eq!(env_value(app, "A").as_deref(), Some("1"));
+    assert!(env_value(app, "SPIFFE_ENDPOINT_SOCKET").is_some());
+    assert_eq!(app["volumeMounts"][0]["name"], "data");
+    assert_eq!(after["spec"]["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        after["spec"]["securityContext"]["supplementalGroups"],
+        json!([1000, SIDECAR_UID])
+    );
+
+    // An app that sets SPIFFE_ENDPOINT_SOCKET itself keeps it, with a warning.
+    let (pod, review) = inject_with(
+        "deployment-pod.json",
+        json!({ ANNOTATION_WORKLOAD_API: "true" }),
+        |pod| {
+            set_at(
+                pod,
+                "/spec/containers/0/env",
+                json!([{ "name": "SPIFFE_ENDPOINT_SOCKET", "value": "unix:///spire/agent.sock" }]),
+            )
+        },
+    );
+    let response = response_of(&review);
+    let after = apply(&pod, &response);
+    assert_eq!(
+        env_value(&after["spec"]["containers"][0], "SPIFFE_ENDPOINT_SOCKET").as_deref(),
+        Some("unix:///spire/agent.sock")
+    );
+    assert!(
+        response["warnings"]
+            .to_string()
+            .contains("SPIFFE_ENDPOINT_SOCKET"),
+        "{response}"
+    );
+}
+
+#[test]
+fn bad_workload_api_annotation_and_clashing_mount_are_refused() {
+    let (_, review) = inject_with(
+        "deployment-pod.json",
+        json!({ ANNOTATION_WORKLOAD_API: "yes" }),
+        |_| {},
+    );
+    assert_eq!(review.outcome, Outcome::Error);
+    assert!(
+        review.detail.contains(ANNOTATION_WORKLOAD_API) && review.detail.contains("\"true\""),
+        "{}",
+        review.detail
+    );
+    let (_, review) = inject_with(
+        "deployment-pod.json",
+        json!({ ANNOTATION_WORKLOAD_API: "true" }),
+        |pod| {
+            set_at(
+                pod,
+                "/spec/containers/0/volumeMounts",
+                json!([{ "name": "x", "mountPath": "/run/spiffe" }]),
+            )
+        },
+    );
+    assert_eq!(review.outcome, Outcome::Error);
+    assert!(review.detail.contains("/run/spiffe"), "{}", review.detail);
+}

@@ -102,6 +102,7 @@ pub fn settings(app: SocketAddr, upstreams: Vec<Upstream>) -> SidecarSettings {
         policy: None,
         access_log: false,
         limits: Default::default(),
+        workload_api_socket: None,
     }
 }
 
