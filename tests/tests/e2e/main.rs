@@ -12,6 +12,7 @@ mod app_trust_paths;
 mod build_info;
 mod control_sds;
 mod envoy_sds;
+mod faults_network;
 mod hostile_control;
 mod hostile_control_limits;
 mod hostile_peers;

@@ -15,8 +15,8 @@
 //!     max_pending_accept_reset_streams: 20   # rapid reset → GOAWAY ENHANCE_YOUR_CALM
 //!     max_local_error_reset_streams: 1024    # streams reset for peer errors → same
 //!     max_concurrent_reset_streams: 10       # reset streams remembered at once
-//!     keepalive_interval: 30s      # PING on each pooled upstream HTTP/2 connection
-//!     keepalive_timeout: 10s       # unanswered PING → that connection is replaced
+//!     keepalive_interval: 5s       # PING on each pooled upstream HTTP/2 connection, idle or not
+//!     keepalive_timeout: 5s        # unanswered PING → closed, its requests 503, replaced
 //!   inbound:
 //!     max_connections: 4096        # per listener (TCP forwards too); excess closed at once
 //!     handshake_timeout: 10s       # inbound mTLS handshake
@@ -292,8 +292,10 @@ impl Default for Limits {
                 max_pending_accept_reset_streams: 20,
                 max_local_error_reset_streams: 1024,
                 max_concurrent_reset_streams: 10,
-                keepalive_interval: Duration::from_secs(30),
-                keepalive_timeout: Duration::from_secs(10),
+                // A path that drops packets is found 5-10 s after it broke, before a
+                // request's 30 s timeout (docs/configuration.md, "Dead peers").
+                keepalive_interval: Duration::from_secs(5),
+                keepalive_timeout: Duration::from_secs(5),
             },
             inbound: InboundLimits {
                 max_connections: 4096,

@@ -147,7 +147,15 @@ impl InboundProxy {
                 listen::events(&metrics, kind),
             )
             .with_handshake(
-                InboundTls::new(acceptor, Arc::clone(&store), Arc::clone(&metrics)),
+                InboundTls::new(
+                    acceptor,
+                    Arc::clone(&store),
+                    Arc::clone(&metrics),
+                    crate::dial::DeadPeer {
+                        interval: limits.h2.keepalive_interval,
+                        timeout: limits.h2.keepalive_timeout,
+                    },
+                ),
                 limits.inbound.handshake_timeout,
             )
         };

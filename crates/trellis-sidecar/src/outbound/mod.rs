@@ -21,7 +21,7 @@ use crate::access_log::AccessEntry;
 use crate::body::ProxyBody;
 use crate::config::{Protocol, SidecarSettings};
 use crate::conn_state::ConnDrain;
-use crate::dial::{PeerTarget, TlsClient};
+use crate::dial::{DeadPeer, PeerTarget, TlsClient};
 use crate::forward_error::ForwardError;
 use crate::grpc;
 use crate::h1_framing::{malformed_body_response, RequestFraming};
@@ -99,7 +99,11 @@ impl OutboundProxy {
                 metrics.clone(),
                 settings.connect_timeout,
             )?
-            .wait_for_svid(Arc::clone(&store));
+            .wait_for_svid(Arc::clone(&store))
+            .dead_peer(DeadPeer {
+                interval: settings.limits.h2.keepalive_interval,
+                timeout: settings.limits.h2.keepalive_timeout,
+            });
             match u.protocol {
                 Protocol::Http => {
                     let (config, sessions) = mtls::client_config(
