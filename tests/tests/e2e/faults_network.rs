@@ -109,9 +109,9 @@ async fn blackhole_between_sidecars() -> anyhow::Result<()> {
         tokio::time::sleep(STEADY).await;
         load.end(before);
 
-        let during = load.mark("blackhole");
-        let broke = Instant::now();
         let mut hole = Blackhole::port(mesh.b.addrs.inbound.port())?;
+        let broke = Instant::now();
+        let during = load.mark("blackhole");
         tokio::time::sleep(len).await;
         hole.heal()?;
         let healed = Instant::now();
@@ -222,9 +222,9 @@ async fn blackhole_to_control_plane() -> anyhow::Result<()> {
         tokio::time::sleep(STEADY).await;
         load.end(before);
 
-        let during = load.mark("blackhole");
-        let broke = Instant::now();
         let mut hole = Blackhole::port(mesh.cp.sds_addr.port())?;
+        let broke = Instant::now();
+        let during = load.mark("blackhole");
         let detected = eventually(len, "sidecar A finds its SDS stream dead", || async {
             ensure!(connected().await? == 0.0, "still connected");
             Ok(broke.elapsed())

@@ -13,6 +13,7 @@ mod build_info;
 mod control_sds;
 mod envoy_sds;
 mod faults_network;
+mod faults_slow_peers;
 mod hostile_control;
 mod hostile_control_limits;
 mod hostile_peers;

@@ -717,8 +717,16 @@ async fn serve_h2_stream(
     let end_of_stream = body.is_end_stream();
     match respond.send_response(Response::from_parts(head, ()), end_of_stream) {
         Ok(mut send) if !end_of_stream => {
-            if let Err(e) = crate::body::pipe_to_h2(body, &mut send).await {
-                tracing::debug!(peer = %conn.peer_id, error = %e, "response body ended early");
+            // The connection's own idle bound does not apply while a stream is open: an app
+            // that stalls mid-body (or a caller that stops reading) is cut at `idle_timeout`.
+            let stall = Some(shared.idle_timeout);
+            if let Err(e) = crate::body::pipe_to_h2(body, &mut send, stall).await {
+                if e.downcast_ref::<crate::body::Stalled>().is_some() {
+                    shared.metrics.stalled_bodies.inc();
+                    tracing::info!(peer = %conn.peer_id, error = %e, "response body stalled; stream reset");
+                } else {
+                    tracing::debug!(peer = %conn.peer_id, error = %e, "response body ended early");
+                }
             }
         }
         Ok(_) => {}

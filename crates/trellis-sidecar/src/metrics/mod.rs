@@ -694,6 +694,9 @@ pub struct SidecarMetrics {
     /// `trellis_upstream_connections_lost_total`: pooled connections closed because the peer
     /// stopped answering PINGs (a path dropping packets, a frozen peer).
     pub upstream_connections_lost: Counter,
+    /// `trellis_stalled_bodies_total`: inbound response bodies cut because they moved no data
+    /// for `idle_timeout` (an app stalled mid-body, or a caller that stopped reading).
+    pub stalled_bodies: Counter,
     /// `trellis_authz_decisions_total{decision,rule}`. The policy engine looks a rule's
     /// counter up in the family (which takes a lock) on its first use after a policy load
     /// and keeps the handle, so the request path is a hash map lookup and an atomic add.
@@ -725,6 +728,7 @@ impl SidecarMetrics {
         let bundle_expiry = Gauge::default();
         let upstream_connections = Counter::default();
         let upstream_connections_lost = Counter::default();
+        let stalled_bodies = Counter::default();
         let authz_decisions = Family::<AuthzLabel, Counter>::default();
         let policy_reload_errors = Counter::default();
         let policy_loaded = Gauge::default();
@@ -779,6 +783,11 @@ impl SidecarMetrics {
             upstream_connections_lost.clone(),
         );
         registry.register(
+            "stalled_bodies",
+            "Inbound response bodies reset after moving no data for idle_timeout",
+            stalled_bodies.clone(),
+        );
+        registry.register(
             "authz_decisions",
             "Authorization decisions, by decision (allow, deny, audit_deny) and deciding rule",
             authz_decisions.clone(),
@@ -809,6 +818,7 @@ impl SidecarMetrics {
             bundle_expiry,
             upstream_connections,
             upstream_connections_lost,
+            stalled_bodies,
             authz_decisions,
             policy_reload_errors,
             policy_loaded,

@@ -516,7 +516,8 @@ async fn pipe_request<B>(
                 first: Some(frame),
                 rest: body,
             };
-            crate::body::pipe_to_h2(body, &mut send).await
+            // Unbounded here: the app's connection has its own idle bound (`idle_timeout`).
+            crate::body::pipe_to_h2(body, &mut send, None).await
         }
     };
     if let Err(e) = piped {
