@@ -27,7 +27,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _};
-use trellis_tests::load::{Load, LoadOpts, LoadReport};
+use trellis_tests::load::{Load, LoadOpts, LoadReport, MIN_REQUESTS_PER_WINDOW};
 use trellis_tests::mesh::{legit, Mesh, MeshOpts};
 use trellis_tests::netns::{own_netns, Blackhole};
 use trellis_tests::{e2e, eventually};
@@ -42,8 +42,6 @@ const STEADY: Duration = Duration::from_secs(4);
 const DETECT_WITHIN: Duration = Duration::from_secs(11);
 const FAIL_WITHIN: Duration = Duration::from_secs(15);
 const RECOVER_WITHIN: Duration = Duration::from_secs(3);
-/// Requests each window must have carried for its figures to mean anything.
-const MIN_STEADY_REQUESTS: usize = 50;
 /// The whole second run, namespace and all.
 const RUN_TIMEOUT: Duration = Duration::from_secs(150);
 
@@ -75,7 +73,8 @@ fn load_through(mesh: &Mesh) -> Load {
     Load::start(opts)
 }
 
-/// Each window carried enough requests to say something.
+/// Each window carried enough requests to say something; in the hole each request takes
+/// seconds to fail, so there are few.
 fn windows_ran(report: &LoadReport, min_hole: usize) -> anyhow::Result<()> {
     for e in &report.events {
         let to = e.to.unwrap_or(report.stopped);
@@ -83,7 +82,7 @@ fn windows_ran(report: &LoadReport, min_hole: usize) -> anyhow::Result<()> {
         let min = if e.name.contains("blackhole") {
             min_hole
         } else {
-            MIN_STEADY_REQUESTS
+            MIN_REQUESTS_PER_WINDOW
         };
         ensure!(
             sent >= min,
@@ -269,7 +268,6 @@ async fn blackhole_to_control_plane() -> anyhow::Result<()> {
             updates_before,
             updates_after,
         );
-        windows_ran(&report, MIN_STEADY_REQUESTS)?;
         report.assert_no_failures()?;
         let detected = detected.context(format!(
             "sidecar A still reported its SDS stream up after {}: the keepalive did not find \
