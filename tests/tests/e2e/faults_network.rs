@@ -123,7 +123,6 @@ async fn blackhole_between_sidecars() -> anyhow::Result<()> {
             "blackhole between sidecars ({})",
             humantime_secs(len)
         ));
-        windows_ran(&report, 4)?;
 
         // How the requests caught in the hole ended, and how long each took to.
         let mut statuses: BTreeMap<String, usize> = BTreeMap::new();
@@ -177,6 +176,7 @@ async fn blackhole_between_sidecars() -> anyhow::Result<()> {
             secs(slowest_failure),
             secs(FAIL_WITHIN)
         );
+        windows_ran(&report, 4)?;
         let first_success = first_success.context("no request succeeded after the heal")?;
         ensure!(
             first_success <= RECOVER_WITHIN,

@@ -7,8 +7,9 @@
 //! `protocol: tcp` upstreams are spliced byte for byte ([`crate::tcp`]).
 //!
 //! What the app sees when it goes wrong, each with a one-line `text/plain` body saying why:
-//! `404` unknown host, `503` upstream unreachable, `502` handshake or identity failure (naming
-//! the expected and presented SPIFFE IDs), `504` no response headers within `request_timeout`.
+//! `404` unknown host, `503` upstream unreachable or its connection stopped answering PINGs,
+//! `502` handshake or identity failure (naming the expected and presented SPIFFE IDs), `504` no
+//! response headers within `request_timeout`.
 
 mod peer_pool;
 mod routes;
