@@ -11,7 +11,7 @@
 //!   inbound port is dropped for [`PEER_HOLE`] under load, then let through again. The pooled
 //!   connection must be found dead within ~10 s (its PING goes unanswered) and its waiting
 //!   requests answered `503` at once; no request in the hole may wait longer than 15 s or
-//!   end other than `503`; after the heal the first request succeeds within 3 s and none
+//!   end other than `503` (a gRPC call: `UNAVAILABLE`); after the heal the first request succeeds within 3 s and none
 //!   fails.
 //! - **Sidecar to control plane** (`blackhole_to_control_plane`): the control plane's SDS
 //!   port is dropped for [`CONTROL_HOLE`]. The sidecar finds its SDS stream dead (HTTP/2
@@ -27,6 +27,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _};
+use trellis_tests::app_client::{get_once, Proto};
 use trellis_tests::load::{Load, LoadOpts, LoadReport, MIN_REQUESTS_PER_WINDOW};
 use trellis_tests::mesh::{legit, Mesh, MeshOpts};
 use trellis_tests::netns::{own_netns, Blackhole};
@@ -111,6 +112,27 @@ async fn blackhole_between_sidecars() -> anyhow::Result<()> {
         let mut hole = Blackhole::port(mesh.b.addrs.inbound.port())?;
         let broke = Instant::now();
         let during = load.mark("blackhole");
+        // A gRPC call sent into the hole: it must end with UNAVAILABLE, not DEADLINE_EXCEEDED.
+        let outbound = mesh.a.outbound();
+        let grpc = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let sent = Instant::now();
+            let reply = get_once(
+                outbound,
+                Proto::H2c,
+                "b",
+                "/echo.Echo/Say",
+                &[("content-type", "application/grpc"), ("te", "trailers")],
+            )
+            .await?;
+            let status = reply
+                .headers
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string();
+            anyhow::Ok((status, sent.elapsed()))
+        });
         tokio::time::sleep(len).await;
         hole.heal()?;
         let healed = Instant::now();
@@ -144,16 +166,19 @@ async fn blackhole_between_sidecars() -> anyhow::Result<()> {
             .map(|s| (s.sent + s.latency) - healed)
             .min();
         let failed_after = report.failures_between(healed, report.stopped);
+        let (grpc_status, grpc_took) = grpc.await??;
         println!(
             "[faults] blackhole between sidecars: dead pooled connection detected after {}; \
              failures {statuses:?}, slowest {}; first success {} after the heal; {failed_after} \
-             failed after it; p99 after the heal {}",
+             failed after it; p99 after the heal {}; gRPC call in the hole: grpc-status \
+             {grpc_status} after {}",
             detected.map_or("-".into(), secs),
             secs(slowest_failure),
             first_success.map_or("-".into(), secs),
             report
                 .p99_during("after heal")
                 .map_or("-".into(), |d| format!("{:.1}ms", d.as_secs_f64() * 1e3)),
+            secs(grpc_took),
         );
 
         let detected = detected.context(
@@ -169,6 +194,13 @@ async fn blackhole_between_sidecars() -> anyhow::Result<()> {
         ensure!(
             statuses.keys().all(|k| k == "503"),
             "requests in the hole must fail with 503, got {statuses:?}"
+        );
+        ensure!(
+            grpc_status == "14" && grpc_took <= FAIL_WITHIN,
+            "a gRPC call in the hole must end UNAVAILABLE (14) within {}: grpc-status \
+             {grpc_status} after {}",
+            secs(FAIL_WITHIN),
+            secs(grpc_took)
         );
         ensure!(
             slowest_failure <= FAIL_WITHIN,
