@@ -88,11 +88,10 @@ impl DeadPeer {
     /// Sets the options on `tcp`. Best effort: a platform without them keeps its defaults.
     pub fn apply(&self, tcp: &TcpStream) {
         let sock = socket2::SockRef::from(tcp);
-        let probes = u32::try_from(self.timeout.as_secs().max(1)).unwrap_or(u32::MAX);
         let keepalive = socket2::TcpKeepalive::new()
-            .with_time(self.interval.max(Duration::from_secs(1)))
-            .with_interval(Duration::from_secs(1))
-            .with_retries(probes);
+            .with_time(self.interval.clamp(Duration::from_secs(1), MAX_KEEPIDLE))
+            .with_interval(self.probe_interval())
+            .with_retries(self.probes());
         if let Err(e) = sock.set_tcp_keepalive(&keepalive) {
             tracing::debug!(error = %e, "cannot set TCP keepalive");
         }
@@ -100,7 +99,20 @@ impl DeadPeer {
             tracing::debug!(error = %e, "cannot set TCP_USER_TIMEOUT");
         }
     }
+
+    /// Keepalive probes sent over `timeout` before the kernel gives up: one a second, at most
+    /// ten (Linux refuses more than 127).
+    fn probes(&self) -> u32 {
+        u32::try_from(self.timeout.as_secs().clamp(1, 10)).unwrap_or(10)
+    }
+
+    fn probe_interval(&self) -> Duration {
+        (self.timeout / self.probes()).clamp(Duration::from_secs(1), MAX_KEEPIDLE)
+    }
 }
+
+/// Linux's ceiling for `TCP_KEEPIDLE` and `TCP_KEEPINTVL` (past it the whole option is refused).
+const MAX_KEEPIDLE: Duration = Duration::from_secs(32_767);
 
 /// Where to connect: a resolved address, or `host:port` to resolve per connection.
 #[derive(Debug, Clone, Copy)]
@@ -414,6 +426,64 @@ impl PeerTarget {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dead_peer_probes_fit_the_timeout_within_kernel_limits() {
+        let at = |interval, timeout| DeadPeer {
+            interval: Duration::from_secs(interval),
+            timeout: Duration::from_secs(timeout),
+        };
+        let d = at(5, 5);
+        assert_eq!(
+            (d.probes(), d.probe_interval()),
+            (5, Duration::from_secs(1))
+        );
+        let d = at(30, 3600);
+        assert_eq!(
+            (d.probes(), d.probe_interval()),
+            (10, Duration::from_secs(360))
+        );
+        let d = DeadPeer {
+            interval: Duration::from_millis(10),
+            timeout: Duration::from_millis(10),
+        };
+        assert_eq!(
+            (d.probes(), d.probe_interval()),
+            (1, Duration::from_secs(1))
+        );
+    }
+
+    #[tokio::test]
+    async fn refused_connect_fails_at_once_and_an_answered_one_connects() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let open = listener.local_addr().unwrap();
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let started = Instant::now();
+        let err = connect_tcp(TcpTarget::Addr(closed), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+        // Only silence is retried: a refusal is not waited out to the next attempt.
+        assert!(started.elapsed() < CONNECT_RETRY, "{:?}", started.elapsed());
+        let tcp = connect_tcp(TcpTarget::Addr(open), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(tcp.nodelay().unwrap());
+        DeadPeer {
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(5),
+        }
+        .apply(&tcp);
+        let sock = socket2::SockRef::from(&tcp);
+        assert_eq!(
+            sock.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(10))
+        );
+        assert!(sock.keepalive().unwrap());
+    }
 
     #[test]
     fn peer_target_rejects_address_without_host() {
