@@ -311,6 +311,13 @@ async fn blackhole_to_control_plane() -> anyhow::Result<()> {
             "SDS stream found dead after {}, want ≤ 16 s (keepalive 10 s + 5 s)",
             secs(detected)
         );
+        // A connect in flight at the heal gets through within ~1 s (a fresh SYN every second);
+        // a backoff sleep after at most three failed attempts is ≤ 2 s.
+        ensure!(
+            reconnected <= Duration::from_secs(10),
+            "SDS stream reconnected {} after the heal, want ≤ 10 s",
+            secs(reconnected)
+        );
         ensure!(
             ready.status == 200,
             "sidecar A not ready during the hole: {} {}",
