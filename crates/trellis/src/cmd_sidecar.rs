@@ -167,6 +167,9 @@ pub struct SidecarArgs {
     /// An unanswered PING for this long closes the upstream connection (its requests get 503) [default: 5s].
     #[arg(long, env = "TRELLIS_H2_KEEPALIVE_TIMEOUT", value_parser = humantime::parse_duration)]
     h2_keepalive_timeout: Option<Duration>,
+    /// An inbound HTTP/2 response body moving no data this long is reset [default: 5m].
+    #[arg(long, env = "TRELLIS_H2_STREAM_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    h2_stream_idle_timeout: Option<Duration>,
     /// Open admin connections; past it, closed at accept [default: 64].
     #[arg(long, env = "TRELLIS_ADMIN_MAX_CONNECTIONS")]
     admin_max_connections: Option<usize>,
@@ -337,6 +340,7 @@ impl SidecarArgs {
             h2_max_concurrent_reset_streams => h2.max_concurrent_reset_streams,
             h2_keepalive_interval => h2.keepalive_interval,
             h2_keepalive_timeout => h2.keepalive_timeout,
+            h2_stream_idle_timeout => h2.stream_idle_timeout,
             max_connections_inbound => inbound.max_connections,
             handshake_timeout => inbound.handshake_timeout,
             max_connections_outbound => outbound.max_connections,

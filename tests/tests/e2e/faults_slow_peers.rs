@@ -6,8 +6,8 @@
 //!   `trellis_tls_handshakes_total{direction="outbound",reason="timeout"}`, `502`);
 //! - an app that accepts and never reads (`request_timeout` on sidecar B,
 //!   `trellis_requests_total{direction="inbound",code="504"}`);
-//! - an app that sends its response head and then stalls the body (`limits.http.idle_timeout`
-//!   on sidecar B, `trellis_stalled_bodies_total`, the stream reset and the caller's response
+//! - an app that sends its response head and then stalls the body
+//!   (`limits.h2.stream_idle_timeout` on sidecar B, `trellis_stalled_bodies_total`, the stream reset and the caller's response
 //!   cut short).
 //!
 //! The inbound side of a stalled TLS handshake and slowloris heads are in `hostile_peers`.
@@ -188,11 +188,11 @@ async fn app_that_never_reads_is_cut_at_request_timeout() -> anyhow::Result<()> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn app_that_stalls_its_body_is_cut_at_idle_timeout() -> anyhow::Result<()> {
+async fn app_that_stalls_its_body_is_cut_at_stream_idle_timeout() -> anyhow::Result<()> {
     e2e(async {
         let cp = ControlPlane::start(ControlPlaneOpts::default())?;
         let (app_b, accepted) = raw_app().await?;
-        let (a, b, _app_a) = pair(&cp, app_b, &["--idle-timeout", "2s"]).await?;
+        let (a, b, _app_a) = pair(&cp, app_b, &["--h2-stream-idle-timeout", "2s"]).await?;
         let app = tokio::spawn(async move {
             let mut io = accepted.await?;
             let mut head = Vec::new();
@@ -233,7 +233,7 @@ async fn app_that_stalls_its_body_is_cut_at_idle_timeout() -> anyhow::Result<()>
         );
         ensure!(
             closed && took < Duration::from_secs(2) + CUT_WITHIN,
-            "the caller's cut-short response must end near the 2 s idle timeout (60 s \
+            "the caller's cut-short response must end near the 2 s stream idle timeout (5 m \
              default), ended {closed} after {took:?}"
         );
         ensure!(

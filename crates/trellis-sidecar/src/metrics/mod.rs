@@ -695,7 +695,7 @@ pub struct SidecarMetrics {
     /// stopped answering PINGs (a path dropping packets, a frozen peer).
     pub upstream_connections_lost: Counter,
     /// `trellis_stalled_bodies_total`: inbound response bodies cut because they moved no data
-    /// for `idle_timeout` (an app stalled mid-body, or a caller that stopped reading).
+    /// for `stream_idle_timeout` (an app stalled mid-body, or a caller that stopped reading).
     pub stalled_bodies: Counter,
     /// `trellis_authz_decisions_total{decision,rule}`. The policy engine looks a rule's
     /// counter up in the family (which takes a lock) on its first use after a policy load
@@ -784,7 +784,7 @@ impl SidecarMetrics {
         );
         registry.register(
             "stalled_bodies",
-            "Inbound response bodies reset after moving no data for idle_timeout",
+            "Inbound response bodies reset after moving no data for stream_idle_timeout",
             stalled_bodies.clone(),
         );
         registry.register(
