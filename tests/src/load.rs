@@ -26,6 +26,10 @@ use tokio::task::JoinHandle;
 
 use crate::app_client::{AppConn, Proto};
 
+/// Requests [`LoadReport::assert_no_failures`] wants sent over the run and in each event: a
+/// few seconds of load send hundreds, so fewer means the load stalled or never started.
+pub const MIN_REQUESTS_PER_WINDOW: usize = 20;
+
 /// What to send and how hard.
 #[derive(Debug, Clone)]
 pub struct LoadOpts {
@@ -312,8 +316,33 @@ impl LoadReport {
         println!("[load] {scenario}: {}", self.summary());
     }
 
-    /// Errors listing the first failures (time since start and reason) if any request failed.
+    /// Errors unless at least `min` requests were sent over the run and in each marked event:
+    /// "nothing failed" means little for a window the load did not run through.
+    pub fn assert_ran(&self, min: usize) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.sent() >= min,
+            "only {} requests sent in the whole run (want ≥ {min}): the load did not run",
+            self.sent()
+        );
+        for e in &self.events {
+            let to = e.to.unwrap_or(self.stopped);
+            let sent = self.sent_between(e.from, to);
+            anyhow::ensure!(
+                sent >= min,
+                "only {sent} requests sent during `{}` ({:.1}s; want ≥ {min}): the load did not \
+                 run through it ({})",
+                e.name,
+                (to - e.from).as_secs_f64(),
+                self.summary()
+            );
+        }
+        Ok(())
+    }
+
+    /// Errors listing the first failures (time since start and reason) if any request failed,
+    /// or if fewer than [`MIN_REQUESTS_PER_WINDOW`] were sent over the run or in any event.
     pub fn assert_no_failures(&self) -> anyhow::Result<()> {
+        self.assert_ran(MIN_REQUESTS_PER_WINDOW)?;
         let failed: Vec<&Sample> = self.failures().collect();
         if failed.is_empty() {
             return Ok(());

@@ -176,17 +176,35 @@ impl Body for H2Body {
     }
 }
 
+/// A body that neither yielded a frame nor could send one for this long, so its stream was
+/// reset (`CANCEL`): an app that sent its response head and then stalled, or a reader that
+/// stopped taking data.
+#[derive(Debug, thiserror::Error)]
+#[error("the body moved no data for {}", humantime::format_duration(*.0))]
+pub struct Stalled(pub Duration);
+
 /// Streams `body` into an HTTP/2 stream, respecting flow control, ending the stream with the
 /// last data frame (no separate empty frame) or with trailers. Stops when the peer resets the
-/// stream; resets it when `body` fails.
-pub(crate) async fn pipe_to_h2<B>(body: B, send: &mut h2::SendStream<Bytes>) -> Result<(), BoxError>
+/// stream; resets it when `body` fails. With `stall`, a body that yields no frame (or a frame
+/// that finds no send capacity) for that long resets the stream with `CANCEL` and ends with
+/// [`Stalled`]: the stream, and the app connection behind it, are not held forever.
+pub(crate) async fn pipe_to_h2<B>(
+    body: B,
+    send: &mut h2::SendStream<Bytes>,
+    stall: Option<Duration>,
+) -> Result<(), BoxError>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
     let mut body = std::pin::pin!(body);
+    let stall_bound = stall.unwrap_or(Duration::MAX);
+    let deadline = |send: &mut h2::SendStream<Bytes>| {
+        send.send_reset(h2::Reason::CANCEL);
+        BoxError::from(Stalled(stall_bound))
+    };
     loop {
-        let frame = std::future::poll_fn(|cx| {
+        let next = std::future::poll_fn(|cx| {
             if let Poll::Ready(reset) = send.poll_reset(cx) {
                 let why = match reset {
                     Ok(reason) => format!("peer reset the stream ({reason})"),
@@ -195,8 +213,14 @@ where
                 return Poll::Ready(Err(BoxError::from(why)));
             }
             body.as_mut().poll_frame(cx).map(Ok)
-        })
-        .await?;
+        });
+        let frame = match stall {
+            Some(bound) => match tokio::time::timeout(bound, next).await {
+                Ok(frame) => frame?,
+                Err(_) => return Err(deadline(send)),
+            },
+            None => next.await?,
+        };
         let frame = match frame {
             None => {
                 send.send_data(Bytes::new(), true)?;
@@ -221,7 +245,15 @@ where
                         break;
                     }
                     send.reserve_capacity(data.len());
-                    let capacity = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+                    let capacity = std::future::poll_fn(|cx| send.poll_capacity(cx));
+                    let capacity = match stall {
+                        Some(bound) => match tokio::time::timeout(bound, capacity).await {
+                            Ok(capacity) => capacity,
+                            Err(_) => return Err(deadline(send)),
+                        },
+                        None => capacity.await,
+                    };
+                    let capacity = match capacity {
                         Some(Ok(n)) => n,
                         Some(Err(e)) => return Err(e.into()),
                         None => return Err("the stream closed while sending".into()),

@@ -31,12 +31,33 @@ pub fn tls_error(err: &io::Error) -> Option<&rustls::Error> {
     err.get_ref()?.downcast_ref::<rustls::Error>()
 }
 
-/// Connects with a timeout and turns Nagle off (requests are small and latency-bound).
+/// How long a connection attempt waits for the SYN-ACK before another attempt starts beside
+/// it. The kernel retransmits a SYN after 1 s, 3 s, 7 s: once a path that dropped packets heals,
+/// a lone attempt may sit out the rest of its backoff (or its whole `connect_timeout`) although
+/// a new SYN would be answered at once. A fresh SYN every second bounds that wait to ~1 s.
+pub(crate) const CONNECT_RETRY: Duration = Duration::from_secs(1);
+
+/// Connects with a timeout and turns Nagle off (requests are small and latency-bound). While
+/// no answer comes, a new attempt starts every [`CONNECT_RETRY`] beside the pending ones; the
+/// first to connect wins. A refusal (or any other error) ends the wait at once: only silence
+/// is retried.
 pub async fn connect_tcp(addr: TcpTarget<'_>, timeout: Duration) -> io::Result<TcpStream> {
-    let connect = async {
+    let attempt = || async move {
         match addr {
             TcpTarget::Addr(a) => TcpStream::connect(a).await,
             TcpTarget::Name(n) => TcpStream::connect(n).await,
+        }
+    };
+    let connect = async {
+        let mut pending = futures::stream::FuturesUnordered::new();
+        pending.push(attempt());
+        let mut retry =
+            tokio::time::interval_at(tokio::time::Instant::now() + CONNECT_RETRY, CONNECT_RETRY);
+        loop {
+            tokio::select! {
+                Some(done) = futures::StreamExt::next(&mut pending) => return done,
+                _ = retry.tick() => pending.push(attempt()),
+            }
         }
     };
     let stream = tokio::time::timeout(timeout, connect).await.map_err(|_| {
@@ -48,6 +69,50 @@ pub async fn connect_tcp(addr: TcpTarget<'_>, timeout: Duration) -> io::Result<T
     stream.set_nodelay(true)?;
     Ok(stream)
 }
+
+/// Dead-peer detection for a socket to or from a peer sidecar, from `limits.h2.keepalive_*`:
+/// TCP keepalive probes after `interval` without traffic, one a second, and TCP_USER_TIMEOUT
+/// of `interval + timeout`, so the kernel closes a connection whose packets vanish (sent data
+/// unacknowledged, probes unanswered) within the same budget as the pooled connection's HTTP/2
+/// PING. This also bounds what has no PING of its own: the HTTP/1.1 fallback, WebSocket and
+/// TCP forwards, and the inbound side of a peer's pooled connection.
+#[derive(Debug, Clone, Copy)]
+pub struct DeadPeer {
+    /// `limits.h2.keepalive_interval`.
+    pub interval: Duration,
+    /// `limits.h2.keepalive_timeout`.
+    pub timeout: Duration,
+}
+
+impl DeadPeer {
+    /// Sets the options on `tcp`. Best effort: a platform without them keeps its defaults.
+    pub fn apply(&self, tcp: &TcpStream) {
+        let sock = socket2::SockRef::from(tcp);
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(self.interval.clamp(Duration::from_secs(1), MAX_KEEPIDLE))
+            .with_interval(self.probe_interval())
+            .with_retries(self.probes());
+        if let Err(e) = sock.set_tcp_keepalive(&keepalive) {
+            tracing::debug!(error = %e, "cannot set TCP keepalive");
+        }
+        if let Err(e) = sock.set_tcp_user_timeout(Some(self.interval + self.timeout)) {
+            tracing::debug!(error = %e, "cannot set TCP_USER_TIMEOUT");
+        }
+    }
+
+    /// Keepalive probes sent over `timeout` before the kernel gives up: one a second, at most
+    /// ten (Linux refuses more than 127).
+    fn probes(&self) -> u32 {
+        u32::try_from(self.timeout.as_secs().clamp(1, 10)).unwrap_or(10)
+    }
+
+    fn probe_interval(&self) -> Duration {
+        (self.timeout / self.probes()).clamp(Duration::from_secs(1), MAX_KEEPIDLE)
+    }
+}
+
+/// Linux's ceiling for `TCP_KEEPIDLE` and `TCP_KEEPINTVL` (past it the whole option is refused).
+const MAX_KEEPIDLE: Duration = Duration::from_secs(32_767);
 
 /// Where to connect: a resolved address, or `host:port` to resolve per connection.
 #[derive(Debug, Clone, Copy)]
@@ -87,6 +152,7 @@ pub struct PeerTarget {
     connect_timeout: Duration,
     /// Our identity: a connection waits (up to `connect_timeout`) until it holds an SVID.
     svid: Option<Arc<SvidStore>>,
+    dead_peer: Option<DeadPeer>,
 }
 
 /// A new HTTP connection to a peer, by negotiated protocol.
@@ -132,6 +198,7 @@ impl PeerTarget {
             metrics,
             connect_timeout,
             svid: None,
+            dead_peer: None,
         })
     }
 
@@ -140,6 +207,12 @@ impl PeerTarget {
     /// client certificate would only be refused by the peer (a `502` for the app).
     pub fn wait_for_svid(mut self, store: Arc<SvidStore>) -> Self {
         self.svid = Some(store);
+        self
+    }
+
+    /// Sets [`DeadPeer`]'s socket options on every connection.
+    pub fn dead_peer(mut self, dead_peer: DeadPeer) -> Self {
+        self.dead_peer = Some(dead_peer);
         self
     }
 
@@ -157,12 +230,17 @@ impl PeerTarget {
             Some(a) => TcpTarget::Addr(a),
             None => TcpTarget::Name(&self.address),
         };
-        connect_tcp(to, self.connect_timeout)
-            .await
-            .map_err(|e| ForwardError::Unreachable {
-                target: self.target.clone(),
-                detail: e.to_string(),
-            })
+        let tcp =
+            connect_tcp(to, self.connect_timeout)
+                .await
+                .map_err(|e| ForwardError::Unreachable {
+                    target: self.target.clone(),
+                    detail: e.to_string(),
+                })?;
+        if let Some(dead_peer) = &self.dead_peer {
+            dead_peer.apply(&tcp);
+        }
+        Ok(tcp)
     }
 
     fn handshake_failed(&self, reason: &'static str) {
@@ -348,6 +426,64 @@ impl PeerTarget {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dead_peer_probes_fit_the_timeout_within_kernel_limits() {
+        let at = |interval, timeout| DeadPeer {
+            interval: Duration::from_secs(interval),
+            timeout: Duration::from_secs(timeout),
+        };
+        let d = at(5, 5);
+        assert_eq!(
+            (d.probes(), d.probe_interval()),
+            (5, Duration::from_secs(1))
+        );
+        let d = at(30, 3600);
+        assert_eq!(
+            (d.probes(), d.probe_interval()),
+            (10, Duration::from_secs(360))
+        );
+        let d = DeadPeer {
+            interval: Duration::from_millis(10),
+            timeout: Duration::from_millis(10),
+        };
+        assert_eq!(
+            (d.probes(), d.probe_interval()),
+            (1, Duration::from_secs(1))
+        );
+    }
+
+    #[tokio::test]
+    async fn refused_connect_fails_at_once_and_an_answered_one_connects() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let open = listener.local_addr().unwrap();
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let started = Instant::now();
+        let err = connect_tcp(TcpTarget::Addr(closed), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+        // Only silence is retried: a refusal is not waited out to the next attempt.
+        assert!(started.elapsed() < CONNECT_RETRY, "{:?}", started.elapsed());
+        let tcp = connect_tcp(TcpTarget::Addr(open), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(tcp.nodelay().unwrap());
+        DeadPeer {
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(5),
+        }
+        .apply(&tcp);
+        let sock = socket2::SockRef::from(&tcp);
+        assert_eq!(
+            sock.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(10))
+        );
+        assert!(sock.keepalive().unwrap());
+    }
 
     #[test]
     fn peer_target_rejects_address_without_host() {

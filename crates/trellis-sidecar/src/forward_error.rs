@@ -44,6 +44,16 @@ pub enum ForwardError {
         /// hyper's error.
         detail: String,
     },
+    /// The pooled connection the request was on stopped answering (an HTTP/2 PING went
+    /// unanswered: a path that drops packets, a frozen peer) and was closed. The request may
+    /// or may not have reached the peer; the next one opens a new connection.
+    #[error("{target} stopped answering: {detail}; the connection was closed")]
+    ConnectionLost {
+        /// Which upstream.
+        target: Arc<str>,
+        /// What went unanswered, and for how long.
+        detail: String,
+    },
     /// This sidecar has no SVID yet (it has just started and the control plane has not
     /// answered), so it cannot authenticate to the peer.
     #[error("cannot connect to {target}: this sidecar has no SVID yet (waited {}); is the control plane reachable?", humantime::format_duration(*.waited))]
@@ -64,12 +74,12 @@ pub enum ForwardError {
 }
 
 impl ForwardError {
-    /// 503 unreachable or no SVID yet, 502 handshake/identity/HTTP failure, 504 timeout.
+    /// 503 unreachable, connection lost or no SVID yet, 502 handshake/identity/HTTP failure, 504 timeout.
     pub fn status(&self) -> StatusCode {
         match self {
-            ForwardError::Unreachable { .. } | ForwardError::NoSvid { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ForwardError::Unreachable { .. }
+            | ForwardError::ConnectionLost { .. }
+            | ForwardError::NoSvid { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ForwardError::Handshake { .. }
             | ForwardError::WrongIdentity { .. }
             | ForwardError::Failed { .. } => StatusCode::BAD_GATEWAY,
@@ -109,6 +119,11 @@ mod tests {
                 .contains("peer presented spiffe://example.org/x, expected spiffe://example.org/y"),
             "{e}"
         );
+        let e = ForwardError::ConnectionLost {
+            target: t.clone(),
+            detail: "no reply to a PING within 5s".into(),
+        };
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
         let e = ForwardError::NoSvid {
             target: t.clone(),
             waited: Duration::from_secs(5),

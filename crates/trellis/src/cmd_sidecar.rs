@@ -165,12 +165,15 @@ pub struct SidecarArgs {
     /// Locally reset HTTP/2 streams remembered at once [default: 10].
     #[arg(long, env = "TRELLIS_H2_MAX_CONCURRENT_RESET_STREAMS")]
     h2_max_concurrent_reset_streams: Option<usize>,
-    /// PING interval on each pooled HTTP/2 connection to an upstream [default: 30s].
+    /// PING interval on each pooled HTTP/2 connection to an upstream, idle or not [default: 5s].
     #[arg(long, env = "TRELLIS_H2_KEEPALIVE_INTERVAL", value_parser = humantime::parse_duration)]
     h2_keepalive_interval: Option<Duration>,
-    /// An unanswered PING for this long replaces the upstream connection [default: 10s].
+    /// An unanswered PING for this long closes the upstream connection (its requests get 503) [default: 5s].
     #[arg(long, env = "TRELLIS_H2_KEEPALIVE_TIMEOUT", value_parser = humantime::parse_duration)]
     h2_keepalive_timeout: Option<Duration>,
+    /// An inbound HTTP/2 response body moving no data this long is reset [default: 5m].
+    #[arg(long, env = "TRELLIS_H2_STREAM_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    h2_stream_idle_timeout: Option<Duration>,
     /// Open admin connections; past it, closed at accept [default: 64].
     #[arg(long, env = "TRELLIS_ADMIN_MAX_CONNECTIONS")]
     admin_max_connections: Option<usize>,
@@ -344,6 +347,7 @@ impl SidecarArgs {
             h2_max_concurrent_reset_streams => h2.max_concurrent_reset_streams,
             h2_keepalive_interval => h2.keepalive_interval,
             h2_keepalive_timeout => h2.keepalive_timeout,
+            h2_stream_idle_timeout => h2.stream_idle_timeout,
             max_connections_inbound => inbound.max_connections,
             handshake_timeout => inbound.handshake_timeout,
             max_connections_outbound => outbound.max_connections,

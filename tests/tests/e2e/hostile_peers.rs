@@ -442,6 +442,19 @@ async fn timeouts_cut_slow_and_idle_peers() -> anyhow::Result<()> {
         ensure!(outbound.0.closed, "outbound slowloris not closed");
         ensure!(inbound.0.closed, "inbound slowloris not closed");
         ensure!(handshake.0.closed, "stalled handshake not closed");
+        // Each cut comes from its flag, not from the built-in default (10 s for the head and
+        // the handshake, 60 s idle), which the 30 s wait would also have seen.
+        for (what, took, bound) in [
+            ("outbound slowloris (2 s; default 10 s)", outbound.1, 7),
+            ("inbound slowloris (2 s; default 10 s)", inbound.1, 7),
+            ("stalled handshake (2 s; default 10 s)", handshake.1, 7),
+            ("idle HTTP/2 (3 s + 5 s GOAWAY grace; default 60 s)", idle.1, 20),
+        ] {
+            ensure!(
+                took < Duration::from_secs(bound),
+                "{what} closed after {took:?}: later than its flag allows"
+            );
+        }
         ensure!(
             idle.0.closed && idle.0.goaway == Some(0),
             "idle HTTP/2 connection: want GOAWAY NO_ERROR and close, saw {:?}",

@@ -354,6 +354,11 @@ async fn header_read_timeout_spares_idle_keep_alive_but_cuts_slowloris() -> anyh
             );
             ensure!(closed, "{name}: slowloris head never closed");
             ensure!(sent < len, "{name}: the whole slow head got through ({sent} bytes)");
+            // The 1 s flag cut it, not the 10 s default (which `sent < len` alone would allow).
+            ensure!(
+                took < Duration::from_secs(5),
+                "{name}: slowloris cut after {took:?}; header_read_timeout is 1 s"
+            );
             ensure!(
                 mesh.app_b.last_seen(&format!("/slow-{name}")).is_none(),
                 "{name}: the slow request reached app B"

@@ -15,6 +15,8 @@ mod envoy_sds;
 mod faults_clock;
 mod faults_database;
 mod faults_disk;
+mod faults_network;
+mod faults_slow_peers;
 mod hostile_control;
 mod hostile_control_limits;
 mod hostile_peers;

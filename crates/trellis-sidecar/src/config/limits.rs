@@ -15,8 +15,9 @@
 //!     max_pending_accept_reset_streams: 20   # rapid reset → GOAWAY ENHANCE_YOUR_CALM
 //!     max_local_error_reset_streams: 1024    # streams reset for peer errors → same
 //!     max_concurrent_reset_streams: 10       # reset streams remembered at once
-//!     keepalive_interval: 30s      # PING on each pooled upstream HTTP/2 connection
-//!     keepalive_timeout: 10s       # unanswered PING → that connection is replaced
+//!     keepalive_interval: 5s       # PING on each pooled upstream HTTP/2 connection, idle or not
+//!     keepalive_timeout: 5s        # unanswered PING → closed, its requests 503, replaced
+//!     stream_idle_timeout: 5m      # inbound response body moving no data → stream reset
 //!   inbound:
 //!     max_connections: 4096        # per listener (TCP forwards too); excess closed at once
 //!     handshake_timeout: 10s       # inbound mTLS handshake
@@ -123,6 +124,9 @@ pub struct H2LimitsFile {
     /// How long such a PING may go unanswered.
     #[serde(default, with = "humantime_serde")]
     pub keepalive_timeout: Option<Duration>,
+    /// An inbound HTTP/2 response body that moves no data for this long is reset.
+    #[serde(default, with = "humantime_serde")]
+    pub stream_idle_timeout: Option<Duration>,
 }
 
 /// `limits.inbound` in the file.
@@ -222,6 +226,10 @@ pub struct H2Limits {
     pub keepalive_interval: Duration,
     /// How long a PING may go unanswered before the pooled connection is replaced.
     pub keepalive_timeout: Duration,
+    /// An inbound HTTP/2 stream whose response body (from the app) or whose reader (the peer)
+    /// moves no data for this long is reset with `CANCEL` and counted: an app that sent its
+    /// head and stalled holds neither the stream nor its app connection forever.
+    pub stream_idle_timeout: Duration,
 }
 
 /// The inbound mTLS listener and the inbound TCP forwards (each).
@@ -292,8 +300,13 @@ impl Default for Limits {
                 max_pending_accept_reset_streams: 20,
                 max_local_error_reset_streams: 1024,
                 max_concurrent_reset_streams: 10,
-                keepalive_interval: Duration::from_secs(30),
-                keepalive_timeout: Duration::from_secs(10),
+                // A path that drops packets is found 5-10 s after it broke, before a
+                // request's 30 s timeout (docs/configuration.md, "Dead peers").
+                keepalive_interval: Duration::from_secs(5),
+                keepalive_timeout: Duration::from_secs(5),
+                // Envoy's `stream_idle_timeout` default: long enough for watch streams and
+                // long polls that are quiet for minutes.
+                stream_idle_timeout: Duration::from_secs(300),
             },
             inbound: InboundLimits {
                 max_connections: 4096,
@@ -371,6 +384,7 @@ impl Limits {
                     .unwrap_or(d.h2.max_concurrent_reset_streams),
                 keepalive_interval: f.h2.keepalive_interval.unwrap_or(d.h2.keepalive_interval),
                 keepalive_timeout: f.h2.keepalive_timeout.unwrap_or(d.h2.keepalive_timeout),
+                stream_idle_timeout: f.h2.stream_idle_timeout.unwrap_or(d.h2.stream_idle_timeout),
             },
             inbound: InboundLimits {
                 max_connections: f
@@ -486,6 +500,7 @@ impl Limits {
             ("http.idle_timeout", http.idle_timeout),
             ("h2.keepalive_interval", h2.keepalive_interval),
             ("h2.keepalive_timeout", h2.keepalive_timeout),
+            ("h2.stream_idle_timeout", h2.stream_idle_timeout),
             ("admin.header_read_timeout", admin.header_read_timeout),
             ("admin.idle_timeout", admin.idle_timeout),
         ] {

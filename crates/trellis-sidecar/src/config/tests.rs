@@ -256,8 +256,9 @@ fn admin_and_h2_limits_default_safely_and_are_range_checked() {
     assert_eq!(d.h2.max_pending_accept_reset_streams, 20);
     assert_eq!(d.h2.max_local_error_reset_streams, 1024);
     assert_eq!(d.h2.max_concurrent_reset_streams, 10);
-    assert_eq!(d.h2.keepalive_interval, Duration::from_secs(30));
-    assert_eq!(d.h2.keepalive_timeout, Duration::from_secs(10));
+    assert_eq!(d.h2.keepalive_interval, Duration::from_secs(5));
+    assert_eq!(d.h2.keepalive_timeout, Duration::from_secs(5));
+    assert_eq!(d.h2.stream_idle_timeout, Duration::from_secs(300));
     assert_eq!(d.admin.max_connections, 64);
     assert_eq!(d.admin.max_header_bytes, 8 << 10);
     assert_eq!(d.admin.max_headers, 32);

@@ -94,6 +94,8 @@ struct Inbound {
     max_header_bytes: usize,
     header_read_timeout: Duration,
     idle_timeout: Duration,
+    /// `limits.h2.stream_idle_timeout`.
+    stream_idle_timeout: Duration,
     h1: http1::Builder,
     h2: h2::server::Builder,
 }
@@ -147,7 +149,15 @@ impl InboundProxy {
                 listen::events(&metrics, kind),
             )
             .with_handshake(
-                InboundTls::new(acceptor, Arc::clone(&store), Arc::clone(&metrics)),
+                InboundTls::new(
+                    acceptor,
+                    Arc::clone(&store),
+                    Arc::clone(&metrics),
+                    crate::dial::DeadPeer {
+                        interval: limits.h2.keepalive_interval,
+                        timeout: limits.h2.keepalive_timeout,
+                    },
+                ),
                 limits.inbound.handshake_timeout,
             )
         };
@@ -200,6 +210,7 @@ impl InboundProxy {
                 max_header_bytes: limits.http.max_header_bytes,
                 header_read_timeout: limits.http.header_read_timeout,
                 idle_timeout: limits.http.idle_timeout,
+                stream_idle_timeout: limits.h2.stream_idle_timeout,
                 h1,
                 h2,
             }),
@@ -709,8 +720,16 @@ async fn serve_h2_stream(
     let end_of_stream = body.is_end_stream();
     match respond.send_response(Response::from_parts(head, ()), end_of_stream) {
         Ok(mut send) if !end_of_stream => {
-            if let Err(e) = crate::body::pipe_to_h2(body, &mut send).await {
-                tracing::debug!(peer = %conn.peer_id, error = %e, "response body ended early");
+            // The connection's own idle bound does not apply while a stream is open: an app
+            // that stalls mid-body (or a caller that stops reading) is cut here instead.
+            let stall = Some(shared.stream_idle_timeout);
+            if let Err(e) = crate::body::pipe_to_h2(body, &mut send, stall).await {
+                if e.downcast_ref::<crate::body::Stalled>().is_some() {
+                    shared.metrics.stalled_bodies.inc();
+                    tracing::info!(peer = %conn.peer_id, error = %e, "response body stalled; stream reset");
+                } else {
+                    tracing::debug!(peer = %conn.peer_id, error = %e, "response body ended early");
+                }
             }
         }
         Ok(_) => {}

@@ -700,6 +700,12 @@ pub struct SidecarMetrics {
     pub bundle_expiry: Gauge,
     /// `trellis_upstream_connections_total`: mTLS connections the outbound pool opened.
     pub upstream_connections: Counter,
+    /// `trellis_upstream_connections_lost_total`: pooled connections closed because the peer
+    /// stopped answering PINGs (a path dropping packets, a frozen peer).
+    pub upstream_connections_lost: Counter,
+    /// `trellis_stalled_bodies_total`: inbound response bodies cut because they moved no data
+    /// for `stream_idle_timeout` (an app stalled mid-body, or a caller that stopped reading).
+    pub stalled_bodies: Counter,
     /// `trellis_authz_decisions_total{decision,rule}`. The policy engine looks a rule's
     /// counter up in the family (which takes a lock) on its first use after a policy load
     /// and keeps the handle, so the request path is a hash map lookup and an atomic add.
@@ -732,6 +738,8 @@ impl SidecarMetrics {
         let svid_rotations = Counter::default();
         let bundle_expiry = Gauge::default();
         let upstream_connections = Counter::default();
+        let upstream_connections_lost = Counter::default();
+        let stalled_bodies = Counter::default();
         let authz_decisions = Family::<AuthzLabel, Counter>::default();
         let policy_reload_errors = Counter::default();
         let policy_loaded = Gauge::default();
@@ -782,6 +790,16 @@ impl SidecarMetrics {
             upstream_connections.clone(),
         );
         registry.register(
+            "upstream_connections_lost",
+            "Pooled upstream connections closed because the peer stopped answering PINGs",
+            upstream_connections_lost.clone(),
+        );
+        registry.register(
+            "stalled_bodies",
+            "Inbound response bodies reset after moving no data for stream_idle_timeout",
+            stalled_bodies.clone(),
+        );
+        registry.register(
             "authz_decisions",
             "Authorization decisions, by decision (allow, deny, audit_deny) and deciding rule",
             authz_decisions.clone(),
@@ -816,6 +834,8 @@ impl SidecarMetrics {
             svid_rotations,
             bundle_expiry,
             upstream_connections,
+            upstream_connections_lost,
+            stalled_bodies,
             authz_decisions,
             policy_reload_errors,
             policy_loaded,

@@ -63,6 +63,8 @@ fn names_are_pinned() {
         "trellis_svid_rotations_total 0",
         "trellis_bundle_expiry_timestamp_seconds 0",
         "trellis_upstream_connections_total 0",
+        "trellis_upstream_connections_lost_total 0",
+        "trellis_stalled_bodies_total 0",
         "trellis_sds_last_update_timestamp_seconds 0",
         "trellis_policy_reload_errors_total 0",
         "trellis_policy_loaded_timestamp_seconds 0",

@@ -7,8 +7,9 @@
 //! `protocol: tcp` upstreams are spliced byte for byte ([`crate::tcp`]).
 //!
 //! What the app sees when it goes wrong, each with a one-line `text/plain` body saying why:
-//! `404` unknown host, `503` upstream unreachable, `502` handshake or identity failure (naming
-//! the expected and presented SPIFFE IDs), `504` no response headers within `request_timeout`.
+//! `404` unknown host, `503` upstream unreachable or its connection stopped answering PINGs,
+//! `502` handshake or identity failure (naming the expected and presented SPIFFE IDs), `504` no
+//! response headers within `request_timeout`.
 
 mod peer_pool;
 mod routes;
@@ -21,7 +22,7 @@ use crate::access_log::AccessEntry;
 use crate::body::ProxyBody;
 use crate::config::{Protocol, SidecarSettings};
 use crate::conn_state::ConnDrain;
-use crate::dial::{PeerTarget, TlsClient};
+use crate::dial::{DeadPeer, PeerTarget, TlsClient};
 use crate::forward_error::ForwardError;
 use crate::grpc;
 use crate::h1_framing::{malformed_body_response, RequestFraming};
@@ -99,7 +100,11 @@ impl OutboundProxy {
                 metrics.clone(),
                 settings.connect_timeout,
             )?
-            .wait_for_svid(Arc::clone(&store));
+            .wait_for_svid(Arc::clone(&store))
+            .dead_peer(DeadPeer {
+                interval: settings.limits.h2.keepalive_interval,
+                timeout: settings.limits.h2.keepalive_timeout,
+            });
             match u.protocol {
                 Protocol::Http => {
                     let (config, sessions) = mtls::client_config(

@@ -20,19 +20,34 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-/// The pooled HTTP/2 connection: a handle to open streams on, and whether it has ended.
+/// The pooled HTTP/2 connection: a handle to open streams on, whether it has ended, and, if
+/// the keepalive closed it, what went unanswered.
 struct H2Conn {
     sender: h2::client::SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
+    lost: Arc<OnceLock<String>>,
 }
 
 impl H2Conn {
     fn is_live(&self) -> bool {
         !self.closed.load(Ordering::Acquire)
+    }
+
+    /// What a request that failed on this connection gets: `503` when the keepalive found the
+    /// peer silent and closed the connection under it (the app may retry elsewhere or later),
+    /// `502` for anything else.
+    fn failure(&self, target: &Arc<str>, e: h2::Error) -> ForwardError {
+        match self.lost.get() {
+            Some(detail) => ForwardError::ConnectionLost {
+                target: target.clone(),
+                detail: detail.clone(),
+            },
+            None => failed(target, e),
+        }
     }
 }
 
@@ -46,6 +61,7 @@ pub struct PeerPool {
     h2: ArcSwapOption<H2Conn>,
     /// Serializes connection attempts; holds the last attempt's failure for those who waited.
     connecting: tokio::sync::Mutex<Option<ForwardError>>,
+    /// Connection attempts finished so far.
     attempts: AtomicU64,
     http1_mode: AtomicBool,
     http1_idle: Arc<Http1Idle>,
@@ -117,7 +133,7 @@ impl PeerPool {
                     tracing::debug!(target = %self.target(), error = %e, "request not processed by the peer; sending it on a new connection");
                     unsent
                 }
-                Err((e, None)) => return Err(failed(self.target(), e)),
+                Err((e, None)) => return Err(conn.failure(self.target(), e)),
             },
             None => req,
         };
@@ -147,7 +163,7 @@ impl PeerPool {
                     tracing::debug!(target = %self.target(), error = %e, "request not processed by the peer; sending it on a new connection");
                     req = unsent;
                 }
-                Err((e, None)) => return Err(failed(self.target(), e)),
+                Err((e, None)) => return Err(conn.failure(self.target(), e)),
             }
         }
         Err(failed(
@@ -181,9 +197,11 @@ impl PeerPool {
                 return Err(e.clone());
             }
         }
-        self.attempts.fetch_add(1, Ordering::AcqRel);
         let result = self.open(&self.tls).await;
         *last_failure = result.as_ref().err().cloned();
+        // Counted when it ends: a request that came while it ran takes its outcome rather than
+        // waiting for one more attempt (on a silent path, one more connect timeout).
+        self.attempts.fetch_add(1, Ordering::AcqRel);
         match result? {
             Opened::H2(conn) => {
                 let conn = Arc::new(conn);
@@ -209,14 +227,23 @@ impl PeerPool {
                     .await
                     .map_err(|e| failed(target, e))?;
                 let closed = Arc::new(AtomicBool::new(false));
+                let lost = Arc::new(OnceLock::new());
                 tokio::spawn(drive_h2_client(
                     conn,
                     self.keepalive,
-                    closed.clone(),
+                    Ended {
+                        closed: closed.clone(),
+                        lost: lost.clone(),
+                        counted: self.peer.metrics().upstream_connections_lost.clone(),
+                    },
                     self.peer.metrics().connection(Direction::Outbound),
                     target.clone(),
                 ));
-                Ok(Opened::H2(H2Conn { sender, closed }))
+                Ok(Opened::H2(H2Conn {
+                    sender,
+                    closed,
+                    lost,
+                }))
             }
             PeerIo::Http1(io) => {
                 let (sender, conn) = self
@@ -286,13 +313,23 @@ enum Opened {
     Http1(http1::SendRequest<ReqBody>),
 }
 
-/// Runs the pooled connection until it ends, PINGing it every `keepalive.interval` and
-/// closing it when a PING goes unanswered for `keepalive.timeout`; then marks it closed so the
-/// next request opens a new one.
+/// Where the connection's driver reports its end.
+struct Ended {
+    closed: Arc<AtomicBool>,
+    lost: Arc<OnceLock<String>>,
+    /// `trellis_upstream_connections_lost_total`.
+    counted: prometheus_client::metrics::counter::Counter,
+}
+
+/// Runs the pooled connection until it ends, PINGing it every `keepalive.interval` (idle or
+/// not) and closing it when a PING goes unanswered for `keepalive.timeout`; then marks it
+/// closed so the next request opens a new one. Dropping the connection fails every stream
+/// still waiting on it: with `lost` set first, those requests answer `503` at once instead of
+/// hanging until their request timeout.
 async fn drive_h2_client<T>(
     mut conn: h2::client::Connection<T, Bytes>,
     keepalive: Keepalive,
-    closed: Arc<AtomicBool>,
+    ended: Ended,
     _open: crate::metrics::ConnectionGuard,
     target: Arc<str>,
 ) where
@@ -301,27 +338,39 @@ async fn drive_h2_client<T>(
     let ping_pong = conn.ping_pong();
     let pinging = async move {
         let Some(mut ping_pong) = ping_pong else {
-            return std::future::pending::<&'static str>().await;
+            return std::future::pending::<Option<Duration>>().await;
         };
         loop {
             tokio::time::sleep(keepalive.interval).await;
             match tokio::time::timeout(keepalive.timeout, ping_pong.ping(h2::Ping::opaque())).await
             {
                 Ok(Ok(_pong)) => {}
-                Ok(Err(_)) => return "the connection failed",
-                Err(_) => return "the peer stopped answering PINGs",
+                Ok(Err(_)) => return None,
+                Err(_) => return Some(keepalive.timeout),
             }
         }
     };
     tokio::select! {
-        ended = &mut conn => {
-            if let Err(e) = ended {
+        done = &mut conn => {
+            if let Err(e) = done {
                 tracing::debug!(%target, error = %e, "upstream HTTP/2 connection ended");
             }
         }
-        why = pinging => tracing::info!(%target, why, "closing upstream HTTP/2 connection"),
+        unanswered = pinging => match unanswered {
+            Some(waited) => {
+                let detail = format!(
+                    "no reply to an HTTP/2 PING within {}",
+                    humantime::format_duration(waited)
+                );
+                tracing::warn!(%target, %detail, "closing the upstream HTTP/2 connection: the peer stopped answering");
+                let _ = ended.lost.set(detail);
+                ended.counted.inc();
+            }
+            None => tracing::debug!(%target, "upstream HTTP/2 connection failed"),
+        },
     }
-    closed.store(true, Ordering::Release);
+    ended.closed.store(true, Ordering::Release);
+    // `conn` drops here, after `lost` is set: its waiting streams fail with a broken pipe.
 }
 
 /// What it takes to send a request again: its head without the body. Kept while the peer may
@@ -467,7 +516,8 @@ async fn pipe_request<B>(
                 first: Some(frame),
                 rest: body,
             };
-            crate::body::pipe_to_h2(body, &mut send).await
+            // Unbounded here: the app's connection has its own idle bound (`idle_timeout`).
+            crate::body::pipe_to_h2(body, &mut send, None).await
         }
     };
     if let Err(e) = piped {
@@ -580,6 +630,7 @@ mod tests {
         Arc::new(H2Conn {
             sender,
             closed: Arc::new(AtomicBool::new(false)),
+            lost: Arc::new(OnceLock::new()),
         })
     }
 
@@ -604,6 +655,68 @@ mod tests {
             .header("x-keep", "me")
             .body(body)
             .unwrap()
+    }
+
+    /// A peer that stops answering (packets dropped on the way): the keepalive closes the
+    /// connection and the request waiting on it gets `503` naming the cause, in about the
+    /// keepalive's interval + timeout rather than its request timeout.
+    #[tokio::test]
+    async fn silent_peer_fails_waiting_request_with_503_at_keepalive_timeout() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            // Its SETTINGS, then silence: reads everything, answers nothing, not even PINGs.
+            tcp.write_all(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]).await.unwrap();
+            let mut sink = vec![0u8; 4096];
+            while tcp.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (sender, conn) = h2::client::handshake(tcp).await.unwrap();
+        let metrics = crate::metrics::SidecarMetrics::new();
+        let counted = metrics.upstream_connections_lost.clone();
+        let h2c = H2Conn {
+            sender,
+            closed: Arc::new(AtomicBool::new(false)),
+            lost: Arc::new(OnceLock::new()),
+        };
+        let target: Arc<str> = "upstream `b` (test)".into();
+        tokio::spawn(drive_h2_client(
+            conn,
+            Keepalive {
+                interval: Duration::from_millis(100),
+                timeout: Duration::from_millis(300),
+            },
+            Ended {
+                closed: h2c.closed.clone(),
+                lost: h2c.lost.clone(),
+                counted: counted.clone(),
+            },
+            metrics.connection(Direction::Outbound),
+            target.clone(),
+        ));
+        let started = std::time::Instant::now();
+        let sent = send_h2(&h2c, get("/hang", http_body_util::Empty::<Bytes>::new()));
+        let err = match tokio::time::timeout(Duration::from_secs(5), sent).await {
+            Ok(Err((e, None))) => h2c.failure(&target, e),
+            Ok(Err((e, Some(_)))) => panic!("handed back for a resend: {e}"),
+            Ok(Ok(r)) => panic!("answered {}", r.status()),
+            Err(_) => panic!("still waiting after 5 s: the keepalive did not close it"),
+        };
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(err.status(), StatusCode::SERVICE_UNAVAILABLE, "{err}");
+        assert!(
+            err.to_string()
+                .contains("stopped answering: no reply to an HTTP/2 PING within 300ms"),
+            "{err}"
+        );
+        assert!(!h2c.is_live());
+        assert_eq!(counted.get(), 1);
     }
 
     #[tokio::test]

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint};
 use trellis_identity::tls::{
@@ -15,11 +14,20 @@ use trellis_identity::tls::{
 };
 use trellis_identity::SpiffeId;
 
+use crate::dial::{connect_tcp, TcpTarget};
+
 /// Path of the control plane's SPIFFE ID.
 pub const CONTROL_ID_PATH: &str = "/trellis/control";
 
 /// TCP connect + TLS handshake + HTTP/2 setup must finish within this.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// HTTP/2 PING interval on the SDS channel, idle or not, and how long a PING may go
+/// unanswered: a control plane behind a path that drops packets is noticed 5-15 s later (the
+/// sidecar then reconnects with backoff, serving its current SVID meanwhile). Nothing waits on
+/// the stream, so it may take longer than the data path's 5 s + 5 s; a fleet's PINGs cost the
+/// control plane little at one per sidecar every 10 s.
+pub const KEEPALIVE: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(5));
 
 /// Opens a channel to `address` (`host:port`).
 pub async fn connect(
@@ -36,16 +44,17 @@ pub async fn connect(
         .map_err(|e| format!("`{address}` is not a valid host:port: {e}"))?
         .connect_timeout(CONNECT_TIMEOUT)
         // Notice a control plane that vanished without closing the connection.
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(KEEPALIVE.0)
+        .keep_alive_timeout(KEEPALIVE.1)
         .keep_alive_while_idle(true);
     let address = address.to_owned();
     let connect = endpoint.connect_with_connector(tower::service_fn(move |_uri| {
         let connector = connector.clone();
         let address = address.clone();
         async move {
-            let tcp = TcpStream::connect(address.as_str()).await?;
-            let _ = tcp.set_nodelay(true);
+            // A fresh SYN every second while unanswered: reconnects within ~1 s of a healed
+            // path instead of sitting out the kernel's SYN backoff.
+            let tcp = connect_tcp(TcpTarget::Name(&address), CONNECT_TIMEOUT).await?;
             // The name is not checked: the verifier checks the SPIFFE ID, not a DNS name.
             let name = rustls::pki_types::ServerName::try_from("trellis-control")
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
