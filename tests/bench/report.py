@@ -448,9 +448,85 @@ class Report:
             out.append("")
         return out
 
+    # --- gRPC and WebSocket points (tests/bench/protocols.sh) --------------------------------
+    GRPC_PATHS = [("grpc_direct", "direct"), ("grpc_trellis", "Trellis pair"), ("grpc_envoy", "Envoy pair")]
+    WS_PATHS = [("ws_direct", "direct"), ("ws_trellis", "Trellis pair")]
+
+    def protocols(self):
+        r = self.r
+        if not any(self.status(s) != "not run" for s, _ in self.GRPC_PATHS + self.WS_PATHS):
+            return []
+        out = ["## gRPC unary and WebSocket round trips", ""]
+        if any(self.status(s) != "not run" for s, _ in self.GRPC_PATHS):
+            out += [
+                f"gRPC unary calls into a tonic app (one current-thread runtime): {r.get('meta.grpc', '')}; Trellis B "
+                "speaks h2c to the app (`app_protocol: h2c`), Envoy B has an HTTP/2 app cluster. Before each point one "
+                "`grpcio` call through the path must echo its message. *App answered* counts the calls the app "
+                "served during the point (warm-up included), which must be at least the calls h2load counted: h2load "
+                "judges a call by its HTTP status only. `(×N)` is ÷ the Trellis pair.",
+                "",
+                "| path | calls/s | p50 ms | p99 ms | CPU µs/call A | CPU µs/call B | calls | app answered | errors | other load |",
+                "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+            ]
+            for scen, name in self.GRPC_PATHS:
+                if not self.measured(scen, "unary"):
+                    why = self.r.get(f"{scen}.reason", "")
+                    out.append(f"| {name} | {self.cell_missing(scen) if not self.ok(scen) else 'n/a'}"
+                               + (f": {why}" if why else "") + " | | | | | | | | |")
+                    continue
+                rps = self.rps(scen, "unary")
+                p50, p99 = self.lat(scen, "unary", "p50"), self.lat(scen, "unary", "p99")
+                ca, cb = self.cpu_us(scen, "unary", "a"), self.cpu_us(scen, "unary", "b")
+                calls, served = self.num(f"{scen}.unary.requests"), self.num(f"{scen}.unary.app_served")
+                short = calls is not None and served is not None and served < calls
+                fo = self.foreign(scen, "unary")
+                direct = scen == "grpc_direct"
+                out.append("| {} | {:,.0f}{} | {} | {}{} | {} | {} | {} | {}{} | {} | {} |".format(
+                    name, rps, self.ratio_to(rps, self.rps("grpc_trellis", "unary")),
+                    self.f(p50 and p50 / 1000, ".3f"), self.f(p99 and p99 / 1000, ".3f"),
+                    self.ratio_to(p99, self.lat("grpc_trellis", "unary", "p99")),
+                    "—" if direct else self.f(ca, ".1f") + self.ratio_to(ca, self.cpu_us("grpc_trellis", "unary", "a")),
+                    "—" if direct else self.f(cb, ".1f") + self.ratio_to(cb, self.cpu_us("grpc_trellis", "unary", "b")),
+                    self.f(calls, ",.0f"), self.f(served, ",.0f"), " ⚠ fewer than h2load counted" if short else "",
+                    int(self.num(f"{scen}.unary.errors") or 0), self.f(fo, ".0f") + "%" if fo is not None else "n/a"))
+            out.append("")
+        if any(self.status(s) != "not run" for s, _ in self.WS_PATHS):
+            out += [
+                f"WebSocket echo round trips: {r.get('meta.ws', '')}. *Added* is the Trellis pair's figure minus the "
+                "direct one; CPU is each sidecar's user+system time during the round trips ÷ round trips.",
+                "",
+                "| path | round trips | p50 µs | p90 µs | p99 µs | mean µs | added p50 µs | added p99 µs | CPU µs/round trip A | CPU µs/round trip B |",
+                "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+            ]
+            for scen, name in self.WS_PATHS:
+                if not self.ok(scen):
+                    why = self.r.get(f"{scen}.reason", "")
+                    out.append(f"| {name} | {self.cell_missing(scen)}" + (f": {why}" if why else "") + " | | | | | | | | |")
+                    continue
+                q = lambda s, k: self.num(f"{s}.rtt.{k}") if self.ok(s) else None  # noqa: E731
+                n = q(scen, "n")
+                added = lambda k: (None if scen == "ws_direct" or q(scen, k) is None or q("ws_direct", k) is None  # noqa: E731
+                                   else q(scen, k) - q("ws_direct", k))
+                cpu = lambda side: (None if scen == "ws_direct" or not n or q(scen, f"cpu_{side}_ticks") is None  # noqa: E731
+                                    else q(scen, f"cpu_{side}_ticks") / self.clk / n * 1e6)
+                out.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+                    name, self.f(n, ",.0f"), self.f(q(scen, "p50_us"), ".0f"), self.f(q(scen, "p90_us"), ".0f"),
+                    self.f(q(scen, "p99_us"), ".0f"), self.f(q(scen, "mean_us"), ".0f"),
+                    "—" if scen == "ws_direct" else self.f(added("p50_us"), ".0f"),
+                    "—" if scen == "ws_direct" else self.f(added("p99_us"), ".0f"),
+                    "—" if scen == "ws_direct" else self.f(cpu("a"), ".1f"),
+                    "—" if scen == "ws_direct" else self.f(cpu("b"), ".1f")))
+            out.append("")
+        return out
+
+    @staticmethod
+    def ratio_to(v, t):
+        """this ÷ the reference, for the (×…) next to absolute numbers."""
+        return "" if v is None or t is None or t <= 0 or v < 0 else f" ({v / t:.2f}×)"
+
     def render(self):
         return "\n".join(self.header() + self.main_table() + self.mem_table() + self.ratio_table() + self.targets()
-                         + self.profile() + self.notes())
+                          + self.protocols() + self.profile() + self.notes())
 
 
 def main():

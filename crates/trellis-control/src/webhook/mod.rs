@@ -196,6 +196,7 @@ struct State {
     image: String,
     control_plane: String,
     native_sidecar: bool,
+    no_proxy: Vec<String>,
     /// The trust bundle in force; read per review so a CA rotation reaches new pods at once.
     bundle: watch::Receiver<Arc<TrustBundle>>,
     metrics: Arc<ControlMetrics>,
@@ -210,6 +211,7 @@ impl State {
             control_plane: self.control_plane.clone(),
             bundle_pem: self.bundle.borrow().to_pem(),
             native_sidecar: self.native_sidecar,
+            no_proxy: self.no_proxy.clone(),
         }
     }
 }
@@ -290,6 +292,7 @@ pub async fn start(
         image: settings.sidecar_image.clone(),
         control_plane: settings.sidecar_control_plane.clone(),
         native_sidecar: settings.native_sidecar,
+        no_proxy: settings.no_proxy.clone(),
         bundle,
         metrics,
         limits,
@@ -439,6 +442,7 @@ mod tests {
             image: "img:1".into(),
             control_plane: "cp:8443".into(),
             native_sidecar: false,
+            no_proxy: Vec::new(),
             bundle,
             metrics: Arc::new(ControlMetrics::new()),
             limits: WebhookLimits::default(),

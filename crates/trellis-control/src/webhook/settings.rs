@@ -9,6 +9,8 @@ use serde::Deserialize;
 use trellis_serve::config::{at_least_one, bytes_within, deadline, ConfigError};
 use trellis_serve::http::ServerLimits;
 
+use super::inject::no_proxy_entry_ok;
+
 /// Defaults of the webhook's settings.
 pub mod defaults {
     use std::time::Duration;
@@ -164,6 +166,8 @@ pub struct WebhookSettings {
     /// Inject native sidecars (init containers with `restartPolicy: Always`) unless a pod
     /// says `trellis.io/native-sidecar: "false"`.
     pub native_sidecar: bool,
+    /// `NO_PROXY` entries of every app container besides localhost and the pod itself.
+    pub no_proxy: Vec<String>,
     /// `limits.webhook`.
     pub limits: WebhookLimits,
 }
@@ -181,6 +185,8 @@ pub struct WebhookFields {
     pub sidecar_control_plane: Option<String>,
     /// `native_sidecar`.
     pub native_sidecar: Option<bool>,
+    /// `no_proxy`.
+    pub no_proxy: Option<Vec<String>>,
 }
 
 impl WebhookSettings {
@@ -196,6 +202,7 @@ impl WebhookSettings {
         };
         let (sidecar_image, sidecar_control_plane, native_sidecar) =
             Self::injection(f.sidecar_image, f.sidecar_control_plane, f.native_sidecar)?;
+        let no_proxy = Self::no_proxy(f.no_proxy)?;
         let raw = f
             .dns_names
             .unwrap_or_else(|| vec![defaults::DNS_NAME.to_owned()]);
@@ -231,8 +238,29 @@ impl WebhookSettings {
             sidecar_image,
             sidecar_control_plane,
             native_sidecar,
+            no_proxy,
             limits,
         }))
+    }
+
+    /// `no_proxy` checked: each entry a host, domain, address or CIDR (see
+    /// [`no_proxy_entry_ok`]); absent: none beyond localhost and the pod itself.
+    pub fn no_proxy(list: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
+        let mut out: Vec<String> = Vec::new();
+        for entry in list.unwrap_or_default().iter().map(|e| e.trim()) {
+            if !no_proxy_entry_ok(entry) {
+                return Err(ConfigError::invalid(
+                    "no_proxy",
+                    format!(
+                        "`{entry}` is not a host, domain, address or CIDR (letters, digits and . - _ : / * [ ]), e.g. [.internal.example.com, 10.0.0.0/8]"
+                    ),
+                ));
+            }
+            if !out.iter().any(|e| e == entry) {
+                out.push(entry.to_owned());
+            }
+        }
+        Ok(out)
     }
 
     /// What injection puts into pods (`sidecar_image`, `sidecar_control_plane`,

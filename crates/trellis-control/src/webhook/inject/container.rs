@@ -83,6 +83,61 @@ pub struct InjectConfig {
     /// The native-sidecar form unless a pod's `trellis.io/native-sidecar` says otherwise
     /// (`native_sidecar`, `--native-sidecar`).
     pub native_sidecar: bool,
+    /// What every app container's `NO_PROXY` lists besides localhost and the pod's own
+    /// address (`no_proxy`, `--no-proxy`); a pod's `trellis.io/no-proxy` adds to it.
+    pub no_proxy: Vec<String>,
+}
+
+/// The app-container variable holding the pod's IP, which `NO_PROXY` names as
+/// `$(TRELLIS_POD_IP)` (the kubelet expands references to variables defined before).
+pub const POD_IP_ENV: &str = "TRELLIS_POD_IP";
+/// What `NO_PROXY` always starts with: loopback by name and address, and the pod itself.
+pub const NO_PROXY_ALWAYS: [&str; 4] = ["localhost", "127.0.0.1", "::1", "$(TRELLIS_POD_IP)"];
+/// The variables injection sets in app containers; a container that sets any of them itself
+/// keeps its own environment.
+pub const PROXY_ENV_NAMES: [&str; 5] = [
+    POD_IP_ENV,
+    "HTTP_PROXY",
+    "http_proxy",
+    "NO_PROXY",
+    "no_proxy",
+];
+
+/// True for one `NO_PROXY` entry: a host, domain (`.svc`), address, CIDR, `host:port`, `[v6]`
+/// or `*`. Nothing else, so an entry cannot split the list (`,`) or reference a variable (`$`).
+pub fn no_proxy_entry_ok(entry: &str) -> bool {
+    !entry.is_empty()
+        && entry.len() <= 253
+        && entry
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-_:/*[]".contains(&b))
+}
+
+/// The proxy variables for an app container, in order (`$(TRELLIS_POD_IP)` needs its
+/// variable defined first), with `no_proxy` after the fixed entries. `HTTP_PROXY` is the
+/// sidecar's shared outbound listener, so an app calling `http://b/…` reaches the mesh
+/// unchanged. There is no `HTTPS_PROXY`: an app's own TLS would travel inside the mTLS (the
+/// sidecar refuses `CONNECT`); such an app calls the plain `http://` name instead.
+pub(super) fn proxy_env(no_proxy: &[String]) -> Vec<Value> {
+    let proxy = format!("http://127.0.0.1:{OUTBOUND_PORT}");
+    let list = NO_PROXY_ALWAYS
+        .iter()
+        .map(|e| (*e).to_owned())
+        .chain(no_proxy.iter().cloned())
+        .fold(Vec::<String>::new(), |mut seen, e| {
+            if !seen.contains(&e) {
+                seen.push(e);
+            }
+            seen
+        })
+        .join(",");
+    vec![
+        json!({ "name": POD_IP_ENV, "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } }),
+        env("HTTP_PROXY", proxy.as_str()),
+        env("http_proxy", proxy),
+        env("NO_PROXY", list.as_str()),
+        env("no_proxy", list),
+    ]
 }
 
 fn env(name: &str, value: impl Into<String>) -> Value {

@@ -20,6 +20,10 @@
 //!   app container (with `SPIFFE_ENDPOINT_SOCKET=unix:///run/spiffe/workload.sock`), and the
 //!   sidecar's group added to the pod's `supplementalGroups` so the apps may open the 0660
 //!   socket.
+//! - in each app container, `HTTP_PROXY`/`http_proxy` (the sidecar's outbound listener) and
+//!   `NO_PROXY`/`no_proxy` (localhost, the pod's IP, the control plane's `no_proxy`, the pod's
+//!   `trellis.io/no-proxy`; issue #25), unless the pod says `trellis.io/proxy-env: "false"` or
+//!   the container sets one of them itself.
 //!
 //! Answers, and why (the webhook runs with `failurePolicy: Fail`, which says "a pod this
 //! webhook could not process must not be admitted": in a labelled namespace a pod without its
@@ -40,13 +44,14 @@ use serde_json::{json, Map, Value};
 mod container;
 pub mod offline;
 
-use container::sidecar_container;
 pub use container::{
-    InjectConfig, SidecarForm, ADMIN_PORT, DEFAULT_APP_PORT, INBOUND_PORT, OUTBOUND_PORT,
-    POLICY_DIR, POLICY_VOLUME, SIDECAR_CONTAINER, SIDECAR_UID, SPIFFE_DIR, SPIFFE_ENDPOINT_SOCKET,
-    SPIFFE_VOLUME, STARTUP_FAILURE_THRESHOLD, STARTUP_PERIOD_SECONDS, TOKEN_AUDIENCE, TOKEN_DIR,
+    no_proxy_entry_ok, InjectConfig, SidecarForm, ADMIN_PORT, DEFAULT_APP_PORT, INBOUND_PORT,
+    NO_PROXY_ALWAYS, OUTBOUND_PORT, POD_IP_ENV, POLICY_DIR, POLICY_VOLUME, PROXY_ENV_NAMES,
+    SIDECAR_CONTAINER, SIDECAR_UID, SPIFFE_DIR, SPIFFE_ENDPOINT_SOCKET, SPIFFE_VOLUME,
+    STARTUP_FAILURE_THRESHOLD, STARTUP_PERIOD_SECONDS, TOKEN_AUDIENCE, TOKEN_DIR,
     TOKEN_EXPIRATION_SECONDS, TOKEN_FILE, TOKEN_VOLUME, WORKLOAD_API_SOCKET,
 };
+use container::{proxy_env, sidecar_container};
 
 /// Pod annotation: `"false"` opts the pod out of injection.
 pub const ANNOTATION_INJECT: &str = "trellis.io/inject";
@@ -67,6 +72,12 @@ pub const ANNOTATION_NATIVE_SIDECAR: &str = "trellis.io/native-sidecar";
 /// Pod annotation: `"true"` serves the SPIFFE Workload API to the pod's app containers
 /// (`SPIFFE_ENDPOINT_SOCKET`); absent or `"false"`, it is not served.
 pub const ANNOTATION_WORKLOAD_API: &str = "trellis.io/workload-api";
+/// Pod annotation: `"false"` leaves the app containers' environment alone: no `HTTP_PROXY`
+/// or `NO_PROXY` (default `"true"`).
+pub const ANNOTATION_PROXY_ENV: &str = "trellis.io/proxy-env";
+/// Pod annotation: more `NO_PROXY` entries for the app containers, comma-separated, after the
+/// control plane's `no_proxy`.
+pub const ANNOTATION_NO_PROXY: &str = "trellis.io/no-proxy";
 
 /// The only AdmissionReview version served (the webhook configuration asks for it alone).
 pub const API_VERSION: &str = "admission.k8s.io/v1";
@@ -508,6 +519,27 @@ fn decide(request: &Map<String, Value>, cfg: &InjectConfig) -> Decision {
         Some(Value::Object(o)) => Some(o),
         Some(_) => return Decision::Deny("spec.securityContext is not a map".into()),
     };
+    let proxy = match annotation(ANNOTATION_PROXY_ENV) {
+        None => true,
+        Some(v) if v.eq_ignore_ascii_case("true") => true,
+        Some(v) if v.eq_ignore_ascii_case("false") => false,
+        Some(v) => {
+            return Decision::Deny(format!(
+                "annotation {ANNOTATION_PROXY_ENV}: `{v}` must be \"true\" (default: HTTP_PROXY and NO_PROXY in the app containers) or \"false\""
+            ))
+        }
+    };
+    let mut no_proxy = cfg.no_proxy.clone();
+    if let Some(v) = annotation(ANNOTATION_NO_PROXY) {
+        for entry in v.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            if !no_proxy_entry_ok(entry) {
+                return Decision::Deny(format!(
+                    "annotation {ANNOTATION_NO_PROXY}: `{entry}` is not a host, domain, address or CIDR (letters, digits and . - _ : / * [ ]; entries separated by commas)"
+                ));
+            }
+            no_proxy.push(entry.to_owned());
+        }
+    }
 
     let mut warnings = Vec::new();
     for c in containers.iter().flat_map(|v| v.iter()) {
@@ -569,6 +601,41 @@ fn decide(request: &Map<String, Value>, cfg: &InjectConfig) -> Decision {
         SidecarForm::Container => append(containers.is_some(), "/spec/containers", vec![container]),
     });
     patch.extend(append(volumes.is_some(), "/spec/volumes", new_volumes));
+    if proxy {
+        // App containers only: init containers that run before the sidecar could not reach it.
+        for (i, c) in containers.iter().flat_map(|v| v.iter()).enumerate() {
+            let name = c.get("name").and_then(Value::as_str).unwrap_or("?");
+            let env = match c.get("env") {
+                None | Some(Value::Null) => None,
+                Some(Value::Array(e)) => Some(e),
+                Some(_) => {
+                    return Decision::Deny(format!(
+                        "spec.containers[{i}] (`{name}`): env is not a list"
+                    ))
+                }
+            };
+            let own: Vec<&str> = env
+                .iter()
+                .flat_map(|e| e.iter())
+                .filter_map(|e| e.get("name").and_then(Value::as_str))
+                .filter(|n| PROXY_ENV_NAMES.contains(n))
+                .collect();
+            if !own.is_empty() {
+                warnings.push(format!(
+                    "container `{name}` sets {} itself, so trellis added no HTTP_PROXY or NO_PROXY to it: it reaches the mesh only by calling http://127.0.0.1:{OUTBOUND_PORT}",
+                    own.join(", ")
+                ));
+                continue;
+            }
+            // With the Workload API on, every app container has an env list by now (added
+            // above if it had none): append to it, never replace it.
+            patch.extend(append(
+                env.is_some() || workload_api,
+                &format!("/spec/containers/{i}/env"),
+                proxy_env(&no_proxy),
+            ));
+        }
+    }
     Decision::Inject { patch, warnings }
 }
 
@@ -763,6 +830,7 @@ pub fn fuzz_review(data: &[u8]) -> Option<(Value, Vec<Value>)> {
         control_plane: "trellis-control.trellis-system.svc:8443".into(),
         bundle_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
         native_sidecar: data.len().is_multiple_of(2),
+        no_proxy: vec![".example.internal".into()],
     };
     let review = review(data, &cfg).ok()?;
     let answer: Value = serde_json::from_slice(&review.body).ok()?;

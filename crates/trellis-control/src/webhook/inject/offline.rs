@@ -294,6 +294,7 @@ mod tests {
             control_plane: "cp:8443".into(),
             bundle_pem: "PEM".into(),
             native_sidecar: true,
+            no_proxy: Vec::new(),
         }
     }
 

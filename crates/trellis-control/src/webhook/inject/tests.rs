@@ -15,6 +15,7 @@ fn cfg() -> InjectConfig {
         control_plane: "trellis-control.trellis-system.svc:8443".into(),
         bundle_pem: BUNDLE.into(),
         native_sidecar: false,
+        no_proxy: Vec::new(),
     }
 }
 
@@ -78,16 +79,51 @@ fn sidecar(pod: &Value) -> &Value {
         .expect("sidecar container")
 }
 
+/// `pod` without the proxy environment injection adds to app containers (an `env` left
+/// empty is removed), to compare the rest with the pod before.
+fn without_proxy_env(pod: &Value) -> Value {
+    let mut pod = pod.clone();
+    for c in pod["spec"]["containers"].as_array_mut().unwrap() {
+        let c = c.as_object_mut().unwrap();
+        if let Some(env) = c.get_mut("env").and_then(Value::as_array_mut) {
+            env.retain(|e| !PROXY_ENV_NAMES.contains(&e["name"].as_str().unwrap()));
+            if env.is_empty() {
+                c.remove("env");
+            }
+        }
+    }
+    pod
+}
+
+/// The proxy variables of an app container, by name; `TRELLIS_POD_IP` as its fieldRef.
+fn proxy_env_of(container: &Value) -> Vec<(String, String)> {
+    container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| PROXY_ENV_NAMES.contains(&e["name"].as_str().unwrap()))
+        .map(|e| {
+            let value = e["value"]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| e["valueFrom"]["fieldRef"]["fieldPath"].to_string());
+            (e["name"].as_str().unwrap().to_owned(), value)
+        })
+        .collect()
+}
+
+/// Every variable of a container by name; one set from a field as its `fieldPath`.
 fn env_of(container: &Value) -> Vec<(String, String)> {
     container["env"]
         .as_array()
         .unwrap()
         .iter()
         .map(|e| {
-            (
-                e["name"].as_str().unwrap().to_owned(),
-                e["value"].as_str().unwrap().to_owned(),
-            )
+            let value = e["value"]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| e["valueFrom"]["fieldRef"]["fieldPath"].to_string());
+            (e["name"].as_str().unwrap().to_owned(), value)
         })
         .collect()
 }
@@ -126,9 +162,9 @@ fn set_at(doc: &mut Value, pointer: &str, value: Value) {
 fn injects_into_a_deployment_pod_without_volumes() {
     let (before, response, after) = inject("deployment-pod.json");
     assert!(response.get("warnings").is_none(), "{response}");
-    // The app container is untouched and still first.
+    // The app container is untouched but for the proxy environment, and still first.
     assert_eq!(
-        after["spec"]["containers"][0],
+        without_proxy_env(&after)["spec"]["containers"][0],
         before["spec"]["containers"][0]
     );
     assert_eq!(after["spec"]["containers"].as_array().unwrap().len(), 2);
@@ -214,11 +250,22 @@ fn existing_volumes_and_ports_are_kept_and_appended_to() {
         .unwrap();
     let ops: Vec<Value> = serde_json::from_slice(&bytes).unwrap();
     let paths: Vec<&str> = ops.iter().map(|o| o["path"].as_str().unwrap()).collect();
-    assert_eq!(paths, ["/spec/containers/-", "/spec/volumes/-"]);
+    // The app containers' proxy environment: appended to the first's env, the second's added.
+    let env_ops = ["/spec/containers/0/env/-"; 5];
+    assert_eq!(
+        paths,
+        [
+            &["/spec/containers/-", "/spec/volumes/-"][..],
+            &env_ops,
+            &["/spec/containers/1/env"]
+        ]
+        .concat()
+    );
     assert!(ops.iter().all(|o| o["op"] == "add"));
 
     let before_containers = before["spec"]["containers"].as_array().unwrap();
-    let after_containers = after["spec"]["containers"].as_array().unwrap();
+    let stripped = without_proxy_env(&after);
+    let after_containers = stripped["spec"]["containers"].as_array().unwrap();
     assert_eq!(after_containers.len(), before_containers.len() + 1);
     assert_eq!(
         &after_containers[..before_containers.len()],
@@ -579,8 +626,9 @@ fn assert_native(before: &Value, after: &Value) {
     assert_eq!(s["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(s["args"], json!(["sidecar"]));
     assert_eq!(
-        after["spec"]["containers"], before["spec"]["containers"],
-        "app containers untouched, no sidecar among them"
+        without_proxy_env(after)["spec"]["containers"],
+        before["spec"]["containers"],
+        "app containers untouched but for the proxy environment, no sidecar among them"
     );
     assert_eq!(
         after["spec"]["restartPolicy"],
@@ -621,8 +669,15 @@ fn native_sidecar_for_a_deployment_pod() {
         .iter()
         .map(|o| o["path"].as_str().unwrap())
         .collect();
-    // No initContainers yet: the array is added whole.
-    assert_eq!(paths, ["/spec/initContainers", "/spec/volumes"]);
+    // No initContainers yet: the array is added whole (then the app's proxy environment).
+    assert_eq!(
+        paths,
+        [
+            "/spec/initContainers",
+            "/spec/volumes",
+            "/spec/containers/0/env"
+        ]
+    );
     let before = &doc["request"]["object"];
     let after = apply(before, &response_of(&r));
     assert_native(before, &after);
@@ -796,6 +851,13 @@ fn workload_api_annotation_shares_the_socket_with_every_app_container() {
             "{}",
             app["name"]
         );
+        // The proxy environment is appended to the same list, never replacing it.
+        assert_eq!(
+            env_value(app, "HTTP_PROXY").as_deref(),
+            Some("http://127.0.0.1:15001"),
+            "{}",
+            app["name"]
+        );
         assert!(app["volumeMounts"].as_array().unwrap().contains(
             &json!({ "name": SPIFFE_VOLUME, "mountPath": "/run/spiffe", "readOnly": true })
         ));
@@ -919,4 +981,127 @@ fn bad_workload_api_annotation_and_clashing_mount_are_refused() {
     );
     assert_eq!(review.outcome, Outcome::Error);
     assert!(review.detail.contains("/run/spiffe"), "{}", review.detail);
+}
+
+const NO_PROXY_BASE: &str = "localhost,127.0.0.1,::1,$(TRELLIS_POD_IP)";
+
+fn want_proxy_env(no_proxy: &str) -> Vec<(String, String)> {
+    [
+        ("TRELLIS_POD_IP", "\"status.podIP\""),
+        ("HTTP_PROXY", "http://127.0.0.1:15001"),
+        ("http_proxy", "http://127.0.0.1:15001"),
+        ("NO_PROXY", no_proxy),
+        ("no_proxy", no_proxy),
+    ]
+    .iter()
+    .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+    .collect()
+}
+
+#[test]
+fn app_containers_get_http_proxy_and_no_proxy_after_their_own_env() {
+    for config in [cfg(), native_cfg()] {
+        let doc = fixture_json("pod-with-volumes-and-ports.json");
+        let r = review(&fixture("pod-with-volumes-and-ports.json"), &config).unwrap();
+        let after = apply(&doc["request"]["object"], &response_of(&r));
+        let containers = after["spec"]["containers"].as_array().unwrap();
+        for app in containers.iter().filter(|c| c["name"] != SIDECAR_CONTAINER) {
+            assert_eq!(proxy_env_of(app), want_proxy_env(NO_PROXY_BASE), "{app}");
+        }
+        // The app's own variable stays first: `$(TRELLIS_POD_IP)` only needs its own to precede.
+        assert_eq!(containers[0]["env"][0]["name"], "DATA_DIR");
+        // Plain http:// only: no HTTPS_PROXY anywhere, and the sidecar itself gets none.
+        assert!(!after.to_string().contains("HTTPS_PROXY"));
+        let s = if config.native_sidecar {
+            init_sidecar(&after)
+        } else {
+            sidecar(&after)
+        };
+        assert!(proxy_env_of(s).is_empty(), "{s}");
+        // Init containers run before (or beside) the sidecar's start: left alone.
+        assert!(!after["spec"]["initContainers"]
+            .to_string()
+            .contains("HTTP_PROXY"));
+    }
+}
+
+#[test]
+fn no_proxy_takes_the_control_plane_list_then_the_annotation() {
+    let config = InjectConfig {
+        no_proxy: vec![".corp.example".into(), "10.0.0.0/8".into()],
+        ..cfg()
+    };
+    let mut doc = fixture_json("deployment-pod.json");
+    doc["request"]["object"]["metadata"]["annotations"] =
+        json!({ "trellis.io/no-proxy": " db.internal , .corp.example,[fd00::1]" });
+    let r = review(&serde_json::to_vec(&doc).unwrap(), &config).unwrap();
+    assert_eq!(r.outcome, Outcome::Injected, "{}", r.detail);
+    let after = apply(&doc["request"]["object"], &response_of(&r));
+    assert_eq!(
+        proxy_env_of(&after["spec"]["containers"][0]),
+        want_proxy_env(&format!(
+            "{NO_PROXY_BASE},.corp.example,10.0.0.0/8,db.internal,[fd00::1]"
+        ))
+    );
+
+    for bad in ["$(SECRET)", "a b", "evil;rm"] {
+        doc["request"]["object"]["metadata"]["annotations"] =
+            json!({ "trellis.io/no-proxy": format!("ok.example,{bad}") });
+        let r = review(&serde_json::to_vec(&doc).unwrap(), &config).unwrap();
+        assert_eq!(r.outcome, Outcome::Error, "{bad}");
+        let message = response_of(&r)["status"]["message"].to_string();
+        assert!(
+            message.contains("trellis.io/no-proxy") && message.contains(bad),
+            "{message}"
+        );
+    }
+}
+
+#[test]
+fn proxy_env_opt_out_and_a_container_with_its_own_proxy_are_left_alone() {
+    let mut doc = fixture_json("pod-with-volumes-and-ports.json");
+    doc["request"]["object"]["metadata"]["annotations"] =
+        json!({ "trellis.io/proxy-env": "false" });
+    let (pod, r) = {
+        let r = review(&serde_json::to_vec(&doc).unwrap(), &cfg()).unwrap();
+        (doc["request"]["object"].clone(), r)
+    };
+    assert_eq!(r.outcome, Outcome::Injected, "{}", r.detail);
+    let after = apply(&pod, &response_of(&r));
+    let containers = after["spec"]["containers"].as_array().unwrap();
+    assert_eq!(
+        &containers[..2],
+        &pod["spec"]["containers"].as_array().unwrap()[..],
+        "opted out: app containers untouched"
+    );
+
+    doc["request"]["object"]["metadata"]["annotations"] = json!({ "trellis.io/proxy-env": "off" });
+    let r = review(&serde_json::to_vec(&doc).unwrap(), &cfg()).unwrap();
+    assert_eq!(r.outcome, Outcome::Error);
+    let message = response_of(&r)["status"]["message"].to_string();
+    assert!(
+        message.contains("trellis.io/proxy-env") && message.contains("off"),
+        "{message}"
+    );
+
+    // A container that sets its own proxy keeps it; the other still gets the sidecar's.
+    doc["request"]["object"]["metadata"]["annotations"] = json!({});
+    doc["request"]["object"]["spec"]["containers"][0]["env"] =
+        json!([{ "name": "http_proxy", "value": "http://proxy.corp:3128" }]);
+    let r = review(&serde_json::to_vec(&doc).unwrap(), &cfg()).unwrap();
+    let response = response_of(&r);
+    let after = apply(&doc["request"]["object"], &response);
+    assert_eq!(
+        after["spec"]["containers"][0],
+        doc["request"]["object"]["spec"]["containers"][0]
+    );
+    assert_eq!(
+        proxy_env_of(&after["spec"]["containers"][1]),
+        want_proxy_env(NO_PROXY_BASE)
+    );
+    let warnings = response["warnings"].to_string();
+    assert!(
+        warnings.contains("`server` sets http_proxy itself"),
+        "{warnings}"
+    );
 }
