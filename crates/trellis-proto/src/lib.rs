@@ -136,22 +136,4 @@ pub mod codec {
             BufferSettings::new(BUFFER, YIELD)
         }
     }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-        use crate::DiscoveryRequest;
-        use tonic::codec::Decoder;
-
-        #[test]
-        fn sds_codec_buffers_start_small() {
-            let mut codec = SdsCodec::<DiscoveryRequest, DiscoveryRequest>::default();
-            assert_eq!(codec.encoder().buffer_settings().buffer_size, BUFFER);
-            assert_eq!(codec.decoder().buffer_settings().buffer_size, BUFFER);
-            assert!(
-                BUFFER <= 1024,
-                "SDS streams are held per workload: keep this small"
-            );
-        }
-    }
 }
