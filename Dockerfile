@@ -21,7 +21,9 @@ ARG TRELLIS_COMMIT=unknown
 # Debian 12 (bookworm), like the runtime image below: the binary links the same glibc (2.36)
 # it runs with. The toolchain image has everything the build needs: aws-lc-rs (aws-lc-sys,
 # built by the `cc` crate: no cmake or Go on x86_64/aarch64 Linux), the bundled SQLite
-# (rusqlite) and the protobuf code (protox, pure Rust: no protoc) only need its gcc.
+# (rusqlite) and the protobuf code (protox, pure Rust: no protoc) only need its gcc; jemalloc
+# (tikv-jemalloc-sys) its gcc and make. `COPY . .` brings .cargo/config.toml, which sets
+# jemalloc's compiled-in options (crates/trellis/src/alloc.rs).
 FROM docker.io/library/rust:${RUST_VERSION}-bookworm AS build
 ARG TRELLIS_COMMIT
 ENV TRELLIS_BUILD_COMMIT=${TRELLIS_COMMIT}

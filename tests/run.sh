@@ -41,6 +41,9 @@ apt_missing=()
 # A C compiler: aws-lc-sys (the crypto under rustls, ML-KEM included) and the bundled SQLite
 # are C, built by the `cc` crate (no cmake, Go or bindgen on x86_64/aarch64 Linux).
 command -v cc >/dev/null 2>&1 || apt_missing+=(gcc libc6-dev)
+# jemalloc (tikv-jemalloc-sys, the allocator of the `trellis` binary) runs its configure script
+# and make.
+command -v make >/dev/null 2>&1 || apt_missing+=(make)
 command -v openssl >/dev/null 2>&1 || apt_missing+=(openssl)
 command -v curl >/dev/null 2>&1 || apt_missing+=(curl)
 command -v promtool >/dev/null 2>&1 || apt_missing+=(prometheus)

@@ -7,8 +7,11 @@ Prints the report to stdout and writes it to OUT.md. Standard library only.
 """
 import sys
 
-PATHS = [("direct", "direct"), ("trellis", "Trellis pair"), ("envoy", "Envoy pair"), ("nginx", "nginx pair")]
-PROXIES = ["trellis", "envoy", "nginx"]
+PATHS = [("direct", "direct"), ("trellis", "Trellis pair"), ("envoy", "Envoy pair"), ("nginx", "nginx pair"),
+         ("nginx_auto", "nginx pair, workers auto"), ("haproxy", "HAProxy pair")]
+PROXIES = ["trellis", "envoy", "nginx", "nginx_auto", "haproxy"]
+# The pairs Trellis is compared with; the targets are judged against the best of them.
+PEERS = [("envoy", "Envoy"), ("nginx", "nginx"), ("nginx_auto", "nginx auto"), ("haproxy", "HAProxy")]
 
 
 def load_raw(path):
@@ -141,6 +144,16 @@ class Report:
         v = self.num(f"{scen}.{which}_kib")
         return None if v is None or v == 0 or not self.ok(scen) else v / 1024
 
+    def best_peer(self, load):
+        """(scen, name) of the peer pair with the highest req/s at `load`, or None."""
+        got = [(self.rps(s, load), s, n) for s, n in PEERS if self.rps(s, load) is not None]
+        return max(got)[1:] if got else None
+
+    def lowest_p99_peer(self, load):
+        """(scen, name) of the peer pair with the lowest added p99 at `load`, or None."""
+        got = [(self.added_p99(s, load), s, n) for s, n in PEERS if self.added_p99(s, load) is not None]
+        return min(got)[1:] if got else None
+
     def hs(self, scen):
         if not self.ok(scen):
             return None
@@ -195,6 +208,8 @@ class Report:
             f"- Envoy: {r.get('meta.envoy', '')}; `--concurrency 1`. "
             f"{r.get('envoy.threads', '')}",
             f"- nginx: {r.get('meta.nginx', '')}; `worker_processes 1`. {r.get('nginx.threads', '')}",
+            f"- nginx auto: the same nginx, `worker_processes auto`. {r.get('nginx_auto.threads', '')}",
+            f"- HAProxy: `nbthread` unset (its default, one thread per CPU). {r.get('haproxy.threads', '')}",
             f"- {r.get('meta.openssl', '')}; handshakes: `openssl s_time -new -tls1_3` for {r.get('meta.stime', '')} s "
             "against each B (inbound) listener.",
             "",
@@ -292,7 +307,28 @@ class Report:
             cells.append(self.r.get(f"{scen}.check.client_cert_a", "?"))
             out.append(f"| {name} | " + " | ".join(cells) + " |")
         out.append("")
-        return out
+        return out + self.burst()
+
+    def burst(self):
+        """Memory comes back: the idle-connection burst into Trellis sidecar B (conn_burst.py)."""
+        r = self.r
+        n = self.num("trellis.burst_opened")
+        if not n:
+            return []
+        kib = lambda k: self.num(f"trellis.burst_{k}")  # noqa: E731
+        idle, peak, after = kib("rss_idle"), kib("rss_peak"), kib("rss_after")
+        # "Close to idle": allocator metadata and caches for a burst of thousands of
+        # connections stay; the connections' memory must not.
+        ok = after is not None and idle is not None and after <= idle * 1.25
+        return [
+            f"**Burst** ({int(n):,} idle mTLS HTTP/2 connections opened into Trellis sidecar B in "
+            f"{r.get('trellis.burst_open_s', '?')} s, held, then all closed): RSS {idle / 1024:.1f} MiB before, "
+            f"{peak / 1024:.1f} MiB held ({int(self.num('trellis.burst_per_conn_bytes') or 0):,} bytes per connection), "
+            f"{after / 1024:.1f} MiB {r.get('trellis.burst_settle_s', '?')} s after they closed "
+            f"({'PASS' if ok else 'MISS'}: target at most 1.25× idle); file descriptors "
+            f"{r.get('trellis.burst_fds_idle', '?')} → {r.get('trellis.burst_fds_peak', '?')} → {r.get('trellis.burst_fds_after', '?')}.",
+            "",
+        ]
 
     def ratio_table(self):
         """Trellis's standing against each pair, per load: the table in docs/benchmarks.md."""
@@ -313,7 +349,9 @@ class Report:
             return None if a is None or b is None or b <= 0 else a / b
 
         for load in self.loads:
-            for scen, name in (("envoy", "Envoy"), ("nginx", "nginx")):
+            best = self.best_peer(load)
+            peers = list(PEERS) + ([(best[0], f"**best peer** ({best[1]})")] if best else [])
+            for scen, name in peers:
                 if not self.measured(scen, load) or not self.measured("trellis", load):
                     out.append(f"| {self.load_name(load)} | {name} | n/a | n/a | n/a |")
                     continue
@@ -322,7 +360,7 @@ class Report:
                 c = div(self.cpu_pair(scen, load), self.cpu_pair("trellis", load))
                 out.append(f"| {self.load_name(load)} | {name} | {self.x(t)} | {self.x(a)} | {self.x(c)} |")
         rs = []
-        for scen, name in (("envoy", "Envoy"), ("nginx", "nginx")):
+        for scen, name in PEERS:
             parts = []
             for which in ("idle_rss_a", "idle_rss_b", "loaded_rss_a", "loaded_rss_b"):
                 v = div(self.rss(scen, which), self.rss("trellis", which))
@@ -354,7 +392,21 @@ class Report:
                 verdict += " ⚠ noisy: " + ", ".join(bad)
             out.append(f"| {name} | " + " | ".join(cells) + f" | {verdict} |")
 
-        for scen, label, want in (("nginx", "nginx", 1.5), ("envoy", "Envoy", 3.0)):
+        # The best peer can differ per load point: each cell names the one it was judged against.
+        cells, oks, judged = [], [], {"trellis"}
+        for l in wrk:
+            if l not in self.tput_loads:
+                cells.append("— (latency point)"); continue
+            best, t = self.best_peer(l), self.rps("trellis", l)
+            if t is None or best is None:
+                cells.append("n/a"); oks.append(None); continue
+            judged.add(best[0])
+            x = t / self.rps(best[0], l)
+            ok = x >= 1.5
+            cells.append(f"{x:.2f}× {best[1]}" + ("" if ok else f" (short by {(1 - x / 1.5) * 100:.0f}%)"))
+            oks.append(ok)
+        row("throughput ≥ 1.5× the best peer pair", cells, oks, tuple(judged), self.tput_loads)
+        for scen, label, want in (("envoy", "Envoy", 3.0),):
             cells, oks = [], []
             for l in wrk:
                 if l not in self.tput_loads:
@@ -367,6 +419,17 @@ class Report:
                 cells.append(f"{x:.2f}×" + ("" if ok else f" (short by {(1 - x / want) * 100:.0f}%)"))
                 oks.append(ok)
             row(f"throughput ≥ {want:g}× {label}", cells, oks, ("trellis", scen), self.tput_loads)
+        cells, oks, judged = [], [], {"trellis"}
+        for l in wrk:
+            low, t = self.lowest_p99_peer(l), self.added_p99("trellis", l)
+            if t is None or low is None:
+                cells.append("n/a"); oks.append(None); continue
+            judged.add(low[0])
+            o = self.added_p99(low[0], l)
+            ok = t < o
+            cells.append(f"{t / 1000:.3f} vs {o / 1000:.3f} ms ({low[1]})" + ("" if ok else f" (over by {(t - o) / 1000:.3f} ms)"))
+            oks.append(ok)
+        row("added p99 the lowest of all pairs", cells, oks, tuple(judged), wrk)
         for scen, label in (("nginx", "nginx"), ("envoy", "Envoy")):
             cells, oks = [], []
             for l in wrk:

@@ -3,6 +3,7 @@
 #
 #   bash tests/bench/run.sh [--quick] [--rounds N] [--only direct,trellis,envoy,nginx,grpc,ws]
 #                           [--profile] [--no-build] [--no-install] [--keep] [--out FILE]
+#   (--only also takes nginx_auto and haproxy, the two peers with more than one worker)
 #
 # Measures, with the same certificates (made by `trellis ca init`), the same backend app (an
 # nginx returning a fixed 200 "ok\n") and the same load, one proxy pair at a time:
@@ -10,6 +11,9 @@
 #   trellis  load generator → trellis sidecar A ══ mTLS h2 ══▶ trellis sidecar B → backend
 #   envoy    load generator → Envoy A (--concurrency 1) ══ mTLS h2 ══▶ Envoy B → backend
 #   nginx    load generator → nginx A (1 worker) ══ mTLS HTTP/1.1 ══▶ nginx B → backend
+#   nginx_auto  the same with `worker_processes auto` (one worker per CPU)
+#   haproxy  load generator → HAProxy A ══ mTLS HTTP/1.1 ══▶ HAProxy B → backend (default
+#            threads: one per CPU)
 # with wrk (HTTP/1.1 keep-alive; 1, 16 and 64 connections), h2load (h2c into the A side) and
 # openssl s_time (full TLS 1.3 mTLS handshakes against the B side). Prints a Markdown report
 # and writes it to tests/bench/results.md. Only 127.0.0.1 is ever used. See README.md here.
@@ -34,7 +38,9 @@
 # seconds per path (the quietest attempt is kept); BENCH_ROUNDS [1] (every path is measured once
 # per round; the report keeps each point's best round), BENCH_TIMEOUT [1200] hard limit for the
 # run after the build, TRELLIS_BIN, ENVOY_BIN, BENCH_WS_ROUNDTRIPS [5000], BENCH_GRPC_APP (a
-# prebuilt grpc_bench_app; default target/release/examples/grpc_bench_app, built unless --no-build).
+# prebuilt grpc_bench_app; default target/release/examples/grpc_bench_app, built unless --no-build);
+# BENCH_BURST_CONNS [2000] idle mTLS connections opened into Trellis sidecar B and closed again,
+# to see its memory come back (0: skip).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -62,7 +68,7 @@ NOISE_LIMIT="${BENCH_NOISE_LIMIT:-25}"
 MAX_RETRIES="${BENCH_RETRIES:-2}"
 RETRY_BUDGET="${BENCH_RETRY_BUDGET:-45}"
 RETRY_SPENT=0         # per path: reset when a path starts
-ONLY="direct,trellis,envoy,nginx,grpc,ws"
+ONLY="direct,trellis,envoy,nginx,nginx_auto,haproxy,grpc,ws"
 WS_ROUNDTRIPS="${BENCH_WS_ROUNDTRIPS:-5000}"
 BUILD=1
 INSTALL=1
@@ -148,6 +154,7 @@ apt_install() {
 }
 missing=()
 command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || missing+=(nginx-light)
+if wanted haproxy; then command -v haproxy >/dev/null 2>&1 || [[ -x /usr/sbin/haproxy ]] || missing+=(haproxy); fi
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
@@ -693,6 +700,21 @@ profile_trellis() {   # perf profile of both sidecars under wrk -c 16 (not a mea
     done
 }
 
+# --- memory comes back: a burst of idle inbound connections (Trellis only) -------------------
+BURST_CONNS="${BENCH_BURST_CONNS:-2000}"
+trellis_burst() {     # trellis_burst PORT: BURST_CONNS idle mTLS h2 connections into sidecar B
+    local port="$1" out="$WORK/trellis/burst.txt" k v
+    ((BURST_CONNS > 0)) || return 0
+    mkdir -p "$WORK/trellis"
+    say "trellis: $BURST_CONNS idle mTLS h2 connections into sidecar B, then all closed (RSS before, held, after)"
+    timeout $((BURST_CONNS / 50 + 90)) "$PYTHON" "$HERE/conn_burst.py" --pid "${B_PIDS[0]}" --port "$port" \
+        --cert "$CERTS/a-chain.pem" --key "$CERTS/a-key.pem" --ca "$CERTS/client-store.pem" \
+        --conns "$BURST_CONNS" --settle 20 >"$out" 2>"$out.err" || warn "trellis burst: $(tail -n1 "$out.err")"
+    while IFS='=' read -r k v; do
+        [[ -n "$k" ]] && rec "trellis.burst_$k" "$v"
+    done <"$out"
+}
+
 path_direct() {
     say "== direct: load generator → backend"
     A_PIDS=(); B_PIDS=()
@@ -719,6 +741,7 @@ path_trellis() {
         rec trellis.listening_a "$(grep -m1 'listening' "$WORK/trellis_a/stdout.log" || true)"
         run_pair trellis "http://127.0.0.1:${V[A_PORT]}/" "http://127.0.0.1:${V[A_PORT]}/" "${V[B_PORT]}" || true
         if ((PROFILE)) && ((ROUND == 1)); then profile_trellis "http://127.0.0.1:${V[A_PORT]}/"; fi
+        if ((ROUND == 1)); then trellis_burst "${V[B_PORT]}"; fi
         # Threads after load (a runtime may have grown blocking threads).
         read -r ta wa < <(thread_info "$PID_trellis_a")
         read -r tb wb < <(thread_info "$PID_trellis_b")
@@ -777,19 +800,93 @@ path_nginx() {
     stop_pair "$PID_nginx_a" "$PID_nginx_b"
 }
 
+# --- peers with more than one worker: nginx `worker_processes auto`, HAProxy default threads ----
+# On a machine with several CPUs these are the strongest peers (the issue's table: nginx with
+# one worker per CPU beat the one-worker nginx above), so the report compares Trellis with the
+# best of all peer pairs, not with a hand-picked one.
+HAPROXY="$(command -v haproxy || echo /usr/sbin/haproxy)"
+start_haproxy() {     # start_haproxy NAME TEMPLATE PORT → sets PID_<NAME>
+    local name="$1" dir="$WORK/$1" pid
+    mkdir -p "$dir"
+    render "$2" "$dir/haproxy.cfg"
+    if ! "$HAPROXY" -c -q -f "$dir/haproxy.cfg" >"$dir/check.log" 2>&1; then
+        cat "$dir/check.log" >&2
+        return 1
+    fi
+    # -db: foreground, one process; threads as HAProxy defaults them (one per CPU).
+    "$HAPROXY" -db -f "$dir/haproxy.cfg" >"$dir/stdout.log" 2>&1 &
+    pid=$!
+    STARTED+=("$pid")
+    printf -v "PID_$name" '%s' "$pid"
+    wait_port "$3" "$pid" 10
+}
+path_nginx_auto() {
+    local k tmpl="$WORK/nginx-auto"
+    say "== nginx_auto: A ══ mTLS HTTP/1.1 ══▶ B → backend (worker_processes auto)"
+    mkdir -p "$tmpl"
+    for k in a b; do
+        sed 's/^worker_processes 1;/worker_processes auto;/' "$CONF/nginx-$k.conf" >"$tmpl/nginx-$k.conf"
+    done
+    for k in A_PORT A_H2C_PORT B_PORT; do new_port "$k"; done
+    PID_nginxauto_a=""; PID_nginxauto_b=""
+    if start_nginx nginxauto_b "$tmpl/nginx-b.conf" && wait_port "${V[B_PORT]}" "$PID_nginxauto_b" 10 &&
+        start_nginx nginxauto_a "$tmpl/nginx-a.conf" && wait_port "${V[A_PORT]}" "$PID_nginxauto_a" 10; then
+        sleep 0.5     # the workers fork after the master binds
+        mapfile -t A_PIDS < <(proc_group "$PID_nginxauto_a")
+        mapfile -t B_PIDS < <(proc_group "$PID_nginxauto_b")
+        rec nginx_auto.threads "A: master + $((${#A_PIDS[@]} - 1)) workers, B: master + $((${#B_PIDS[@]} - 1)) workers (RSS and CPU summed over master and workers)"
+        run_pair nginx_auto "http://127.0.0.1:${V[A_PORT]}/" "http://127.0.0.1:${V[A_H2C_PORT]}/" "${V[B_PORT]}" || true
+    else
+        rec nginx_auto.status fail
+        rec nginx_auto.reason "nginx A/B (worker_processes auto) did not start (see $WORK/nginxauto_a, nginxauto_b)"
+        FAILED=1
+    fi
+    stop_pair "$PID_nginxauto_a" "$PID_nginxauto_b"
+}
+path_haproxy() {
+    local k
+    if ! [[ -x "$HAPROXY" ]]; then
+        rec haproxy.status skip
+        rec haproxy.reason "haproxy not installed (run without --no-install, or apt-get install haproxy)"
+        return 0
+    fi
+    say "== haproxy: A ══ mTLS HTTP/1.1 ══▶ B → backend (default threads)"
+    # HAProxy reads the certificate chain and its key from one file.
+    for k in a b; do cat "$CERTS/$k-chain.pem" "$CERTS/$k-key.pem" >"$CERTS/$k-haproxy.pem"; done
+    for k in A_PORT A_H2C_PORT B_PORT; do new_port "$k"; done
+    PID_haproxy_a=""; PID_haproxy_b=""
+    if start_haproxy haproxy_b "$CONF/haproxy-b.cfg" "${V[B_PORT]}" &&
+        start_haproxy haproxy_a "$CONF/haproxy-a.cfg" "${V[A_PORT]}"; then
+        A_PIDS=("$PID_haproxy_a"); B_PIDS=("$PID_haproxy_b")
+        rec haproxy.threads "A: $(thread_info "$PID_haproxy_a" | cut -d' ' -f1) threads, B: $(thread_info "$PID_haproxy_b" | cut -d' ' -f1) threads ($("$HAPROXY" -v | head -n1 | awk '{print $3}'), nbthread unset)"
+        run_pair haproxy "http://127.0.0.1:${V[A_PORT]}/" "http://127.0.0.1:${V[A_H2C_PORT]}/" "${V[B_PORT]}" || true
+    else
+        rec haproxy.status fail
+        rec haproxy.reason "HAProxy A/B did not start (see $WORK/haproxy_a, haproxy_b)"
+        FAILED=1
+    fi
+    stop_pair "$PID_haproxy_a" "$PID_haproxy_b"
+}
+
 # Rounds: every path once per round, one path at a time; the second round runs the paths in
 # reverse order so slow drift in background load does not always hit the same path. The
 # report keeps, for each path and load point, the round with the highest req/s.
-ORDER=(direct trellis envoy nginx grpc ws)
+ORDER=(direct trellis envoy nginx)
+ORDER+=(nginx_auto haproxy)
+ORDER+=(grpc ws)
 for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
     say "=== round $ROUND of $ROUNDS"
     rec round "$ROUND"
-    if ((ROUND % 2 == 1)); then paths=("${ORDER[@]}"); else paths=(ws grpc nginx envoy trellis direct); fi
+    paths=()
+    for p in "${ORDER[@]}"; do
+        if ((ROUND % 2 == 1)); then paths+=("$p"); else paths=("$p" "${paths[@]}"); fi
+    done
     for p in "${paths[@]}"; do
         if wanted "$p"; then "path_$p"; fi
     done
     # Each round uses fresh proxy processes and work dirs.
-    for p in trellis_a trellis_b envoy_a envoy_b nginx_a nginx_b direct trellis envoy nginx $PROTOCOL_DIRS; do
+    for p in trellis_a trellis_b envoy_a envoy_b nginx_a nginx_b direct trellis envoy nginx \
+        nginxauto_a nginxauto_b haproxy_a haproxy_b nginx_auto haproxy nginx-auto $PROTOCOL_DIRS; do
         [[ -d "$WORK/$p" ]] && mv "$WORK/$p" "$WORK/$p.r$ROUND"
     done
 done

@@ -79,17 +79,21 @@ pub const SECRET_TYPE_URL: &str =
 
 /// The gRPC codec for SDS: prost encoding with small per-stream buffers.
 ///
-/// tonic's default buffers are 8 KiB for each direction of every stream; SDS messages are a
-/// few KiB and a control plane holds one stream per workload, so 10,000 idle streams would
-/// carry ~160 MiB of mostly empty buffers. Buffers still grow for larger messages.
+/// tonic's default buffers are 8 KiB for each direction of every stream, allocated when the
+/// stream opens and held until it ends. A control plane holds one stream per workload, so
+/// what each stream keeps is multiplied by the fleet: the buffers start at [`BUFFER`] bytes,
+/// the decoder's grows to the largest request (a few hundred bytes; a CSR adds ~0.5 KiB), and
+/// the encoder reserves exactly the size of each message (a few KiB) instead of doubling.
 pub mod codec {
     use std::marker::PhantomData;
 
-    use tonic::codec::{BufferSettings, Codec};
-    use tonic_prost::{ProstDecoder, ProstEncoder};
+    use prost::Message;
+    use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
+    use tonic::Status;
+    use tonic_prost::ProstDecoder;
 
-    /// Initial buffer: fits a typical SDS response (SVID chain, key, bundle).
-    const BUFFER: usize = 4 * 1024;
+    /// Initial buffer, each direction: room for a typical request.
+    const BUFFER: usize = 512;
     /// Flush threshold for large messages.
     const YIELD: usize = 32 * 1024;
 
@@ -105,20 +109,39 @@ pub mod codec {
 
     impl<T, U> Codec for SdsCodec<T, U>
     where
-        T: prost::Message + Send + 'static,
-        U: prost::Message + Default + Send + 'static,
+        T: Message + Send + 'static,
+        U: Message + Default + Send + 'static,
     {
         type Encode = T;
         type Decode = U;
-        type Encoder = ProstEncoder<T>;
+        type Encoder = SdsEncoder<T>;
         type Decoder = ProstDecoder<U>;
 
         fn encoder(&mut self) -> Self::Encoder {
-            ProstEncoder::new(BufferSettings::new(BUFFER, YIELD))
+            SdsEncoder(PhantomData)
         }
 
         fn decoder(&mut self) -> Self::Decoder {
             ProstDecoder::new(BufferSettings::new(BUFFER, YIELD))
+        }
+    }
+
+    /// Prost encoding that grows the buffer once, to the message's exact size.
+    #[derive(Debug, Clone)]
+    pub struct SdsEncoder<T>(PhantomData<T>);
+
+    impl<T: Message> Encoder for SdsEncoder<T> {
+        type Item = T;
+        type Error = Status;
+
+        fn encode(&mut self, item: T, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            buf.reserve(item.encoded_len());
+            item.encode(buf)
+                .map_err(|e| Status::internal(format!("cannot encode {e}")))
+        }
+
+        fn buffer_settings(&self) -> BufferSettings {
+            BufferSettings::new(BUFFER, YIELD)
         }
     }
 }

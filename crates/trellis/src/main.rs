@@ -1,6 +1,7 @@
 //! `trellis`: the one binary. Parses flags, sets up logging, and calls into the libraries.
 
 mod admin_client;
+mod alloc;
 mod cmd_ca;
 mod cmd_control;
 mod cmd_inject;
@@ -99,6 +100,12 @@ fn main() -> ExitCode {
         // The demo prints its own story; logs only for warnings unless RUST_LOG says otherwise.
         Command::Demo(_) => logging::init(cli.log_format, "warn"),
         _ => {}
+    }
+    match alloc::compiled_options() {
+        Some(options) => tracing::debug!(options, "jemalloc"),
+        None => tracing::warn!(
+            "jemalloc was built without the options in .cargo/config.toml: memory freed after a burst may not return to the OS"
+        ),
     }
     let result = match cli.command {
         Command::Control(args) => cmd_control::run(args),

@@ -335,7 +335,7 @@ impl Registry {
             Backend::Sqlite(s) => s.record_issuances(recs, time_ms),
             Backend::Postgres(p) => p.record_issuances(
                 recs.iter().map(IssuanceRow::from).collect(),
-                postgres::LogRows::of(recs, time_ms)?,
+                postgres::LogRows::of(recs, time_ms),
             ),
         }
     }
@@ -369,33 +369,6 @@ impl Registry {
 
 /// Lowercase hex SHA-256 of a verifier: the only form of it stored. On the stack, so a
 /// redemption allocates nothing for it.
-/// One body to append to the transparency log, and the serial it is found by.
-pub(crate) struct LogAppend<'a> {
-    pub(crate) body: &'a trellis_transparency::LogBody,
-    pub(crate) serial: Option<&'a str>,
-}
-
-impl<'a> LogAppend<'a> {
-    fn of(rec: &'a IssuanceRecord) -> Self {
-        LogAppend {
-            body: &rec.log,
-            serial: Some(&rec.serial_hex),
-        }
-    }
-}
-
-/// The canonical bytes of entry `index`.
-fn encode_entry(
-    index: i64,
-    time_ms: u64,
-    body: &trellis_transparency::LogBody,
-) -> Result<Vec<u8>, RegistryError> {
-    let index = u64::try_from(index)
-        .map_err(|_| RegistryError::Corrupt(format!("log index {index} is negative")))?;
-    trellis_transparency::LogEntry::encode_parts(index, time_ms, body)
-        .map_err(|e| RegistryError::Corrupt(format!("cannot encode log entry {index}: {e}")))
-}
-
 fn now_ms() -> u64 {
     u64::try_from(unix_ms(SystemTime::now())).unwrap_or(0)
 }

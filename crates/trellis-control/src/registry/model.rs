@@ -292,3 +292,30 @@ impl From<&IssuanceRecord> for IssuanceRow {
 pub(super) fn from_unix_ms(ms: i64) -> SystemTime {
     trellis_serve::time::from_unix_millis(ms)
 }
+
+/// One body to append to the transparency log, and the serial it is found by.
+pub(crate) struct LogAppend<'a> {
+    pub(crate) body: &'a trellis_transparency::LogBody,
+    pub(crate) serial: Option<&'a str>,
+}
+
+impl<'a> LogAppend<'a> {
+    pub(super) fn of(rec: &'a IssuanceRecord) -> Self {
+        LogAppend {
+            body: &rec.log,
+            serial: Some(&rec.serial_hex),
+        }
+    }
+}
+
+/// The canonical bytes of entry `index`.
+pub(super) fn encode_entry(
+    index: i64,
+    time_ms: u64,
+    body: &trellis_transparency::LogBody,
+) -> Result<Vec<u8>, RegistryError> {
+    let index = u64::try_from(index)
+        .map_err(|_| RegistryError::Corrupt(format!("log index {index} is negative")))?;
+    trellis_transparency::LogEntry::encode_parts(index, time_ms, body)
+        .map_err(|e| RegistryError::Corrupt(format!("cannot encode log entry {index}: {e}")))
+}

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use postgres::NoTls;
 use tokio_postgres_rustls::MakeRustlsConnect;
 use trellis_identity::SpiffeId;
+use trellis_transparency::{Hash, LogBody, SignedTreeHead, StoredEntry};
 use zeroize::Zeroizing;
 
 use super::model::{
@@ -291,6 +292,15 @@ enum Fail {
 impl From<postgres::Error> for Fail {
     fn from(e: postgres::Error) -> Self {
         Fail::Pg(e)
+    }
+}
+
+impl From<log::LogFail> for Fail {
+    fn from(e: log::LogFail) -> Self {
+        match e {
+            log::LogFail::Pg(e) => Fail::Pg(e),
+            log::LogFail::Reg(e) => Fail::Reg(e),
+        }
     }
 }
 
@@ -659,6 +669,72 @@ impl PostgresStore {
                 .try_get(0)?;
             Ok(u64::try_from(n).unwrap_or(0))
         })
+    }
+
+    pub(super) fn record_ca_phase(&self, body: LogBody, time_ms: u64) -> Result<(), RegistryError> {
+        self.log_conn.call(move |c| {
+            let mut tx = c.transaction()?;
+            let rows = LogRows {
+                bodies: vec![(body, None)],
+                time_ms,
+            };
+            log::append(&mut tx, rows)?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    pub(super) fn log_leaf_hashes(
+        &self,
+        from: u64,
+        limit: u64,
+    ) -> Result<Vec<Hash>, RegistryError> {
+        self.log_conn
+            .call(move |c| Ok(log::leaf_hashes(c, from, limit)?))
+    }
+
+    pub(super) fn log_entries(
+        &self,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<StoredEntry>, RegistryError> {
+        self.log_conn.call(move |c| Ok(log::entries(c, from, to)?))
+    }
+
+    pub(super) fn log_index_of_serial(
+        &self,
+        serial_hex: String,
+    ) -> Result<Option<u64>, RegistryError> {
+        self.log_conn
+            .call(move |c| Ok(log::index_of_serial(c, &serial_hex)?))
+    }
+
+    pub(super) fn log_heads(&self) -> Result<Vec<SignedTreeHead>, RegistryError> {
+        self.conn.call(|c| Ok(log::heads(c)?))
+    }
+
+    pub(super) fn latest_log_head(&self) -> Result<Option<SignedTreeHead>, RegistryError> {
+        self.conn.call(|c| Ok(log::latest_head(c)?))
+    }
+
+    /// On the durable connection: its commit also flushes every entry the head covers
+    /// (PostgreSQL's WAL is one sequence; the entries' asynchronous commits precede it).
+    pub(super) fn insert_log_head(
+        &self,
+        sth: SignedTreeHead,
+    ) -> Result<SignedTreeHead, RegistryError> {
+        self.conn.call(move |c| Ok(log::insert_head(c, &sth)?))
+    }
+
+    pub(super) fn log_key(&self) -> Result<Option<Zeroizing<Vec<u8>>>, RegistryError> {
+        self.conn.call(|c| Ok(log::key(c)?))
+    }
+
+    pub(super) fn log_key_or_insert(
+        &self,
+        pkcs8: Zeroizing<Vec<u8>>,
+    ) -> Result<Zeroizing<Vec<u8>>, RegistryError> {
+        self.conn.call(move |c| Ok(log::key_or_insert(c, &pkcs8)?))
     }
 }
 

@@ -12,13 +12,13 @@ use std::time::Duration;
 
 use rusqlite::{params, OptionalExtension, TransactionBehavior};
 use trellis_identity::SpiffeId;
+use trellis_transparency::{Hash, LogBody, SignedTreeHead, StoredEntry};
 use zeroize::Zeroizing;
 
 use super::model::{
-    from_unix_ms, CaMaterial, CaRotation, IssuanceRecord, IssuanceRow, JoinError, NewToken, Redeem,
-    RegistryError, TokenRow, Verdict, SCHEMA_VERSION,
+    from_unix_ms, CaMaterial, CaRotation, IssuanceRecord, IssuanceRow, JoinError, LogAppend,
+    NewToken, Redeem, RegistryError, TokenRow, Verdict, SCHEMA_VERSION,
 };
-use super::LogAppend;
 
 mod log;
 
@@ -430,5 +430,68 @@ impl SqliteStore {
         let conn = Self::lock(&self.log_conn);
         let n: i64 = conn.query_row("SELECT COUNT(*) FROM issuances", [], |r| r.get(0))?;
         Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    pub(super) fn record_ca_phase(
+        &self,
+        body: &LogBody,
+        time_ms: u64,
+    ) -> Result<(), RegistryError> {
+        let mut conn = Self::lock(&self.log_conn);
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        log::append(&tx, &[LogAppend { body, serial: None }], time_ms)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub(super) fn log_leaf_hashes(
+        &self,
+        from: u64,
+        limit: u64,
+    ) -> Result<Vec<Hash>, RegistryError> {
+        log::leaf_hashes(&Self::lock(&self.log_conn), from, limit)
+    }
+
+    pub(super) fn log_entries(
+        &self,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<StoredEntry>, RegistryError> {
+        log::entries(&Self::lock(&self.log_conn), from, to)
+    }
+
+    pub(super) fn log_index_of_serial(
+        &self,
+        serial_hex: &str,
+    ) -> Result<Option<u64>, RegistryError> {
+        log::index_of_serial(&Self::lock(&self.log_conn), serial_hex)
+    }
+
+    pub(super) fn log_heads(&self) -> Result<Vec<SignedTreeHead>, RegistryError> {
+        log::heads(&Self::lock(&self.conn))
+    }
+
+    pub(super) fn latest_log_head(&self) -> Result<Option<SignedTreeHead>, RegistryError> {
+        log::latest_head(&Self::lock(&self.conn))
+    }
+
+    /// On the fully synchronous connection: its commit also makes every entry the head
+    /// covers durable (one WAL), so a power loss can never leave a head over lost entries.
+    pub(super) fn insert_log_head(
+        &self,
+        sth: &SignedTreeHead,
+    ) -> Result<SignedTreeHead, RegistryError> {
+        log::insert_head(&Self::lock(&self.conn), sth)
+    }
+
+    pub(super) fn log_key(&self) -> Result<Option<Zeroizing<Vec<u8>>>, RegistryError> {
+        log::key(&Self::lock(&self.conn))
+    }
+
+    pub(super) fn log_key_or_insert(
+        &self,
+        pkcs8: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, RegistryError> {
+        log::key_or_insert(&Self::lock(&self.conn), pkcs8)
     }
 }

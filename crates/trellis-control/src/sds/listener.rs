@@ -65,7 +65,10 @@ pub async fn serve(
     let accepting = listener.serve(&drain, move |conn| {
         let conn_tx = conn_tx.clone();
         async move {
-            let Some((inner, peer)) = conn.handshake().await else {
+            // Boxed: this task lives as long as the connection, and would otherwise keep room
+            // for the handshake's state (a rustls connection mid-handshake and its timer) for all
+            // of it; the box is freed when the handshake ends.
+            let Some((inner, peer)) = Box::pin(conn.handshake()).await else {
                 return;
             };
             let (closed_tx, closed) = oneshot::channel();

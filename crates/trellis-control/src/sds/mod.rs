@@ -3,6 +3,11 @@
 //! One stream serves one attested caller. The stream's protocol state lives in
 //! [`stream::StreamState`] (pure, unit-tested); this module drives it with the request stream,
 //! a rotation timer and the bundle watch.
+//!
+//! The response stream tonic sends *is* the driver ([`StreamDriver::into_responses`]): no task
+//! and no channel per stream. A control plane holds one stream per workload for as long as
+//! the workload runs, so each per-stream allocation is multiplied by the fleet: a task plus a
+//! bounded channel (whose first block has room for 32 responses) cost several KiB each.
 
 pub mod limits;
 pub mod listener;
@@ -16,8 +21,8 @@ use std::time::{Duration, SystemTime};
 
 use futures::Stream;
 use rand::Rng;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
+use tokio::time::Sleep;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 use trellis_identity::{SpiffeId, TrustBundle};
@@ -355,17 +360,9 @@ impl SecretDiscoveryService for SdsService {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
         let (attested, peer) = self.core.attest(&request).await?;
-        let inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(4);
-        let core = Arc::clone(&self.core);
-        tokio::spawn(async move {
-            let _gauge = StreamGauge::open(&core.metrics);
-            let id = attested.spiffe_id.clone();
-            tracing::debug!(spiffe_id = %id, peer = ?peer, "SDS stream opened");
-            let reason = drive_stream(core, attested, peer, inbound, tx).await;
-            tracing::debug!(spiffe_id = %id, peer = ?peer, reason, "SDS stream closed");
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let driver =
+            StreamDriver::new(Arc::clone(&self.core), attested, peer, request.into_inner());
+        Ok(Response::new(Box::pin(driver.into_responses())))
     }
 
     async fn fetch_secrets(
@@ -420,103 +417,169 @@ fn build_response(
     }
 }
 
-/// Runs one stream until the client goes away or a request is refused. Returns why it ended.
-async fn drive_stream(
+/// What the driver does next on its stream.
+enum Step {
+    /// Send this response, then keep going.
+    Send(DiscoveryResponse),
+    /// Send this error status and end the stream, for the given reason.
+    Fail(Status, &'static str),
+    /// End the stream (OK status), for the given reason.
+    End(&'static str),
+}
+
+/// One SDS stream's state, driven by tonic polling the response stream.
+struct StreamDriver {
     core: Arc<SdsCore>,
     attested: Attested,
     peer: Option<SocketAddr>,
-    mut inbound: Streaming<DiscoveryRequest>,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
-) -> &'static str {
-    let mut state = StreamState::new(attested.spiffe_id.clone());
-    let mut bundle_rx = core.bundle.clone();
-    let mut svid: Option<Arc<Issued>> = None;
-    let mut csr: Option<Arc<str>> = None;
-    let rotation = tokio::time::sleep(Duration::MAX / 4);
-    tokio::pin!(rotation);
+    inbound: Streaming<DiscoveryRequest>,
+    state: StreamState,
+    bundle_rx: watch::Receiver<Arc<TrustBundle>>,
+    svid: Option<Arc<Issued>>,
+    csr: Option<Arc<str>>,
+    rotation: Pin<Box<Sleep>>,
+    /// Why the stream ended, for the debug line when it is dropped; tonic drops it without a
+    /// word when the client goes away.
+    ended: &'static str,
+    _gauge: StreamGauge,
+}
 
-    loop {
-        let push_reason = tokio::select! {
-            msg = inbound.next() => {
-                let req = match msg {
-                    None => return "client closed",
-                    Some(Err(status)) => {
-                        tracing::debug!(%status, "SDS stream error from client");
-                        // E.g. a request over sds_max_message_bytes: tell the client why
-                        // (never waiting on a client that does not read).
-                        let _ = tx.try_send(Err(status));
-                        return "client error";
-                    }
-                    Some(Ok(req)) => req,
-                };
-                // A new CSR (the client rotating its key) is honoured whatever the nonce: the
-                // client repeats its CSR on every request until it holds a certificate for it.
-                let new_csr = match request_csr(&req) {
-                    Some(c) if csr.as_deref() != Some(c) => Some(Arc::<str>::from(c)),
-                    _ => None,
-                };
-                let mut reason = match state.on_request(&req) {
-                    Err(e) => {
-                        core.metrics.request_error(e.reason());
-                        tracing::warn!(caller = %state.caller(), peer = ?peer, reason = e.reason(), "SDS request refused");
-                        let _ = tx.send(Err(e.to_status())).await;
-                        return "request refused";
-                    }
-                    Ok(Decision::Respond) => Some("request"),
-                    Ok(Decision::Quiet) | Ok(Decision::Stale) => None,
-                    Ok(Decision::Nack { detail, respond }) => {
-                        core.metrics.sds_nacks.inc();
-                        tracing::warn!(caller = %state.caller(), peer = ?peer, detail, "SDS client rejected an update (NACK)");
-                        respond.then_some("request")
-                    }
-                };
-                if let Some(c) = new_csr {
-                    csr = Some(c);
-                    if state.wants(ResourceKind::Svid) {
-                        svid = None;
-                        reason = reason.or(Some("csr"));
-                    }
+impl Drop for StreamDriver {
+    fn drop(&mut self) {
+        tracing::debug!(spiffe_id = %self.attested.spiffe_id, peer = ?self.peer, reason = self.ended, "SDS stream closed");
+    }
+}
+
+impl StreamDriver {
+    fn new(
+        core: Arc<SdsCore>,
+        attested: Attested,
+        peer: Option<SocketAddr>,
+        inbound: Streaming<DiscoveryRequest>,
+    ) -> Self {
+        tracing::debug!(spiffe_id = %attested.spiffe_id, peer = ?peer, "SDS stream opened");
+        Self {
+            _gauge: StreamGauge::open(&core.metrics),
+            state: StreamState::new(attested.spiffe_id.clone()),
+            bundle_rx: core.bundle.clone(),
+            rotation: Box::pin(tokio::time::sleep(Duration::MAX / 4)),
+            svid: None,
+            csr: None,
+            ended: "client gone",
+            core,
+            attested,
+            peer,
+            inbound,
+        }
+    }
+
+    /// The responses, until the client goes away or a request is refused (then that error is
+    /// the last item). Nothing runs unless tonic polls: a client that stops reading holds up
+    /// only its own stream, exactly as a full channel did.
+    fn into_responses(self) -> impl Stream<Item = Result<DiscoveryResponse, Status>> + Send {
+        futures::stream::unfold(Some(self), |driver| async move {
+            let mut driver = driver?;
+            match driver.next().await {
+                Step::Send(response) => Some((Ok(response), Some(driver))),
+                Step::Fail(status, reason) => {
+                    driver.ended = reason;
+                    Some((Err(status), None))
                 }
-                match reason {
-                    Some(r) => r,
-                    None => continue,
+                Step::End(reason) => {
+                    driver.ended = reason;
+                    None
                 }
             }
-            () = &mut rotation, if svid.is_some() && state.wants(ResourceKind::Svid) => {
-                svid = None;
-                "rotation"
+        })
+    }
+
+    /// Waits for the next thing to send: an answer to a request, a rotation or a bundle change.
+    async fn next(&mut self) -> Step {
+        loop {
+            let push_reason = tokio::select! {
+                msg = self.inbound.next() => {
+                    let req = match msg {
+                        None => return Step::End("client closed"),
+                        Some(Err(status)) => {
+                            tracing::debug!(%status, "SDS stream error from client");
+                            // E.g. a request over sds_max_message_bytes: tell the client why.
+                            return Step::Fail(status, "client error");
+                        }
+                        Some(Ok(req)) => req,
+                    };
+                    match self.on_request(&req) {
+                        Ok(Some(reason)) => reason,
+                        Ok(None) => continue,
+                        Err(status) => return Step::Fail(status, "request refused"),
+                    }
+                }
+                () = &mut self.rotation, if self.svid.is_some() && self.state.wants(ResourceKind::Svid) => {
+                    self.svid = None;
+                    "rotation"
+                }
+                changed = self.bundle_rx.changed() => {
+                    if changed.is_err() {
+                        return Step::End("shutting down");
+                    }
+                    if !self.state.wants(ResourceKind::Bundle) {
+                        continue;
+                    }
+                    "bundle"
+                }
+            };
+
+            if self.state.wants(ResourceKind::Svid) && self.svid.is_none() {
+                match self
+                    .core
+                    .issue(&self.attested, self.peer, self.csr.clone())
+                    .await
+                {
+                    Ok(s) => {
+                        self.svid = Some(s);
+                        let next = tokio::time::Instant::now() + self.core.policy.next_rotation();
+                        self.rotation.as_mut().reset(next);
+                    }
+                    Err(status) => return Step::Fail(status, "issuance failed"),
+                }
             }
-            changed = bundle_rx.changed() => {
-                if changed.is_err() {
-                    return "shutting down";
-                }
-                if !state.wants(ResourceKind::Bundle) {
-                    continue;
-                }
-                "bundle"
+            let bundle = self.bundle_rx.borrow_and_update().clone();
+            let envelope = self.state.next_envelope();
+            let response = build_response(&self.state, envelope, self.svid.as_deref(), &bundle);
+            self.core.metrics.pushed(push_reason);
+            return Step::Send(response);
+        }
+    }
+
+    /// Applies one request: `Some(reason)` when a response is due, `None` when not, an error
+    /// status when the request is refused (which ends the stream).
+    fn on_request(&mut self, req: &DiscoveryRequest) -> Result<Option<&'static str>, Status> {
+        // A new CSR (the client rotating its key) is honoured whatever the nonce: the client
+        // repeats its CSR on every request until it holds a certificate for it.
+        let new_csr = match request_csr(req) {
+            Some(c) if self.csr.as_deref() != Some(c) => Some(Arc::<str>::from(c)),
+            _ => None,
+        };
+        let mut reason = match self.state.on_request(req) {
+            Err(e) => {
+                self.core.metrics.request_error(e.reason());
+                tracing::warn!(caller = %self.state.caller(), peer = ?self.peer, reason = e.reason(), "SDS request refused");
+                return Err(e.to_status());
+            }
+            Ok(Decision::Respond) => Some("request"),
+            Ok(Decision::Quiet) | Ok(Decision::Stale) => None,
+            Ok(Decision::Nack { detail, respond }) => {
+                self.core.metrics.sds_nacks.inc();
+                tracing::warn!(caller = %self.state.caller(), peer = ?self.peer, detail, "SDS client rejected an update (NACK)");
+                respond.then_some("request")
             }
         };
-
-        if state.wants(ResourceKind::Svid) && svid.is_none() {
-            match core.issue(&attested, peer, csr.clone()).await {
-                Ok(s) => {
-                    svid = Some(s);
-                    rotation
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + core.policy.next_rotation());
-                }
-                Err(status) => {
-                    let _ = tx.send(Err(status)).await;
-                    return "issuance failed";
-                }
+        if let Some(c) = new_csr {
+            self.csr = Some(c);
+            if self.state.wants(ResourceKind::Svid) {
+                self.svid = None;
+                reason = reason.or(Some("csr"));
             }
         }
-        let bundle = bundle_rx.borrow_and_update().clone();
-        let envelope = state.next_envelope();
-        let response = build_response(&state, envelope, svid.as_deref(), &bundle);
-        if tx.send(Ok(response)).await.is_err() {
-            return "client gone";
-        }
-        core.metrics.pushed(push_reason);
+        Ok(reason)
     }
 }

@@ -216,6 +216,52 @@ async fn ack_is_quiet_then_rotation_pushes_new_serial() {
     assert!(f.metric("trellis_sds_pushes_total{reason=\"rotation\"}") >= 1.0);
 }
 
+/// The stream has no task of its own: when the client goes away, tonic drops the stream and
+/// everything it held (the gauge shows it), on both ways of leaving.
+#[tokio::test]
+async fn stream_state_is_dropped_when_the_client_goes_away() {
+    let f = start(Duration::from_secs(60)).await;
+    let token = f.token(WEB);
+    let wait_for_streams = |n: f64| {
+        let f = &f;
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while f.metric("trellis_sds_streams") != n {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "trellis_sds_streams never reached {n}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    // The client ends its request stream: the server ends the response stream.
+    let mut client = f.client(None).await;
+    let mut s = open(&mut client, Some(&token), req(&["default"], "", ""))
+        .await
+        .unwrap();
+    s.expect().await;
+    wait_for_streams(1.0).await;
+    drop(s.tx);
+    let end = tokio::time::timeout(Duration::from_secs(10), s.rx.message())
+        .await
+        .expect("the server ends the stream");
+    assert!(
+        end.unwrap().is_none(),
+        "no response after the client closed"
+    );
+    wait_for_streams(0.0).await;
+    // The client drops the whole connection mid-stream.
+    let mut client = f.client(None).await;
+    let mut s = open(&mut client, Some(&f.token(WEB)), req(&["default"], "", ""))
+        .await
+        .unwrap();
+    s.expect().await;
+    wait_for_streams(1.0).await;
+    drop((s, client));
+    wait_for_streams(0.0).await;
+}
+
 #[tokio::test]
 async fn nack_is_counted_and_not_resent() {
     let f = start(Duration::from_secs(60)).await;

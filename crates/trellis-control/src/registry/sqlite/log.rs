@@ -1,13 +1,12 @@
 //! The transparency log's tables in SQLite: entries, signed heads, the CA phases already
-//! logged, and the log's signing key (as the embedded CA key is kept).
+//! logged, and the log's signing key (as the embedded CA key is kept). Functions over a
+//! connection the store has locked; the store decides which connection.
 
-use rusqlite::{params, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension};
 use trellis_transparency::{leaf_hash, Hash, LogBody, SignedTreeHead, StoredEntry, TreeHead};
 use zeroize::Zeroizing;
 
-use super::SqliteStore;
-use crate::registry::model::RegistryError;
-use crate::registry::LogAppend;
+use crate::registry::model::{encode_entry, LogAppend, RegistryError};
 
 /// Appends `bodies` after the last entry, inside the caller's transaction (which holds
 /// SQLite's write lock, so no other writer can take the same indices).
@@ -33,7 +32,7 @@ pub(super) fn append(
                 continue;
             }
         }
-        let bytes = super::super::encode_entry(next, time_ms, item.body)?;
+        let bytes = encode_entry(next, time_ms, item.body)?;
         let hash = leaf_hash(&bytes);
         insert.execute(params![next, bytes, hash.as_slice(), item.serial])?;
         next += 1;
@@ -69,146 +68,118 @@ fn to_head(row: HeadRow) -> Result<SignedTreeHead, RegistryError> {
 
 const HEAD_COLUMNS: &str = "tree_size, root_hash, timestamp_ms, key_id, signature";
 
-impl SqliteStore {
-    pub(in crate::registry) fn log_leaf_hashes(
-        &self,
-        from: u64,
-        limit: u64,
-    ) -> Result<Vec<Hash>, RegistryError> {
-        let conn = Self::lock(&self.log_conn);
-        let mut stmt = conn.prepare_cached(
-            "SELECT leaf_hash FROM log_entries WHERE idx >= ?1 ORDER BY idx LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![from as i64, limit as i64], |r| {
-            r.get::<_, Vec<u8>>(0)
-        })?;
-        rows.map(|r| hash_of(r?)).collect()
-    }
+pub(super) fn leaf_hashes(
+    conn: &Connection,
+    from: u64,
+    limit: u64,
+) -> Result<Vec<Hash>, RegistryError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT leaf_hash FROM log_entries WHERE idx >= ?1 ORDER BY idx LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![from as i64, limit as i64], |r| {
+        r.get::<_, Vec<u8>>(0)
+    })?;
+    rows.map(|r| hash_of(r?)).collect()
+}
 
-    pub(in crate::registry) fn log_entries(
-        &self,
-        from: u64,
-        to: u64,
-    ) -> Result<Vec<StoredEntry>, RegistryError> {
-        let conn = Self::lock(&self.log_conn);
-        let mut stmt = conn.prepare_cached(
-            "SELECT idx, entry, leaf_hash FROM log_entries WHERE idx >= ?1 AND idx < ?2 ORDER BY idx",
-        )?;
-        let rows = stmt.query_map(params![from as i64, to as i64], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, Vec<u8>>(1)?,
-                r.get::<_, Vec<u8>>(2)?,
-            ))
-        })?;
-        rows.map(|r| {
-            let (idx, bytes, hash) = r?;
-            Ok(StoredEntry {
-                index: idx.try_into().unwrap_or(u64::MAX),
-                bytes,
-                leaf_hash: Some(hash_of(hash)?),
-            })
+pub(super) fn entries(
+    conn: &Connection,
+    from: u64,
+    to: u64,
+) -> Result<Vec<StoredEntry>, RegistryError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT idx, entry, leaf_hash FROM log_entries WHERE idx >= ?1 AND idx < ?2 ORDER BY idx",
+    )?;
+    let rows = stmt.query_map(params![from as i64, to as i64], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, Vec<u8>>(1)?,
+            r.get::<_, Vec<u8>>(2)?,
+        ))
+    })?;
+    rows.map(|r| {
+        let (idx, bytes, hash) = r?;
+        Ok(StoredEntry {
+            index: idx.try_into().unwrap_or(u64::MAX),
+            bytes,
+            leaf_hash: Some(hash_of(hash)?),
         })
-        .collect()
-    }
+    })
+    .collect()
+}
 
-    pub(in crate::registry) fn log_index_of_serial(
-        &self,
-        serial_hex: &str,
-    ) -> Result<Option<u64>, RegistryError> {
-        let conn = Self::lock(&self.log_conn);
-        let idx: Option<i64> = conn
-            .query_row(
-                "SELECT idx FROM log_entries WHERE serial = ?1 ORDER BY idx DESC LIMIT 1",
-                params![serial_hex],
-                |r| r.get(0),
-            )
-            .optional()?;
-        Ok(idx.map(|i| i.try_into().unwrap_or(u64::MAX)))
-    }
+pub(super) fn index_of_serial(
+    conn: &Connection,
+    serial_hex: &str,
+) -> Result<Option<u64>, RegistryError> {
+    let idx: Option<i64> = conn
+        .query_row(
+            "SELECT idx FROM log_entries WHERE serial = ?1 ORDER BY idx DESC LIMIT 1",
+            params![serial_hex],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(idx.map(|i| i.try_into().unwrap_or(u64::MAX)))
+}
 
-    pub(in crate::registry) fn log_heads(&self) -> Result<Vec<SignedTreeHead>, RegistryError> {
-        let conn = Self::lock(&self.conn);
-        let mut stmt = conn.prepare_cached(&format!(
-            "SELECT {HEAD_COLUMNS} FROM log_heads ORDER BY tree_size"
-        ))?;
-        let rows = stmt.query_map([], head_of)?;
-        rows.map(|r| to_head(r?)).collect()
-    }
+pub(super) fn heads(conn: &Connection) -> Result<Vec<SignedTreeHead>, RegistryError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {HEAD_COLUMNS} FROM log_heads ORDER BY tree_size"
+    ))?;
+    let rows = stmt.query_map([], head_of)?;
+    rows.map(|r| to_head(r?)).collect()
+}
 
-    pub(in crate::registry) fn latest_log_head(
-        &self,
-    ) -> Result<Option<SignedTreeHead>, RegistryError> {
-        let conn = Self::lock(&self.conn);
-        let row = conn
-            .query_row(
-                &format!("SELECT {HEAD_COLUMNS} FROM log_heads ORDER BY tree_size DESC LIMIT 1"),
-                [],
-                head_of,
-            )
-            .optional()?;
-        row.map(to_head).transpose()
-    }
-
-    /// Stores `sth` unless a head for its size exists; returns the stored one. Written on
-    /// the fully synchronous connection: its commit also makes every entry the head covers
-    /// durable (one WAL), so a power loss can never leave a head over lost entries.
-    pub(in crate::registry) fn insert_log_head(
-        &self,
-        sth: &SignedTreeHead,
-    ) -> Result<SignedTreeHead, RegistryError> {
-        let conn = Self::lock(&self.conn);
-        conn.execute(
-            &format!(
-                "INSERT OR IGNORE INTO log_heads ({HEAD_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"
-            ),
-            params![
-                sth.head.tree_size as i64,
-                sth.head.root_hash.as_slice(),
-                sth.head.timestamp_ms as i64,
-                sth.key_id,
-                sth.signature
-            ],
-        )?;
-        let row = conn.query_row(
-            &format!("SELECT {HEAD_COLUMNS} FROM log_heads WHERE tree_size = ?1"),
-            params![sth.head.tree_size as i64],
+pub(super) fn latest_head(conn: &Connection) -> Result<Option<SignedTreeHead>, RegistryError> {
+    let row = conn
+        .query_row(
+            &format!("SELECT {HEAD_COLUMNS} FROM log_heads ORDER BY tree_size DESC LIMIT 1"),
+            [],
             head_of,
-        )?;
-        to_head(row)
-    }
+        )
+        .optional()?;
+    row.map(to_head).transpose()
+}
 
-    pub(in crate::registry) fn log_key_or_insert(
-        &self,
-        pkcs8: &[u8],
-    ) -> Result<Zeroizing<Vec<u8>>, RegistryError> {
-        let conn = Self::lock(&self.conn);
-        conn.execute(
-            "INSERT OR IGNORE INTO log_key (id, pkcs8) VALUES (1, ?1)",
-            params![pkcs8],
-        )?;
-        let key: Vec<u8> =
-            conn.query_row("SELECT pkcs8 FROM log_key WHERE id = 1", [], |r| r.get(0))?;
-        Ok(Zeroizing::new(key))
-    }
+/// Stores `sth` unless a head for its size exists; returns the stored one.
+pub(super) fn insert_head(
+    conn: &Connection,
+    sth: &SignedTreeHead,
+) -> Result<SignedTreeHead, RegistryError> {
+    conn.execute(
+        &format!("INSERT OR IGNORE INTO log_heads ({HEAD_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"),
+        params![
+            sth.head.tree_size as i64,
+            sth.head.root_hash.as_slice(),
+            sth.head.timestamp_ms as i64,
+            sth.key_id,
+            sth.signature
+        ],
+    )?;
+    let row = conn.query_row(
+        &format!("SELECT {HEAD_COLUMNS} FROM log_heads WHERE tree_size = ?1"),
+        params![sth.head.tree_size as i64],
+        head_of,
+    )?;
+    to_head(row)
+}
 
-    pub(in crate::registry) fn log_key(&self) -> Result<Option<Zeroizing<Vec<u8>>>, RegistryError> {
-        let conn = Self::lock(&self.conn);
-        let key: Option<Vec<u8>> = conn
-            .query_row("SELECT pkcs8 FROM log_key WHERE id = 1", [], |r| r.get(0))
-            .optional()?;
-        Ok(key.map(Zeroizing::new))
-    }
+pub(super) fn key(conn: &Connection) -> Result<Option<Zeroizing<Vec<u8>>>, RegistryError> {
+    let key: Option<Vec<u8>> = conn
+        .query_row("SELECT pkcs8 FROM log_key WHERE id = 1", [], |r| r.get(0))
+        .optional()?;
+    Ok(key.map(Zeroizing::new))
+}
 
-    pub(in crate::registry) fn record_ca_phase(
-        &self,
-        body: &LogBody,
-        time_ms: u64,
-    ) -> Result<(), RegistryError> {
-        let mut conn = Self::lock(&self.log_conn);
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        append(&tx, &[LogAppend { body, serial: None }], time_ms)?;
-        tx.commit()?;
-        Ok(())
-    }
+pub(super) fn key_or_insert(
+    conn: &Connection,
+    pkcs8: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, RegistryError> {
+    conn.execute(
+        "INSERT OR IGNORE INTO log_key (id, pkcs8) VALUES (1, ?1)",
+        params![pkcs8],
+    )?;
+    let key: Vec<u8> =
+        conn.query_row("SELECT pkcs8 FROM log_key WHERE id = 1", [], |r| r.get(0))?;
+    Ok(Zeroizing::new(key))
 }
