@@ -4,9 +4,13 @@
 //! after they had all closed (12.1 MiB before): freed chunks stay in its arenas unless they
 //! border the top of the heap, and returning them needs `malloc_trim`, which this workspace
 //! cannot call (`unsafe_code` is forbidden). jemalloc (which ztunnel moved to for the same
-//! reason) purges unused pages on its own, and with `unprefixed_malloc_on_supported_platforms`
-//! it is also the `malloc` of the C code in the process (aws-lc, SQLite), so one allocator owns
-//! every byte. docs/benchmarks.md ("Memory") has the figures.
+//! reason) purges unused pages on its own. It serves the Rust allocations (every per-connection
+//! buffer of h2, hyper, rustls and tonic); the C code in the process (aws-lc, SQLite) keeps
+//! glibc's `malloc`. Not `unprefixed_malloc_on_supported_platforms`: a jemalloc that is also
+//! the process's `malloc` deadlocks under libfaketime (its initialisation calls
+//! `clock_gettime`, which libfaketime intercepts and initialises itself with `dlsym`, which
+//! allocates; libfaketime issue #130), and the clock-skew tests run the binary under
+//! `faketime`. docs/benchmarks.md ("Memory") has the figures.
 //!
 //! The defaults are compiled in from `.cargo/config.toml` (`JEMALLOC_SYS_WITH_MALLOC_CONF`):
 //! `background_thread:true` (a jemalloc thread purges while the process is idle, so RSS falls
@@ -14,8 +18,9 @@
 //! are handed back after about a second instead of ten), `muzzy_decay_ms:0` (pages are
 //! released with `MADV_DONTNEED`, which lowers RSS at once, not `MADV_FREE`, which only does
 //! so under memory pressure) and `narenas:2` (each arena keeps its own free pages; a sidecar
-//! runs on one thread and the control plane's work is not allocator-bound). The `MALLOC_CONF`
-//! environment variable overrides any of them at run time.
+//! runs on one thread and the control plane's work is not allocator-bound). The
+//! `_RJEM_MALLOC_CONF` environment variable (jemalloc's `MALLOC_CONF` under its prefixed
+//! symbols) overrides any of them at run time.
 
 /// Every allocation of the binary goes through jemalloc.
 #[global_allocator]

@@ -35,7 +35,9 @@ fn check_modes(state: &Path) {
     for entry in std::fs::read_dir(state).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        let want = if name == "bundle.pem" { 0o644 } else { 0o600 };
+        // Public: the trust anchors and the transparency log's key, meant to be copied.
+        let public = name == "bundle.pem" || name == "log-key.pem";
+        let want = if public { 0o644 } else { 0o600 };
         assert_eq!(mode(&path), want, "{name}: mode {:o}", mode(&path));
         seen.push(name);
     }
@@ -47,6 +49,7 @@ fn check_modes(state: &Path) {
         "trellis.db-shm",
         "audit.log",
         "bundle.pem",
+        "log-key.pem",
     ] {
         assert!(seen.iter().any(|s| s == must), "{must} missing: {seen:?}");
     }
