@@ -294,6 +294,11 @@ impl ControlMetrics {
             "SVIDs not handed out because their issuance could not be recorded, by reason",
             m.issuances_refused.clone(),
         );
+        // The one reason exists from the start at 0: alert rules (`increase(…[5m]) > 0`) and
+        // dashboards see the series before the first refusal, not only after it.
+        let _ = m.issuances_refused.get_or_create(&ReasonLabel {
+            reason: "audit_write",
+        });
         ControlMetrics { registry, ..m }
     }
 
