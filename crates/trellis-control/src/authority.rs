@@ -523,11 +523,10 @@ mod tests {
         SystemTime::now() + Duration::from_secs(s)
     }
 
-    #[test]
-    fn a_rotation_goes_prepared_active_retiring_retired() {
+    /// The base CA and a second one prepared now and activated in 100 s, SVID TTL 600 s.
+    fn rotation() -> (Arc<Ca>, Arc<Ca>, Duration, CaSchedule) {
         let now = SystemTime::now();
-        let old = root(now);
-        let new = root(now);
+        let (old, new) = (root(now), root(now));
         let ttl = Duration::from_secs(600);
         let mut s = CaSchedule::new(Arc::clone(&old), ttl);
         s.add(ScheduledCa {
@@ -536,6 +535,12 @@ mod tests {
             prepared_at: t(0),
             activate_at: t(100),
         });
+        (old, new, ttl, s)
+    }
+
+    #[test]
+    fn a_rotation_goes_prepared_active_retiring_retired() {
+        let (_, new, ttl, s) = rotation();
         let phase = |s: &CaSchedule, at| -> Vec<&'static str> {
             s.phases(at).iter().map(|(_, p)| p.as_str()).collect()
         };
@@ -566,17 +571,7 @@ mod tests {
 
     #[test]
     fn own_certificates_come_from_the_oldest_ca_until_it_retires() {
-        let now = SystemTime::now();
-        let old = root(now);
-        let new = root(now);
-        let ttl = Duration::from_secs(600);
-        let mut s = CaSchedule::new(Arc::clone(&old), ttl);
-        s.add(ScheduledCa {
-            id: 1,
-            ca: Arc::clone(&new),
-            prepared_at: t(0),
-            activate_at: t(100),
-        });
+        let (old, new, ttl, s) = rotation();
         // Prepared: the new CA is in the bundle but bundles from before lack it.
         assert_eq!(s.view(&td(), t(50)).unwrap().serving_id, 0);
         // Active: new SVIDs from the new CA, the control plane still serves from the old

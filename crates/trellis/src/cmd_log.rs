@@ -484,7 +484,7 @@ fn watch(args: WatchArgs) -> Result<(), Stop> {
                 key.verify(&sth).map_err(|e| {
                     Stop::Failed(format!("head for size {}: {e}", sth.head.tree_size))
                 })?;
-                check_new_head(&client, &key, &mut tree, last.as_ref(), &sth, &args.expect).await?;
+                check_new_head(&client, &mut tree, last.as_ref(), &sth, &args.expect).await?;
                 last = Some(sth);
             }
             if args.once {
@@ -497,7 +497,6 @@ fn watch(args: WatchArgs) -> Result<(), Stop> {
 
 async fn check_new_head(
     client: &AdminClient,
-    _key: &LogPublicKey,
     tree: &mut MerkleTree,
     last: Option<&SignedTreeHead>,
     sth: &SignedTreeHead,

@@ -141,8 +141,8 @@ impl FixtureMesh {
     }
 }
 
-/// Sidecar B's policy: everything allowed but `test.Echo/Admin`.
-const GRPC_POLICY: &str = "apiVersion: trellis.io/v1
+/// Sidecar B's policy: everything allowed but `test.Echo/Admin` (the grpcio and tonic tests).
+pub(crate) const GRPC_POLICY: &str = "apiVersion: trellis.io/v1
 kind: Policy
 defaultAction: allow
 rules:

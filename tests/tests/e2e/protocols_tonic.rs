@@ -175,18 +175,6 @@ async fn slow(seen: Arc<Seen>) -> Result<Response<Bytes>, Status> {
     Ok(Response::new(Bytes::from_static(b"late")))
 }
 
-/// Sidecar B's policy: everything allowed but `test.Echo/Admin`.
-const POLICY: &str = "apiVersion: trellis.io/v1
-kind: Policy
-defaultAction: allow
-rules:
-  - name: no-grpc-admin
-    action: deny
-    from: [\"*\"]
-    to:
-      - paths: [/test.Echo/Admin]
-";
-
 fn method(name: &str) -> anyhow::Result<PathAndQuery> {
     Ok(format!("/test.Echo/{name}").parse()?)
 }
@@ -226,7 +214,7 @@ async fn tonic_calls_cross_the_mesh_with_grpc_errors() -> anyhow::Result<()> {
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         let policy = cp.dir.path().join("policy-b.yaml");
-        std::fs::write(&policy, POLICY)?;
+        std::fs::write(&policy, super::protocols::GRPC_POLICY)?;
         let policy = policy.to_string_lossy().into_owned();
         let b = Sidecar::start(
             &cp,

@@ -130,18 +130,22 @@ fn route(log: &IssuanceLog, path: &str, query: &str) -> Response<Full<Bytes>> {
 
 type Answer = Result<Value, (StatusCode, String)>;
 
-fn head_size(log: &IssuanceLog) -> Result<u64, (StatusCode, String)> {
-    log.latest_head().map(|h| h.head.tree_size).ok_or((
+/// The latest signed head, or the 404 a log with nothing issued answers.
+fn latest(
+    log: &IssuanceLog,
+) -> Result<Arc<trellis_transparency::SignedTreeHead>, (StatusCode, String)> {
+    log.latest_head().ok_or((
         StatusCode::NOT_FOUND,
         "the log has no signed head yet: nothing was issued".to_owned(),
     ))
 }
 
+fn head_size(log: &IssuanceLog) -> Result<u64, (StatusCode, String)> {
+    Ok(latest(log)?.head.tree_size)
+}
+
 fn sth(log: &IssuanceLog) -> Answer {
-    let head = log.latest_head().ok_or((
-        StatusCode::NOT_FOUND,
-        "the log has no signed head yet: nothing was issued".to_owned(),
-    ))?;
+    let head = latest(log)?;
     serde_json::to_value(&*head).map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
