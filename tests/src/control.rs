@@ -44,6 +44,8 @@ pub struct ControlPlaneOpts {
     /// disk the test can fill. The test reaches its files through `/proc/<pid>/root`
     /// (`state_dir`, `bundle_pem_path` and `operator_socket` already point there).
     pub state_tmpfs: Option<String>,
+    /// Extra environment variables for the process (e.g. libfaketime's).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for ControlPlaneOpts {
@@ -55,6 +57,7 @@ impl Default for ControlPlaneOpts {
             k8s: None,
             extra_args: Vec::new(),
             state_tmpfs: None,
+            env: Vec::new(),
         }
     }
 }
@@ -119,6 +122,7 @@ impl ControlPlane {
                 c
             }
         };
+        cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
         cmd.arg("control")
             .args(["--trust-domain", &opts.trust_domain])
             .args(["--listen", listen, "--admin", admin])

@@ -87,6 +87,8 @@ pub struct SdsCore {
     pub policy: IssuePolicy,
     /// Per-source-IP rate of stream opens (attestations).
     pub limiter: Arc<crate::ratelimit::PeerLimiter>,
+    /// Refuses to sign right after a wall-clock jump.
+    pub clock: Arc<crate::clock_guard::ClockGuard>,
 }
 
 impl SdsCore {
@@ -184,6 +186,9 @@ impl SdsCore {
         let attestor = who.attestor.as_str();
         let issued = tokio::task::spawn_blocking(move || {
             let now = SystemTime::now();
+            core.clock
+                .check(now, std::time::Instant::now())
+                .map_err(IssueFail::Clock)?;
             let ttl = core.policy.svid_ttl;
             let issued = match csr {
                 None => Issued::WithKey(core.ca.load().issue(&id, ttl, now)?),
@@ -243,6 +248,16 @@ impl SdsCore {
                 tracing::error!(error = %e, "cannot issue SVID");
                 Status::internal("cannot issue SVID; see control plane logs")
             }
+            IssueFail::Clock(jump) => {
+                self.metrics
+                    .issuances_refused
+                    .get_or_create(&crate::metrics::ReasonLabel {
+                        reason: "clock_jump",
+                    })
+                    .inc();
+                tracing::error!(spiffe_id = %who.spiffe_id, "{jump}");
+                Status::unavailable(jump.to_string())
+            }
             IssueFail::Audit(e) => {
                 self.metrics.audit_write_errors.inc();
                 self.metrics
@@ -270,8 +285,9 @@ impl SdsCore {
     }
 }
 
-/// Why an issuance failed: signing, or recording it.
+/// Why an issuance failed: the clock, signing, or recording it.
 enum IssueFail {
+    Clock(crate::clock_guard::ClockJump),
     Ca(CaError),
     Audit(std::io::Error),
 }
