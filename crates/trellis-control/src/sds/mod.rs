@@ -267,7 +267,7 @@ impl SdsCore {
                     })
                     .inc();
                 let why = format!(
-                    "cannot record the issuance in the audit log {}: {e}; no SVID is handed out without its record (free space in the state directory)",
+                    "cannot record the issuance in the audit log {}: {e}; no SVID is handed out without its record (is the state directory full, read-only or gone?)",
                     self.audit.path().display()
                 );
                 tracing::error!(spiffe_id = %who.spiffe_id, "{why}");
