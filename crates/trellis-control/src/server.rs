@@ -315,6 +315,7 @@ impl ControlPlane {
             policy,
             limiter,
             clock,
+            log: Some(Arc::clone(&translog)),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (drain_signal, drain) = drain::channel();

@@ -21,6 +21,7 @@ pub mod identity_files;
 pub mod inbound;
 pub mod inspect;
 mod listen;
+pub mod log_witness;
 pub mod metrics;
 pub mod mtls;
 pub mod outbound;

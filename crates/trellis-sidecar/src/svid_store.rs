@@ -61,6 +61,8 @@ pub struct SvidStore {
     bundle: SharedBundle,
     current: ArcSwapOption<Svid>,
     generation: watch::Sender<u64>,
+    /// What this sidecar witnessed of the control plane's transparency log.
+    log_witness: crate::log_witness::LogWitness,
     metrics: Arc<SidecarMetrics>,
 }
 
@@ -87,8 +89,14 @@ impl SvidStore {
             bundle: Arc::new(ArcSwap::from_pointee(initial_bundle)),
             current: ArcSwapOption::empty(),
             generation: watch::channel(0).0,
+            log_witness: crate::log_witness::LogWitness::new(Arc::clone(&metrics)),
             metrics,
         })
+    }
+
+    /// What this sidecar witnessed of the control plane's transparency log.
+    pub fn log_witness(&self) -> &crate::log_witness::LogWitness {
+        &self.log_witness
     }
 
     /// Validates `svid` against `bundle` at `now` (chain, validity, key match, identity), then

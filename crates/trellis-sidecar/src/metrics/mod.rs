@@ -160,6 +160,13 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+/// `{kind}` of `trellis_log_witness_alarms_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AlarmLabel {
+    /// `rollback`, `fork`, `key_changed`, `bad_signature` or `malformed`.
+    pub kind: &'static str,
+}
+
 /// `{method,result}` of `trellis_workload_api_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WorkloadApiLabel {
@@ -719,6 +726,11 @@ pub struct SidecarMetrics {
     pub policy_rules: Gauge,
     /// `trellis_workload_api_requests_total{method,result}`.
     pub workload_api_requests: Family<WorkloadApiLabel, Counter>,
+    /// `trellis_log_witnessed_size`: entries in the last transparency-log head this sidecar
+    /// verified (0: none yet).
+    pub log_witnessed_size: Gauge,
+    /// `trellis_log_witness_alarms_total{kind}`: heads that showed the log was tampered with.
+    pub log_witness_alarms: Family<AlarmLabel, Counter>,
 }
 
 impl std::fmt::Debug for SidecarMetrics {
@@ -745,6 +757,12 @@ impl SidecarMetrics {
         let policy_loaded = Gauge::default();
         let policy_rules = Gauge::default();
         let workload_api_requests = Family::<WorkloadApiLabel, Counter>::default();
+        let log_witnessed_size = Gauge::default();
+        let log_witness_alarms = Family::<AlarmLabel, Counter>::default();
+        // Every kind from the start at 0, so an alert on `increase(…) > 0` sees the series.
+        for kind in trellis_transparency::WitnessAlarm::KINDS {
+            let _ = log_witness_alarms.get_or_create(&AlarmLabel { kind });
+        }
         // One series, always 1: joins version and commit onto any other series in a query.
         let build = trellis_serve::build_info::get();
         let build_info = Family::<BuildLabel, Gauge>::default();
@@ -824,6 +842,16 @@ impl SidecarMetrics {
             "SPIFFE Workload API calls, by method and result (ok or the refusal's reason)",
             workload_api_requests.clone(),
         );
+        registry.register(
+            "log_witnessed_size",
+            "Entries in the last transparency-log head this sidecar verified (0: none yet)",
+            log_witnessed_size.clone(),
+        );
+        registry.register(
+            "log_witness_alarms",
+            "Transparency-log heads that showed tampering, by kind (rollback, fork, key_changed, bad_signature, malformed)",
+            log_witness_alarms.clone(),
+        );
         registry.register_collector(Box::new(DataPathCollector(Arc::clone(&data))));
         Self {
             registry,
@@ -841,6 +869,8 @@ impl SidecarMetrics {
             policy_loaded,
             policy_rules,
             workload_api_requests,
+            log_witnessed_size,
+            log_witness_alarms,
         }
     }
 
