@@ -169,6 +169,65 @@ pub struct WorkloadApiLabel {
     pub result: &'static str,
 }
 
+/// `{route,identity,class}` of `trellis_route_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    /// The listed upstream's name, or `default_route`.
+    pub route: String,
+    /// The SPIFFE ID the peer had to present: the upstream's, or the default route's
+    /// identity template (one series per route, not per host).
+    pub identity: String,
+    /// `1xx` … `5xx`.
+    pub class: &'static str,
+}
+
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// One route's request counters by status class. The family's lock is taken once per class,
+/// at its first request; after that, one atomic add.
+pub struct RouteCounters {
+    route: String,
+    identity: String,
+    by_class: [std::sync::OnceLock<Counter>; 5],
+}
+
+impl RouteCounters {
+    /// Counters for `route` (an upstream's name or `default_route`) and its required identity.
+    pub fn new(route: &str, identity: &str) -> Self {
+        Self {
+            route: route.into(),
+            identity: identity.into(),
+            by_class: Default::default(),
+        }
+    }
+
+    /// The route's name.
+    pub fn route(&self) -> &str {
+        &self.route
+    }
+
+    /// Counts a request the route answered with `code`.
+    pub fn record(&self, metrics: &SidecarMetrics, code: u16) {
+        let Some(i) = (code / 100).checked_sub(1).map(usize::from) else {
+            return;
+        };
+        let (Some(cell), Some(class)) = (self.by_class.get(i), STATUS_CLASSES.get(i)) else {
+            return;
+        };
+        cell.get_or_init(|| {
+            metrics
+                .route_requests
+                .get_or_create(&RouteLabel {
+                    route: self.route.clone(),
+                    identity: self.identity.clone(),
+                    class,
+                })
+                .clone()
+        })
+        .inc();
+    }
+}
+
 /// `{version,commit}` of `trellis_build_info`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabel {
@@ -719,6 +778,9 @@ pub struct SidecarMetrics {
     pub policy_rules: Gauge,
     /// `trellis_workload_api_requests_total{method,result}`.
     pub workload_api_requests: Family<WorkloadApiLabel, Counter>,
+    /// `trellis_route_requests_total{route,identity,class}`: outbound requests by route (see
+    /// [`RouteCounters`]).
+    pub route_requests: Family<RouteLabel, Counter>,
 }
 
 impl std::fmt::Debug for SidecarMetrics {
@@ -745,6 +807,7 @@ impl SidecarMetrics {
         let policy_loaded = Gauge::default();
         let policy_rules = Gauge::default();
         let workload_api_requests = Family::<WorkloadApiLabel, Counter>::default();
+        let route_requests = Family::<RouteLabel, Counter>::default();
         // One series, always 1: joins version and commit onto any other series in a query.
         let build = trellis_serve::build_info::get();
         let build_info = Family::<BuildLabel, Gauge>::default();
@@ -824,6 +887,12 @@ impl SidecarMetrics {
             "SPIFFE Workload API calls, by method and result (ok or the refusal's reason)",
             workload_api_requests.clone(),
         );
+        registry.register(
+            "route_requests",
+            "Outbound requests by route (upstream name or default_route), required peer identity \
+             (the default route's is its template) and status class",
+            route_requests.clone(),
+        );
         registry.register_collector(Box::new(DataPathCollector(Arc::clone(&data))));
         Self {
             registry,
@@ -841,6 +910,7 @@ impl SidecarMetrics {
             policy_loaded,
             policy_rules,
             workload_api_requests,
+            route_requests,
         }
     }
 
