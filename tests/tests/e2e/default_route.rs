@@ -49,8 +49,8 @@ const ROUTE: &str = "hosts={service}.{namespace}.svc.cluster.local;{service}.{na
 address={service}.{namespace}.svc.cluster.local:15443,\
 identity=spiffe://{trust_domain}/ns/{namespace}/sa/{service}";
 
-/// The identity label of the default route's metric series: its template.
-const ROUTE_IDENTITY: &str = "spiffe://{trust_domain}/ns/{namespace}/sa/{service}";
+/// The identity label of the default route's metric series: its template, `*` for what varies.
+const ROUTE_IDENTITY: &str = "spiffe://example.org/ns/*/sa/*";
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))

@@ -175,7 +175,7 @@ pub struct RouteLabel {
     /// The listed upstream's name, or `default_route`.
     pub route: String,
     /// The SPIFFE ID the peer had to present: the upstream's, or the default route's
-    /// identity template (one series per route, not per host).
+    /// identity template with `*` for its placeholders (one series per route, not per host).
     pub identity: String,
     /// `1xx` … `5xx`.
     pub class: &'static str,
@@ -890,7 +890,7 @@ impl SidecarMetrics {
         registry.register(
             "route_requests",
             "Outbound requests by route (upstream name or default_route), required peer identity \
-             (the default route's is its template) and status class",
+             (the default route's is its template, `*` for each placeholder) and status class",
             route_requests.clone(),
         );
         registry.register_collector(Box::new(DataPathCollector(Arc::clone(&data))));

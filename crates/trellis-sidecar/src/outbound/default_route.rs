@@ -56,9 +56,16 @@ pub(super) struct DefaultRoutes {
 
 impl DefaultRoutes {
     pub(super) fn new(route: DefaultRoute, trust_domain: &str, settings: PeerSettings) -> Self {
+        // The metric's identity label is the template with `*` for what varies per host
+        // (`spiffe://example.org/ns/*/sa/*`): one series per route, and no braces, which some
+        // Prometheus text parsers choke on.
+        let wildcard = crate::config::route::Bound {
+            service: "*",
+            namespace: Some("*"),
+        };
         let counters = Arc::new(RouteCounters::new(
             ROUTE_NAME,
-            route.templates.identity.as_str(),
+            &route.templates.identity.expand(wildcard, trust_domain),
         ));
         Self {
             hosts_list: route.templates.hosts_list(),
