@@ -495,19 +495,19 @@ impl Outbound {
         text_response(StatusCode::NOT_FOUND, &message)
     }
 
-    /// The listed upstream for `host`, else the default route's peer for it.
-    fn route_host(&self, host: &str) -> Result<Arc<HttpUpstream>, Response<ProxyBody>> {
+    /// The listed upstream for `host`, else the default route's peer for it; else the answer
+    /// the app gets.
+    fn route_host(&self, host: &str) -> Result<Arc<HttpUpstream>, NoRoute> {
         if let Some(u) = self.lookup(host).and_then(|i| self.upstreams.get(i)) {
             return Ok(u.clone());
         }
         let Some(d) = &self.default_route else {
-            return Err(self.not_found(Some(host)));
+            return Err(NoRoute::Unknown);
         };
-        let lower = host.to_ascii_lowercase();
-        match d.peer(&lower) {
+        match d.peer(&host.to_ascii_lowercase()) {
             Some(Ok(u)) => Ok(u),
-            Some(Err(e)) => Err(text_response(StatusCode::BAD_GATEWAY, &e)),
-            None => Err(self.not_found(Some(host))),
+            Some(Err(e)) => Err(NoRoute::Broken(e)),
+            None => Err(NoRoute::Unknown),
         }
     }
 
@@ -561,7 +561,10 @@ impl Outbound {
                 };
                 match self.route_host(host) {
                     Ok(u) => u,
-                    Err(response) => return (response, None),
+                    Err(NoRoute::Unknown) => return (self.not_found(Some(host)), None),
+                    Err(NoRoute::Broken(e)) => {
+                        return (text_response(StatusCode::BAD_GATEWAY, &e), None)
+                    }
                 }
             }
         };
@@ -672,6 +675,15 @@ impl Outbound {
             }
         }
     }
+}
+
+/// Why a host has no upstream.
+enum NoRoute {
+    /// No listed host and no default-route template matches: `404`.
+    Unknown,
+    /// A template matched but its peer cannot be set up (its expanded address or identity is
+    /// unusable): `502` with this reason.
+    Broken(String),
 }
 
 /// `405` for `CONNECT`: the sidecar carries plain `http://` requests and does the TLS itself,
