@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod mtls;
 pub mod outbound;
 pub mod policy;
+pub mod resolve;
 pub mod responses;
 pub mod sds;
 pub mod sidecar;

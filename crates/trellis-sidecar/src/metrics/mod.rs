@@ -176,6 +176,65 @@ pub struct WorkloadApiLabel {
     pub result: &'static str,
 }
 
+/// `{route,identity,class}` of `trellis_route_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    /// The listed upstream's name, or `default_route`.
+    pub route: String,
+    /// The SPIFFE ID the peer had to present: the upstream's, or the default route's
+    /// identity template with `*` for its placeholders (one series per route, not per host).
+    pub identity: String,
+    /// `1xx` … `5xx`.
+    pub class: &'static str,
+}
+
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// One route's request counters by status class. The family's lock is taken once per class,
+/// at its first request; after that, one atomic add.
+pub struct RouteCounters {
+    route: String,
+    identity: String,
+    by_class: [std::sync::OnceLock<Counter>; 5],
+}
+
+impl RouteCounters {
+    /// Counters for `route` (an upstream's name or `default_route`) and its required identity.
+    pub fn new(route: &str, identity: &str) -> Self {
+        Self {
+            route: route.into(),
+            identity: identity.into(),
+            by_class: Default::default(),
+        }
+    }
+
+    /// The route's name.
+    pub fn route(&self) -> &str {
+        &self.route
+    }
+
+    /// Counts a request the route answered with `code`.
+    pub fn record(&self, metrics: &SidecarMetrics, code: u16) {
+        let Some(i) = (code / 100).checked_sub(1).map(usize::from) else {
+            return;
+        };
+        let (Some(cell), Some(class)) = (self.by_class.get(i), STATUS_CLASSES.get(i)) else {
+            return;
+        };
+        cell.get_or_init(|| {
+            metrics
+                .route_requests
+                .get_or_create(&RouteLabel {
+                    route: self.route.clone(),
+                    identity: self.identity.clone(),
+                    class,
+                })
+                .clone()
+        })
+        .inc();
+    }
+}
+
 /// `{version,commit}` of `trellis_build_info`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabel {
@@ -731,6 +790,9 @@ pub struct SidecarMetrics {
     pub log_witnessed_size: Gauge,
     /// `trellis_log_witness_alarms_total{kind}`: heads that showed the log was tampered with.
     pub log_witness_alarms: Family<AlarmLabel, Counter>,
+    /// `trellis_route_requests_total{route,identity,class}`: outbound requests by route (see
+    /// [`RouteCounters`]).
+    pub route_requests: Family<RouteLabel, Counter>,
 }
 
 impl std::fmt::Debug for SidecarMetrics {
@@ -763,6 +825,7 @@ impl SidecarMetrics {
         for kind in trellis_transparency::WitnessAlarm::KINDS {
             let _ = log_witness_alarms.get_or_create(&AlarmLabel { kind });
         }
+        let route_requests = Family::<RouteLabel, Counter>::default();
         // One series, always 1: joins version and commit onto any other series in a query.
         let build = trellis_serve::build_info::get();
         let build_info = Family::<BuildLabel, Gauge>::default();
@@ -852,6 +915,12 @@ impl SidecarMetrics {
             "Transparency-log heads that showed tampering, by kind (rollback, fork, key_changed, bad_signature, malformed)",
             log_witness_alarms.clone(),
         );
+        registry.register(
+            "route_requests",
+            "Outbound requests by route (upstream name or default_route), required peer identity \
+             (the default route's is its template, `*` for each placeholder) and status class",
+            route_requests.clone(),
+        );
         registry.register_collector(Box::new(DataPathCollector(Arc::clone(&data))));
         Self {
             registry,
@@ -871,6 +940,7 @@ impl SidecarMetrics {
             workload_api_requests,
             log_witnessed_size,
             log_witness_alarms,
+            route_requests,
         }
     }
 
