@@ -397,7 +397,9 @@ impl ControlPlane {
         }));
 
         tasks.push(tokio::spawn(rotator.run(CA_POLL, shutdown_rx.clone())));
-        tasks.push(tokio::spawn(jwt_keys.run(JWT_KEY_POLL, shutdown_rx.clone())));
+        tasks.push(tokio::spawn(
+            jwt_keys.run(JWT_KEY_POLL, shutdown_rx.clone()),
+        ));
         if let Some(w) = webhook {
             tasks.push(w.task);
         }

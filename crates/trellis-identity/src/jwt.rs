@@ -104,11 +104,11 @@ impl JwtKey {
             return Ok(None);
         }
         let coord = |name: &str| -> Result<Vec<u8>, JwtBundleError> {
-            let v = field(name)
-                .ok_or_else(|| JwtBundleError(format!("key `{kid}`: no `{name}`")))?;
-            let bytes = B64
-                .decode(v)
-                .map_err(|e| JwtBundleError(format!("key `{kid}`: `{name}` is not base64url: {e}")))?;
+            let v =
+                field(name).ok_or_else(|| JwtBundleError(format!("key `{kid}`: no `{name}`")))?;
+            let bytes = B64.decode(v).map_err(|e| {
+                JwtBundleError(format!("key `{kid}`: `{name}` is not base64url: {e}"))
+            })?;
             if bytes.len() != 32 {
                 return Err(JwtBundleError(format!(
                     "key `{kid}`: `{name}` is {} bytes, want 32",
@@ -151,12 +151,11 @@ impl JwtBundle {
     /// Reads a JWKS or a SPIFFE bundle (`{"keys": [...]}`, X.509 authorities ignored). ES256
     /// keys are kept; keys of other types are skipped, since nothing here can verify with them.
     pub fn parse(trust_domain: TrustDomain, json: &[u8]) -> Result<Self, JwtBundleError> {
-        let doc: Value = serde_json::from_slice(json)
-            .map_err(|e| JwtBundleError(format!("not JSON: {e}")))?;
-        let keys = doc
-            .get("keys")
-            .and_then(Value::as_array)
-            .ok_or_else(|| JwtBundleError("no `keys` array (want a JWKS or SPIFFE bundle)".into()))?;
+        let doc: Value =
+            serde_json::from_slice(json).map_err(|e| JwtBundleError(format!("not JSON: {e}")))?;
+        let keys = doc.get("keys").and_then(Value::as_array).ok_or_else(|| {
+            JwtBundleError("no `keys` array (want a JWKS or SPIFFE bundle)".into())
+        })?;
         let mut out = Vec::new();
         for key in keys {
             let key = key
@@ -379,7 +378,8 @@ impl DecodedJwt {
         }
         let token = token.trim();
         let mut parts = token.split('.');
-        let (Some(h), Some(c), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some(h), Some(c), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(JwtRefusal::Malformed(
                 "want three base64url parts separated by `.`".into(),
@@ -391,7 +391,9 @@ impl DecodedJwt {
                 .map_err(|e| JwtRefusal::Malformed(format!("{what} is not base64url: {e}")))?;
             match serde_json::from_slice(&bytes) {
                 Ok(Value::Object(m)) => Ok(m),
-                Ok(_) => Err(JwtRefusal::Malformed(format!("{what} is not a JSON object"))),
+                Ok(_) => Err(JwtRefusal::Malformed(format!(
+                    "{what} is not a JSON object"
+                ))),
                 Err(e) => Err(JwtRefusal::Malformed(format!("{what} is not JSON: {e}"))),
             }
         };
@@ -411,7 +413,11 @@ impl DecodedJwt {
             Some(Value::String(s)) => Ok(vec![s.clone()]),
             Some(Value::Array(items)) if !items.is_empty() => items
                 .iter()
-                .map(|v| v.as_str().map(str::to_owned).ok_or(JwtRefusal::Claim("aud")))
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_owned)
+                        .ok_or(JwtRefusal::Claim("aud"))
+                })
                 .collect(),
             _ => Err(JwtRefusal::Claim("aud")),
         }
@@ -454,7 +460,9 @@ pub fn validate(
         Some(Value::String(t)) if t == "JWT" || t == "JOSE" => {}
         Some(other) => {
             return Err(JwtRefusal::Type(
-                other.as_str().map_or_else(|| other.to_string(), str::to_owned),
+                other
+                    .as_str()
+                    .map_or_else(|| other.to_string(), str::to_owned),
             ))
         }
     }
@@ -625,7 +633,14 @@ mod tests {
     fn refuses_subject_of_another_trust_domain_and_non_spiffe_subject() {
         let (pair, key) = keypair();
         let bundle = JwtBundle::new(td(), vec![key.clone()]);
-        let token = sign(&pair, key.kid(), "spiffe://other.org/x", &["db"], 1000, 1300);
+        let token = sign(
+            &pair,
+            key.kid(),
+            "spiffe://other.org/x",
+            &["db"],
+            1000,
+            1300,
+        );
         let err = validate(&token, &bundle, None, at(1100), DEFAULT_SKEW).unwrap_err();
         assert_eq!(err.reason(), "trust_domain");
     }
@@ -637,8 +652,8 @@ mod tests {
         for alg in ["none", "HS256", "RS256"] {
             let h = B64.encode(format!(r#"{{"alg":"{alg}","kid":"{}"}}"#, key.kid()));
             let c = B64.encode(format!(r#"{{"sub":"{SUB}","aud":"x","exp":9999999999}}"#));
-            let err = validate(&format!("{h}.{c}."), &bundle, None, at(1), DEFAULT_SKEW)
-                .unwrap_err();
+            let err =
+                validate(&format!("{h}.{c}."), &bundle, None, at(1), DEFAULT_SKEW).unwrap_err();
             assert_eq!(err, JwtRefusal::Algorithm(alg.into()));
         }
         for garbage in ["", "a.b", "a.b.c.d", "!!.!!.!!"] {

@@ -76,7 +76,10 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<Option<String>> {
         Ok(d) => d,
         Err(e) => return Ok(Some(format!("({}) {e}", e.reason()))),
     };
-    println!("header: {}", serde_json::Value::Object(decoded.header.clone()));
+    println!(
+        "header: {}",
+        serde_json::Value::Object(decoded.header.clone())
+    );
     println!(
         "claims: {}",
         serde_json::to_string_pretty(&serde_json::Value::Object(decoded.claims.clone()))

@@ -55,6 +55,11 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// The status of a refused call (`None` if it succeeded).
+fn code<T>(r: Result<T, tonic::Status>) -> Option<(tonic::Code, String)> {
+    r.err().map(|s| (s.code(), s.message().to_owned()))
+}
+
 type Raw = trellis_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<
     tonic::transport::Channel,
 >;
@@ -102,7 +107,11 @@ async fn spiffe_crate_fetches_and_validates_jwt_svids() -> anyhow::Result<()> {
         let started = Instant::now();
         let svid = client.fetch_jwt_svid(["db", "cache"], None).await?;
         println!("fetch_jwt_svid (first, minted): {:?}", started.elapsed());
-        ensure!(svid.spiffe_id().to_string() == ID, "sub {}", svid.spiffe_id());
+        ensure!(
+            svid.spiffe_id().to_string() == ID,
+            "sub {}",
+            svid.spiffe_id()
+        );
         let aud: BTreeSet<&str> = svid.audience().iter().map(String::as_str).collect();
         ensure!(aud == BTreeSet::from(["cache", "db"]), "aud {aud:?}");
 
@@ -110,7 +119,10 @@ async fn spiffe_crate_fetches_and_validates_jwt_svids() -> anyhow::Result<()> {
         let started = Instant::now();
         let again = client.fetch_jwt_svid(["cache", "db"], None).await?;
         println!("fetch_jwt_svid (cached): {:?}", started.elapsed());
-        ensure!(again.token() == svid.token(), "a second fetch minted a new token");
+        ensure!(
+            again.token() == svid.token(),
+            "a second fetch minted a new token"
+        );
 
         // The bundle has the key that signed it, and the crate verifies the token with it.
         let bundles = client.fetch_jwt_bundles().await?;
@@ -159,7 +171,10 @@ async fn spiffe_crate_fetches_and_validates_jwt_svids() -> anyhow::Result<()> {
         let issued = metrics.sum("trellis_jwt_svids_issued_total", &[]);
         ensure!(issued >= 2.0, "trellis_jwt_svids_issued_total {issued}");
         let audit = std::fs::read_to_string(cp.state_dir.join("audit.log"))?;
-        ensure!(audit.contains("\"event\":\"jwt_issued\""), "no jwt_issued line");
+        ensure!(
+            audit.contains("\"event\":\"jwt_issued\""),
+            "no jwt_issued line"
+        );
         ensure!(!audit.contains(svid.token()), "the audit log holds a token");
         Ok(())
     })
@@ -189,7 +204,10 @@ async fn py_spiffe_fetches_validates_and_reads_jwt_bundles() -> anyhow::Result<(
         }
         let got: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         ensure!(got["spiffe_id"] == ID, "py-spiffe: {got}");
-        ensure!(got["audience"] == serde_json::json!(["db"]), "py-spiffe: {got}");
+        ensure!(
+            got["audience"] == serde_json::json!(["db"]),
+            "py-spiffe: {got}"
+        );
         ensure!(got["validate_db"] == ID, "validate `db`: {got}");
         let web = got["validate_web"].as_str().unwrap_or_default();
         ensure!(web.starts_with("refused"), "validate `web`: {web}");
@@ -212,7 +230,6 @@ async fn jwt_bad_input_is_refused_with_a_reason() -> anyhow::Result<()> {
         let cp = ControlPlane::start(ControlPlaneOpts::default())?;
         let (_sidecar, socket) = sidecar_with_socket(&cp, &[]).await?;
         let mut raw = raw_client(&socket).await?;
-        let code = |r: Result<_, tonic::Status>| r.err().map(|s| (s.code(), s.message().to_owned()));
 
         // No security header: InvalidArgument, for all three methods.
         let (c, _) = code(
@@ -224,8 +241,12 @@ async fn jwt_bad_input_is_refused_with_a_reason() -> anyhow::Result<()> {
         )
         .context("FetchJWTSVID without header answered")?;
         ensure!(c == tonic::Code::InvalidArgument, "no header: {c:?}");
-        let (c, _) = code(raw.fetch_jwt_bundles(JwtBundlesRequest {}).await.map(|_| ()))
-            .context("FetchJWTBundles without header answered")?;
+        let (c, _) = code(
+            raw.fetch_jwt_bundles(JwtBundlesRequest {})
+                .await
+                .map(|_| ()),
+        )
+        .context("FetchJWTBundles without header answered")?;
         ensure!(c == tonic::Code::InvalidArgument, "no header: {c:?}");
         let (c, _) = code(
             raw.validate_jwtsvid(ValidateJwtsvidRequest {
@@ -316,32 +337,52 @@ async fn jwt_bad_input_is_refused_with_a_reason() -> anyhow::Result<()> {
             "foreign key: {c:?} {msg}"
         );
         // Garbage.
-        let (c, msg) =
-            code(validate(&raw, "db", "not.a.jwt").await).context("garbage accepted")?;
-        ensure!(c == tonic::Code::InvalidArgument && msg.contains("malformed"), "{msg}");
+        let (c, msg) = code(validate(&raw, "db", "not.a.jwt").await).context("garbage accepted")?;
+        ensure!(
+            c == tonic::Code::InvalidArgument && msg.contains("malformed"),
+            "{msg}"
+        );
 
         // `trellis jwt inspect`: the real token against the real bundle.
         let (exit, out, err) = jwt_inspect(&token, &bundle_path, &["--audience", "db"])?;
         ensure!(exit == 0, "inspect valid token: exit {exit}\n{out}\n{err}");
-        ensure!(out.contains(&format!("subject: {ID}")) && out.contains("valid:"), "{out}");
+        ensure!(
+            out.contains(&format!("subject: {ID}")) && out.contains("valid:"),
+            "{out}"
+        );
         ensure!(out.contains("\"typ\":\"JWT\""), "header printed: {out}");
         let (exit, _, err) = jwt_inspect(&token, &bundle_path, &["--audience", "web"])?;
-        ensure!(exit == 1 && err.contains("(audience)"), "wrong audience: {exit} {err}");
+        ensure!(
+            exit == 1 && err.contains("(audience)"),
+            "wrong audience: {exit} {err}"
+        );
         let (exit, _, err) = jwt_inspect(&forged, &bundle_path, &[])?;
-        ensure!(exit == 1 && err.contains("(unknown_key)"), "foreign key: {exit} {err}");
+        ensure!(
+            exit == 1 && err.contains("(unknown_key)"),
+            "foreign key: {exit} {err}"
+        );
         // An expired token, with the bundle of the key that signed it.
         let (expired, expired_jwks) = foreign_token(ID, "db", now - 600, now - 300)?;
         let foreign_path = cp.dir.path().join("foreign.json");
         std::fs::write(&foreign_path, &expired_jwks)?;
         let (exit, _, err) = jwt_inspect(&expired, &foreign_path, &[])?;
-        ensure!(exit == 1 && err.contains("(expired)"), "expired: {exit} {err}");
+        ensure!(
+            exit == 1 && err.contains("(expired)"),
+            "expired: {exit} {err}"
+        );
         // The forged token is valid against its own key's bundle: the refusal above was the key.
         std::fs::write(&foreign_path, &foreign_jwks)?;
         let (exit, out, err) = jwt_inspect(&forged, &foreign_path, &[])?;
-        ensure!(exit == 0, "forged token vs its own key: {exit}\n{out}\n{err}");
+        ensure!(
+            exit == 0,
+            "forged token vs its own key: {exit}\n{out}\n{err}"
+        );
         // Usage errors: exit 2.
         let (exit, _, err) = jwt_inspect(&token, &cp.dir.path().join("missing.json"), &[])?;
-        ensure!(exit == 2 && err.contains("missing.json"), "missing bundle: {exit} {err}");
+        ensure!(
+            exit == 2 && err.contains("missing.json"),
+            "missing bundle: {exit} {err}"
+        );
         Ok(())
     })
     .await
@@ -394,7 +435,10 @@ async fn jwt_key_rotation_publishes_the_next_key_before_it_signs() -> anyhow::Re
         let mut n = 0;
         // Until three different keys have signed (two rotations).
         while signed.iter().map(|(_, k)| k).collect::<BTreeSet<_>>().len() < 3 {
-            ensure!(Instant::now() < deadline, "fewer than two rotations in 30 s: {signed:?}");
+            ensure!(
+                Instant::now() < deadline,
+                "fewer than two rotations in 30 s: {signed:?}"
+            );
             n += 1;
             // A new audience each time: never the cached token.
             let token = raw
@@ -424,7 +468,10 @@ async fn jwt_key_rotation_publishes_the_next_key_before_it_signs() -> anyhow::Re
                 .find(|(_, kids)| kids.contains(kid))
                 .map(|(t, _)| *t)
                 .with_context(|| format!("kid {kid} signed but was never in a bundle"))?;
-            ensure!(first_seen <= *at, "kid {kid} signed before the stream published it");
+            ensure!(
+                first_seen <= *at,
+                "kid {kid} signed before the stream published it"
+            );
             lead.push(at.saturating_duration_since(first_seen));
         }
         let first_use: Vec<_> = {
@@ -433,19 +480,26 @@ async fn jwt_key_rotation_publishes_the_next_key_before_it_signs() -> anyhow::Re
                 .iter()
                 .filter(|(_, k)| k != first_kid && seen.insert(k.clone()))
                 .map(|(at, k)| {
-                    let pub_at = published.iter().find(|(_, ks)| ks.contains(k)).map(|(t, _)| *t);
+                    let pub_at = published
+                        .iter()
+                        .find(|(_, ks)| ks.contains(k))
+                        .map(|(t, _)| *t);
                     pub_at.map(|p| at.saturating_duration_since(p))
                 })
                 .collect()
         };
         println!("published-before-first-use leads: {first_use:?}");
         ensure!(
-            first_use.iter().all(|d| d.is_some_and(|d| d >= Duration::from_millis(1000))),
+            first_use
+                .iter()
+                .all(|d| d.is_some_and(|d| d >= Duration::from_millis(1000))),
             "a next key was published less than 1 s before it signed: {first_use:?}"
         );
         // Overlap after: a message holds the first key and its successor at once.
         ensure!(
-            published.iter().any(|(_, ks)| ks.contains(first_kid) && ks.len() >= 2),
+            published
+                .iter()
+                .any(|(_, ks)| ks.contains(first_kid) && ks.len() >= 2),
             "the first key never shared a bundle with its successor: {published:?}"
         );
         let metrics = cp.metrics().await?;

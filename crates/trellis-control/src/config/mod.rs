@@ -362,8 +362,7 @@ impl ControlSettings {
             ));
         }
         let jwt_svid_ttl = f.jwt_svid_ttl.unwrap_or(defaults::JWT_SVID_TTL);
-        if jwt_svid_ttl < Duration::from_secs(10) || jwt_svid_ttl > Duration::from_secs(24 * 3600)
-        {
+        if jwt_svid_ttl < Duration::from_secs(10) || jwt_svid_ttl > Duration::from_secs(24 * 3600) {
             return Err(ConfigError::invalid(
                 "jwt_svid_ttl",
                 format!(

@@ -250,7 +250,12 @@ impl JwtKeys {
                 sign_until_ms: until,
             };
             if self.registry.insert_jwt_key(&row)? {
-                tracing::info!(kid = signer.kid(), sign_from_ms = from, sign_until_ms = until, "new JWT-SVID signing key published");
+                tracing::info!(
+                    kid = signer.kid(),
+                    sign_from_ms = from,
+                    sign_until_ms = until,
+                    "new JWT-SVID signing key published"
+                );
             }
             // Another replica's key may have won the window: read back what is stored.
             rows = self.registry.jwt_keys()?;
@@ -413,8 +418,8 @@ mod tests {
             TrustDomain::parse("example.org").unwrap(),
             vec![again.public_key().clone()],
         );
-        let ok = jwt_svid::validate(&token, &bundle, Some("x"), now, jwt_svid::DEFAULT_SKEW)
-            .unwrap();
+        let ok =
+            jwt_svid::validate(&token, &bundle, Some("x"), now, jwt_svid::DEFAULT_SKEW).unwrap();
         assert_eq!(ok.kid, signer.kid());
         assert!(JwtSigner::from_pkcs8(b"junk").is_err());
     }
@@ -425,8 +430,13 @@ mod tests {
         let registry = Arc::new(Registry::open(&dir.path().join("t.db")).unwrap());
         let td = TrustDomain::parse("example.org").unwrap();
         let metrics = Arc::new(ControlMetrics::new());
-        let a = JwtKeys::load(Arc::clone(&registry), td.clone(), POLICY, Arc::clone(&metrics))
-            .unwrap();
+        let a = JwtKeys::load(
+            Arc::clone(&registry),
+            td.clone(),
+            POLICY,
+            Arc::clone(&metrics),
+        )
+        .unwrap();
         let b = JwtKeys::load(Arc::clone(&registry), td, POLICY, metrics).unwrap();
         let (sa, sb) = (a.signer().unwrap(), b.signer().unwrap());
         assert_eq!(sa.kid(), sb.kid());
@@ -448,6 +458,10 @@ mod tests {
         let t = SystemTime::now() + Duration::from_secs(190);
         a.refresh(t).unwrap();
         assert!(a.subscribe().borrow().key(sa.kid()).is_none());
-        assert!(registry.jwt_keys().unwrap().iter().all(|r| r.kid != sa.kid()));
+        assert!(registry
+            .jwt_keys()
+            .unwrap()
+            .iter()
+            .all(|r| r.kid != sa.kid()));
     }
 }

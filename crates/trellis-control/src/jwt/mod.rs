@@ -122,7 +122,10 @@ impl JwtSvidService for JwtService {
             })
             .map_err(|e| {
                 tracing::error!(error = %e, "cannot sign a JWT-SVID");
-                self.refuse("sign", Status::internal("cannot sign; see control plane logs"))
+                self.refuse(
+                    "sign",
+                    Status::internal("cannot sign; see control plane logs"),
+                )
             })?;
         // Audit completeness beats availability, as for X.509-SVIDs: no token leaves without
         // its line. The line names the token by kid and expiry, never carries it.

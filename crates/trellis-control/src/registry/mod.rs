@@ -32,8 +32,7 @@ use zeroize::Zeroizing;
 pub use self::join_token::{JoinToken, JOIN_TOKEN_PREFIX};
 use self::join_token::{JOIN_SELECTOR_BYTES, JOIN_VERIFIER_BYTES};
 pub use self::model::{
-    CaMaterial, CaRotation, DatabaseUrlError, IssuanceRecord, JoinError, JwtKeyRow,
-    RegistryError,
+    CaMaterial, CaRotation, DatabaseUrlError, IssuanceRecord, JoinError, JwtKeyRow, RegistryError,
 };
 use self::model::{IssuanceRow, NewToken, Redeem};
 pub use self::postgres::PostgresUrl;

@@ -16,8 +16,8 @@ use trellis_transparency::{Hash, LogBody, SignedTreeHead, StoredEntry};
 use zeroize::Zeroizing;
 
 use super::model::{
-    from_unix_ms, CaMaterial, CaRotation, IssuanceRecord, IssuanceRow, JoinError, JwtKeyRow, LogAppend,
-    NewToken, Redeem, RegistryError, TokenRow, Verdict, SCHEMA_VERSION,
+    from_unix_ms, CaMaterial, CaRotation, IssuanceRecord, IssuanceRow, JoinError, JwtKeyRow,
+    LogAppend, NewToken, Redeem, RegistryError, TokenRow, Verdict, SCHEMA_VERSION,
 };
 
 mod log;

@@ -529,7 +529,7 @@ async fn csr_for_another_identity_is_invalid_argument() {
 async fn jwt_svid_needs_client_svid_and_audience() {
     use trellis_proto::trellis::jwt::v1::jwt_svid_service_client::JwtSvidServiceClient;
     use trellis_proto::trellis::jwt::v1::{MintJwtSvidRequest, WatchJwtBundleRequest};
-    let f = start(Duration::from_secs(3600)).await;
+    let f = start(Duration::from_secs(60)).await;
     let mint = |aud: &[&str]| MintJwtSvidRequest {
         audiences: aud.iter().map(|s| s.to_string()).collect(),
     };
@@ -561,7 +561,11 @@ async fn jwt_svid_needs_client_svid_and_audience() {
         .unwrap()
         .into_inner();
     assert_eq!(minted.spiffe_id, WEB);
-    assert_eq!(minted.expires_at - minted.issued_at, 300, "default jwt_svid_ttl");
+    assert_eq!(
+        minted.expires_at - minted.issued_at,
+        300,
+        "default jwt_svid_ttl"
+    );
     let update = jwt
         .watch_jwt_bundle(WatchJwtBundleRequest {})
         .await

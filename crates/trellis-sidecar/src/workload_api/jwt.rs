@@ -121,7 +121,8 @@ impl JwtClient {
                 _ => Status::unavailable(format!("control plane: {}", s.message())),
             })?
             .into_inner();
-        let at = |s: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(s).unwrap_or(0));
+        let at =
+            |s: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(s).unwrap_or(0));
         let token = CachedToken {
             token: resp.token,
             spiffe_id: resp.spiffe_id,
@@ -165,7 +166,9 @@ impl JwtClient {
                             tracing::debug!(keys = b.keys().len(), "JWT bundle updated");
                             self.bundle.send_replace(Some(Arc::new(b)));
                         }
-                        Err(e) => tracing::warn!(error = %e, "JWT bundle refused; keeping the current one"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "JWT bundle refused; keeping the current one")
+                        }
                     }
                 }
                 Ok::<(), Status>(())

@@ -17,17 +17,16 @@ use futures::Stream;
 use tokio::io::DuplexStream;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
+use trellis_identity::jwt::check_audiences;
+use trellis_identity::SpiffeId;
 use trellis_identity::{Svid, TrustBundle};
 use trellis_proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
-use trellis_identity::jwt::check_audiences;
-use trellis_identity::SpiffeId;
 use trellis_proto::workload::{
     JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
-    ValidateJwtsvidRequest,
-    ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
-    X509svidResponse,
+    ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
+    X509svid, X509svidRequest, X509svidResponse,
 };
 
 use crate::metrics::SidecarMetrics;
