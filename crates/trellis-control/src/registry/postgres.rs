@@ -32,8 +32,8 @@ use trellis_transparency::{Hash, LogBody, SignedTreeHead, StoredEntry};
 use zeroize::Zeroizing;
 
 use super::model::{
-    from_unix_ms, CaMaterial, CaRotation, DatabaseUrlError, IssuanceRow, JoinError, NewToken,
-    Redeem, RegistryError, TokenRow, Verdict, SCHEMA_VERSION,
+    from_unix_ms, CaMaterial, CaRotation, DatabaseUrlError, IssuanceRow, JoinError, JwtKeyRow,
+    NewToken, Redeem, RegistryError, TokenRow, Verdict, SCHEMA_VERSION,
 };
 
 /// How long connecting may take before the start (or a call after a reconnect) fails.
@@ -739,7 +739,7 @@ impl PostgresStore {
 }
 
 impl PostgresStore {
-    pub(super) fn jwt_keys(&self) -> Result<Vec<super::JwtKeyRow>, RegistryError> {
+    pub(super) fn jwt_keys(&self) -> Result<Vec<JwtKeyRow>, RegistryError> {
         self.conn.call(|c| {
             let rows = c.query(
                 "SELECT kid, pkcs8, sign_from_ms, sign_until_ms FROM jwt_keys ORDER BY sign_from_ms",
@@ -747,7 +747,7 @@ impl PostgresStore {
             )?;
             let mut out = Vec::with_capacity(rows.len());
             for r in rows {
-                out.push(super::JwtKeyRow {
+                out.push(JwtKeyRow {
                     kid: r.try_get(0)?,
                     pkcs8: Zeroizing::new(r.try_get(1)?),
                     sign_from_ms: r.try_get(2)?,
@@ -758,7 +758,7 @@ impl PostgresStore {
         })
     }
 
-    pub(super) fn insert_jwt_key(&self, key: super::JwtKeyRow) -> Result<bool, RegistryError> {
+    pub(super) fn insert_jwt_key(&self, key: JwtKeyRow) -> Result<bool, RegistryError> {
         self.conn.call(move |c| {
             let n = c.execute(
                 "INSERT INTO jwt_keys (kid, pkcs8, sign_from_ms, sign_until_ms)
