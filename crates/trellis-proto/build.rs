@@ -9,6 +9,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "envoy/extensions/transport_sockets/tls/v3/secret.proto",
         // The SPIFFE Workload API: no package, so it is generated into `_.rs`.
         "spiffe/workload/workload.proto",
+        // Trellis's own: JWT-SVIDs from the control plane.
+        "trellis/jwt/v1/jwt.proto",
     ];
     let fds = protox::compile(files, [&root])?;
     tonic_prost_build::configure()

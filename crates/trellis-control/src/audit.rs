@@ -27,6 +27,19 @@ pub enum AuditEvent {
         /// Caller address.
         peer: Option<SocketAddr>,
     },
+    /// A JWT-SVID was issued. Never the token: its subject, audiences, key and expiry.
+    JwtIssued {
+        /// `sub`.
+        spiffe_id: String,
+        /// `aud`.
+        audiences: Vec<String>,
+        /// The signing key's ID.
+        kid: String,
+        /// `exp`.
+        expires_at: SystemTime,
+        /// Caller address.
+        peer: Option<SocketAddr>,
+    },
     /// A CA changed phase in a rotation (`prepared`, `active`, `retiring`, `retired`).
     CaPhase {
         /// 0 for the base CA, else the rotation id.
@@ -141,6 +154,21 @@ impl AuditEvent {
                 "serial": serial_hex,
                 "not_after": rfc3339(*not_after),
                 "attestor": attestor,
+                "peer": peer.map(|p| p.to_string()),
+            }),
+            AuditEvent::JwtIssued {
+                spiffe_id,
+                audiences,
+                kid,
+                expires_at,
+                peer,
+            } => json!({
+                "time": rfc3339(now),
+                "event": "jwt_issued",
+                "spiffe_id": spiffe_id,
+                "audiences": audiences,
+                "kid": kid,
+                "expires_at": rfc3339(*expires_at),
                 "peer": peer.map(|p| p.to_string()),
             }),
             AuditEvent::CaPhase {

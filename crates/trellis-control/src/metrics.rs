@@ -110,6 +110,13 @@ pub struct ControlMetrics {
     /// `trellis_issuances_refused_total{reason}`: SVIDs not handed out because their issuance
     /// could not be recorded (`audit_write`) or the wall clock just jumped (`clock_jump`).
     pub issuances_refused: Family<ReasonLabel, Counter>,
+    /// `trellis_jwt_svids_issued_total`: JWT-SVIDs signed and handed out.
+    pub jwt_svids_issued: Counter,
+    /// `trellis_jwt_svids_refused_total{reason}`: JWT-SVID requests refused (`rate_limited`,
+    /// `no_svid`, `bad_audience`, `no_key`, `sign`, `audit_write`).
+    pub jwt_svids_refused: Family<ReasonLabel, Counter>,
+    /// `trellis_jwt_keys`: JWT signing keys in the published bundle (2 around a rotation).
+    pub jwt_keys: Gauge,
 }
 
 /// `op` label of `trellis_database_errors_total`.
@@ -172,6 +179,9 @@ impl ControlMetrics {
             database_up: Gauge::default(),
             database_errors: Family::default(),
             issuances_refused: Family::default(),
+            jwt_svids_issued: Counter::default(),
+            jwt_svids_refused: Family::default(),
+            jwt_keys: Gauge::default(),
             registry: Registry::default(),
         };
         // One series, always 1: joins version and commit onto any other series in a query.
@@ -294,12 +304,34 @@ impl ControlMetrics {
             "SVIDs not handed out, by reason: audit_write (the issuance could not be recorded), clock_jump (the wall clock just jumped)",
             m.issuances_refused.clone(),
         );
+        registry.register(
+            "jwt_svids_issued",
+            "JWT-SVIDs signed and handed out",
+            m.jwt_svids_issued.clone(),
+        );
+        registry.register(
+            "jwt_svids_refused",
+            "JWT-SVID requests refused, by reason",
+            m.jwt_svids_refused.clone(),
+        );
+        registry.register(
+            "jwt_keys",
+            "JWT signing keys in the published JWT bundle (more than one around a rotation)",
+            m.jwt_keys.clone(),
+        );
         // Every reason exists from the start at 0: alert rules (`increase(…[5m]) > 0`) and
         // dashboards see the series before the first refusal, not only after it.
         for reason in ["audit_write", "clock_jump"] {
             let _ = m.issuances_refused.get_or_create(&ReasonLabel { reason });
         }
         ControlMetrics { registry, ..m }
+    }
+
+    /// Counts a refused JWT-SVID request.
+    pub fn jwt_refused(&self, reason: &'static str) {
+        self.jwt_svids_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     /// Counts a failed state database operation.
@@ -440,6 +472,9 @@ mod tests {
         ("trellis_database_up", "gauge", &[]),
         ("trellis_database_errors_total", "counter", &["op"]),
         ("trellis_issuances_refused_total", "counter", &["reason"]),
+        ("trellis_jwt_svids_issued_total", "counter", &[]),
+        ("trellis_jwt_svids_refused_total", "counter", &["reason"]),
+        ("trellis_jwt_keys", "gauge", &[]),
     ];
 
     #[test]
@@ -458,6 +493,7 @@ mod tests {
         m.jwks_refresh_failed("connect");
         m.connection_refused("sds");
         m.database_error("read");
+        m.jwt_refused("bad_audience");
         m.issuances_refused
             .get_or_create(&ReasonLabel {
                 reason: "audit_write",

@@ -41,6 +41,9 @@ pub const CONTROL_ID_PATH: &str = "/trellis/control";
 /// How often the CA schedule is re-read and applied: a rotation stored by `trellis ca rotate`
 /// reaches every SDS stream within this.
 const CA_POLL: Duration = Duration::from_secs(1);
+/// How often the JWT signing keys are re-read and the rotation rule applied: a key another
+/// replica stored is published here within this.
+const JWT_KEY_POLL: Duration = Duration::from_secs(1);
 /// How long a shutdown waits for connections (admin and webhook requests in flight, SDS
 /// connections closing) before they are cut off.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -83,6 +86,9 @@ pub enum StartError {
     /// TLS setup.
     #[error("TLS setup failed: {0}")]
     Tls(String),
+    /// The JWT signing keys cannot be loaded or created.
+    #[error(transparent)]
+    JwtKeys(#[from] crate::jwt::JwtKeyError),
     /// The issuance transparency log cannot be opened or does not match its signed head.
     #[error(transparent)]
     Log(#[from] crate::translog::LogError),
@@ -305,6 +311,16 @@ impl ControlPlane {
             )
         })?;
         let limiter = Arc::new(crate::ratelimit::PeerLimiter::new(settings.limits.sds.rate));
+        // JWT-SVID signing keys, shared through the registry with every replica.
+        let jwt_keys = crate::jwt::JwtKeys::load(
+            Arc::clone(&registry),
+            td.clone(),
+            crate::jwt::JwtKeyPolicy {
+                rotate_every: settings.jwt_key_rotate_every,
+                token_ttl: settings.jwt_svid_ttl,
+            },
+            Arc::clone(&metrics),
+        )?;
         let core = Arc::new(SdsCore {
             ca: Arc::clone(&signer),
             bundle: bundle_rx,
@@ -319,6 +335,16 @@ impl ControlPlane {
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (drain_signal, drain) = drain::channel();
+        // Its own limiter with the SDS rate: sidecars cache tokens, so a caller that needs
+        // more than SDS's rate is misbehaving.
+        let jwt_service = Arc::new(crate::jwt::JwtService {
+            keys: Arc::clone(&jwt_keys),
+            trust_domain: td.clone(),
+            audit: Arc::clone(&audit),
+            metrics: Arc::clone(&metrics),
+            limiter: Arc::new(crate::ratelimit::PeerLimiter::new(settings.limits.sds.rate)),
+            shutdown: shutdown_rx.clone(),
+        });
         let mut tasks = Vec::new();
 
         // The sidecar injection webhook, serving a certificate from the same CA.
@@ -364,6 +390,7 @@ impl ControlPlane {
         tasks.push(tokio::spawn(crate::sds::listener::serve(
             sds_listener,
             SdsService::new(core),
+            jwt_service,
             settings.limits.sds,
             drain.clone(),
         )));
@@ -393,6 +420,9 @@ impl ControlPlane {
         }));
 
         tasks.push(tokio::spawn(rotator.run(CA_POLL, shutdown_rx.clone())));
+        tasks.push(tokio::spawn(
+            jwt_keys.run(JWT_KEY_POLL, shutdown_rx.clone()),
+        ));
         if let Some(w) = webhook {
             tasks.push(w.task);
         }

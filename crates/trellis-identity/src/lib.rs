@@ -10,6 +10,7 @@
 mod bundle;
 mod cert;
 mod error;
+pub mod jwt;
 mod pem;
 mod spiffe_id;
 mod svid;

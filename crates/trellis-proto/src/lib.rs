@@ -63,6 +63,17 @@ pub mod workload {
     tonic::include_proto!("_");
 }
 
+/// `trellis.*`: Trellis's own small services.
+pub mod trellis {
+    /// `trellis.jwt`.
+    pub mod jwt {
+        /// `trellis.jwt.v1`: JWT-SVID minting and the JWT bundle, next to SDS.
+        pub mod v1 {
+            tonic::include_proto!("trellis.jwt.v1");
+        }
+    }
+}
+
 pub use envoy::config::core::v3::{data_source, DataSource, Node};
 pub use envoy::extensions::transport_sockets::tls::v3::{
     secret, CertificateValidationContext, GenericSecret, Secret, TlsCertificate,

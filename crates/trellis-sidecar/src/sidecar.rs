@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use trellis_identity::TrustBundle;
+use trellis_identity::{SpiffeId, TrustBundle};
 
 use crate::admin::{self, AdminState};
 use crate::config::{IdentitySource, SidecarSettings};
@@ -187,7 +187,25 @@ impl Sidecar {
         let workload_api = match &settings.workload_api_socket {
             Some(path) => {
                 let (listener, file) = crate::workload_api::socket::bind(path)?;
-                let api = WorkloadApi::new(Arc::clone(&store), Arc::clone(&metrics));
+                let mut api = WorkloadApi::new(Arc::clone(&store), Arc::clone(&metrics));
+                // JWT-SVIDs come from the control plane, over the same mTLS as SDS.
+                if let IdentitySource::Sds(sds) = &settings.identity {
+                    let control_id = SpiffeId::from_parts(
+                        &settings.trust_domain,
+                        crate::sds::connect::CONTROL_ID_PATH,
+                    )
+                    .map_err(|e| crate::sds::SdsClientError::ControlPlane {
+                        address: sds.control_plane.clone(),
+                        problem: e.to_string(),
+                    })?;
+                    let client = crate::workload_api::jwt::JwtClient::new(
+                        sds.control_plane.clone(),
+                        control_id,
+                        Arc::clone(&store),
+                    );
+                    tasks.push(tokio::spawn(Arc::clone(&client).run(shutdown_rx.clone())));
+                    api = api.with_jwt(client);
+                }
                 tasks.push(tokio::spawn(api.serve(listener)));
                 tracing::info!(socket = %path.display(), "serving the SPIFFE Workload API");
                 Some(file)

@@ -17,7 +17,7 @@ use trellis_identity::tls::KeyExchange;
 pub struct ControlArgs {
     /// YAML config file (fields: trust_domain, listen, admin, state_dir, operator_socket,
     /// svid_ttl, rotate_every,
-    /// issuance_retention, ca_cert, ca_key, ca_bundle, k8s_jwks, k8s_issuer, k8s_audience,
+    /// issuance_retention, jwt_svid_ttl, jwt_key_rotate_every, ca_cert, ca_key, ca_bundle, k8s_jwks, k8s_issuer, k8s_audience,
     /// k8s_jwks_url, k8s_ca, k8s_token, k8s_jwks_refresh, webhook_listen, webhook_dns_names,
     /// sidecar_image, sidecar_control_plane, native_sidecar, no_proxy, database, and `limits:` nested per listener:
     /// limits.sds.{max_connections, handshake_timeout, max_streams_per_connection, rate_limit,
@@ -54,6 +54,13 @@ pub struct ControlArgs {
     /// Issuance records are deleted this long after their SVID expired [default: 7d].
     #[arg(long, env = "TRELLIS_ISSUANCE_RETENTION", value_parser = humantime::parse_duration)]
     issuance_retention: Option<Duration>,
+    /// JWT-SVID lifetime, 10s to 24h [default: 5m].
+    #[arg(long, env = "TRELLIS_JWT_SVID_TTL", value_parser = humantime::parse_duration)]
+    jwt_svid_ttl: Option<Duration>,
+    /// How long each JWT signing key signs; its successor is published half of this before
+    /// it signs, and it stays published until its last token expired [default: 24h].
+    #[arg(long, env = "TRELLIS_JWT_KEY_ROTATE_EVERY", value_parser = humantime::parse_duration)]
+    jwt_key_rotate_every: Option<Duration>,
     /// Intermediate CA certificate to sign with (from `trellis ca init`).
     #[arg(long, env = "TRELLIS_CA_CERT", requires = "ca_key")]
     ca_cert: Option<PathBuf>,
@@ -243,6 +250,8 @@ impl ControlArgs {
             svid_ttl,
             rotate_every,
             issuance_retention,
+            jwt_svid_ttl,
+            jwt_key_rotate_every,
             ca_cert,
             ca_key,
             ca_bundle,

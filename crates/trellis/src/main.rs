@@ -5,6 +5,7 @@ mod alloc;
 mod cmd_ca;
 mod cmd_control;
 mod cmd_inject;
+mod cmd_jwt;
 mod cmd_log;
 mod cmd_policy;
 mod cmd_sidecar;
@@ -72,6 +73,10 @@ enum Command {
     /// verified, 1 failed, 2 bad usage).
     #[command(subcommand)]
     Log(cmd_log::LogCommand),
+    /// JWT-SVID tools: `jwt inspect` decodes and verifies a token against a bundle (exit 0
+    /// valid, 1 refused, 2 bad usage).
+    #[command(subcommand)]
+    Jwt(cmd_jwt::JwtCommand),
     /// Add the sidecar to the pods of Kubernetes manifests, exactly as the injection webhook
     /// would, and print them (for manifests rendered and committed in CI).
     Inject(cmd_inject::InjectArgs),
@@ -123,6 +128,8 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args),
         // Its own exit codes: 1 is a failed verification, 2 bad usage.
         Command::Log(cmd) => return cmd_log::run(cmd),
+        // Its own exit codes: 1 is a refused token, 2 bad usage.
+        Command::Jwt(cmd) => return cmd_jwt::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

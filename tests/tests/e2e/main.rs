@@ -54,3 +54,4 @@ mod tls_key_exchange;
 mod transparency_log;
 mod webhook;
 mod workload_api;
+mod workload_api_jwt;

@@ -25,10 +25,10 @@ use trellis_tests::{e2e, run_with_timeout, ControlPlane, ControlPlaneOpts, COMMA
 
 use crate::protocols::venv_python_with;
 
-const ID: &str = "spiffe://example.org/ns/demo/sa/spiffe-app";
+pub(crate) const ID: &str = "spiffe://example.org/ns/demo/sa/spiffe-app";
 
 /// A sidecar for [`ID`] serving the Workload API at `<cp dir>/spiffe/workload.sock`.
-async fn sidecar_with_socket(
+pub(crate) async fn sidecar_with_socket(
     cp: &ControlPlane,
     extra: &[&str],
 ) -> anyhow::Result<(Sidecar, PathBuf)> {
@@ -63,7 +63,7 @@ fn serial(svid: &spiffe::X509Svid) -> anyhow::Result<String> {
 }
 
 /// `message` with the security header.
-fn with_header<T>(message: T) -> tonic::Request<T> {
+pub(crate) fn with_header<T>(message: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(message);
     req.metadata_mut().insert(
         "workload.spiffe.io",
@@ -74,7 +74,7 @@ fn with_header<T>(message: T) -> tonic::Request<T> {
 
 /// A raw tonic channel to the socket: no interceptor, so no security header unless the test
 /// adds it.
-async fn raw_client(
+pub(crate) async fn raw_client(
     socket: &Path,
 ) -> anyhow::Result<SpiffeWorkloadApiClient<tonic::transport::Channel>> {
     let socket = socket.to_owned();

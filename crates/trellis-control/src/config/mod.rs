@@ -119,6 +119,12 @@ pub struct ControlFile {
     /// How long issuance records are kept after their SVID expired, e.g. `7d`.
     #[serde(default, with = "humantime_serde")]
     pub issuance_retention: Option<Duration>,
+    /// JWT-SVID lifetime, e.g. `5m`.
+    #[serde(default, with = "humantime_serde")]
+    pub jwt_svid_ttl: Option<Duration>,
+    /// How long each JWT signing key signs before the next one takes over, e.g. `24h`.
+    #[serde(default, with = "humantime_serde")]
+    pub jwt_key_rotate_every: Option<Duration>,
     /// Intermediate CA certificate (PEM).
     pub ca_cert: Option<PathBuf>,
     /// Intermediate CA key (PEM).
@@ -216,6 +222,11 @@ pub struct ControlSettings {
     pub rotate_every: Duration,
     /// Issuance records are pruned once their SVID expired this long ago.
     pub issuance_retention: Duration,
+    /// JWT-SVID lifetime (`jwt_svid_ttl`).
+    pub jwt_svid_ttl: Duration,
+    /// How long each JWT signing key signs (`jwt_key_rotate_every`); its successor is
+    /// published half of this before it signs.
+    pub jwt_key_rotate_every: Duration,
     /// Signing CA files, or `None` for the embedded self-signed CA.
     pub ca: Option<CaFiles>,
     /// Kubernetes attestation, or `None` to refuse JWTs.
@@ -289,6 +300,10 @@ pub mod defaults {
     pub const SVID_TTL: Duration = Duration::from_secs(24 * 3600);
     /// `--rotate-every`.
     pub const ROTATE_EVERY: Duration = Duration::from_secs(3600);
+    /// `jwt_svid_ttl`: JWT-SVIDs are bearer tokens, so short.
+    pub const JWT_SVID_TTL: Duration = Duration::from_secs(300);
+    /// `jwt_key_rotate_every`.
+    pub const JWT_KEY_ROTATE_EVERY: Duration = Duration::from_secs(24 * 3600);
 }
 
 impl ControlSettings {
@@ -343,6 +358,28 @@ impl ControlSettings {
                     "{} must be shorter than svid_ttl {} so SVIDs are replaced before they expire",
                     humantime::format_duration(rotate_every),
                     humantime::format_duration(svid_ttl)
+                ),
+            ));
+        }
+        let jwt_svid_ttl = f.jwt_svid_ttl.unwrap_or(defaults::JWT_SVID_TTL);
+        if jwt_svid_ttl < Duration::from_secs(10) || jwt_svid_ttl > Duration::from_secs(24 * 3600) {
+            return Err(ConfigError::invalid(
+                "jwt_svid_ttl",
+                format!(
+                    "{} is out of range: use 10s to 24h (JWT-SVIDs are bearer tokens: keep them short)",
+                    humantime::format_duration(jwt_svid_ttl)
+                ),
+            ));
+        }
+        let jwt_key_rotate_every = f
+            .jwt_key_rotate_every
+            .unwrap_or(defaults::JWT_KEY_ROTATE_EVERY);
+        if jwt_key_rotate_every < Duration::from_secs(2) {
+            return Err(ConfigError::invalid(
+                "jwt_key_rotate_every",
+                format!(
+                    "{} is too short: use at least 2s",
+                    humantime::format_duration(jwt_key_rotate_every)
                 ),
             ));
         }
@@ -411,6 +448,8 @@ impl ControlSettings {
             svid_ttl,
             rotate_every,
             issuance_retention,
+            jwt_svid_ttl,
+            jwt_key_rotate_every,
             ca,
             k8s,
             webhook,

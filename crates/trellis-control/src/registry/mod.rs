@@ -32,7 +32,7 @@ use zeroize::Zeroizing;
 pub use self::join_token::{JoinToken, JOIN_TOKEN_PREFIX};
 use self::join_token::{JOIN_SELECTOR_BYTES, JOIN_VERIFIER_BYTES};
 pub use self::model::{
-    CaMaterial, CaRotation, DatabaseUrlError, IssuanceRecord, JoinError, RegistryError,
+    CaMaterial, CaRotation, DatabaseUrlError, IssuanceRecord, JoinError, JwtKeyRow, RegistryError,
 };
 use self::model::{IssuanceRow, NewToken, Redeem};
 pub use self::postgres::PostgresUrl;
@@ -480,6 +480,34 @@ impl Registry {
         match &self.backend {
             Backend::Sqlite(s) => s.log_key_or_insert(generated),
             Backend::Postgres(p) => p.log_key_or_insert(Zeroizing::new(generated.to_vec())),
+        }
+    }
+}
+
+impl Registry {
+    /// Every stored JWT-SVID signing key, oldest signing window first.
+    pub fn jwt_keys(&self) -> Result<Vec<JwtKeyRow>, RegistryError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.jwt_keys(),
+            Backend::Postgres(p) => p.jwt_keys(),
+        }
+    }
+
+    /// Stores `key` unless a key for the same signing window start exists (another replica's,
+    /// which then wins for both). `true` when this one was stored.
+    pub fn insert_jwt_key(&self, key: &JwtKeyRow) -> Result<bool, RegistryError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.insert_jwt_key(key),
+            Backend::Postgres(p) => p.insert_jwt_key(key.clone()),
+        }
+    }
+
+    /// Deletes the keys whose signing window ended before `before_ms`: nothing they signed
+    /// is still valid. Returns how many.
+    pub fn prune_jwt_keys(&self, before_ms: i64) -> Result<usize, RegistryError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.prune_jwt_keys(before_ms),
+            Backend::Postgres(p) => p.prune_jwt_keys(before_ms),
         }
     }
 }

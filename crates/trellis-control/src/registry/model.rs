@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 
 /// The schema this build reads and writes (SQLite `PRAGMA user_version`, PostgreSQL
 /// `trellis_schema.version`). Both backends take the same steps from 0 up to it.
-pub(super) const SCHEMA_VERSION: i64 = 4;
+pub(super) const SCHEMA_VERSION: i64 = 5;
 
 /// Registry failures.
 #[derive(Debug, Error)]
@@ -318,4 +318,29 @@ pub(super) fn encode_entry(
         .map_err(|_| RegistryError::Corrupt(format!("log index {index} is negative")))?;
     trellis_transparency::LogEntry::encode_parts(index, time_ms, body)
         .map_err(|e| RegistryError::Corrupt(format!("cannot encode log entry {index}: {e}")))
+}
+
+/// One JWT-SVID signing key as stored (`jwt_keys`, schema step 5): it signs from
+/// `sign_from_ms` until `sign_until_ms` (unix milliseconds) and is published from when it is
+/// stored until every token it signed has expired.
+#[derive(Clone)]
+pub struct JwtKeyRow {
+    /// RFC 7638 thumbprint of the public key.
+    pub kid: String,
+    /// The private key, PKCS#8 DER.
+    pub pkcs8: Zeroizing<Vec<u8>>,
+    /// Start of its signing window.
+    pub sign_from_ms: i64,
+    /// End of its signing window.
+    pub sign_until_ms: i64,
+}
+
+impl std::fmt::Debug for JwtKeyRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "JwtKeyRow({}, {}..{})",
+            self.kid, self.sign_from_ms, self.sign_until_ms
+        )
+    }
 }

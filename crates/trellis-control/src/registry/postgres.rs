@@ -32,8 +32,8 @@ use trellis_transparency::{Hash, LogBody, SignedTreeHead, StoredEntry};
 use zeroize::Zeroizing;
 
 use super::model::{
-    from_unix_ms, CaMaterial, CaRotation, DatabaseUrlError, IssuanceRow, JoinError, NewToken,
-    Redeem, RegistryError, TokenRow, Verdict, SCHEMA_VERSION,
+    from_unix_ms, CaMaterial, CaRotation, DatabaseUrlError, IssuanceRow, JoinError, JwtKeyRow,
+    NewToken, Redeem, RegistryError, TokenRow, Verdict, SCHEMA_VERSION,
 };
 
 /// How long connecting may take before the start (or a call after a reconnect) fails.
@@ -738,6 +738,53 @@ impl PostgresStore {
     }
 }
 
+impl PostgresStore {
+    pub(super) fn jwt_keys(&self) -> Result<Vec<JwtKeyRow>, RegistryError> {
+        self.conn.call(|c| {
+            let rows = c.query(
+                "SELECT kid, pkcs8, sign_from_ms, sign_until_ms FROM jwt_keys ORDER BY sign_from_ms",
+                &[],
+            )?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                out.push(JwtKeyRow {
+                    kid: r.try_get(0)?,
+                    pkcs8: Zeroizing::new(r.try_get(1)?),
+                    sign_from_ms: r.try_get(2)?,
+                    sign_until_ms: r.try_get(3)?,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    pub(super) fn insert_jwt_key(&self, key: JwtKeyRow) -> Result<bool, RegistryError> {
+        self.conn.call(move |c| {
+            let n = c.execute(
+                "INSERT INTO jwt_keys (kid, pkcs8, sign_from_ms, sign_until_ms)
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                &[
+                    &key.kid,
+                    &key.pkcs8.as_slice(),
+                    &key.sign_from_ms,
+                    &key.sign_until_ms,
+                ],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    pub(super) fn prune_jwt_keys(&self, before_ms: i64) -> Result<usize, RegistryError> {
+        self.conn.call(move |c| {
+            let n = c.execute(
+                "DELETE FROM jwt_keys WHERE sign_until_ms < $1",
+                &[&before_ms],
+            )?;
+            Ok(usize::try_from(n).unwrap_or(usize::MAX))
+        })
+    }
+}
+
 #[derive(Default)]
 struct IssuanceColumns {
     spiffe_id: Vec<String>,
@@ -860,6 +907,17 @@ fn migrate(c: &mut postgres::Client, target: &str) -> Result<(), Fail> {
              CREATE TABLE log_key (
                  id     INTEGER PRIMARY KEY CHECK (id = 1),
                  pkcs8  BYTEA NOT NULL
+             );",
+        )?;
+    }
+    if version < 5 {
+        // JWT-SVID signing keys, as in SQLite.
+        tx.batch_execute(
+            "CREATE TABLE jwt_keys (
+                 kid            TEXT PRIMARY KEY,
+                 pkcs8          BYTEA NOT NULL,
+                 sign_from_ms   BIGINT NOT NULL UNIQUE,
+                 sign_until_ms  BIGINT NOT NULL
              );",
         )?;
     }

@@ -16,8 +16,8 @@ use trellis_transparency::{Hash, LogBody, SignedTreeHead, StoredEntry};
 use zeroize::Zeroizing;
 
 use super::model::{
-    from_unix_ms, CaMaterial, CaRotation, IssuanceRecord, IssuanceRow, JoinError, LogAppend,
-    NewToken, Redeem, RegistryError, TokenRow, Verdict, SCHEMA_VERSION,
+    from_unix_ms, CaMaterial, CaRotation, IssuanceRecord, IssuanceRow, JoinError, JwtKeyRow,
+    LogAppend, NewToken, Redeem, RegistryError, TokenRow, Verdict, SCHEMA_VERSION,
 };
 
 mod log;
@@ -188,6 +188,19 @@ impl SqliteStore {
                  CREATE TABLE log_key (
                      id     INTEGER PRIMARY KEY CHECK (id = 1),
                      pkcs8  BLOB NOT NULL
+                 );",
+            )
+            .map_err(open_err)?;
+        }
+        if version < 5 {
+            // JWT-SVID signing keys: each signs in [sign_from_ms, sign_until_ms); one key per
+            // window start, so replicas racing to add the next key agree on one.
+            tx.execute_batch(
+                "CREATE TABLE jwt_keys (
+                     kid            TEXT PRIMARY KEY NOT NULL,
+                     pkcs8          BLOB NOT NULL,
+                     sign_from_ms   INTEGER NOT NULL UNIQUE,
+                     sign_until_ms  INTEGER NOT NULL
                  );",
             )
             .map_err(open_err)?;
@@ -493,5 +506,42 @@ impl SqliteStore {
         pkcs8: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, RegistryError> {
         log::key_or_insert(&Self::lock(&self.conn), pkcs8)
+    }
+
+    pub(super) fn jwt_keys(&self) -> Result<Vec<JwtKeyRow>, RegistryError> {
+        let conn = Self::lock(&self.conn);
+        let mut stmt = conn.prepare(
+            "SELECT kid, pkcs8, sign_from_ms, sign_until_ms FROM jwt_keys ORDER BY sign_from_ms",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(JwtKeyRow {
+                kid: r.get(0)?,
+                pkcs8: Zeroizing::new(r.get(1)?),
+                sign_from_ms: r.get(2)?,
+                sign_until_ms: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub(super) fn insert_jwt_key(&self, key: &JwtKeyRow) -> Result<bool, RegistryError> {
+        let n = Self::lock(&self.conn).execute(
+            "INSERT OR IGNORE INTO jwt_keys (kid, pkcs8, sign_from_ms, sign_until_ms)
+             VALUES (?1, ?2, ?3, ?4)",
+            params![
+                key.kid,
+                key.pkcs8.as_slice(),
+                key.sign_from_ms,
+                key.sign_until_ms
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    pub(super) fn prune_jwt_keys(&self, before_ms: i64) -> Result<usize, RegistryError> {
+        Ok(Self::lock(&self.conn).execute(
+            "DELETE FROM jwt_keys WHERE sign_until_ms < ?1",
+            params![before_ms],
+        )?)
     }
 }

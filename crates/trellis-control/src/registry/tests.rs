@@ -74,6 +74,7 @@ macro_rules! all_shared_tests {
             racing_rotations_do_not_overtake,
             log_entries_commit_with_issuances_and_outlive_pruning,
             log_heads_and_key_first_writer_wins,
+            jwt_keys_one_per_window_and_pruned,
             racing_appends_from_two_handles_leave_no_gap,
         );
     };
@@ -144,6 +145,28 @@ mod shared {
         // Pruning issuance records leaves the log whole.
         assert_eq!(reg.prune_issuances(t(500)).unwrap(), 1);
         assert_eq!(reg.log_entries(0, 100).unwrap().len(), 4);
+    }
+
+    pub fn jwt_keys_one_per_window_and_pruned(f: &dyn Fixture) {
+        let reg = f.handle();
+        let row = |kid: &str, from: i64| JwtKeyRow {
+            kid: kid.into(),
+            pkcs8: zeroize::Zeroizing::new(kid.as_bytes().to_vec()),
+            sign_from_ms: from,
+            sign_until_ms: from + 100,
+        };
+        assert!(reg.jwt_keys().unwrap().is_empty());
+        assert!(reg.insert_jwt_key(&row("b", 100)).unwrap());
+        assert!(reg.insert_jwt_key(&row("a", 0)).unwrap());
+        // Another replica's key for a window already taken: the first one stays, for both.
+        assert!(!f.handle().insert_jwt_key(&row("c", 100)).unwrap());
+        let kids: Vec<String> = reg.jwt_keys().unwrap().into_iter().map(|r| r.kid).collect();
+        assert_eq!(kids, ["a", "b"]);
+        assert_eq!(reg.jwt_keys().unwrap()[1].pkcs8.as_slice(), b"b");
+        // Keys whose window ended before the cut are deleted.
+        assert_eq!(reg.prune_jwt_keys(150).unwrap(), 1);
+        let kids: Vec<String> = reg.jwt_keys().unwrap().into_iter().map(|r| r.kid).collect();
+        assert_eq!(kids, ["b"]);
     }
 
     pub fn log_heads_and_key_first_writer_wins(f: &dyn Fixture) {

@@ -1,4 +1,4 @@
-//! The SDS listener: `trellis-serve`'s accept loop (connection cap, TLS handshake bounded by
+//! The SDS listener (which also serves the JWT-SVID service, [`crate::jwt`]): `trellis-serve`'s accept loop (connection cap, TLS handshake bounded by
 //! `limits.sds.handshake_timeout`, drain) in front of tonic's gRPC server (`limits.sds`
 //! streams, header list, message size and rapid-reset bounds).
 //!
@@ -20,6 +20,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
+use trellis_proto::trellis::jwt::v1::jwt_svid_service_server::JwtSvidServiceServer;
 use trellis_proto::SecretDiscoveryServiceServer;
 use trellis_serve::{accept, Drain, Handshake};
 
@@ -58,6 +59,7 @@ impl Handshake for SdsTls {
 pub async fn serve(
     listener: accept::Listener<SdsTls>,
     service: SdsService,
+    jwt: std::sync::Arc<crate::jwt::JwtService>,
     limits: SdsLimits,
     drain: Drain,
 ) {
@@ -95,6 +97,11 @@ pub async fn serve(
             .http2_max_header_list_size(limits.max_header_list_bytes)
             .http2_max_pending_accept_reset_streams(Some(limits.max_pending_resets))
             .add_service(service)
+            // JWT-SVIDs on the same connections, peers and limits as SDS.
+            .add_service(
+                JwtSvidServiceServer::from_arc(jwt)
+                    .max_decoding_message_size(limits.max_message_bytes),
+            )
             .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), drain.signaled());
         tokio::select! {
             result = server => {

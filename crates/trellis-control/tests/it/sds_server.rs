@@ -56,21 +56,19 @@ type Client = SecretDiscoveryServiceClient<tonic::transport::Channel>;
 
 impl Fixture {
     async fn client(&self, svid: Option<&Svid>) -> Client {
+        SecretDiscoveryServiceClient::new(self.channel(svid).await)
+    }
+
+    async fn channel(&self, svid: Option<&Svid>) -> tonic::transport::Channel {
         let resolver = svid.map(|s| {
             let r = SvidResolver::empty();
             r.install(s).unwrap();
             r
         });
         let control = SpiffeId::parse("spiffe://example.org/trellis/control").unwrap();
-        let channel = trellis_control::client::connect(
-            self.cp.sds_addr,
-            self.bundle.clone(),
-            control,
-            resolver,
-        )
-        .await
-        .unwrap();
-        SecretDiscoveryServiceClient::new(channel)
+        trellis_control::client::connect(self.cp.sds_addr, self.bundle.clone(), control, resolver)
+            .await
+            .unwrap()
     }
 
     fn token(&self, id: &str) -> String {
@@ -523,4 +521,79 @@ async fn csr_for_another_identity_is_invalid_argument() {
     .unwrap();
     let err = s.next(Duration::from_secs(5)).await.err().unwrap();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+}
+
+/// The JWT-SVID service next to SDS: a token only for a caller presenting its SVID, for its
+/// own SPIFFE ID, with a good audience; refusals counted by reason.
+#[tokio::test]
+async fn jwt_svid_needs_client_svid_and_audience() {
+    use trellis_proto::trellis::jwt::v1::jwt_svid_service_client::JwtSvidServiceClient;
+    use trellis_proto::trellis::jwt::v1::{MintJwtSvidRequest, WatchJwtBundleRequest};
+    let f = start(Duration::from_secs(60)).await;
+    let mint = |aud: &[&str]| MintJwtSvidRequest {
+        audiences: aud.iter().map(|s| s.to_string()).collect(),
+    };
+    // No client certificate: no token (a bearer credential is not enough either).
+    let mut anonymous = JwtSvidServiceClient::new(f.channel(None).await);
+    let err = anonymous.mint_jwt_svid(mint(&["db"])).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let err = anonymous
+        .watch_jwt_bundle(WatchJwtBundleRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+
+    // An SVID from SDS, then presented as client certificate.
+    let mut client = f.client(None).await;
+    let token = f.token(WEB);
+    let mut s = open(&mut client, Some(&token), req(&["default"], "", ""))
+        .await
+        .unwrap();
+    let svid = svid_of(&s.expect().await);
+    let mut jwt = JwtSvidServiceClient::new(f.channel(Some(&svid)).await);
+    for bad in [&[][..], &[""], &["two words"]] {
+        let err = jwt.mint_jwt_svid(mint(bad)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad:?}: {err:?}");
+    }
+    let minted = jwt
+        .mint_jwt_svid(mint(&["db", "cache"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(minted.spiffe_id, WEB);
+    assert_eq!(
+        minted.expires_at - minted.issued_at,
+        300,
+        "default jwt_svid_ttl"
+    );
+    let update = jwt
+        .watch_jwt_bundle(WatchJwtBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(update.trust_domain, "example.org");
+    let bundle = trellis_identity::jwt::JwtBundle::parse(td(), &update.jwks).unwrap();
+    let valid = trellis_identity::jwt::validate(
+        &minted.token,
+        &bundle,
+        Some("cache"),
+        SystemTime::now(),
+        trellis_identity::jwt::DEFAULT_SKEW,
+    )
+    .unwrap();
+    assert_eq!(valid.spiffe_id.as_str(), WEB);
+    assert_eq!(f.metric("trellis_jwt_svids_issued_total"), 1.0);
+    assert_eq!(
+        f.metric("trellis_jwt_svids_refused_total{reason=\"no_svid\"}"),
+        2.0
+    );
+    assert_eq!(
+        f.metric("trellis_jwt_svids_refused_total{reason=\"bad_audience\"}"),
+        3.0
+    );
+    assert_eq!(f.metric("trellis_jwt_keys"), 1.0);
 }

@@ -18,7 +18,7 @@
 //! needed twice); otherwise it sends `authorization: Bearer <token>`, re-reading a token file
 //! on every connect (kubelet rotates it).
 
-mod connect;
+pub(crate) mod connect;
 pub mod timing;
 pub mod update;
 

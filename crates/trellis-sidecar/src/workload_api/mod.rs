@@ -17,20 +17,23 @@ use futures::Stream;
 use tokio::io::DuplexStream;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
+use trellis_identity::jwt::check_audiences;
+use trellis_identity::SpiffeId;
 use trellis_identity::{Svid, TrustBundle};
 use trellis_proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
 use trellis_proto::workload::{
-    JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
-    ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
-    X509svidResponse,
+    JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
+    ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
+    X509svid, X509svidRequest, X509svidResponse,
 };
 
 use crate::metrics::SidecarMetrics;
 use crate::svid_store::SvidStore;
 
 mod authority;
+pub mod jwt;
 pub mod socket;
 
 pub use socket::{SocketError, SocketFile};
@@ -58,12 +61,28 @@ type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>
 pub struct WorkloadApi {
     store: Arc<SvidStore>,
     metrics: Arc<SidecarMetrics>,
+    /// JWT-SVIDs from the control plane; `None` (identity from files) serves X.509 only.
+    jwt: Option<Arc<jwt::JwtClient>>,
 }
 
 impl WorkloadApi {
     /// Serves what `store` holds; counts in `metrics`.
     pub fn new(store: Arc<SvidStore>, metrics: Arc<SidecarMetrics>) -> Self {
-        Self { store, metrics }
+        Self {
+            store,
+            metrics,
+            jwt: None,
+        }
+    }
+
+    /// Serves the JWT-SVID profile too, from `client`.
+    pub fn with_jwt(mut self, client: Arc<jwt::JwtClient>) -> Self {
+        self.jwt = Some(client);
+        self
+    }
+
+    fn jwt(&self) -> Result<&Arc<jwt::JwtClient>, Status> {
+        self.jwt.as_ref().ok_or_else(jwt_not_served)
     }
 
     /// The tonic service.
@@ -289,33 +308,130 @@ impl SpiffeWorkloadApi for WorkloadApi {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    /// Spec §6.2.1 (FetchJWTSVID): "The audience field MUST be set"; when `spiffe_id` is
+    /// set, only that identity may be returned. The sidecar has one identity, the pod's: any
+    /// other is `PermissionDenied` (the spec's code for an identity the caller is not entitled
+    /// to). Before the first X.509-SVID, or while the control plane is unreachable:
+    /// `Unavailable` (retry).
     async fn fetch_jwtsvid(
         &self,
         request: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
         self.check_header("FetchJWTSVID", &request)?;
-        Err(jwt_not_served())
+        let client = self.jwt()?;
+        let req = request.into_inner();
+        check_audiences(&req.audience)
+            .map_err(|e| Status::invalid_argument(format!("audience: {e}")))?;
+        if !req.spiffe_id.is_empty() {
+            let wanted = SpiffeId::parse(&req.spiffe_id).map_err(|e| {
+                Status::invalid_argument(format!("spiffe_id `{}`: {e}", req.spiffe_id))
+            })?;
+            let ours = self.store.spiffe_id();
+            if ours.as_ref() != Some(&wanted) {
+                return Err(Status::permission_denied(format!(
+                    "no JWT-SVID for `{wanted}`: this workload's identity is {}",
+                    ours.map_or_else(|| "not issued yet".to_owned(), |id| format!("`{id}`"))
+                )));
+            }
+        }
+        let token = client.fetch(&req.audience).await?;
+        Ok(Response::new(JwtsvidResponse {
+            svids: vec![Jwtsvid {
+                spiffe_id: token.spiffe_id,
+                svid: token.token,
+                hint: String::new(),
+            }],
+        }))
     }
 
+    /// Spec §6.2.2 (FetchJWTBundles): a stream of the JWT bundles, keyed by trust domain ID,
+    /// each message the full set; pushed again on every key change. Waits for the first bundle
+    /// (the sidecar gets it once it has its X.509-SVID).
     async fn fetch_jwt_bundles(
         &self,
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         self.check_header("FetchJWTBundles", &request)?;
-        Err(jwt_not_served())
+        let bundles = self.jwt()?.bundle();
+        let stream = futures::stream::unfold((bundles, true), |(mut bundles, first)| async move {
+            if !first {
+                bundles.changed().await.ok()?;
+            }
+            // Marks the value seen, so the next round waits for a change.
+            let bundle = bundles.wait_for(Option::is_some).await.ok()?.clone()?;
+            let response = JwtBundlesResponse {
+                bundles: [(bundle.trust_domain().id().to_string(), bundle.to_jwks())]
+                    .into_iter()
+                    .collect(),
+            };
+            Some((Ok(response), (bundles, false)))
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
+    /// Spec §6.2.3 (ValidateJWTSVID): validates with the JWT bundle and the audience; an
+    /// invalid token is `InvalidArgument` with the reason (JWT-SVID spec §4 checks, see
+    /// `trellis_identity::jwt::validate`).
     async fn validate_jwtsvid(
         &self,
         request: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
         self.check_header("ValidateJWTSVID", &request)?;
-        Err(jwt_not_served())
+        let client = self.jwt()?;
+        let req = request.into_inner();
+        if req.audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be set"));
+        }
+        if req.svid.is_empty() {
+            return Err(Status::invalid_argument("svid must be set"));
+        }
+        let Some(bundle) = client.bundle().borrow().clone() else {
+            return Err(Status::unavailable(
+                "no JWT bundle yet (the sidecar is still attesting); retry shortly",
+            ));
+        };
+        let valid = trellis_identity::jwt::validate(
+            &req.svid,
+            &bundle,
+            Some(&req.audience),
+            std::time::SystemTime::now(),
+            trellis_identity::jwt::DEFAULT_SKEW,
+        )
+        .map_err(|e| Status::invalid_argument(format!("JWT-SVID refused ({}): {e}", e.reason())))?;
+        Ok(Response::new(ValidateJwtsvidResponse {
+            spiffe_id: valid.spiffe_id.to_string(),
+            claims: Some(to_struct(valid.claims)),
+        }))
     }
 }
 
-/// Workload API spec §1: "operators MAY administratively disable a specific profile"; the
-/// JWT-SVID profile is not served by this version of the sidecar.
+/// JSON claims as a `google.protobuf.Struct`.
+fn to_struct(map: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: map.into_iter().map(|(k, v)| (k, to_value(v))).collect(),
+    }
+}
+
+fn to_value(v: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    use serde_json::Value as J;
+    let kind = match v {
+        J::Null => Kind::NullValue(0),
+        J::Bool(b) => Kind::BoolValue(b),
+        J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        J::String(s) => Kind::StringValue(s),
+        J::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.into_iter().map(to_value).collect(),
+        }),
+        J::Object(m) => Kind::StructValue(to_struct(m)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+/// Workload API spec §1: "operators MAY administratively disable a specific profile"; a
+/// sidecar whose identity comes from files has no control plane to sign JWT-SVIDs.
 fn jwt_not_served() -> Status {
-    Status::unimplemented("this Trellis sidecar serves the X.509-SVID profile only (no JWT-SVIDs)")
+    Status::unimplemented(
+        "this sidecar takes its identity from files (identity.files): no control plane signs JWT-SVIDs, so only the X.509-SVID profile is served",
+    )
 }
