@@ -232,7 +232,52 @@ pub fn decode(
     let bundle_pem = inline(ROOTCA, "trusted_ca", vc.trusted_ca)?.unwrap_or_default();
     let bundle = TrustBundle::from_pem(td.clone(), &bundle_pem)
         .map_err(|e| Rejection::new("bad_bundle", format!("secret `{ROOTCA}`: trusted_ca: {e}")))?;
+    let bundle = match vc.custom_validator_config {
+        None => bundle,
+        Some(ext) => bundle.with_federated(federated_bundles(td, ext)?),
+    };
     Ok(Decoded { chain, key, bundle })
+}
+
+/// The foreign trust domains' bundles from Envoy's SPIFFE validator config (SPIFFE
+/// federation): one `trust_domains` entry per domain. The own domain's entry is skipped
+/// (`trusted_ca` is authoritative for it); every other must parse, or the update is refused.
+fn federated_bundles(
+    td: &TrustDomain,
+    ext: trellis_proto::TypedExtensionConfig,
+) -> Result<Vec<TrustBundle>, Rejection> {
+    let bad = |detail: String| {
+        Rejection::new(
+            "bad_bundle",
+            format!("secret `{ROOTCA}`: custom_validator_config: {detail}"),
+        )
+    };
+    let any = ext
+        .typed_config
+        .filter(|_| ext.name == trellis_proto::SPIFFE_VALIDATOR_NAME)
+        .filter(|any| any.type_url == trellis_proto::SPIFFE_VALIDATOR_TYPE_URL)
+        .ok_or_else(|| {
+            bad(format!(
+                "only `{}` with a SPIFFECertValidatorConfig is understood",
+                trellis_proto::SPIFFE_VALIDATOR_NAME
+            ))
+        })?;
+    let config = trellis_proto::SpiffeCertValidatorConfig::decode(any.value.as_slice())
+        .map_err(|e| bad(format!("SPIFFECertValidatorConfig: {e}")))?;
+    let mut bundles = Vec::with_capacity(config.trust_domains.len());
+    for entry in config.trust_domains {
+        let name = TrustDomain::parse(&entry.name)
+            .map_err(|e| bad(format!("trust domain `{}`: {e}", entry.name)))?;
+        if &name == td {
+            continue;
+        }
+        let field = format!("trust_domains[{name}].trust_bundle");
+        let pem = inline(ROOTCA, &field, entry.trust_bundle)?.unwrap_or_default();
+        let foreign = TrustBundle::from_pem(name.clone(), &pem)
+            .map_err(|e| bad(format!("trust domain `{name}`: {e}")))?;
+        bundles.push(foreign);
+    }
+    Ok(bundles)
 }
 
 fn wrong_kind(name: &str, want: &str, got: Option<&secret::Type>) -> Rejection {
@@ -372,7 +417,10 @@ mod tests {
         Secret {
             name: ROOTCA.into(),
             r#type: Some(secret::Type::ValidationContext(
-                CertificateValidationContext { trusted_ca: pem },
+                CertificateValidationContext {
+                    trusted_ca: pem,
+                    custom_validator_config: None,
+                },
             )),
         }
     }
