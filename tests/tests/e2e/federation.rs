@@ -1,0 +1,521 @@
+//! SPIFFE federation end to end: two control planes (`a.org`, `b.org`) on loopback that
+//! federate from bootstrap bundles through each other's bundle endpoint, a sidecar of each,
+//! and in-process fakes for the hostile cases.
+//!
+//! ```text
+//!  test (app A) ─▶ sidecar A (a.org) ══ mTLS ══▶ sidecar B (b.org, policy allows a.org caller) ─▶ app B
+//!        trellis control a.org ◀── bundle endpoints (https_spiffe) ──▶ trellis control b.org
+//! ```
+//!
+//! The relationships are written into each control plane's config file after both started
+//! (each needs the other's endpoint address): that is also the reload-without-restart path.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context as _};
+use base64::Engine as _;
+use prost::Message as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpListener;
+use trellis_identity::testca::{LeafSpec, TestCa};
+use trellis_identity::tls::PeerMatch;
+use trellis_identity::{SpiffeId, Svid};
+use trellis_proto::{secret, SpiffeCertValidatorConfig};
+use trellis_tests::app_client::{echo_json, get_once, Proto};
+use trellis_tests::echo::EchoApp;
+use trellis_tests::sidecar::{Sidecar, SidecarOpts};
+use trellis_tests::{
+    decode_secrets, e2e, eventually, free_port, http_get, tls_client_config,
+    tls_connect, ControlPlane, ControlPlaneOpts, SdsStream,
+};
+
+const A_CALLER: &str = "spiffe://a.org/ns/prod/sa/service-a";
+const B_SERVER: &str = "spiffe://b.org/ns/prod/sa/service-b";
+const XFCC: &str = "x-forwarded-client-cert";
+/// Fast refreshes for tests: hint 1 s, bounded to [200 ms, 2 s].
+const FAST: &str = "bundle_refresh_hint: 1s\nlimits:\n  federation:\n    min_refresh: 200ms\n    max_refresh: 2s\n";
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A control plane with its config file (for federation edits) and the directory it lives in.
+struct Domain {
+    cp: ControlPlane,
+    config: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+/// Starts `trellis control` for `td` with `--bundle-endpoint` and a config file; with `ca`,
+/// signing with that CA (so the test can mint certificates the domain's CA signed).
+fn start_domain(td: &str, ca: Option<&TestCa>) -> anyhow::Result<Domain> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("control.yaml");
+    std::fs::write(&config, FAST)?;
+    let mut extra_args = vec![
+        "--config".to_string(),
+        config.display().to_string(),
+        "--bundle-endpoint".to_string(),
+        "127.0.0.1:0".to_string(),
+    ];
+    if let Some(ca) = ca {
+        let cert = dir.path().join("ca.pem");
+        let key = dir.path().join("ca.key");
+        std::fs::write(&cert, ca.cert_pem())?;
+        std::fs::write(&key, ca.key_pem())?;
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+        extra_args.extend([
+            "--ca-cert".to_string(),
+            cert.display().to_string(),
+            "--ca-key".to_string(),
+            key.display().to_string(),
+        ]);
+    }
+    let cp = ControlPlane::start(ControlPlaneOpts {
+        trust_domain: td.to_string(),
+        extra_args,
+        ..ControlPlaneOpts::default()
+    })?;
+    ensure!(cp.bundle_endpoint_addr.is_some(), "no bundle_endpoint= line");
+    Ok(Domain { cp, config, dir })
+}
+
+impl Domain {
+    /// Rewrites the config with one relationship to `td` (reloaded within a second).
+    fn federate(&self, td: &str, url: &str, endpoint_id: &str, bootstrap: &Path) -> anyhow::Result<()> {
+        let yaml = format!(
+            "{FAST}federation:\n  - trust_domain: {td}\n    bundle_endpoint_url: {url}\n    profile: https_spiffe\n    endpoint_spiffe_id: {endpoint_id}\n    bootstrap_bundle: {}\n",
+            bootstrap.display()
+        );
+        // Write then rename: the poller never reads half a file.
+        let tmp = self.dir.path().join("control.yaml.tmp");
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, &self.config)?;
+        Ok(())
+    }
+
+    /// Federates with `other` through its bundle endpoint, from its current bundle.pem.
+    fn federate_with(&self, other: &Domain) -> anyhow::Result<()> {
+        let td = other.cp.trust_domain.to_string();
+        let bootstrap = self.dir.path().join(format!("{td}-bootstrap.pem"));
+        std::fs::copy(&other.cp.bundle_pem_path, &bootstrap)?;
+        let addr = other.cp.bundle_endpoint_addr.context("no bundle endpoint")?;
+        self.federate(
+            &td,
+            &format!("https://{addr}"),
+            &format!("spiffe://{td}/trellis/control"),
+            &bootstrap,
+        )
+    }
+
+    /// `/bundles`' entry for `td`.
+    async fn federated(&self, td: &str) -> anyhow::Result<serde_json::Value> {
+        let report = self.cp.admin_get("/bundles").await?.json()?;
+        report["federated"]
+            .as_array()
+            .and_then(|l| l.iter().find(|d| d["trust_domain"] == td))
+            .cloned()
+            .with_context(|| format!("{td} not in /bundles: {report}"))
+    }
+
+    /// Waits until `/bundles` shows `td` satisfying `cond`.
+    async fn wait_for(
+        &self,
+        td: &str,
+        what: &str,
+        cond: impl Fn(&serde_json::Value) -> bool,
+    ) -> anyhow::Result<serde_json::Value> {
+        eventually(WAIT, what, || async {
+            let d = self.federated(td).await?;
+            ensure!(cond(&d), "{td}: {d}");
+            Ok(d)
+        })
+        .await
+    }
+}
+
+/// True when the entry was fetched from the endpoint and the last fetch worked.
+fn fetched(d: &serde_json::Value) -> bool {
+    d["source"] == "endpoint" && d["last_error"].is_null() && d["last_refresh"].is_string()
+}
+
+/// Sends one HTTP/1.1 request to sidecar `b`'s inbound listener presenting `svid`; the server
+/// must be [`B_SERVER`] under `b_bundle`. The status, or the error.
+async fn probe_inbound(
+    b: &Sidecar,
+    b_bundle: trellis_identity::TrustBundle,
+    svid: &Svid,
+) -> anyhow::Result<u16> {
+    let config = tls_client_config(
+        b_bundle,
+        PeerMatch::Exact(SpiffeId::parse(B_SERVER)?),
+        Some(svid),
+        &[b"http/1.1"],
+    )?;
+    let tls = tls_connect(b.addrs.inbound, config).await?;
+    Ok(http_get(tls, "b", "/api/probe").await?.status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_org_caller_reaches_b_org_app_through_federation() -> anyhow::Result<()> {
+    e2e(async {
+        let b_ca = TestCa::root("b.org");
+        let a = start_domain("a.org", None)?;
+        let b = start_domain("b.org", Some(&b_ca))?;
+        a.federate_with(&b)?;
+        b.federate_with(&a)?;
+        let seen_by_a = a.wait_for("b.org", "a.org fetched b.org's bundle", fetched).await?;
+        b.wait_for("a.org", "b.org fetched a.org's bundle", fetched).await?;
+        ensure!(seen_by_a["sequence"] == 1 && seen_by_a["cas"] == 1, "{seen_by_a}");
+        let report = a.cp.admin_get("/bundles").await?.json()?;
+        ensure!(
+            report["trust_domain"] == "a.org" && report["sequence"] == 1,
+            "/bundles: {report}"
+        );
+
+        // B's policy: the a.org caller may GET /api/**, nobody else anything.
+        let policy = b.dir.path().join("policy");
+        std::fs::create_dir(&policy)?;
+        std::fs::write(
+            policy.join("service-b.yaml"),
+            format!(
+                "apiVersion: trellis.io/v1\nkind: Policy\ndefaultAction: deny\nrules:\n  - name: a-org-api\n    action: allow\n    from: [{A_CALLER}]\n    to:\n      - methods: [GET]\n        paths: [/api/**]\n"
+            ),
+        )?;
+        let app_b = EchoApp::start("app-b").await?;
+        let policy_arg = policy.display().to_string();
+        let side_b = Sidecar::start(
+            &b.cp,
+            SidecarOpts::new("sidecar-b", B_SERVER, app_b.addr).args(&["--policy", &policy_arg]),
+        )
+        .await?;
+        let app_a = EchoApp::start("app-a").await?;
+        let side_a = Sidecar::start(
+            &a.cp,
+            SidecarOpts::new("sidecar-a", A_CALLER, app_a.addr).upstream(
+                "b",
+                side_b.addrs.inbound,
+                B_SERVER,
+            ),
+        )
+        .await?;
+
+        // The a.org caller reaches the b.org app; XFCC names it.
+        let call = || async {
+            let reply = get_once(side_a.outbound(), Proto::H1, "b", "/api/hello", &[]).await?;
+            echo_json(&reply)
+        };
+        let echo = eventually(WAIT, "a.org → b.org call", call).await?;
+        ensure!(echo["app"] == "app-b", "{echo}");
+        let seen = app_b.last_seen("/api/hello").context("app B saw nothing")?;
+        let xfcc = seen.header_all(XFCC);
+        ensure!(
+            xfcc.len() == 1
+                && xfcc[0].starts_with(&format!("By={B_SERVER};"))
+                && xfcc[0].ends_with(&format!("URI={A_CALLER}")),
+            "XFCC {xfcc:?}"
+        );
+        // The policy still decides: a path it does not allow is 403 naming the caller.
+        let reply = get_once(side_a.outbound(), Proto::H1, "b", "/admin", &[]).await?;
+        ensure!(reply.status == 403, "GET /admin: {}", reply.summary());
+        ensure!(
+            String::from_utf8_lossy(&reply.body).contains(A_CALLER),
+            "403 body: {}",
+            String::from_utf8_lossy(&reply.body)
+        );
+
+        // The impostor: an a.org ID signed by b.org's CA. B trusts b.org's CA, but a
+        // spiffe://a.org/… certificate must chain to a.org's bundle.
+        let b_bundle = b.cp.bundle()?;
+        let (chain, key) = b_ca.issue(&LeafSpec::new(A_CALLER));
+        let impostor = Svid::new(chain, key)?;
+        let refused = probe_inbound(&side_b, b_bundle.clone(), &impostor).await;
+        ensure!(refused.is_err(), "impostor got HTTP {refused:?}");
+        // A genuine b.org workload signed by the same CA is let in (so the refusal above is
+        // about the trust domain, not the certificate).
+        let (chain, key) = b_ca.issue(&LeafSpec::new("spiffe://b.org/ns/prod/sa/other"));
+        let genuine = Svid::new(chain, key)?;
+        let status = probe_inbound(&side_b, b_bundle, &genuine).await?;
+        ensure!(status == 403, "b.org stranger: HTTP {status} (want the policy's 403)");
+
+        // A wrong endpoint SPIFFE ID is refused, and b.org's bundle stays in force.
+        let bootstrap = a.dir.path().join("b.org-bootstrap.pem");
+        let b_url = format!("https://{}", b.cp.bundle_endpoint_addr.context("b endpoint")?);
+        a.federate("b.org", &b_url, "spiffe://b.org/not-the-endpoint", &bootstrap)?;
+        let d = a
+            .wait_for("b.org", "the wrong endpoint ID refused", |d| {
+                d["last_error"].as_str().is_some_and(|e| e.contains("TLS"))
+            })
+            .await?;
+        ensure!(d["cas"] == 1 && d["source"] == "endpoint", "{d}");
+        let m = a.cp.metrics().await?;
+        ensure!(
+            m.sum_or_zero(
+                "trellis_federation_refresh_failures_total",
+                &[("trust_domain", "b.org"), ("reason", "tls")]
+            ) >= 1.0,
+            "{}",
+            m.lines_of("trellis_federation_refresh_failures_total")
+        );
+        call().await.context("call with the wrong endpoint ID configured")?;
+
+        // An unreachable endpoint keeps the last good bundle: calls keep working.
+        let nowhere = format!("https://127.0.0.1:{}", free_port());
+        a.federate("b.org", &nowhere, "spiffe://b.org/trellis/control", &bootstrap)?;
+        let d = a
+            .wait_for("b.org", "the unreachable endpoint reported", |d| {
+                d["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("connect"))
+            })
+            .await?;
+        ensure!(d["cas"] == 1, "{d}");
+        call().await.context("call with b.org's endpoint unreachable")?;
+
+        // Back to the real endpoint: healthy again.
+        a.federate_with(&b)?;
+        a.wait_for("b.org", "a.org fetches b.org again", fetched).await?;
+        drop((side_a, side_b));
+        Ok(())
+    })
+    .await
+}
+
+/// A bundle endpoint in the test: TLS with `svid`, answers every request with `body()`.
+async fn fake_endpoint(
+    svid: Svid,
+    body: Arc<Mutex<String>>,
+) -> anyhow::Result<std::net::SocketAddr> {
+    use trellis_identity::tls::SvidResolver;
+    let resolver = SvidResolver::empty();
+    resolver.install(&svid)?;
+    let config = rustls::ServerConfig::builder_with_provider(trellis_identity::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, body) = (acceptor.clone(), Arc::clone(&body));
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let text = body.lock().map(|b| b.clone()).unwrap_or_default();
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
+                    text.len()
+                );
+                let _ = tls.write_all(resp.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// A bundle document with one `x509-svid` key per CA.
+fn document(cas: &[&TestCa], sequence: u64) -> String {
+    let keys: Vec<_> = cas
+        .iter()
+        .map(|ca| {
+            serde_json::json!({
+                "use": "x509-svid",
+                "kty": "EC",
+                "x5c": [base64::engine::general_purpose::STANDARD.encode(ca.cert())],
+            })
+        })
+        .collect();
+    serde_json::json!({"keys": keys, "spiffe_sequence": sequence, "spiffe_refresh_hint": 1})
+        .to_string()
+}
+
+/// The trust domains (and CA counts) of the ROOTCA secret a.org's SDS serves.
+async fn sds_trust_domains(cp: &ControlPlane) -> anyhow::Result<Vec<(String, usize)>> {
+    let token = cp.create_token("spiffe://a.org/ns/prod/sa/envoy", "1h")?;
+    let mut client = cp.sds_client().await?;
+    let mut stream = SdsStream::open(&mut client, Some(&token), &["default", "ROOTCA"]).await?;
+    let resp = stream.recv(Duration::from_secs(10)).await?;
+    let secrets = decode_secrets(&resp)?;
+    let rootca = secrets.get("ROOTCA").context("no ROOTCA")?;
+    let Some(secret::Type::ValidationContext(vc)) = &rootca.r#type else {
+        bail!("ROOTCA is not a validation context");
+    };
+    let Some(ext) = &vc.custom_validator_config else {
+        return Ok(Vec::new());
+    };
+    ensure!(ext.name == "envoy.tls.cert_validator.spiffe", "{}", ext.name);
+    let any = ext.typed_config.as_ref().context("no typed_config")?;
+    let config = SpiffeCertValidatorConfig::decode(any.value.as_slice())?;
+    config
+        .trust_domains
+        .iter()
+        .map(|d| {
+            let pem = match d.trust_bundle.as_ref().and_then(|b| b.specifier.clone()) {
+                Some(trellis_proto::data_source::Specifier::InlineBytes(b)) => b,
+                other => bail!("{}: trust_bundle {other:?}", d.name),
+            };
+            Ok((d.name.clone(), trellis_identity::certs_from_pem(&pem)?.len()))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_bundles_that_go_backwards_are_tampered_or_name_another_domain_are_refused(
+) -> anyhow::Result<()> {
+    e2e(async {
+        let b_ca = TestCa::root("b.org");
+        let body = Arc::new(Mutex::new(document(&[&b_ca], 5)));
+        let endpoint = fake_endpoint(b_ca.svid("/bundle-endpoint"), Arc::clone(&body)).await?;
+        let a = start_domain("a.org", None)?;
+        // Before federation: SDS carries no validator, exactly the single-domain secret.
+        ensure!(sds_trust_domains(&a.cp).await?.is_empty());
+        let bootstrap = a.dir.path().join("b.org-bootstrap.pem");
+        std::fs::write(&bootstrap, b_ca.bundle_pem())?;
+        a.federate(
+            "b.org",
+            &format!("https://{endpoint}"),
+            "spiffe://b.org/bundle-endpoint",
+            &bootstrap,
+        )?;
+        a.wait_for("b.org", "sequence 5 in force", |d| fetched(d) && d["sequence"] == 5)
+            .await?;
+        let domains = sds_trust_domains(&a.cp).await?;
+        ensure!(
+            domains == [("a.org".to_string(), 1), ("b.org".to_string(), 1)],
+            "SDS trust domains {domains:?}"
+        );
+
+        let refused = |reason: &'static str, bad: String| {
+            let (a, body) = (&a, Arc::clone(&body));
+            async move {
+                let before = a.cp.metrics().await?.sum_or_zero(
+                    "trellis_federation_refresh_failures_total",
+                    &[("trust_domain", "b.org"), ("reason", reason)],
+                );
+                *body.lock().map_err(|_| anyhow::anyhow!("poisoned"))? = bad;
+                eventually(WAIT, reason, || async {
+                    let n = a.cp.metrics().await?.sum_or_zero(
+                        "trellis_federation_refresh_failures_total",
+                        &[("trust_domain", "b.org"), ("reason", reason)],
+                    );
+                    ensure!(n > before, "{reason}: {n}");
+                    Ok(())
+                })
+                .await?;
+                let d = a.federated("b.org").await?;
+                ensure!(d["sequence"] == 5 && d["cas"] == 1, "after {reason}: {d}");
+                anyhow::Ok(())
+            }
+        };
+        // An older sequence (a replayed bundle).
+        refused("sequence_backwards", document(&[&b_ca], 3)).await?;
+        // A tampered certificate.
+        let good = document(&[&b_ca], 9);
+        let cert_b64 = base64::engine::general_purpose::STANDARD.encode(b_ca.cert());
+        let cut = &cert_b64[..cert_b64.len() - 12];
+        refused("invalid_bundle", good.replace(&cert_b64, cut)).await?;
+        // A CA of another trust domain.
+        let c_ca = TestCa::root("c.org");
+        refused("wrong_trust_domain", document(&[&c_ca], 9)).await?;
+
+        // A root rotation in b.org (a second CA, higher sequence) reaches SDS.
+        let b_next = TestCa::root("b.org");
+        *body.lock().map_err(|_| anyhow::anyhow!("poisoned"))? = document(&[&b_ca, &b_next], 6);
+        a.wait_for("b.org", "the rotated bundle", |d| d["sequence"] == 6 && d["cas"] == 2)
+            .await?;
+        let domains = eventually(WAIT, "SDS carries both b.org CAs", || async {
+            let d = sds_trust_domains(&a.cp).await?;
+            ensure!(d.contains(&("b.org".to_string(), 2)), "{d:?}");
+            Ok(d)
+        })
+        .await?;
+        println!("SDS trust domains after the b.org rotation: {domains:?}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundle_endpoint_serves_a_spiffe_bundle_only_with_the_control_planes_svid(
+) -> anyhow::Result<()> {
+    e2e(async {
+        let a = start_domain("a.org", None)?;
+        let addr = a.cp.bundle_endpoint_addr.context("no endpoint")?;
+        let bundle = a.cp.bundle()?;
+        // https_spiffe: the endpoint presents spiffe://a.org/trellis/control under a.org's bundle.
+        let config = tls_client_config(
+            bundle.clone(),
+            PeerMatch::Exact(a.cp.control_id()),
+            None,
+            &[b"http/1.1"],
+        )?;
+        let reply = http_get(tls_connect(addr, config).await?, "a.org", "/").await?;
+        ensure!(reply.status == 200, "GET /: {}", reply.status);
+        let doc = reply.json()?;
+        ensure!(doc["spiffe_sequence"] == 1 && doc["spiffe_refresh_hint"] == 1, "{doc}");
+        let keys = doc["keys"].as_array().context("no keys")?;
+        ensure!(keys.len() == 1 && keys[0]["use"] == "x509-svid", "{doc}");
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(keys[0]["x5c"][0].as_str().context("x5c")?)?;
+        ensure!(der == bundle.roots()[0].as_ref(), "x5c is not a.org's CA");
+        // Expecting another identity fails the handshake.
+        let wrong = tls_client_config(
+            bundle,
+            PeerMatch::Exact(SpiffeId::parse("spiffe://a.org/other")?),
+            None,
+            &[b"http/1.1"],
+        )?;
+        let r = async { http_get(tls_connect(addr, wrong).await?, "a.org", "/").await }.await;
+        ensure!(r.is_err(), "wrong identity accepted");
+
+        // py-spiffe reads the document: each x509-svid key's x5c as an X.509 bundle of a.org,
+        // and PyJWT (its JWK dependency) reads the key parameters, which must be the
+        // certificate's own public key.
+        let Some(python) = crate::protocols::venv_python_with("bundle_endpoint_py_spiffe", "spiffe")
+        else {
+            return Ok(());
+        };
+        let doc_path = a.dir.path().join("bundle.json");
+        std::fs::write(&doc_path, doc.to_string())?;
+        let script = r#"
+import base64, json, sys
+import jwt
+from cryptography.hazmat.primitives import serialization
+from spiffe import TrustDomain, X509Bundle
+doc = json.load(open(sys.argv[1]))
+keys = [k for k in doc["keys"] if k["use"] == "x509-svid"]
+der = b"".join(base64.b64decode(k["x5c"][0]) for k in keys)
+bundle = X509Bundle.parse_raw(TrustDomain("a.org"), der)
+auth = list(bundle.x509_authorities)
+pub = lambda k: k.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+ok = all(pub(jwt.PyJWK(k).key) == pub(a.public_key()) for k, a in zip(keys, auth))
+print(json.dumps({"trust_domain": str(bundle.trust_domain), "authorities": len(auth), "keys_match": ok, "sequence": doc["spiffe_sequence"]}))
+"#;
+        let mut cmd = std::process::Command::new(&python);
+        cmd.args(["-c", script]).arg(&doc_path);
+        let out = trellis_tests::run_with_timeout(cmd, Duration::from_secs(30))?;
+        ensure!(
+            out.status.success(),
+            "py-spiffe: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        ensure!(
+            got == serde_json::json!({"trust_domain": "a.org", "authorities": 1, "keys_match": true, "sequence": 1}),
+            "py-spiffe said {got}"
+        );
+        Ok(())
+    })
+    .await
+}
