@@ -519,3 +519,104 @@ print(json.dumps({"trust_domain": str(bundle.trust_domain), "authorities": len(a
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_envoy_with_federated_validation_context_accepts_both_domains_not_the_impostor(
+) -> anyhow::Result<()> {
+    e2e(async {
+        let test = "stock_envoy_with_federated_validation_context_accepts_both_domains_not_the_impostor";
+        let Some(envoy_bin) = trellis_tests::envoy_or_skip(test) else {
+            return Ok(());
+        };
+        // b.org: its CA in the test, its bundle endpoint a fake serving that CA.
+        let b_ca = TestCa::root("b.org");
+        let body = Arc::new(Mutex::new(document(&[&b_ca], 1)));
+        let endpoint = fake_endpoint(b_ca.svid("/bundle-endpoint"), body).await?;
+        let dir = tempfile::tempdir()?;
+        let bootstrap = dir.path().join("b.org-bootstrap.pem");
+        std::fs::write(&bootstrap, b_ca.bundle_pem())?;
+        let config = dir.path().join("control.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "{FAST}federation:\n  - trust_domain: b.org\n    bundle_endpoint_url: https://{endpoint}\n    profile: https_spiffe\n    endpoint_spiffe_id: spiffe://b.org/bundle-endpoint\n    bootstrap_bundle: {}\n",
+                bootstrap.display()
+            ),
+        )?;
+        let (jwks, jwt) = crate::envoy_sds::k8s_issuer_and_token()?;
+        let jwks_path = dir.path().join("jwks.json");
+        std::fs::write(&jwks_path, jwks)?;
+        let cp = ControlPlane::start_in(
+            dir,
+            ControlPlaneOpts {
+                k8s: Some(trellis_tests::K8sOpts {
+                    jwks: jwks_path,
+                    issuer: crate::envoy_sds::ISSUER.into(),
+                    audience: "trellis".into(),
+                }),
+                extra_args: vec!["--config".into(), config.display().to_string()],
+                ..Default::default()
+            },
+        )?;
+        let workload_id = SpiffeId::parse("spiffe://example.org/ns/default/sa/web")?;
+        let tls_port = free_port();
+        let rendered = trellis_tests::render_template(
+            crate::envoy_sds::BOOTSTRAP,
+            &[
+                ("SDS_PORT", &cp.sds_addr.port().to_string()),
+                ("TLS_PORT", &tls_port.to_string()),
+                ("PLAIN_PORT", &free_port().to_string()),
+                ("BUNDLE_PEM", &cp.bundle_pem_path.to_string_lossy()),
+                ("CONTROL_ID", cp.control_id().as_str()),
+                ("WORKLOAD_ID", workload_id.as_str()),
+                ("TOKEN", &jwt),
+            ],
+        )?;
+        let envoy_yaml = cp.dir.path().join("envoy.yaml");
+        std::fs::write(&envoy_yaml, rendered)?;
+        let envoy = trellis_tests::Envoy::start(&envoy_bin, &envoy_yaml, cp.dir.path())?;
+        let tls_addr: std::net::SocketAddr = ([127, 0, 0, 1], tls_port).into();
+        let bundle = cp.bundle()?;
+        let call = |svid: Svid| {
+            let bundle = bundle.clone();
+            let workload_id = workload_id.clone();
+            async move {
+                let config = tls_client_config(
+                    bundle,
+                    PeerMatch::Exact(workload_id),
+                    Some(&svid),
+                    &[b"http/1.1"],
+                )?;
+                let resp = http_get(tls_connect(tls_addr, config).await?, "envoy", "/").await?;
+                ensure!(resp.status == 200, "HTTP {}", resp.status);
+                Ok(resp.header("x-trellis-peer").unwrap_or_default().to_string())
+            }
+        };
+        // Our own domain, over a join token.
+        let own_id = "spiffe://example.org/e2e/client";
+        let token = cp.create_token(own_id, "1h")?;
+        let (own, _) = trellis_tests::fetch_svid(&cp, &token).await?;
+        let peer = eventually(Duration::from_secs(30), "Envoy to accept example.org", || {
+            call(own.clone())
+        })
+        .await
+        .with_context(|| format!("envoy stderr:\n{}", envoy.child.stderr_tail(40)))?;
+        ensure!(peer == own_id, "Envoy saw {peer}");
+        // b.org, signed by b.org's CA: Envoy's SPIFFE validator has b.org's bundle.
+        let b_id = "spiffe://b.org/ns/prod/sa/caller";
+        let b_svid = b_ca.svid("/ns/prod/sa/caller");
+        let peer = eventually(Duration::from_secs(30), "Envoy to accept b.org", || {
+            call(b_svid.clone())
+        })
+        .await
+        .with_context(|| format!("envoy stderr:\n{}", envoy.child.stderr_tail(40)))?;
+        ensure!(peer == b_id, "Envoy saw {peer}");
+        // The impostor: an example.org ID signed by b.org's CA.
+        let (chain, key) = b_ca.issue(&LeafSpec::new("spiffe://example.org/ns/prod/sa/admin"));
+        let refused = call(Svid::new(chain, key)?).await;
+        ensure!(refused.is_err(), "Envoy accepted the impostor: {refused:?}");
+        drop(envoy);
+        Ok(())
+    })
+    .await
+}
