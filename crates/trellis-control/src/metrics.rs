@@ -439,6 +439,16 @@ impl ControlMetrics {
             .set(i64::try_from(sequence).unwrap_or(i64::MAX));
     }
 
+    /// Drops a federated trust domain's gauges (its relationship was removed), so no stale
+    /// alert fires for a domain no longer trusted.
+    pub fn forget_federated_bundle(&self, trust_domain: &str) {
+        let label = TrustDomainLabel {
+            trust_domain: trust_domain.to_owned(),
+        };
+        self.federated_bundle_refresh.remove(&label);
+        self.federated_bundle_sequence.remove(&label);
+    }
+
     /// Counts a refused request.
     pub fn request_error(&self, reason: &'static str) {
         self.sds_request_errors

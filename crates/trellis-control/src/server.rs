@@ -303,17 +303,18 @@ impl ControlPlane {
         })?;
         let limiter = Arc::new(crate::ratelimit::PeerLimiter::new(settings.limits.sds.rate));
         // SDS streams get our bundle with every federated trust domain's attached.
-        let (mut federation, sds_bundle) = crate::federation::Federation::new(
-            td.clone(),
-            settings.federation.clone(),
-            settings.limits.federation,
-            settings.config_path.clone(),
-            Arc::clone(&registry),
-            Arc::clone(&metrics),
-            bundle_rx.clone(),
-            Arc::clone(&bundle_sequence),
-        )
-        .await;
+        let (mut federation, sds_bundle) =
+            crate::federation::Federation::new(crate::federation::FederationSetup {
+                own_td: td.clone(),
+                relationships: settings.federation.clone(),
+                limits: settings.limits.federation,
+                config: settings.config_path.clone(),
+                registry: Arc::clone(&registry),
+                metrics: Arc::clone(&metrics),
+                own: bundle_rx.clone(),
+                sequence: Arc::clone(&bundle_sequence),
+            })
+            .await;
         let core = Arc::new(SdsCore {
             ca: Arc::clone(&signer),
             bundle: sds_bundle,

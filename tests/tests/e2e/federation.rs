@@ -247,7 +247,8 @@ async fn a_org_caller_reaches_b_org_app_through_federation() -> anyhow::Result<(
                 d["last_error"].as_str().is_some_and(|e| e.contains("TLS"))
             })
             .await?;
-        ensure!(d["cas"] == 1 && d["source"] == "endpoint", "{d}");
+        // A changed relationship starts from the newest stored bundle (sequence 1).
+        ensure!(d["cas"] == 1 && d["sequence"] == 1, "{d}");
         let m = a.cp.metrics().await?;
         ensure!(
             m.sum_or_zero(

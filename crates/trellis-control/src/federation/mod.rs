@@ -290,20 +290,40 @@ pub struct Federation {
     domains: BTreeMap<TrustDomain, Domain>,
 }
 
+/// What [`Federation::new`] starts from.
+pub struct FederationSetup {
+    /// Our trust domain.
+    pub own_td: TrustDomain,
+    /// The relationships at start.
+    pub relationships: Vec<Relationship>,
+    /// `limits.federation`.
+    pub limits: FederationLimits,
+    /// The file whose `federation:` list is reloaded when it changes.
+    pub config: Option<PathBuf>,
+    /// Where fetched bundles are stored and shared.
+    pub registry: Arc<Registry>,
+    /// Metrics.
+    pub metrics: Arc<ControlMetrics>,
+    /// Our own bundle, from the CA rotator.
+    pub own: watch::Receiver<Arc<TrustBundle>>,
+    /// Our bundle's `spiffe_sequence`.
+    pub sequence: Arc<std::sync::atomic::AtomicU64>,
+}
+
 impl Federation {
-    /// Starts with `relationships` (bootstrap bundles read now, newer stored ones from the
-    /// registry preferred) and returns the bundle channel SDS streams follow. `config` is the
-    /// file whose `federation:` list is reloaded when it changes.
-    pub async fn new(
-        own_td: TrustDomain,
-        relationships: Vec<Relationship>,
-        limits: FederationLimits,
-        config: Option<PathBuf>,
-        registry: Arc<Registry>,
-        metrics: Arc<ControlMetrics>,
-        own: watch::Receiver<Arc<TrustBundle>>,
-        sequence: Arc<std::sync::atomic::AtomicU64>,
-    ) -> (Self, watch::Receiver<Arc<TrustBundle>>) {
+    /// Starts with the relationships (bootstrap bundles read now, newer stored ones from the
+    /// registry preferred) and returns the bundle channel SDS streams follow.
+    pub async fn new(setup: FederationSetup) -> (Self, watch::Receiver<Arc<TrustBundle>>) {
+        let FederationSetup {
+            own_td,
+            relationships,
+            limits,
+            config,
+            registry,
+            metrics,
+            own,
+            sequence,
+        } = setup;
         let initial = own.borrow().clone();
         let (out, out_rx) = watch::channel(initial);
         let config = config.map(|p| {
@@ -379,11 +399,19 @@ impl Federation {
                 }
             }
             self.adopt_stored(&mut d).await;
+            if d.last_refresh.is_none() {
+                // Never fetched: age from the epoch, so TrellisFederatedBundleStale fires if
+                // the first fetch never succeeds.
+                self.metrics.federated_bundle(td.as_str(), 0, 0);
+            }
             tracing::info!(trust_domain = %td, url = d.rel.url.as_str(), profile = d.rel.profile.as_str(), source = d.source, "federation relationship in force");
             domains.insert(td, d);
         }
         for td in self.domains.keys() {
             tracing::info!(trust_domain = %td, "federation relationship removed");
+            if !domains.contains_key(td) {
+                self.metrics.forget_federated_bundle(td.as_str());
+            }
         }
         self.domains = domains;
     }
@@ -402,7 +430,8 @@ impl Federation {
             })
             .flatten();
         let Some(row) = stored else { return };
-        if d.sequence.is_some_and(|s| s >= row.sequence) && d.source == "endpoint" {
+        // Only a newer one: a bootstrap bundle has no sequence, so any stored one is newer.
+        if d.sequence.is_some_and(|s| s >= row.sequence) {
             return;
         }
         match TrustBundle::from_pem(d.rel.trust_domain.clone(), row.bundle_pem.as_bytes()) {

@@ -449,6 +449,59 @@ mod tests {
         TrustDomain::parse("example.org").unwrap()
     }
 
+    /// `ROOTCA` with Envoy's SPIFFE validator listing `domains` (name, PEM).
+    fn federated_secret(own_pem: String, domains: &[(&str, String)]) -> Secret {
+        use trellis_proto::{spiffe_cert_validator_config, SpiffeCertValidatorConfig};
+        let config = SpiffeCertValidatorConfig {
+            trust_domains: domains
+                .iter()
+                .map(|(name, pem)| spiffe_cert_validator_config::TrustDomain {
+                    name: (*name).to_owned(),
+                    trust_bundle: bytes(pem.as_bytes()),
+                })
+                .collect(),
+        };
+        Secret {
+            name: ROOTCA.into(),
+            r#type: Some(secret::Type::ValidationContext(
+                CertificateValidationContext {
+                    trusted_ca: bytes(own_pem),
+                    custom_validator_config: Some(trellis_proto::TypedExtensionConfig {
+                        name: trellis_proto::SPIFFE_VALIDATOR_NAME.into(),
+                        typed_config: Some(prost_types::Any {
+                            type_url: trellis_proto::SPIFFE_VALIDATOR_TYPE_URL.into(),
+                            value: config.encode_to_vec(),
+                        }),
+                    }),
+                },
+            )),
+        }
+    }
+
+    #[test]
+    fn federated_validation_context_keys_bundles_by_trust_domain() {
+        let ca = TestCa::root("example.org");
+        let other = TestCa::root("b.org");
+        let svid = ca.svid("/web");
+        let (d, _) = good(&ca, &svid);
+        let rootca = federated_secret(
+            ca.bundle_pem(),
+            &[("example.org", ca.bundle_pem()), ("b.org", other.bundle_pem())],
+        );
+        let out = decode(&response(&[d.clone(), rootca]), &td(), KeySource::Response).unwrap();
+        assert_eq!(out.bundle.roots(), ca.bundle().roots());
+        let foreign: Vec<_> = out.bundle.federated().collect();
+        assert_eq!(foreign.len(), 1);
+        assert_eq!(foreign[0].trust_domain().as_str(), "b.org");
+        assert_eq!(foreign[0].roots(), other.bundle().roots());
+
+        // A foreign entry that does not parse refuses the whole update.
+        let rootca = federated_secret(ca.bundle_pem(), &[("b.org", "garbage".into())]);
+        let err = decode(&response(&[d, rootca]), &td(), KeySource::Response).unwrap_err();
+        assert_eq!(err.reason, "bad_bundle");
+        assert!(err.message.contains("custom_validator_config"), "{}", err.message);
+    }
+
     #[test]
     fn decodes_inline_bytes_and_strings() {
         let ca = TestCa::root("example.org");
