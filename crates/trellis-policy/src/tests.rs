@@ -78,10 +78,30 @@ fn foreign_trust_domain_principals_are_rules_like_any_other() {
     let p = policy(
         "defaultAction: deny\nrules:\n  - name: a-org\n    action: allow\n    from: [spiffe://a.org/ns/prod/**]\n    to:\n      - paths: [/api/**]\n  - name: b-org-web\n    action: allow\n    from: [spiffe://b.org/ns/prod/sa/web]\n    to:\n      - methods: [GET]\n        paths: [/health]\n",
     );
-    assert!(allowed(&p, "spiffe://a.org/ns/prod/sa/frontend", "GET", "/api/x"));
-    assert!(allowed(&p, "spiffe://b.org/ns/prod/sa/web", "GET", "/health"));
-    assert!(!allowed(&p, "spiffe://b.org/ns/prod/sa/frontend", "GET", "/api/x"));
-    assert!(!allowed(&p, "spiffe://a.org.evil/ns/prod/sa/x", "GET", "/api/x"));
+    assert!(allowed(
+        &p,
+        "spiffe://a.org/ns/prod/sa/frontend",
+        "GET",
+        "/api/x"
+    ));
+    assert!(allowed(
+        &p,
+        "spiffe://b.org/ns/prod/sa/web",
+        "GET",
+        "/health"
+    ));
+    assert!(!allowed(
+        &p,
+        "spiffe://b.org/ns/prod/sa/frontend",
+        "GET",
+        "/api/x"
+    ));
+    assert!(!allowed(
+        &p,
+        "spiffe://a.org.evil/ns/prod/sa/x",
+        "GET",
+        "/api/x"
+    ));
     assert!(!allowed(&p, A, "GET", "/api/x"));
 }
 

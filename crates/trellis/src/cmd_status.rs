@@ -283,7 +283,10 @@ async fn collect(client: &AdminClient) -> anyhow::Result<Value> {
             if let Some(obj) = control.as_object_mut() {
                 obj.insert("bundle_sequence".into(), bundles["sequence"].clone());
                 obj.insert("bundle_endpoint".into(), bundles["bundle_endpoint"].clone());
-                obj.insert("federation_config_error".into(), bundles["config_error"].clone());
+                obj.insert(
+                    "federation_config_error".into(),
+                    bundles["config_error"].clone(),
+                );
                 obj.insert("federated".into(), bundles["federated"].clone());
             }
         }

@@ -27,8 +27,8 @@ use trellis_tests::app_client::{echo_json, get_once, Proto};
 use trellis_tests::echo::EchoApp;
 use trellis_tests::sidecar::{Sidecar, SidecarOpts};
 use trellis_tests::{
-    decode_secrets, e2e, eventually, free_port, http_get, tls_client_config,
-    tls_connect, ControlPlane, ControlPlaneOpts, SdsStream,
+    decode_secrets, e2e, eventually, free_port, http_get, tls_client_config, tls_connect,
+    ControlPlane, ControlPlaneOpts, SdsStream,
 };
 
 const A_CALLER: &str = "spiffe://a.org/ns/prod/sa/service-a";
@@ -48,6 +48,15 @@ struct Domain {
 /// Starts `trellis control` for `td` with `--bundle-endpoint` and a config file; with `ca`,
 /// signing with that CA (so the test can mint certificates the domain's CA signed).
 fn start_domain(td: &str, ca: Option<&TestCa>) -> anyhow::Result<Domain> {
+    start_domain_with(td, ca, ControlPlaneOpts::default())
+}
+
+/// [`start_domain`] with other control-plane options (SVID lifetime, rotation).
+fn start_domain_with(
+    td: &str,
+    ca: Option<&TestCa>,
+    opts: ControlPlaneOpts,
+) -> anyhow::Result<Domain> {
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("control.yaml");
     std::fs::write(&config, FAST)?;
@@ -74,15 +83,24 @@ fn start_domain(td: &str, ca: Option<&TestCa>) -> anyhow::Result<Domain> {
     let cp = ControlPlane::start(ControlPlaneOpts {
         trust_domain: td.to_string(),
         extra_args,
-        ..ControlPlaneOpts::default()
+        ..opts
     })?;
-    ensure!(cp.bundle_endpoint_addr.is_some(), "no bundle_endpoint= line");
+    ensure!(
+        cp.bundle_endpoint_addr.is_some(),
+        "no bundle_endpoint= line"
+    );
     Ok(Domain { cp, config, dir })
 }
 
 impl Domain {
     /// Rewrites the config with one relationship to `td` (reloaded within a second).
-    fn federate(&self, td: &str, url: &str, endpoint_id: &str, bootstrap: &Path) -> anyhow::Result<()> {
+    fn federate(
+        &self,
+        td: &str,
+        url: &str,
+        endpoint_id: &str,
+        bootstrap: &Path,
+    ) -> anyhow::Result<()> {
         let yaml = format!(
             "{FAST}federation:\n  - trust_domain: {td}\n    bundle_endpoint_url: {url}\n    profile: https_spiffe\n    endpoint_spiffe_id: {endpoint_id}\n    bootstrap_bundle: {}\n",
             bootstrap.display()
@@ -99,7 +117,10 @@ impl Domain {
         let td = other.cp.trust_domain.to_string();
         let bootstrap = self.dir.path().join(format!("{td}-bootstrap.pem"));
         std::fs::copy(&other.cp.bundle_pem_path, &bootstrap)?;
-        let addr = other.cp.bundle_endpoint_addr.context("no bundle endpoint")?;
+        let addr = other
+            .cp
+            .bundle_endpoint_addr
+            .context("no bundle endpoint")?;
         self.federate(
             &td,
             &format!("https://{addr}"),
@@ -343,7 +364,19 @@ fn document(cas: &[&TestCa], sequence: u64) -> String {
 
 /// The trust domains (and CA counts) of the ROOTCA secret a.org's SDS serves.
 async fn sds_trust_domains(cp: &ControlPlane) -> anyhow::Result<Vec<(String, usize)>> {
-    let token = cp.create_token("spiffe://a.org/ns/prod/sa/envoy", "1h")?;
+    Ok(sds_bundles(cp)
+        .await?
+        .into_iter()
+        .map(|(td, certs)| (td, certs.len()))
+        .collect())
+}
+
+/// Each trust domain's CAs in the ROOTCA secret `cp`'s SDS serves (Envoy's SPIFFE validator
+/// entries); empty without federation.
+async fn sds_bundles(
+    cp: &ControlPlane,
+) -> anyhow::Result<Vec<(String, Vec<trellis_identity::CertificateDer<'static>>)>> {
+    let token = cp.create_token(cp.id("/ns/prod/sa/envoy").as_str(), "1h")?;
     let mut client = cp.sds_client().await?;
     let mut stream = SdsStream::open(&mut client, Some(&token), &["default", "ROOTCA"]).await?;
     let resp = stream.recv(Duration::from_secs(10)).await?;
@@ -355,7 +388,11 @@ async fn sds_trust_domains(cp: &ControlPlane) -> anyhow::Result<Vec<(String, usi
     let Some(ext) = &vc.custom_validator_config else {
         return Ok(Vec::new());
     };
-    ensure!(ext.name == "envoy.tls.cert_validator.spiffe", "{}", ext.name);
+    ensure!(
+        ext.name == "envoy.tls.cert_validator.spiffe",
+        "{}",
+        ext.name
+    );
     let any = ext.typed_config.as_ref().context("no typed_config")?;
     let config = SpiffeCertValidatorConfig::decode(any.value.as_slice())?;
     config
@@ -366,7 +403,7 @@ async fn sds_trust_domains(cp: &ControlPlane) -> anyhow::Result<Vec<(String, usi
                 Some(trellis_proto::data_source::Specifier::InlineBytes(b)) => b,
                 other => bail!("{}: trust_bundle {other:?}", d.name),
             };
-            Ok((d.name.clone(), trellis_identity::certs_from_pem(&pem)?.len()))
+            Ok((d.name.clone(), trellis_identity::certs_from_pem(&pem)?))
         })
         .collect()
 }
@@ -389,8 +426,10 @@ async fn foreign_bundles_that_go_backwards_are_tampered_or_name_another_domain_a
             "spiffe://b.org/bundle-endpoint",
             &bootstrap,
         )?;
-        a.wait_for("b.org", "sequence 5 in force", |d| fetched(d) && d["sequence"] == 5)
-            .await?;
+        a.wait_for("b.org", "sequence 5 in force", |d| {
+            fetched(d) && d["sequence"] == 5
+        })
+        .await?;
         let domains = sds_trust_domains(&a.cp).await?;
         ensure!(
             domains == [("a.org".to_string(), 1), ("b.org".to_string(), 1)],
@@ -433,8 +472,10 @@ async fn foreign_bundles_that_go_backwards_are_tampered_or_name_another_domain_a
         // A root rotation in b.org (a second CA, higher sequence) reaches SDS.
         let b_next = TestCa::root("b.org");
         *body.lock().map_err(|_| anyhow::anyhow!("poisoned"))? = document(&[&b_ca, &b_next], 6);
-        a.wait_for("b.org", "the rotated bundle", |d| d["sequence"] == 6 && d["cas"] == 2)
-            .await?;
+        a.wait_for("b.org", "the rotated bundle", |d| {
+            d["sequence"] == 6 && d["cas"] == 2
+        })
+        .await?;
         let domains = eventually(WAIT, "SDS carries both b.org CAs", || async {
             let d = sds_trust_domains(&a.cp).await?;
             ensure!(d.contains(&("b.org".to_string(), 2)), "{d:?}");
@@ -617,6 +658,132 @@ async fn stock_envoy_with_federated_validation_context_accepts_both_domains_not_
         let refused = call(Svid::new(chain, key)?).await;
         ensure!(refused.is_err(), "Envoy accepted the impostor: {refused:?}");
         drop(envoy);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn b_org_root_rotation_reaches_a_org_with_no_failed_request() -> anyhow::Result<()> {
+    e2e(async {
+        let fast_rotation = ControlPlaneOpts {
+            svid_ttl: Some("1m".into()),
+            rotate_every: Some("1s".into()),
+            ..ControlPlaneOpts::default()
+        };
+        let a = start_domain_with("a.org", None, fast_rotation.clone())?;
+        let b = start_domain_with("b.org", None, fast_rotation)?;
+        a.federate_with(&b)?;
+        b.federate_with(&a)?;
+        a.wait_for("b.org", "a.org fetched b.org", fetched).await?;
+        b.wait_for("a.org", "b.org fetched a.org", fetched).await?;
+        let app_b = EchoApp::start("app-b").await?;
+        let side_b =
+            Sidecar::start(&b.cp, SidecarOpts::new("sidecar-b", B_SERVER, app_b.addr)).await?;
+        let app_a = EchoApp::start("app-a").await?;
+        let opts_a = SidecarOpts::new("sidecar-a", A_CALLER, app_a.addr).upstream(
+            "b",
+            side_b.addrs.inbound,
+            B_SERVER,
+        );
+        let side_a = Sidecar::start(&a.cp, opts_a.clone()).await?;
+        let outbound = side_a.outbound();
+        eventually(WAIT, "a.org → b.org call", || async {
+            echo_json(&get_once(outbound, Proto::H1, "b", "/warm", &[]).await?)
+        })
+        .await?;
+
+        // Requests flow through the rotation; every one must succeed.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let load = {
+            let stop = Arc::clone(&stop);
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0u64, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match get_once(outbound, Proto::H1, "b", "/load", &[]).await {
+                        Ok(r) if r.status == 200 => ok += 1,
+                        Ok(r) => failed.push(r.summary()),
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                (ok, failed)
+            })
+        };
+
+        let old_root = b.cp.bundle()?.roots()[0].clone();
+        crate::reliability_ca::ca_rotate(&b.cp, &["--activate-after", "5s"])?;
+        // The new root reaches a.org's SDS (what its sidecars and Envoys get) through b.org's
+        // bundle endpoint before it signs anything.
+        let new_root = eventually(WAIT, "b.org's new root in a.org's SDS", || async {
+            let bundles = sds_bundles(&a.cp).await?;
+            let b_cas = bundles
+                .iter()
+                .find(|(td, _)| td == "b.org")
+                .map(|(_, c)| c.clone())
+                .context("no b.org in a.org's SDS")?;
+            ensure!(
+                b_cas.len() == 2,
+                "b.org CAs in a.org's SDS: {}",
+                b_cas.len()
+            );
+            b_cas
+                .into_iter()
+                .find(|c| *c != old_root)
+                .context("no new root")
+        })
+        .await?;
+        let d = a.federated("b.org").await?;
+        ensure!(d["sequence"] == 2 && d["cas"] == 2, "{d}");
+
+        // Sidecar B turns to an SVID of the new root; a handshake verified with the b.org
+        // bundle of a.org's SDS accepts it, and a fresh a.org sidecar (new handshakes) reaches B.
+        let new_issuer = trellis_identity::cert_facts(&new_root)?.subject;
+        let a_token = a.cp.create_token("spiffe://a.org/test/probe", "1h")?;
+        let (probe_svid, _) = trellis_tests::fetch_svid(&a.cp, &a_token).await?;
+        eventually(
+            Duration::from_secs(30),
+            "sidecar B on the new b.org root",
+            || async {
+                let b_cas = sds_bundles(&a.cp)
+                    .await?
+                    .into_iter()
+                    .find(|(td, _)| td == "b.org")
+                    .map(|(_, c)| c)
+                    .context("no b.org")?;
+                let b_bundle = trellis_identity::TrustBundle::new(
+                    trellis_identity::TrustDomain::parse("b.org")?,
+                    b_cas,
+                )?;
+                let config = tls_client_config(
+                    b_bundle,
+                    PeerMatch::Exact(SpiffeId::parse(B_SERVER)?),
+                    Some(&probe_svid),
+                    &[b"http/1.1"],
+                )?;
+                let tls = tls_connect(side_b.addrs.inbound, config).await?;
+                let issuer = trellis_identity::cert_facts(&trellis_tests::peer_leaf(&tls)?)?.issuer;
+                ensure!(issuer == new_issuer, "B presents a certificate of {issuer}");
+                Ok(())
+            },
+        )
+        .await?;
+        let app_a2 = EchoApp::start("app-a2").await?;
+        let mut opts_a2 = opts_a;
+        opts_a2.name = "sidecar-a2".into();
+        opts_a2.app = app_a2.addr;
+        let side_a2 = Sidecar::start(&a.cp, opts_a2).await?;
+        let echo = echo_json(&get_once(side_a2.outbound(), Proto::H1, "b", "/after", &[]).await?)?;
+        ensure!(echo["app"] == "app-b", "{echo}");
+
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (ok, failed) = load.await?;
+        println!(
+            "requests during the b.org root rotation: {ok} ok, {} failed",
+            failed.len()
+        );
+        ensure!(ok > 50 && failed.is_empty(), "{ok} ok, failed: {failed:?}");
+        drop((side_a, side_a2, side_b));
         Ok(())
     })
     .await
