@@ -667,8 +667,8 @@ async fn stock_envoy_with_federated_validation_context_accepts_both_domains_not_
 async fn b_org_root_rotation_reaches_a_org_with_no_failed_request() -> anyhow::Result<()> {
     e2e(async {
         let fast_rotation = ControlPlaneOpts {
-            svid_ttl: Some("1m".into()),
-            rotate_every: Some("1s".into()),
+            svid_ttl: Some("1h".into()),
+            rotate_every: Some("2s".into()),
             ..ControlPlaneOpts::default()
         };
         let a = start_domain_with("a.org", None, fast_rotation.clone())?;
