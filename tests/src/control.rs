@@ -72,6 +72,8 @@ pub struct ControlPlane {
     pub admin_addr: SocketAddr,
     /// The sidecar injection webhook's address, when started with `--webhook-listen`.
     pub webhook_addr: Option<SocketAddr>,
+    /// The SPIFFE bundle endpoint's address, when started with `--bundle-endpoint`.
+    pub bundle_endpoint_addr: Option<SocketAddr>,
     /// `--state-dir` (inside `dir`).
     pub state_dir: PathBuf,
     /// `<state-dir>/bundle.pem`.
@@ -161,6 +163,12 @@ impl ControlPlane {
             .find_map(|f| f.strip_prefix("operator="))
             .map(PathBuf::from)
             .with_context(|| format!("no operator= on the listening line {line:?}"))?;
+        let bundle_endpoint_addr = line
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("bundle_endpoint="))
+            .map(|v| v.parse())
+            .transpose()
+            .with_context(|| format!("bad bundle_endpoint= on the listening line {line:?}"))?;
         // Inside its own mount namespace, its files are seen through its root.
         let (state_dir, operator_socket) = match &opts.state_tmpfs {
             None => (state_dir, operator_socket),
@@ -182,6 +190,7 @@ impl ControlPlane {
             sds_addr,
             admin_addr,
             webhook_addr,
+            bundle_endpoint_addr,
             state_dir,
             bundle_pem_path,
             operator_socket,

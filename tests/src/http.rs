@@ -30,6 +30,12 @@ impl HttpResponse {
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
+
+    /// The body as JSON.
+    pub fn json(&self) -> anyhow::Result<serde_json::Value> {
+        serde_json::from_slice(&self.body)
+            .map_err(|e| anyhow::anyhow!("not JSON ({e}): {}", self.text()))
+    }
 }
 
 /// `GET path` with `Connection: close` on `io`, read to EOF (10 s at most), parsed.

@@ -87,6 +87,7 @@ pub fn bundle_secret(bundle_pem: &str) -> Secret {
         r#type: Some(secret::Type::ValidationContext(
             CertificateValidationContext {
                 trusted_ca: inline(bundle_pem),
+                custom_validator_config: None,
             },
         )),
     }

@@ -201,6 +201,8 @@ pub struct AdminState {
     pub log: Option<Arc<crate::translog::IssuanceLog>>,
     /// The state database's health (`/ready` names an outage).
     pub database: Arc<crate::db_health::DbHealth>,
+    /// Our bundle's sequence and each federated trust domain (`/bundles`).
+    pub bundles: Arc<ArcSwap<crate::federation::BundlesReport>>,
 }
 
 fn text(
@@ -258,7 +260,9 @@ pub fn certs_json(state: &AdminState) -> serde_json::Value {
 /// Routes one read-only admin request. `POST /shutdown` is served by [`handle`]; here it only
 /// answers `405` to other methods.
 pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes>> {
-    const READ_ONLY: [&str; 5] = ["/healthz", "/ready", "/metrics", "/ca", "/certs"];
+    const READ_ONLY: [&str; 6] = [
+        "/healthz", "/ready", "/metrics", "/ca", "/certs", "/bundles",
+    ];
     if path == "/shutdown" {
         return method_not_allowed("POST");
     }
@@ -295,10 +299,14 @@ pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<B
             "application/json",
             certs_json(state).to_string(),
         ),
+        "/bundles" => match serde_json::to_vec_pretty(&**state.bundles.load()) {
+            Ok(body) => text(StatusCode::OK, "application/json", body),
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, PLAIN, format!("{e}\n")),
+        },
         _ => text(
             StatusCode::NOT_FOUND,
             PLAIN,
-            "not found: try GET /healthz, /ready, /metrics, /ca, /certs, /log/sth; POST /shutdown\n",
+            "not found: try GET /healthz, /ready, /metrics, /ca, /certs, /bundles, /log/sth; POST /shutdown\n",
         ),
     }
 }
@@ -402,6 +410,7 @@ mod tests {
             ready: AtomicBool::new(false),
             serving: Arc::new(ArcSwapOption::from_pointee(ServingSvid::of(&svid))),
             bundle: Arc::new(ArcSwap::from_pointee(ca.bundle().clone())),
+            bundles: Arc::default(),
         }
     }
 
@@ -457,6 +466,7 @@ mod tests {
             (Method::GET, "/metrics", StatusCode::OK),
             (Method::GET, "/ca", StatusCode::OK),
             (Method::GET, "/certs", StatusCode::OK),
+            (Method::GET, "/bundles", StatusCode::OK),
             (Method::GET, "/nope", StatusCode::NOT_FOUND),
             (Method::POST, "/inspect", StatusCode::NOT_FOUND),
             (Method::POST, "/metrics", StatusCode::METHOD_NOT_ALLOWED),

@@ -104,6 +104,11 @@ pub struct CaView {
     pub serving: Arc<Ca>,
     /// Its schedule id.
     pub serving_id: i64,
+    /// The bundle's `spiffe_sequence` (bundle endpoint): 1 for the base CA alone, plus one
+    /// for every CA that joined the bundle and one for every CA that left it. Computed from
+    /// the schedule, which lives in the registry, so it survives restarts, every replica
+    /// computes the same number, and it only grows as time passes and rotations are added.
+    pub sequence: u64,
 }
 
 impl CaSchedule {
@@ -188,7 +193,14 @@ impl CaSchedule {
             .iter()
             .find(|(_, p)| matches!(p, CaPhase::Active | CaPhase::Retiring { .. }))
             .map_or(*signer, |(c, _)| *c);
+        // SPIFFE Trust Domain and Bundle 4.2.1: "spiffe_sequence ... SHOULD be incremented
+        // ... whenever the contents of the bundle change".
+        let sequence = 1 + phases
+            .iter()
+            .map(|(c, p)| u64::from(c.id != 0) + u64::from(*p == CaPhase::Retired))
+            .sum::<u64>();
         Ok(CaView {
+            sequence,
             signer: Arc::clone(&signer.ca),
             signer_id: signer.id,
             bundle,
@@ -244,6 +256,8 @@ pub struct CaRotator {
     last_seen: i64,
     /// Told whether each read of the schedule worked (the database's read probe).
     health: Option<Arc<crate::db_health::DbHealth>>,
+    /// The bundle's `spiffe_sequence`, for the bundle endpoint; stored after the bundle.
+    sequence: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// Re-issues the control plane's own certificates from [`CaOutputs::serving`]. The rotator
@@ -298,7 +312,14 @@ impl CaRotator {
             applied: Vec::new(),
             last_seen: 0,
             health: None,
+            sequence: None,
         }
+    }
+
+    /// Keeps `sequence` at the bundle's `spiffe_sequence` (see [`CaView::sequence`]).
+    pub fn with_sequence(mut self, sequence: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.sequence = Some(sequence);
+        self
     }
 
     /// Reports each read of the schedule (once a second) to `health`.
@@ -406,6 +427,10 @@ impl CaRotator {
                 .set(i64::try_from(bundle.roots().len()).unwrap_or(i64::MAX));
             self.bundle_tx.send_replace(bundle);
             changed = true;
+        }
+        // After the bundle: a reader never sees a new sequence with the old CAs.
+        if let Some(seq) = &self.sequence {
+            seq.store(view.sequence, std::sync::atomic::Ordering::Release);
         }
         self.record_transitions(now);
         changed
@@ -536,6 +561,21 @@ mod tests {
             activate_at: t(100),
         });
         (old, new, ttl, s)
+    }
+
+    #[test]
+    fn bundle_sequence_grows_with_every_bundle_change() {
+        let (old, _, ttl, s) = rotation();
+        let alone = CaSchedule::new(old, ttl);
+        assert_eq!(alone.view(&td(), t(0)).unwrap().sequence, 1);
+        // The new CA joined: 2; still 2 once it signs (the bundle is the same); 3 once the
+        // old one left.
+        assert_eq!(s.view(&td(), t(50)).unwrap().sequence, 2);
+        assert_eq!(s.view(&td(), t(101)).unwrap().sequence, 2);
+        let gone = t(100) + ttl + RETIRE_SKEW + Duration::from_secs(1);
+        let v = s.view(&td(), gone).unwrap();
+        assert_eq!(v.bundle.roots().len(), 1);
+        assert_eq!(v.sequence, 3);
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod client;
 pub mod clock_guard;
 pub mod config;
 pub mod db_health;
+pub mod federation;
 pub mod jwt;
 pub mod metrics;
 pub mod operator;

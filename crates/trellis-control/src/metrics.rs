@@ -25,6 +25,23 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// `trust_domain` and `reason` labels of a failed federated bundle refresh.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FederationFailureLabel {
+    /// The foreign trust domain.
+    pub trust_domain: String,
+    /// `connect`, `tls`, `http`, `http_status`, `timeout`, `invalid_bundle`,
+    /// `wrong_trust_domain`, `sequence_backwards`, `no_bundle`.
+    pub reason: &'static str,
+}
+
+/// `trust_domain` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrustDomainLabel {
+    /// A foreign trust domain.
+    pub trust_domain: String,
+}
+
 /// `spiffe_id` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SpiffeIdLabel {
@@ -83,6 +100,14 @@ pub struct ControlMetrics {
     /// `trellis_jwks_refresh_failures_total{reason}`: refreshes of the Kubernetes issuer keys
     /// from `--k8s-jwks-url` that failed (the keys in force were kept).
     pub jwks_refresh_failures: Family<ReasonLabel, Counter>,
+    /// `trellis_federation_refresh_failures_total{trust_domain,reason}`: federated bundle
+    /// fetches that failed or were refused (the bundle in force was kept).
+    pub federation_refresh_failures: Family<FederationFailureLabel, Counter>,
+    /// `trellis_federated_bundle_refresh_timestamp_seconds{trust_domain}`: when the bundle in
+    /// force was last fetched (its age is `time() -` this).
+    pub federated_bundle_refresh: Family<TrustDomainLabel, Gauge>,
+    /// `trellis_federated_bundle_sequence{trust_domain}`: its `spiffe_sequence`.
+    pub federated_bundle_sequence: Family<TrustDomainLabel, Gauge>,
     /// `trellis_svid_expiry_timestamp_seconds{spiffe_id}`: notAfter of the control plane's
     /// own serving SVID (the same name sidecars use for theirs, so one alert covers both).
     pub svid_expiry: Family<SpiffeIdLabel, Gauge>,
@@ -169,6 +194,9 @@ impl ControlMetrics {
             bundle_cas: Gauge::default(),
             ca_transitions: Family::default(),
             jwks_refresh_failures: Family::default(),
+            federation_refresh_failures: Family::default(),
+            federated_bundle_refresh: Family::default(),
+            federated_bundle_sequence: Family::default(),
             svid_expiry: Family::default(),
             webhook_reviews: Family::default(),
             webhook_cert_expiry: Gauge::default(),
@@ -272,6 +300,21 @@ impl ControlMetrics {
             "jwks_refresh_failures",
             "Failed refreshes of the Kubernetes issuer keys from --k8s-jwks-url, by reason (the keys in force were kept)",
             m.jwks_refresh_failures.clone(),
+        );
+        registry.register(
+            "federation_refresh_failures",
+            "Federated bundle fetches that failed or were refused, by trust domain and reason (the bundle in force was kept)",
+            m.federation_refresh_failures.clone(),
+        );
+        registry.register(
+            "federated_bundle_refresh_timestamp_seconds",
+            "When each federated trust domain's bundle in force was fetched, unix seconds",
+            m.federated_bundle_refresh.clone(),
+        );
+        registry.register(
+            "federated_bundle_sequence",
+            "spiffe_sequence of each federated trust domain's bundle in force",
+            m.federated_bundle_sequence.clone(),
         );
         registry.register(
             "sds_rate_limited",
@@ -405,6 +448,39 @@ impl ControlMetrics {
             .inc();
     }
 
+    /// Counts a failed federated bundle refresh.
+    pub fn federation_refresh_failed(&self, trust_domain: &str, reason: &'static str) {
+        self.federation_refresh_failures
+            .get_or_create(&FederationFailureLabel {
+                trust_domain: trust_domain.to_owned(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// Records a federated bundle taken into force: its sequence and fetch time.
+    pub fn federated_bundle(&self, trust_domain: &str, sequence: u64, fetched_at: i64) {
+        let label = TrustDomainLabel {
+            trust_domain: trust_domain.to_owned(),
+        };
+        self.federated_bundle_refresh
+            .get_or_create(&label)
+            .set(fetched_at);
+        self.federated_bundle_sequence
+            .get_or_create(&label)
+            .set(i64::try_from(sequence).unwrap_or(i64::MAX));
+    }
+
+    /// Drops a federated trust domain's gauges (its relationship was removed), so no stale
+    /// alert fires for a domain no longer trusted.
+    pub fn forget_federated_bundle(&self, trust_domain: &str) {
+        let label = TrustDomainLabel {
+            trust_domain: trust_domain.to_owned(),
+        };
+        self.federated_bundle_refresh.remove(&label);
+        self.federated_bundle_sequence.remove(&label);
+    }
+
     /// Counts a refused request.
     pub fn request_error(&self, reason: &'static str) {
         self.sds_request_errors
@@ -475,6 +551,21 @@ mod tests {
         ("trellis_jwt_svids_issued_total", "counter", &[]),
         ("trellis_jwt_svids_refused_total", "counter", &["reason"]),
         ("trellis_jwt_keys", "gauge", &[]),
+        (
+            "trellis_federation_refresh_failures_total",
+            "counter",
+            &["trust_domain", "reason"],
+        ),
+        (
+            "trellis_federated_bundle_refresh_timestamp_seconds",
+            "gauge",
+            &["trust_domain"],
+        ),
+        (
+            "trellis_federated_bundle_sequence",
+            "gauge",
+            &["trust_domain"],
+        ),
     ];
 
     #[test]
@@ -491,6 +582,8 @@ mod tests {
         m.webhook_review("injected");
         m.serving_svid_expiry("spiffe://example.org/trellis/control", 1_900_000_000);
         m.jwks_refresh_failed("connect");
+        m.federation_refresh_failed("b.org", "connect");
+        m.federated_bundle("b.org", 3, 1_900_000_000);
         m.connection_refused("sds");
         m.database_error("read");
         m.jwt_refused("bad_audience");

@@ -92,6 +92,9 @@ pub enum StartError {
     /// The issuance transparency log cannot be opened or does not match its signed head.
     #[error(transparent)]
     Log(#[from] crate::translog::LogError),
+    /// The SPIFFE bundle endpoint.
+    #[error(transparent)]
+    BundleEndpoint(#[from] crate::federation::endpoint::EndpointError),
 }
 
 /// A running control plane.
@@ -110,6 +113,8 @@ pub struct ControlPlane {
     pub webhook_addr: Option<SocketAddr>,
     /// The operator API's Unix socket.
     pub operator_socket: PathBuf,
+    /// Where the SPIFFE bundle endpoint listens (`bundle_endpoint`), if it is on.
+    pub bundle_endpoint_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     /// Drains the listeners (SDS, admin, webhook) and their connections.
     drain_signal: DrainSignal,
@@ -253,7 +258,7 @@ impl ControlPlane {
                 reissue.renew();
             })
         };
-        let mut rotator = CaRotator::new(
+        let rotator = CaRotator::new(
             td.clone(),
             CaSchedule::new(Arc::clone(&base), settings.svid_ttl),
             Arc::clone(&registry),
@@ -270,6 +275,9 @@ impl ControlPlane {
             Arc::clone(&audit),
         )
         .with_db_health(Arc::clone(&db_health));
+        // The bundle's `spiffe_sequence`, published by the bundle endpoint.
+        let bundle_sequence = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut rotator = rotator.with_sequence(Arc::clone(&bundle_sequence));
         rotator.refresh(SystemTime::now());
         let bundle = bundle_rx.borrow().clone();
         // The injection webhook puts the bundle in force at admission into each sidecar.
@@ -321,9 +329,22 @@ impl ControlPlane {
             },
             Arc::clone(&metrics),
         )?;
+        // SDS streams get our bundle with every federated trust domain's attached.
+        let (mut federation, sds_bundle) =
+            crate::federation::Federation::new(crate::federation::FederationSetup {
+                own_td: td.clone(),
+                relationships: settings.federation.clone(),
+                limits: settings.limits.federation,
+                config: settings.config_path.clone(),
+                registry: Arc::clone(&registry),
+                metrics: Arc::clone(&metrics),
+                own: bundle_rx.clone(),
+                sequence: Arc::clone(&bundle_sequence),
+            })
+            .await;
         let core = Arc::new(SdsCore {
             ca: Arc::clone(&signer),
-            bundle: bundle_rx,
+            bundle: sds_bundle,
             attestor,
             recorder,
             audit: Arc::clone(&audit),
@@ -419,6 +440,30 @@ impl ControlPlane {
             }
         }));
 
+        // The SPIFFE bundle endpoint, with the control plane's own SVID (https_spiffe).
+        let bundle_endpoint_addr = match settings.bundle_endpoint {
+            Some(addr) => {
+                let (bound, task) = crate::federation::endpoint::start(
+                    addr,
+                    Arc::clone(&resolver),
+                    crate::federation::endpoint::EndpointState {
+                        bundle: bundle_rx.clone(),
+                        sequence: Arc::clone(&bundle_sequence),
+                        refresh_hint: settings.bundle_refresh_hint,
+                    },
+                    &metrics,
+                    drain.clone(),
+                )
+                .await?;
+                tasks.push(task);
+                Some(bound)
+            }
+            None => None,
+        };
+        federation.set_endpoint(bundle_endpoint_addr);
+        let bundles_report = federation.report();
+        tasks.push(tokio::spawn(federation.run(shutdown_rx.clone())));
+
         tasks.push(tokio::spawn(rotator.run(CA_POLL, shutdown_rx.clone())));
         tasks.push(tokio::spawn(
             jwt_keys.run(JWT_KEY_POLL, shutdown_rx.clone()),
@@ -449,6 +494,7 @@ impl ControlPlane {
             serving,
             bundle: Arc::clone(&shared_bundle),
             database: db_health,
+            bundles: bundles_report,
         });
         admin_state
             .ready
@@ -471,6 +517,7 @@ impl ControlPlane {
             metrics,
             webhook_addr,
             operator_socket: operator.path,
+            bundle_endpoint_addr,
             shutdown,
             drain_signal,
             admin_shutdown,

@@ -1,5 +1,7 @@
 //! Trust bundles: the CA certificates that verify SVIDs of one trust domain.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustls_pki_types::{CertificateDer, TrustAnchor};
@@ -14,6 +16,10 @@ pub struct TrustBundle {
     /// webpki's view of `roots`, built once here instead of on every handshake.
     anchors: Vec<TrustAnchor<'static>>,
     earliest_expiry: SystemTime,
+    /// Bundles of other trust domains this one federates with (SPIFFE federation), keyed by
+    /// trust domain; empty without federation. A peer is verified against the bundle of the
+    /// trust domain its SPIFFE ID names, never against another domain's.
+    federated: Arc<BTreeMap<TrustDomain, TrustBundle>>,
 }
 
 impl TrustBundle {
@@ -54,7 +60,65 @@ impl TrustBundle {
             roots,
             anchors,
             earliest_expiry,
+            federated: Arc::default(),
         })
+    }
+
+    /// This bundle with `foreign` as its federated bundles (replacing any before). Bundles of
+    /// this bundle's own trust domain are left out (its own CAs always win), as are the
+    /// federated bundles nested inside `foreign` (federation is not transitive).
+    pub fn with_federated(mut self, foreign: impl IntoIterator<Item = TrustBundle>) -> Self {
+        let mut map = BTreeMap::new();
+        for mut bundle in foreign {
+            if bundle.trust_domain == self.trust_domain {
+                continue;
+            }
+            bundle.federated = Arc::default();
+            map.insert(bundle.trust_domain.clone(), bundle);
+        }
+        self.federated = Arc::new(map);
+        self
+    }
+
+    /// The federated (foreign) bundles, ordered by trust domain; empty without federation.
+    pub fn federated(&self) -> impl Iterator<Item = &TrustBundle> {
+        self.federated.values()
+    }
+
+    /// True when this bundle carries other trust domains' bundles.
+    pub fn is_federated(&self) -> bool {
+        !self.federated.is_empty()
+    }
+
+    /// The bundle that verifies SVIDs of `td`: this one for its own trust domain, a federated
+    /// one for a foreign trust domain, `None` for a domain not trusted at all.
+    pub fn for_domain(&self, td: &str) -> Option<&TrustBundle> {
+        if self.trust_domain.as_str() == td {
+            return Some(self);
+        }
+        self.federated
+            .iter()
+            .find(|(name, _)| name.as_str() == td)
+            .map(|(_, b)| b)
+    }
+
+    /// This bundle without its federated bundles (the own trust domain's CAs only).
+    pub fn own(&self) -> TrustBundle {
+        let mut own = self.clone();
+        own.federated = Arc::default();
+        own
+    }
+
+    /// True when both hold the same CAs for the same trust domains (own and federated).
+    pub fn same_cas(&self, other: &TrustBundle) -> bool {
+        self.trust_domain == other.trust_domain
+            && self.roots == other.roots
+            && self.federated.len() == other.federated.len()
+            && self
+                .federated
+                .iter()
+                .zip(other.federated.iter())
+                .all(|((a, x), (b, y))| a == b && x.roots == y.roots)
     }
 
     /// Parses PEM, then as [`TrustBundle::new`].
@@ -63,7 +127,8 @@ impl TrustBundle {
         Self::new(trust_domain, roots)
     }
 
-    /// The bundle as concatenated PEM (the `ROOTCA` secret, `bundle.pem`).
+    /// The bundle as concatenated PEM (the `ROOTCA` secret, `bundle.pem`): the own trust
+    /// domain's CAs only, never the federated ones.
     pub fn to_pem(&self) -> String {
         crate::certs_to_pem(&self.roots)
     }

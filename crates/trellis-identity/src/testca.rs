@@ -29,6 +29,8 @@ const HOUR: Duration = Duration::from_secs(3600);
 pub struct TestCa {
     trust_domain: TrustDomain,
     issuer: Issuer<'static, KeyPair>,
+    /// The CA key, PKCS#8 PEM.
+    key_pem: String,
     cert: CertificateDer<'static>,
     root: CertificateDer<'static>,
     /// What a leaf's chain carries after the leaf: this CA and its parents, without the root.
@@ -57,6 +59,7 @@ impl TestCa {
             .clone();
         TestCa {
             trust_domain,
+            key_pem: key.serialize_pem(),
             issuer: Issuer::new(params, key),
             root: cert.clone(),
             cert,
@@ -77,6 +80,7 @@ impl TestCa {
         chain_tail.extend(self.chain_tail.iter().cloned());
         TestCa {
             trust_domain: self.trust_domain.clone(),
+            key_pem: key.serialize_pem(),
             issuer: Issuer::new(params, key),
             cert,
             root: self.root.clone(),
@@ -87,6 +91,16 @@ impl TestCa {
     /// This CA's own certificate.
     pub fn cert(&self) -> &CertificateDer<'static> {
         &self.cert
+    }
+
+    /// This CA's private key as PKCS#8 PEM (to run `trellis control --ca-key` with it).
+    pub fn key_pem(&self) -> String {
+        self.key_pem.clone()
+    }
+
+    /// This CA's certificate as PEM (`trellis control --ca-cert`).
+    pub fn cert_pem(&self) -> String {
+        certs_to_pem(std::slice::from_ref(&self.cert))
     }
 
     /// The trust domain the CA was made for.

@@ -41,6 +41,17 @@ pub(crate) fn verify_leaf(
     usage: Usage,
 ) -> Result<SpiffeId, SvidError> {
     let facts = crate::cert_facts(leaf)?;
+    // SPIFFE Trust Domain and Bundle 4.1: "the trust domain name of the SPIFFE ID is used to
+    // select the bundle" that validates the SVID. With federation the leaf's SPIFFE ID picks
+    // its own domain's bundle, so `spiffe://a.org/...` must chain to a.org's CAs and never to
+    // b.org's. A leaf of an untrusted domain (or no SPIFFE ID) is judged against the own
+    // bundle, which refuses it exactly as without federation.
+    let bundle = match facts.leaf_spiffe_id() {
+        Ok(id) if bundle.is_federated() => {
+            bundle.for_domain(id.trust_domain_name()).unwrap_or(bundle)
+        }
+        _ => bundle,
+    };
 
     // X509-SVID 5.1: "The validation of trust in a given SVID is based on standard X.509 path
     // validation, and MUST follow RFC 5280 path validation semantics."
@@ -364,5 +375,31 @@ mod tests {
             let (chain, _) = ca.issue(&LeafSpec::new(ID));
             verify_svid_chain(&chain, &bundle, SystemTime::now(), Usage::Either).unwrap();
         }
+    }
+
+    #[test]
+    fn federated_peer_verifies_against_its_own_domain_only() {
+        let a = TestCa::root("a.org");
+        let b = TestCa::root("b.org");
+        let federated = a.bundle().with_federated([b.bundle()]);
+        let now = SystemTime::now();
+        // A b.org workload signed by b.org's CA: accepted through the federated bundle.
+        let (chain, _) = b.issue(&LeafSpec::new("spiffe://b.org/web"));
+        let id = verify_svid_chain(&chain, &federated, now, Usage::Either).unwrap();
+        assert_eq!(id.as_str(), "spiffe://b.org/web");
+        // An a.org workload signed by a.org's CA: still accepted.
+        let (chain, _) = a.issue(&LeafSpec::new("spiffe://a.org/web"));
+        verify_svid_chain(&chain, &federated, now, Usage::Either).unwrap();
+        // The impostor: an a.org ID signed by b.org's CA must not pass as a.org.
+        let (chain, _) = b.issue(&LeafSpec::new("spiffe://a.org/web"));
+        let err = verify_svid_chain(&chain, &federated, now, Usage::Either).unwrap_err();
+        assert!(matches!(err, SvidError::UnknownIssuer { .. }), "{err:?}");
+        // And a b.org ID signed by a.org's CA is refused the same way.
+        let (chain, _) = a.issue(&LeafSpec::new("spiffe://b.org/web"));
+        let err = verify_svid_chain(&chain, &federated, now, Usage::Either).unwrap_err();
+        assert!(matches!(err, SvidError::UnknownIssuer { .. }), "{err:?}");
+        // Without federation, b.org's workloads are refused.
+        let (chain, _) = b.issue(&LeafSpec::new("spiffe://b.org/web"));
+        assert!(verify_svid_chain(&chain, &a.bundle(), now, Usage::Either).is_err());
     }
 }

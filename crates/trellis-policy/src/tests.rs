@@ -72,6 +72,40 @@ fn example_allows_health_and_denies_admin_export() {
 }
 
 #[test]
+fn foreign_trust_domain_principals_are_rules_like_any_other() {
+    // SPIFFE federation: a policy may name callers of another trust domain, exactly or by
+    // prefix, and `spiffe://a.org/**` never covers a b.org caller.
+    let p = policy(
+        "defaultAction: deny\nrules:\n  - name: a-org\n    action: allow\n    from: [spiffe://a.org/ns/prod/**]\n    to:\n      - paths: [/api/**]\n  - name: b-org-web\n    action: allow\n    from: [spiffe://b.org/ns/prod/sa/web]\n    to:\n      - methods: [GET]\n        paths: [/health]\n",
+    );
+    assert!(allowed(
+        &p,
+        "spiffe://a.org/ns/prod/sa/frontend",
+        "GET",
+        "/api/x"
+    ));
+    assert!(allowed(
+        &p,
+        "spiffe://b.org/ns/prod/sa/web",
+        "GET",
+        "/health"
+    ));
+    assert!(!allowed(
+        &p,
+        "spiffe://b.org/ns/prod/sa/frontend",
+        "GET",
+        "/api/x"
+    ));
+    assert!(!allowed(
+        &p,
+        "spiffe://a.org.evil/ns/prod/sa/x",
+        "GET",
+        "/api/x"
+    ));
+    assert!(!allowed(&p, A, "GET", "/api/x"));
+}
+
+#[test]
 fn deny_wins_over_allow() {
     // `prod-admin` allows /admin/** to prod, `no-export` denies it to everyone: deny wins,
     // wherever it stands in the file.

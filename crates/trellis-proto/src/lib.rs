@@ -74,10 +74,17 @@ pub mod trellis {
     }
 }
 
-pub use envoy::config::core::v3::{data_source, DataSource, Node};
+pub use envoy::config::core::v3::{data_source, DataSource, Node, TypedExtensionConfig};
 pub use envoy::extensions::transport_sockets::tls::v3::{
-    secret, CertificateValidationContext, GenericSecret, Secret, TlsCertificate,
+    secret, spiffe_cert_validator_config, CertificateValidationContext, GenericSecret, Secret,
+    SpiffeCertValidatorConfig, TlsCertificate,
 };
+
+/// The name of Envoy's SPIFFE certificate validator extension.
+pub const SPIFFE_VALIDATOR_NAME: &str = "envoy.tls.cert_validator.spiffe";
+/// The type URL of its config, `SPIFFECertValidatorConfig`.
+pub const SPIFFE_VALIDATOR_TYPE_URL: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig";
 pub use envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 pub use envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 pub use envoy::service::secret::v3::secret_discovery_service_server::{

@@ -26,7 +26,9 @@ pub struct ControlArgs {
     /// max_header_bytes, idle_timeout, max_streams_per_connection, max_pending_resets},
     /// limits.webhook.{max_connections, max_header_bytes, max_body_bytes, body_timeout,
     /// header_read_timeout, handshake_timeout}, limits.k8s.{max_jwt_bytes, max_jwks_bytes,
-    /// jwks_fetch_timeout}; examples/control.yaml shows them all).
+    /// jwks_fetch_timeout}, limits.federation.{min_refresh, max_refresh, fetch_timeout,
+    /// max_bundle_bytes}, bundle_endpoint, bundle_refresh_hint, and the `federation:` list,
+    /// reloaded when the file changes; examples/control.yaml shows them all).
     #[arg(long, env = "TRELLIS_CONFIG")]
     config: Option<PathBuf>,
     /// Trust domain, e.g. example.org.
@@ -83,6 +85,10 @@ pub struct ControlArgs {
     /// 0.0.0.0:8444 [default: off].
     #[arg(long, env = "TRELLIS_WEBHOOK_LISTEN")]
     webhook_listen: Option<SocketAddr>,
+    /// Serve the SPIFFE bundle endpoint (HTTPS with the control plane's SVID, GET /) on this
+    /// address, e.g. 0.0.0.0:8446 [default: off].
+    #[arg(long, env = "TRELLIS_BUNDLE_ENDPOINT")]
+    bundle_endpoint: Option<SocketAddr>,
     /// DNS name of the webhook's serving certificate (issued by the control plane's CA);
     /// repeatable or comma-separated [default: trellis-control.trellis-system.svc].
     #[arg(
@@ -269,7 +275,7 @@ impl ControlArgs {
             sidecar_control_plane,
             native_sidecar
         );
-        over!(database, tls_key_exchange);
+        over!(database, tls_key_exchange, bundle_endpoint);
         // The flags kept their flat names; each sets one key of the nested `limits:`.
         macro_rules! limits {
             ($($flag:ident => $group:ident . $key:ident),* $(,)?) => {
@@ -316,7 +322,10 @@ impl ControlArgs {
 
 /// Runs the control plane until a signal or an admin `POST /shutdown`.
 pub fn run(args: ControlArgs) -> anyhow::Result<()> {
-    let settings = ControlSettings::from_file(args.merged()?)?;
+    let config_path = args.config.clone();
+    let mut settings = ControlSettings::from_file(args.merged()?)?;
+    // The `federation:` list of this file is reloaded when the file changes.
+    settings.config_path = config_path;
     trellis_identity::tls::install_key_exchange(settings.tls_key_exchange)?;
     // Issuance and attestation run on the blocking pool; a small pool keeps a burst of
     // thousands of streams from spawning hundreds of threads (and their malloc arenas).
@@ -332,8 +341,12 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
             .webhook_addr
             .map(|a| format!(" webhook={a}"))
             .unwrap_or_default();
+        let bundle_endpoint = cp
+            .bundle_endpoint_addr
+            .map(|a| format!(" bundle_endpoint={a}"))
+            .unwrap_or_default();
         println!(
-            "trellis control listening sds={} admin={}{webhook} operator={}",
+            "trellis control listening sds={} admin={}{webhook}{bundle_endpoint} operator={}",
             cp.sds_addr,
             cp.admin_addr,
             cp.operator_socket.display()

@@ -275,7 +275,22 @@ async fn collect(client: &AdminClient) -> anyhow::Result<Value> {
         )
     } else {
         let ca = json_of(&client.get("/ca").await?, "/ca")?;
-        control_json(&ca, &samples)
+        let mut control = control_json(&ca, &samples);
+        // SPIFFE federation (absent from control planes that predate it).
+        let bundles = client.get("/bundles").await?;
+        if bundles.status == 200 {
+            let bundles = json_of(&bundles, "/bundles")?;
+            if let Some(obj) = control.as_object_mut() {
+                obj.insert("bundle_sequence".into(), bundles["sequence"].clone());
+                obj.insert("bundle_endpoint".into(), bundles["bundle_endpoint"].clone());
+                obj.insert(
+                    "federation_config_error".into(),
+                    bundles["config_error"].clone(),
+                );
+                obj.insert("federated".into(), bundles["federated"].clone());
+            }
+        }
+        control
     };
     if let (Some(obj), Value::Object(extra)) = (status.as_object_mut(), extra) {
         obj.extend(extra);
@@ -625,6 +640,33 @@ fn render(s: &Value) -> String {
         );
         line("svids issued", &counts_line(&s["svids_issued"]));
         line("attest. fails", &counts_line(&s["attestation_failures"]));
+        if let Some(seq) = s["bundle_sequence"].as_u64() {
+            let endpoint = s["bundle_endpoint"].as_str().unwrap_or("off");
+            line(
+                "bundle endpt",
+                &format!("{endpoint} (spiffe_sequence {seq})"),
+            );
+        }
+        if let Some(e) = s["federation_config_error"].as_str() {
+            line("federation", &format!("CONFIG REFUSED: {e}"));
+        }
+        for (i, d) in s["federated"].as_array().into_iter().flatten().enumerate() {
+            let seq = d["sequence"]
+                .as_u64()
+                .map_or_else(|| "?".to_owned(), |n| n.to_string());
+            let mut text = format!(
+                "{} seq {seq}, {} CAs from {}; refreshed {}, next {}",
+                str_of(&d["trust_domain"]),
+                d["cas"].as_u64().unwrap_or(0),
+                str_of(&d["source"]),
+                d["last_refresh"].as_str().unwrap_or("never"),
+                str_of(&d["next_refresh"]),
+            );
+            if let Some(e) = d["last_error"].as_str() {
+                let _ = write!(text, "; LAST ERROR: {e}");
+            }
+            line(if i == 0 { "federated" } else { "" }, &text);
+        }
     }
     out
 }

@@ -16,13 +16,13 @@ use trellis_tests::{
     serial_of, tls_client_config, tls_connect, ControlPlane, ControlPlaneOpts, Envoy, K8sOpts,
 };
 
-const BOOTSTRAP: &str = include_str!("../../envoy/sds-bootstrap.yaml");
-const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+pub(crate) const BOOTSTRAP: &str = include_str!("../../envoy/sds-bootstrap.yaml");
+pub(crate) const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 const KID: &str = "trellis-e2e-key";
 
 /// An ES256 key, its JWKS (one key, `kid` set) and a projected service-account token for
 /// `default/web` signed with it.
-fn k8s_issuer_and_token() -> anyhow::Result<(String, String)> {
+pub(crate) fn k8s_issuer_and_token() -> anyhow::Result<(String, String)> {
     let key = rcgen::KeyPair::generate()?; // ECDSA P-256
     let point = key.public_key_raw(); // 0x04 || x || y
     ensure!(

@@ -42,6 +42,7 @@ fn start_control(env: &[(&str, &str)], args: &[&str]) -> anyhow::Result<ControlP
         sds_addr,
         admin_addr,
         webhook_addr: None,
+        bundle_endpoint_addr: None,
         bundle_pem_path: state_dir.join("bundle.pem"),
         operator_socket: state_dir.join("operator.sock"),
         state_dir,

@@ -18,6 +18,7 @@ mod faults_database;
 mod faults_disk;
 mod faults_network;
 mod faults_slow_peers;
+mod federation;
 mod hostile_control;
 mod hostile_control_limits;
 mod hostile_peers;

@@ -418,6 +418,37 @@ async fn dashboard_and_alerts_name_only_exported_metrics() -> anyhow::Result<()>
             exported_names(sidecar.metrics().await?.text(), &mut exported);
         }
         exported_names(&cp_text, &mut exported);
+        // The federation families move only with a relationship: a second control plane
+        // federates with an endpoint nobody serves (bundle never fetched, fetches failing).
+        let fed_dir = tempfile::tempdir()?;
+        let bootstrap = fed_dir.path().join("b.org.pem");
+        std::fs::write(
+            &bootstrap,
+            trellis_identity::testca::TestCa::root("b.org").bundle_pem(),
+        )?;
+        let config = fed_dir.path().join("control.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "federation:\n  - trust_domain: b.org\n    bundle_endpoint_url: https://127.0.0.1:{}\n    profile: https_spiffe\n    endpoint_spiffe_id: spiffe://b.org/trellis/control\n    bootstrap_bundle: {}\n",
+                trellis_tests::free_port(),
+                bootstrap.display()
+            ),
+        )?;
+        let fed_cp = trellis_tests::ControlPlane::start(trellis_tests::ControlPlaneOpts {
+            extra_args: vec!["--config".into(), config.display().to_string()],
+            ..Default::default()
+        })?;
+        let fed_text = eventually(STARTUP_TIMEOUT, "a federation refresh failure", || async {
+            let text = fed_cp.admin_get("/metrics").await?.text();
+            ensure!(
+                text.contains("trellis_federation_refresh_failures_total{"),
+                "no refresh failure counted yet"
+            );
+            Ok(text)
+        })
+        .await?;
+        exported_names(&fed_text, &mut exported);
 
         let dash = dashboard();
         let (exprs, variable_metrics) = dashboard_queries(&dash);

@@ -18,6 +18,7 @@ use trellis_identity::TrustDomain;
 use crate::admin::{AdminLimits, AdminLimitsFile};
 use crate::attest::settings::{K8sFields, K8sLimitsFile};
 use crate::attest::{K8sLimits, K8sSettings, CREDENTIAL_OVERHEAD};
+use crate::federation::{FederationLimits, FederationLimitsFile, Relationship, RelationshipFile};
 use crate::registry::{Database, DatabaseUrl};
 use crate::sds::limits::{SdsLimits, SdsLimitsFile};
 use crate::webhook::settings::{WebhookFields, WebhookLimitsFile};
@@ -94,6 +95,9 @@ pub struct LimitsFile {
     /// Kubernetes credentials and the issuer's key set.
     #[serde(default)]
     pub k8s: K8sLimitsFile,
+    /// Federated bundle refresh bounds and fetch limits.
+    #[serde(default)]
+    pub federation: FederationLimitsFile,
 }
 
 /// The YAML file, every field optional (flags and defaults fill the rest).
@@ -165,6 +169,13 @@ pub struct ControlFile {
     /// `pq-preferred` (default), `pq-only` or `classical`: the key-exchange groups of the SDS
     /// listener, the webhook and every client the control plane opens.
     pub tls_key_exchange: Option<KeyExchange>,
+    /// Where the SPIFFE bundle endpoint listens (`https_spiffe`); absent: not served.
+    pub bundle_endpoint: Option<SocketAddr>,
+    /// `spiffe_refresh_hint` of the bundle we publish, e.g. `5m`.
+    #[serde(default, with = "humantime_serde")]
+    pub bundle_refresh_hint: Option<Duration>,
+    /// SPIFFE federation relationships, one per foreign trust domain (reloaded on change).
+    pub federation: Option<Vec<RelationshipFile>>,
     /// Limits per listener.
     #[serde(default)]
     pub limits: LimitsFile,
@@ -239,6 +250,15 @@ pub struct ControlSettings {
     pub tls_key_exchange: KeyExchange,
     /// Limits per listener (hostile peers).
     pub limits: Limits,
+    /// Where the bundle endpoint listens, if it is on.
+    pub bundle_endpoint: Option<SocketAddr>,
+    /// `spiffe_refresh_hint` we publish.
+    pub bundle_refresh_hint: Duration,
+    /// Federation relationships at start.
+    pub federation: Vec<Relationship>,
+    /// The config file, whose `federation:` list is reloaded when it changes (set by the
+    /// binary; `None`: no reload).
+    pub config_path: Option<PathBuf>,
 }
 
 /// Validated limits, per listener.
@@ -252,6 +272,8 @@ pub struct Limits {
     pub webhook: WebhookLimits,
     /// `limits.k8s`.
     pub k8s: K8sLimits,
+    /// `limits.federation`.
+    pub federation: FederationLimits,
 }
 
 /// Room in the SDS header list beyond the `authorization` value: the gRPC headers.
@@ -267,6 +289,7 @@ impl Limits {
             admin: AdminLimits::from_file(&f.admin)?,
             webhook: WebhookLimits::from_file(&f.webhook)?,
             k8s: K8sLimits::from_file(&f.k8s)?,
+            federation: FederationLimits::from_file(&f.federation)?,
         };
         let max_jwt_bytes = limits.k8s.max_jwt_bytes;
         let header_list = limits.sds.max_header_list_bytes;
@@ -439,7 +462,22 @@ impl ControlSettings {
                 )
             })?,
         };
+        let bundle_refresh_hint = f
+            .bundle_refresh_hint
+            .unwrap_or(crate::federation::DEFAULT_REFRESH_HINT);
+        if bundle_refresh_hint < Duration::from_secs(1) {
+            return Err(ConfigError::invalid(
+                "bundle_refresh_hint",
+                "too short: use at least 1s (it is in whole seconds)",
+            ));
+        }
+        let federation =
+            crate::federation::relationships(&trust_domain, f.federation.unwrap_or_default())?;
         Ok(Self {
+            bundle_endpoint: f.bundle_endpoint,
+            bundle_refresh_hint,
+            federation,
+            config_path: None,
             trust_domain,
             listen,
             admin,

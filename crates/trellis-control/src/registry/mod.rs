@@ -32,7 +32,8 @@ use zeroize::Zeroizing;
 pub use self::join_token::{JoinToken, JOIN_TOKEN_PREFIX};
 use self::join_token::{JOIN_SELECTOR_BYTES, JOIN_VERIFIER_BYTES};
 pub use self::model::{
-    CaMaterial, CaRotation, DatabaseUrlError, IssuanceRecord, JoinError, JwtKeyRow, RegistryError,
+    CaMaterial, CaRotation, DatabaseUrlError, FederatedBundleRow, IssuanceRecord, JoinError,
+    JwtKeyRow, RegistryError,
 };
 use self::model::{IssuanceRow, NewToken, Redeem};
 pub use self::postgres::PostgresUrl;
@@ -279,6 +280,35 @@ impl Registry {
                 s.redeem(&attempt)
             }
             Backend::Postgres(p) => p.redeem(attempt),
+        }
+    }
+
+    /// The stored bundle of federated trust domain `td`, if any replica stored one.
+    pub fn federated_bundle(
+        &self,
+        td: &trellis_identity::TrustDomain,
+    ) -> Result<Option<FederatedBundleRow>, RegistryError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.federated_bundle(td.as_str()),
+            Backend::Postgres(p) => p.federated_bundle(td.as_str()),
+        }
+    }
+
+    /// Stores `td`'s bundle unless a higher `sequence` is stored already.
+    pub fn store_federated_bundle(
+        &self,
+        td: &trellis_identity::TrustDomain,
+        sequence: u64,
+        bundle_pem: &str,
+        fetched_at: SystemTime,
+    ) -> Result<(), RegistryError> {
+        let seq = i64::try_from(sequence).unwrap_or(i64::MAX);
+        let ms = fetched_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        match &self.backend {
+            Backend::Sqlite(s) => s.store_federated_bundle(td.as_str(), seq, bundle_pem, ms),
+            Backend::Postgres(p) => p.store_federated_bundle(td.as_str(), seq, bundle_pem, ms),
         }
     }
 

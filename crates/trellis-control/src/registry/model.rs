@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 
 /// The schema this build reads and writes (SQLite `PRAGMA user_version`, PostgreSQL
 /// `trellis_schema.version`). Both backends take the same steps from 0 up to it.
-pub(super) const SCHEMA_VERSION: i64 = 5;
+pub(super) const SCHEMA_VERSION: i64 = 6;
 
 /// Registry failures.
 #[derive(Debug, Error)]
@@ -343,4 +343,15 @@ impl std::fmt::Debug for JwtKeyRow {
             self.kid, self.sign_from_ms, self.sign_until_ms
         )
     }
+}
+
+/// A federated trust domain's bundle as last fetched by any replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FederatedBundleRow {
+    /// Its `spiffe_sequence` (0 when the endpoint gave none).
+    pub sequence: u64,
+    /// The CAs, PEM.
+    pub bundle_pem: String,
+    /// When it was fetched.
+    pub fetched_at: std::time::SystemTime,
 }

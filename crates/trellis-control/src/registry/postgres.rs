@@ -32,8 +32,8 @@ use trellis_transparency::{Hash, LogBody, SignedTreeHead, StoredEntry};
 use zeroize::Zeroizing;
 
 use super::model::{
-    from_unix_ms, CaMaterial, CaRotation, DatabaseUrlError, IssuanceRow, JoinError, JwtKeyRow,
-    NewToken, Redeem, RegistryError, TokenRow, Verdict, SCHEMA_VERSION,
+    from_unix_ms, CaMaterial, CaRotation, DatabaseUrlError, FederatedBundleRow, IssuanceRow,
+    JoinError, JwtKeyRow, NewToken, Redeem, RegistryError, TokenRow, Verdict, SCHEMA_VERSION,
 };
 
 /// How long connecting may take before the start (or a call after a reconnect) fails.
@@ -513,6 +513,50 @@ impl PostgresStore {
         })
     }
 
+    pub(super) fn federated_bundle(
+        &self,
+        trust_domain: &str,
+    ) -> Result<Option<FederatedBundleRow>, RegistryError> {
+        let td = trust_domain.to_owned();
+        self.conn.call(move |c| {
+            let row = c.query_opt(
+                "SELECT sequence, bundle_pem, fetched_at_ms FROM federated_bundles
+                 WHERE trust_domain = $1",
+                &[&td],
+            )?;
+            Ok(row.map(|r| FederatedBundleRow {
+                sequence: u64::try_from(r.get::<_, i64>(0)).unwrap_or(0),
+                bundle_pem: r.get(1),
+                fetched_at: std::time::UNIX_EPOCH
+                    + std::time::Duration::from_millis(
+                        u64::try_from(r.get::<_, i64>(2)).unwrap_or(0),
+                    ),
+            }))
+        })
+    }
+
+    pub(super) fn store_federated_bundle(
+        &self,
+        trust_domain: &str,
+        sequence: i64,
+        bundle_pem: &str,
+        fetched_at_ms: i64,
+    ) -> Result<(), RegistryError> {
+        let (td, pem) = (trust_domain.to_owned(), bundle_pem.to_owned());
+        self.conn.call(move |c| {
+            // Never back to a lower sequence, whichever replica writes last.
+            c.execute(
+                "INSERT INTO federated_bundles (trust_domain, sequence, bundle_pem, fetched_at_ms)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (trust_domain) DO UPDATE SET sequence = EXCLUDED.sequence,
+                     bundle_pem = EXCLUDED.bundle_pem, fetched_at_ms = EXCLUDED.fetched_at_ms
+                 WHERE EXCLUDED.sequence >= federated_bundles.sequence",
+                &[&td, &sequence, &pem, &fetched_at_ms],
+            )?;
+            Ok(())
+        })
+    }
+
     pub(super) fn load_ca(&self) -> Result<Option<CaMaterial>, RegistryError> {
         self.conn.call(|c| Ok(read_ca(c)?))
     }
@@ -918,6 +962,18 @@ fn migrate(c: &mut postgres::Client, target: &str) -> Result<(), Fail> {
                  pkcs8          BYTEA NOT NULL,
                  sign_from_ms   BIGINT NOT NULL UNIQUE,
                  sign_until_ms  BIGINT NOT NULL
+             );",
+        )?;
+    }
+    if version < 6 {
+        // SPIFFE federation: each federated trust domain's last good bundle, shared by
+        // replicas (see the SQLite step).
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS federated_bundles (
+                 trust_domain   TEXT PRIMARY KEY,
+                 sequence       BIGINT NOT NULL,
+                 bundle_pem     TEXT NOT NULL,
+                 fetched_at_ms  BIGINT NOT NULL
              );",
         )?;
     }

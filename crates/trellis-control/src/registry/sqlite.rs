@@ -16,8 +16,9 @@ use trellis_transparency::{Hash, LogBody, SignedTreeHead, StoredEntry};
 use zeroize::Zeroizing;
 
 use super::model::{
-    from_unix_ms, CaMaterial, CaRotation, IssuanceRecord, IssuanceRow, JoinError, JwtKeyRow,
-    LogAppend, NewToken, Redeem, RegistryError, TokenRow, Verdict, SCHEMA_VERSION,
+    from_unix_ms, CaMaterial, CaRotation, FederatedBundleRow, IssuanceRecord, IssuanceRow,
+    JoinError, JwtKeyRow, LogAppend, NewToken, Redeem, RegistryError, TokenRow, Verdict,
+    SCHEMA_VERSION,
 };
 
 mod log;
@@ -202,6 +203,19 @@ impl SqliteStore {
                      sign_from_ms   INTEGER NOT NULL UNIQUE,
                      sign_until_ms  INTEGER NOT NULL
                  );",
+            )
+            .map_err(open_err)?;
+        }
+        if version < 6 {
+            // SPIFFE federation: the last good bundle of each federated trust domain, so a
+            // restart (or another replica) starts from it instead of the bootstrap bundle.
+            tx.execute_batch(
+                "CREATE TABLE IF NOT EXISTS federated_bundles (
+                     trust_domain   TEXT PRIMARY KEY NOT NULL,
+                     sequence       INTEGER NOT NULL,
+                     bundle_pem     TEXT NOT NULL,
+                     fetched_at_ms  INTEGER NOT NULL
+                 ) WITHOUT ROWID;",
             )
             .map_err(open_err)?;
         }
@@ -543,5 +557,52 @@ impl SqliteStore {
             "DELETE FROM jwt_keys WHERE sign_until_ms < ?1",
             params![before_ms],
         )?)
+    }
+
+    pub(super) fn federated_bundle(
+        &self,
+        trust_domain: &str,
+    ) -> Result<Option<FederatedBundleRow>, RegistryError> {
+        let conn = Self::lock(&self.conn);
+        let row = conn
+            .query_row(
+                "SELECT sequence, bundle_pem, fetched_at_ms FROM federated_bundles
+                 WHERE trust_domain = ?1",
+                [trust_domain],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                },
+            )
+            .optional()?;
+        Ok(row.map(|(seq, pem, ms)| FederatedBundleRow {
+            sequence: u64::try_from(seq).unwrap_or(0),
+            bundle_pem: pem,
+            fetched_at: std::time::UNIX_EPOCH
+                + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0)),
+        }))
+    }
+
+    pub(super) fn store_federated_bundle(
+        &self,
+        trust_domain: &str,
+        sequence: i64,
+        bundle_pem: &str,
+        fetched_at_ms: i64,
+    ) -> Result<(), RegistryError> {
+        let conn = Self::lock(&self.conn);
+        // Never back to a lower sequence, whichever replica writes last.
+        conn.execute(
+            "INSERT INTO federated_bundles (trust_domain, sequence, bundle_pem, fetched_at_ms)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (trust_domain) DO UPDATE SET sequence = excluded.sequence,
+                 bundle_pem = excluded.bundle_pem, fetched_at_ms = excluded.fetched_at_ms
+             WHERE excluded.sequence >= federated_bundles.sequence",
+            rusqlite::params![trust_domain, sequence, bundle_pem, fetched_at_ms],
+        )?;
+        Ok(())
     }
 }

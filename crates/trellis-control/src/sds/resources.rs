@@ -10,8 +10,9 @@ use prost::Message;
 use tonic::Status;
 use trellis_identity::{certs_to_pem, key_to_pem, CertificateDer, SpiffeId, Svid, TrustBundle};
 use trellis_proto::{
-    data_source, secret, CertificateValidationContext, DataSource, GenericSecret, Secret,
-    TlsCertificate, SECRET_TYPE_URL,
+    data_source, secret, spiffe_cert_validator_config, CertificateValidationContext, DataSource,
+    GenericSecret, Secret, SpiffeCertValidatorConfig, TlsCertificate, TypedExtensionConfig,
+    SECRET_TYPE_URL, SPIFFE_VALIDATOR_NAME, SPIFFE_VALIDATOR_TYPE_URL,
 };
 use trellis_transparency::LOG_HEAD_RESOURCE;
 
@@ -157,12 +158,20 @@ pub fn svid_secret(name: &str, issued: &Issued) -> Secret {
 }
 
 /// `Secret{name, validation_context{trusted_ca = bundle PEM}}`.
+///
+/// With federation, the validation context also carries `custom_validator_config`: Envoy's
+/// SPIFFE certificate validator (`envoy.tls.cert_validator.spiffe`) with one `trust_domains`
+/// entry per trusted trust domain (own first, then the federated ones by name), so a stock
+/// Envoy verifies each peer against its own domain's CAs only. Trellis sidecars read the same
+/// entries. Without federation the secret is exactly the single-domain one.
 pub fn bundle_secret(name: &str, bundle: &TrustBundle) -> Secret {
+    let custom_validator_config = bundle.is_federated().then(|| spiffe_validator(bundle));
     Secret {
         name: name.to_owned(),
         r#type: Some(secret::Type::ValidationContext(
             CertificateValidationContext {
                 trusted_ca: inline(bundle.to_pem().into_bytes()),
+                custom_validator_config,
             },
         )),
     }
@@ -175,6 +184,25 @@ pub fn log_head_secret(name: &str, json: &[u8]) -> Secret {
         r#type: Some(secret::Type::GenericSecret(GenericSecret {
             secret: inline(json.to_vec()),
         })),
+    }
+}
+
+/// The `envoy.tls.cert_validator.spiffe` extension for `bundle` and its federated bundles.
+fn spiffe_validator(bundle: &TrustBundle) -> TypedExtensionConfig {
+    let trust_domains = std::iter::once(bundle)
+        .chain(bundle.federated())
+        .map(|b| spiffe_cert_validator_config::TrustDomain {
+            name: b.trust_domain().as_str().to_owned(),
+            trust_bundle: inline(b.to_pem().into_bytes()),
+        })
+        .collect();
+    let config = SpiffeCertValidatorConfig { trust_domains };
+    TypedExtensionConfig {
+        name: SPIFFE_VALIDATOR_NAME.to_owned(),
+        typed_config: Some(prost_types::Any {
+            type_url: SPIFFE_VALIDATOR_TYPE_URL.to_owned(),
+            value: config.encode_to_vec(),
+        }),
     }
 }
 
@@ -209,6 +237,47 @@ mod tests {
         assert_eq!(
             resolve("spiffe://example.org", &caller()),
             Ok(ResourceKind::Bundle)
+        );
+    }
+
+    #[test]
+    fn single_domain_bundle_secret_has_no_validator() {
+        let ca = trellis_identity::testca::TestCa::root("example.org");
+        let secret = bundle_secret(ROOTCA, &ca.bundle());
+        let Some(secret::Type::ValidationContext(vc)) = secret.r#type else {
+            panic!("not a validation context")
+        };
+        assert!(vc.custom_validator_config.is_none());
+    }
+
+    #[test]
+    fn federated_bundle_secret_lists_each_trust_domain() {
+        use trellis_identity::testca::TestCa;
+        let (a, b, c) = (
+            TestCa::root("a.org"),
+            TestCa::root("b.org"),
+            TestCa::root("c.org"),
+        );
+        let bundle = a.bundle().with_federated([c.bundle(), b.bundle()]);
+        let secret = bundle_secret(ROOTCA, &bundle);
+        let Some(secret::Type::ValidationContext(vc)) = secret.r#type else {
+            panic!("not a validation context")
+        };
+        assert_eq!(vc.trusted_ca, inline(a.bundle_pem().into_bytes()));
+        let ext = vc.custom_validator_config.unwrap();
+        assert_eq!(ext.name, "envoy.tls.cert_validator.spiffe");
+        let any = ext.typed_config.unwrap();
+        assert_eq!(any.type_url, SPIFFE_VALIDATOR_TYPE_URL);
+        let config = SpiffeCertValidatorConfig::decode(any.value.as_slice()).unwrap();
+        let names: Vec<_> = config
+            .trust_domains
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect();
+        assert_eq!(names, ["a.org", "b.org", "c.org"]);
+        assert_eq!(
+            config.trust_domains[1].trust_bundle,
+            inline(b.bundle_pem().into_bytes())
         );
     }
 

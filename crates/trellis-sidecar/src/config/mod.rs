@@ -563,12 +563,8 @@ impl SidecarSettings {
             let field = format!("outbound.upstreams[{i}] ({})", u.name);
             let identity = SpiffeId::parse(&u.identity)
                 .map_err(|e| invalid(format!("{field}.identity"), e.to_string()))?;
-            if !identity.is_member_of(&trust_domain) {
-                return Err(invalid(
-                    format!("{field}.identity"),
-                    format!("`{identity}` is not in trust domain `{trust_domain}`"),
-                ));
-            }
+            // A foreign trust domain is allowed (SPIFFE federation): the handshake checks the
+            // upstream against its own domain's bundle, and refuses it if none was federated.
             if u.listen.is_none() && u.hosts.is_empty() {
                 return Err(invalid(
                     field,

@@ -252,12 +252,57 @@ pub fn decode(
     let bundle_pem = inline(ROOTCA, "trusted_ca", vc.trusted_ca)?.unwrap_or_default();
     let bundle = TrustBundle::from_pem(td.clone(), &bundle_pem)
         .map_err(|e| Rejection::new("bad_bundle", format!("secret `{ROOTCA}`: trusted_ca: {e}")))?;
+    let bundle = match vc.custom_validator_config {
+        None => bundle,
+        Some(ext) => bundle.with_federated(federated_bundles(td, ext)?),
+    };
     Ok(Decoded {
         chain,
         key,
         bundle,
         log_head,
     })
+}
+
+/// The foreign trust domains' bundles from Envoy's SPIFFE validator config (SPIFFE
+/// federation): one `trust_domains` entry per domain. The own domain's entry is skipped
+/// (`trusted_ca` is authoritative for it); every other must parse, or the update is refused.
+fn federated_bundles(
+    td: &TrustDomain,
+    ext: trellis_proto::TypedExtensionConfig,
+) -> Result<Vec<TrustBundle>, Rejection> {
+    let bad = |detail: String| {
+        Rejection::new(
+            "bad_bundle",
+            format!("secret `{ROOTCA}`: custom_validator_config: {detail}"),
+        )
+    };
+    let any = ext
+        .typed_config
+        .filter(|_| ext.name == trellis_proto::SPIFFE_VALIDATOR_NAME)
+        .filter(|any| any.type_url == trellis_proto::SPIFFE_VALIDATOR_TYPE_URL)
+        .ok_or_else(|| {
+            bad(format!(
+                "only `{}` with a SPIFFECertValidatorConfig is understood",
+                trellis_proto::SPIFFE_VALIDATOR_NAME
+            ))
+        })?;
+    let config = trellis_proto::SpiffeCertValidatorConfig::decode(any.value.as_slice())
+        .map_err(|e| bad(format!("SPIFFECertValidatorConfig: {e}")))?;
+    let mut bundles = Vec::with_capacity(config.trust_domains.len());
+    for entry in config.trust_domains {
+        let name = TrustDomain::parse(&entry.name)
+            .map_err(|e| bad(format!("trust domain `{}`: {e}", entry.name)))?;
+        if &name == td {
+            continue;
+        }
+        let field = format!("trust_domains[{name}].trust_bundle");
+        let pem = inline(ROOTCA, &field, entry.trust_bundle)?.unwrap_or_default();
+        let foreign = TrustBundle::from_pem(name.clone(), &pem)
+            .map_err(|e| bad(format!("trust domain `{name}`: {e}")))?;
+        bundles.push(foreign);
+    }
+    Ok(bundles)
 }
 
 fn wrong_kind(name: &str, want: &str, got: Option<&secret::Type>) -> Rejection {
@@ -397,7 +442,10 @@ mod tests {
         Secret {
             name: ROOTCA.into(),
             r#type: Some(secret::Type::ValidationContext(
-                CertificateValidationContext { trusted_ca: pem },
+                CertificateValidationContext {
+                    trusted_ca: pem,
+                    custom_validator_config: None,
+                },
             )),
         }
     }
@@ -424,6 +472,68 @@ mod tests {
 
     fn td() -> TrustDomain {
         TrustDomain::parse("example.org").unwrap()
+    }
+
+    /// `ROOTCA` with Envoy's SPIFFE validator listing `domains` (name, PEM).
+    fn federated_secret(own_pem: String, domains: &[(&str, String)]) -> Secret {
+        use trellis_proto::{spiffe_cert_validator_config, SpiffeCertValidatorConfig};
+        let config = SpiffeCertValidatorConfig {
+            trust_domains: domains
+                .iter()
+                .map(|(name, pem)| spiffe_cert_validator_config::TrustDomain {
+                    name: (*name).to_owned(),
+                    trust_bundle: bytes(pem.as_bytes()),
+                })
+                .collect(),
+        };
+        Secret {
+            name: ROOTCA.into(),
+            r#type: Some(secret::Type::ValidationContext(
+                CertificateValidationContext {
+                    trusted_ca: bytes(own_pem),
+                    custom_validator_config: Some(trellis_proto::TypedExtensionConfig {
+                        name: trellis_proto::SPIFFE_VALIDATOR_NAME.into(),
+                        typed_config: Some(prost_types::Any {
+                            type_url: trellis_proto::SPIFFE_VALIDATOR_TYPE_URL.into(),
+                            value: config.encode_to_vec(),
+                        }),
+                    }),
+                },
+            )),
+        }
+    }
+
+    #[test]
+    fn federated_validation_context_keys_bundles_by_trust_domain() {
+        let ca = TestCa::root("example.org");
+        let other = TestCa::root("b.org");
+        let svid = ca.svid("/web");
+        let (d, _) = good(&ca, &svid);
+        let rootca = federated_secret(
+            ca.bundle_pem(),
+            &[
+                ("example.org", ca.bundle_pem()),
+                ("b.org", other.bundle_pem()),
+            ],
+        );
+        let out = decode(&response(&[d.clone(), rootca]), &td(), KeySource::Response).unwrap();
+        assert_eq!(out.bundle.roots(), ca.bundle().roots());
+        let foreign: Vec<_> = out.bundle.federated().collect();
+        assert_eq!(foreign.len(), 1);
+        assert_eq!(foreign[0].trust_domain().as_str(), "b.org");
+        assert_eq!(foreign[0].roots(), other.bundle().roots());
+
+        // A foreign entry that does not parse refuses the whole update.
+        let rootca = federated_secret(ca.bundle_pem(), &[("b.org", "garbage".into())]);
+        let Err(err) = decode(&response(&[d, rootca]), &td(), KeySource::Response) else {
+            panic!("a garbage b.org bundle was accepted");
+        };
+        assert_eq!(err.reason, "bad_bundle");
+        assert!(
+            err.message.contains("custom_validator_config"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

@@ -216,9 +216,11 @@ fn x509_response(svid: &Svid, bundle: &TrustBundle) -> Result<X509svidResponse, 
             hint: String::new(),
         }],
         crl: Vec::new(),
-        // The sidecar trusts one trust domain (its own); federation is the control plane's
-        // bundle endpoint's business, not the sidecar's.
-        federated_bundles: Default::default(),
+        // SPIFFE federation: the foreign trust domains the control plane federates with.
+        federated_bundles: bundle
+            .federated()
+            .map(|b| (b.trust_domain().id().to_string(), bundle_der(b)))
+            .collect(),
     })
 }
 
@@ -299,8 +301,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
             let (_, bundle) = follow.next(false).await?;
             let response = X509BundlesResponse {
                 crl: Vec::new(),
-                bundles: [(bundle.trust_domain().id().to_string(), bundle_der(&bundle))]
-                    .into_iter()
+                // Every trusted trust domain: the own one and each federated one.
+                bundles: std::iter::once(&*bundle)
+                    .chain(bundle.federated())
+                    .map(|b| (b.trust_domain().id().to_string(), bundle_der(b)))
                     .collect(),
             };
             Some((Ok(response), follow))

@@ -147,6 +147,7 @@ fn sds_responses() -> Vec<(&'static str, Vec<u8>)> {
         r#type: Some(secret::Type::ValidationContext(
             CertificateValidationContext {
                 trusted_ca: inline(pem),
+                custom_validator_config: None,
             },
         )),
     };

@@ -1,0 +1,226 @@
+//! One fetch of a foreign bundle endpoint, authenticated per profile (SPIFFE Trust Domain and
+//! Bundle 5.2): `https_spiffe` checks the endpoint's SVID against the foreign trust domain's
+//! bundle in force and its `endpoint_spiffe_id`; `https_web` checks an ordinary server
+//! certificate against the system's roots and the URL's host name.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{header, Request, StatusCode, Uri};
+use http_body_util::{BodyExt as _, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use thiserror::Error;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use trellis_identity::tls::{client_config, PeerMatch, SpiffeServerVerifier, TlsPolicy};
+use trellis_identity::{SpiffeId, TrustBundle, TrustDomain};
+
+use super::document::{BundleDocument, DocumentError};
+
+/// Why a fetch failed. The bundle in force stays; the reason becomes a metric label.
+#[derive(Debug, Error)]
+pub enum FetchError {
+    /// No TCP connection.
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// The TLS handshake failed: for `https_spiffe`, most often the endpoint presented an SVID
+    /// that is not `endpoint_spiffe_id` or does not chain to the foreign bundle.
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
+    /// The HTTP exchange failed.
+    #[error("HTTP request failed: {0}")]
+    Http(String),
+    /// A status other than 200.
+    #[error("HTTP {0}")]
+    Status(u16),
+    /// No complete answer in time.
+    #[error("no complete answer within {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
+    /// The body is not a usable bundle document.
+    #[error(transparent)]
+    Document(#[from] DocumentError),
+    /// No bundle to authenticate an `https_spiffe` endpoint with.
+    #[error("no bundle of the foreign trust domain yet (set bootstrap_bundle)")]
+    NoBundle,
+}
+
+impl FetchError {
+    /// Stable `reason` label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            FetchError::Connect(_) => "connect",
+            FetchError::Tls(_) => "tls",
+            FetchError::Http(_) => "http",
+            FetchError::Status(_) => "http_status",
+            FetchError::Timeout(_) => "timeout",
+            FetchError::Document(DocumentError::WrongTrustDomain { .. }) => "wrong_trust_domain",
+            FetchError::Document(_) => "invalid_bundle",
+            FetchError::NoBundle => "no_bundle",
+        }
+    }
+}
+
+/// How the endpoint is authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Profile {
+    /// `https_spiffe`: the endpoint presents this SPIFFE ID, chaining to the foreign bundle.
+    HttpsSpiffe {
+        /// `endpoint_spiffe_id`.
+        endpoint_id: SpiffeId,
+    },
+    /// `https_web`: a Web PKI certificate for the URL's host, verified with the system roots.
+    HttpsWeb,
+}
+
+impl Profile {
+    /// `https_spiffe` or `https_web`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Profile::HttpsSpiffe { .. } => "https_spiffe",
+            Profile::HttpsWeb => "https_web",
+        }
+    }
+}
+
+/// An `https://host[:port]/path` bundle endpoint URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointUrl {
+    url: String,
+    host: String,
+    port: u16,
+    authority: String,
+    path: String,
+}
+
+impl EndpointUrl {
+    /// Parses `url`: `https` only, a host, no user information.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let uri: Uri = url
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| e.to_string())?;
+        if uri.scheme_str() != Some("https") {
+            return Err(format!(
+                "`{url}` must be an https:// URL, e.g. https://cp.b.org:8443"
+            ));
+        }
+        let authority = uri
+            .authority()
+            .ok_or_else(|| format!("`{url}` has no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(format!("`{url}` must not carry user information"));
+        }
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let path = uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .filter(|p| !p.is_empty())
+            .unwrap_or("/")
+            .to_owned();
+        Ok(Self {
+            url: url.to_owned(),
+            host,
+            port: authority.port_u16().unwrap_or(443),
+            authority: authority.as_str().to_owned(),
+            path,
+        })
+    }
+
+    /// The URL as given.
+    pub fn as_str(&self) -> &str {
+        &self.url
+    }
+}
+
+/// Fetches and parses `url`'s bundle document for `td`. `current` is the foreign bundle in
+/// force (bootstrap or last good), which authenticates an `https_spiffe` endpoint.
+pub async fn fetch(
+    td: &TrustDomain,
+    url: &EndpointUrl,
+    profile: &Profile,
+    current: Option<&TrustBundle>,
+    max_bytes: usize,
+    timeout: Duration,
+) -> Result<BundleDocument, FetchError> {
+    match tokio::time::timeout(timeout, fetch_inner(td, url, profile, current, max_bytes)).await {
+        Ok(r) => r,
+        Err(_) => Err(FetchError::Timeout(timeout)),
+    }
+}
+
+async fn fetch_inner(
+    td: &TrustDomain,
+    url: &EndpointUrl,
+    profile: &Profile,
+    current: Option<&TrustBundle>,
+    max_bytes: usize,
+) -> Result<BundleDocument, FetchError> {
+    let tls = match profile {
+        Profile::HttpsSpiffe { endpoint_id } => {
+            let bundle = current.ok_or(FetchError::NoBundle)?.own();
+            let verifier = SpiffeServerVerifier::new(
+                Arc::new(ArcSwap::from_pointee(bundle)),
+                PeerMatch::Exact(endpoint_id.clone()),
+            );
+            // TLS 1.2 too: another implementation's endpoint may not speak 1.3.
+            client_config(None, verifier, TlsPolicy::Tls12Plus, &[b"http/1.1"])
+                .map_err(|e| FetchError::Tls(e.to_string()))?
+        }
+        Profile::HttpsWeb => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+            let mut config = rustls::ClientConfig::builder_with_provider(
+                trellis_identity::tls::policy_provider(TlsPolicy::Tls12Plus),
+            )
+            .with_protocol_versions(TlsPolicy::Tls12Plus.versions())
+            .map_err(|e| FetchError::Tls(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            config
+        }
+    };
+    let server_name = ServerName::try_from(url.host.clone())
+        .map_err(|e| FetchError::Tls(format!("host is not a TLS server name: {e}")))?;
+    let tcp = TcpStream::connect((url.host.as_str(), url.port))
+        .await
+        .map_err(|e| FetchError::Connect(e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    let stream = TlsConnector::from(Arc::new(tls))
+        .connect(server_name, tcp)
+        .await
+        .map_err(|e| FetchError::Tls(e.to_string()))?;
+    let http_err = |e: hyper::Error| FetchError::Http(e.to_string());
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(http_err)?;
+    let conn = tokio::spawn(conn);
+    let request = Request::get(url.path.as_str())
+        .header(header::HOST, url.authority.as_str())
+        .header(header::ACCEPT, "application/json")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| FetchError::Http(e.to_string()))?;
+    let response = sender.send_request(request).await.map_err(http_err)?;
+    let status = response.status();
+    let body = Limited::new(response.into_body(), max_bytes)
+        .collect()
+        .await
+        .map_err(|e| {
+            FetchError::Http(format!("reading the body (at most {max_bytes} bytes): {e}"))
+        })?
+        .to_bytes();
+    drop(sender);
+    conn.abort();
+    if status != StatusCode::OK {
+        return Err(FetchError::Status(status.as_u16()));
+    }
+    Ok(BundleDocument::parse(td, &body)?)
+}
