@@ -138,7 +138,7 @@ pub struct ControlMetrics {
     /// `trellis_jwt_svids_issued_total`: JWT-SVIDs signed and handed out.
     pub jwt_svids_issued: Counter,
     /// `trellis_jwt_svids_refused_total{reason}`: JWT-SVID requests refused (`rate_limited`,
-    /// `no_svid`, `bad_audience`, `no_key`, `sign`, `audit_write`).
+    /// `no_svid`, `bad_audience`, `no_key`, `sign`, `audit_write`, `clock_jump`).
     pub jwt_svids_refused: Family<ReasonLabel, Counter>,
     /// `trellis_jwt_keys`: JWT signing keys in the published bundle (2 around a rotation).
     pub jwt_keys: Gauge,

@@ -351,7 +351,7 @@ impl ControlPlane {
             metrics: Arc::clone(&metrics),
             policy,
             limiter,
-            clock,
+            clock: Arc::clone(&clock),
             log: Some(Arc::clone(&translog)),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -365,6 +365,7 @@ impl ControlPlane {
             metrics: Arc::clone(&metrics),
             limiter: Arc::new(crate::ratelimit::PeerLimiter::new(settings.limits.sds.rate)),
             shutdown: shutdown_rx.clone(),
+            clock,
         });
         let mut tasks = Vec::new();
 
@@ -450,6 +451,7 @@ impl ControlPlane {
                         bundle: bundle_rx.clone(),
                         sequence: Arc::clone(&bundle_sequence),
                         refresh_hint: settings.bundle_refresh_hint,
+                        jwt: Some(jwt_keys.subscribe()),
                     },
                     &metrics,
                     drain.clone(),

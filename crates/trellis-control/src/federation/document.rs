@@ -138,11 +138,22 @@ impl BundleDocument {
     }
 
     /// The document for `bundle`'s own CAs (never its federated ones: federation is not
-    /// transitive). JWT authorities (`use: jwt-svid`) belong here once JWT-SVIDs exist: the
-    /// caller appends them to the `keys` this returns through [`keys_for`].
-    pub fn to_json(bundle: &TrustBundle, sequence: u64, refresh_hint: Duration) -> String {
+    /// transitive), and the JWT authorities of `jwt` (`use: jwt-svid`, with their `kid`).
+    pub fn to_json(
+        bundle: &TrustBundle,
+        jwt: Option<&trellis_identity::jwt::JwtBundle>,
+        sequence: u64,
+        refresh_hint: Duration,
+    ) -> String {
+        let mut keys = keys_for(bundle);
+        if let Some(jwt) = jwt {
+            keys.extend(jwt.keys().iter().filter_map(|k| match k.to_jwk() {
+                Value::Object(m) => Some(m),
+                _ => None,
+            }));
+        }
         let doc = OutDocument {
-            keys: keys_for(bundle),
+            keys,
             spiffe_sequence: sequence,
             spiffe_refresh_hint: refresh_hint.as_secs().max(1),
         };
@@ -224,8 +235,14 @@ mod tests {
         let (a, b) = (TestCa::root("b.org"), TestCa::root("b.org"));
         let bundle =
             TrustBundle::new(td("b.org"), vec![a.cert().clone(), b.cert().clone()]).unwrap();
-        let json = BundleDocument::to_json(&bundle, 7, Duration::from_secs(300));
+        let (signer, _) = crate::jwt::keys::JwtSigner::generate().unwrap();
+        let jwt =
+            trellis_identity::jwt::JwtBundle::new(td("b.org"), vec![signer.public_key().clone()]);
+        let json = BundleDocument::to_json(&bundle, Some(&jwt), 7, Duration::from_secs(300));
         let v: Value = serde_json::from_str(&json).unwrap();
+        // The JWT authority too, with its kid; the X.509 reading skips it.
+        assert_eq!(v["keys"][2]["use"], "jwt-svid");
+        assert_eq!(v["keys"][2]["kid"], signer.kid());
         assert_eq!(v["spiffe_sequence"], 7);
         assert_eq!(v["spiffe_refresh_hint"], 300);
         assert_eq!(v["keys"][0]["use"], "x509-svid");

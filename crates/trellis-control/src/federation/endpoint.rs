@@ -49,6 +49,8 @@ pub struct EndpointState {
     pub sequence: Arc<AtomicU64>,
     /// `spiffe_refresh_hint`.
     pub refresh_hint: Duration,
+    /// The JWT-SVID signing keys in force, published as `use: jwt-svid` keys.
+    pub jwt: Option<watch::Receiver<Arc<trellis_identity::jwt::JwtBundle>>>,
 }
 
 #[derive(Clone)]
@@ -98,8 +100,10 @@ impl EndpointState {
             return text(StatusCode::METHOD_NOT_ALLOWED, "use GET /\n");
         }
         let bundle = self.bundle.borrow().clone();
+        let jwt = self.jwt.as_ref().map(|rx| rx.borrow().clone());
         let json = BundleDocument::to_json(
             &bundle.own(),
+            jwt.as_deref(),
             self.sequence.load(Ordering::Acquire),
             self.refresh_hint,
         );

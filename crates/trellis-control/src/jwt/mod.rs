@@ -45,6 +45,8 @@ pub struct JwtService {
     pub limiter: Arc<PeerLimiter>,
     /// Ends bundle streams when the control plane shuts down.
     pub shutdown: watch::Receiver<bool>,
+    /// A token's `iat`/`exp` come from the wall clock too: none right after it jumped.
+    pub clock: Arc<crate::clock_guard::ClockGuard>,
 }
 
 impl JwtService {
@@ -112,6 +114,10 @@ impl JwtSvidService for JwtService {
             )
         })?;
         let now = SystemTime::now();
+        if let Err(jump) = self.clock.check(now, std::time::Instant::now()) {
+            tracing::error!("{jump}");
+            return Err(self.refuse("clock_jump", Status::unavailable(jump.to_string())));
+        }
         let expires = now + self.keys.token_ttl();
         let token = signer
             .sign(&NewJwtSvid {
