@@ -244,6 +244,8 @@ pub struct CaRotator {
     last_seen: i64,
     /// Told whether each read of the schedule worked (the database's read probe).
     health: Option<Arc<crate::db_health::DbHealth>>,
+    /// Opens stored rotations' keys that are PKCS#11 URIs.
+    keys: crate::keys::Keyring,
 }
 
 /// Re-issues the control plane's own certificates from [`CaOutputs::serving`]. The rotator
@@ -298,7 +300,14 @@ impl CaRotator {
             applied: Vec::new(),
             last_seen: 0,
             health: None,
+            keys: crate::keys::Keyring::default(),
         }
+    }
+
+    /// Opens rotations whose key is a PKCS#11 URI with `keys`.
+    pub fn with_keyring(mut self, keys: crate::keys::Keyring) -> Self {
+        self.keys = keys;
+        self
     }
 
     /// Reports each read of the schedule (once a second) to `health`.
@@ -325,7 +334,7 @@ impl CaRotator {
         match read {
             Ok(rotations) => {
                 for r in rotations {
-                    match Ca::from_material(&self.td, &r.material, self.registry.path()) {
+                    match Ca::from_material_with(&self.td, &r.material, self.registry.path(), &self.keys) {
                         Ok(ca) => {
                             tracing::info!(rotation = r.id, ca = ca.label(), activate_at = %rfc3339(r.activate_at), "CA rotation scheduled: the new CA joins the trust bundle now and signs from its activation time");
                             self.schedule.add(ScheduledCa {

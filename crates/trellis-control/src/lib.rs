@@ -13,6 +13,7 @@ pub mod ca;
 pub mod client;
 pub mod config;
 pub mod db_health;
+pub mod keys;
 pub mod metrics;
 pub mod operator;
 pub mod ratelimit;
