@@ -44,6 +44,8 @@ pub struct ControlPlaneOpts {
     /// disk the test can fill. The test reaches its files through `/proc/<pid>/root`
     /// (`state_dir`, `bundle_pem_path` and `operator_socket` already point there).
     pub state_tmpfs: Option<String>,
+    /// Environment variables for the process (e.g. `SOFTHSM2_CONF`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for ControlPlaneOpts {
@@ -55,6 +57,7 @@ impl Default for ControlPlaneOpts {
             k8s: None,
             extra_args: Vec::new(),
             state_tmpfs: None,
+            env: Vec::new(),
         }
     }
 }
@@ -139,6 +142,7 @@ impl ControlPlane {
             ]);
         }
         cmd.args(&opts.extra_args);
+        cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
         cmd.env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

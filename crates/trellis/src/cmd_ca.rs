@@ -44,6 +44,18 @@ pub enum CaCommand {
         #[arg(long, value_name = "LABEL", requires = "key_label")]
         pkcs11_token: Option<String>,
     },
+    /// Generate an ECDSA P-256 key pair inside a PKCS#11 token (never outside it) and print
+    /// its URI, e.g. for `trellis control --log-key`.
+    Keygen {
+        #[command(flatten)]
+        pkcs11: Pkcs11Args,
+        /// The new key's label (CKA_LABEL); an existing label is refused.
+        #[arg(long, value_name = "LABEL")]
+        key_label: String,
+        /// The token to generate the key in [default: the module's only token].
+        #[arg(long, value_name = "LABEL")]
+        pkcs11_token: Option<String>,
+    },
     /// Schedule a CA rotation on a control plane's state: the new CA joins the trust bundle
     /// at once (the running control plane pushes it to every workload within a second), signs
     /// from --activate-after on, and the old CA leaves the bundle once every SVID it signed
@@ -156,6 +168,8 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
             let files = match (&key_label, pkcs11.keyring()?) {
                 (Some(label), Some(keys)) => {
                     let ring = keys.pkcs11().context("PKCS#11 module")?;
+                    // Before the key is made: a refusal afterwards would strand it.
+                    Ca::check_init_out(&out)?;
                     let key = ring.generate(pkcs11_token.as_deref(), label)?;
                     Ca::init_with_token_key(&td, &out, root, SigningKey::token(key))?
                 }
@@ -169,8 +183,16 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
                 Some(uri) => format!("'{uri}'"),
                 None => files.intermediate_key.display().to_string(),
             };
-            let module_args = match (&files.intermediate_key_uri, &pkcs11.pkcs11_module) {
-                (Some(_), Some(m)) => format!(" --pkcs11-module {} --pkcs11-pin-file <pin-file>", m.display()),
+            let module_args = match (
+                &files.intermediate_key_uri,
+                &pkcs11.pkcs11_module,
+                &pkcs11.pkcs11_pin_file,
+            ) {
+                (Some(_), Some(m), Some(p)) => format!(
+                    " --pkcs11-module {} --pkcs11-pin-file {}",
+                    m.display(),
+                    p.display()
+                ),
                 _ => String::new(),
             };
             println!("root CA:          {}", files.root_cert.display());
@@ -200,6 +222,19 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
                 files.intermediate_cert.display(),
                 files.bundle.display()
             );
+            Ok(())
+        }
+        CaCommand::Keygen {
+            pkcs11,
+            key_label,
+            pkcs11_token,
+        } => {
+            let keys = pkcs11
+                .keyring()?
+                .context("--pkcs11-module and --pkcs11-pin-file are required")?;
+            let ring = keys.pkcs11().context("PKCS#11 module")?;
+            let key = ring.generate(pkcs11_token.as_deref(), &key_label)?;
+            println!("{}", key.uri());
             Ok(())
         }
         CaCommand::Rotate {

@@ -413,6 +413,30 @@ impl Ca {
         Self::init_with_root(td, out, None, None)
     }
 
+    /// Refuses an `--out` directory that already holds any file `trellis ca init` writes, so
+    /// a refusal comes before anything is made (a token key included).
+    pub fn check_init_out(out: &Path) -> Result<(), CaError> {
+        for name in [
+            "root.pem",
+            "root-key.pem",
+            "intermediate.pem",
+            "intermediate-key.pem",
+            "intermediate.csr",
+            "bundle.pem",
+        ] {
+            let p = out.join(name);
+            if p.symlink_metadata().is_ok() {
+                return Err(CaError::Invalid {
+                    path: p,
+                    problem: "already exists; refusing to overwrite a CA file (move it away or \
+                              choose another --out)"
+                        .into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// `trellis ca init --pkcs11-module … --key-label …`: like [`Ca::init_offline`] (or
     /// [`Ca::init_intermediate`] with `root`), but the intermediate's key is `key`, made
     /// inside a token; nothing of it is written, and `intermediate.csr` (signed by the
@@ -457,25 +481,8 @@ impl Ca {
             intermediate_key: out.join("intermediate-key.pem"),
             bundle: out.join("bundle.pem"),
         };
-        let all = [
-            &files.root_cert,
-            &files.root_key,
-            &files.intermediate_cert,
-            &files.intermediate_key,
-            &files.intermediate_csr,
-            &files.bundle,
-        ];
         // Check all first, so a refusal writes nothing.
-        for p in all {
-            if p.symlink_metadata().is_ok() {
-                return Err(CaError::Invalid {
-                    path: p.clone(),
-                    problem: "already exists; refusing to overwrite a CA file (move it away or \
-                              choose another --out)"
-                        .into(),
-                });
-            }
-        }
+        Self::check_init_out(out)?;
 
         let now = SystemTime::now();
         // The root: made here, or read (and checked) from the operator's files.
@@ -568,9 +575,13 @@ impl Ca {
         // A CSR only for a token key: a file key can simply be signed again by whoever holds
         // the root, a token key cannot be moved to them.
         let csr_pem = if int_key_pem.is_none() {
+            // What a CSR can carry: the serial and the issuer's key identifier are the
+            // signing CA's to choose.
+            let mut req = int_params.clone();
+            req.serial_number = None;
+            req.use_authority_key_identifier_extension = false;
             Some(
-                int_params
-                    .serialize_request(&int_key)
+                req.serialize_request(&int_key)
                     .and_then(|c| c.pem())
                     .map_err(sign_err)?,
             )

@@ -371,3 +371,6 @@ mod tests {
         assert!(err.contains("--pkcs11-module"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod softhsm_tests;

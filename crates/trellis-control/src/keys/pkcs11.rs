@@ -129,7 +129,7 @@ impl Pkcs11Keyring {
             retries: self.retries.clone(),
         });
         // Log in now, so a wrong PIN stops the start rather than the first signature.
-        let s = token.open_session()?;
+        let s = token.checkout()?;
         token.checkin(s);
         tokens.insert(key, Arc::clone(&token));
         Ok(token)
@@ -317,7 +317,6 @@ impl Token {
             }
             Err(e) => return Err(self.err("C_Login", &e)),
         }
-        lock(&self.pool).open += 1;
         Ok(s)
     }
 
@@ -337,8 +336,14 @@ impl Token {
                 return Ok(s);
             }
             if pool.open < self.max {
+                // Reserve the slot before the (slow) open, so concurrent callers cannot
+                // overshoot `max`; give it back if the open fails.
+                pool.open += 1;
                 drop(pool);
-                return self.open_session();
+                return self.open_session().inspect_err(|_| {
+                    lock(&self.pool).open -= 1;
+                    self.freed.notify_one();
+                });
             }
             pool = self
                 .freed
@@ -532,7 +537,8 @@ impl TokenKey {
     pub fn sign_sha256(&self, msg: &[u8]) -> Result<[u8; 64], KeyError> {
         let digest = sha2::Sha256::digest(msg);
         let sig = self.token.with_session("C_Sign", |s| {
-            let handle = match *lock(&self.handle) {
+            let cached = *lock(&self.handle);
+            let handle = match cached {
                 Some(h) => h,
                 None => {
                     let h = s.find_objects(&self.template)?.first().copied();
