@@ -105,8 +105,13 @@ fn intermediate(
     match token {
         None => {
             let files = Ca::init_offline(td, &dir.join("file-ca")).expect("ca init");
-            Ca::from_files(td, &files.intermediate_cert, &files.intermediate_key, Some(&files.bundle))
-                .expect("file CA")
+            Ca::from_files(
+                td,
+                &files.intermediate_cert,
+                &files.intermediate_key,
+                Some(&files.bundle),
+            )
+            .expect("file CA")
         }
         Some(keys) => {
             let ring = keys.pkcs11().expect("module");
@@ -115,8 +120,14 @@ fn intermediate(
                 Ca::init_with_token_key(td, &dir.join("token-ca"), None, SigningKey::token(key))
                     .expect("ca init");
             let uri = Pkcs11Uri::parse(&files.intermediate_key_uri.expect("uri")).expect("uri");
-            Ca::from_token(td, &files.intermediate_cert, &uri, Some(&files.bundle), keys)
-                .expect("token CA")
+            Ca::from_token(
+                td,
+                &files.intermediate_cert,
+                &uri,
+                Some(&files.bundle),
+                keys,
+            )
+            .expect("token CA")
         }
     }
 }
@@ -132,13 +143,25 @@ fn softhsm(dir: &std::path::Path) -> Option<trellis_control::keys::Keyring> {
     let conf = dir.join("softhsm2.conf");
     std::fs::write(
         &conf,
-        format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", dir.join("tokens").display()),
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            dir.join("tokens").display()
+        ),
     )
     .expect("conf");
     // Read by the module when it initializes, below.
     std::env::set_var("SOFTHSM2_CONF", &conf);
     let ok = std::process::Command::new("softhsm2-util")
-        .args(["--init-token", "--free", "--label", "bench", "--pin", "1234", "--so-pin", "5678"])
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            "bench",
+            "--pin",
+            "1234",
+            "--so-pin",
+            "5678",
+        ])
         .status()
         .expect("softhsm2-util")
         .success();
@@ -185,7 +208,12 @@ fn key_sources(c: &mut Criterion) {
             b.iter(|| black_box(ca.issue(&id, ttl, SystemTime::now()).expect("issue")))
         });
         g.bench_function("svid_sign_csr", |b| {
-            b.iter(|| black_box(ca.sign_csr(&csr, &id, ttl, SystemTime::now()).expect("sign CSR")))
+            b.iter(|| {
+                black_box(
+                    ca.sign_csr(&csr, &id, ttl, SystemTime::now())
+                        .expect("sign CSR"),
+                )
+            })
         });
         g.finish();
     }

@@ -334,7 +334,12 @@ impl CaRotator {
         match read {
             Ok(rotations) => {
                 for r in rotations {
-                    match Ca::from_material_with(&self.td, &r.material, self.registry.path(), &self.keys) {
+                    match Ca::from_material_with(
+                        &self.td,
+                        &r.material,
+                        self.registry.path(),
+                        &self.keys,
+                    ) {
                         Ok(ca) => {
                             tracing::info!(rotation = r.id, ca = ca.label(), activate_at = %rfc3339(r.activate_at), "CA rotation scheduled: the new CA joins the trust bundle now and signs from its activation time");
                             self.schedule.add(ScheduledCa {

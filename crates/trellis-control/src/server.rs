@@ -27,8 +27,8 @@ use crate::audit::{AuditEvent, AuditLog};
 use crate::authority::{CaOutputs, CaRotator, CaSchedule, ServingHook};
 use crate::ca::{Ca, CaError};
 use crate::config::{CaFiles, ControlSettings};
-use crate::keys::{KeyRef, Keyring, Pkcs11Keyring};
 use crate::db_health::DbHealth;
+use crate::keys::{KeyRef, Keyring, Pkcs11Keyring};
 use crate::metrics::ControlMetrics;
 use crate::recorder::IssuanceRecorder;
 use crate::registry::{Registry, RegistryError};
@@ -226,12 +226,11 @@ impl ControlPlane {
             None => None,
         };
         // Before any issuance: a log that fails its own signed head stops the start here.
-        let translog =
-            crate::translog::IssuanceLog::open_with_key(
-                Arc::clone(&registry),
-                Arc::clone(&metrics.log),
-                log_key,
-            )?;
+        let translog = crate::translog::IssuanceLog::open_with_key(
+            Arc::clone(&registry),
+            Arc::clone(&metrics.log),
+            log_key,
+        )?;
         // Next to bundle.pem: what log verifiers pin (`trellis log … --log-key`).
         crate::state_dir::write_public_pem(
             &settings.state_dir.join(crate::translog::LOG_KEY_FILE),

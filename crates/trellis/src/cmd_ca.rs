@@ -109,7 +109,12 @@ pub enum CaCommand {
 #[derive(Args, Debug)]
 pub struct Pkcs11Args {
     /// PKCS#11 module (the HSM vendor's .so), e.g. /usr/lib/softhsm/libsofthsm2.so.
-    #[arg(long, env = "TRELLIS_PKCS11_MODULE", value_name = "PATH", requires = "pkcs11_pin_file")]
+    #[arg(
+        long,
+        env = "TRELLIS_PKCS11_MODULE",
+        value_name = "PATH",
+        requires = "pkcs11_pin_file"
+    )]
     pkcs11_module: Option<PathBuf>,
     /// File holding the token's user PIN (the PIN is never a flag).
     #[arg(long, env = "TRELLIS_PKCS11_PIN_FILE", value_name = "PATH")]
@@ -146,7 +151,13 @@ fn rotation_material(
         KeyRef::File(key) => Ok(Ca::material_from_files(td, cert, &key, bundle)?),
         KeyRef::Pkcs11(uri) => {
             let keys = pkcs11.keyring()?;
-            Ok(Ca::material_from_token(td, cert, &uri, bundle, keys.as_ref())?)
+            Ok(Ca::material_from_token(
+                td,
+                cert,
+                &uri,
+                bundle,
+                keys.as_ref(),
+            )?)
         }
     }
 }
@@ -261,8 +272,7 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
                             anyhow::anyhow!("--trust-domain is required with --ca-cert")
                         })?;
                         let td = TrustDomain::parse(td)?;
-                        let m =
-                            rotation_material(&td, cert, key, ca_bundle.as_deref(), &pkcs11)?;
+                        let m = rotation_material(&td, cert, key, ca_bundle.as_deref(), &pkcs11)?;
                         Some(RotationMaterial {
                             chain_pem: m.chain_pem,
                             bundle_pem: m.bundle_pem,

@@ -105,8 +105,8 @@ fn token_ca_args(hsm: &SoftHsm, ca: &InitCa, label: &str) -> Vec<String> {
 fn key_material(dir: &Path) -> anyhow::Result<Vec<(PathBuf, &'static str)>> {
     // PrivateKeyInfo: version 0, then AlgorithmIdentifier { id-ecPublicKey, prime256v1 }.
     const PKCS8_P256: &[u8] = &[
-        0x02, 0x01, 0x00, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01,
-        0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
+        0x02, 0x01, 0x00, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06,
+        0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
     ];
     let mut found = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -141,11 +141,20 @@ async fn control_plane_signs_with_token_keys_and_stores_no_private_key() -> anyh
         let ca = init_token_ca(&hsm, &dir.path().join("ca"), "intermediate-1", None)?;
         // The log key too: `trellis ca keygen` makes it in the token and prints its URI.
         let log_uri = hsm
-            .run(&[
-                &["ca", "keygen", "--key-label", "log", "--pkcs11-token", TOKEN][..],
-                &hsm.args().iter().map(String::as_str).collect::<Vec<_>>()[..],
-            ]
-            .concat())?
+            .run(
+                &[
+                    &[
+                        "ca",
+                        "keygen",
+                        "--key-label",
+                        "log",
+                        "--pkcs11-token",
+                        TOKEN,
+                    ][..],
+                    &hsm.args().iter().map(String::as_str).collect::<Vec<_>>()[..],
+                ]
+                .concat(),
+            )?
             .trim()
             .to_owned();
         assert_eq!(log_uri, token_uri("log"));
@@ -174,7 +183,8 @@ async fn control_plane_signs_with_token_keys_and_stores_no_private_key() -> anyh
             .collect::<Result<_, _>>()?;
         assert_eq!(roots, vec![subject_of(&ca.dir.join("root.pem"))?]);
         for i in 0..10 {
-            let reply = get_once(mesh.a.outbound(), Proto::H1, "b", &format!("/hsm/{i}"), &[]).await?;
+            let reply =
+                get_once(mesh.a.outbound(), Proto::H1, "b", &format!("/hsm/{i}"), &[]).await?;
             let echo = echo_json(&reply)?;
             anyhow::ensure!(echo["app"] == "app-b", "a → b reached {echo}");
         }
@@ -188,14 +198,20 @@ async fn control_plane_signs_with_token_keys_and_stores_no_private_key() -> anyh
         assert!(found.is_empty(), "key material on disk: {found:?}");
         let found = key_material(&ca.dir)?;
         assert_eq!(
-            found.iter().map(|(p, _)| p.file_name().unwrap().to_owned()).collect::<Vec<_>>(),
+            found
+                .iter()
+                .map(|(p, _)| p.file_name().unwrap().to_owned())
+                .collect::<Vec<_>>(),
             vec![std::ffi::OsString::from("root-key.pem")],
             "only the offline root's key is a file"
         );
         // The detector does find what a default control plane keeps in its database.
         let plain = ControlPlane::start(ControlPlaneOpts::default())?;
         let found = key_material(&plain.state_dir)?;
-        assert!(!found.is_empty(), "the check must see the database-kept keys");
+        assert!(
+            !found.is_empty(),
+            "the check must see the database-kept keys"
+        );
         // The PIN appears in no log.
         for entry in std::fs::read_dir(mesh.cp.dir.path())? {
             let path = entry?.path();
@@ -224,7 +240,10 @@ fn must_fail(hsm: &SoftHsm, dir: &Path, extra: &[String]) -> anyhow::Result<Stri
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     if out.status.success() || stdout.contains("listening") {
-        bail!("want a failed start, got {}; stdout: {stdout}; stderr: {stderr}", out.status);
+        bail!(
+            "want a failed start, got {}; stdout: {stdout}; stderr: {stderr}",
+            out.status
+        );
     }
     eprintln!("failed start, as expected: {stderr}");
     Ok(stderr)
@@ -249,15 +268,36 @@ fn startup_refuses_bad_token_setups_naming_the_cause() -> anyhow::Result<()> {
     // Wrong PIN: named as such, with the file, never the PIN.
     let bad_pin = dir.path().join("wrong-pin");
     std::fs::write(&bad_pin, "999999\n")?;
-    let err = must_fail(&hsm, dir.path(), &with("--pkcs11-pin-file", &bad_pin.display().to_string()))?;
-    assert!(err.contains("refused the PIN") && err.contains("wrong-pin"), "{err}");
+    let err = must_fail(
+        &hsm,
+        dir.path(),
+        &with("--pkcs11-pin-file", &bad_pin.display().to_string()),
+    )?;
+    assert!(
+        err.contains("refused the PIN") && err.contains("wrong-pin"),
+        "{err}"
+    );
     assert!(!err.contains("999999"), "{err}");
 
     // Missing object and missing token.
-    let err = must_fail(&hsm, dir.path(), &with("--ca-key", &token_uri("no-such-key")))?;
-    assert!(err.contains("holds no private key with object=no-such-key"), "{err}");
-    let err = must_fail(&hsm, dir.path(), &with("--ca-key", "pkcs11:token=nope;object=intermediate"))?;
-    assert!(err.contains("no token labelled `nope`") && err.contains(TOKEN), "{err}");
+    let err = must_fail(
+        &hsm,
+        dir.path(),
+        &with("--ca-key", &token_uri("no-such-key")),
+    )?;
+    assert!(
+        err.contains("holds no private key with object=no-such-key"),
+        "{err}"
+    );
+    let err = must_fail(
+        &hsm,
+        dir.path(),
+        &with("--ca-key", "pkcs11:token=nope;object=intermediate"),
+    )?;
+    assert!(
+        err.contains("no token labelled `nope`") && err.contains(TOKEN),
+        "{err}"
+    );
 
     // A certificate whose key is not the token's.
     let other = InitCa::create("example.org", &dir.path().join("other"))?;
@@ -265,19 +305,39 @@ fn startup_refuses_bad_token_setups_naming_the_cause() -> anyhow::Result<()> {
     let i = args.iter().position(|a| a == "--ca-bundle").unwrap();
     args[i + 1] = other.bundle().display().to_string();
     let err = must_fail(&hsm, dir.path(), &args)?;
-    assert!(err.contains("private key does not match certificate"), "{err}");
+    assert!(
+        err.contains("private key does not match certificate"),
+        "{err}"
+    );
     assert!(err.contains(&token_uri("intermediate")), "{err}");
 
     // A module that cannot be loaded.
-    let err = must_fail(&hsm, dir.path(), &with("--pkcs11-module", &ca.bundle().display().to_string()))?;
-    assert!(err.contains("PKCS#11 module") && err.contains("cannot load"), "{err}");
+    let err = must_fail(
+        &hsm,
+        dir.path(),
+        &with("--pkcs11-module", &ca.bundle().display().to_string()),
+    )?;
+    assert!(
+        err.contains("PKCS#11 module") && err.contains("cannot load"),
+        "{err}"
+    );
 
     // A token key without a module, and a PIN in the URI.
     let no_module: Vec<String> = good.iter().take(6).cloned().collect();
     let err = must_fail(&hsm, dir.path(), &no_module)?;
     assert!(err.contains("--pkcs11-module"), "{err}");
-    let err = must_fail(&hsm, dir.path(), &with("--ca-key", &format!("{}?pin-value={PIN}", token_uri("intermediate"))))?;
-    assert!(err.contains("--pkcs11-pin-file") && !err.contains(PIN), "{err}");
+    let err = must_fail(
+        &hsm,
+        dir.path(),
+        &with(
+            "--ca-key",
+            &format!("{}?pin-value={PIN}", token_uri("intermediate")),
+        ),
+    )?;
+    assert!(
+        err.contains("--pkcs11-pin-file") && !err.contains(PIN),
+        "{err}"
+    );
     Ok(())
 }
 
@@ -315,7 +375,12 @@ async fn rotation_from_file_key_to_token_key_drops_no_request() -> anyhow::Resul
         })
         .await?;
         // Tomorrow: a new intermediate under the same offline root, its key made in the token.
-        let second = init_token_ca(&hsm, &dir.path().join("second"), "intermediate-2", Some(&first))?;
+        let second = init_token_ca(
+            &hsm,
+            &dir.path().join("second"),
+            "intermediate-2",
+            Some(&first),
+        )?;
         let old_issuer = subject_of(&first.intermediate())?;
         let new_issuer = subject_of(&second.intermediate())?;
         assert_eq!(svid_issuer(&mesh.a).await?, old_issuer);

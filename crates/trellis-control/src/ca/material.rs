@@ -114,12 +114,13 @@ impl Ca {
     ) -> Result<CaMaterial, CaError> {
         Self::from_files(td, cert, key, bundle)?;
         let (chain_pem, bundle_pem) = cert_material(cert, bundle)?;
-        let key_pem = Zeroizing::new(std::fs::read_to_string(key).map_err(|source| {
-            CaError::Read {
-                path: key.to_path_buf(),
-                source,
-            }
-        })?);
+        let key_pem =
+            Zeroizing::new(
+                std::fs::read_to_string(key).map_err(|source| CaError::Read {
+                    path: key.to_path_buf(),
+                    source,
+                })?,
+            );
         Ok(CaMaterial {
             chain_pem,
             bundle_pem,
@@ -499,7 +500,8 @@ impl Ca {
                 let not_after = root_params.not_after;
                 let key_pem = Zeroizing::new(root_key.serialize_pem());
                 let issuer =
-                    Issuer::from_ca_cert_der(root_cert.der(), SigningKey::memory(root_key)).map_err(sign_err)?;
+                    Issuer::from_ca_cert_der(root_cert.der(), SigningKey::memory(root_key))
+                        .map_err(sign_err)?;
                 (root_cert.pem(), issuer, not_after, Some(key_pem))
             }
             Some((cert_path, key_path)) => {
@@ -539,12 +541,13 @@ impl Ca {
                 }
                 let not_after =
                     OffsetDateTime::from(from_unix(root.validity().not_after.timestamp()));
-                let issuer = Issuer::from_ca_cert_der(root_der, SigningKey::memory(key)).map_err(|e| {
-                    CaError::Invalid {
-                        path: cert_path.to_path_buf(),
-                        problem: format!("cannot use as issuer: {e}"),
-                    }
-                })?;
+                let issuer =
+                    Issuer::from_ca_cert_der(root_der, SigningKey::memory(key)).map_err(|e| {
+                        CaError::Invalid {
+                            path: cert_path.to_path_buf(),
+                            problem: format!("cannot use as issuer: {e}"),
+                        }
+                    })?;
                 let pem = trellis_identity::certs_to_pem(std::slice::from_ref(root_der));
                 (pem, issuer, not_after, None)
             }
@@ -567,7 +570,9 @@ impl Ca {
             }
         };
         if int_key.public_key_raw().len() != 65 {
-            return Err(CaError::Sign("the intermediate key must be ECDSA P-256".into()));
+            return Err(CaError::Sign(
+                "the intermediate key must be ECDSA P-256".into(),
+            ));
         }
         let int_cert = int_params
             .signed_by(&int_key, &root_issuer)
@@ -613,7 +618,6 @@ impl Ca {
         Ok(files)
     }
 }
-
 
 /// The chain and bundle PEM of an operator's intermediate (`bundle` absent: the last
 /// certificate of `cert`, which the checks accepted as the root).

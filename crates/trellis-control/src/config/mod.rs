@@ -403,7 +403,13 @@ impl ControlSettings {
             })
             .transpose()?;
         let wants_token = log_key.is_some()
-            || matches!(&ca, Some(CaFiles { key: KeyRef::Pkcs11(_), .. }));
+            || matches!(
+                &ca,
+                Some(CaFiles {
+                    key: KeyRef::Pkcs11(_),
+                    ..
+                })
+            );
         let pkcs11 = match (f.pkcs11_module, f.pkcs11_pin_file) {
             (Some(module), Some(pin_file)) => {
                 let sessions = f.pkcs11_sessions.unwrap_or(crate::keys::pkcs11::DEFAULT_SESSIONS);

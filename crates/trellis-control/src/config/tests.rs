@@ -595,8 +595,11 @@ fn tls_key_exchange_defaults_to_pq_preferred_and_bad_values_are_located() {
 }
 
 fn settings(yaml: &str) -> Result<ControlSettings, String> {
-    let f = ControlFile::parse(&format!("trust_domain: example.org\n{yaml}"), Path::new("c.yaml"))
-        .map_err(|e| e.to_string())?;
+    let f = ControlFile::parse(
+        &format!("trust_domain: example.org\n{yaml}"),
+        Path::new("c.yaml"),
+    )
+    .map_err(|e| e.to_string())?;
     ControlSettings::from_file(f).map_err(|e| e.to_string())
 }
 
@@ -620,7 +623,10 @@ fn pkcs11_ca_key_is_a_token_key_with_module_and_pin_file() {
 #[test]
 fn pkcs11_key_without_module_names_the_settings() {
     let err = settings("ca_cert: /ca/i.pem\nca_key: \"pkcs11:token=hsm;object=ca\"\n").unwrap_err();
-    assert!(err.contains("pkcs11_module") && err.contains("--pkcs11-pin-file"), "{err}");
+    assert!(
+        err.contains("pkcs11_module") && err.contains("--pkcs11-pin-file"),
+        "{err}"
+    );
     let err = settings("log_key: \"pkcs11:object=log\"\n").unwrap_err();
     assert!(err.contains("pkcs11_module"), "{err}");
     let err = settings("pkcs11_module: /m.so\n").unwrap_err();
@@ -633,7 +639,10 @@ fn pkcs11_key_without_module_names_the_settings() {
 fn pkcs11_refusals_name_field_and_allowed_values() {
     let base = "pkcs11_module: /m.so\npkcs11_pin_file: /pin\n";
     let err = settings(&format!("{base}pkcs11_sessions: 0\n")).unwrap_err();
-    assert!(err.contains("pkcs11_sessions") && err.contains("1 to 256"), "{err}");
+    assert!(
+        err.contains("pkcs11_sessions") && err.contains("1 to 256"),
+        "{err}"
+    );
     let err = settings(&format!("{base}log_key: /var/log.pem\n")).unwrap_err();
     assert!(err.contains("log_key") && err.contains("pkcs11:"), "{err}");
     let err = settings(&format!(

@@ -159,7 +159,10 @@ pub struct Keyring {
 impl std::fmt::Debug for Keyring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Keyring")
-            .field("pkcs11", &self.pkcs11.as_ref().map(|k| k.module().to_owned()))
+            .field(
+                "pkcs11",
+                &self.pkcs11.as_ref().map(|k| k.module().to_owned()),
+            )
             .finish()
     }
 }
@@ -332,11 +335,14 @@ impl rcgen::SigningKey for SigningKey {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_FIXED};
+    use aws_lc_rs::signature::{
+        UnparsedPublicKey, ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_FIXED,
+    };
 
     #[test]
     fn memory_key_signs_in_both_encodings() {
-        let key = SigningKey::memory(KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap());
+        let key =
+            SigningKey::memory(KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap());
         let msg = b"tree head";
         let der = key.sign_der(msg).unwrap();
         UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, key.public_key_raw())

@@ -70,7 +70,9 @@ fn module(path: &Path) -> Result<Pkcs11, KeyError> {
         reason,
     };
     if !path.is_file() {
-        return Err(err("no such file: pass the vendor's PKCS#11 library (.so)".into()));
+        return Err(err(
+            "no such file: pass the vendor's PKCS#11 library (.so)".into()
+        ));
     }
     let ctx = Pkcs11::new(path).map_err(|e| err(e.to_string()))?;
     match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
@@ -387,7 +389,16 @@ impl Token {
                     tracing::warn!(token = %self.label, op, attempt, error = %e, "PKCS#11 call failed; retrying on a fresh session");
                     self.discard(s);
                     // Device errors get a moment to clear; a closed session does not need one.
-                    if matches!(e, CkError::Pkcs11(RvError::DeviceError | RvError::DeviceMemory | RvError::TokenNotPresent | RvError::DeviceRemoved, _)) {
+                    if matches!(
+                        e,
+                        CkError::Pkcs11(
+                            RvError::DeviceError
+                                | RvError::DeviceMemory
+                                | RvError::TokenNotPresent
+                                | RvError::DeviceRemoved,
+                            _
+                        )
+                    ) {
                         std::thread::sleep(Duration::from_millis(50 * u64::from(attempt)));
                     }
                 }
@@ -479,7 +490,11 @@ impl TokenKey {
         match (id, label) {
             (Some(id), _) => public.push(Attribute::Id(id)),
             (None, Some(label)) => public.push(Attribute::Label(label)),
-            (None, None) => return Err(unsupported("the key has neither CKA_ID nor CKA_LABEL, so its public key cannot be found")),
+            (None, None) => {
+                return Err(unsupported(
+                    "the key has neither CKA_ID nor CKA_LABEL, so its public key cannot be found",
+                ))
+            }
         }
         let (params, point) = token.with_session("C_GetAttributeValue", |s| {
             let Some(pk) = s.find_objects(&public)?.first().copied() else {
@@ -552,7 +567,10 @@ impl TokenKey {
                 }
             };
             s.sign(&Mechanism::Ecdsa, handle, &digest).inspect_err(|e| {
-                if matches!(e, CkError::Pkcs11(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid, _)) {
+                if matches!(
+                    e,
+                    CkError::Pkcs11(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid, _)
+                ) {
                     *lock(&self.handle) = None;
                 }
             })
@@ -560,7 +578,10 @@ impl TokenKey {
         <[u8; 64]>::try_from(sig.as_slice()).map_err(|_| KeyError::Token {
             token: self.token.label.clone(),
             op: "C_Sign",
-            reason: format!("returned {} bytes, not a 64-byte P-256 signature", sig.len()),
+            reason: format!(
+                "returned {} bytes, not a 64-byte P-256 signature",
+                sig.len()
+            ),
         })
     }
 }

@@ -33,7 +33,9 @@ fn hsm() -> Option<&'static Hsm> {
     static HSM: OnceLock<Option<Hsm>> = OnceLock::new();
     HSM.get_or_init(|| {
         if !Path::new(MODULE).exists() {
-            eprintln!("SKIP: {MODULE} not installed (Debian package softhsm2; tests/run.sh installs it)");
+            eprintln!(
+                "SKIP: {MODULE} not installed (Debian package softhsm2; tests/run.sh installs it)"
+            );
             return None;
         }
         let dir = tempfile::tempdir().unwrap().keep();
@@ -87,7 +89,9 @@ fn token_key_signs_and_verifies_in_both_encodings() {
     let ring = ring(h, &h.pin_file, Counter::default()).unwrap();
     ring.generate(Some(MAIN), "sign-test").unwrap();
     // Opened again by URI, as the control plane does.
-    let key = Keyring::with_pkcs11(ring).token_key(&uri(MAIN, "sign-test")).unwrap();
+    let key = Keyring::with_pkcs11(ring)
+        .token_key(&uri(MAIN, "sign-test"))
+        .unwrap();
     assert!(key.is_token());
     let msg = b"signed inside the token";
     let der = key.sign_der(msg).unwrap();
@@ -105,7 +109,11 @@ fn generate_refuses_an_existing_label() {
     let Some(h) = hsm() else { return };
     let ring = ring(h, &h.pin_file, Counter::default()).unwrap();
     ring.generate(Some(MAIN), "twice").unwrap();
-    let err = ring.generate(Some(MAIN), "twice").err().unwrap().to_string();
+    let err = ring
+        .generate(Some(MAIN), "twice")
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("exists already"), "{err}");
 }
 
@@ -134,8 +142,15 @@ fn missing_token_lists_the_present_ones() {
 fn missing_object_is_named() {
     let Some(h) = hsm() else { return };
     let ring = ring(h, &h.pin_file, Counter::default()).unwrap();
-    let err = ring.key(&uri(MAIN, "no-such-key")).err().unwrap().to_string();
-    assert!(err.contains("holds no private key with object=no-such-key"), "{err}");
+    let err = ring
+        .key(&uri(MAIN, "no-such-key"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("holds no private key with object=no-such-key"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -153,7 +168,10 @@ fn unloadable_module_is_named() {
     .err()
     .unwrap()
     .to_string();
-    assert!(err.contains("PKCS#11 module") && err.contains("cannot load"), "{err}");
+    assert!(
+        err.contains("PKCS#11 module") && err.contains("cannot load"),
+        "{err}"
+    );
     let err = Pkcs11Keyring::open(
         Pkcs11Settings {
             module: "/nonexistent/libpkcs11.so".into(),
@@ -189,7 +207,9 @@ fn lost_login_is_retried_and_counted() {
 fn concurrent_signers_share_the_session_pool() {
     let Some(h) = hsm() else { return };
     let ring = ring(h, &h.pin_file, Counter::default()).unwrap();
-    let key = Arc::new(SigningKey::token(ring.generate(Some(MAIN), "pool").unwrap()));
+    let key = Arc::new(SigningKey::token(
+        ring.generate(Some(MAIN), "pool").unwrap(),
+    ));
     let threads: Vec<_> = (0..6)
         .map(|i| {
             let key = Arc::clone(&key);
@@ -218,7 +238,10 @@ fn ca_with_token_intermediate_issues_svids_that_chain_to_the_root() {
     let out = h.dir.join("ca-token");
     let key = SigningKey::token(ring.generate(Some(MAIN), "intermediate").unwrap());
     let files = Ca::init_with_token_key(&td, &out, None, key).unwrap();
-    assert!(!files.intermediate_key.exists(), "no key file for a token key");
+    assert!(
+        !files.intermediate_key.exists(),
+        "no key file for a token key"
+    );
     assert!(files.intermediate_csr.exists());
     let uri_text = files.intermediate_key_uri.clone().unwrap();
     assert_eq!(uri_text, format!("pkcs11:token={MAIN};object=intermediate"));
@@ -233,7 +256,11 @@ fn ca_with_token_intermediate_issues_svids_that_chain_to_the_root() {
     let id = SpiffeId::parse("spiffe://example.org/ns/prod/sa/web").unwrap();
     let now = SystemTime::now();
     let svid = ca.issue(&id, Duration::from_secs(3600), now).unwrap();
-    assert_eq!(svid.chain().len(), 2, "leaf and the token-held intermediate");
+    assert_eq!(
+        svid.chain().len(),
+        2,
+        "leaf and the token-held intermediate"
+    );
     svid.verify(ca.bundle(), now).unwrap();
     // Nothing under the output directory holds a private key but the offline root's.
     for entry in std::fs::read_dir(&out).unwrap() {
@@ -257,7 +284,10 @@ fn ca_with_token_intermediate_issues_svids_that_chain_to_the_root() {
     .unwrap();
     assert_eq!(m.key_pem.as_str(), uri_text);
     Ca::from_material_with(&td, &m, Path::new("db"), &keys).unwrap();
-    let err = Ca::from_material(&td, &m, Path::new("db")).err().unwrap().to_string();
+    let err = Ca::from_material(&td, &m, Path::new("db"))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("--pkcs11-module"), "{err}");
 }
 
@@ -279,6 +309,9 @@ fn token_key_not_matching_the_certificate_is_refused() {
     .err()
     .unwrap()
     .to_string();
-    assert!(err.contains("private key does not match certificate"), "{err}");
+    assert!(
+        err.contains("private key does not match certificate"),
+        "{err}"
+    );
     assert!(err.contains("pkcs11:token="), "names the key: {err}");
 }

@@ -18,7 +18,8 @@ pub struct Pkcs11Uri {
 }
 
 const SCHEME: &str = "pkcs11:";
-const ALLOWED: &str = "token, object, id, type=private (and slot/manufacturer/model/serial, ignored)";
+const ALLOWED: &str =
+    "token, object, id, type=private (and slot/manufacturer/model/serial, ignored)";
 
 impl Pkcs11Uri {
     /// Whether `s` is meant as a PKCS#11 URI (scheme `pkcs11:`, case-insensitive).
@@ -43,21 +44,20 @@ impl Pkcs11Uri {
             Some((p, q)) => (p, Some(q)),
             None => (rest, None),
         };
-        if let Some(q) = query {
-            for attr in q.split('&').filter(|a| !a.is_empty()) {
-                let name = attr.split_once('=').map_or(attr, |(n, _)| n);
-                return Err(bad(match name {
-                    "pin-value" | "pin-source" => {
-                        "the PIN may not be in the URI (command lines and logs show it): put it \
-                         in the file --pkcs11-pin-file names"
-                            .into()
-                    }
-                    "module-path" | "module-name" => {
-                        "give the module with --pkcs11-module, not in the URI".into()
-                    }
-                    other => format!("unsupported query attribute `{other}`"),
-                }));
-            }
+        // Any query attribute is refused; the first one names why.
+        if let Some(attr) = query.and_then(|q| q.split('&').find(|a| !a.is_empty())) {
+            let name = attr.split_once('=').map_or(attr, |(n, _)| n);
+            return Err(bad(match name {
+                "pin-value" | "pin-source" => {
+                    "the PIN may not be in the URI (command lines and logs show it): put it \
+                     in the file --pkcs11-pin-file names"
+                        .into()
+                }
+                "module-path" | "module-name" => {
+                    "give the module with --pkcs11-module, not in the URI".into()
+                }
+                other => format!("unsupported query attribute `{other}`"),
+            }));
         }
         let mut uri = Self {
             token: None,
@@ -83,8 +83,14 @@ impl Pkcs11Uri {
                         return Err(bad("type must be `private` (the signing key)".into()));
                     }
                 }
-                "slot-id" | "slot-description" | "slot-manufacturer" | "manufacturer"
-                | "model" | "serial" | "library-manufacturer" | "library-description"
+                "slot-id"
+                | "slot-description"
+                | "slot-manufacturer"
+                | "manufacturer"
+                | "model"
+                | "serial"
+                | "library-manufacturer"
+                | "library-description"
                 | "library-version" => {}
                 other => {
                     return Err(bad(format!(
