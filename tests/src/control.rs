@@ -44,7 +44,7 @@ pub struct ControlPlaneOpts {
     /// disk the test can fill. The test reaches its files through `/proc/<pid>/root`
     /// (`state_dir`, `bundle_pem_path` and `operator_socket` already point there).
     pub state_tmpfs: Option<String>,
-    /// Environment variables for the process (e.g. `SOFTHSM2_CONF`).
+    /// Extra environment variables for the process (e.g. libfaketime's).
     pub env: Vec<(String, String)>,
 }
 
@@ -122,6 +122,7 @@ impl ControlPlane {
                 c
             }
         };
+        cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
         cmd.arg("control")
             .args(["--trust-domain", &opts.trust_domain])
             .args(["--listen", listen, "--admin", admin])
@@ -142,7 +143,6 @@ impl ControlPlane {
             ]);
         }
         cmd.args(&opts.extra_args);
-        cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
         cmd.env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

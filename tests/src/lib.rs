@@ -65,8 +65,9 @@ pub use locate::{
 };
 pub use process::{e2e, run_with_timeout, Child};
 pub use sds::{
-    bundle_from_secret, connect_sds, decode_secrets, fetch_svid, grpc_code, peer_leaf, serial_of,
-    svid_from_secret, test_node, tls_client_config, tls_connect, SdsClient, SdsStream,
+    bundle_from_secret, connect_sds, decode_secrets, fetch_svid, fetch_svid_trusting, grpc_code,
+    peer_leaf, serial_of, svid_from_secret, test_node, tls_client_config, tls_connect, SdsClient,
+    SdsStream,
 };
 pub use wait::{eventually, poll_until, wait_until};
 

@@ -48,11 +48,56 @@ pub fn own_netns(test: &str, timeout: Duration) -> anyhow::Result<bool> {
     if !can_isolate(test)? {
         return Ok(false);
     }
-    let exe = std::env::current_exe().context("the test binary's path")?;
     let mut cmd = Command::new("unshare");
-    cmd.arg("--net")
-        .arg("--")
-        .arg(exe)
+    cmd.arg("--net").arg("--");
+    rerun(test, timeout, cmd)
+}
+
+/// Like [`own_netns`], in a mount namespace too, where `hosts` (the text of an `/etc/hosts`)
+/// is bind-mounted over `/etc/hosts`: names the test makes up resolve through the system
+/// resolver (`getaddrinfo`) to the loopback addresses it chooses, and nothing outside sees it.
+/// Needs `unshare` and `mount` (util-linux) and root; skips (fails under CI) without them.
+pub fn own_netns_with_hosts(test: &str, timeout: Duration, hosts: &str) -> anyhow::Result<bool> {
+    if std::env::var_os(INSIDE_ENV).is_some() {
+        return own_netns(test, timeout);
+    }
+    for tool in ["unshare", "ip", "mount"] {
+        if tool_or_skip(test, tool).is_none() {
+            return Ok(false);
+        }
+    }
+    let probe = Command::new("unshare")
+        .args(["--net", "--mount", "--", "true"])
+        .output();
+    if !probe.as_ref().is_ok_and(|o| o.status.success()) {
+        let why = match probe {
+            Ok(out) => String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            !in_ci(),
+            "{test}: `unshare --net --mount true` failed under CI (needs root): {why}"
+        );
+        eprintln!("SKIP {test}: cannot make network and mount namespaces (needs root): {why}");
+        return Ok(false);
+    }
+    let dir = tempfile::tempdir().context("a directory for the test's /etc/hosts")?;
+    let file = dir.path().join("hosts");
+    std::fs::write(&file, hosts).with_context(|| format!("writing {}", file.display()))?;
+    // `unshare --mount` makes every mount private to the new namespace first, so the bind
+    // mount never reaches the machine's own /etc/hosts.
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--net", "--mount", "--", "sh", "-c"])
+        .arg("mount --bind \"$0\" /etc/hosts && exec \"$@\"")
+        .arg(&file);
+    rerun(test, timeout, cmd)
+}
+
+/// Runs `prefix` (a command that ends by running what follows it) with this test binary for
+/// `test` appended, inside; reports its output.
+fn rerun(test: &str, timeout: Duration, mut cmd: Command) -> anyhow::Result<bool> {
+    let exe = std::env::current_exe().context("the test binary's path")?;
+    cmd.arg(exe)
         .args([test, "--exact", "--nocapture", "--test-threads=1"])
         .env(INSIDE_ENV, "1");
     let out = run_with_timeout(cmd, timeout)

@@ -264,7 +264,17 @@ pub fn bundle_from_secret(s: &Secret, td: &TrustDomain) -> anyhow::Result<TrustB
 /// Redeems `token` on a fresh stream and returns the SVID and bundle it was issued (the
 /// stream is dropped afterwards). For tests that need a client SVID.
 pub async fn fetch_svid(cp: &ControlPlane, token: &str) -> anyhow::Result<(Svid, TrustBundle)> {
-    let mut client = cp.sds_client().await?;
+    fetch_svid_trusting(cp, cp.bundle()?, token).await
+}
+
+/// [`fetch_svid`], verifying the control plane against `bundle` instead of its `bundle.pem`
+/// (for tests in which the state directory is out of reach).
+pub async fn fetch_svid_trusting(
+    cp: &ControlPlane,
+    bundle: TrustBundle,
+    token: &str,
+) -> anyhow::Result<(Svid, TrustBundle)> {
+    let mut client = connect_sds(cp.sds_addr, bundle, cp.control_id()).await?;
     let mut stream = SdsStream::open(&mut client, Some(token), &["default", "ROOTCA"]).await?;
     let mut svid = None;
     let mut bundle = None;

@@ -29,6 +29,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -364,6 +365,7 @@ pub struct SdsServer {
     /// Holds `bundle_path`; a test may put logs here too.
     pub dir: TempDir,
     streams: mpsc::Receiver<ScriptedStream>,
+    handshakes_failed: Arc<AtomicUsize>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -400,6 +402,8 @@ impl SdsServer {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (conn_tx, conn_rx) = mpsc::channel::<Result<Conn, io::Error>>(16);
+        let handshakes_failed = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::clone(&handshakes_failed);
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
@@ -407,13 +411,20 @@ impl SdsServer {
                 };
                 let acceptor = acceptor.clone();
                 let conn_tx = conn_tx.clone();
+                let failed = Arc::clone(&failed);
                 tokio::spawn(async move {
-                    // A failed handshake is the client's problem; the sidecar logs it.
-                    if let Ok(tls) = acceptor.accept(tcp).await {
-                        let peer = PeerId(trellis_identity::tls::peer_spiffe_id(
-                            tls.get_ref().1.peer_certificates(),
-                        ));
-                        let _ = conn_tx.send(Ok(Conn { inner: tls, peer })).await;
+                    // A failed handshake is the client's problem (the sidecar logs it); the
+                    // count lets a test prove the client tried and gave up.
+                    match acceptor.accept(tcp).await {
+                        Ok(tls) => {
+                            let peer = PeerId(trellis_identity::tls::peer_spiffe_id(
+                                tls.get_ref().1.peer_certificates(),
+                            ));
+                            let _ = conn_tx.send(Ok(Conn { inner: tls, peer })).await;
+                        }
+                        Err(_) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 });
             }
@@ -435,6 +446,7 @@ impl SdsServer {
             bundle_path,
             dir,
             streams,
+            handshakes_failed,
             tasks: vec![accept, serve],
         })
     }
@@ -445,6 +457,11 @@ impl SdsServer {
             .await
             .with_context(|| format!("no SDS stream opened within {timeout:?}"))?
             .context("the SDS server stopped")
+    }
+
+    /// TLS handshakes that did not complete (a client that refused this server, or gave up).
+    pub fn handshakes_failed(&self) -> usize {
+        self.handshakes_failed.load(Ordering::Relaxed)
     }
 
     /// A stream opened since the last call, if any (to prove a client did *not* reconnect).

@@ -4,7 +4,7 @@
 use std::fs::OpenOptions;
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::Path;
 use std::time::SystemTime;
 
@@ -97,7 +97,21 @@ impl AuditLog {
             .file
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let before = file.metadata().map(|m| m.len());
+        let open = file.metadata();
+        // A line appended to a file that is no longer at `path` (state directory removed,
+        // renamed or unmounted) is a line nobody will ever read: refuse it, so the issuance
+        // it records is refused too. One stat per line, beside a ~70 µs signature.
+        let same = match (&open, std::fs::metadata(&self.path)) {
+            (Ok(o), Ok(p)) => o.dev() == p.dev() && o.ino() == p.ino(),
+            _ => false,
+        };
+        if !same {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the audit log file is no longer at its path (state directory removed, renamed or unmounted?); restore it, or restart the control plane",
+            ));
+        }
+        let before = open.map(|m| m.len());
         let written = file.write_all(&line).and_then(|()| file.flush());
         if let (Err(_), Ok(len)) = (&written, before) {
             // A full disk can take part of the line: cut it off again, so the next line starts

@@ -11,6 +11,7 @@ pub mod audit;
 pub mod authority;
 pub mod ca;
 pub mod client;
+pub mod clock_guard;
 pub mod config;
 pub mod db_health;
 pub mod keys;

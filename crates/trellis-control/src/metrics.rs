@@ -110,8 +110,8 @@ pub struct ControlMetrics {
     pub database_up: Gauge,
     /// `trellis_database_errors_total{op}`: failed state database reads and writes.
     pub database_errors: Family<OpLabel, Counter>,
-    /// `trellis_issuances_refused_total{reason}`: SVIDs signed but not handed out because
-    /// their issuance could not be recorded (`audit_write`).
+    /// `trellis_issuances_refused_total{reason}`: SVIDs not handed out because their issuance
+    /// could not be recorded (`audit_write`) or the wall clock just jumped (`clock_jump`).
     pub issuances_refused: Family<ReasonLabel, Counter>,
 }
 
@@ -300,14 +300,14 @@ impl ControlMetrics {
         );
         registry.register(
             "issuances_refused",
-            "SVIDs not handed out because their issuance could not be recorded, by reason",
+            "SVIDs not handed out, by reason: audit_write (the issuance could not be recorded), clock_jump (the wall clock just jumped)",
             m.issuances_refused.clone(),
         );
-        // The one reason exists from the start at 0: alert rules (`increase(…[5m]) > 0`) and
+        // Every reason exists from the start at 0: alert rules (`increase(…[5m]) > 0`) and
         // dashboards see the series before the first refusal, not only after it.
-        let _ = m.issuances_refused.get_or_create(&ReasonLabel {
-            reason: "audit_write",
-        });
+        for reason in ["audit_write", "clock_jump"] {
+            let _ = m.issuances_refused.get_or_create(&ReasonLabel { reason });
+        }
         ControlMetrics { registry, ..m }
     }
 

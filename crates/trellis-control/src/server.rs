@@ -46,6 +46,9 @@ const CA_POLL: Duration = Duration::from_secs(1);
 /// connections closing) before they are cut off.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How soon a refused renewal of the control plane's own certificates is tried again.
+const SERVING_RETRY: Duration = Duration::from_secs(10);
+
 /// Why the control plane could not start. Each names the file or address involved.
 #[derive(Debug, Error)]
 pub enum StartError {
@@ -237,6 +240,11 @@ impl ControlPlane {
             &translog.public_key().to_pem(),
             "the transparency-log key",
         )?;
+        // One guard for every signature this process makes from its wall clock.
+        let clock = Arc::new(crate::clock_guard::ClockGuard::new(
+            SystemTime::now(),
+            std::time::Instant::now(),
+        ));
         // The control plane's own identity, for its SDS listener.
         let control_id = SpiffeId::from_parts(&td, CONTROL_ID_PATH)
             .map_err(|e| StartError::Tls(e.to_string()))?;
@@ -263,10 +271,13 @@ impl ControlPlane {
             webhook: Arc::clone(&webhook_slot),
             ttl: settings.svid_ttl,
             lock: std::sync::Mutex::new(()),
+            clock: Arc::clone(&clock),
         });
         let on_serving_change: ServingHook = {
             let reissue = Arc::clone(&reissue);
-            Box::new(move || reissue.renew())
+            Box::new(move || {
+                reissue.renew();
+            })
         };
         let mut rotator = CaRotator::new(
             td.clone(),
@@ -336,6 +347,8 @@ impl ControlPlane {
             metrics: Arc::clone(&metrics),
             policy,
             limiter,
+            clock,
+            log: Some(Arc::clone(&translog)),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (drain_signal, drain) = drain::channel();
@@ -392,14 +405,24 @@ impl ControlPlane {
         // Rotate the control plane's own serving SVID like any other, from the serving CA.
         let mut rotate_shutdown = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
+            let mut next = policy.next_rotation();
             loop {
                 tokio::select! {
-                    () = tokio::time::sleep(policy.next_rotation()) => {}
+                    () = tokio::time::sleep(next) => {}
                     _ = rotate_shutdown.changed() => return,
                 }
                 // Signing is quick, but the lock may be held by the CA rotator.
                 let reissue = Arc::clone(&reissue);
-                let _ = tokio::task::spawn_blocking(move || reissue.renew()).await;
+                let renewed = tokio::task::spawn_blocking(move || reissue.renew())
+                    .await
+                    .unwrap_or(false);
+                // A refused renewal (clock jump, disk full) is retried soon, not a whole
+                // rotation period later, when the current certificate may have run out.
+                next = if renewed {
+                    policy.next_rotation()
+                } else {
+                    SERVING_RETRY.min(policy.next_rotation())
+                };
             }
         }));
 
@@ -552,20 +575,34 @@ struct ServingCerts {
     ttl: Duration,
     /// Held from reading `ca` to installing, so installs never go back to an older CA.
     lock: std::sync::Mutex<()>,
+    /// A certificate signed right after a clock jump would lock every client out.
+    clock: Arc<crate::clock_guard::ClockGuard>,
 }
 
 impl ServingCerts {
-    /// Issues fresh certificates from the current serving CA; on failure the current ones stay.
-    fn renew(&self) {
+    /// Issues fresh certificates from the current serving CA; on failure the current ones stay
+    /// (and it says false).
+    fn renew(&self) -> bool {
         let _one_at_a_time = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(jump) = self
+            .clock
+            .check(SystemTime::now(), std::time::Instant::now())
+        {
+            tracing::error!("{jump}; keeping the control plane's current serving certificates");
+            return false;
+        }
         let ca = self.ca.load_full();
+        let mut renewed = true;
         if let Err(e) = self.own.install(&ca, self.ttl) {
+            renewed = false;
             tracing::error!(error = %e, "cannot rotate the control plane's own SVID; keeping the current one");
         }
         if let Some(cert) = self.webhook.load_full() {
             if let Err(e) = cert.install(&ca, self.ttl) {
+                renewed = false;
                 tracing::error!(error = %e, "cannot rotate the webhook's serving certificate; keeping the current one");
             }
         }
+        renewed
     }
 }

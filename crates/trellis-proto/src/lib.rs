@@ -65,7 +65,7 @@ pub mod workload {
 
 pub use envoy::config::core::v3::{data_source, DataSource, Node};
 pub use envoy::extensions::transport_sockets::tls::v3::{
-    secret, CertificateValidationContext, Secret, TlsCertificate,
+    secret, CertificateValidationContext, GenericSecret, Secret, TlsCertificate,
 };
 pub use envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 pub use envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;

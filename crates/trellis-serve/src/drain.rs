@@ -173,7 +173,14 @@ mod tests {
         // The watcher only looks; it holds its clone, so drop it before draining.
         let forced = watcher.forced();
         drop(watcher);
+        let started = tokio::time::Instant::now();
         assert!(signal.drain(Duration::from_secs(15)).await);
+        // It waited for the holder (1 s), not for the timeout.
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(1) && waited < Duration::from_secs(15),
+            "{waited:?}"
+        );
         task.await.unwrap();
         let waited = tokio::time::timeout(Duration::from_secs(3600), forced).await;
         assert!(waited.is_err(), "forced after a drain that finished");
@@ -190,7 +197,10 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             drop(holder);
         });
+        let started = tokio::time::Instant::now();
         signal.drain_all().await;
+        // (Paused time: exact.) Returning any earlier would leave the holder running.
+        assert!(started.elapsed() >= Duration::from_secs(3600));
         task.await.unwrap();
     }
 

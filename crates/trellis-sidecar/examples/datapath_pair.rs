@@ -49,6 +49,8 @@ fn settings(app: std::net::SocketAddr, upstreams: Vec<Upstream>) -> SidecarSetti
         app_protocol: Default::default(),
         outbound_listen: any,
         upstreams,
+        default_route: None,
+        resolve_ttl: trellis_sidecar::config::defaults::RESOLVE_TTL,
         admin: any,
         tls_policy: TlsPolicy::Tls13,
         tls_key_exchange: Default::default(),

@@ -24,8 +24,11 @@ pub(crate) struct AccessEntry<'a> {
     pub(crate) status: StatusCode,
     /// Request head received to response head ready.
     pub(crate) took: Duration,
-    /// Outbound: the upstream's name (`None`: no upstream matched); inbound: the app address.
+    /// Outbound: the route, the upstream's name or `default_route` (`None`: no route
+    /// matched); inbound: the app address.
     pub(crate) upstream: Option<&'a str>,
+    /// Outbound: the SPIFFE ID the peer had to present (`None`: no route matched).
+    pub(crate) identity: Option<&'a str>,
     /// The deciding rule (or `default`) when a policy decided.
     pub(crate) rule: Option<&'a str>,
     /// Inbound: `allow`, `deny` or `refused` (400 before authorization) when the request
@@ -51,6 +54,7 @@ impl AccessEntry<'_> {
             status = self.status.as_u16(),
             duration_ms,
             upstream = self.upstream,
+            identity = self.identity,
             rule = self.rule,
             decision = self.decision,
             policy = self.policy,

@@ -185,7 +185,18 @@ pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<B
         "/ready" => {
             let now = SystemTime::now();
             if state.store.is_ready(now, state.expiry_margin) {
-                reply(StatusCode::OK, PLAIN, "ready\n")
+                match state.store.log_witness().alarm() {
+                    // Still ready: the evidence is for operators, traffic is not affected.
+                    Some(alarm) => reply(
+                        StatusCode::OK,
+                        PLAIN,
+                        format!(
+                            "ready\nwarning: transparency log alarm ({}): {}\n",
+                            alarm.kind, alarm.message
+                        ),
+                    ),
+                    None => reply(StatusCode::OK, PLAIN, "ready\n"),
+                }
             } else if let Some(svid) = state.store.current() {
                 let at = rfc3339(svid.not_after());
                 let body = match svid.not_after().duration_since(now) {
@@ -211,6 +222,7 @@ pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<B
         "/certs" => {
             let mut certs = certs_json(&state.store);
             certs["source"] = state.source.clone();
+            certs["transparency_log"] = state.store.log_witness().to_json();
             reply(StatusCode::OK, JSON, certs.to_string())
         }
         "/policy" => reply(StatusCode::OK, JSON, policy_json(&state.policy).to_string()),

@@ -4,6 +4,7 @@
 use crate::forward_error::ForwardError;
 use crate::metrics::{Direction, SidecarMetrics};
 use crate::mtls;
+use crate::resolve::Resolver;
 use crate::svid_store::SvidStore;
 use rustls::client::ClientSessionMemoryCache;
 use rustls::pki_types::ServerName;
@@ -46,6 +47,7 @@ pub async fn connect_tcp(addr: TcpTarget<'_>, timeout: Duration) -> io::Result<T
         match addr {
             TcpTarget::Addr(a) => TcpStream::connect(a).await,
             TcpTarget::Name(n) => TcpStream::connect(n).await,
+            TcpTarget::Addrs(a) => TcpStream::connect(a).await,
         }
     };
     let connect = async {
@@ -121,6 +123,8 @@ pub enum TcpTarget<'a> {
     Addr(SocketAddr),
     /// Resolved through the system resolver at each connect.
     Name(&'a str),
+    /// Resolved already (by a [`Resolver`]): tried in order.
+    Addrs(&'a [SocketAddr]),
 }
 
 /// One rustls client config and the sessions it may resume.
@@ -153,6 +157,8 @@ pub struct PeerTarget {
     /// Our identity: a connection waits (up to `connect_timeout`) until it holds an SVID.
     svid: Option<Arc<SvidStore>>,
     dead_peer: Option<DeadPeer>,
+    /// Resolves a named `address` (cached); without one, each connect asks the system.
+    resolver: Option<Arc<Resolver>>,
 }
 
 /// A new HTTP connection to a peer, by negotiated protocol.
@@ -199,7 +205,20 @@ impl PeerTarget {
             connect_timeout,
             svid: None,
             dead_peer: None,
+            resolver: None,
         })
+    }
+
+    /// Resolves a named address through `resolver` (its cache) instead of at each connect.
+    pub fn resolver(mut self, resolver: Arc<Resolver>) -> Self {
+        self.resolver = Some(resolver);
+        self
+    }
+
+    /// Names the peer `target` in error bodies instead of `upstream `name` (address)`.
+    pub fn describe(mut self, target: impl Into<Arc<str>>) -> Self {
+        self.target = target.into();
+        self
     }
 
     /// Makes every connection wait, up to the connect timeout, until `store` holds an SVID:
@@ -226,9 +245,20 @@ impl PeerTarget {
     }
 
     async fn tcp(&self) -> Result<TcpStream, ForwardError> {
-        let to = match self.resolved {
-            Some(a) => TcpTarget::Addr(a),
-            None => TcpTarget::Name(&self.address),
+        let addrs;
+        let to = match (self.resolved, &self.resolver) {
+            (Some(a), _) => TcpTarget::Addr(a),
+            (None, Some(resolver)) => {
+                addrs = resolver.resolve(&self.address).await.map_err(|e| {
+                    ForwardError::Unresolvable {
+                        target: self.target.clone(),
+                        name: e.name,
+                        detail: e.detail.to_string(),
+                    }
+                })?;
+                TcpTarget::Addrs(&addrs)
+            }
+            (None, None) => TcpTarget::Name(&self.address),
         };
         let tcp =
             connect_tcp(to, self.connect_timeout)

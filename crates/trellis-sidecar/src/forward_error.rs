@@ -16,6 +16,16 @@ pub enum ForwardError {
         /// The connect error.
         detail: String,
     },
+    /// The peer's name did not resolve (system resolver).
+    #[error("{target}: cannot resolve `{name}`: {detail}")]
+    Unresolvable {
+        /// Which upstream or route.
+        target: Arc<str>,
+        /// The `host:port` that did not resolve.
+        name: Arc<str>,
+        /// What the resolver said.
+        detail: String,
+    },
     /// The TLS handshake failed (other than the identity check).
     #[error("TLS handshake with {target} failed ({reason}): {detail}")]
     Handshake {
@@ -74,10 +84,11 @@ pub enum ForwardError {
 }
 
 impl ForwardError {
-    /// 503 unreachable, connection lost or no SVID yet, 502 handshake/identity/HTTP failure, 504 timeout.
+    /// 503 unreachable, unresolvable, connection lost or no SVID yet, 502 handshake/identity/HTTP failure, 504 timeout.
     pub fn status(&self) -> StatusCode {
         match self {
             ForwardError::Unreachable { .. }
+            | ForwardError::Unresolvable { .. }
             | ForwardError::ConnectionLost { .. }
             | ForwardError::NoSvid { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ForwardError::Handshake { .. }

@@ -181,7 +181,11 @@ async fn reload(files: &FilesFile, store: &SvidStore, metrics: &SidecarMetrics) 
         install(svid, bundle, files, store).map(|()| true)
     });
     match result {
-        Ok(false) => tracing::debug!("identity files changed on disk but not in content"),
+        Ok(false) => {
+            // Counted too: a writer that touches the files without changing them shows up.
+            metrics.sds_update("unchanged");
+            tracing::debug!("identity files changed on disk but not in content");
+        }
         Ok(true) => {
             metrics.sds_update("ok");
             tracing::info!(cert = %files.cert.display(), "reloaded identity files");

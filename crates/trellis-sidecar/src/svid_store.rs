@@ -61,6 +61,8 @@ pub struct SvidStore {
     bundle: SharedBundle,
     current: ArcSwapOption<Svid>,
     generation: watch::Sender<u64>,
+    /// What this sidecar witnessed of the control plane's transparency log.
+    log_witness: crate::log_witness::LogWitness,
     metrics: Arc<SidecarMetrics>,
 }
 
@@ -87,8 +89,14 @@ impl SvidStore {
             bundle: Arc::new(ArcSwap::from_pointee(initial_bundle)),
             current: ArcSwapOption::empty(),
             generation: watch::channel(0).0,
+            log_witness: crate::log_witness::LogWitness::new(Arc::clone(&metrics)),
             metrics,
         })
+    }
+
+    /// What this sidecar witnessed of the control plane's transparency log.
+    pub fn log_witness(&self) -> &crate::log_witness::LogWitness {
+        &self.log_witness
     }
 
     /// Validates `svid` against `bundle` at `now` (chain, validity, key match, identity), then
@@ -380,7 +388,17 @@ impl ExpiryEvent {
 pub async fn watch_expiry(
     store: Arc<SvidStore>,
     margin: Duration,
+    shutdown: watch::Receiver<bool>,
+) {
+    watch_expiry_reporting(store, margin, shutdown, |event| event.log(margin)).await;
+}
+
+/// [`watch_expiry`] with each event handed to `report` (the tests' window into the loop).
+async fn watch_expiry_reporting(
+    store: Arc<SvidStore>,
+    margin: Duration,
     mut shutdown: watch::Receiver<bool>,
+    mut report: impl FnMut(&ExpiryEvent),
 ) {
     let mut installs = store.subscribe();
     let mut tracker = ExpiryWatch::new(margin);
@@ -391,7 +409,7 @@ pub async fn watch_expiry(
             current.as_deref().map(|s| (s.serial_hex(), s.not_after())),
             now,
         ) {
-            event.log(margin);
+            report(&event);
         }
         let wake = tracker.next_check(now);
         tokio::select! {
@@ -566,10 +584,29 @@ mod tests {
         let ca = TestCa::root("example.org");
         let s = store(&ca, None);
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(watch_expiry(Arc::clone(&s), MARGIN, stop_rx));
-        s.install(ca.svid("/web"), ca.bundle(), SystemTime::now())
+        let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        // A margin longer than the test CA's SVIDs live: the install must be reported as
+        // short-lived, which only happens if the watchdog woke for it.
+        let margin = Duration::from_secs(10 * 365 * 24 * 3600);
+        let task = tokio::spawn(watch_expiry_reporting(
+            Arc::clone(&s),
+            margin,
+            stop_rx,
+            move |e| {
+                let _ = events_tx.send(e.clone());
+            },
+        ));
+        let svid = ca.svid("/web");
+        let serial = svid.serial_hex().to_owned();
+        s.install(svid, ca.bundle(), SystemTime::now()).unwrap();
+        let event = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .expect("the watchdog reports the install")
             .unwrap();
-        tokio::task::yield_now().await;
+        assert!(
+            matches!(&event, ExpiryEvent::ShortLived { serial: s, .. } if *s == serial),
+            "{event:?}"
+        );
         stop.send(true).unwrap();
         tokio::time::timeout(Duration::from_secs(5), task)
             .await

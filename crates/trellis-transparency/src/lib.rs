@@ -16,6 +16,7 @@ mod hash;
 mod head;
 mod proof;
 mod tree;
+mod witness;
 
 pub use audit::{audit_log, AuditFailure, AuditSummary, StoredEntry};
 pub use entry::{CaPhaseEntry, EntryError, IssuanceEntry, LogBody, LogEntry, ENTRY_VERSION};
@@ -23,3 +24,7 @@ pub use hash::{empty_root, leaf_hash, node_hash, Hash};
 pub use head::{b64_hashes, HeadError, LogPublicKey, SignedTreeHead, TreeHead};
 pub use proof::{verify_consistency, verify_inclusion, ProofError};
 pub use tree::{MerkleTree, TreeError};
+pub use witness::{
+    ConsistencyFrom, HeadForWitness, Witness, WitnessAlarm, Witnessed, LOG_HEAD_RESOURCE,
+    WITNESSED_SIZE_METADATA_KEY,
+};

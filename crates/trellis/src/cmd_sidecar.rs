@@ -7,8 +7,11 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use trellis_identity::tls::KeyExchange;
+use trellis_sidecar::config::route::DefaultRouteRaw;
 use trellis_sidecar::config::AppProtocol;
-use trellis_sidecar::config::{FilesFile, Protocol, SidecarFile, UpstreamFile};
+use trellis_sidecar::config::{
+    DefaultRouteFile, FilesFile, HostTemplate, Protocol, SidecarFile, UpstreamFile,
+};
 use trellis_sidecar::headers::UnderscoreHeaders;
 use trellis_sidecar::{Sidecar, SidecarSettings};
 
@@ -82,6 +85,14 @@ pub struct SidecarArgs {
     /// An upstream, repeatable: `name=b,address=10.0.0.2:15443,identity=spiffe://td/b[,hosts=b;b.prod][,listen=127.0.0.1:9000][,protocol=tcp]`.
     #[arg(long = "upstream", env = "TRELLIS_UPSTREAMS", value_delimiter = ' ')]
     upstreams: Vec<String>,
+    /// Convention route for hosts no upstream lists (replaces the file's `outbound.default_route`):
+    /// `hosts={service}.{namespace}.svc.cluster.local;{service}.{namespace},address={service}.{namespace}.svc.cluster.local:15443,identity=spiffe://{trust_domain}/ns/{namespace}/sa/{service}[,max_peers=1024]`.
+    #[arg(long, env = "TRELLIS_DEFAULT_ROUTE")]
+    default_route: Option<String>,
+    /// How long a peer name's addresses from the system resolver are reused (1s to 5m)
+    /// [default: 10s].
+    #[arg(long, env = "TRELLIS_RESOLVE_TTL", value_parser = humantime::parse_duration)]
+    resolve_ttl: Option<Duration>,
     /// Admin listener [default: 127.0.0.1:15000].
     #[arg(long, env = "TRELLIS_ADMIN")]
     admin: Option<SocketAddr>,
@@ -233,6 +244,47 @@ pub fn parse_upstream(spec: &str) -> anyhow::Result<UpstreamFile> {
     Ok(u)
 }
 
+/// Parses `hosts=a;b,address=…,identity=…[,max_peers=N]` (`--default-route`), with the same
+/// checks as the file's `outbound.default_route`.
+pub fn parse_default_route(spec: &str) -> anyhow::Result<DefaultRouteFile> {
+    let mut raw = DefaultRouteRaw {
+        hosts: Vec::new(),
+        address: String::new(),
+        identity: String::new(),
+        max_peers: None,
+    };
+    for part in spec.split(',').filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .with_context(|| format!("--default-route `{spec}`: `{part}` is not key=value"))?;
+        match k {
+            "hosts" => {
+                for h in v.split(';').filter(|h| !h.is_empty()) {
+                    let t = HostTemplate::try_from(h.to_owned())
+                        .map_err(|e| anyhow::anyhow!("--default-route `{spec}`: {e}"))?;
+                    raw.hosts.push(t);
+                }
+            }
+            "address" => raw.address = v.to_owned(),
+            "identity" => raw.identity = v.to_owned(),
+            "max_peers" => {
+                raw.max_peers = Some(v.parse().with_context(|| {
+                    format!("--default-route `{spec}`: max_peers `{v}` is not a number")
+                })?)
+            }
+            _ => bail!(
+                "--default-route `{spec}`: unknown key `{k}` (hosts, address, identity, max_peers)"
+            ),
+        }
+    }
+    for (field, value) in [("address", &raw.address), ("identity", &raw.identity)] {
+        if value.is_empty() {
+            bail!("--default-route `{spec}`: `{field}=` is required");
+        }
+    }
+    DefaultRouteFile::try_from(raw).map_err(|e| anyhow::anyhow!("--default-route `{spec}`: {e}"))
+}
+
 impl SidecarArgs {
     /// The file (if any) with flags applied over it.
     pub fn merged(self) -> anyhow::Result<SidecarFile> {
@@ -302,6 +354,12 @@ impl SidecarArgs {
         }
         for spec in &self.upstreams {
             f.outbound.upstreams.push(parse_upstream(spec)?);
+        }
+        if let Some(spec) = &self.default_route {
+            f.outbound.default_route = Some(parse_default_route(spec)?);
+        }
+        if self.resolve_ttl.is_some() {
+            f.outbound.resolve_ttl = self.resolve_ttl;
         }
         if self.admin.is_some() {
             f.admin = self.admin;
@@ -589,6 +647,26 @@ mod tests {
             socket(&["--workload-api-socket", "/run/b/w.sock"]),
             Some(PathBuf::from("/run/b/w.sock"))
         );
+    }
+
+    #[test]
+    fn default_route_flag_parses_and_checks_templates() {
+        let r = parse_default_route(
+            "hosts={service}.{namespace}.svc.cluster.local;{service}.{namespace},\
+             address={service}.{namespace}.svc.cluster.local:15443,\
+             identity=spiffe://{trust_domain}/ns/{namespace}/sa/{service},max_peers=7",
+        )
+        .unwrap();
+        assert_eq!(r.hosts.len(), 2);
+        assert_eq!(r.max_peers, Some(7));
+        let e = parse_default_route("hosts={svc}.{namespace},address=x:1,identity=spiffe://a/b")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown placeholder `{svc}`"), "{e}");
+        let e = parse_default_route("hosts={service},identity=spiffe://a/b")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`address=` is required"), "{e}");
     }
 
     #[test]

@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context as _};
 use trellis_tests::load::{Load, LoadOpts};
 use trellis_tests::mesh::{Mesh, MeshOpts};
-use trellis_tests::{e2e, eventually, fetch_svid, grpc_code, in_ci, which, ControlPlaneOpts};
+use trellis_tests::{
+    e2e, eventually, fetch_svid, fetch_svid_trusting, grpc_code, in_ci, which, ControlPlaneOpts,
+};
 
 /// How long the disk stays full after the first refused issuance (appends first use up the
 /// room left in the audit log's last page, a few seconds of rotations).
@@ -201,4 +203,138 @@ async fn full_state_disk_refuses_unrecorded_issuance_and_recovers() -> anyhow::R
         Ok(())
     })
     .await
+}
+
+/// The state directory is renamed away under load (what a removed or unmounted volume looks
+/// like to a process holding its files open), then put back. SQLite and the audit log would
+/// keep writing to files nobody will find again; instead issuance is refused (no SVID
+/// without a record someone can read), a join is refused `UNAVAILABLE` without spending the
+/// token, `/ready` and `trellis_database_up` name the missing database, traffic carries on,
+/// and everything resumes when the directory is back, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vanished_state_directory_refuses_issuance_and_recovers() -> anyhow::Result<()> {
+    e2e(async {
+        let margin = vec!["--expiry-margin".to_string(), "2s".to_string()];
+        let mesh = Mesh::start(MeshOpts {
+            control: ControlPlaneOpts {
+                svid_ttl: Some("30s".into()),
+                rotate_every: Some("1s".into()),
+                ..Default::default()
+            },
+            a_args: margin.clone(),
+            b_args: margin,
+            ..Default::default()
+        })
+        .await?;
+        let state = mesh.cp.state_dir.clone();
+        let gone = state.with_extension("gone");
+        let bundle = mesh.cp.bundle()?;
+        let token = mesh.cp.create_token("spiffe://example.org/ns/demo/sa/late", "10m")?;
+        let load = Load::start(LoadOpts::new(mesh.a.outbound(), "b", "app-b"));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut presented = BTreeSet::new();
+        presented.insert(b_serial(&mesh).await?);
+
+        let event = load.mark("state directory gone");
+        let refused_before = refused_audit(&mesh).await?;
+        std::fs::rename(&state, &gone)?;
+        let moved = Instant::now();
+        eventually(Duration::from_secs(20), "a rotation refused for its audit line", || async {
+            let n = refused_audit(&mesh).await?;
+            if n >= refused_before + 2.0 {
+                Ok(())
+            } else {
+                bail!("trellis_issuances_refused_total{{reason=\"audit_write\"}} = {n}")
+            }
+        })
+        .await?;
+        let detected = moved.elapsed();
+        let refusal = match fetch_svid_trusting(&mesh.cp, bundle.clone(), &token).await {
+            Ok((svid, _)) => bail!("a new workload was issued {} with no state directory", svid.spiffe_id()),
+            Err(e) => {
+                let msg = format!("{e:#}");
+                ensure!(grpc_code(&e) == Some(tonic::Code::Unavailable), "want UNAVAILABLE: {msg}");
+                ensure!(msg.contains("gone"), "the refusal must say the state is gone: {msg}");
+                msg
+            }
+        };
+        let metrics = mesh.cp.metrics().await?;
+        ensure!(
+            metrics.series("trellis_database_up") == 0.0,
+            "trellis_database_up must be 0 while the database file is gone"
+        );
+        let ready = mesh.cp.admin_get("/ready").await?;
+        ensure!(ready.text().contains("gone"), "/ready must name the missing database: {}", ready.text());
+        let held_from = Instant::now();
+        while held_from.elapsed() < Duration::from_secs(3) {
+            presented.insert(b_serial(&mesh).await?);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+
+        std::fs::rename(&gone, &state)?;
+        let back = Instant::now();
+        load.end(event);
+        let serial_gone = b_serial(&mesh).await?;
+        let rotated = eventually(Duration::from_secs(30), "B rotates once the directory is back", || async {
+            let s = b_serial(&mesh).await?;
+            if s != serial_gone {
+                Ok((s, back.elapsed()))
+            } else {
+                bail!("still {s}")
+            }
+        })
+        .await?;
+        presented.insert(rotated.0.clone());
+        eventually(Duration::from_secs(30), "the token refused meanwhile joins", || async {
+            fetch_svid(&mesh.cp, &token).await.map(|_| ())
+        })
+        .await?;
+        let report = load.stop().await;
+        report.print("state directory renamed away for 3 s");
+        let (audited, torn) = audit_serials(&state)?;
+        let unaudited: Vec<&String> = presented.difference(&audited).collect();
+        println!(
+            "[disk] state directory renamed away: issuance refused within {:.1}s; join refused: {refusal}; \
+             B rotated {:.1}s after it came back; {} serials B presented, all audited",
+            detected.as_secs_f64(),
+            rotated.1.as_secs_f64(),
+            presented.len()
+        );
+        report.assert_no_failures()?;
+        let during = report.events.first().context("event")?;
+        let sent = report.sent_between(during.from, during.to.context("end")?);
+        ensure!(sent >= 50, "only {sent} requests while the state directory was gone");
+        ensure!(torn == 0, "{torn} torn line(s) in the audit log");
+        ensure!(unaudited.is_empty(), "B presented certificates without a readable audit line: {unaudited:?}");
+        Ok(())
+    })
+    .await
+}
+
+/// A state directory that is read-only when the control plane starts (a volume mounted `ro`
+/// by mistake): it refuses to start, naming the directory and the cause.
+#[test]
+fn read_only_state_directory_is_refused_at_start() -> anyhow::Result<()> {
+    if !root_with_unshare("read_only_state_directory_is_refused_at_start") {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state)?;
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$1" control --trust-domain example.org --state-dir "$0" --listen 127.0.0.1:0 --admin 127.0.0.1:0"#)
+        .arg(&state)
+        .arg(trellis_tests::trellis_bin());
+    let out = trellis_tests::run_with_timeout(cmd, trellis_tests::COMMAND_TIMEOUT)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success(),
+        "started on a read-only state directory: {stderr}"
+    );
+    ensure!(
+        stderr.contains(&state.display().to_string()) && stderr.contains("Read-only file system"),
+        "the error must name the directory and the cause: {stderr}"
+    );
+    Ok(())
 }

@@ -11,6 +11,7 @@ mod app_trust_headers;
 mod app_trust_paths;
 mod build_info;
 mod control_sds;
+mod default_route;
 mod envoy_sds;
 mod faults_clock;
 mod faults_database;

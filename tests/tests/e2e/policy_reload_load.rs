@@ -3,8 +3,9 @@
 //! times (valid version X, valid version Y, an invalid version; each by a ConfigMap-style
 //! `..data` symlink swap, by write-temp-then-rename and by an in-place write). No request
 //! may fail except by the intended 403, every 403 must come from a rule that denies in a
-//! version that could have been in force, and decisions must follow each valid write within
-//! one second. Run with `--nocapture` to see the figures.
+//! version that could have been in force, and decisions must follow each valid write (within
+//! a deadline generous for 2 shared cores; the follow times are reported, not asserted).
+//! Run with `--nocapture` to see the figures.
 //!
 //! ```text
 //!  load (4 × app A) ──http/1.1 keep-alive──▶ sidecar A ══ mTLS, h2 ══▶ sidecar B ──▶ app B
@@ -35,8 +36,9 @@ const LOAD_TASKS: usize = 4;
 const WRITES: usize = 21;
 /// Time between the starts of two writes.
 const WRITE_EVERY: Duration = Duration::from_millis(480);
-/// How long after a valid write the decision must have changed.
-const FOLLOW_WITHIN: Duration = Duration::from_secs(1);
+/// How long after a valid write the decision must have changed: a deadline for "it follows",
+/// not a speed target (the follow times are printed; they are ~100-300 ms here).
+const FOLLOW_WITHIN: Duration = Duration::from_secs(10);
 /// One load request, head and body.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const RELOAD_ERRORS: &str = "trellis_policy_reload_errors_total";
@@ -384,7 +386,7 @@ async fn decisions_follow_every_valid_write_and_no_request_fails() -> anyhow::Re
                 );
                 probes.push(o);
             } else {
-                // The next requests on P2 get the new decision within a second.
+                // The next requests on P2 get the new decision (polled until FOLLOW_WITHIN).
                 let want = p2_decision(version);
                 let confirmed = loop {
                     let o = one_request(&mut probe, P2).await;

@@ -388,11 +388,12 @@ async fn scenario(mode: Mode) -> anyhow::Result<()> {
     }
     let mut b = tokio::task::block_in_place(|| Sidecar::launch("sidecar-b", &b_id, cmd, &log_dir))?;
 
-    // The first request: both names, the join token, and the CSR in CSR mode.
+    // The first request: the names (the log head too: the sidecar witnesses the log), the
+    // join token, and the CSR in CSR mode.
     let mut stream = server.next_stream(STARTUP_TIMEOUT).await?;
     let first = stream.request(REPLY_TIMEOUT).await?;
     ensure!(
-        first.resource_names == ["default", "ROOTCA"],
+        first.resource_names == ["default", "ROOTCA", "trellis-log-head"],
         "asked for {:?}",
         first.resource_names
     );

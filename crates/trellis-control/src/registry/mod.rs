@@ -141,14 +141,24 @@ pub struct Registry {
     backend: Backend,
     /// The file, or the URL without its password: names the database in messages.
     label: PathBuf,
+    /// The SQLite file's (device, inode) when opened: the file SQLite keeps writing to.
+    file_id: Option<(u64, u64)>,
+}
+
+/// (device, inode) of the file at `path`, if there is one.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 impl Registry {
     /// Opens (creating with mode 0600 and migrating) the SQLite database at `path`.
     pub fn open(path: &Path) -> Result<Self, RegistryError> {
+        let backend = Backend::Sqlite(sqlite::SqliteStore::open(path)?);
         Ok(Self {
-            backend: Backend::Sqlite(sqlite::SqliteStore::open(path)?),
+            backend,
             label: path.to_path_buf(),
+            file_id: file_id(path),
         })
     }
 
@@ -160,6 +170,7 @@ impl Registry {
             Database::Postgres(url) => Ok(Self {
                 backend: Backend::Postgres(postgres::PostgresStore::connect(url)?),
                 label: PathBuf::from(url.redacted()),
+                file_id: None,
             }),
         }
     }
@@ -174,14 +185,16 @@ impl Registry {
         matches!(self.backend, Backend::Postgres(_))
     }
 
-    /// Fails if the SQLite file is no longer where it was opened (state directory removed or
-    /// unmounted): SQLite keeps writing to the open file, which the next start would not
-    /// find. Always `Ok` for PostgreSQL.
+    /// Fails if the SQLite file is no longer where it was opened (state directory removed,
+    /// renamed, unmounted, or another file put in its place): SQLite keeps writing to the
+    /// open file, which the next start would not find. Always `Ok` for PostgreSQL.
     pub fn check_file(&self) -> Result<(), RegistryError> {
         match &self.backend {
-            Backend::Sqlite(_) if !self.label.exists() => Err(RegistryError::Vanished {
-                path: self.label.display().to_string(),
-            }),
+            Backend::Sqlite(_) if file_id(&self.label) != self.file_id => {
+                Err(RegistryError::Vanished {
+                    path: self.label.display().to_string(),
+                })
+            }
             _ => Ok(()),
         }
     }
@@ -260,7 +273,11 @@ impl Registry {
             window: i64::try_from(window.as_secs()).unwrap_or(i64::MAX),
         };
         match &self.backend {
-            Backend::Sqlite(s) => s.redeem(&attempt),
+            Backend::Sqlite(s) => {
+                // A token spent in a file nobody will open again would be spent for nothing.
+                self.check_file()?;
+                s.redeem(&attempt)
+            }
             Backend::Postgres(p) => p.redeem(attempt),
         }
     }

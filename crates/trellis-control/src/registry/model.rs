@@ -79,7 +79,7 @@ pub enum RegistryError {
         problem: String,
     },
     /// The SQLite file is gone from the state directory while the control plane runs.
-    #[error("{path}: the state database file is gone (state directory removed or unmounted?); restore it, then restart the control plane")]
+    #[error("{path}: the state database file this control plane opened is gone from there (state directory removed, renamed or unmounted?); put it back and writes resume by themselves, or restart the control plane on the directory it should use")]
     Vanished {
         /// The database file.
         path: String,

@@ -1086,8 +1086,23 @@ fn a_vanished_sqlite_file_is_reported() {
     std::fs::remove_dir_all(&state).unwrap();
     let err = reg.check_file().unwrap_err();
     assert!(err.is_unavailable());
-    assert!(
-        err.to_string().contains("state database file is gone"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("is gone from there"), "{err}");
+    // Another file in its place is not the one SQLite writes to either.
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(state.join("trellis.db"), b"").unwrap();
+    assert!(reg.check_file().is_err());
+}
+
+/// A state directory renamed away and back: the same file again, writes resume.
+#[test]
+fn a_sqlite_file_put_back_is_found_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let reg = Registry::open(&state.join("trellis.db")).unwrap();
+    let away = dir.path().join("away");
+    std::fs::rename(&state, &away).unwrap();
+    assert!(reg.check_file().is_err());
+    std::fs::rename(&away, &state).unwrap();
+    reg.check_file().unwrap();
 }

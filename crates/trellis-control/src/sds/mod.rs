@@ -37,7 +37,7 @@ use crate::ca::{Ca, CaError};
 use crate::metrics::{AttestorLabel, ControlMetrics};
 use crate::recorder::IssuanceRecorder;
 use crate::registry::IssuanceRecord;
-use resources::{bundle_secret, svid_secret, to_any, Issued, ResourceKind};
+use resources::{bundle_secret, log_head_secret, svid_secret, to_any, Issued, ResourceKind};
 use stream::{Decision, StreamState};
 
 /// Who is on the other end of an SDS connection, filled in by the TLS accept loop and read
@@ -87,9 +87,36 @@ pub struct SdsCore {
     pub policy: IssuePolicy,
     /// Per-source-IP rate of stream opens (attestations).
     pub limiter: Arc<crate::ratelimit::PeerLimiter>,
+    /// Refuses to sign right after a wall-clock jump.
+    pub clock: Arc<crate::clock_guard::ClockGuard>,
+    /// The transparency log, whose latest head goes to witnesses (`trellis-log-head`).
+    pub log: Option<Arc<crate::translog::IssuanceLog>>,
 }
 
 impl SdsCore {
+    /// The `trellis-log-head` resource for a witness that last accepted a head of `witnessed`
+    /// entries: the latest signed head, the log key, and the consistency proof from there.
+    /// `None` before the first head.
+    fn log_head_json(&self, witnessed: Option<u64>) -> Option<Vec<u8>> {
+        let log = self.log.as_ref()?;
+        let head = log.latest_head()?;
+        let size = head.head.tree_size;
+        let consistency = witnessed.filter(|&w| w > 0 && w < size).and_then(|w| {
+            log.consistency_proof(w, size)
+                .ok()
+                .map(|proof| trellis_transparency::ConsistencyFrom {
+                    from_size: w,
+                    proof,
+                })
+        });
+        let msg = trellis_transparency::HeadForWitness {
+            head: (*head).clone(),
+            public_key: log.public_key().to_pem(),
+            consistency,
+        };
+        serde_json::to_vec(&msg).ok()
+    }
+
     fn audit(&self, event: AuditEvent) {
         if let Err(e) = self.audit.record(&event, SystemTime::now()) {
             self.metrics.audit_write_errors.inc();
@@ -184,6 +211,9 @@ impl SdsCore {
         let attestor = who.attestor.as_str();
         let issued = tokio::task::spawn_blocking(move || {
             let now = SystemTime::now();
+            core.clock
+                .check(now, std::time::Instant::now())
+                .map_err(IssueFail::Clock)?;
             let ttl = core.policy.svid_ttl;
             let issued = match csr {
                 None => Issued::WithKey(core.ca.load().issue(&id, ttl, now)?),
@@ -243,6 +273,16 @@ impl SdsCore {
                 tracing::error!(error = %e, "cannot issue SVID");
                 Status::internal("cannot issue SVID; see control plane logs")
             }
+            IssueFail::Clock(jump) => {
+                self.metrics
+                    .issuances_refused
+                    .get_or_create(&crate::metrics::ReasonLabel {
+                        reason: "clock_jump",
+                    })
+                    .inc();
+                tracing::error!(spiffe_id = %who.spiffe_id, "{jump}");
+                Status::unavailable(jump.to_string())
+            }
             IssueFail::Audit(e) => {
                 self.metrics.audit_write_errors.inc();
                 self.metrics
@@ -252,7 +292,7 @@ impl SdsCore {
                     })
                     .inc();
                 let why = format!(
-                    "cannot record the issuance in the audit log {}: {e}; no SVID is handed out without its record (free space in the state directory)",
+                    "cannot record the issuance in the audit log {}: {e}; no SVID is handed out without its record (is the state directory full, read-only or gone?)",
                     self.audit.path().display()
                 );
                 tracing::error!(spiffe_id = %who.spiffe_id, "{why}");
@@ -270,8 +310,9 @@ impl SdsCore {
     }
 }
 
-/// Why an issuance failed: signing, or recording it.
+/// Why an issuance failed: the clock, signing, or recording it.
 enum IssueFail {
+    Clock(crate::clock_guard::ClockJump),
     Ca(CaError),
     Audit(std::io::Error),
 }
@@ -296,6 +337,24 @@ fn request_csr(req: &DiscoveryRequest) -> Option<&str> {
         .get(CSR_METADATA_KEY)?;
     match field.kind.as_ref()? {
         prost_types::value::Kind::StringValue(s) => Some(s.as_str()),
+        _ => None,
+    }
+}
+
+/// The log size a witness reports in `node.metadata` (a number), if any.
+fn request_witnessed_size(req: &DiscoveryRequest) -> Option<u64> {
+    let field = req
+        .node
+        .as_ref()?
+        .metadata
+        .as_ref()?
+        .fields
+        .get(trellis_transparency::WITNESSED_SIZE_METADATA_KEY)?;
+    match field.kind.as_ref()? {
+        // JSON numbers are doubles: exact up to 2^53 entries, far beyond any log.
+        prost_types::value::Kind::NumberValue(n) if *n >= 0.0 && n.fract() == 0.0 => {
+            Some(*n as u64)
+        }
         _ => None,
     }
 }
@@ -383,6 +442,10 @@ impl SecretDiscoveryService for SdsService {
             None
         };
         let bundle = self.core.bundle.borrow().clone();
+        let log_head = state
+            .wants(ResourceKind::LogHead)
+            .then(|| self.core.log_head_json(request_witnessed_size(&req)))
+            .flatten();
         let envelope = state.next_envelope();
         self.core.metrics.pushed("fetch");
         Ok(Response::new(build_response(
@@ -390,6 +453,7 @@ impl SecretDiscoveryService for SdsService {
             envelope,
             svid.as_deref(),
             &bundle,
+            log_head.as_deref(),
         )))
     }
 }
@@ -399,6 +463,7 @@ fn build_response(
     envelope: stream::Envelope,
     svid: Option<&Issued>,
     bundle: &TrustBundle,
+    log_head: Option<&[u8]>,
 ) -> DiscoveryResponse {
     let resources = state
         .names()
@@ -406,6 +471,7 @@ fn build_response(
         .filter_map(|(name, kind)| match kind {
             ResourceKind::Svid => svid.map(|s| to_any(&svid_secret(name, s))),
             ResourceKind::Bundle => Some(to_any(&bundle_secret(name, bundle))),
+            ResourceKind::LogHead => log_head.map(|h| to_any(&log_head_secret(name, h))),
         })
         .collect();
     DiscoveryResponse {
@@ -437,6 +503,8 @@ struct StreamDriver {
     bundle_rx: watch::Receiver<Arc<TrustBundle>>,
     svid: Option<Arc<Issued>>,
     csr: Option<Arc<str>>,
+    /// The size of the last log head the client says it accepted.
+    witnessed: Option<u64>,
     rotation: Pin<Box<Sleep>>,
     /// Why the stream ended, for the debug line when it is dropped; tonic drops it without a
     /// word when the client goes away.
@@ -465,6 +533,7 @@ impl StreamDriver {
             rotation: Box::pin(tokio::time::sleep(Duration::MAX / 4)),
             svid: None,
             csr: None,
+            witnessed: None,
             ended: "client gone",
             core,
             attested,
@@ -543,8 +612,19 @@ impl StreamDriver {
                 }
             }
             let bundle = self.bundle_rx.borrow_and_update().clone();
+            let log_head = self
+                .state
+                .wants(ResourceKind::LogHead)
+                .then(|| self.core.log_head_json(self.witnessed))
+                .flatten();
             let envelope = self.state.next_envelope();
-            let response = build_response(&self.state, envelope, self.svid.as_deref(), &bundle);
+            let response = build_response(
+                &self.state,
+                envelope,
+                self.svid.as_deref(),
+                &bundle,
+                log_head.as_deref(),
+            );
             self.core.metrics.pushed(push_reason);
             return Step::Send(response);
         }
@@ -555,6 +635,9 @@ impl StreamDriver {
     fn on_request(&mut self, req: &DiscoveryRequest) -> Result<Option<&'static str>, Status> {
         // A new CSR (the client rotating its key) is honoured whatever the nonce: the client
         // repeats its CSR on every request until it holds a certificate for it.
+        if let Some(size) = request_witnessed_size(req) {
+            self.witnessed = Some(size);
+        }
         let new_csr = match request_csr(req) {
             Some(c) if self.csr.as_deref() != Some(c) => Some(Arc::<str>::from(c)),
             _ => None,

@@ -1,16 +1,19 @@
 //! SDS resource names and the `Secret` messages Trellis serves.
 //!
 //! Names: `default` (the caller's SVID), `ROOTCA` (the trust bundle), and as aliases the
-//! caller's own SPIFFE ID (= `default`) and the trust domain ID `spiffe://<td>` (= `ROOTCA`).
+//! caller's own SPIFFE ID (= `default`) and the trust domain ID `spiffe://<td>` (= `ROOTCA`);
+//! and `trellis-log-head`, the transparency log's latest signed head for sidecars to witness
+//! (a `generic_secret` stock Envoys never ask for).
 //! The response echoes the name the client asked for: Envoy matches secrets by name.
 
 use prost::Message;
 use tonic::Status;
 use trellis_identity::{certs_to_pem, key_to_pem, CertificateDer, SpiffeId, Svid, TrustBundle};
 use trellis_proto::{
-    data_source, secret, CertificateValidationContext, DataSource, Secret, TlsCertificate,
-    SECRET_TYPE_URL,
+    data_source, secret, CertificateValidationContext, DataSource, GenericSecret, Secret,
+    TlsCertificate, SECRET_TYPE_URL,
 };
+use trellis_transparency::LOG_HEAD_RESOURCE;
 
 /// The SVID resource name.
 pub const DEFAULT: &str = "default";
@@ -24,6 +27,8 @@ pub enum ResourceKind {
     Svid,
     /// The trust bundle.
     Bundle,
+    /// The transparency log's latest signed head (`trellis-log-head`).
+    LogHead,
 }
 
 /// Why a name cannot be served; becomes a gRPC status.
@@ -56,7 +61,7 @@ impl NameError {
                 "secret `{name}` is another workload's identity; caller `{caller}` may only ask for `default`, `{caller}`, or `ROOTCA`"
             )),
             NameError::Unknown(name) => Status::not_found(format!(
-                "unknown secret `{name}`: Trellis serves `default` (your SVID), `ROOTCA` (the trust bundle), your SPIFFE ID and the trust domain ID"
+                "unknown secret `{name}`: Trellis serves `default` (your SVID), `ROOTCA` (the trust bundle), your SPIFFE ID, the trust domain ID and `{LOG_HEAD_RESOURCE}`"
             )),
         }
     }
@@ -69,6 +74,9 @@ pub fn resolve(name: &str, caller: &SpiffeId) -> Result<ResourceKind, NameError>
     }
     if name == ROOTCA {
         return Ok(ResourceKind::Bundle);
+    }
+    if name == LOG_HEAD_RESOURCE {
+        return Ok(ResourceKind::LogHead);
     }
     if let Ok(id) = SpiffeId::parse(name) {
         if id.path().is_empty() && id.trust_domain_name() == caller.trust_domain_name() {
@@ -160,6 +168,16 @@ pub fn bundle_secret(name: &str, bundle: &TrustBundle) -> Secret {
     }
 }
 
+/// `Secret{name, generic_secret{secret = the JSON of a HeadForWitness}}`.
+pub fn log_head_secret(name: &str, json: &[u8]) -> Secret {
+    Secret {
+        name: name.to_owned(),
+        r#type: Some(secret::Type::GenericSecret(GenericSecret {
+            secret: inline(json.to_vec()),
+        })),
+    }
+}
+
 /// Wraps a `Secret` in `Any`.
 pub fn to_any(secret: &Secret) -> prost_types::Any {
     prost_types::Any {
@@ -184,6 +202,10 @@ mod tests {
             Ok(ResourceKind::Svid)
         );
         assert_eq!(resolve("ROOTCA", &caller()), Ok(ResourceKind::Bundle));
+        assert_eq!(
+            resolve("trellis-log-head", &caller()),
+            Ok(ResourceKind::LogHead)
+        );
         assert_eq!(
             resolve("spiffe://example.org", &caller()),
             Ok(ResourceKind::Bundle)

@@ -28,6 +28,11 @@
 //!       protocol: tcp
 //!       address: 10.0.0.8:15432
 //!       identity: spiffe://example.org/ns/prod/sa/db
+//!   default_route:                   # hosts no upstream lists (see [`route`])
+//!     hosts: ["{service}.{namespace}.svc.cluster.local", "{service}.{namespace}"]
+//!     address: "{service}.{namespace}.svc.cluster.local:15443"
+//!     identity: "spiffe://{trust_domain}/ns/{namespace}/sa/{service}"
+//!   resolve_ttl: 10s                 # how long a resolved peer name is reused
 //! admin: 127.0.0.1:15000
 //! tls_policy: tls13                   # or tls12+
 //! tls_key_exchange: pq-preferred      # or pq-only, classical (X25519MLKEM768 first)
@@ -50,11 +55,13 @@ use trellis_identity::{SpiffeId, TrustDomain};
 use crate::headers::UnderscoreHeaders;
 
 pub mod limits;
+pub mod route;
 
 pub use limits::{
     AdminLimits, H2Limits, HttpLimits, InboundLimits, Limits, LimitsFile, OutboundLimits,
 };
 
+pub use route::{DefaultRouteFile, HostTemplate, Template};
 pub use trellis_serve::config::ConfigError;
 
 fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
@@ -206,6 +213,11 @@ pub struct OutboundFile {
     /// Upstreams.
     #[serde(default)]
     pub upstreams: Vec<UpstreamFile>,
+    /// Convention route for hosts no upstream lists.
+    pub default_route: Option<DefaultRouteFile>,
+    /// How long a peer name's addresses from the system resolver are reused.
+    #[serde(default, with = "humantime_serde")]
+    pub resolve_ttl: Option<Duration>,
 }
 
 /// `workload_api` in the file: the SPIFFE Workload API on a Unix socket.
@@ -367,6 +379,15 @@ pub struct Upstream {
     pub protocol: Protocol,
 }
 
+/// A validated `outbound.default_route`.
+#[derive(Debug, Clone)]
+pub struct DefaultRoute {
+    /// Host templates, address and identity templates.
+    pub templates: DefaultRouteFile,
+    /// Peers (each with a pooled connection) kept at once.
+    pub max_peers: usize,
+}
+
 /// Validated settings.
 #[derive(Debug, Clone)]
 pub struct SidecarSettings {
@@ -388,6 +409,10 @@ pub struct SidecarSettings {
     pub outbound_listen: SocketAddr,
     /// Upstreams.
     pub upstreams: Vec<Upstream>,
+    /// Convention route for hosts no upstream lists (`None`: such hosts get `404`).
+    pub default_route: Option<DefaultRoute>,
+    /// How long resolved peer names are reused (the system resolver gives no TTL).
+    pub resolve_ttl: Duration,
     /// Admin listener.
     pub admin: SocketAddr,
     /// TLS versions.
@@ -434,6 +459,14 @@ pub mod defaults {
     pub const EXPIRY_MARGIN: Duration = Duration::from_secs(300);
     /// `access_log`.
     pub const ACCESS_LOG: bool = true;
+    /// `outbound.resolve_ttl`.
+    pub const RESOLVE_TTL: Duration = Duration::from_secs(10);
+    /// `outbound.resolve_ttl` bounds: below, every new connection asks the resolver anyway;
+    /// above, a Service moved to new addresses stays unreachable too long.
+    pub const RESOLVE_TTL_RANGE: (Duration, Duration) =
+        (Duration::from_secs(1), Duration::from_secs(300));
+    /// `outbound.default_route.max_peers`.
+    pub const MAX_PEERS: usize = 1024;
 }
 
 fn addr(field: &str, v: Option<SocketAddr>, default: &str) -> Result<SocketAddr, ConfigError> {
@@ -572,6 +605,25 @@ impl SidecarSettings {
                 protocol: u.protocol,
             });
         }
+        let default_route = match f.outbound.default_route {
+            Some(templates) => Some(default_route(templates, &trust_domain)?),
+            None => None,
+        };
+        let resolve_ttl = match f.outbound.resolve_ttl {
+            Some(ttl)
+                if ttl < defaults::RESOLVE_TTL_RANGE.0 || ttl > defaults::RESOLVE_TTL_RANGE.1 =>
+            {
+                return Err(invalid(
+                    "outbound.resolve_ttl",
+                    format!(
+                        "{} is out of range: use 1s to 5m",
+                        humantime::format_duration(ttl)
+                    ),
+                ))
+            }
+            Some(ttl) => ttl,
+            None => defaults::RESOLVE_TTL,
+        };
         let tls_policy = match f.tls_policy.as_deref() {
             None | Some("tls13") => TlsPolicy::Tls13,
             Some("tls12+") => TlsPolicy::Tls12Plus,
@@ -592,6 +644,8 @@ impl SidecarSettings {
             app_protocol: f.inbound.app_protocol.unwrap_or_default(),
             outbound_listen: addr("outbound.listen", f.outbound.listen, defaults::OUTBOUND)?,
             upstreams,
+            default_route,
+            resolve_ttl,
             admin: addr("admin", f.admin, defaults::ADMIN)?,
             tls_policy,
             tls_key_exchange: f.tls_key_exchange.unwrap_or_default(),
@@ -613,6 +667,45 @@ impl SidecarSettings {
             },
         })
     }
+}
+
+/// The identity template must give a SPIFFE ID of our trust domain for any host it matches:
+/// checked by expanding it with sample values.
+fn default_route(
+    templates: DefaultRouteFile,
+    trust_domain: &TrustDomain,
+) -> Result<DefaultRoute, ConfigError> {
+    let sample = route::Bound {
+        service: "service",
+        namespace: Some("namespace"),
+    };
+    let id = templates.identity.expand(sample, trust_domain.as_str());
+    let parsed = SpiffeId::parse(&id).map_err(|e| {
+        invalid(
+            "outbound.default_route.identity",
+            format!("`{}` gives `{id}`: {e}", templates.identity),
+        )
+    })?;
+    if !parsed.is_member_of(trust_domain) {
+        return Err(invalid(
+            "outbound.default_route.identity",
+            format!(
+                "`{}` gives `{id}`, not in trust domain `{trust_domain}` (use {{trust_domain}})",
+                templates.identity
+            ),
+        ));
+    }
+    let max_peers = trellis_serve::config::within(
+        "outbound.default_route.max_peers",
+        templates.max_peers,
+        defaults::MAX_PEERS,
+        1,
+        65_536,
+    )?;
+    Ok(DefaultRoute {
+        templates,
+        max_peers,
+    })
 }
 
 /// Fuzzing entry point (`fuzz/fuzz_targets/sidecar_config.rs`, run on stable by

@@ -388,3 +388,78 @@ fn workload_api_is_off_by_default_and_takes_a_socket_path() {
     let err = parse(&typo).unwrap_err().to_string();
     assert!(err.contains("s.yaml") && err.contains("socket"), "{err}");
 }
+
+const ROUTE: &str = r#"
+trust_domain: example.org
+identity:
+  files: { cert: a.pem, key: k.pem, bundle: b.pem }
+outbound:
+  default_route:
+    hosts: ["{service}.{namespace}.svc.cluster.local", "{service}.{namespace}"]
+    address: "{service}.{namespace}.svc.cluster.local:15443"
+    identity: "spiffe://{trust_domain}/ns/{namespace}/sa/{service}"
+"#;
+
+#[test]
+fn default_route_loads_with_defaults() {
+    let parse = |text: &str| {
+        SidecarFile::parse(text, Path::new("s.yaml")).and_then(SidecarSettings::from_file)
+    };
+    let s = parse(ROUTE).unwrap();
+    let d = s.default_route.unwrap();
+    assert_eq!(d.max_peers, defaults::MAX_PEERS);
+    assert_eq!(s.resolve_ttl, defaults::RESOLVE_TTL);
+    assert_eq!(parse(GOOD).unwrap().default_route.map(|_| ()), None);
+}
+
+#[test]
+fn default_route_template_errors_name_file_and_line() {
+    let parse = |text: &str| {
+        SidecarFile::parse(text, Path::new("s.yaml")).and_then(SidecarSettings::from_file)
+    };
+    for (from, to, want) in [
+        (
+            "{service}.{namespace}.svc.cluster.local\"",
+            "{svc}.{namespace}.svc.cluster.local\"",
+            "unknown placeholder `{svc}`",
+        ),
+        (
+            "\"{service}.{namespace}\"]",
+            "\"{namespace}.x\"]",
+            "{service} exactly once",
+        ),
+        (
+            "sa/{service}\"",
+            "sa/{name}\"",
+            "unknown placeholder `{name}`",
+        ),
+        (".local:15443\"", ".local\"", "literal port"),
+    ] {
+        let bad = ROUTE.replace(from, to);
+        assert_ne!(bad, ROUTE, "{from}");
+        let err = parse(&bad).unwrap_err().to_string();
+        assert!(
+            err.starts_with("s.yaml: ") && err.contains("line ") && err.contains(want),
+            "{want}: {err}"
+        );
+    }
+}
+
+#[test]
+fn default_route_identity_must_stay_in_the_trust_domain() {
+    let parse = |text: &str| {
+        SidecarFile::parse(text, Path::new("s.yaml")).and_then(SidecarSettings::from_file)
+    };
+    let bad = ROUTE.replace("spiffe://{trust_domain}/", "spiffe://other.org/");
+    let err = parse(&bad).unwrap_err().to_string();
+    assert!(
+        err.contains("outbound.default_route.identity") && err.contains("not in trust domain"),
+        "{err}"
+    );
+    let ttl = format!("{ROUTE}  resolve_ttl: 1h\n");
+    let err = parse(&ttl).unwrap_err().to_string();
+    assert!(
+        err.contains("outbound.resolve_ttl") && err.contains("1s to 5m"),
+        "{err}"
+    );
+}

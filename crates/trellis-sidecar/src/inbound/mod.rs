@@ -582,6 +582,7 @@ impl Inbound {
                 status: response.status(),
                 took,
                 upstream: Some(&self.app_label),
+                identity: None,
                 rule: decided.rule.as_deref().or(rule.as_deref()),
                 decision: decided.decision,
                 policy: decided.policy.as_deref(),

@@ -160,6 +160,13 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+/// `{kind}` of `trellis_log_witness_alarms_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AlarmLabel {
+    /// `rollback`, `fork`, `key_changed`, `bad_signature` or `malformed`.
+    pub kind: &'static str,
+}
+
 /// `{method,result}` of `trellis_workload_api_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WorkloadApiLabel {
@@ -167,6 +174,65 @@ pub struct WorkloadApiLabel {
     pub method: &'static str,
     /// `ok`, or why it was refused (`missing_security_header`, `permission_denied`, …).
     pub result: &'static str,
+}
+
+/// `{route,identity,class}` of `trellis_route_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    /// The listed upstream's name, or `default_route`.
+    pub route: String,
+    /// The SPIFFE ID the peer had to present: the upstream's, or the default route's
+    /// identity template with `*` for its placeholders (one series per route, not per host).
+    pub identity: String,
+    /// `1xx` … `5xx`.
+    pub class: &'static str,
+}
+
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// One route's request counters by status class. The family's lock is taken once per class,
+/// at its first request; after that, one atomic add.
+pub struct RouteCounters {
+    route: String,
+    identity: String,
+    by_class: [std::sync::OnceLock<Counter>; 5],
+}
+
+impl RouteCounters {
+    /// Counters for `route` (an upstream's name or `default_route`) and its required identity.
+    pub fn new(route: &str, identity: &str) -> Self {
+        Self {
+            route: route.into(),
+            identity: identity.into(),
+            by_class: Default::default(),
+        }
+    }
+
+    /// The route's name.
+    pub fn route(&self) -> &str {
+        &self.route
+    }
+
+    /// Counts a request the route answered with `code`.
+    pub fn record(&self, metrics: &SidecarMetrics, code: u16) {
+        let Some(i) = (code / 100).checked_sub(1).map(usize::from) else {
+            return;
+        };
+        let (Some(cell), Some(class)) = (self.by_class.get(i), STATUS_CLASSES.get(i)) else {
+            return;
+        };
+        cell.get_or_init(|| {
+            metrics
+                .route_requests
+                .get_or_create(&RouteLabel {
+                    route: self.route.clone(),
+                    identity: self.identity.clone(),
+                    class,
+                })
+                .clone()
+        })
+        .inc();
+    }
 }
 
 /// `{version,commit}` of `trellis_build_info`.
@@ -719,6 +785,14 @@ pub struct SidecarMetrics {
     pub policy_rules: Gauge,
     /// `trellis_workload_api_requests_total{method,result}`.
     pub workload_api_requests: Family<WorkloadApiLabel, Counter>,
+    /// `trellis_log_witnessed_size`: entries in the last transparency-log head this sidecar
+    /// verified (0: none yet).
+    pub log_witnessed_size: Gauge,
+    /// `trellis_log_witness_alarms_total{kind}`: heads that showed the log was tampered with.
+    pub log_witness_alarms: Family<AlarmLabel, Counter>,
+    /// `trellis_route_requests_total{route,identity,class}`: outbound requests by route (see
+    /// [`RouteCounters`]).
+    pub route_requests: Family<RouteLabel, Counter>,
 }
 
 impl std::fmt::Debug for SidecarMetrics {
@@ -745,6 +819,13 @@ impl SidecarMetrics {
         let policy_loaded = Gauge::default();
         let policy_rules = Gauge::default();
         let workload_api_requests = Family::<WorkloadApiLabel, Counter>::default();
+        let log_witnessed_size = Gauge::default();
+        let log_witness_alarms = Family::<AlarmLabel, Counter>::default();
+        // Every kind from the start at 0, so an alert on `increase(…) > 0` sees the series.
+        for kind in trellis_transparency::WitnessAlarm::KINDS {
+            let _ = log_witness_alarms.get_or_create(&AlarmLabel { kind });
+        }
+        let route_requests = Family::<RouteLabel, Counter>::default();
         // One series, always 1: joins version and commit onto any other series in a query.
         let build = trellis_serve::build_info::get();
         let build_info = Family::<BuildLabel, Gauge>::default();
@@ -824,6 +905,22 @@ impl SidecarMetrics {
             "SPIFFE Workload API calls, by method and result (ok or the refusal's reason)",
             workload_api_requests.clone(),
         );
+        registry.register(
+            "log_witnessed_size",
+            "Entries in the last transparency-log head this sidecar verified (0: none yet)",
+            log_witnessed_size.clone(),
+        );
+        registry.register(
+            "log_witness_alarms",
+            "Transparency-log heads that showed tampering, by kind (rollback, fork, key_changed, bad_signature, malformed)",
+            log_witness_alarms.clone(),
+        );
+        registry.register(
+            "route_requests",
+            "Outbound requests by route (upstream name or default_route), required peer identity \
+             (the default route's is its template, `*` for each placeholder) and status class",
+            route_requests.clone(),
+        );
         registry.register_collector(Box::new(DataPathCollector(Arc::clone(&data))));
         Self {
             registry,
@@ -841,6 +938,9 @@ impl SidecarMetrics {
             policy_loaded,
             policy_rules,
             workload_api_requests,
+            log_witnessed_size,
+            log_witness_alarms,
+            route_requests,
         }
     }
 

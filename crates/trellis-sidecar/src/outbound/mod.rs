@@ -6,15 +6,21 @@
 //! upstream has one [`PeerPool`]: one pooled HTTP/2 connection, every request multiplexed on it.
 //! `protocol: tcp` upstreams are spliced byte for byte ([`crate::tcp`]).
 //!
+//! A host no upstream lists may still match `outbound.default_route` ([`default_route`]): its
+//! peer and that peer's identity come from templates. A listed upstream always wins.
+//!
 //! What the app sees when it goes wrong, each with a one-line `text/plain` body saying why:
-//! `404` unknown host, `503` upstream unreachable or its connection stopped answering PINGs,
+//! `404` unknown host (naming the known hosts and the default route's host templates), `503`
+//! upstream unreachable, its name unresolvable, or its connection stopped answering PINGs,
 //! `502` handshake or identity failure (naming the expected and presented SPIFFE IDs), `504` no
 //! response headers within `request_timeout`.
 
+mod default_route;
 mod peer_pool;
 mod routes;
 pub(crate) mod tcp;
 
+use self::default_route::{DefaultRoutes, PeerSettings};
 use self::peer_pool::PeerPool;
 use self::routes::{HttpUpstream, Route, Routes};
 use self::tcp::{run_outbound_tcp, OutboundTcp};
@@ -27,7 +33,8 @@ use crate::forward_error::ForwardError;
 use crate::grpc;
 use crate::h1_framing::{malformed_body_response, RequestFraming};
 use crate::headers::{check_host, host_without_port, strip_hop_by_hop};
-use crate::metrics::{Direction, Listener, SidecarMetrics};
+use crate::metrics::{Direction, Listener, RouteCounters, SidecarMetrics};
+use crate::resolve::Resolver;
 use crate::responses::{text_response, uri_too_long};
 use crate::svid_store::SvidStore;
 use crate::upgrade::{self, restore_upgrade, upgrade_ask, upgrade_refused, UpgradeAsk};
@@ -53,10 +60,12 @@ use trellis_serve::{accept, IdleClock, Tracked};
 pub const SHARED_LISTENER: &str = "shared";
 
 struct Outbound {
-    upstreams: Vec<HttpUpstream>,
+    upstreams: Vec<Arc<HttpUpstream>>,
     routes: Routes,
     /// `a, b, c` for 404 bodies.
     known_hosts: String,
+    /// Hosts no upstream lists, by convention.
+    default_route: Option<DefaultRoutes>,
     metrics: Arc<SidecarMetrics>,
     /// Our identity: the caller in access-log lines.
     store: Arc<SvidStore>,
@@ -91,6 +100,9 @@ impl OutboundProxy {
         let mut routes = HashMap::new();
         let mut dedicated = Vec::new();
         let mut tcp = Vec::new();
+        let max_names =
+            settings.upstreams.len() + settings.default_route.as_ref().map_or(0, |d| d.max_peers);
+        let resolver = Arc::new(Resolver::new(settings.resolve_ttl, max_names));
         for u in &settings.upstreams {
             let peer = PeerTarget::new(
                 &u.name,
@@ -100,6 +112,7 @@ impl OutboundProxy {
                 metrics.clone(),
                 settings.connect_timeout,
             )?
+            .resolver(resolver.clone())
             .wait_for_svid(Arc::clone(&store))
             .dead_peer(DeadPeer {
                 interval: settings.limits.h2.keepalive_interval,
@@ -130,8 +143,10 @@ impl OutboundProxy {
                         .cloned()
                         .or_else(|| Authority::try_from(u.name.as_str()).ok())
                         .unwrap_or_else(|| Authority::from_static("localhost"));
-                    upstreams.push(HttpUpstream {
+                    upstreams.push(Arc::new(HttpUpstream {
                         name: u.name.clone().into_boxed_str(),
+                        identity: u.identity.as_str().into(),
+                        counters: Arc::new(RouteCounters::new(&u.name, u.identity.as_str())),
                         pool: PeerPool::new(
                             peer,
                             TlsClient::new(config, sessions),
@@ -140,7 +155,7 @@ impl OutboundProxy {
                         ),
                         authorities,
                         fallback_authority,
-                    });
+                    }));
                     for host in &u.hosts {
                         routes.insert(host.to_ascii_lowercase().into_boxed_str(), index);
                     }
@@ -182,6 +197,20 @@ impl OutboundProxy {
         } else {
             hosts.join(", ")
         };
+        let default_route = settings.default_route.clone().map(|route| {
+            DefaultRoutes::new(
+                route,
+                settings.trust_domain.as_str(),
+                PeerSettings {
+                    store: Arc::clone(&store),
+                    metrics: Arc::clone(&metrics),
+                    resolver,
+                    tls_policy: settings.tls_policy,
+                    connect_timeout: settings.connect_timeout,
+                    limits: settings.limits,
+                },
+            )
+        });
         let shared_listener = bind(settings.outbound_listen, SHARED_LISTENER).await?;
         let limits = &settings.limits;
         let mut server = auto::Builder::new(TokioExecutor::new());
@@ -217,6 +246,7 @@ impl OutboundProxy {
                 upstreams,
                 routes: Routes::new(routes),
                 known_hosts,
+                default_route,
                 metrics,
                 store,
                 access_log: settings.access_log,
@@ -409,6 +439,10 @@ async fn handle(
     shared
         .metrics
         .request(Direction::Outbound, response.status().as_u16(), took);
+    if let Some(u) = &upstream {
+        u.counters
+            .record(&shared.metrics, response.status().as_u16());
+    }
     if let Some((method, path)) = logged {
         let svid = shared.store.current();
         AccessEntry {
@@ -418,9 +452,8 @@ async fn handle(
             path: path.as_ref().map_or("/", http::uri::PathAndQuery::path),
             status: response.status(),
             took,
-            upstream: upstream
-                .and_then(|i| shared.upstreams.get(i))
-                .map(|u| &*u.name),
+            upstream: upstream.as_ref().map(|u| &*u.name),
+            identity: upstream.as_ref().map(|u| &*u.identity),
             raw_path: None,
             rule: None,
             decision: None,
@@ -445,7 +478,7 @@ impl Outbound {
     }
 
     fn not_found(&self, host: Option<&str>) -> Response<ProxyBody> {
-        let message = match host {
+        let mut message = match host {
             Some(host) => format!(
                 "no upstream for host `{host}`; known hosts: {}",
                 self.known_hosts
@@ -455,7 +488,27 @@ impl Outbound {
                 self.known_hosts
             ),
         };
+        if let Some(d) = &self.default_route {
+            message.push_str("; default_route hosts: ");
+            message.push_str(d.hosts_list());
+        }
         text_response(StatusCode::NOT_FOUND, &message)
+    }
+
+    /// The listed upstream for `host`, else the default route's peer for it; else the answer
+    /// the app gets.
+    fn route_host(&self, host: &str) -> Result<Arc<HttpUpstream>, NoRoute> {
+        if let Some(u) = self.lookup(host).and_then(|i| self.upstreams.get(i)) {
+            return Ok(u.clone());
+        }
+        let Some(d) = &self.default_route else {
+            return Err(NoRoute::Unknown);
+        };
+        match d.peer(&host.to_ascii_lowercase()) {
+            Some(Ok(u)) => Ok(u),
+            Some(Err(e)) => Err(NoRoute::Broken(e)),
+            None => Err(NoRoute::Unknown),
+        }
     }
 
     /// The peer's answer, or the sidecar's own; and which upstream was chosen, if any.
@@ -465,7 +518,7 @@ impl Outbound {
         req: Request<Incoming>,
         conn: &ConnDrain,
         drain: Drain,
-    ) -> (Response<ProxyBody>, Option<usize>) {
+    ) -> (Response<ProxyBody>, Option<Arc<HttpUpstream>>) {
         let (parts, body) = req.into_parts();
         if parts.method == Method::CONNECT {
             self.metrics.request_refused(Direction::Outbound, "connect");
@@ -489,8 +542,11 @@ impl Outbound {
             }
             return (response, None);
         }
-        let index = match route {
-            Route::Fixed(index) => index,
+        let upstream = match route {
+            Route::Fixed(index) => match self.upstreams.get(index) {
+                Some(u) => u.clone(),
+                None => return (self.not_found(None), None),
+            },
             Route::ByHost => {
                 // Absolute-form (or h2c :authority) wins over Host (RFC 9112 3.2.2).
                 let host = match parts.uri.authority() {
@@ -503,31 +559,31 @@ impl Outbound {
                 let Some(host) = host.map(host_without_port) else {
                     return (self.not_found(None), None);
                 };
-                match self.lookup(host) {
-                    Some(index) => index,
-                    None => return (self.not_found(Some(host)), None),
+                match self.route_host(host) {
+                    Ok(u) => u,
+                    Err(NoRoute::Unknown) => return (self.not_found(Some(host)), None),
+                    Err(NoRoute::Broken(e)) => {
+                        return (text_response(StatusCode::BAD_GATEWAY, &e), None)
+                    }
                 }
             }
-        };
-        let Some(upstream) = self.upstreams.get(index) else {
-            return (self.not_found(None), None);
         };
         let websocket = match upgrade_ask(&parts) {
             UpgradeAsk::None => None,
             UpgradeAsk::WebSocket(upgrade) => Some(upgrade),
             UpgradeAsk::Other(protocol) => {
                 self.metrics.request_refused(Direction::Outbound, "upgrade");
-                return (upgrade_refused(&protocol), Some(index));
+                return (upgrade_refused(&protocol), Some(upstream));
             }
         };
         let response = match websocket {
             Some(upgrade) => {
-                self.websocket_to(upstream, parts, body, upgrade, conn, drain)
+                self.websocket_to(&upstream, parts, body, upgrade, conn, drain)
                     .await
             }
-            None => self.forward_to(upstream, parts, body).await,
+            None => self.forward_to(&upstream, parts, body).await,
         };
-        (response, Some(index))
+        (response, Some(upstream))
     }
 
     /// A WebSocket upgrade: on its own mTLS connection to the peer; after the peer's `101`,
@@ -619,6 +675,15 @@ impl Outbound {
             }
         }
     }
+}
+
+/// Why a host has no upstream.
+enum NoRoute {
+    /// No listed host and no default-route template matches: `404`.
+    Unknown,
+    /// A template matched but its peer cannot be set up (its expanded address or identity is
+    /// unusable): `502` with this reason.
+    Broken(String),
 }
 
 /// `405` for `CONNECT`: the sidecar carries plain `http://` requests and does the TLS itself,

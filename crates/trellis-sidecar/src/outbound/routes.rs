@@ -1,14 +1,21 @@
 //! Which upstream a request of the app goes to: by `Host` on the shared listener, fixed on a
 //! dedicated one.
 
+use crate::metrics::RouteCounters;
 use crate::outbound::peer_pool::PeerPool;
 use http::header::HeaderValue;
 use http::uri::Authority;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 pub(super) struct HttpUpstream {
-    /// The configured name, as access-log lines name it.
+    /// The configured name (`default_route` for a convention route's peer), as access-log
+    /// lines name it.
     pub(super) name: Box<str>,
+    /// The SPIFFE ID the peer must present, as access-log lines name it.
+    pub(super) identity: Box<str>,
+    /// Requests by status class, labelled with the route (shared by every default-route peer).
+    pub(super) counters: Arc<RouteCounters>,
     pub(super) pool: PeerPool,
     /// The configured host names as authorities, so the common `Host: billing` costs no parse.
     pub(super) authorities: Vec<Authority>,

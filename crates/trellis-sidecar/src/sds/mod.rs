@@ -36,6 +36,7 @@ use trellis_proto::google::rpc::Status as RpcStatus;
 use trellis_proto::{
     DiscoveryRequest, DiscoveryResponse, Node, SecretDiscoveryServiceClient, SECRET_TYPE_URL,
 };
+use trellis_transparency::{LOG_HEAD_RESOURCE, WITNESSED_SIZE_METADATA_KEY};
 use zeroize::Zeroizing;
 
 use crate::config::{ControlBundle, Credential, SdsSettings};
@@ -77,6 +78,9 @@ pub enum SdsClientError {
 
 /// A long-running SDS client.
 pub struct SdsClient {
+    /// Whether the control plane serves `trellis-log-head` (one that predates the
+    /// transparency log answers NOT_FOUND for it; we then stop asking and do not witness).
+    log_head_served: std::sync::atomic::AtomicBool,
     settings: SdsSettings,
     store: Arc<SvidStore>,
     metrics: Arc<SidecarMetrics>,
@@ -249,6 +253,7 @@ impl SdsClient {
             }
         })?;
         Ok(Self {
+            log_head_served: std::sync::atomic::AtomicBool::new(true),
             settings,
             store,
             metrics,
@@ -275,6 +280,15 @@ impl SdsClient {
                 () = stopped(&mut shutdown) => break,
             };
             self.metrics.sds_connected.set(0);
+            if let Cause::Status(s) = &end.cause {
+                if s.code() == Code::NotFound && s.message().contains(LOG_HEAD_RESOURCE) {
+                    self.log_head_served
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(
+                        "the control plane does not serve `{LOG_HEAD_RESOURCE}` (an older version): not witnessing its transparency log"
+                    );
+                }
+            }
             svid_attempt_failed = end.used_svid && !end.delivered;
             if end.delivered {
                 backoff.reset();
@@ -356,19 +370,25 @@ impl SdsClient {
     }
 
     fn node(&self, keys: &KeyRing) -> Node {
-        let metadata = match (self.settings.csr, keys.wanted_csr()) {
-            (true, Some(csr)) => {
-                let mut s = prost_types::Struct::default();
-                s.fields.insert(
-                    CSR_METADATA_KEY.to_owned(),
-                    prost_types::Value {
-                        kind: Some(prost_types::value::Kind::StringValue(csr.to_owned())),
-                    },
-                );
-                Some(s)
-            }
-            _ => None,
-        };
+        let mut fields = std::collections::BTreeMap::new();
+        if let (true, Some(csr)) = (self.settings.csr, keys.wanted_csr()) {
+            fields.insert(
+                CSR_METADATA_KEY.to_owned(),
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::StringValue(csr.to_owned())),
+                },
+            );
+        }
+        // The size of the last log head we accepted, so the next one comes with its proof.
+        if let Some(size) = self.store.log_witness().witnessed_size() {
+            fields.insert(
+                WITNESSED_SIZE_METADATA_KEY.to_owned(),
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::NumberValue(size as f64)),
+                },
+            );
+        }
+        let metadata = (!fields.is_empty()).then_some(prost_types::Struct { fields });
         Node {
             id: self
                 .store
@@ -395,7 +415,18 @@ impl SdsClient {
         DiscoveryRequest {
             version_info: st.acked_version.clone(),
             node: Some(self.node(keys)),
-            resource_names: vec![DEFAULT.to_owned(), ROOTCA.to_owned()],
+            resource_names: if self
+                .log_head_served
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                vec![
+                    DEFAULT.to_owned(),
+                    ROOTCA.to_owned(),
+                    LOG_HEAD_RESOURCE.to_owned(),
+                ]
+            } else {
+                vec![DEFAULT.to_owned(), ROOTCA.to_owned()]
+            },
             type_url: SECRET_TYPE_URL.to_owned(),
             response_nonce: st.last_nonce.clone(),
             error_detail: error.map(|r| RpcStatus {
@@ -428,6 +459,9 @@ impl SdsClient {
             KeySource::Response
         };
         let decoded = update::decode(resp, self.store.trust_domain(), source)?;
+        if let Some(head) = &decoded.log_head {
+            self.store.log_witness().observe(head);
+        }
         let (svid, new_key) = match decoded.key {
             Some(key) => (
                 Svid::new(decoded.chain, key).map_err(|e| Rejection::svid(&e))?,

@@ -11,6 +11,7 @@ use trellis_identity::{
     TrustDomain,
 };
 use trellis_proto::{data_source, secret, DataSource, DiscoveryResponse, Secret, SECRET_TYPE_URL};
+use trellis_transparency::LOG_HEAD_RESOURCE;
 
 use crate::svid_store::UpdateError;
 
@@ -127,6 +128,9 @@ pub struct Decoded {
     pub key: Option<PrivateKeyDer<'static>>,
     /// `ROOTCA`.
     pub bundle: TrustBundle,
+    /// `trellis-log-head`'s JSON, when the control plane sent it (never a reason to refuse
+    /// the update: the witness judges it separately).
+    pub log_head: Option<Vec<u8>>,
 }
 
 /// Takes a response apart. State of the World: every response carries every subscribed
@@ -147,6 +151,7 @@ pub fn decode(
     }
     let mut default = None;
     let mut rootca = None;
+    let mut log_head = None;
     for (i, any) in resp.resources.iter().enumerate() {
         if any.type_url != SECRET_TYPE_URL {
             return Err(Rejection::new(
@@ -163,6 +168,21 @@ pub fn decode(
         let slot = match s.name.as_str() {
             DEFAULT => &mut default,
             ROOTCA => &mut rootca,
+            LOG_HEAD_RESOURCE => {
+                // Malformed or not, it goes to the witness, which says what is wrong with it.
+                log_head = match s.r#type {
+                    Some(secret::Type::GenericSecret(g)) => {
+                        g.secret.and_then(|ds| match ds.specifier {
+                            Some(data_source::Specifier::InlineBytes(b)) => Some(b),
+                            Some(data_source::Specifier::InlineString(t)) => Some(t.into_bytes()),
+                            _ => None,
+                        })
+                    }
+                    _ => None,
+                }
+                .or(Some(Vec::new()));
+                continue;
+            }
             // Not asked for; a SotW server only sends subscribed names, so ignore extras.
             _ => continue,
         };
@@ -232,7 +252,12 @@ pub fn decode(
     let bundle_pem = inline(ROOTCA, "trusted_ca", vc.trusted_ca)?.unwrap_or_default();
     let bundle = TrustBundle::from_pem(td.clone(), &bundle_pem)
         .map_err(|e| Rejection::new("bad_bundle", format!("secret `{ROOTCA}`: trusted_ca: {e}")))?;
-    Ok(Decoded { chain, key, bundle })
+    Ok(Decoded {
+        chain,
+        key,
+        bundle,
+        log_head,
+    })
 }
 
 fn wrong_kind(name: &str, want: &str, got: Option<&secret::Type>) -> Rejection {

@@ -213,9 +213,25 @@ async fn unrelated_file_in_the_directory_changes_nothing() {
     let ca = TestCa::root("example.org");
     write_set(dir.path(), &ca.svid("/web"), &ca.bundle());
     let w = Watched::start(ca, dir.path());
+    // The watch's first look (at start) finds the set unchanged; then the unrelated write must
+    // be looked at and found unchanged too, before the real change, so the order is proven.
+    let unchanged = || {
+        metric_or_zero(
+            &w.metrics,
+            "trellis_sds_updates_total{result=\"unchanged\"}",
+        )
+    };
+    eventually(Duration::from_secs(10), "the watch's first look", || {
+        unchanged() >= 1.0
+    })
+    .await;
     std::fs::write(dir.path().join("README"), "hello").unwrap();
-    // Then a real change, so we know the unrelated event has been processed before it.
-    tokio::time::sleep(identity_files::DEBOUNCE * 3).await;
+    eventually(
+        Duration::from_secs(10),
+        "the unrelated write looked at",
+        || unchanged() >= 2.0,
+    )
+    .await;
     let next = w.ca.svid("/web");
     write_set(dir.path(), &next, &w.ca.bundle());
     w.wait_for_serial(next.serial_hex()).await;

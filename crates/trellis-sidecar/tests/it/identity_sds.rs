@@ -345,7 +345,22 @@ async fn unreachable_control_plane_keeps_retrying_and_is_not_ready() {
     let client = SdsClient::new(settings, Arc::clone(&store), Arc::clone(&metrics)).unwrap();
     let (stop, stop_rx) = watch::channel(false);
     let task = tokio::spawn(client.run(stop_rx));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Something listens where the control plane was but closes every connection: count
+    // the client's attempts, proof that it keeps retrying (with backoff) rather than giving up.
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = Arc::clone(&attempts);
+    let silent = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            drop(tcp);
+        }
+    });
+    eventually(Duration::from_secs(20), "three connection attempts", || {
+        attempts.load(std::sync::atomic::Ordering::Relaxed) >= 3
+    })
+    .await;
+    silent.abort();
     assert!(!store.is_ready(SystemTime::now(), Duration::ZERO));
     assert_eq!(metric(&metrics.encode(), "trellis_sds_connected"), 0.0);
     // Shutdown interrupts the backoff sleep promptly.

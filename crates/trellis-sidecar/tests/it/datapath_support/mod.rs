@@ -92,6 +92,8 @@ pub fn settings(app: SocketAddr, upstreams: Vec<Upstream>) -> SidecarSettings {
         app_protocol: Default::default(),
         outbound_listen: any_port(),
         upstreams,
+        default_route: None,
+        resolve_ttl: trellis_sidecar::config::defaults::RESOLVE_TTL,
         admin: any_port(),
         tls_policy: TlsPolicy::Tls13,
         tls_key_exchange: Default::default(),
