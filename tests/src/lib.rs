@@ -51,6 +51,7 @@ pub mod probe;
 pub mod raw;
 pub mod sds_server;
 pub mod sidecar;
+pub mod softhsm;
 
 pub use control::{
     control_must_fail_to_start, parse_listening_line, ControlPlane, ControlPlaneOpts, K8sOpts,

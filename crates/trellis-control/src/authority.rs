@@ -258,6 +258,8 @@ pub struct CaRotator {
     health: Option<Arc<crate::db_health::DbHealth>>,
     /// The bundle's `spiffe_sequence`, for the bundle endpoint; stored after the bundle.
     sequence: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// Opens stored rotations' keys that are PKCS#11 URIs.
+    keys: crate::keys::Keyring,
 }
 
 /// Re-issues the control plane's own certificates from [`CaOutputs::serving`]. The rotator
@@ -313,12 +315,19 @@ impl CaRotator {
             last_seen: 0,
             health: None,
             sequence: None,
+            keys: crate::keys::Keyring::default(),
         }
     }
 
     /// Keeps `sequence` at the bundle's `spiffe_sequence` (see [`CaView::sequence`]).
     pub fn with_sequence(mut self, sequence: Arc<std::sync::atomic::AtomicU64>) -> Self {
         self.sequence = Some(sequence);
+        self
+    }
+
+    /// Opens rotations whose key is a PKCS#11 URI with `keys`.
+    pub fn with_keyring(mut self, keys: crate::keys::Keyring) -> Self {
+        self.keys = keys;
         self
     }
 
@@ -346,7 +355,12 @@ impl CaRotator {
         match read {
             Ok(rotations) => {
                 for r in rotations {
-                    match Ca::from_material(&self.td, &r.material, self.registry.path()) {
+                    match Ca::from_material_with(
+                        &self.td,
+                        &r.material,
+                        self.registry.path(),
+                        &self.keys,
+                    ) {
                         Ok(ca) => {
                             tracing::info!(rotation = r.id, ca = ca.label(), activate_at = %rfc3339(r.activate_at), "CA rotation scheduled: the new CA joins the trust bundle now and signs from its activation time");
                             self.schedule.add(ScheduledCa {

@@ -16,6 +16,7 @@ pub mod config;
 pub mod db_health;
 pub mod federation;
 pub mod jwt;
+pub mod keys;
 pub mod metrics;
 pub mod operator;
 pub mod ratelimit;

@@ -126,6 +126,9 @@ pub struct ControlMetrics {
     /// `trellis_sds_handshake_timeouts_total`: SDS TLS handshakes dropped for taking longer
     /// than the handshake timeout.
     pub sds_handshake_timeouts: Counter,
+    /// `trellis_pkcs11_retries_total`: PKCS#11 calls retried on a fresh session after the
+    /// token closed a session, lost the login or reported a transient device error.
+    pub pkcs11_retries: Counter,
     /// The issuance transparency log's series (`trellis_log_*`).
     pub log: Arc<crate::translog::LogMetrics>,
     /// `trellis_database_up`: 1 while the state database answers reads and writes, else 0.
@@ -203,6 +206,7 @@ impl ControlMetrics {
             sds_rate_limited: Counter::default(),
             connections_refused: Family::default(),
             sds_handshake_timeouts: Counter::default(),
+            pkcs11_retries: Counter::default(),
             log: Arc::default(),
             database_up: Gauge::default(),
             database_errors: Family::default(),
@@ -330,6 +334,11 @@ impl ControlMetrics {
             "sds_handshake_timeouts",
             "SDS TLS handshakes dropped for exceeding the handshake timeout",
             m.sds_handshake_timeouts.clone(),
+        );
+        registry.register(
+            "pkcs11_retries",
+            "PKCS#11 calls retried on a fresh session (session closed, login lost, transient device error)",
+            m.pkcs11_retries.clone(),
         );
         m.log.register(&mut registry);
         registry.register(
@@ -541,6 +550,7 @@ mod tests {
             &["listener"],
         ),
         ("trellis_sds_handshake_timeouts_total", "counter", &[]),
+        ("trellis_pkcs11_retries_total", "counter", &[]),
         ("trellis_log_entries", "gauge", &[]),
         ("trellis_log_heads_signed_total", "counter", &[]),
         ("trellis_log_inconsistencies_total", "counter", &[]),

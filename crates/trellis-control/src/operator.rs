@@ -159,6 +159,8 @@ pub struct OperatorState {
     pub registry: Arc<Registry>,
     /// Every action is recorded here.
     pub audit: Arc<AuditLog>,
+    /// Opens a rotation's key when it is a PKCS#11 URI (the token stays the key's home).
+    pub keys: crate::keys::Keyring,
 }
 
 /// The operator socket, serving.
@@ -465,8 +467,13 @@ fn schedule_rotation(state: &OperatorState, body: &[u8], uid: Option<u32>) -> An
     };
     // The checks the control plane applies when it loads the rotation, now, so a CA of
     // another trust domain or a key that does not match is refused here.
-    let ca = Ca::from_material(td, &material, Path::new("the rotation request"))
-        .map_err(|e| bad(format!("{e} (trust domain {td})")))?;
+    let ca = Ca::from_material_with(
+        td,
+        &material,
+        Path::new("the rotation request"),
+        &state.keys,
+    )
+    .map_err(|e| bad(format!("{e} (trust domain {td})")))?;
     let activate_at = now + activate_after;
     let id = state
         .registry

@@ -26,8 +26,9 @@ use crate::attest::{
 use crate::audit::{AuditEvent, AuditLog};
 use crate::authority::{CaOutputs, CaRotator, CaSchedule, ServingHook};
 use crate::ca::{Ca, CaError};
-use crate::config::ControlSettings;
+use crate::config::{CaFiles, ControlSettings};
 use crate::db_health::DbHealth;
+use crate::keys::{KeyRef, Keyring, Pkcs11Keyring};
 use crate::metrics::ControlMetrics;
 use crate::recorder::IssuanceRecorder;
 use crate::registry::{Registry, RegistryError};
@@ -180,8 +181,33 @@ impl ControlPlane {
         // SQLite in the state directory, or a PostgreSQL shared with other replicas.
         let registry = Arc::new(Registry::connect(&settings.database)?);
         tracing::info!(database = %settings.database, shared = registry.is_shared(), "registry open");
+        let metrics = Arc::new(ControlMetrics::new());
+        // Keys in a PKCS#11 token: the module loads and the PIN is checked here, before
+        // anything listens, so a wrong PIN or a missing module stops the start.
+        let keyring = match &settings.pkcs11 {
+            Some(p) => {
+                let ring = Pkcs11Keyring::open(p.clone(), metrics.pkcs11_retries.clone())
+                    .map_err(CaError::from)?;
+                tracing::info!(module = %p.module.display(), sessions = p.sessions, "PKCS#11 module loaded");
+                Keyring::with_pkcs11(ring)
+            }
+            None => Keyring::default(),
+        };
         let base = match &settings.ca {
-            Some(files) => Ca::from_files(&td, &files.cert, &files.key, files.bundle.as_deref())?,
+            Some(CaFiles {
+                cert,
+                key: KeyRef::File(key),
+                bundle,
+            }) => Ca::from_files(&td, cert, key, bundle.as_deref())?,
+            Some(CaFiles {
+                cert,
+                key: KeyRef::Pkcs11(uri),
+                bundle,
+            }) => {
+                let ca = Ca::from_token(&td, cert, uri, bundle.as_deref(), &keyring)?;
+                tracing::info!(ca = ca.label(), key = %uri, "CA key held by a PKCS#11 token");
+                ca
+            }
             None => Ca::load_or_create(&registry, &td)?,
         };
         let base = Arc::new(base);
@@ -200,7 +226,6 @@ impl ControlPlane {
             )
             .with_max_jwt_bytes(settings.limits.k8s.max_jwt_bytes),
         );
-        let metrics = Arc::new(ControlMetrics::new());
         let db_health = DbHealth::new(Arc::clone(&metrics));
 
         // The signer and bundle follow the CA schedule (base CA + `trellis ca rotate`s);
@@ -210,9 +235,16 @@ impl ControlPlane {
         let (bundle_tx, bundle_rx) = watch::channel(Arc::clone(&base_bundle));
         let shared_bundle = Arc::new(ArcSwap::from(Arc::clone(&base_bundle)));
         let ca_status = Arc::new(ArcSwap::from_pointee(Vec::new()));
+        let log_key = match &settings.log_key {
+            Some(uri) => Some(keyring.token_key(uri).map_err(CaError::from)?),
+            None => None,
+        };
         // Before any issuance: a log that fails its own signed head stops the start here.
-        let translog =
-            crate::translog::IssuanceLog::open(Arc::clone(&registry), Arc::clone(&metrics.log))?;
+        let translog = crate::translog::IssuanceLog::open_with_key(
+            Arc::clone(&registry),
+            Arc::clone(&metrics.log),
+            log_key,
+        )?;
         // Next to bundle.pem: what log verifiers pin (`trellis log … --log-key`).
         crate::state_dir::write_public_pem(
             &settings.state_dir.join(crate::translog::LOG_KEY_FILE),
@@ -274,7 +306,8 @@ impl ControlPlane {
             Arc::clone(&metrics),
             Arc::clone(&audit),
         )
-        .with_db_health(Arc::clone(&db_health));
+        .with_db_health(Arc::clone(&db_health))
+        .with_keyring(keyring.clone());
         // The bundle's `spiffe_sequence`, published by the bundle endpoint.
         let bundle_sequence = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut rotator = rotator.with_sequence(Arc::clone(&bundle_sequence));
@@ -394,6 +427,7 @@ impl ControlPlane {
                 trust_domain: td.clone(),
                 registry: Arc::clone(&registry),
                 audit: Arc::clone(&audit),
+                keys: keyring.clone(),
             }),
             drain.clone(),
         )?;

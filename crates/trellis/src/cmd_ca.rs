@@ -1,11 +1,13 @@
 //! `trellis ca`: offline CA material and CA rotation.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context as _};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use trellis_control::ca::Ca;
+use trellis_control::keys::{KeyRef, Keyring, Pkcs11Keyring, Pkcs11Settings, SigningKey};
+use trellis_control::registry::CaMaterial;
 use trellis_control::registry::DatabaseUrl;
 use trellis_identity::TrustDomain;
 
@@ -31,6 +33,28 @@ pub enum CaCommand {
         /// Its private key (root-key.pem).
         #[arg(long, requires = "root_cert")]
         root_key: Option<PathBuf>,
+        #[command(flatten)]
+        pkcs11: Pkcs11Args,
+        /// Generate the intermediate's key inside the PKCS#11 token under this label (needs
+        /// --pkcs11-module and --pkcs11-pin-file); only the certificate, bundle and CSR are
+        /// written.
+        #[arg(long, value_name = "LABEL", requires = "pkcs11_module")]
+        key_label: Option<String>,
+        /// The token to generate the key in [default: the module's only token].
+        #[arg(long, value_name = "LABEL", requires = "key_label")]
+        pkcs11_token: Option<String>,
+    },
+    /// Generate an ECDSA P-256 key pair inside a PKCS#11 token (never outside it) and print
+    /// its URI, e.g. for `trellis control --log-key`.
+    Keygen {
+        #[command(flatten)]
+        pkcs11: Pkcs11Args,
+        /// The new key's label (CKA_LABEL); an existing label is refused.
+        #[arg(long, value_name = "LABEL")]
+        key_label: String,
+        /// The token to generate the key in [default: the module's only token].
+        #[arg(long, value_name = "LABEL")]
+        pkcs11_token: Option<String>,
     },
     /// Schedule a CA rotation on a control plane's state: the new CA joins the trust bundle
     /// at once (the running control plane pushes it to every workload within a second), signs
@@ -68,13 +92,74 @@ pub enum CaCommand {
         /// New intermediate certificate (from `trellis ca init`).
         #[arg(long, requires = "ca_key")]
         ca_cert: Option<PathBuf>,
-        /// Its private key.
+        /// Its private key: a PEM file or a PKCS#11 URI ('pkcs11:token=…;object=…'). A token
+        /// key is checked here when --pkcs11-module is given, and by the control plane (with
+        /// its own module and PIN) in any case.
         #[arg(long, requires = "ca_cert")]
         ca_key: Option<PathBuf>,
+        #[command(flatten)]
+        pkcs11: Pkcs11Args,
         /// Its root(s) [default: the self-signed last certificate of --ca-cert].
         #[arg(long, requires = "ca_cert")]
         ca_bundle: Option<PathBuf>,
     },
+}
+
+/// The PKCS#11 module and PIN file (`trellis ca init`, `trellis ca rotate`).
+#[derive(Args, Debug)]
+pub struct Pkcs11Args {
+    /// PKCS#11 module (the HSM vendor's .so), e.g. /usr/lib/softhsm/libsofthsm2.so.
+    #[arg(
+        long,
+        env = "TRELLIS_PKCS11_MODULE",
+        value_name = "PATH",
+        requires = "pkcs11_pin_file"
+    )]
+    pkcs11_module: Option<PathBuf>,
+    /// File holding the token's user PIN (the PIN is never a flag).
+    #[arg(long, env = "TRELLIS_PKCS11_PIN_FILE", value_name = "PATH")]
+    pkcs11_pin_file: Option<PathBuf>,
+}
+
+impl Pkcs11Args {
+    /// A keyring over the module, if one is given.
+    fn keyring(&self) -> anyhow::Result<Option<Keyring>> {
+        let (Some(module), Some(pin_file)) = (&self.pkcs11_module, &self.pkcs11_pin_file) else {
+            return Ok(None);
+        };
+        let ring = Pkcs11Keyring::open(
+            Pkcs11Settings {
+                module: module.clone(),
+                pin_file: pin_file.clone(),
+                sessions: 1,
+            },
+            Default::default(),
+        )?;
+        Ok(Some(Keyring::with_pkcs11(ring)))
+    }
+}
+
+/// Rotation material from `--ca-cert`/`--ca-key`: a file key, or a token key's URI.
+fn rotation_material(
+    td: &TrustDomain,
+    cert: &Path,
+    key: &Path,
+    bundle: Option<&Path>,
+    pkcs11: &Pkcs11Args,
+) -> anyhow::Result<CaMaterial> {
+    match KeyRef::parse(&key.to_string_lossy())? {
+        KeyRef::File(key) => Ok(Ca::material_from_files(td, cert, &key, bundle)?),
+        KeyRef::Pkcs11(uri) => {
+            let keys = pkcs11.keyring()?;
+            Ok(Ca::material_from_token(
+                td,
+                cert,
+                &uri,
+                bundle,
+                keys.as_ref(),
+            )?)
+        }
+    }
 }
 
 /// Runs a `ca` subcommand.
@@ -85,11 +170,41 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
             out,
             root_cert,
             root_key,
+            pkcs11,
+            key_label,
+            pkcs11_token,
         } => {
             let td = TrustDomain::parse(&trust_domain)?;
-            let files = match (&root_cert, &root_key) {
-                (Some(cert), Some(key)) => Ca::init_intermediate(&td, &out, cert, key)?,
-                _ => Ca::init_offline(&td, &out)?,
+            let root = root_cert.as_deref().zip(root_key.as_deref());
+            let files = match (&key_label, pkcs11.keyring()?) {
+                (Some(label), Some(keys)) => {
+                    let ring = keys.pkcs11().context("PKCS#11 module")?;
+                    // Before the key is made: a refusal afterwards would strand it.
+                    Ca::check_init_out(&out)?;
+                    let key = ring.generate(pkcs11_token.as_deref(), label)?;
+                    Ca::init_with_token_key(&td, &out, root, SigningKey::token(key))?
+                }
+                (Some(_), None) => bail!("--key-label needs --pkcs11-module and --pkcs11-pin-file"),
+                (None, _) => match root {
+                    Some((cert, key)) => Ca::init_intermediate(&td, &out, cert, key)?,
+                    None => Ca::init_offline(&td, &out)?,
+                },
+            };
+            let key_arg = match &files.intermediate_key_uri {
+                Some(uri) => format!("'{uri}'"),
+                None => files.intermediate_key.display().to_string(),
+            };
+            let module_args = match (
+                &files.intermediate_key_uri,
+                &pkcs11.pkcs11_module,
+                &pkcs11.pkcs11_pin_file,
+            ) {
+                (Some(_), Some(m), Some(p)) => format!(
+                    " --pkcs11-module {} --pkcs11-pin-file {}",
+                    m.display(),
+                    p.display()
+                ),
+                _ => String::new(),
             };
             println!("root CA:          {}", files.root_cert.display());
             if root_cert.is_none() {
@@ -99,21 +214,38 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
                 );
             }
             println!("intermediate:     {}", files.intermediate_cert.display());
-            println!("intermediate key: {}", files.intermediate_key.display());
+            match &files.intermediate_key_uri {
+                Some(uri) => {
+                    println!("intermediate key: {uri}  (in the token; never written)");
+                    println!("intermediate CSR: {}", files.intermediate_csr.display());
+                }
+                None => println!("intermediate key: {}", files.intermediate_key.display()),
+            }
             println!("trust bundle:     {}", files.bundle.display());
             println!();
             println!(
-                "run: trellis control --trust-domain {td} --ca-cert {} --ca-key {} --ca-bundle {}",
+                "run: trellis control --trust-domain {td} --ca-cert {} --ca-key {key_arg}{module_args} --ca-bundle {}",
                 files.intermediate_cert.display(),
-                files.intermediate_key.display(),
                 files.bundle.display()
             );
             println!(
-                "or rotate a running one: trellis ca rotate --state-dir <dir> --trust-domain {td} --ca-cert {} --ca-key {} --ca-bundle {}",
+                "or rotate a running one: trellis ca rotate --state-dir <dir> --trust-domain {td} --ca-cert {} --ca-key {key_arg} --ca-bundle {}",
                 files.intermediate_cert.display(),
-                files.intermediate_key.display(),
                 files.bundle.display()
             );
+            Ok(())
+        }
+        CaCommand::Keygen {
+            pkcs11,
+            key_label,
+            pkcs11_token,
+        } => {
+            let keys = pkcs11
+                .keyring()?
+                .context("--pkcs11-module and --pkcs11-pin-file are required")?;
+            let ring = keys.pkcs11().context("PKCS#11 module")?;
+            let key = ring.generate(pkcs11_token.as_deref(), &key_label)?;
+            println!("{}", key.uri());
             Ok(())
         }
         CaCommand::Rotate {
@@ -125,6 +257,7 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
             ca_cert,
             ca_key,
             ca_bundle,
+            pkcs11,
         } => {
             if activate_after < Duration::from_secs(1) {
                 bail!("--activate-after must be at least 1s: workloads need time to receive the new trust bundle before the new CA signs");
@@ -139,7 +272,7 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
                             anyhow::anyhow!("--trust-domain is required with --ca-cert")
                         })?;
                         let td = TrustDomain::parse(td)?;
-                        let m = Ca::material_from_files(&td, cert, key, ca_bundle.as_deref())?;
+                        let m = rotation_material(&td, cert, key, ca_bundle.as_deref(), &pkcs11)?;
                         Some(RotationMaterial {
                             chain_pem: m.chain_pem,
                             bundle_pem: m.bundle_pem,
@@ -177,12 +310,13 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
             let now = SystemTime::now();
             let material = match (&ca_cert, &ca_key) {
                 (Some(cert), Some(key)) => {
-                    Ca::material_from_files(&td, cert, key, ca_bundle.as_deref())?
+                    rotation_material(&td, cert, key, ca_bundle.as_deref(), &pkcs11)?
                 }
                 _ => Ca::new_root(&td, now)?,
             };
             // The same checks the control plane applies when it loads the rotation.
-            let ca = Ca::from_material(&td, &material, &db)?;
+            let keys = pkcs11.keyring()?.unwrap_or_default();
+            let ca = Ca::from_material_with(&td, &material, &db, &keys)?;
             let activate_at = now + activate_after;
             let id = registry
                 .add_ca_rotation(&material, now, activate_at, now)

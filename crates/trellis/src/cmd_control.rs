@@ -17,7 +17,8 @@ use trellis_identity::tls::KeyExchange;
 pub struct ControlArgs {
     /// YAML config file (fields: trust_domain, listen, admin, state_dir, operator_socket,
     /// svid_ttl, rotate_every,
-    /// issuance_retention, jwt_svid_ttl, jwt_key_rotate_every, ca_cert, ca_key, ca_bundle, k8s_jwks, k8s_issuer, k8s_audience,
+    /// issuance_retention, jwt_svid_ttl, jwt_key_rotate_every, ca_cert, ca_key, ca_bundle,
+    /// pkcs11_module, pkcs11_pin_file, pkcs11_sessions, log_key, k8s_jwks, k8s_issuer, k8s_audience,
     /// k8s_jwks_url, k8s_ca, k8s_token, k8s_jwks_refresh, webhook_listen, webhook_dns_names,
     /// sidecar_image, sidecar_control_plane, native_sidecar, no_proxy, database, and `limits:` nested per listener:
     /// limits.sds.{max_connections, handshake_timeout, max_streams_per_connection, rate_limit,
@@ -66,9 +67,25 @@ pub struct ControlArgs {
     /// Intermediate CA certificate to sign with (from `trellis ca init`).
     #[arg(long, env = "TRELLIS_CA_CERT", requires = "ca_key")]
     ca_cert: Option<PathBuf>,
-    /// Intermediate CA private key.
+    /// Intermediate CA private key: a PEM file, or a key in a PKCS#11 token as an RFC 7512
+    /// URI, 'pkcs11:token=LABEL;object=LABEL' (or id=%XX…), with --pkcs11-module and
+    /// --pkcs11-pin-file.
     #[arg(long, env = "TRELLIS_CA_KEY", requires = "ca_cert")]
     ca_key: Option<PathBuf>,
+    /// PKCS#11 module (the HSM vendor's .so) that holds pkcs11: keys, e.g.
+    /// /usr/lib/softhsm/libsofthsm2.so.
+    #[arg(long, env = "TRELLIS_PKCS11_MODULE", value_name = "PATH")]
+    pkcs11_module: Option<PathBuf>,
+    /// File holding the token's user PIN (the PIN is never a flag, never logged).
+    #[arg(long, env = "TRELLIS_PKCS11_PIN_FILE", value_name = "PATH")]
+    pkcs11_pin_file: Option<PathBuf>,
+    /// PKCS#11 sessions per token: how many signatures run at once [default: 4].
+    #[arg(long, env = "TRELLIS_PKCS11_SESSIONS", value_name = "N")]
+    pkcs11_sessions: Option<usize>,
+    /// Transparency-log signing key in a PKCS#11 token ('pkcs11:token=…;object=…')
+    /// [default: a key kept in the database].
+    #[arg(long, env = "TRELLIS_LOG_KEY", value_name = "URI")]
+    log_key: Option<String>,
     /// Trust bundle (root CAs) for the intermediate [default: the self-signed root in --ca-cert].
     #[arg(long, env = "TRELLIS_CA_BUNDLE")]
     ca_bundle: Option<PathBuf>,
@@ -276,6 +293,7 @@ impl ControlArgs {
             native_sidecar
         );
         over!(database, tls_key_exchange, bundle_endpoint);
+        over!(pkcs11_module, pkcs11_pin_file, pkcs11_sessions, log_key);
         // The flags kept their flat names; each sets one key of the nested `limits:`.
         macro_rules! limits {
             ($($flag:ident => $group:ident . $key:ident),* $(,)?) => {

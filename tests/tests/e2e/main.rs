@@ -33,6 +33,7 @@ mod logging;
 mod observability_k8s;
 mod observability_sidecar;
 mod operator_socket;
+mod pkcs11;
 mod policy_e2e;
 mod policy_reload_load;
 mod policy_replay;

@@ -22,10 +22,11 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 use zeroize::{Zeroize as _, Zeroizing};
 
+use crate::keys::{Keyring, Pkcs11Uri, SigningKey};
 use crate::registry::{CaMaterial, Registry};
 
 use super::{
-    is_ca, random_serial, sign_err, whole_seconds, Ca, CaError, CaKey, OfflineCaFiles, CLOCK_SKEW,
+    is_ca, random_serial, sign_err, whole_seconds, Ca, CaError, OfflineCaFiles, CLOCK_SKEW,
 };
 
 /// Lifetime of a root made here (embedded default and `trellis ca init`).
@@ -73,6 +74,17 @@ impl Ca {
         material: &CaMaterial,
         source: &Path,
     ) -> Result<Self, CaError> {
+        Self::from_material_with(td, material, source, &Keyring::default())
+    }
+
+    /// [`Ca::from_material`] for material whose key may be a PKCS#11 URI (a rotation to a
+    /// token key stores the URI, never the key): `keys` opens it.
+    pub fn from_material_with(
+        td: &TrustDomain,
+        material: &CaMaterial,
+        source: &Path,
+        keys: &Keyring,
+    ) -> Result<Self, CaError> {
         let invalid = |problem: String| CaError::Invalid {
             path: source.to_path_buf(),
             problem: format!("stored CA: {problem}"),
@@ -81,16 +93,13 @@ impl Ca {
             .map_err(|e| invalid(e.to_string()))?;
         let bundle = TrustBundle::from_pem(td.clone(), material.bundle_pem.as_bytes())
             .map_err(|e| invalid(e.to_string()))?;
-        let key = KeyPair::from_pem(&material.key_pem).map_err(|e| invalid(e.to_string()))?;
-        let ca = Self::assemble(
-            td,
-            source,
-            source,
-            chain,
-            bundle,
-            CaKey(key),
-            SystemTime::now(),
-        )?;
+        let key = match keys.stored(&material.key_pem) {
+            Ok(k) => k,
+            // Token problems (PIN, missing object) say what to fix on their own.
+            Err(e @ crate::keys::KeyError::Software(_)) => return Err(invalid(e.to_string())),
+            Err(e) => return Err(e.into()),
+        };
+        let ca = Self::assemble(td, source, source, chain, bundle, key, SystemTime::now())?;
         ca.self_check(source)?;
         Ok(ca)
     }
@@ -104,26 +113,39 @@ impl Ca {
         bundle: Option<&Path>,
     ) -> Result<CaMaterial, CaError> {
         Self::from_files(td, cert, key, bundle)?;
-        let read = |path: &Path| {
-            std::fs::read_to_string(path).map_err(|source| CaError::Read {
-                path: path.to_path_buf(),
-                source,
-            })
-        };
-        let chain_pem = read(cert)?;
-        let bundle_pem = match bundle {
-            Some(b) => read(b)?,
-            None => {
-                // from_files accepted the last certificate of `cert` as the root.
-                let certs = read_certs(cert)?;
-                let last = certs.last().ok_or_else(|| no_pem(cert))?;
-                trellis_identity::certs_to_pem(std::slice::from_ref(last))
-            }
-        };
+        let (chain_pem, bundle_pem) = cert_material(cert, bundle)?;
+        let key_pem =
+            Zeroizing::new(
+                std::fs::read_to_string(key).map_err(|source| CaError::Read {
+                    path: key.to_path_buf(),
+                    source,
+                })?,
+            );
         Ok(CaMaterial {
             chain_pem,
             bundle_pem,
-            key_pem: Zeroizing::new(read(key)?),
+            key_pem,
+        })
+    }
+
+    /// Rotation material for an intermediate whose key is in a PKCS#11 token: the database
+    /// keeps the URI, never the key. With `keys`, checked here as [`Ca::from_token`] does;
+    /// without (the operator has no module at hand), the control plane checks it.
+    pub fn material_from_token(
+        td: &TrustDomain,
+        cert: &Path,
+        uri: &Pkcs11Uri,
+        bundle: Option<&Path>,
+        keys: Option<&Keyring>,
+    ) -> Result<CaMaterial, CaError> {
+        if let Some(keys) = keys {
+            Self::from_token(td, cert, uri, bundle, keys)?;
+        }
+        let (chain_pem, bundle_pem) = cert_material(cert, bundle)?;
+        Ok(CaMaterial {
+            chain_pem,
+            bundle_pem,
+            key_pem: Zeroizing::new(uri.to_string()),
         })
     }
 
@@ -136,8 +158,8 @@ impl Ca {
         key: &Path,
         bundle: Option<&Path>,
     ) -> Result<Self, CaError> {
-        let now = SystemTime::now();
-        let certs = read_certs(cert)?;
+        // The certificate's problems first: they are the likelier mistake.
+        read_certs(cert)?;
 
         // A CA key other local users can read is as good as leaked: refuse it (as ssh refuses
         // such private keys) rather than quietly sign with it.
@@ -164,7 +186,34 @@ impl Ca {
             source,
         })?);
         let key_pair = parse_key(&key_pem, key)?;
+        Self::from_cert_and_key(td, cert, SigningKey::memory(key_pair), key, bundle)
+    }
 
+    /// Signs with the intermediate in `cert` and the PKCS#11 key `uri` opens through `keys`,
+    /// with the checks of [`Ca::from_files`] (the key must match the certificate) and a
+    /// probe signature made by the token.
+    pub fn from_token(
+        td: &TrustDomain,
+        cert: &Path,
+        uri: &Pkcs11Uri,
+        bundle: Option<&Path>,
+        keys: &Keyring,
+    ) -> Result<Self, CaError> {
+        let key = keys.token_key(uri)?;
+        Self::from_cert_and_key(td, cert, key, Path::new(&uri.to_string()), bundle)
+    }
+
+    /// The part of [`Ca::from_files`] after the key is open, wherever it lives; `key_source`
+    /// names it in errors.
+    fn from_cert_and_key(
+        td: &TrustDomain,
+        cert: &Path,
+        key_pair: SigningKey,
+        key: &Path,
+        bundle: Option<&Path>,
+    ) -> Result<Self, CaError> {
+        let now = SystemTime::now();
+        let certs = read_certs(cert)?;
         let roots = match bundle {
             Some(path) => {
                 TrustBundle::new(td.clone(), read_certs(path)?).map_err(|e| CaError::Invalid {
@@ -188,7 +237,7 @@ impl Ca {
                 })?
             }
         };
-        let ca = Self::assemble(td, cert, key, certs, roots, CaKey(key_pair), now)?;
+        let ca = Self::assemble(td, cert, key, certs, roots, key_pair, now)?;
         ca.self_check(cert)?;
         Ok(ca)
     }
@@ -201,7 +250,7 @@ impl Ca {
         key_source: &Path,
         chain: Vec<CertificateDer<'static>>,
         bundle: TrustBundle,
-        key: CaKey,
+        key: SigningKey,
         now: SystemTime,
     ) -> Result<Self, CaError> {
         let invalid = |problem: String| CaError::Invalid {
@@ -241,7 +290,7 @@ impl Ca {
                 )));
             }
         }
-        if signing.public_key().subject_public_key.data.as_ref() != key.0.public_key_raw() {
+        if signing.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
             // Name the key file: the key is what is wrong or was swapped.
             return Err(CaError::Invalid {
                 path: key_source.to_path_buf(),
@@ -362,7 +411,44 @@ impl Ca {
 
     /// `trellis ca init`: an offline root and an intermediate under `out` (keys 0600, dir 0700).
     pub fn init_offline(td: &TrustDomain, out: &Path) -> Result<OfflineCaFiles, CaError> {
-        Self::init_with_root(td, out, None)
+        Self::init_with_root(td, out, None, None)
+    }
+
+    /// Refuses an `--out` directory that already holds any file `trellis ca init` writes, so
+    /// a refusal comes before anything is made (a token key included).
+    pub fn check_init_out(out: &Path) -> Result<(), CaError> {
+        for name in [
+            "root.pem",
+            "root-key.pem",
+            "intermediate.pem",
+            "intermediate-key.pem",
+            "intermediate.csr",
+            "bundle.pem",
+        ] {
+            let p = out.join(name);
+            if p.symlink_metadata().is_ok() {
+                return Err(CaError::Invalid {
+                    path: p,
+                    problem: "already exists; refusing to overwrite a CA file (move it away or \
+                              choose another --out)"
+                        .into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// `trellis ca init --pkcs11-module … --key-label …`: like [`Ca::init_offline`] (or
+    /// [`Ca::init_intermediate`] with `root`), but the intermediate's key is `key`, made
+    /// inside a token; nothing of it is written, and `intermediate.csr` (signed by the
+    /// token) lets another root sign the same key instead.
+    pub fn init_with_token_key(
+        td: &TrustDomain,
+        out: &Path,
+        root: Option<(&Path, &Path)>,
+        key: SigningKey,
+    ) -> Result<OfflineCaFiles, CaError> {
+        Self::init_with_root(td, out, root, Some(key))
     }
 
     /// `trellis ca init --root-cert … --root-key …`: a new intermediate signed by an existing
@@ -374,39 +460,30 @@ impl Ca {
         root_cert: &Path,
         root_key: &Path,
     ) -> Result<OfflineCaFiles, CaError> {
-        Self::init_with_root(td, out, Some((root_cert, root_key)))
+        Self::init_with_root(td, out, Some((root_cert, root_key)), None)
     }
 
     fn init_with_root(
         td: &TrustDomain,
         out: &Path,
         existing_root: Option<(&Path, &Path)>,
+        token_key: Option<SigningKey>,
     ) -> Result<OfflineCaFiles, CaError> {
+        let key_uri = token_key
+            .as_ref()
+            .filter(|k| k.is_token())
+            .map(SigningKey::source);
         let files = OfflineCaFiles {
+            intermediate_key_uri: key_uri,
+            intermediate_csr: out.join("intermediate.csr"),
             root_cert: out.join("root.pem"),
             root_key: out.join("root-key.pem"),
             intermediate_cert: out.join("intermediate.pem"),
             intermediate_key: out.join("intermediate-key.pem"),
             bundle: out.join("bundle.pem"),
         };
-        let all = [
-            &files.root_cert,
-            &files.root_key,
-            &files.intermediate_cert,
-            &files.intermediate_key,
-            &files.bundle,
-        ];
         // Check all first, so a refusal writes nothing.
-        for p in all {
-            if p.symlink_metadata().is_ok() {
-                return Err(CaError::Invalid {
-                    path: p.clone(),
-                    problem: "already exists; refusing to overwrite a CA file (move it away or \
-                              choose another --out)"
-                        .into(),
-                });
-            }
-        }
+        Self::check_init_out(out)?;
 
         let now = SystemTime::now();
         // The root: made here, or read (and checked) from the operator's files.
@@ -423,7 +500,8 @@ impl Ca {
                 let not_after = root_params.not_after;
                 let key_pem = Zeroizing::new(root_key.serialize_pem());
                 let issuer =
-                    Issuer::from_ca_cert_der(root_cert.der(), CaKey(root_key)).map_err(sign_err)?;
+                    Issuer::from_ca_cert_der(root_cert.der(), SigningKey::memory(root_key))
+                        .map_err(sign_err)?;
                 (root_cert.pem(), issuer, not_after, Some(key_pem))
             }
             Some((cert_path, key_path)) => {
@@ -463,18 +541,19 @@ impl Ca {
                 }
                 let not_after =
                     OffsetDateTime::from(from_unix(root.validity().not_after.timestamp()));
-                let issuer = Issuer::from_ca_cert_der(root_der, CaKey(key)).map_err(|e| {
-                    CaError::Invalid {
-                        path: cert_path.to_path_buf(),
-                        problem: format!("cannot use as issuer: {e}"),
-                    }
-                })?;
+                let issuer =
+                    Issuer::from_ca_cert_der(root_der, SigningKey::memory(key)).map_err(|e| {
+                        CaError::Invalid {
+                            path: cert_path.to_path_buf(),
+                            problem: format!("cannot use as issuer: {e}"),
+                        }
+                    })?;
                 let pem = trellis_identity::certs_to_pem(std::slice::from_ref(root_der));
                 (pem, issuer, not_after, None)
             }
         };
         // pathLen 0: the intermediate signs leaves only.
-        let (mut int_params, int_key) = ca_params(
+        let (mut int_params, soft_key) = ca_params(
             td,
             &ca_common_name("Trellis Intermediate CA", td, now),
             now,
@@ -483,9 +562,37 @@ impl Ca {
         )?;
         int_params.use_authority_key_identifier_extension = true;
         int_params.not_after = int_params.not_after.min(root_not_after);
+        let (int_key, int_key_pem) = match token_key {
+            Some(k) => (k, None),
+            None => {
+                let pem = Zeroizing::new(soft_key.serialize_pem());
+                (SigningKey::memory(soft_key), Some(pem))
+            }
+        };
+        if int_key.public_key_raw().len() != 65 {
+            return Err(CaError::Sign(
+                "the intermediate key must be ECDSA P-256".into(),
+            ));
+        }
         let int_cert = int_params
             .signed_by(&int_key, &root_issuer)
             .map_err(sign_err)?;
+        // A CSR only for a token key: a file key can simply be signed again by whoever holds
+        // the root, a token key cannot be moved to them.
+        let csr_pem = if int_key_pem.is_none() {
+            // What a CSR can carry: the serial and the issuer's key identifier are the
+            // signing CA's to choose.
+            let mut req = int_params.clone();
+            req.serial_number = None;
+            req.use_authority_key_identifier_extension = false;
+            Some(
+                req.serialize_request(&int_key)
+                    .and_then(|c| c.pem())
+                    .map_err(sign_err)?,
+            )
+        } else {
+            None
+        };
         drop(root_issuer);
 
         DirBuilder::new()
@@ -496,18 +603,41 @@ impl Ca {
                 path: out.to_path_buf(),
                 source,
             })?;
-        let int_key_pem = Zeroizing::new(int_key.serialize_pem());
         if let Some(root_key_pem) = &new_root_key {
             write_new(&files.root_key, root_key_pem.as_bytes(), 0o600)?;
         }
-        write_new(&files.intermediate_key, int_key_pem.as_bytes(), 0o600)?;
+        if let Some(pem) = &int_key_pem {
+            write_new(&files.intermediate_key, pem.as_bytes(), 0o600)?;
+        }
+        if let Some(csr) = &csr_pem {
+            write_new(&files.intermediate_csr, csr.as_bytes(), 0o644)?;
+        }
         write_new(&files.root_cert, root_pem.as_bytes(), 0o644)?;
         write_new(&files.intermediate_cert, int_cert.pem().as_bytes(), 0o644)?;
         write_new(&files.bundle, root_pem.as_bytes(), 0o644)?;
-        let mut ik = int_key;
-        ik.zeroize();
         Ok(files)
     }
+}
+
+/// The chain and bundle PEM of an operator's intermediate (`bundle` absent: the last
+/// certificate of `cert`, which the checks accepted as the root).
+fn cert_material(cert: &Path, bundle: Option<&Path>) -> Result<(String, String), CaError> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).map_err(|source| CaError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let chain_pem = read(cert)?;
+    let bundle_pem = match bundle {
+        Some(b) => read(b)?,
+        None => {
+            let certs = read_certs(cert)?;
+            let last = certs.last().ok_or_else(|| no_pem(cert))?;
+            trellis_identity::certs_to_pem(std::slice::from_ref(last))
+        }
+    };
+    Ok((chain_pem, bundle_pem))
 }
 
 fn ca_common_name(kind: &str, td: &TrustDomain, now: SystemTime) -> String {

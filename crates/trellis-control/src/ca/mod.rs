@@ -27,6 +27,8 @@ use trellis_serve::time::{
     from_unix_seconds as from_unix, rfc3339_unix as fmt_unix, unix_seconds as unix,
 };
 use x509_parser::certificate::X509Certificate;
+
+use crate::keys::SigningKey;
 use zeroize::Zeroize as _;
 
 mod material;
@@ -68,6 +70,9 @@ pub enum CaError {
     /// Signing failed.
     #[error("cannot sign certificate: {0}")]
     Sign(String),
+    /// The signing key cannot be opened (PKCS#11 module, PIN, token, object).
+    #[error(transparent)]
+    Key(#[from] crate::keys::KeyError),
     /// The state database failed.
     #[error(transparent)]
     Registry(#[from] crate::registry::RegistryError),
@@ -82,8 +87,12 @@ pub struct OfflineCaFiles {
     pub root_key: PathBuf,
     /// Intermediate certificate for `--ca-cert`.
     pub intermediate_cert: PathBuf,
-    /// Intermediate key for `--ca-key`.
+    /// Intermediate key for `--ca-key` (not written when the key is in a token).
     pub intermediate_key: PathBuf,
+    /// The token key's URI for `--ca-key`, when `trellis ca init` made the key in a token.
+    pub intermediate_key_uri: Option<String>,
+    /// The intermediate's CSR, signed by the token key (written only for a token key).
+    pub intermediate_csr: PathBuf,
     /// Trust bundle (the root), for `--ca-bundle` and sidecars.
     pub bundle: PathBuf,
 }
@@ -113,37 +122,12 @@ impl std::fmt::Debug for ServerCert {
     }
 }
 
-/// The CA's private key. rcgen keeps a PKCS#8 copy of it, wiped when the CA is dropped
-/// (aws-lc-rs' own copy is beyond our reach).
-struct CaKey(KeyPair);
-
-impl Drop for CaKey {
-    fn drop(&mut self) {
-        self.0.zeroize();
-    }
-}
-
-impl rcgen::PublicKeyData for CaKey {
-    fn der_bytes(&self) -> &[u8] {
-        rcgen::PublicKeyData::der_bytes(&self.0)
-    }
-    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
-        rcgen::PublicKeyData::algorithm(&self.0)
-    }
-}
-
-impl rcgen::SigningKey for CaKey {
-    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
-        rcgen::SigningKey::sign(&self.0, msg)
-    }
-}
-
-/// A signing CA: key in memory, its chain, and the bundle it chains to.
+/// A signing CA: its key (in memory or in a PKCS#11 token), its chain, and the bundle it chains to.
 pub struct Ca {
     trust_domain: TrustDomain,
     bundle: TrustBundle,
     /// Signing certificate's subject and key identifier, and the key.
-    issuer: Issuer<'static, CaKey>,
+    issuer: Issuer<'static, SigningKey>,
     /// The signing certificate (what the transparency log names CA phases by).
     signing_cert: CertificateDer<'static>,
     /// What follows the leaf in an SVID chain: the signing certificate and its parents below
@@ -390,7 +374,7 @@ mod tests {
             p,
             vec![cert.der().clone()],
             bundle,
-            CaKey(key),
+            SigningKey::memory(key),
             now,
         )
         .unwrap()

@@ -26,6 +26,8 @@ use crate::webhook::{WebhookLimits, WebhookSettings};
 
 pub use trellis_serve::config::ConfigError;
 
+use crate::keys::{KeyRef, Pkcs11Settings, Pkcs11Uri};
+
 /// Keys that used to sit at the top level of the file, and where they are now.
 pub const MOVED_KEYS: &[(&str, &str)] = &[
     ("sds_max_connections", "limits.sds.max_connections"),
@@ -131,7 +133,8 @@ pub struct ControlFile {
     pub jwt_key_rotate_every: Option<Duration>,
     /// Intermediate CA certificate (PEM).
     pub ca_cert: Option<PathBuf>,
-    /// Intermediate CA key (PEM).
+    /// Intermediate CA key: a PEM file, or a key in a PKCS#11 token
+    /// (`pkcs11:token=LABEL;object=LABEL`, RFC 7512).
     pub ca_key: Option<PathBuf>,
     /// Trust bundle (roots) for the intermediate, PEM.
     pub ca_bundle: Option<PathBuf>,
@@ -176,6 +179,15 @@ pub struct ControlFile {
     pub bundle_refresh_hint: Option<Duration>,
     /// SPIFFE federation relationships, one per foreign trust domain (reloaded on change).
     pub federation: Option<Vec<RelationshipFile>>,
+    /// The PKCS#11 module (`.so`) that holds `pkcs11:` keys.
+    pub pkcs11_module: Option<PathBuf>,
+    /// File holding the token's user PIN (never the PIN itself in the config).
+    pub pkcs11_pin_file: Option<PathBuf>,
+    /// Sessions per token: how many signatures run at once [default: 4].
+    pub pkcs11_sessions: Option<usize>,
+    /// The transparency-log signing key in a PKCS#11 token (`pkcs11:…`); absent: the key in
+    /// the database.
+    pub log_key: Option<String>,
     /// Limits per listener.
     #[serde(default)]
     pub limits: LimitsFile,
@@ -207,8 +219,8 @@ impl ControlFile {
 pub struct CaFiles {
     /// Intermediate certificate.
     pub cert: PathBuf,
-    /// Intermediate key.
-    pub key: PathBuf,
+    /// Intermediate key: a file or a PKCS#11 token key.
+    pub key: KeyRef,
     /// Roots, if not the last certificate of `cert`.
     pub bundle: Option<PathBuf>,
 }
@@ -259,6 +271,10 @@ pub struct ControlSettings {
     /// The config file, whose `federation:` list is reloaded when it changes (set by the
     /// binary; `None`: no reload).
     pub config_path: Option<PathBuf>,
+    /// The PKCS#11 module, PIN file and session count, when any key lives in a token.
+    pub pkcs11: Option<Pkcs11Settings>,
+    /// The transparency-log key in a token, or `None` for the database's.
+    pub log_key: Option<Pkcs11Uri>,
 }
 
 /// Validated limits, per listener.
@@ -421,7 +437,8 @@ impl ControlSettings {
         let ca = match (f.ca_cert, f.ca_key) {
             (Some(cert), Some(key)) => Some(CaFiles {
                 cert,
-                key,
+                key: KeyRef::parse(&key.to_string_lossy())
+                    .map_err(|e| ConfigError::invalid("ca_key", e.to_string()))?,
                 bundle: f.ca_bundle,
             }),
             (None, None) if f.ca_bundle.is_none() => None,
@@ -429,6 +446,62 @@ impl ControlSettings {
                 return Err(ConfigError::invalid(
                     "ca_cert",
                     "ca_cert and ca_key go together (ca_bundle is optional with them)",
+                ))
+            }
+        };
+        let log_key = f
+            .log_key
+            .as_deref()
+            .map(|k| {
+                if !Pkcs11Uri::is_uri(k) {
+                    return Err(ConfigError::invalid(
+                        "log_key",
+                        format!("`{k}` is not a pkcs11: URI (the database keeps the log key otherwise; leave log_key unset)"),
+                    ));
+                }
+                Pkcs11Uri::parse(k).map_err(|e| ConfigError::invalid("log_key", e.to_string()))
+            })
+            .transpose()?;
+        let wants_token = log_key.is_some()
+            || matches!(
+                &ca,
+                Some(CaFiles {
+                    key: KeyRef::Pkcs11(_),
+                    ..
+                })
+            );
+        let pkcs11 = match (f.pkcs11_module, f.pkcs11_pin_file) {
+            (Some(module), Some(pin_file)) => {
+                let sessions = f.pkcs11_sessions.unwrap_or(crate::keys::pkcs11::DEFAULT_SESSIONS);
+                if !(1..=256).contains(&sessions) {
+                    return Err(ConfigError::invalid(
+                        "pkcs11_sessions",
+                        format!("{sessions} is out of range: allowed 1 to 256"),
+                    ));
+                }
+                Some(Pkcs11Settings {
+                    module,
+                    pin_file,
+                    sessions,
+                })
+            }
+            (None, None) if !wants_token => None,
+            (None, None) => {
+                return Err(ConfigError::invalid(
+                    "pkcs11_module",
+                    "a pkcs11: key is configured (ca_key or log_key): set pkcs11_module (--pkcs11-module) and pkcs11_pin_file (--pkcs11-pin-file)",
+                ))
+            }
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    "pkcs11_pin_file",
+                    "pkcs11_module needs pkcs11_pin_file (--pkcs11-pin-file): a file holding the token's user PIN",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "pkcs11_module",
+                    "pkcs11_pin_file needs pkcs11_module (--pkcs11-module): the PKCS#11 library path",
                 ))
             }
         };
@@ -494,6 +567,8 @@ impl ControlSettings {
             database,
             tls_key_exchange: f.tls_key_exchange.unwrap_or_default(),
             limits,
+            pkcs11,
+            log_key,
         })
     }
 }

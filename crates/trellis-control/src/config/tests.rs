@@ -593,3 +593,61 @@ fn tls_key_exchange_defaults_to_pq_preferred_and_bad_values_are_located() {
         assert!(err.contains(needle), "{needle:?} not in {err}");
     }
 }
+
+fn settings(yaml: &str) -> Result<ControlSettings, String> {
+    let f = ControlFile::parse(
+        &format!("trust_domain: example.org\n{yaml}"),
+        Path::new("c.yaml"),
+    )
+    .map_err(|e| e.to_string())?;
+    ControlSettings::from_file(f).map_err(|e| e.to_string())
+}
+
+#[test]
+fn pkcs11_ca_key_is_a_token_key_with_module_and_pin_file() {
+    let s = settings(
+        "ca_cert: /ca/intermediate.pem\nca_key: \"pkcs11:token=hsm;object=ca\"\n\
+         pkcs11_module: /usr/lib/softhsm/libsofthsm2.so\npkcs11_pin_file: /run/pin\n",
+    )
+    .unwrap();
+    let ca = s.ca.unwrap();
+    assert!(matches!(&ca.key, KeyRef::Pkcs11(u) if u.object.as_deref() == Some("ca")));
+    let p = s.pkcs11.unwrap();
+    assert_eq!(p.sessions, crate::keys::pkcs11::DEFAULT_SESSIONS);
+    assert_eq!(p.pin_file, PathBuf::from("/run/pin"));
+    // A path stays a file key.
+    let s = settings("ca_cert: /ca/i.pem\nca_key: /ca/i-key.pem\n").unwrap();
+    assert!(matches!(s.ca.unwrap().key, KeyRef::File(_)));
+}
+
+#[test]
+fn pkcs11_key_without_module_names_the_settings() {
+    let err = settings("ca_cert: /ca/i.pem\nca_key: \"pkcs11:token=hsm;object=ca\"\n").unwrap_err();
+    assert!(
+        err.contains("pkcs11_module") && err.contains("--pkcs11-pin-file"),
+        "{err}"
+    );
+    let err = settings("log_key: \"pkcs11:object=log\"\n").unwrap_err();
+    assert!(err.contains("pkcs11_module"), "{err}");
+    let err = settings("pkcs11_module: /m.so\n").unwrap_err();
+    assert!(err.contains("pkcs11_pin_file"), "{err}");
+    let err = settings("pkcs11_pin_file: /pin\n").unwrap_err();
+    assert!(err.contains("pkcs11_module"), "{err}");
+}
+
+#[test]
+fn pkcs11_refusals_name_field_and_allowed_values() {
+    let base = "pkcs11_module: /m.so\npkcs11_pin_file: /pin\n";
+    let err = settings(&format!("{base}pkcs11_sessions: 0\n")).unwrap_err();
+    assert!(
+        err.contains("pkcs11_sessions") && err.contains("1 to 256"),
+        "{err}"
+    );
+    let err = settings(&format!("{base}log_key: /var/log.pem\n")).unwrap_err();
+    assert!(err.contains("log_key") && err.contains("pkcs11:"), "{err}");
+    let err = settings(&format!(
+        "{base}ca_cert: /c.pem\nca_key: \"pkcs11:token=t;object=o?pin-value=1234\"\n"
+    ))
+    .unwrap_err();
+    assert!(err.contains("ca_key") && !err.contains("1234"), "{err}");
+}

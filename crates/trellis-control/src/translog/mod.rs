@@ -26,6 +26,7 @@ use trellis_transparency::{Hash, LogPublicKey, MerkleTree, SignedTreeHead, TreeE
 
 pub use facts::{ca_phase_body, issuance_body};
 
+use crate::keys::SigningKey;
 use crate::registry::{Registry, RegistryError};
 
 /// The log's public key in the state directory, next to `bundle.pem`.
@@ -111,9 +112,9 @@ pub fn public_key_of(pkcs8: &[u8]) -> Result<LogPublicKey, LogError> {
     LogPublicKey::from_spki_der(spki.as_ref()).map_err(|e| LogError::Key(e.to_string()))
 }
 
-/// The signing key of the log.
+/// The signing key of the log: the one in the registry, or a PKCS#11 token key.
 struct LogKey {
-    pair: EcdsaKeyPair,
+    key: SigningKey,
     public: LogPublicKey,
 }
 
@@ -124,21 +125,27 @@ impl LogKey {
             EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &SystemRandom::new())
                 .map_err(|e| LogError::Key(e.to_string()))?;
         let stored = registry.log_key_or_insert(generated.as_ref())?;
-        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &stored)
-            .map_err(|e| LogError::Key(e.to_string()))?;
         let public = public_key_of(&stored)?;
-        Ok(Self { pair, public })
+        let key = SigningKey::from_pkcs8_der(&stored).map_err(|e| LogError::Key(e.to_string()))?;
+        Ok(Self { key, public })
+    }
+
+    /// A key kept elsewhere (a PKCS#11 token): nothing is stored in the registry.
+    fn from_key(key: SigningKey) -> Result<Self, LogError> {
+        let public = LogPublicKey::from_spki_der(&key.spki_der())
+            .map_err(|e| LogError::Key(e.to_string()))?;
+        Ok(Self { key, public })
     }
 
     fn sign(&self, head: TreeHead) -> Result<SignedTreeHead, LogError> {
         let sig = self
-            .pair
-            .sign(&SystemRandom::new(), &head.signing_input())
+            .key
+            .sign_der(&head.signing_input())
             .map_err(|e| LogError::Key(format!("cannot sign a tree head: {e}")))?;
         Ok(SignedTreeHead {
             head,
             key_id: self.public.key_id().to_owned(),
-            signature: sig.as_ref().to_vec(),
+            signature: sig,
         })
     }
 }
@@ -160,7 +167,20 @@ impl IssuanceLog {
     /// them. A log whose entries do not produce its own signed head refuses to start: signing
     /// on top of tampered entries would bless them.
     pub fn open(registry: Arc<Registry>, metrics: Arc<LogMetrics>) -> Result<Arc<Self>, LogError> {
-        let key = LogKey::load_or_create(&registry)?;
+        Self::open_with_key(registry, metrics, None)
+    }
+
+    /// [`IssuanceLog::open`] signing with `key` (e.g. a PKCS#11 token key) instead of the
+    /// key stored in the registry; `None`: the registry's.
+    pub fn open_with_key(
+        registry: Arc<Registry>,
+        metrics: Arc<LogMetrics>,
+        key: Option<SigningKey>,
+    ) -> Result<Arc<Self>, LogError> {
+        let key = match key {
+            Some(k) => LogKey::from_key(k)?,
+            None => LogKey::load_or_create(&registry)?,
+        };
         let log = Arc::new(Self {
             registry,
             key,
