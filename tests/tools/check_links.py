@@ -54,12 +54,17 @@ def slug(heading):
 ANCHORS = {}
 
 
+EXPLICIT_ANCHOR = re.compile(r'<a\s+id="([^"]+)"')
+
+
 def anchors(path):
     """Every heading anchor of a Markdown file (cached)."""
     if path not in ANCHORS:
         found, seen = set(), {}
         with open(path, encoding="utf-8") as f:
             for _, line in lines_outside_code(f.read()):
+                # Explicit anchors (`<a id="x"></a>`), which GitHub renders as link targets.
+                found.update(EXPLICIT_ANCHOR.findall(line))
                 m = HEADING.match(line)
                 if not m:
                     continue
