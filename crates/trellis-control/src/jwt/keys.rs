@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use aws_lc_rs::rand::SystemRandom;
-use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING};
+use aws_lc_rs::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use tokio::sync::watch;
 use trellis_identity::jwt::{self as jwt_svid, JwtBundle, JwtKey, NewJwtSvid};
 use trellis_identity::TrustDomain;
@@ -55,9 +55,11 @@ pub enum JwtKeyError {
     Registry(#[from] RegistryError),
 }
 
-/// One ES256 private key and its `kid`: loads and signs, nothing else.
+/// One ES256 private key and its `kid`: loads and signs, nothing else. The key is a
+/// [`SigningKey`](crate::keys::SigningKey), the one key type of the control plane, so it can
+/// live in memory or in a PKCS#11 token like the CA and log keys.
 pub struct JwtSigner {
-    pair: EcdsaKeyPair,
+    key: crate::keys::SigningKey,
     public: JwtKey,
 }
 
@@ -80,16 +82,32 @@ impl JwtSigner {
 
     /// Loads a P-256 PKCS#8 DER key; its `kid` is its public key's thumbprint.
     pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self, JwtKeyError> {
+        // Checked here for the message; `SigningKey` would take other algorithms too.
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8).map_err(|e| {
+            JwtKeyError::BadKey {
+                kid: String::new(),
+                problem: format!("not a P-256 PKCS#8 key: {e}"),
+            }
+        })?;
+        let key =
+            crate::keys::SigningKey::from_pkcs8_der(pkcs8).map_err(|e| JwtKeyError::BadKey {
+                kid: String::new(),
+                problem: e.to_string(),
+            })?;
+        Self::from_key(key)
+    }
+
+    /// Any P-256 signing key, in memory or in a PKCS#11 token; its `kid` is its public key's
+    /// thumbprint.
+    pub fn from_key(key: crate::keys::SigningKey) -> Result<Self, JwtKeyError> {
         let bad = |problem: String| JwtKeyError::BadKey {
             kid: String::new(),
             problem,
         };
-        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8)
-            .map_err(|e| bad(format!("not a P-256 PKCS#8 key: {e}")))?;
-        let point = pair.public_key().as_ref();
+        let point = key.public_key_raw();
         let kid = JwtKey::thumbprint(point).map_err(|e| bad(e.to_string()))?;
         let public = JwtKey::from_point(kid, point).map_err(|e| bad(e.to_string()))?;
-        Ok(Self { pair, public })
+        Ok(Self { key, public })
     }
 
     /// The key ID (`kid` header).
@@ -106,10 +124,10 @@ impl JwtSigner {
     pub fn sign(&self, claims: &NewJwtSvid<'_>) -> Result<String, JwtKeyError> {
         let input = claims.signing_input(self.kid());
         let sig = self
-            .pair
-            .sign(&SystemRandom::new(), input.as_bytes())
+            .key
+            .sign_fixed(input.as_bytes())
             .map_err(|e| JwtKeyError::Sign(e.to_string()))?;
-        Ok(jwt_svid::assemble(&input, sig.as_ref()))
+        Ok(jwt_svid::assemble(&input, &sig))
     }
 }
 

@@ -27,7 +27,8 @@ use prometheus_client::metrics::counter::Counter;
 use sha2::Digest as _;
 use zeroize::Zeroizing;
 
-use super::{KeyError, Pkcs11Uri};
+use super::error::KeyError;
+use super::uri::Pkcs11Uri;
 
 /// How many times a signature is retried after a transient token error.
 pub const RETRIES: u32 = 3;

@@ -315,3 +315,38 @@ fn token_key_not_matching_the_certificate_is_refused() {
     );
     assert!(err.contains("pkcs11:token="), "names the key: {err}");
 }
+
+/// The JWT-SVID signer takes the same key type: a key in the token signs JWT-SVIDs that
+/// validate against the bundle its public half is published in.
+#[test]
+fn token_key_signs_jwt_svids() {
+    let Some(h) = hsm() else { return };
+    let ring = ring(h, &h.pin_file, Counter::default()).unwrap();
+    ring.generate(Some(MAIN), "jwt-test").unwrap();
+    let key = Keyring::with_pkcs11(ring)
+        .token_key(&uri(MAIN, "jwt-test"))
+        .unwrap();
+    let signer = crate::jwt::JwtSigner::from_key(key).unwrap();
+    let td = trellis_identity::TrustDomain::parse("example.org").unwrap();
+    let subject = trellis_identity::SpiffeId::parse("spiffe://example.org/web").unwrap();
+    let now = std::time::SystemTime::now();
+    let audiences = vec!["db".to_owned()];
+    let token = signer
+        .sign(&trellis_identity::jwt::NewJwtSvid {
+            subject: &subject,
+            audiences: &audiences,
+            issued_at: now,
+            expires_at: now + std::time::Duration::from_secs(300),
+        })
+        .unwrap();
+    let bundle = trellis_identity::jwt::JwtBundle::new(td, vec![signer.public_key().clone()]);
+    let valid = trellis_identity::jwt::validate(
+        &token,
+        &bundle,
+        Some("db"),
+        now,
+        std::time::Duration::from_secs(30),
+    )
+    .unwrap();
+    assert_eq!(valid.spiffe_id, subject);
+}

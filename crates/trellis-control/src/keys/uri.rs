@@ -4,7 +4,7 @@
 //! `pin-value` and `pin-source` are refused (the PIN comes from --pkcs11-pin-file), and so is
 //! `module-path` (the module comes from --pkcs11-module).
 
-use super::KeyError;
+use super::error::KeyError;
 
 /// A parsed PKCS#11 URI naming one private key.
 #[derive(Debug, Clone, PartialEq, Eq)]
