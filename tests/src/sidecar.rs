@@ -279,6 +279,16 @@ impl Sidecar {
         http_get(tcp, &self.addrs.admin.to_string(), path).await
     }
 
+    /// The serial of the SVID it presents now (`/certs`' `svid.serial`).
+    pub async fn svid_serial(&self) -> anyhow::Result<String> {
+        let certs: serde_json::Value =
+            serde_json::from_str(&self.admin_get("/certs").await?.text())?;
+        Ok(certs["svid"]["serial"]
+            .as_str()
+            .context("/certs has no svid.serial")?
+            .to_owned())
+    }
+
     /// `/metrics`, parsed.
     pub async fn metrics(&self) -> anyhow::Result<Metrics> {
         let r = self.admin_get("/metrics").await?;

@@ -15,6 +15,7 @@ pub mod clock_guard;
 pub mod config;
 pub mod db_health;
 pub mod federation;
+pub mod https_url;
 pub mod jwt;
 pub mod keys;
 pub mod metrics;

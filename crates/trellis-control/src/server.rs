@@ -353,7 +353,18 @@ impl ControlPlane {
         })?;
         let limiter = Arc::new(crate::ratelimit::PeerLimiter::new(settings.limits.sds.rate));
         // JWT-SVID signing keys, shared through the registry with every replica.
-        let jwt_keys = crate::jwt::JwtKeys::load(
+        // With the CA key in a token, JWT-SVID keys are made in that token too.
+        let jwt_token = match &settings.ca {
+            Some(CaFiles {
+                key: KeyRef::Pkcs11(uri),
+                ..
+            }) => Some(crate::jwt::keys::JwtKeyToken {
+                keyring: keyring.clone(),
+                token: uri.token.clone(),
+            }),
+            _ => None,
+        };
+        let jwt_keys = crate::jwt::JwtKeys::load_with_token(
             Arc::clone(&registry),
             td.clone(),
             crate::jwt::JwtKeyPolicy {
@@ -361,6 +372,7 @@ impl ControlPlane {
                 token_ttl: settings.jwt_svid_ttl,
             },
             Arc::clone(&metrics),
+            jwt_token,
         )?;
         // SDS streams get our bundle with every federated trust domain's attached.
         let (mut federation, sds_bundle) =

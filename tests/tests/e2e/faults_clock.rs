@@ -128,15 +128,6 @@ fn libfaketime() -> Option<std::path::PathBuf> {
         .find(|p| p.exists())
 }
 
-async fn b_serial(mesh: &Mesh) -> anyhow::Result<String> {
-    let r = mesh.b.admin_get("/certs").await?;
-    let v: serde_json::Value = serde_json::from_str(&r.text())?;
-    Ok(v["svid"]["serial"]
-        .as_str()
-        .context("svid.serial")?
-        .to_owned())
-}
-
 async fn refused_clock(mesh: &Mesh) -> anyhow::Result<f64> {
     Ok(mesh.cp.metrics().await?.sum_or_zero(
         "trellis_issuances_refused_total",
@@ -212,10 +203,10 @@ async fn control_plane_clock_jump_is_not_signed_into_certificates() -> anyhow::R
             }
         };
         // While the clock is off, B keeps the SVID it had: nothing new is signed.
-        let held = b_serial(&mesh).await?;
+        let held = mesh.b.svid_serial().await?;
         let hold_from = Instant::now();
         while hold_from.elapsed() < Duration::from_secs(4) {
-            let now = b_serial(&mesh).await?;
+            let now = mesh.b.svid_serial().await?;
             ensure!(now == held, "B installed {now} while the control plane's clock was 2 h off");
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
@@ -225,7 +216,7 @@ async fn control_plane_clock_jump_is_not_signed_into_certificates() -> anyhow::R
         let back = Instant::now();
         load.end(event);
         let resumed = eventually(Duration::from_secs(30), "B rotates once the clock is back", || async {
-            let s = b_serial(&mesh).await?;
+            let s = mesh.b.svid_serial().await?;
             if s != held {
                 Ok(back.elapsed())
             } else {

@@ -36,15 +36,6 @@ async fn database_up(cp: &ControlPlane) -> anyhow::Result<f64> {
     cp.metrics().await?.get("trellis_database_up", &[])
 }
 
-async fn b_serial(mesh: &Mesh) -> anyhow::Result<String> {
-    let r = mesh.b.admin_get("/certs").await?;
-    let v: serde_json::Value = serde_json::from_str(&r.text())?;
-    Ok(v["svid"]["serial"]
-        .as_str()
-        .context("svid.serial")?
-        .to_owned())
-}
-
 /// The refusal a redemption of `token` on `cp` gets: must be `UNAVAILABLE` naming the database.
 async fn refused_unavailable(cp: &ControlPlane, token: &str) -> anyhow::Result<String> {
     match fetch_svid(cp, token).await {
@@ -135,7 +126,7 @@ async fn postgres_outage_under_load_loses_nothing() -> anyhow::Result<()> {
         // SVIDs B is issued while the database is down.
         let mut serials = BTreeSet::new();
         while stopped.elapsed() < outage() {
-            serials.insert(b_serial(&mesh).await?);
+            serials.insert(mesh.b.svid_serial().await?);
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let rotations_during =

@@ -82,15 +82,6 @@ fn audit_serials(state: &Path) -> anyhow::Result<(BTreeSet<String>, usize)> {
     Ok((serials, torn))
 }
 
-async fn b_serial(mesh: &Mesh) -> anyhow::Result<String> {
-    let r = mesh.b.admin_get("/certs").await?;
-    let v: serde_json::Value = serde_json::from_str(&r.text())?;
-    Ok(v["svid"]["serial"]
-        .as_str()
-        .context("svid.serial")?
-        .to_owned())
-}
-
 async fn refused_audit(mesh: &Mesh) -> anyhow::Result<f64> {
     Ok(mesh.cp.metrics().await?.sum_or_zero(
         "trellis_issuances_refused_total",
@@ -124,7 +115,7 @@ async fn full_state_disk_refuses_unrecorded_issuance_and_recovers() -> anyhow::R
         let load = Load::start(LoadOpts::new(mesh.a.outbound(), "b", "app-b"));
         tokio::time::sleep(Duration::from_secs(2)).await;
         let mut presented = BTreeSet::new();
-        presented.insert(b_serial(&mesh).await?);
+        presented.insert(mesh.b.svid_serial().await?);
 
         let event = load.mark("disk full");
         let filler = state.join("filler");
@@ -155,7 +146,7 @@ async fn full_state_disk_refuses_unrecorded_issuance_and_recovers() -> anyhow::R
             }
         };
         while full_at.elapsed() < FULL_FOR {
-            presented.insert(b_serial(&mesh).await?);
+            presented.insert(mesh.b.svid_serial().await?);
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let refused_while_full = refused_audit(&mesh).await? - refused_before;
@@ -165,9 +156,9 @@ async fn full_state_disk_refuses_unrecorded_issuance_and_recovers() -> anyhow::R
         std::fs::remove_file(&filler)?;
         let freed = Instant::now();
         load.end(event);
-        let serial_full = b_serial(&mesh).await?;
+        let serial_full = mesh.b.svid_serial().await?;
         let rotated_after = eventually(Duration::from_secs(30), "B rotates once space returns", || async {
-            let s = b_serial(&mesh).await?;
+            let s = mesh.b.svid_serial().await?;
             if s != serial_full {
                 Ok((s, freed.elapsed()))
             } else {
@@ -233,7 +224,7 @@ async fn vanished_state_directory_refuses_issuance_and_recovers() -> anyhow::Res
         let load = Load::start(LoadOpts::new(mesh.a.outbound(), "b", "app-b"));
         tokio::time::sleep(Duration::from_secs(2)).await;
         let mut presented = BTreeSet::new();
-        presented.insert(b_serial(&mesh).await?);
+        presented.insert(mesh.b.svid_serial().await?);
 
         let event = load.mark("state directory gone");
         let refused_before = refused_audit(&mesh).await?;
@@ -258,25 +249,27 @@ async fn vanished_state_directory_refuses_issuance_and_recovers() -> anyhow::Res
                 msg
             }
         };
-        let metrics = mesh.cp.metrics().await?;
-        ensure!(
-            metrics.series("trellis_database_up") == 0.0,
-            "trellis_database_up must be 0 while the database file is gone"
-        );
-        let ready = mesh.cp.admin_get("/ready").await?;
-        ensure!(ready.text().contains("gone"), "/ready must name the missing database: {}", ready.text());
+        // The database check runs with the once-a-second CA poll: give it a few.
+        eventually(Duration::from_secs(10), "the control plane reports the database gone", || async {
+            let up = mesh.cp.metrics().await?.series("trellis_database_up");
+            ensure!(up == 0.0, "trellis_database_up is {up} while the database file is gone");
+            let ready = mesh.cp.admin_get("/ready").await?;
+            ensure!(ready.text().contains("gone"), "/ready must name the missing database: {}", ready.text());
+            Ok(())
+        })
+        .await?;
         let held_from = Instant::now();
         while held_from.elapsed() < Duration::from_secs(3) {
-            presented.insert(b_serial(&mesh).await?);
+            presented.insert(mesh.b.svid_serial().await?);
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
 
         std::fs::rename(&gone, &state)?;
         let back = Instant::now();
         load.end(event);
-        let serial_gone = b_serial(&mesh).await?;
+        let serial_gone = mesh.b.svid_serial().await?;
         let rotated = eventually(Duration::from_secs(30), "B rotates once the directory is back", || async {
-            let s = b_serial(&mesh).await?;
+            let s = mesh.b.svid_serial().await?;
             if s != serial_gone {
                 Ok((s, back.elapsed()))
             } else {

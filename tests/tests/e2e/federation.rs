@@ -507,7 +507,12 @@ async fn bundle_endpoint_serves_a_spiffe_bundle_only_with_the_control_planes_svi
         let doc = reply.json()?;
         ensure!(doc["spiffe_sequence"] == 1 && doc["spiffe_refresh_hint"] == 1, "{doc}");
         let keys = doc["keys"].as_array().context("no keys")?;
-        ensure!(keys.len() == 1 && keys[0]["use"] == "x509-svid", "{doc}");
+        // The CA (x509-svid) and the JWT-SVID signing key in force (jwt-svid, with its kid).
+        ensure!(keys.len() == 2 && keys[0]["use"] == "x509-svid", "{doc}");
+        ensure!(
+            keys[1]["use"] == "jwt-svid" && keys[1]["kid"].is_string(),
+            "{doc}"
+        );
         let der = base64::engine::general_purpose::STANDARD
             .decode(keys[0]["x5c"][0].as_str().context("x5c")?)?;
         ensure!(der == bundle.roots()[0].as_ref(), "x5c is not a.org's CA");

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, Request, StatusCode, Uri};
+use http::{header, Request, StatusCode};
 use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
@@ -137,71 +137,17 @@ impl JwksFetchError {
     }
 }
 
-/// An `https://` URL split into what a fetch needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JwksUrl {
-    url: String,
-    /// Host name or IP address, without IPv6 brackets (for DNS and the TLS server name).
-    host: String,
-    port: u16,
-    /// `host[:port]`, as the `Host` header carries it.
-    authority: String,
-    path_and_query: String,
-}
+/// The JWKS URL: an [`HttpsUrl`](crate::https_url::HttpsUrl).
+pub type JwksUrl = crate::https_url::HttpsUrl;
 
-impl JwksUrl {
-    /// Parses and checks `url`: `https` only (the keys decide who gets which identity; they
-    /// must come from an authenticated server), a host, no user info.
-    pub fn parse(url: &str) -> Result<Self, JwksFetchError> {
-        let bad = |problem: &str| JwksFetchError::BadUrl {
+/// Parses and checks a JWKS URL (see [`HttpsUrl::parse`](crate::https_url::HttpsUrl::parse)).
+pub fn parse_url(url: &str) -> Result<JwksUrl, JwksFetchError> {
+    JwksUrl::parse(url, "https://kubernetes.default.svc/openid/v1/jwks").map_err(|problem| {
+        JwksFetchError::BadUrl {
             url: url.to_owned(),
-            problem: problem.to_owned(),
-        };
-        let uri: Uri = url
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
-        if uri.scheme_str() != Some("https") {
-            return Err(bad(
-                "must be an https:// URL, e.g. https://kubernetes.default.svc/openid/v1/jwks",
-            ));
+            problem,
         }
-        let authority = uri.authority().ok_or_else(|| bad("has no host"))?;
-        if authority.as_str().contains('@') {
-            return Err(bad("must not carry user information"));
-        }
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        if host.is_empty() {
-            return Err(bad("has no host"));
-        }
-        let path_and_query = uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .filter(|p| !p.is_empty())
-            .unwrap_or("/")
-            .to_owned();
-        Ok(Self {
-            url: url.to_owned(),
-            host,
-            port: authority.port_u16().unwrap_or(443),
-            authority: authority.as_str().to_owned(),
-            path_and_query,
-        })
-    }
-
-    /// The URL as given.
-    pub fn as_str(&self) -> &str {
-        &self.url
-    }
-}
-
-impl std::fmt::Display for JwksUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.url)
-    }
+    })
 }
 
 /// Where the keys come from and how to authenticate: the URL, the CA file that verifies the
@@ -446,7 +392,7 @@ mod tests {
 
     #[test]
     fn parses_the_api_server_url() {
-        let u = JwksUrl::parse("https://kubernetes.default.svc/openid/v1/jwks").unwrap();
+        let u = parse_url("https://kubernetes.default.svc/openid/v1/jwks").unwrap();
         assert_eq!(u.host, "kubernetes.default.svc");
         assert_eq!(u.port, 443);
         assert_eq!(u.authority, "kubernetes.default.svc");
@@ -455,13 +401,13 @@ mod tests {
 
     #[test]
     fn parses_port_and_ip_hosts() {
-        let u = JwksUrl::parse("https://127.0.0.1:6443/openid/v1/jwks?x=1").unwrap();
+        let u = parse_url("https://127.0.0.1:6443/openid/v1/jwks?x=1").unwrap();
         assert_eq!((u.host.as_str(), u.port), ("127.0.0.1", 6443));
         assert_eq!(u.path_and_query, "/openid/v1/jwks?x=1");
-        let u = JwksUrl::parse("https://[::1]:6443/keys").unwrap();
+        let u = parse_url("https://[::1]:6443/keys").unwrap();
         assert_eq!((u.host.as_str(), u.port), ("::1", 6443));
         assert_eq!(u.authority, "[::1]:6443");
-        let u = JwksUrl::parse("https://issuer.example").unwrap();
+        let u = parse_url("https://issuer.example").unwrap();
         assert_eq!(u.path_and_query, "/");
     }
 
@@ -474,7 +420,7 @@ mod tests {
             "https://user:pw@kubernetes.default.svc/openid/v1/jwks",
             "not a url",
         ] {
-            let err = JwksUrl::parse(url).unwrap_err();
+            let err = parse_url(url).unwrap_err();
             assert_eq!(err.reason(), "bad_url", "{url}");
             assert!(err.to_string().contains("--k8s-jwks-url"), "{err}");
         }
@@ -538,7 +484,7 @@ mod tests {
             let _ = tls.write_all(&body).await;
             let _ = tls.flush().await;
         });
-        let url = JwksUrl::parse(&format!("https://127.0.0.1:{port}/openid/v1/jwks")).unwrap();
+        let url = parse_url(&format!("https://127.0.0.1:{port}/openid/v1/jwks")).unwrap();
         (url, ca, token)
     }
 
@@ -575,7 +521,7 @@ mod tests {
             let (_tcp, _) = listener.accept().await.unwrap();
             tokio::time::sleep(Duration::from_secs(60)).await;
         });
-        let url = JwksUrl::parse(&format!("https://127.0.0.1:{port}/openid/v1/jwks")).unwrap();
+        let url = parse_url(&format!("https://127.0.0.1:{port}/openid/v1/jwks")).unwrap();
         let err = JwksSource::new(url, ca, token)
             .with_limits(1024 * 1024, Duration::from_millis(300))
             .fetch()
@@ -602,7 +548,7 @@ mod tests {
         std::fs::write(&ca, cert.cert.pem()).unwrap();
         let token = dir.path().join("token");
         std::fs::write(&token, "t.o.k").unwrap();
-        let url = JwksUrl::parse(&format!("https://127.0.0.1:{port}/openid/v1/jwks")).unwrap();
+        let url = parse_url(&format!("https://127.0.0.1:{port}/openid/v1/jwks")).unwrap();
         let err = JwksSource::new(url, ca, token).fetch().await.unwrap_err();
         assert_eq!(err.reason(), "connect", "{err}");
         assert!(err.to_string().contains("cannot connect"), "{err}");

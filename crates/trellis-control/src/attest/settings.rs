@@ -100,7 +100,7 @@ impl K8sSettings {
                 K8sKeySource::File(file)
             }
             (None, Some(url)) => {
-                let url = JwksUrl::parse(&url)
+                let url = jwks_url::parse_url(&url)
                     .map_err(|e| ConfigError::invalid("k8s_jwks_url", e.to_string()))?;
                 let refresh = refresh.unwrap_or(jwks_url::DEFAULT_REFRESH);
                 if refresh < jwks_url::MIN_REFRESH {

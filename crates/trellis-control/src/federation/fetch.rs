@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{header, Request, StatusCode, Uri};
+use http::{header, Request, StatusCode};
 use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
@@ -85,57 +85,12 @@ impl Profile {
     }
 }
 
-/// An `https://host[:port]/path` bundle endpoint URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EndpointUrl {
-    url: String,
-    host: String,
-    port: u16,
-    authority: String,
-    path: String,
-}
+/// A bundle endpoint URL: an [`HttpsUrl`](crate::https_url::HttpsUrl).
+pub type EndpointUrl = crate::https_url::HttpsUrl;
 
-impl EndpointUrl {
-    /// Parses `url`: `https` only, a host, no user information.
-    pub fn parse(url: &str) -> Result<Self, String> {
-        let uri: Uri = url
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| e.to_string())?;
-        if uri.scheme_str() != Some("https") {
-            return Err(format!(
-                "`{url}` must be an https:// URL, e.g. https://cp.b.org:8443"
-            ));
-        }
-        let authority = uri
-            .authority()
-            .ok_or_else(|| format!("`{url}` has no host"))?;
-        if authority.as_str().contains('@') {
-            return Err(format!("`{url}` must not carry user information"));
-        }
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let path = uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .filter(|p| !p.is_empty())
-            .unwrap_or("/")
-            .to_owned();
-        Ok(Self {
-            url: url.to_owned(),
-            host,
-            port: authority.port_u16().unwrap_or(443),
-            authority: authority.as_str().to_owned(),
-            path,
-        })
-    }
-
-    /// The URL as given.
-    pub fn as_str(&self) -> &str {
-        &self.url
-    }
+/// Parses and checks a bundle endpoint URL; the error names it.
+pub fn parse_endpoint_url(url: &str) -> Result<EndpointUrl, String> {
+    EndpointUrl::parse(url, "https://cp.b.org:8443").map_err(|problem| format!("`{url}` {problem}"))
 }
 
 /// Fetches and parses `url`'s bundle document for `td`. `current` is the foreign bundle in
@@ -203,7 +158,7 @@ async fn fetch_inner(
         .await
         .map_err(http_err)?;
     let conn = tokio::spawn(conn);
-    let request = Request::get(url.path.as_str())
+    let request = Request::get(url.path_and_query.as_str())
         .header(header::HOST, url.authority.as_str())
         .header(header::ACCEPT, "application/json")
         .body(Empty::<Bytes>::new())

@@ -29,7 +29,7 @@ use trellis_serve::time::unix_seconds;
 
 use crate::metrics::ControlMetrics;
 use crate::registry::Registry;
-use fetch::{EndpointUrl, Profile};
+use fetch::{parse_endpoint_url, EndpointUrl, Profile};
 
 /// How often the config file is looked at for a changed `federation:` list.
 pub const RELOAD_POLL: Duration = Duration::from_secs(1);
@@ -102,7 +102,7 @@ pub fn relationships(
                 format!("`{trust_domain}` is listed twice: one relationship per trust domain"),
             ));
         }
-        let url = EndpointUrl::parse(&f.bundle_endpoint_url)
+        let url = parse_endpoint_url(&f.bundle_endpoint_url)
             .map_err(|e| ConfigError::invalid(field("bundle_endpoint_url"), e))?;
         let profile = match f.profile {
             ProfileName::HttpsSpiffe => {

@@ -203,10 +203,25 @@ fn plan(rows: &[JwtKeyRow], now_ms: i64, policy: JwtKeyPolicy) -> Plan {
     }
 }
 
+/// Where new JWT-SVID keys are made when the CA key lives in a PKCS#11 token: the same token,
+/// so no private key of the control plane is ever on its disk or in its database.
+#[derive(Clone, Debug)]
+pub struct JwtKeyToken {
+    /// Opens the keys.
+    pub keyring: crate::keys::Keyring,
+    /// The token's label (`None`: the module's only token).
+    pub token: Option<String>,
+}
+
+/// A stored key that is a PKCS#11 URI rather than PKCS#8 (the row's `pkcs8` column holds
+/// the URI's text, which starts with this).
+const TOKEN_KEY_PREFIX: &[u8] = b"pkcs11:";
+
 /// The keys in force, refreshed from the registry: the signer, and the bundle as a watch
 /// (every change is pushed to `WatchJwtBundle` streams).
 pub struct JwtKeys {
     registry: Arc<Registry>,
+    token: Option<JwtKeyToken>,
     policy: JwtKeyPolicy,
     trust_domain: TrustDomain,
     signer: ArcSwapOption<JwtSigner>,
@@ -224,9 +239,21 @@ impl JwtKeys {
         policy: JwtKeyPolicy,
         metrics: Arc<ControlMetrics>,
     ) -> Result<Arc<Self>, JwtKeyError> {
+        Self::load_with_token(registry, trust_domain, policy, metrics, None)
+    }
+
+    /// [`JwtKeys::load`], making new keys inside `token` when given.
+    pub fn load_with_token(
+        registry: Arc<Registry>,
+        trust_domain: TrustDomain,
+        policy: JwtKeyPolicy,
+        metrics: Arc<ControlMetrics>,
+        token: Option<JwtKeyToken>,
+    ) -> Result<Arc<Self>, JwtKeyError> {
         let (bundle, _) = watch::channel(Arc::new(JwtBundle::new(trust_domain.clone(), vec![])));
         let keys = Arc::new(Self {
             registry,
+            token,
             policy,
             trust_domain,
             signer: ArcSwapOption::empty(),
@@ -260,7 +287,7 @@ impl JwtKeys {
         let mut rows = self.registry.jwt_keys()?;
         let mut p = plan(&rows, now_ms, self.policy);
         if let Some((from, until)) = p.create {
-            let (signer, pkcs8) = JwtSigner::generate()?;
+            let (signer, pkcs8) = self.generate(from)?;
             let row = JwtKeyRow {
                 kid: signer.kid().to_owned(),
                 pkcs8,
@@ -291,7 +318,7 @@ impl JwtKeys {
             if let Some(s) = parsed.get(&row.kid) {
                 return Ok(Arc::clone(s));
             }
-            let s = JwtSigner::from_pkcs8(&row.pkcs8).map_err(|e| match e {
+            let s = self.open(&row.pkcs8).map_err(|e| match e {
                 JwtKeyError::BadKey { problem, .. } => JwtKeyError::BadKey {
                     kid: row.kid.clone(),
                     problem,
@@ -335,6 +362,48 @@ impl JwtKeys {
             self.signer.store(signer);
         }
         Ok(())
+    }
+
+    /// A new key for the window starting at `from_ms`: inside the token when there is one
+    /// (what is stored is then its URI), else in memory (stored as PKCS#8).
+    fn generate(&self, from_ms: i64) -> Result<(JwtSigner, Zeroizing<Vec<u8>>), JwtKeyError> {
+        let Some(t) = &self.token else {
+            return JwtSigner::generate();
+        };
+        let ring = t.keyring.pkcs11().ok_or_else(|| {
+            JwtKeyError::Sign("a PKCS#11 token is configured but no module is loaded".into())
+        })?;
+        // Unique per window and per replica: racing replicas each make one; the registry
+        // keeps the first, and the other stays unused in the token.
+        let mut suffix = [0u8; 4];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut suffix);
+        let label = format!("trellis-jwt-{from_ms}-{}", hex::encode(suffix));
+        let key = ring
+            .generate(t.token.as_deref(), &label)
+            .map_err(|e| JwtKeyError::Sign(format!("JWT-SVID key in the token: {e}")))?;
+        let stored = Zeroizing::new(key.uri().to_string().into_bytes());
+        let signer = JwtSigner::from_key(crate::keys::SigningKey::token(key))?;
+        Ok((signer, stored))
+    }
+
+    /// Opens a stored key: PKCS#8, or the URI of a key in the token.
+    fn open(&self, stored: &[u8]) -> Result<JwtSigner, JwtKeyError> {
+        if !stored.starts_with(TOKEN_KEY_PREFIX) {
+            return JwtSigner::from_pkcs8(stored);
+        }
+        let bad = |problem: String| JwtKeyError::BadKey {
+            kid: String::new(),
+            problem,
+        };
+        let text = std::str::from_utf8(stored).map_err(|e| bad(e.to_string()))?;
+        let uri = crate::keys::Pkcs11Uri::parse(text).map_err(|e| bad(e.to_string()))?;
+        let keyring = self.token.as_ref().map(|t| &t.keyring).ok_or_else(|| {
+            bad(format!(
+                "stored as the token key `{uri}`: start the control plane with --pkcs11-module and --pkcs11-pin-file"
+            ))
+        })?;
+        let key = keyring.token_key(&uri).map_err(|e| bad(e.to_string()))?;
+        JwtSigner::from_key(key)
     }
 
     /// Refreshes every `every` until `shutdown`; a failed refresh keeps the keys in force.

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_FIXED};
@@ -349,4 +349,51 @@ fn token_key_signs_jwt_svids() {
     )
     .unwrap();
     assert_eq!(valid.spiffe_id, subject);
+}
+
+/// With the CA key in a token, JWT-SVID keys are made in the token too: the registry holds
+/// only their URIs, and the signer they open signs tokens that validate.
+#[test]
+fn jwt_keys_are_made_in_the_token_and_stored_as_uris() {
+    let Some(h) = hsm() else { return };
+    let ring = ring(h, &h.pin_file, Counter::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Arc::new(crate::registry::Registry::open(&dir.path().join("t.db")).unwrap());
+    let td = TrustDomain::parse("example.org").unwrap();
+    let keys = crate::jwt::JwtKeys::load_with_token(
+        Arc::clone(&registry),
+        td.clone(),
+        crate::jwt::JwtKeyPolicy {
+            rotate_every: Duration::from_secs(3600),
+            token_ttl: Duration::from_secs(300),
+        },
+        Arc::new(crate::metrics::ControlMetrics::new()),
+        Some(crate::jwt::keys::JwtKeyToken {
+            keyring: Keyring::with_pkcs11(ring),
+            token: Some(MAIN.to_owned()),
+        }),
+    )
+    .unwrap();
+    let rows = registry.jwt_keys().unwrap();
+    assert_eq!(rows.len(), 1);
+    let stored = String::from_utf8(rows[0].pkcs8.to_vec()).unwrap();
+    assert!(
+        stored.starts_with("pkcs11:token=trellis-main;object=trellis-jwt-"),
+        "{stored}"
+    );
+    let signer = keys.signer().unwrap();
+    let subject = SpiffeId::parse("spiffe://example.org/web").unwrap();
+    let now = SystemTime::now();
+    let audiences = vec!["db".to_owned()];
+    let token = signer
+        .sign(&trellis_identity::jwt::NewJwtSvid {
+            subject: &subject,
+            audiences: &audiences,
+            issued_at: now,
+            expires_at: now + Duration::from_secs(300),
+        })
+        .unwrap();
+    let bundle = keys.subscribe().borrow().clone();
+    trellis_identity::jwt::validate(&token, &bundle, Some("db"), now, Duration::from_secs(30))
+        .unwrap();
 }

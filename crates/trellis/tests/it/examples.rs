@@ -16,7 +16,8 @@ fn example(name: &str) -> (PathBuf, String) {
     (path, text)
 }
 
-/// `# key: value` lines (a lowercase key, as opposed to prose) lose their `# `.
+/// `# key: value` and `# - key: value` lines (a lowercase key, as opposed to prose) lose
+/// their `# `.
 fn with_comments_enabled(text: &str) -> String {
     text.lines()
         .map(|line| match line.strip_prefix("# ") {
@@ -28,7 +29,9 @@ fn with_comments_enabled(text: &str) -> String {
 }
 
 fn is_setting(line: &str) -> bool {
+    // A list item's first key (`- trust_domain: b.org`) counts too.
     let key = line.trim_start();
+    let key = key.strip_prefix("- ").unwrap_or(key);
     let Some((name, _)) = key.split_once(':') else {
         return false;
     };
