@@ -422,3 +422,96 @@ async fn sidecars_witness_the_log_and_alarm_on_a_rollback() -> anyhow::Result<()
     })
     .await
 }
+
+/// Two control planes of one trust domain forced into a fork: the second runs on a copy of
+/// the first's state taken earlier (same CA, same log key), and both go on issuing, so their
+/// logs share a prefix and then differ. A sidecar that witnessed the first one's longer
+/// history is then served by the second, whose log is larger still: no consistency proof can
+/// connect the two, and the sidecar names it a fork (not a rollback), still serving traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_name_a_fork_between_two_control_planes() -> anyhow::Result<()> {
+    e2e(async {
+        let opts = ControlPlaneOpts {
+            svid_ttl: Some("1h".into()),
+            rotate_every: Some("1s".into()),
+            ..Default::default()
+        };
+        let mut mesh = trellis_tests::mesh::Mesh::start(trellis_tests::mesh::MeshOpts {
+            control: opts.clone(),
+            ..Default::default()
+        })
+        .await?;
+        eventually(WAIT, "B witnesses a head", || async {
+            let n = witnessed(&mesh.b).await?;
+            ensure!(n > 0, "nothing witnessed yet");
+            Ok(n)
+        })
+        .await?;
+
+        // The fork point: a copy of the state, taken with the first control plane stopped.
+        let stopped = mesh.cp.kill();
+        let fork_dir = tempfile::tempdir()?;
+        let copy = Command::new("cp")
+            .arg("-a")
+            .arg(stopped.dir.path().join("state"))
+            .arg(fork_dir.path().join("state"))
+            .status()?;
+        ensure!(copy.success(), "cp -a of the state directory failed");
+        mesh.cp = stopped.start_again()?;
+        let fork_size = json(&mesh.cp, "/log/sth").await?["tree_size"].as_u64().unwrap_or(0);
+        let seen = eventually(WAIT, "B witnesses the first history growing", || async {
+            let n = witnessed(&mesh.b).await?;
+            ensure!(n >= fork_size + 4, "witnessed {n}, fork at {fork_size}");
+            Ok(n)
+        })
+        .await?;
+
+        // The second control plane grows its own history past what B has seen.
+        let second = ControlPlane::start_in(fork_dir, opts)?;
+        let mut grown = 0;
+        for i in 0..64 {
+            let token = second.create_token(&format!("spiffe://example.org/ns/fork/sa/w{i}"), "10m")?;
+            fetch_svid(&second, &token).await?;
+            grown = head_of_at_least(&second, 0).await?["tree_size"].as_u64().unwrap_or(0);
+            if grown > seen + 2 {
+                break;
+            }
+        }
+        ensure!(grown > seen + 2, "the second control plane's log reached only {grown}");
+
+        // B's control plane address now leads to the second one.
+        let first = mesh.cp.kill();
+        let second = second.kill();
+        mesh.cp = trellis_tests::StoppedControlPlane {
+            dir: second.dir,
+            opts: second.opts,
+            sds_addr: first.sds_addr,
+            admin_addr: first.admin_addr,
+        }
+        .start_again()?;
+        let forks = eventually(WAIT, "B names the fork", || async {
+            let n = witness_alarms(&mesh.b, "fork").await?;
+            ensure!(n > 0.0, "no fork alarm yet");
+            Ok(n)
+        })
+        .await?;
+        let rollbacks = witness_alarms(&mesh.b, "rollback").await?;
+        let ready = mesh.b.admin_get("/ready").await?;
+        ensure!(ready.status == 200 && ready.text().contains("(fork)"), "/ready: {} {}", ready.status, ready.text());
+        let reply = trellis_tests::app_client::get_once(
+            mesh.a.outbound(),
+            trellis_tests::app_client::Proto::H1,
+            "b",
+            "/after-fork",
+            &[],
+        )
+        .await?;
+        ensure!(reply.status == 200, "traffic after the fork alarm: {}", reply.summary());
+        println!(
+            "[log] fork at {fork_size} entries; B had witnessed {seen} of the first history, the second reached {grown}: {forks} fork alarm(s), {rollbacks} rollback alarm(s), /ready 200 with the warning, traffic unaffected"
+        );
+        drop(first);
+        Ok(())
+    })
+    .await
+}
