@@ -289,6 +289,18 @@ impl Sidecar {
             .to_owned())
     }
 
+    /// Waits up to `within` for it to present an SVID other than serial `old`; returns it.
+    pub async fn next_svid_serial(&self, old: &str, within: Duration) -> anyhow::Result<String> {
+        eventually(within, "a new SVID", || async {
+            let s = self.svid_serial().await?;
+            if s == old {
+                bail!("still {s}");
+            }
+            Ok(s)
+        })
+        .await
+    }
+
     /// `/metrics`, parsed.
     pub async fn metrics(&self) -> anyhow::Result<Metrics> {
         let r = self.admin_get("/metrics").await?;

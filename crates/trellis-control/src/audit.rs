@@ -114,9 +114,9 @@ impl AuditLog {
         // A line appended to a file that is no longer at `path` (state directory removed,
         // renamed or unmounted) is a line nobody will ever read: refuse it, so the issuance
         // it records is refused too. One stat per line, beside a ~70 µs signature.
-        let same = match (&open, std::fs::metadata(&self.path)) {
-            (Ok(o), Ok(p)) => o.dev() == p.dev() && o.ino() == p.ino(),
-            _ => false,
+        let same = match &open {
+            Ok(o) => crate::state_dir::file_id(&self.path) == Some((o.dev(), o.ino())),
+            Err(_) => false,
         };
         if !same {
             return Err(std::io::Error::new(

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 /// A wall-clock jump smaller than this is not one: the same 60 s every `notBefore` is
 /// backdated by, so a certificate signed across such a step is still valid everywhere.
-pub const ALLOWANCE: Duration = Duration::from_secs(60);
+pub const ALLOWANCE: Duration = crate::ca::CLOCK_SKEW;
 
 /// How long a jump must stand before it is accepted as the new time. Shorter than any sane
 /// rotation margin (clients rotate at half their SVID's life), so a refused window costs no

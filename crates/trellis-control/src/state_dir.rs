@@ -64,6 +64,13 @@ pub fn write_public_pem(path: &Path, pem: &str, what: &str) -> Result<(), StateD
         .map_err(|e| StateDirError::new(path, format!("cannot write {what}: {e}")))
 }
 
+/// (device, inode) of the file at `path`, if there is one: which file a path names, to tell
+/// whether it is still the one a process opened.
+pub(crate) fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -46,7 +46,9 @@ pub(crate) fn verify_leaf(
     // its own domain's bundle, so `spiffe://a.org/...` must chain to a.org's CAs and never to
     // b.org's. A leaf of an untrusted domain (or no SPIFFE ID) is judged against the own
     // bundle, which refuses it exactly as without federation.
-    let bundle = match facts.leaf_spiffe_id() {
+    // Parsed once per handshake: it picks the bundle here and is checked below.
+    let leaf_id = facts.leaf_spiffe_id();
+    let bundle = match &leaf_id {
         Ok(id) if bundle.is_federated() => {
             bundle.for_domain(id.trust_domain_name()).unwrap_or(bundle)
         }
@@ -89,7 +91,7 @@ pub(crate) fn verify_leaf(
     verified.map_err(|e| webpki_error(e, usage, &facts, bundle))?;
 
     // The SVID rules run even when webpki is satisfied: webpki knows nothing of SPIFFE.
-    let id = facts.leaf_spiffe_id()?;
+    let id = leaf_id?;
     // SPIFFE-ID 3: "An SVID is considered valid if it has been signed by an authority within the
     // SPIFFE ID's trust domain." The bundle holds exactly the authorities of its trust domain.
     if !id.is_member_of(bundle.trust_domain()) {

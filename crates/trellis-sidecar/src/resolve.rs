@@ -2,7 +2,8 @@
 //!
 //! The system resolver says nothing about a record's TTL, so each answer is reused for a
 //! configured bound (`outbound.resolve_ttl`, 10 s by default): a Service that moves is found
-//! again within it, and a burst of new connections costs one lookup. A failed lookup is
+//! again within it, and new connections after the first lookup cost none (concurrent misses
+//! of one name each look it up: they are not merged). A failed lookup is
 //! remembered for [`NEGATIVE_TTL`] only, so a Service created a moment ago is found soon. The
 //! cache holds at most `max_names` names; when full, expired entries go first, then the one
 //! closest to expiry. Only connection setup resolves: a request on a pooled connection never

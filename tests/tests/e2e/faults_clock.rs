@@ -215,15 +215,11 @@ async fn control_plane_clock_jump_is_not_signed_into_certificates() -> anyhow::R
         std::fs::write(&offset_file, "+0\n")?;
         let back = Instant::now();
         load.end(event);
-        let resumed = eventually(Duration::from_secs(30), "B rotates once the clock is back", || async {
-            let s = mesh.b.svid_serial().await?;
-            if s != held {
-                Ok(back.elapsed())
-            } else {
-                bail!("still {s}")
-            }
-        })
-        .await?;
+        mesh.b
+            .next_svid_serial(&held, Duration::from_secs(30))
+            .await
+            .context("B rotates once the clock is back")?;
+        let resumed = back.elapsed();
         eventually(Duration::from_secs(30), "the new workload joins", || async {
             fetch_svid(&mesh.cp, &token).await.map(|_| ())
         })

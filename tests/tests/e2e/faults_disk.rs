@@ -157,15 +157,12 @@ async fn full_state_disk_refuses_unrecorded_issuance_and_recovers() -> anyhow::R
         let freed = Instant::now();
         load.end(event);
         let serial_full = mesh.b.svid_serial().await?;
-        let rotated_after = eventually(Duration::from_secs(30), "B rotates once space returns", || async {
-            let s = mesh.b.svid_serial().await?;
-            if s != serial_full {
-                Ok((s, freed.elapsed()))
-            } else {
-                bail!("still {s}")
-            }
-        })
-        .await?;
+        let rotated_after = mesh
+            .b
+            .next_svid_serial(&serial_full, Duration::from_secs(30))
+            .await
+            .map(|s| (s, freed.elapsed()))
+            .context("B rotates once space returns")?;
         presented.insert(rotated_after.0.clone());
         let joined_after = eventually(Duration::from_secs(30), "the new workload joins", || async {
             fetch_svid(&mesh.cp, &token).await.map(|_| freed.elapsed())
@@ -268,15 +265,12 @@ async fn vanished_state_directory_refuses_issuance_and_recovers() -> anyhow::Res
         let back = Instant::now();
         load.end(event);
         let serial_gone = mesh.b.svid_serial().await?;
-        let rotated = eventually(Duration::from_secs(30), "B rotates once the directory is back", || async {
-            let s = mesh.b.svid_serial().await?;
-            if s != serial_gone {
-                Ok((s, back.elapsed()))
-            } else {
-                bail!("still {s}")
-            }
-        })
-        .await?;
+        let rotated = mesh
+            .b
+            .next_svid_serial(&serial_gone, Duration::from_secs(30))
+            .await
+            .map(|s| (s, back.elapsed()))
+            .context("B rotates once the directory is back")?;
         presented.insert(rotated.0.clone());
         eventually(Duration::from_secs(30), "the token refused meanwhile joins", || async {
             fetch_svid(&mesh.cp, &token).await.map(|_| ())

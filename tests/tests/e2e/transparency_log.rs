@@ -335,6 +335,35 @@ async fn witnessed(s: &trellis_tests::sidecar::Sidecar) -> anyhow::Result<u64> {
         .unwrap_or(0))
 }
 
+/// B, alarmed, stays ready with `alarm` in its `/ready` body, and A → B still works.
+async fn still_serving_with_the_alarm(
+    mesh: &trellis_tests::mesh::Mesh,
+    alarm: &str,
+    path: &str,
+) -> anyhow::Result<()> {
+    let ready = mesh.b.admin_get("/ready").await?;
+    ensure!(
+        ready.status == 200 && ready.text().contains(alarm),
+        "an alarm must not take the sidecar out, and /ready must carry it ({alarm}): {} {}",
+        ready.status,
+        ready.text()
+    );
+    let reply = trellis_tests::app_client::get_once(
+        mesh.a.outbound(),
+        trellis_tests::app_client::Proto::H1,
+        "b",
+        path,
+        &[],
+    )
+    .await?;
+    ensure!(
+        reply.status == 200,
+        "traffic after the alarm: {}",
+        reply.summary()
+    );
+    Ok(())
+}
+
 /// Every sidecar is a witness: with each SDS update it gets the latest signed head and checks
 /// it extends the last one it accepted. The control plane is then rolled back to a copy of
 /// its state directory taken earlier (a restored backup: everything issued since is gone from
@@ -399,22 +428,7 @@ async fn sidecars_witness_the_log_and_alarm_on_a_rollback() -> anyhow::Result<()
             Ok(n)
         })
         .await?;
-        let ready = mesh.b.admin_get("/ready").await?;
-        ensure!(ready.status == 200, "an alarm must not take the sidecar out: /ready {}", ready.status);
-        ensure!(
-            ready.text().contains("warning: transparency log alarm"),
-            "/ready must carry the alarm: {}",
-            ready.text()
-        );
-        let reply = trellis_tests::app_client::get_once(
-            mesh.a.outbound(),
-            trellis_tests::app_client::Proto::H1,
-            "b",
-            "/after-rollback",
-            &[],
-        )
-        .await?;
-        ensure!(reply.status == 200, "traffic after the alarm: {}", reply.summary());
+        still_serving_with_the_alarm(&mesh, "warning: transparency log alarm", "/after-rollback").await?;
         println!(
             "[log] B witnessed heads up to {grown} entries with no alarm; after the control plane was restored from a backup of {backed_up} entries: {alarm} alarm(s), /ready 200 with the warning, traffic unaffected"
         );
@@ -496,17 +510,7 @@ async fn sidecars_name_a_fork_between_two_control_planes() -> anyhow::Result<()>
         })
         .await?;
         let rollbacks = witness_alarms(&mesh.b, "rollback").await?;
-        let ready = mesh.b.admin_get("/ready").await?;
-        ensure!(ready.status == 200 && ready.text().contains("(fork)"), "/ready: {} {}", ready.status, ready.text());
-        let reply = trellis_tests::app_client::get_once(
-            mesh.a.outbound(),
-            trellis_tests::app_client::Proto::H1,
-            "b",
-            "/after-fork",
-            &[],
-        )
-        .await?;
-        ensure!(reply.status == 200, "traffic after the fork alarm: {}", reply.summary());
+        still_serving_with_the_alarm(&mesh, "(fork)", "/after-fork").await?;
         println!(
             "[log] fork at {fork_size} entries; B had witnessed {seen} of the first history, the second reached {grown}: {forks} fork alarm(s), {rollbacks} rollback alarm(s), /ready 200 with the warning, traffic unaffected"
         );

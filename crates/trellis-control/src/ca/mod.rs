@@ -35,7 +35,7 @@ mod material;
 mod server_cert;
 
 /// Backdating of notBefore, so a peer whose clock is a little behind accepts a fresh cert.
-const CLOCK_SKEW: Duration = Duration::from_secs(60);
+pub(crate) const CLOCK_SKEW: Duration = Duration::from_secs(60);
 
 /// CA setup and issuance failures; each names the file and what to do.
 #[derive(Debug, Error)]

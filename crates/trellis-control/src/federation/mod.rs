@@ -407,11 +407,10 @@ impl Federation {
             tracing::info!(trust_domain = %td, url = d.rel.url.as_str(), profile = d.rel.profile.as_str(), source = d.source, "federation relationship in force");
             domains.insert(td, d);
         }
+        // What is left was taken out of the new list's way above: removed relationships.
         for td in self.domains.keys() {
             tracing::info!(trust_domain = %td, "federation relationship removed");
-            if !domains.contains_key(td) {
-                self.metrics.forget_federated_bundle(td.as_str());
-            }
+            self.metrics.forget_federated_bundle(td.as_str());
         }
         self.domains = domains;
     }

@@ -50,6 +50,9 @@ pub enum JwtKeyError {
     /// Signing failed.
     #[error("cannot sign a JWT-SVID: {0}")]
     Sign(String),
+    /// A new signing key could not be made.
+    #[error("cannot create a JWT-SVID signing key: {0}")]
+    Generate(String),
     /// The registry could not be read or written.
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -74,7 +77,7 @@ impl JwtSigner {
     pub fn generate() -> Result<(Self, Zeroizing<Vec<u8>>), JwtKeyError> {
         let pkcs8 =
             EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
-                .map_err(|e| JwtKeyError::Sign(format!("key generation: {e}")))?;
+                .map_err(|e| JwtKeyError::Generate(e.to_string()))?;
         let pkcs8 = Zeroizing::new(pkcs8.as_ref().to_vec());
         let signer = Self::from_pkcs8(&pkcs8).map_err(|e| JwtKeyError::Sign(e.to_string()))?;
         Ok((signer, pkcs8))
@@ -371,16 +374,18 @@ impl JwtKeys {
             return JwtSigner::generate();
         };
         let ring = t.keyring.pkcs11().ok_or_else(|| {
-            JwtKeyError::Sign("a PKCS#11 token is configured but no module is loaded".into())
+            JwtKeyError::Generate(
+                "the CA key is in a PKCS#11 token but no module is loaded: pass --pkcs11-module and --pkcs11-pin-file".into(),
+            )
         })?;
         // Unique per window and per replica: racing replicas each make one; the registry
         // keeps the first, and the other stays unused in the token.
         let mut suffix = [0u8; 4];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut suffix);
         let label = format!("trellis-jwt-{from_ms}-{}", hex::encode(suffix));
-        let key = ring
-            .generate(t.token.as_deref(), &label)
-            .map_err(|e| JwtKeyError::Sign(format!("JWT-SVID key in the token: {e}")))?;
+        let key = ring.generate(t.token.as_deref(), &label).map_err(|e| {
+            JwtKeyError::Generate(format!("in the PKCS#11 token, as `{label}`: {e}"))
+        })?;
         let stored = Zeroizing::new(key.uri().to_string().into_bytes());
         let signer = JwtSigner::from_key(crate::keys::SigningKey::token(key))?;
         Ok((signer, stored))
@@ -397,11 +402,9 @@ impl JwtKeys {
         };
         let text = std::str::from_utf8(stored).map_err(|e| bad(e.to_string()))?;
         let uri = crate::keys::Pkcs11Uri::parse(text).map_err(|e| bad(e.to_string()))?;
-        let keyring = self.token.as_ref().map(|t| &t.keyring).ok_or_else(|| {
-            bad(format!(
-                "stored as the token key `{uri}`: start the control plane with --pkcs11-module and --pkcs11-pin-file"
-            ))
-        })?;
+        // Without a module, the keyring's own error names the URI and the flags to pass.
+        let no_module = crate::keys::Keyring::default();
+        let keyring = self.token.as_ref().map_or(&no_module, |t| &t.keyring);
         let key = keyring.token_key(&uri).map_err(|e| bad(e.to_string()))?;
         JwtSigner::from_key(key)
     }

@@ -119,38 +119,52 @@ impl JwtSvidService for JwtService {
             return Err(self.refuse("clock_jump", Status::unavailable(jump.to_string())));
         }
         let expires = now + self.keys.token_ttl();
-        let token = signer
-            .sign(&NewJwtSvid {
-                subject: &id,
-                audiences: &audiences,
-                issued_at: now,
+        // Signing (a PKCS#11 token may be slow or retrying) and the audit write block: off the
+        // async workers, as for X.509-SVIDs.
+        let audit = Arc::clone(&self.audit);
+        let key = Arc::clone(&signer);
+        let minted = tokio::task::spawn_blocking(move || {
+            let token = key
+                .sign(&NewJwtSvid {
+                    subject: &id,
+                    audiences: &audiences,
+                    issued_at: now,
+                    expires_at: expires,
+                })
+                .map_err(MintFail::Sign)?;
+            // Audit completeness beats availability, as for X.509-SVIDs: no token leaves
+            // without its line. The line names the token by kid and expiry, never carries it.
+            let event = AuditEvent::JwtIssued {
+                spiffe_id: id.to_string(),
+                audiences: audiences.clone(),
+                kid: key.kid().to_owned(),
                 expires_at: expires,
-            })
-            .map_err(|e| {
+                peer,
+            };
+            audit.record(&event, now).map_err(MintFail::Audit)?;
+            Ok((token, id, audiences))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("JWT-SVID issuance task failed: {e}")))?;
+        let (token, id, audiences) = match minted {
+            Ok(m) => m,
+            Err(MintFail::Sign(e)) => {
                 tracing::error!(error = %e, "cannot sign a JWT-SVID");
-                self.refuse(
+                return Err(self.refuse(
                     "sign",
                     Status::internal("cannot sign; see control plane logs"),
-                )
-            })?;
-        // Audit completeness beats availability, as for X.509-SVIDs: no token leaves without
-        // its line. The line names the token by kid and expiry, never carries it.
-        let event = AuditEvent::JwtIssued {
-            spiffe_id: id.to_string(),
-            audiences: audiences.clone(),
-            kid: signer.kid().to_owned(),
-            expires_at: expires,
-            peer,
+                ));
+            }
+            Err(MintFail::Audit(e)) => {
+                self.metrics.audit_write_errors.inc();
+                let why = format!(
+                    "cannot record the JWT-SVID issuance in the audit log {}: {e}; no token is handed out without its record",
+                    self.audit.path().display()
+                );
+                tracing::error!("{why}");
+                return Err(self.refuse("audit_write", Status::unavailable(why)));
+            }
         };
-        if let Err(e) = self.audit.record(&event, now) {
-            self.metrics.audit_write_errors.inc();
-            let why = format!(
-                "cannot record the JWT-SVID issuance in the audit log {}: {e}; no token is handed out without its record",
-                self.audit.path().display()
-            );
-            tracing::error!(spiffe_id = %id, "{why}");
-            return Err(self.refuse("audit_write", Status::unavailable(why)));
-        }
         self.metrics.jwt_svids_issued.inc();
         tracing::info!(spiffe_id = %id, kid = signer.kid(), audiences = ?audiences, peer = peer.map(tracing::field::display), "issued JWT-SVID");
         Ok(Response::new(MintJwtSvidResponse {
@@ -188,4 +202,10 @@ impl JwtSvidService for JwtService {
         );
         Ok(Response::new(Box::pin(stream)))
     }
+}
+
+/// Why minting failed after the checks: signing, or recording it.
+enum MintFail {
+    Sign(JwtKeyError),
+    Audit(std::io::Error),
 }

@@ -146,11 +146,7 @@ pub struct Registry {
     file_id: Option<(u64, u64)>,
 }
 
-/// (device, inode) of the file at `path`, if there is one.
-fn file_id(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt as _;
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
-}
+use crate::state_dir::file_id;
 
 impl Registry {
     /// Opens (creating with mode 0600 and migrating) the SQLite database at `path`.
@@ -303,9 +299,7 @@ impl Registry {
         fetched_at: SystemTime,
     ) -> Result<(), RegistryError> {
         let seq = i64::try_from(sequence).unwrap_or(i64::MAX);
-        let ms = fetched_at
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let ms = unix_ms(fetched_at);
         match &self.backend {
             Backend::Sqlite(s) => s.store_federated_bundle(td.as_str(), seq, bundle_pem, ms),
             Backend::Postgres(p) => p.store_federated_bundle(td.as_str(), seq, bundle_pem, ms),
@@ -414,8 +408,7 @@ impl Registry {
     }
 }
 
-/// Lowercase hex SHA-256 of a verifier: the only form of it stored. On the stack, so a
-/// redemption allocates nothing for it.
+/// Now, unix milliseconds (log entry and CA phase times).
 fn now_ms() -> u64 {
     u64::try_from(unix_ms(SystemTime::now())).unwrap_or(0)
 }
@@ -542,6 +535,8 @@ impl Registry {
     }
 }
 
+/// Lowercase hex SHA-256 of a verifier: the only form of it stored. On the stack, so a
+/// redemption allocates nothing for it.
 fn verifier_hash(verifier: &str) -> [u8; 64] {
     let mut out = [0u8; 64];
     // Cannot fail: 32 bytes always encode to exactly 64 hex digits.

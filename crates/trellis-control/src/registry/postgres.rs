@@ -527,10 +527,7 @@ impl PostgresStore {
             Ok(row.map(|r| FederatedBundleRow {
                 sequence: u64::try_from(r.get::<_, i64>(0)).unwrap_or(0),
                 bundle_pem: r.get(1),
-                fetched_at: std::time::UNIX_EPOCH
-                    + std::time::Duration::from_millis(
-                        u64::try_from(r.get::<_, i64>(2)).unwrap_or(0),
-                    ),
+                fetched_at: from_unix_ms(r.get::<_, i64>(2)),
             }))
         })
     }

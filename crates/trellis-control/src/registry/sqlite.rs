@@ -581,8 +581,7 @@ impl SqliteStore {
         Ok(row.map(|(seq, pem, ms)| FederatedBundleRow {
             sequence: u64::try_from(seq).unwrap_or(0),
             bundle_pem: pem,
-            fetched_at: std::time::UNIX_EPOCH
-                + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0)),
+            fetched_at: from_unix_ms(ms),
         }))
     }
 

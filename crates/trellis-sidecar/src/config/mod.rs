@@ -605,21 +605,15 @@ impl SidecarSettings {
             Some(templates) => Some(default_route(templates, &trust_domain)?),
             None => None,
         };
-        let resolve_ttl = match f.outbound.resolve_ttl {
-            Some(ttl)
-                if ttl < defaults::RESOLVE_TTL_RANGE.0 || ttl > defaults::RESOLVE_TTL_RANGE.1 =>
-            {
-                return Err(invalid(
-                    "outbound.resolve_ttl",
-                    format!(
-                        "{} is out of range: use 1s to 5m",
-                        humantime::format_duration(ttl)
-                    ),
-                ))
-            }
-            Some(ttl) => ttl,
-            None => defaults::RESOLVE_TTL,
-        };
+        let (lo, hi) = defaults::RESOLVE_TTL_RANGE;
+        let resolve_ttl: Duration = trellis_serve::config::within(
+            "outbound.resolve_ttl",
+            f.outbound.resolve_ttl.map(humantime::Duration::from),
+            defaults::RESOLVE_TTL.into(),
+            lo.into(),
+            hi.into(),
+        )?
+        .into();
         let tls_policy = match f.tls_policy.as_deref() {
             None | Some("tls13") => TlsPolicy::Tls13,
             Some("tls12+") => TlsPolicy::Tls12Plus,

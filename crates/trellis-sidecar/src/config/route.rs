@@ -77,13 +77,7 @@ fn pieces(text: &str, allowed: &[Placeholder]) -> Result<Vec<Piece>, String> {
                 out.push(Piece::Text(rest.into()));
                 break;
             }
-            (open, Some(close)) if open.is_none_or(|o| close < o) => {
-                return Err(format!("`{text}`: `}}` without `{{`"));
-            }
-            (Some(open), close) => {
-                let Some(close) = close else {
-                    return Err(format!("`{text}`: `{{` without `}}`"));
-                };
+            (Some(open), Some(close)) if open < close => {
                 if open > 0 {
                     out.push(Piece::Text(rest[..open].into()));
                 }
@@ -99,7 +93,9 @@ fn pieces(text: &str, allowed: &[Placeholder]) -> Result<Vec<Piece>, String> {
                 out.push(Piece::Var(p));
                 rest = &rest[close + 1..];
             }
-            (None, Some(_)) => return Err(format!("`{text}`: `}}` without `{{`")),
+            (Some(_), None) => return Err(format!("`{text}`: `{{` without `}}`")),
+            // A `}` with no `{` before it.
+            (_, Some(_)) => return Err(format!("`{text}`: `}}` without `{{`")),
         }
     }
     Ok(out)

@@ -208,11 +208,6 @@ impl RouteCounters {
         }
     }
 
-    /// The route's name.
-    pub fn route(&self) -> &str {
-        &self.route
-    }
-
     /// Counts a request the route answered with `code`.
     pub fn record(&self, metrics: &SidecarMetrics, code: u16) {
         let Some(i) = (code / 100).checked_sub(1).map(usize::from) else {

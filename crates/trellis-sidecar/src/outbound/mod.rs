@@ -468,15 +468,6 @@ async fn handle(
 }
 
 impl Outbound {
-    fn lookup(&self, host: &str) -> Option<usize> {
-        // Host names are case-insensitive (RFC 9110 4.2.3); the table holds lowercase ones.
-        if host.bytes().any(|b| b.is_ascii_uppercase()) {
-            self.routes.get(&host.to_ascii_lowercase())
-        } else {
-            self.routes.get(host)
-        }
-    }
-
     fn not_found(&self, host: Option<&str>) -> Response<ProxyBody> {
         let mut message = match host {
             Some(host) => format!(
@@ -498,13 +489,20 @@ impl Outbound {
     /// The listed upstream for `host`, else the default route's peer for it; else the answer
     /// the app gets.
     fn route_host(&self, host: &str) -> Result<Arc<HttpUpstream>, NoRoute> {
-        if let Some(u) = self.lookup(host).and_then(|i| self.upstreams.get(i)) {
+        // Host names are case-insensitive (RFC 9110 4.2.3); the tables hold lowercase ones.
+        // Lowercased once, and only when it has to be.
+        let host: std::borrow::Cow<'_, str> = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            host.to_ascii_lowercase().into()
+        } else {
+            host.into()
+        };
+        if let Some(u) = self.routes.get(&host).and_then(|i| self.upstreams.get(i)) {
             return Ok(u.clone());
         }
         let Some(d) = &self.default_route else {
             return Err(NoRoute::Unknown);
         };
-        match d.peer(&host.to_ascii_lowercase()) {
+        match d.peer(&host) {
             Some(Ok(u)) => Ok(u),
             Some(Err(e)) => Err(NoRoute::Broken(e)),
             None => Err(NoRoute::Unknown),
