@@ -227,10 +227,16 @@ WATCHDOG=$!
 declare -A V          # template values
 USED_PORTS=" "
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# Listening ports come from below the kernel's ephemeral range: a port inside it may be held in
+# TIME-WAIT by an earlier client connection of this run (a load point just closed thousands),
+# which the connect probe cannot see and which made HAProxy's bind fail with EADDRINUSE.
+read -r EPHEMERAL_LOW _ </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || EPHEMERAL_LOW=32768
+PORT_LOW=10000
+((EPHEMERAL_LOW > PORT_LOW + 2000)) || PORT_LOW=$((EPHEMERAL_LOW > 3024 ? EPHEMERAL_LOW - 2000 : 1024))
 new_port() {          # new_port NAME: a free loopback port, not handed out before
     local p
     while :; do
-        p=$((20000 + RANDOM % 40000))
+        p=$((PORT_LOW + RANDOM % (EPHEMERAL_LOW - PORT_LOW)))
         [[ "$USED_PORTS" == *" $p "* ]] && continue
         port_free "$p" || continue
         USED_PORTS+="$p "

@@ -7,6 +7,7 @@ use http::{Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -215,10 +216,18 @@ where
             body.as_mut().poll_frame(cx).map(Ok)
         });
         let frame = match stall {
-            Some(bound) => match tokio::time::timeout(bound, next).await {
-                Ok(frame) => frame?,
-                Err(_) => return Err(deadline(send)),
-            },
+            Some(bound) => {
+                // Most frames are already there (a small response arrives with its head): a
+                // first poll without a timer spares each of them a clock read and a timer.
+                let mut next = std::pin::pin!(next);
+                match ready_now(next.as_mut()).await {
+                    Some(frame) => frame?,
+                    None => match tokio::time::timeout(bound, next).await {
+                        Ok(frame) => frame?,
+                        Err(_) => return Err(deadline(send)),
+                    },
+                }
+            }
             None => next.await?,
         };
         let frame = match frame {
@@ -247,10 +256,16 @@ where
                     send.reserve_capacity(data.len());
                     let capacity = std::future::poll_fn(|cx| send.poll_capacity(cx));
                     let capacity = match stall {
-                        Some(bound) => match tokio::time::timeout(bound, capacity).await {
-                            Ok(capacity) => capacity,
-                            Err(_) => return Err(deadline(send)),
-                        },
+                        Some(bound) => {
+                            let mut capacity = std::pin::pin!(capacity);
+                            match ready_now(capacity.as_mut()).await {
+                                Some(capacity) => capacity,
+                                None => match tokio::time::timeout(bound, capacity).await {
+                                    Ok(capacity) => capacity,
+                                    Err(_) => return Err(deadline(send)),
+                                },
+                            }
+                        }
                         None => capacity.await,
                     };
                     let capacity = match capacity {
@@ -280,6 +295,19 @@ where
             }
         }
     }
+}
+
+/// Polls `fut` once: its output if it is ready now, `None` (waker registered) if not.
+async fn ready_now<F: Future + ?Sized>(fut: Pin<&mut F>) -> Option<F::Output> {
+    let mut fut = Some(fut);
+    std::future::poll_fn(|cx| match fut.take() {
+        Some(mut f) => Poll::Ready(match f.as_mut().poll(cx) {
+            Poll::Ready(out) => Some(out),
+            Poll::Pending => None,
+        }),
+        None => Poll::Ready(None),
+    })
+    .await
 }
 
 /// Idle HTTP/1.1 connections kept per pool.

@@ -144,9 +144,8 @@ mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
     use tokio::net::TcpStream;
 
-    #[tokio::test]
-    async fn app_pool_reuses_one_connection_for_sequential_requests() {
-        use http_body_util::BodyExt;
+    /// An app answering `ok` to everything; counts the connections it accepted.
+    async fn app() -> (SocketAddr, Arc<AtomicU64>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicU64::new(0));
@@ -167,34 +166,44 @@ mod tests {
                 });
             }
         });
-        // The requests need an `Incoming` body: make them on a loopback hyper server.
-        let pool = Arc::new(AppPool::new(
-            addr,
-            Duration::from_secs(5),
-            AppProtocol::Http1,
-        ));
+        (addr, accepted)
+    }
+
+    /// A loopback hyper server that sends every request it gets through `pool` (the pool's
+    /// requests need an `Incoming` body).
+    async fn front(pool: Arc<AppPool>) -> SocketAddr {
         let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let front_addr = front.local_addr().unwrap();
-        let p = pool.clone();
         tokio::spawn(async move {
-            let (tcp, _) = front.accept().await.unwrap();
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let p = p.clone();
-                async move {
-                    let r = p.send(req.map(ReqBody::Hyper)).await.unwrap();
-                    Ok::<_, std::convert::Infallible>(r)
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
+            loop {
+                let (tcp, _) = front.accept().await.unwrap();
+                let p = pool.clone();
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let p = p.clone();
+                    async move {
+                        let r = p.send(req.map(ReqBody::Hyper)).await.unwrap();
+                        Ok::<_, std::convert::Infallible>(r)
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
         });
-        let tcp = TcpStream::connect(front_addr).await.unwrap();
+        front_addr
+    }
+
+    /// `requests` sequential GETs on one connection to `front`, each answered `ok`.
+    async fn get_many(front: SocketAddr, requests: usize) {
+        use http_body_util::BodyExt;
+        let tcp = TcpStream::connect(front).await.unwrap();
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
             .await
             .unwrap();
         tokio::spawn(conn);
-        for _ in 0..20 {
+        for _ in 0..requests {
             sender.ready().await.unwrap();
             let req = Request::builder()
                 .uri("/")
@@ -212,7 +221,41 @@ mod tests {
                 .to_bytes();
             assert_eq!(&body[..], b"ok");
         }
+    }
+
+    #[tokio::test]
+    async fn app_pool_reuses_one_connection_for_sequential_requests() {
+        let (addr, accepted) = app().await;
+        let pool = Arc::new(AppPool::new(
+            addr,
+            Duration::from_secs(5),
+            AppProtocol::Http1,
+        ));
+        get_many(front(pool.clone()).await, 20).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         assert_eq!(pool.idle_len(), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_callers_reuse_their_app_connections() {
+        // Each connection is driven by the caller's task (no task of its own): it must still
+        // come back to the pool ready for the next request, or every request would cost a
+        // new connection to the app.
+        let (addr, accepted) = app().await;
+        let pool = Arc::new(AppPool::new(
+            addr,
+            Duration::from_secs(5),
+            AppProtocol::Http1,
+        ));
+        let front = front(pool.clone()).await;
+        let callers: Vec<_> = (0..8)
+            .map(|_| tokio::spawn(get_many(front, 50)))
+            .collect();
+        for caller in callers {
+            caller.await.unwrap();
+        }
+        let opened = accepted.load(Ordering::SeqCst);
+        assert!(opened <= 8, "400 requests from 8 callers opened {opened} app connections");
+        assert_eq!(pool.idle_len() as u64, opened);
     }
 }
