@@ -222,6 +222,23 @@ mod tests {
     }
 
     #[test]
+    fn same_cas_compares_own_and_federated_cas() {
+        let (a, b, c) = (
+            TestCa::root("example.org"),
+            TestCa::root("example.org"),
+            TestCa::root("other.org"),
+        );
+        let ab = TrustBundle::new(td(), vec![a.cert().clone(), b.cert().clone()]).unwrap();
+        assert!(ab.same_cas(&ab.clone()));
+        assert!(!ab.same_cas(&a.bundle()));
+        assert!(!ab.same_cas(&ab.clone().with_federated([c.bundle()])));
+        let fed = ab.clone().with_federated([c.bundle()]);
+        assert!(fed.same_cas(&ab.clone().with_federated([c.bundle()])));
+        let other_c = TestCa::root("other.org");
+        assert!(!fed.same_cas(&ab.with_federated([other_c.bundle()])));
+    }
+
+    #[test]
     fn rejects_empty_bundle() {
         let err = TrustBundle::new(td(), Vec::new()).unwrap_err();
         assert!(matches!(err, SvidError::BadBundle(_)), "{err:?}");

@@ -160,6 +160,14 @@ pub fn leaf_sha256_hex(der: &CertificateDer<'_>) -> String {
     hex::encode(sha2::Sha256::digest(der.as_ref()))
 }
 
+/// SHA-256 of the certificate's SubjectPublicKeyInfo (DER): what the issuance transparency
+/// log records as the certified key.
+pub fn spki_sha256(der: &CertificateDer<'_>) -> Result<[u8; 32], SvidError> {
+    use sha2::Digest;
+    let (_, spki) = parse(der.as_ref())?;
+    Ok(sha2::Sha256::digest(spki).into())
+}
+
 /// `unix` seconds as RFC 3339 UTC (`2026-01-31T12:00:00Z`). Hand-rolled because a peer's
 /// certificate may carry any date from year 0 to 9999, which must print, never panic.
 pub fn rfc3339(unix: i64) -> String {

@@ -20,7 +20,7 @@ pub mod tls;
 mod verify;
 
 pub use bundle::{BundleCaSummary, TrustBundle};
-pub use cert::{cert_facts, leaf_sha256_hex, rfc3339, unix_secs, CertFacts};
+pub use cert::{cert_facts, leaf_sha256_hex, rfc3339, spki_sha256, unix_secs, CertFacts};
 pub use error::{IdError, PemError, SvidError};
 pub use pem::{certs_from_pem, certs_to_pem, key_from_pem, key_to_pem};
 pub use spiffe_id::{SpiffeId, TrustDomain};

@@ -108,6 +108,15 @@ impl SvidStore {
         now: SystemTime,
     ) -> Result<(), UpdateError> {
         self.validate(&svid, &bundle, now)?;
+        // The same certificate and CAs again (a control plane re-sending its state, e.g.
+        // with a transparency-log proof): nothing changes, nothing rotates.
+        if let Some(current) = self.current.load().as_deref() {
+            if current.chain() == svid.chain() && self.bundle.load().same_cas(&bundle) {
+                self.metrics.sds_last_update.set(unix(now));
+                tracing::debug!(serial = svid.serial_hex(), "SDS update unchanged");
+                return Ok(());
+            }
+        }
         let first = self.current.load().is_none();
         self.metrics
             .bundle_expiry
@@ -121,6 +130,7 @@ impl SvidStore {
             self.metrics.svid_rotations.inc();
         }
         tracing::info!(spiffe_id = %svid.spiffe_id(), serial = svid.serial_hex(), "installed SVID");
+        self.log_witness.hold(&svid);
         self.current.store(Some(Arc::new(svid)));
         self.generation.send_modify(|g| *g += 1);
         Ok(())
@@ -450,6 +460,29 @@ mod tests {
             .unwrap();
         assert!(s.is_ready(SystemTime::now(), Duration::ZERO));
         assert_eq!(s.metrics.svid_rotations.get(), 1);
+        assert_eq!(*s.subscribe().borrow(), 2);
+    }
+
+    #[test]
+    fn the_same_svid_and_bundle_again_change_nothing() {
+        let ca = TestCa::root("example.org");
+        let s = store(&ca, None);
+        let svid = ca.svid("/web");
+        let again = Svid::new(svid.chain().to_vec(), svid.key().clone_key()).unwrap();
+        s.install(svid, ca.bundle(), SystemTime::now()).unwrap();
+        s.install(again, ca.bundle(), SystemTime::now()).unwrap();
+        assert_eq!(s.metrics.svid_rotations.get(), 0);
+        assert_eq!(*s.subscribe().borrow(), 1);
+        // A new bundle with the same SVID is an update.
+        let other = TestCa::root("example.org");
+        let both = TrustBundle::new(
+            ca.bundle().trust_domain().clone(),
+            vec![ca.cert().clone(), other.cert().clone()],
+        )
+        .unwrap();
+        let svid = s.current().unwrap();
+        let same = Svid::new(svid.chain().to_vec(), svid.key().clone_key()).unwrap();
+        s.install(same, both, SystemTime::now()).unwrap();
         assert_eq!(*s.subscribe().borrow(), 2);
     }
 

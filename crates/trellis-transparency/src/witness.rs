@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::hash::Hash;
 use crate::head::{b64_hashes, HeadError, LogPublicKey, SignedTreeHead, TreeHead};
+use crate::own::OwnSvidProof;
 use crate::proof::{verify_consistency, ProofError};
 
 /// The SDS resource name under which the control plane serves [`HeadForWitness`] (a
@@ -45,6 +46,10 @@ pub struct HeadForWitness {
     /// Consistency with the size the witness last reported, if it reported one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consistency: Option<ConsistencyFrom>,
+    /// The entry of the SVID the witness reported holding and its inclusion proof against
+    /// `head`, once `head` covers it (control planes that predate it never send it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub own_svid: Option<OwnSvidProof>,
 }
 
 /// What a witness made of one head.
@@ -277,6 +282,7 @@ mod tests {
                     from_size: f,
                     proof: self.tree.consistency_proof(f, size).unwrap(),
                 }),
+                own_svid: None,
             }
         }
     }

@@ -519,3 +519,97 @@ async fn sidecars_name_a_fork_between_two_control_planes() -> anyhow::Result<()>
     })
     .await
 }
+
+/// `trellis_log_own_svid_checks_total{result}` of a sidecar.
+async fn own_svid_checks(s: &trellis_tests::sidecar::Sidecar, result: &str) -> anyhow::Result<f64> {
+    let m = trellis_tests::metrics::Metrics::parse(&s.admin_get("/metrics").await?.text())?;
+    Ok(m.sum_or_zero("trellis_log_own_svid_checks_total", &[("result", result)]))
+}
+
+/// `/certs`' `transparency_log.own_svid.proven_serial` of a sidecar, if any.
+async fn proven_serial(s: &trellis_tests::sidecar::Sidecar) -> anyhow::Result<Option<String>> {
+    let v: Value = serde_json::from_str(&s.admin_get("/certs").await?.text())?;
+    Ok(v["transparency_log"]["own_svid"]["proven_serial"]
+        .as_str()
+        .map(str::to_owned))
+}
+
+/// Each sidecar checks that the SVID it holds is in the log: a second or so after its SVID
+/// arrives (once a signed head covers the entry) the control plane sends the entry and its
+/// inclusion proof, and the sidecar's `/certs` shows its serial proven. Then the control
+/// plane's log is made to lack B's entry: its serial is filed under another SVID issued to
+/// the same identity (a CA that issued B a certificate it did not log, and shows B something
+/// else instead). Restarted on that state, the control plane proves the wrong entry to B,
+/// which raises the `own_svid` alarm and keeps serving; the log itself is intact, so no
+/// witness alarm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_prove_their_own_svid_is_in_the_log() -> anyhow::Result<()> {
+    e2e(async {
+        let mut mesh = trellis_tests::mesh::Mesh::start(trellis_tests::mesh::MeshOpts::default()).await?;
+        let started = std::time::Instant::now();
+        let serial = mesh.b.svid_serial().await?;
+        eventually(WAIT, "B's own SVID proven in the log", || async {
+            let proven = proven_serial(&mesh.b).await?;
+            ensure!(proven.as_deref() == Some(serial.as_str()), "proven: {proven:?}, holding {serial}");
+            Ok(())
+        })
+        .await?;
+        let took = started.elapsed();
+        let certs: Value = serde_json::from_str(&mesh.b.admin_get("/certs").await?.text())?;
+        ensure!(
+            certs["transparency_log"]["own_svid"]["current_proven"] == true,
+            "{certs}"
+        );
+        // The admin endpoint agrees on where the entry is.
+        let inc = json(&mesh.cp, &format!("/log/inclusion?serial={serial}")).await?;
+        ensure!(
+            inc["index"] == certs["transparency_log"]["own_svid"]["proven_index"],
+            "admin says {inc}, B says {certs}"
+        );
+        ensure!(own_svid_checks(&mesh.b, "proven").await? >= 1.0, "no proven check counted");
+        ensure!(own_svid_checks(&mesh.b, "mismatch").await? == 0.0, "a mismatch on an honest log");
+        eventually(WAIT, "A's own SVID proven too", || async {
+            let a = mesh.a.svid_serial().await?;
+            ensure!(proven_serial(&mesh.a).await?.as_deref() == Some(a.as_str()), "A not proven yet");
+            Ok(())
+        })
+        .await?;
+
+        // Another SVID for B's identity, nobody's to hold, logged under a head.
+        let token = mesh.cp.create_token(trellis_tests::mesh::B_ID, "1h")?;
+        let (decoy, _) = fetch_svid(&mesh.cp, &token).await?;
+        let decoy = decoy.serial_hex().to_owned();
+        eventually(WAIT, "the decoy's entry under a head", || async {
+            json(&mesh.cp, &format!("/log/inclusion?serial={decoy}")).await.map(drop)
+        })
+        .await?;
+
+        // B's serial now leads to the decoy's entry; B's own entry is filed under no serial.
+        let stopped = mesh.cp.kill();
+        ensure!(mesh.b.svid_serial().await? == serial, "B rotated meanwhile");
+        let db = rusqlite::Connection::open(stopped.dir.path().join("state/trellis.db"))?;
+        let cleared = db.execute("UPDATE log_entries SET serial = NULL WHERE serial = ?1", [&serial])?;
+        let moved = db.execute("UPDATE log_entries SET serial = ?1 WHERE serial = ?2", [&serial, &decoy])?;
+        ensure!(cleared == 1 && moved == 1, "tampering hit {cleared} and {moved} rows");
+        drop(db);
+        mesh.cp = stopped.start_again()?;
+
+        let mismatches = eventually(WAIT, "B raises the own_svid alarm", || async {
+            let n = own_svid_checks(&mesh.b, "mismatch").await?;
+            ensure!(n > 0.0, "no mismatch yet");
+            Ok(n)
+        })
+        .await?;
+        still_serving_with_the_alarm(&mesh, "(own_svid)", "/after-own-svid").await?;
+        for kind in ["rollback", "fork", "key_changed", "bad_signature", "malformed"] {
+            ensure!(witness_alarms(&mesh.b, kind).await? == 0.0, "a witness alarm ({kind}) on an intact log");
+        }
+        ensure!(own_svid_checks(&mesh.a, "mismatch").await? == 0.0, "A's entry was not touched");
+        println!(
+            "[log] B's own SVID proven {:.1}s after the mesh was ready; with its serial filed under another SVID of its identity: {mismatches} own_svid mismatch(es), /ready 200 with the warning, traffic unaffected, no witness alarm",
+            took.as_secs_f64()
+        );
+        Ok(())
+    })
+    .await
+}

@@ -93,11 +93,25 @@ pub struct SdsCore {
     pub log: Option<Arc<crate::translog::IssuanceLog>>,
 }
 
+/// One `trellis-log-head` resource, ready to send.
+struct LogHeadOut {
+    /// The JSON of a [`trellis_transparency::HeadForWitness`].
+    json: Vec<u8>,
+    /// It carries the inclusion proof of the SVID the client reported holding.
+    proven: bool,
+}
+
 impl SdsCore {
     /// The `trellis-log-head` resource for a witness that last accepted a head of `witnessed`
-    /// entries: the latest signed head, the log key, and the consistency proof from there.
-    /// `None` before the first head.
-    fn log_head_json(&self, witnessed: Option<u64>) -> Option<Vec<u8>> {
+    /// entries and holds the SVID with serial `held`: the latest signed head, the log key,
+    /// the consistency proof from the witness's size, and the held SVID's entry with its
+    /// inclusion proof once the head covers it. `None` before the first head.
+    async fn log_head(
+        &self,
+        witnessed: Option<u64>,
+        held: Option<&Arc<str>>,
+        caller: &SpiffeId,
+    ) -> Option<LogHeadOut> {
         let log = self.log.as_ref()?;
         let head = log.latest_head()?;
         let size = head.head.tree_size;
@@ -109,12 +123,43 @@ impl SdsCore {
                     proof,
                 })
         });
+        let own_svid = match held {
+            None => None,
+            Some(serial) => {
+                let (log, serial, caller, at) = (
+                    Arc::clone(log),
+                    Arc::clone(serial),
+                    caller.to_string(),
+                    head.head,
+                );
+                // Two indexed registry reads: off the async workers.
+                let found =
+                    tokio::task::spawn_blocking(move || log.own_svid_proof(&serial, &caller, &at))
+                        .await;
+                match found {
+                    Ok(Ok(proof)) => proof,
+                    Ok(Err(e)) => {
+                        // The next update tries again; the sidecar counts it `missing`.
+                        tracing::debug!(error = %e, "cannot prove a workload's SVID in the log now");
+                        None
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "log proof task failed");
+                        None
+                    }
+                }
+            }
+        };
+        let proven = own_svid.is_some();
         let msg = trellis_transparency::HeadForWitness {
             head: (*head).clone(),
             public_key: log.public_key().to_pem(),
             consistency,
+            own_svid,
         };
-        serde_json::to_vec(&msg).ok()
+        serde_json::to_vec(&msg)
+            .ok()
+            .map(|json| LogHeadOut { json, proven })
     }
 
     fn audit(&self, event: AuditEvent) {
@@ -359,6 +404,45 @@ fn request_witnessed_size(req: &DiscoveryRequest) -> Option<u64> {
     }
 }
 
+/// The serial a witness reports holding in `node.metadata` (hex, at most 20 bytes as RFC 5280
+/// allows a serial), lowercased; anything else is ignored.
+fn request_held_serial(req: &DiscoveryRequest) -> Option<Arc<str>> {
+    let field = req
+        .node
+        .as_ref()?
+        .metadata
+        .as_ref()?
+        .fields
+        .get(trellis_transparency::HELD_SERIAL_METADATA_KEY)?;
+    match field.kind.as_ref()? {
+        prost_types::value::Kind::StringValue(s)
+            if (1..=40).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit()) =>
+        {
+            Some(Arc::from(s.to_ascii_lowercase()))
+        }
+        _ => None,
+    }
+}
+
+/// How long a stream waits for a signed head to cover the SVID its client reported holding
+/// before it gives up (the next rotation carries the proof then). An entry is normally
+/// covered about one head interval after the SVID is issued.
+const PROOF_WAIT: Duration = Duration::from_secs(60);
+
+/// A stream waiting for a head that covers its client's SVID.
+struct ProofWait {
+    heads: watch::Receiver<u64>,
+    until: tokio::time::Instant,
+}
+
+/// Resolves when the log's head moves (`false`: the log is gone); never without a wait.
+async fn head_moved(wait: &mut Option<ProofWait>) -> bool {
+    match wait {
+        Some(w) => w.heads.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
 fn attest_status(err: &AttestError) -> Status {
     match err {
         // gRPC: "UNAVAILABLE: The service is currently unavailable. This is most likely a
@@ -442,10 +526,18 @@ impl SecretDiscoveryService for SdsService {
             None
         };
         let bundle = self.core.bundle.borrow().clone();
-        let log_head = state
-            .wants(ResourceKind::LogHead)
-            .then(|| self.core.log_head_json(request_witnessed_size(&req)))
-            .flatten();
+        let held = request_held_serial(&req);
+        let log_head = if state.wants(ResourceKind::LogHead) {
+            self.core
+                .log_head(
+                    request_witnessed_size(&req),
+                    held.as_ref(),
+                    &attested.spiffe_id,
+                )
+                .await
+        } else {
+            None
+        };
         let envelope = state.next_envelope();
         self.core.metrics.pushed("fetch");
         Ok(Response::new(build_response(
@@ -453,7 +545,7 @@ impl SecretDiscoveryService for SdsService {
             envelope,
             svid.as_deref(),
             &bundle,
-            log_head.as_deref(),
+            log_head.as_ref().map(|h| h.json.as_slice()),
         )))
     }
 }
@@ -505,6 +597,12 @@ struct StreamDriver {
     csr: Option<Arc<str>>,
     /// The size of the last log head the client says it accepted.
     witnessed: Option<u64>,
+    /// The serial of the SVID the client says it holds.
+    held_serial: Option<Arc<str>>,
+    /// The held serial whose inclusion proof this stream sent last.
+    proven_serial: Option<Arc<str>>,
+    /// Set while the held SVID's proof is due and no head covered it yet.
+    proof_wait: Option<ProofWait>,
     rotation: Pin<Box<Sleep>>,
     /// Why the stream ended, for the debug line when it is dropped; tonic drops it without a
     /// word when the client goes away.
@@ -534,6 +632,9 @@ impl StreamDriver {
             svid: None,
             csr: None,
             witnessed: None,
+            held_serial: None,
+            proven_serial: None,
+            proof_wait: None,
             ended: "client gone",
             core,
             attested,
@@ -565,6 +666,8 @@ impl StreamDriver {
     /// Waits for the next thing to send: an answer to a request, a rotation or a bundle change.
     async fn next(&mut self) -> Step {
         loop {
+            // A log head already built with the held SVID's proof (the `log_proof` push).
+            let mut prepared = None;
             let push_reason = tokio::select! {
                 msg = self.inbound.next() => {
                     let req = match msg {
@@ -595,6 +698,30 @@ impl StreamDriver {
                     }
                     "bundle"
                 }
+                moved = head_moved(&mut self.proof_wait), if self.proof_wait.is_some() => {
+                    let expired = self
+                        .proof_wait
+                        .as_ref()
+                        .is_some_and(|w| tokio::time::Instant::now() >= w.until);
+                    if !moved || expired {
+                        self.proof_wait = None;
+                        continue;
+                    }
+                    // The SVID just pushed is in a signed head about a second later: send the
+                    // head again then, with its proof, rather than an hour later with the next
+                    // rotation. Nothing else changes (the client installs nothing new).
+                    match self
+                        .core
+                        .log_head(self.witnessed, self.held_serial.as_ref(), &self.attested.spiffe_id)
+                        .await
+                    {
+                        Some(head) if head.proven => {
+                            prepared = Some(head);
+                            "log_proof"
+                        }
+                        _ => continue,
+                    }
+                }
             };
 
             if self.state.wants(ResourceKind::Svid) && self.svid.is_none() {
@@ -612,18 +739,30 @@ impl StreamDriver {
                 }
             }
             let bundle = self.bundle_rx.borrow_and_update().clone();
-            let log_head = self
-                .state
-                .wants(ResourceKind::LogHead)
-                .then(|| self.core.log_head_json(self.witnessed))
-                .flatten();
+            let log_head = match prepared {
+                Some(head) => Some(head),
+                None if self.state.wants(ResourceKind::LogHead) => {
+                    self.core
+                        .log_head(
+                            self.witnessed,
+                            self.held_serial.as_ref(),
+                            &self.attested.spiffe_id,
+                        )
+                        .await
+                }
+                None => None,
+            };
+            if log_head.as_ref().is_some_and(|h| h.proven) {
+                self.proven_serial = self.held_serial.clone();
+                self.proof_wait = None;
+            }
             let envelope = self.state.next_envelope();
             let response = build_response(
                 &self.state,
                 envelope,
                 self.svid.as_deref(),
                 &bundle,
-                log_head.as_deref(),
+                log_head.as_ref().map(|h| h.json.as_slice()),
             );
             self.core.metrics.pushed(push_reason);
             return Step::Send(response);
@@ -663,6 +802,30 @@ impl StreamDriver {
                 reason = reason.or(Some("csr"));
             }
         }
+        if let Some(serial) = request_held_serial(req) {
+            if self.held_serial.as_deref() != Some(&*serial) {
+                self.held_serial = Some(serial);
+                self.await_proof();
+            }
+        }
         Ok(reason)
+    }
+
+    /// Starts waiting for a head that covers the held SVID, unless its proof was sent.
+    fn await_proof(&mut self) {
+        let due = self.held_serial.is_some()
+            && self.held_serial != self.proven_serial
+            && self.state.wants(ResourceKind::LogHead);
+        let Some(log) = self.core.log.as_ref().filter(|_| due) else {
+            self.proof_wait = None;
+            return;
+        };
+        let mut heads = log.watch_heads();
+        // The head may cover it already: look once before waiting for the next one.
+        heads.mark_changed();
+        self.proof_wait = Some(ProofWait {
+            heads,
+            until: tokio::time::Instant::now() + PROOF_WAIT,
+        });
     }
 }

@@ -159,6 +159,8 @@ pub struct IssuanceLog {
     tree: RwLock<MerkleTree>,
     /// The latest signed head, for `/log/sth` and proofs.
     head: ArcSwapOption<SignedTreeHead>,
+    /// The latest head's size, for SDS streams waiting for a head to cover an SVID.
+    head_size: watch::Sender<u64>,
     metrics: Arc<LogMetrics>,
 }
 
@@ -186,6 +188,7 @@ impl IssuanceLog {
             key,
             tree: RwLock::new(MerkleTree::new()),
             head: ArcSwapOption::empty(),
+            head_size: watch::channel(0).0,
             metrics,
         });
         log.catch_up()?;
@@ -278,7 +281,66 @@ impl IssuanceLog {
         self.metrics
             .head_timestamp
             .set((sth.head.timestamp_ms / 1000) as i64);
+        let size = sth.head.tree_size;
         self.head.store(Some(Arc::new(sth)));
+        self.head_size.send_replace(size);
+    }
+
+    /// Follows the size of the latest signed head (changes about once per `interval` while
+    /// entries arrive, never while the log is idle).
+    pub fn watch_heads(&self) -> watch::Receiver<u64> {
+        self.head_size.subscribe()
+    }
+
+    /// The entry of the SVID with `serial_hex` and its inclusion proof under `head`, for the
+    /// workload `caller` that holds it. `None` when the head does not cover it (yet), when
+    /// the log has no entry under that serial, or when the entry names another identity (a
+    /// workload is shown its own entries only). The entry is sent as stored, unchecked: the
+    /// sidecar is the judge of whether it describes its certificate.
+    pub fn own_svid_proof(
+        &self,
+        serial_hex: &str,
+        caller: &str,
+        head: &TreeHead,
+    ) -> Result<Option<trellis_transparency::OwnSvidProof>, LogError> {
+        let Some(index) = self.registry.log_index_of_serial(serial_hex)? else {
+            return Ok(None);
+        };
+        if index >= head.tree_size {
+            return Ok(None);
+        }
+        let Some(stored) = self
+            .registry
+            .log_entries(index, index + 1)?
+            .into_iter()
+            .next()
+        else {
+            return Ok(None);
+        };
+        let for_caller = matches!(
+            trellis_transparency::LogEntry::decode(&stored.bytes),
+            Ok(trellis_transparency::LogEntry {
+                body: trellis_transparency::LogBody::Issuance(ref e),
+                ..
+            }) if e.spiffe_id == caller
+        );
+        if !for_caller {
+            // Debug only: any workload can report any serial, so this is no evidence.
+            tracing::debug!(
+                serial = serial_hex,
+                index,
+                caller,
+                "the log entry stored under this serial is not an issuance to the workload that reported holding it; not shown to it"
+            );
+            return Ok(None);
+        }
+        let proof = self.inclusion_proof(index, head.tree_size)?;
+        Ok(Some(trellis_transparency::OwnSvidProof {
+            serial: serial_hex.to_owned(),
+            index,
+            entry: stored.bytes,
+            proof,
+        }))
     }
 
     /// Reads new entries and, if the log grew past the latest head, signs and stores a head

@@ -164,3 +164,72 @@ fn ca_phases_are_logged_once_each() {
     assert_eq!(p.phase, "retiring");
     assert!(!p.ca_key_id.is_empty());
 }
+
+/// What a sidecar holding `svid` knows of it, as the sidecar computes it.
+fn held(svid: &trellis_identity::Svid) -> trellis_transparency::HeldSvid {
+    trellis_transparency::HeldSvid {
+        serial_hex: svid.serial_hex().to_owned(),
+        spiffe_id: svid.spiffe_id().to_string(),
+        public_key_sha256: trellis_identity::spki_sha256(&svid.chain()[0]).unwrap(),
+    }
+}
+
+#[test]
+fn own_svid_proofs_come_once_a_head_covers_the_entry_and_only_to_its_holder() {
+    let (_dir, registry, ca) = setup();
+    let log = IssuanceLog::open(Arc::clone(&registry), Arc::default()).unwrap();
+    let mut heads = log.watch_heads();
+    issue(&registry, &ca, "db");
+    log.sync().unwrap();
+    assert!(heads.has_changed().unwrap());
+    assert_eq!(*heads.borrow_and_update(), 1);
+
+    let id = SpiffeId::parse("spiffe://example.org/ns/prod/sa/web").unwrap();
+    let svid = ca
+        .issue(&id, Duration::from_secs(3600), SystemTime::now())
+        .unwrap();
+    registry
+        .record_issuance(&IssuanceRecord {
+            spiffe_id: id.clone(),
+            serial_hex: svid.serial_hex().to_owned(),
+            not_after: svid.not_after(),
+            attestor: "join_token",
+            peer: None,
+            issued_at: SystemTime::now(),
+            log: issuance_body(&svid.chain()[0], "join_token").unwrap(),
+        })
+        .unwrap();
+    // Recorded, but the latest head does not cover it yet: no proof, no error.
+    let old = log.latest_head().unwrap().head;
+    assert_eq!(
+        log.own_svid_proof(svid.serial_hex(), id.as_str(), &old)
+            .unwrap(),
+        None
+    );
+    log.sync().unwrap();
+    assert!(heads.has_changed().unwrap());
+    let head = log.latest_head().unwrap().head;
+    let proof = log
+        .own_svid_proof(svid.serial_hex(), id.as_str(), &head)
+        .unwrap()
+        .expect("covered now");
+    // The control plane's entry and the sidecar's view of its certificate agree.
+    assert_eq!(
+        trellis_transparency::check_own_svid(&head, &proof, &held(&svid)),
+        Ok(1)
+    );
+    // Another workload asking for this serial is shown nothing; an unknown serial neither.
+    assert_eq!(
+        log.own_svid_proof(
+            svid.serial_hex(),
+            "spiffe://example.org/ns/prod/sa/db",
+            &head
+        )
+        .unwrap(),
+        None
+    );
+    assert_eq!(
+        log.own_svid_proof("0123abcd", id.as_str(), &head).unwrap(),
+        None
+    );
+}

@@ -597,3 +597,86 @@ async fn jwt_svid_needs_client_svid_and_audience() {
     );
     assert_eq!(f.metric("trellis_jwt_keys"), 1.0);
 }
+
+/// An ACK of `r` that reports holding the SVID with `serial` (as a Trellis sidecar does).
+fn holding(names: &[&str], r: &DiscoveryResponse, serial: &str) -> DiscoveryRequest {
+    let mut fields = std::collections::BTreeMap::new();
+    fields.insert(
+        trellis_transparency::HELD_SERIAL_METADATA_KEY.to_owned(),
+        prost_types::Value {
+            kind: Some(prost_types::value::Kind::StringValue(serial.to_owned())),
+        },
+    );
+    DiscoveryRequest {
+        node: Some(trellis_proto::Node {
+            metadata: Some(prost_types::Struct { fields }),
+            ..Default::default()
+        }),
+        ..req(names, &r.version_info, &r.nonce)
+    }
+}
+
+/// The `trellis-log-head` resource of a response.
+fn log_head_of(r: &DiscoveryResponse) -> trellis_transparency::HeadForWitness {
+    for s in secrets(r) {
+        if let Some(secret::Type::GenericSecret(g)) = s.r#type {
+            return serde_json::from_slice(&bytes(g.secret)).unwrap();
+        }
+    }
+    panic!("no trellis-log-head in response")
+}
+
+/// A client that reports the serial it holds gets the same state again once a signed head
+/// covers that SVID's log entry, now with the entry and its inclusion proof; after that its
+/// ACKs are quiet again (one extra response per SVID, not one per head).
+#[tokio::test]
+async fn the_held_svids_inclusion_proof_is_pushed_once_a_head_covers_it() {
+    // No rotation during the test: the second response can only be the proof's.
+    let f = start(Duration::from_secs(1800)).await;
+    let mut client = f.client(None).await;
+    let token = f.token(WEB);
+    let names = ["default", "ROOTCA", "trellis-log-head"];
+    let mut s = open(&mut client, Some(&token), req(&names, "", ""))
+        .await
+        .unwrap();
+    let first = s.expect().await;
+    let svid = svid_of(&first);
+    s.tx.send(holding(&names, &first, svid.serial_hex()))
+        .await
+        .unwrap();
+    let second = s.expect().await;
+    assert_eq!(
+        svid_of(&second).chain(),
+        svid.chain(),
+        "the same SVID again"
+    );
+    let msg = log_head_of(&second);
+    trellis_transparency::LogPublicKey::from_pem(&msg.public_key)
+        .unwrap()
+        .verify(&msg.head)
+        .unwrap();
+    let proof = msg.own_svid.expect("the held SVID's proof");
+    assert_eq!(proof.serial, svid.serial_hex());
+    let held = trellis_transparency::HeldSvid {
+        serial_hex: svid.serial_hex().to_owned(),
+        spiffe_id: WEB.to_owned(),
+        public_key_sha256: trellis_identity::spki_sha256(&svid.chain()[0]).unwrap(),
+    };
+    trellis_transparency::check_own_svid(&msg.head.head, &proof, &held).unwrap();
+    assert_eq!(
+        f.metric("trellis_sds_pushes_total{reason=\"log_proof\"}"),
+        1.0
+    );
+    s.tx.send(holding(&names, &second, svid.serial_hex()))
+        .await
+        .unwrap();
+    assert!(
+        s.next(Duration::from_secs(3)).await.unwrap().is_none(),
+        "proven: nothing more to send"
+    );
+    // A serial that is not hex is ignored, not an error.
+    s.tx.send(holding(&names, &second, "not-a-serial"))
+        .await
+        .unwrap();
+    assert!(s.next(Duration::from_secs(2)).await.unwrap().is_none());
+}

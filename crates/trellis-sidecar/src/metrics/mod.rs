@@ -785,6 +785,9 @@ pub struct SidecarMetrics {
     pub log_witnessed_size: Gauge,
     /// `trellis_log_witness_alarms_total{kind}`: heads that showed the log was tampered with.
     pub log_witness_alarms: Family<AlarmLabel, Counter>,
+    /// `trellis_log_own_svid_checks_total{result}`: verified heads by what they said of this
+    /// sidecar's own SVID (`proven`, `missing`, `mismatch`).
+    pub log_own_svid_checks: Family<ResultLabel, Counter>,
     /// `trellis_route_requests_total{route,identity,class}`: outbound requests by route (see
     /// [`RouteCounters`]).
     pub route_requests: Family<RouteLabel, Counter>,
@@ -819,6 +822,10 @@ impl SidecarMetrics {
         // Every kind from the start at 0, so an alert on `increase(…) > 0` sees the series.
         for kind in trellis_transparency::WitnessAlarm::KINDS {
             let _ = log_witness_alarms.get_or_create(&AlarmLabel { kind });
+        }
+        let log_own_svid_checks = Family::<ResultLabel, Counter>::default();
+        for result in crate::log_witness::OwnSvidCheck::ALL {
+            let _ = log_own_svid_checks.get_or_create(&ResultLabel { result });
         }
         let route_requests = Family::<RouteLabel, Counter>::default();
         // One series, always 1: joins version and commit onto any other series in a query.
@@ -911,6 +918,11 @@ impl SidecarMetrics {
             log_witness_alarms.clone(),
         );
         registry.register(
+            "log_own_svid_checks",
+            "Verified transparency-log heads by what they proved of this sidecar's own SVID: proven, missing (no proof yet), mismatch (the log does not show the certificate held)",
+            log_own_svid_checks.clone(),
+        );
+        registry.register(
             "route_requests",
             "Outbound requests by route (upstream name or default_route), required peer identity \
              (the default route's is its template, `*` for each placeholder) and status class",
@@ -935,6 +947,7 @@ impl SidecarMetrics {
             workload_api_requests,
             log_witnessed_size,
             log_witness_alarms,
+            log_own_svid_checks,
             route_requests,
         }
     }

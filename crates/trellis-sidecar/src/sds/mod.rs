@@ -36,7 +36,9 @@ use trellis_proto::google::rpc::Status as RpcStatus;
 use trellis_proto::{
     DiscoveryRequest, DiscoveryResponse, Node, SecretDiscoveryServiceClient, SECRET_TYPE_URL,
 };
-use trellis_transparency::{LOG_HEAD_RESOURCE, WITNESSED_SIZE_METADATA_KEY};
+use trellis_transparency::{
+    HELD_SERIAL_METADATA_KEY, LOG_HEAD_RESOURCE, WITNESSED_SIZE_METADATA_KEY,
+};
 use zeroize::Zeroizing;
 
 use crate::config::{ControlBundle, Credential, SdsSettings};
@@ -385,6 +387,17 @@ impl SdsClient {
                 WITNESSED_SIZE_METADATA_KEY.to_owned(),
                 prost_types::Value {
                     kind: Some(prost_types::value::Kind::NumberValue(size as f64)),
+                },
+            );
+        }
+        // The serial of the SVID we hold, so the next head comes with its inclusion proof.
+        if let Some(svid) = self.store.current() {
+            fields.insert(
+                HELD_SERIAL_METADATA_KEY.to_owned(),
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::StringValue(
+                        svid.serial_hex().to_owned(),
+                    )),
                 },
             );
         }
