@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 #
 # The Trellis image: one static-ish binary for everything (`trellis control`, `trellis sidecar`,
-# `trellis ca`, `trellis status`, …). The Kubernetes manifests in k8s/ run it as the control
+# `trellis ca`, `trellis status`, …), plus `trellis-sidecar`, the sidecar alone, which
+# `trellis sidecar` hands over to. The Kubernetes manifests in k8s/ run it as the control
 # plane, and the injection webhook runs the same image as every pod's sidecar.
 #
 #   docker build -t registry.example/trellis:0.1.0 .
@@ -36,7 +37,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
     cargo build --release --locked -p trellis \
  && install -D -m 0755 target/release/trellis /out/trellis \
- && /out/trellis --version
+ && install -D -m 0755 target/release/trellis-sidecar /out/trellis-sidecar \
+ && /out/trellis --version && /out/trellis-sidecar --version
 
 # --- runtime -----------------------------------------------------------------------------------
 # distroless "cc": glibc, libgcc_s (the binary needs libc.so.6, libm.so.6 and libgcc_s.so.1,
@@ -52,6 +54,9 @@ LABEL org.opencontainers.image.title="trellis" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.base.name="gcr.io/distroless/cc-debian12:nonroot"
 COPY --from=build /out/trellis /usr/local/bin/trellis
+# `trellis sidecar` hands over to this one (same directory, same commit): the sidecar's code
+# alone, so an idle sidecar keeps fewer executable pages resident.
+COPY --from=build /out/trellis-sidecar /usr/local/bin/trellis-sidecar
 USER 65532:65532
 # Control plane: SDS 8443, webhook 8444, admin 9090. Sidecar: mTLS 15443, outbound 15001,
 # admin 15000. (Documentation only; the manifests publish what each role uses.)

@@ -48,6 +48,11 @@ impl SoftHsm {
         )?;
         let pin_file = dir.join("pkcs11-pin");
         std::fs::write(&pin_file, format!("{PIN}\n"))?;
+        // The control plane refuses a PIN file others can read.
+        std::fs::set_permissions(
+            &pin_file,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )?;
         let hsm = Self { conf, pin_file };
         let mut cmd = Command::new("softhsm2-util");
         cmd.args(["--init-token", "--free", "--label", token, "--pin", PIN])

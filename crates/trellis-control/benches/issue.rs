@@ -167,6 +167,11 @@ fn softhsm(dir: &std::path::Path) -> Option<trellis_control::keys::Keyring> {
         .success();
     assert!(ok, "softhsm2-util --init-token failed");
     std::fs::write(dir.join("pin"), "1234\n").expect("pin");
+    std::fs::set_permissions(
+        dir.join("pin"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("pin mode");
     let ring = Pkcs11Keyring::open(
         Pkcs11Settings {
             module: SOFTHSM.into(),

@@ -6,11 +6,21 @@
 //! ```text
 //! cargo build --release -p trellis
 //! cargo run --release -p trellis-control --example sds_load -- --streams 10000
+//! # 100,000 sidecars, one connection each, from 8 loopback source addresses:
+//! ulimit -n 250000
+//! target/release/examples/sds_load --streams 100000 --per-connection 1 --sources 8 --rotate-every 5m
 //! ```
+//!
+//! Connections come from `--sources` loopback addresses (127.1.0.1, 127.1.0.2, …; one address
+//! has ~28,000 ephemeral ports towards one server port), each address with its own join token
+//! (a token's extra streams must come from the IP that redeemed it, within 30 s). Streams open
+//! address by address, at most `--groups-in-flight` addresses at a time, so each address's
+//! streams all arrive inside that window however long the whole fleet takes. Above 20,000
+//! connections the control plane is started with `--sds-max-connections` to match.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
@@ -18,6 +28,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
 use trellis_control::registry::Registry;
 use trellis_identity::{SpiffeId, TrustBundle, TrustDomain};
 use trellis_proto::{DiscoveryRequest, SecretDiscoveryServiceClient, SECRET_TYPE_URL};
@@ -26,6 +37,8 @@ struct Args {
     streams: usize,
     per_connection: usize,
     rotate_every: Duration,
+    sources: usize,
+    groups_in_flight: usize,
     bin: PathBuf,
 }
 
@@ -34,6 +47,8 @@ fn parse_args() -> anyhow::Result<Args> {
         streams: 1000,
         per_connection: 100,
         rotate_every: Duration::from_secs(20),
+        sources: 0,
+        groups_in_flight: 4,
         bin: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/release/trellis"),
     };
     let mut it = std::env::args().skip(1);
@@ -43,9 +58,22 @@ fn parse_args() -> anyhow::Result<Args> {
             "--streams" => args.streams = value.parse()?,
             "--per-connection" => args.per_connection = value.parse()?,
             "--rotate-every" => args.rotate_every = humantime::parse_duration(&value)?,
+            "--sources" => args.sources = value.parse()?,
+            "--groups-in-flight" => args.groups_in_flight = value.parse()?,
             "--trellis-bin" => args.bin = value.into(),
-            _ => bail!("unknown flag {flag}: use --streams N --per-connection N --rotate-every D --trellis-bin PATH"),
+            _ => bail!("unknown flag {flag}: use --streams N --per-connection N --rotate-every D --sources N --groups-in-flight N --trellis-bin PATH"),
         }
+    }
+    if args.per_connection == 0 || args.streams == 0 || args.groups_in_flight == 0 {
+        bail!("--streams, --per-connection and --groups-in-flight must be at least 1");
+    }
+    // One source address per 20,000 connections unless told otherwise.
+    let connections = args.streams.div_ceil(args.per_connection);
+    if args.sources == 0 {
+        args.sources = connections.div_ceil(20_000);
+    }
+    if args.sources > 254 * 254 {
+        bail!("--sources: at most {}", 254 * 254);
     }
     Ok(args)
 }
@@ -82,6 +110,47 @@ fn request(version: &str, nonce: &str) -> DiscoveryRequest {
     }
 }
 
+/// The `i`th load source address: 127.1.0.1, 127.1.0.2, … (all of 127.0.0.0/8 is loopback).
+fn source(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 1, (i / 254) as u8, (i % 254 + 1) as u8))
+}
+
+/// Opens `connections` channels round-robin over the source addresses, `parallel` at a time.
+async fn connect_all(
+    sds: std::net::SocketAddr,
+    bundle: &TrustBundle,
+    control_id: &SpiffeId,
+    connections: usize,
+    sources: usize,
+    parallel: usize,
+) -> anyhow::Result<Vec<Channel>> {
+    let mut opened: Vec<Option<Channel>> = vec![None; connections];
+    let mut pending = tokio::task::JoinSet::new();
+    let mut next = 0;
+    while next < connections || !pending.is_empty() {
+        while next < connections && pending.len() < parallel {
+            let (bundle, control_id, i) = (bundle.clone(), control_id.clone(), next);
+            pending.spawn(async move {
+                let channel = trellis_control::client::connect_from(
+                    sds,
+                    Some(source(i % sources)),
+                    bundle,
+                    control_id,
+                    None,
+                )
+                .await;
+                (i, channel)
+            });
+            next += 1;
+        }
+        if let Some(done) = pending.join_next().await {
+            let (i, channel) = done?;
+            opened[i] = Some(channel.with_context(|| format!("connection {i}"))?);
+        }
+    }
+    Ok(opened.into_iter().flatten().collect())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
@@ -91,8 +160,10 @@ async fn main() -> anyhow::Result<()> {
             args.bin.display()
         );
     }
+    let connections = args.streams.div_ceil(args.per_connection);
     let state = tempfile::tempdir()?;
-    let mut child = tokio::process::Command::new(&args.bin)
+    let mut command = tokio::process::Command::new(&args.bin);
+    command
         .args([
             "control",
             "--trust-domain",
@@ -107,7 +178,14 @@ async fn main() -> anyhow::Result<()> {
         .arg("--rotate-every")
         .arg(humantime::format_duration(args.rotate_every).to_string())
         .arg("--state-dir")
-        .arg(state.path())
+        .arg(state.path());
+    if connections > 20_000 {
+        // The default cap (20,000) protects a real control plane; this one is here to be loaded.
+        command
+            .arg("--sds-max-connections")
+            .arg((connections + 1_000).to_string());
+    }
+    let mut child = command
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .kill_on_drop(true)
@@ -127,70 +205,102 @@ async fn main() -> anyhow::Result<()> {
         TrustBundle::from_pem(td.clone(), &std::fs::read(state.path().join("bundle.pem"))?)?;
     let registry = Registry::open(&state.path().join("trellis.db"))?;
     let id = SpiffeId::parse("spiffe://example.org/load/worker")?;
-    // One join token: streams opened from this address inside the redemption window share it.
-    let token = registry.create_join_token(&id, Duration::from_secs(600), SystemTime::now())?;
-    let auth: MetadataValue<_> = format!("Bearer {}", token.as_str()).parse()?;
+    // One join token per source address: streams opened from the address that redeemed a
+    // token, inside the redemption window, share it.
+    let mut auths = Vec::with_capacity(args.sources);
+    for _ in 0..args.sources {
+        let token =
+            registry.create_join_token(&id, Duration::from_secs(3600), SystemTime::now())?;
+        let auth: MetadataValue<_> = format!("Bearer {}", token.as_str()).parse()?;
+        auths.push(auth);
+    }
     let control_id = SpiffeId::parse("spiffe://example.org/trellis/control")?;
 
     let (rss0, cpu0) = proc_stats(pid);
     println!("control plane pid {pid}: idle RSS {} MiB", rss0 / 1024);
-    let connections = args.streams.div_ceil(args.per_connection);
-    let mut channels = Vec::with_capacity(connections);
-    for _ in 0..connections {
-        channels.push(
-            trellis_control::client::connect(sds, bundle.clone(), control_id.clone(), None).await?,
-        );
-    }
+    let connecting = Instant::now();
+    let channels = connect_all(sds, &bundle, &control_id, connections, args.sources, 64).await?;
+    let (rss_c, cpu_c) = proc_stats(pid);
+    println!(
+        "{connections} TLS connections from {} source addresses in {:.2?}: control plane RSS {} MiB ({:.1} KiB per connection), CPU {:.2} s",
+        args.sources,
+        connecting.elapsed(),
+        rss_c / 1024,
+        (rss_c.saturating_sub(rss0)) as f64 / connections as f64,
+        cpu_c - cpu0
+    );
 
     let start = Instant::now();
-    let (first_tx, mut first_rx) = mpsc::unbounded_channel::<Duration>();
+    let (first_tx, mut first_rx) = mpsc::unbounded_channel::<(usize, Duration)>();
     let (rot_tx, mut rot_rx) = mpsc::unbounded_channel::<Duration>();
     let (err_tx, mut err_rx) = mpsc::unbounded_channel::<String>();
+    // Streams by source address (stream i uses connection i % connections, whose source is
+    // (i % connections) % sources): all of one address's streams open together.
+    let mut by_source: Vec<Vec<usize>> = vec![Vec::new(); args.sources];
     for i in 0..args.streams {
-        let mut client = SecretDiscoveryServiceClient::new(channels[i % connections].clone());
-        let (first_tx, rot_tx, err_tx, auth) = (
-            first_tx.clone(),
-            rot_tx.clone(),
-            err_tx.clone(),
-            auth.clone(),
-        );
-        tokio::spawn(async move {
-            let (tx, rx) = mpsc::channel(2);
-            let _ = tx.send(request("", "")).await;
-            let mut req = tonic::Request::new(ReceiverStream::new(rx));
-            req.metadata_mut().insert("authorization", auth);
-            let mut stream = match client.stream_secrets(req).await {
-                Ok(s) => s.into_inner(),
-                Err(e) => return drop(err_tx.send(e.to_string())),
-            };
-            let mut n = 0;
-            loop {
-                match stream.message().await {
-                    Ok(Some(resp)) => {
-                        let _ = tx.send(request(&resp.version_info, &resp.nonce)).await;
-                        let at = start.elapsed();
-                        if n == 0 {
-                            let _ = first_tx.send(at);
-                        } else if n == 1 {
-                            let _ = rot_tx.send(at);
-                        }
-                        n += 1;
-                    }
-                    Ok(None) => return,
-                    Err(e) => return drop(err_tx.send(e.to_string())),
-                }
-            }
-        });
+        by_source[(i % connections) % args.sources].push(i);
     }
-    drop((first_tx, rot_tx, err_tx));
-    let arc_n = Arc::new(args.streams);
-    let mut firsts = Vec::with_capacity(*arc_n);
+    let open_group = |group: usize| {
+        for &i in &by_source[group] {
+            let mut client = SecretDiscoveryServiceClient::new(channels[i % connections].clone());
+            let (first_tx, rot_tx, err_tx, auth) = (
+                first_tx.clone(),
+                rot_tx.clone(),
+                err_tx.clone(),
+                auths[group].clone(),
+            );
+            tokio::spawn(async move {
+                let (tx, rx) = mpsc::channel(2);
+                let _ = tx.send(request("", "")).await;
+                let mut req = tonic::Request::new(ReceiverStream::new(rx));
+                req.metadata_mut().insert("authorization", auth);
+                let mut stream = match client.stream_secrets(req).await {
+                    Ok(s) => s.into_inner(),
+                    Err(e) => return drop(err_tx.send(e.to_string())),
+                };
+                let mut n = 0;
+                loop {
+                    match stream.message().await {
+                        Ok(Some(resp)) => {
+                            let _ = tx.send(request(&resp.version_info, &resp.nonce)).await;
+                            let at = start.elapsed();
+                            if n == 0 {
+                                let _ = first_tx.send((group, at));
+                            } else if n == 1 {
+                                let _ = rot_tx.send(at);
+                            }
+                            n += 1;
+                        }
+                        Ok(None) => return,
+                        Err(e) => return drop(err_tx.send(e.to_string())),
+                    }
+                }
+            });
+        }
+    };
+    let mut left_in_group: Vec<usize> = by_source.iter().map(Vec::len).collect();
+    let mut next_group = 0;
+    let mut in_flight = 0;
+    while next_group < args.sources && in_flight < args.groups_in_flight {
+        open_group(next_group);
+        next_group += 1;
+        in_flight += 1;
+    }
+    let mut firsts = Vec::with_capacity(args.streams);
     while firsts.len() < args.streams {
         tokio::select! {
-            Some(t) = first_rx.recv() => firsts.push(t),
+            Some((group, t)) = first_rx.recv() => {
+                firsts.push(t);
+                left_in_group[group] -= 1;
+                if left_in_group[group] == 0 && next_group < args.sources {
+                    open_group(next_group);
+                    next_group += 1;
+                }
+            }
             Some(e) = err_rx.recv() => bail!("stream failed: {e}"),
         }
     }
+    drop((first_tx, rot_tx, err_tx));
     let served = firsts.iter().max().copied().unwrap_or_default();
     let (rss1, cpu1) = proc_stats(pid);
     println!(
@@ -201,8 +311,9 @@ async fn main() -> anyhow::Result<()> {
         args.streams as f64 / served.as_secs_f64()
     );
     println!(
-        "  control plane RSS {} MiB, CPU {:.2} s",
+        "  control plane RSS {} MiB ({:.1} KiB per connection above idle), CPU {:.2} s",
         rss1 / 1024,
+        (rss1.saturating_sub(rss0)) as f64 / connections as f64,
         cpu1 - cpu0
     );
 

@@ -2,12 +2,12 @@
 //! server's SPIFFE ID (`spiffe://<td>/trellis/control`) against a bundle. Used by the demo, the
 //! load example and tests; the sidecar has its own client with reconnects.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint};
 use trellis_identity::tls::{
@@ -39,6 +39,18 @@ pub async fn connect(
     server_id: SpiffeId,
     svid: Option<Arc<SvidResolver>>,
 ) -> Result<Channel, ClientError> {
+    connect_from(addr, None, bundle, server_id, svid).await
+}
+
+/// [`connect`] from the local address `source` (a load test spreads 100,000 connections over
+/// many loopback addresses: one source address has ~28,000 ephemeral ports per destination).
+pub async fn connect_from(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    bundle: TrustBundle,
+    server_id: SpiffeId,
+    svid: Option<Arc<SvidResolver>>,
+) -> Result<Channel, ClientError> {
     let verifier = SpiffeServerVerifier::new(
         Arc::new(ArcSwap::from_pointee(bundle)),
         PeerMatch::Exact(server_id),
@@ -53,7 +65,17 @@ pub async fn connect(
         .connect_with_connector(tower::service_fn(move |_uri| {
             let connector = connector.clone();
             async move {
-                let tcp = TcpStream::connect(addr).await?;
+                let tcp = match source {
+                    None => TcpStream::connect(addr).await?,
+                    Some(source) => {
+                        let socket = match source {
+                            IpAddr::V4(_) => TcpSocket::new_v4()?,
+                            IpAddr::V6(_) => TcpSocket::new_v6()?,
+                        };
+                        socket.bind(SocketAddr::new(source, 0))?;
+                        socket.connect(addr).await?
+                    }
+                };
                 let _ = tcp.set_nodelay(true);
                 // The name is unused: the verifier checks the SPIFFE ID, not a DNS name.
                 let name = rustls::pki_types::ServerName::try_from("trellis-control")

@@ -145,6 +145,17 @@ fn system_time(unix_secs: i64) -> Option<SystemTime> {
     }
 }
 
+/// notBefore and notAfter of the certificate `der` in unix seconds; `None` if it does not
+/// parse.
+pub(crate) fn validity_secs(der: &[u8]) -> Option<(i64, i64)> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let validity = cert.validity();
+    Some((
+        validity.not_before.timestamp(),
+        validity.not_after.timestamp(),
+    ))
+}
+
 /// `t` as unix seconds (negative before 1970, saturating), as reports and error messages
 /// show certificate times.
 pub fn unix_secs(t: SystemTime) -> i64 {

@@ -370,7 +370,7 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
             cp.operator_socket.display()
         );
         tokio::select! {
-            () = shutdown_signal() => tracing::info!("signal received; shutting down"),
+            () = crate::signal::shutdown_signal() => tracing::info!("signal received; shutting down"),
             () = cp.shutdown_requested() => {
                 tracing::info!("shutdown requested on the admin endpoint; shutting down");
             }
@@ -378,22 +378,6 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
         cp.shutdown().await;
         Ok(())
     })
-}
-
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
-    }
 }
 
 #[cfg(test)]

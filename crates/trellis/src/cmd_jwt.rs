@@ -52,7 +52,7 @@ pub fn run(cmd: JwtCommand) -> ExitCode {
             ExitCode::FAILURE
         }
         Err(err) => {
-            eprintln!("error: {}", crate::describe(&err));
+            eprintln!("error: {}", crate::logging::describe(&err));
             ExitCode::from(2)
         }
     }

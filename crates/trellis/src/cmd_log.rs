@@ -138,7 +138,7 @@ pub fn run(cmd: LogCommand) -> ExitCode {
             ExitCode::FAILURE
         }
         Err(Stop::Usage(err)) => {
-            eprintln!("error: {}", crate::describe(&err));
+            eprintln!("error: {}", crate::logging::describe(&err));
             ExitCode::from(2)
         }
     }

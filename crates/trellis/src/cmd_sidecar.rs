@@ -454,7 +454,7 @@ pub fn run(args: SidecarArgs) -> anyhow::Result<()> {
             sidecar.admin_addr
         );
         tokio::select! {
-            () = crate::cmd_control::shutdown_signal() => tracing::info!("signal received; draining"),
+            () = crate::signal::shutdown_signal() => tracing::info!("signal received; draining"),
             () = sidecar.shutdown_requested() => {
                 tracing::info!("shutdown requested on the admin endpoint; draining");
             }

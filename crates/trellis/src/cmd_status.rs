@@ -42,7 +42,7 @@ pub fn run(args: StatusArgs) -> ExitCode {
     let client = match AdminClient::parse(&args.admin, args.timeout) {
         Ok(client) => client,
         Err(err) => {
-            eprintln!("error: {}", crate::describe(&err));
+            eprintln!("error: {}", crate::logging::describe(&err));
             return ExitCode::from(2);
         }
     };
@@ -59,7 +59,7 @@ pub fn run(args: StatusArgs) -> ExitCode {
     let status = match runtime.block_on(collect(&client)) {
         Ok(status) => status,
         Err(err) => {
-            eprintln!("error: {}", crate::describe(&err));
+            eprintln!("error: {}", crate::logging::describe(&err));
             return ExitCode::from(2);
         }
     };

@@ -310,7 +310,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let mut generation = a.store.subscribe();
     loop {
         tokio::select! {
-            () = crate::cmd_control::shutdown_signal() => break,
+            () = crate::signal::shutdown_signal() => break,
             changed = generation.changed() => {
                 if changed.is_err() {
                     bail!("service-a's sidecar stopped");

@@ -234,6 +234,23 @@ impl Visit for JsonVisitor {
     }
 }
 
+/// The error and its causes on one line, skipping a cause whose text the message before it
+/// already quotes (library errors name their file *and* include the OS error).
+pub fn describe(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

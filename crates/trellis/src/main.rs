@@ -15,6 +15,7 @@ mod demo;
 mod inspect;
 mod logging;
 mod operator_client;
+mod signal;
 mod timespan;
 
 use std::process::ExitCode;
@@ -99,6 +100,11 @@ fn main() -> ExitCode {
         commit: env!("TRELLIS_BUILD_COMMIT"),
     });
     let cli = Cli::parse();
+    if let Command::Sidecar(_) = cli.command {
+        // Only returns if there is nothing to hand over to (or exec failed): then the sidecar
+        // runs in this process, as it always could.
+        hand_over_to_sidecar_executable(cli.log_format);
+    }
     // Only long-running commands log; one-shot CLI commands keep stderr for their errors.
     match cli.command {
         Command::Control(_) | Command::Sidecar(_) => logging::init(cli.log_format, "info"),
@@ -135,25 +141,55 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // A JSON line when JSON logging is on, so a log pipeline does not drop the reason.
-            logging::print_error(&describe(&err));
+            logging::print_error(&logging::describe(&err));
             ExitCode::FAILURE
         }
     }
 }
 
-/// The error and its causes on one line, skipping a cause whose text the message before it
-/// already quotes (library errors name their file *and* include the OS error).
-fn describe(err: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in err.chain() {
-        let text = cause.to_string();
-        if out.contains(&text) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&text);
+/// `trellis sidecar` becomes `trellis-sidecar` (exec: same PID, arguments and environment)
+/// when that executable sits next to this one and reports the same version and commit: it
+/// holds only the sidecar's code, so an idle sidecar keeps fewer executable pages resident
+/// (see src/bin/trellis-sidecar.rs). Returns if there is none or the exec fails.
+fn hand_over_to_sidecar_executable(log_format: logging::LogFormat) {
+    use std::os::unix::process::CommandExt as _;
+    let Some(sidecar) = sidecar_executable() else {
+        return;
+    };
+    // What follows the `sidecar` subcommand; a `--log-format` given before it travels in the
+    // environment (the same flag after it is among the arguments, and wins).
+    let args: Vec<std::ffi::OsString> = std::env::args_os()
+        .skip(1)
+        .skip_while(|a| a != "sidecar")
+        .skip(1)
+        .collect();
+    let format = match log_format {
+        logging::LogFormat::Text => "text",
+        logging::LogFormat::Json => "json",
+    };
+    let err = std::process::Command::new(&sidecar)
+        .args(args)
+        .env("TRELLIS_LOG_FORMAT", format)
+        .exec();
+    eprintln!(
+        "warning: cannot run {}: {err}; running the sidecar in this process",
+        sidecar.display()
+    );
+}
+
+/// `trellis-sidecar` next to this executable, if it reports this build's version and commit
+/// (a stale one left from an older build is never run).
+fn sidecar_executable() -> Option<std::path::PathBuf> {
+    let here = std::env::current_exe().ok()?;
+    let candidate = here.with_file_name("trellis-sidecar");
+    if !candidate.is_file() {
+        return None;
     }
-    out
+    let out = std::process::Command::new(&candidate)
+        .arg("--version")
+        .output()
+        .ok()?;
+    let printed = String::from_utf8(out.stdout).ok()?;
+    let version = printed.trim().strip_prefix("trellis-sidecar ")?;
+    (out.status.success() && version == LONG_VERSION).then_some(candidate)
 }

@@ -268,6 +268,10 @@ fn startup_refuses_bad_token_setups_naming_the_cause() -> anyhow::Result<()> {
     // Wrong PIN: named as such, with the file, never the PIN.
     let bad_pin = dir.path().join("wrong-pin");
     std::fs::write(&bad_pin, "999999\n")?;
+    std::fs::set_permissions(
+        &bad_pin,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
     let err = must_fail(
         &hsm,
         dir.path(),

@@ -31,7 +31,7 @@ pub enum KeyError {
         /// The loader's or module's error.
         reason: String,
     },
-    /// The PIN file cannot be read or is empty.
+    /// The PIN file cannot be read, is empty, or other users can read it.
     #[error("PKCS#11 PIN file {path}: {problem}")]
     PinFile {
         /// The file.

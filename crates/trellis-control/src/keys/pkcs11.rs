@@ -242,6 +242,14 @@ fn read_pin(path: &Path) -> Result<AuthPin, KeyError> {
         path: path.to_path_buf(),
         problem,
     };
+    // A PIN other local users can read is as good as leaked, like a CA key file.
+    let meta = std::fs::metadata(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    if let Some(mode) = crate::ca::exposed_secret_mode(&meta) {
+        return Err(err(format!(
+            "mode {mode:04o} is readable by others; run chmod 600 {}",
+            path.display()
+        )));
+    }
     let raw = Zeroizing::new(std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?);
     let text = std::str::from_utf8(&raw).map_err(|_| err("not UTF-8 text".into()))?;
     let pin = text.trim_end_matches(['\r', '\n']);
@@ -610,5 +618,23 @@ mod tests {
         assert_eq!(uncompressed_point(&bare).as_deref(), Some(&bare[..]));
         assert_eq!(uncompressed_point(&wrapped).as_deref(), Some(&bare[..]));
         assert_eq!(uncompressed_point(&bare[..33]), None);
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn a_pin_file_others_can_read_is_refused_with_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pin");
+        std::fs::write(&path, "4711\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = read_pin(&path).err().unwrap().to_string();
+        assert!(err.contains("mode 0644 is readable by others"), "{err}");
+        assert!(
+            err.contains(&format!("chmod 600 {}", path.display())),
+            "{err}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(read_pin(&path).is_ok());
     }
 }

@@ -62,6 +62,12 @@ fn hsm() -> Option<&'static Hsm> {
         }
         let pin_file = dir.join("pin");
         std::fs::write(&pin_file, format!("{PIN}\n")).unwrap();
+        // The control plane refuses a PIN file others can read.
+        std::fs::set_permissions(
+            &pin_file,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
         Some(Hsm { dir, pin_file })
     })
     .as_ref()
@@ -122,6 +128,7 @@ fn wrong_pin_is_named() {
     let Some(h) = hsm() else { return };
     let bad = h.dir.join("bad-pin");
     std::fs::write(&bad, "0000\n").unwrap();
+    std::fs::set_permissions(&bad, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let ring = ring(h, &bad, Counter::default()).unwrap();
     let err = ring.token(Some(PIN_TOKEN)).err().unwrap().to_string();
     assert!(err.contains("refused the PIN"), "{err}");

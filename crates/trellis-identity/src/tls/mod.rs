@@ -18,7 +18,7 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-use crate::verify::verify_leaf;
+use self::verified::VerifiedChains;
 use crate::{SpiffeId, Svid, SvidError, TrustBundle, Usage};
 
 /// The bundle shared between the updater and every handshake.
@@ -239,6 +239,7 @@ pub struct SpiffeServerVerifier {
     bundle: SharedBundle,
     expected: PeerMatch,
     provider: Arc<CryptoProvider>,
+    verified: VerifiedChains,
 }
 
 impl SpiffeServerVerifier {
@@ -248,6 +249,7 @@ impl SpiffeServerVerifier {
             bundle,
             expected,
             provider: provider(),
+            verified: VerifiedChains::default(),
         })
     }
 }
@@ -259,6 +261,7 @@ pub struct SpiffeClientVerifier {
     bundle: SharedBundle,
     optional: bool,
     provider: Arc<CryptoProvider>,
+    verified: VerifiedChains,
 }
 
 impl SpiffeClientVerifier {
@@ -268,6 +271,7 @@ impl SpiffeClientVerifier {
             bundle,
             optional,
             provider: provider(),
+            verified: VerifiedChains::default(),
         })
     }
 }
@@ -283,14 +287,16 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         // One snapshot of the bundle for the whole check, even if it is swapped meanwhile.
         let bundle = self.bundle.load();
-        let presented = verify_leaf(
-            end_entity,
-            intermediates,
-            &bundle,
-            system_time(now),
-            Usage::Server,
-        )
-        .map_err(to_rustls)?;
+        let presented = self
+            .verified
+            .verify(
+                end_entity,
+                intermediates,
+                &bundle,
+                Usage::Server,
+                system_time(now),
+            )
+            .map_err(to_rustls)?;
         if let PeerMatch::Exact(expected) = &self.expected {
             if *expected != presented {
                 return Err(to_rustls(SvidError::WrongIdentity {
@@ -326,14 +332,15 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let bundle = self.bundle.load();
-        verify_leaf(
-            end_entity,
-            intermediates,
-            &bundle,
-            system_time(now),
-            Usage::Client,
-        )
-        .map_err(to_rustls)?;
+        self.verified
+            .verify(
+                end_entity,
+                intermediates,
+                &bundle,
+                Usage::Client,
+                system_time(now),
+            )
+            .map_err(to_rustls)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -610,3 +617,4 @@ pub fn peer_spiffe_id(
 
 #[cfg(test)]
 mod tests;
+mod verified;

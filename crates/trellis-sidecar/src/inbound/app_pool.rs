@@ -248,14 +248,15 @@ mod tests {
             AppProtocol::Http1,
         ));
         let front = front(pool.clone()).await;
-        let callers: Vec<_> = (0..8)
-            .map(|_| tokio::spawn(get_many(front, 50)))
-            .collect();
+        let callers: Vec<_> = (0..8).map(|_| tokio::spawn(get_many(front, 50))).collect();
         for caller in callers {
             caller.await.unwrap();
         }
         let opened = accepted.load(Ordering::SeqCst);
-        assert!(opened <= 8, "400 requests from 8 callers opened {opened} app connections");
+        assert!(
+            opened <= 8,
+            "400 requests from 8 callers opened {opened} app connections"
+        );
         assert_eq!(pool.idle_len() as u64, opened);
     }
 }

@@ -23,7 +23,7 @@ pub(super) fn compile(files: &[PathBuf]) -> anyhow::Result<CompiledPolicy> {
 
 /// Prints `err` and returns the bad-input exit code (2).
 pub(super) fn bad_input(err: &anyhow::Error) -> ExitCode {
-    crate::logging::print_error(&crate::describe(err));
+    crate::logging::print_error(&crate::logging::describe(err));
     ExitCode::from(BAD_INPUT)
 }
 

@@ -93,7 +93,7 @@ pub fn run(cmd: PolicyCommand) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            crate::logging::print_error(&crate::describe(&err));
+            crate::logging::print_error(&crate::logging::describe(&err));
             ExitCode::FAILURE
         }
     }

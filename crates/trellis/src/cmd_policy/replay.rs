@@ -128,7 +128,7 @@ pub fn run(args: ReplayArgs) -> ExitCode {
         match read {
             Ok((name, 0)) => bad_logs.push(format!("{name}: the log is empty")),
             Ok(_) => {}
-            Err(e) => bad_logs.push(crate::describe(&e)),
+            Err(e) => bad_logs.push(crate::logging::describe(&e)),
         }
         if problems.stopped {
             break;

@@ -41,7 +41,7 @@ pub fn run(args: TestArgs) -> ExitCode {
             Ok(loaded) => loaded,
             Err(e) => {
                 bad += 1;
-                crate::logging::print_error(&crate::describe(&e));
+                crate::logging::print_error(&crate::logging::describe(&e));
                 continue;
             }
         };

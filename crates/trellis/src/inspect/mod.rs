@@ -79,7 +79,7 @@ pub fn run(args: InspectArgs) -> ExitCode {
         match runtime.block_on(inspect_via_admin(admin, &args)) {
             Ok(report) => report,
             Err(err) => {
-                eprintln!("error: {}", crate::describe(&err));
+                eprintln!("error: {}", crate::logging::describe(&err));
                 return ExitCode::from(2);
             }
         }
@@ -87,7 +87,7 @@ pub fn run(args: InspectArgs) -> ExitCode {
         let (target, opts) = match prepare(&args) {
             Ok(prepared) => prepared,
             Err(err) => {
-                eprintln!("error: {}", crate::describe(&err));
+                eprintln!("error: {}", crate::logging::describe(&err));
                 return ExitCode::from(2);
             }
         };
