@@ -73,9 +73,6 @@ impl OwnSvidCheck {
             OwnSvidCheck::Mismatch => "mismatch",
         }
     }
-
-    /// Every label, for pre-created metric series.
-    pub const ALL: [&'static str; 3] = ["proven", "missing", "mismatch"];
 }
 
 /// The witness state of one sidecar, shared by the SDS client and the admin endpoint.
@@ -304,6 +301,19 @@ mod tests {
     use trellis_transparency::{
         leaf_hash, IssuanceEntry, LogBody, LogEntry, LogPublicKey, MerkleTree, SignedTreeHead,
     };
+
+    #[test]
+    fn every_check_result_has_a_pre_created_metric_series() {
+        let labels: Vec<&str> = [
+            OwnSvidCheck::Proven,
+            OwnSvidCheck::Missing,
+            OwnSvidCheck::Mismatch,
+        ]
+        .into_iter()
+        .map(OwnSvidCheck::as_str)
+        .collect();
+        assert_eq!(labels, crate::metrics::OWN_SVID_CHECK_RESULTS);
+    }
 
     /// A control plane's log, as far as a witness can tell: a key, a tree, signed heads.
     struct Log {

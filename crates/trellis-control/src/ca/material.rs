@@ -4,7 +4,7 @@
 
 use std::fs::{DirBuilder, OpenOptions};
 use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -167,7 +167,7 @@ impl Ca {
             path: key.to_path_buf(),
             source,
         })?;
-        if let Some(mode) = exposed_secret_mode(&meta) {
+        if let Some(mode) = crate::keys::secret_file::exposed_secret_mode(&meta) {
             return Err(CaError::Invalid {
                 path: key.to_path_buf(),
                 problem: format!(
@@ -761,17 +761,6 @@ pub(super) fn uri_sans<'a>(c: &'a X509Certificate<'_>) -> Vec<&'a str> {
 /// An uncompressed SEC1 point of P-256 size. With the CSR's ecdsa-with-SHA256 signature
 /// already verified by aws-lc-rs under the SPKI's own curve, a 65-byte point means P-256 (a P-384
 /// point is 97 bytes).
-/// The permission bits of a secret file (a key, a PIN) that users other than its owner may
-/// read, or `None` when it is private enough. One exception, PostgreSQL's rule for its TLS key
-/// ("if owned by root, require 0640 or less"): a root-owned file may be readable by its group.
-/// That is how Kubernetes mounts a Secret for a non-root pod: root:<fsGroup>, defaultMode plus
-/// group read.
-pub(crate) fn exposed_secret_mode(meta: &std::fs::Metadata) -> Option<u32> {
-    let mode = meta.mode() & 0o7777;
-    let root_owned_group_read = meta.uid() == 0 && mode & 0o037 == 0;
-    (mode & 0o077 != 0 && !root_owned_group_read).then_some(mode)
-}
-
 fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
     let err = |source| CaError::Write {
         path: path.to_path_buf(),
@@ -803,7 +792,7 @@ mod tests {
                 .unwrap();
             Ca::from_files(&td(), &files.intermediate_cert, key, Some(&files.bundle))
         };
-        let root_owned = std::fs::metadata(key).unwrap().uid() == 0;
+        let root_owned = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(key).unwrap()) == 0;
         assert!(load(0o600).is_ok());
         assert!(load(0o400).is_ok());
         // Kubernetes' Secret volume with fsGroup: root:<fsGroup> 0440 (root-owned only when

@@ -34,8 +34,6 @@ use zeroize::Zeroize as _;
 mod material;
 mod server_cert;
 
-pub(crate) use material::exposed_secret_mode;
-
 /// Backdating of notBefore, so a peer whose clock is a little behind accepts a fresh cert.
 pub(crate) const CLOCK_SKEW: Duration = Duration::from_secs(60);
 

@@ -13,6 +13,7 @@
 
 mod error;
 pub mod pkcs11;
+pub(crate) mod secret_file;
 mod sig;
 mod uri;
 

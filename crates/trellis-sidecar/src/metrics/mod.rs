@@ -745,6 +745,10 @@ fn encode_histograms(
     Ok(())
 }
 
+/// Every `result` of `trellis_log_own_svid_checks_total` (`log_witness::OwnSvidCheck`'s
+/// labels), pre-created at 0 so an alert sees the series before the first check.
+pub const OWN_SVID_CHECK_RESULTS: [&str; 3] = ["proven", "missing", "mismatch"];
+
 /// Every sidecar metric.
 pub struct SidecarMetrics {
     registry: Registry,
@@ -824,7 +828,7 @@ impl SidecarMetrics {
             let _ = log_witness_alarms.get_or_create(&AlarmLabel { kind });
         }
         let log_own_svid_checks = Family::<ResultLabel, Counter>::default();
-        for result in crate::log_witness::OwnSvidCheck::ALL {
+        for result in OWN_SVID_CHECK_RESULTS {
             let _ = log_own_svid_checks.get_or_create(&ResultLabel { result });
         }
         let route_requests = Family::<RouteLabel, Counter>::default();
