@@ -212,6 +212,13 @@ cargo build --locked --workspace --all-targets
 # The e2e tests run the real binary; integration tests do not build another package's binary.
 export TRELLIS_BIN="${CARGO_TARGET_DIR:-$REPO/target}/debug/trellis"
 [[ -x "$TRELLIS_BIN" ]] || { echo "error: $TRELLIS_BIN was not built" >&2; exit 1; }
+# `trellis sidecar` hands over to `trellis-sidecar` from the same build (the e2e sidecars run it).
+[[ -x "$(dirname "$TRELLIS_BIN")/trellis-sidecar" ]] || { echo "error: trellis-sidecar was not built" >&2; exit 1; }
+
+step "the README's run command picks the trellis binary (cargo run -p trellis)"
+# Two binaries in one package: without `default-run`, `cargo run -p trellis -- demo` refuses
+# to choose. --version only: the demo itself has its own end-to-end test.
+cargo run --locked -q -p trellis -- --version
 
 step "cargo clippy --locked --workspace --all-targets -- -D warnings"
 cargo clippy --locked --workspace --all-targets -- -D warnings
