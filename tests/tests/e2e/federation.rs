@@ -315,6 +315,27 @@ async fn fake_endpoint(
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
+    serve_document(config, body).await
+}
+
+/// A bundle endpoint with a Web PKI server certificate (`https_web`): `chain` for `localhost`.
+async fn web_endpoint(
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+    body: Arc<Mutex<String>>,
+) -> anyhow::Result<std::net::SocketAddr> {
+    let config = rustls::ServerConfig::builder_with_provider(trellis_identity::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    serve_document(config, body).await
+}
+
+/// Serves `body()` to every HTTPS request, with `config`.
+async fn serve_document(
+    config: rustls::ServerConfig,
+    body: Arc<Mutex<String>>,
+) -> anyhow::Result<std::net::SocketAddr> {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -792,4 +813,60 @@ async fn b_org_root_rotation_reaches_a_org_with_no_failed_request() -> anyhow::R
         Ok(())
     })
     .await
+}
+
+/// `profile: https_web`: the endpoint is checked against the system's roots (here a test root
+/// in `SSL_CERT_FILE`) and the URL's host, not a SPIFFE ID; with no system roots at all the
+/// fetch fails with an error saying so rather than an unknown issuer.
+#[tokio::test]
+async fn https_web_endpoint_is_verified_with_the_system_roots_and_none_is_named(
+) -> anyhow::Result<()> {
+    let web_root = TestCa::root("web.example");
+    let b_ca = TestCa::root("b.org");
+    let (chain, key) = web_root.issue(&LeafSpec::server("localhost"));
+    let body = Arc::new(Mutex::new(document(&[&b_ca], 1)));
+    let endpoint = web_endpoint(chain, key, Arc::clone(&body)).await?;
+    let dir = tempfile::tempdir()?;
+    let roots = dir.path().join("roots.pem");
+    std::fs::write(&roots, web_root.cert_pem())?;
+    let no_roots = dir.path().join("no-roots.pem");
+    std::fs::write(&no_roots, "")?;
+    let federate = |d: &Domain| -> anyhow::Result<()> {
+        let yaml = format!(
+            "{FAST}federation:\n  - trust_domain: b.org\n    bundle_endpoint_url: https://localhost:{}\n    profile: https_web\n",
+            endpoint.port()
+        );
+        let tmp = d.dir.path().join("control.yaml.tmp");
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, &d.config)?;
+        Ok(())
+    };
+    let with_roots = |file: &Path| ControlPlaneOpts {
+        env: vec![
+            ("SSL_CERT_FILE".into(), file.display().to_string()),
+            (
+                "SSL_CERT_DIR".into(),
+                dir.path().join("no-dir").display().to_string(),
+            ),
+        ],
+        ..ControlPlaneOpts::default()
+    };
+
+    let a = start_domain_with("a.org", None, with_roots(&roots))?;
+    federate(&a)?;
+    let d = a
+        .wait_for("b.org", "b.org fetched over https_web", fetched)
+        .await?;
+    ensure!(d["source"] == "endpoint", "{d}");
+
+    let blind = start_domain_with("a.org", None, with_roots(&no_roots))?;
+    federate(&blind)?;
+    blind
+        .wait_for("b.org", "the missing system roots named", |d| {
+            d["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("system's root certificates and none were found"))
+        })
+        .await?;
+    Ok(())
 }

@@ -109,6 +109,31 @@ pub async fn fetch(
     }
 }
 
+/// The system's root certificates (`https_web`). Read off the async threads (it is file I/O),
+/// and refused when there are none: every fetch would otherwise fail with an unknown issuer.
+async fn system_roots() -> Result<rustls::RootCertStore, FetchError> {
+    let loaded = tokio::task::spawn_blocking(rustls_native_certs::load_native_certs)
+        .await
+        .map_err(|e| FetchError::Tls(format!("cannot read the system root certificates: {e}")))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in loaded.certs {
+        let _ = roots.add(cert);
+    }
+    if roots.is_empty() {
+        let why = loaded
+            .errors
+            .first()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default();
+        return Err(FetchError::Tls(format!(
+            "the https_web profile needs the system's root certificates and none were found{why}: \
+             install them (Debian: the ca-certificates package), point SSL_CERT_FILE at a PEM \
+             bundle, or use the https_spiffe profile"
+        )));
+    }
+    Ok(roots)
+}
+
 async fn fetch_inner(
     td: &TrustDomain,
     url: &EndpointUrl,
@@ -128,10 +153,7 @@ async fn fetch_inner(
                 .map_err(|e| FetchError::Tls(e.to_string()))?
         }
         Profile::HttpsWeb => {
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in rustls_native_certs::load_native_certs().certs {
-                let _ = roots.add(cert);
-            }
+            let roots = system_roots().await?;
             let mut config = rustls::ClientConfig::builder_with_provider(
                 trellis_identity::tls::policy_provider(TlsPolicy::Tls12Plus),
             )
