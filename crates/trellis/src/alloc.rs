@@ -34,6 +34,16 @@ pub fn compiled_options() -> Option<&'static str> {
         .filter(|c| !c.is_empty())
 }
 
+/// Logs the options jemalloc runs with, and warns when a build went without them.
+pub fn log_options() {
+    match compiled_options() {
+        Some(options) => tracing::debug!(options, "jemalloc"),
+        None => tracing::warn!(
+            "jemalloc was built without the options in .cargo/config.toml: memory freed after a burst may not return to the OS"
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

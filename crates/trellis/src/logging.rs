@@ -234,6 +234,18 @@ impl Visit for JsonVisitor {
     }
 }
 
+/// The exit code of a command that reports failure only as an error: the error goes to
+/// stderr (a JSON line when JSON logging is on, so a log pipeline does not drop the reason).
+pub fn exit_code(result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            print_error(&describe(&err));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// The error and its causes on one line, skipping a cause whose text the message before it
 /// already quotes (library errors name their file *and* include the OS error).
 pub fn describe(err: &anyhow::Error) -> String {

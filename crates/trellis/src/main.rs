@@ -2,6 +2,7 @@
 
 mod admin_client;
 mod alloc;
+mod build_version;
 mod cmd_ca;
 mod cmd_control;
 mod cmd_inject;
@@ -27,7 +28,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "trellis",
     version,
-    long_version = LONG_VERSION,
+    long_version = build_version::LONG_VERSION,
     about,
     propagate_version = true
 )]
@@ -85,20 +86,8 @@ enum Command {
     Demo(demo::DemoArgs),
 }
 
-/// `trellis --version`: the release and the commit it was built from (build.rs).
-const LONG_VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (commit ",
-    env!("TRELLIS_BUILD_COMMIT"),
-    ")"
-);
-
 fn main() -> ExitCode {
-    // `trellis_build_info{version,commit}` on both /metrics reads this.
-    trellis_serve::build_info::set(trellis_serve::build_info::BuildInfo {
-        version: env!("CARGO_PKG_VERSION"),
-        commit: env!("TRELLIS_BUILD_COMMIT"),
-    });
+    build_version::record();
     let cli = Cli::parse();
     if let Command::Sidecar(_) = cli.command {
         // Only returns if there is nothing to hand over to (or exec failed): then the sidecar
@@ -112,12 +101,7 @@ fn main() -> ExitCode {
         Command::Demo(_) => logging::init(cli.log_format, "warn"),
         _ => {}
     }
-    match alloc::compiled_options() {
-        Some(options) => tracing::debug!(options, "jemalloc"),
-        None => tracing::warn!(
-            "jemalloc was built without the options in .cargo/config.toml: memory freed after a burst may not return to the OS"
-        ),
-    }
+    alloc::log_options();
     let result = match cli.command {
         Command::Control(args) => cmd_control::run(args),
         Command::Sidecar(args) => cmd_sidecar::run(args),
@@ -137,14 +121,7 @@ fn main() -> ExitCode {
         // Its own exit codes: 1 is a refused token, 2 bad usage.
         Command::Jwt(cmd) => return cmd_jwt::run(cmd),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            // A JSON line when JSON logging is on, so a log pipeline does not drop the reason.
-            logging::print_error(&logging::describe(&err));
-            ExitCode::FAILURE
-        }
-    }
+    logging::exit_code(result)
 }
 
 /// `trellis sidecar` becomes `trellis-sidecar` (exec: same PID, arguments and environment)
@@ -191,5 +168,5 @@ fn sidecar_executable() -> Option<std::path::PathBuf> {
         .ok()?;
     let printed = String::from_utf8(out.stdout).ok()?;
     let version = printed.trim().strip_prefix("trellis-sidecar ")?;
-    (out.status.success() && version == LONG_VERSION).then_some(candidate)
+    (out.status.success() && version == build_version::LONG_VERSION).then_some(candidate)
 }

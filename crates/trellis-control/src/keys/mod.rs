@@ -247,11 +247,8 @@ mod tests {
         UnparsedPublicKey, ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_FIXED,
     };
 
-    #[test]
-    fn memory_key_signs_in_both_encodings() {
-        let key =
-            SigningKey::memory(KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap());
-        let msg = b"tree head";
+    /// `key` signs `msg` verifiably with its public key, DER (X.509) and fixed (JWS) alike.
+    pub(super) fn assert_signs_in_both_encodings(key: &SigningKey, msg: &[u8]) {
         let der = key.sign_der(msg).unwrap();
         UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, key.public_key_raw())
             .verify(msg, &der)
@@ -260,6 +257,13 @@ mod tests {
         UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, key.public_key_raw())
             .verify(msg, &fixed)
             .unwrap();
+    }
+
+    #[test]
+    fn memory_key_signs_in_both_encodings() {
+        let key =
+            SigningKey::memory(KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap());
+        assert_signs_in_both_encodings(&key, b"tree head");
         assert!(!key.is_token());
         assert_eq!(key.source(), "memory");
     }

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
-use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_FIXED};
+use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1};
 use prometheus_client::metrics::counter::Counter;
 
 use super::*;
@@ -99,15 +99,7 @@ fn token_key_signs_and_verifies_in_both_encodings() {
         .token_key(&uri(MAIN, "sign-test"))
         .unwrap();
     assert!(key.is_token());
-    let msg = b"signed inside the token";
-    let der = key.sign_der(msg).unwrap();
-    UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, key.public_key_raw())
-        .verify(msg, &der)
-        .unwrap();
-    let fixed = key.sign_fixed(msg).unwrap();
-    UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, key.public_key_raw())
-        .verify(msg, &fixed)
-        .unwrap();
+    super::tests::assert_signs_in_both_encodings(&key, b"signed inside the token");
 }
 
 #[test]

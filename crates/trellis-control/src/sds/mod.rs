@@ -371,16 +371,21 @@ impl From<CaError> for IssueFail {
 /// `node.metadata` key under which a client sends a PEM CSR (keys never leave the workload).
 pub const CSR_METADATA_KEY: &str = "trellis.io/csr";
 
-/// The CSR a request carries, if any.
-fn request_csr(req: &DiscoveryRequest) -> Option<&str> {
-    let field = req
-        .node
+/// The value of `node.metadata[key]` in a request, if there is one.
+fn node_metadata<'a>(req: &'a DiscoveryRequest, key: &str) -> Option<&'a prost_types::value::Kind> {
+    req.node
         .as_ref()?
         .metadata
         .as_ref()?
         .fields
-        .get(CSR_METADATA_KEY)?;
-    match field.kind.as_ref()? {
+        .get(key)?
+        .kind
+        .as_ref()
+}
+
+/// The CSR a request carries, if any.
+fn request_csr(req: &DiscoveryRequest) -> Option<&str> {
+    match node_metadata(req, CSR_METADATA_KEY)? {
         prost_types::value::Kind::StringValue(s) => Some(s.as_str()),
         _ => None,
     }
@@ -388,14 +393,7 @@ fn request_csr(req: &DiscoveryRequest) -> Option<&str> {
 
 /// The log size a witness reports in `node.metadata` (a number), if any.
 fn request_witnessed_size(req: &DiscoveryRequest) -> Option<u64> {
-    let field = req
-        .node
-        .as_ref()?
-        .metadata
-        .as_ref()?
-        .fields
-        .get(trellis_transparency::WITNESSED_SIZE_METADATA_KEY)?;
-    match field.kind.as_ref()? {
+    match node_metadata(req, trellis_transparency::WITNESSED_SIZE_METADATA_KEY)? {
         // JSON numbers are doubles: exact up to 2^53 entries, far beyond any log.
         prost_types::value::Kind::NumberValue(n) if *n >= 0.0 && n.fract() == 0.0 => {
             Some(*n as u64)
@@ -407,14 +405,7 @@ fn request_witnessed_size(req: &DiscoveryRequest) -> Option<u64> {
 /// The serial a witness reports holding in `node.metadata` (hex, at most 20 bytes as RFC 5280
 /// allows a serial), lowercased; anything else is ignored.
 fn request_held_serial(req: &DiscoveryRequest) -> Option<Arc<str>> {
-    let field = req
-        .node
-        .as_ref()?
-        .metadata
-        .as_ref()?
-        .fields
-        .get(trellis_transparency::HELD_SERIAL_METADATA_KEY)?;
-    match field.kind.as_ref()? {
+    match node_metadata(req, trellis_transparency::HELD_SERIAL_METADATA_KEY)? {
         prost_types::value::Kind::StringValue(s)
             if (1..=40).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit()) =>
         {

@@ -9,6 +9,8 @@
 
 #[path = "../alloc.rs"]
 mod alloc;
+#[path = "../build_version.rs"]
+mod build_version;
 #[path = "../cmd_sidecar.rs"]
 mod cmd_sidecar;
 #[path = "../logging.rs"]
@@ -22,7 +24,7 @@ use clap::Parser;
 
 /// A Trellis sidecar: mTLS between workloads, plain HTTP to the app (`trellis sidecar`).
 #[derive(Parser)]
-#[command(name = "trellis-sidecar", version, long_version = LONG_VERSION, about)]
+#[command(name = "trellis-sidecar", version, long_version = build_version::LONG_VERSION, about)]
 struct Cli {
     /// Log format on stderr: `text` or `json`, as `trellis --log-format`.
     #[arg(long, value_enum, default_value = "text", env = "TRELLIS_LOG_FORMAT")]
@@ -31,32 +33,10 @@ struct Cli {
     args: cmd_sidecar::SidecarArgs,
 }
 
-/// The same string as `trellis --version`: `trellis sidecar` compares the two before handing
-/// over, so a stale `trellis-sidecar` left next to a newer `trellis` is never run.
-const LONG_VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (commit ",
-    env!("TRELLIS_BUILD_COMMIT"),
-    ")"
-);
-
 fn main() -> ExitCode {
-    trellis_serve::build_info::set(trellis_serve::build_info::BuildInfo {
-        version: env!("CARGO_PKG_VERSION"),
-        commit: env!("TRELLIS_BUILD_COMMIT"),
-    });
+    build_version::record();
     let cli = Cli::parse();
     logging::init(cli.log_format, "info");
-    if alloc::compiled_options().is_none() {
-        tracing::warn!(
-            "jemalloc was built without the options in .cargo/config.toml: memory freed after a burst may not return to the OS"
-        );
-    }
-    match cmd_sidecar::run(cli.args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            logging::print_error(&logging::describe(&err));
-            ExitCode::FAILURE
-        }
-    }
+    alloc::log_options();
+    logging::exit_code(cmd_sidecar::run(cli.args))
 }
