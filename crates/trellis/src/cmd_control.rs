@@ -345,6 +345,9 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
     // The `federation:` list of this file is reloaded when the file changes.
     settings.config_path = config_path;
     trellis_identity::tls::install_key_exchange(settings.tls_key_exchange)?;
+    // One HTTP/2 connection per sidecar, nearly all idle between pushes: drop their codec
+    // buffers while idle (the patched h2 in third_party/; ~8 KiB less per sidecar).
+    h2::release_idle_buffers(true);
     // Issuance and attestation run on the blocking pool; a small pool keeps a burst of
     // thousands of streams from spawning hundreds of threads (and their malloc arenas).
     let runtime = tokio::runtime::Builder::new_multi_thread()
