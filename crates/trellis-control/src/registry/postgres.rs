@@ -10,6 +10,11 @@
 //!   rotations are added under another, so ids become visible in order;
 //! - a token's verifier is stored as its SHA-256, never in clear (its selector is the key).
 //!
+//! One file for one job, the PostgreSQL side of [`super::Registry`]: it is as long as the
+//! registry is wide (tokens, issuances, CA rotations, JWT keys, federated bundles, log entries and
+//! heads), one statement or transaction per method, and splitting it by table would only move
+//! the connection thread below into a third file every part imports.
+//!
 //! The `postgres` client runs a small tokio runtime of its own and must not be driven from
 //! a thread that is running async tasks (it would panic), nor dropped there. So each
 //! connection lives on a dedicated thread, and callers hand it closures over a channel and
