@@ -200,6 +200,17 @@ impl LogWitness {
         let held = lock(&self.held);
         let current = held.front()?;
         let Some(proof) = proof else {
+            if self
+                .proven
+                .load()
+                .as_ref()
+                .is_some_and(|p| p.serial_hex == current.serial_hex)
+            {
+                // Proven under an earlier head this witness verified; this head was proven
+                // consistent with it, so the entry is still there. The control plane sends the
+                // proof once per SVID and stream, not with every head.
+                return None;
+            }
             tracing::debug!(
                 serial = current.serial_hex,
                 tree_size = head.tree_size,
@@ -516,6 +527,27 @@ mod tests {
             alarm.message
         );
         assert_eq!(w.witnessed_size(), Some(3));
+    }
+
+    #[test]
+    fn a_head_without_a_proof_after_the_held_svid_was_proven_counts_nothing() {
+        let ca = TestCa::root("example.org");
+        let (mut log, w) = (Log::new(), witness());
+        let svid = ca.svid("/ns/prod/sa/web");
+        w.hold(&svid);
+        let index = log.log(&svid);
+        w.observe(&log.message(None, Some((svid.serial_hex(), index))));
+        assert_eq!(checks(&w, "proven"), 1);
+        // Later heads (a bundle push, a new entry) come without the proof: nothing to count.
+        log.log(&ca.svid("/ns/prod/sa/db"));
+        w.observe(&log.message(Some(1), None));
+        assert_eq!(w.witnessed_size(), Some(2));
+        assert_eq!(checks(&w, "missing") + checks(&w, "mismatch"), 0);
+        assert_eq!(w.to_json()["own_svid"]["current_proven"], true);
+        // A rotated SVID without its proof is missing again.
+        w.hold(&ca.svid("/ns/prod/sa/web"));
+        w.observe(&log.message(Some(2), None));
+        assert_eq!(checks(&w, "missing"), 1);
     }
 
     #[test]

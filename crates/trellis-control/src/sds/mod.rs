@@ -703,7 +703,7 @@ impl StreamDriver {
                     // rotation. Nothing else changes (the client installs nothing new).
                     match self
                         .core
-                        .log_head(self.witnessed, self.held_serial.as_ref(), &self.attested.spiffe_id)
+                        .log_head(self.witnessed, self.unproven_serial(), &self.attested.spiffe_id)
                         .await
                     {
                         Some(head) if head.proven => {
@@ -736,7 +736,7 @@ impl StreamDriver {
                     self.core
                         .log_head(
                             self.witnessed,
-                            self.held_serial.as_ref(),
+                            self.unproven_serial(),
                             &self.attested.spiffe_id,
                         )
                         .await
@@ -800,6 +800,15 @@ impl StreamDriver {
             }
         }
         Ok(reason)
+    }
+
+    /// The held SVID's serial while this stream has not yet sent its inclusion proof: once
+    /// sent, later heads go without it (the client checks each head's consistency with the
+    /// one it proved against), which spares two registry reads per stream and push.
+    fn unproven_serial(&self) -> Option<&Arc<str>> {
+        self.held_serial
+            .as_ref()
+            .filter(|held| self.proven_serial.as_ref() != Some(*held))
     }
 
     /// Starts waiting for a head that covers the held SVID, unless its proof was sent.

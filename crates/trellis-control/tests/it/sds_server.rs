@@ -679,4 +679,16 @@ async fn the_held_svids_inclusion_proof_is_pushed_once_a_head_covers_it() {
         .await
         .unwrap();
     assert!(s.next(Duration::from_secs(2)).await.unwrap().is_none());
+    // Later responses carry the head without the proof: it goes once per SVID and stream
+    // (each would cost two registry reads), and the client checks each head's consistency.
+    let fewer = ["default", "trellis-log-head"];
+    s.tx.send(holding(&fewer, &second, svid.serial_hex()))
+        .await
+        .unwrap();
+    let third = s
+        .next(Duration::from_secs(3))
+        .await
+        .unwrap()
+        .expect("a response to the changed subscription");
+    assert!(log_head_of(&third).own_svid.is_none());
 }
