@@ -155,7 +155,8 @@ fn hand_over_to_sidecar_executable(log_format: logging::LogFormat) {
 }
 
 /// `trellis-sidecar` next to this executable, if it reports this build's version and commit
-/// (a stale one left from an older build is never run).
+/// (a stale one left from an older build is never run, and said so: the sidecar then costs
+/// the whole binary's resident pages).
 fn sidecar_executable() -> Option<std::path::PathBuf> {
     let here = std::env::current_exe().ok()?;
     let candidate = here.with_file_name("trellis-sidecar");
@@ -164,9 +165,20 @@ fn sidecar_executable() -> Option<std::path::PathBuf> {
     }
     let out = std::process::Command::new(&candidate)
         .arg("--version")
-        .output()
-        .ok()?;
-    let printed = String::from_utf8(out.stdout).ok()?;
-    let version = printed.trim().strip_prefix("trellis-sidecar ")?;
-    (out.status.success() && version == build_version::LONG_VERSION).then_some(candidate)
+        .output();
+    let version = out.as_ref().ok().and_then(|out| {
+        let printed = String::from_utf8_lossy(&out.stdout);
+        let version = printed.trim().strip_prefix("trellis-sidecar ")?.to_owned();
+        out.status.success().then_some(version)
+    });
+    if version.as_deref() == Some(build_version::LONG_VERSION) {
+        return Some(candidate);
+    }
+    eprintln!(
+        "warning: {} is not from this build ({}); running the sidecar in this process: install \
+         both executables from one build, or remove it",
+        candidate.display(),
+        version.as_deref().unwrap_or("its --version failed")
+    );
+    None
 }

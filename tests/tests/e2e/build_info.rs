@@ -82,3 +82,57 @@ async fn control_plane_and_sidecar_export_their_version_and_commit() -> anyhow::
     })
     .await
 }
+
+/// `trellis sidecar` hands over to a `trellis-sidecar` next to it only when that one reports
+/// the same build; a stale one is named in a warning and the sidecar runs in-process.
+#[test]
+fn trellis_sidecar_is_exec_ed_only_when_it_is_from_the_same_build() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let (version, commit) = version_and_commit()?;
+    let dir = tempfile::tempdir()?;
+    let trellis = dir.path().join("trellis");
+    // A copy, not a link: the hand-over looks next to the resolved executable.
+    std::fs::copy(trellis_bin(), &trellis)?;
+    let stand_in = dir.path().join("trellis-sidecar");
+    let run = |reported: &str| -> anyhow::Result<(String, String)> {
+        // Answers --version like the real one, and says what it was run with otherwise.
+        std::fs::write(
+            &stand_in,
+            format!(
+                "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'trellis-sidecar {reported}'; exit 0; fi\necho \"handed over: $* format=$TRELLIS_LOG_FORMAT\"\n"
+            ),
+        )?;
+        std::fs::set_permissions(&stand_in, std::fs::Permissions::from_mode(0o755))?;
+        let mut cmd = Command::new(&trellis);
+        cmd.args([
+            "--log-format",
+            "json",
+            "sidecar",
+            "--config",
+            "/nonexistent/sidecar.yaml",
+        ]);
+        let out = run_with_timeout(cmd, COMMAND_TIMEOUT)?;
+        Ok((
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+
+    let (stdout, stderr) = run(&format!("{version} (commit {commit})"))?;
+    ensure!(
+        stdout.trim() == "handed over: --config /nonexistent/sidecar.yaml format=json",
+        "same build: exec'ed with the arguments after `sidecar`; stdout {stdout:?}, stderr {stderr:?}"
+    );
+
+    let (stdout, stderr) = run("0.0.0 (commit 000000000000)")?;
+    ensure!(
+        !stdout.contains("handed over"),
+        "a stale trellis-sidecar must not run: {stdout:?}"
+    );
+    ensure!(
+        stderr.contains("is not from this build (0.0.0 (commit 000000000000))")
+            && stderr.contains("/nonexistent/sidecar.yaml"),
+        "warned, then the in-process sidecar reads (and refuses) the config: {stderr:?}"
+    );
+    Ok(())
+}
