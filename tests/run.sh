@@ -107,6 +107,12 @@ mapfile -t DOC_FILES < <(ls README.md docs/*.md 2>/dev/null)
 step "relative links in ${DOC_FILES[*]}"
 python3 tests/tools/check_links.py "${DOC_FILES[@]}"
 
+# --- The transparency log's independent verifier: Certificate Transparency's RFC 9162 vectors --
+# The e2e tests check served proofs with tests/tools/rfc9162.py; if the verifier itself broke,
+# they would check against a wrong reference.
+step "tests/tools/rfc9162.py self-test (RFC 9162 test vectors)"
+python3 tests/tools/rfc9162.py self-test
+
 # --- Alert rules: syntax, then unit tests (each alert fires on a bad series, not a healthy one)
 step "promtool check rules k8s/observability/trellis-alerts.yaml"
 promtool check rules k8s/observability/trellis-alerts.yaml
