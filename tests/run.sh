@@ -107,6 +107,12 @@ mapfile -t DOC_FILES < <(ls README.md docs/*.md 2>/dev/null)
 step "relative links in ${DOC_FILES[*]}"
 python3 tests/tools/check_links.py "${DOC_FILES[@]}"
 
+# --- The transparency log's independent verifier: Certificate Transparency's RFC 9162 vectors --
+# The e2e tests check served proofs with tests/tools/rfc9162.py; if the verifier itself broke,
+# they would check against a wrong reference.
+step "tests/tools/rfc9162.py self-test (RFC 9162 test vectors)"
+python3 tests/tools/rfc9162.py self-test
+
 # --- Alert rules: syntax, then unit tests (each alert fires on a bad series, not a healthy one)
 step "promtool check rules k8s/observability/trellis-alerts.yaml"
 promtool check rules k8s/observability/trellis-alerts.yaml
@@ -206,6 +212,31 @@ cargo fmt --all -- --check
 
 step "no import cycles between the modules of a crate (tests/tools/module_cycles.py)"
 python3 tests/tools/module_cycles.py crates/*
+
+# aws-lc-rs is the only crypto library in the binary (docs/protocols.md, issue #18). `ring` stays
+# in Cargo.lock as an optional dependency of rustls-webpki (its `ring?/alloc` weak feature), so
+# cargo finds the package but prints nothing when no normal dependency of `trellis` reaches it
+# ("warning: nothing to print", exit 0). `--target all` counts platform-specific paths too. Should
+# `ring` leave the lockfile (or the binary's resolved graph) altogether, cargo exits 101 saying
+# "package ID specification `ring` did not match any packages", which passes as well; any other
+# outcome (a tree printed, another error) fails the run.
+step "ring is not in the trellis binary (cargo tree -p trellis -e normal -i ring)"
+ring_err="$(mktemp)"
+ring_rc=0
+ring_tree="$(cargo tree --locked -p trellis -e normal --target all -i ring 2>"$ring_err")" || ring_rc=$?
+if [[ $ring_rc -eq 0 && -n "$ring_tree" ]]; then
+    echo "error: ring is in the trellis binary's dependency tree again, next to aws-lc-rs. One crypto" >&2
+    echo "library only: give the crate that pulls it in (below) its aws-lc-rs feature instead:" >&2
+    printf '%s\n' "$ring_tree" >&2
+    rm -f "$ring_err"
+    exit 1
+elif [[ $ring_rc -ne 0 ]] && ! grep -q 'specification `ring` did not match any packages' "$ring_err"; then
+    echo "error: could not check that ring stays out of the trellis binary (cargo tree exit $ring_rc):" >&2
+    cat "$ring_err" >&2
+    rm -f "$ring_err"
+    exit 1
+fi
+rm -f "$ring_err"
 
 step "cargo build --locked --workspace --all-targets"
 cargo build --locked --workspace --all-targets

@@ -63,7 +63,7 @@ pub use locate::{
     envoy_bin, envoy_or_skip, free_port, in_ci, kubernetes_validate_or_skip, tool_or_skip,
     trellis_bin, which, workspace_root,
 };
-pub use process::{e2e, run_with_timeout, Child};
+pub use process::{e2e, run_with_stdin, run_with_timeout, Child};
 pub use sds::{
     bundle_from_secret, connect_sds, decode_secrets, fetch_svid, fetch_svid_trusting, grpc_code,
     peer_leaf, serial_of, svid_from_secret, test_node, tls_client_config, tls_connect, SdsClient,

@@ -188,8 +188,18 @@ impl Drop for Child {
 }
 
 /// Runs a command to completion with stdin closed; kills it and errors after `timeout`.
-pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> anyhow::Result<Output> {
-    cmd.stdin(Stdio::null())
+pub fn run_with_timeout(cmd: Command, timeout: Duration) -> anyhow::Result<Output> {
+    run_with_stdin(cmd, Stdio::null(), timeout)
+}
+
+/// Runs a command to completion reading `stdin` (a file, say); kills it and errors after
+/// `timeout`.
+pub fn run_with_stdin(
+    mut cmd: Command,
+    stdin: impl Into<Stdio>,
+    timeout: Duration,
+) -> anyhow::Result<Output> {
+    cmd.stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .env("NO_COLOR", "1");

@@ -3,8 +3,8 @@
 //! `pg_ctl stop -m immediate` (a crash, as clients see it) while app A → sidecar A → sidecar
 //! B → app B carries load, then started again.
 //!
-//! The issue asks for a 60 s outage; the test uses 15 s to keep the suite short (set
-//! `TRELLIS_TEST_DB_OUTAGE_SECS=60` for the full one). Asserts, while the database is down:
+//! The outage lasts 60 s, as the issue asks (`TRELLIS_TEST_DB_OUTAGE_SECS` sets another
+//! length, e.g. 15 for a quicker local run). Asserts, while the database is down:
 //! no request fails (and the outage window carries requests); sidecar B keeps rotating (SVIDs
 //! from the audit log, records queued); a join token redeemed on either replica is refused
 //! with `UNAVAILABLE` and a message naming the database, and stays unspent; both replicas
@@ -23,12 +23,12 @@ use trellis_tests::mesh::{Mesh, MeshOpts, B_ID};
 use trellis_tests::postgres::TestPostgres;
 use trellis_tests::{e2e, eventually, fetch_svid, grpc_code, ControlPlane, ControlPlaneOpts};
 
-/// `TRELLIS_TEST_DB_OUTAGE_SECS` overrides the outage length.
+/// The outage length: 60 s (issue #17), or `TRELLIS_TEST_DB_OUTAGE_SECS`.
 fn outage() -> Duration {
     let secs = std::env::var("TRELLIS_TEST_DB_OUTAGE_SECS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(15);
+        .unwrap_or(60);
     Duration::from_secs(secs)
 }
 

@@ -11,11 +11,14 @@
 //!                                                        │ stderr ─▶ replay NEW --access-log
 //! ```
 
+use std::io::Write as _;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
+use flate2::write::GzEncoder;
+use flate2::Compression;
 use http::{Method, StatusCode};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -23,8 +26,8 @@ use trellis_tests::app_client::{empty, AppConn, Proto};
 use trellis_tests::echo::TcpEcho;
 use trellis_tests::mesh::{Mesh, MeshOpts, A_ID, B_ID};
 use trellis_tests::{
-    e2e, eventually, free_port, run_with_timeout, trellis_bin, workspace_root, COMMAND_TIMEOUT,
-    STARTUP_TIMEOUT,
+    e2e, eventually, free_port, run_with_stdin, run_with_timeout, trellis_bin, workspace_root,
+    COMMAND_TIMEOUT, STARTUP_TIMEOUT,
 };
 
 /// The policy sidecar B starts with: A may GET and POST under /api, and open TCP to `{port}`.
@@ -273,6 +276,33 @@ async fn replay_predicts_what_the_sidecar_does_after_the_rollout() -> anyhow::Re
             )),
             "no example of a change: {}",
             text(&human)
+        );
+
+        // The same log in two parts, the second gzipped on stdin (`kubectl logs … | gzip`, a
+        // rotated log): several inputs, `-` among them, give the same report as one file.
+        let all: Vec<&str> = stderr.lines().collect();
+        let access_at: Vec<usize> = (0..all.len())
+            .filter(|&i| !access_lines(all[i]).is_empty())
+            .collect();
+        // Split between two access lines, so each part holds decisions to replay.
+        let cut = access_at[access_at.len() / 2];
+        let part = |lines: &[&str]| lines.iter().map(|l| format!("{l}\n")).collect::<String>();
+        let first = dir.path().join("b-old.1.log");
+        std::fs::write(&first, part(&all[..cut]))?;
+        let second = dir.path().join("b-old.2.log.gz");
+        let mut gz = GzEncoder::new(std::fs::File::create(&second)?, Compression::default());
+        gz.write_all(part(&all[cut..]).as_bytes())?;
+        gz.finish()?;
+        let mut cmd = Command::new(trellis_bin());
+        cmd.args(["policy", "replay", &path(&new_file), "--access-log"])
+            .args([&path(&first), "-", "--json"]);
+        let out = run_with_stdin(cmd, std::fs::File::open(&second)?, COMMAND_TIMEOUT)?;
+        ensure!(code(&out) == Some(1), "replay FILE -: {}", text(&out));
+        let parts: Value = serde_json::from_slice(&out.stdout).context(text(&out))?;
+        ensure!(
+            parts == replay,
+            "replay of {} + gzipped stdin: {parts}\nreplay of the whole log: {replay}",
+            path(&first)
         );
 
         // 3. Roll the new policy out to the running sidecar and wait until it is in force.

@@ -221,6 +221,14 @@ impl FederationLimits {
         }
         Ok(limits)
     }
+
+    /// When to fetch again after a good fetch: the endpoint's `spiffe_refresh_hint` (5
+    /// minutes without one), kept within `min_refresh..=max_refresh`, so a foreign endpoint
+    /// can neither make us poll it in a loop nor stop us refreshing (nor overflow the clock).
+    pub fn refresh_after(&self, hint: Option<Duration>) -> Duration {
+        hint.unwrap_or(DEFAULT_REFRESH)
+            .clamp(self.min_refresh, self.max_refresh)
+    }
 }
 
 /// One federated trust domain as `/bundles` and `trellis status` show it.
@@ -502,8 +510,7 @@ impl Federation {
             Ok(doc) => {
                 let changed = d.bundle.as_ref().map(|b| b.roots()) != Some(doc.bundle.roots());
                 d.sequence = doc.sequence.or(d.sequence);
-                let hint = doc.refresh_hint.unwrap_or(DEFAULT_REFRESH);
-                d.next_refresh = now + hint.clamp(limits.min_refresh, limits.max_refresh);
+                d.next_refresh = now + limits.refresh_after(doc.refresh_hint);
                 d.last_refresh = Some(now);
                 d.last_error = None;
                 d.source = "endpoint";
@@ -713,5 +720,51 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("colour") && err.contains("line 5"), "{err}");
+    }
+
+    #[test]
+    fn refresh_hint_is_kept_within_min_and_max_refresh() {
+        let secs = Duration::from_secs;
+        let d = FederationLimits::default();
+        assert_eq!((d.min_refresh, d.max_refresh), (secs(10), secs(3600)));
+        for (hint, want) in [
+            (None, secs(300)),
+            (Some(secs(600)), secs(600)),
+            (Some(secs(10)), secs(10)),
+            (Some(secs(3600)), secs(3600)),
+            // An endpoint asking to be polled in a loop, or never again.
+            (Some(Duration::ZERO), secs(10)),
+            (Some(secs(1)), secs(10)),
+            (Some(secs(3601)), secs(3600)),
+            (Some(secs(u64::MAX)), secs(3600)),
+        ] {
+            assert_eq!(d.refresh_after(hint), want, "default limits, hint {hint:?}");
+        }
+        // limits.federation from the file; the 5-minute default for no hint is bounded too.
+        let narrow = FederationLimits::from_file(&FederationLimitsFile {
+            min_refresh: Some(secs(30)),
+            max_refresh: Some(secs(60)),
+            ..Default::default()
+        })
+        .unwrap();
+        for (hint, want) in [
+            (None, secs(60)),
+            (Some(secs(1)), secs(30)),
+            (Some(secs(45)), secs(45)),
+            (Some(secs(300)), secs(60)),
+        ] {
+            assert_eq!(narrow.refresh_after(hint), want, "30s..60s, hint {hint:?}");
+        }
+        let wide = FederationLimits::from_file(&FederationLimitsFile {
+            min_refresh: Some(Duration::from_millis(100)),
+            max_refresh: Some(secs(86_400)),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(wide.refresh_after(Some(secs(7200))), secs(7200));
+        assert_eq!(
+            wide.refresh_after(Some(Duration::ZERO)),
+            Duration::from_millis(100)
+        );
     }
 }

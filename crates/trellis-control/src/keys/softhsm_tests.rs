@@ -396,3 +396,62 @@ fn jwt_keys_are_made_in_the_token_and_stored_as_uris() {
     trellis_identity::jwt::validate(&token, &bundle, Some("db"), now, Duration::from_secs(30))
         .unwrap();
 }
+
+/// Imports a fresh P-256 key pair into `token` with `softhsm2-util --import`, as an operator
+/// brings a key made elsewhere, under CKA_LABEL `label` and CKA_ID `id`; returns its public
+/// point.
+fn import_key(h: &Hsm, token: &str, label: &str, id: &[u8]) -> Vec<u8> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let pem = h.dir.join(format!("{label}-{}.pem", hex::encode(id)));
+    std::fs::write(&pem, key.serialize_pem()).unwrap();
+    let out = Command::new("softhsm2-util")
+        .arg("--import")
+        .arg(&pem)
+        .args(["--token", token, "--label", label, "--id", &hex::encode(id)])
+        .args(["--pin", PIN])
+        .env("SOFTHSM2_CONF", h.dir.join("softhsm2.conf"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    std::fs::remove_file(&pem).unwrap();
+    key.public_key_raw().to_vec()
+}
+
+/// A key addressed by `id=` (CKA_ID), the one attribute that tells apart keys sharing a
+/// label: opened without `object=`, and with it; the label alone is refused as ambiguous.
+#[test]
+fn key_addressed_by_id_opens_when_its_label_is_shared() {
+    let Some(h) = hsm() else { return };
+    // IDs are bytes, not text: NUL, `;` and `%` must survive the URI's percent-encoding.
+    let (id_a, id_b) = ([0xa1, 0x00, 0x2f], [0xb2, 0x3b, 0x25]);
+    let point_a = import_key(h, MAIN, "by-id", &id_a);
+    let point_b = import_key(h, MAIN, "by-id", &id_b);
+    let ring = ring(h, &h.pin_file, Counter::default()).unwrap();
+    let keys = Keyring::with_pkcs11(Arc::clone(&ring));
+
+    let err = ring.key(&uri(MAIN, "by-id")).err().unwrap().to_string();
+    assert!(
+        err.contains("matches more than one private key: add id="),
+        "{err}"
+    );
+
+    let by_id = Pkcs11Uri::parse(&format!("pkcs11:token={MAIN};id=%a1%00%2f")).unwrap();
+    let key = ring.key(&by_id).unwrap();
+    assert_eq!(key.public_point(), point_a.as_slice());
+    assert_eq!(key.uri().id.as_deref(), Some(&id_a[..]));
+    let signer = keys.token_key(&by_id).unwrap();
+    let sig = signer.sign_der(b"addressed by CKA_ID").unwrap();
+    UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &point_a)
+        .verify(b"addressed by CKA_ID", &sig)
+        .unwrap();
+    assert!(UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &point_b)
+        .verify(b"addressed by CKA_ID", &sig)
+        .is_err());
+
+    let both = Pkcs11Uri::parse(&format!("pkcs11:token={MAIN};object=by-id;id=%b2%3b%25")).unwrap();
+    assert_eq!(ring.key(&both).unwrap().public_point(), point_b.as_slice());
+
+    let missing = Pkcs11Uri::parse(&format!("pkcs11:token={MAIN};id=%c3")).unwrap();
+    let err = ring.key(&missing).err().unwrap().to_string();
+    assert!(err.contains("holds no private key with id=c3"), "{err}");
+}
