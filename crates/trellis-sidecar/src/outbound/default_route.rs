@@ -4,8 +4,9 @@
 //!
 //! Each distinct peer (address and identity) gets its own [`PeerPool`] and TLS client configs
 //! (the expected identity is part of the verifier), made on its first request and kept until
-//! `max_peers` others push it out, least recently used first. Listed upstreams never come here:
-//! their path stays a table lookup.
+//! `max_peers` others push it out, least recently used first. A host seen before is one
+//! lock-free map read (no template expansion, no allocation); only a new host takes the lock.
+//! Listed upstreams never come here: their path stays a table lookup.
 
 use super::peer_pool::PeerPool;
 use super::routes::HttpUpstream;
@@ -15,6 +16,7 @@ use crate::metrics::{RouteCounters, SidecarMetrics};
 use crate::mtls;
 use crate::resolve::Resolver;
 use crate::svid_store::SvidStore;
+use arc_swap::ArcSwap;
 use http::uri::Authority;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,7 +50,10 @@ pub(super) struct DefaultRoutes {
     trust_domain: Box<str>,
     /// `a, b` of the host templates, for `404` bodies.
     hosts_list: String,
-    peers: Mutex<HashMap<Box<str>, Peer>>,
+    /// Hosts seen, each with its peer: what a request reads (copy on write, new hosts only).
+    by_host: ArcSwap<HashMap<Box<str>, Arc<Peer>>>,
+    /// Peers by `address identity`; also the lock new hosts take to add themselves.
+    peers: Mutex<HashMap<Box<str>, Arc<Peer>>>,
     counters: Arc<RouteCounters>,
     settings: PeerSettings,
     epoch: Instant,
@@ -71,6 +76,7 @@ impl DefaultRoutes {
             hosts_list: route.templates.hosts_list(),
             route,
             trust_domain: trust_domain.into(),
+            by_host: ArcSwap::default(),
             peers: Mutex::new(HashMap::new()),
             counters,
             settings,
@@ -86,6 +92,16 @@ impl DefaultRoutes {
     /// The peer for `host` (lowercase, no port): `None` if no host template matches it, an
     /// error body if its pool cannot be built.
     pub(super) fn peer(&self, host: &str) -> Option<Result<Arc<HttpUpstream>, String>> {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if let Some(peer) = self.by_host.load().get(host) {
+            peer.last_used.store(now, Ordering::Relaxed);
+            return Some(Ok(peer.upstream.clone()));
+        }
+        self.new_host(host, now)
+    }
+
+    /// [`Self::peer`] for a host not seen yet (or whose peer was pushed out).
+    fn new_host(&self, host: &str, now: u64) -> Option<Result<Arc<HttpUpstream>, String>> {
         let bound = self.route.templates.matches(host)?;
         let address = self
             .route
@@ -98,34 +114,41 @@ impl DefaultRoutes {
             .identity
             .expand(bound, &self.trust_domain);
         let key = format!("{address} {identity}");
-        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(peer) = peers.get(key.as_str()) {
-            peer.last_used.store(now, Ordering::Relaxed);
-            return Some(Ok(peer.upstream.clone()));
-        }
-        let upstream = match self.build(host, &address, &identity) {
-            Ok(u) => Arc::new(u),
-            Err(e) => return Some(Err(e)),
-        };
-        if peers.len() >= self.route.max_peers {
-            // Least recently used goes; requests in flight on it keep their `Arc` and finish.
-            let oldest = peers
-                .iter()
-                .min_by_key(|(_, p)| p.last_used.load(Ordering::Relaxed))
-                .map(|(k, _)| k.clone());
-            if let Some(k) = oldest {
-                peers.remove(&k);
+        let mut evicted = None;
+        let peer = match peers.get(key.as_str()) {
+            Some(peer) => Arc::clone(peer),
+            None => {
+                let upstream = match self.build(host, &address, &identity) {
+                    Ok(u) => Arc::new(u),
+                    Err(e) => return Some(Err(e)),
+                };
+                if peers.len() >= self.route.max_peers {
+                    // Least recently used goes; requests in flight on it keep their `Arc` and
+                    // finish.
+                    let oldest = peers
+                        .iter()
+                        .min_by_key(|(_, p)| p.last_used.load(Ordering::Relaxed))
+                        .map(|(k, _)| k.clone());
+                    evicted = oldest.and_then(|k| peers.remove(&k));
+                }
+                let peer = Arc::new(Peer {
+                    upstream,
+                    last_used: AtomicU64::new(now),
+                });
+                peers.insert(key.into(), Arc::clone(&peer));
+                peer
             }
+        };
+        peer.last_used.store(now, Ordering::Relaxed);
+        // Published under the lock, so two new hosts never overwrite each other's entry.
+        let mut by_host = HashMap::clone(&self.by_host.load());
+        if let Some(gone) = &evicted {
+            by_host.retain(|_, p| !Arc::ptr_eq(p, gone));
         }
-        peers.insert(
-            key.into(),
-            Peer {
-                upstream: upstream.clone(),
-                last_used: AtomicU64::new(now),
-            },
-        );
-        Some(Ok(upstream))
+        by_host.insert(host.into(), Arc::clone(&peer));
+        self.by_host.store(Arc::new(by_host));
+        Some(Ok(peer.upstream.clone()))
     }
 
     fn build(&self, host: &str, address: &str, identity: &str) -> Result<HttpUpstream, String> {
@@ -240,7 +263,18 @@ identity: "spiffe://{trust_domain}/ns/{namespace}/sa/{service}"
         std::thread::sleep(Duration::from_millis(3));
         r.peer("c.shop").unwrap().unwrap();
         assert_eq!(r.len(), 2);
+        std::thread::sleep(Duration::from_millis(3));
         // `b` was least recently used: `a` is still the same pool.
         assert!(Arc::ptr_eq(&a, &r.peer("a.shop").unwrap().unwrap()));
+        std::thread::sleep(Duration::from_millis(3));
+        // `b`'s hosts went with it: it comes back as a new pool, pushing out `c`.
+        let b = r.peer("b.shop").unwrap().unwrap();
+        assert!(!Arc::ptr_eq(&b, &a));
+        assert_eq!(r.len(), 2);
+        assert_eq!(
+            r.by_host.load().len(),
+            2,
+            "a.shop and b.shop: c.shop left with its peer"
+        );
     }
 }
