@@ -86,7 +86,20 @@ pub struct InjectConfig {
     /// What every app container's `NO_PROXY` lists besides localhost and the pod's own
     /// address (`no_proxy`, `--no-proxy`); a pod's `trellis.io/no-proxy` adds to it.
     pub no_proxy: Vec<String>,
+    /// The sidecar's `TRELLIS_DEFAULT_ROUTE` unless a pod's `trellis.io/default-route` says
+    /// otherwise (`sidecar_default_route`, `--sidecar-default-route`); `None`: no convention
+    /// route.
+    pub default_route: Option<String>,
+    /// Checks a pod's `trellis.io/default-route`; `None`: passed on unchecked (the sidecar
+    /// refuses a bad one when it starts).
+    pub check_default_route: Option<DefaultRouteCheck>,
 }
+
+/// Checks a `TRELLIS_DEFAULT_ROUTE` value for a sidecar of the trust domain (second argument)
+/// exactly as `trellis sidecar` will parse it; `Err` says what is wrong. The parser belongs to
+/// trellis-sidecar, which this crate does not import, so the binary passes it in
+/// (`trellis_sidecar::config::check_default_route`).
+pub type DefaultRouteCheck = fn(spec: &str, trust_domain: &str) -> Result<(), String>;
 
 /// The app-container variable holding the pod's IP, which `NO_PROXY` names as
 /// `$(TRELLIS_POD_IP)` (the kubelet expands references to variables defined before).
@@ -144,16 +157,37 @@ fn env(name: &str, value: impl Into<String>) -> Value {
     json!({ "name": name, "value": value.into() })
 }
 
+/// What one pod's annotations decide about its sidecar.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct PodSidecar<'a> {
+    /// `TRELLIS_APP`'s port.
+    pub app_port: u16,
+    /// `TRELLIS_APP_PROTOCOL`, when not the default.
+    pub app_protocol: Option<&'a str>,
+    /// `TRELLIS_UPSTREAMS`.
+    pub upstreams: Option<&'a str>,
+    /// `TRELLIS_DEFAULT_ROUTE`.
+    pub default_route: Option<&'a str>,
+    /// The policy ConfigMap is mounted (`TRELLIS_POLICY`).
+    pub policy: bool,
+    /// The Workload API socket is served (`TRELLIS_WORKLOAD_API_SOCKET`).
+    pub workload_api: bool,
+}
+
 /// The `trellis-sidecar` container, in `form`.
 pub(super) fn sidecar_container(
     cfg: &InjectConfig,
     form: SidecarForm,
-    app_port: u16,
-    app_protocol: Option<&str>,
-    upstreams: Option<&str>,
-    policy: bool,
-    workload_api: bool,
+    pod: &PodSidecar<'_>,
 ) -> Value {
+    let PodSidecar {
+        app_port,
+        app_protocol,
+        upstreams,
+        default_route,
+        policy,
+        workload_api,
+    } = *pod;
     let mut envs = vec![
         env("TRELLIS_TRUST_DOMAIN", cfg.trust_domain.as_str()),
         env("TRELLIS_CONTROL_PLANE", cfg.control_plane.as_str()),
@@ -172,6 +206,9 @@ pub(super) fn sidecar_container(
     }
     if let Some(u) = upstreams {
         envs.push(env("TRELLIS_UPSTREAMS", u));
+    }
+    if let Some(r) = default_route {
+        envs.push(env("TRELLIS_DEFAULT_ROUTE", r));
     }
     if policy {
         envs.push(env("TRELLIS_POLICY", POLICY_DIR));
