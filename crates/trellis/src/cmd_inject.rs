@@ -49,7 +49,7 @@ pub struct InjectArgs {
     /// [default: true].
     #[arg(long, env = "TRELLIS_NATIVE_SIDECAR", value_name = "BOOL")]
     native_sidecar: Option<bool>,
-    /// NO_PROXY entries every app container gets besides localhost and the pod's own address,
+    /// NO_PROXY entries every app container gets besides localhost and the pod's own addresses,
     /// comma-separated (hosts, .domains, addresses, CIDRs). A pod's trellis.io/no-proxy adds
     /// more; trellis.io/proxy-env: "false" leaves its proxy environment alone.
     #[arg(

@@ -286,7 +286,7 @@ fn inject(args: &[&str]) -> anyhow::Result<(String, String)> {
 
 /// The variables injection adds to app containers.
 const PROXY_ENV: [&str; 5] = [
-    "TRELLIS_POD_IP",
+    "TRELLIS_POD_IPS",
     "HTTP_PROXY",
     "http_proxy",
     "NO_PROXY",
@@ -308,7 +308,7 @@ fn strip_proxy_env(spec: &Value) -> Value {
     spec
 }
 
-/// A container's proxy variables by name (`TRELLIS_POD_IP`: its fieldPath).
+/// A container's proxy variables by name (`TRELLIS_POD_IPS`: its fieldPath).
 fn proxy_vars(container: &Value) -> std::collections::BTreeMap<String, String> {
     container["env"]
         .as_array()
@@ -450,8 +450,8 @@ fn injects_every_workload_kind_and_passes_everything_else_through() -> anyhow::R
             ensure!(
                 vars.get("HTTP_PROXY").map(String::as_str) == Some("http://127.0.0.1:15001")
                     && vars.get("NO_PROXY").map(String::as_str)
-                        == Some("localhost,127.0.0.1,::1,$(TRELLIS_POD_IP)")
-                    && vars.get("TRELLIS_POD_IP").map(String::as_str) == Some("status.podIP")
+                        == Some("localhost,127.0.0.1,::1,$(TRELLIS_POD_IPS)")
+                    && vars.get("TRELLIS_POD_IPS").map(String::as_str) == Some("status.podIPs")
                     && !app.to_string().contains("HTTPS_PROXY"),
                 "{who}: proxy environment {vars:?}"
             );
@@ -711,7 +711,7 @@ fn proxy_env_follows_the_flag_the_annotations_and_the_opt_out() -> anyhow::Resul
     ])?;
     let before = documents(PROXY_MANIFESTS);
     let after = documents(&out);
-    let base = "localhost,127.0.0.1,::1,$(TRELLIS_POD_IP),.corp.example,10.0.0.0/8";
+    let base = "localhost,127.0.0.1,::1,$(TRELLIS_POD_IPS),.corp.example,10.0.0.0/8";
 
     // The flag's list, then the pod's annotation; the app's own variable stays first.
     let web = &pod_spec(&after[0]).unwrap()["containers"][0];

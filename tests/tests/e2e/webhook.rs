@@ -253,11 +253,11 @@ async fn webhook_injects_over_tls_and_the_injected_sidecar_gets_its_svid() -> an
         // The default: a native sidecar, the pod's first init container; then the app
         // container's proxy environment (it had no env).
         assert_eq!(paths, ["/spec/initContainers", "/spec/volumes", "/spec/containers/0/env"]);
-        let no_proxy = "localhost,127.0.0.1,::1,$(TRELLIS_POD_IP),.corp.example,10.0.0.0/8";
+        let no_proxy = "localhost,127.0.0.1,::1,$(TRELLIS_POD_IPS),.corp.example,10.0.0.0/8";
         assert_eq!(
             ops[2]["value"],
             serde_json::json!([
-                { "name": "TRELLIS_POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } },
+                { "name": "TRELLIS_POD_IPS", "valueFrom": { "fieldRef": { "fieldPath": "status.podIPs" } } },
                 { "name": "HTTP_PROXY", "value": "http://127.0.0.1:15001" },
                 { "name": "http_proxy", "value": "http://127.0.0.1:15001" },
                 { "name": "NO_PROXY", "value": no_proxy },

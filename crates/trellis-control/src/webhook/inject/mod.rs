@@ -21,7 +21,7 @@
 //!   sidecar's group added to the pod's `supplementalGroups` so the apps may open the 0660
 //!   socket.
 //! - in each app container, `HTTP_PROXY`/`http_proxy` (the sidecar's outbound listener) and
-//!   `NO_PROXY`/`no_proxy` (localhost, the pod's IP, the control plane's `no_proxy`, the pod's
+//!   `NO_PROXY`/`no_proxy` (localhost, the pod's IPs, the control plane's `no_proxy`, the pod's
 //!   `trellis.io/no-proxy`; issue #25), unless the pod says `trellis.io/proxy-env: "false"` or
 //!   the container sets one of them itself.
 //! - `TRELLIS_DEFAULT_ROUTE` in the sidecar (a convention route, issue #25): the control

@@ -112,7 +112,7 @@ fn without_proxy_env(pod: &Value) -> Value {
     pod
 }
 
-/// The proxy variables of an app container, by name; `TRELLIS_POD_IP` as its fieldRef.
+/// The proxy variables of an app container, by name; `TRELLIS_POD_IPS` as its fieldRef.
 fn proxy_env_of(container: &Value) -> Vec<(String, String)> {
     container["env"]
         .as_array()
@@ -1000,11 +1000,11 @@ fn bad_workload_api_annotation_and_clashing_mount_are_refused() {
     assert!(review.detail.contains("/run/spiffe"), "{}", review.detail);
 }
 
-const NO_PROXY_BASE: &str = "localhost,127.0.0.1,::1,$(TRELLIS_POD_IP)";
+const NO_PROXY_BASE: &str = "localhost,127.0.0.1,::1,$(TRELLIS_POD_IPS)";
 
 fn want_proxy_env(no_proxy: &str) -> Vec<(String, String)> {
     [
-        ("TRELLIS_POD_IP", "\"status.podIP\""),
+        ("TRELLIS_POD_IPS", "\"status.podIPs\""),
         ("HTTP_PROXY", "http://127.0.0.1:15001"),
         ("http_proxy", "http://127.0.0.1:15001"),
         ("NO_PROXY", no_proxy),
@@ -1025,7 +1025,7 @@ fn app_containers_get_http_proxy_and_no_proxy_after_their_own_env() {
         for app in containers.iter().filter(|c| c["name"] != SIDECAR_CONTAINER) {
             assert_eq!(proxy_env_of(app), want_proxy_env(NO_PROXY_BASE), "{app}");
         }
-        // The app's own variable stays first: `$(TRELLIS_POD_IP)` only needs its own to precede.
+        // The app's own variable stays first: `$(TRELLIS_POD_IPS)` only needs its own to precede.
         assert_eq!(containers[0]["env"][0]["name"], "DATA_DIR");
         // Plain http:// only: no HTTPS_PROXY anywhere, and the sidecar itself gets none.
         assert!(!after.to_string().contains("HTTPS_PROXY"));
