@@ -20,7 +20,7 @@ pub struct ControlArgs {
     /// issuance_retention, jwt_svid_ttl, jwt_key_rotate_every, ca_cert, ca_key, ca_bundle,
     /// pkcs11_module, pkcs11_pin_file, pkcs11_sessions, log_key, k8s_jwks, k8s_issuer, k8s_audience,
     /// k8s_jwks_url, k8s_ca, k8s_token, k8s_jwks_refresh, webhook_listen, webhook_dns_names,
-    /// sidecar_image, sidecar_control_plane, native_sidecar, no_proxy, database, and `limits:` nested per listener:
+    /// sidecar_image, sidecar_control_plane, native_sidecar, no_proxy, sidecar_default_route, database, and `limits:` nested per listener:
     /// limits.sds.{max_connections, handshake_timeout, max_streams_per_connection, rate_limit,
     /// rate_burst, rate_limit_loopback, max_message_bytes, max_header_list_bytes,
     /// max_pending_resets}, limits.admin.{max_connections, header_read_timeout,
@@ -137,6 +137,12 @@ pub struct ControlArgs {
         value_delimiter = ','
     )]
     no_proxy: Vec<String>,
+    /// Convention route every injected sidecar gets as TRELLIS_DEFAULT_ROUTE, in its syntax:
+    /// `hosts={service}.{namespace}.svc.cluster.local;{service}.{namespace},address={service}.{namespace}.svc.cluster.local:15443,identity=spiffe://{trust_domain}/ns/{namespace}/sa/{service}[,max_peers=N]`,
+    /// checked at start as the sidecar checks it; a pod's trellis.io/default-route replaces it
+    /// ("false": none) [default: none].
+    #[arg(long, env = "TRELLIS_SIDECAR_DEFAULT_ROUTE", value_name = "ROUTE")]
+    sidecar_default_route: Option<String>,
     /// Fetch the issuer's JWKS from this URL instead of a file, at start and every
     /// --k8s-jwks-refresh, e.g. https://kubernetes.default.svc/openid/v1/jwks.
     #[arg(long, env = "TRELLIS_K8S_JWKS_URL", conflicts_with = "k8s_jwks")]
@@ -290,7 +296,8 @@ impl ControlArgs {
             webhook_listen,
             sidecar_image,
             sidecar_control_plane,
-            native_sidecar
+            native_sidecar,
+            sidecar_default_route
         );
         over!(database, tls_key_exchange, bundle_endpoint);
         over!(pkcs11_module, pkcs11_pin_file, pkcs11_sessions, log_key);
@@ -338,10 +345,23 @@ impl ControlArgs {
     }
 }
 
+/// The settings of a merged file, with the injector's `sidecar_default_route` checked by the
+/// sidecar's own parser (the control plane's library cannot import the sidecar's).
+fn settings(f: ControlFile) -> anyhow::Result<ControlSettings> {
+    let mut settings = ControlSettings::from_file(f)?;
+    if let Some(webhook) = settings.webhook.as_mut() {
+        webhook.check_default_route(
+            trellis_sidecar::config::check_default_route,
+            settings.trust_domain.as_str(),
+        )?;
+    }
+    Ok(settings)
+}
+
 /// Runs the control plane until a signal or an admin `POST /shutdown`.
 pub fn run(args: ControlArgs) -> anyhow::Result<()> {
     let config_path = args.config.clone();
-    let mut settings = ControlSettings::from_file(args.merged()?)?;
+    let mut settings = settings(args.merged()?)?;
     // The `federation:` list of this file is reloaded when the file changes.
     settings.config_path = config_path;
     trellis_identity::tls::install_key_exchange(settings.tls_key_exchange)?;
@@ -465,5 +485,48 @@ mod tests {
         assert!(err.contains("limits.admin.max_header_bytes"), "{err}");
         let err = settings(&["--webhook-max-body-bytes", "soon"]).unwrap_err();
         assert!(err.contains("--webhook-max-body-bytes"), "{err}");
+    }
+
+    #[test]
+    fn sidecar_default_route_is_checked_at_start_by_the_sidecars_parser() {
+        let with_route = |route: &str| {
+            settings(ControlFile {
+                trust_domain: Some("example.org".into()),
+                webhook_listen: Some("127.0.0.1:0".parse().unwrap()),
+                sidecar_default_route: Some(route.into()),
+                ..Default::default()
+            })
+        };
+        let good = "hosts={service}.{namespace}.svc.cluster.local;{service}.{namespace},\
+                    address={service}.{namespace}.svc.cluster.local:15443,\
+                    identity=spiffe://{trust_domain}/ns/{namespace}/sa/{service}";
+        let s = with_route(good).unwrap();
+        let w = s.webhook.unwrap();
+        assert_eq!(w.sidecar_default_route.as_deref(), Some(good));
+        assert!(w.default_route_check.is_some());
+        for (bad, why) in [
+            (
+                "hosts={svc}.{namespace},address=x:15443,identity=spiffe://{trust_domain}/x",
+                "unknown placeholder `{svc}`",
+            ),
+            (
+                "hosts={service},address={service}:15443,identity=spiffe://other.org/{service}",
+                "not in trust domain `example.org`",
+            ),
+            (
+                "hosts={service},address={service},identity=spiffe://{trust_domain}/{service}",
+                "literal port",
+            ),
+            (
+                "hosts={service},identity=spiffe://{trust_domain}/x",
+                "`address=` is required",
+            ),
+        ] {
+            let err = with_route(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("sidecar_default_route") && err.contains(why),
+                "{bad}: {err}"
+            );
+        }
     }
 }

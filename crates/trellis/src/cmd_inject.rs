@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Context as _};
 use clap::Args;
 use trellis_control::config::ControlFile;
 use trellis_control::webhook::inject::offline::{inject_documents, ObjectResult};
-use trellis_control::webhook::inject::InjectConfig;
+use trellis_control::webhook::inject::{DefaultRouteCheck, InjectConfig};
 use trellis_control::webhook::WebhookSettings;
 use trellis_identity::{TrustBundle, TrustDomain};
 
@@ -30,7 +30,8 @@ pub struct InjectArgs {
     #[arg(short = 'n', long, default_value = "default")]
     namespace: String,
     /// The control plane's YAML config file: its trust_domain, sidecar_image,
-    /// sidecar_control_plane, native_sidecar and no_proxy apply here too (flags win).
+    /// sidecar_control_plane, native_sidecar, no_proxy and sidecar_default_route apply here
+    /// too (flags win).
     #[arg(long, env = "TRELLIS_CONFIG")]
     config: Option<PathBuf>,
     /// Trust domain, e.g. example.org.
@@ -48,7 +49,7 @@ pub struct InjectArgs {
     /// [default: true].
     #[arg(long, env = "TRELLIS_NATIVE_SIDECAR", value_name = "BOOL")]
     native_sidecar: Option<bool>,
-    /// NO_PROXY entries every app container gets besides localhost and the pod's own address,
+    /// NO_PROXY entries every app container gets besides localhost and the pod's own addresses,
     /// comma-separated (hosts, .domains, addresses, CIDRs). A pod's trellis.io/no-proxy adds
     /// more; trellis.io/proxy-env: "false" leaves its proxy environment alone.
     #[arg(
@@ -58,6 +59,11 @@ pub struct InjectArgs {
         value_delimiter = ','
     )]
     no_proxy: Option<Vec<String>>,
+    /// Convention route every injected sidecar gets as TRELLIS_DEFAULT_ROUTE
+    /// (`hosts=…;…,address=…,identity=…[,max_peers=N]`, checked as the sidecar checks it); a
+    /// pod's trellis.io/default-route replaces it ("false": none) [default: none].
+    #[arg(long, env = "TRELLIS_SIDECAR_DEFAULT_ROUTE", value_name = "ROUTE")]
+    sidecar_default_route: Option<String>,
 }
 
 /// Runs `trellis inject`.
@@ -77,6 +83,12 @@ pub fn run(args: InjectArgs) -> anyhow::Result<()> {
         args.native_sidecar.or(file.native_sidecar),
     )?;
     let no_proxy = WebhookSettings::no_proxy(args.no_proxy.or(file.no_proxy))?;
+    let check: DefaultRouteCheck = trellis_sidecar::config::check_default_route;
+    let default_route = WebhookSettings::default_route(
+        args.sidecar_default_route.or(file.sidecar_default_route),
+        Some(check),
+        td.as_str(),
+    )?;
     let pem = std::fs::read(&args.bundle)
         .with_context(|| format!("cannot read --bundle {}", args.bundle.display()))?;
     let bundle = TrustBundle::from_pem(td.clone(), &pem)
@@ -88,6 +100,8 @@ pub fn run(args: InjectArgs) -> anyhow::Result<()> {
         bundle_pem: bundle.to_pem(),
         native_sidecar,
         no_proxy,
+        default_route,
+        check_default_route: Some(check),
     };
 
     let (text, source) = if args.filename.as_os_str() == "-" {

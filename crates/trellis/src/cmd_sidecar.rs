@@ -7,11 +7,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use trellis_identity::tls::KeyExchange;
-use trellis_sidecar::config::route::DefaultRouteRaw;
 use trellis_sidecar::config::AppProtocol;
-use trellis_sidecar::config::{
-    DefaultRouteFile, FilesFile, HostTemplate, Protocol, SidecarFile, UpstreamFile,
-};
+use trellis_sidecar::config::{DefaultRouteFile, FilesFile, Protocol, SidecarFile, UpstreamFile};
 use trellis_sidecar::headers::UnderscoreHeaders;
 use trellis_sidecar::{Sidecar, SidecarSettings};
 
@@ -247,42 +244,7 @@ pub fn parse_upstream(spec: &str) -> anyhow::Result<UpstreamFile> {
 /// Parses `hosts=a;b,address=…,identity=…[,max_peers=N]` (`--default-route`), with the same
 /// checks as the file's `outbound.default_route`.
 pub fn parse_default_route(spec: &str) -> anyhow::Result<DefaultRouteFile> {
-    let mut raw = DefaultRouteRaw {
-        hosts: Vec::new(),
-        address: String::new(),
-        identity: String::new(),
-        max_peers: None,
-    };
-    for part in spec.split(',').filter(|p| !p.is_empty()) {
-        let (k, v) = part
-            .split_once('=')
-            .with_context(|| format!("--default-route `{spec}`: `{part}` is not key=value"))?;
-        match k {
-            "hosts" => {
-                for h in v.split(';').filter(|h| !h.is_empty()) {
-                    let t = HostTemplate::try_from(h.to_owned())
-                        .map_err(|e| anyhow::anyhow!("--default-route `{spec}`: {e}"))?;
-                    raw.hosts.push(t);
-                }
-            }
-            "address" => raw.address = v.to_owned(),
-            "identity" => raw.identity = v.to_owned(),
-            "max_peers" => {
-                raw.max_peers = Some(v.parse().with_context(|| {
-                    format!("--default-route `{spec}`: max_peers `{v}` is not a number")
-                })?)
-            }
-            _ => bail!(
-                "--default-route `{spec}`: unknown key `{k}` (hosts, address, identity, max_peers)"
-            ),
-        }
-    }
-    for (field, value) in [("address", &raw.address), ("identity", &raw.identity)] {
-        if value.is_empty() {
-            bail!("--default-route `{spec}`: `{field}=` is required");
-        }
-    }
-    DefaultRouteFile::try_from(raw).map_err(|e| anyhow::anyhow!("--default-route `{spec}`: {e}"))
+    DefaultRouteFile::parse_spec(spec).map_err(|e| anyhow::anyhow!("--default-route `{spec}`: {e}"))
 }
 
 impl SidecarArgs {

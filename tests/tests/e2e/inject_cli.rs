@@ -1,7 +1,8 @@
 //! `trellis inject -f FILE|-`: the webhook's injection over a multi-document manifest with
 //! every injected kind, kinds that pass through, opt-outs and a never-injected namespace;
 //! idempotence; the fallback form; the app containers' proxy environment (`--no-proxy`,
-//! `trellis.io/no-proxy`, `trellis.io/proxy-env: "false"`); and the output validated strictly
+//! `trellis.io/no-proxy`, `trellis.io/proxy-env: "false"`); the sidecar's convention route
+//! (`--sidecar-default-route`, `trellis.io/default-route`); and the output validated strictly
 //! against the Kubernetes 1.30 schemas and the newest ones `kubernetes-validate` ships.
 #![allow(clippy::unwrap_used)]
 
@@ -285,7 +286,7 @@ fn inject(args: &[&str]) -> anyhow::Result<(String, String)> {
 
 /// The variables injection adds to app containers.
 const PROXY_ENV: [&str; 5] = [
-    "TRELLIS_POD_IP",
+    "TRELLIS_POD_IPS",
     "HTTP_PROXY",
     "http_proxy",
     "NO_PROXY",
@@ -307,7 +308,7 @@ fn strip_proxy_env(spec: &Value) -> Value {
     spec
 }
 
-/// A container's proxy variables by name (`TRELLIS_POD_IP`: its fieldPath).
+/// A container's proxy variables by name (`TRELLIS_POD_IPS`: its fieldPath).
 fn proxy_vars(container: &Value) -> std::collections::BTreeMap<String, String> {
     container["env"]
         .as_array()
@@ -449,8 +450,8 @@ fn injects_every_workload_kind_and_passes_everything_else_through() -> anyhow::R
             ensure!(
                 vars.get("HTTP_PROXY").map(String::as_str) == Some("http://127.0.0.1:15001")
                     && vars.get("NO_PROXY").map(String::as_str)
-                        == Some("localhost,127.0.0.1,::1,$(TRELLIS_POD_IP)")
-                    && vars.get("TRELLIS_POD_IP").map(String::as_str) == Some("status.podIP")
+                        == Some("localhost,127.0.0.1,::1,$(TRELLIS_POD_IPS)")
+                    && vars.get("TRELLIS_POD_IPS").map(String::as_str) == Some("status.podIPs")
                     && !app.to_string().contains("HTTPS_PROXY"),
                 "{who}: proxy environment {vars:?}"
             );
@@ -710,7 +711,7 @@ fn proxy_env_follows_the_flag_the_annotations_and_the_opt_out() -> anyhow::Resul
     ])?;
     let before = documents(PROXY_MANIFESTS);
     let after = documents(&out);
-    let base = "localhost,127.0.0.1,::1,$(TRELLIS_POD_IP),.corp.example,10.0.0.0/8";
+    let base = "localhost,127.0.0.1,::1,$(TRELLIS_POD_IPS),.corp.example,10.0.0.0/8";
 
     // The flag's list, then the pod's annotation; the app's own variable stays first.
     let web = &pod_spec(&after[0]).unwrap()["containers"][0];
@@ -763,5 +764,156 @@ fn proxy_env_follows_the_flag_the_annotations_and_the_opt_out() -> anyhow::Resul
         !out.status.success() && stderr.contains("no_proxy") && stderr.contains("$(SECRET)"),
         "{stderr}"
     );
+    Ok(())
+}
+
+/// The convention route of issue #25, in `TRELLIS_DEFAULT_ROUTE` syntax.
+const ROUTE: &str = "hosts={service}.{namespace}.svc.cluster.local;{service}.{namespace}.svc;{service}.{namespace},address={service}.{namespace}.svc.cluster.local:15443,identity=spiffe://{trust_domain}/ns/{namespace}/sa/{service}";
+
+/// Three Deployments for the default route: the control plane's, the pod's own, none.
+const ROUTE_MANIFESTS: &str = r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers: [{name: web, image: nginx:1.27}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: mesh, namespace: shop}
+spec:
+  selector: {matchLabels: {app: mesh}}
+  template:
+    metadata:
+      labels: {app: mesh}
+      annotations:
+        trellis.io/default-route: "hosts={service}.mesh,address={service}.mesh:15443,identity=spiffe://{trust_domain}/svc/{service}"
+    spec:
+      containers: [{name: mesh, image: nginx:1.27}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: direct, namespace: shop}
+spec:
+  selector: {matchLabels: {app: direct}}
+  template:
+    metadata:
+      labels: {app: direct}
+      annotations: {trellis.io/default-route: "false"}
+    spec:
+      containers: [{name: direct, image: nginx:1.27}]
+"#;
+
+/// The injected sidecar's `TRELLIS_DEFAULT_ROUTE`, if any.
+fn sidecar_route(doc: &Value) -> Option<String> {
+    let spec = pod_spec(doc)?;
+    let sidecar = sidecars_in(spec, "initContainers").pop()?;
+    sidecar["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == "TRELLIS_DEFAULT_ROUTE")
+        .and_then(|e| e["value"].as_str())
+        .map(str::to_owned)
+}
+
+#[test]
+fn default_route_follows_the_flag_and_the_annotations() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let bundle = bundle(dir.path())?;
+    let input = dir.path().join("route.yaml");
+    std::fs::write(&input, ROUTE_MANIFESTS)?;
+    let common = [
+        "-f",
+        input.to_str().unwrap(),
+        "--trust-domain",
+        "example.org",
+        "--bundle",
+        bundle.to_str().unwrap(),
+    ];
+    let (out, _) = inject(&[&common[..], &["--sidecar-default-route", ROUTE]].concat())?;
+    let after = documents(&out);
+    ensure!(after.len() == 3, "{out}");
+    ensure!(
+        sidecar_route(&after[0]).as_deref() == Some(ROUTE),
+        "web: {:#}",
+        after[0]
+    );
+    ensure!(
+        sidecar_route(&after[1]).as_deref()
+            == Some("hosts={service}.mesh,address={service}.mesh:15443,identity=spiffe://{trust_domain}/svc/{service}"),
+        "mesh: {:#}",
+        after[1]
+    );
+    ensure!(sidecar_route(&after[2]).is_none(), "direct: {:#}", after[2]);
+    // Only the sidecar gets it.
+    ensure!(
+        out.matches("TRELLIS_DEFAULT_ROUTE").count() == 2,
+        "one per routed sidecar: {out}"
+    );
+    let file = dir.path().join("route-out.yaml");
+    std::fs::write(&file, &out)?;
+    validate_strictly("inject_cli::default_route", &file)?;
+
+    // Injecting the output again changes nothing.
+    let (again, _) = inject(&[
+        "-f",
+        file.to_str().unwrap(),
+        "--trust-domain",
+        "example.org",
+        "--bundle",
+        bundle.to_str().unwrap(),
+        "--sidecar-default-route",
+        ROUTE,
+    ])?;
+    ensure!(
+        documents(&again) == after,
+        "re-injection changed the output"
+    );
+
+    // From the config file, as `trellis control` reads it; none without it.
+    let config = dir.path().join("control.yaml");
+    std::fs::write(&config, format!("sidecar_default_route: \"{ROUTE}\"\n"))?;
+    let (out, _) = inject(&[&common[..], &["--config", config.to_str().unwrap()]].concat())?;
+    ensure!(
+        sidecar_route(&documents(&out)[0]).as_deref() == Some(ROUTE),
+        "{out}"
+    );
+    let (out, _) = inject(&common)?;
+    ensure!(sidecar_route(&documents(&out)[0]).is_none(), "{out}");
+
+    // A route the sidecar would refuse is refused here, naming the setting or the annotation.
+    for (extra, manifest, want) in [
+        (
+            "hosts={service},address={service}:15443,identity=spiffe://other.org/{service}",
+            ROUTE_MANIFESTS.to_owned(),
+            ["sidecar_default_route", "not in trust domain `example.org`"],
+        ),
+        (
+            ROUTE,
+            ROUTE_MANIFESTS.replace("{service}.mesh:15443", "{service}.mesh"),
+            ["trellis.io/default-route", "literal port"],
+        ),
+        (
+            ROUTE,
+            ROUTE_MANIFESTS.replace("\"false\"", "\"no\""),
+            ["trellis.io/default-route", "\"false\" for none"],
+        ),
+    ] {
+        std::fs::write(&input, manifest)?;
+        let mut cmd = Command::new(trellis_bin());
+        cmd.arg("inject")
+            .args(common)
+            .args(["--sidecar-default-route", extra]);
+        let out = run_with_timeout(cmd, COMMAND_TIMEOUT)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && want.iter().all(|w| stderr.contains(w)),
+            "{want:?}: {stderr}"
+        );
+    }
     Ok(())
 }

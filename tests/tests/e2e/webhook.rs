@@ -4,7 +4,9 @@
 //! JSONPatch out; malformed, oversized and slow requests get clean errors; and a sidecar
 //! started with exactly the environment the webhook injected gets its SVID from the control
 //! plane, its bundle coming from `TRELLIS_CONTROL_BUNDLE_PEM` alone. App containers get
-//! `HTTP_PROXY`/`NO_PROXY` (with the control plane's `--no-proxy`) unless the pod opts out.
+//! `HTTP_PROXY`/`NO_PROXY` (with the control plane's `--no-proxy`) unless the pod opts out,
+//! and the sidecar the control plane's `--sidecar-default-route` (checked at start, as the pods'
+//! `trellis.io/default-route` is at admission, by the sidecar's own parser).
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
@@ -27,6 +29,8 @@ const DNS_NAME: &str = "trellis-control.trellis-system.svc";
 /// A second `--webhook-dns-name`.
 const DNS_NAME_2: &str = "trellis-control.trellis-system.svc.cluster.local";
 const IMAGE: &str = "registry.example/trellis:e2e";
+/// `--sidecar-default-route`: the convention route of issue #25.
+const ROUTE: &str = "hosts={service}.{namespace}.svc.cluster.local;{service}.{namespace},address={service}.{namespace}.svc.cluster.local:15443,identity=spiffe://{trust_domain}/ns/{namespace}/sa/{service}";
 
 fn fixture(name: &str) -> Vec<u8> {
     let path = workspace_root()
@@ -193,6 +197,8 @@ async fn start(dir: &tempfile::TempDir) -> anyhow::Result<(ControlPlane, K8sIssu
             IMAGE,
             "--no-proxy",
             ".corp.example,10.0.0.0/8",
+            "--sidecar-default-route",
+            ROUTE,
         ]
         .iter()
         .map(|s| s.to_string())
@@ -247,11 +253,11 @@ async fn webhook_injects_over_tls_and_the_injected_sidecar_gets_its_svid() -> an
         // The default: a native sidecar, the pod's first init container; then the app
         // container's proxy environment (it had no env).
         assert_eq!(paths, ["/spec/initContainers", "/spec/volumes", "/spec/containers/0/env"]);
-        let no_proxy = "localhost,127.0.0.1,::1,$(TRELLIS_POD_IP),.corp.example,10.0.0.0/8";
+        let no_proxy = "localhost,127.0.0.1,::1,$(TRELLIS_POD_IPS),.corp.example,10.0.0.0/8";
         assert_eq!(
             ops[2]["value"],
             serde_json::json!([
-                { "name": "TRELLIS_POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } },
+                { "name": "TRELLIS_POD_IPS", "valueFrom": { "fieldRef": { "fieldPath": "status.podIPs" } } },
                 { "name": "HTTP_PROXY", "value": "http://127.0.0.1:15001" },
                 { "name": "http_proxy", "value": "http://127.0.0.1:15001" },
                 { "name": "NO_PROXY", "value": no_proxy },
@@ -272,6 +278,8 @@ async fn webhook_injects_over_tls_and_the_injected_sidecar_gets_its_svid() -> an
             "trellis-control.trellis-system.svc:8443"
         );
         assert_eq!(env["TRELLIS_APP"], "127.0.0.1:5678");
+        // The sidecar started below with this environment accepts it.
+        assert_eq!(env["TRELLIS_DEFAULT_ROUTE"], ROUTE);
         println!(
             "injected: {} env vars, patch {} bytes",
             env.len(),
@@ -304,6 +312,22 @@ async fn webhook_injects_over_tls_and_the_injected_sidecar_gets_its_svid() -> an
         let ops = patch_ops(&answer.json()["response"]);
         let paths: Vec<&str> = ops.iter().map(|o| o["path"].as_str().unwrap()).collect();
         assert_eq!(paths, ["/spec/initContainers", "/spec/volumes"]);
+
+        // A `trellis.io/default-route` the sidecar would refuse: refused, naming it.
+        let mut bad: Value = serde_json::from_slice(&fixture("deployment-pod.json"))?;
+        bad["request"]["object"]["metadata"]["annotations"] = serde_json::json!({
+            "trellis.io/default-route": "hosts={svc}.{namespace},address=x:15443,identity=spiffe://{trust_domain}/x"
+        });
+        let answer = post(&cp, Arc::clone(&tls13), "/inject", &serde_json::to_vec(&bad)?).await?;
+        ensure!(answer.status == 200, "{} {}", answer.status, answer.text());
+        let response = &answer.json()["response"];
+        assert_eq!(response["allowed"], false);
+        let message = response["status"]["message"].as_str().unwrap_or_default();
+        ensure!(
+            message.contains("annotation trellis.io/default-route")
+                && message.contains("unknown placeholder `{svc}`"),
+            "{message}"
+        );
 
         // Opted out and already injected: allowed, no patch.
         for (name, uid) in [
@@ -357,7 +381,7 @@ async fn webhook_injects_over_tls_and_the_injected_sidecar_gets_its_svid() -> an
 
         // Metrics on the admin port: one count per answer above.
         let metrics = Metrics::parse(&cp.admin_get("/metrics").await?.text())?;
-        for (result, want) in [("injected", 3.0), ("skipped", 1.0), ("opted_out", 1.0), ("error", 5.0)] {
+        for (result, want) in [("injected", 3.0), ("skipped", 1.0), ("opted_out", 1.0), ("error", 6.0)] {
             let got = metrics.sum("trellis_webhook_reviews_total", &[("result", result)]);
             ensure!(got == want, "{result}: {got} != {want}\n{}", metrics.lines_of("trellis_webhook"));
         }
@@ -450,6 +474,31 @@ async fn slow_clients_are_timed_out() -> anyhow::Result<()> {
         Ok(())
     })
     .await
+}
+
+/// A `--sidecar-default-route` the sidecar would refuse stops the control plane at start,
+/// naming the setting, instead of every injected sidecar.
+#[test]
+fn bad_sidecar_default_route_stops_the_control_plane() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cmd = Command::new(trellis_bin());
+    cmd.args(["control", "--trust-domain", "example.org", "--state-dir"])
+        .arg(dir.path())
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(["--webhook-listen", "127.0.0.1:0"])
+        .args([
+            "--sidecar-default-route",
+            "hosts={service},address={service}:15443,identity=spiffe://{trust_domain}/{namespace}",
+        ]);
+    let out = trellis_tests::run_with_timeout(cmd, trellis_tests::COMMAND_TIMEOUT)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "the control plane started: {stderr}");
+    ensure!(
+        stderr.contains("sidecar_default_route") && stderr.contains("{namespace}"),
+        "{stderr}"
+    );
+    println!("-> {}", stderr.lines().last().unwrap_or_default());
+    Ok(())
 }
 
 /// `TRELLIS_CONTROL_BUNDLE_PEM` that is not a bundle, or given together with a bundle path,

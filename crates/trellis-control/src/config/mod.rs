@@ -166,6 +166,9 @@ pub struct ControlFile {
     pub native_sidecar: Option<bool>,
     /// `NO_PROXY` entries injected app containers get besides localhost and the pod itself.
     pub no_proxy: Option<Vec<String>>,
+    /// `TRELLIS_DEFAULT_ROUTE` of injected sidecars (`hosts=…;…,address=…,identity=…`), unless
+    /// a pod's `trellis.io/default-route` says otherwise.
+    pub sidecar_default_route: Option<String>,
     /// Where tokens, issuances and CA rotations live: `postgres://USER:PASSWORD@HOST/DB`
     /// (shared by replicas) or `sqlite://PATH`; absent: `<state_dir>/trellis.db`.
     pub database: Option<DatabaseUrl>,
@@ -357,6 +360,7 @@ impl ControlSettings {
                 sidecar_control_plane: f.sidecar_control_plane,
                 native_sidecar: f.native_sidecar,
                 no_proxy: f.no_proxy,
+                sidecar_default_route: f.sidecar_default_route,
             },
             limits.webhook,
         )?;

@@ -183,6 +183,57 @@ fn webhook_fields_parse_from_yaml() {
     assert_eq!(w.no_proxy, [".corp.example", "10.0.0.0/8"], "deduplicated");
 }
 
+#[test]
+fn sidecar_default_route_is_read_then_checked_with_the_check_given() {
+    let f = ControlFile::parse(
+        "trust_domain: example.org\nwebhook_listen: 0.0.0.0:8444\nsidecar_default_route: \" hosts={service}.{namespace},address={service}.{namespace}:15443,identity=spiffe://{trust_domain}/ns/{namespace}/sa/{service} \"\n",
+        Path::new("c.yaml"),
+    )
+    .unwrap();
+    let s = ControlSettings::from_file(f).unwrap();
+    let mut w = s.webhook.unwrap();
+    let route = w.sidecar_default_route.clone().unwrap();
+    assert!(
+        route.starts_with("hosts=") && route.ends_with("{service}"),
+        "trimmed: {route}"
+    );
+    assert!(
+        w.default_route_check.is_none(),
+        "no check until one is given"
+    );
+    w.check_default_route(
+        |_, td| {
+            (td == "example.org")
+                .then_some(())
+                .ok_or_else(|| td.to_owned())
+        },
+        "example.org",
+    )
+    .unwrap();
+    assert!(
+        w.default_route_check.is_some(),
+        "kept for the pods' annotations"
+    );
+    let err = w
+        .clone()
+        .check_default_route(
+            |_, _| Err("unknown placeholder `{svc}`".into()),
+            "example.org",
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("sidecar_default_route") && err.contains("unknown placeholder `{svc}`"),
+        "{err}"
+    );
+    // Empty means none.
+    let w = with_webhook(|f| f.sidecar_default_route = Some("  ".into()))
+        .unwrap()
+        .webhook
+        .unwrap();
+    assert_eq!(w.sidecar_default_route, None);
+}
+
 fn with_k8s(edit: impl FnOnce(&mut ControlFile)) -> Result<ControlSettings, ConfigError> {
     let mut f = ControlFile {
         trust_domain: Some("example.org".into()),

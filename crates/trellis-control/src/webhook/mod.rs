@@ -49,7 +49,7 @@ use trellis_serve::{accept, Drain, Handshake};
 
 use crate::ca::{Ca, CaError};
 use crate::metrics::ControlMetrics;
-use inject::{InjectConfig, Outcome};
+use inject::{DefaultRouteCheck, InjectConfig, Outcome};
 pub use settings::{WebhookLimits, WebhookSettings};
 
 /// The path the MutatingWebhookConfiguration points at.
@@ -197,6 +197,8 @@ struct State {
     control_plane: String,
     native_sidecar: bool,
     no_proxy: Vec<String>,
+    default_route: Option<String>,
+    check_default_route: Option<DefaultRouteCheck>,
     /// The trust bundle in force; read per review so a CA rotation reaches new pods at once.
     bundle: watch::Receiver<Arc<TrustBundle>>,
     metrics: Arc<ControlMetrics>,
@@ -212,6 +214,8 @@ impl State {
             bundle_pem: self.bundle.borrow().to_pem(),
             native_sidecar: self.native_sidecar,
             no_proxy: self.no_proxy.clone(),
+            default_route: self.default_route.clone(),
+            check_default_route: self.check_default_route,
         }
     }
 }
@@ -293,6 +297,8 @@ pub async fn start(
         control_plane: settings.sidecar_control_plane.clone(),
         native_sidecar: settings.native_sidecar,
         no_proxy: settings.no_proxy.clone(),
+        default_route: settings.sidecar_default_route.clone(),
+        check_default_route: settings.default_route_check,
         bundle,
         metrics,
         limits,
@@ -443,6 +449,8 @@ mod tests {
             control_plane: "cp:8443".into(),
             native_sidecar: false,
             no_proxy: Vec::new(),
+            default_route: None,
+            check_default_route: None,
             bundle,
             metrics: Arc::new(ControlMetrics::new()),
             limits: WebhookLimits::default(),

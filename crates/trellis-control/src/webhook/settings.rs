@@ -9,7 +9,7 @@ use serde::Deserialize;
 use trellis_serve::config::{at_least_one, bytes_within, deadline, ConfigError};
 use trellis_serve::http::ServerLimits;
 
-use super::inject::no_proxy_entry_ok;
+use super::inject::{no_proxy_entry_ok, DefaultRouteCheck};
 
 /// Defaults of the webhook's settings.
 pub mod defaults {
@@ -168,6 +168,12 @@ pub struct WebhookSettings {
     pub native_sidecar: bool,
     /// `NO_PROXY` entries of every app container besides localhost and the pod itself.
     pub no_proxy: Vec<String>,
+    /// `TRELLIS_DEFAULT_ROUTE` of injected sidecars unless a pod's `trellis.io/default-route`
+    /// says otherwise; `None`: no convention route.
+    pub sidecar_default_route: Option<String>,
+    /// The sidecar's own check of a default route, set by [`Self::check_default_route`]
+    /// (`None`: routes are passed on unchecked).
+    pub default_route_check: Option<DefaultRouteCheck>,
     /// `limits.webhook`.
     pub limits: WebhookLimits,
 }
@@ -187,6 +193,8 @@ pub struct WebhookFields {
     pub native_sidecar: Option<bool>,
     /// `no_proxy`.
     pub no_proxy: Option<Vec<String>>,
+    /// `sidecar_default_route`.
+    pub sidecar_default_route: Option<String>,
 }
 
 impl WebhookSettings {
@@ -203,6 +211,7 @@ impl WebhookSettings {
         let (sidecar_image, sidecar_control_plane, native_sidecar) =
             Self::injection(f.sidecar_image, f.sidecar_control_plane, f.native_sidecar)?;
         let no_proxy = Self::no_proxy(f.no_proxy)?;
+        let sidecar_default_route = Self::default_route(f.sidecar_default_route, None, "")?;
         let raw = f
             .dns_names
             .unwrap_or_else(|| vec![defaults::DNS_NAME.to_owned()]);
@@ -239,8 +248,49 @@ impl WebhookSettings {
             sidecar_control_plane,
             native_sidecar,
             no_proxy,
+            sidecar_default_route,
+            default_route_check: None,
             limits,
         }))
+    }
+
+    /// Checks `sidecar_default_route` for sidecars of `trust_domain` with `check` (the
+    /// sidecar's own parser, which this crate does not import), and keeps `check` for the
+    /// pods' `trellis.io/default-route`. The binary calls this before the webhook starts, so
+    /// a bad template stops the control plane instead of every injected sidecar.
+    pub fn check_default_route(
+        &mut self,
+        check: DefaultRouteCheck,
+        trust_domain: &str,
+    ) -> Result<(), ConfigError> {
+        self.sidecar_default_route =
+            Self::default_route(self.sidecar_default_route.take(), Some(check), trust_domain)?;
+        self.default_route_check = Some(check);
+        Ok(())
+    }
+
+    /// `sidecar_default_route` trimmed and, with `check`, checked as the sidecar will check
+    /// its `TRELLIS_DEFAULT_ROUTE`; absent or empty: none. `trellis inject` takes the same
+    /// path.
+    pub fn default_route(
+        route: Option<String>,
+        check: Option<DefaultRouteCheck>,
+        trust_domain: &str,
+    ) -> Result<Option<String>, ConfigError> {
+        let Some(route) = route.map(|r| r.trim().to_owned()).filter(|r| !r.is_empty()) else {
+            return Ok(None);
+        };
+        if let Some(check) = check {
+            check(&route, trust_domain).map_err(|e| {
+                ConfigError::invalid(
+                    "sidecar_default_route",
+                    format!(
+                        "`{route}`: {e} (expected hosts=T1;T2,address=T,identity=T[,max_peers=N], the sidecar's TRELLIS_DEFAULT_ROUTE syntax)"
+                    ),
+                )
+            })?;
+        }
+        Ok(Some(route))
     }
 
     /// `no_proxy` checked: each entry a host, domain, address or CIDR (see

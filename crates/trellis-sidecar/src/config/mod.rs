@@ -659,6 +659,28 @@ impl SidecarSettings {
     }
 }
 
+/// Checks a one-line default route (`TRELLIS_DEFAULT_ROUTE`, see
+/// [`DefaultRouteFile::parse_spec`]) for a sidecar of `trust_domain` exactly as that sidecar
+/// will at start: templates, placeholders, the identity's trust domain, `max_peers`. The
+/// control plane's injector runs it on its `sidecar_default_route` and on each pod's
+/// `trellis.io/default-route`, so a mistake is refused once, not in every pod.
+pub fn check_default_route(spec: &str, trust_domain: &str) -> Result<(), String> {
+    let td = TrustDomain::parse(trust_domain).map_err(|e| format!("trust domain: {e}"))?;
+    let templates = DefaultRouteFile::parse_spec(spec)?;
+    default_route(templates, &td)
+        .map(drop)
+        .map_err(|e| match e {
+            // `identity: …` rather than a file path the one-line form does not have.
+            ConfigError::Invalid { field, problem } => {
+                let key = field
+                    .strip_prefix("outbound.default_route.")
+                    .unwrap_or(&field);
+                format!("{key}: {problem}")
+            }
+            other => other.to_string(),
+        })
+}
+
 /// The identity template must give a SPIFFE ID of our trust domain for any host it matches:
 /// checked by expanding it with sample values.
 fn default_route(

@@ -379,6 +379,49 @@ fn check_address(address: &str) -> Result<(), String> {
 }
 
 impl DefaultRouteFile {
+    /// Parses the one-line form `hosts=a;b,address=…,identity=…[,max_peers=N]` (the sidecar's
+    /// `--default-route` and `TRELLIS_DEFAULT_ROUTE`, the injector's `trellis.io/default-route`),
+    /// with the same checks as the file's `outbound.default_route`.
+    pub fn parse_spec(spec: &str) -> Result<Self, String> {
+        let mut raw = DefaultRouteRaw {
+            hosts: Vec::new(),
+            address: String::new(),
+            identity: String::new(),
+            max_peers: None,
+        };
+        for part in spec.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("`{part}` is not key=value"))?;
+            match k {
+                "hosts" => {
+                    for h in v.split(';').filter(|h| !h.is_empty()) {
+                        raw.hosts.push(HostTemplate::try_from(h.to_owned())?);
+                    }
+                }
+                "address" => raw.address = v.to_owned(),
+                "identity" => raw.identity = v.to_owned(),
+                "max_peers" => {
+                    raw.max_peers = Some(
+                        v.parse()
+                            .map_err(|_| format!("max_peers `{v}` is not a number"))?,
+                    )
+                }
+                _ => {
+                    return Err(format!(
+                        "unknown key `{k}` (hosts, address, identity, max_peers)"
+                    ))
+                }
+            }
+        }
+        for (field, value) in [("address", &raw.address), ("identity", &raw.identity)] {
+            if value.is_empty() {
+                return Err(format!("`{field}=` is required"));
+            }
+        }
+        Self::try_from(raw)
+    }
+
     /// The first host template `host` (lowercase, no port) matches, and what it binds.
     pub fn matches<'h>(&self, host: &'h str) -> Option<Bound<'h>> {
         self.hosts.iter().find_map(|t| t.matches(host))

@@ -470,3 +470,34 @@ fn default_route_identity_must_stay_in_the_trust_domain() {
         "{err}"
     );
 }
+
+#[test]
+fn the_one_line_default_route_is_checked_like_the_files() {
+    let spec = "hosts={service}.{namespace}.svc.cluster.local;{service}.{namespace},\
+                address={service}.{namespace}.svc.cluster.local:15443,\
+                identity=spiffe://{trust_domain}/ns/{namespace}/sa/{service},max_peers=8";
+    assert_eq!(check_default_route(spec, "example.org"), Ok(()));
+    let parsed = DefaultRouteFile::parse_spec(spec).unwrap();
+    assert_eq!(parsed.hosts.len(), 2);
+    assert_eq!(parsed.max_peers, Some(8));
+    for (bad, want) in [
+        (
+            spec.replace("{trust_domain}", "other.org"),
+            "identity: `spiffe://other.org/ns/{namespace}/sa/{service}` gives",
+        ),
+        (spec.replace("max_peers=8", "max_peers=0"), "max_peers"),
+        (
+            spec.replace("{service}.{namespace},", "{service},"),
+            "binds none",
+        ),
+        (spec.replace(":15443", ""), "literal port"),
+        ("off".to_owned(), "`off` is not key=value"),
+        (
+            "hosts={service},adress=x".to_owned(),
+            "unknown key `adress`",
+        ),
+    ] {
+        let err = check_default_route(&bad, "example.org").unwrap_err();
+        assert!(err.contains(want), "{bad}: {err}");
+    }
+}

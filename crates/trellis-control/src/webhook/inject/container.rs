@@ -84,15 +84,32 @@ pub struct InjectConfig {
     /// (`native_sidecar`, `--native-sidecar`).
     pub native_sidecar: bool,
     /// What every app container's `NO_PROXY` lists besides localhost and the pod's own
-    /// address (`no_proxy`, `--no-proxy`); a pod's `trellis.io/no-proxy` adds to it.
+    /// addresses (`no_proxy`, `--no-proxy`); a pod's `trellis.io/no-proxy` adds to it.
     pub no_proxy: Vec<String>,
+    /// The sidecar's `TRELLIS_DEFAULT_ROUTE` unless a pod's `trellis.io/default-route` says
+    /// otherwise (`sidecar_default_route`, `--sidecar-default-route`); `None`: no convention
+    /// route.
+    pub default_route: Option<String>,
+    /// Checks a pod's `trellis.io/default-route`; `None`: passed on unchecked (the sidecar
+    /// refuses a bad one when it starts).
+    pub check_default_route: Option<DefaultRouteCheck>,
 }
 
-/// The app-container variable holding the pod's IP, which `NO_PROXY` names as
-/// `$(TRELLIS_POD_IP)` (the kubelet expands references to variables defined before).
-pub const POD_IP_ENV: &str = "TRELLIS_POD_IP";
+/// Checks a `TRELLIS_DEFAULT_ROUTE` value for a sidecar of the trust domain (second argument)
+/// exactly as `trellis sidecar` will parse it; `Err` says what is wrong. The parser belongs to
+/// trellis-sidecar, which this crate does not import, so the binary passes it in
+/// (`trellis_sidecar::config::check_default_route`).
+pub type DefaultRouteCheck = fn(spec: &str, trust_domain: &str) -> Result<(), String>;
+
+/// The app-container variable holding the pod's addresses, which `NO_PROXY` names as
+/// `$(TRELLIS_POD_IPS)` (the kubelet expands references to variables defined before). It is
+/// the downward API's `status.podIPs`, which Kubernetes documents as "a comma separated list
+/// that corresponds to the Pod's IPv4 and IPv6 addresses" ("Validate IPv4/IPv6 dual-stack"):
+/// one address on a single-stack pod (the same as `status.podIP`), both on a dual-stack one,
+/// and already in `NO_PROXY`'s comma-separated form.
+pub const POD_IP_ENV: &str = "TRELLIS_POD_IPS";
 /// What `NO_PROXY` always starts with: loopback by name and address, and the pod itself.
-pub const NO_PROXY_ALWAYS: [&str; 4] = ["localhost", "127.0.0.1", "::1", "$(TRELLIS_POD_IP)"];
+pub const NO_PROXY_ALWAYS: [&str; 4] = ["localhost", "127.0.0.1", "::1", "$(TRELLIS_POD_IPS)"];
 /// The variables injection sets in app containers; a container that sets any of them itself
 /// keeps its own environment.
 pub const PROXY_ENV_NAMES: [&str; 5] = [
@@ -113,7 +130,7 @@ pub fn no_proxy_entry_ok(entry: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b".-_:/*[]".contains(&b))
 }
 
-/// The proxy variables for an app container, in order (`$(TRELLIS_POD_IP)` needs its
+/// The proxy variables for an app container, in order (`$(TRELLIS_POD_IPS)` needs its
 /// variable defined first), with `no_proxy` after the fixed entries. `HTTP_PROXY` is the
 /// sidecar's shared outbound listener, so an app calling `http://b/…` reaches the mesh
 /// unchanged. There is no `HTTPS_PROXY`: an app's own TLS would travel inside the mTLS (the
@@ -132,7 +149,7 @@ pub(super) fn proxy_env(no_proxy: &[String]) -> Vec<Value> {
         })
         .join(",");
     vec![
-        json!({ "name": POD_IP_ENV, "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } }),
+        json!({ "name": POD_IP_ENV, "valueFrom": { "fieldRef": { "fieldPath": "status.podIPs" } } }),
         env("HTTP_PROXY", proxy.as_str()),
         env("http_proxy", proxy),
         env("NO_PROXY", list.as_str()),
@@ -144,16 +161,37 @@ fn env(name: &str, value: impl Into<String>) -> Value {
     json!({ "name": name, "value": value.into() })
 }
 
+/// What one pod's annotations decide about its sidecar.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct PodSidecar<'a> {
+    /// `TRELLIS_APP`'s port.
+    pub app_port: u16,
+    /// `TRELLIS_APP_PROTOCOL`, when not the default.
+    pub app_protocol: Option<&'a str>,
+    /// `TRELLIS_UPSTREAMS`.
+    pub upstreams: Option<&'a str>,
+    /// `TRELLIS_DEFAULT_ROUTE`.
+    pub default_route: Option<&'a str>,
+    /// The policy ConfigMap is mounted (`TRELLIS_POLICY`).
+    pub policy: bool,
+    /// The Workload API socket is served (`TRELLIS_WORKLOAD_API_SOCKET`).
+    pub workload_api: bool,
+}
+
 /// The `trellis-sidecar` container, in `form`.
 pub(super) fn sidecar_container(
     cfg: &InjectConfig,
     form: SidecarForm,
-    app_port: u16,
-    app_protocol: Option<&str>,
-    upstreams: Option<&str>,
-    policy: bool,
-    workload_api: bool,
+    pod: &PodSidecar<'_>,
 ) -> Value {
+    let PodSidecar {
+        app_port,
+        app_protocol,
+        upstreams,
+        default_route,
+        policy,
+        workload_api,
+    } = *pod;
     let mut envs = vec![
         env("TRELLIS_TRUST_DOMAIN", cfg.trust_domain.as_str()),
         env("TRELLIS_CONTROL_PLANE", cfg.control_plane.as_str()),
@@ -172,6 +210,9 @@ pub(super) fn sidecar_container(
     }
     if let Some(u) = upstreams {
         envs.push(env("TRELLIS_UPSTREAMS", u));
+    }
+    if let Some(r) = default_route {
+        envs.push(env("TRELLIS_DEFAULT_ROUTE", r));
     }
     if policy {
         envs.push(env("TRELLIS_POLICY", POLICY_DIR));

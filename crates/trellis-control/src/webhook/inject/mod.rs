@@ -21,9 +21,11 @@
 //!   sidecar's group added to the pod's `supplementalGroups` so the apps may open the 0660
 //!   socket.
 //! - in each app container, `HTTP_PROXY`/`http_proxy` (the sidecar's outbound listener) and
-//!   `NO_PROXY`/`no_proxy` (localhost, the pod's IP, the control plane's `no_proxy`, the pod's
+//!   `NO_PROXY`/`no_proxy` (localhost, the pod's IPs, the control plane's `no_proxy`, the pod's
 //!   `trellis.io/no-proxy`; issue #25), unless the pod says `trellis.io/proxy-env: "false"` or
 //!   the container sets one of them itself.
+//! - `TRELLIS_DEFAULT_ROUTE` in the sidecar (a convention route, issue #25): the control
+//!   plane's `sidecar_default_route`, or the pod's `trellis.io/default-route` (`"false"`: none).
 //!
 //! Answers, and why (the webhook runs with `failurePolicy: Fail`, which says "a pod this
 //! webhook could not process must not be admitted": in a labelled namespace a pod without its
@@ -45,13 +47,13 @@ mod container;
 pub mod offline;
 
 pub use container::{
-    no_proxy_entry_ok, InjectConfig, SidecarForm, ADMIN_PORT, DEFAULT_APP_PORT, INBOUND_PORT,
-    NO_PROXY_ALWAYS, OUTBOUND_PORT, POD_IP_ENV, POLICY_DIR, POLICY_VOLUME, PROXY_ENV_NAMES,
-    SIDECAR_CONTAINER, SIDECAR_UID, SPIFFE_DIR, SPIFFE_ENDPOINT_SOCKET, SPIFFE_VOLUME,
-    STARTUP_FAILURE_THRESHOLD, STARTUP_PERIOD_SECONDS, TOKEN_AUDIENCE, TOKEN_DIR,
+    no_proxy_entry_ok, DefaultRouteCheck, InjectConfig, SidecarForm, ADMIN_PORT, DEFAULT_APP_PORT,
+    INBOUND_PORT, NO_PROXY_ALWAYS, OUTBOUND_PORT, POD_IP_ENV, POLICY_DIR, POLICY_VOLUME,
+    PROXY_ENV_NAMES, SIDECAR_CONTAINER, SIDECAR_UID, SPIFFE_DIR, SPIFFE_ENDPOINT_SOCKET,
+    SPIFFE_VOLUME, STARTUP_FAILURE_THRESHOLD, STARTUP_PERIOD_SECONDS, TOKEN_AUDIENCE, TOKEN_DIR,
     TOKEN_EXPIRATION_SECONDS, TOKEN_FILE, TOKEN_VOLUME, WORKLOAD_API_SOCKET,
 };
-use container::{proxy_env, sidecar_container};
+use container::{proxy_env, sidecar_container, PodSidecar};
 
 /// Pod annotation: `"false"` opts the pod out of injection.
 pub const ANNOTATION_INJECT: &str = "trellis.io/inject";
@@ -78,6 +80,15 @@ pub const ANNOTATION_PROXY_ENV: &str = "trellis.io/proxy-env";
 /// Pod annotation: more `NO_PROXY` entries for the app containers, comma-separated, after the
 /// control plane's `no_proxy`.
 pub const ANNOTATION_NO_PROXY: &str = "trellis.io/no-proxy";
+
+/// Pod annotation: the sidecar's convention route (`TRELLIS_DEFAULT_ROUTE`, the same
+/// `hosts=…;…,address=…,identity=…[,max_peers=N]` syntax) instead of the control plane's
+/// `sidecar_default_route`; [`DEFAULT_ROUTE_OFF`] gives the pod none.
+pub const ANNOTATION_DEFAULT_ROUTE: &str = "trellis.io/default-route";
+/// The [`ANNOTATION_DEFAULT_ROUTE`] value that turns the control plane's default route off:
+/// `"false"`, like the other `trellis.io/*` switches, and not `off`, which YAML 1.1 readers
+/// (kubectl, PyYAML) take for a boolean when a tool writes it unquoted.
+pub const DEFAULT_ROUTE_OFF: &str = "false";
 
 /// The only AdmissionReview version served (the webhook configuration asks for it alone).
 pub const API_VERSION: &str = "admission.k8s.io/v1";
@@ -474,6 +485,20 @@ fn decide(request: &Map<String, Value>, cfg: &InjectConfig) -> Decision {
         },
         None => None,
     };
+    let default_route = match annotation(ANNOTATION_DEFAULT_ROUTE) {
+        None => cfg.default_route.clone(),
+        Some(v) if v.eq_ignore_ascii_case(DEFAULT_ROUTE_OFF) => None,
+        Some(v) => {
+            if let Some(check) = cfg.check_default_route {
+                if let Err(why) = check(v, &cfg.trust_domain) {
+                    return Decision::Deny(format!(
+                        "annotation {ANNOTATION_DEFAULT_ROUTE}: {why} (expected hosts=T1;T2,address=T,identity=T[,max_peers=N], or \"{DEFAULT_ROUTE_OFF}\" for none)"
+                    ));
+                }
+            }
+            Some(v.to_owned())
+        }
+    };
     let app_protocol = match annotation(ANNOTATION_APP_PROTOCOL) {
         None => None,
         Some(v @ ("http1" | "h2c")) => Some(v),
@@ -556,11 +581,14 @@ fn decide(request: &Map<String, Value>, cfg: &InjectConfig) -> Decision {
     let container = sidecar_container(
         cfg,
         form,
-        app_port,
-        app_protocol,
-        upstreams.as_deref(),
-        policy_configmap.is_some(),
-        workload_api,
+        &PodSidecar {
+            app_port,
+            app_protocol,
+            upstreams: upstreams.as_deref(),
+            default_route: default_route.as_deref(),
+            policy: policy_configmap.is_some(),
+            workload_api,
+        },
     );
     let mut new_volumes = vec![json!({
         "name": TOKEN_VOLUME,
@@ -831,6 +859,14 @@ pub fn fuzz_review(data: &[u8]) -> Option<(Value, Vec<Value>)> {
         bundle_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
         native_sidecar: data.len().is_multiple_of(2),
         no_proxy: vec![".example.internal".into()],
+        default_route: None,
+        check_default_route: Some(|spec, _| {
+            if spec.contains("address=") {
+                Ok(())
+            } else {
+                Err("no address".into())
+            }
+        }),
     };
     let review = review(data, &cfg).ok()?;
     let answer: Value = serde_json::from_slice(&review.body).ok()?;

@@ -295,6 +295,8 @@ mod tests {
             bundle_pem: "PEM".into(),
             native_sidecar: true,
             no_proxy: Vec::new(),
+            default_route: None,
+            check_default_route: None,
         }
     }
 

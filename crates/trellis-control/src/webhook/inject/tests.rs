@@ -16,7 +16,24 @@ fn cfg() -> InjectConfig {
         bundle_pem: BUNDLE.into(),
         native_sidecar: false,
         no_proxy: Vec::new(),
+        default_route: None,
+        check_default_route: Some(check_route),
     }
+}
+
+/// Stands in for the sidecar's parser (`trellis_sidecar::config::check_default_route`, which
+/// this crate cannot import; the binary's tests run the real one): the `hosts=`, `address=`
+/// and `identity=` keys, and the trust domain handed over.
+fn check_route(spec: &str, trust_domain: &str) -> Result<(), String> {
+    if trust_domain != "example.org" {
+        return Err(format!("wrong trust domain `{trust_domain}`"));
+    }
+    for key in ["hosts=", "address=", "identity="] {
+        if !spec.contains(key) {
+            return Err(format!("`{key}` is required"));
+        }
+    }
+    Ok(())
 }
 
 /// The default: native sidecars.
@@ -95,7 +112,7 @@ fn without_proxy_env(pod: &Value) -> Value {
     pod
 }
 
-/// The proxy variables of an app container, by name; `TRELLIS_POD_IP` as its fieldRef.
+/// The proxy variables of an app container, by name; `TRELLIS_POD_IPS` as its fieldRef.
 fn proxy_env_of(container: &Value) -> Vec<(String, String)> {
     container["env"]
         .as_array()
@@ -983,11 +1000,11 @@ fn bad_workload_api_annotation_and_clashing_mount_are_refused() {
     assert!(review.detail.contains("/run/spiffe"), "{}", review.detail);
 }
 
-const NO_PROXY_BASE: &str = "localhost,127.0.0.1,::1,$(TRELLIS_POD_IP)";
+const NO_PROXY_BASE: &str = "localhost,127.0.0.1,::1,$(TRELLIS_POD_IPS)";
 
 fn want_proxy_env(no_proxy: &str) -> Vec<(String, String)> {
     [
-        ("TRELLIS_POD_IP", "\"status.podIP\""),
+        ("TRELLIS_POD_IPS", "\"status.podIPs\""),
         ("HTTP_PROXY", "http://127.0.0.1:15001"),
         ("http_proxy", "http://127.0.0.1:15001"),
         ("NO_PROXY", no_proxy),
@@ -1008,7 +1025,7 @@ fn app_containers_get_http_proxy_and_no_proxy_after_their_own_env() {
         for app in containers.iter().filter(|c| c["name"] != SIDECAR_CONTAINER) {
             assert_eq!(proxy_env_of(app), want_proxy_env(NO_PROXY_BASE), "{app}");
         }
-        // The app's own variable stays first: `$(TRELLIS_POD_IP)` only needs its own to precede.
+        // The app's own variable stays first: `$(TRELLIS_POD_IPS)` only needs its own to precede.
         assert_eq!(containers[0]["env"][0]["name"], "DATA_DIR");
         // Plain http:// only: no HTTPS_PROXY anywhere, and the sidecar itself gets none.
         assert!(!after.to_string().contains("HTTPS_PROXY"));
@@ -1104,4 +1121,124 @@ fn proxy_env_opt_out_and_a_container_with_its_own_proxy_are_left_alone() {
         warnings.contains("`server` sets http_proxy itself"),
         "{warnings}"
     );
+}
+
+const ROUTE: &str = "hosts={service}.{namespace}.svc.cluster.local;{service}.{namespace},address={service}.{namespace}.svc.cluster.local:15443,identity=spiffe://{trust_domain}/ns/{namespace}/sa/{service}";
+
+/// The sidecar's `TRELLIS_DEFAULT_ROUTE` after injecting `doc` with `config`, or `None`.
+fn default_route_of(doc: &Value, config: &InjectConfig) -> Option<String> {
+    let r = review(&serde_json::to_vec(doc).unwrap(), config).unwrap();
+    assert_eq!(r.outcome, Outcome::Injected, "{}", r.detail);
+    let after = apply(&doc["request"]["object"], &response_of(&r));
+    let s = if config.native_sidecar {
+        init_sidecar(&after)
+    } else {
+        sidecar(&after)
+    };
+    let env = env_of(s);
+    let routes: Vec<&String> = env
+        .iter()
+        .filter(|(n, _)| n == "TRELLIS_DEFAULT_ROUTE")
+        .map(|(_, v)| v)
+        .collect();
+    assert!(routes.len() <= 1, "{env:?}");
+    // Only the sidecar gets it: the apps reach it through HTTP_PROXY.
+    for app in after["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["name"] != SIDECAR_CONTAINER)
+    {
+        assert!(!app.to_string().contains("TRELLIS_DEFAULT_ROUTE"), "{app}");
+    }
+    routes.first().map(|r| (*r).clone())
+}
+
+#[test]
+fn sidecar_gets_the_control_plane_default_route_unless_the_pod_overrides_or_turns_it_off() {
+    let mut doc = fixture_json("deployment-pod.json");
+    for base in [cfg(), native_cfg()] {
+        doc["request"]["object"]["metadata"]["annotations"] = json!({});
+        assert_eq!(default_route_of(&doc, &base), None, "none by default");
+        let config = InjectConfig {
+            default_route: Some(ROUTE.into()),
+            ..base
+        };
+        assert_eq!(default_route_of(&doc, &config).as_deref(), Some(ROUTE));
+
+        let own = "hosts={service}.mesh,address={service}.mesh:15443,identity=spiffe://{trust_domain}/{service}";
+        doc["request"]["object"]["metadata"]["annotations"] =
+            json!({ "trellis.io/default-route": format!(" {own} ") });
+        assert_eq!(default_route_of(&doc, &config).as_deref(), Some(own));
+        // The pod's own route also works where the control plane sets none.
+        let none = InjectConfig {
+            default_route: None,
+            ..config.clone()
+        };
+        assert_eq!(default_route_of(&doc, &none).as_deref(), Some(own));
+
+        for off in ["false", "FALSE"] {
+            doc["request"]["object"]["metadata"]["annotations"] =
+                json!({ "trellis.io/default-route": off });
+            assert_eq!(default_route_of(&doc, &config), None, "{off}");
+        }
+    }
+}
+
+#[test]
+fn a_bad_default_route_annotation_is_refused_naming_it() {
+    let config = InjectConfig {
+        default_route: Some(ROUTE.into()),
+        ..cfg()
+    };
+    let mut doc = fixture_json("deployment-pod.json");
+    for (bad, why) in [
+        (
+            "hosts={service},identity=spiffe://x/y",
+            "`address=` is required",
+        ),
+        ("off", "`hosts=` is required"),
+        ("", "`hosts=` is required"),
+    ] {
+        doc["request"]["object"]["metadata"]["annotations"] =
+            json!({ "trellis.io/default-route": bad });
+        let r = review(&serde_json::to_vec(&doc).unwrap(), &config).unwrap();
+        assert_eq!(r.outcome, Outcome::Error, "{bad}");
+        let response = response_of(&r);
+        let message = response["status"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("annotation trellis.io/default-route")
+                && message.contains(why)
+                && message.contains("\"false\" for none"),
+            "{message}"
+        );
+    }
+    // Without a check (none was given), the value is passed on for the sidecar to judge.
+    let unchecked = InjectConfig {
+        check_default_route: None,
+        ..config
+    };
+    doc["request"]["object"]["metadata"]["annotations"] =
+        json!({ "trellis.io/default-route": "hosts={service}" });
+    assert_eq!(
+        default_route_of(&doc, &unchecked).as_deref(),
+        Some("hosts={service}")
+    );
+}
+
+#[test]
+fn reinjecting_a_pod_with_a_default_route_changes_nothing() {
+    let config = InjectConfig {
+        default_route: Some(ROUTE.into()),
+        ..native_cfg()
+    };
+    let mut doc = fixture_json("deployment-pod.json");
+    let r = review(&serde_json::to_vec(&doc).unwrap(), &config).unwrap();
+    assert_eq!(r.outcome, Outcome::Injected, "{}", r.detail);
+    let after = apply(&doc["request"]["object"], &response_of(&r));
+    doc["request"]["object"] = after;
+    let again = review(&serde_json::to_vec(&doc).unwrap(), &config).unwrap();
+    assert_eq!(again.outcome, Outcome::Skipped, "{}", again.detail);
+    assert!(again.patch.is_empty());
+    assert!(response_of(&again).get("patch").is_none());
 }
