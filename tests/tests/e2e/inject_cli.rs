@@ -47,11 +47,14 @@ spec:
       labels: {app: web}
       annotations:
         trellis.io/app-port: "8080"
+        # YAML 1.1 booleans as strings: kubectl must still read strings in the output.
+        example.com/buffering: "on"
     spec:
       serviceAccountName: web
       containers:
         - name: web
           image: nginx:1.27
+          env: [{name: VERBOSE, value: "yes"}]
           ports:
             - containerPort: 8080
 ---

@@ -117,9 +117,87 @@ pub fn inject_documents(
             doc,
             message: e.to_string(),
         })?;
-        out.push(text);
+        out.push(quote_yaml11_booleans(&text));
     }
     Ok((out.join("---\n"), reports))
+}
+
+/// YAML 1.1's boolean words other than `true`/`false` (<https://yaml.org/type/bool.html>).
+const YAML11_BOOLEANS: &[&str] = &[
+    "y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO", "on", "On", "ON", "off", "Off",
+    "OFF",
+];
+
+/// Quotes the plain scalars of `text` (as serde_yaml_ng writes YAML) that YAML 1.1 reads as
+/// booleans. serde_yaml_ng follows YAML 1.2, where `value: "yes"` may be written `value: yes`;
+/// kubectl and kustomize follow YAML 1.1 and would read a boolean where the API wants a string
+/// (an env value, an annotation), so `kubectl apply` of the output would fail.
+fn quote_yaml11_booleans(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 16);
+    // The indentation of the line that opened the literal or folded block we are in.
+    let mut block: Option<usize> = None;
+    for line in text.split_inclusive('\n') {
+        let body = line.trim_end_matches('\n');
+        let indent = body.len() - body.trim_start().len();
+        if let Some(opened) = block {
+            if body.trim().is_empty() || indent > opened {
+                out.push_str(line);
+                continue;
+            }
+            block = None;
+        }
+        let trimmed = body.trim_end();
+        if trimmed.ends_with(['|', '>'])
+            || trimmed.ends_with("|-")
+            || trimmed.ends_with(">-")
+            || trimmed.ends_with("|+")
+            || trimmed.ends_with(">+")
+        {
+            block = Some(indent);
+        }
+        out.push_str(&quote_line(body));
+        out.push_str(&line[body.len()..]);
+    }
+    out
+}
+
+/// One block-style line: `- ` prefixes, then a scalar, `KEY:` or `KEY: VALUE`.
+fn quote_line(body: &str) -> String {
+    let quote = |s: &str| {
+        if YAML11_BOOLEANS.contains(&s) {
+            format!("'{s}'")
+        } else {
+            s.to_owned()
+        }
+    };
+    let mut rest = body.trim_start();
+    let mut out = String::from(&body[..body.len() - rest.len()]);
+    while let Some(r) = rest.strip_prefix("- ") {
+        out.push_str("- ");
+        rest = r;
+    }
+    if rest.starts_with(['\'', '"']) {
+        // A quoted key or scalar: already unambiguous (and may contain `: `).
+        out.push_str(rest);
+        return out;
+    }
+    // A plain key cannot contain `: `, and a plain value cannot either (serde_yaml_ng quotes
+    // both), so the first `: ` separates them.
+    match rest.split_once(": ") {
+        Some((key, value)) => {
+            out.push_str(&quote(key));
+            out.push_str(": ");
+            out.push_str(&quote(value));
+        }
+        None => match rest.strip_suffix(':') {
+            Some(key) => {
+                out.push_str(&quote(key));
+                out.push(':');
+            }
+            None => out.push_str(&quote(rest)),
+        },
+    }
+    out
 }
 
 fn str_at<'a>(v: &'a Yaml, path: &[&str]) -> Option<&'a str> {
@@ -286,6 +364,49 @@ fn add(root: &mut Yaml, path: &str, value: Yaml) -> Result<(), String> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn yaml11_booleans_are_quoted_and_nothing_else_changes() {
+        let input = r#"
+metadata:
+  annotations: {a: "on", "yes": "Off", c: "yes please", d: "true", e: "y"}
+  labels: {n: "1"}
+list: ["no", "NO", "No?", "n", "plain"]
+nested: [["on"], {k: "ON"}]
+script: "line one\n- yes\n  on: off\nlast"
+folded: "off"
+"#;
+        let value: Yaml = serde_yaml_ng::from_str(input).unwrap();
+        let plain = serde_yaml_ng::to_string(&value).unwrap();
+        assert!(
+            plain.contains(": on\n"),
+            "serde_yaml_ng writes YAML 1.2: {plain}"
+        );
+        let quoted = quote_yaml11_booleans(&plain);
+        // The same document to a YAML 1.2 reader...
+        assert_eq!(
+            serde_yaml_ng::from_str::<Yaml>(&quoted).unwrap(),
+            value,
+            "{quoted}"
+        );
+        // ...with every YAML 1.1 boolean quoted for kubectl.
+        for expected in [
+            "a: 'on'",
+            "'yes': 'Off'",
+            "e: 'y'",
+            "- 'no'",
+            "- 'NO'",
+            "- 'n'",
+            "- - 'on'",
+            "k: 'ON'",
+            "folded: 'off'",
+        ] {
+            assert!(quoted.contains(expected), "{expected:?} in:\n{quoted}");
+        }
+        // The literal block's content is text, not YAML: untouched.
+        assert!(quoted.contains("\n  - yes\n    on: off\n"), "{quoted}");
+        assert!(quoted.contains("c: yes please"), "{quoted}");
+    }
 
     fn cfg() -> InjectConfig {
         InjectConfig {
