@@ -142,7 +142,7 @@ fn main() -> anyhow::Result<()> {
             log.sync()?;
             since_head = 0;
         }
-        if done % 100_000 == 0 {
+        if done.is_multiple_of(100_000) {
             eprintln!("{done} entries in {:.1?}", started.elapsed());
         }
     }
