@@ -466,26 +466,28 @@ fn watch(args: WatchArgs) -> Result<(), Stop> {
         let key = admin_key(&client, &args.key).await?;
         let mut tree = MerkleTree::new();
         let mut last: Option<SignedTreeHead> = None;
+        // In follow mode an unreachable or failing control plane (a restart, an upgrade) is
+        // waited out, not fatal: a monitor that died with it would miss the rollback a
+        // restored backup brings. What it saw before stays the reference.
+        let mut unavailable: Option<String> = None;
         loop {
-            let resp = client.get("/log/sth").await?;
-            if resp.status == 404 {
-                // Nothing issued yet.
-            } else {
-                if resp.status != 200 {
-                    return Err(Stop::Usage(anyhow::anyhow!(
-                        "GET {}/log/sth: {} {}",
-                        client.url(),
-                        resp.status,
-                        resp.body.trim()
-                    )));
+            match poll_head(&client, &key, &mut tree, &mut last, &args.expect).await {
+                Ok(()) => {
+                    if unavailable.take().is_some() {
+                        eprintln!("note: {} answers again", client.url());
+                    }
                 }
-                let sth: SignedTreeHead = serde_json::from_str(&resp.body)
-                    .map_err(|e| Stop::Failed(format!("/log/sth is not a signed head: {e}")))?;
-                key.verify(&sth).map_err(|e| {
-                    Stop::Failed(format!("head for size {}: {e}", sth.head.tree_size))
-                })?;
-                check_new_head(&client, &mut tree, last.as_ref(), &sth, &args.expect).await?;
-                last = Some(sth);
+                Err(Stop::Usage(e)) if !args.once => {
+                    let why = crate::logging::describe(&e);
+                    if unavailable.as_ref() != Some(&why) {
+                        eprintln!(
+                            "note: {why}; retrying every {}",
+                            humantime::format_duration(args.interval)
+                        );
+                        unavailable = Some(why);
+                    }
+                }
+                Err(e) => return Err(e),
             }
             if args.once {
                 return Ok(());
@@ -493,6 +495,36 @@ fn watch(args: WatchArgs) -> Result<(), Stop> {
             tokio::time::sleep(args.interval).await;
         }
     })
+}
+
+/// Fetches the latest head and, if it is new, checks it and the entries under it.
+async fn poll_head(
+    client: &AdminClient,
+    key: &LogPublicKey,
+    tree: &mut MerkleTree,
+    last: &mut Option<SignedTreeHead>,
+    expect: &[String],
+) -> Result<(), Stop> {
+    let resp = client.get("/log/sth").await?;
+    if resp.status == 404 {
+        // Nothing issued yet.
+        return Ok(());
+    }
+    if resp.status != 200 {
+        return Err(Stop::Usage(anyhow::anyhow!(
+            "GET {}/log/sth: {} {}",
+            client.url(),
+            resp.status,
+            resp.body.trim()
+        )));
+    }
+    let sth: SignedTreeHead = serde_json::from_str(&resp.body)
+        .map_err(|e| Stop::Failed(format!("/log/sth is not a signed head: {e}")))?;
+    key.verify(&sth)
+        .map_err(|e| Stop::Failed(format!("head for size {}: {e}", sth.head.tree_size)))?;
+    check_new_head(client, tree, last.as_ref(), &sth, expect).await?;
+    *last = Some(sth);
+    Ok(())
 }
 
 async fn check_new_head(
@@ -574,7 +606,18 @@ async fn check_new_head(
             "the entries served do not produce the signed root of size {size}"
         )));
     }
-    println!("head {size} verified (root {})", hex::encode(root));
+    // Say what this head was checked against, so a log of the watch shows each link.
+    match last {
+        Some(prev) => println!(
+            "head {size} verified (root {}), consistent with head {}",
+            hex::encode(root),
+            prev.head.tree_size
+        ),
+        None => println!(
+            "head {size} verified (root {}), the first this watch has seen",
+            hex::encode(root)
+        ),
+    }
     Ok(())
 }
 

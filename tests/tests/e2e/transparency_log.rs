@@ -12,7 +12,7 @@ use anyhow::{ensure, Context as _};
 use serde_json::Value;
 use trellis_tests::{
     control_must_fail_to_start, e2e, eventually, fetch_svid, run_with_timeout, trellis_bin,
-    workspace_root, ControlPlane, ControlPlaneOpts,
+    workspace_root, Child, ControlPlane, ControlPlaneOpts,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -608,6 +608,176 @@ async fn sidecars_prove_their_own_svid_is_in_the_log() -> anyhow::Result<()> {
         println!(
             "[log] B's own SVID proven {:.1}s after the mesh was ready; with its serial filed under another SVID of its identity: {mismatches} own_svid mismatch(es), /ready 200 with the warning, traffic unaffected, no witness alarm",
             took.as_secs_f64()
+        );
+        Ok(())
+    })
+    .await
+}
+
+/// Reads `watch`'s stdout until a line satisfies `want`; every line read is returned.
+fn watch_until(
+    watch: &mut Child,
+    what: &str,
+    want: impl Fn(&str) -> bool,
+) -> anyhow::Result<Vec<String>> {
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = watch
+            .stdout_line(left)
+            .with_context(|| format!("waiting for {what}; watch printed: {seen:#?}"))?;
+        let done = want(&line);
+        seen.push(line);
+        if done {
+            return Ok(seen);
+        }
+    }
+}
+
+/// `head N verified (root …), consistent with head M` → (N, M).
+fn consistent_head(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("head ")?;
+    let (size, rest) = rest.split_once(" verified (root ")?;
+    let prev = rest.split_once("), consistent with head ")?.1;
+    Some((size.parse().ok()?, prev.parse().ok()?))
+}
+
+/// `trellis log watch` in follow mode (no `--once`) against a live control plane: it reports
+/// each new head as consistent with the last one it saw, goes on following across a control
+/// plane restart, flags (exit 1) the first issued identity outside `--expect`, and a second
+/// watch (no patterns) names the rollback when the control plane comes back from a backup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_follows_new_heads_and_flags_unexpected_ids() -> anyhow::Result<()> {
+    e2e(async {
+        let cp = ControlPlane::start(ControlPlaneOpts::default())?;
+        let admin = cp.admin_addr.to_string();
+        let token = cp.create_token("spiffe://example.org/ns/prod/sa/web", "1h")?;
+        fetch_svid(&cp, &token).await?;
+        // The CA becoming active, the control plane's own SVID, prod/web.
+        let first = head_of_at_least(&cp, 3).await?["tree_size"]
+            .as_u64()
+            .context("size")?;
+
+        let spawn_watch = |name: &str, expect: &[&str]| {
+            let mut cmd = Command::new(trellis_bin());
+            cmd.args(["log", "watch", "--admin", &admin, "--interval", "200ms"]);
+            if !expect.is_empty() {
+                cmd.arg("--expect").args(expect);
+            }
+            Child::spawn(name, cmd, cp.dir.path())
+        };
+        let mut watch = spawn_watch(
+            "log-watch",
+            &[
+                "spiffe://example.org/ns/prod/**",
+                "spiffe://example.org/trellis/**",
+            ],
+        )?;
+        let mut plain = spawn_watch("log-watch-plain", &[])?;
+        for w in [&mut watch, &mut plain] {
+            let lines = watch_until(w, "the first head", |l| {
+                l.starts_with("head ") && l.ends_with("the first this watch has seen")
+            })?;
+            ensure!(
+                lines.iter().any(|l| l.contains("spiffe://example.org/ns/prod/sa/web")),
+                "{lines:#?}"
+            );
+        }
+
+        // A backup of the state, taken with the control plane stopped (for the rollback
+        // below); the watches wait the restart out.
+        let stopped = cp.kill();
+        let state = stopped.dir.path().join("state");
+        let backup = stopped.dir.path().join("state-backup");
+        let copy = Command::new("cp").arg("-a").arg(&state).arg(&backup).status()?;
+        ensure!(copy.success(), "cp -a of the state directory failed");
+        for w in [&watch, &plain] {
+            eventually(WAIT, "the watch notices the control plane is away", || async move {
+                ensure!(w.stderr().contains("retrying every"), "{}", w.stderr());
+                Ok(())
+            })
+            .await?;
+        }
+        ensure!(
+            watch.try_exit().is_none() && plain.try_exit().is_none(),
+            "a watch gave up while the control plane restarted: {}",
+            watch.stderr()
+        );
+        let cp = stopped.start_again()?;
+
+        // New matching issuances: each watch reads the entries and proves the new heads
+        // consistent with the last one it verified. A watch that stopped following prints
+        // nothing more and fails here.
+        let mut biggest = first;
+        for name in ["ns/prod/sa/api", "ns/prod/sa/db"] {
+            let id = format!("spiffe://example.org/{name}");
+            let token = cp.create_token(&id, "1h")?;
+            fetch_svid(&cp, &token).await?;
+            for w in [&mut watch, &mut plain] {
+                let lines = watch_until(w, &format!("the entry of {id}"), |l| l.contains(&id))?;
+                let entry: u64 = lines
+                    .last()
+                    .and_then(|l| l.strip_prefix("entry "))
+                    .and_then(|l| l.split(':').next())
+                    .and_then(|n| n.parse().ok())
+                    .with_context(|| format!("no entry index in {lines:#?}"))?;
+                let lines = watch_until(w, "a head over it", |l| {
+                    consistent_head(l).is_some_and(|(size, _)| size > entry)
+                })?;
+                let (size, prev) = lines
+                    .last()
+                    .map(String::as_str)
+                    .and_then(consistent_head)
+                    .context("head")?;
+                ensure!(prev >= first && prev < size, "{lines:#?}");
+                biggest = biggest.max(size);
+            }
+        }
+        ensure!(
+            watch.try_exit().is_none() && plain.try_exit().is_none(),
+            "a watch exited"
+        );
+        ensure!(
+            watch.stderr().contains("answers again"),
+            "{}",
+            watch.stderr()
+        );
+
+        // An identity outside the patterns: printed, then named, exit 1.
+        let dev = "spiffe://example.org/ns/dev/sa/tool";
+        let token = cp.create_token(dev, "1h")?;
+        fetch_svid(&cp, &token).await?;
+        watch_until(&mut watch, "the dev entry", |l| l.contains(dev))?;
+        let status = watch.wait_exit(WAIT).context("watch did not exit on the dev entry")?;
+        ensure!(status.code() == Some(1), "watch: {status}\n{}", watch.stderr());
+        let stderr = watch.stderr();
+        ensure!(
+            stderr.contains("verification failed: entry")
+                && stderr.contains(&format!("{dev} was issued"))
+                && stderr.contains("no --expect pattern allows"),
+            "{stderr}"
+        );
+        watch_until(&mut plain, "a head over the dev entry", |l| {
+            consistent_head(l).is_some_and(|(size, _)| size > biggest)
+        })?;
+
+        // Restore the backup under the running watch: the log is back where it was.
+        let stopped = cp.kill();
+        std::fs::remove_dir_all(&state)?;
+        std::fs::rename(&backup, &state)?;
+        let _cp = stopped.start_again()?;
+        let status = plain
+            .wait_exit(WAIT)
+            .context("watch did not notice the rollback")?;
+        ensure!(status.code() == Some(1), "watch: {status}\n{}", plain.stderr());
+        ensure!(
+            plain.stderr().contains("the log rolled back"),
+            "{}",
+            plain.stderr()
+        );
+        println!(
+            "[log] watch followed heads {first} → {biggest}+ across a restart, flagged {dev} and named the rollback to the backup"
         );
         Ok(())
     })
