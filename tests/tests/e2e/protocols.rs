@@ -212,6 +212,24 @@ async fn grpcio_calls_cross_the_mesh_with_grpc_errors() -> anyhow::Result<()> {
             deadline["code"] == "DEADLINE_EXCEEDED",
             "deadline: {deadline}"
         );
+        let bad_path = case("bad_path")?;
+        ensure!(
+            bad_path["ok"] == false
+                && bad_path["code"] == "INVALID_ARGUMENT"
+                && bad_path["details"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("encoded_slash")),
+            "refused path: want INVALID_ARGUMENT naming encoded_slash, got {bad_path}"
+        );
+        let no_upstream = case("no_upstream")?;
+        ensure!(
+            no_upstream["ok"] == false
+                && no_upstream["code"] == "UNAVAILABLE"
+                && no_upstream["details"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("nowhere")),
+            "no upstream: want UNAVAILABLE naming the host, got {no_upstream}"
+        );
         let stats = &case("stats")?["stats"];
         ensure!(
             stats["calls"].get("Admin").is_none(),
