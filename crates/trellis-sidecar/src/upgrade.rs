@@ -11,7 +11,10 @@
 //! next to its life.
 //!
 //! Tunnels count toward the drain: they end on their own, after `limits.http.idle_timeout`
-//! with no byte either way, or when the drain timeout forces the sidecar down.
+//! with no byte either way, or when the drain timeout forces the sidecar down (in practice the
+//! process then exits and its runtime drops the tunnel: the `Drain` a tunnel holds is the
+//! proxies' nested connection drain, which `drain_all` never turns forced). The e2e tests
+//! `protocols::websocket_*` hold a tunnel through both.
 //!
 //! Other `Upgrade` tokens are refused with `501` naming the token (never stripped into a
 //! wrong answer), except `h2c`, which RFC 9113 retired and a server may ignore (the request

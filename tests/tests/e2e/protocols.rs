@@ -1,7 +1,8 @@
 //! Every protocol a workload speaks (issue #15), with clients nobody here wrote: Python
 //! `grpcio` (server and client, raw-bytes generic handlers) through two sidecars with
 //! `--app-protocol h2c` on the server side; `curl -x` and Python `urllib` with `HTTP_PROXY`
-//! through the outbound port; `CONNECT` refused with a reason.
+//! through the outbound port; `CONNECT` refused with a reason; Python `websockets` through
+//! two sidecars, with the idle timeout and the drain applied to its tunnel.
 //!
 //! ```text
 //!  grpcio client ──h2c──▶ sidecar A ══ mTLS, HTTP/2 ══▶ sidecar B (--app-protocol h2c, policy) ──h2c──▶ grpcio server
@@ -70,12 +71,12 @@ pub(crate) fn start_python_server(
 /// apps, then the control plane.
 struct FixtureMesh {
     a: Sidecar,
-    _b: Sidecar,
+    b: Sidecar,
     _app_a: EchoApp,
     _server: Child,
     python: PathBuf,
     script: &'static str,
-    _cp: ControlPlane,
+    cp: ControlPlane,
 }
 
 impl FixtureMesh {
@@ -83,6 +84,17 @@ impl FixtureMesh {
         python: &PathBuf,
         script: &'static str,
         policy: &str,
+        b_args: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::start_with(python, script, policy, &[], b_args).await
+    }
+
+    /// As [`FixtureMesh::start`], with `a_args` for sidecar A too.
+    async fn start_with(
+        python: &PathBuf,
+        script: &'static str,
+        policy: &str,
+        a_args: &[&str],
         b_args: &[&str],
     ) -> anyhow::Result<Self> {
         let cp = ControlPlane::start(ControlPlaneOpts::default())?;
@@ -100,18 +112,37 @@ impl FixtureMesh {
         let app_a = EchoApp::start("app-a").await?;
         let a = Sidecar::start(
             &cp,
-            SidecarOpts::new("sidecar-a", A_ID, app_a.addr).upstream("b", b.addrs.inbound, B_ID),
+            SidecarOpts::new("sidecar-a", A_ID, app_a.addr)
+                .upstream("b", b.addrs.inbound, B_ID)
+                .args(a_args),
         )
         .await?;
         Ok(Self {
             a,
-            _b: b,
+            b,
             _app_a: app_a,
             _server: server,
             python: python.clone(),
             script,
-            _cp: cp,
+            cp,
         })
+    }
+
+    /// Starts `ws_peer.py hold` through sidecar A (one WebSocket, a message every `every`
+    /// seconds or none, closed by the client after `hold_for` seconds) and waits until it says
+    /// the socket is open.
+    fn hold(&self, name: &str, every: f64, hold_for: f64) -> anyhow::Result<Child> {
+        let mut cmd = Command::new(&self.python);
+        cmd.arg(fixture(self.script))
+            .arg("hold")
+            .arg(self.a.outbound().to_string())
+            .arg("b")
+            .arg(every.to_string())
+            .arg(hold_for.to_string());
+        let mut child = Child::spawn(name, cmd, self.cp.dir.path())?;
+        let line = child.stdout_line(STARTUP_TIMEOUT)?;
+        ensure!(line.contains("\"open\""), "{name}: want open, got {line:?}");
+        Ok(child)
     }
 
     /// Runs `<script> client <sidecar A's outbound> b`: one JSON line per case, by case name
@@ -211,6 +242,24 @@ async fn grpcio_calls_cross_the_mesh_with_grpc_errors() -> anyhow::Result<()> {
         ensure!(
             deadline["code"] == "DEADLINE_EXCEEDED",
             "deadline: {deadline}"
+        );
+        let bad_path = case("bad_path")?;
+        ensure!(
+            bad_path["ok"] == false
+                && bad_path["code"] == "INVALID_ARGUMENT"
+                && bad_path["details"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("encoded_slash")),
+            "refused path: want INVALID_ARGUMENT naming encoded_slash, got {bad_path}"
+        );
+        let no_upstream = case("no_upstream")?;
+        ensure!(
+            no_upstream["ok"] == false
+                && no_upstream["code"] == "UNAVAILABLE"
+                && no_upstream["details"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("nowhere")),
+            "no upstream: want UNAVAILABLE naming the host, got {no_upstream}"
         );
         let stats = &case("stats")?["stats"];
         ensure!(
@@ -453,6 +502,140 @@ async fn websockets_cross_the_mesh_and_follow_the_policy() -> anyhow::Result<()>
             raw.status() == Some(501) && raw.text.contains("only websocket"),
             "Upgrade: TLS/1.2 answered {}",
             raw.text
+        );
+        Ok(())
+    })
+    .await
+}
+
+/// The last line of a `ws_peer.py hold` client, as JSON.
+fn hold_result(child: &mut Child, name: &str, timeout: Duration) -> anyhow::Result<Value> {
+    let line = child.stdout_line(timeout)?;
+    serde_json::from_str(&line).with_context(|| format!("{name} said {line:?}"))
+}
+
+/// Seconds in a `ws_peer.py hold` result field.
+fn secs(result: &Value, field: &str) -> f64 {
+    result[field].as_f64().unwrap_or(f64::NAN)
+}
+
+/// `limits.http.idle_timeout` applies to a tunnel: with 2 s on both sidecars, a WebSocket
+/// with no byte either way is closed by the mesh about 2 s after its last byte, while one that
+/// exchanges a message every 0.5 s stays open three times as long and closes cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn websocket_tunnels_close_when_idle_not_while_busy() -> anyhow::Result<()> {
+    e2e(async {
+        let test = "websocket_tunnels_close_when_idle_not_while_busy";
+        let Some(python) = venv_python_with(test, "websockets") else {
+            return Ok(());
+        };
+        let idle = ["--idle-timeout", "2s"];
+        let mesh = FixtureMesh::start_with(&python, "ws_peer.py", WS_POLICY, &idle, &idle).await?;
+        // Quiet: waits up to 30 s for the mesh to close it. Busy: a message every 0.5 s for
+        // 6 s, then the client's own close.
+        let mut quiet = mesh.hold("ws-quiet", 0.0, 30.0)?;
+        let mut busy = mesh.hold("ws-busy", 0.5, 6.0)?;
+        let quiet = hold_result(&mut quiet, "ws-quiet", Duration::from_secs(45))?;
+        ensure!(
+            quiet["event"] == "closed",
+            "a quiet tunnel outlived a 2 s idle timeout by 30 s: {quiet}"
+        );
+        // From the client's last byte; the sidecars' clocks started a little earlier, and the
+        // lower bound only needs to show it was not closed at once.
+        let quiet_for = secs(&quiet, "quiet_for");
+        ensure!(
+            (1.5..15.0).contains(&quiet_for),
+            "a quiet tunnel closed {quiet_for} s after its last byte, want about 2 s: {quiet}"
+        );
+        let busy = hold_result(&mut busy, "ws-busy", Duration::from_secs(45))?;
+        eprintln!("[websocket idle 2s] quiet: {quiet}; busy: {busy}");
+        ensure!(
+            busy["event"] == "kept"
+                && busy["close_code"] == 1000
+                && busy["echoes"].as_u64().is_some_and(|n| n >= 8)
+                && secs(&busy, "open_for") >= 6.0,
+            "a tunnel with a message every 0.5 s did not stay open 6 s past a 2 s idle timeout: {busy}"
+        );
+        Ok(())
+    })
+    .await
+}
+
+/// A tunnel counts toward sidecar A's drain: after SIGTERM it keeps carrying messages until
+/// the drain timeout (3 s), then it is closed and the process exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn websocket_tunnel_is_held_then_cut_by_a_forced_drain() -> anyhow::Result<()> {
+    e2e(async {
+        let test = "websocket_tunnel_is_held_then_cut_by_a_forced_drain";
+        let Some(python) = venv_python_with(test, "websockets") else {
+            return Ok(());
+        };
+        let drain = ["--drain-timeout", "3s"];
+        let mut mesh =
+            FixtureMesh::start_with(&python, "ws_peer.py", WS_POLICY, &drain, &[]).await?;
+        // Busy (a message every 0.5 s) for up to 60 s: only the drain ends it.
+        let mut socket = mesh.hold("ws-drained", 0.5, 60.0)?;
+        let sigterm = std::time::Instant::now();
+        mesh.a.sigterm()?;
+        let result = hold_result(&mut socket, "ws-drained", Duration::from_secs(45))?;
+        let closed_after = sigterm.elapsed();
+        eprintln!("[websocket drain 3s] closed {closed_after:?} after SIGTERM: {result}");
+        ensure!(
+            result["event"] == "closed",
+            "the drain did not close the tunnel: {result}"
+        );
+        ensure!(
+            closed_after >= Duration::from_millis(2500) && closed_after < Duration::from_secs(20),
+            "the tunnel closed {closed_after:?} after SIGTERM, want at the 3 s drain timeout: {result}"
+        );
+        // A message every 0.5 s went through during the drain.
+        ensure!(
+            result["echoes"].as_u64().is_some_and(|n| n >= 4),
+            "the tunnel stopped carrying messages at SIGTERM: {result}"
+        );
+        let status = mesh
+            .a
+            .wait_exit(Duration::from_secs(20))
+            .await
+            .context("sidecar A did not exit after its forced drain")?;
+        ensure!(status.success(), "sidecar A exited {status}");
+        Ok(())
+    })
+    .await
+}
+
+/// A tunnel that ends during sidecar B's drain releases it: B exits long before its 30 s drain
+/// timeout, and the socket meanwhile kept working and closed with a clean close handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn websocket_tunnel_that_ends_during_a_drain_releases_it() -> anyhow::Result<()> {
+    e2e(async {
+        let test = "websocket_tunnel_that_ends_during_a_drain_releases_it";
+        let Some(python) = venv_python_with(test, "websockets") else {
+            return Ok(());
+        };
+        let drain = ["--drain-timeout", "30s"];
+        let mut mesh =
+            FixtureMesh::start_with(&python, "ws_peer.py", WS_POLICY, &[], &drain).await?;
+        // A message every 0.5 s for 3 s, then the client closes.
+        let mut socket = mesh.hold("ws-released", 0.5, 3.0)?;
+        let sigterm = std::time::Instant::now();
+        mesh.b.sigterm()?;
+        let result = hold_result(&mut socket, "ws-released", Duration::from_secs(45))?;
+        ensure!(
+            result["event"] == "kept" && result["close_code"] == 1000,
+            "the tunnel did not last through sidecar B's drain to a clean close: {result}"
+        );
+        let status = mesh
+            .b
+            .wait_exit(Duration::from_secs(40))
+            .await
+            .context("sidecar B did not exit after its drain")?;
+        let exited_after = sigterm.elapsed();
+        eprintln!("[websocket drain 30s] B exited {exited_after:?} after SIGTERM: {result}");
+        ensure!(status.success(), "sidecar B exited {status}");
+        ensure!(
+            exited_after < Duration::from_secs(15),
+            "sidecar B took {exited_after:?} to drain after the tunnel closed (drain timeout 30 s)"
         );
         Ok(())
     })
