@@ -134,35 +134,30 @@ const YAML11_BOOLEANS: &[&str] = &[
 /// (an env value, an annotation), so `kubectl apply` of the output would fail.
 fn quote_yaml11_booleans(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 16);
-    // The indentation of the line that opened the literal or folded block we are in.
+    // Inside a literal or folded block: lines indented deeper than this column are its text.
     let mut block: Option<usize> = None;
     for line in text.split_inclusive('\n') {
         let body = line.trim_end_matches('\n');
         let indent = body.len() - body.trim_start().len();
-        if let Some(opened) = block {
-            if body.trim().is_empty() || indent > opened {
+        if let Some(column) = block {
+            if body.trim().is_empty() || indent > column {
                 out.push_str(line);
                 continue;
             }
-            block = None;
         }
-        let trimmed = body.trim_end();
-        if trimmed.ends_with(['|', '>'])
-            || trimmed.ends_with("|-")
-            || trimmed.ends_with(">-")
-            || trimmed.ends_with("|+")
-            || trimmed.ends_with(">+")
-        {
-            block = Some(indent);
-        }
-        out.push_str(&quote_line(body));
+        let (quoted, opens) = quote_line(body);
+        block = opens;
+        out.push_str(&quoted);
         out.push_str(&line[body.len()..]);
     }
     out
 }
 
-/// One block-style line: `- ` prefixes, then a scalar, `KEY:` or `KEY: VALUE`.
-fn quote_line(body: &str) -> String {
+/// One block-style line as serde_yaml_ng writes it: indentation, `- ` prefixes, then a
+/// scalar, `KEY:` or `KEY: VALUE` (keys and scalars plain or quoted). Returns the line with
+/// YAML 1.1 booleans quoted and, if it opens a literal or folded block, the column its text
+/// must be indented beyond.
+fn quote_line(body: &str) -> (String, Option<usize>) {
     let quote = |s: &str| {
         if YAML11_BOOLEANS.contains(&s) {
             format!("'{s}'")
@@ -170,34 +165,76 @@ fn quote_line(body: &str) -> String {
             s.to_owned()
         }
     };
-    let mut rest = body.trim_start();
-    let mut out = String::from(&body[..body.len() - rest.len()]);
+    let indent = body.len() - body.trim_start().len();
+    let mut rest = &body[indent..];
+    let mut out = String::from(&body[..indent]);
+    let mut dashes = 0;
     while let Some(r) = rest.strip_prefix("- ") {
         out.push_str("- ");
         rest = r;
+        dashes += 1;
     }
-    if rest.starts_with(['\'', '"']) {
-        // A quoted key or scalar: already unambiguous (and may contain `: `).
-        out.push_str(rest);
-        return out;
-    }
-    // A plain key cannot contain `: `, and a plain value cannot either (serde_yaml_ng quotes
-    // both), so the first `: ` separates them.
-    match rest.split_once(": ") {
-        Some((key, value)) => {
-            out.push_str(&quote(key));
-            out.push_str(": ");
-            out.push_str(&quote(value));
+    // The key (or the whole scalar): a quoted token runs to its closing quote; a plain key
+    // cannot contain `: `, and serde_yaml_ng quotes any plain value that would.
+    let token_end = match rest.chars().next() {
+        Some(q @ ('\'' | '"')) => quoted_end(rest, q).unwrap_or(rest.len()),
+        _ => rest
+            .find(": ")
+            .unwrap_or_else(|| rest.strip_suffix(':').map_or(rest.len(), str::len)),
+    };
+    let (token, after) = rest.split_at(token_end);
+    let plain = !token.starts_with(['\'', '"']);
+    let column = indent + 2 * dashes;
+    if let Some(value) = after.strip_prefix(": ") {
+        out.push_str(&if plain {
+            quote(token)
+        } else {
+            token.to_owned()
+        });
+        out.push_str(": ");
+        if is_block_indicator(value) {
+            out.push_str(value);
+            return (out, Some(column));
         }
-        None => match rest.strip_suffix(':') {
-            Some(key) => {
-                out.push_str(&quote(key));
-                out.push(':');
-            }
-            None => out.push_str(&quote(rest)),
-        },
+        out.push_str(&quote(value));
+    } else if after == ":" {
+        out.push_str(&if plain {
+            quote(token)
+        } else {
+            token.to_owned()
+        });
+        out.push(':');
+    } else if plain && is_block_indicator(rest) {
+        // `- |-`: the text is indented beyond the item's dash.
+        out.push_str(rest);
+        return (out, Some(column.saturating_sub(2).max(indent)));
+    } else {
+        out.push_str(&if plain { quote(rest) } else { rest.to_owned() });
     }
-    out
+    (out, None)
+}
+
+/// Where the quoted token at the start of `s` (quoted with `q`) ends, closing quote included.
+fn quoted_end(s: &str, q: char) -> Option<usize> {
+    let bytes = s.as_bytes();
+    let mut i = 1;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' if q == '"' => i += 2,
+            b'\'' if q == '\'' && bytes.get(i + 1) == Some(&b'\'') => i += 2,
+            b if b == q as u8 => return Some(i + 1),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// `|`, `>-`, `|2+`, …: a literal or folded block's header.
+fn is_block_indicator(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some('|' | '>'))
+        && chars.as_str().len() <= 2
+        && chars.all(|c| matches!(c, '+' | '-' | '1'..='9'))
 }
 
 fn str_at<'a>(v: &'a Yaml, path: &[&str]) -> Option<&'a str> {
@@ -406,6 +443,44 @@ folded: "off"
         // The literal block's content is text, not YAML: untouched.
         assert!(quoted.contains("\n  - yes\n    on: off\n"), "{quoted}");
         assert!(quoted.contains("c: yes please"), "{quoted}");
+    }
+
+    #[test]
+    fn yaml11_booleans_after_blocks_and_quoted_keys_are_quoted_too() {
+        let input = r#"
+env:
+- name: SCRIPT
+  value: "first\n- yes\nlast"
+  flag: "yes"
+- name: "on"
+  value: "a>"
+  next: "no"
+keys: {"1": "on", "it's": "off", "x:y": "Y"}
+items: ["one\ntwo", "n"]
+"#;
+        let value: Yaml = serde_yaml_ng::from_str(input).unwrap();
+        let quoted = quote_yaml11_booleans(&serde_yaml_ng::to_string(&value).unwrap());
+        assert_eq!(
+            serde_yaml_ng::from_str::<Yaml>(&quoted).unwrap(),
+            value,
+            "{quoted}"
+        );
+        for expected in [
+            "flag: 'yes'",
+            "name: 'on'",
+            "next: 'no'",
+            "'1': 'on'",
+            ": 'off'",
+            ": 'Y'",
+            "- 'n'",
+        ] {
+            assert!(quoted.contains(expected), "{expected:?} in:\n{quoted}");
+        }
+        assert!(
+            quoted.contains("\n    - yes\n"),
+            "block text untouched:\n{quoted}"
+        );
+        assert!(is_block_indicator("|-") && is_block_indicator(">2+") && !is_block_indicator("a>"));
     }
 
     fn cfg() -> InjectConfig {
