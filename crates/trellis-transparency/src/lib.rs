@@ -23,10 +23,7 @@ pub use audit::{audit_log, AuditFailure, AuditSummary, StoredEntry};
 pub use entry::{CaPhaseEntry, EntryError, IssuanceEntry, LogBody, LogEntry, ENTRY_VERSION};
 pub use hash::{empty_root, leaf_hash, node_hash, Hash};
 pub use head::{b64_hashes, HeadError, LogPublicKey, SignedTreeHead, TreeHead};
-pub use own::{
-    check_own_svid, serial_hex_of, HeldSvid, OwnSvidMismatch, OwnSvidProof,
-    HELD_SERIAL_METADATA_KEY,
-};
+pub use own::{check_own_svid, HeldSvid, OwnSvidMismatch, OwnSvidProof, HELD_SERIAL_METADATA_KEY};
 pub use proof::{verify_consistency, verify_inclusion, ProofError};
 pub use tree::{MerkleTree, TreeError};
 pub use witness::{

@@ -105,8 +105,9 @@ pub enum OwnSvidMismatch {
 }
 
 /// Lowercase hex of a DER serial's magnitude: DER prefixes a zero byte to positive integers
-/// whose top bit is set, which is an encoding detail and not part of the number.
-pub fn serial_hex_of(raw: &[u8]) -> String {
+/// whose top bit is set, which is an encoding detail and not part of the number. (The same
+/// rule as `trellis_identity`'s certificate serials; this crate depends on no other.)
+fn serial_hex_of(raw: &[u8]) -> String {
     let mut bytes = raw;
     while let [0, rest @ ..] = bytes {
         if rest.is_empty() {

@@ -607,17 +607,14 @@ async fn check_new_head(
         )));
     }
     // Say what this head was checked against, so a log of the watch shows each link.
-    match last {
-        Some(prev) => println!(
-            "head {size} verified (root {}), consistent with head {}",
-            hex::encode(root),
-            prev.head.tree_size
-        ),
-        None => println!(
-            "head {size} verified (root {}), the first this watch has seen",
-            hex::encode(root)
-        ),
-    }
+    let against = match last {
+        Some(prev) => format!("consistent with head {}", prev.head.tree_size),
+        None => "the first this watch has seen".to_owned(),
+    };
+    println!(
+        "head {size} verified (root {}), {against}",
+        hex::encode(root)
+    );
     Ok(())
 }
 

@@ -89,17 +89,21 @@ enum Command {
 fn main() -> ExitCode {
     build_version::record();
     let cli = Cli::parse();
-    if let Command::Sidecar(_) = cli.command {
-        // Only returns if there is nothing to hand over to (or exec failed): then the sidecar
-        // runs in this process, as it always could.
-        hand_over_to_sidecar_executable(cli.log_format);
-    }
+    // Only returns if there is nothing to hand over to (or exec failed): then the sidecar
+    // runs in this process, as it always could, and says why once logging is up.
+    let not_handed_over = match cli.command {
+        Command::Sidecar(_) => hand_over_to_sidecar_executable(cli.log_format),
+        _ => None,
+    };
     // Only long-running commands log; one-shot CLI commands keep stderr for their errors.
     match cli.command {
         Command::Control(_) | Command::Sidecar(_) => logging::init(cli.log_format, "info"),
         // The demo prints its own story; logs only for warnings unless RUST_LOG says otherwise.
         Command::Demo(_) => logging::init(cli.log_format, "warn"),
         _ => {}
+    }
+    if let Some(why) = not_handed_over {
+        tracing::warn!("{why}; running the sidecar in this process");
     }
     alloc::log_options();
     let result = match cli.command {
@@ -127,11 +131,14 @@ fn main() -> ExitCode {
 /// `trellis sidecar` becomes `trellis-sidecar` (exec: same PID, arguments and environment)
 /// when that executable sits next to this one and reports the same version and commit: it
 /// holds only the sidecar's code, so an idle sidecar keeps fewer executable pages resident
-/// (see src/bin/trellis-sidecar.rs). Returns if there is none or the exec fails.
-fn hand_over_to_sidecar_executable(log_format: logging::LogFormat) {
+/// (see src/bin/trellis-sidecar.rs). Returns, with what to warn about if anything, when
+/// there is none or the exec fails.
+fn hand_over_to_sidecar_executable(log_format: logging::LogFormat) -> Option<String> {
     use std::os::unix::process::CommandExt as _;
-    let Some(sidecar) = sidecar_executable() else {
-        return;
+    let sidecar = match sidecar_executable() {
+        Ok(Some(sidecar)) => sidecar,
+        Ok(None) => return None,
+        Err(why) => return Some(why),
     };
     // What follows the `sidecar` subcommand; a `--log-format` given before it travels in the
     // environment (the same flag after it is among the arguments, and wins).
@@ -148,20 +155,19 @@ fn hand_over_to_sidecar_executable(log_format: logging::LogFormat) {
         .args(args)
         .env("TRELLIS_LOG_FORMAT", format)
         .exec();
-    eprintln!(
-        "warning: cannot run {}: {err}; running the sidecar in this process",
-        sidecar.display()
-    );
+    Some(format!("cannot run {}: {err}", sidecar.display()))
 }
 
-/// `trellis-sidecar` next to this executable, if it reports this build's version and commit
-/// (a stale one left from an older build is never run, and said so: the sidecar then costs
-/// the whole binary's resident pages).
-fn sidecar_executable() -> Option<std::path::PathBuf> {
-    let here = std::env::current_exe().ok()?;
+/// `trellis-sidecar` next to this executable, if it reports this build's version and commit;
+/// `Err` says why one that is there is not used (a stale one left from an older build is never
+/// run, and the sidecar then costs the whole binary's resident pages).
+fn sidecar_executable() -> Result<Option<std::path::PathBuf>, String> {
+    let Ok(here) = std::env::current_exe() else {
+        return Ok(None);
+    };
     let candidate = here.with_file_name("trellis-sidecar");
     if !candidate.is_file() {
-        return None;
+        return Ok(None);
     }
     let out = std::process::Command::new(&candidate)
         .arg("--version")
@@ -172,13 +178,11 @@ fn sidecar_executable() -> Option<std::path::PathBuf> {
         out.status.success().then_some(version)
     });
     if version.as_deref() == Some(build_version::LONG_VERSION) {
-        return Some(candidate);
+        return Ok(Some(candidate));
     }
-    eprintln!(
-        "warning: {} is not from this build ({}); running the sidecar in this process: install \
-         both executables from one build, or remove it",
+    Err(format!(
+        "{} is not from this build ({}): install both executables from one build, or remove it",
         candidate.display(),
         version.as_deref().unwrap_or("its --version failed")
-    );
-    None
+    ))
 }

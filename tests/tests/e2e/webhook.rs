@@ -481,18 +481,15 @@ async fn slow_clients_are_timed_out() -> anyhow::Result<()> {
 #[test]
 fn bad_sidecar_default_route_stops_the_control_plane() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut cmd = Command::new(trellis_bin());
-    cmd.args(["control", "--trust-domain", "example.org", "--state-dir"])
-        .arg(dir.path())
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .args(["--webhook-listen", "127.0.0.1:0"])
-        .args([
+    let stderr = trellis_tests::control_must_fail_to_start(
+        dir.path(),
+        &[
+            "--webhook-listen",
+            "127.0.0.1:0",
             "--sidecar-default-route",
             "hosts={service},address={service}:15443,identity=spiffe://{trust_domain}/{namespace}",
-        ]);
-    let out = trellis_tests::run_with_timeout(cmd, trellis_tests::COMMAND_TIMEOUT)?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(!out.status.success(), "the control plane started: {stderr}");
+        ],
+    )?;
     ensure!(
         stderr.contains("sidecar_default_route") && stderr.contains("{namespace}"),
         "{stderr}"

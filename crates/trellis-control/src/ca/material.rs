@@ -167,13 +167,10 @@ impl Ca {
             path: key.to_path_buf(),
             source,
         })?;
-        if let Some(mode) = crate::keys::secret_file::exposed_secret_mode(&meta) {
+        if let Some(problem) = crate::keys::secret_file::exposed_secret(&meta, key) {
             return Err(CaError::Invalid {
                 path: key.to_path_buf(),
-                problem: format!(
-                    "mode {mode:04o} is readable by others; run chmod 600 {}",
-                    key.display()
-                ),
+                problem,
             });
         }
         let key_pem = Zeroizing::new(std::fs::read(key).map_err(|source| CaError::Read {

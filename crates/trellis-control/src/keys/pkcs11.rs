@@ -244,11 +244,8 @@ fn read_pin(path: &Path) -> Result<AuthPin, KeyError> {
     };
     // A PIN other local users can read is as good as leaked, like a CA key file.
     let meta = std::fs::metadata(path).map_err(|e| err(format!("cannot read: {e}")))?;
-    if let Some(mode) = crate::keys::secret_file::exposed_secret_mode(&meta) {
-        return Err(err(format!(
-            "mode {mode:04o} is readable by others; run chmod 600 {}",
-            path.display()
-        )));
+    if let Some(problem) = crate::keys::secret_file::exposed_secret(&meta, path) {
+        return Err(err(problem));
     }
     let raw = Zeroizing::new(std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?);
     let text = std::str::from_utf8(&raw).map_err(|_| err("not UTF-8 text".into()))?;

@@ -12,3 +12,14 @@ pub(crate) fn exposed_secret_mode(meta: &std::fs::Metadata) -> Option<u32> {
     let root_owned_group_read = meta.uid() == 0 && mode & 0o037 == 0;
     (mode & 0o077 != 0 && !root_owned_group_read).then_some(mode)
 }
+
+/// What is wrong with the secret file at `path` and how to fix it, if others may read it
+/// (see [`exposed_secret_mode`]).
+pub(crate) fn exposed_secret(meta: &std::fs::Metadata, path: &std::path::Path) -> Option<String> {
+    exposed_secret_mode(meta).map(|mode| {
+        format!(
+            "mode {mode:04o} is readable by others; run chmod 600 {}",
+            path.display()
+        )
+    })
+}

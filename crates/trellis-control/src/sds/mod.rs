@@ -403,16 +403,22 @@ fn request_witnessed_size(req: &DiscoveryRequest) -> Option<u64> {
 }
 
 /// The serial a witness reports holding in `node.metadata` (hex, at most 20 bytes as RFC 5280
-/// allows a serial), lowercased; anything else is ignored.
-fn request_held_serial(req: &DiscoveryRequest) -> Option<Arc<str>> {
+/// allows a serial), as sent; anything else is ignored. Compare it ignoring case; store it
+/// with [`held_serial`].
+fn request_held_serial(req: &DiscoveryRequest) -> Option<&str> {
     match node_metadata(req, trellis_transparency::HELD_SERIAL_METADATA_KEY)? {
         prost_types::value::Kind::StringValue(s)
             if (1..=40).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit()) =>
         {
-            Some(Arc::from(s.to_ascii_lowercase()))
+            Some(s)
         }
         _ => None,
     }
+}
+
+/// A reported serial as the log looks it up: lowercase.
+fn held_serial(reported: &str) -> Arc<str> {
+    Arc::from(reported.to_ascii_lowercase())
 }
 
 /// How long a stream waits for a signed head to cover the SVID its client reported holding
@@ -426,7 +432,8 @@ struct ProofWait {
     until: tokio::time::Instant,
 }
 
-/// Resolves when the log's head moves (`false`: the log is gone); never without a wait.
+/// Resolves when the log's head moves (`false`: the log is gone). Polled only while a wait
+/// is set (the `select!` branch is guarded), so `None` never resolves.
 async fn head_moved(wait: &mut Option<ProofWait>) -> bool {
     match wait {
         Some(w) => w.heads.changed().await.is_ok(),
@@ -517,7 +524,7 @@ impl SecretDiscoveryService for SdsService {
             None
         };
         let bundle = self.core.bundle.borrow().clone();
-        let held = request_held_serial(&req);
+        let held = request_held_serial(&req).map(held_serial);
         let log_head = if state.wants(ResourceKind::LogHead) {
             self.core
                 .log_head(
@@ -793,9 +800,14 @@ impl StreamDriver {
                 reason = reason.or(Some("csr"));
             }
         }
+        // Every ACK repeats the serial: allocate only when it changes.
         if let Some(serial) = request_held_serial(req) {
-            if self.held_serial.as_deref() != Some(&*serial) {
-                self.held_serial = Some(serial);
+            if !self
+                .held_serial
+                .as_deref()
+                .is_some_and(|held| held.eq_ignore_ascii_case(serial))
+            {
+                self.held_serial = Some(held_serial(serial));
                 self.await_proof();
             }
         }
@@ -813,9 +825,7 @@ impl StreamDriver {
 
     /// Starts waiting for a head that covers the held SVID, unless its proof was sent.
     fn await_proof(&mut self) {
-        let due = self.held_serial.is_some()
-            && self.held_serial != self.proven_serial
-            && self.state.wants(ResourceKind::LogHead);
+        let due = self.unproven_serial().is_some() && self.state.wants(ResourceKind::LogHead);
         let Some(log) = self.core.log.as_ref().filter(|_| due) else {
             self.proof_wait = None;
             return;

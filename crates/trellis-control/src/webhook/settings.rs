@@ -9,7 +9,7 @@ use serde::Deserialize;
 use trellis_serve::config::{at_least_one, bytes_within, deadline, ConfigError};
 use trellis_serve::http::ServerLimits;
 
-use super::inject::{no_proxy_entry_ok, DefaultRouteCheck};
+use super::inject::{no_proxy_entry_ok, DefaultRouteCheck, DEFAULT_ROUTE_SYNTAX};
 
 /// Defaults of the webhook's settings.
 pub mod defaults {
@@ -285,7 +285,8 @@ impl WebhookSettings {
                 ConfigError::invalid(
                     "sidecar_default_route",
                     format!(
-                        "`{route}`: {e} (expected hosts=T1;T2,address=T,identity=T[,max_peers=N], the sidecar's TRELLIS_DEFAULT_ROUTE syntax)"
+                        "`{route}`: {e} (expected {}, the sidecar's TRELLIS_DEFAULT_ROUTE syntax)",
+                        DEFAULT_ROUTE_SYNTAX
                     ),
                 )
             })?;

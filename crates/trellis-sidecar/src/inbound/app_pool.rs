@@ -238,9 +238,8 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_callers_reuse_their_app_connections() {
-        // Each connection is driven by the caller's task (no task of its own): it must still
-        // come back to the pool ready for the next request, or every request would cost a
-        // new connection to the app.
+        // Concurrent callers hand their connections back to the pool ready for the next
+        // request, or every request would cost a new connection to the app.
         let (addr, accepted) = app().await;
         let pool = Arc::new(AppPool::new(
             addr,

@@ -117,7 +117,10 @@ impl DefaultRoutes {
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         let mut evicted = None;
         let peer = match peers.get(key.as_str()) {
-            Some(peer) => Arc::clone(peer),
+            Some(peer) => {
+                peer.last_used.store(now, Ordering::Relaxed);
+                Arc::clone(peer)
+            }
             None => {
                 let upstream = match self.build(host, &address, &identity) {
                     Ok(u) => Arc::new(u),
@@ -140,7 +143,6 @@ impl DefaultRoutes {
                 peer
             }
         };
-        peer.last_used.store(now, Ordering::Relaxed);
         // Published under the lock, so two new hosts never overwrite each other's entry.
         let mut by_host = HashMap::clone(&self.by_host.load());
         if let Some(gone) = &evicted {

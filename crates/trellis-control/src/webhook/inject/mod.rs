@@ -90,6 +90,10 @@ pub const ANNOTATION_DEFAULT_ROUTE: &str = "trellis.io/default-route";
 /// (kubectl, PyYAML) take for a boolean when a tool writes it unquoted.
 pub const DEFAULT_ROUTE_OFF: &str = "false";
 
+/// The syntax of a default route in an annotation or a control-plane setting (the sidecar's
+/// `TRELLIS_DEFAULT_ROUTE`), for error messages.
+pub const DEFAULT_ROUTE_SYNTAX: &str = "hosts=T1;T2,address=T,identity=T[,max_peers=N]";
+
 /// The only AdmissionReview version served (the webhook configuration asks for it alone).
 pub const API_VERSION: &str = "admission.k8s.io/v1";
 
@@ -492,7 +496,7 @@ fn decide(request: &Map<String, Value>, cfg: &InjectConfig) -> Decision {
             if let Some(check) = cfg.check_default_route {
                 if let Err(why) = check(v, &cfg.trust_domain) {
                     return Decision::Deny(format!(
-                        "annotation {ANNOTATION_DEFAULT_ROUTE}: {why} (expected hosts=T1;T2,address=T,identity=T[,max_peers=N], or \"{DEFAULT_ROUTE_OFF}\" for none)"
+                        "annotation {ANNOTATION_DEFAULT_ROUTE}: {why} (expected {DEFAULT_ROUTE_SYNTAX}, or \"{DEFAULT_ROUTE_OFF}\" for none)"
                     ));
                 }
             }

@@ -183,14 +183,10 @@ fn quote_line(body: &str) -> (String, Option<usize>) {
             .unwrap_or_else(|| rest.strip_suffix(':').map_or(rest.len(), str::len)),
     };
     let (token, after) = rest.split_at(token_end);
-    let plain = !token.starts_with(['\'', '"']);
+    // A quoted token is never a boolean word nor a block header: `quote` leaves it alone.
     let column = indent + 2 * dashes;
     if let Some(value) = after.strip_prefix(": ") {
-        out.push_str(&if plain {
-            quote(token)
-        } else {
-            token.to_owned()
-        });
+        out.push_str(&quote(token));
         out.push_str(": ");
         if is_block_indicator(value) {
             out.push_str(value);
@@ -198,18 +194,14 @@ fn quote_line(body: &str) -> (String, Option<usize>) {
         }
         out.push_str(&quote(value));
     } else if after == ":" {
-        out.push_str(&if plain {
-            quote(token)
-        } else {
-            token.to_owned()
-        });
+        out.push_str(&quote(token));
         out.push(':');
-    } else if plain && is_block_indicator(rest) {
+    } else if is_block_indicator(rest) {
         // `- |-`: the text is indented beyond the item's dash.
         out.push_str(rest);
         return (out, Some(column.saturating_sub(2).max(indent)));
     } else {
-        out.push_str(&if plain { quote(rest) } else { rest.to_owned() });
+        out.push_str(&quote(rest));
     }
     (out, None)
 }
