@@ -1,6 +1,9 @@
 //! Records the git commit the binary is built from, for `trellis_build_info{commit}` and
 //! `trellis --version`. `TRELLIS_BUILD_COMMIT` wins (the Docker build has no `.git`); else
 //! `git rev-parse`; else `unknown`. Never fails the build.
+//!
+//! Also lays out `trellis-sidecar`'s code in the order of `sidecar-code-order.txt` (see
+//! [`code_order`]).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -15,6 +18,7 @@ fn git(args: &[&str]) -> Option<String> {
 }
 
 fn main() {
+    code_order();
     println!("cargo:rerun-if-env-changed=TRELLIS_BUILD_COMMIT");
     let from_env = std::env::var("TRELLIS_BUILD_COMMIT")
         .ok()
@@ -57,4 +61,66 @@ fn watch(path: PathBuf) {
     if path.exists() {
         println!("cargo:rerun-if-changed={}", path.display());
     }
+}
+
+/// Links the functions a sidecar runs first and together (rust-lld's `--symbol-ordering-file`,
+/// the list made by `tests/bench/code-order.sh` from profiles of working sidecars).
+///
+/// An idle sidecar's memory is mostly its executable's pages: the kernel maps code in blocks
+/// around every function that runs, and the ~3,000 functions a sidecar runs were spread over
+/// all of its 9 MB of code. Packed together they fill a few MiB (docs/benchmarks.md, "Idle RSS:
+/// code layout"). Names the build no longer has are skipped, so a stale list costs memory,
+/// never correctness. Only release builds for x86_64 Linux with Rust 1.90 or newer, whose
+/// default linker is rust-lld; other linkers (GNU ld, gold) lack the option.
+/// `TRELLIS_CODE_ORDER=off` turns it off, e.g. for a build configured with another linker.
+fn code_order() {
+    let order = PathBuf::from(env("CARGO_MANIFEST_DIR")).join("sidecar-code-order.txt");
+    println!("cargo:rerun-if-changed={}", order.display());
+    println!("cargo:rerun-if-env-changed=TRELLIS_CODE_ORDER");
+    let flags = env("CARGO_ENCODED_RUSTFLAGS");
+    let other_linker = [
+        "fuse-ld=",
+        "linker-features=-lld",
+        "linker=",
+        "linker-flavor=",
+    ]
+    .iter()
+    .any(|f| flags.contains(f));
+    if env("PROFILE") != "release"
+        || env("TARGET") != "x86_64-unknown-linux-gnu"
+        || env("TRELLIS_CODE_ORDER") == "off"
+        || other_linker
+        || !links_with_rust_lld()
+        || !order.exists()
+    {
+        return;
+    }
+    for arg in [
+        format!("-Wl,--symbol-ordering-file={}", order.display()),
+        "-Wl,--no-warn-symbol-ordering".to_owned(),
+    ] {
+        println!("cargo:rustc-link-arg-bin=trellis-sidecar={arg}");
+    }
+}
+
+/// Rust 1.90 made rust-lld the default linker of x86_64-unknown-linux-gnu.
+fn links_with_rust_lld() -> bool {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned());
+    let Ok(out) = Command::new(rustc).arg("-V").output() else {
+        return false;
+    };
+    // "rustc 1.95.0 (59807616e 2026-04-14)"
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut version = text
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .split('.')
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (version.next().unwrap_or(0), version.next().unwrap_or(0));
+    (major, minor) >= (1, 90)
+}
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_default()
 }

@@ -40,7 +40,8 @@
 # run after the build, TRELLIS_BIN, ENVOY_BIN, BENCH_WS_ROUNDTRIPS [5000], BENCH_GRPC_APP (a
 # prebuilt grpc_bench_app; default target/release/examples/grpc_bench_app, built unless --no-build);
 # BENCH_BURST_CONNS [2000] idle mTLS connections opened into Trellis sidecar B and closed again,
-# to see its memory come back (0: skip).
+# to see its memory come back (0: skip); BENCH_TRELLIS_WRAP, a command the Trellis sidecars run
+# under (split on spaces; tests/bench/code-order.sh profiles them with valgrind this way).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -60,6 +61,7 @@ H2_CONNS="${BENCH_H2_CONNS:-16}"
 H2_STREAMS="${BENCH_H2_STREAMS:-8}"
 STIME="${BENCH_STIME:-5}"
 TRELLIS_THREADS="${BENCH_TRELLIS_THREADS:-1}"
+read -r -a TRELLIS_WRAP <<<"${BENCH_TRELLIS_WRAP:-}"
 QUIET_WAIT="${BENCH_QUIET_WAIT:-15}"
 QUIET_BUDGET="${BENCH_QUIET_BUDGET:-80}"
 HARD_TIMEOUT="${BENCH_TIMEOUT:-1200}"
@@ -370,7 +372,7 @@ start_trellis() {     # start_trellis NAME TEMPLATE ADMIN_PORT → sets PID_<NAM
     local name="$1" dir="$WORK/$1" pid
     mkdir -p "$dir"
     render "$2" "$dir/sidecar.yaml"
-    (cd "$dir" && TRELLIS_WORKER_THREADS="$TRELLIS_THREADS" exec "$TRELLIS_BIN" sidecar --config "$dir/sidecar.yaml" \
+    (cd "$dir" && TRELLIS_WORKER_THREADS="$TRELLIS_THREADS" exec ${TRELLIS_WRAP[@]+"${TRELLIS_WRAP[@]}"} "$TRELLIS_BIN" sidecar --config "$dir/sidecar.yaml" \
         >"$dir/stdout.log" 2>"$dir/stderr.log") &
     pid=$!
     STARTED+=("$pid")

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Regenerates crates/trellis/sidecar-code-order.txt: the functions a sidecar runs, in the order
+# rust-lld lays them out in `trellis-sidecar` (crates/trellis/build.rs), so that they share few
+# pages and an idle sidecar reads in less of its executable (docs/benchmarks.md, "Idle RSS:
+# code layout").
+#
+#   bash tests/bench/code-order.sh      # needs valgrind, python3 and what tests/bench/run.sh needs
+#
+# Profiles, with callgrind (every function that runs, not a sample), (1) the benchmark's
+# sidecar pair through a `--quick --only trellis` run of tests/bench/run.sh: startup with file
+# identities, HTTP/1.1 and h2c load, full handshakes, a burst of idle connections, the admin
+# endpoints; (2) `trellis demo --once`: SVIDs over SDS with a key made in the sidecar, policy,
+# HTTP/1.1 and h2c calls. Then writes the list, most-run first. Run it after changes that move
+# much of the sidecar's code (a dependency upgrade, a new request path) and commit the list; a
+# stale list only costs memory (names the build no longer has are skipped).
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+ORDER="$REPO/crates/trellis/sidecar-code-order.txt"
+BIN_DIR="$REPO/target/release"
+
+command -v valgrind >/dev/null || { echo "error: valgrind not found (apt-get install valgrind)" >&2; exit 1; }
+cd "$REPO"
+cargo build --release --locked -p trellis --bins
+PROFILES="$(mktemp -d "${TMPDIR:-/tmp}/trellis-code-order.XXXXXX")"
+trap 'rm -rf "$PROFILES"' EXIT
+CALLGRIND="valgrind --tool=callgrind --trace-children=yes --demangle=no --dump-instr=no --callgrind-out-file="
+
+echo "==> profiling the benchmark's sidecar pair (a few minutes: callgrind runs code ~50x slower)" >&2
+BENCH_TRELLIS_WRAP="${CALLGRIND}$PROFILES/callgrind.%p" BENCH_QUIET_WAIT=0 BENCH_TIMEOUT=1800 TRELLIS_BIN="$BIN_DIR/trellis" \
+    bash "$HERE/run.sh" --quick --only trellis --no-build --out "$PROFILES/results.md" >/dev/null
+echo "==> profiling trellis demo --once" >&2
+${CALLGRIND}"$PROFILES/callgrind.demo" "$BIN_DIR/trellis" demo --once >/dev/null 2>"$PROFILES/demo.err" || {
+    tail -n 20 "$PROFILES/demo.err" >&2
+    exit 1
+}
+python3 "$HERE/code_order.py" --binary "$BIN_DIR/trellis-sidecar" "$PROFILES"/callgrind.* >"$ORDER.new"
+mv "$ORDER.new" "$ORDER"
+echo "==> wrote $ORDER; rebuild (cargo build --release -p trellis) to lay the code out in its order" >&2
