@@ -64,29 +64,7 @@ pub async fn serve(
     drain: Drain,
 ) {
     let (conn_tx, conn_rx) = mpsc::channel::<Result<SdsConn, io::Error>>(128);
-    let accepting = listener.serve(&drain, move |conn| {
-        let conn_tx = conn_tx.clone();
-        async move {
-            // Boxed: this task lives as long as the connection, and would otherwise keep room
-            // for the handshake's state (a rustls connection mid-handshake and its timer) for all
-            // of it; the box is freed when the handshake ends.
-            let Some((inner, peer)) = Box::pin(conn.handshake()).await else {
-                return;
-            };
-            let (closed_tx, closed) = oneshot::channel();
-            let conn = SdsConn {
-                inner,
-                peer,
-                _closed: closed_tx,
-            };
-            let handed_over = conn_tx.send(Ok(conn)).await.is_ok();
-            drop(conn_tx);
-            if handed_over {
-                // Resolves (with an error) once tonic drops the connection.
-                let _ = closed.await;
-            }
-        }
-    });
+    let accepting = listener.serve(&drain, move |conn| connection_task(conn, conn_tx.clone()));
     let grpc = async {
         let service = SecretDiscoveryServiceServer::new(service)
             .max_decoding_message_size(limits.max_message_bytes);
@@ -115,6 +93,38 @@ pub async fn serve(
     // When the loop ends its sender goes with it: tonic's incoming stream then ends once the
     // connections already accepted are in.
     tokio::join!(accepting, grpc);
+}
+
+/// One connection's task: handshake, hand-over to tonic, then wait (holding the connection's
+/// place under `limits.sds.max_connections`) until tonic drops it.
+///
+/// A task's memory is its future's largest state, kept for the task's whole life. Only the
+/// wait lasts as long as the connection, so the handshake (a rustls connection mid-handshake
+/// and its timer) and the hand-over (a whole TLS stream held across a send) run in a box that
+/// is freed when they end: the task then holds ~0.2 KiB per connection instead of ~6.5 KiB
+/// (docs/benchmarks.md, "Control plane: memory per sidecar").
+fn connection_task(
+    conn: accept::Accepted<SdsTls>,
+    conn_tx: mpsc::Sender<Result<SdsConn, io::Error>>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    async move {
+        let handed_over = Box::pin(async move {
+            let (inner, peer) = conn.handshake().await?;
+            let (closed_tx, closed) = oneshot::channel();
+            let conn = SdsConn {
+                inner,
+                peer,
+                _closed: closed_tx,
+            };
+            conn_tx.send(Ok(conn)).await.ok()?;
+            Some(closed)
+        })
+        .await;
+        if let Some(closed) = handed_over {
+            // Resolves (with an error) once tonic drops the connection.
+            let _ = closed.await;
+        }
+    }
 }
 
 /// A verified TLS connection plus who is on the other end; tonic puts [`SdsPeer`] into each
@@ -167,5 +177,53 @@ impl AsyncWrite for SdsConn {
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use trellis_serve::limit::Uncounted;
+
+    use super::*;
+
+    /// What a connection's task keeps for the connection's life must not grow back to the
+    /// size of a TLS stream: the control plane holds one per sidecar.
+    #[tokio::test]
+    async fn a_connection_task_keeps_no_tls_state() {
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+        let key = rustls::pki_types::PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der());
+        let config = rustls::ServerConfig::builder_with_provider(trellis_identity::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key.into())
+            .unwrap();
+        let tcp = accept::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let listener = accept::Listener::new(tcp, "sds", 4, Arc::new(Uncounted)).with_handshake(
+            SdsTls(TlsAcceptor::from(Arc::new(config))),
+            Duration::from_secs(5),
+        );
+        let (_signal, drain) = trellis_serve::drain::channel();
+        let (conn_tx, _conn_rx) = mpsc::channel(1);
+        let (size_tx, mut size_rx) = mpsc::channel(1);
+        tokio::spawn(async move {
+            listener
+                .serve(&drain, move |conn| {
+                    let task = connection_task(conn, conn_tx.clone());
+                    let _ = size_tx.try_send(std::mem::size_of_val(&task));
+                    task
+                })
+                .await;
+        });
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let size = size_rx.recv().await.unwrap();
+        let tls_stream = std::mem::size_of::<TlsStream<TcpStream>>();
+        assert!(
+            size < 512 && size < tls_stream / 2,
+            "a connection task is {size} bytes (a TLS stream is {tls_stream})"
+        );
     }
 }
