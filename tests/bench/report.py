@@ -230,8 +230,9 @@ class Report:
             return self.cell_missing("trellis") + (f": {reason}" if reason else "")
         return (f"threads after start: {r.get('trellis.threads', '?')}; after the load runs: "
                 f"{r.get('trellis.threads_after', '?')}. (`trellis` is the main thread, which carries all traffic when "
-                "the sidecar honours TRELLIS_WORKER_THREADS=1 with a current-thread runtime; `tokio-rt-worker` threads "
-                "are multi-thread runtime workers or blocking-pool threads, which exit when idle.)")
+                "the sidecar honours TRELLIS_WORKER_THREADS=1 with a current-thread runtime; with N > 1, "
+                "`trellis-worker-I` threads are the other N - 1 thread-per-core workers; `tokio-rt-worker` threads "
+                "are blocking-pool threads, which exit when idle.)")
 
     def main_table(self):
         out = [

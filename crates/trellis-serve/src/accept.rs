@@ -27,6 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::drain::Drain;
 use crate::limit::{ConnLimit, ListenerEvents};
+use crate::worker::Workers;
 
 /// After a failed `accept` (EMFILE and friends), how long the loop waits before the next.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
@@ -90,6 +91,8 @@ pub struct Listener<H = Plain> {
     handshake: H,
     /// `None`: no handshake to bound ([`Plain`]).
     handshake_timeout: Option<Duration>,
+    /// Where accepted connections are served (default: this runtime).
+    workers: Workers,
 }
 
 impl<H> std::fmt::Debug for Listener<H> {
@@ -118,6 +121,7 @@ impl Listener<Plain> {
             events,
             handshake: Plain,
             handshake_timeout: None,
+            workers: Workers::single(),
         }
     }
 
@@ -130,11 +134,19 @@ impl Listener<Plain> {
             events: self.events,
             handshake,
             handshake_timeout: Some(timeout),
+            workers: self.workers,
         }
     }
 }
 
 impl<H: Handshake> Listener<H> {
+    /// Serves each accepted connection on one of `workers` (the least loaded) instead of this
+    /// runtime; the loop itself, the cap and the drain stay here.
+    pub fn with_workers(mut self, workers: Workers) -> Self {
+        self.workers = workers;
+        self
+    }
+
     /// The bound address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.tcp.local_addr()
@@ -184,6 +196,23 @@ impl<H: Handshake> Listener<H> {
             };
             // Requests are small and latency-bound.
             let _ = tcp.set_nodelay(true);
+            let worker = self.workers.pick();
+            let tcp = match &worker {
+                // Off this runtime's reactor, so its readiness wakes the worker's thread only;
+                // it joins that worker's reactor in the worker's own task.
+                Some(w) if !w.is_here() => match tcp.into_std() {
+                    Ok(tcp) => Socket::Moving(tcp),
+                    Err(e) => {
+                        tracing::warn!(listener = self.name, %peer, error = %e, "cannot hand the connection to a worker");
+                        continue;
+                    }
+                },
+                _ => Socket::Here(tcp),
+            };
+            if let Some(w) = &worker {
+                self.events.handed_to_worker(w.index());
+                tracing::debug!(listener = self.name, %peer, worker = w.index(), "connection handed to a worker");
+            }
             let task = serve(Accepted {
                 tcp,
                 peer,
@@ -193,20 +222,41 @@ impl<H: Handshake> Listener<H> {
                     .map(|timeout| (timeout, Arc::clone(&self.events), self.name)),
             });
             let (hold, forced) = (drain.clone(), drain.forced());
-            tokio::spawn(async move {
+            let task = async move {
                 let (_permit, _hold) = (permit, hold);
                 tokio::select! {
                     () = task => {}
                     () = forced => {}
                 }
-            });
+            };
+            match worker {
+                Some(worker) => worker.spawn(task),
+                None => drop(tokio::spawn(task)),
+            }
+        }
+    }
+}
+
+/// An accepted socket: on this runtime's reactor, or on its way to a worker's (registered
+/// there by the first call in the connection's task).
+enum Socket {
+    Here(TcpStream),
+    Moving(std::net::TcpStream),
+}
+
+impl Socket {
+    /// The stream, on the reactor of the runtime this runs on.
+    fn register(self) -> io::Result<TcpStream> {
+        match self {
+            Socket::Here(tcp) => Ok(tcp),
+            Socket::Moving(tcp) => TcpStream::from_std(tcp),
         }
     }
 }
 
 /// An accepted connection, before its handshake.
 pub struct Accepted<H> {
-    tcp: TcpStream,
+    tcp: Socket,
     peer: SocketAddr,
     handshake: H,
     /// The handshake's timeout, whom to tell when it runs out, and the listener's name.
@@ -228,6 +278,13 @@ impl<H: Handshake> Accepted<H> {
             handshake,
             bound,
         } = self;
+        let tcp = match tcp.register() {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "cannot register the connection on its worker");
+                return None;
+            }
+        };
         let Some((timeout, events, name)) = bound else {
             return handshake.handshake(tcp, peer).await;
         };
@@ -243,9 +300,11 @@ impl<H: Handshake> Accepted<H> {
 }
 
 impl Accepted<Plain> {
-    /// The TCP stream (a plain listener has no handshake).
-    pub fn into_tcp(self) -> TcpStream {
-        self.tcp
+    /// The TCP stream (a plain listener has no handshake). Call it in the connection's task:
+    /// a connection handed to a worker joins that worker's reactor here, which can fail (the
+    /// kernel refusing the registration); the caller drops the connection then.
+    pub fn into_tcp(self) -> io::Result<TcpStream> {
+        self.tcp.register()
     }
 }
 
@@ -343,6 +402,45 @@ mod tests {
         }
     }
 
+    #[test]
+    fn with_workers_connections_run_on_both_workers_under_one_cap() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (workers, threads) = crate::Workers::start(2, runtime.handle().clone()).unwrap();
+        runtime.block_on(async {
+            let (listener, events, addr) = listener(2).await;
+            let listener = listener.with_workers(workers);
+            let (_signal, drain) = crate::drain::channel();
+            let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                listener
+                    .serve(&drain, |conn| {
+                        let seen_tx = seen_tx.clone();
+                        async move {
+                            // The stream works on the worker it was handed to (its reactor).
+                            let mut tcp = conn.into_tcp().unwrap();
+                            let _ = seen_tx.send(crate::worker::current());
+                            let mut buf = [0u8; 1];
+                            let _ = tcp.read(&mut buf).await;
+                        }
+                    })
+                    .await;
+            });
+            let _a = TcpStream::connect(addr).await.unwrap();
+            let _b = TcpStream::connect(addr).await.unwrap();
+            let mut on = [seen.recv().await.unwrap(), seen.recv().await.unwrap()];
+            on.sort_unstable();
+            assert_eq!(on, [0, 1], "one connection on each worker");
+            // The cap counts both workers' connections: a third is refused.
+            let mut third = TcpStream::connect(addr).await.unwrap();
+            assert!(closed_by_server(&mut third).await);
+            assert_eq!(events.refused.load(Ordering::Relaxed), 1);
+        });
+        threads.stop();
+    }
+
     /// A handshake that never finishes.
     #[derive(Clone)]
     struct Stall;
@@ -396,7 +494,7 @@ mod tests {
             listener
                 .serve(&loop_drain, |conn| async move {
                     // Ignores the drain: only a forced drain ends it.
-                    let _tcp = conn.into_tcp();
+                    let _tcp = conn.into_tcp().unwrap();
                     std::future::pending::<()>().await;
                 })
                 .await;

@@ -15,6 +15,8 @@
 //! - [`prefixed`]: an I/O stream with bytes already read put back in front.
 //! - [`config`]: the configuration error both binaries report, and the renamed-key table.
 //! - [`build_info`]: the version and commit of the running build, set once by the binary.
+//! - [`worker`]: thread-per-core serving: N single-threaded runtimes, connections spread
+//!   over them by the accept loop, per-worker state ([`worker::PerWorker`]).
 //! - [`net`], [`time`]: small helpers every listener's reporting needs.
 //!
 //! Nothing here knows about metrics, TLS libraries or config file formats: those stay in the
@@ -32,8 +34,10 @@ pub mod limit;
 pub mod net;
 pub mod prefixed;
 pub mod time;
+pub mod worker;
 
 pub use accept::{bind, Handshake, Listener, Plain};
 pub use drain::{Drain, DrainSignal};
 pub use idle::{IdleClock, Tracked};
 pub use limit::{ConnLimit, ConnPermit, ListenerEvents};
+pub use worker::{PerWorker, Workers};

@@ -11,6 +11,9 @@ pub trait ListenerEvents: Send + Sync + 'static {
     fn refused(&self);
     /// A connection's handshake did not finish within the listener's handshake timeout.
     fn handshake_timed_out(&self) {}
+    /// A connection was handed to worker thread `worker` (only with more than one worker, see
+    /// [`crate::worker`]).
+    fn handed_to_worker(&self, _worker: usize) {}
 }
 
 /// Reports nothing: for listeners nobody counts (tests, examples).

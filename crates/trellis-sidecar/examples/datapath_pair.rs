@@ -62,6 +62,7 @@ fn settings(app: std::net::SocketAddr, upstreams: Vec<Upstream>) -> SidecarSetti
         access_log: false,
         limits: Default::default(),
         workload_api_socket: None,
+        workers: trellis_serve::Workers::single(),
     }
 }
 

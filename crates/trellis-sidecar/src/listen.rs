@@ -36,6 +36,14 @@ impl ListenerEvents for ListenerMetrics {
     fn handshake_timed_out(&self) {
         self.metrics.handshake(Direction::Inbound, false, "timeout");
     }
+
+    fn handed_to_worker(&self, worker: usize) {
+        let worker = u16::try_from(worker).unwrap_or(u16::MAX);
+        self.metrics
+            .worker_connections
+            .get_or_create(&crate::metrics::WorkerLabel { worker })
+            .inc();
+    }
 }
 
 /// What `listener` reports, as metrics.

@@ -115,7 +115,11 @@ pub struct SidecarArgs {
     #[arg(long, env = "TRELLIS_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
     request_timeout: Option<Duration>,
     /// Threads that carry traffic. 1 (the default) runs everything on one thread, the cheapest
-    /// way to proxy for one app; raise it for a busy app on a large node.
+    /// way to proxy for one app. N > 1 runs N single-threaded workers, each serving whole
+    /// connections (accepted ones go to the worker with the fewest open) with its own pooled
+    /// connections to peers and the app, so a request never crosses threads; raise it for a
+    /// busy app on a large node (gains need at least N cores free for the sidecar, and many
+    /// connections: one peer's pooled HTTP/2 connection is served by one worker).
     #[arg(long, env = "TRELLIS_WORKER_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     worker_threads: u16,
     /// Authorization policy: a YAML file, or a directory of them merged in name order;
@@ -384,20 +388,19 @@ impl SidecarArgs {
 /// Runs the sidecar until SIGTERM/SIGINT, then drains.
 pub fn run(args: SidecarArgs) -> anyhow::Result<()> {
     let threads = args.worker_threads;
-    let settings = SidecarSettings::from_file(args.merged()?)?;
+    let mut settings = SidecarSettings::from_file(args.merged()?)?;
     trellis_identity::tls::install_key_exchange(settings.tls_key_exchange)?;
-    let runtime = if threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(usize::from(threads))
-            .enable_all()
-            .build()
-    }
-    .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    // Worker 0: this thread's runtime, which also runs the accept loops, admin, the identity
+    // source and the policy watcher. Workers 1..N (none when N is 1) get a thread each.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let (workers, worker_threads) =
+        trellis_serve::Workers::start(usize::from(threads), runtime.handle().clone())
+            .context("cannot start the worker threads")?;
+    settings.workers = workers;
+    let served = runtime.block_on(async move {
         let sidecar = Sidecar::start(settings).await?;
         let outbound: Vec<String> = sidecar
             .outbound_addrs
@@ -425,7 +428,11 @@ pub fn run(args: SidecarArgs) -> anyhow::Result<()> {
             tracing::warn!("drain timeout reached with requests still in flight");
         }
         Ok(())
-    })
+    });
+    // Every connection has drained (or was cut at the drain timeout): what is left on the
+    // workers are pooled connections, dropped with their runtimes.
+    worker_threads.stop();
+    served
 }
 
 #[cfg(test)]

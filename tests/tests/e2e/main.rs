@@ -52,6 +52,7 @@ mod sidecar_demo;
 mod sidecar_envoy;
 mod sidecar_mesh;
 mod sidecar_security;
+mod sidecar_worker_threads;
 mod tls_key_exchange;
 mod transparency_log;
 mod webhook;

@@ -436,6 +436,10 @@ pub struct SidecarSettings {
     pub limits: Limits,
     /// Where to serve the SPIFFE Workload API (`None`: not served).
     pub workload_api_socket: Option<PathBuf>,
+    /// The threads that serve connections (`--worker-threads`; not in the file): the embedder
+    /// starts them, every listener spreads its connections over them, and each keeps its own
+    /// pooled connections. Default: one, the embedder's runtime.
+    pub workers: trellis_serve::Workers,
 }
 
 /// Defaults.
@@ -655,6 +659,7 @@ impl SidecarSettings {
                 }
                 other => other,
             },
+            workers: trellis_serve::Workers::single(),
         })
     }
 }

@@ -1,6 +1,7 @@
 //! Pooled HTTP/1.1 keep-alive connections from the inbound proxy to the local app. Idle
 //! connections are reused newest-first; a connection goes back to the pool when the response
-//! body has been read to its end ([`PooledBody`]), with no task per request.
+//! body has been read to its end ([`PooledBody`]), with no task per request. Each worker thread
+//! has its own pool ([`PerWorker`]): a connection's task runs on the worker that opened it.
 
 use super::app_h2::AppH2;
 use crate::body::{
@@ -16,29 +17,39 @@ use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use trellis_serve::PerWorker;
 
 /// Pooled HTTP/1.1 keep-alive connections to the local app.
 pub struct AppPool {
-    /// `inbound.app_protocol: h2c`: one prior-knowledge HTTP/2 connection instead.
-    h2: Option<AppH2>,
+    /// `inbound.app_protocol: h2c`: one prior-knowledge HTTP/2 connection (per worker) instead.
+    h2: Option<PerWorker<AppH2>>,
     addr: SocketAddr,
     target: Arc<str>,
     connect_timeout: Duration,
-    idle: Arc<Http1Idle>,
+    idle: PerWorker<Arc<Http1Idle>>,
     builder: http1::Builder,
 }
 
 impl AppPool {
-    /// A pool for the app at `addr`, speaking `protocol`.
-    pub fn new(addr: SocketAddr, connect_timeout: Duration, protocol: AppProtocol) -> Self {
+    /// A pool for the app at `addr`, speaking `protocol`, with connections of its own for
+    /// each of `workers` worker threads.
+    pub fn new(
+        addr: SocketAddr,
+        connect_timeout: Duration,
+        protocol: AppProtocol,
+        workers: usize,
+    ) -> Self {
         let target: Arc<str> = format!("app {addr}").into();
         Self {
-            h2: (protocol == AppProtocol::H2c)
-                .then(|| AppH2::new(addr, target.clone(), connect_timeout)),
+            h2: (protocol == AppProtocol::H2c).then(|| {
+                PerWorker::new(workers, |_| {
+                    AppH2::new(addr, target.clone(), connect_timeout)
+                })
+            }),
             addr,
             target,
             connect_timeout,
-            idle: Http1Idle::new(),
+            idle: PerWorker::new(workers, |_| Http1Idle::new()),
             builder: http1_builder(),
         }
     }
@@ -47,7 +58,7 @@ impl AppPool {
     /// connection, or over HTTP/1.1 (see [`AppPool::send_http1`]).
     pub async fn send(&self, req: Request<ReqBody>) -> Result<Response<ProxyBody>, ForwardError> {
         match &self.h2 {
-            Some(h2) => Ok(h2.send(req).await?.map(ProxyBody::Stream)),
+            Some(h2) => Ok(h2.get().send(req).await?.map(ProxyBody::Stream)),
             None => Ok(self.send_http1(req).await?.map(ProxyBody::Pooled)),
         }
     }
@@ -60,8 +71,9 @@ impl AppPool {
     ) -> Result<Response<PooledBody>, ForwardError> {
         // The hot path (an idle connection) stays small; connecting is boxed so its much larger
         // state is not part of (and copied with) every request's future.
-        let req = match self.idle.checkout() {
-            Some(sender) => match send_pooled(sender, req, &self.idle).await {
+        let idle = self.idle.get();
+        let req = match idle.checkout() {
+            Some(sender) => match send_pooled(sender, req, idle).await {
                 Ok(response) => return Ok(response),
                 Err((_, Some(unsent))) => unsent,
                 Err((e, None)) => return Err(failed(&self.target, e)),
@@ -95,12 +107,13 @@ impl AppPool {
         &self,
         mut req: Request<ReqBody>,
     ) -> Result<Response<PooledBody>, ForwardError> {
+        let idle = self.idle.get();
         loop {
-            let (sender, reused) = match self.idle.checkout() {
+            let (sender, reused) = match idle.checkout() {
                 Some(sender) => (sender, true),
                 None => (self.connect().await?, false),
             };
-            match send_pooled(sender, req, &self.idle).await {
+            match send_pooled(sender, req, idle).await {
                 Ok(response) => return Ok(response),
                 Err((_, Some(unsent))) if reused => req = unsent,
                 Err((e, _)) => return Err(failed(&self.target, e)),
@@ -131,7 +144,7 @@ impl AppPool {
 
     #[cfg(test)]
     pub(crate) fn idle_len(&self) -> usize {
-        self.idle.len()
+        self.idle.get().len()
     }
 }
 
@@ -230,6 +243,7 @@ mod tests {
             addr,
             Duration::from_secs(5),
             AppProtocol::Http1,
+            1,
         ));
         get_many(front(pool.clone()).await, 20).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
@@ -245,6 +259,7 @@ mod tests {
             addr,
             Duration::from_secs(5),
             AppProtocol::Http1,
+            1,
         ));
         let front = front(pool.clone()).await;
         let callers: Vec<_> = (0..8).map(|_| tokio::spawn(get_many(front, 50))).collect();

@@ -160,6 +160,7 @@ impl InboundProxy {
                 ),
                 limits.inbound.handshake_timeout,
             )
+            .with_workers(settings.workers.clone())
         };
         let http = listener(
             bind(settings.inbound_listen).await?,
@@ -200,6 +201,7 @@ impl InboundProxy {
                     settings.app,
                     settings.connect_timeout,
                     settings.app_protocol,
+                    settings.workers.count(),
                 ),
                 app_label: settings.app.to_string().into_boxed_str(),
                 access_log: settings.access_log,

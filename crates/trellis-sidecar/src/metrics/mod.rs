@@ -153,6 +153,13 @@ pub struct RequestLabel {
     pub code: u16,
 }
 
+/// `{worker}` of `trellis_worker_connections_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabel {
+    /// The worker thread's index, 0 to `--worker-threads` - 1.
+    pub worker: u16,
+}
+
 /// `{result}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
@@ -768,6 +775,9 @@ pub struct SidecarMetrics {
     /// `trellis_upstream_connections_lost_total`: pooled connections closed because the peer
     /// stopped answering PINGs (a path dropping packets, a frozen peer).
     pub upstream_connections_lost: Counter,
+    /// `trellis_worker_connections_total{worker}`: connections the listeners handed to each
+    /// worker thread (only with `--worker-threads` > 1).
+    pub worker_connections: Family<WorkerLabel, Counter>,
     /// `trellis_stalled_bodies_total`: inbound response bodies cut because they moved no data
     /// for `stream_idle_timeout` (an app stalled mid-body, or a caller that stopped reading).
     pub stalled_bodies: Counter,
@@ -815,6 +825,7 @@ impl SidecarMetrics {
         let bundle_expiry = Gauge::default();
         let upstream_connections = Counter::default();
         let upstream_connections_lost = Counter::default();
+        let worker_connections = Family::<WorkerLabel, Counter>::default();
         let stalled_bodies = Counter::default();
         let authz_decisions = Family::<AuthzLabel, Counter>::default();
         let policy_reload_errors = Counter::default();
@@ -882,6 +893,11 @@ impl SidecarMetrics {
             upstream_connections_lost.clone(),
         );
         registry.register(
+            "worker_connections",
+            "Connections handed to each worker thread, by worker (only with --worker-threads > 1)",
+            worker_connections.clone(),
+        );
+        registry.register(
             "stalled_bodies",
             "Inbound response bodies reset after moving no data for stream_idle_timeout",
             stalled_bodies.clone(),
@@ -943,6 +959,7 @@ impl SidecarMetrics {
             bundle_expiry,
             upstream_connections,
             upstream_connections_lost,
+            worker_connections,
             stalled_bodies,
             authz_decisions,
             policy_reload_errors,

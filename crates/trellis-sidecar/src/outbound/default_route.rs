@@ -42,6 +42,8 @@ pub(super) struct PeerSettings {
     pub(super) tls_policy: TlsPolicy,
     pub(super) connect_timeout: Duration,
     pub(super) limits: Limits,
+    /// Worker threads (each has its own connections to a peer).
+    pub(super) workers: usize,
 }
 
 /// The convention route and the peers it has reached.
@@ -187,6 +189,7 @@ impl DefaultRoutes {
             tls(mtls::ALPN_HTTP)?,
             tls(&[mtls::ALPN_HTTP11])?,
             &s.limits,
+            s.workers,
         );
         Ok(HttpUpstream {
             name: ROUTE_NAME.into(),
@@ -235,6 +238,7 @@ identity: "spiffe://{trust_domain}/ns/{namespace}/sa/{service}"
                 tls_policy: TlsPolicy::Tls13,
                 connect_timeout: Duration::from_secs(1),
                 limits: Limits::from_file(&LimitsFile::default()).unwrap(),
+                workers: 1,
             },
         )
     }

@@ -54,7 +54,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use trellis_serve::drain::{self, Drain};
 use trellis_serve::graceful::serve_until_drained;
-use trellis_serve::{accept, IdleClock, Tracked};
+use trellis_serve::{accept, IdleClock, Tracked, Workers};
 
 /// Name of the shared, Host-routed listener in [`OutboundProxy::local_addrs`].
 pub const SHARED_LISTENER: &str = "shared";
@@ -78,6 +78,8 @@ struct Outbound {
     /// Per listener.
     max_connections: usize,
     server: auto::Builder<TokioExecutor>,
+    /// Where the listeners' connections are served.
+    workers: Workers,
 }
 
 /// The outbound listeners: shared (Host-routed) and per-upstream dedicated ones.
@@ -152,6 +154,7 @@ impl OutboundProxy {
                             TlsClient::new(config, sessions),
                             TlsClient::new(config1, sessions1),
                             &settings.limits,
+                            settings.workers.count(),
                         ),
                         authorities,
                         fallback_authority,
@@ -208,6 +211,7 @@ impl OutboundProxy {
                     tls_policy: settings.tls_policy,
                     connect_timeout: settings.connect_timeout,
                     limits: settings.limits,
+                    workers: settings.workers.count(),
                 },
             )
         });
@@ -257,6 +261,7 @@ impl OutboundProxy {
                 idle_timeout: limits.http.idle_timeout,
                 max_connections: limits.outbound.max_connections,
                 server,
+                workers: settings.workers.clone(),
             }),
         })
     }
@@ -308,7 +313,14 @@ impl OutboundProxy {
         for (_, upstream) in tcp {
             let (shared, drain) = (shared.clone(), drain.clone());
             forwards.spawn(async move {
-                run_outbound_tcp(upstream, shared.max_connections, &shared.metrics, drain).await;
+                run_outbound_tcp(
+                    upstream,
+                    shared.max_connections,
+                    &shared.metrics,
+                    shared.workers.clone(),
+                    drain,
+                )
+                .await;
             });
         }
         serve_http(
@@ -341,13 +353,20 @@ async fn serve_http(
     connections: Drain,
 ) {
     let events = listen::events(&shared.metrics, Listener::Outbound);
-    let listener = accept::Listener::new(listener, "outbound", shared.max_connections, events);
+    let listener = accept::Listener::new(listener, "outbound", shared.max_connections, events)
+        .with_workers(shared.workers.clone());
     listener
         .serve(&listen, |conn| {
             let (shared, drain) = (shared.clone(), connections.clone());
             async move {
                 let app_addr = conn.peer();
-                let tcp = conn.into_tcp();
+                let tcp = match conn.into_tcp() {
+                    Ok(tcp) => tcp,
+                    Err(e) => {
+                        tracing::warn!(%app_addr, error = %e, "cannot serve the app connection");
+                        return;
+                    }
+                };
                 let state = Arc::new(ConnDrain::default());
                 let service = {
                     let (shared, state, drain) = (shared.clone(), state.clone(), drain.clone());

@@ -1,5 +1,6 @@
-//! The outbound proxy's connections to one upstream sidecar: ONE HTTP/2 connection over mTLS,
-//! every app request multiplexed on it, replaced when it dies. Opening it is single-flight:
+//! The outbound proxy's connections to one upstream sidecar: ONE HTTP/2 connection over mTLS
+//! per worker thread ([`PerWorker`]: its driving task runs on that worker, so a request never
+//! wakes another thread), every app request multiplexed on it, replaced when it dies. Opening it is single-flight:
 //! concurrent requests wait for one attempt and share its outcome. A peer that does not offer
 //! `h2` in ALPN gets pooled HTTP/1.1 connections instead.
 
@@ -23,6 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
+use trellis_serve::PerWorker;
 
 /// The pooled HTTP/2 connection: a handle to open streams on, whether it has ended, and, if
 /// the keepalive closed it, what went unanswered.
@@ -58,16 +60,34 @@ pub struct PeerPool {
     tls: TlsClient,
     /// Offers `http/1.1` only, once the peer has shown it does not speak HTTP/2.
     tls_http1: TlsClient,
+    /// Each worker's connections.
+    conns: PerWorker<Conns>,
+    /// The peer has shown it does not speak HTTP/2 (what the peer is, for every worker).
+    http1_mode: AtomicBool,
+    h2_builder: h2::client::Builder,
+    h1_builder: http1::Builder,
+    keepalive: Keepalive,
+}
+
+/// One worker's connections to the peer.
+struct Conns {
     h2: ArcSwapOption<H2Conn>,
     /// Serializes connection attempts; holds the last attempt's failure for those who waited.
     connecting: tokio::sync::Mutex<Option<ForwardError>>,
     /// Connection attempts finished so far.
     attempts: AtomicU64,
-    http1_mode: AtomicBool,
     http1_idle: Arc<Http1Idle>,
-    h2_builder: h2::client::Builder,
-    h1_builder: http1::Builder,
-    keepalive: Keepalive,
+}
+
+impl Conns {
+    fn new() -> Self {
+        Self {
+            h2: ArcSwapOption::empty(),
+            connecting: tokio::sync::Mutex::new(None),
+            attempts: AtomicU64::new(0),
+            http1_idle: Http1Idle::new(),
+        }
+    }
 }
 
 /// Dead-peer detection on the pooled HTTP/2 connection (`limits.h2.keepalive_*`).
@@ -85,7 +105,14 @@ enum Shared {
 impl PeerPool {
     /// A pool for `peer`. `tls` offers ALPN `h2, http/1.1`; `tls_http1` offers `http/1.1`.
     /// `limits` gives the keepalive and the reset bounds (a peer sidecar may misbehave too).
-    pub fn new(peer: PeerTarget, tls: TlsClient, tls_http1: TlsClient, limits: &Limits) -> Self {
+    /// `workers`: worker threads, each with its own connections.
+    pub fn new(
+        peer: PeerTarget,
+        tls: TlsClient,
+        tls_http1: TlsClient,
+        limits: &Limits,
+        workers: usize,
+    ) -> Self {
         let mut h2_builder = h2::client::Builder::new();
         h2_builder
             .enable_push(false)
@@ -101,11 +128,8 @@ impl PeerPool {
             peer,
             tls,
             tls_http1,
-            h2: ArcSwapOption::empty(),
-            connecting: tokio::sync::Mutex::new(None),
-            attempts: AtomicU64::new(0),
+            conns: PerWorker::new(workers, |_| Conns::new()),
             http1_mode: AtomicBool::new(false),
-            http1_idle: Http1Idle::new(),
             h2_builder,
             h1_builder: http1_builder(),
             keepalive: Keepalive {
@@ -176,7 +200,7 @@ impl PeerPool {
         if self.http1_mode.load(Ordering::Relaxed) {
             return None;
         }
-        let current = self.h2.load();
+        let current = self.conns.get().h2.load();
         let conn = current.as_ref()?;
         conn.is_live().then(|| conn.clone())
     }
@@ -184,15 +208,17 @@ impl PeerPool {
     /// Single-flight: one attempt at a time; those who waited on a failed attempt get its error
     /// instead of trying again at once.
     async fn connect_shared(&self) -> Result<Shared, ForwardError> {
-        let seen = self.attempts.load(Ordering::Acquire);
-        let mut last_failure = self.connecting.lock().await;
+        // This worker's: the connection opened here is driven here.
+        let conns = self.conns.get();
+        let seen = conns.attempts.load(Ordering::Acquire);
+        let mut last_failure = conns.connecting.lock().await;
         if let Some(conn) = self.live_h2() {
             return Ok(Shared::H2(conn));
         }
         if self.http1_mode.load(Ordering::Relaxed) {
             return Ok(Shared::Http1);
         }
-        if self.attempts.load(Ordering::Acquire) != seen {
+        if conns.attempts.load(Ordering::Acquire) != seen {
             if let Some(e) = last_failure.as_ref() {
                 return Err(e.clone());
             }
@@ -201,17 +227,17 @@ impl PeerPool {
         *last_failure = result.as_ref().err().cloned();
         // Counted when it ends: a request that came while it ran takes its outcome rather than
         // waiting for one more attempt (on a silent path, one more connect timeout).
-        self.attempts.fetch_add(1, Ordering::AcqRel);
+        conns.attempts.fetch_add(1, Ordering::AcqRel);
         match result? {
             Opened::H2(conn) => {
                 let conn = Arc::new(conn);
-                self.h2.store(Some(conn.clone()));
+                conns.h2.store(Some(conn.clone()));
                 Ok(Shared::H2(conn))
             }
             Opened::Http1(sender) => {
                 tracing::info!(target = %self.target(), "peer does not offer h2; using pooled HTTP/1.1");
                 self.http1_mode.store(true, Ordering::Relaxed);
-                self.http1_idle.checkin(sender);
+                conns.http1_idle.checkin(sender);
                 Ok(Shared::Http1)
             }
         }
@@ -285,8 +311,9 @@ impl PeerPool {
     ) -> Result<Response<ProxyBody>, ForwardError> {
         let mut req = req.map(ReqBody::Hyper);
         to_origin_form(&mut req);
+        let idle = &self.conns.get().http1_idle;
         loop {
-            let (sender, reused) = match self.http1_idle.checkout() {
+            let (sender, reused) = match idle.checkout() {
                 Some(sender) => (sender, true),
                 None => match self.open(&self.tls_http1).await? {
                     Opened::Http1(sender) => (sender, false),
@@ -299,7 +326,7 @@ impl PeerPool {
                     }
                 },
             };
-            match send_pooled(sender, req, &self.http1_idle).await {
+            match send_pooled(sender, req, idle).await {
                 Ok(response) => return Ok(response.map(ProxyBody::Pooled)),
                 Err((_, Some(unsent))) if reused => req = unsent,
                 Err((e, _)) => return Err(failed(self.target(), e)),

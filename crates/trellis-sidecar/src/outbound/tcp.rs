@@ -7,7 +7,7 @@ use crate::metrics::{Direction, Listener, SidecarMetrics};
 use crate::splice::splice;
 use std::sync::Arc;
 use tokio::net::TcpListener;
-use trellis_serve::{accept, Drain};
+use trellis_serve::{accept, Drain, Workers};
 
 /// An outbound TCP upstream, bound on its dedicated port.
 pub(crate) struct OutboundTcp {
@@ -24,6 +24,7 @@ pub(crate) async fn run_outbound_tcp(
     upstream: OutboundTcp,
     max_connections: usize,
     metrics: &Arc<SidecarMetrics>,
+    workers: Workers,
     drain: Drain,
 ) {
     let OutboundTcp {
@@ -32,12 +33,19 @@ pub(crate) async fn run_outbound_tcp(
         tls,
     } = upstream;
     let events = listen::events(metrics, Listener::OutboundTcp);
-    let listener = accept::Listener::new(listener, "outbound_tcp", max_connections, events);
+    let listener = accept::Listener::new(listener, "outbound_tcp", max_connections, events)
+        .with_workers(workers);
     listener.serve(&drain, |conn| {
         let (peer, tls) = (peer.clone(), tls.clone());
         async move {
             let app_addr = conn.peer();
-            let mut app = conn.into_tcp();
+            let mut app = match conn.into_tcp() {
+                Ok(app) => app,
+                Err(e) => {
+                    tracing::warn!(%app_addr, error = %e, "TCP upstream: cannot serve the connection");
+                    return;
+                }
+            };
             let mut to_peer = match peer.connect_stream(&tls).await {
                 Ok(s) => s,
                 Err(e) => {

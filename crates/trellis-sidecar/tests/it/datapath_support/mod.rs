@@ -105,6 +105,7 @@ pub fn settings(app: SocketAddr, upstreams: Vec<Upstream>) -> SidecarSettings {
         access_log: false,
         limits: Default::default(),
         workload_api_socket: None,
+        workers: trellis_serve::Workers::single(),
     }
 }
 
