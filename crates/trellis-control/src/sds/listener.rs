@@ -103,27 +103,25 @@ pub async fn serve(
 /// and its timer) and the hand-over (a whole TLS stream held across a send) run in a box that
 /// is freed when they end: the task then holds ~0.2 KiB per connection instead of ~6.5 KiB
 /// (docs/benchmarks.md, "Control plane: memory per sidecar").
-fn connection_task(
+async fn connection_task(
     conn: accept::Accepted<SdsTls>,
     conn_tx: mpsc::Sender<Result<SdsConn, io::Error>>,
-) -> impl std::future::Future<Output = ()> + Send + 'static {
-    async move {
-        let handed_over = Box::pin(async move {
-            let (inner, peer) = conn.handshake().await?;
-            let (closed_tx, closed) = oneshot::channel();
-            let conn = SdsConn {
-                inner,
-                peer,
-                _closed: closed_tx,
-            };
-            conn_tx.send(Ok(conn)).await.ok()?;
-            Some(closed)
-        })
-        .await;
-        if let Some(closed) = handed_over {
-            // Resolves (with an error) once tonic drops the connection.
-            let _ = closed.await;
-        }
+) {
+    let handed_over = Box::pin(async move {
+        let (inner, peer) = conn.handshake().await?;
+        let (closed_tx, closed) = oneshot::channel();
+        let conn = SdsConn {
+            inner,
+            peer,
+            _closed: closed_tx,
+        };
+        conn_tx.send(Ok(conn)).await.ok()?;
+        Some(closed)
+    })
+    .await;
+    if let Some(closed) = handed_over {
+        // Resolves (with an error) once tonic drops the connection.
+        let _ = closed.await;
     }
 }
 
