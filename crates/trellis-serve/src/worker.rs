@@ -46,8 +46,6 @@ struct Remote {
     handles: Box<[Handle]>,
     /// Open connections handed to each worker, by any listener.
     open: Box<[AtomicUsize]>,
-    /// Connections ever handed to each worker.
-    served: Box<[AtomicUsize]>,
     /// Where the next tie-break starts.
     next: AtomicUsize,
 }
@@ -138,12 +136,10 @@ impl Workers {
             threads.threads.push((Some(stop_tx), thread));
             handles.push(handle?);
         }
-        let zeros = || (0..count).map(|_| AtomicUsize::new(0)).collect();
         Ok((
             Self(Some(Arc::new(Remote {
                 handles: handles.into(),
-                open: zeros(),
-                served: zeros(),
+                open: (0..count).map(|_| AtomicUsize::new(0)).collect(),
                 next: AtomicUsize::new(0),
             }))),
             threads,
@@ -153,13 +149,6 @@ impl Workers {
     /// How many workers serve connections (1 without extra threads).
     pub fn count(&self) -> usize {
         self.0.as_ref().map_or(1, |r| r.open.len())
-    }
-
-    /// Connections ever handed to each worker (empty with one worker).
-    pub fn served(&self) -> Vec<usize> {
-        self.0.as_ref().map_or_else(Vec::new, |r| {
-            r.served.iter().map(|s| s.load(Ordering::Relaxed)).collect()
-        })
     }
 
     /// The worker the next connection goes to: fewest open connections, ties round-robin.
@@ -173,7 +162,6 @@ impl Workers {
             .min_by_key(|&i| remote.open[i].load(Ordering::Relaxed))
             .unwrap_or(0);
         remote.open[chosen].fetch_add(1, Ordering::Relaxed);
-        remote.served[chosen].fetch_add(1, Ordering::Relaxed);
         Some(Assigned {
             remote: Arc::clone(remote),
             index: chosen,
@@ -236,13 +224,17 @@ impl<T> PerWorker<T> {
     /// The current worker's `T` (worker 0's on a thread that is not a worker, and for an index
     /// past the end: a pool made for fewer workers still works).
     pub fn get(&self) -> &T {
+        // One worker (the default): no thread-local read on the request path.
+        if let [only] = &*self.0 {
+            return only;
+        }
         let i = current();
+        debug_assert!(
+            i < self.0.len(),
+            "worker {i} of a PerWorker made for {}",
+            self.0.len()
+        );
         self.0.get(i).unwrap_or(&self.0[0])
-    }
-
-    /// Every worker's `T`.
-    pub fn all(&self) -> &[T] {
-        &self.0
     }
 }
 
@@ -278,7 +270,6 @@ mod tests {
         let freed = b.index();
         drop(b);
         assert_eq!(workers.pick().unwrap().index(), freed, "the emptied worker");
-        assert_eq!(workers.served().iter().sum::<usize>(), 4);
         threads.stop();
     }
 

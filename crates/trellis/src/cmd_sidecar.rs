@@ -391,7 +391,7 @@ pub fn run(args: SidecarArgs) -> anyhow::Result<()> {
     let mut settings = SidecarSettings::from_file(args.merged()?)?;
     trellis_identity::tls::install_key_exchange(settings.tls_key_exchange)?;
     // Worker 0: this thread's runtime, which also runs the accept loops, admin, the identity
-    // source and the policy watcher. Workers 1..N (none when N is 1) get a thread each.
+    // source and the policy watcher. Workers 1..N−1 (none when N is 1) get a thread each.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

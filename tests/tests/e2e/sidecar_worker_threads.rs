@@ -16,6 +16,8 @@ use trellis_tests::sidecar::Sidecar;
 /// App connections to sidecar A, and requests on each.
 const CONNECTIONS: usize = 16;
 const REQUESTS_PER_CONNECTION: usize = 25;
+/// Requests held in flight across the drain, on connections of their own.
+const SLOW_REQUESTS: u64 = 4;
 
 async fn handed(sidecar: &Sidecar, worker: &str) -> anyhow::Result<f64> {
     Ok(sidecar
@@ -59,7 +61,10 @@ async fn two_workers_serve_many_connections_and_drain_in_flight_requests() -> an
             done??;
             ok += 1;
         }
-        ensure!(ok == CONNECTIONS, "{ok} of {CONNECTIONS} connections finished");
+        ensure!(
+            ok == CONNECTIONS,
+            "{ok} of {CONNECTIONS} connections finished"
+        );
 
         // Sidecar A got the app's connections; sidecar B got A's pooled connections (one per
         // worker of A). Each sidecar spread its accepted connections over both workers.
@@ -78,29 +83,28 @@ async fn two_workers_serve_many_connections_and_drain_in_flight_requests() -> an
             a0 + a1
         );
 
-        // Two slow requests on two new connections: with the load's connections closed (given
-        // a moment to be seen closed), the least-loaded choice puts one on each worker.
+        // Slow requests on new connections, one after the other: the least-loaded choice
+        // gives each worker some. Four, not two, so that a load connection not yet seen closed
+        // (its worker still counting it open) cannot put them all on one worker.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let mut slow = tokio::task::JoinSet::new();
-        for _ in 0..2 {
-            // Connected one after the other, so the second sees the first's worker busy.
+        for _ in 0..SLOW_REQUESTS {
             let mut conn = AppConn::connect(outbound, Proto::H1).await?;
-            tokio::time::sleep(Duration::from_millis(100)).await;
             slow.spawn(async move { conn.get("b", "/slow/3000", &[]).await });
         }
         trellis_tests::eventually(
             Duration::from_secs(10),
-            "both slow requests to reach app B",
+            "every slow request to reach app B",
             || async {
-                ensure!(mesh.app_b.slow_started() == 2, "not yet");
+                ensure!(mesh.app_b.slow_started() == SLOW_REQUESTS, "not yet");
                 Ok(())
             },
         )
         .await?;
         let (s0, s1) = (handed(&mesh.a, "0").await?, handed(&mesh.a, "1").await?);
         ensure!(
-            s0 == a0 + 1.0 && s1 == a1 + 1.0,
-            "the slow requests' connections did not go one to each worker: {a0} / {a1} -> {s0} / {s1}"
+            s0 > a0 && s1 > a1 && s0 + s1 == a0 + a1 + SLOW_REQUESTS as f64,
+            "the slow requests' connections did not reach both workers: {a0} / {a1} -> {s0} / {s1}"
         );
         let signalled = Instant::now();
         mesh.a.sigterm()?;
@@ -117,12 +121,18 @@ async fn two_workers_serve_many_connections_and_drain_in_flight_requests() -> an
             .wait_exit(Duration::from_secs(10))
             .await
             .context("sidecar A still running 10s after its in-flight requests finished")?;
-        eprintln!("sidecar A exited {status} {:?} after SIGTERM", signalled.elapsed());
-        ensure!(status.success(), "sidecar A exited {status} after SIGTERM, want 0");
+        eprintln!(
+            "sidecar A exited {status} {:?} after SIGTERM",
+            signalled.elapsed()
+        );
+        ensure!(
+            status.success(),
+            "sidecar A exited {status} after SIGTERM, want 0"
+        );
         // Both workers' requests were done within 3 s: the drain did not wait for its timeout.
         ensure!(
             signalled.elapsed() < Duration::from_secs(9),
-            "drain took {:?} for two 3s requests: it waited for the drain timeout",
+            "drain took {:?} for 3s requests: it waited for the drain timeout",
             signalled.elapsed()
         );
         Ok(())
