@@ -147,7 +147,9 @@ pub use codec::{Codec, SendError, UserError};
 /// behaviour, best for busy connections). On, each buffer is dropped once it is empty and
 /// allocated again for the next burst: a server with many mostly idle connections (the
 /// Trellis control plane, one connection per sidecar) holds nothing for the idle ones, at the
-/// cost of one allocation per burst. Process-wide; set it before serving.
+/// cost of one allocation per burst. On, the frame queues also give their slots back once
+/// empty, and the stream store keeps room only for the streams open now. Process-wide; set it
+/// before serving.
 pub fn release_idle_buffers(enabled: bool) {
     codec::RELEASE_IDLE_BUFFERS.store(enabled, std::sync::atomic::Ordering::Relaxed);
 }

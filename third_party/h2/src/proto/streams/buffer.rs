@@ -82,6 +82,11 @@ impl Deque {
         match self.indices {
             Some(mut idxs) => {
                 let mut slot = buf.slab.remove(idxs.head);
+                // Trellis: an emptied buffer gives its slots back (they keep the largest burst
+                // of frames the connection ever queued) when idle buffers are released.
+                if buf.slab.is_empty() && crate::codec::release_idle_buffers() {
+                    buf.slab = Slab::new();
+                }
 
                 if idxs.head == idxs.tail {
                     assert!(slot.next.is_none());

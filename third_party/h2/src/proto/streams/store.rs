@@ -103,6 +103,7 @@ impl Store {
 
     pub fn insert(&mut self, id: StreamId, val: Stream) -> Ptr<'_> {
         let index = SlabIndex(self.slab.insert(val) as u32);
+        shrink_when_releasing(&mut self.slab);
         assert!(self.ids.insert(id, index).is_none());
 
         Ptr {
@@ -405,6 +406,7 @@ impl<'a> Ptr<'a> {
 
         // Remove the stream state
         let stream = self.store.slab.remove(self.key.index.0 as usize);
+        shrink_when_releasing(&mut self.store.slab);
         assert_eq!(stream.id, self.key.stream_id);
         stream.id
     }
@@ -465,10 +467,20 @@ impl<'a> VacantEntry<'a> {
         // Insert the value in the slab
         let stream_id = value.id;
         let index = SlabIndex(self.slab.insert(value) as u32);
+        shrink_when_releasing(self.slab);
 
         // Insert the handle in the ID map
         self.ids.insert(index);
 
         Key { index, stream_id }
+    }
+}
+
+/// Trellis: with idle buffers released, the stream slab holds room for the streams open now, not
+/// for the most ever open at once (and at least four, a `Vec`'s first allocation). Keys stay
+/// valid: only trailing vacant entries go.
+fn shrink_when_releasing(slab: &mut slab::Slab<Stream>) {
+    if crate::codec::release_idle_buffers() {
+        slab.shrink_to_fit();
     }
 }
