@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1};
@@ -28,8 +28,22 @@ struct Hsm {
     pin_file: PathBuf,
 }
 
-/// The shared token directory with its tokens, or `None` (and a note) without SoftHSM2.
-fn hsm() -> Option<&'static Hsm> {
+/// The shared token directory with its tokens and a guard that runs the tests here one at a
+/// time, or `None` (and a note) without SoftHSM2.
+///
+/// One at a time: the keyrings of tests running side by side share the process's one module
+/// and its per-token login state, so one test's logout or session teardown failed another's
+/// calls now and then (`CKR_GENERAL_ERROR`, `CKR_TEMPLATE_INCONSISTENT`, about one run in ten).
+/// The control plane opens one keyring per process.
+fn hsm() -> Option<(&'static Hsm, MutexGuard<'static, ()>)> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    let hsm = shared_hsm()?;
+    // A test that failed holding the guard poisons it; the next one still runs.
+    Some((hsm, SERIAL.lock().unwrap_or_else(|e| e.into_inner())))
+}
+
+/// The shared token directory with its tokens, made on first use.
+fn shared_hsm() -> Option<&'static Hsm> {
     static HSM: OnceLock<Option<Hsm>> = OnceLock::new();
     HSM.get_or_init(|| {
         if !Path::new(MODULE).exists() {
@@ -91,7 +105,7 @@ fn uri(token: &str, object: &str) -> Pkcs11Uri {
 
 #[test]
 fn token_key_signs_and_verifies_in_both_encodings() {
-    let Some(h) = hsm() else { return };
+    let Some((h, _serial)) = hsm() else { return };
     let ring = ring(h, &h.pin_file, Counter::default()).unwrap();
     ring.generate(Some(MAIN), "sign-test").unwrap();
     // Opened again by URI, as the control plane does.
@@ -104,7 +118,7 @@ fn token_key_signs_and_verifies_in_both_encodings() {
 
 #[test]
 fn generate_refuses_an_existing_label() {
-    let Some(h) = hsm() else { return };
+    let Some((h, _serial)) = hsm() else { return };
     let ring = ring(h, &h.pin_file, Counter::default()).unwrap();
     ring.generate(Some(MAIN), "twice").unwrap();
     let err = ring
@@ -117,7 +131,7 @@ fn generate_refuses_an_existing_label() {
 
 #[test]
 fn wrong_pin_is_named() {
-    let Some(h) = hsm() else { return };
+    let Some((h, _serial)) = hsm() else { return };
     let bad = h.dir.join("bad-pin");
     std::fs::write(&bad, "0000\n").unwrap();
     std::fs::set_permissions(&bad, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
@@ -130,7 +144,7 @@ fn wrong_pin_is_named() {
 
 #[test]
 fn missing_token_lists_the_present_ones() {
-    let Some(h) = hsm() else { return };
+    let Some((h, _serial)) = hsm() else { return };
     let ring = ring(h, &h.pin_file, Counter::default()).unwrap();
     let err = ring.token(Some("no-such-token")).err().unwrap().to_string();
     assert!(err.contains("no token labelled `no-such-token`"), "{err}");
@@ -139,7 +153,7 @@ fn missing_token_lists_the_present_ones() {
 
 #[test]
 fn missing_object_is_named() {
-    let Some(h) = hsm() else { return };
+    let Some((h, _serial)) = hsm() else { return };
     let ring = ring(h, &h.pin_file, Counter::default()).unwrap();
     let err = ring
         .key(&uri(MAIN, "no-such-key"))
@@ -154,7 +168,7 @@ fn missing_object_is_named() {
 
 #[test]
 fn unloadable_module_is_named() {
-    let Some(h) = hsm() else { return };
+    let Some((h, _serial)) = hsm() else { return };
     let not_a_module = h.dir.join("softhsm2.conf");
     let err = Pkcs11Keyring::open(
         Pkcs11Settings {
@@ -187,7 +201,7 @@ fn unloadable_module_is_named() {
 
 #[test]
 fn lost_login_is_retried_and_counted() {
-    let Some(h) = hsm() else { return };
+    let Some((h, _serial)) = hsm() else { return };
     let retries = Counter::default();
     let ring = ring(h, &h.pin_file, retries.clone()).unwrap();
     let key = SigningKey::token(ring.generate(Some(RETRY_TOKEN), "retry").unwrap());
@@ -204,7 +218,7 @@ fn lost_login_is_retried_and_counted() {
 
 #[test]
 fn concurrent_signers_share_the_session_pool() {
-    let Some(h) = hsm() else { return };
+    let Some((h, _serial)) = hsm() else { return };
     let ring = ring(h, &h.pin_file, Counter::default()).unwrap();
     let key = Arc::new(SigningKey::token(
         ring.generate(Some(MAIN), "pool").unwrap(),
@@ -230,7 +244,7 @@ fn concurrent_signers_share_the_session_pool() {
 
 #[test]
 fn ca_with_token_intermediate_issues_svids_that_chain_to_the_root() {
-    let Some(h) = hsm() else { return };
+    let Some((h, _serial)) = hsm() else { return };
     let ring = ring(h, &h.pin_file, Counter::default()).unwrap();
     let keys = Keyring::with_pkcs11(Arc::clone(&ring));
     let td = TrustDomain::parse("example.org").unwrap();
@@ -292,7 +306,7 @@ fn ca_with_token_intermediate_issues_svids_that_chain_to_the_root() {
 
 #[test]
 fn token_key_not_matching_the_certificate_is_refused() {
-    let Some(h) = hsm() else { return };
+    let Some((h, _serial)) = hsm() else { return };
     let ring = ring(h, &h.pin_file, Counter::default()).unwrap();
     let keys = Keyring::with_pkcs11(Arc::clone(&ring));
     let td = TrustDomain::parse("example.org").unwrap();
@@ -319,7 +333,7 @@ fn token_key_not_matching_the_certificate_is_refused() {
 /// validate against the bundle its public half is published in.
 #[test]
 fn token_key_signs_jwt_svids() {
-    let Some(h) = hsm() else { return };
+    let Some((h, _serial)) = hsm() else { return };
     let ring = ring(h, &h.pin_file, Counter::default()).unwrap();
     ring.generate(Some(MAIN), "jwt-test").unwrap();
     let key = Keyring::with_pkcs11(ring)
@@ -354,7 +368,7 @@ fn token_key_signs_jwt_svids() {
 /// only their URIs, and the signer they open signs tokens that validate.
 #[test]
 fn jwt_keys_are_made_in_the_token_and_stored_as_uris() {
-    let Some(h) = hsm() else { return };
+    let Some((h, _serial)) = hsm() else { return };
     let ring = ring(h, &h.pin_file, Counter::default()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let registry = Arc::new(crate::registry::Registry::open(&dir.path().join("t.db")).unwrap());
@@ -421,7 +435,7 @@ fn import_key(h: &Hsm, token: &str, label: &str, id: &[u8]) -> Vec<u8> {
 /// label: opened without `object=`, and with it; the label alone is refused as ambiguous.
 #[test]
 fn key_addressed_by_id_opens_when_its_label_is_shared() {
-    let Some(h) = hsm() else { return };
+    let Some((h, _serial)) = hsm() else { return };
     // IDs are bytes, not text: NUL, `;` and `%` must survive the URI's percent-encoding.
     let (id_a, id_b) = ([0xa1, 0x00, 0x2f], [0xb2, 0x3b, 0x25]);
     let point_a = import_key(h, MAIN, "by-id", &id_a);
