@@ -1,5 +1,5 @@
 //! Issue #17, scenario 5 (sidecar side): a sidecar whose clock is 10 minutes off, run under
-//! Debian's `faketime` (libfaketime; tests/run.sh installs it) next to a control plane and
+//! libfaketime (Debian's `faketime`; tests/run.sh installs it) next to a control plane and
 //! a peer with the right time.
 //!
 //! - **10 minutes ahead**: SVIDs live 1 h here, so a fresh one still has 50 min left by the
@@ -26,41 +26,41 @@ use trellis_tests::echo::EchoApp;
 use trellis_tests::load::{Load, LoadOpts};
 use trellis_tests::mesh::{Mesh, MeshOpts, B_ID};
 use trellis_tests::sidecar::{Sidecar, SidecarOpts};
-use trellis_tests::{e2e, eventually, fetch_svid, grpc_code, in_ci, which, ControlPlaneOpts};
+use trellis_tests::{e2e, eventually, fetch_svid, grpc_code, in_ci, ControlPlaneOpts};
 
-/// `faketime -f <offset>`, with the monotonic clock left alone (timers and timeouts run at
-/// the real pace; only the wall clock is off).
-fn faketime(offset: &str) -> Vec<String> {
-    [
-        "env",
-        "FAKETIME_DONT_FAKE_MONOTONIC=1",
-        "faketime",
-        "-f",
-        offset,
+/// libfaketime preloaded with its clock `offset` (`+10m`: what `faketime -f +10m` sets), the
+/// monotonic clock left alone (timers and timeouts run at the real pace; only the wall clock
+/// is off). Through `env`, which execs the command in place: the sidecar is the test's own
+/// child and stops with it. `faketime` itself forks and waits, so stopping it orphaned the
+/// sidecar, and every run left two sidecars running.
+fn faketime(lib: &std::path::Path, offset: &str) -> Vec<String> {
+    vec![
+        "env".to_owned(),
+        format!("LD_PRELOAD={}", lib.display()),
+        format!("FAKETIME={offset}"),
+        "FAKETIME_DONT_FAKE_MONOTONIC=1".to_owned(),
     ]
-    .into_iter()
-    .map(str::to_owned)
-    .collect()
 }
 
-fn faketime_or_skip(test: &str) -> bool {
-    if which("faketime").is_some() {
-        return true;
+/// libfaketime, or `None` (and a note) without it; in CI it must be there.
+fn libfaketime_or_skip(test: &str) -> Option<std::path::PathBuf> {
+    let lib = libfaketime();
+    if lib.is_none() {
+        assert!(
+            !in_ci(),
+            "{test}: libfaketime missing (tests/run.sh installs the Debian package `faketime`)"
+        );
+        eprintln!("SKIP {test}: no libfaketime (apt-get install faketime)");
     }
-    assert!(
-        !in_ci(),
-        "{test}: faketime missing (tests/run.sh installs the Debian package `faketime`)"
-    );
-    eprintln!("SKIP {test}: no faketime (apt-get install faketime)");
-    false
+    lib
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecar_clock_ten_minutes_off() -> anyhow::Result<()> {
     e2e(async {
-        if !faketime_or_skip("sidecar_clock_ten_minutes_off") {
+        let Some(lib) = libfaketime_or_skip("sidecar_clock_ten_minutes_off") else {
             return Ok(());
-        }
+        };
         let mesh = Mesh::start(MeshOpts {
             control: ControlPlaneOpts {
                 svid_ttl: Some("1h".into()),
@@ -75,7 +75,7 @@ async fn sidecar_clock_ten_minutes_off() -> anyhow::Result<()> {
         let app = EchoApp::start("app-ahead").await?;
         let mut opts = SidecarOpts::new("sidecar-ahead", "spiffe://example.org/ns/demo/sa/ahead", app.addr)
             .upstream("b", mesh.b.addrs.inbound, B_ID);
-        opts.wrapper = faketime("+10m");
+        opts.wrapper = faketime(&lib, "+10m");
         let started = Instant::now();
         let ahead = Sidecar::start(&mesh.cp, opts).await?;
         let ready_after = started.elapsed();
@@ -94,7 +94,7 @@ async fn sidecar_clock_ten_minutes_off() -> anyhow::Result<()> {
         // Behind: the control plane's own certificate is not valid yet for it; it says why.
         let app = EchoApp::start("app-behind").await?;
         let mut opts = SidecarOpts::new("sidecar-behind", "spiffe://example.org/ns/demo/sa/behind", app.addr);
-        opts.wrapper = faketime("-10m");
+        opts.wrapper = faketime(&lib, "-10m");
         let behind = Sidecar::start_unready(&mesh.cp, opts)?;
         let hint = "check this host's clock and the control plane's";
         let attempts = eventually(Duration::from_secs(20), "the sidecar behind names the clock", || async {
@@ -139,9 +139,7 @@ async fn refused_clock(mesh: &Mesh) -> anyhow::Result<f64> {
 async fn control_plane_clock_jump_is_not_signed_into_certificates() -> anyhow::Result<()> {
     e2e(async {
         let test = "control_plane_clock_jump_is_not_signed_into_certificates";
-        let Some(lib) = libfaketime() else {
-            assert!(!in_ci(), "{test}: libfaketime missing (tests/run.sh installs the Debian package `faketime`)");
-            eprintln!("SKIP {test}: no libfaketime (apt-get install faketime)");
+        let Some(lib) = libfaketime_or_skip(test) else {
             return Ok(());
         };
         let dir = tempfile::tempdir()?;
