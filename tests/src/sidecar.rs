@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, ExitStatus};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context as _};
+use anyhow::{anyhow, bail, ensure, Context as _};
 use tokio::net::TcpStream;
 
 use crate::{
@@ -329,6 +329,30 @@ impl Sidecar {
         if !out.status.success() {
             bail!("kill -TERM: {}", String::from_utf8_lossy(&out.stderr));
         }
+        Ok(())
+    }
+
+    /// After [`Self::sigterm`] at `signalled` and its in-flight requests done: the sidecar
+    /// exits 0, and before its 10 s drain timeout could have forced it (the outcome, not the
+    /// speed: the requests had at most 3 s left at SIGTERM).
+    pub async fn exits_drained(&mut self, signalled: Instant) -> anyhow::Result<()> {
+        let status = self
+            .wait_exit(Duration::from_secs(10))
+            .await
+            .context("sidecar still running 10s after its in-flight requests finished")?;
+        eprintln!(
+            "sidecar exited {status} {:?} after SIGTERM",
+            signalled.elapsed()
+        );
+        ensure!(
+            status.success(),
+            "sidecar exited {status} after SIGTERM, want 0"
+        );
+        ensure!(
+            signalled.elapsed() < Duration::from_secs(9),
+            "drain took {:?} for requests of 3s: it waited for the drain timeout",
+            signalled.elapsed()
+        );
         Ok(())
     }
 
