@@ -26,7 +26,7 @@ use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::drain::Drain;
-use crate::limit::{ConnLimit, ListenerEvents};
+use crate::limit::{ConnLimit, ConnPermit, ListenerEvents};
 use crate::worker::Workers;
 
 /// After a failed `accept` (EMFILE and friends), how long the loop waits before the next.
@@ -221,18 +221,35 @@ impl<H: Handshake> Listener<H> {
                     .handshake_timeout
                     .map(|timeout| (timeout, Arc::clone(&self.events), self.name)),
             });
-            let (hold, forced) = (drain.clone(), drain.forced());
-            let task = async move {
-                let (_permit, _hold) = (permit, hold);
-                tokio::select! {
-                    () = task => {}
-                    () = forced => {}
-                }
-            };
+            let task = connection_task(task, permit, drain);
             match worker {
                 Some(worker) => worker.spawn(task),
                 None => drop(tokio::spawn(task)),
             }
+        }
+    }
+}
+
+/// A connection's task: `serve`, holding the connection's permit and a clone of `drain` until
+/// it ends, and dropped when the drain is forced.
+fn connection_task<Fut>(
+    serve: Fut,
+    permit: ConnPermit,
+    drain: &Drain,
+) -> impl Future<Output = ()> + Send + 'static
+where
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (hold, forced) = (drain.clone(), drain.forced());
+    // Boxed: an async block keeps a future it captured and the copy `select!` moves it into
+    // side by side (rust-lang/rust#62958), which made every connection's task, for the
+    // connection's whole life, twice the size of what serves it.
+    let serve = Box::pin(serve);
+    async move {
+        let (_permit, _hold) = (permit, hold);
+        tokio::select! {
+            () = serve => {}
+            () = forced => {}
         }
     }
 }
@@ -314,6 +331,26 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncReadExt;
+
+    /// A connection's task lives as long as the connection: it must not hold what serves the
+    /// connection twice over.
+    #[test]
+    fn a_connection_task_holds_its_future_once() {
+        let serve = async {
+            let state = [1u8; 4096];
+            tokio::task::yield_now().await;
+            std::hint::black_box(state);
+        };
+        let limit = ConnLimit::new(1);
+        let permit = limit.try_acquire().unwrap();
+        let (_signal, drain) = crate::drain::channel();
+        let task = connection_task(serve, permit, &drain);
+        let size = std::mem::size_of_val(&task);
+        assert!(
+            size < 1024,
+            "a connection task is {size} bytes for a 4 KiB future"
+        );
+    }
 
     #[derive(Default)]
     struct Counted {
