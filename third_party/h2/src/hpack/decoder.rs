@@ -158,7 +158,13 @@ impl Decoder {
             max_size_update: None,
             last_max_update: size,
             table: Table::new(size),
-            buffer: BytesMut::with_capacity(4096),
+            // Trellis: with idle buffers released there is no shared scratch buffer: each
+            // string gets its own (see `try_decode_string`).
+            buffer: if crate::codec::release_idle_buffers() {
+                BytesMut::new()
+            } else {
+                BytesMut::with_capacity(4096)
+            },
         }
     }
 
@@ -335,7 +341,16 @@ impl Decoder {
         if huff {
             let ret = {
                 let raw = &buf.chunk()[..len];
-                huffman::decode(raw, &mut self.buffer).map(|buf| StringMarker {
+                // Trellis: a decoded string is a slice of the scratch buffer, and a header kept
+                // in the dynamic table pins the whole 4 KiB buffer for the connection's life.
+                // With idle buffers released, each string is decoded into its own allocation.
+                let mut own = BytesMut::new();
+                let scratch = if crate::codec::release_idle_buffers() {
+                    &mut own
+                } else {
+                    &mut self.buffer
+                };
+                huffman::decode(raw, scratch).map(|buf| StringMarker {
                     offset,
                     len,
                     string: Some(BytesMut::freeze(buf)),
