@@ -365,9 +365,11 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
     // The `federation:` list of this file is reloaded when the file changes.
     settings.config_path = config_path;
     trellis_identity::tls::install_key_exchange(settings.tls_key_exchange)?;
-    // One HTTP/2 connection per sidecar, nearly all idle between pushes: drop their codec
-    // buffers while idle (the patched h2 in third_party/; ~8 KiB less per sidecar).
+    // One TLS and HTTP/2 connection per sidecar, nearly all idle between pushes: drop their
+    // buffers while idle (the patched h2 and rustls in third_party/; docs/benchmarks.md,
+    // "Control plane: memory per sidecar", has what each saves).
     h2::release_idle_buffers(true);
+    rustls::release_idle_read_buffers(true);
     // Issuance and attestation run on the blocking pool; a small pool keeps a burst of
     // thousands of streams from spawning hundreds of threads (and their malloc arenas).
     let runtime = tokio::runtime::Builder::new_multi_thread()
