@@ -1,25 +1,30 @@
-//! The SDS listener (which also serves the JWT-SVID service, [`crate::jwt`]): `trellis-serve`'s accept loop (connection cap, TLS handshake bounded by
-//! `limits.sds.handshake_timeout`, drain) in front of tonic's gRPC server (`limits.sds`
-//! streams, header list, message size and rapid-reset bounds).
+//! The SDS listener (which also serves the JWT-SVID service, [`crate::jwt`]): `trellis-serve`'s
+//! accept loop (connection cap, TLS handshake bounded by `limits.sds.handshake_timeout`,
+//! drain) and, in the same task, hyper's HTTP/2 server over the verified TLS stream, calling
+//! tonic's gRPC services (`limits.sds` streams, header list, message size and rapid-reset
+//! bounds).
 //!
-//! Handshakes run in their own tasks, so a slow client never stalls the loop. A connection
-//! that completed its handshake is handed to tonic with who is on the other end
-//! ([`SdsPeer`]); its task lives (holding its place under `limits.sds.max_connections`) until
-//! tonic drops the connection.
+//! Not tonic's `Server`: it would take each connection through a channel into a task of its
+//! own, with HTTP/1.1 detection, a boxed service stack and a timer, while the accept task
+//! waited beside it to hold the connection's place under `limits.sds.max_connections`. A
+//! control plane holds one connection per sidecar, mostly idle, so what each keeps is
+//! multiplied by the fleet: here a connection is one task, holding the HTTP/2 connection and
+//! its place (docs/benchmarks.md, "Control plane: memory per sidecar"). What tonic's `Server`
+//! added and this does not: a server-side cut at a client's `grpc-timeout`, which the client
+//! enforces anyway (SDS streams are meant to last; JWT-SVID calls are short).
 
-use std::io;
+use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::Connected;
+use tonic::service::Routes;
+use tower::ServiceExt;
 use trellis_proto::trellis::jwt::v1::jwt_svid_service_server::JwtSvidServiceServer;
 use trellis_proto::SecretDiscoveryServiceServer;
 use trellis_serve::{accept, Drain, Handshake};
@@ -53,128 +58,95 @@ impl Handshake for SdsTls {
     }
 }
 
-/// Serves SDS on `listener` until `drain` signals: new connections stop, tonic closes the
-/// open ones gracefully (streams end when the CA rotator stops), and whatever is left when
-/// the drain is forced is dropped.
+/// Serves SDS on `listener` until `drain` signals: new connections stop, open ones get an
+/// HTTP/2 GOAWAY and end once their streams have (they end when the CA rotator stops), and
+/// whatever is left when the drain is forced is dropped.
 pub async fn serve(
     listener: accept::Listener<SdsTls>,
     service: SdsService,
-    jwt: std::sync::Arc<crate::jwt::JwtService>,
+    jwt: Arc<crate::jwt::JwtService>,
     limits: SdsLimits,
     drain: Drain,
 ) {
-    let (conn_tx, conn_rx) = mpsc::channel::<Result<SdsConn, io::Error>>(128);
-    let accepting = listener.serve(&drain, move |conn| connection_task(conn, conn_tx.clone()));
-    let grpc = async {
-        let service = SecretDiscoveryServiceServer::new(service)
-            .max_decoding_message_size(limits.max_message_bytes);
-        let server = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(KEEPALIVE.0))
-            .http2_keepalive_timeout(Some(KEEPALIVE.1))
-            .max_concurrent_streams(limits.max_streams_per_connection)
-            .http2_max_header_list_size(limits.max_header_list_bytes)
-            .http2_max_pending_accept_reset_streams(Some(limits.max_pending_resets))
-            .add_service(service)
-            // JWT-SVIDs on the same connections, peers and limits as SDS.
-            .add_service(
-                JwtSvidServiceServer::from_arc(jwt)
-                    .max_decoding_message_size(limits.max_message_bytes),
-            )
-            .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), drain.signaled());
-        tokio::select! {
-            result = server => {
-                if let Err(e) = result {
-                    tracing::error!(error = %e, "SDS server stopped");
-                }
-            }
-            () = drain.forced() => {}
-        }
-    };
-    // When the loop ends its sender goes with it: tonic's incoming stream then ends once the
-    // connections already accepted are in.
-    tokio::join!(accepting, grpc);
+    let routes = Routes::new(
+        SecretDiscoveryServiceServer::new(service)
+            .max_decoding_message_size(limits.max_message_bytes),
+    )
+    // JWT-SVIDs on the same connections, peers and limits as SDS.
+    .add_service(
+        JwtSvidServiceServer::from_arc(jwt).max_decoding_message_size(limits.max_message_bytes),
+    )
+    .prepare();
+    let http2 = Arc::new(http2_server(&limits));
+    listener
+        .serve(&drain, |conn| {
+            connection_task(conn, routes.clone(), Arc::clone(&http2), drain.clone())
+        })
+        .await;
 }
 
-/// One connection's task: handshake, hand-over to tonic, then wait (holding the connection's
-/// place under `limits.sds.max_connections`) until tonic drops it.
-///
-/// A task's memory is its future's largest state, kept for the task's whole life. Only the
-/// wait lasts as long as the connection, so the handshake (a rustls connection mid-handshake
-/// and its timer) and the hand-over (a whole TLS stream held across a send) run in a box that
-/// is freed when they end: the task then holds ~0.2 KiB per connection instead of ~6.5 KiB
-/// (docs/benchmarks.md, "Control plane: memory per sidecar").
+/// The HTTP/2 server settings of every SDS connection.
+fn http2_server(limits: &SdsLimits) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(KEEPALIVE.0))
+        .keep_alive_timeout(KEEPALIVE.1)
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .max_header_list_size(limits.max_header_list_bytes)
+        .max_pending_accept_reset_streams(Some(limits.max_pending_resets));
+    http2
+}
+
+/// One connection's task, for the connection's life (the accept loop holds its place under
+/// `limits.sds.max_connections` until it ends): handshake, then HTTP/2 until the client
+/// closes, the drain's GOAWAY has let its streams end, or the drain is forced.
 async fn connection_task(
     conn: accept::Accepted<SdsTls>,
-    conn_tx: mpsc::Sender<Result<SdsConn, io::Error>>,
+    routes: Routes,
+    http2: Arc<hyper::server::conn::http2::Builder<TokioExecutor>>,
+    drain: Drain,
 ) {
-    let handed_over = Box::pin(async move {
-        let (inner, peer) = conn.handshake().await?;
-        let (closed_tx, closed) = oneshot::channel();
-        let conn = SdsConn {
-            inner,
-            peer,
-            _closed: closed_tx,
-        };
-        conn_tx.send(Ok(conn)).await.ok()?;
-        Some(closed)
-    })
-    .await;
-    if let Some(closed) = handed_over {
-        // Resolves (with an error) once tonic drops the connection.
-        let _ = closed.await;
+    // Boxed: a rustls connection mid-handshake and its timer are larger than what the rest of
+    // the connection's life keeps, and a task keeps its future's largest state.
+    let Some((tls, peer)) = Box::pin(conn.handshake()).await else {
+        return;
+    };
+    let service = PeerRoutes { routes, peer };
+    let mut connection = std::pin::pin!(http2.serve_connection(TokioIo::new(tls), service));
+    let draining = drain.signaled();
+    let ended = tokio::select! {
+        ended = connection.as_mut() => Some(ended),
+        () = draining => None,
+    };
+    let ended = match ended {
+        Some(ended) => ended,
+        None => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(error = %e, "SDS connection ended with an error");
     }
 }
 
-/// A verified TLS connection plus who is on the other end; tonic puts [`SdsPeer`] into each
-/// request's extensions.
-pub struct SdsConn {
-    inner: TlsStream<TcpStream>,
+/// tonic's services for one connection: each request carries who is on the other end
+/// ([`SdsPeer`], in its extensions), as tonic's own server would put it there.
+#[derive(Clone)]
+struct PeerRoutes {
+    routes: Routes,
     peer: SdsPeer,
-    /// Dropped with the connection: tells its accept task (which holds the connection's place
-    /// under `limits.sds.max_connections`) that it is gone.
-    _closed: oneshot::Sender<()>,
 }
 
-impl Connected for SdsConn {
-    type ConnectInfo = SdsPeer;
-    fn connect_info(&self) -> SdsPeer {
-        self.peer.clone()
-    }
-}
+impl hyper::service::Service<http::Request<Incoming>> for PeerRoutes {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = tower::util::Oneshot<Routes, http::Request<Incoming>>;
 
-impl AsyncRead for SdsConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for SdsConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+    fn call(&self, mut request: http::Request<Incoming>) -> Self::Future {
+        request.extensions_mut().insert(self.peer.clone());
+        self.routes.clone().oneshot(request)
     }
 }
 
@@ -186,10 +158,11 @@ mod tests {
 
     use super::*;
 
-    /// What a connection's task keeps for the connection's life must not grow back to the
-    /// size of a TLS stream: the control plane holds one per sidecar.
+    /// A connection's task is, for the connection's whole life, its future's largest state:
+    /// that must be the HTTP/2 connection it serves, not the handshake before it (a rustls
+    /// connection mid-handshake and its timer), which would add to every idle sidecar.
     #[tokio::test]
-    async fn a_connection_task_keeps_no_tls_state() {
+    async fn a_connection_task_is_no_larger_than_its_http2_connection() {
         let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
         let key = rustls::pki_types::PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der());
         let config = rustls::ServerConfig::builder_with_provider(trellis_identity::tls::provider())
@@ -205,12 +178,18 @@ mod tests {
             Duration::from_secs(5),
         );
         let (_signal, drain) = trellis_serve::drain::channel();
-        let (conn_tx, _conn_rx) = mpsc::channel(1);
-        let (size_tx, mut size_rx) = mpsc::channel(1);
+        let http2 = Arc::new(http2_server(&SdsLimits::default()));
+        let (size_tx, mut size_rx) = tokio::sync::mpsc::channel(1);
+        let serving = drain.clone();
         tokio::spawn(async move {
             listener
-                .serve(&drain, move |conn| {
-                    let task = connection_task(conn, conn_tx.clone());
+                .serve(&serving, |conn| {
+                    let task = connection_task(
+                        conn,
+                        Routes::default(),
+                        Arc::clone(&http2),
+                        serving.clone(),
+                    );
                     let _ = size_tx.try_send(std::mem::size_of_val(&task));
                     task
                 })
@@ -218,10 +197,16 @@ mod tests {
         });
         let _client = TcpStream::connect(addr).await.unwrap();
         let size = size_rx.recv().await.unwrap();
-        let tls_stream = std::mem::size_of::<TlsStream<TcpStream>>();
+        let connection = std::mem::size_of::<
+            hyper::server::conn::http2::Connection<
+                TokioIo<TlsStream<TcpStream>>,
+                PeerRoutes,
+                TokioExecutor,
+            >,
+        >();
         assert!(
-            size < 512 && size < tls_stream / 2,
-            "a connection task is {size} bytes (a TLS stream is {tls_stream})"
+            size <= connection + 512,
+            "a connection task is {size} bytes; its HTTP/2 connection is {connection}"
         );
     }
 }
