@@ -215,20 +215,9 @@ where
             }
             body.as_mut().poll_frame(cx).map(Ok)
         });
-        let frame = match stall {
-            Some(bound) => {
-                // Most frames are already there (a small response arrives with its head): a
-                // first poll without a timer spares each of them a clock read and a timer.
-                let mut next = std::pin::pin!(next);
-                match ready_now(next.as_mut()).await {
-                    Some(frame) => frame?,
-                    None => match tokio::time::timeout(bound, next).await {
-                        Ok(frame) => frame?,
-                        Err(_) => return Err(deadline(send)),
-                    },
-                }
-            }
-            None => next.await?,
+        let frame = match within(next, stall).await {
+            Some(frame) => frame?,
+            None => return Err(deadline(send)),
         };
         let frame = match frame {
             None => {
@@ -255,18 +244,9 @@ where
                     }
                     send.reserve_capacity(data.len());
                     let capacity = std::future::poll_fn(|cx| send.poll_capacity(cx));
-                    let capacity = match stall {
-                        Some(bound) => {
-                            let mut capacity = std::pin::pin!(capacity);
-                            match ready_now(capacity.as_mut()).await {
-                                Some(capacity) => capacity,
-                                None => match tokio::time::timeout(bound, capacity).await {
-                                    Ok(capacity) => capacity,
-                                    Err(_) => return Err(deadline(send)),
-                                },
-                            }
-                        }
-                        None => capacity.await,
+                    let capacity = match within(capacity, stall).await {
+                        Some(capacity) => capacity,
+                        None => return Err(deadline(send)),
                     };
                     let capacity = match capacity {
                         Some(Ok(n)) => n,
@@ -294,6 +274,21 @@ where
                 }
             }
         }
+    }
+}
+
+/// Awaits `fut`, for at most `bound` when there is one: `None` if the bound passed first.
+async fn within<F: Future>(fut: F, bound: Option<Duration>) -> Option<F::Output> {
+    let Some(bound) = bound else {
+        return Some(fut.await);
+    };
+    // Most futures here are ready at once (a small response arrives with its head; send
+    // capacity is usually there): a first poll without a timer spares each of them a clock
+    // read and a timer.
+    let mut fut = std::pin::pin!(fut);
+    match ready_now(fut.as_mut()).await {
+        Some(out) => Some(out),
+        None => tokio::time::timeout(bound, fut).await.ok(),
     }
 }
 
