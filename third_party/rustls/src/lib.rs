@@ -541,7 +541,6 @@ pub mod unbuffered {
     };
 }
 
-// The public interface is:
 /// Trellis: whether connections drop their TLS read buffer while idle (off by default).
 ///
 /// Off, a connection keeps its 4 KiB read buffer from the first read until it closes (upstream
@@ -555,6 +554,7 @@ pub fn release_idle_read_buffers(enabled: bool) {
     msgs::deframer::buffers::set_release_idle_read_buffers(enabled);
 }
 
+// The public interface is:
 pub use crate::builder::{ConfigBuilder, ConfigSide, WantsVerifier, WantsVersions};
 pub use crate::common_state::{CommonState, HandshakeKind, IoState, Side};
 #[cfg(feature = "std")]

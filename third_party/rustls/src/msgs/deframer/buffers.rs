@@ -226,7 +226,10 @@ impl DeframerVecBuffer {
                 // Trellis: `prepare_read` sized the buffer for this read; a read that would
                 // block with nothing buffered leaves a connection holding 4 KiB while it waits,
                 // which for a mostly idle connection is its whole idle life.
-                if self.used == 0 && release_idle_read_buffers() {
+                if err.kind() == io::ErrorKind::WouldBlock
+                    && self.used == 0
+                    && release_idle_read_buffers()
+                {
                     self.buf = Vec::new();
                 }
                 return Err(err);
