@@ -343,17 +343,19 @@ impl Decoder {
                 let raw = &buf.chunk()[..len];
                 // Trellis: a decoded string is a slice of the scratch buffer, and a header kept
                 // in the dynamic table pins the whole 4 KiB buffer for the connection's life.
-                // With idle buffers released, each string is decoded into its own allocation.
+                // With idle buffers released, each string gets an allocation of its own size
+                // (not the decoder's worst-case reservation).
+                let release = crate::codec::release_idle_buffers();
                 let mut own = BytesMut::new();
-                let scratch = if crate::codec::release_idle_buffers() {
-                    &mut own
-                } else {
-                    &mut self.buffer
-                };
+                let scratch = if release { &mut own } else { &mut self.buffer };
                 huffman::decode(raw, scratch).map(|buf| StringMarker {
                     offset,
                     len,
-                    string: Some(BytesMut::freeze(buf)),
+                    string: Some(if release {
+                        Bytes::copy_from_slice(&buf)
+                    } else {
+                        BytesMut::freeze(buf)
+                    }),
                 })
             };
 
@@ -495,7 +497,17 @@ impl StringMarker {
                 buf.advance(self.len);
                 string
             }
-            None => take(buf, self.len),
+            None => {
+                let string = take(buf, self.len);
+                // Trellis: a plain string is a slice of the frame, which shares the codec's
+                // read buffer; kept in the dynamic table it would pin that buffer, which
+                // releasing idle buffers is meant to free. Copy it out instead.
+                if crate::codec::release_idle_buffers() {
+                    Bytes::copy_from_slice(&string)
+                } else {
+                    string
+                }
+            }
         }
     }
 }
