@@ -605,6 +605,8 @@ struct StreamDriver {
     /// Why the stream ended, for the debug line when it is dropped; tonic drops it without a
     /// word when the client goes away.
     ended: &'static str,
+    /// An error status was the last item: the stream ends after it.
+    failed: bool,
     _gauge: StreamGauge,
 }
 
@@ -634,6 +636,7 @@ impl StreamDriver {
             proven_serial: None,
             proof_wait: None,
             ended: "client gone",
+            failed: false,
             core,
             attested,
             peer,
@@ -645,16 +648,24 @@ impl StreamDriver {
     /// the last item). Nothing runs unless tonic polls: a client that stops reading holds up
     /// only its own stream, exactly as a full channel did.
     fn into_responses(self) -> impl Stream<Item = Result<DiscoveryResponse, Status>> + Send {
-        futures::stream::unfold(Some(self), |driver| async move {
-            let mut driver = driver?;
+        // The driver is used where the closure's future captured it: moved into a local (as
+        // an `Option` unwrapped would be), it would sit in the stream twice for the stream's
+        // life (rust-lang/rust#62958).
+        futures::stream::unfold(self, |mut driver| async move {
+            if driver.failed {
+                return None;
+            }
             match driver.next().await {
-                Step::Send(response) => Some((Ok(response), Some(driver))),
+                Step::Send(response) => Some((Ok(response), driver)),
                 Step::Fail(status, reason) => {
                     driver.ended = reason;
-                    Some((Err(status), None))
+                    driver.failed = true;
+                    Some((Err(status), driver))
                 }
                 Step::End(reason) => {
                     driver.ended = reason;
+                    // Dropped now: its `Drop` logs why the stream closed.
+                    drop(driver);
                     None
                 }
             }
