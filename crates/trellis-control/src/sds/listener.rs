@@ -5,13 +5,14 @@
 //! bounds).
 //!
 //! Not tonic's `Server`: it would take each connection through a channel into a task of its
-//! own, with HTTP/1.1 detection, a boxed service stack and a timer, while the accept task
-//! waited beside it to hold the connection's place under `limits.sds.max_connections`. A
-//! control plane holds one connection per sidecar, mostly idle, so what each keeps is
-//! multiplied by the fleet: here a connection is one task, holding the HTTP/2 connection and
-//! its place (docs/benchmarks.md, "Control plane: memory per sidecar"). What tonic's `Server`
-//! added and this does not: a server-side cut at a client's `grpc-timeout`, which the client
-//! enforces anyway (SDS streams are meant to last; JWT-SVID calls are short).
+//! own, with a boxed service stack and a connection-age timer, while the accept task waited
+//! beside it to hold the connection's place under `limits.sds.max_connections`. A control
+//! plane holds one connection per sidecar, mostly idle, so what each keeps is multiplied by
+//! the fleet: here a connection is one task, holding the HTTP/2 connection and its place
+//! (docs/benchmarks.md, "Control plane: memory per sidecar"). Where this differs from tonic's
+//! `Server`: no server-side cut at a client's `grpc-timeout`, which the client enforces anyway
+//! (SDS streams are meant to last; JWT-SVID calls are short), and hyper's default bound of
+//! 1,024 streams a client's errors make the server reset, which tonic lifted.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
