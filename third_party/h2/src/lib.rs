@@ -148,9 +148,10 @@ pub use codec::{Codec, SendError, UserError};
 /// allocated again for the next burst: a server with many mostly idle connections (the
 /// Trellis control plane, one connection per sidecar) holds nothing for the idle ones, at the
 /// cost of one allocation per burst. On, the frame queues also give their slots back once
-/// empty, the stream store keeps room only for the streams open now, and HPACK decodes each
-/// Huffman-coded string into its own allocation instead of slices of a 4 KiB scratch buffer
-/// that any header kept in the dynamic table would pin. Process-wide; set it before serving.
+/// empty, the stream store keeps room only for the streams open now, and HPACK keeps each
+/// header string in an allocation of its own size (Huffman-coded ones decoded there, plain ones
+/// copied out of the frame) instead of slices of a 4 KiB scratch buffer or of the read buffer,
+/// which any header kept in the dynamic table would pin. Process-wide; set it before serving.
 pub fn release_idle_buffers(enabled: bool) {
     codec::RELEASE_IDLE_BUFFERS.store(enabled, std::sync::atomic::Ordering::Relaxed);
 }
