@@ -2,15 +2,21 @@
 //!
 //! glibc's malloc kept a sidecar that had held 2,000 idle inbound TLS connections at 44.7 MiB
 //! after they had all closed (12.1 MiB before): freed chunks stay in its arenas unless they
-//! border the top of the heap, and returning them needs `malloc_trim`, which this workspace
-//! cannot call (`unsafe_code` is forbidden). jemalloc (which ztunnel moved to for the same
-//! reason) purges unused pages on its own. It serves the Rust allocations (every per-connection
-//! buffer of h2, hyper, rustls and tonic); the C code in the process (aws-lc, SQLite) keeps
-//! glibc's `malloc`. Not `unprefixed_malloc_on_supported_platforms`: a jemalloc that is also
-//! the process's `malloc` deadlocks under libfaketime (its initialisation calls
-//! `clock_gettime`, which libfaketime intercepts and initialises itself with `dlsym`, which
-//! allocates; libfaketime issue #130), and the clock-skew tests run the binary under
-//! `faketime`. docs/benchmarks.md ("Memory") has the figures.
+//! border the top of the heap. jemalloc (which ztunnel moved to for the same reason) purges
+//! unused pages on its own. It serves the Rust allocations (every per-connection buffer of h2,
+//! hyper, rustls and tonic); the C code in the process (aws-lc, SQLite) keeps glibc's `malloc`.
+//! Not `unprefixed_malloc_on_supported_platforms`: a jemalloc that is also the process's
+//! `malloc` deadlocks under libfaketime (its initialisation calls `clock_gettime`, which
+//! libfaketime intercepts and initialises itself with `dlsym`, which allocates; libfaketime
+//! issue #130), and the clock-skew tests run the binary under `faketime`. docs/benchmarks.md
+//! ("Memory") has the figures.
+//!
+//! aws-lc's share is small but not nothing: every TLS connection holds its two record keys
+//! (592 bytes each) in glibc's heap, so a burst of 2,000 connections grows that heap by
+//! ~2.4 MiB, and once they close it stays, fragmented below a chunk still in use at its top.
+//! [`return_freed_c_heap`] hands such pages back with `malloc_trim` when glibc holds more
+//! than [`TRIM_ABOVE`] free. That call, with `mallinfo2` to decide when, is the one `unsafe`
+//! of the workspace's own code: both take no pointers and glibc locks its arenas around them.
 //!
 //! The defaults are compiled in from `.cargo/config.toml` (`JEMALLOC_SYS_WITH_MALLOC_CONF`):
 //! `background_thread:true` (a jemalloc thread purges while the process is idle, so RSS falls
@@ -25,6 +31,43 @@
 /// Every allocation of the binary goes through jemalloc.
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// Free bytes in glibc's heap above which [`return_freed_c_heap`] trims it: a few handshakes'
+/// worth of churn stays, a burst's worth goes back.
+pub const TRIM_ABOVE: usize = 1024 * 1024;
+
+/// How often [`return_freed_c_heap`] looks at glibc's heap.
+const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Every [`TRIM_EVERY`], returns glibc's free heap pages to the OS when they amount to more
+/// than [`TRIM_ABOVE`]; runs until its task is dropped. No-op off glibc.
+pub async fn return_freed_c_heap() {
+    let mut every = tokio::time::interval(TRIM_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if let Some(released) = trim_c_heap(TRIM_ABOVE) {
+            tracing::debug!(released, "returned glibc's free heap pages to the OS");
+        }
+    }
+}
+
+/// Trims glibc's heap when more than `above` bytes of it are free; `Some(released)` when it
+/// tried (`released`: glibc gave pages back), `None` when too little was free.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn trim_c_heap(above: usize) -> Option<bool> {
+    // SAFETY: neither call takes a pointer or leaves state for the caller; glibc locks each
+    // arena while it walks it, so other threads may allocate meanwhile (they wait).
+    let free = unsafe { libc::mallinfo2() }.fordblks;
+    (free > above).then(|| unsafe { libc::malloc_trim(0) } == 1)
+}
+
+/// Other C libraries return memory on their own, or offer no such call.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_c_heap(_above: usize) -> Option<bool> {
+    None
+}
 
 /// The options jemalloc was built with, or `None` when the build did not set them (a build
 /// that bypassed `.cargo/config.toml`); logged at start so such a build is noticed.
@@ -63,5 +106,32 @@ mod tests {
             tikv_jemalloc_ctl::opt::background_thread::read().ok(),
             Some(true)
         );
+    }
+
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    #[allow(unsafe_code)]
+    fn freed_c_heap_above_the_threshold_goes_back() {
+        // 64 chunks of 32 KiB (below glibc's mmap threshold, so from its heap), the last kept so
+        // that the freed ones cannot simply be cut off the top: a burst's shape.
+        // SAFETY: each pointer comes from malloc and is freed once.
+        let chunks: Vec<*mut libc::c_void> = (0..64)
+            .map(|_| unsafe { libc::malloc(32 * 1024) })
+            .collect();
+        assert!(chunks.iter().all(|p| !p.is_null()));
+        for &p in &chunks[..63] {
+            unsafe { libc::free(p) };
+        }
+        assert_eq!(
+            trim_c_heap(usize::MAX),
+            None,
+            "nothing holds that much free"
+        );
+        assert_eq!(
+            trim_c_heap(TRIM_ABOVE),
+            Some(true),
+            "1.9 MiB free, pages returned"
+        );
+        unsafe { libc::free(chunks[63]) };
     }
 }
