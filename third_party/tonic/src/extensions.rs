@@ -1,0 +1,47 @@
+/*
+ *
+ * Copyright 2025 gRPC authors.
+ *
+ * Permission is hereby granted, free of charge, to any person obtaining a copy
+ * of this software and associated documentation files (the "Software"), to
+ * deal in the Software without restriction, including without limitation the
+ * rights to use, copy, modify, merge, publish, distribute, sublicense, and/or
+ * sell copies of the Software, and to permit persons to whom the Software is
+ * furnished to do so, subject to the following conditions:
+ *
+ * The above copyright notice and this permission notice shall be included in
+ * all copies or substantial portions of the Software.
+ *
+ * THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+ * IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+ * FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+ * AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
+ * LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING
+ * FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS
+ * IN THE SOFTWARE.
+ *
+ */
+
+/// A gRPC Method info extension.
+#[derive(Debug, Clone)]
+pub struct GrpcMethod<'a> {
+    service: &'a str,
+    method: &'a str,
+}
+
+impl<'a> GrpcMethod<'a> {
+    /// Create a new `GrpcMethod` extension.
+    #[doc(hidden)]
+    pub fn new(service: &'a str, method: &'a str) -> Self {
+        Self { service, method }
+    }
+
+    /// gRPC service name
+    pub fn service(&self) -> &str {
+        self.service
+    }
+    /// gRPC method name
+    pub fn method(&self) -> &str {
+        self.method
+    }
+}
