@@ -213,6 +213,19 @@ cargo fmt --all -- --check
 step "no import cycles between the modules of a crate (tests/tools/module_cycles.py)"
 python3 tests/tools/module_cycles.py crates/*
 
+# The workspace lint is `unsafe_code = "deny"`, not `forbid`, for one audited exception:
+# glibc's `malloc_trim` and `mallinfo2` in crates/trellis/src/alloc.rs (and its unit test).
+# deny can be lifted with an attribute anywhere; this keeps it to that one file.
+step "unsafe code is allowed only in crates/trellis/src/alloc.rs"
+unsafe_files="$(grep -rlE --include='*.rs' '(allow|expect|warn)\([^)]*unsafe_code' crates tests fuzz examples 2>/dev/null |
+    grep -vx 'crates/trellis/src/alloc.rs' || true)"
+if [[ -n "$unsafe_files" ]]; then
+    echo "error: these files allow unsafe code; the workspace keeps it to crates/trellis/src/alloc.rs" >&2
+    echo "(use a well-kept crate instead, or put a patched dependency in third_party/):" >&2
+    printf '%s\n' "$unsafe_files" >&2
+    exit 1
+fi
+
 # aws-lc-rs is the only crypto library in the binary (docs/protocols.md, issue #18). `ring` stays
 # in Cargo.lock as an optional dependency of rustls-webpki (its `ring?/alloc` weak feature), so
 # cargo finds the package but prints nothing when no normal dependency of `trellis` reaches it

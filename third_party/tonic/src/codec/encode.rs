@@ -126,6 +126,7 @@ where
                     return Poll::Ready(None);
                 }
                 Poll::Pending | Poll::Ready(None) => {
+                    // Trellis: `split_all`, not `buf.split_to(buf.len()).freeze()`.
                     return Poll::Ready(Some(Ok(split_all(buf))));
                 }
                 Poll::Ready(Some(Ok(item))) => {
@@ -142,6 +143,7 @@ where
                     }
 
                     if buf.len() >= buffer_settings.yield_threshold {
+                        // Trellis: `split_all`, not `buf.split_to(buf.len()).freeze()`.
                         return Poll::Ready(Some(Ok(split_all(buf))));
                     }
                 }
@@ -150,6 +152,7 @@ where
                         return Poll::Ready(Some(Err(status)));
                     }
                     *error = Some(status);
+                    // Trellis: `split_all`, not `buf.split_to(buf.len()).freeze()`.
                     return Poll::Ready(Some(Ok(split_all(buf))));
                 }
             }
