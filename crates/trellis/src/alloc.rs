@@ -36,7 +36,7 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Free bytes in glibc's heap above which [`return_freed_c_heap`] trims it: a few handshakes'
 /// worth of churn stays, a burst's worth goes back.
-pub const TRIM_ABOVE: usize = 1024 * 1024;
+const TRIM_ABOVE: usize = 1024 * 1024;
 
 /// How often [`return_freed_c_heap`] looks at glibc's heap.
 const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(10);

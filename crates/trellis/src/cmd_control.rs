@@ -379,7 +379,8 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let cp = ControlPlane::start(settings).await?;
-        // After sidecars reconnect en masse, aws-lc's share of it goes back (alloc.rs says why).
+        // After many sidecars' connections close, the memory aws-lc held for them goes back
+        // (alloc.rs says why).
         tokio::spawn(crate::alloc::return_freed_c_heap());
         // Tests and scripts read this line to learn the bound ports (port 0 is allowed).
         let webhook = cp

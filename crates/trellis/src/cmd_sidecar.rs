@@ -402,7 +402,8 @@ pub fn run(args: SidecarArgs) -> anyhow::Result<()> {
     settings.workers = workers;
     let served = runtime.block_on(async move {
         let sidecar = Sidecar::start(settings).await?;
-        // After a burst of connections, aws-lc's share of it goes back (alloc.rs says why).
+        // After a burst of connections closes, the memory aws-lc held for them goes back
+        // (alloc.rs says why).
         tokio::spawn(crate::alloc::return_freed_c_heap());
         let outbound: Vec<String> = sidecar
             .outbound_addrs
