@@ -439,3 +439,107 @@ fn configs_disable_early_data_and_resumption() {
     assert!(!client.enable_early_data);
     assert_eq!(client.alpn_protocols, vec![b"h2".to_vec()]);
 }
+
+/// Moves records between the two ends until neither has anything to send; the first error
+/// either side hits, if any.
+fn pump(
+    client: &mut rustls::ClientConnection,
+    server: &mut rustls::ServerConnection,
+) -> Result<(), rustls::Error> {
+    loop {
+        let mut moved = false;
+        let mut buf = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut buf).unwrap();
+        }
+        let mut c2s = &buf[..];
+        while !c2s.is_empty() {
+            moved = true;
+            server.read_tls(&mut c2s).unwrap();
+            server.process_new_packets()?;
+        }
+        let mut buf = Vec::new();
+        while server.wants_write() {
+            server.write_tls(&mut buf).unwrap();
+        }
+        let mut s2c = &buf[..];
+        while !s2c.is_empty() {
+            moved = true;
+            client.read_tls(&mut s2c).unwrap();
+            client.process_new_packets()?;
+        }
+        if !moved {
+            return Ok(());
+        }
+    }
+}
+
+/// Ends on Trellis' extract-once HKDF and ends on rustls' stock aws-lc-rs suites derive the
+/// same secrets at every step of the key schedule: the handshake (Finished checks), the
+/// traffic keys (data both ways) and the resumption secret (a resumed second handshake), for
+/// every TLS 1.3 suite and with either side on either implementation.
+#[test]
+fn extract_once_suites_interoperate_with_the_stock_ones() {
+    use std::io::{Read, Write};
+    let ca = TestCa::root("example.org");
+    let bundle = ca.shared_bundle();
+    let (web, api) = (SvidResolver::empty(), SvidResolver::empty());
+    web.install(&ca.svid("/web")).unwrap();
+    api.install(&ca.svid("/api")).unwrap();
+    let ours = provider_for(KeyExchange::default());
+    let stock = CryptoProvider {
+        kx_groups: ours.kx_groups.clone(),
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    };
+    let only = |provider: &CryptoProvider, suite| {
+        let mut provider = provider.clone();
+        provider.cipher_suites.retain(|s| s.suite() == suite);
+        assert_eq!(provider.cipher_suites.len(), 1);
+        Arc::new(provider)
+    };
+    for suite in [
+        CipherSuite::TLS13_AES_256_GCM_SHA384,
+        CipherSuite::TLS13_AES_128_GCM_SHA256,
+        CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+    ] {
+        for (server_side, client_side) in [(&ours, &stock), (&stock, &ours)] {
+            // Builder defaults: an in-memory session cache on both sides, tickets sent.
+            let server = rustls::ServerConfig::builder_with_provider(only(server_side, suite))
+                .with_protocol_versions(TlsPolicy::Tls13.versions())
+                .unwrap()
+                .with_client_cert_verifier(SpiffeClientVerifier::new(bundle.clone(), false))
+                .with_cert_resolver(web.clone());
+            let client = rustls::ClientConfig::builder_with_provider(only(client_side, suite))
+                .with_protocol_versions(TlsPolicy::Tls13.versions())
+                .unwrap()
+                .dangerous()
+                .with_custom_certificate_verifier(SpiffeServerVerifier::new(
+                    bundle.clone(),
+                    PeerMatch::AnyInTrustDomain,
+                ))
+                .with_client_cert_resolver(api.clone());
+            let (server, client) = (Arc::new(server), Arc::new(client));
+            let what = |c: &rustls::ClientConnection| {
+                format!(
+                    "{suite:?}, server stock: {}",
+                    std::ptr::eq(server_side, &stock)
+                ) + &format!(", {:?}", c.handshake_kind())
+            };
+            for want in [rustls::HandshakeKind::Full, rustls::HandshakeKind::Resumed] {
+                let name = ServerName::try_from("web.example.org").unwrap();
+                let mut c = rustls::ClientConnection::new(client.clone(), name).unwrap();
+                let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+                pump(&mut c, &mut s).unwrap_or_else(|e| panic!("{}: {e}", what(&c)));
+                assert_eq!(c.handshake_kind(), Some(want), "{}", what(&c));
+                assert_eq!(c.negotiated_cipher_suite().map(|s| s.suite()), Some(suite));
+                c.writer().write_all(b"ping").unwrap();
+                s.writer().write_all(b"pong").unwrap();
+                pump(&mut c, &mut s).unwrap();
+                let (mut at_server, mut at_client) = ([0u8; 4], [0u8; 4]);
+                s.reader().read_exact(&mut at_server).unwrap();
+                c.reader().read_exact(&mut at_client).unwrap();
+                assert_eq!((&at_server, &at_client), (b"ping", b"pong"), "{}", what(&c));
+            }
+        }
+    }
+}
