@@ -211,7 +211,10 @@ async fn main() -> anyhow::Result<()> {
     for _ in 0..args.sources {
         let token =
             registry.create_join_token(&id, Duration::from_secs(3600), SystemTime::now())?;
-        let auth: MetadataValue<_> = format!("Bearer {}", token.as_str()).parse()?;
+        let mut auth: MetadataValue<_> = format!("Bearer {}", token.as_str()).parse()?;
+        // As the sidecar sends it: never indexed by HPACK, so the control plane's header table
+        // does not keep it (the sidecar marks it so it cannot leak through compression).
+        auth.set_sensitive(true);
         auths.push(auth);
     }
     let control_id = SpiffeId::parse("spiffe://example.org/trellis/control")?;

@@ -433,10 +433,12 @@ struct ProofWait {
 }
 
 /// Resolves when the log's head moves (`false`: the log is gone). Polled only while a wait
-/// is set (the `select!` branch is guarded), so `None` never resolves.
+/// is set (the `select!` branch is guarded), so `None` never resolves. The watch's wait is
+/// boxed: this future sits in every stream's idle state, and a wait is set only in the minute
+/// after an issuance.
 async fn head_moved(wait: &mut Option<ProofWait>) -> bool {
     match wait {
-        Some(w) => w.heads.changed().await.is_ok(),
+        Some(w) => Box::pin(w.heads.changed()).await.is_ok(),
         None => std::future::pending().await,
     }
 }
@@ -465,22 +467,6 @@ impl SdsService {
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
-
-/// Keeps `trellis_sds_streams` right however a stream ends.
-struct StreamGauge(Arc<ControlMetrics>);
-
-impl StreamGauge {
-    fn open(metrics: &Arc<ControlMetrics>) -> Self {
-        metrics.sds_streams.inc();
-        Self(Arc::clone(metrics))
-    }
-}
-
-impl Drop for StreamGauge {
-    fn drop(&mut self) {
-        self.0.sds_streams.dec();
-    }
-}
 
 #[tonic::async_trait]
 impl SecretDiscoveryService for SdsService {
@@ -512,8 +498,8 @@ impl SecretDiscoveryService for SdsService {
     ) -> Result<Response<DiscoveryResponse>, Status> {
         let (attested, peer) = self.core.attest(&request).await?;
         let req = request.into_inner();
-        let mut state = StreamState::new(attested.spiffe_id.clone());
-        if let Err(e) = state.on_request(&req) {
+        let mut state = StreamState::new();
+        if let Err(e) = state.on_request(&attested.spiffe_id, &req) {
             self.core.metrics.request_error(e.reason());
             return Err(e.to_status());
         }
@@ -573,6 +559,9 @@ fn build_response(
     }
 }
 
+/// The push reason of a log head re-sent with the held SVID's inclusion proof.
+const LOG_PROOF: &str = "log_proof";
+
 /// What the driver does next on its stream.
 enum Step {
     /// Send this response, then keep going.
@@ -594,7 +583,7 @@ struct StreamDriver {
     svid: Option<Arc<Issued>>,
     csr: Option<Arc<str>>,
     /// The size of the last log head the client says it accepted.
-    witnessed: Option<u64>,
+    witnessed: Option<std::num::NonZeroU64>,
     /// The serial of the SVID the client says it holds.
     held_serial: Option<Arc<str>>,
     /// The held serial whose inclusion proof this stream sent last.
@@ -607,11 +596,12 @@ struct StreamDriver {
     ended: &'static str,
     /// An error status was the last item: the stream ends after it.
     failed: bool,
-    _gauge: StreamGauge,
 }
 
+/// Keeps `trellis_sds_streams` right however a stream ends (counted up in `new`).
 impl Drop for StreamDriver {
     fn drop(&mut self) {
+        self.core.metrics.sds_streams.dec();
         tracing::debug!(spiffe_id = %self.attested.spiffe_id, peer = ?self.peer, reason = self.ended, "SDS stream closed");
     }
 }
@@ -624,9 +614,9 @@ impl StreamDriver {
         inbound: Streaming<DiscoveryRequest>,
     ) -> Self {
         tracing::debug!(spiffe_id = %attested.spiffe_id, peer = ?peer, "SDS stream opened");
+        core.metrics.sds_streams.inc();
         Self {
-            _gauge: StreamGauge::open(&core.metrics),
-            state: StreamState::new(attested.spiffe_id.clone()),
+            state: StreamState::new(),
             bundle_rx: core.bundle.clone(),
             rotation: Box::pin(tokio::time::sleep(Duration::MAX / 4)),
             svid: None,
@@ -675,8 +665,6 @@ impl StreamDriver {
     /// Waits for the next thing to send: an answer to a request, a rotation or a bundle change.
     async fn next(&mut self) -> Step {
         loop {
-            // A log head already built with the held SVID's proof (the `log_proof` push).
-            let mut prepared = None;
             let push_reason = tokio::select! {
                 msg = self.inbound.next() => {
                     let req = match msg {
@@ -716,29 +704,33 @@ impl StreamDriver {
                         self.proof_wait = None;
                         continue;
                     }
-                    // The SVID just pushed is in a signed head about a second later: send the
-                    // head again then, with its proof, rather than an hour later with the next
-                    // rotation. Nothing else changes (the client installs nothing new).
-                    match self
-                        .core
-                        .log_head(self.witnessed, self.unproven_serial(), &self.attested.spiffe_id)
-                        .await
-                    {
-                        Some(head) if head.proven => {
-                            prepared = Some(head);
-                            "log_proof"
-                        }
-                        _ => continue,
-                    }
+                    LOG_PROOF
                 }
             };
+            // A log head already built with the held SVID's proof (the `log_proof` push).
+            let mut prepared = None;
+            if push_reason == LOG_PROOF {
+                // The SVID just pushed is in a signed head about a second later: send the head
+                // again then, with its proof, rather than an hour later with the next rotation.
+                // Nothing else changes (the client installs nothing new). Awaited here, not in
+                // the `select!` arm: there the select's output (which can hold a whole request)
+                // would be kept across the await, in every idle stream's state. Boxed, as is
+                // `issue` below: a future is as large as its largest await point, and these
+                // rare ones must not size the idle one.
+                match Box::pin(self.core.log_head(
+                    self.witnessed.map(std::num::NonZeroU64::get),
+                    self.unproven_serial(),
+                    &self.attested.spiffe_id,
+                ))
+                .await
+                {
+                    Some(head) if head.proven => prepared = Some(head),
+                    _ => continue,
+                }
+            }
 
             if self.state.wants(ResourceKind::Svid) && self.svid.is_none() {
-                match self
-                    .core
-                    .issue(&self.attested, self.peer, self.csr.clone())
-                    .await
-                {
+                match Box::pin(self.core.issue(&self.attested, self.peer, self.csr.clone())).await {
                     Ok(s) => {
                         self.svid = Some(s);
                         let next = tokio::time::Instant::now() + self.core.policy.next_rotation();
@@ -751,13 +743,12 @@ impl StreamDriver {
             let log_head = match prepared {
                 Some(head) => Some(head),
                 None if self.state.wants(ResourceKind::LogHead) => {
-                    self.core
-                        .log_head(
-                            self.witnessed,
-                            self.unproven_serial(),
-                            &self.attested.spiffe_id,
-                        )
-                        .await
+                    Box::pin(self.core.log_head(
+                        self.witnessed.map(std::num::NonZeroU64::get),
+                        self.unproven_serial(),
+                        &self.attested.spiffe_id,
+                    ))
+                    .await
                 }
                 None => None,
             };
@@ -784,23 +775,24 @@ impl StreamDriver {
         // A new CSR (the client rotating its key) is honoured whatever the nonce: the client
         // repeats its CSR on every request until it holds a certificate for it.
         if let Some(size) = request_witnessed_size(req) {
-            self.witnessed = Some(size);
+            // A size of 0 proves nothing, as no report does (`log_head` skips both).
+            self.witnessed = std::num::NonZeroU64::new(size);
         }
         let new_csr = match request_csr(req) {
             Some(c) if self.csr.as_deref() != Some(c) => Some(Arc::<str>::from(c)),
             _ => None,
         };
-        let mut reason = match self.state.on_request(req) {
+        let mut reason = match self.state.on_request(&self.attested.spiffe_id, req) {
             Err(e) => {
                 self.core.metrics.request_error(e.reason());
-                tracing::warn!(caller = %self.state.caller(), peer = ?self.peer, reason = e.reason(), "SDS request refused");
+                tracing::warn!(caller = %self.attested.spiffe_id, peer = ?self.peer, reason = e.reason(), "SDS request refused");
                 return Err(e.to_status());
             }
             Ok(Decision::Respond) => Some("request"),
             Ok(Decision::Quiet) | Ok(Decision::Stale) => None,
             Ok(Decision::Nack { detail, respond }) => {
                 self.core.metrics.sds_nacks.inc();
-                tracing::warn!(caller = %self.state.caller(), peer = ?self.peer, detail, "SDS client rejected an update (NACK)");
+                tracing::warn!(caller = %self.attested.spiffe_id, peer = ?self.peer, detail, "SDS client rejected an update (NACK)");
                 respond.then_some("request")
             }
         };
@@ -848,5 +840,26 @@ impl StreamDriver {
             heads,
             until: tokio::time::Instant::now() + PROOF_WAIT,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of what `f` returns, without calling it.
+    fn returned<A, R>(_: fn(A) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// Every connected workload keeps one of these streams (boxed, for tonic) for as long as it
+    /// is connected, nearly always idle in its `select!`. Its size is its state at its largest
+    /// await point: 1,296 bytes (jemalloc's 1,536-byte class) when a log-head query was awaited
+    /// inside a `select!` arm, which kept the select's output, a whole request, alive. At most
+    /// 768 bytes keeps it in jemalloc's 768-byte class.
+    #[test]
+    fn an_idle_stream_fits_in_768_bytes() {
+        let size = returned(StreamDriver::into_responses);
+        assert!(size <= 768, "an SDS response stream is {size} bytes");
     }
 }

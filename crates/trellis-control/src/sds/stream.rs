@@ -63,15 +63,16 @@ impl RequestError {
     }
 }
 
-/// Per-stream protocol state.
-#[derive(Debug)]
+/// Per-stream protocol state. Small on purpose: the control plane keeps one per connected
+/// workload, so the nonce and version of the last response are its sequence number, not
+/// strings, and the caller is the stream's (passed in, not copied).
+#[derive(Debug, Default)]
 pub struct StreamState {
-    caller: SpiffeId,
     names: Vec<(String, ResourceKind)>,
-    nonce_seq: u64,
-    version_seq: u64,
-    last_nonce: Option<String>,
-    acked_version: Option<String>,
+    /// Responses sent: the last one's nonce is `n{sent}` and its version `v{sent}`.
+    sent: u64,
+    /// `sent` as of the response the client last ACKed (0: none yet).
+    acked: u64,
 }
 
 /// The envelope of a response about to be sent.
@@ -84,21 +85,9 @@ pub struct Envelope {
 }
 
 impl StreamState {
-    /// A fresh stream for an attested caller.
-    pub fn new(caller: SpiffeId) -> Self {
-        Self {
-            caller,
-            names: Vec::new(),
-            nonce_seq: 0,
-            version_seq: 0,
-            last_nonce: None,
-            acked_version: None,
-        }
-    }
-
-    /// The attested caller.
-    pub fn caller(&self) -> &SpiffeId {
-        &self.caller
+    /// A fresh stream: nothing subscribed, nothing sent.
+    pub fn new() -> Self {
+        Self::default()
     }
 
     /// The subscribed names, in request order.
@@ -112,22 +101,36 @@ impl StreamState {
     }
 
     /// The version the client last ACKed.
-    pub fn acked_version(&self) -> Option<&str> {
-        self.acked_version.as_deref()
+    pub fn acked_version(&self) -> Option<String> {
+        (self.acked > 0).then(|| format!("v{}", self.acked))
     }
 
-    /// Applies one request.
-    pub fn on_request(&mut self, req: &DiscoveryRequest) -> Result<Decision, RequestError> {
+    /// Whether `nonce` is the nonce of the last response sent (written exactly as it was).
+    fn is_last_nonce(&self, nonce: &str) -> bool {
+        self.sent > 0
+            && nonce.strip_prefix('n').is_some_and(|digits| {
+                !digits.starts_with('0')
+                    && digits.bytes().all(|b| b.is_ascii_digit())
+                    && digits.parse() == Ok(self.sent)
+            })
+    }
+
+    /// Applies one request from `caller`, the stream's attested workload.
+    pub fn on_request(
+        &mut self,
+        caller: &SpiffeId,
+        req: &DiscoveryRequest,
+    ) -> Result<Decision, RequestError> {
         if !req.type_url.is_empty() && req.type_url != SECRET_TYPE_URL {
             return Err(RequestError::TypeUrl(req.type_url.clone()));
         }
         let is_reply = !req.response_nonce.is_empty();
-        if is_reply && self.last_nonce.as_deref() != Some(req.response_nonce.as_str()) {
+        if is_reply && !self.is_last_nonce(&req.response_nonce) {
             return Ok(Decision::Stale);
         }
         let mut names = Vec::with_capacity(req.resource_names.len());
         for name in &req.resource_names {
-            let kind = resolve(name, &self.caller).map_err(RequestError::Name)?;
+            let kind = resolve(name, caller).map_err(RequestError::Name)?;
             if !names
                 .iter()
                 .any(|(n, _): &(String, ResourceKind)| n == name)
@@ -152,7 +155,8 @@ impl StreamState {
                 respond,
             }),
             None => {
-                self.acked_version = Some(req.version_info.clone());
+                // The nonce is the last response's, so this ACKs that response's version.
+                self.acked = self.sent;
                 Ok(if respond {
                     Decision::Respond
                 } else {
@@ -162,15 +166,12 @@ impl StreamState {
         }
     }
 
-    /// Allocates the version and nonce of the next response and remembers the nonce.
+    /// Allocates the version and nonce of the next response and remembers it as the last.
     pub fn next_envelope(&mut self) -> Envelope {
-        self.version_seq += 1;
-        self.nonce_seq += 1;
-        let nonce = format!("n{}", self.nonce_seq);
-        self.last_nonce = Some(nonce.clone());
+        self.sent += 1;
         Envelope {
-            version: format!("v{}", self.version_seq),
-            nonce,
+            version: format!("v{}", self.sent),
+            nonce: format!("n{}", self.sent),
         }
     }
 }
@@ -181,7 +182,11 @@ mod tests {
     use trellis_proto::google::rpc::Status;
 
     fn state() -> StreamState {
-        StreamState::new(SpiffeId::parse("spiffe://example.org/app/web").unwrap())
+        StreamState::new()
+    }
+
+    fn web() -> SpiffeId {
+        SpiffeId::parse("spiffe://example.org/app/web").unwrap()
     }
 
     fn req(names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
@@ -198,7 +203,7 @@ mod tests {
     fn initial_request_is_answered() {
         let mut s = state();
         assert_eq!(
-            s.on_request(&req(&["default", "ROOTCA"], "", "")),
+            s.on_request(&web(), &req(&["default", "ROOTCA"], "", "")),
             Ok(Decision::Respond)
         );
         assert!(s.wants(ResourceKind::Svid) && s.wants(ResourceKind::Bundle));
@@ -207,19 +212,19 @@ mod tests {
     #[test]
     fn ack_is_quiet_and_recorded() {
         let mut s = state();
-        s.on_request(&req(&["default"], "", "")).unwrap();
+        s.on_request(&web(), &req(&["default"], "", "")).unwrap();
         let env = s.next_envelope();
         assert_eq!(
-            s.on_request(&req(&["default"], &env.version, &env.nonce)),
+            s.on_request(&web(), &req(&["default"], &env.version, &env.nonce)),
             Ok(Decision::Quiet)
         );
-        assert_eq!(s.acked_version(), Some(env.version.as_str()));
+        assert_eq!(s.acked_version(), Some(env.version));
     }
 
     #[test]
     fn nack_is_reported_not_resent() {
         let mut s = state();
-        s.on_request(&req(&["default"], "", "")).unwrap();
+        s.on_request(&web(), &req(&["default"], "", "")).unwrap();
         let env = s.next_envelope();
         let mut nack = req(&["default"], "", &env.nonce);
         nack.error_detail = Some(Status {
@@ -228,7 +233,7 @@ mod tests {
             details: vec![],
         });
         assert_eq!(
-            s.on_request(&nack),
+            s.on_request(&web(), &nack),
             Ok(Decision::Nack {
                 detail: "bad key".into(),
                 respond: false
@@ -240,26 +245,42 @@ mod tests {
     #[test]
     fn stale_nonce_is_ignored() {
         let mut s = state();
-        s.on_request(&req(&["default"], "", "")).unwrap();
+        s.on_request(&web(), &req(&["default"], "", "")).unwrap();
         let first = s.next_envelope();
         let _second = s.next_envelope();
         assert_eq!(
-            s.on_request(&req(&["default"], &first.version, &first.nonce)),
+            s.on_request(&web(), &req(&["default"], &first.version, &first.nonce)),
             Ok(Decision::Stale)
         );
         assert_eq!(
-            s.on_request(&req(&["default"], "", "never-sent")),
+            s.on_request(&web(), &req(&["default"], "", "never-sent")),
             Ok(Decision::Stale)
         );
+        // The last nonce is "n2": only exactly that string is a reply to it.
+        for near in ["n02", "n+2", "2", "n", "n2 "] {
+            assert_eq!(
+                s.on_request(&web(), &req(&["default"], "", near)),
+                Ok(Decision::Stale),
+                "{near:?}"
+            );
+        }
+        assert_eq!(
+            s.on_request(&web(), &req(&["default"], "v2", "n2")),
+            Ok(Decision::Quiet)
+        );
+        assert_eq!(s.acked_version().as_deref(), Some("v2"));
     }
 
     #[test]
     fn names_change_is_answered() {
         let mut s = state();
-        s.on_request(&req(&["default"], "", "")).unwrap();
+        s.on_request(&web(), &req(&["default"], "", "")).unwrap();
         let env = s.next_envelope();
         assert_eq!(
-            s.on_request(&req(&["default", "ROOTCA"], &env.version, &env.nonce)),
+            s.on_request(
+                &web(),
+                &req(&["default", "ROOTCA"], &env.version, &env.nonce)
+            ),
             Ok(Decision::Respond)
         );
         assert!(s.wants(ResourceKind::Bundle));
@@ -280,7 +301,7 @@ mod tests {
         let mut r = req(&["default"], "", "");
         r.type_url = "type.googleapis.com/envoy.config.cluster.v3.Cluster".into();
         assert_eq!(
-            s.on_request(&r).unwrap_err().to_status().code(),
+            s.on_request(&web(), &r).unwrap_err().to_status().code(),
             tonic::Code::InvalidArgument
         );
     }
@@ -289,7 +310,7 @@ mod tests {
     fn another_workloads_name_is_an_error() {
         let mut s = state();
         let err = s
-            .on_request(&req(&["spiffe://example.org/app/db"], "", ""))
+            .on_request(&web(), &req(&["spiffe://example.org/app/db"], "", ""))
             .unwrap_err();
         assert_eq!(err.to_status().code(), tonic::Code::PermissionDenied);
     }
@@ -297,6 +318,6 @@ mod tests {
     #[test]
     fn empty_subscription_sends_nothing() {
         let mut s = state();
-        assert_eq!(s.on_request(&req(&[], "", "")), Ok(Decision::Quiet));
+        assert_eq!(s.on_request(&web(), &req(&[], "", "")), Ok(Decision::Quiet));
     }
 }
