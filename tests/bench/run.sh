@@ -216,6 +216,16 @@ if [[ -x "$TRELLIS_BIN" ]]; then
     "$TRELLIS_BIN" ca init --help >/dev/null 2>&1 && TRELLIS_CA_OK=1
     "$TRELLIS_BIN" sidecar --help >/dev/null 2>&1 && TRELLIS_SIDECAR_OK=1
 fi
+# `trellis sidecar` execs the `trellis-sidecar` next to it only when both come from one build;
+# otherwise it runs in-process, a different binary (~7 MiB more idle RSS). A pair from two
+# builds (e.g. `--no-build` after rebuilding only one of them) would measure the wrong thing.
+SIDECAR_BIN="$(dirname "$TRELLIS_BIN")/trellis-sidecar"
+if ((TRELLIS_SIDECAR_OK)) && [[ -x "$SIDECAR_BIN" ]]; then
+    built_as="$("$TRELLIS_BIN" --version 2>/dev/null | sed 's/^trellis //')"
+    sidecar_built_as="$("$SIDECAR_BIN" --version 2>/dev/null | sed 's/^trellis-sidecar //')"
+    [[ "$built_as" == "$sidecar_built_as" ]] ||
+        die "$TRELLIS_BIN ($built_as) and $SIDECAR_BIN ($sidecar_built_as) come from different builds; rebuild both (cargo build --release -p trellis --bins) or run without --no-build"
+fi
 
 # Hard bound on the whole run after the build (every step below is bounded on its own too).
 (
