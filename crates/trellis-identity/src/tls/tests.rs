@@ -221,29 +221,31 @@ fn handshake(
     let mut client = rustls::ClientConnection::new(Arc::new(client), name).unwrap();
     let mut server = rustls::ServerConnection::new(Arc::new(server)).unwrap();
     for _ in 0..32 {
-        let mut buf = Vec::new();
-        while client.wants_write() {
-            client.write_tls(&mut buf).unwrap();
-        }
-        let mut c2s = &buf[..];
-        while !c2s.is_empty() {
-            server.read_tls(&mut c2s).unwrap();
-            server.process_new_packets()?;
-        }
-        let mut buf = Vec::new();
-        while server.wants_write() {
-            server.write_tls(&mut buf).unwrap();
-        }
-        let mut s2c = &buf[..];
-        while !s2c.is_empty() {
-            client.read_tls(&mut s2c).unwrap();
-            client.process_new_packets()?;
-        }
+        deliver(&mut client, &mut server)?;
+        deliver(&mut server, &mut client)?;
         if !client.is_handshaking() && !server.is_handshaking() {
             return Ok(());
         }
     }
     panic!("the handshake did not finish in 32 rounds");
+}
+
+/// Moves every record `from` has to send into `to`, which processes them; whether any moved,
+/// or the first error `to` hits.
+fn deliver<A, B>(
+    from: &mut rustls::ConnectionCommon<A>,
+    to: &mut rustls::ConnectionCommon<B>,
+) -> Result<bool, rustls::Error> {
+    let mut buf = Vec::new();
+    while from.wants_write() {
+        from.write_tls(&mut buf).unwrap();
+    }
+    let mut rest = &buf[..];
+    while !rest.is_empty() {
+        to.read_tls(&mut rest).unwrap();
+        to.process_new_packets()?;
+    }
+    Ok(!buf.is_empty())
 }
 
 #[test]
@@ -331,18 +333,8 @@ fn negotiate(server_kx: KeyExchange, client_kx: KeyExchange) -> Result<String, r
     let mut client = rustls::ClientConnection::new(Arc::new(client), name).unwrap();
     let mut server = rustls::ServerConnection::new(Arc::new(server)).unwrap();
     for _ in 0..32 {
-        let mut buf = Vec::new();
-        while client.wants_write() {
-            client.write_tls(&mut buf).unwrap();
-        }
-        server.read_tls(&mut &buf[..]).unwrap();
-        server.process_new_packets()?;
-        let mut buf = Vec::new();
-        while server.wants_write() {
-            server.write_tls(&mut buf).unwrap();
-        }
-        client.read_tls(&mut &buf[..]).unwrap();
-        client.process_new_packets()?;
+        deliver(&mut client, &mut server)?;
+        deliver(&mut server, &mut client)?;
         if !client.is_handshaking() && !server.is_handshaking() {
             let (c, s) = (negotiated_group(&client), negotiated_group(&server));
             assert_eq!(c, s);
@@ -446,32 +438,9 @@ fn pump(
     client: &mut rustls::ClientConnection,
     server: &mut rustls::ServerConnection,
 ) -> Result<(), rustls::Error> {
-    loop {
-        let mut moved = false;
-        let mut buf = Vec::new();
-        while client.wants_write() {
-            client.write_tls(&mut buf).unwrap();
-        }
-        let mut c2s = &buf[..];
-        while !c2s.is_empty() {
-            moved = true;
-            server.read_tls(&mut c2s).unwrap();
-            server.process_new_packets()?;
-        }
-        let mut buf = Vec::new();
-        while server.wants_write() {
-            server.write_tls(&mut buf).unwrap();
-        }
-        let mut s2c = &buf[..];
-        while !s2c.is_empty() {
-            moved = true;
-            client.read_tls(&mut s2c).unwrap();
-            client.process_new_packets()?;
-        }
-        if !moved {
-            return Ok(());
-        }
-    }
+    // `|`, not `||`: both directions every round.
+    while deliver(client, server)? | deliver(server, client)? {}
+    Ok(())
 }
 
 /// Ends on Trellis' extract-once HKDF and ends on rustls' stock aws-lc-rs suites derive the
