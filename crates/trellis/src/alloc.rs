@@ -157,9 +157,12 @@ mod tests {
         for &p in &chunks {
             unsafe { libc::free(p.cast()) };
         }
-        let before = resident_kib();
+        // The mapping that holds the chunks only: other tests run meanwhile, and what they
+        // allocate elsewhere made the process's RSS an unreliable yardstick.
+        let at = chunks[0] as usize;
+        let before = resident_kib_around(at);
         let free = trim_c_heap(TRIM_ABOVE);
-        let returned = before.saturating_sub(resident_kib());
+        let returned = before.saturating_sub(resident_kib_around(at));
         unsafe { libc::free(pin.cast()) };
         assert!(free.is_some_and(|f| f >= 64 * CHUNK), "free: {free:?}");
         assert!(
@@ -168,12 +171,32 @@ mod tests {
         );
     }
 
-    fn resident_kib() -> usize {
-        let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").expect("smaps_rollup");
-        rollup
-            .lines()
-            .find_map(|l| l.strip_prefix("Rss:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("an Rss line")
+    /// Resident KiB of the mapping of this process that holds `addr` (glibc's heap, or the
+    /// heap of the arena the calling thread allocates from).
+    fn resident_kib_around(addr: usize) -> usize {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+        let mut inside = false;
+        for line in smaps.lines() {
+            let first = line.split_whitespace().next().unwrap_or("");
+            if let Some((lo, hi)) = first.split_once('-') {
+                if let (Ok(lo), Ok(hi)) =
+                    (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+                {
+                    inside = lo <= addr && addr < hi;
+                    continue;
+                }
+            }
+            if inside {
+                if let Some(v) = line.strip_prefix("Rss:") {
+                    return v
+                        .trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse()
+                        .expect("an Rss value");
+                }
+            }
+        }
+        panic!("no mapping holds {addr:#x}")
     }
 }
