@@ -99,9 +99,11 @@ pub const SECRET_TYPE_URL: &str =
 ///
 /// tonic's default buffers are 8 KiB for each direction of every stream, allocated when the
 /// stream opens and held until it ends. A control plane holds one stream per workload, so
-/// what each stream keeps is multiplied by the fleet: the buffers start at [`BUFFER`] bytes,
-/// the decoder's grows to the largest request (a few hundred bytes; a CSR adds ~0.5 KiB), and
-/// the encoder reserves exactly the size of each message (a few KiB) instead of doubling.
+/// what each stream keeps is multiplied by the fleet: the decoder keeps no buffer between
+/// messages (the patched tonic in third_party/ drops it once a message is decoded; it would
+/// otherwise stay as large as the largest request, an Envoy's node with its extension list),
+/// and the encoder's starts at [`BUFFER`] bytes and reserves exactly the size of each message
+/// (a few KiB) instead of doubling.
 pub mod codec {
     use std::marker::PhantomData;
 
@@ -110,12 +112,14 @@ pub mod codec {
     use tonic::Status;
     use tonic_prost::ProstDecoder;
 
-    /// Initial buffer, each direction: room for a typical request.
+    /// Initial encoding buffer.
     const BUFFER: usize = 512;
+    /// Decoding buffer: none kept between messages (see the patched tonic's `Streaming`).
+    const NO_BUFFER: usize = 0;
     /// Flush threshold for large messages.
     const YIELD: usize = 32 * 1024;
 
-    /// Prost codec with [`BUFFER`]-sized buffers.
+    /// Prost codec: no decoding buffer kept between messages, a [`BUFFER`]-sized encoding one.
     #[derive(Debug, Clone)]
     pub struct SdsCodec<T, U>(PhantomData<(T, U)>);
 
@@ -140,7 +144,7 @@ pub mod codec {
         }
 
         fn decoder(&mut self) -> Self::Decoder {
-            ProstDecoder::new(BufferSettings::new(BUFFER, YIELD))
+            ProstDecoder::new(BufferSettings::new(NO_BUFFER, YIELD))
         }
     }
 

@@ -151,7 +151,8 @@ pub use codec::{Codec, SendError, UserError};
 /// empty, the stream store keeps room only for the streams open now, and HPACK keeps each
 /// header string in an allocation of its own size (Huffman-coded ones decoded there, plain ones
 /// copied out of the frame) instead of slices of a 4 KiB scratch buffer or of the read buffer,
-/// which any header kept in the dynamic table would pin. Process-wide; set it before serving.
+/// which any header kept in the dynamic table would pin, and its encoder adds nothing to its
+/// dynamic table (literals without indexing). Process-wide; set it before serving.
 pub fn release_idle_buffers(enabled: bool) {
     codec::RELEASE_IDLE_BUFFERS.store(enabled, std::sync::atomic::Ordering::Relaxed);
 }

@@ -154,6 +154,15 @@ impl Table {
             return Index::new(statik, header);
         }
 
+        // Trellis: with idle buffers released, nothing is added to the dynamic table: on a
+        // connection that carries one long stream (the control plane's, one per sidecar) the
+        // table would keep the response headers (and room for more) for the connection's life
+        // to save a few bytes on header blocks that never come. Literals without indexing are
+        // always allowed (RFC 7541, 6.2.2); static-table matches are still used.
+        if crate::codec::release_idle_buffers() {
+            return Index::new(statik, header);
+        }
+
         self.index_dynamic(header, statik)
     }
 

@@ -245,7 +245,12 @@ impl StreamingInner {
                 if let Err(err) = decompress(
                     CompressionSettings {
                         encoding,
-                        buffer_growth_interval: buffer_settings.buffer_size,
+                        // Trellis: a buffer size of 0 (no buffer kept between messages)
+                        // grows by tonic's default interval, not by nothing.
+                        buffer_growth_interval: match buffer_settings.buffer_size {
+                            0 => super::DEFAULT_CODEC_BUFFER_SIZE,
+                            size => size,
+                        },
                     },
                     &mut self.buf,
                     limited_out_buf,
@@ -403,13 +408,19 @@ impl<T> Streaming<T> {
     }
 
     fn decode_chunk(&mut self) -> Result<Option<T>, Status> {
-        match self
-            .inner
-            .decode_chunk(self.decoder.get_mut().buffer_settings())?
-        {
+        let buffer_settings = self.decoder.get_mut().buffer_settings();
+        match self.inner.decode_chunk(buffer_settings)? {
             Some(mut decode_buf) => match self.decoder.get_mut().decode(&mut decode_buf)? {
                 Some(msg) => {
                     self.inner.state = State::ReadHeader;
+                    // Trellis: a decoder whose buffer size is 0 keeps no buffer between
+                    // messages. The buffer otherwise stays as large as the largest message
+                    // the stream has seen (an Envoy's first request carries its whole node,
+                    // extensions and all) for as long as the stream lasts, which on a control
+                    // plane's SDS stream is the sidecar's life.
+                    if buffer_settings.buffer_size == 0 && self.inner.buf.is_empty() {
+                        self.inner.buf = BytesMut::new();
+                    }
                     Ok(Some(msg))
                 }
                 None => Ok(None),
