@@ -174,7 +174,7 @@ impl Ca {
         let leaf = params.signed_by(&key, &self.issuer).map_err(sign_err)?;
         let key_der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
         key.zeroize();
-        Svid::new(self.chain_with(leaf.into()), key_der)
+        Svid::new(self.chain_with(&leaf), key_der)
             .map_err(|e| CaError::Sign(format!("issued SVID fails its own checks: {e}")))
     }
 
@@ -231,7 +231,7 @@ impl Ca {
         let leaf = params
             .signed_by(&csr.public_key, &self.issuer)
             .map_err(sign_err)?;
-        let chain = self.chain_with(leaf.into());
+        let chain = self.chain_with(&leaf);
         // Same check `issue` gets from `Svid::new`, minus the key (which we never see).
         let facts = trellis_identity::cert_facts(&chain[0])
             .map_err(|e| CaError::Sign(format!("issued certificate: {e}")))?;
@@ -241,9 +241,12 @@ impl Ca {
         Ok(chain)
     }
 
-    fn chain_with(&self, leaf: CertificateDer<'static>) -> Vec<CertificateDer<'static>> {
+    /// `leaf`, then the certificates above it.
+    fn chain_with(&self, leaf: &rcgen::Certificate) -> Vec<CertificateDer<'static>> {
         let mut chain = Vec::with_capacity(1 + self.chain_tail.len());
-        chain.push(leaf);
+        // A copy of the exact size: rcgen's DER grew by doubling, and the control plane keeps
+        // each stream's SVID for as long as the stream lasts (one per sidecar).
+        chain.push(CertificateDer::from(leaf.der().to_vec()));
         chain.extend(self.chain_tail.iter().cloned());
         chain
     }

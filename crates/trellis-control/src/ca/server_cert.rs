@@ -71,7 +71,7 @@ impl Ca {
         let leaf = params.signed_by(&key, &self.issuer).map_err(sign_err)?;
         let key_der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
         key.zeroize();
-        let chain = self.chain_with(leaf.into());
+        let chain = self.chain_with(&leaf);
         let facts = trellis_identity::cert_facts(&chain[0])
             .map_err(|e| CaError::Sign(format!("issued server certificate: {e}")))?;
         Ok(ServerCert {
