@@ -19,9 +19,14 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use slab::Slab;
+use tokio::sync::mpsc;
 
 /// Nothing asked the holders to stop.
 const RUNNING: u8 = 0;
@@ -33,7 +38,7 @@ const FORCED: u8 = 2;
 /// Starts a drain. Held by the process's shutdown handler.
 #[derive(Debug)]
 pub struct DrainSignal {
-    signal: watch::Sender<u8>,
+    shared: Arc<Shared>,
     /// Closes (returns `None`) once every [`Drain`] clone is gone: nothing is ever sent on it.
     released: mpsc::Receiver<Infallible>,
 }
@@ -42,18 +47,59 @@ pub struct DrainSignal {
 /// counts).
 #[derive(Debug, Clone)]
 pub struct Drain {
-    signal: watch::Receiver<u8>,
+    shared: Arc<Shared>,
     _hold: mpsc::Sender<Infallible>,
+}
+
+/// The drain's state and whoever waits for it to change.
+///
+/// Not a `tokio::sync::watch`: every connection waits on its drain for its whole life (twice:
+/// for the drain and for the force), and a watch's wait future is ~190 bytes, multiplied by
+/// every connection a control plane or sidecar holds. A wait here is its waker in `waiters`
+/// and ~40 bytes of future ([`Reached`]).
+#[derive(Debug)]
+struct Shared {
+    state: AtomicU8,
+    /// The wakers of the pending [`Reached`] futures, each removed by its own future.
+    waiters: Mutex<Slab<Waker>>,
+}
+
+impl Shared {
+    fn waiters(&self) -> MutexGuard<'_, Slab<Waker>> {
+        // A panic while holding the lock leaves the slab consistent (each step is one slab
+        // call), so a poisoned lock is still usable.
+        self.waiters.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Moves to `state` and wakes every waiter (each checks whether it is the state it waits
+    /// for). The state is stored before the waiters are taken: a waiter that registers after
+    /// the wake-ups sees it when it checks again under the lock.
+    fn set(&self, state: u8) {
+        self.state.store(state, Ordering::Release);
+        for (_, waker) in self.waiters().iter() {
+            waker.wake_by_ref();
+        }
+    }
+
+    fn reached(&self, state: u8) -> bool {
+        self.state.load(Ordering::Acquire) >= state
+    }
 }
 
 /// A connected pair: the signal and the first [`Drain`] to clone from.
 pub fn channel() -> (DrainSignal, Drain) {
-    let (signal, signal_rx) = watch::channel(RUNNING);
+    let shared = Arc::new(Shared {
+        state: AtomicU8::new(RUNNING),
+        waiters: Mutex::new(Slab::new()),
+    });
     let (hold, released) = mpsc::channel(1);
     (
-        DrainSignal { signal, released },
+        DrainSignal {
+            shared: Arc::clone(&shared),
+            released,
+        },
         Drain {
-            signal: signal_rx,
+            shared,
             _hold: hold,
         },
     )
@@ -62,30 +108,90 @@ pub fn channel() -> (DrainSignal, Drain) {
 impl Drain {
     /// Resolves once draining has started (at once if it already has). If the [`DrainSignal`] is
     /// dropped without draining, this never resolves: nothing asked the holder to stop.
-    pub fn signaled(&self) -> impl Future<Output = ()> + Send + 'static {
-        self.reached(DRAINING)
+    pub fn signaled(&self) -> impl Future<Output = ()> + Send + Unpin + 'static {
+        Reached::new(&self.shared, DRAINING)
     }
 
     /// Resolves once the drain timeout has passed with holders left: they must stop now. Never
     /// resolves for a drain that finished in time or that was never started.
-    pub fn forced(&self) -> impl Future<Output = ()> + Send + 'static {
-        self.reached(FORCED)
-    }
-
-    fn reached(&self, state: u8) -> impl Future<Output = ()> + Send + 'static {
-        let mut signal = self.signal.clone();
-        async move {
-            // `wait_for` looks at the current value first, so a drain that started (and a signal
-            // dropped after it) still resolves.
-            if signal.wait_for(|now| *now >= state).await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
+    pub fn forced(&self) -> impl Future<Output = ()> + Send + Unpin + 'static {
+        Reached::new(&self.shared, FORCED)
     }
 
     /// True once draining has started.
     pub fn is_draining(&self) -> bool {
-        *self.signal.borrow() >= DRAINING
+        self.shared.reached(DRAINING)
+    }
+}
+
+/// Resolves once the drain reaches a state (at once if it already has). Holds no [`Drain`]:
+/// waiting for the drain does not delay it.
+struct Reached {
+    shared: Arc<Shared>,
+    state: u8,
+    /// While pending: the key of the waker in `shared.waiters`, and a copy of it to compare
+    /// with the next poll's without taking the lock.
+    waiting: Option<(usize, Waker)>,
+}
+
+impl Reached {
+    fn new(shared: &Arc<Shared>, state: u8) -> Self {
+        Self {
+            shared: Arc::clone(shared),
+            state,
+            waiting: None,
+        }
+    }
+
+    fn stop_waiting(&mut self) {
+        if let Some((key, _)) = self.waiting.take() {
+            self.shared.waiters().try_remove(key);
+        }
+    }
+}
+
+impl Future for Reached {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if this.shared.reached(this.state) {
+            this.stop_waiting();
+            return Poll::Ready(());
+        }
+        // Polled again by the same task (every wake-up of a connection's task polls this in
+        // its `select!`): the registered waker still holds, and this costs one atomic load.
+        if let Some((_, waker)) = &this.waiting {
+            if waker.will_wake(cx.waker()) {
+                return Poll::Pending;
+            }
+        }
+        let mut waiters = this.shared.waiters();
+        match &mut this.waiting {
+            Some((key, waker)) => {
+                waker.clone_from(cx.waker());
+                if let Some(registered) = waiters.get_mut(*key) {
+                    registered.clone_from(cx.waker());
+                }
+            }
+            None => {
+                let key = waiters.insert(cx.waker().clone());
+                this.waiting = Some((key, cx.waker().clone()));
+            }
+        }
+        // Checked again under the lock: a `set` before the registration woke nobody here.
+        if this.shared.reached(this.state) {
+            drop(waiters);
+            this.stop_waiting();
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Reached {
+    fn drop(&mut self) {
+        self.stop_waiting();
     }
 }
 
@@ -95,16 +201,15 @@ impl DrainSignal {
     /// The signal is sent when this is called, before the returned future is first polled.
     pub fn drain(self, timeout: Duration) -> impl Future<Output = bool> {
         let DrainSignal {
-            signal,
+            shared,
             mut released,
         } = self;
-        signal.send_replace(DRAINING);
+        shared.set(DRAINING);
         async move {
             let finished = tokio::time::timeout(timeout, released.recv()).await.is_ok();
             if !finished {
-                signal.send_replace(FORCED);
+                shared.set(FORCED);
             }
-            // The sender stays alive until here so late `signaled()` calls still see the state.
             finished
         }
     }
@@ -113,12 +218,10 @@ impl DrainSignal {
     /// that takes: for a drain nested inside another, whose own timeout bounds the wait.
     pub async fn drain_all(self) {
         let DrainSignal {
-            signal,
+            shared,
             mut released,
         } = self;
-        signal.send_replace(DRAINING);
-        // The sender stays alive while waiting, as in `drain`.
-        let _signal = signal;
+        shared.set(DRAINING);
         let _ = released.recv().await;
     }
 }
@@ -202,6 +305,86 @@ mod tests {
         // (Paused time: exact.) Returning any earlier would leave the holder running.
         assert!(started.elapsed() >= Duration::from_secs(3600));
         task.await.unwrap();
+    }
+
+    /// Counts its wake-ups.
+    #[derive(Default)]
+    struct Counted(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Counted {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn counted() -> (Arc<Counted>, Waker) {
+        let count = Arc::new(Counted::default());
+        (Arc::clone(&count), Waker::from(count))
+    }
+
+    fn waiters(drain: &Drain) -> usize {
+        drain.shared.waiters().len()
+    }
+
+    /// Every connection holds two waits for its whole life: each must stay a fraction of a
+    /// watch's (~190 bytes), and one that is dropped or done must leave no waker behind.
+    #[test]
+    fn a_wait_is_small_and_leaves_nothing_behind() {
+        let (signal, drain) = channel();
+        let mut signaled = drain.signaled();
+        let mut forced = drain.forced();
+        assert!(std::mem::size_of_val(&signaled) <= 48);
+        let (_, waker) = counted();
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut signaled).poll(&mut cx).is_pending());
+        assert!(Pin::new(&mut forced).poll(&mut cx).is_pending());
+        // Polled again by the same task: still one waker each.
+        assert!(Pin::new(&mut signaled).poll(&mut cx).is_pending());
+        assert_eq!(waiters(&drain), 2);
+        drop(forced);
+        assert_eq!(waiters(&drain), 1);
+        let drained = signal.drain(Duration::from_secs(1));
+        assert!(Pin::new(&mut signaled).poll(&mut cx).is_ready());
+        assert_eq!(waiters(&drain), 0);
+        drop((drained, signaled));
+    }
+
+    /// A wait polled from another task wakes that task, not the first.
+    #[test]
+    fn a_wait_wakes_the_task_that_polled_it_last() {
+        let (signal, drain) = channel();
+        let mut signaled = drain.signaled();
+        let ((first, first_waker), (second, second_waker)) = (counted(), counted());
+        assert!(Pin::new(&mut signaled)
+            .poll(&mut Context::from_waker(&first_waker))
+            .is_pending());
+        assert!(Pin::new(&mut signaled)
+            .poll(&mut Context::from_waker(&second_waker))
+            .is_pending());
+        assert_eq!(waiters(&drain), 1);
+        let _drained = signal.drain(Duration::from_secs(1));
+        assert_eq!(first.0.load(Ordering::SeqCst), 0);
+        assert_eq!(second.0.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn every_waiting_holder_is_woken() {
+        let (signal, drain) = channel();
+        let holders: Vec<_> = (0..100)
+            .map(|_| {
+                let holder = drain.clone();
+                tokio::spawn(async move {
+                    holder.signaled().await;
+                    drop(holder);
+                })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        drop(drain);
+        assert!(signal.drain(Duration::from_secs(10)).await);
+        for holder in holders {
+            holder.await.unwrap();
+        }
     }
 
     #[tokio::test(start_paused = true)]
