@@ -548,8 +548,9 @@ pub mod unbuffered {
 /// drops it, and the next read allocates it again: a server with many mostly idle connections
 /// (the Trellis control plane, one connection per sidecar) holds no read buffer for the idle
 /// ones, at the cost of one allocation per wake-up. On, the handshake deframer also drops its
-/// room for a flight's message spans whenever it holds none (after the handshake, for good).
-/// Process-wide; set it before serving.
+/// room for a flight's message spans whenever it holds none (after the handshake, for good),
+/// and the queues of records to send and of plaintext received give back their room once
+/// emptied. Process-wide; set it before serving.
 pub fn release_idle_read_buffers(enabled: bool) {
     msgs::deframer::buffers::set_release_idle_read_buffers(enabled);
 }

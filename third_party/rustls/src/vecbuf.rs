@@ -97,6 +97,8 @@ impl ChunkVecBuffer {
             let prefix = mem::take(&mut self.prefix_used);
             first.drain(0..prefix);
         }
+        #[cfg(feature = "std")]
+        self.release_if_empty();
 
         first
     }
@@ -188,6 +190,19 @@ impl ChunkVecBuffer {
             self.prefix_used, 0,
             "attempted to `ChunkVecBuffer::consume` more than available"
         );
+        self.release_if_empty();
+    }
+
+    /// Trellis: with idle buffers released, an emptied buffer gives back its queue of chunks
+    /// (room for four, kept otherwise for the connection's life, twice per connection: the
+    /// records to send and the plaintext received).
+    fn release_if_empty(&mut self) {
+        if self.chunks.is_empty()
+            && self.chunks.capacity() != 0
+            && crate::msgs::deframer::buffers::release_idle_read_buffers()
+        {
+            self.chunks = VecDeque::new();
+        }
     }
 
     /// Read data out of this object, passing it `wr`

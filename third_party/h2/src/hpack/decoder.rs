@@ -177,6 +177,18 @@ impl Decoder {
         };
 
         self.max_size_update = Some(size);
+
+        // Trellis: with idle buffers released, a table the peer has agreed to empty is emptied
+        // now. This is called when the peer acknowledges our SETTINGS_HEADER_TABLE_SIZE, and
+        // a peer that has must begin its next header block by shrinking its table to it (RFC
+        // 7541, 4.2), so no later block can refer to what the table holds; on a connection
+        // whose one stream sent its only header block before our SETTINGS arrived (a control
+        // plane's SDS connection) that block's indexed headers would otherwise stay for the
+        // connection's life.
+        if size == 0 && crate::codec::release_idle_buffers() {
+            self.table.set_max_size(0);
+            self.table.entries = VecDeque::new();
+        }
     }
 
     /// Decodes the headers found in the given buffer.
