@@ -379,7 +379,7 @@ impl Ca {
             bundle,
             issuer,
             signing_cert,
-            chain_tail,
+            chain_tail: chain_tail.into(),
             not_after: from_unix(not_after),
             label,
         })
@@ -800,6 +800,49 @@ mod tests {
             let err = load(mode).err().unwrap().to_string();
             assert!(err.contains("readable by others"), "{mode:o}: {err}");
         }
+    }
+
+    /// With an intermediate, every SVID's chain is its leaf and the one shared copy of the
+    /// CA's intermediate (not a copy per SVID), and the two parts make the chain `issue` and
+    /// `sign_csr` give, which verifies against the bundle.
+    #[test]
+    fn issued_leaves_share_the_intermediate() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Ca::init_offline(&td(), &dir.path().join("ca")).unwrap();
+        let ca = Ca::from_files(
+            &td(),
+            &files.intermediate_cert,
+            &files.intermediate_key,
+            Some(&files.bundle),
+        )
+        .unwrap();
+        let now = SystemTime::now();
+        let (first, above) = ca.issue_leaf(&id(), DAY, now).unwrap();
+        let (second, above_too) = ca.issue_leaf(&id(), DAY, now).unwrap();
+        assert_eq!(first.chain().len(), 1);
+        assert_eq!(above.len(), 1);
+        assert_eq!(above[0].as_ref(), ca.signing_cert().as_ref());
+        assert!(std::sync::Arc::ptr_eq(&above, &above_too));
+        assert_ne!(first.serial_hex(), second.serial_hex());
+        let whole = ca.issue(&id(), DAY, now).unwrap();
+        assert_eq!(whole.chain().len(), 2);
+        assert_eq!(whole.chain()[1].as_ref(), above[0].as_ref());
+        whole.verify(ca.bundle(), now).unwrap();
+
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(id().as_str().try_into().unwrap())];
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        let (leaf, above_csr) = ca.sign_csr_leaf(&csr, &id(), DAY, now).unwrap();
+        assert!(std::sync::Arc::ptr_eq(&above, &above_csr));
+        let chain = ca.sign_csr(&csr, &id(), DAY, now).unwrap();
+        assert_eq!(chain.len(), 2);
+        assert_eq!(chain[1].as_ref(), above[0].as_ref());
+        assert_ne!(
+            chain[0].as_ref(),
+            leaf.as_ref(),
+            "each call signs a new leaf"
+        );
     }
 
     #[test]

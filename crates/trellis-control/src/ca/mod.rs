@@ -13,6 +13,7 @@
 //!   chain = `[leaf, intermediate, …]`, bundle = the offline root.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::RngCore as _;
@@ -131,8 +132,9 @@ pub struct Ca {
     /// The signing certificate (what the transparency log names CA phases by).
     signing_cert: CertificateDer<'static>,
     /// What follows the leaf in an SVID chain: the signing certificate and its parents below
-    /// the root. Empty when the signing certificate is itself a root in the bundle.
-    chain_tail: Vec<CertificateDer<'static>>,
+    /// the root. Empty when the signing certificate is itself a root in the bundle. Shared
+    /// with every SVID issued on an SDS stream, which keeps it for the stream's life.
+    chain_tail: Arc<[CertificateDer<'static>]>,
     /// Earliest notAfter of the signing certificate and the rest of `chain_tail`.
     not_after: SystemTime,
     /// The signing certificate's subject and serial, for logs and status.
@@ -169,13 +171,29 @@ impl Ca {
     /// `now` (clock skew) until `now + ttl`, capped at the CA's own expiry.
     /// Chain: leaf, then the signing certificate (and its parents below the root).
     pub fn issue(&self, id: &SpiffeId, ttl: Duration, now: SystemTime) -> Result<Svid, CaError> {
+        let (leaf, above) = self.issue_leaf(id, ttl, now)?;
+        let chain = leaf.chain().iter().chain(above.iter()).cloned().collect();
+        Svid::new(chain, leaf.key().clone_key())
+            .map_err(|e| CaError::Sign(format!("issued SVID fails its own checks: {e}")))
+    }
+
+    /// [`Ca::issue`], with the chain in two parts: an [`Svid`] of the leaf alone (checked as
+    /// `issue` checks it), and the certificates above it, shared with everything this CA
+    /// issues (what an SDS stream keeps for its life is then the leaf and key alone).
+    pub fn issue_leaf(
+        &self,
+        id: &SpiffeId,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<(Svid, Arc<[CertificateDer<'static>]>), CaError> {
         let mut key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(sign_err)?;
         let params = self.leaf_params(id, ttl, now)?;
         let leaf = params.signed_by(&key, &self.issuer).map_err(sign_err)?;
         let key_der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
         key.zeroize();
-        Svid::new(self.chain_with(&leaf), key_der)
-            .map_err(|e| CaError::Sign(format!("issued SVID fails its own checks: {e}")))
+        let svid = Svid::new(vec![exact_der(&leaf)], key_der)
+            .map_err(|e| CaError::Sign(format!("issued SVID fails its own checks: {e}")))?;
+        Ok((svid, Arc::clone(&self.chain_tail)))
     }
 
     /// Signs a PKCS#10 CSR (PEM) for `id` with the same leaf profile as [`Ca::issue`]; the
@@ -189,6 +207,19 @@ impl Ca {
         ttl: Duration,
         now: SystemTime,
     ) -> Result<Vec<CertificateDer<'static>>, CaError> {
+        let (leaf, above) = self.sign_csr_leaf(csr_pem, id, ttl, now)?;
+        Ok(std::iter::once(leaf).chain(above.iter().cloned()).collect())
+    }
+
+    /// [`Ca::sign_csr`], with the chain in two parts: the leaf, and the certificates above it
+    /// (shared, as in [`Ca::issue_leaf`]).
+    pub fn sign_csr_leaf(
+        &self,
+        csr_pem: &str,
+        id: &SpiffeId,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<(CertificateDer<'static>, Arc<[CertificateDer<'static>]>), CaError> {
         if !id.is_member_of(&self.trust_domain) {
             return Err(CaError::BadCsr(format!(
                 "`{id}` is not in trust domain `{}`",
@@ -231,24 +262,21 @@ impl Ca {
         let leaf = params
             .signed_by(&csr.public_key, &self.issuer)
             .map_err(sign_err)?;
-        let chain = self.chain_with(&leaf);
+        let leaf = exact_der(&leaf);
         // Same check `issue` gets from `Svid::new`, minus the key (which we never see).
-        let facts = trellis_identity::cert_facts(&chain[0])
+        let facts = trellis_identity::cert_facts(&leaf)
             .map_err(|e| CaError::Sign(format!("issued certificate: {e}")))?;
         facts
             .leaf_spiffe_id()
             .map_err(|e| CaError::Sign(format!("issued certificate: {e}")))?;
-        Ok(chain)
+        Ok((leaf, Arc::clone(&self.chain_tail)))
     }
 
     /// `leaf`, then the certificates above it.
     fn chain_with(&self, leaf: &rcgen::Certificate) -> Vec<CertificateDer<'static>> {
-        let mut chain = Vec::with_capacity(1 + self.chain_tail.len());
-        // A copy of the exact size: rcgen's DER grew by doubling, and the control plane keeps
-        // each stream's SVID for as long as the stream lasts (one per sidecar).
-        chain.push(CertificateDer::from(leaf.der().to_vec()));
-        chain.extend(self.chain_tail.iter().cloned());
-        chain
+        std::iter::once(exact_der(leaf))
+            .chain(self.chain_tail.iter().cloned())
+            .collect()
     }
 
     /// The X509-SVID leaf profile.
@@ -314,6 +342,12 @@ fn random_serial() -> SerialNumber {
         b[0] = 1;
     }
     SerialNumber::from_slice(&b)
+}
+
+/// A copy of `cert`'s DER of the exact size: rcgen's grew by doubling, and the control plane
+/// keeps each stream's SVID for as long as the stream lasts (one per sidecar).
+fn exact_der(cert: &rcgen::Certificate) -> CertificateDer<'static> {
+    CertificateDer::from(cert.der().to_vec())
 }
 
 fn sign_err(e: rcgen::Error) -> CaError {

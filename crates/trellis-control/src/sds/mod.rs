@@ -261,17 +261,17 @@ impl SdsCore {
                 .map_err(IssueFail::Clock)?;
             let ttl = core.policy.svid_ttl;
             let issued = match csr {
-                None => Issued::WithKey(core.ca.load().issue(&id, ttl, now)?),
+                None => {
+                    let (svid, above) = core.ca.load().issue_leaf(&id, ttl, now)?;
+                    Issued::WithKey { svid, above }
+                }
                 Some(csr) => {
-                    let chain = core.ca.load().sign_csr(&csr, &id, ttl, now)?;
-                    let facts = chain
-                        .first()
-                        .map(trellis_identity::cert_facts)
-                        .transpose()
-                        .map_err(|e| CaError::Sign(e.to_string()))?
-                        .ok_or_else(|| CaError::Sign("empty chain".into()))?;
+                    let (leaf, above) = core.ca.load().sign_csr_leaf(&csr, &id, ttl, now)?;
+                    let facts = trellis_identity::cert_facts(&leaf)
+                        .map_err(|e| CaError::Sign(e.to_string()))?;
                     Issued::ChainOnly {
-                        chain,
+                        leaf,
+                        above,
                         serial_hex: facts.serial_hex,
                         not_after: facts.not_after,
                     }

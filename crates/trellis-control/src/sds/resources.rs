@@ -6,6 +6,8 @@
 //! (a `generic_secret` stock Envoys never ask for).
 //! The response echoes the name the client asked for: Envoy matches secrets by name.
 
+use std::sync::Arc;
+
 use prost::Message;
 use tonic::Status;
 use trellis_identity::{certs_to_pem, key_to_pem, CertificateDer, SpiffeId, Svid, TrustBundle};
@@ -101,14 +103,25 @@ fn inline(bytes: Vec<u8>) -> Option<DataSource> {
 
 /// What the control plane issued on a stream: a whole SVID with a key it made (stock Envoy),
 /// or a certificate chain for the caller's own key (CSR mode: the key never travels).
+///
+/// The certificates above the leaf are the issuing CA's, shared with everything it issued: a
+/// stream keeps its last SVID for its whole life, one stream per sidecar, and a copy of the
+/// intermediate in each (~0.6 KiB) was as large as the leaf.
 #[derive(Debug)]
 pub enum Issued {
-    /// Chain and key.
-    WithKey(Svid),
-    /// Chain only, for the public key of the caller's CSR.
+    /// The leaf and its key (an [`Svid`] of the leaf alone), and the chain above it.
+    WithKey {
+        /// The leaf and its key.
+        svid: Svid,
+        /// The certificates above the leaf.
+        above: Arc<[CertificateDer<'static>]>,
+    },
+    /// The leaf, for the public key of the caller's CSR, and the chain above it.
     ChainOnly {
-        /// Leaf first.
-        chain: Vec<CertificateDer<'static>>,
+        /// The leaf.
+        leaf: CertificateDer<'static>,
+        /// The certificates above the leaf.
+        above: Arc<[CertificateDer<'static>]>,
         /// Leaf serial, hex.
         serial_hex: String,
         /// Leaf notAfter.
@@ -120,7 +133,7 @@ impl Issued {
     /// The leaf serial.
     pub fn serial_hex(&self) -> &str {
         match self {
-            Issued::WithKey(s) => s.serial_hex(),
+            Issued::WithKey { svid, .. } => svid.serial_hex(),
             Issued::ChainOnly { serial_hex, .. } => serial_hex,
         }
     }
@@ -128,15 +141,15 @@ impl Issued {
     /// The leaf certificate (absent only from a malformed chain).
     pub fn leaf(&self) -> Option<&trellis_identity::CertificateDer<'static>> {
         match self {
-            Issued::WithKey(s) => s.chain().first(),
-            Issued::ChainOnly { chain, .. } => chain.first(),
+            Issued::WithKey { svid, .. } => svid.chain().first(),
+            Issued::ChainOnly { leaf, .. } => Some(leaf),
         }
     }
 
     /// The leaf notAfter.
     pub fn not_after(&self) -> std::time::SystemTime {
         match self {
-            Issued::WithKey(s) => s.not_after(),
+            Issued::WithKey { svid, .. } => svid.not_after(),
             Issued::ChainOnly { not_after, .. } => *not_after,
         }
     }
@@ -144,10 +157,12 @@ impl Issued {
 
 /// `Secret{name, tls_certificate{chain PEM[, key PEM]}}`; no key in CSR mode.
 pub fn svid_secret(name: &str, issued: &Issued) -> Secret {
-    let (chain, key) = match issued {
-        Issued::WithKey(svid) => (certs_to_pem(svid.chain()), Some(key_to_pem(svid.key()))),
-        Issued::ChainOnly { chain, .. } => (certs_to_pem(chain), None),
+    let (leaf, above, key) = match issued {
+        Issued::WithKey { svid, above } => (svid.chain(), above, Some(key_to_pem(svid.key()))),
+        Issued::ChainOnly { leaf, above, .. } => (std::slice::from_ref(leaf), above, None),
     };
+    let mut chain = certs_to_pem(leaf);
+    chain.push_str(&certs_to_pem(above));
     Secret {
         name: name.to_owned(),
         r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
