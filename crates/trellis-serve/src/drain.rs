@@ -56,7 +56,8 @@ pub struct Drain {
 /// Not a `tokio::sync::watch`: every connection waits on its drain for its whole life (twice:
 /// for the drain and for the force), and a watch's wait future is ~190 bytes, multiplied by
 /// every connection a control plane or sidecar holds. A wait here is its waker in `waiters`
-/// and ~40 bytes of future ([`Reached`]).
+/// and ~40 bytes of future ([`Reached`]). The slab keeps room for the most waits ever pending
+/// at once (16 bytes each), for the drain's life.
 #[derive(Debug)]
 struct Shared {
     state: AtomicU8,
@@ -73,11 +74,13 @@ impl Shared {
 
     /// Moves to `state` and wakes every waiter (each checks whether it is the state it waits
     /// for). The state is stored before the waiters are taken: a waiter that registers after
-    /// the wake-ups sees it when it checks again under the lock.
+    /// the wake-ups sees it when it checks again under the lock. The wakers are woken after the
+    /// lock is let go: a waker's code (an executor polling in place) may poll or drop a wait.
     fn set(&self, state: u8) {
         self.state.store(state, Ordering::Release);
-        for (_, waker) in self.waiters().iter() {
-            waker.wake_by_ref();
+        let wakers: Vec<Waker> = self.waiters().iter().map(|(_, w)| w.clone()).collect();
+        for waker in wakers {
+            waker.wake();
         }
     }
 
@@ -145,7 +148,9 @@ impl Reached {
 
     fn stop_waiting(&mut self) {
         if let Some((key, _)) = self.waiting.take() {
-            self.shared.waiters().try_remove(key);
+            // Dropped after the lock is let go, as every waker here (see `Shared::set`).
+            let removed = self.shared.waiters().try_remove(key);
+            drop(removed);
         }
     }
 }
@@ -167,21 +172,25 @@ impl Future for Reached {
             }
         }
         let mut waiters = this.shared.waiters();
-        match &mut this.waiting {
-            Some((key, waker)) => {
-                waker.clone_from(cx.waker());
-                if let Some(registered) = waiters.get_mut(*key) {
-                    registered.clone_from(cx.waker());
-                }
-            }
+        let replaced = match &mut this.waiting {
+            Some((key, _)) => waiters
+                .get_mut(*key)
+                .map(|registered| std::mem::replace(registered, cx.waker().clone())),
             None => {
                 let key = waiters.insert(cx.waker().clone());
                 this.waiting = Some((key, cx.waker().clone()));
+                None
             }
-        }
+        };
         // Checked again under the lock: a `set` before the registration woke nobody here.
-        if this.shared.reached(this.state) {
-            drop(waiters);
+        let reached = this.shared.reached(this.state);
+        drop(waiters);
+        // The wakers replaced are dropped after the lock is let go (see `Shared::set`).
+        if let Some((_, waker)) = &mut this.waiting {
+            waker.clone_from(cx.waker());
+        }
+        drop(replaced);
+        if reached {
             this.stop_waiting();
             return Poll::Ready(());
         }

@@ -138,7 +138,7 @@ impl Issued {
         }
     }
 
-    /// The leaf certificate (absent only from a malformed chain).
+    /// The leaf certificate (always there: an [`Svid`]'s chain is never empty).
     pub fn leaf(&self) -> Option<&trellis_identity::CertificateDer<'static>> {
         match self {
             Issued::WithKey { svid, .. } => svid.chain().first(),

@@ -245,8 +245,9 @@ impl StreamingInner {
                 if let Err(err) = decompress(
                     CompressionSettings {
                         encoding,
-                        // Trellis: a buffer size of 0 (no buffer kept between messages)
-                        // grows by tonic's default interval, not by nothing.
+                        // Trellis: with a buffer size of 0 (no buffer kept between messages)
+                        // the decompression buffer grows by tonic's default interval; upstream
+                        // divides by the buffer size here.
                         buffer_growth_interval: match buffer_settings.buffer_size {
                             0 => super::DEFAULT_CODEC_BUFFER_SIZE,
                             size => size,
