@@ -393,7 +393,7 @@ mod connection {
                     .common_state
                     .quic
                     .early_secret
-                    .as_ref()?,
+                    .as_deref()?,
                 self.core.common_state.quic.version,
             ))
         }
@@ -476,9 +476,13 @@ pub(crate) struct Quic {
     pub(crate) params: Option<Vec<u8>>,
     pub(crate) alert: Option<AlertDescription>,
     pub(crate) hs_queue: VecDeque<(bool, Vec<u8>)>,
-    pub(crate) early_secret: Option<OkmBlock>,
-    pub(crate) hs_secrets: Option<Secrets>,
-    pub(crate) traffic_secrets: Option<Secrets>,
+    // Trellis: the secrets are boxed. Every connection, QUIC or not, carries this struct, and
+    // inline they were ~430 bytes that a TLS-over-TCP connection never sets (a control plane
+    // holds one connection per sidecar, a sidecar one per peer); a QUIC connection pays one
+    // allocation per secret set instead.
+    pub(crate) early_secret: Option<Box<OkmBlock>>,
+    pub(crate) hs_secrets: Option<Box<Secrets>>,
+    pub(crate) traffic_secrets: Option<Box<Secrets>>,
     /// Whether keys derived from traffic_secrets have been passed to the QUIC implementation
     #[cfg(feature = "std")]
     pub(crate) returned_traffic_keys: bool,
@@ -511,7 +515,7 @@ impl Quic {
                 secrets.update();
                 return Some(KeyChange::OneRtt {
                     keys,
-                    next: secrets,
+                    next: *secrets,
                 });
             }
         }

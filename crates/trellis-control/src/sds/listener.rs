@@ -202,6 +202,18 @@ mod tests {
 
     use super::*;
 
+    /// rustls keeps a connection's QUIC state inline in every connection, QUIC or not; the
+    /// patched rustls (third_party/) boxes its three secrets, ~430 bytes a TLS-over-TCP
+    /// connection never sets, which every SDS connection's task carried (1,168 bytes inline).
+    #[test]
+    fn a_tls_connection_holds_no_quic_secrets_inline() {
+        let inline = std::mem::size_of::<rustls::ServerConnection>();
+        assert!(
+            inline <= 800,
+            "rustls::ServerConnection is {inline} bytes (760 with the patch)"
+        );
+    }
+
     /// A connection's task is, for the connection's whole life, its future's largest state:
     /// that must be the HTTP/2 connection it serves, not the handshake before it (a rustls
     /// connection mid-handshake and its timer) nor what it was given to start with (the
