@@ -777,7 +777,7 @@ fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::ca::tests::{default_ca, id, td, DAY};
+    use crate::ca::tests::{default_ca, id, intermediate_ca, td, DAY};
 
     #[test]
     fn key_mode_rule_allows_group_read_only_for_root_owned_keys() {
@@ -807,15 +807,7 @@ mod tests {
     /// `sign_csr` give, which verifies against the bundle.
     #[test]
     fn issued_leaves_share_the_intermediate() {
-        let dir = tempfile::tempdir().unwrap();
-        let files = Ca::init_offline(&td(), &dir.path().join("ca")).unwrap();
-        let ca = Ca::from_files(
-            &td(),
-            &files.intermediate_cert,
-            &files.intermediate_key,
-            Some(&files.bundle),
-        )
-        .unwrap();
+        let (_dir, ca) = intermediate_ca();
         let now = SystemTime::now();
         let (first, above) = ca.issue_leaf(&id(), DAY, now).unwrap();
         let (second, above_too) = ca.issue_leaf(&id(), DAY, now).unwrap();

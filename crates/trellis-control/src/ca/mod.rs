@@ -396,6 +396,21 @@ mod tests {
         (dir, reg, ca)
     }
 
+    /// An operator intermediate under an offline root, as `trellis ca init` makes them (the
+    /// directory holds its files).
+    pub(super) fn intermediate_ca() -> (tempfile::TempDir, Ca) {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Ca::init_offline(&td(), &dir.path().join("ca")).unwrap();
+        let ca = Ca::from_files(
+            &td(),
+            &files.intermediate_cert,
+            &files.intermediate_key,
+            Some(&files.bundle),
+        )
+        .unwrap();
+        (dir, ca)
+    }
+
     /// A root that expires `life` from now, signing directly (like the embedded default).
     pub(super) fn short_lived_ca(life: Duration) -> Ca {
         let now = SystemTime::now();

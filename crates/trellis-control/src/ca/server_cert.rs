@@ -87,7 +87,7 @@ impl Ca {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::ca::tests::{default_ca, parse, short_lived_ca, td, DAY};
+    use crate::ca::tests::{default_ca, intermediate_ca, parse, short_lived_ca, DAY};
     use trellis_identity::{CertificateDer, TrustBundle, Usage};
     use x509_parser::extensions::GeneralName;
 
@@ -139,15 +139,7 @@ mod tests {
 
     #[test]
     fn server_cert_under_an_intermediate_verifies() {
-        let dir = tempfile::tempdir().unwrap();
-        let files = Ca::init_offline(&td(), &dir.path().join("ca")).unwrap();
-        let ca = Ca::from_files(
-            &td(),
-            &files.intermediate_cert,
-            &files.intermediate_key,
-            Some(&files.bundle),
-        )
-        .unwrap();
+        let (_dir, ca) = intermediate_ca();
         let cert = ca
             .issue_server_cert(&names(&["webhook.example"]), DAY, SystemTime::now())
             .unwrap();
