@@ -271,9 +271,12 @@ step "cargo test --locked --workspace"
 # --no-fail-fast: every test binary runs, so one failure does not hide the others' results.
 cargo test --locked --workspace --no-fail-fast
 
-step "release trellis-sidecar: its code laid out in crates/trellis/sidecar-code-order.txt's order"
-# build.rs hands the list to rust-lld; a build that silently lost it would cost every idle
-# sidecar ~4 MiB (docs/benchmarks.md, "Idle RSS: code layout"). Also prints how stale the list is.
-cargo build --release --locked -p trellis --bin trellis-sidecar
+step "release binaries: their code laid out in crates/trellis/*-code-order.txt's order"
+# build.rs hands the lists to rust-lld; a build that silently lost one would cost every idle
+# sidecar ~4 MiB and a control plane ~9 MiB (docs/benchmarks.md, "Idle RSS: code layout").
+# Also prints how stale each list is.
+cargo build --release --locked -p trellis --bins
 python3 "$REPO/tests/bench/code_order.py" --check "$REPO/crates/trellis/sidecar-code-order.txt" \
     --binary "${CARGO_TARGET_DIR:-$REPO/target}/release/trellis-sidecar"
+python3 "$REPO/tests/bench/code_order.py" --check "$REPO/crates/trellis/control-code-order.txt" \
+    --binary "${CARGO_TARGET_DIR:-$REPO/target}/release/trellis"

@@ -2,7 +2,8 @@
 //! `trellis --version`. `TRELLIS_BUILD_COMMIT` wins (the Docker build has no `.git`); else
 //! `git rev-parse`; else `unknown`. Never fails the build.
 //!
-//! Also lays out `trellis-sidecar`'s code in the order of `sidecar-code-order.txt` (see
+//! Also lays out `trellis-sidecar`'s code in the order of `sidecar-code-order.txt`, and
+//! `trellis`'s (which runs the control plane) in that of `control-code-order.txt` (see
 //! [`code_order`]).
 
 use std::path::PathBuf;
@@ -63,19 +64,31 @@ fn watch(path: PathBuf) {
     }
 }
 
-/// Links the functions a sidecar runs first and together (rust-lld's `--symbol-ordering-file`,
-/// the list made by `tests/bench/code-order.sh` from profiles of working sidecars).
+/// Each binary and the list its code is laid out by: the sidecar's from profiles of working
+/// sidecars, `trellis`'s from a control plane serving SDS (`trellis control` is its long-running
+/// job; its other subcommands are short-lived).
+const CODE_ORDERS: [(&str, &str); 2] = [
+    ("trellis-sidecar", "sidecar-code-order.txt"),
+    ("trellis", "control-code-order.txt"),
+];
+
+/// Links the functions a binary runs at work first and together (rust-lld's
+/// `--symbol-ordering-file`, the lists made by `tests/bench/code-order.sh` from callgrind
+/// profiles).
 ///
-/// An idle sidecar's memory is mostly its executable's pages: the kernel maps code in blocks
-/// around every function that runs, and the ~3,000 functions a sidecar runs were spread over
-/// all of its 9 MB of code. Packed together they fill a few MiB (docs/benchmarks.md, "Idle RSS:
-/// code layout"). Names the build no longer has are skipped, so a stale list costs memory,
-/// never correctness. Only release builds for x86_64 Linux with Rust 1.90 or newer, whose
-/// default linker is rust-lld; other linkers (GNU ld, gold) lack the option.
-/// `TRELLIS_CODE_ORDER=off` turns it off, e.g. for a build configured with another linker.
+/// An idle process's memory is mostly its executable's pages: the kernel maps code in blocks
+/// around every function that runs, and the ~3,000 functions a sidecar (or a control plane)
+/// runs were spread over all of the 9 MB (20 MB) of code. Packed together they fill a few MiB
+/// (docs/benchmarks.md, "Idle RSS: code layout"). Names the build no longer has are skipped, so
+/// a stale list costs memory, never correctness. Only release builds for x86_64 Linux with
+/// Rust 1.90 or newer, whose default linker is rust-lld; other linkers (GNU ld, gold) lack the
+/// option. `TRELLIS_CODE_ORDER=off` turns it off, e.g. for a build configured with another
+/// linker.
 fn code_order() {
-    let order = PathBuf::from(env("CARGO_MANIFEST_DIR")).join("sidecar-code-order.txt");
-    println!("cargo:rerun-if-changed={}", order.display());
+    let dir = PathBuf::from(env("CARGO_MANIFEST_DIR"));
+    for (_, list) in CODE_ORDERS {
+        println!("cargo:rerun-if-changed={}", dir.join(list).display());
+    }
     println!("cargo:rerun-if-env-changed=TRELLIS_CODE_ORDER");
     let flags = env("CARGO_ENCODED_RUSTFLAGS");
     let other_linker = [
@@ -91,15 +104,20 @@ fn code_order() {
         || env("TRELLIS_CODE_ORDER") == "off"
         || other_linker
         || !links_with_rust_lld()
-        || !order.exists()
     {
         return;
     }
-    for arg in [
-        format!("-Wl,--symbol-ordering-file={}", order.display()),
-        "-Wl,--no-warn-symbol-ordering".to_owned(),
-    ] {
-        println!("cargo:rustc-link-arg-bin=trellis-sidecar={arg}");
+    for (bin, list) in CODE_ORDERS {
+        let order = dir.join(list);
+        if !order.exists() {
+            continue;
+        }
+        for arg in [
+            format!("-Wl,--symbol-ordering-file={}", order.display()),
+            "-Wl,--no-warn-symbol-ordering".to_owned(),
+        ] {
+            println!("cargo:rustc-link-arg-bin={bin}={arg}");
+        }
     }
 }
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Regenerates crates/trellis/sidecar-code-order.txt: the functions a sidecar runs, in the order
-# rust-lld lays them out in `trellis-sidecar` (crates/trellis/build.rs), so that they share few
-# pages and an idle sidecar reads in less of its executable (docs/benchmarks.md, "Idle RSS:
-# code layout").
+# Regenerates the link orders of both binaries (crates/trellis/build.rs lays their code out in
+# them, so that what runs shares few pages and an idle process reads in less of its executable;
+# docs/benchmarks.md, "Idle RSS: code layout"):
+# - crates/trellis/sidecar-code-order.txt, the functions a sidecar runs, for `trellis-sidecar`;
+# - crates/trellis/control-code-order.txt, those a control plane runs, for `trellis`.
 #
 #   bash tests/bench/code-order.sh      # needs valgrind, python3 and what tests/bench/run.sh needs
 #
@@ -10,19 +11,22 @@
 # sidecar pair through a `--quick --only trellis` run of tests/bench/run.sh: startup with file
 # identities, HTTP/1.1 and h2c load, full handshakes, a burst of idle connections, the admin
 # endpoints; (2) `trellis demo --once`: SVIDs over SDS with a key made in the sidecar, policy,
-# HTTP/1.1 and h2c calls. Then writes the list, most-run first. Run it after changes that move
-# much of the sidecar's code (a dependency upgrade, a new request path) and commit the list; a
-# stale list only costs memory (names the build no longer has are skipped).
+# HTTP/1.1 and h2c calls; (3) `trellis control` under the `sds_load` example: start-up, 300
+# join-token sidecars served over their own TLS connections, a rotation wave, a clean stop.
+# Then writes each list, most-run first. Run it after changes that move much of the code (a
+# dependency upgrade, a new request path) and commit the lists; a stale list only costs memory
+# (names the build no longer has are skipped).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
 ORDER="$REPO/crates/trellis/sidecar-code-order.txt"
+CONTROL_ORDER="$REPO/crates/trellis/control-code-order.txt"
 BIN_DIR="$REPO/target/release"
 
 command -v valgrind >/dev/null || { echo "error: valgrind not found (apt-get install valgrind)" >&2; exit 1; }
 cd "$REPO"
-cargo build --release --locked -p trellis --bins
+cargo build --release --locked -p trellis --bins -p trellis-control --example sds_load
 PROFILES="$(mktemp -d "${TMPDIR:-/tmp}/trellis-code-order.XXXXXX")"
 trap 'rm -rf "$PROFILES"' EXIT
 CALLGRIND="valgrind --tool=callgrind --trace-children=yes --demangle=no --dump-instr=no --callgrind-out-file="
@@ -35,6 +39,20 @@ ${CALLGRIND}"$PROFILES/callgrind.demo" "$BIN_DIR/trellis" demo --once >/dev/null
     tail -n 20 "$PROFILES/demo.err" >&2
     exit 1
 }
+echo "==> profiling trellis control under sds_load (a minute and a half)" >&2
+# sds_load stops the control plane with SIGTERM, so callgrind writes its profile.
+cat >"$PROFILES/control.sh" <<EOF
+#!/bin/sh
+exec ${CALLGRIND}"$PROFILES/control.callgrind" "$BIN_DIR/trellis" "\$@"
+EOF
+chmod +x "$PROFILES/control.sh"
+(ulimit -n 4096 && "$BIN_DIR/examples/sds_load" --streams 300 --per-connection 1 --sources 1 \
+    --rotate-every 60s --trellis-bin "$PROFILES/control.sh" >"$PROFILES/load.out" 2>&1) || {
+    tail -n 20 "$PROFILES/load.out" >&2
+    exit 1
+}
 python3 "$HERE/code_order.py" --binary "$BIN_DIR/trellis-sidecar" "$PROFILES"/callgrind.* >"$ORDER.new"
+python3 "$HERE/code_order.py" --binary "$BIN_DIR/trellis" "$PROFILES/control.callgrind" >"$CONTROL_ORDER.new"
 mv "$ORDER.new" "$ORDER"
-echo "==> wrote $ORDER; rebuild (cargo build --release -p trellis) to lay the code out in its order" >&2
+mv "$CONTROL_ORDER.new" "$CONTROL_ORDER"
+echo "==> wrote $ORDER and $CONTROL_ORDER; rebuild (cargo build --release -p trellis) to lay the code out in their order" >&2

@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""Writes the link order of trellis-sidecar's code from callgrind profiles of sidecars at work.
+"""Writes the link order of a binary's code from callgrind profiles of it at work.
 
 usage: code_order.py --binary target/release/trellis-sidecar cg.out... > crates/trellis/sidecar-code-order.txt
        code_order.py --check crates/trellis/sidecar-code-order.txt --binary target/release/trellis-sidecar
+       (the same for target/release/trellis and crates/trellis/control-code-order.txt, from a
+       control plane's profile)
 
 Every function the profiles saw run, as its (mangled) symbol name, most instructions first, kept
 only when the binary defines it (libc's functions are not ours to place). rust-lld places these
 functions first and together (`--symbol-ordering-file`, crates/trellis/build.rs), so what a
-sidecar runs fills few pages and the rest of the code is never read in; see
+sidecar (or a control plane) runs fills few pages and the rest of the code is never read in; see
 docs/benchmarks.md ("Idle RSS: code layout") and tests/bench/code-order.sh, which makes the profiles.
 """
 import argparse
@@ -85,7 +87,7 @@ def check(order_file, binary):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--binary", required=True, help="the trellis-sidecar the profiles ran")
+    parser.add_argument("--binary", required=True, help="the binary the profiles ran")
     parser.add_argument("--check", metavar="ORDER", help="check the binary's layout against this list")
     parser.add_argument("profiles", nargs="*", help="callgrind.out files")
     args = parser.parse_args()

@@ -343,6 +343,16 @@ async fn main() -> anyhow::Result<()> {
         rss2 / 1024,
         cpu2 - cpu1
     );
-    let _ = child.kill().await;
+    // A clean stop, so a profiler wrapped around the control plane (tests/bench/code-order.sh
+    // runs it under callgrind) writes its profile; killed if it takes too long.
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    if tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
     Ok(())
 }
