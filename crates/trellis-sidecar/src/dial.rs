@@ -1,6 +1,8 @@
 //! Dialling: TCP with a timeout, and a peer sidecar over mTLS with the identity check inside
 //! the handshake, the re-check of a resumed session, and the errors the app will read.
 
+pub use trellis_serve::net::DeadPeer;
+
 use crate::forward_error::ForwardError;
 use crate::metrics::{Direction, SidecarMetrics};
 use crate::mtls;
@@ -71,50 +73,6 @@ pub async fn connect_tcp(addr: TcpTarget<'_>, timeout: Duration) -> io::Result<T
     stream.set_nodelay(true)?;
     Ok(stream)
 }
-
-/// Dead-peer detection for a socket to or from a peer sidecar, from `limits.h2.keepalive_*`:
-/// TCP keepalive probes after `interval` without traffic, one a second, and TCP_USER_TIMEOUT
-/// of `interval + timeout`, so the kernel closes a connection whose packets vanish (sent data
-/// unacknowledged, probes unanswered) within the same budget as the pooled connection's HTTP/2
-/// PING. This also bounds what has no PING of its own: the HTTP/1.1 fallback, WebSocket and
-/// TCP forwards, and the inbound side of a peer's pooled connection.
-#[derive(Debug, Clone, Copy)]
-pub struct DeadPeer {
-    /// `limits.h2.keepalive_interval`.
-    pub interval: Duration,
-    /// `limits.h2.keepalive_timeout`.
-    pub timeout: Duration,
-}
-
-impl DeadPeer {
-    /// Sets the options on `tcp`. Best effort: a platform without them keeps its defaults.
-    pub fn apply(&self, tcp: &TcpStream) {
-        let sock = socket2::SockRef::from(tcp);
-        let keepalive = socket2::TcpKeepalive::new()
-            .with_time(self.interval.clamp(Duration::from_secs(1), MAX_KEEPIDLE))
-            .with_interval(self.probe_interval())
-            .with_retries(self.probes());
-        if let Err(e) = sock.set_tcp_keepalive(&keepalive) {
-            tracing::debug!(error = %e, "cannot set TCP keepalive");
-        }
-        if let Err(e) = sock.set_tcp_user_timeout(Some(self.interval + self.timeout)) {
-            tracing::debug!(error = %e, "cannot set TCP_USER_TIMEOUT");
-        }
-    }
-
-    /// Keepalive probes sent over `timeout` before the kernel gives up: one a second, at most
-    /// ten (Linux refuses more than 127).
-    fn probes(&self) -> u32 {
-        u32::try_from(self.timeout.as_secs().clamp(1, 10)).unwrap_or(10)
-    }
-
-    fn probe_interval(&self) -> Duration {
-        (self.timeout / self.probes()).clamp(Duration::from_secs(1), MAX_KEEPIDLE)
-    }
-}
-
-/// Linux's ceiling for `TCP_KEEPIDLE` and `TCP_KEEPINTVL` (past it the whole option is refused).
-const MAX_KEEPIDLE: Duration = Duration::from_secs(32_767);
 
 /// Where to connect: a resolved address, or `host:port` to resolve per connection.
 #[derive(Debug, Clone, Copy)]
@@ -456,32 +414,6 @@ impl PeerTarget {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dead_peer_probes_fit_the_timeout_within_kernel_limits() {
-        let at = |interval, timeout| DeadPeer {
-            interval: Duration::from_secs(interval),
-            timeout: Duration::from_secs(timeout),
-        };
-        let d = at(5, 5);
-        assert_eq!(
-            (d.probes(), d.probe_interval()),
-            (5, Duration::from_secs(1))
-        );
-        let d = at(30, 3600);
-        assert_eq!(
-            (d.probes(), d.probe_interval()),
-            (10, Duration::from_secs(360))
-        );
-        let d = DeadPeer {
-            interval: Duration::from_millis(10),
-            timeout: Duration::from_millis(10),
-        };
-        assert_eq!(
-            (d.probes(), d.probe_interval()),
-            (1, Duration::from_secs(1))
-        );
-    }
 
     #[tokio::test]
     async fn refused_connect_fails_at_once_and_an_answered_one_connects() {
