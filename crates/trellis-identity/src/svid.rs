@@ -92,6 +92,14 @@ impl Svid {
     pub fn not_after(&self) -> SystemTime {
         self.not_after
     }
+    /// The chain and the key, for a holder that needs nothing else of them. The key is then
+    /// the holder's to wipe (`Zeroize`), as a copy from `key().clone_key()` would be.
+    pub fn into_parts(mut self) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let chain = std::mem::take(&mut self.chain);
+        // What is left for `Drop` to wipe: an empty key.
+        let key = std::mem::replace(&mut self.key, PrivateKeyDer::Pkcs8(Vec::new().into()));
+        (chain, key)
+    }
 }
 
 impl Clone for Svid {

@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use prost::Message;
 use tonic::Status;
-use trellis_identity::{certs_to_pem, key_to_pem, CertificateDer, SpiffeId, Svid, TrustBundle};
+use trellis_identity::{
+    certs_to_pem, key_to_pem, CertificateDer, PrivateKeyDer, SpiffeId, TrustBundle,
+};
 use trellis_proto::{
     data_source, secret, spiffe_cert_validator_config, CertificateValidationContext, DataSource,
     GenericSecret, Secret, SpiffeCertValidatorConfig, TlsCertificate, TypedExtensionConfig,
@@ -101,73 +103,76 @@ fn inline(bytes: Vec<u8>) -> Option<DataSource> {
     })
 }
 
-/// What the control plane issued on a stream: a whole SVID with a key it made (stock Envoy),
-/// or a certificate chain for the caller's own key (CSR mode: the key never travels).
+/// What the control plane issued on a stream, as the stream keeps it to send again (a bundle
+/// or log head push carries every subscribed resource): the leaf, its key when the control
+/// plane made it (stock Envoy; in CSR mode the key never travels) and the chain above it.
 ///
-/// The certificates above the leaf are the issuing CA's, shared with everything it issued: a
-/// stream keeps its last SVID for its whole life, one stream per sidecar, and a copy of the
-/// intermediate in each (~0.6 KiB) was as large as the leaf.
-#[derive(Debug)]
-pub enum Issued {
-    /// The leaf and its key (an [`Svid`] of the leaf alone), and the chain above it.
-    WithKey {
-        /// The leaf and its key.
-        svid: Svid,
-        /// The certificates above the leaf.
-        above: Arc<[CertificateDer<'static>]>,
-    },
-    /// The leaf, for the public key of the caller's CSR, and the chain above it.
-    ChainOnly {
-        /// The leaf.
-        leaf: CertificateDer<'static>,
-        /// The certificates above the leaf.
-        above: Arc<[CertificateDer<'static>]>,
-        /// Leaf serial, hex.
-        serial_hex: String,
-        /// Leaf notAfter.
-        not_after: std::time::SystemTime,
-    },
+/// Only what a response needs, as every connected sidecar's stream keeps one for its life:
+/// the leaf's facts (SPIFFE ID, serial, notAfter), which [`trellis_identity::Svid`] keeps
+/// beside its chain, were ~0.2 KiB a stream no response reads. The certificates above the
+/// leaf are the issuing CA's, shared with everything it issued (a copy of the intermediate in
+/// each stream, ~0.6 KiB, was as large as the leaf).
+pub struct Issued {
+    leaf: CertificateDer<'static>,
+    /// Overwritten with zeros when dropped, as an [`trellis_identity::Svid`]'s key is.
+    key: Option<PrivateKeyDer<'static>>,
+    above: Arc<[CertificateDer<'static>]>,
 }
 
 impl Issued {
-    /// The leaf serial.
-    pub fn serial_hex(&self) -> &str {
-        match self {
-            Issued::WithKey { svid, .. } => svid.serial_hex(),
-            Issued::ChainOnly { serial_hex, .. } => serial_hex,
-        }
+    /// The leaf with the key the control plane made for it (None: the caller's own, by CSR),
+    /// and the certificates above it.
+    pub fn new(
+        leaf: CertificateDer<'static>,
+        key: Option<PrivateKeyDer<'static>>,
+        above: Arc<[CertificateDer<'static>]>,
+    ) -> Self {
+        Self { leaf, key, above }
     }
 
-    /// The leaf certificate (always there: an [`Svid`]'s chain is never empty).
-    pub fn leaf(&self) -> Option<&trellis_identity::CertificateDer<'static>> {
-        match self {
-            Issued::WithKey { svid, .. } => svid.chain().first(),
-            Issued::ChainOnly { leaf, .. } => Some(leaf),
-        }
+    /// The leaf certificate.
+    pub fn leaf(&self) -> &CertificateDer<'static> {
+        &self.leaf
     }
 
-    /// The leaf notAfter.
-    pub fn not_after(&self) -> std::time::SystemTime {
-        match self {
-            Issued::WithKey { svid, .. } => svid.not_after(),
-            Issued::ChainOnly { not_after, .. } => *not_after,
+    /// Whether the control plane made the key (false in CSR mode).
+    pub fn has_key(&self) -> bool {
+        self.key.is_some()
+    }
+}
+
+/// A rotated-out key does not linger in freed heap memory.
+impl Drop for Issued {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.as_mut() {
+            zeroize::Zeroize::zeroize(key);
         }
+    }
+}
+
+/// The key never appears in `Debug` output.
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued")
+            .field("leaf_len", &self.leaf.len())
+            .field("has_key", &self.has_key())
+            .field("above_len", &self.above.len())
+            .finish_non_exhaustive()
     }
 }
 
 /// `Secret{name, tls_certificate{chain PEM[, key PEM]}}`; no key in CSR mode.
 pub fn svid_secret(name: &str, issued: &Issued) -> Secret {
-    let (leaf, above, key) = match issued {
-        Issued::WithKey { svid, above } => (svid.chain(), above, Some(key_to_pem(svid.key()))),
-        Issued::ChainOnly { leaf, above, .. } => (std::slice::from_ref(leaf), above, None),
-    };
-    let mut chain = certs_to_pem(leaf);
-    chain.push_str(&certs_to_pem(above));
+    let mut chain = certs_to_pem(std::slice::from_ref(&issued.leaf));
+    chain.push_str(&certs_to_pem(&issued.above));
     Secret {
         name: name.to_owned(),
         r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
             certificate_chain: inline(chain.into_bytes()),
-            private_key: key.and_then(|k| inline(k.as_bytes().to_vec())),
+            private_key: issued
+                .key
+                .as_ref()
+                .and_then(|k| inline(key_to_pem(k).as_bytes().to_vec())),
         })),
     }
 }

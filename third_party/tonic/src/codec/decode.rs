@@ -53,7 +53,9 @@ struct StreamingInner {
     state: State,
     direction: Direction,
     buf: BytesMut,
-    trailers: Option<HeaderMap>,
+    // Trellis: boxed. Set only when a stream ends with trailers, and a `HeaderMap` is 96 bytes
+    // inline in every stream a server holds open (an SDS stream lasts as long as its sidecar).
+    trailers: Option<Box<HeaderMap>>,
     decompress_buf: BytesMut,
     encoding: Option<CompressionEncoding>,
     max_message_size: Option<usize>,
@@ -314,7 +316,7 @@ impl StreamingInner {
             if let Some(trailers) = &mut self.trailers {
                 trailers.extend(frame.into_trailers().unwrap());
             } else {
-                self.trailers = Some(frame.into_trailers().unwrap());
+                self.trailers = Some(Box::new(frame.into_trailers().unwrap()));
             }
 
             Ok(None)
@@ -325,7 +327,7 @@ impl StreamingInner {
 
     fn response(&mut self) -> Result<(), Status> {
         if let Direction::Response(status) = self.direction
-            && let Err(Some(e)) = crate::status::infer_grpc_status(self.trailers.as_ref(), status)
+            && let Err(Some(e)) = crate::status::infer_grpc_status(self.trailers.as_deref(), status)
         {
             // If the trailers contain a grpc-status, then we should return that as the error
             // and otherwise stop the stream (by taking the error state)
@@ -392,7 +394,7 @@ impl<T> Streaming<T> {
         // Shortcut to see if we already pulled the trailers in the stream step
         // we need to do that so that the stream can error on trailing grpc-status
         if let Some(trailers) = self.inner.trailers.take() {
-            return Ok(Some(MetadataMap::from_headers(trailers)));
+            return Ok(Some(MetadataMap::from_headers(*trailers)));
         }
 
         // To fetch the trailers we must clear the body and drop it.
@@ -401,7 +403,7 @@ impl<T> Streaming<T> {
         // Since we call poll_trailers internally on poll_next we need to
         // check if it got cached again.
         if let Some(trailers) = self.inner.trailers.take() {
-            return Ok(Some(MetadataMap::from_headers(trailers)));
+            return Ok(Some(MetadataMap::from_headers(*trailers)));
         }
 
         // We've polled through all the frames, and still no trailers, return None
