@@ -26,7 +26,11 @@ BIN_DIR="$REPO/target/release"
 
 command -v valgrind >/dev/null || { echo "error: valgrind not found (apt-get install valgrind)" >&2; exit 1; }
 cd "$REPO"
-cargo build --release --locked -p trellis --bins -p trellis-control --example sds_load
+cargo build --release --locked -p trellis --bins
+# Separately: built in one invocation with the binaries, the example's dev-dependencies would
+# change the features of crates the binaries share, so their symbols (which the lists name)
+# would differ from those of a plain `cargo build -p trellis`.
+cargo build --release --locked -p trellis-control --example sds_load
 PROFILES="$(mktemp -d "${TMPDIR:-/tmp}/trellis-code-order.XXXXXX")"
 trap 'rm -rf "$PROFILES"' EXIT
 CALLGRIND="valgrind --tool=callgrind --trace-children=yes --demangle=no --dump-instr=no --callgrind-out-file="

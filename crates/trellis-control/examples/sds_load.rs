@@ -339,8 +339,9 @@ async fn main() -> anyhow::Result<()> {
         wave_start, wave_end, args.streams, wave_end - wave_start, humantime::format_duration(args.rotate_every)
     );
     println!(
-        "  control plane RSS {} MiB, CPU {:.2} s for the wave",
+        "  control plane RSS {} MiB ({:.1} KiB per connection above idle), CPU {:.2} s for the wave",
         rss2 / 1024,
+        rss2.saturating_sub(rss0) as f64 / connections as f64,
         cpu2 - cpu1
     );
     // A clean stop, so a profiler wrapped around the control plane (tests/bench/code-order.sh
