@@ -37,7 +37,10 @@ struct FrameDecoder {
 
     max_continuation_frames: usize,
 
-    partial: Option<Partial>,
+    // Trellis: boxed. A header block split over CONTINUATION frames is rare (it must exceed
+    // the peer's frame size), and the partial frame (~330 bytes: a whole `Headers` with its
+    // `HeaderMap` and pseudo-headers) sat inline in every connection's codec for its life.
+    partial: Option<Box<Partial>>,
 }
 
 /// Partially loaded headers frame
@@ -216,11 +219,11 @@ fn decode_frame(decoder: &mut FrameDecoder, mut bytes: BytesMut) -> Result<Optio
             } else {
                 tracing::trace!("loaded partial header block");
                 // Defer returning the frame
-                decoder.partial = Some(Partial {
+                decoder.partial = Some(Box::new(Partial {
                     frame: Continuable::$frame(frame),
                     buf: payload,
                     continuation_frames_count: 0,
-                });
+                }));
 
                 return Ok(None);
             }
