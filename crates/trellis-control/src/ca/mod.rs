@@ -171,9 +171,10 @@ impl Ca {
     /// `now` (clock skew) until `now + ttl`, capped at the CA's own expiry.
     /// Chain: leaf, then the signing certificate (and its parents below the root).
     pub fn issue(&self, id: &SpiffeId, ttl: Duration, now: SystemTime) -> Result<Svid, CaError> {
-        let (leaf, above) = self.issue_leaf(id, ttl, now)?;
-        let chain = leaf.chain().iter().chain(above.iter()).cloned().collect();
-        Svid::new(chain, leaf.key().clone_key())
+        let (leaf, _) = self.issue_leaf(id, ttl, now)?;
+        let (mut chain, key) = leaf.into_parts();
+        chain.extend(self.chain_tail.iter().cloned());
+        Svid::new(chain, key)
             .map_err(|e| CaError::Sign(format!("issued SVID fails its own checks: {e}")))
     }
 
@@ -207,8 +208,8 @@ impl Ca {
         ttl: Duration,
         now: SystemTime,
     ) -> Result<Vec<CertificateDer<'static>>, CaError> {
-        let (leaf, above) = self.sign_csr_leaf(csr_pem, id, ttl, now)?;
-        Ok(std::iter::once(leaf).chain(above.iter().cloned()).collect())
+        let (leaf, _) = self.sign_csr_leaf(csr_pem, id, ttl, now)?;
+        Ok(self.chain_with(leaf))
     }
 
     /// [`Ca::sign_csr`], with the chain in two parts: the leaf, and the certificates above it
@@ -273,8 +274,8 @@ impl Ca {
     }
 
     /// `leaf`, then the certificates above it.
-    fn chain_with(&self, leaf: &rcgen::Certificate) -> Vec<CertificateDer<'static>> {
-        std::iter::once(exact_der(leaf))
+    fn chain_with(&self, leaf: CertificateDer<'static>) -> Vec<CertificateDer<'static>> {
+        std::iter::once(leaf)
             .chain(self.chain_tail.iter().cloned())
             .collect()
     }

@@ -12,7 +12,9 @@ use trellis_identity::PrivateKeyDer;
 use trellis_serve::time::{rfc3339_unix as fmt_unix, unix_seconds as unix};
 use zeroize::Zeroize as _;
 
-use super::{random_serial, sign_err, whole_seconds, Ca, CaError, ServerCert, CLOCK_SKEW};
+use super::{
+    exact_der, random_serial, sign_err, whole_seconds, Ca, CaError, ServerCert, CLOCK_SKEW,
+};
 
 impl Ca {
     /// Issues a TLS server certificate for `dns_names` (the admission webhook's serving
@@ -71,7 +73,7 @@ impl Ca {
         let leaf = params.signed_by(&key, &self.issuer).map_err(sign_err)?;
         let key_der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
         key.zeroize();
-        let chain = self.chain_with(&leaf);
+        let chain = self.chain_with(exact_der(&leaf));
         let facts = trellis_identity::cert_facts(&chain[0])
             .map_err(|e| CaError::Sign(format!("issued server certificate: {e}")))?;
         Ok(ServerCert {
