@@ -33,7 +33,7 @@ use crate::metrics::ControlMetrics;
 use crate::recorder::IssuanceRecorder;
 use crate::registry::{Registry, RegistryError};
 use crate::sds::listener::SdsTls;
-use crate::sds::{IssuePolicy, SdsCore, SdsService};
+use crate::sds::{IssuePolicy, SdsBundle, SdsCore, SdsService};
 use crate::state_dir::{prepare_state_dir, write_bundle, StateDirError};
 use crate::webhook::{WebhookCert, WebhookError};
 
@@ -389,7 +389,7 @@ impl ControlPlane {
             .await;
         let core = Arc::new(SdsCore {
             ca: Arc::clone(&signer),
-            bundle: sds_bundle,
+            bundle: SdsBundle::follow(sds_bundle),
             attestor,
             recorder,
             audit: Arc::clone(&audit),

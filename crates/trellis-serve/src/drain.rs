@@ -19,26 +19,26 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll, Waker};
+use std::sync::Arc;
 use std::time::Duration;
 
-use slab::Slab;
 use tokio::sync::mpsc;
 
-/// Nothing asked the holders to stop.
-const RUNNING: u8 = 0;
-/// Holders are asked to wind down.
-const DRAINING: u8 = 1;
+use crate::watermark::Watermark;
+
+/// Holders are asked to wind down (the level before is 0: nothing asked them to stop).
+const DRAINING: u64 = 1;
 /// The drain timeout passed: holders must stop now.
-const FORCED: u8 = 2;
+const FORCED: u64 = 2;
 
 /// Starts a drain. Held by the process's shutdown handler.
 #[derive(Debug)]
 pub struct DrainSignal {
-    shared: Arc<Shared>,
+    /// The drain's state ([`DRAINING`], then perhaps [`FORCED`]), and whoever waits for it.
+    /// Not a `tokio::sync::watch`: every connection waits on its drain for its whole life
+    /// (twice: for the drain and for the force), and a watch's wait is ~190 bytes where a
+    /// [`Watermark`]'s is 40.
+    shared: Arc<Watermark>,
     /// Closes (returns `None`) once every [`Drain`] clone is gone: nothing is ever sent on it.
     released: mpsc::Receiver<Infallible>,
 }
@@ -47,54 +47,13 @@ pub struct DrainSignal {
 /// counts).
 #[derive(Debug, Clone)]
 pub struct Drain {
-    shared: Arc<Shared>,
+    shared: Arc<Watermark>,
     _hold: mpsc::Sender<Infallible>,
-}
-
-/// The drain's state and whoever waits for it to change.
-///
-/// Not a `tokio::sync::watch`: every connection waits on its drain for its whole life (twice:
-/// for the drain and for the force), and a watch's wait future is ~190 bytes, multiplied by
-/// every connection a control plane or sidecar holds. A wait here is its waker in `waiters`
-/// and ~40 bytes of future ([`Reached`]). The slab keeps room for the most waits ever pending
-/// at once (16 bytes each), for the drain's life.
-#[derive(Debug)]
-struct Shared {
-    state: AtomicU8,
-    /// The wakers of the pending [`Reached`] futures, each removed by its own future.
-    waiters: Mutex<Slab<Waker>>,
-}
-
-impl Shared {
-    fn waiters(&self) -> MutexGuard<'_, Slab<Waker>> {
-        // A panic while holding the lock leaves the slab consistent (each step is one slab
-        // call), so a poisoned lock is still usable.
-        self.waiters.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Moves to `state` and wakes every waiter (each checks whether it is the state it waits
-    /// for). The state is stored before the waiters are taken: a waiter that registers after
-    /// the wake-ups sees it when it checks again under the lock. The wakers are woken after the
-    /// lock is let go: a waker's code (an executor polling in place) may poll or drop a wait.
-    fn set(&self, state: u8) {
-        self.state.store(state, Ordering::Release);
-        let wakers: Vec<Waker> = self.waiters().iter().map(|(_, w)| w.clone()).collect();
-        for waker in wakers {
-            waker.wake();
-        }
-    }
-
-    fn reached(&self, state: u8) -> bool {
-        self.state.load(Ordering::Acquire) >= state
-    }
 }
 
 /// A connected pair: the signal and the first [`Drain`] to clone from.
 pub fn channel() -> (DrainSignal, Drain) {
-    let shared = Arc::new(Shared {
-        state: AtomicU8::new(RUNNING),
-        waiters: Mutex::new(Slab::new()),
-    });
+    let shared = Arc::new(Watermark::new());
     let (hold, released) = mpsc::channel(1);
     (
         DrainSignal {
@@ -112,95 +71,18 @@ impl Drain {
     /// Resolves once draining has started (at once if it already has). If the [`DrainSignal`] is
     /// dropped without draining, this never resolves: nothing asked the holder to stop.
     pub fn signaled(&self) -> impl Future<Output = ()> + Send + Unpin + 'static {
-        Reached::new(&self.shared, DRAINING)
+        self.shared.reached(DRAINING)
     }
 
     /// Resolves once the drain timeout has passed with holders left: they must stop now. Never
     /// resolves for a drain that finished in time or that was never started.
     pub fn forced(&self) -> impl Future<Output = ()> + Send + Unpin + 'static {
-        Reached::new(&self.shared, FORCED)
+        self.shared.reached(FORCED)
     }
 
     /// True once draining has started.
     pub fn is_draining(&self) -> bool {
-        self.shared.reached(DRAINING)
-    }
-}
-
-/// Resolves once the drain reaches a state (at once if it already has). Holds no [`Drain`]:
-/// waiting for the drain does not delay it.
-struct Reached {
-    shared: Arc<Shared>,
-    state: u8,
-    /// While pending: the key of the waker in `shared.waiters`, and a copy of it to compare
-    /// with the next poll's without taking the lock.
-    waiting: Option<(usize, Waker)>,
-}
-
-impl Reached {
-    fn new(shared: &Arc<Shared>, state: u8) -> Self {
-        Self {
-            shared: Arc::clone(shared),
-            state,
-            waiting: None,
-        }
-    }
-
-    fn stop_waiting(&mut self) {
-        if let Some((key, _)) = self.waiting.take() {
-            // Dropped after the lock is let go, as every waker here (see `Shared::set`).
-            let removed = self.shared.waiters().try_remove(key);
-            drop(removed);
-        }
-    }
-}
-
-impl Future for Reached {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.get_mut();
-        if this.shared.reached(this.state) {
-            this.stop_waiting();
-            return Poll::Ready(());
-        }
-        // Polled again by the same task (every wake-up of a connection's task polls this in
-        // its `select!`): the registered waker still holds, and this costs one atomic load.
-        if let Some((_, waker)) = &this.waiting {
-            if waker.will_wake(cx.waker()) {
-                return Poll::Pending;
-            }
-        }
-        let mut waiters = this.shared.waiters();
-        let replaced = match &mut this.waiting {
-            Some((key, _)) => waiters
-                .get_mut(*key)
-                .map(|registered| std::mem::replace(registered, cx.waker().clone())),
-            None => {
-                let key = waiters.insert(cx.waker().clone());
-                this.waiting = Some((key, cx.waker().clone()));
-                None
-            }
-        };
-        // Checked again under the lock: a `set` before the registration woke nobody here.
-        let reached = this.shared.reached(this.state);
-        drop(waiters);
-        // The wakers replaced are dropped after the lock is let go (see `Shared::set`).
-        if let Some((_, waker)) = &mut this.waiting {
-            waker.clone_from(cx.waker());
-        }
-        drop(replaced);
-        if reached {
-            this.stop_waiting();
-            return Poll::Ready(());
-        }
-        Poll::Pending
-    }
-}
-
-impl Drop for Reached {
-    fn drop(&mut self) {
-        self.stop_waiting();
+        self.shared.level() >= DRAINING
     }
 }
 
@@ -213,11 +95,11 @@ impl DrainSignal {
             shared,
             mut released,
         } = self;
-        shared.set(DRAINING);
+        shared.raise_to(DRAINING);
         async move {
             let finished = tokio::time::timeout(timeout, released.recv()).await.is_ok();
             if !finished {
-                shared.set(FORCED);
+                shared.raise_to(FORCED);
             }
             finished
         }
@@ -230,7 +112,7 @@ impl DrainSignal {
             shared,
             mut released,
         } = self;
-        shared.set(DRAINING);
+        shared.raise_to(DRAINING);
         let _ = released.recv().await;
     }
 }
@@ -316,64 +198,19 @@ mod tests {
         task.await.unwrap();
     }
 
-    /// Counts its wake-ups.
-    #[derive(Default)]
-    struct Counted(std::sync::atomic::AtomicUsize);
-
-    impl std::task::Wake for Counted {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    fn counted() -> (Arc<Counted>, Waker) {
-        let count = Arc::new(Counted::default());
-        (Arc::clone(&count), Waker::from(count))
-    }
-
-    fn waiters(drain: &Drain) -> usize {
-        drain.shared.waiters().len()
-    }
-
-    /// Every connection holds two waits for its whole life: each must stay a fraction of a
-    /// watch's (~190 bytes), and one that is dropped or done must leave no waker behind.
-    #[test]
-    fn a_wait_is_small_and_leaves_nothing_behind() {
+    /// Every connection holds two waits for its whole life; one that is done or dropped
+    /// leaves no waker behind (the waits themselves are tested in `watermark`).
+    #[tokio::test(start_paused = true)]
+    async fn waits_leave_nothing_behind() {
         let (signal, drain) = channel();
-        let mut signaled = drain.signaled();
-        let mut forced = drain.forced();
-        assert!(std::mem::size_of_val(&signaled) <= 48);
-        let (_, waker) = counted();
-        let mut cx = Context::from_waker(&waker);
-        assert!(Pin::new(&mut signaled).poll(&mut cx).is_pending());
-        assert!(Pin::new(&mut forced).poll(&mut cx).is_pending());
-        // Polled again by the same task: still one waker each.
-        assert!(Pin::new(&mut signaled).poll(&mut cx).is_pending());
-        assert_eq!(waiters(&drain), 2);
+        let forced = drain.forced();
+        let signaled = tokio::spawn(drain.signaled());
+        tokio::task::yield_now().await;
+        assert_eq!(drain.shared.waiting(), 1);
         drop(forced);
-        assert_eq!(waiters(&drain), 1);
-        let drained = signal.drain(Duration::from_secs(1));
-        assert!(Pin::new(&mut signaled).poll(&mut cx).is_ready());
-        assert_eq!(waiters(&drain), 0);
-        drop((drained, signaled));
-    }
-
-    /// A wait polled from another task wakes that task, not the first.
-    #[test]
-    fn a_wait_wakes_the_task_that_polled_it_last() {
-        let (signal, drain) = channel();
-        let mut signaled = drain.signaled();
-        let ((first, first_waker), (second, second_waker)) = (counted(), counted());
-        assert!(Pin::new(&mut signaled)
-            .poll(&mut Context::from_waker(&first_waker))
-            .is_pending());
-        assert!(Pin::new(&mut signaled)
-            .poll(&mut Context::from_waker(&second_waker))
-            .is_pending());
-        assert_eq!(waiters(&drain), 1);
         let _drained = signal.drain(Duration::from_secs(1));
-        assert_eq!(first.0.load(Ordering::SeqCst), 0);
-        assert_eq!(second.0.load(Ordering::SeqCst), 1);
+        signaled.await.unwrap();
+        assert_eq!(drain.shared.waiting(), 0);
     }
 
     #[tokio::test]

@@ -34,6 +34,7 @@ pub mod limit;
 pub mod net;
 pub mod prefixed;
 pub mod time;
+pub mod watermark;
 pub mod worker;
 
 pub use accept::{bind, Handshake, Listener, Plain};
