@@ -5,7 +5,9 @@
 //! millisecond, and the RFC's recursive definitions (section 2.1) split a range at the
 //! largest power of two below its size, so every subrange they visit is either a complete,
 //! aligned subtree (one lookup here) or the ragged right edge (at most log n of those).
-//! Keeping all levels costs about two hashes (64 bytes) per entry.
+//! Keeping all levels costs about two hashes (64 bytes) per entry: right for a check that
+//! ends (`trellis log verify`), not for a control plane that logs every SVID for months, which
+//! keeps a [`PagedMerkleTree`] (same answers; old pages read back from storage).
 
 use crate::hash::{empty_root, node_hash, Hash};
 
@@ -97,13 +99,13 @@ impl MerkleTree {
 
     /// The root of the whole tree.
     pub fn root(&self) -> Hash {
-        self.subtree(0, self.size())
+        subtree(&mut &*self, 0, self.size())
     }
 
     /// The root the tree had when it held `size` entries.
     pub fn root_at(&self, size: u64) -> Result<Hash, TreeError> {
         self.check_size(size)?;
-        Ok(self.subtree(0, size))
+        Ok(subtree(&mut &*self, 0, size))
     }
 
     /// The RFC 9162 inclusion proof (audit path) of leaf `index` in the tree of `size`
@@ -113,9 +115,7 @@ impl MerkleTree {
         if index >= size {
             return Err(TreeError::IndexOutOfRange { index, size });
         }
-        let mut proof = Vec::with_capacity(64 - size.leading_zeros() as usize);
-        self.path(index, 0, size, &mut proof);
-        Ok(proof)
+        Ok(inclusion(&mut &*self, index, size))
     }
 
     /// The RFC 9162 consistency proof between the trees of `first` and `second` entries.
@@ -125,11 +125,7 @@ impl MerkleTree {
         if first > second {
             return Err(TreeError::SizesReversed { first, second });
         }
-        let mut proof = Vec::new();
-        if first > 0 && first < second {
-            self.subproof(first, 0, second, true, &mut proof);
-        }
-        Ok(proof)
+        Ok(consistency(&mut &*self, first, second))
     }
 
     fn check_size(&self, requested: u64) -> Result<(), TreeError> {
@@ -140,51 +136,93 @@ impl MerkleTree {
         Ok(())
     }
 
-    /// MTH(D[start : start+n]) (RFC 9162 section 2.1.1).
-    fn subtree(&self, start: u64, n: u64) -> Hash {
-        if n == 0 {
-            return empty_root();
-        }
-        if n.is_power_of_two() && start.is_multiple_of(n) {
-            let level = n.trailing_zeros() as usize;
-            return self.levels[level][(start >> level) as usize];
-        }
-        let k = largest_power_of_two_below(n);
-        node_hash(&self.subtree(start, k), &self.subtree(start + k, n - k))
+    /// The root of the complete, aligned subtree `index` of `level` (it must exist).
+    pub(crate) fn node(&self, level: u32, index: u64) -> Hash {
+        self.levels[level as usize][index as usize]
     }
+}
 
-    /// PATH(m, D[start : start+n]) (RFC 9162 section 2.1.3.1), appended to `out`.
-    fn path(&self, m: u64, start: u64, n: u64, out: &mut Vec<Hash>) {
-        if n <= 1 {
-            return;
-        }
-        let k = largest_power_of_two_below(n);
-        if m < k {
-            self.path(m, start, k, out);
-            out.push(self.subtree(start + k, n - k));
-        } else {
-            self.path(m - k, start + k, n - k, out);
-            out.push(self.subtree(start, k));
-        }
-    }
+/// Where the RFC's recursions find the root of a complete, aligned subtree: the whole tree's
+/// levels, or a paged tree's (see [`PagedMerkleTree`]).
+pub(crate) trait Nodes {
+    /// The root of the complete subtree over leaves `[index·2^level, (index+1)·2^level)`.
+    fn node(&mut self, level: u32, index: u64) -> Hash;
+}
 
-    /// SUBPROOF(m, D[start : start+n], b) (RFC 9162 section 2.1.4.1), appended to `out`.
-    fn subproof(&self, m: u64, start: u64, n: u64, complete: bool, out: &mut Vec<Hash>) {
-        if m == n {
-            if !complete {
-                out.push(self.subtree(start, n));
-            }
-            return;
-        }
-        let k = largest_power_of_two_below(n);
-        if m <= k {
-            self.subproof(m, start, k, complete, out);
-            out.push(self.subtree(start + k, n - k));
-        } else {
-            self.subproof(m - k, start + k, n - k, false, out);
-            out.push(self.subtree(start, k));
-        }
+impl Nodes for &MerkleTree {
+    fn node(&mut self, level: u32, index: u64) -> Hash {
+        MerkleTree::node(self, level, index)
     }
+}
+
+/// MTH(D[start : start+n]) (RFC 9162 section 2.1.1).
+pub(crate) fn subtree(nodes: &mut impl Nodes, start: u64, n: u64) -> Hash {
+    if n == 0 {
+        return empty_root();
+    }
+    if n.is_power_of_two() && start.is_multiple_of(n) {
+        let level = n.trailing_zeros();
+        return nodes.node(level, start >> level);
+    }
+    let k = largest_power_of_two_below(n);
+    node_hash(&subtree(nodes, start, k), &subtree(nodes, start + k, n - k))
+}
+
+/// PATH(m, D[start : start+n]) (RFC 9162 section 2.1.3.1), appended to `out`.
+pub(crate) fn path(nodes: &mut impl Nodes, m: u64, start: u64, n: u64, out: &mut Vec<Hash>) {
+    if n <= 1 {
+        return;
+    }
+    let k = largest_power_of_two_below(n);
+    if m < k {
+        path(nodes, m, start, k, out);
+        out.push(subtree(nodes, start + k, n - k));
+    } else {
+        path(nodes, m - k, start + k, n - k, out);
+        out.push(subtree(nodes, start, k));
+    }
+}
+
+/// SUBPROOF(m, D[start : start+n], b) (RFC 9162 section 2.1.4.1), appended to `out`.
+pub(crate) fn subproof(
+    nodes: &mut impl Nodes,
+    m: u64,
+    start: u64,
+    n: u64,
+    complete: bool,
+    out: &mut Vec<Hash>,
+) {
+    if m == n {
+        if !complete {
+            out.push(subtree(nodes, start, n));
+        }
+        return;
+    }
+    let k = largest_power_of_two_below(n);
+    if m <= k {
+        subproof(nodes, m, start, k, complete, out);
+        out.push(subtree(nodes, start + k, n - k));
+    } else {
+        subproof(nodes, m - k, start + k, n - k, false, out);
+        out.push(subtree(nodes, start, k));
+    }
+}
+
+/// The RFC 9162 inclusion proof of leaf `index` in the tree of `size` entries (both checked
+/// by the caller), leaf side first.
+pub(crate) fn inclusion(nodes: &mut impl Nodes, index: u64, size: u64) -> Vec<Hash> {
+    let mut proof = Vec::with_capacity(64 - size.leading_zeros() as usize);
+    path(nodes, index, 0, size, &mut proof);
+    proof
+}
+
+/// The RFC 9162 consistency proof between `first` ≤ `second` (checked by the caller).
+pub(crate) fn consistency(nodes: &mut impl Nodes, first: u64, second: u64) -> Vec<Hash> {
+    let mut proof = Vec::new();
+    if first > 0 && first < second {
+        subproof(nodes, first, 0, second, true, &mut proof);
+    }
+    proof
 }
 
 /// The largest power of two strictly below `n` (n ≥ 2).
@@ -192,5 +230,8 @@ fn largest_power_of_two_below(n: u64) -> u64 {
     1 << (63 - (n - 1).leading_zeros())
 }
 
+mod paged;
 #[cfg(test)]
 mod tests;
+
+pub use paged::{PagedMerkleTree, PagedTreeError};

@@ -165,14 +165,27 @@ impl SdsCore {
         let log = self.log.as_ref()?;
         let head = log.latest_head()?;
         let size = head.head.tree_size;
-        let consistency = witnessed.filter(|&w| w > 0 && w < size).and_then(|w| {
-            log.consistency_proof(w, size)
-                .ok()
-                .map(|proof| trellis_transparency::ConsistencyFrom {
+        let consistency = match witnessed.filter(|&w| w > 0 && w < size) {
+            None => None,
+            Some(w) => {
+                // From memory unless the witness is far behind: then an old page is read from
+                // the registry, off the async workers.
+                let proof = match log.consistency_proof_in_memory(w, size) {
+                    Some(proof) => Some(proof),
+                    None => {
+                        let log = Arc::clone(log);
+                        tokio::task::spawn_blocking(move || log.consistency_proof(w, size).ok())
+                            .await
+                            .ok()
+                            .flatten()
+                    }
+                };
+                proof.map(|proof| trellis_transparency::ConsistencyFrom {
                     from_size: w,
                     proof,
                 })
-        });
+            }
+        };
         let own_svid = match held {
             None => None,
             Some(serial) => {

@@ -22,7 +22,9 @@ use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_ASN1_SI
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
-use trellis_transparency::{Hash, LogPublicKey, MerkleTree, SignedTreeHead, TreeError, TreeHead};
+use trellis_transparency::{
+    Hash, LogPublicKey, PagedMerkleTree, PagedTreeError, SignedTreeHead, TreeError, TreeHead,
+};
 
 pub use facts::{ca_phase_body, issuance_body};
 
@@ -59,7 +61,43 @@ pub enum LogError {
     /// A proof was asked for something the log cannot prove.
     #[error(transparent)]
     Tree(#[from] TreeError),
+    /// Stored leaf hashes read back for a proof are not the ones the tree was built from.
+    #[error(
+        "the stored leaf hashes of log entries {from}..{to} changed since this control plane \
+         read them: the log was tampered with; run `trellis log verify` to find the first bad \
+         entry"
+    )]
+    StorageChanged {
+        /// First entry of the page read back.
+        from: u64,
+        /// One past its last entry.
+        to: u64,
+    },
 }
+
+impl From<PagedTreeError<RegistryError>> for LogError {
+    fn from(e: PagedTreeError<RegistryError>) -> Self {
+        match e {
+            PagedTreeError::Tree(e) => LogError::Tree(e),
+            PagedTreeError::Load { source, .. } => LogError::Registry(source),
+            PagedTreeError::Mismatch { from, to } => LogError::StorageChanged { from, to },
+        }
+    }
+}
+
+/// The tree keeps the levels above pages of 2^8 = 256 entries, and the newest
+/// [`KEEP_PAGES`] pages whole: a proof about anything older reads its page (8 KiB of leaf
+/// hashes) from the registry.
+const PAGE_BITS: u32 = 8;
+
+/// 64 pages, 16,384 entries, ~1 MiB: a rotation wave of 10,000 workloads proves every SVID
+/// it issued from memory.
+const KEEP_PAGES: usize = 64;
+
+/// A proof asked on an async worker needs a page that is not in memory.
+#[derive(Debug, thiserror::Error)]
+#[error("the page is not in memory")]
+struct NotInMemory;
 
 /// The log's metrics (`trellis_log_*`).
 #[derive(Default)]
@@ -154,9 +192,10 @@ impl LogKey {
 pub struct IssuanceLog {
     registry: Arc<Registry>,
     key: LogKey,
-    /// Every stored entry's leaf hash and the levels above them. Written only by `sync`;
-    /// readers (proofs) hold the read lock for microseconds.
-    tree: RwLock<MerkleTree>,
+    /// The levels above pages of stored entries' leaf hashes, and the newest pages whole
+    /// (older pages are read back for proofs). Written only by `sync`; readers (proofs) hold
+    /// the read lock for microseconds, or for a page's read when they need one.
+    tree: RwLock<PagedMerkleTree>,
     /// The latest signed head, for `/log/sth` and proofs.
     head: ArcSwapOption<SignedTreeHead>,
     /// The latest head's size, for SDS streams waiting for a head to cover an SVID.
@@ -179,6 +218,22 @@ impl IssuanceLog {
         metrics: Arc<LogMetrics>,
         key: Option<SigningKey>,
     ) -> Result<Arc<Self>, LogError> {
+        Self::open_paged(
+            registry,
+            metrics,
+            key,
+            PagedMerkleTree::new(PAGE_BITS, KEEP_PAGES),
+        )
+    }
+
+    /// [`IssuanceLog::open_with_key`] over an empty `tree` of any page size (tests use tiny
+    /// pages to read old ones back).
+    fn open_paged(
+        registry: Arc<Registry>,
+        metrics: Arc<LogMetrics>,
+        key: Option<SigningKey>,
+        tree: PagedMerkleTree,
+    ) -> Result<Arc<Self>, LogError> {
         let key = match key {
             Some(k) => LogKey::from_key(k)?,
             None => LogKey::load_or_create(&registry)?,
@@ -186,7 +241,7 @@ impl IssuanceLog {
         let log = Arc::new(Self {
             registry,
             key,
-            tree: RwLock::new(MerkleTree::new()),
+            tree: RwLock::new(tree),
             head: ArcSwapOption::empty(),
             head_size: watch::channel(0).0,
             metrics,
@@ -219,22 +274,36 @@ impl IssuanceLog {
         self.read_tree().size()
     }
 
-    /// The leaf hash of entry `index`.
-    pub fn leaf(&self, index: u64) -> Option<Hash> {
-        self.read_tree().leaf(index)
-    }
-
-    /// The RFC 9162 inclusion proof of entry `index` in the tree of `size` entries.
+    /// The RFC 9162 inclusion proof of entry `index` in the tree of `size` entries. May read
+    /// an old page of leaf hashes from the registry: call it off the async workers.
     pub fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, LogError> {
-        Ok(self.read_tree().inclusion_proof(index, size)?)
+        Ok(self
+            .read_tree()
+            .inclusion_proof(index, size, |from, to| self.page(from, to))?)
     }
 
-    /// The RFC 9162 consistency proof between two sizes.
+    /// The RFC 9162 consistency proof between two sizes. May read old pages of leaf hashes
+    /// from the registry: call it off the async workers.
     pub fn consistency_proof(&self, first: u64, second: u64) -> Result<Vec<Hash>, LogError> {
-        Ok(self.read_tree().consistency_proof(first, second)?)
+        Ok(self
+            .read_tree()
+            .consistency_proof(first, second, |from, to| self.page(from, to))?)
     }
 
-    fn read_tree(&self) -> std::sync::RwLockReadGuard<'_, MerkleTree> {
+    /// [`IssuanceLog::consistency_proof`] from memory only, for async code: `None` when it
+    /// needs an old page (or cannot be proved).
+    pub fn consistency_proof_in_memory(&self, first: u64, second: u64) -> Option<Vec<Hash>> {
+        self.read_tree()
+            .consistency_proof(first, second, |_, _| Err(NotInMemory))
+            .ok()
+    }
+
+    /// The leaf hashes of entries `from..to`, read back from the registry.
+    fn page(&self, from: u64, to: u64) -> Result<Vec<Hash>, RegistryError> {
+        self.registry.log_leaf_hashes(from, to - from)
+    }
+
+    fn read_tree(&self) -> std::sync::RwLockReadGuard<'_, PagedMerkleTree> {
         // A panic while writing leaves a tree that is still a prefix of the log: usable.
         self.tree.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -263,9 +332,17 @@ impl IssuanceLog {
     /// Checks a stored head against the tree; a mismatch is counted and refused.
     fn check_stored(&self, stored: &SignedTreeHead) -> Result<(), LogError> {
         let size = stored.head.tree_size;
-        let ours = self.read_tree().root_at(size);
+        let ours = match self
+            .read_tree()
+            .root_at(size, |from, to| self.page(from, to))
+        {
+            Ok(root) => Some(root),
+            // The registry being away says nothing about the entries.
+            Err(PagedTreeError::Load { source, .. }) => return Err(LogError::Registry(source)),
+            Err(_) => None,
+        };
         let signed_by_us = self.key.public.verify(stored).is_ok();
-        if !signed_by_us || ours.ok() != Some(stored.head.root_hash) {
+        if !signed_by_us || ours != Some(stored.head.root_hash) {
             self.metrics.inconsistencies.inc();
             tracing::error!(
                 size,
@@ -352,7 +429,9 @@ impl IssuanceLog {
         if size == 0 || size <= signed {
             return Ok(());
         }
-        let root = self.read_tree().root_at(size)?;
+        let root = self
+            .read_tree()
+            .root_at(size, |from, to| self.page(from, to))?;
         let timestamp_ms = u64::try_from(trellis_serve::time::unix_millis(SystemTime::now()))
             .unwrap_or(0)
             // Heads never go back in time, even if the clock does.
