@@ -1130,7 +1130,9 @@ pub(super) enum EarlyDataState {
     #[default]
     New,
     Accepted {
-        received: ChunkVecBuffer,
+        // Trellis: boxed. Early data is accepted only when a server enables 0-RTT, and the
+        // buffer (56 bytes) sat inline in every server connection for its life.
+        received: Box<ChunkVecBuffer>,
         left: usize,
     },
     Rejected,
@@ -1143,7 +1145,7 @@ impl EarlyDataState {
 
     pub(super) fn accept(&mut self, max_size: usize) {
         *self = Self::Accepted {
-            received: ChunkVecBuffer::new(Some(max_size)),
+            received: Box::new(ChunkVecBuffer::new(Some(max_size))),
             left: max_size,
         };
     }
