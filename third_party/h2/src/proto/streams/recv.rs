@@ -331,7 +331,7 @@ impl Recv {
             let is_open = stream.state.ensure_recv_open()?;
 
             if is_open {
-                stream.push_task = Some(cx.waker().clone());
+                stream.push_task = Some(Box::new(cx.waker().clone()));
                 Poll::Pending
             } else {
                 Poll::Ready(None)

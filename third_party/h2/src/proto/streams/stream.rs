@@ -107,7 +107,9 @@ pub(super) struct Stream {
     pub recv_task: Option<Waker>,
 
     /// Task tracking pushed promises.
-    pub push_task: Option<Waker>,
+    // Trellis: boxed. Only a client polling for server pushes sets it, and 8 bytes less puts a
+    // stream's slot (328 bytes) in jemalloc's 320-byte class instead of 384.
+    pub push_task: Option<Box<Waker>>,
 
     /// The stream's pending push promises
     pub pending_push_promises: store::Queue<NextAccept>,
