@@ -15,6 +15,7 @@ mod entry;
 mod hash;
 mod head;
 mod own;
+mod paged;
 mod proof;
 mod tree;
 mod witness;
@@ -24,8 +25,9 @@ pub use entry::{CaPhaseEntry, EntryError, IssuanceEntry, LogBody, LogEntry, ENTR
 pub use hash::{empty_root, leaf_hash, node_hash, Hash};
 pub use head::{b64_hashes, HeadError, LogPublicKey, SignedTreeHead, TreeHead};
 pub use own::{check_own_svid, HeldSvid, OwnSvidMismatch, OwnSvidProof, HELD_SERIAL_METADATA_KEY};
+pub use paged::{PagedMerkleTree, PagedTreeError};
 pub use proof::{verify_consistency, verify_inclusion, ProofError};
-pub use tree::{MerkleTree, PagedMerkleTree, PagedTreeError, TreeError};
+pub use tree::{MerkleTree, TreeError};
 pub use witness::{
     ConsistencyFrom, HeadForWitness, Witness, WitnessAlarm, Witnessed, LOG_HEAD_RESOURCE,
     WITNESSED_SIZE_METADATA_KEY,

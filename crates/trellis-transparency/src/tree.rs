@@ -7,7 +7,7 @@
 //! aligned subtree (one lookup here) or the ragged right edge (at most log n of those).
 //! Keeping all levels costs about two hashes (64 bytes) per entry: right for a check that
 //! ends (`trellis log verify`), not for a control plane that logs every SVID for months, which
-//! keeps a [`PagedMerkleTree`] (same answers; old pages read back from storage).
+//! keeps a [`crate::PagedMerkleTree`] (same answers; old pages read back from storage).
 
 use crate::hash::{empty_root, node_hash, Hash};
 
@@ -143,7 +143,7 @@ impl MerkleTree {
 }
 
 /// Where the RFC's recursions find the root of a complete, aligned subtree: the whole tree's
-/// levels, or a paged tree's (see [`PagedMerkleTree`]).
+/// levels, or a paged tree's (see [`crate::PagedMerkleTree`]).
 pub(crate) trait Nodes {
     /// The root of the complete subtree over leaves `[index·2^level, (index+1)·2^level)`.
     fn node(&mut self, level: u32, index: u64) -> Hash;
@@ -230,8 +230,5 @@ fn largest_power_of_two_below(n: u64) -> u64 {
     1 << (63 - (n - 1).leading_zeros())
 }
 
-mod paged;
 #[cfg(test)]
 mod tests;
-
-pub use paged::{PagedMerkleTree, PagedTreeError};

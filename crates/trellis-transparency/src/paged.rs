@@ -13,8 +13,8 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
-use super::{consistency, inclusion, subtree, MerkleTree, Nodes, TreeError};
 use crate::hash::Hash;
+use crate::tree::{consistency, inclusion, subtree, MerkleTree, Nodes, TreeError};
 
 /// Why a paged tree could not produce a root or proof.
 #[derive(Debug, thiserror::Error)]
