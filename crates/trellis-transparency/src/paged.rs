@@ -14,7 +14,10 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use crate::hash::Hash;
-use crate::tree::{consistency, inclusion, subtree, MerkleTree, Nodes, TreeError};
+use crate::tree::{
+    check_consistency, check_inclusion, check_size, consistency, inclusion, subtree, MerkleTree,
+    Nodes, TreeError,
+};
 
 /// Why a paged tree could not produce a root or proof.
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +55,6 @@ pub enum PagedTreeError<E: std::error::Error + 'static> {
 pub struct PagedMerkleTree {
     page_bits: u32,
     keep_pages: usize,
-    size: u64,
     /// One leaf per complete page, its root: the whole tree's levels from `page_bits` up.
     pages: MerkleTree,
     /// Every level of the newest pages, oldest first; the last may be the open page.
@@ -68,7 +70,6 @@ impl PagedMerkleTree {
         Self {
             page_bits: page_bits.clamp(1, 20),
             keep_pages: keep_pages.max(1),
-            size: 0,
             pages: MerkleTree::new(),
             recent: VecDeque::new(),
             first_recent: 0,
@@ -79,29 +80,26 @@ impl PagedMerkleTree {
         1 << self.page_bits
     }
 
-    /// Number of entries.
+    /// Number of entries: every complete page's, and the open page's (a page is complete
+    /// once it holds `page_len` entries, so its count modulo that is the open part).
     pub fn size(&self) -> u64 {
-        self.size
+        let page_len = self.page_len();
+        let open = self.recent.back().map_or(0, |page| page.size() % page_len);
+        self.pages.size() * page_len + open
     }
 
     /// Appends a leaf hash; returns its index.
     pub fn push(&mut self, leaf: Hash) -> u64 {
         let page_len = self.page_len();
-        let index = self.size;
-        self.size += 1;
-        let completed = match self.recent.back_mut() {
-            Some(open) if open.size() < page_len => {
-                open.push(leaf);
-                (open.size() == page_len).then(|| open.root())
-            }
-            _ => {
-                let mut open = MerkleTree::new();
-                open.push(leaf);
-                let completed = (open.size() == page_len).then(|| open.root());
-                self.recent.push_back(open);
-                completed
-            }
+        let index = self.size();
+        // The open page, or a new one when the last is complete (or there is none yet).
+        let mut open = match self.recent.back() {
+            Some(page) if page.size() < page_len => self.recent.pop_back().unwrap_or_default(),
+            _ => MerkleTree::new(),
         };
+        open.push(leaf);
+        let completed = (open.size() == page_len).then(|| open.root());
+        self.recent.push_back(open);
         if let Some(root) = completed {
             self.pages.push(root);
             while self.recent.len() > self.keep_pages {
@@ -119,7 +117,7 @@ impl PagedMerkleTree {
         size: u64,
         load: impl FnMut(u64, u64) -> Result<Vec<Hash>, E>,
     ) -> Result<Hash, PagedTreeError<E>> {
-        self.check_size(size)?;
+        check_size(self.size(), size)?;
         self.with_pages(load, |nodes| subtree(nodes, 0, size))
     }
 
@@ -131,10 +129,7 @@ impl PagedMerkleTree {
         size: u64,
         load: impl FnMut(u64, u64) -> Result<Vec<Hash>, E>,
     ) -> Result<Vec<Hash>, PagedTreeError<E>> {
-        self.check_size(size)?;
-        if index >= size {
-            return Err(TreeError::IndexOutOfRange { index, size }.into());
-        }
+        check_inclusion(self.size(), index, size)?;
         self.with_pages(load, |nodes| inclusion(nodes, index, size))
     }
 
@@ -146,21 +141,8 @@ impl PagedMerkleTree {
         second: u64,
         load: impl FnMut(u64, u64) -> Result<Vec<Hash>, E>,
     ) -> Result<Vec<Hash>, PagedTreeError<E>> {
-        self.check_size(second)?;
-        if first > second {
-            return Err(TreeError::SizesReversed { first, second }.into());
-        }
+        check_consistency(self.size(), first, second)?;
         self.with_pages(load, |nodes| consistency(nodes, first, second))
-    }
-
-    fn check_size(&self, requested: u64) -> Result<(), TreeError> {
-        if requested > self.size {
-            return Err(TreeError::SizeOutOfRange {
-                size: self.size,
-                requested,
-            });
-        }
-        Ok(())
     }
 
     /// Runs `f` over the tree's nodes. Which nodes the RFC's recursions visit depends only on

@@ -104,36 +104,22 @@ impl MerkleTree {
 
     /// The root the tree had when it held `size` entries.
     pub fn root_at(&self, size: u64) -> Result<Hash, TreeError> {
-        self.check_size(size)?;
+        check_size(self.size(), size)?;
         Ok(subtree(&mut &*self, 0, size))
     }
 
     /// The RFC 9162 inclusion proof (audit path) of leaf `index` in the tree of `size`
     /// entries, leaf side first.
     pub fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, TreeError> {
-        self.check_size(size)?;
-        if index >= size {
-            return Err(TreeError::IndexOutOfRange { index, size });
-        }
+        check_inclusion(self.size(), index, size)?;
         Ok(inclusion(&mut &*self, index, size))
     }
 
     /// The RFC 9162 consistency proof between the trees of `first` and `second` entries.
     /// Empty when `first` is 0 or equal to `second` (nothing to prove).
     pub fn consistency_proof(&self, first: u64, second: u64) -> Result<Vec<Hash>, TreeError> {
-        self.check_size(second)?;
-        if first > second {
-            return Err(TreeError::SizesReversed { first, second });
-        }
+        check_consistency(self.size(), first, second)?;
         Ok(consistency(&mut &*self, first, second))
-    }
-
-    fn check_size(&self, requested: u64) -> Result<(), TreeError> {
-        let size = self.size();
-        if requested > size {
-            return Err(TreeError::SizeOutOfRange { size, requested });
-        }
-        Ok(())
     }
 
     /// The root of the complete, aligned subtree `index` of `level` (it must exist).
@@ -155,6 +141,35 @@ impl Nodes for &MerkleTree {
     }
 }
 
+/// Refuses a tree size beyond the `have` entries a tree holds.
+pub(crate) fn check_size(have: u64, requested: u64) -> Result<(), TreeError> {
+    if requested > have {
+        return Err(TreeError::SizeOutOfRange {
+            size: have,
+            requested,
+        });
+    }
+    Ok(())
+}
+
+/// Refuses an inclusion proof that a tree of `have` entries cannot give.
+pub(crate) fn check_inclusion(have: u64, index: u64, size: u64) -> Result<(), TreeError> {
+    check_size(have, size)?;
+    if index >= size {
+        return Err(TreeError::IndexOutOfRange { index, size });
+    }
+    Ok(())
+}
+
+/// Refuses a consistency proof that a tree of `have` entries cannot give.
+pub(crate) fn check_consistency(have: u64, first: u64, second: u64) -> Result<(), TreeError> {
+    check_size(have, second)?;
+    if first > second {
+        return Err(TreeError::SizesReversed { first, second });
+    }
+    Ok(())
+}
+
 /// MTH(D[start : start+n]) (RFC 9162 section 2.1.1).
 pub(crate) fn subtree(nodes: &mut impl Nodes, start: u64, n: u64) -> Hash {
     if n == 0 {
@@ -169,7 +184,7 @@ pub(crate) fn subtree(nodes: &mut impl Nodes, start: u64, n: u64) -> Hash {
 }
 
 /// PATH(m, D[start : start+n]) (RFC 9162 section 2.1.3.1), appended to `out`.
-pub(crate) fn path(nodes: &mut impl Nodes, m: u64, start: u64, n: u64, out: &mut Vec<Hash>) {
+fn path(nodes: &mut impl Nodes, m: u64, start: u64, n: u64, out: &mut Vec<Hash>) {
     if n <= 1 {
         return;
     }
@@ -184,7 +199,7 @@ pub(crate) fn path(nodes: &mut impl Nodes, m: u64, start: u64, n: u64, out: &mut
 }
 
 /// SUBPROOF(m, D[start : start+n], b) (RFC 9162 section 2.1.4.1), appended to `out`.
-pub(crate) fn subproof(
+fn subproof(
     nodes: &mut impl Nodes,
     m: u64,
     start: u64,
@@ -208,15 +223,16 @@ pub(crate) fn subproof(
     }
 }
 
-/// The RFC 9162 inclusion proof of leaf `index` in the tree of `size` entries (both checked
-/// by the caller), leaf side first.
+/// The RFC 9162 inclusion proof of leaf `index` in the tree of `size` entries (checked by
+/// the caller with [`check_inclusion`]), leaf side first.
 pub(crate) fn inclusion(nodes: &mut impl Nodes, index: u64, size: u64) -> Vec<Hash> {
     let mut proof = Vec::with_capacity(64 - size.leading_zeros() as usize);
     path(nodes, index, 0, size, &mut proof);
     proof
 }
 
-/// The RFC 9162 consistency proof between `first` ≤ `second` (checked by the caller).
+/// The RFC 9162 consistency proof between `first` ≤ `second` (checked by the caller with
+/// [`check_consistency`]).
 pub(crate) fn consistency(nodes: &mut impl Nodes, first: u64, second: u64) -> Vec<Hash> {
     let mut proof = Vec::new();
     if first > 0 && first < second {

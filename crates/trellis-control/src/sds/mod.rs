@@ -166,25 +166,13 @@ impl SdsCore {
         let head = log.latest_head()?;
         let size = head.head.tree_size;
         let consistency = match witnessed.filter(|&w| w > 0 && w < size) {
-            None => None,
-            Some(w) => {
-                // From memory unless the witness is far behind: then an old page is read from
-                // the registry, off the async workers.
-                let proof = match log.consistency_proof_in_memory(w, size) {
-                    Some(proof) => Some(proof),
-                    None => {
-                        let log = Arc::clone(log);
-                        tokio::task::spawn_blocking(move || log.consistency_proof(w, size).ok())
-                            .await
-                            .ok()
-                            .flatten()
-                    }
-                };
-                proof.map(|proof| trellis_transparency::ConsistencyFrom {
+            Some(w) => log.consistency_proof_async(w, size).await.map(|proof| {
+                trellis_transparency::ConsistencyFrom {
                     from_size: w,
                     proof,
-                })
-            }
+                }
+            }),
+            None => None,
         };
         let own_svid = match held {
             None => None,
@@ -983,30 +971,21 @@ mod tests {
         std::mem::size_of::<R>()
     }
 
-    /// A self-signed CA named `name`, as a bundle.
-    fn bundle(name: &str) -> Arc<TrustBundle> {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        let td = trellis_identity::TrustDomain::parse("example.org").unwrap();
-        Arc::new(TrustBundle::new(td, vec![cert.der().clone()]).unwrap())
+    /// A fresh root CA's bundle.
+    fn bundle() -> Arc<TrustBundle> {
+        Arc::new(trellis_identity::testca::TestCa::root("example.org").bundle())
     }
 
     /// A stream waits for the level after the one it pushed: every change wakes it, and the
     /// bundle's sender going away (shutdown) does too.
     #[tokio::test]
     async fn every_bundle_change_wakes_the_streams_and_so_does_shutdown() {
-        let (tx, rx) = watch::channel(bundle("one"));
+        let (tx, rx) = watch::channel(bundle());
         let sds = SdsBundle::follow(rx);
         let pushed = sds.level();
         let first = sds.current();
         let wait = sds.changed_after(pushed);
-        let next = bundle("two");
+        let next = bundle();
         tx.send(Arc::clone(&next)).unwrap();
         tokio::time::timeout(Duration::from_secs(10), wait)
             .await

@@ -16,7 +16,7 @@ use http_body_util::Full;
 use serde_json::{json, Value};
 use trellis_transparency::{LogBody, LogEntry};
 
-use super::IssuanceLog;
+use super::{IssuanceLog, LogError};
 
 /// Most entries one `/log/entries` call returns.
 pub const MAX_ENTRIES_PER_CALL: u64 = 1000;
@@ -140,6 +140,17 @@ fn latest(
     ))
 }
 
+/// A proof the log could not give: the request's fault (400), the registry away while a page
+/// of older entries was read back (503), or stored entries that changed under the log (500).
+fn proof_error(e: LogError) -> (StatusCode, String) {
+    let status = match e {
+        LogError::Tree(_) => StatusCode::BAD_REQUEST,
+        LogError::Registry(_) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    (status, e.to_string())
+}
+
 fn head_size(log: &IssuanceLog) -> Result<u64, (StatusCode, String)> {
     Ok(latest(log)?.head.tree_size)
 }
@@ -190,9 +201,7 @@ fn inclusion(log: &IssuanceLog, query: &str) -> Answer {
             ),
         ));
     }
-    let proof = log
-        .inclusion_proof(index, size)
-        .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+    let proof = log.inclusion_proof(index, size).map_err(proof_error)?;
     let stored = log
         .registry()
         .log_entries(index, index + 1)
@@ -228,9 +237,7 @@ fn consistency(log: &IssuanceLog, query: &str) -> Answer {
             "second {second} is beyond the latest signed head ({latest})"
         )));
     }
-    let proof = log
-        .consistency_proof(first, second)
-        .map_err(|e| bad_request(e.to_string()))?;
+    let proof = log.consistency_proof(first, second).map_err(proof_error)?;
     Ok(json!({
         "first": first,
         "second": second,

@@ -290,9 +290,27 @@ impl IssuanceLog {
             .consistency_proof(first, second, |from, to| self.page(from, to))?)
     }
 
-    /// [`IssuanceLog::consistency_proof`] from memory only, for async code: `None` when it
-    /// needs an old page (or cannot be proved).
-    pub fn consistency_proof_in_memory(&self, first: u64, second: u64) -> Option<Vec<Hash>> {
+    /// [`IssuanceLog::consistency_proof`] for async code: from memory on the caller's
+    /// worker, unless it needs an old page (a witness far behind); then on a blocking thread.
+    /// `None` when it cannot be proved or the registry cannot be read.
+    pub async fn consistency_proof_async(
+        self: &Arc<Self>,
+        first: u64,
+        second: u64,
+    ) -> Option<Vec<Hash>> {
+        if let Some(proof) = self.consistency_proof_in_memory(first, second) {
+            return Some(proof);
+        }
+        let log = Arc::clone(self);
+        tokio::task::spawn_blocking(move || log.consistency_proof(first, second).ok())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// [`IssuanceLog::consistency_proof`] from memory only: `None` when it needs an old page
+    /// (or cannot be proved).
+    fn consistency_proof_in_memory(&self, first: u64, second: u64) -> Option<Vec<Hash>> {
         self.read_tree()
             .consistency_proof(first, second, |_, _| Err(NotInMemory))
             .ok()
