@@ -157,6 +157,14 @@ pub fn release_idle_buffers(enabled: bool) {
     codec::RELEASE_IDLE_BUFFERS.store(enabled, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// The bytes of the allocation every HTTP/2 connection shares between its streams (their
+/// counters, queues and store, behind an `Arc<Mutex<_>>`), with the `Arc`'s two counts.
+/// Trellis: its unit tests keep it within jemalloc's 512-byte class.
+#[doc(hidden)]
+pub fn shared_stream_state_bytes() -> usize {
+    proto::shared_stream_state_bytes()
+}
+
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};

@@ -325,4 +325,13 @@ mod tests {
         // inline).
         assert!(size <= 1792, "a connection task is {size} bytes");
     }
+
+    /// The connection's other large allocation, the state its streams share inside h2: at
+    /// most 512 bytes keeps it in jemalloc's 512-byte class (it was 592, in the 640-byte class,
+    /// with `usize` stream counters and the connection's error inline; third_party/README.md).
+    #[test]
+    fn the_streams_shared_state_fits_in_512_bytes() {
+        let size = h2::shared_stream_state_bytes();
+        assert!(size <= 512, "h2's shared stream state is {size} bytes");
+    }
 }

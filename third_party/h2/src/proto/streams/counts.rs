@@ -37,6 +37,23 @@ impl Budget {
     }
 }
 
+/// A stream count or limit held as `u32` (Trellis: a connection's counters are 48 bytes
+/// smaller, which keeps h2's shared stream state in jemalloc's 512-byte class). Stream ids are
+/// 31-bit, so no count of one connection's streams needs more; a `usize` limit beyond `u32`
+/// is "unlimited" and saturates to `u32::MAX`, which reads back as `usize::MAX`.
+fn narrow(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// The `usize` a narrowed count or limit stands for (see [`narrow`]).
+fn widen(n: u32) -> usize {
+    if n == u32::MAX {
+        usize::MAX
+    } else {
+        n as usize
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct Counts {
     /// Acting as a client or server. This allows us to track which values to
@@ -44,38 +61,38 @@ pub(super) struct Counts {
     peer: peer::Dyn,
 
     /// Maximum number of locally initiated streams
-    max_send_streams: usize,
+    max_send_streams: u32,
 
     /// Current number of remote initiated streams
-    num_send_streams: usize,
+    num_send_streams: u32,
 
     /// Maximum number of remote initiated streams
-    max_recv_streams: usize,
+    max_recv_streams: u32,
 
     /// Current number of locally initiated streams
-    num_recv_streams: usize,
+    num_recv_streams: u32,
 
     /// Maximum number of pending locally reset streams
-    max_local_reset_streams: usize,
+    max_local_reset_streams: u32,
 
     /// Current number of pending locally reset streams
-    num_local_reset_streams: usize,
+    num_local_reset_streams: u32,
 
     /// Max number of "pending accept" streams that were remotely reset
-    max_remote_reset_streams: usize,
+    max_remote_reset_streams: u32,
 
     /// Current number of "pending accept" streams that were remotely reset
-    num_remote_reset_streams: usize,
+    num_remote_reset_streams: u32,
 
     /// Maximum number of locally reset streams due to protocol error across
     /// the lifetime of the connection.
     ///
     /// When this gets exceeded, we issue GOAWAYs.
-    max_local_error_reset_streams: Option<usize>,
+    max_local_error_reset_streams: Option<u32>,
 
     /// Total number of locally reset streams due to protocol error across the
     /// lifetime of the connection.
-    num_local_error_reset_streams: usize,
+    num_local_error_reset_streams: u32,
 
     /// connection-level budget for DATA framing overhead.
     data_frame_budget: Budget,
@@ -85,7 +102,7 @@ pub(super) struct Counts {
 
     /// Number of empty, non-final DATA frames received over the lifetime of
     /// the connection.
-    num_recv_empty_data_frames: usize,
+    num_recv_empty_data_frames: u32,
 }
 
 impl Counts {
@@ -93,15 +110,15 @@ impl Counts {
     pub fn new(peer: peer::Dyn, config: &Config) -> Self {
         Counts {
             peer,
-            max_send_streams: config.initial_max_send_streams,
+            max_send_streams: narrow(config.initial_max_send_streams),
             num_send_streams: 0,
-            max_recv_streams: config.remote_max_initiated.unwrap_or(usize::MAX),
+            max_recv_streams: narrow(config.remote_max_initiated.unwrap_or(usize::MAX)),
             num_recv_streams: 0,
-            max_local_reset_streams: config.local_reset_max,
+            max_local_reset_streams: narrow(config.local_reset_max),
             num_local_reset_streams: 0,
-            max_remote_reset_streams: config.remote_reset_max,
+            max_remote_reset_streams: narrow(config.remote_reset_max),
             num_remote_reset_streams: 0,
-            max_local_error_reset_streams: config.local_max_error_reset_streams,
+            max_local_error_reset_streams: config.local_max_error_reset_streams.map(narrow),
             num_local_error_reset_streams: 0,
             data_frame_budget: Budget::new(config.data_frame_budget.resolve(None)),
             data_frame_budget_is_auto: config.data_frame_budget.is_auto(),
@@ -123,7 +140,7 @@ impl Counts {
                 .num_recv_empty_data_frames
                 .checked_add(1)
                 .ok_or(BudgetExhausted)?;
-            if self.num_recv_empty_data_frames > MAX_RECV_EMPTY_DATA_FRAMES {
+            if widen(self.num_recv_empty_data_frames) > MAX_RECV_EMPTY_DATA_FRAMES {
                 return Err(BudgetExhausted);
             }
             Ok(())
@@ -151,7 +168,7 @@ impl Counts {
     /// The number of client send streams is incremented in prioritize; send_request has to guess if
     /// it should wait before allowing another request to be sent.
     pub fn next_send_stream_will_reach_capacity(&self) -> bool {
-        self.max_send_streams <= (self.num_send_streams + 1)
+        self.max_send_streams <= self.num_send_streams.saturating_add(1)
     }
 
     /// Returns the current peer
@@ -176,11 +193,11 @@ impl Counts {
         assert!(self.can_inc_num_local_error_resets());
 
         // Increment the number of remote initiated streams
-        self.num_local_error_reset_streams += 1;
+        self.num_local_error_reset_streams = self.num_local_error_reset_streams.saturating_add(1);
     }
 
     pub(crate) fn max_local_error_resets(&self) -> Option<usize> {
-        self.max_local_error_reset_streams
+        self.max_local_error_reset_streams.map(widen)
     }
 
     /// Returns true if the receive stream concurrency can be incremented
@@ -238,7 +255,7 @@ impl Counts {
     }
 
     pub(crate) fn max_remote_reset_streams(&self) -> usize {
-        self.max_remote_reset_streams
+        widen(self.max_remote_reset_streams)
     }
 
     /// Returns true if the number of pending REMOTE reset streams can be
@@ -266,8 +283,8 @@ impl Counts {
 
     pub fn apply_remote_settings(&mut self, settings: &frame::Settings, is_initial: bool) {
         match settings.max_concurrent_streams() {
-            Some(val) => self.max_send_streams = val as usize,
-            None if is_initial => self.max_send_streams = usize::MAX,
+            Some(val) => self.max_send_streams = val,
+            None if is_initial => self.max_send_streams = u32::MAX,
             None => {}
         }
     }
@@ -332,13 +349,13 @@ impl Counts {
     /// Returns the maximum number of streams that can be initiated by this
     /// peer.
     pub(crate) fn max_send_streams(&self) -> usize {
-        self.max_send_streams
+        widen(self.max_send_streams)
     }
 
     /// Returns the maximum number of streams that can be initiated by the
     /// remote peer.
     pub(crate) fn max_recv_streams(&self) -> usize {
-        self.max_recv_streams
+        widen(self.max_recv_streams)
     }
 
     fn dec_num_streams(&mut self, stream: &mut store::Ptr) {

@@ -90,6 +90,11 @@ struct Inner {
     refs: usize,
 }
 
+/// The size of `Arc<Mutex<Inner>>`'s allocation: the `Arc`'s two counts and the mutex.
+pub(crate) fn shared_stream_state_bytes() -> usize {
+    2 * std::mem::size_of::<usize>() + std::mem::size_of::<Mutex<Inner>>()
+}
+
 #[derive(Debug)]
 struct Actions {
     /// Manages state transitions initiated by receiving frames
@@ -101,8 +106,9 @@ struct Actions {
     /// Task that calls `poll_complete`.
     task: Option<Waker>,
 
-    /// If the connection errors, a copy is kept for any StreamRefs.
-    conn_error: Option<proto::Error>,
+    /// If the connection errors, a copy is kept for any StreamRefs. Boxed (Trellis): set at
+    /// most once, at the end of a connection, and 32 bytes of every connection's shared state.
+    conn_error: Option<Box<proto::Error>>,
 }
 
 /// Contains the buffer of frames to be written to the wire.
@@ -120,7 +126,6 @@ where
 {
     pub fn new(config: Config) -> Self {
         let peer = P::r#dyn();
-
         Streams {
             inner: Inner::new(peer, config),
             send_buffer: Arc::new(SendBuffer::new()),
@@ -794,7 +799,7 @@ impl Inner {
             })
         });
 
-        actions.conn_error = Some(err);
+        actions.conn_error = Some(Box::new(err));
 
         last_processed_id
     }
@@ -825,7 +830,7 @@ impl Inner {
             }
         });
 
-        actions.conn_error = Some(err);
+        actions.conn_error = Some(Box::new(err));
 
         Ok(())
     }
@@ -945,13 +950,13 @@ impl Inner {
         let send_buffer = &mut *send_buffer;
 
         if actions.conn_error.is_none() {
-            actions.conn_error = Some(
+            actions.conn_error = Some(Box::new(
                 io::Error::new(
                     io::ErrorKind::BrokenPipe,
                     "connection closed because of a broken pipe",
                 )
                 .into(),
-            );
+            ));
         }
 
         tracing::trace!("Streams::recv_eof");
@@ -1835,7 +1840,7 @@ impl Actions {
 
     fn ensure_no_conn_error(&self) -> Result<(), proto::Error> {
         if let Some(ref err) = self.conn_error {
-            Err(err.clone())
+            Err(proto::Error::clone(err))
         } else {
             Ok(())
         }
