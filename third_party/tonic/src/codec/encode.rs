@@ -258,8 +258,10 @@ pub struct EncodeBody<T, U> {
     #[pin]
     inner: EncodedBytes<T, U>,
     state: EncodeState,
-    #[pin]
-    cancellation_fut: Option<WaitForCancellationFutureOwned>,
+    /// Boxed (Trellis): only a client's body sets it, and inline its ~56 bytes put every
+    /// server response body in jemalloc's 192-byte class instead of 144 (a streaming server
+    /// keeps one per open stream).
+    cancellation_fut: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
 }
 
 #[derive(Debug)]
@@ -294,7 +296,7 @@ impl<T: Encoder, U: Stream> EncodeBody<T, U> {
         max_message_size: Option<usize>,
         cancellation_token: Option<CancellationToken>,
     ) -> Self {
-        let cancellation_fut = cancellation_token.map(|c| c.cancelled_owned());
+        let cancellation_fut = cancellation_token.map(|c| Box::pin(c.cancelled_owned()));
         Self {
             inner: EncodedBytes::new(
                 encoder,
@@ -378,8 +380,8 @@ where
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let self_proj = self.project();
 
-        if let Some(cancellation_fut) = self_proj.cancellation_fut.as_pin_mut()
-            && let Poll::Ready(()) = cancellation_fut.poll(cx)
+        if let Some(cancellation_fut) = self_proj.cancellation_fut.as_mut()
+            && let Poll::Ready(()) = cancellation_fut.as_mut().poll(cx)
         {
             #[cfg(feature = "h2")]
             let status = {
