@@ -142,9 +142,11 @@ impl Issued {
         above: Arc<[CertificateDer<'static>]>,
     ) -> Self {
         let key_der = key.as_ref().map_or(&[][..], |k| k.secret_der());
-        let mut der = Vec::with_capacity(leaf.len() + key_der.len());
-        der.extend_from_slice(&leaf);
-        der.extend_from_slice(key_der);
+        // Boxed before the key is copied in: whatever `into_boxed_slice` might move is zeros,
+        // so no copy of the key is left behind in freed memory.
+        let mut der = vec![0u8; leaf.len() + key_der.len()].into_boxed_slice();
+        der[..leaf.len()].copy_from_slice(&leaf);
+        der[leaf.len()..].copy_from_slice(key_der);
         let encoding = key.as_ref().map(|k| match k {
             PrivateKeyDer::Pkcs1(_) => KeyEncoding::Pkcs1,
             PrivateKeyDer::Sec1(_) => KeyEncoding::Sec1,
@@ -155,8 +157,7 @@ impl Issued {
             zeroize::Zeroize::zeroize(&mut key);
         }
         Self {
-            // Sized exactly above, so no reallocation left a copy of the key behind.
-            der: der.into_boxed_slice(),
+            der,
             leaf_len: leaf.len(),
             key: encoding,
             above,
@@ -328,6 +329,15 @@ mod tests {
             inline(key_to_pem(&key).as_bytes().to_vec()),
             "the key comes back in its own encoding"
         );
+
+        // Keys in the other two encodings (the CA makes PKCS#8) come back as they went in.
+        let sec1 = PrivateKeyDer::Sec1(vec![0x30, 3, 2, 1, 1].into());
+        let pkcs1 = PrivateKeyDer::Pkcs1(vec![0x30, 3, 2, 1, 0].into());
+        for key in [sec1, pkcs1] {
+            let issued = Issued::new(leaf.clone(), Some(key.clone_key()), Arc::clone(&above));
+            assert_eq!(issued.key(), Some(key));
+            assert_eq!(issued.leaf(), leaf);
+        }
 
         let csr_mode = Issued::new(leaf.clone(), None, above);
         assert!(!csr_mode.has_key());

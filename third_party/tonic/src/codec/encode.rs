@@ -258,8 +258,8 @@ pub struct EncodeBody<T, U> {
     #[pin]
     inner: EncodedBytes<T, U>,
     state: EncodeState,
-    /// Boxed (Trellis): only a client's body sets it, and inline its ~56 bytes put every
-    /// server response body in jemalloc's 192-byte class instead of 144 (a streaming server
+    /// Boxed (Trellis): only a client's body sets it, and inline its ~72 bytes put every
+    /// server response body in jemalloc's 192-byte class instead of 128 (a streaming server
     /// keeps one per open stream).
     cancellation_fut: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
 }

@@ -45,7 +45,9 @@ fn narrow(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
-/// The `usize` a narrowed count or limit stands for (see [`narrow`]).
+/// The `usize` a narrowed count or limit stands for (see [`narrow`]). A peer's
+/// SETTINGS_MAX_CONCURRENT_STREAMS of `u32::MAX` (0xFFFFFFFF) therefore reads back as
+/// `usize::MAX`, not 4,294,967,295: the same "no practical limit".
 fn widen(n: u32) -> usize {
     if n == u32::MAX {
         usize::MAX

@@ -126,6 +126,7 @@ where
 {
     pub fn new(config: Config) -> Self {
         let peer = P::r#dyn();
+
         Streams {
             inner: Inner::new(peer, config),
             send_buffer: Arc::new(SendBuffer::new()),
