@@ -1021,13 +1021,15 @@ mod tests {
         assert!(size <= 512, "an SDS response stream is {size} bytes");
     }
 
-    /// tonic boxes each open stream's response body (its encoder around the boxed response
-    /// stream) for as long as the stream lives: 192 bytes with a client's cancellation wait
-    /// inline, 128 in the patched tonic (third_party/README.md), jemalloc's 128-byte class.
+    /// tonic boxes each open stream's response body (the SDS codec's encoder around the boxed
+    /// response stream) for as long as the stream lives: 192 bytes with a client's
+    /// cancellation wait inline, 128 in the patched tonic (third_party/README.md), jemalloc's
+    /// 128-byte class.
     #[test]
     fn a_response_body_fits_in_128_bytes() {
         type Responses = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
-        let size = std::mem::size_of::<tonic::codec::EncodeBody<(), Responses>>();
+        type Encoder = trellis_proto::codec::SdsEncoder<DiscoveryResponse>;
+        let size = std::mem::size_of::<tonic::codec::EncodeBody<Encoder, Responses>>();
         assert!(size <= 128, "an SDS response body is {size} bytes");
     }
 }
