@@ -15,7 +15,9 @@
 #   haproxy  load generator → HAProxy A ══ mTLS HTTP/1.1 ══▶ HAProxy B → backend (default
 #            threads: one per CPU)
 # with wrk (HTTP/1.1 keep-alive; 1, 16 and 64 connections), h2load (h2c into the A side) and
-# openssl s_time (full TLS 1.3 mTLS handshakes against the B side). Prints a Markdown report
+# openssl s_time (full TLS 1.3 mTLS handshakes against the B side; OpenSSL 3.0 offers X25519
+# only, so the same again with handshake_load, crates/trellis-identity/examples, which offers
+# X25519MLKEM768 first as a sidecar does). Prints a Markdown report
 # and writes it to tests/bench/results.md. Only 127.0.0.1 is ever used. See README.md here.
 # --profile adds, after the Trellis measurements, a separate 8 s wrk run (16 connections) with
 # `perf record` on both sidecars, and appends where their CPU time goes to the report.
@@ -39,6 +41,8 @@
 # per round; the report keeps each point's best round), BENCH_TIMEOUT [1200] hard limit for the
 # run after the build, TRELLIS_BIN, ENVOY_BIN, BENCH_WS_ROUNDTRIPS [5000], BENCH_GRPC_APP (a
 # prebuilt grpc_bench_app; default target/release/examples/grpc_bench_app, built unless --no-build);
+# BENCH_HANDSHAKE_LOAD (a prebuilt handshake_load; default target/release/examples/handshake_load,
+# built unless --no-build; absent: no post-quantum handshake figures);
 # BENCH_BURST_CONNS [2000] idle mTLS connections opened into Trellis sidecar B and closed again,
 # to see its memory come back (0: skip); BENCH_TRELLIS_WRAP, a command the Trellis sidecars run
 # under (split on spaces; tests/bench/code-order.sh profiles them with valgrind this way).
@@ -202,11 +206,19 @@ fi
 # Trellis: build the release binary (a broken work-in-progress build is not fatal: the last
 # good binary is used, and the Trellis pair is skipped if it has no `sidecar` command).
 TRELLIS_BIN="${TRELLIS_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release/trellis}"
+# The post-quantum handshake client (s_time's OpenSSL 3.0 has no ML-KEM).
+HS_LOAD_BIN="${BENCH_HANDSHAKE_LOAD:-${CARGO_TARGET_DIR:-$REPO/target}/release/examples/handshake_load}"
 if ((BUILD)); then
     say "cargo build --release -p trellis"
     if ! (cd "$REPO" && timeout 1800 cargo build --release -p trellis 2>"$WORK/cargo-build.log"); then
         warn "cargo build --release -p trellis failed; using the existing $TRELLIS_BIN (tail of the log below)"
         tail -n 15 "$WORK/cargo-build.log" >&2 || true
+    fi
+    say "cargo build --release -p trellis-identity --example handshake_load"
+    if ! (cd "$REPO" && timeout 1800 cargo build --release -p trellis-identity --example handshake_load \
+        2>"$WORK/cargo-build-hs.log"); then
+        warn "building handshake_load failed; no post-quantum handshake figures (tail of the log below)"
+        tail -n 15 "$WORK/cargo-build-hs.log" >&2 || true
     fi
 fi
 protocol_tools         # the gRPC app and the Python clients, for --only grpc / ws
@@ -619,6 +631,25 @@ handshakes() {        # handshakes SCEN PORT: openssl s_time -new against the in
     rec "$scen.hs.count" "${n:-0}"
     rec "$scen.hs.wall_s" "$(awk -v a="$w0" -v b="$w1" 'BEGIN {printf "%.3f", b - a}')"
     rec "$scen.hs.cpu_b_ticks" "$((b1 - b0))"
+    # The same with the key exchange a sidecar offers (X25519MLKEM768 first), by Trellis'
+    # rustls client: prints "HANDSHAKES SECONDS GROUP".
+    [[ -x "$HS_LOAD_BIN" ]] || return 0
+    wait_quiet
+    say "$scen: handshake_load (X25519MLKEM768 first) ${STIME}s against 127.0.0.1:$port"
+    local out count wall group
+    b0=$(cpu_ticks "${B_PIDS[@]}")
+    if out="$(timeout $((STIME + 20)) "$HS_LOAD_BIN" "127.0.0.1:$port" "$CERTS/a-chain.pem" \
+        "$CERTS/a-key.pem" "$CERTS/bundle.pem" "$STIME" pq-preferred 2>"$dir/pq.err")"; then
+        b1=$(cpu_ticks "${B_PIDS[@]}")
+        read -r count wall group <<<"$out"
+        rec "$scen.hspq.count" "$count"
+        rec "$scen.hspq.wall_s" "$wall"
+        rec "$scen.hspq.group" "$group"
+        rec "$scen.hspq.cpu_b_ticks" "$((b1 - b0))"
+    else
+        warn "$scen: handshake_load failed: $(head -c 200 "$dir/pq.err")"
+        rec "$scen.hspq.error" "$(head -n1 "$dir/pq.err" | cut -c1-120)"
+    fi
 }
 
 mtls_checks() {       # mtls_checks SCEN PORT: B refuses a caller without a client cert, accepts A
