@@ -11,8 +11,10 @@ use crate::{run_with_timeout, trellis_bin, COMMAND_TIMEOUT};
 
 /// Debian's `softhsm2` module.
 pub const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
-/// The user PIN of every token made here.
-pub const PIN: &str = "4711";
+/// The user PIN of every token made here. Long and unlike anything a log prints: tests assert
+/// it appears in no log, and a four-digit PIN ("4711") turned up by chance in a timestamp's
+/// microseconds (`…47112Z`), failing one run.
+pub const PIN: &str = "trellis-test-pin-4711";
 
 /// A SoftHSM2 token directory under a test's directory.
 pub struct SoftHsm {

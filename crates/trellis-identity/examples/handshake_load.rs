@@ -10,12 +10,15 @@
 //!
 //! Each connection: TCP connect, a full handshake (no resumption; the client's certificate
 //! and the server's chain verified as a sidecar does, the server held to the client's trust
-//! domain), close_notify, close. Prints `HANDSHAKES SECONDS GROUP` (the group the last
-//! handshake negotiated), or one line on stderr and exit status 1 on the first failure.
+//! domain; no SNI, as `s_time` to an IP address), close_notify, then read until the server
+//! closes, so a client certificate the server refuses (TLS 1.3 says so only after the
+//! client's side of the handshake is done) is an error, not a count. Prints
+//! `HANDSHAKES SECONDS GROUP` (the group the last handshake negotiated), or one line on stderr
+//! and exit status 1 on the first failure.
 #![allow(missing_docs)]
 
-use std::io::Write;
-use std::net::TcpStream;
+use std::io::{ErrorKind, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,15 +41,20 @@ fn main() {
 
 fn run() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let usage = "usage: handshake_load IP:PORT CHAIN.pem KEY.pem BUNDLE.pem SECONDS [KEY_EXCHANGE]";
     let [addr, chain, key, bundle, seconds, rest @ ..] = args.as_slice() else {
-        bail!("usage: handshake_load ADDR CHAIN.pem KEY.pem BUNDLE.pem SECONDS [KEY_EXCHANGE]");
+        bail!(usage);
     };
-    let kx: KeyExchange = match rest.first() {
-        Some(s) => s
+    let kx: KeyExchange = match rest {
+        [] => KeyExchange::PqPreferred,
+        [s] => s
             .parse()
             .map_err(|_| anyhow!("key exchange {s:?}: use one of {}", KeyExchange::ALLOWED))?,
-        None => KeyExchange::PqPreferred,
+        _ => bail!("unexpected arguments after the key exchange; {usage}"),
     };
+    let addr: SocketAddr = addr
+        .parse()
+        .with_context(|| format!("address {addr:?}: give IP:PORT, e.g. 127.0.0.1:15006"))?;
     let seconds: f64 = seconds
         .parse()
         .ok()
@@ -76,27 +84,46 @@ fn run() -> anyhow::Result<()> {
         .with_client_auth_cert(chain, key)?;
     config.resumption = rustls::client::Resumption::disabled();
     let config = Arc::new(config);
-    // SVIDs carry no DNS name; the SPIFFE verifier ignores this one.
-    let name = ServerName::try_from("trellis.invalid")?;
+    // An IP address: no SNI, as `s_time -connect IP:PORT` (the SPIFFE verifier checks the
+    // SPIFFE ID, not the name).
+    let name = ServerName::IpAddress(addr.ip().into());
+    let io_bound = Some(Duration::from_secs(10));
 
     let until = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
     let (mut count, mut group) = (0u64, "none");
     while Instant::now() < until {
-        let mut tcp = TcpStream::connect(addr.as_str())
+        let which = || format!("handshake {} with {addr}", count + 1);
+        let mut tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
             .with_context(|| format!("cannot connect to {addr}"))?;
         tcp.set_nodelay(true)?;
+        tcp.set_read_timeout(io_bound)?;
+        tcp.set_write_timeout(io_bound)?;
         let mut tls = rustls::ClientConnection::new(config.clone(), name.clone())?;
         while tls.is_handshaking() {
-            tls.complete_io(&mut tcp)
-                .with_context(|| format!("handshake {} with {addr}", count + 1))?;
+            tls.complete_io(&mut tcp).with_context(which)?;
         }
         group = negotiated_group(&tls);
         tls.send_close_notify();
         while tls.wants_write() {
-            tls.write_tls(&mut tcp)?;
+            tls.write_tls(&mut tcp).with_context(which)?;
         }
-        tcp.flush()?;
+        tcp.flush().with_context(which)?;
+        // The server's tickets, its verdict on our certificate (an alert if refused) and its
+        // own close_notify; a reset after our close_notify is a close too.
+        loop {
+            match tls.read_tls(&mut tcp) {
+                Ok(0) => break,
+                Ok(_) => {
+                    let state = tls.process_new_packets().with_context(which)?;
+                    if state.peer_has_closed() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
+                Err(e) => return Err(e).with_context(which),
+            }
+        }
         count += 1;
     }
     println!("{count} {:.3} {group}", started.elapsed().as_secs_f64());
