@@ -12,8 +12,8 @@ use crate::{run_with_timeout, trellis_bin, COMMAND_TIMEOUT};
 /// Debian's `softhsm2` module.
 pub const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 /// The user PIN of every token made here. Long and unlike anything a log prints: tests assert
-/// it appears in no log, and a four-digit PIN ("4711") turned up by chance in a timestamp's
-/// microseconds (`…47112Z`), failing one run.
+/// it appears in no log, and four digits ("4711", the PIN before) can turn up there by chance
+/// in timestamps, serials and fingerprints (a run failed once on it).
 pub const PIN: &str = "trellis-test-pin-4711";
 
 /// A SoftHSM2 token directory under a test's directory.

@@ -26,11 +26,10 @@ use anyhow::{anyhow, bail, Context};
 use arc_swap::ArcSwap;
 use rustls::pki_types::ServerName;
 use trellis_identity::tls::{
-    negotiated_group, provider_for, KeyExchange, PeerMatch, SpiffeServerVerifier, TlsPolicy,
+    client_config, install_key_exchange, negotiated_group, KeyExchange, PeerMatch,
+    SpiffeServerVerifier, SvidResolver, TlsPolicy,
 };
-use trellis_identity::{
-    cert_facts, certs_from_pem, key_from_pem, SpiffeId, TrustBundle, TrustDomain,
-};
+use trellis_identity::{Svid, TrustBundle, TrustDomain};
 
 fn main() {
     if let Err(e) = run() {
@@ -60,30 +59,28 @@ fn run() -> anyhow::Result<()> {
         .ok()
         .filter(|s: &f64| s.is_finite() && *s > 0.0 && *s <= 86_400.0)
         .with_context(|| format!("seconds {seconds:?}: give a number above 0, at most 86400"))?;
+    // The process-wide setting, as the binaries install it, so the config below is a
+    // sidecar's own (`client_config`: TLS 1.3, no resumption, no 0-RTT).
+    install_key_exchange(kx)?;
     let read = |path: &str| std::fs::read(path).with_context(|| format!("cannot read {path}"));
-    let chain = certs_from_pem(&read(chain)?).with_context(|| format!("{chain}: certificates"))?;
-    let key = key_from_pem(&read(key)?).with_context(|| format!("{key}: private key"))?;
-    let leaf = chain
-        .first()
-        .context("the chain file holds no certificate")?;
-    let own_id = cert_facts(leaf)?
-        .uri_sans
-        .iter()
-        .find_map(|uri| SpiffeId::parse(uri).ok())
-        .context("the leaf certificate has no SPIFFE ID")?;
-    let trust_domain = TrustDomain::parse(own_id.trust_domain_name())?;
-    let bundle = TrustBundle::from_pem(trust_domain, &read(bundle)?)?;
-
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider_for(kx)))
-        .with_protocol_versions(TlsPolicy::Tls13.versions())?
-        .dangerous()
-        .with_custom_certificate_verifier(SpiffeServerVerifier::new(
-            Arc::new(ArcSwap::from_pointee(bundle)),
-            PeerMatch::AnyInTrustDomain,
-        ))
-        .with_client_auth_cert(chain, key)?;
-    config.resumption = rustls::client::Resumption::disabled();
-    let config = Arc::new(config);
+    let svid = Svid::from_pem(&read(chain)?, &read(key)?)
+        .with_context(|| format!("{chain} and {key}: not an SVID and its key"))?;
+    let trust_domain = TrustDomain::parse(svid.spiffe_id().trust_domain_name())?;
+    let bundle = TrustBundle::from_pem(trust_domain, &read(bundle)?)
+        .with_context(|| format!("{bundle}: trust bundle"))?;
+    let resolver = SvidResolver::empty();
+    resolver.install(&svid)?;
+    let verifier = SpiffeServerVerifier::new(
+        Arc::new(ArcSwap::from_pointee(bundle)),
+        PeerMatch::AnyInTrustDomain,
+    );
+    // No ALPN, as `s_time`.
+    let config = Arc::new(client_config(
+        Some(resolver),
+        verifier,
+        TlsPolicy::Tls13,
+        &[],
+    )?);
     // An IP address: no SNI, as `s_time -connect IP:PORT` (the SPIFFE verifier checks the
     // SPIFFE ID, not the name).
     let name = ServerName::IpAddress(addr.ip().into());
