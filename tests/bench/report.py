@@ -7,9 +7,12 @@ Prints the report to stdout and writes it to OUT.md. Standard library only.
 """
 import sys
 
-PATHS = [("direct", "direct"), ("trellis", "Trellis pair"), ("envoy", "Envoy pair"), ("nginx", "nginx pair"),
-         ("nginx_auto", "nginx pair, workers auto"), ("haproxy", "HAProxy pair")]
-PROXIES = ["trellis", "envoy", "nginx", "nginx_auto", "haproxy"]
+PATHS = [("direct", "direct"), ("trellis", "Trellis pair"), ("trellis_auto", "Trellis pair, workers auto"),
+         ("envoy", "Envoy pair"), ("nginx", "nginx pair"), ("nginx_auto", "nginx pair, workers auto"),
+         ("haproxy", "HAProxy pair")]
+PROXIES = ["trellis", "trellis_auto", "envoy", "nginx", "nginx_auto", "haproxy"]
+# Paths measured for throughput and latency only (no RSS, handshake or burst of their own).
+LOAD_ONLY = {"trellis_auto"}
 # The pairs Trellis is compared with; the targets are judged against the best of them.
 PEERS = [("envoy", "Envoy"), ("nginx", "nginx"), ("nginx_auto", "nginx auto"), ("haproxy", "HAProxy")]
 
@@ -209,6 +212,10 @@ class Report:
             "answering a fixed `200 ok`.",
             f"- Certificates: {r.get('meta.ca', '')}; ECDSA P-256; TLS 1.3 only on every mTLS hop.",
             f"- Trellis: {r.get('meta.trellis', '')}; " + self.trellis_threads(),
+            *([] if self.status("trellis_auto") == "not run" else [
+                f"- Trellis, workers auto: the same binaries with `--worker-threads {r.get('trellis_auto.workers', '?')}` "
+                f"(one thread-per-core worker per CPU, as nginx auto and HAProxy run); throughput and latency only. "
+                f"{r.get('trellis_auto.threads', '')}"]),
             f"- Envoy: {r.get('meta.envoy', '')}; `--concurrency 1`. "
             f"{r.get('envoy.threads', '')}",
             f"- nginx: {r.get('meta.nginx', '')}; `worker_processes 1`. {r.get('nginx.threads', '')}",
@@ -297,6 +304,8 @@ class Report:
             "|---|--:|--:|--:|--:|--:|--:|---|---|",
         ]
         for scen, name in PATHS[1:]:
+            if scen in LOAD_ONLY:
+                continue
             if not self.ok(scen):
                 out.append(f"| {name} | {self.cell_missing(scen)} | | | | | | | |")
                 continue
@@ -391,6 +400,13 @@ class Report:
                 a = div(self.added_p99(scen, load), self.added_p99("trellis", load))
                 c = div(self.cpu_pair(scen, load), self.cpu_pair("trellis", load))
                 out.append(f"| {self.load_name(load)} | {name} | {self.x(t)} | {self.x(a)} | {self.x(c)} |")
+            # Like for like with the multi-worker peers: Trellis with one worker per CPU.
+            if best and self.measured("trellis_auto", load) and self.measured(best[0], load):
+                t = div(self.rps("trellis_auto", load), self.rps(best[0], load))
+                a = div(self.added_p99(best[0], load), self.added_p99("trellis_auto", load))
+                c = div(self.cpu_pair(best[0], load), self.cpu_pair("trellis_auto", load))
+                out.append(f"| {self.load_name(load)} | best peer ({best[1]}), Trellis workers auto | "
+                           f"{self.x(t)} | {self.x(a)} | {self.x(c)} |")
         rs = []
         for scen, name in PEERS:
             parts = []
@@ -438,6 +454,35 @@ class Report:
             cells.append(f"{x:.2f}× {best[1]}" + ("" if ok else f" (short by {(1 - x / 1.5) * 100:.0f}%)"))
             oks.append(ok)
         row("throughput ≥ 1.5× the best peer pair", cells, oks, tuple(judged), self.tput_loads)
+        if self.ok("trellis_auto"):
+            # Issue #19: with more workers the pair must not be slower than with one.
+            n = self.r.get("trellis_auto.workers", "N")
+            cells, oks = [], []
+            for l in wrk:
+                if l not in self.tput_loads:
+                    cells.append("— (latency point)"); continue
+                one, many = self.rps("trellis", l), self.rps("trellis_auto", l)
+                if one is None or many is None or one == 0:
+                    cells.append("n/a"); oks.append(None); continue
+                ok = many >= one
+                cells.append(f"{many:,.0f} vs {one:,.0f} req/s ({many / one:.2f}×)")
+                oks.append(ok)
+            row(f"{n} workers not slower than 1 (scales with cores)", cells, oks, ("trellis", "trellis_auto"),
+                self.tput_loads)
+            cells, oks, judged = [], [], {"trellis_auto"}
+            for l in wrk:
+                if l not in self.tput_loads:
+                    cells.append("— (latency point)"); continue
+                best, t = self.best_peer(l), self.rps("trellis_auto", l)
+                if t is None or best is None:
+                    cells.append("n/a"); oks.append(None); continue
+                judged.add(best[0])
+                x = t / self.rps(best[0], l)
+                ok = x >= 1.5
+                cells.append(f"{x:.2f}× {best[1]}" + ("" if ok else f" (short by {(1 - x / 1.5) * 100:.0f}%)"))
+                oks.append(ok)
+            row(f"throughput ≥ 1.5× the best peer pair, Trellis with {n} workers (information)", cells, oks,
+                tuple(judged), self.tput_loads)
         for scen, label, want in (("envoy", "Envoy", 3.0),):
             cells, oks = [], []
             for l in wrk:

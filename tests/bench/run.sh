@@ -3,7 +3,8 @@
 #
 #   bash tests/bench/run.sh [--quick] [--rounds N] [--only direct,trellis,envoy,nginx,grpc,ws]
 #                           [--profile] [--no-build] [--no-install] [--keep] [--out FILE]
-#   (--only also takes nginx_auto and haproxy, the two peers with more than one worker)
+#   (--only also takes nginx_auto and haproxy, the two peers with more than one worker, and
+#   trellis_auto, the Trellis pair with one worker per CPU)
 #
 # Measures, with the same certificates (made by `trellis ca init`), the same backend app (an
 # nginx returning a fixed 200 "ok\n") and the same load, one proxy pair at a time:
@@ -12,6 +13,9 @@
 #   envoy    load generator → Envoy A (--concurrency 1) ══ mTLS h2 ══▶ Envoy B → backend
 #   nginx    load generator → nginx A (1 worker) ══ mTLS HTTP/1.1 ══▶ nginx B → backend
 #   nginx_auto  the same with `worker_processes auto` (one worker per CPU)
+#   trellis_auto  the Trellis pair again with one worker per CPU (`--worker-threads $(nproc)`,
+#            thread-per-core), as nginx_auto and HAProxy run: the like-for-like comparison with
+#            the multi-worker peers, and issue #19's "not slower with 2 workers than with 1"
 #   haproxy  load generator → HAProxy A ══ mTLS HTTP/1.1 ══▶ HAProxy B → backend (default
 #            threads: one per CPU)
 # with wrk (HTTP/1.1 keep-alive; 1, 16 and 64 connections), h2load (h2c into the A side) and
@@ -74,7 +78,7 @@ NOISE_LIMIT="${BENCH_NOISE_LIMIT:-25}"
 MAX_RETRIES="${BENCH_RETRIES:-2}"
 RETRY_BUDGET="${BENCH_RETRY_BUDGET:-45}"
 RETRY_SPENT=0         # per path: reset when a path starts
-ONLY="direct,trellis,envoy,nginx,nginx_auto,haproxy,grpc,ws"
+ONLY="direct,trellis,trellis_auto,envoy,nginx,nginx_auto,haproxy,grpc,ws"
 WS_ROUNDTRIPS="${BENCH_WS_ROUNDTRIPS:-5000}"
 BUILD=1
 INSTALL=1
@@ -391,11 +395,11 @@ start_envoy() {       # start_envoy NAME TEMPLATE ADMIN_PORT → sets PID_<NAME>
         return 1
     }
 }
-start_trellis() {     # start_trellis NAME TEMPLATE ADMIN_PORT → sets PID_<NAME>
-    local name="$1" dir="$WORK/$1" pid
+start_trellis() {     # start_trellis NAME TEMPLATE ADMIN_PORT [WORKERS] → sets PID_<NAME>
+    local name="$1" dir="$WORK/$1" workers="${4:-$TRELLIS_THREADS}" pid
     mkdir -p "$dir"
     render "$2" "$dir/sidecar.yaml"
-    (cd "$dir" && TRELLIS_WORKER_THREADS="$TRELLIS_THREADS" exec ${TRELLIS_WRAP[@]+"${TRELLIS_WRAP[@]}"} "$TRELLIS_BIN" sidecar --config "$dir/sidecar.yaml" \
+    (cd "$dir" && TRELLIS_WORKER_THREADS="$workers" exec ${TRELLIS_WRAP[@]+"${TRELLIS_WRAP[@]}"} "$TRELLIS_BIN" sidecar --config "$dir/sidecar.yaml" \
         >"$dir/stdout.log" 2>"$dir/stderr.log") &
     pid=$!
     STARTED+=("$pid")
@@ -820,6 +824,39 @@ path_trellis() {
     stop_pair "$PID_trellis_a" "$PID_trellis_b"
 }
 
+# The same pair with one worker per CPU, as the multi-worker peers run (nginx `auto`, HAProxy's
+# default threads). Throughput and latency only: the handshake, burst and profile are the same
+# code as with one worker and are measured on the `trellis` path.
+path_trellis_auto() {
+    local k ta wa tb wb workers
+    workers="$(nproc)"
+    if ((!TRELLIS_SIDECAR_OK)); then
+        rec trellis_auto.status skip
+        rec trellis_auto.reason "trellis sidecar not available ($TRELLIS_BIN sidecar --help fails)"
+        return 0
+    fi
+    say "== trellis_auto: the Trellis pair with $workers workers each (--worker-threads $workers)"
+    for k in A_PORT A_INBOUND_PORT A_SHARED_PORT A_ADMIN_PORT B_PORT B_SHARED_PORT B_ADMIN_PORT; do new_port "$k"; done
+    PID_trellisauto_a=""; PID_trellisauto_b=""
+    if start_trellis trellisauto_b "$CONF/trellis-b.yaml" "${V[B_ADMIN_PORT]}" "$workers" &&
+        start_trellis trellisauto_a "$CONF/trellis-a.yaml" "${V[A_ADMIN_PORT]}" "$workers"; then
+        A_PIDS=("$PID_trellisauto_a"); B_PIDS=("$PID_trellisauto_b")
+        read -r ta wa < <(thread_info "$PID_trellisauto_a")
+        read -r tb wb < <(thread_info "$PID_trellisauto_b")
+        rec trellis_auto.workers "$workers"
+        rec trellis_auto.threads "A: $ta threads ($(thread_names "$PID_trellisauto_a")), B: $tb threads ($(thread_names "$PID_trellisauto_b")); env TRELLIS_WORKER_THREADS=$workers"
+        run_pair trellis_auto "http://127.0.0.1:${V[A_PORT]}/" "http://127.0.0.1:${V[A_PORT]}/" || true
+        for k in a b; do
+            curl -s --max-time 2 "http://127.0.0.1:${V[${k^^}_ADMIN_PORT]}/metrics" >"$WORK/trellisauto_$k/metrics-r$ROUND.txt" 2>/dev/null || true
+        done
+    else
+        rec trellis_auto.status fail
+        rec trellis_auto.reason "sidecars did not become ready: $(tail -n 3 "$WORK"/trellisauto_[ab]/stderr.log 2>/dev/null | tr '\n' ' ' | cut -c1-300)"
+        FAILED=1
+    fi
+    stop_pair "$PID_trellisauto_a" "$PID_trellisauto_b"
+}
+
 path_envoy() {
     local k
     if [[ -z "${ENVOY_BIN:-}" ]]; then
@@ -934,7 +971,7 @@ path_haproxy() {
 # Rounds: every path once per round, one path at a time; the second round runs the paths in
 # reverse order so slow drift in background load does not always hit the same path. The
 # report keeps, for each path and load point, the round with the highest req/s.
-ORDER=(direct trellis envoy nginx)
+ORDER=(direct trellis trellis_auto envoy nginx)
 ORDER+=(nginx_auto haproxy)
 ORDER+=(grpc ws)
 for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
@@ -948,7 +985,8 @@ for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
         if wanted "$p"; then "path_$p"; fi
     done
     # Each round uses fresh proxy processes and work dirs.
-    for p in trellis_a trellis_b envoy_a envoy_b nginx_a nginx_b direct trellis envoy nginx \
+    for p in trellis_a trellis_b trellisauto_a trellisauto_b trellis_auto \
+        envoy_a envoy_b nginx_a nginx_b direct trellis envoy nginx \
         nginxauto_a nginxauto_b haproxy_a haproxy_b nginx_auto haproxy nginx-auto $PROTOCOL_DIRS; do
         [[ -d "$WORK/$p" ]] && mv "$WORK/$p" "$WORK/$p.r$ROUND"
     done
