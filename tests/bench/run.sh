@@ -42,8 +42,8 @@
 # BENCH_NOISE_LIMIT [25]: a point during which other processes used more than this % of one
 # core is measured again, up to BENCH_RETRIES [2] times and BENCH_RETRY_BUDGET [45] extra
 # seconds per path (the quietest attempt is kept); BENCH_ROUNDS [1] (every path is measured once
-# per round; the report keeps each point's best round), BENCH_TIMEOUT [1200] hard limit for the
-# run after the build, TRELLIS_BIN, ENVOY_BIN, BENCH_WS_ROUNDTRIPS [5000], BENCH_GRPC_APP (a
+# per round; the report keeps each point's best round), BENCH_TIMEOUT [1200 per round] hard limit for
+# the run after the build, TRELLIS_BIN, ENVOY_BIN, BENCH_WS_ROUNDTRIPS [5000], BENCH_GRPC_APP (a
 # prebuilt grpc_bench_app; default target/release/examples/grpc_bench_app, built unless --no-build);
 # BENCH_HANDSHAKE_LOAD (a prebuilt handshake_load; default target/release/examples/handshake_load,
 # built unless --no-build; absent: no post-quantum handshake figures);
@@ -72,7 +72,7 @@ TRELLIS_THREADS="${BENCH_TRELLIS_THREADS:-1}"
 read -r -a TRELLIS_WRAP <<<"${BENCH_TRELLIS_WRAP:-}"
 QUIET_WAIT="${BENCH_QUIET_WAIT:-15}"
 QUIET_BUDGET="${BENCH_QUIET_BUDGET:-80}"
-HARD_TIMEOUT="${BENCH_TIMEOUT:-1200}"
+HARD_TIMEOUT="${BENCH_TIMEOUT:-}"   # default below: 1200 s per round
 ROUNDS="${BENCH_ROUNDS:-1}"
 NOISE_LIMIT="${BENCH_NOISE_LIMIT:-25}"
 MAX_RETRIES="${BENCH_RETRIES:-2}"
@@ -245,6 +245,11 @@ if ((TRELLIS_SIDECAR_OK)) && [[ -x "$SIDECAR_BIN" ]]; then
 fi
 
 # Hard bound on the whole run after the build (every step below is bounded on its own too).
+# A round of every path takes ~10 minutes on a 2-core machine, so the default grows with
+# --rounds (a fixed 1200 s cut a 3-round run off in its third round, with no report).
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "--rounds (BENCH_ROUNDS) takes a positive whole number, not '$ROUNDS'"
+[[ -n "$HARD_TIMEOUT" ]] || HARD_TIMEOUT=$((1200 * ROUNDS))
+[[ "$HARD_TIMEOUT" =~ ^[1-9][0-9]*$ ]] || die "BENCH_TIMEOUT takes seconds as a positive whole number, not '$HARD_TIMEOUT'"
 (
     trap 'kill "$sp" 2>/dev/null; exit 0' TERM
     sleep "$HARD_TIMEOUT" & sp=$!
