@@ -214,8 +214,10 @@ class Report:
             f"- Trellis: {r.get('meta.trellis', '')}; " + self.trellis_threads(),
             *([] if self.status("trellis_auto") == "not run" else [
                 f"- Trellis, workers auto: the same binaries with `--worker-threads {r.get('trellis_auto.workers', '?')}` "
-                f"(one thread-per-core worker per CPU, as nginx auto and HAProxy run); throughput and latency only. "
-                f"{r.get('trellis_auto.threads', '')}"]),
+                f"(one thread-per-core worker per CPU, as nginx auto and HAProxy run); no RSS, handshake or burst "
+                f"figures of its own. "
+                + (r.get('trellis_auto.threads', '') if self.ok("trellis_auto") else
+                   f"{self.cell_missing('trellis_auto')}: {r.get('trellis_auto.reason', '')}")]),
             f"- Envoy: {r.get('meta.envoy', '')}; `--concurrency 1`. "
             f"{r.get('envoy.threads', '')}",
             f"- nginx: {r.get('meta.nginx', '')}; `worker_processes 1`. {r.get('nginx.threads', '')}",
@@ -433,8 +435,10 @@ class Report:
             return [f"{dict(PATHS)[s]} {self.load_name(l)}" for s in scens for l in loads
                     if (self.foreign(s, l) or 0) > limit]
 
-        def row(name, cells, oks, scens=("trellis",), loads=()):
+        def row(name, cells, oks, scens=("trellis",), loads=(), info=False):
             verdict = "n/a" if any(o is None for o in oks) else ("PASS" if all(oks) else "MISS")
+            if info and verdict != "n/a":
+                verdict = "info"
             bad = noisy(scens, loads)
             if bad and verdict != "n/a":
                 verdict += " ⚠ noisy: " + ", ".join(bad)
@@ -454,9 +458,17 @@ class Report:
             cells.append(f"{x:.2f}× {best[1]}" + ("" if ok else f" (short by {(1 - x / 1.5) * 100:.0f}%)"))
             oks.append(ok)
         row("throughput ≥ 1.5× the best peer pair", cells, oks, tuple(judged), self.tput_loads)
-        if self.ok("trellis_auto"):
+        n, one_n = self.r.get("trellis_auto.workers", "N"), self.r.get("meta.trellis_threads_requested", "1")
+        scaling = f"{n} workers not slower than {one_n} (scales with cores)"
+        if self.status("trellis_auto") in ("fail", "skip"):
+            why = f"{self.cell_missing('trellis_auto')}: {self.r.get('trellis_auto.reason', '')}"
+            row(scaling, ["n/a" if l in self.tput_loads else "— (latency point)" for l in wrk[:-1]] + [f"n/a ({why})"],
+                [None])
+        elif self.ok("trellis_auto") and int(fnum(n) or 0) <= int(fnum(one_n) or 0):
+            row("more workers not slower than fewer (scales with cores)",
+                [f"n/a (both paths ran {n} worker{'s' if n != '1' else ''})"] + [""] * (len(wrk) - 1), [None])
+        elif self.ok("trellis_auto"):
             # Issue #19: with more workers the pair must not be slower than with one.
-            n = self.r.get("trellis_auto.workers", "N")
             cells, oks = [], []
             for l in wrk:
                 if l not in self.tput_loads:
@@ -467,8 +479,7 @@ class Report:
                 ok = many >= one
                 cells.append(f"{many:,.0f} vs {one:,.0f} req/s ({many / one:.2f}×)")
                 oks.append(ok)
-            row(f"{n} workers not slower than 1 (scales with cores)", cells, oks, ("trellis", "trellis_auto"),
-                self.tput_loads)
+            row(scaling, cells, oks, ("trellis", "trellis_auto"), self.tput_loads)
             cells, oks, judged = [], [], {"trellis_auto"}
             for l in wrk:
                 if l not in self.tput_loads:
@@ -482,7 +493,7 @@ class Report:
                 cells.append(f"{x:.2f}× {best[1]}" + ("" if ok else f" (short by {(1 - x / 1.5) * 100:.0f}%)"))
                 oks.append(ok)
             row(f"throughput ≥ 1.5× the best peer pair, Trellis with {n} workers (information)", cells, oks,
-                tuple(judged), self.tput_loads)
+                tuple(judged), self.tput_loads, info=True)
         for scen, label, want in (("envoy", "Envoy", 3.0),):
             cells, oks = [], []
             for l in wrk:

@@ -110,6 +110,10 @@ wanted() { [[ ",$ONLY," == *",$1,"* ]]; }
 say() { printf '==> %s\n' "$*" >&2; }
 warn() { printf 'warning: %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+# Checked before anything is installed or built, so a typo fails at once.
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "--rounds (BENCH_ROUNDS) takes a positive whole number, not '$ROUNDS'"
+[[ -z "$HARD_TIMEOUT" || "$HARD_TIMEOUT" =~ ^[1-9][0-9]*$ ]] ||
+    die "BENCH_TIMEOUT takes seconds as a positive whole number, not '$HARD_TIMEOUT'"
 
 # --- work dir, process bookkeeping, cleanup ----------------------------------------------------
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/trellis-bench.XXXXXX")"
@@ -247,9 +251,7 @@ fi
 # Hard bound on the whole run after the build (every step below is bounded on its own too).
 # A round of every path takes ~10 minutes on a 2-core machine, so the default grows with
 # --rounds (a fixed 1200 s cut a 3-round run off in its third round, with no report).
-[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "--rounds (BENCH_ROUNDS) takes a positive whole number, not '$ROUNDS'"
 [[ -n "$HARD_TIMEOUT" ]] || HARD_TIMEOUT=$((1200 * ROUNDS))
-[[ "$HARD_TIMEOUT" =~ ^[1-9][0-9]*$ ]] || die "BENCH_TIMEOUT takes seconds as a positive whole number, not '$HARD_TIMEOUT'"
 (
     trap 'kill "$sp" 2>/dev/null; exit 0' TERM
     sleep "$HARD_TIMEOUT" & sp=$!
@@ -835,6 +837,7 @@ path_trellis() {
 path_trellis_auto() {
     local k ta wa tb wb workers
     workers="$(nproc)"
+    rec trellis_auto.workers "$workers"
     if ((!TRELLIS_SIDECAR_OK)); then
         rec trellis_auto.status skip
         rec trellis_auto.reason "trellis sidecar not available ($TRELLIS_BIN sidecar --help fails)"
@@ -848,7 +851,6 @@ path_trellis_auto() {
         A_PIDS=("$PID_trellisauto_a"); B_PIDS=("$PID_trellisauto_b")
         read -r ta wa < <(thread_info "$PID_trellisauto_a")
         read -r tb wb < <(thread_info "$PID_trellisauto_b")
-        rec trellis_auto.workers "$workers"
         rec trellis_auto.threads "A: $ta threads ($(thread_names "$PID_trellisauto_a")), B: $tb threads ($(thread_names "$PID_trellisauto_b")); env TRELLIS_WORKER_THREADS=$workers"
         run_pair trellis_auto "http://127.0.0.1:${V[A_PORT]}/" "http://127.0.0.1:${V[A_PORT]}/" || true
         for k in a b; do
