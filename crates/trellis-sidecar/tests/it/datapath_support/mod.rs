@@ -127,10 +127,20 @@ pub fn tcp_forward(app: SocketAddr) -> TcpForward {
     }
 }
 
-/// A port nothing listens on (bound, read back, released).
+/// A port nothing listens on: bound and kept bound, never listening, for the rest of the test
+/// binary, so a connection to it is refused. Released at once, the kernel could hand the same
+/// port to the next `bind(0)` of a test running in parallel (an echo app, say), and "the app is
+/// down" would then reach that app: `app_down_is_503_from_the_inbound` once got a 200 so. The
+/// socket has no `SO_REUSEADDR`, so not even a listener that sets it (tokio's do) can share it.
 pub async fn closed_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    // Leaked on purpose: one descriptor per call, held until the test binary exits.
+    std::mem::forget(socket);
+    addr
 }
 
 // ---------------------------------------------------------------------------------------------
