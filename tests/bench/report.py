@@ -444,20 +444,25 @@ class Report:
                 verdict += " ⚠ noisy: " + ", ".join(bad)
             out.append(f"| {name} | " + " | ".join(cells) + f" | {verdict} |")
 
-        # The best peer can differ per load point: each cell names the one it was judged against.
-        cells, oks, judged = [], [], {"trellis"}
-        for l in wrk:
-            if l not in self.tput_loads:
-                cells.append("— (latency point)"); continue
-            best, t = self.best_peer(l), self.rps("trellis", l)
-            if t is None or best is None:
-                cells.append("n/a"); oks.append(None); continue
-            judged.add(best[0])
-            x = t / self.rps(best[0], l)
-            ok = x >= 1.5
-            cells.append(f"{x:.2f}× {best[1]}" + ("" if ok else f" (short by {(1 - x / 1.5) * 100:.0f}%)"))
-            oks.append(ok)
-        row("throughput ≥ 1.5× the best peer pair", cells, oks, tuple(judged), self.tput_loads)
+        def vs_best_peer(scen):
+            """Cells, verdicts and judged paths of `scen`'s throughput ≥ 1.5× the best peer. The best
+            peer can differ per load point: each cell names the one it was judged against."""
+            cells, oks, judged = [], [], {scen}
+            for l in wrk:
+                if l not in self.tput_loads:
+                    cells.append("— (latency point)"); continue
+                best, t = self.best_peer(l), self.rps(scen, l)
+                if t is None or best is None:
+                    cells.append("n/a"); oks.append(None); continue
+                judged.add(best[0])
+                x = t / self.rps(best[0], l)
+                ok = x >= 1.5
+                cells.append(f"{x:.2f}× {best[1]}" + ("" if ok else f" (short by {(1 - x / 1.5) * 100:.0f}%)"))
+                oks.append(ok)
+            return cells, oks, tuple(judged)
+
+        cells, oks, judged = vs_best_peer("trellis")
+        row("throughput ≥ 1.5× the best peer pair", cells, oks, judged, self.tput_loads)
         n, one_n = self.r.get("trellis_auto.workers", "N"), self.r.get("meta.trellis_threads_requested", "1")
         scaling = f"{n} workers not slower than {one_n} (scales with cores)"
         if self.status("trellis_auto") in ("fail", "skip"):
@@ -480,20 +485,9 @@ class Report:
                 cells.append(f"{many:,.0f} vs {one:,.0f} req/s ({many / one:.2f}×)")
                 oks.append(ok)
             row(scaling, cells, oks, ("trellis", "trellis_auto"), self.tput_loads)
-            cells, oks, judged = [], [], {"trellis_auto"}
-            for l in wrk:
-                if l not in self.tput_loads:
-                    cells.append("— (latency point)"); continue
-                best, t = self.best_peer(l), self.rps("trellis_auto", l)
-                if t is None or best is None:
-                    cells.append("n/a"); oks.append(None); continue
-                judged.add(best[0])
-                x = t / self.rps(best[0], l)
-                ok = x >= 1.5
-                cells.append(f"{x:.2f}× {best[1]}" + ("" if ok else f" (short by {(1 - x / 1.5) * 100:.0f}%)"))
-                oks.append(ok)
+            cells, oks, judged = vs_best_peer("trellis_auto")
             row(f"throughput ≥ 1.5× the best peer pair, Trellis with {n} workers (information)", cells, oks,
-                tuple(judged), self.tput_loads, info=True)
+                judged, self.tput_loads, info=True)
         for scen, label, want in (("envoy", "Envoy", 3.0),):
             cells, oks = [], []
             for l in wrk:

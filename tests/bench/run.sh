@@ -795,8 +795,21 @@ path_direct() {
     run_pair direct "http://127.0.0.1:${V[BACKEND_PORT]}/" "http://127.0.0.1:${V[BACKEND_H2C_PORT]}/" || true
 }
 
+pair_threads() {      # pair_threads PID_A PID_B: "A: N threads (names), B: N threads (names)"
+    local ta tb _
+    read -r ta _ < <(thread_info "$1")
+    read -r tb _ < <(thread_info "$2")
+    echo "A: $ta threads ($(thread_names "$1")), B: $tb threads ($(thread_names "$2"))"
+}
+save_metrics() {      # save_metrics NAME: sidecars NAME_a and NAME_b's /metrics into their dirs
+    local s
+    for s in a b; do
+        curl -s --max-time 2 "http://127.0.0.1:${V[${s^^}_ADMIN_PORT]}/metrics" >"$WORK/${1}_$s/metrics-r$ROUND.txt" 2>/dev/null || true
+    done
+}
+
 path_trellis() {
-    local k f ta wa tb wb
+    local k
     if ((!TRELLIS_SIDECAR_OK)); then
         echo "SKIP: trellis sidecar not available ($TRELLIS_BIN sidecar --help fails)" >&2
         rec trellis.status skip
@@ -809,20 +822,14 @@ path_trellis() {
     if start_trellis trellis_b "$CONF/trellis-b.yaml" "${V[B_ADMIN_PORT]}" &&
         start_trellis trellis_a "$CONF/trellis-a.yaml" "${V[A_ADMIN_PORT]}"; then
         A_PIDS=("$PID_trellis_a"); B_PIDS=("$PID_trellis_b")
-        read -r ta wa < <(thread_info "$PID_trellis_a")
-        read -r tb wb < <(thread_info "$PID_trellis_b")
-        rec trellis.threads "A: $ta threads ($(thread_names "$PID_trellis_a")), B: $tb threads ($(thread_names "$PID_trellis_b")); env TRELLIS_WORKER_THREADS=$TRELLIS_THREADS, TOKIO_WORKER_THREADS=${TOKIO_WORKER_THREADS:-unset}"
+        rec trellis.threads "$(pair_threads "$PID_trellis_a" "$PID_trellis_b"); env TRELLIS_WORKER_THREADS=$TRELLIS_THREADS, TOKIO_WORKER_THREADS=${TOKIO_WORKER_THREADS:-unset}"
         rec trellis.listening_a "$(grep -m1 'listening' "$WORK/trellis_a/stdout.log" || true)"
         run_pair trellis "http://127.0.0.1:${V[A_PORT]}/" "http://127.0.0.1:${V[A_PORT]}/" "${V[B_PORT]}" || true
         if ((PROFILE)) && ((ROUND == 1)); then profile_trellis "http://127.0.0.1:${V[A_PORT]}/"; fi
         if ((ROUND == 1)); then trellis_burst "${V[B_PORT]}"; fi
         # Threads after load (a runtime may have grown blocking threads).
-        read -r ta wa < <(thread_info "$PID_trellis_a")
-        read -r tb wb < <(thread_info "$PID_trellis_b")
-        rec trellis.threads_after "A: $ta threads ($(thread_names "$PID_trellis_a")), B: $tb threads ($(thread_names "$PID_trellis_b"))"
-        for f in a b; do
-            curl -s --max-time 2 "http://127.0.0.1:${V[${f^^}_ADMIN_PORT]}/metrics" >"$WORK/trellis_$f/metrics-r$ROUND.txt" 2>/dev/null || true
-        done
+        rec trellis.threads_after "$(pair_threads "$PID_trellis_a" "$PID_trellis_b")"
+        save_metrics trellis
     else
         rec trellis.status fail
         rec trellis.reason "sidecars did not become ready: $(tail -n 3 "$WORK"/trellis_[ab]/stderr.log 2>/dev/null | tr '\n' ' ' | cut -c1-300)"
@@ -835,7 +842,7 @@ path_trellis() {
 # default threads). Throughput and latency only: the handshake, burst and profile are the same
 # code as with one worker and are measured on the `trellis` path.
 path_trellis_auto() {
-    local k ta wa tb wb workers
+    local k workers
     workers="$(nproc)"
     rec trellis_auto.workers "$workers"
     if ((!TRELLIS_SIDECAR_OK)); then
@@ -849,13 +856,9 @@ path_trellis_auto() {
     if start_trellis trellisauto_b "$CONF/trellis-b.yaml" "${V[B_ADMIN_PORT]}" "$workers" &&
         start_trellis trellisauto_a "$CONF/trellis-a.yaml" "${V[A_ADMIN_PORT]}" "$workers"; then
         A_PIDS=("$PID_trellisauto_a"); B_PIDS=("$PID_trellisauto_b")
-        read -r ta wa < <(thread_info "$PID_trellisauto_a")
-        read -r tb wb < <(thread_info "$PID_trellisauto_b")
-        rec trellis_auto.threads "A: $ta threads ($(thread_names "$PID_trellisauto_a")), B: $tb threads ($(thread_names "$PID_trellisauto_b")); env TRELLIS_WORKER_THREADS=$workers"
+        rec trellis_auto.threads "$(pair_threads "$PID_trellisauto_a" "$PID_trellisauto_b"); env TRELLIS_WORKER_THREADS=$workers"
         run_pair trellis_auto "http://127.0.0.1:${V[A_PORT]}/" "http://127.0.0.1:${V[A_PORT]}/" || true
-        for k in a b; do
-            curl -s --max-time 2 "http://127.0.0.1:${V[${k^^}_ADMIN_PORT]}/metrics" >"$WORK/trellisauto_$k/metrics-r$ROUND.txt" 2>/dev/null || true
-        done
+        save_metrics trellisauto
     else
         rec trellis_auto.status fail
         rec trellis_auto.reason "sidecars did not become ready: $(tail -n 3 "$WORK"/trellisauto_[ab]/stderr.log 2>/dev/null | tr '\n' ' ' | cut -c1-300)"
