@@ -384,9 +384,10 @@ class Report:
             "| load | vs | throughput | added p99 | CPU/request (A+B) |",
             "|---|---|--:|--:|--:|",
         ]
-        if not self.ok("trellis"):
-            out += [f"| all | — | {self.cell_missing('trellis')}: {self.r.get('trellis.reason', '')} | | |", ""]
-            return out
+        trellis_ok = self.ok("trellis")
+        if not trellis_ok:
+            # The workers-auto rows below still stand on their own.
+            out.append(f"| all | — | {self.cell_missing('trellis')}: {self.r.get('trellis.reason', '')} | | |")
 
         def div(a, b):
             return None if a is None or b is None or b <= 0 else a / b
@@ -394,7 +395,7 @@ class Report:
         for load in self.loads:
             best = self.best_peer(load)
             peers = list(PEERS) + ([(best[0], f"**best peer** ({best[1]})")] if best else [])
-            for scen, name in peers:
+            for scen, name in peers if trellis_ok else ():
                 if not self.measured(scen, load) or not self.measured("trellis", load):
                     out.append(f"| {self.load_name(load)} | {name} | n/a | n/a | n/a |")
                     continue
@@ -409,6 +410,8 @@ class Report:
                 c = div(self.cpu_pair(best[0], load), self.cpu_pair("trellis_auto", load))
                 out.append(f"| {self.load_name(load)} | best peer ({best[1]}), Trellis workers auto | "
                            f"{self.x(t)} | {self.x(a)} | {self.x(c)} |")
+        if not trellis_ok:
+            return out + [""]
         rs = []
         for scen, name in PEERS:
             parts = []
@@ -425,10 +428,6 @@ class Report:
         wrk = self.lat_loads + self.tput_loads
         out = ["## Trellis vs targets", "", "| target | " + " | ".join(self.load_name(l) for l in wrk)
                + " | verdict |", "|---|" + "--:|" * len(wrk) + "---|"]
-        if not self.ok("trellis"):
-            out += [f"| all | " + " | ".join("—" for _ in wrk) + f" | not measured ({self.cell_missing('trellis')}: {self.r.get('trellis.reason', '')}) |", ""]
-            return out
-
         limit = self.num("meta.noise_limit") or 25
 
         def noisy(scens, loads):
@@ -461,9 +460,17 @@ class Report:
                 oks.append(ok)
             return cells, oks, tuple(judged)
 
+        n, one_n = self.r.get("trellis_auto.workers", "N"), self.r.get("meta.trellis_threads_requested", "1")
+        auto_info = f"throughput ≥ 1.5× the best peer pair, Trellis with {n} workers (information)"
+        if not self.ok("trellis"):
+            out.append(f"| all | " + " | ".join("—" for _ in wrk)
+                       + f" | not measured ({self.cell_missing('trellis')}: {self.r.get('trellis.reason', '')}) |")
+            if self.ok("trellis_auto"):  # measured on its own: still worth its row
+                cells, oks, judged = vs_best_peer("trellis_auto")
+                row(auto_info, cells, oks, judged, self.tput_loads, info=True)
+            return out + [""]
         cells, oks, judged = vs_best_peer("trellis")
         row("throughput ≥ 1.5× the best peer pair", cells, oks, judged, self.tput_loads)
-        n, one_n = self.r.get("trellis_auto.workers", "N"), self.r.get("meta.trellis_threads_requested", "1")
         scaling = f"{n} workers not slower than {one_n} (scales with cores)"
         if self.status("trellis_auto") in ("fail", "skip"):
             why = f"{self.cell_missing('trellis_auto')}: {self.r.get('trellis_auto.reason', '')}"
@@ -486,8 +493,7 @@ class Report:
                 oks.append(ok)
             row(scaling, cells, oks, ("trellis", "trellis_auto"), self.tput_loads)
             cells, oks, judged = vs_best_peer("trellis_auto")
-            row(f"throughput ≥ 1.5× the best peer pair, Trellis with {n} workers (information)", cells, oks,
-                judged, self.tput_loads, info=True)
+            row(auto_info, cells, oks, judged, self.tput_loads, info=True)
         for scen, label, want in (("envoy", "Envoy", 3.0),):
             cells, oks = [], []
             for l in wrk:
