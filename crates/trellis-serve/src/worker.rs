@@ -100,7 +100,10 @@ impl Workers {
 
     /// `count` workers: the caller's runtime `here` (worker 0, where the accept loops run) and
     /// `count - 1` new threads, named `trellis-worker-I`, each with its own current-thread
-    /// runtime (I/O and timers enabled). With `count <= 1`, no thread.
+    /// runtime (I/O and timers enabled). With `count <= 1`, no thread. Keep the returned
+    /// [`WorkerThreads`] until every accept loop using these workers has ended: a connection
+    /// handed to a stopped worker is dropped unserved, and that worker, now counting no open
+    /// connections, would be picked for every one after it.
     pub fn start(count: usize, here: Handle) -> io::Result<(Self, WorkerThreads)> {
         if count <= 1 {
             return Ok((Self::single(), WorkerThreads::default()));

@@ -293,14 +293,12 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        // One snapshot of the bundle for the whole check, even if it is swapped meanwhile.
-        let bundle = self.bundle.load();
         let presented = self
             .verified
             .verify(
                 end_entity,
                 intermediates,
-                &bundle,
+                &self.bundle,
                 Usage::Server,
                 system_time(now),
             )
@@ -339,12 +337,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let bundle = self.bundle.load();
         self.verified
             .verify(
                 end_entity,
                 intermediates,
-                &bundle,
+                &self.bundle,
                 Usage::Client,
                 system_time(now),
             )

@@ -11,7 +11,8 @@
 //! intersection of the validity periods of every certificate presented (a subset of what path
 //! validation allows, so a cached answer is never more lenient). Failures are never cached.
 //! The handshake's proof of possession (CertificateVerify) is checked on every handshake, by
-//! rustls, as before.
+//! rustls, as before. Only chains of a few certificates and kilobytes are kept, and only while
+//! the bundle they were verified under is still the current one.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -25,6 +26,14 @@ use crate::{SpiffeId, SvidError, TrustBundle, Usage};
 /// How many distinct chains are remembered (the oldest goes first). Sidecars talking to one
 /// server are few next to this; a miss costs only the validation it would have cost anyway.
 const CAPACITY: usize = 64;
+
+/// The largest chain remembered, in certificates and in DER bytes. An SVID chain is a leaf
+/// and an intermediate or two of ~0.5–1 KiB each. Webpki ignores presented certificates that
+/// are not on the path it builds, so a peer could pad its chain with junk to make every
+/// handshake a new entry: past these bounds the chain is still validated, just not kept, so
+/// the memory such a peer can pin stays under `CAPACITY` × `MAX_KEPT_BYTES` per verifier.
+const MAX_KEPT_CERTS: usize = 4;
+const MAX_KEPT_BYTES: usize = 8 * 1024;
 
 /// Recently accepted chains of one verifier.
 #[derive(Debug, Default)]
@@ -70,16 +79,37 @@ impl Entry {
 }
 
 impl VerifiedChains {
-    /// The leaf's SPIFFE ID if the chain verifies against `bundle` at `now` for `usage`: from
-    /// memory when this exact chain was accepted under this bundle before, otherwise by
-    /// [`verify_leaf`], remembering a success.
+    /// The leaf's SPIFFE ID if the chain verifies against the current bundle of `shared` at
+    /// `now` for `usage`: from memory when this exact chain was accepted under that bundle
+    /// before, otherwise by [`verify_leaf`], remembering a success.
     pub(crate) fn verify(
+        &self,
+        leaf: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        shared: &ArcSwap<TrustBundle>,
+        usage: Usage,
+        now: SystemTime,
+    ) -> Result<SpiffeId, SvidError> {
+        // One snapshot of the bundle for the whole check, even if it is swapped meanwhile.
+        let bundle = shared.load();
+        self.verify_under(leaf, intermediates, &bundle, usage, now, || {
+            Arc::ptr_eq(&shared.load(), &bundle)
+        })
+    }
+
+    /// [`Self::verify`] under the snapshot `bundle`; a success is remembered only while
+    /// `still_current()` says no newer bundle has replaced it. Otherwise a handshake that
+    /// loaded the bundle before an update and finished after it would drop every chain
+    /// remembered under the new bundle (entries of other bundles are dropped on saving) and
+    /// keep one that can never match again.
+    fn verify_under(
         &self,
         leaf: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         bundle: &Arc<TrustBundle>,
         usage: Usage,
         now: SystemTime,
+        still_current: impl Fn() -> bool,
     ) -> Result<SpiffeId, SvidError> {
         let now_secs = crate::cert::unix_secs(now);
         if let Some(hit) = self
@@ -94,6 +124,9 @@ impl VerifiedChains {
         self.validated
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let id = verify_leaf(leaf, intermediates, bundle, now, usage)?;
+        if !worth_keeping(leaf, intermediates) || !still_current() {
+            return Ok(id);
+        }
         if let Some((valid_from, valid_until)) = validity_window(leaf, intermediates) {
             let entry = Arc::new(Entry {
                 bundle: bundle.clone(),
@@ -134,6 +167,17 @@ impl VerifiedChains {
     }
 }
 
+/// Whether a chain is within the bounds of what is remembered ([`MAX_KEPT_CERTS`],
+/// [`MAX_KEPT_BYTES`]).
+fn worth_keeping(leaf: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> bool {
+    intermediates.len() < MAX_KEPT_CERTS
+        && std::iter::once(leaf)
+            .chain(intermediates)
+            .map(|c| c.as_ref().len())
+            .sum::<usize>()
+            <= MAX_KEPT_BYTES
+}
+
 /// The intersection of the validity periods of every certificate presented, in unix seconds;
 /// `None` (do not remember) if one does not parse.
 fn validity_window(
@@ -163,7 +207,13 @@ mod tests {
         usage: Usage,
         now: SystemTime,
     ) -> Result<SpiffeId, SvidError> {
-        chains.verify(&chain[0], &chain[1..], bundle, usage, now)
+        chains.verify(
+            &chain[0],
+            &chain[1..],
+            &ArcSwap::new(bundle.clone()),
+            usage,
+            now,
+        )
     }
 
     #[test]
@@ -261,5 +311,58 @@ mod tests {
             verify(&chains, svid.chain(), &bundle, Usage::Client, now).unwrap();
         }
         assert_eq!(chains.len(), CAPACITY);
+    }
+    #[test]
+    fn a_handshake_that_outlived_its_bundle_leaves_the_new_bundles_chains_alone() {
+        let old_ca = TestCa::root("example.org");
+        let new_ca = TestCa::root("example.org");
+        let (old_bundle, new_bundle) = (Arc::new(old_ca.bundle()), Arc::new(new_ca.bundle()));
+        let chains = VerifiedChains::default();
+        let now = SystemTime::now();
+        let fresh = new_ca.svid("/ns/a/sa/a");
+        verify(&chains, fresh.chain(), &new_bundle, Usage::Client, now).unwrap();
+        // A handshake that loaded the old bundle before the update finishes after it: it is
+        // answered under its snapshot, and its chain is not remembered.
+        let late = old_ca.svid("/ns/b/sa/b");
+        let id = chains
+            .verify_under(
+                &late.chain()[0],
+                &late.chain()[1..],
+                &old_bundle,
+                Usage::Client,
+                now,
+                || false,
+            )
+            .unwrap();
+        assert_eq!(id.to_string(), old_ca.id("/ns/b/sa/b"));
+        assert_eq!(chains.len(), 1);
+        verify(&chains, fresh.chain(), &new_bundle, Usage::Client, now).unwrap();
+        assert_eq!(
+            chains.validated(),
+            2,
+            "the new bundle's chain is still a hit"
+        );
+    }
+
+    #[test]
+    fn a_padded_or_oversized_chain_is_validated_but_not_remembered() {
+        let ca = TestCa::root("example.org").intermediate();
+        let svid = ca.svid("/ns/a/sa/a");
+        let bundle = Arc::new(ca.bundle());
+        let chains = VerifiedChains::default();
+        let now = SystemTime::now();
+        // Webpki ignores the extra copies, so the padded chain is valid; each padding makes
+        // a new byte string, so it is never kept.
+        let padded: Vec<CertificateDer<'_>> = std::iter::once(svid.chain()[0].clone())
+            .chain(std::iter::repeat_n(svid.chain()[1].clone(), MAX_KEPT_CERTS))
+            .collect();
+        for _ in 0..2 {
+            verify(&chains, &padded, &bundle, Usage::Client, now).unwrap();
+        }
+        assert_eq!((chains.validated(), chains.len()), (2, 0));
+        // The SVID's own chain is well within the bounds.
+        assert!(worth_keeping(&svid.chain()[0], &svid.chain()[1..]));
+        let big = CertificateDer::from(vec![0u8; MAX_KEPT_BYTES]);
+        assert!(!worth_keeping(&svid.chain()[0], &[big]));
     }
 }
