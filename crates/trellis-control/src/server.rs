@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use trellis_identity::tls::{server_config, SpiffeClientVerifier, SvidResolver, TlsPolicy};
 use trellis_identity::SpiffeId;
-use trellis_serve::accept::{self, BindError};
+use trellis_serve::accept::BindError;
 use trellis_serve::drain::{self, DrainSignal};
 use trellis_serve::time::unix_seconds;
 
@@ -448,13 +448,13 @@ impl ControlPlane {
 
         // TLS handshakes run in their own tasks so a slow client never stalls the accept loop;
         // over `limits.sds.max_connections` a connection is closed at once.
-        let sds_listener = accept::Listener::new(
+        let sds_listener = crate::sds::listener::sds_listener(
             sds_listener,
-            "sds",
             settings.limits.sds.max_connections,
             metrics.listener_events("sds"),
-        )
-        .with_handshake(SdsTls(acceptor), settings.limits.sds.handshake_timeout);
+            SdsTls(acceptor),
+            settings.limits.sds.handshake_timeout,
+        );
         tasks.push(tokio::spawn(crate::sds::listener::serve(
             sds_listener,
             SdsService::new(core),

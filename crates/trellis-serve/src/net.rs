@@ -31,17 +31,19 @@ pub struct DeadPeer {
 impl DeadPeer {
     /// Sets the options on `tcp`. Best effort: a platform without them keeps its defaults.
     pub fn apply(&self, tcp: &TcpStream) {
-        let sock = socket2::SockRef::from(tcp);
+        if let Err(e) = self.set(socket2::SockRef::from(tcp)) {
+            tracing::debug!(error = %e, "cannot set TCP keepalive or TCP_USER_TIMEOUT");
+        }
+    }
+
+    /// Sets the options on `sock`, stopping at the first the platform refuses.
+    pub(crate) fn set(&self, sock: socket2::SockRef<'_>) -> std::io::Result<()> {
         let keepalive = socket2::TcpKeepalive::new()
             .with_time(self.interval.clamp(Duration::from_secs(1), MAX_KEEPIDLE))
             .with_interval(self.probe_interval())
             .with_retries(self.probes());
-        if let Err(e) = sock.set_tcp_keepalive(&keepalive) {
-            tracing::debug!(error = %e, "cannot set TCP keepalive");
-        }
-        if let Err(e) = sock.set_tcp_user_timeout(Some(self.interval + self.timeout)) {
-            tracing::debug!(error = %e, "cannot set TCP_USER_TIMEOUT");
-        }
+        sock.set_tcp_keepalive(&keepalive)?;
+        sock.set_tcp_user_timeout(Some(self.interval + self.timeout))
     }
 
     /// Keepalive probes sent over `timeout` before the kernel gives up: one a second, at most

@@ -15,7 +15,6 @@ use trellis_identity::tls::{
 use trellis_identity::SpiffeId;
 use trellis_serve::{Handshake, ListenerEvents};
 
-use crate::dial::DeadPeer;
 use crate::metrics::{Direction, Listener, SidecarMetrics};
 use crate::mtls;
 use crate::svid_store::SvidStore;
@@ -67,9 +66,6 @@ struct InboundTlsParts {
     store: Arc<SvidStore>,
     bundle: SharedBundle,
     metrics: Arc<SidecarMetrics>,
-    /// A caller whose packets stop arriving is closed by the kernel (a peer's pooled
-    /// connection has no PING from this side).
-    dead_peer: DeadPeer,
 }
 
 impl InboundTls {
@@ -77,14 +73,12 @@ impl InboundTls {
         acceptor: TlsAcceptor,
         store: Arc<SvidStore>,
         metrics: Arc<SidecarMetrics>,
-        dead_peer: DeadPeer,
     ) -> Self {
         Self(Arc::new(InboundTlsParts {
             acceptor,
             bundle: store.bundle(),
             store,
             metrics,
-            dead_peer,
         }))
     }
 }
@@ -98,9 +92,7 @@ impl Handshake for InboundTls {
             store,
             bundle,
             metrics,
-            dead_peer,
         } = &*self.0;
-        dead_peer.apply(&tcp);
         // Right after a start the first SVID is a moment away: the caller waits in its
         // handshake rather than being refused for want of a certificate (within the same
         // handshake timeout).

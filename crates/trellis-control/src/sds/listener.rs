@@ -51,6 +51,21 @@ const DEAD_PEER: DeadPeer = DeadPeer {
     timeout: Duration::from_secs(10),
 };
 
+/// The SDS listener over `tcp`: at most `max_connections`, each connection's `handshake` bounded
+/// by `handshake_timeout`, and every socket watched by the kernel ([`DEAD_PEER`]) from before
+/// its handshake.
+pub(crate) fn sds_listener<H: Handshake>(
+    tcp: tokio::net::TcpListener,
+    max_connections: usize,
+    events: Arc<dyn trellis_serve::ListenerEvents>,
+    handshake: H,
+    handshake_timeout: Duration,
+) -> accept::Listener<H> {
+    accept::Listener::new(tcp, "sds", max_connections, events)
+        .with_handshake(handshake, handshake_timeout)
+        .with_dead_peer(DEAD_PEER)
+}
+
 /// The SDS TLS handshake (the control plane's own SVID; a client SVID, when presented, is
 /// verified against the bundle and becomes [`SdsPeer::svid`]).
 #[derive(Clone)]
@@ -60,7 +75,6 @@ impl Handshake for SdsTls {
     type Io = (TlsStream<TcpStream>, SdsPeer);
 
     async fn handshake(&self, tcp: TcpStream, addr: SocketAddr) -> Option<Self::Io> {
-        DEAD_PEER.apply(&tcp);
         match self.0.accept(tcp).await {
             Ok(tls) => {
                 let svid =
@@ -248,31 +262,46 @@ mod tests {
     }
 
     /// A client whose node vanishes is found by the kernel (no HTTP/2 PING keeps state in the
-    /// process): every SDS socket gets keepalive probes and TCP_USER_TIMEOUT before its
+    /// process): every SDS socket has keepalive probes and TCP_USER_TIMEOUT before its
     /// handshake.
     #[tokio::test]
     async fn an_sds_socket_is_watched_by_the_kernel() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let _client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (tcp, addr) = listener.accept().await.unwrap();
-        // The same socket, seen through a second descriptor once the handshake owns the first.
-        let watched = socket2::SockRef::from(&tcp).try_clone().unwrap();
-        assert!(!watched.keepalive().unwrap());
-        // The client says nothing: the handshake sets the options and then waits.
-        let tls = self_signed_tls();
-        let waited =
-            tokio::time::timeout(Duration::from_millis(50), tls.handshake(tcp, addr)).await;
-        assert!(waited.is_err(), "the handshake ended without a ClientHello");
-        assert!(watched.keepalive().unwrap());
-        assert_eq!(
-            watched.tcp_keepalive_time().unwrap(),
-            Duration::from_secs(30)
+        /// Reports the socket options the handshake starts with, and refuses.
+        #[derive(Clone)]
+        struct Options(tokio::sync::mpsc::Sender<(bool, Duration, Option<Duration>)>);
+        impl Handshake for Options {
+            type Io = ();
+            async fn handshake(&self, tcp: TcpStream, _: SocketAddr) -> Option<()> {
+                let sock = socket2::SockRef::from(&tcp);
+                let seen = (
+                    sock.keepalive().unwrap(),
+                    sock.tcp_keepalive_time().unwrap(),
+                    sock.tcp_user_timeout().unwrap(),
+                );
+                let _ = self.0.send(seen).await;
+                None
+            }
+        }
+        let tcp = accept::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let listener = sds_listener(
+            tcp,
+            4,
+            Arc::new(Uncounted),
+            Options(tx),
+            Duration::from_secs(5),
         );
+        let (_signal, drain) = trellis_serve::drain::channel();
+        tokio::spawn(async move {
+            listener
+                .serve(&drain, |conn| conn.handshake().map(drop))
+                .await
+        });
+        let _client = TcpStream::connect(addr).await.unwrap();
         assert_eq!(
-            watched.tcp_user_timeout().unwrap(),
-            Some(Duration::from_secs(40))
+            rx.recv().await.unwrap(),
+            (true, Duration::from_secs(30), Some(Duration::from_secs(40)))
         );
     }
 

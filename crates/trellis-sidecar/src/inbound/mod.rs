@@ -149,17 +149,15 @@ impl InboundProxy {
                 listen::events(&metrics, kind),
             )
             .with_handshake(
-                InboundTls::new(
-                    acceptor,
-                    Arc::clone(&store),
-                    Arc::clone(&metrics),
-                    crate::dial::DeadPeer {
-                        interval: limits.h2.keepalive_interval,
-                        timeout: limits.h2.keepalive_timeout,
-                    },
-                ),
+                InboundTls::new(acceptor, Arc::clone(&store), Arc::clone(&metrics)),
                 limits.inbound.handshake_timeout,
             )
+            // A caller whose packets stop arriving is closed by the kernel (a peer's pooled
+            // connection has no PING from this side).
+            .with_dead_peer(crate::dial::DeadPeer {
+                interval: limits.h2.keepalive_interval,
+                timeout: limits.h2.keepalive_timeout,
+            })
             .with_workers(settings.workers.clone())
         };
         let http = listener(
