@@ -29,9 +29,9 @@ const CAPACITY: usize = 64;
 
 /// The largest chain remembered, in certificates and in DER bytes. An SVID chain is a leaf
 /// and an intermediate or two of ~0.5–1 KiB each. Webpki ignores presented certificates that
-/// are not on the path it builds, so a peer could pad its chain with junk to make every
-/// handshake a new entry: past these bounds the chain is still validated, just not kept, so
-/// the memory such a peer can pin stays under `CAPACITY` × `MAX_KEPT_BYTES` per verifier.
+/// are not on the path it builds, so a chain can carry anything that parses: past these bounds
+/// it is still validated, just not kept, so what one entry pins stays small. (A peer varying
+/// its padding gets one entry per leaf: a new chain for a leaf replaces the old one.)
 const MAX_KEPT_CERTS: usize = 4;
 const MAX_KEPT_BYTES: usize = 8 * 1024;
 
@@ -93,7 +93,7 @@ impl VerifiedChains {
         // One snapshot of the bundle for the whole check, even if it is swapped meanwhile.
         let bundle = shared.load();
         self.verify_under(leaf, intermediates, &bundle, usage, now, || {
-            Arc::ptr_eq(&shared.load(), &bundle)
+            is_current(shared, &bundle)
         })
     }
 
@@ -140,17 +140,29 @@ impl VerifiedChains {
                 id: id.clone(),
             });
             self.entries.rcu(|entries| {
-                // Entries of an older bundle can never match again: drop them here.
+                // Asked again after `entries` was loaded: an entry of a newer bundle in it
+                // means that bundle was current before this check, which then fails. The
+                // compare-and-swap retries this closure if anyone saved meanwhile.
+                if !still_current() {
+                    return Arc::clone(entries);
+                }
+                // Entries of an older bundle can never match again, and one per leaf is
+                // enough: the same SVID presented with another chain (a peer padding its
+                // chain, one entry per handshake) replaces its entry rather than pushing
+                // everyone else's out.
                 let mut kept: Vec<Arc<Entry>> = entries
                     .iter()
-                    .filter(|e| Arc::ptr_eq(&e.bundle, bundle))
+                    .filter(|e| {
+                        Arc::ptr_eq(&e.bundle, bundle)
+                            && !(e.usage == usage && *e.certs[0] == **leaf)
+                    })
                     .cloned()
                     .collect();
                 if kept.len() >= CAPACITY {
                     kept.remove(0);
                 }
                 kept.push(entry.clone());
-                kept
+                Arc::new(kept)
             });
         }
         Ok(id)
@@ -165,6 +177,12 @@ impl VerifiedChains {
     fn validated(&self) -> usize {
         self.validated.load(std::sync::atomic::Ordering::Relaxed)
     }
+}
+
+/// Whether `bundle` is still the snapshot `shared` holds (pointer identity: every update stores
+/// a new one).
+fn is_current(shared: &ArcSwap<TrustBundle>, bundle: &Arc<TrustBundle>) -> bool {
+    Arc::ptr_eq(&shared.load(), bundle)
 }
 
 /// Whether a chain is within the bounds of what is remembered ([`MAX_KEPT_CERTS`],
@@ -344,25 +362,74 @@ mod tests {
         );
     }
 
+    /// The SVID's chain padded with `extra` more copies of its intermediate: valid (webpki
+    /// ignores certificates off its path) and byte-different for each `extra`.
+    fn padded<'a>(chain: &[CertificateDer<'a>], extra: usize) -> Vec<CertificateDer<'a>> {
+        chain
+            .iter()
+            .cloned()
+            .chain(std::iter::repeat_n(chain[1].clone(), extra))
+            .collect()
+    }
+
     #[test]
-    fn a_padded_or_oversized_chain_is_validated_but_not_remembered() {
+    fn a_chain_past_the_bounds_is_validated_but_not_remembered() {
         let ca = TestCa::root("example.org").intermediate();
         let svid = ca.svid("/ns/a/sa/a");
         let bundle = Arc::new(ca.bundle());
-        let chains = VerifiedChains::default();
         let now = SystemTime::now();
-        // Webpki ignores the extra copies, so the padded chain is valid; each padding makes
-        // a new byte string, so it is never kept.
-        let padded: Vec<CertificateDer<'_>> = std::iter::once(svid.chain()[0].clone())
-            .chain(std::iter::repeat_n(svid.chain()[1].clone(), MAX_KEPT_CERTS))
-            .collect();
+        // Leaf and MAX_KEPT_CERTS intermediates: one over.
+        let over = padded(svid.chain(), MAX_KEPT_CERTS - 1);
+        let chains = VerifiedChains::default();
         for _ in 0..2 {
-            verify(&chains, &padded, &bundle, Usage::Client, now).unwrap();
+            verify(&chains, &over, &bundle, Usage::Client, now).unwrap();
         }
         assert_eq!((chains.validated(), chains.len()), (2, 0));
-        // The SVID's own chain is well within the bounds.
-        assert!(worth_keeping(&svid.chain()[0], &svid.chain()[1..]));
-        let big = CertificateDer::from(vec![0u8; MAX_KEPT_BYTES]);
-        assert!(!worth_keeping(&svid.chain()[0], &[big]));
+        // Exactly MAX_KEPT_CERTS certificates: kept.
+        let at = padded(svid.chain(), MAX_KEPT_CERTS - 2);
+        assert_eq!(at.len(), MAX_KEPT_CERTS);
+        verify(&chains, &at, &bundle, Usage::Client, now).unwrap();
+        assert_eq!(chains.len(), 1);
+        // Bytes: up to MAX_KEPT_BYTES in all.
+        let leaf = &svid.chain()[0];
+        let filler = |n: usize| CertificateDer::from(vec![0u8; n]);
+        assert!(worth_keeping(leaf, &[filler(MAX_KEPT_BYTES - leaf.len())]));
+        assert!(!worth_keeping(
+            leaf,
+            &[filler(MAX_KEPT_BYTES - leaf.len() + 1)]
+        ));
+    }
+
+    #[test]
+    fn one_leaf_holds_one_entry_whatever_chain_it_comes_with() {
+        let ca = TestCa::root("example.org").intermediate();
+        let (a, b) = (ca.svid("/ns/a/sa/a"), ca.svid("/ns/b/sa/b"));
+        let bundle = Arc::new(ca.bundle());
+        let chains = VerifiedChains::default();
+        let now = SystemTime::now();
+        verify(&chains, b.chain(), &bundle, Usage::Client, now).unwrap();
+        // A peer padding its chain differently on every handshake: each is validated, and
+        // each replaces the last instead of pushing b's entry out.
+        for extra in 0..CAPACITY + 2 {
+            let chain = padded(a.chain(), extra % (MAX_KEPT_CERTS - 1));
+            verify(&chains, &chain, &bundle, Usage::Client, now).unwrap();
+            assert_eq!(chains.len(), 2);
+        }
+        let validated = chains.validated();
+        verify(&chains, b.chain(), &bundle, Usage::Client, now).unwrap();
+        assert_eq!(chains.validated(), validated, "b's chain is still a hit");
+        // The other usage is another entry.
+        verify(&chains, a.chain(), &bundle, Usage::Server, now).unwrap();
+        assert_eq!(chains.len(), 3);
+    }
+
+    #[test]
+    fn a_snapshot_is_current_until_the_bundle_is_replaced() {
+        let shared = ArcSwap::from_pointee(TestCa::root("example.org").bundle());
+        let snapshot = shared.load_full();
+        assert!(is_current(&shared, &snapshot));
+        // Even an identical bundle is a new snapshot.
+        shared.store(Arc::new((*snapshot).clone()));
+        assert!(!is_current(&shared, &snapshot));
     }
 }
