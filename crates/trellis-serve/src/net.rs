@@ -36,14 +36,16 @@ impl DeadPeer {
         }
     }
 
-    /// Sets the options on `sock`, stopping at the first the platform refuses.
+    /// Sets the options on `sock`: each is tried even if the other is refused; the first
+    /// refusal is returned.
     pub(crate) fn set(&self, sock: socket2::SockRef<'_>) -> std::io::Result<()> {
         let keepalive = socket2::TcpKeepalive::new()
             .with_time(self.interval.clamp(Duration::from_secs(1), MAX_KEEPIDLE))
             .with_interval(self.probe_interval())
             .with_retries(self.probes());
-        sock.set_tcp_keepalive(&keepalive)?;
-        sock.set_tcp_user_timeout(Some(self.interval + self.timeout))
+        let probes = sock.set_tcp_keepalive(&keepalive);
+        let user_timeout = sock.set_tcp_user_timeout(Some(self.interval + self.timeout));
+        probes.and(user_timeout)
     }
 
     /// Keepalive probes sent over `timeout` before the kernel gives up: one a second, at most

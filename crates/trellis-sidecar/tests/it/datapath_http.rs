@@ -40,6 +40,46 @@ async fn http1_request_reaches_the_app_with_the_callers_identity() {
     assert_eq!(echo.xfcc, [expected_xfcc(&p.mesh)]);
 }
 
+/// A caller's connection to the inbound is watched by the kernel (`limits.h2.keepalive_*`, set
+/// once on the listening socket): idle, it has its keepalive timer armed, which
+/// `/proc/net/tcp` shows as timer 2, so a caller that vanishes without a FIN is closed.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn inbound_connections_are_watched_by_the_kernel() {
+    let p = pair(PairOptions::default()).await;
+    let mut app = Client::http1(p.outbound_addr()).await;
+    app.get("service-b.ns-b", "/watched").await.echo();
+    let port = p.inbound.addrs.http.port();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let timers = accepted_timers(port);
+        if !timers.is_empty() && timers.iter().all(|&t| t == 2) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timers of the inbound's connections: {timers:?}, want 2 (keepalive)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The `tr` (pending timer) field of every established IPv4 socket whose local port is `port`.
+#[cfg(target_os = "linux")]
+fn accepted_timers(port: u16) -> Vec<u8> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let local = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (timer, _) = f.get(5)?.split_once(':')?;
+            (f.get(1)?.ends_with(&local) && *f.get(3)? == "01").then(|| timer.parse().ok())?
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn h2c_request_from_the_app_works() {
     let p = pair(PairOptions::default()).await;
