@@ -7,7 +7,7 @@
 //!
 //! Every setting here is chosen so that the default would NOT have refused the same input (a
 //! 12 KiB admin head passes a 16 KiB limit but not the old fixed 8 KiB; 15 reset streams stay
-//! under the default 20 but over a configured 5; the timeouts are checked against deadlines
+//! under the default 1024 but over a configured 5; the timeouts are checked against deadlines
 //! shorter than their defaults): a setting that is not threaded through fails its test.
 
 use std::net::SocketAddr;
@@ -286,15 +286,19 @@ async fn admin_timeouts_are_configurable() -> anyhow::Result<()> {
 
 // ---- HTTP/2 by hand ----------------------------------------------------------------------
 
-/// Reset streams in the burst: over a configured 5, under the default 20.
+/// Reset streams in the burst: over a configured 5, under the default 1024.
 const BURST: u32 = 15;
-/// The stream opened after the burst on a connection that must still serve.
-const AFTER: u32 = 2 * BURST + 1;
+/// A caller that goes away with 256 requests in flight: its sidecar cancels them all at once,
+/// and on a busy connection none may have been accepted yet. h2's own default (20) ended the
+/// connection for everyone on it; the sidecar's default must absorb it.
+const CALLER_GONE: u32 = 256;
+/// Past the default: the rapid-reset bound is still on out of the box.
+const FLOOD: u32 = 4000;
 
-/// The connection preface, then [`BURST`] streams each opened and reset at once, in one write.
-fn rapid_reset_burst() -> Vec<u8> {
+/// The connection preface, then `n` streams each opened and reset at once, in one write.
+fn rapid_reset_burst(n: u32) -> Vec<u8> {
     let mut out = h2_start();
-    for i in 0..BURST {
+    for i in 0..n {
         let stream = 2 * i + 1;
         frame(
             &mut out,
@@ -308,36 +312,38 @@ fn rapid_reset_burst() -> Vec<u8> {
     out
 }
 
-/// Sends the burst on `io`. `limited`: the connection must end with GOAWAY
-/// `ENHANCE_YOUR_CALM`. Otherwise: no GOAWAY, and stream [`AFTER`] (`GET /after-burst`) is
-/// answered on the same connection.
+/// Sends a burst of `n` on `io`. `limited`: the connection must end with GOAWAY
+/// `ENHANCE_YOUR_CALM`. Otherwise: no GOAWAY, and the stream opened after the burst
+/// (`GET /after-burst`) is answered on the same connection.
 async fn burst<S: AsyncRead + AsyncWrite + Unpin>(
     mut io: S,
+    n: u32,
     limited: bool,
     what: &str,
 ) -> anyhow::Result<()> {
-    io.write_all(&rapid_reset_burst()).await?;
+    let after_id = 2 * n + 1;
+    io.write_all(&rapid_reset_burst(n)).await?;
     if !limited {
-        let mut after = Vec::new();
+        let mut next = Vec::new();
         frame(
-            &mut after,
+            &mut next,
             HEADERS,
             END_HEADERS | END_STREAM,
-            AFTER,
+            after_id,
             &get_block("/after-burst"),
         );
-        io.write_all(&after).await?;
+        io.write_all(&next).await?;
     }
     io.flush().await?;
     let seen = read_frames(&mut io, Duration::from_secs(20), |s| {
-        s.goaway.is_some() || s.headers.contains(&AFTER)
+        s.goaway.is_some() || s.headers.contains(&after_id)
     })
     .await;
     println!(
-        "{what}: {BURST} streams opened+reset → GOAWAY {:?}, closed {}, stream {AFTER} answered {}",
+        "{what}: {n} streams opened+reset → GOAWAY {:?}, closed {}, stream {after_id} answered {}",
         seen.goaway,
         seen.closed,
-        seen.headers.contains(&AFTER)
+        seen.headers.contains(&after_id)
     );
     if limited {
         ensure!(
@@ -350,8 +356,8 @@ async fn burst<S: AsyncRead + AsyncWrite + Unpin>(
             "{what}: GOAWAY under the default limit: {seen:?}"
         );
         ensure!(
-            seen.headers.contains(&AFTER),
-            "{what}: stream {AFTER} not answered: {seen:?}"
+            seen.headers.contains(&after_id),
+            "{what}: stream {after_id} not answered: {seen:?}"
         );
     }
     Ok(())
@@ -371,9 +377,10 @@ async fn peer_config(mesh: &Mesh, server: &str) -> anyhow::Result<Arc<rustls::Cl
 
 /// `--h2-max-pending-accept-reset-streams 5` on sidecar B: a burst of 15 opened-and-reset
 /// streams ends in GOAWAY `ENHANCE_YOUR_CALM` on its inbound (mTLS) and its outbound (h2c from
-/// the app) listeners, while A → B requests on another connection keep succeeding. The same
-/// burst on sidecar A (default 20) is absorbed: no GOAWAY, and the connection serves the next
-/// request.
+/// the app) listeners, while A → B requests on another connection keep succeeding. On sidecar A
+/// (the default, 1024) the same burst, and one of 256 (a caller cancelling everything it has in
+/// flight), are absorbed: no GOAWAY, and the connection serves the next request; a flood of
+/// 4,000 still ends in GOAWAY.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rapid_reset_bound_is_configurable() -> anyhow::Result<()> {
     e2e(async {
@@ -388,7 +395,7 @@ async fn rapid_reset_bound_is_configurable() -> anyhow::Result<()> {
 
         let io = tls_connect(mesh.b.addrs.inbound, to_b).await?;
         let (attack, ok) = tokio::join!(
-            burst(io, true, "B inbound, limit 5"),
+            burst(io, BURST, true, "B inbound, limit 5"),
             legit(&mesh, "/legit-b-inbound")
         );
         ok.context("A → B during the burst on B's inbound")?;
@@ -396,16 +403,34 @@ async fn rapid_reset_bound_is_configurable() -> anyhow::Result<()> {
 
         let io = TcpStream::connect(mesh.b.outbound()).await?;
         let (attack, ok) = tokio::join!(
-            burst(io, true, "B outbound (h2c), limit 5"),
+            burst(io, BURST, true, "B outbound (h2c), limit 5"),
             legit(&mesh, "/legit-b-outbound")
         );
         ok.context("A → B during the burst on B's outbound")?;
         attack?;
 
-        let io = tls_connect(mesh.a.addrs.inbound, to_a).await?;
-        burst(io, false, "A inbound, default 20").await?;
+        let io = tls_connect(mesh.a.addrs.inbound, to_a.clone()).await?;
+        burst(io, BURST, false, "A inbound, default").await?;
         let io = TcpStream::connect(mesh.a.outbound()).await?;
-        burst(io, false, "A outbound (h2c), default 20").await?;
+        burst(io, BURST, false, "A outbound (h2c), default").await?;
+        let io = tls_connect(mesh.a.addrs.inbound, to_a.clone()).await?;
+        burst(
+            io,
+            CALLER_GONE,
+            false,
+            "A inbound, a caller's in-flight requests cancelled",
+        )
+        .await?;
+        let io = TcpStream::connect(mesh.a.outbound()).await?;
+        burst(
+            io,
+            CALLER_GONE,
+            false,
+            "A outbound (h2c), an app's in-flight requests cancelled",
+        )
+        .await?;
+        let io = tls_connect(mesh.a.addrs.inbound, to_a).await?;
+        burst(io, FLOOD, true, "A inbound, default, flood").await?;
         legit(&mesh, "/legit-after").await?;
         Ok(())
     })

@@ -12,7 +12,7 @@
 //!   h2:                            # HTTP/2 toward and from peers, h2c from apps
 //!     max_concurrent_streams: 1024
 //!     max_header_list_bytes: 65536
-//!     max_pending_accept_reset_streams: 20   # rapid reset → GOAWAY ENHANCE_YOUR_CALM
+//!     max_pending_accept_reset_streams: 1024 # rapid reset → GOAWAY ENHANCE_YOUR_CALM
 //!     max_local_error_reset_streams: 1024    # streams reset for peer errors → same
 //!     max_concurrent_reset_streams: 10       # reset streams remembered at once
 //!     keepalive_interval: 5s       # PING on each pooled upstream HTTP/2 connection, idle or not
@@ -213,7 +213,9 @@ pub struct H2Limits {
     /// (their responses); also bounds a CONTINUATION sequence.
     pub max_header_list_bytes: u32,
     /// Streams a peer may open and reset before the server accepted them (the HTTP/2
-    /// rapid-reset attack, CVE-2023-44487): past it, GOAWAY `ENHANCE_YOUR_CALM`.
+    /// rapid-reset attack, CVE-2023-44487): past it, GOAWAY `ENHANCE_YOUR_CALM`. At least
+    /// `max_concurrent_streams` keeps a caller cancelling all it has in flight from ending
+    /// the connection for everyone else on it.
     pub max_pending_accept_reset_streams: usize,
     /// Streams the server may reset because of the peer's protocol errors before it ends the
     /// connection with GOAWAY `ENHANCE_YOUR_CALM` ("MadeYouReset", CVE-2025-8671).
@@ -297,7 +299,13 @@ impl Default for Limits {
                 max_concurrent_streams: 1024,
                 max_header_list_bytes: 64 << 10,
                 // h2's defaults or tighter, written out so an h2 upgrade cannot loosen them.
-                max_pending_accept_reset_streams: 20,
+                // As many as a peer may have open: a caller that goes away cancels every
+                // request it has in flight at once, and on a busy connection those streams
+                // can all still be waiting to be accepted. At h2's 20, one such caller (an
+                // h2load run ending with 64 requests in flight per connection) made the
+                // inbound end the pooled connection and fail every other caller's requests on
+                // it. The flood stays bounded, and each stream costs only its HPACK decode.
+                max_pending_accept_reset_streams: 1024,
                 max_local_error_reset_streams: 1024,
                 max_concurrent_reset_streams: 10,
                 // A path that drops packets is found 5-10 s after it broke, before a
@@ -467,7 +475,7 @@ impl Limits {
             "h2.max_pending_accept_reset_streams",
             h2.max_pending_accept_reset_streams,
             1,
-            1000,
+            1 << 16,
         )?;
         range(
             "h2.max_local_error_reset_streams",

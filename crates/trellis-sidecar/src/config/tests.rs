@@ -260,7 +260,7 @@ fn limits_default_safely_and_are_range_checked() {
 #[test]
 fn admin_and_h2_limits_default_safely_and_are_range_checked() {
     let d = Limits::default();
-    assert_eq!(d.h2.max_pending_accept_reset_streams, 20);
+    assert_eq!(d.h2.max_pending_accept_reset_streams, 1024);
     assert_eq!(d.h2.max_local_error_reset_streams, 1024);
     assert_eq!(d.h2.max_concurrent_reset_streams, 10);
     assert_eq!(d.h2.keepalive_interval, Duration::from_secs(5));
@@ -302,7 +302,7 @@ fn admin_and_h2_limits_default_safely_and_are_range_checked() {
             "h2.max_pending_accept_reset_streams",
         ),
         (
-            "h2: { max_pending_accept_reset_streams: 1001 }",
+            "h2: { max_pending_accept_reset_streams: 65537 }",
             "h2.max_pending_accept_reset_streams",
         ),
         (
