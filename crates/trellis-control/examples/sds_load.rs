@@ -42,6 +42,9 @@ struct Args {
     bin: PathBuf,
 }
 
+const USAGE: &str = "[--streams N] [--per-connection N] [--rotate-every D] [--sources N] \
+                     [--groups-in-flight N] [--trellis-bin PATH]";
+
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
         streams: 1000,
@@ -53,6 +56,10 @@ fn parse_args() -> anyhow::Result<Args> {
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--help" || flag == "-h" {
+            println!("usage: sds_load {USAGE}");
+            std::process::exit(0);
+        }
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--streams" => args.streams = value.parse()?,
@@ -61,7 +68,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--sources" => args.sources = value.parse()?,
             "--groups-in-flight" => args.groups_in_flight = value.parse()?,
             "--trellis-bin" => args.bin = value.into(),
-            _ => bail!("unknown flag {flag}: use --streams N --per-connection N --rotate-every D --sources N --groups-in-flight N --trellis-bin PATH"),
+            _ => bail!("unknown flag {flag}: use {USAGE}"),
         }
     }
     if args.per_connection == 0 || args.streams == 0 || args.groups_in_flight == 0 {
