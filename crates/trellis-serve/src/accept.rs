@@ -471,6 +471,14 @@ mod tests {
         interval: Duration::from_secs(30),
         timeout: Duration::from_secs(10),
     };
+    /// What [`accepted_options`] reads from a connection that got TCP_NODELAY and
+    /// [`DEAD_PEER`]'s options: keepalive after 30 s, TCP_USER_TIMEOUT 30 + 10 s.
+    const WATCHED: (bool, bool, Duration, Option<Duration>) = (
+        true,
+        true,
+        Duration::from_secs(30),
+        Some(Duration::from_secs(40)),
+    );
 
     /// What one connection accepted by `listener` has set: TCP_NODELAY, SO_KEEPALIVE,
     /// TCP_KEEPIDLE and TCP_USER_TIMEOUT, read before its handshake (the handshake sees the
@@ -518,15 +526,7 @@ mod tests {
             assert!(!watched.per_connection.nodelay);
             assert!(watched.per_connection.dead_peer.is_none());
         }
-        assert_eq!(
-            accepted_options(watched).await,
-            (
-                true,
-                true,
-                Duration::from_secs(30),
-                Some(Duration::from_secs(40))
-            )
-        );
+        assert_eq!(accepted_options(watched).await, WATCHED);
     }
 
     /// Where the listening socket cannot pass the options on, each accepted socket gets them.
@@ -538,15 +538,7 @@ mod tests {
             nodelay: true,
             dead_peer: Some(DEAD_PEER),
         };
-        assert_eq!(
-            accepted_options(listener).await,
-            (
-                true,
-                true,
-                Duration::from_secs(30),
-                Some(Duration::from_secs(40))
-            )
-        );
+        assert_eq!(accepted_options(listener).await, WATCHED);
     }
 
     #[tokio::test]
