@@ -98,17 +98,18 @@ pub struct Listener<H = Plain> {
     /// Where accepted connections are served (default: this runtime).
     workers: Workers,
     /// Socket options each accepted connection needs set on its own, because the listening
-    /// socket could not pass them on (see [`Inherited`]).
-    per_connection: Inherited,
+    /// socket could not pass them on (see [`PerConnection`]).
+    per_connection: PerConnection,
 }
 
-/// TCP_NODELAY and [`DeadPeer`]'s options: set once on the listening socket, Linux gives them
+/// The TCP options a listener still sets on each accepted socket. TCP_NODELAY and
+/// [`DeadPeer`]'s options are set once on the listening socket instead: Linux gives them
 /// to every socket it accepts (the accepted socket starts as a copy of the listener's state),
 /// which saves the six `setsockopt` calls per connection that setting them on each would cost
 /// (a third of a full handshake's system calls, for nothing). Elsewhere, or if the listening
 /// socket refuses one, they are set on each accepted socket as before.
 #[derive(Debug, Clone, Copy)]
-struct Inherited {
+struct PerConnection {
     /// Set TCP_NODELAY on each accepted socket.
     nodelay: bool,
     /// Set these on each accepted socket.
@@ -148,7 +149,7 @@ impl Listener<Plain> {
             handshake: Plain,
             handshake_timeout: None,
             workers: Workers::single(),
-            per_connection: Inherited {
+            per_connection: PerConnection {
                 nodelay,
                 dead_peer: None,
             },
@@ -534,7 +535,7 @@ mod tests {
     async fn options_the_listener_cannot_pass_on_are_set_per_connection() {
         let (mut listener, _, _) = listener(4).await;
         SockRef::from(&listener.tcp).set_tcp_nodelay(false).unwrap();
-        listener.per_connection = Inherited {
+        listener.per_connection = PerConnection {
             nodelay: true,
             dead_peer: Some(DEAD_PEER),
         };

@@ -215,7 +215,7 @@ pub struct H2Limits {
     /// Streams a peer may open and reset before the server accepted them (the HTTP/2
     /// rapid-reset attack, CVE-2023-44487): past it, GOAWAY `ENHANCE_YOUR_CALM`. At least
     /// `max_concurrent_streams` keeps a caller cancelling all it has in flight from ending
-    /// the connection for everyone else on it.
+    /// the connection for everyone else on it (the default is not derived from it: raise both).
     pub max_pending_accept_reset_streams: usize,
     /// Streams the server may reset because of the peer's protocol errors before it ends the
     /// connection with GOAWAY `ENHANCE_YOUR_CALM` ("MadeYouReset", CVE-2025-8671).
