@@ -167,7 +167,8 @@ pub struct SidecarArgs {
     #[arg(long, env = "TRELLIS_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
     idle_timeout: Option<Duration>,
     /// HTTP/2 streams a peer may open and reset before they are accepted (rapid reset); past
-    /// it, GOAWAY ENHANCE_YOUR_CALM [default: 1024, as many as a peer may have open].
+    /// it, GOAWAY ENHANCE_YOUR_CALM [default: as many as a peer may have open, the
+    /// --h2-max-concurrent-streams value, 1024 unless set].
     #[arg(long, env = "TRELLIS_H2_MAX_PENDING_ACCEPT_RESET_STREAMS")]
     h2_max_pending_accept_reset_streams: Option<usize>,
     /// HTTP/2 streams reset for the peer's protocol errors; past it, GOAWAY ENHANCE_YOUR_CALM

@@ -12,7 +12,7 @@
 //!   h2:                            # HTTP/2 toward and from peers, h2c from apps
 //!     max_concurrent_streams: 1024
 //!     max_header_list_bytes: 65536
-//!     max_pending_accept_reset_streams: 1024 # rapid reset → GOAWAY ENHANCE_YOUR_CALM
+//!     max_pending_accept_reset_streams: 1024 # rapid reset → GOAWAY; default: max_concurrent_streams
 //!     max_local_error_reset_streams: 1024    # streams reset for peer errors → same
 //!     max_concurrent_reset_streams: 10       # reset streams remembered at once
 //!     keepalive_interval: 5s       # PING on each pooled upstream HTTP/2 connection, idle or not
@@ -213,9 +213,9 @@ pub struct H2Limits {
     /// (their responses); also bounds a CONTINUATION sequence.
     pub max_header_list_bytes: u32,
     /// Streams a peer may open and reset before the server accepted them (the HTTP/2
-    /// rapid-reset attack, CVE-2023-44487): past it, GOAWAY `ENHANCE_YOUR_CALM`. At least
-    /// `max_concurrent_streams` keeps a caller cancelling all it has in flight from ending
-    /// the connection for everyone else on it (the default is not derived from it: raise both).
+    /// rapid-reset attack, CVE-2023-44487): past it, GOAWAY `ENHANCE_YOUR_CALM`. Unset in the
+    /// file, it is `max_concurrent_streams`, so that a caller cancelling all it has in flight
+    /// does not end the connection for everyone else on it.
     pub max_pending_accept_reset_streams: usize,
     /// Streams the server may reset because of the peer's protocol errors before it ends the
     /// connection with GOAWAY `ENHANCE_YOUR_CALM` ("MadeYouReset", CVE-2025-8671).
@@ -305,6 +305,7 @@ impl Default for Limits {
                 // h2load run ending with 64 requests in flight per connection) made the
                 // inbound end the pooled connection and fail every other caller's requests on
                 // it. The flood stays bounded, and each stream costs only its HPACK decode.
+                // `from_file` keeps it equal to a `max_concurrent_streams` set alone.
                 max_pending_accept_reset_streams: 1024,
                 max_local_error_reset_streams: 1024,
                 max_concurrent_reset_streams: 10,
@@ -358,6 +359,9 @@ impl Limits {
     /// Applies `f` over the defaults and checks ranges; errors name the nested field.
     pub fn from_file(f: &LimitsFile) -> Result<Self, ConfigError> {
         let d = Self::default();
+        let streams =
+            f.h2.max_concurrent_streams
+                .unwrap_or(d.h2.max_concurrent_streams);
         let l = Self {
             http: HttpLimits {
                 max_header_bytes: f.http.max_header_bytes.unwrap_or(d.http.max_header_bytes),
@@ -370,18 +374,18 @@ impl Limits {
                 idle_timeout: f.http.idle_timeout.unwrap_or(d.http.idle_timeout),
             },
             h2: H2Limits {
-                max_concurrent_streams: f
-                    .h2
-                    .max_concurrent_streams
-                    .unwrap_or(d.h2.max_concurrent_streams),
+                max_concurrent_streams: streams,
                 max_header_list_bytes: f
                     .h2
                     .max_header_list_bytes
                     .unwrap_or(d.h2.max_header_list_bytes),
+                // Unset, it follows the streams a peer may have open: a caller that cancels
+                // all it has in flight (it went away, a fan-out was abandoned) must not end
+                // the connection other callers share, whatever the stream limit is.
                 max_pending_accept_reset_streams: f
                     .h2
                     .max_pending_accept_reset_streams
-                    .unwrap_or(d.h2.max_pending_accept_reset_streams),
+                    .unwrap_or(streams as usize),
                 max_local_error_reset_streams: f
                     .h2
                     .max_local_error_reset_streams

@@ -258,6 +258,32 @@ fn limits_default_safely_and_are_range_checked() {
 }
 
 #[test]
+fn reset_stream_bound_follows_the_stream_limit_unless_set() {
+    // A caller cancelling all it may have open must stay under the rapid-reset bound, so an
+    // operator who raises (or lowers) the stream limit moves the bound with it.
+    for (limits, streams, resets) in [
+        ("", 1024, 1024),
+        ("h2: { max_concurrent_streams: 4096 }", 4096, 4096),
+        ("h2: { max_concurrent_streams: 100 }", 100, 100),
+        (
+            "h2: { max_concurrent_streams: 4096, max_pending_accept_reset_streams: 64 }",
+            4096,
+            64,
+        ),
+        ("h2: { max_pending_accept_reset_streams: 2000 }", 1024, 2000),
+    ] {
+        let text = if limits.is_empty() {
+            GOOD.to_owned()
+        } else {
+            format!("{GOOD}limits:\n  {limits}\n")
+        };
+        let l = settings(&text).unwrap().limits;
+        assert_eq!(l.h2.max_concurrent_streams, streams, "{limits}");
+        assert_eq!(l.h2.max_pending_accept_reset_streams, resets, "{limits}");
+    }
+}
+
+#[test]
 fn admin_and_h2_limits_default_safely_and_are_range_checked() {
     let d = Limits::default();
     assert_eq!(d.h2.max_pending_accept_reset_streams, 1024);
