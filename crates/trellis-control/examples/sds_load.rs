@@ -17,6 +17,14 @@
 //! address by address, at most `--groups-in-flight` addresses at a time, so each address's
 //! streams all arrive inside that window however long the whole fleet takes. Above 20,000
 //! connections the control plane is started with `--sds-max-connections` to match.
+//!
+//! With `--database postgres://…` the control plane it starts is one replica on that shared
+//! database (its tokens are created there too), and `--first-source` moves this process's
+//! source addresses past another's: `tests/bench/scale_replicas.sh` runs one `sds_load` per
+//! replica and adds up their `fleet:` lines, when one process may not hold every connection.
+//!
+//! Each connection PINGs every `--ping` (20 s), as a Trellis sidecar's SDS client does;
+//! `--ping 0s` sends none, as a stock Envoy without `connection_keepalive`.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -29,7 +37,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
-use trellis_control::registry::Registry;
+use trellis_control::registry::{Database, Registry};
 use trellis_identity::{SpiffeId, TrustBundle, TrustDomain};
 use trellis_proto::{DiscoveryRequest, SecretDiscoveryServiceClient, SECRET_TYPE_URL};
 
@@ -40,10 +48,15 @@ struct Args {
     sources: usize,
     groups_in_flight: usize,
     bin: PathBuf,
+    database: Option<String>,
+    first_source: usize,
+    idle_before_streams: Duration,
+    ping: Duration,
 }
 
 const USAGE: &str = "[--streams N] [--per-connection N] [--rotate-every D] [--sources N] \
-                     [--groups-in-flight N] [--trellis-bin PATH]";
+                     [--groups-in-flight N] [--trellis-bin PATH] [--database URL] \
+                     [--first-source N] [--idle-before-streams D] [--ping D]";
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
@@ -53,6 +66,10 @@ fn parse_args() -> anyhow::Result<Args> {
         sources: 0,
         groups_in_flight: 4,
         bin: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/release/trellis"),
+        database: None,
+        first_source: 0,
+        idle_before_streams: Duration::ZERO,
+        ping: Duration::from_secs(20),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -68,6 +85,12 @@ fn parse_args() -> anyhow::Result<Args> {
             "--sources" => args.sources = value.parse()?,
             "--groups-in-flight" => args.groups_in_flight = value.parse()?,
             "--trellis-bin" => args.bin = value.into(),
+            "--database" => args.database = Some(value),
+            "--first-source" => args.first_source = value.parse()?,
+            "--ping" => args.ping = humantime::parse_duration(&value)?,
+            "--idle-before-streams" => {
+                args.idle_before_streams = humantime::parse_duration(&value)?
+            }
             _ => bail!("unknown flag {flag}: use {USAGE}"),
         }
     }
@@ -79,8 +102,8 @@ fn parse_args() -> anyhow::Result<Args> {
     if args.sources == 0 {
         args.sources = connections.div_ceil(20_000);
     }
-    if args.sources > 254 * 254 {
-        bail!("--sources: at most {}", 254 * 254);
+    if args.first_source + args.sources > 254 * 254 {
+        bail!("--first-source + --sources: at most {}", 254 * 254);
     }
     Ok(args)
 }
@@ -107,6 +130,13 @@ fn proc_stats(pid: u32) -> (u64, f64) {
     (rss_kib, cpu)
 }
 
+/// Now as Unix seconds: several `sds_load` processes' events on one clock.
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 fn request(version: &str, nonce: &str) -> DiscoveryRequest {
     DiscoveryRequest {
         version_info: version.into(),
@@ -128,8 +158,9 @@ async fn connect_all(
     bundle: &TrustBundle,
     control_id: &SpiffeId,
     connections: usize,
-    sources: usize,
+    sources: std::ops::Range<usize>,
     parallel: usize,
+    ping: Option<(Duration, Duration)>,
 ) -> anyhow::Result<Vec<Channel>> {
     let mut opened: Vec<Option<Channel>> = vec![None; connections];
     let mut pending = tokio::task::JoinSet::new();
@@ -137,13 +168,15 @@ async fn connect_all(
     while next < connections || !pending.is_empty() {
         while next < connections && pending.len() < parallel {
             let (bundle, control_id, i) = (bundle.clone(), control_id.clone(), next);
+            let from = source(sources.start + i % sources.len());
             pending.spawn(async move {
                 let channel = trellis_control::client::connect_from(
                     sds,
-                    Some(source(i % sources)),
+                    Some(from),
                     bundle,
                     control_id,
                     None,
+                    ping,
                 )
                 .await;
                 (i, channel)
@@ -186,6 +219,9 @@ async fn main() -> anyhow::Result<()> {
         .arg(humantime::format_duration(args.rotate_every).to_string())
         .arg("--state-dir")
         .arg(state.path());
+    if let Some(url) = &args.database {
+        command.arg("--database").arg(url);
+    }
     if connections > 20_000 {
         // The default cap (20,000) protects a real control plane; this one is here to be loaded.
         command
@@ -193,7 +229,11 @@ async fn main() -> anyhow::Result<()> {
             .arg((connections + 1_000).to_string());
     }
     let mut child = command
-        .env("RUST_LOG", "warn")
+        // SDS_LOAD_CONTROL_LOG: the control plane's RUST_LOG, e.g. to see why connections end.
+        .env(
+            "RUST_LOG",
+            std::env::var("SDS_LOAD_CONTROL_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
@@ -210,15 +250,32 @@ async fn main() -> anyhow::Result<()> {
     let td = TrustDomain::parse("example.org")?;
     let bundle =
         TrustBundle::from_pem(td.clone(), &std::fs::read(state.path().join("bundle.pem"))?)?;
-    let registry = Registry::open(&state.path().join("trellis.db"))?;
     let id = SpiffeId::parse("spiffe://example.org/load/worker")?;
     // One join token per source address: streams opened from the address that redeemed a
-    // token, inside the redemption window, share it.
+    // token, inside the redemption window, share it. The PostgreSQL client blocks on a
+    // runtime of its own, so the tokens are made off this one.
+    let db = match &args.database {
+        Some(url) => Database::parse(url)?,
+        None => Database::Sqlite(state.path().join("trellis.db")),
+    };
+    let (sources, token_id) = (args.sources, id.clone());
+    let tokens = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
+        let registry = Registry::connect(&db)?;
+        (0..sources)
+            .map(|_| {
+                let token = registry.create_join_token(
+                    &token_id,
+                    Duration::from_secs(3600),
+                    SystemTime::now(),
+                )?;
+                Ok(token.as_str().to_owned())
+            })
+            .collect()
+    })
+    .await??;
     let mut auths = Vec::with_capacity(args.sources);
-    for _ in 0..args.sources {
-        let token =
-            registry.create_join_token(&id, Duration::from_secs(3600), SystemTime::now())?;
-        let mut auth: MetadataValue<_> = format!("Bearer {}", token.as_str()).parse()?;
+    for token in &tokens {
+        let mut auth: MetadataValue<_> = format!("Bearer {token}").parse()?;
         // As the sidecar sends it: never indexed by HPACK, so the control plane's header table
         // does not keep it (the sidecar marks it so it cannot leak through compression).
         auth.set_sensitive(true);
@@ -229,7 +286,13 @@ async fn main() -> anyhow::Result<()> {
     let (rss0, cpu0) = proc_stats(pid);
     println!("control plane pid {pid}: idle RSS {} MiB", rss0 / 1024);
     let connecting = Instant::now();
-    let channels = connect_all(sds, &bundle, &control_id, connections, args.sources, 64).await?;
+    let connecting_at = unix_now();
+    let sources = args.first_source..args.first_source + args.sources;
+    // PINGs as a Trellis sidecar sends them (`trellis_sidecar::sds::connect::KEEPALIVE`, every
+    // 20 s, 10 s to answer); `--ping 0s` sends none, as a stock Envoy without
+    // `connection_keepalive`, and leaves finding a quiet peer to the control plane's kernel.
+    let ping = (!args.ping.is_zero()).then_some((args.ping, Duration::from_secs(10)));
+    let channels = connect_all(sds, &bundle, &control_id, connections, sources, 64, ping).await?;
     let (rss_c, cpu_c) = proc_stats(pid);
     println!(
         "{connections} TLS connections from {} source addresses in {:.2?}: control plane RSS {} MiB ({:.1} KiB per connection), CPU {:.2} s",
@@ -240,7 +303,10 @@ async fn main() -> anyhow::Result<()> {
         cpu_c - cpu0
     );
 
+    // Connections that wait before their stream, as a fleet's do while the rest connect.
+    tokio::time::sleep(args.idle_before_streams).await;
     let start = Instant::now();
+    let start_at = unix_now();
     let (first_tx, mut first_rx) = mpsc::unbounded_channel::<(usize, Duration)>();
     let (rot_tx, mut rot_rx) = mpsc::unbounded_channel::<Duration>();
     let (err_tx, mut err_rx) = mpsc::unbounded_channel::<String>();
@@ -281,7 +347,7 @@ async fn main() -> anyhow::Result<()> {
                             }
                             n += 1;
                         }
-                        Ok(None) => return,
+                        Ok(None) => return drop(err_tx.send("the stream ended".into())),
                         Err(e) => return drop(err_tx.send(e.to_string())),
                     }
                 }
@@ -349,6 +415,22 @@ async fn main() -> anyhow::Result<()> {
         "  control plane RSS {} MiB ({:.1} KiB per connection above idle), CPU {:.2} s for the wave",
         rss2 / 1024,
         rss2.saturating_sub(rss0) as f64 / connections as f64,
+        cpu2 - cpu1
+    );
+    // One line for tests/bench/scale_replicas.sh, which adds up several replicas: times as
+    // Unix seconds, RSS in KiB, CPU in seconds.
+    let at = |d: Duration| start_at + d.as_secs_f64();
+    println!(
+        "fleet: connections={connections} streams={} connecting_at={connecting_at:.3} \
+         start_at={start_at:.3} served_at={:.3} wave_first_at={:.3} wave_last_at={:.3} \
+         rss_idle_kib={rss0} rss_connected_kib={rss_c} rss_served_kib={rss1} \
+         rss_wave_kib={rss2} cpu_connect_s={:.2} cpu_serve_s={:.2} cpu_wave_s={:.2}",
+        args.streams,
+        at(served),
+        at(wave_start),
+        at(wave_end),
+        cpu_c - cpu0,
+        cpu1 - cpu_c,
         cpu2 - cpu1
     );
     // A clean stop, so a profiler wrapped around the control plane (tests/bench/code-order.sh

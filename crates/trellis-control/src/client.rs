@@ -4,6 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hyper_util::rt::TokioIo;
@@ -39,17 +40,20 @@ pub async fn connect(
     server_id: SpiffeId,
     svid: Option<Arc<SvidResolver>>,
 ) -> Result<Channel, ClientError> {
-    connect_from(addr, None, bundle, server_id, svid).await
+    connect_from(addr, None, bundle, server_id, svid, None).await
 }
 
 /// [`connect`] from the local address `source` (a load test spreads 100,000 connections over
 /// many loopback addresses: one source address has ~28,000 ephemeral ports per destination).
+/// With `ping`, an HTTP/2 PING every `ping.0`, idle or not, and the connection closed when one
+/// goes unanswered for `ping.1`, as a Trellis sidecar's SDS client does.
 pub async fn connect_from(
     addr: SocketAddr,
     source: Option<IpAddr>,
     bundle: TrustBundle,
     server_id: SpiffeId,
     svid: Option<Arc<SvidResolver>>,
+    ping: Option<(Duration, Duration)>,
 ) -> Result<Channel, ClientError> {
     let verifier = SpiffeServerVerifier::new(
         Arc::new(ArcSwap::from_pointee(bundle)),
@@ -58,9 +62,15 @@ pub async fn connect_from(
     let tls = client_config(svid, verifier, TlsPolicy::Tls13, &[b"h2"])
         .map_err(|e| ClientError::Tls(e.to_string()))?;
     let connector = TlsConnector::from(Arc::new(tls));
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+    let mut endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| ClientError::Connect { addr, source: e })?
-        .connect_timeout(std::time::Duration::from_secs(5));
+        .connect_timeout(Duration::from_secs(5));
+    if let Some((interval, timeout)) = ping {
+        endpoint = endpoint
+            .http2_keep_alive_interval(interval)
+            .keep_alive_timeout(timeout)
+            .keep_alive_while_idle(true);
+    }
     endpoint
         .connect_with_connector(tower::service_fn(move |_uri| {
             let connector = connector.clone();
