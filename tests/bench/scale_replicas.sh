@@ -72,6 +72,10 @@ pg_bin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)"
 [[ -x "$pg_bin/initdb" ]] || { echo "scale_replicas.sh: PostgreSQL's server is not installed (apt-get install postgresql)" >&2; exit 1; }
 
 share=$(((sidecars + replicas - 1) / replicas))
+if ((sidecars - share * (replicas - 1) < 1)); then
+    echo "scale_replicas.sh: $sidecars sidecars cannot be split over $replicas replicas (the last would get none): use fewer replicas" >&2
+    exit 2
+fi
 # Each replica and each load process holds one descriptor per sidecar of its share, plus its
 # own (database, log, listeners, runtime): refuse a share that cannot fit.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
