@@ -39,7 +39,7 @@ arrival=staggered
 ping=20s
 out=""
 usage() {
-    sed -n '4,5p' "$0" | sed 's/^# *//'
+    sed -n '4,6p' "$0" | sed 's/^# *//'
 }
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -72,6 +72,14 @@ pg_bin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)"
 [[ -x "$pg_bin/initdb" ]] || { echo "scale_replicas.sh: PostgreSQL's server is not installed (apt-get install postgresql)" >&2; exit 1; }
 
 share=$(((sidecars + replicas - 1) / replicas))
+if ((replicas * sources_per_replica > 254 * 254)); then
+    echo "scale_replicas.sh: $replicas replicas × $sources_per_replica sources need more than the $((254 * 254)) source addresses of 127.1.0.0/16: use fewer sources per replica" >&2
+    exit 2
+fi
+if (((share + sources_per_replica - 1) / sources_per_replica > 28000)); then
+    echo "scale_replicas.sh: $share sidecars over $sources_per_replica source addresses is more than the ~28,000 ephemeral ports one address has: use more --sources-per-replica" >&2
+    exit 2
+fi
 if ((sidecars - share * (replicas - 1) < 1)); then
     echo "scale_replicas.sh: $sidecars sidecars cannot be split over $replicas replicas (the last would get none): use fewer replicas" >&2
     exit 2
@@ -81,7 +89,11 @@ fi
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 limit="$(ulimit -n)"
 if [[ "$limit" != unlimited ]] && ((share + 512 > limit)); then
-    echo "scale_replicas.sh: $share sidecars per replica need ~$((share + 512)) open files per process; the limit is $limit: use --replicas $(((sidecars + limit - 513) / (limit - 512))) or more" >&2
+    if ((limit <= 1024)); then
+        echo "scale_replicas.sh: the open-file limit is $limit; raise it (ulimit -n)" >&2
+    else
+        echo "scale_replicas.sh: $share sidecars per replica need ~$((share + 512)) open files per process; the limit is $limit: use --replicas $(((sidecars + limit - 513) / (limit - 512))) or more" >&2
+    fi
     exit 1
 fi
 
@@ -89,12 +101,17 @@ work="$(mktemp -d "${TMPDIR:-/tmp}/trellis-scale.XXXXXX")"
 pids=()
 as_postgres() { if [[ $(id -u) -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    # sds_load's control plane is its child and outlives a TERM sent to sds_load alone.
+    for pid in "${pids[@]}"; do
+        pkill -TERM -P "$pid" 2>/dev/null || true
+        kill "$pid" 2>/dev/null || true
+    done
     wait 2>/dev/null || true
     as_postgres "$pg_bin/pg_ctl" -D "$work/pg/data" -m immediate -w stop >/dev/null 2>&1 || true
     rm -rf "$work/pg"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM # so that the EXIT trap runs on a signal too
 
 # --- PostgreSQL: durable commits as in production (fsync on); the control plane itself turns
 # synchronous_commit off on its issuance-record connection only.
@@ -113,7 +130,7 @@ PGPASSWORD="$pg_password" "$pg_bin/psql" -X -q -h 127.0.0.1 -p "$pg_port" -U tre
     -c 'CREATE DATABASE trellis' >/dev/null
 url="postgres://trellis:$pg_password@127.0.0.1:$pg_port/trellis"
 postgres_cpu() {
-    # The server's CPU in clock ticks (1/100 s): the postmaster's own and its reaped
+    # The server's CPU in clock ticks: the postmaster's own and its reaped
     # children's (backends end with the replicas that opened them), plus its live children's.
     local main total pid
     main="$(head -n 1 "$work/pg/data/postmaster.pid")"
@@ -139,7 +156,11 @@ for ((i = 0; i < replicas; i++)); do
         ready='idle RSS'
         [[ "$arrival" == staggered ]] && ready='all served their first SVID'
         until grep -q "$ready" "$work/load-$i.log" 2>/dev/null; do
-            kill -0 "${pids[$i]}" 2>/dev/null || break
+            if ! kill -0 "${pids[$i]}" 2>/dev/null; then
+                echo "replica $i's load ended before it was ready:" >&2
+                tail -n 20 "$work/load-$i.log" >&2
+                exit 1
+            fi
             sleep 0.2
         done
     fi
@@ -156,24 +177,28 @@ pids=()
 pg_cpu1="$(postgres_cpu)"
 ((failed == 0)) || exit 1
 
-report="$(python3 - "$work" "$replicas" "$sidecars" "$((pg_cpu1 - pg_cpu0))" <<'EOF'
+report="$(python3 - "$work" "$replicas" "$sidecars" "$((pg_cpu1 - pg_cpu0))" "$(getconf CLK_TCK)" <<'EOF'
 import sys, pathlib
-work, replicas, sidecars, pg_cpu = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]) / 100
+work, replicas, sidecars = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+pg_cpu = int(sys.argv[4]) / int(sys.argv[5])
 rows = []
 for i in range(replicas):
     line = next(l for l in (work / f"load-{i}.log").read_text().splitlines() if l.startswith("fleet: "))
     rows.append({k: float(v) for k, v in (kv.split("=") for kv in line[len("fleet: "):].split())})
 t0 = min(r["connecting_at"] for r in rows)
 mib = lambda kib: kib / 1024
-print(f"| replica | sidecars | RSS idle / connected / served / after the wave (MiB) | KiB per sidecar above idle, after the wave | CPU connect / serve / wave (s) |")
+# A replica that starts on a database with a long log reads it all first and holds that
+# memory until its connections arrive: the fresh replica's idle is the baseline for all.
+base = min(r["rss_idle_kib"] for r in rows)
+print(f"| replica | sidecars | RSS idle / connected / served / after the wave (MiB) | KiB per sidecar above a fresh replica's idle ({mib(base):.1f} MiB), after the wave | CPU connect / serve / wave (s) |")
 print(f"|--:|--:|--:|--:|--:|")
 for i, r in enumerate(rows):
-    per = (r["rss_wave_kib"] - r["rss_idle_kib"]) / r["connections"]
+    per = (r["rss_wave_kib"] - base) / r["connections"]
     print(f"| {i} | {int(r['connections']):,} | {mib(r['rss_idle_kib']):.0f} / {mib(r['rss_connected_kib']):.0f} / {mib(r['rss_served_kib']):.0f} / {mib(r['rss_wave_kib']):.0f} | {per:.1f} | {r['cpu_connect_s']:.1f} / {r['cpu_serve_s']:.1f} / {r['cpu_wave_s']:.1f} |")
 n = sum(r["connections"] for r in rows)
 assert int(n) == sidecars, (n, sidecars)
 rss = sum(r["rss_wave_kib"] for r in rows)
-idle = sum(r["rss_idle_kib"] for r in rows)
+idle = base * len(rows)
 print()
 print(f"- sidecars: {int(n):,} over {replicas} replicas, one TLS connection and one SDS stream each")
 print(f"- all connected: {max(r['start_at'] for r in rows) - t0:.1f} s after the first connection; "
@@ -181,7 +206,7 @@ print(f"- all connected: {max(r['start_at'] for r in rows) - t0:.1f} s after the
       f"({max(r['served_at'] for r in rows) - min(r['start_at'] for r in rows):.1f} s after the first stream opened)")
 first, last = min(r["wave_first_at"] for r in rows), max(r["wave_last_at"] for r in rows)
 print(f"- rotation wave: reached every sidecar within {last - first:.1f} s (first push {first - t0:.1f} s, last {last - t0:.1f} s after the first connection)")
-print(f"- replicas' RSS after the wave: {mib(rss):.0f} MiB in all, {mib(idle):.0f} MiB of it idle; "
+print(f"- replicas' RSS after the wave: {mib(rss):.0f} MiB in all, {mib(idle):.0f} MiB of it a fresh replica's idle each; "
       f"{(rss - idle) / n:.1f} KiB per sidecar above idle")
 cpu = lambda k: sum(r[k] for r in rows)
 print(f"- replicas' CPU: {cpu('cpu_connect_s'):.1f} s for the connections, {cpu('cpu_serve_s'):.1f} s to serve the first SVIDs, {cpu('cpu_wave_s'):.1f} s for the wave; PostgreSQL {pg_cpu:.1f} s in all")

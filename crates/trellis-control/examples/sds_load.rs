@@ -102,7 +102,11 @@ fn parse_args() -> anyhow::Result<Args> {
     if args.sources == 0 {
         args.sources = connections.div_ceil(20_000);
     }
-    if args.first_source + args.sources > 254 * 254 {
+    if args
+        .first_source
+        .checked_add(args.sources)
+        .is_none_or(|end| end > 254 * 254)
+    {
         bail!("--first-source + --sources: at most {}", 254 * 254);
     }
     Ok(args)
