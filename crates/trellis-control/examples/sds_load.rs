@@ -25,6 +25,8 @@
 //!
 //! Each connection PINGs every `--ping` (20 s), as a Trellis sidecar's SDS client does;
 //! `--ping 0s` sends none, as a stock Envoy without `connection_keepalive`.
+//! `--idle-before-streams D` holds the connections open and quiet before any stream, and
+//! `SDS_LOAD_CONTROL_LOG` sets the control plane's `RUST_LOG` (`warn` by default).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;

@@ -35,8 +35,13 @@ use trellis_tests::{e2e, eventually};
 
 /// How long sidecar B's inbound port drops packets (the issue's 30 s).
 const PEER_HOLE: Duration = Duration::from_secs(30);
-/// How long the control plane's SDS port drops packets: past the SDS keepalive's 30 s.
-const CONTROL_HOLE: Duration = Duration::from_secs(35);
+/// The SDS channel's PING interval plus its timeout: how long a dead SDS stream may go unnoticed.
+const SDS_DETECT: Duration = Duration::from_secs(
+    trellis_sidecar::sds::SDS_KEEPALIVE.0.as_secs()
+        + trellis_sidecar::sds::SDS_KEEPALIVE.1.as_secs(),
+);
+/// How long the control plane's SDS port drops packets: past the SDS keepalive's detection.
+const CONTROL_HOLE: Duration = Duration::from_secs(SDS_DETECT.as_secs() + 5);
 /// Steady load before the hole and after the heal.
 const STEADY: Duration = Duration::from_secs(4);
 /// The targets of issue #17.
@@ -307,9 +312,11 @@ async fn blackhole_to_control_plane() -> anyhow::Result<()> {
             secs(len)
         ))?;
         ensure!(
-            detected <= Duration::from_secs(31),
-            "SDS stream found dead after {}, want ≤ 31 s (keepalive 20 s + 10 s)",
-            secs(detected)
+            detected <= SDS_DETECT + Duration::from_secs(1),
+            "SDS stream found dead after {}, want ≤ {} (the SDS keepalive's PING interval + \
+             timeout, and a second)",
+            secs(detected),
+            secs(SDS_DETECT + Duration::from_secs(1))
         );
         // A connect in flight at the heal gets through within ~1 s (a fresh SYN every second);
         // a backoff sleep after at most three failed attempts is ≤ 2 s.

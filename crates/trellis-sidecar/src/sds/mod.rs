@@ -20,6 +20,9 @@
 
 pub(crate) mod connect;
 pub mod timing;
+
+/// The SDS channel's PING interval and how long a PING may go unanswered ([`connect::KEEPALIVE`]).
+pub use connect::KEEPALIVE as SDS_KEEPALIVE;
 pub mod update;
 
 use std::sync::Arc;
